@@ -1,0 +1,97 @@
+"""Which implementation of a layer runs: the Triton kernels or the plain-PyTorch reference.
+
+* ``"auto"`` (the default): the Triton kernels for CUDA tensors when ``triton`` imports, the reference otherwise.
+* ``"triton"``: always the kernels. On CPU tensors they run only under the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before ``triton`` is first imported); without it a clear ``RuntimeError`` is raised.
+* ``"reference"``: always the reference.
+
+The choice is process-wide: :func:`set_backend`, the context manager :func:`backend`, or the environment variable
+``NORMLAYERS_BACKEND`` read at import. It is never a constructor argument, so a model does not change when it moves
+between machines.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "backend", "use_triton", "triton_available", "interpreter_enabled"]
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _validate(name: object) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+# A plain module global (not a ContextVar) so that torch.compile can read it and guard on it.
+_current: str = _validate(os.environ.get("NORMLAYERS_BACKEND", "auto"))
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend: ``"auto"``, ``"triton"`` or ``"reference"``."""
+    global _current
+    _current = _validate(name)
+
+
+def get_backend() -> str:
+    """Return the current backend name."""
+    return _current
+
+
+@contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Use backend ``name`` inside a ``with`` block, then restore the previous one.
+
+    Example::
+
+        with normlayers.backend("reference"):
+            y = layer(x)
+    """
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def interpreter_enabled() -> bool:
+    """Whether the Triton interpreter is on (it runs ``@triton.jit`` kernels on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported (checked once)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Decide, for a call whose main input is ``x``, whether the Triton kernels run.
+
+    Raises ``RuntimeError`` when the backend is ``"triton"`` but the kernels cannot run on ``x``.
+    """
+    name = _current
+    if name == "reference":
+        return False
+    if name == "auto":
+        return x.device.type == "cuda" and triton_available()
+    if not triton_available():
+        raise RuntimeError("normlayers backend 'triton' was requested but the 'triton' package is not installed")
+    if x.device.type == "cuda":
+        return True
+    if x.device.type == "cpu" and interpreter_enabled():
+        return True
+    raise RuntimeError(
+        f"normlayers backend 'triton' cannot run on a {x.device.type} tensor: the kernels need a CUDA device, or CPU "
+        "tensors with the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported). "
+        "Use normlayers.set_backend('auto') or 'reference' instead."
+    )

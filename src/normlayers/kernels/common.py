@@ -1,0 +1,75 @@
+"""Launch helpers and kernels shared by every kernel family.
+
+Launch parameters come from static tables, not ``@triton.autotune``: autotuning needs a GPU driver, so it fails
+under the interpreter on CPU-only machines, and it adds a benchmarking pass to the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Most programs a kernel runs per SM in a persistent grid; the CPU number only shapes interpreter tests (a few
+# programs, each walking several row tiles, so the per-program partials and their reduction are exercised).
+CPU_PERSISTENT_PROGRAMS = 4
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _warp_size(device_index: int) -> int:
+    return getattr(torch.cuda.get_device_properties(device_index), "warp_size", 32)
+
+
+def persistent_programs(device: torch.device, programs_per_sm: int) -> int:
+    """Size of a persistent grid: ``programs_per_sm`` per SM on CUDA, a small fixed count elsewhere."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * programs_per_sm
+    return CPU_PERSISTENT_PROGRAMS
+
+
+def num_warps_for(tile_elements: int, device: torch.device) -> int:
+    """Warps for a program holding ``tile_elements`` values: one warp per 256 elements, 1 to 16 warps.
+
+    Capped so that ``num_warps * warp_size <= 1024`` (AMD's 64-wide warps make 32 warps an invalid launch).
+    """
+    warps = min(max(tile_elements // 256, 1), 16)
+    if device.type == "cuda":
+        warps = min(warps, 1024 // _warp_size(device.index if device.index is not None else torch.cuda.current_device()))
+    return warps
+
+
+@triton.jit
+def column_sum_kernel(PARTIALS, OUT, num_rows, N, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[n] = sum over r of PARTIALS[r, n], accumulated in the partials' dtype in a fixed order (deterministic)."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=PARTIALS.dtype.element_ty)
+    for start in range(0, num_rows, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        mask = (rows < num_rows)[:, None] & col_mask[None, :]
+        tile = tl.load(PARTIALS + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tile, axis=0)
+    tl.store(OUT + cols, acc, mask=col_mask)
+
+
+def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum a contiguous ``(rows, N)`` fp32 or fp64 buffer over its rows into a new ``(N,)`` tensor of ``dtype``."""
+    num_rows, n = partials.shape
+    out = torch.empty(n, dtype=dtype, device=partials.device)
+    if n == 0:
+        return out
+    block_n = min(next_power_of_2(n), 256)
+    column_sum_kernel[(triton.cdiv(n, block_n),)](partials, out, num_rows, n, BLOCK_ROWS=32, BLOCK_N=block_n, num_warps=4)
+    return out

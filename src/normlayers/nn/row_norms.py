@@ -1,0 +1,173 @@
+"""Row norms: LayerNorm, RMSNorm (drop-in subclasses of torch's) and CRMSNorm.
+
+Each module's ``forward(x, residual=None)`` returns the normalized tensor; given a ``residual`` it runs the fused
+pre-norm step ``h = x + residual`` and returns ``(norm(h), h)``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from normlayers import functional as F
+
+__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm"]
+
+_ShapeLike = Union[int, list[int], tuple[int, ...], torch.Size]
+
+
+class LayerNorm(nn.LayerNorm):
+    r"""Layer normalization with fused Triton kernels on CUDA; a drop-in for :class:`torch.nn.LayerNorm`.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Mean and biased variance over the last ``len(normalized_shape)`` dims, computed in fp32 (fp64 for fp64 input);
+    the output has the input's dtype. Same constructor, defaults, parameters and ``state_dict`` keys as
+    :class:`torch.nn.LayerNorm`, so the two load each other's checkpoints.
+
+    Args:
+        normalized_shape (int or list or torch.Size): the trailing shape to normalize over.
+        eps (float): added to the variance. Default: ``1e-5``.
+        elementwise_affine (bool): learnable ``weight`` (ones) and ``bias`` (zeros). Default: ``True``.
+        bias (bool): with ``elementwise_affine``, whether to learn ``bias``. Default: ``True``.
+        device, dtype: factory kwargs for the parameters.
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`; ``residual`` (optional): the same shape.
+        - Output: the input's shape; with a residual, a tuple ``(normed, x + residual)``.
+
+    ``forward(x, residual=None, *, residual_in_fp32=False)``: see :func:`normlayers.functional.add_layer_norm`.
+
+    Examples::
+
+        >>> ln = normlayers.LayerNorm(1024)
+        >>> y = ln(torch.randn(8, 16, 1024))
+        >>> y, h = ln(x, residual=h)      # fused pre-norm: h = x + h, y = ln(h)
+    """
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, *,
+                residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        if residual is None:
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+                                residual_in_fp32=residual_in_fp32)
+
+
+class RMSNorm(nn.RMSNorm):
+    r"""RMS normalization with fused Triton kernels on CUDA; a drop-in for :class:`torch.nn.RMSNorm`.
+
+    .. math:: y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \cdot (\gamma + \text{weight\_offset})
+
+    Same constructor, defaults, parameters and ``state_dict`` keys as :class:`torch.nn.RMSNorm`.
+
+    Args:
+        normalized_shape (int or list or torch.Size): the trailing shape to normalize over.
+        eps (float, optional): added to the mean square. Default: ``None``, which is fp32's machine epsilon
+            (fp64's for fp64 input), as in torch (spec A §4.3).
+        elementwise_affine (bool): learnable ``weight``. Default: ``True``.
+        device, dtype: factory kwargs for the parameters.
+        weight_offset (float, keyword-only): the scale is ``weight + weight_offset``; ``1.0`` gives Gemma's
+            ``(1 + w)`` norm. ``reset_parameters`` sets ``weight`` to ``1 − weight_offset`` so a fresh layer scales
+            by one. Default: ``0.0``.
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`; ``residual`` (optional): the same shape.
+        - Output: the input's shape; with a residual, a tuple ``(normed, x + residual)``.
+
+    ``forward(x, residual=None, *, residual_in_fp32=False)``: see :func:`normlayers.functional.add_rms_norm`.
+
+    Examples::
+
+        >>> norm = normlayers.RMSNorm(4096, eps=1e-6, weight_offset=1.0)   # Gemma-style
+        >>> y = norm(torch.randn(2, 128, 4096))
+    """
+
+    def __init__(self, normalized_shape: _ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 device=None, dtype=None, *, weight_offset: float = 0.0) -> None:
+        if not isinstance(weight_offset, numbers.Real) or isinstance(weight_offset, bool):
+            raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        self.weight_offset = float(weight_offset)
+        if self.weight_offset != 0.0 and not elementwise_affine:
+            raise ValueError("weight_offset scales the weight (weight + weight_offset); it needs "
+                             "elementwise_affine=True")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.constant_(self.weight, 1.0 - getattr(self, "weight_offset", 0.0))
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + f", weight_offset={self.weight_offset}" if self.weight_offset else text
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, *,
+                residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        if residual is None:
+            return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, weight_offset=self.weight_offset)
+        return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
+                              weight_offset=self.weight_offset, residual_in_fp32=residual_in_fp32)
+
+
+class CRMSNorm(nn.Module):
+    r"""Compressed RMS normalization (Jiang et al., "Pre-RMSNorm and Pre-CRMSNorm Transformers", NeurIPS 2023).
+
+    In a Pre-CRMSNorm Transformer the residual stream is zero-mean and stored compressed: only its first
+    ``d − 1`` coordinates ``x'`` are kept, the last being ``−Σx'``. CRMSNorm normalizes by the RMS of the full
+    ``d``-vector without restoring it (spec A §3.1). With ``n = prod(normalized_shape) = d − 1``:
+
+    .. math:: y = \frac{x'}{\sqrt{\left(\sum_i x_i'^2 + (\sum_i x'_i)^2\right) / (n + 1) + \epsilon}} \cdot \gamma
+
+    i.e. the first ``n`` outputs of RMSNorm on ``[x', −Σx']``, times an elementwise weight of width ``n``.
+
+    Args:
+        normalized_shape (int or list or torch.Size): the *compressed* trailing shape (width ``d − 1``).
+        eps (float, optional): added to the mean square. Default: ``None`` (fp32's machine epsilon; fp64's for
+            fp64 input), as :class:`RMSNorm`.
+        elementwise_affine (bool): learnable ``weight`` (ones) of shape ``normalized_shape``. Default: ``True``.
+        device, dtype: factory kwargs for the parameters.
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`; ``residual`` (optional): the same shape.
+        - Output: the input's shape; with a residual, a tuple ``(normed, x + residual)``.
+
+    Examples::
+
+        >>> norm = normlayers.CRMSNorm(767)      # a d = 768 model, compressed
+        >>> y = norm(torch.randn(4, 32, 767))
+    """
+
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    normalized_shape: tuple[int, ...]
+    eps: Optional[float]
+    elementwise_affine: bool
+
+    def __init__(self, normalized_shape: _ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.normalized_shape = F._as_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, *,
+                residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        if residual is None:
+            return F.crms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return F.add_crms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
+                               residual_in_fp32=residual_in_fp32)

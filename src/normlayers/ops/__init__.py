@@ -1,0 +1,1 @@
+"""``torch.library`` custom ops (``normlayers::<family>_fwd`` / ``_bwd``) wrapping the Triton kernels."""

@@ -1,0 +1,138 @@
+"""``torch.library`` custom ops for the row-norm kernels: ``normlayers::row_norm_fwd`` / ``row_norm_bwd``.
+
+One op pair serves LayerNorm, RMSNorm and CRMSNorm (``kind`` = ``"layer"``, ``"rms"``, ``"crms"``), as one kernel
+pair does. The ops take 2-D ``(M, N)`` tensors; :func:`row_norm` flattens leading and normalized dims before the op
+boundary, so ranks never change inside a compiled graph. The ops are opaque to ``torch.compile`` (``register_fake``
+gives their shapes) and differentiable through ``register_autograd``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["row_norm", "row_norm_fwd", "row_norm_bwd"]
+
+
+def _kernels():
+    # Triton is imported lazily: the reference path and the package import must work without it.
+    from normlayers.kernels import row_norms
+
+    return row_norms
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("normlayers::row_norm_fwd", mutates_args=())
+def row_norm_fwd(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    kind: str,
+    eps: float,
+    weight_offset: float,
+    residual_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, residual_out, mean, rstd)``; ``residual_out`` is empty without a residual, ``mean`` unless
+    ``kind == "layer"``."""
+    return _kernels().row_norm_fwd(x, residual, weight, bias, kind, eps, weight_offset, residual_dtype)
+
+
+@row_norm_fwd.register_fake
+def _row_norm_fwd_fake(x, residual, weight, bias, kind, eps, weight_offset, residual_dtype):
+    m, n = x.shape
+    stats = _stats_dtype(x.dtype)
+    residual_out = x.new_empty((m, n), dtype=residual_dtype) if residual is not None else x.new_empty(0)
+    return (x.new_empty((m, n)), residual_out, x.new_empty(m if kind == "layer" else 0, dtype=stats),
+            x.new_empty(m, dtype=stats))
+
+
+@torch.library.custom_op("normlayers::row_norm_bwd", mutates_args=())
+def row_norm_bwd(
+    dy: Tensor,
+    h: Tensor,
+    dresidual_out: Optional[Tensor],
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    kind: str,
+    weight_offset: float,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dh, dweight, dbias)``; ``dweight``/``dbias`` are empty when there is no such parameter."""
+    return _kernels().row_norm_bwd(dy, h, dresidual_out, weight, mean, rstd, kind, weight_offset, has_bias)
+
+
+@row_norm_bwd.register_fake
+def _row_norm_bwd_fake(dy, h, dresidual_out, weight, mean, rstd, kind, weight_offset, has_bias):
+    param_dtype = weight.dtype if weight is not None else h.dtype
+    n = h.shape[1]
+    return (h.new_empty(h.shape), h.new_empty(n if weight is not None else 0, dtype=param_dtype),
+            h.new_empty(n if has_bias else 0, dtype=param_dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, kind, _eps, weight_offset, _residual_dtype = inputs
+    _y, residual_out, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    # Save the values that were normalized: x, or the residual sum (an output, so no extra memory).
+    ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
+    ctx.kind, ctx.weight_offset, ctx.has_bias = kind, weight_offset, bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+
+
+def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    if ctx.residual_dtype is None:
+        dresidual_out = None
+    dh, dweight, dbias = row_norm_bwd(_row_major(dy), h, _row_major(dresidual_out), weight, mean, rstd, ctx.kind,
+                                      ctx.weight_offset, ctx.has_bias)
+    # x and the residual both receive dh (as for an unfused `x + residual`), each in its own dtype.
+    dx = dh.to(ctx.x_dtype)
+    dresidual = dh.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
+    return (dx, dresidual, dweight if weight is not None else None, dbias if ctx.has_bias else None,
+            None, None, None, None)
+
+
+row_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _row_major(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels need unit stride along a row; any row stride is fine."""
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def row_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    kind: str,
+    eps: float,
+    *,
+    residual: Optional[Tensor] = None,
+    residual_dtype: Optional[torch.dtype] = None,
+    weight_offset: float = 0.0,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Run a row norm through the Triton op on inputs of any rank; returns ``(y, residual_out or None)``.
+
+    Arguments are assumed validated (``normlayers.functional`` does that).
+    """
+    n = math.prod(normalized_shape)
+    m = x.numel() // n if n > 0 else math.prod(x.shape[: x.dim() - len(normalized_shape)])
+    # reshape is a view whenever the leading dims collapse to one row stride, so strided rows are not copied.
+    x2 = _row_major(x.reshape(m, n))
+    r2 = _row_major(residual.reshape(m, n)) if residual is not None else None
+    y, residual_out, _mean, _rstd = row_norm_fwd(
+        x2, r2, weight.reshape(n) if weight is not None else None, bias.reshape(n) if bias is not None else None,
+        kind, float(eps), float(weight_offset), residual_dtype if residual is not None else None)
+    return y.view(x.shape), residual_out.view(x.shape) if residual is not None else None

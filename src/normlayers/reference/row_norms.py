@@ -1,0 +1,70 @@
+"""Plain-PyTorch reference of the row norms: the ground truth the kernels are tested against.
+
+Written for reading, not speed. Arithmetic is in the "opmath" dtype (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64),
+results are cast back to the input dtype, as ``torch.nn.functional`` does (spec A §4.4). Gradients come from
+autograd, so they are an independent check of the hand-written backward kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add"]
+
+
+def _opmath(x: Tensor) -> Tensor:
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _dims(normalized_shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(range(-len(normalized_shape), 0))
+
+
+def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], weight_offset: float = 0.0) -> Tensor:
+    if weight is not None:
+        y = y * (weight.to(y.dtype) + weight_offset)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """``y = (x − E[x]) / sqrt(Var[x] + eps) · γ + β`` over the last ``len(normalized_shape)`` dims (biased
+    variance; spec A §4.3)."""
+    dims = _dims(normalized_shape)
+    xf = _opmath(x)
+    mean = xf.mean(dims, keepdim=True)
+    var = (xf - mean).square().mean(dims, keepdim=True)
+    return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias).to(x.dtype)
+
+
+def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None, eps: float = 1.1920929e-07,
+             *, weight_offset: float = 0.0) -> Tensor:
+    """``y = x / sqrt(mean(x²) + eps) · (γ + weight_offset)`` (spec A §3.1, §4.3). ``eps`` is already resolved
+    (``None`` handling lives in ``normlayers.functional``)."""
+    xf = _opmath(x)
+    ms = xf.square().mean(_dims(normalized_shape), keepdim=True)
+    return _affine(xf * torch.rsqrt(ms + eps), weight, None, weight_offset).to(x.dtype)
+
+
+def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+              eps: float = 1.1920929e-07) -> Tensor:
+    """CRMSNorm of a compressed zero-mean vector ``x′`` of width ``n = d − 1`` (spec A §3.1):
+    ``y = x′ / sqrt((Σx′² + (Σx′)²) / d + eps) · γ`` — the first ``d − 1`` outputs of RMSNorm applied to the
+    restored vector ``[x′, −Σx′]``."""
+    dims = _dims(normalized_shape)
+    xf = _opmath(x)
+    d = math.prod(normalized_shape) + 1
+    ms = (xf.square().sum(dims, keepdim=True) + xf.sum(dims, keepdim=True).square()) / d
+    return _affine(xf * torch.rsqrt(ms + eps), weight, None).to(x.dtype)
+
+
+def residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
+    """``x + residual`` computed in ``x``'s opmath dtype and rounded to ``residual_dtype``: the value the fused norms
+    normalize and return (for ``residual_dtype == x.dtype`` exactly what an unfused ``x + residual`` gives)."""
+    return (_opmath(x) + residual.to(_opmath(x).dtype)).to(residual_dtype)
