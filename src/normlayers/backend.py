@@ -12,7 +12,6 @@ between machines.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from contextlib import contextmanager
@@ -68,10 +67,12 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether ``triton`` can be imported (checked once)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether ``triton`` is installed (checked once, at import)."""
+    return _TRITON_AVAILABLE
 
 
 def use_triton(x: torch.Tensor) -> bool:

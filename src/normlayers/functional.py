@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from normlayers import backend as _backend
+from normlayers.ops import row_norms as _ops_row
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["layer_norm", "rms_norm", "crms_norm", "add_layer_norm", "add_rms_norm", "add_crms_norm"]
@@ -95,8 +96,6 @@ def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional
     if residual is not None:
         residual_dtype = torch.float32 if residual_in_fp32 and residual.dtype != torch.float64 else residual.dtype
     if _backend.use_triton(input):
-        from normlayers.ops import row_norms as _ops_row
-
         return _ops_row.row_norm(input, shape, weight, bias, kind, eps, residual=residual,
                                  residual_dtype=residual_dtype, weight_offset=weight_offset)
     h = _ref_row.residual_add(input, residual, residual_dtype) if residual is not None else input
