@@ -89,9 +89,26 @@ def _resolve_rms_eps(eps: Optional[float], dtype: torch.dtype) -> float:
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
+# torch runs layer_norm in fp32 under CUDA autocast, and rms_norm too since 2.12 (spec A §4.4); the row norms follow
+# the installed torch, so swapping a torch norm for ours keeps a model's dtypes.
+_RMS_AUTOCASTS_TO_FP32 = torch.torch_version.TorchVersion(torch.__version__) >= (2, 12)
+
+
+def _autocasts_to_fp32(kind: str, input: Tensor) -> bool:
+    if input.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return False
+    return kind == "layer" or _RMS_AUTOCASTS_TO_FP32
+
+
+def _to_fp32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.float() if t is not None and t.dtype != torch.float64 else t
+
+
 def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[Tensor], bias: Optional[Tensor],
               eps: float, residual: Optional[Tensor], residual_in_fp32: bool,
               weight_offset: float) -> tuple[Tensor, Optional[Tensor]]:
+    if _autocasts_to_fp32(kind, input):
+        input, residual, weight, bias = (_to_fp32(t) for t in (input, residual, weight, bias))
     residual_dtype = None
     if residual is not None:
         residual_dtype = torch.float32 if residual_in_fp32 and residual.dtype != torch.float64 else residual.dtype
