@@ -117,12 +117,12 @@ def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional
                                  residual_dtype=residual_dtype, weight_offset=weight_offset)
     h = _ref_row.residual_add(input, residual, residual_dtype) if residual is not None else input
     if kind == "layer":
-        y = _ref_row.layer_norm(h, shape, weight, bias, eps)
+        y = _ref_row.layer_norm(h, shape, weight, bias, eps, out_dtype=input.dtype)
     elif kind == "rms":
-        y = _ref_row.rms_norm(h, shape, weight, eps, weight_offset=weight_offset)
+        y = _ref_row.rms_norm(h, shape, weight, eps, weight_offset=weight_offset, out_dtype=input.dtype)
     else:
-        y = _ref_row.crms_norm(h, shape, weight, eps)
-    return y.to(input.dtype), h if residual is not None else None
+        y = _ref_row.crms_norm(h, shape, weight, eps, out_dtype=input.dtype)
+    return y, h if residual is not None else None
 
 
 def _check_weight_offset(weight_offset: float, weight: Optional[Tensor]) -> float:

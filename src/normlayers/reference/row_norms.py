@@ -33,35 +33,36 @@ def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], weight_
 
 
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+               out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``y = (x − E[x]) / sqrt(Var[x] + eps) · γ + β`` over the last ``len(normalized_shape)`` dims (biased
-    variance; spec A §4.3)."""
+    variance; spec A §4.3). The result is rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
     xf = _opmath(x)
     mean = xf.mean(dims, keepdim=True)
     var = (xf - mean).square().mean(dims, keepdim=True)
-    return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias).to(x.dtype)
+    return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias).to(out_dtype or x.dtype)
 
 
 def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None, eps: float = 1.1920929e-07,
-             *, weight_offset: float = 0.0) -> Tensor:
+             *, weight_offset: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``y = x / sqrt(mean(x²) + eps) · (γ + weight_offset)`` (spec A §3.1, §4.3). ``eps`` is already resolved
-    (``None`` handling lives in ``normlayers.functional``)."""
+    (``None`` handling lives in ``normlayers.functional``). Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     xf = _opmath(x)
     ms = xf.square().mean(_dims(normalized_shape), keepdim=True)
-    return _affine(xf * torch.rsqrt(ms + eps), weight, None, weight_offset).to(x.dtype)
+    return _affine(xf * torch.rsqrt(ms + eps), weight, None, weight_offset).to(out_dtype or x.dtype)
 
 
 def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
-              eps: float = 1.1920929e-07) -> Tensor:
+              eps: float = 1.1920929e-07, *, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """CRMSNorm of a compressed zero-mean vector ``x′`` of width ``n = d − 1`` (spec A §3.1):
     ``y = x′ / sqrt((Σx′² + (Σx′)²) / d + eps) · γ`` — the first ``d − 1`` outputs of RMSNorm applied to the
-    restored vector ``[x′, −Σx′]``."""
+    restored vector ``[x′, −Σx′]``. Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
     xf = _opmath(x)
     d = math.prod(normalized_shape) + 1
     ms = (xf.square().sum(dims, keepdim=True) + xf.sum(dims, keepdim=True).square()) / d
-    return _affine(xf * torch.rsqrt(ms + eps), weight, None).to(x.dtype)
+    return _affine(xf * torch.rsqrt(ms + eps), weight, None).to(out_dtype or x.dtype)
 
 
 def residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
