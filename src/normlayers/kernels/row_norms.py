@@ -179,11 +179,11 @@ def row_norm_fwd_kernel(
             chunk_cols = start + cols
             chunk_mask = row_mask[:, None] & (chunk_cols < N)[None, :]
             if HAS_RESIDUAL:
-                h = tl.load(RES_OUT + rows[:, None] * N + chunk_cols[None, :], mask=chunk_mask, other=0.0)
+                stored = tl.load(RES_OUT + rows[:, None] * N + chunk_cols[None, :], mask=chunk_mask, other=0.0)
             else:
-                h = tl.load(X + rows[:, None] * stride_x + chunk_cols[None, :], mask=chunk_mask, other=0.0)
-            _normalize_store(Y, W, B, h.to(COMPUTE), mean, rstd, rows, chunk_cols, chunk_mask, N, weight_offset,
-                             NORM, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+                stored = tl.load(X + rows[:, None] * stride_x + chunk_cols[None, :], mask=chunk_mask, other=0.0)
+            _normalize_store(Y, W, B, stored.to(COMPUTE), mean, rstd, rows, chunk_cols, chunk_mask, N,
+                             weight_offset, NORM, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     if NORM == 0:
         tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
