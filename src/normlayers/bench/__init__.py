@@ -1,0 +1,1 @@
+"""The benchmark CLI of normlayers: ``normlayers-bench`` or ``python -m normlayers.bench`` (see :mod:`.cli`)."""

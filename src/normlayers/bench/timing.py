@@ -1,0 +1,120 @@
+"""Timing: per-call times from CUDA events (L2 flushed before each call) or ``time.perf_counter`` on CPU, summarized
+as median and p20/p80, and the device's measured copy bandwidth (the practical roofline)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+import torch
+
+__all__ = ["CpuTimer", "CudaEventTimer", "TimedCall", "Timer", "TimingStats", "make_timer", "measure",
+           "measure_copy_bandwidth"]
+
+MIN_REPS = 10
+MAX_REPS = 10_000
+ESTIMATE_REPS = 3
+L2_FLUSH_BYTES = 256 * 1024**2  # larger than any current GPU's L2 (H100: 50 MB), as triton.testing.do_bench
+COPY_BYTES = {"cuda": 1024**3, "cpu": 64 * 1024**2}  # each way; far larger than the caches
+
+
+@dataclass(frozen=True)
+class TimedCall:
+    """``run`` is timed; ``setup``, when given, runs untimed before each ``run`` (e.g. the forward pass whose
+    backward is timed)."""
+
+    run: Callable[[], object]
+    setup: Optional[Callable[[], object]] = None
+
+    def prepare(self) -> None:
+        if self.setup is not None:
+            self.setup()
+
+
+class Timer(Protocol):
+    """Times ``reps`` consecutive calls and returns each call's time in ms."""
+
+    description: str
+
+    def times_ms(self, call: TimedCall, reps: int) -> list[float]: ...
+
+
+class CpuTimer:
+    """``time.perf_counter`` around each call. Caches are not flushed: on CPU the numbers are a smoke test, not a
+    roofline measurement."""
+
+    description = "time.perf_counter per call, no cache flush"
+
+    def times_ms(self, call: TimedCall, reps: int) -> list[float]:
+        times = []
+        for _ in range(reps):
+            call.prepare()
+            start = time.perf_counter()
+            call.run()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+
+class CudaEventTimer:
+    """CUDA events around each call, with the L2 cache flushed (a 256 MiB memset) before each, outside the timed
+    region; one synchronization at the end so host overhead overlaps as in a training step."""
+
+    description = "CUDA events per call, L2 flushed (256 MiB memset) before each"
+
+    def __init__(self, device: torch.device) -> None:
+        self._flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+
+    def times_ms(self, call: TimedCall, reps: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for start, end in zip(starts, ends):
+            call.prepare()
+            self._flush_buffer.zero_()
+            start.record()
+            call.run()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+
+def make_timer(device: torch.device) -> Timer:
+    """The timer for ``device``."""
+    return CudaEventTimer(device) if device.type == "cuda" else CpuTimer()
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Per-call times in ms over ``reps`` timed calls."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (as ``torch.quantile`` and ``triton.testing.do_bench``)."""
+    position = q * (len(sorted_values) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def measure(call: TimedCall, timer: Timer, warmup_ms: float, rep_ms: float) -> TimingStats:
+    """Time ``call``: a short estimate, ``warmup_ms`` of untimed calls, then about ``rep_ms`` of timed calls (at least
+    ``MIN_REPS``, at most ``MAX_REPS``)."""
+    estimate_ms = max(sorted(timer.times_ms(call, ESTIMATE_REPS))[ESTIMATE_REPS // 2], 1e-4)
+    timer.times_ms(call, max(1, math.ceil(warmup_ms / estimate_ms)))
+    reps = min(MAX_REPS, max(MIN_REPS, math.ceil(rep_ms / estimate_ms)))
+    times = sorted(timer.times_ms(call, reps))
+    return TimingStats(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), reps)
+
+
+def measure_copy_bandwidth(device: torch.device, timer: Timer, warmup_ms: float, rep_ms: float) -> tuple[float, int]:
+    """Achieved GB/s of ``dst.copy_(src)`` on a large buffer (read + write counted), and the buffer's size in bytes."""
+    nbytes = COPY_BYTES[device.type]
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    stats = measure(TimedCall(lambda: dst.copy_(src)), timer, warmup_ms, rep_ms)
+    return 2 * nbytes / (stats.median_ms * 1e-3) / 1e9, nbytes
