@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from normlayers.bench import cli
 from normlayers.bench.ops import OPS, compose, ideal_bytes
-from normlayers.bench.providers import PROVIDERS, Provider
+from normlayers.bench.providers import PROVIDERS, Provider, UnsupportedOp
 
 FAST = ["--device", "cpu", "--warmup-ms", "1", "--rep-ms", "2"]
 
@@ -104,21 +104,41 @@ def test_wrong_normlayers_sets_exit_code(tmp_path, monkeypatch):
     assert code == 1
 
 
-def test_failing_provider_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
-    def build(op):
-        def run(x, residual, weight, bias):
-            raise RuntimeError("boom: no compiler")
+def _raising_provider(name: str, exc: Exception, when: str) -> Provider:
+    """A provider that raises ``exc`` when built (``when="build"``) or when called (``when="run"``)."""
 
+    def run(x, residual, weight, bias):
+        raise exc
+
+    def build(op):
+        if when == "build":
+            raise exc
         return run
 
-    monkeypatch.setitem(PROVIDERS, "broken", Provider("broken", "always raises", build))
+    return Provider(name, f"raises at {when}", build)
+
+
+@pytest.mark.parametrize("when", ["build", "run"])
+def test_failing_provider_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, when):
+    monkeypatch.setitem(PROVIDERS, "broken", _raising_provider("broken", ImportError("no module named peer"), when))
     code, rows, _ = _run(tmp_path, "--op", "layer_norm", "--shapes", "4x64", "--providers", "broken", "torch",
                          "--mode", "fwd", "--dtype", "fp32")
 
     by_provider = {r["provider"]: r for r in rows}
     assert by_provider["broken"]["status"] == "failed"
-    assert by_provider["broken"]["note"] == "RuntimeError: boom: no compiler"
+    assert by_provider["broken"]["note"] == "ImportError: no module named peer"
+    assert by_provider["broken"]["median_ms"] == ""
     assert by_provider["torch"]["status"] == "ok"
+    assert code == 0
+
+
+def test_unsupported_op_is_a_row_not_a_failure(tmp_path, monkeypatch):
+    unsupported = UnsupportedOp("rms_only has no layer_norm")
+    monkeypatch.setitem(PROVIDERS, "rms_only", _raising_provider("rms_only", unsupported, "build"))
+    code, rows, _ = _run(tmp_path, "--op", "layer_norm", "--shapes", "4x64", "--providers", "rms_only",
+                         "--mode", "fwd", "--dtype", "fp32")
+
+    assert [(r["status"], r["note"]) for r in rows] == [("unsupported", "rms_only has no layer_norm")]
     assert code == 0
 
 

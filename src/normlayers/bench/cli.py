@@ -61,7 +61,7 @@ DEFAULT_SUITES = {
                   shapes=((4096, 1024), (4096, 4096), (4096, 8192), (4096, 16384)), warmup_ms=25, rep_ms=100),
     # Small enough to finish in well under two minutes on a 2-core machine, torch.compile's first compile included.
     "cpu": Suite(ops=("rms_norm", "layer_norm"), dtypes=("fp32",), modes=("fwd", "fwd_bwd"),
-                 shapes=((256, 1024), (1024, 4096)), warmup_ms=10, rep_ms=100),
+                 shapes=((256, 1024), (1024, 4096)), warmup_ms=5, rep_ms=50),
 }
 
 

@@ -119,8 +119,9 @@ class RowNormInputs:
 
 def make_inputs(op: RowNormOp, dtype: torch.dtype, rows: int, cols: int, device: torch.device,
                 requires_grad: bool, seed: int = 0) -> RowNormInputs:
-    """Random inputs of shape ``(rows, cols)``: ``x``, ``residual``, ``dy``, ``dh`` ~ N(0, 1), ``weight`` ~ 1 + 0.1·N(0, 1),
-    ``bias`` ~ 0.1·N(0, 1), all in ``dtype`` (the parameters too, as after ``module.to(dtype)``)."""
+    """Random inputs of shape ``(rows, cols)``: ``x``, ``residual``, ``dy``, ``dh`` ~ N(0, 1),
+    ``weight`` ~ 1 + 0.1·N(0, 1), ``bias`` ~ 0.1·N(0, 1), all in ``dtype`` (the parameters too, as after
+    ``module.to(dtype)``)."""
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:

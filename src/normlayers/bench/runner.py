@@ -96,18 +96,18 @@ def _run_provider(case: Case, provider: Provider, inputs: RowNormInputs, expecte
                          note=provider.note(case.op, settings.device))
     try:
         fn = provider.build(case.op)
+        errors = check_errors(compute_results(case.op, fn, inputs, case.mode), expected, bounds)
+        stats = measure(timed_call(fn, inputs, case.mode), settings.timer, settings.warmup_ms, settings.rep_ms)
     except UnsupportedOp as exc:
         result.status, result.note = "unsupported", str(exc)
         return result
-    try:
-        errors = check_errors(compute_results(case.op, fn, inputs, case.mode), expected, bounds)
-        stats = measure(timed_call(fn, inputs, case.mode), settings.timer, settings.warmup_ms, settings.rep_ms)
-    except Exception as exc:  # a provider that breaks is reported, the run goes on
+    except Exception as exc:  # a provider that breaks (import, compile, run) is reported, the run goes on
         result.status, result.note = "failed", _short_reason(exc)
         return result
     gbps = ideal_bytes(case.op, case.mode, case.rows, case.cols, case.dtype) / (stats.median_ms * 1e-3) / 1e9
     result.status = "ok" if errors.within_bound else "WRONG"
-    result.median_ms, result.p20_ms, result.p80_ms, result.reps = stats.median_ms, stats.p20_ms, stats.p80_ms, stats.reps
+    result.median_ms, result.p20_ms, result.p80_ms = stats.median_ms, stats.p20_ms, stats.p80_ms
+    result.reps = stats.reps
     result.gbps, result.pct_of_copy = gbps, 100 * gbps / settings.copy_gbps
     result.max_abs_err, result.err_bound, result.err_tensor = errors.max_abs_error, errors.bound, errors.tensor
     return result
