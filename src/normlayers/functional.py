@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from normlayers import backend as _backend
+from normlayers.backend import use_triton
 from normlayers.ops import row_norms as _ops_row
 from normlayers.reference import row_norms as _ref_row
 
@@ -112,7 +112,7 @@ def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional
     residual_dtype = None
     if residual is not None:
         residual_dtype = torch.float32 if residual_in_fp32 and residual.dtype != torch.float64 else residual.dtype
-    if _backend.use_triton(input):
+    if use_triton(input):
         return _ops_row.row_norm(input, shape, weight, bias, kind, eps, residual=residual,
                                  residual_dtype=residual_dtype, weight_offset=weight_offset)
     h = _ref_row.residual_add(input, residual, residual_dtype) if residual is not None else input
