@@ -24,14 +24,14 @@ __all__ = ["BACKENDS", "set_backend", "get_backend", "backend", "use_triton", "t
 BACKENDS = ("auto", "triton", "reference")
 
 
-def _validate(name: object) -> str:
+def _validate(name: object, source: str = "backend") -> str:
     if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     return name
 
 
 # A plain module global (not a ContextVar) so that torch.compile can read it and guard on it.
-_current: str = _validate(os.environ.get("NORMLAYERS_BACKEND", "auto"))
+_current: str = _validate(os.environ.get("NORMLAYERS_BACKEND", "auto"), "the environment variable NORMLAYERS_BACKEND")
 
 
 def set_backend(name: str) -> None:

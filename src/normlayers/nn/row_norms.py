@@ -48,6 +48,10 @@ class LayerNorm(nn.LayerNorm):
         >>> y, h = ln(x, residual=h)      # fused pre-norm: h = x + h, y = ln(h)
     """
 
+    def __init__(self, normalized_shape: _ShapeLike, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(F._as_shape(normalized_shape), eps, elementwise_affine, bias, device=device, dtype=dtype)
+
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *,
                 residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
         if residual is None:
@@ -89,7 +93,7 @@ class RMSNorm(nn.RMSNorm):
                  device=None, dtype=None, *, weight_offset: float = 0.0) -> None:
         if not isinstance(weight_offset, numbers.Real) or isinstance(weight_offset, bool):
             raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
-        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        super().__init__(F._as_shape(normalized_shape), eps, elementwise_affine, device=device, dtype=dtype)
         self.weight_offset = float(weight_offset)
         if self.weight_offset != 0.0 and not elementwise_affine:
             raise ValueError("weight_offset scales the weight (weight + weight_offset); it needs "
