@@ -203,32 +203,29 @@ def test_crms_norm_signature_equals_torch_rms_norm():
     assert _params(normlayers.CRMSNorm.__init__) == _params(nn.RMSNorm.__init__)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"eps": 1e-3}, {"elementwise_affine": False}, {"bias": False},
-                                    {"elementwise_affine": False, "bias": False}])
-@pytest.mark.parametrize("normalized_shape", [8, [3, 5], torch.Size([2, 4])])
-def test_layer_norm_attributes_params_repr_state_dict_equal_torch(normalized_shape, kwargs):
-    ours, theirs = normlayers.LayerNorm(normalized_shape, **kwargs), nn.LayerNorm(normalized_shape, **kwargs)
+def _assert_same_module_state(ours: nn.Module, theirs: nn.Module) -> None:
     assert repr(ours) == repr(theirs)
     for attr in ("normalized_shape", "eps", "elementwise_affine"):
         assert getattr(ours, attr) == getattr(theirs, attr), attr
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
-    for (name, p), (name_t, p_t) in zip(ours.named_parameters(), theirs.named_parameters()):
-        torch.testing.assert_close(p, p_t, rtol=0, atol=0)
+    for p, p_t in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, p_t, rtol=0, atol=0)  # exact: same initialisation
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"eps": 1e-3}, {"elementwise_affine": False}, {"bias": False},
+                                    {"elementwise_affine": False, "bias": False}])
+@pytest.mark.parametrize("normalized_shape", [8, [3, 5], torch.Size([2, 4])])
+def test_layer_norm_attributes_params_repr_state_dict_equal_torch(normalized_shape, kwargs):
+    ours, theirs = normlayers.LayerNorm(normalized_shape, **kwargs), nn.LayerNorm(normalized_shape, **kwargs)
+    _assert_same_module_state(ours, theirs)
     assert (ours.bias is None) == (theirs.bias is None)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"eps": 1e-6}, {"elementwise_affine": False}])
 @pytest.mark.parametrize("normalized_shape", [8, [3, 5]])
 def test_rms_norm_attributes_params_repr_state_dict_equal_torch(normalized_shape, kwargs):
-    ours, theirs = normlayers.RMSNorm(normalized_shape, **kwargs), nn.RMSNorm(normalized_shape, **kwargs)
-    assert repr(ours) == repr(theirs)
-    for attr in ("normalized_shape", "eps", "elementwise_affine"):
-        assert getattr(ours, attr) == getattr(theirs, attr), attr
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
-    for (name, p), (name_t, p_t) in zip(ours.named_parameters(), theirs.named_parameters()):
-        torch.testing.assert_close(p, p_t, rtol=0, atol=0)
+    _assert_same_module_state(normlayers.RMSNorm(normalized_shape, **kwargs), nn.RMSNorm(normalized_shape, **kwargs))
 
 
 def test_rms_norm_repr_shows_a_nonzero_weight_offset():
