@@ -1,0 +1,472 @@
+"""EvoNorm: normalization-activation layers for NCHW feature maps (Liu, Brock, Simonyan, Le, NeurIPS 2020).
+
+Nine classes with timm's names, constructor arguments, defaults, parameter/buffer names and semantics
+(``timm/layers/evo_norm.py``; spec ``specs/bcn_ws_region_evo.md`` §4), so a timm model's ``state_dict`` loads with
+``strict=True`` and gives the same outputs. They are thin: two parametrised base classes carry the work.
+
+* B family (``EvoNorm2dB0``, ``B1``, ``B2``): batch-dependent, with a ``running_var`` buffer.
+* S family (``EvoNorm2dS0``, ``S0a``, ``S1``, ``S1a``, ``S2``, ``S2a``): per-sample group statistics, no buffers.
+
+Differences from timm, all on inputs timm mishandles or does not check: bad arguments raise ``ValueError``/
+``TypeError`` (timm asserts, or swallows unknown keywords with ``**_``); B training on ``N·H·W = 1`` values raises as
+``nn.BatchNorm2d`` does (timm writes inf into ``running_var``, spec §4.6); fp16/bf16 inputs are normalized in fp32
+and rounded once (timm rounds its fp32 statistics to the input dtype first).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional, TypeVar, Union
+
+import torch
+from torch import Tensor, nn
+
+from normlayers import functional as F
+
+__all__ = ["EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
+           "EvoNorm2dS2", "EvoNorm2dS2a"]
+
+ActLayer = Union[str, type[nn.Module], Callable[[], nn.Module], None]
+_Class = TypeVar("_Class", bound=type)
+
+# timm's create_act_layer accepts names; these are the ones with a torch.nn module of the same meaning.
+_ACTIVATIONS_BY_NAME: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish, "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh, "identity": nn.Identity,
+}
+
+
+def _append_doc(*sections: str) -> Callable[[_Class], _Class]:
+    """Append the Args/Shape sections the classes of a sub-family share to a class's own docstring."""
+    def decorate(cls: _Class) -> _Class:
+        cls.__doc__ = (cls.__doc__ or "") + "".join(sections)
+        return cls
+    return decorate
+
+
+def _check_num_features(num_features: object) -> int:
+    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    return int(num_features)
+
+
+def _resolve_groups(num_features: int, groups: object, group_size: object) -> int:
+    """timm's rule (spec §4.3): ``group_size``, when given, overrides ``groups`` with ``num_features // group_size``;
+    either way the group count must divide ``num_features`` (no TF-style decrement)."""
+    if group_size is not None:
+        if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+        if num_features % group_size != 0:
+            raise ValueError(f"group_size ({group_size}) must divide num_features ({num_features})")
+        return num_features // int(group_size)
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if num_features % groups != 0:
+        raise ValueError(f"groups ({groups}) must divide num_features ({num_features}); pass a dividing group count "
+                         "or group_size")
+    return int(groups)
+
+
+def _make_activation(act_layer: ActLayer) -> nn.Module:
+    """The S1/S2 nonlinearity: ``None`` is SiLU (timm's default); a name from :data:`_ACTIVATIONS_BY_NAME`; or a
+    module class / zero-argument factory (e.g. ``functools.partial(nn.LeakyReLU, 0.2)``)."""
+    if act_layer is None:
+        return nn.SiLU()
+    if isinstance(act_layer, str):
+        if act_layer.lower() not in _ACTIVATIONS_BY_NAME:
+            raise ValueError(f"act_layer {act_layer!r} is not a known name; use one of "
+                             f"{sorted(_ACTIVATIONS_BY_NAME)} or pass an nn.Module class")
+        return _ACTIVATIONS_BY_NAME[act_layer.lower()]()
+    if not callable(act_layer):
+        raise TypeError(f"act_layer must be None, a name, or an nn.Module class/factory, got {type(act_layer).__name__}")
+    module = act_layer()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"act_layer() must return an nn.Module, got {type(module).__name__}")
+    return module
+
+
+def _check_channels(input: Tensor, num_features: int) -> None:
+    """The module's own check: its channel count (the rest is checked by the functional form)."""
+    if isinstance(input, Tensor) and input.dim() == 4 and input.shape[1] != num_features:
+        raise ValueError(f"expected input of shape (N, {num_features}, H, W) (num_features = {num_features}), got "
+                         f"input of shape {list(input.shape)}")
+
+
+def _stats_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """``running_var`` is kept in fp32 whatever the parameters' dtype (fp64 for fp64), as TF does (spec §4.2,
+    §4.6): an fp16 running variance would lose the small per-step updates."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# B family
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _EvoNorm2dB(nn.Module):
+    """The B family; subclasses set ``_variant`` and their ``eps`` default."""
+
+    __constants__ = ["num_features", "apply_act", "momentum", "eps"]
+    _variant: str
+    num_features: int
+    apply_act: bool
+    momentum: float
+    eps: float
+
+    def __init__(self, num_features: int, apply_act: bool, momentum: float, eps: float, *, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        F._evo_check_scalars(eps, momentum)
+        self.num_features = _check_num_features(num_features)
+        self.apply_act = bool(apply_act)
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+        self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+        if self._variant == "b0" and self.apply_act:
+            self.v = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+        else:
+            self.register_parameter("v", None)
+        # Registered whatever apply_act is, as timm does, so state_dict keys do not depend on it.
+        self.register_buffer("running_var", torch.empty(self.num_features, device=device, dtype=_stats_dtype(dtype)))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        nn.init.ones_(self.running_var)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        if self.v is not None:
+            nn.init.ones_(self.v)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, apply_act={self.apply_act}, momentum={self.momentum}, eps={self.eps}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_channels(input, self.num_features)
+        return F._evo_norm_b(self._variant, input, self.running_var, self.weight, self.bias, self.v, self.training,
+                             self.momentum, self.eps, self.apply_act)
+
+
+_B_DOC = r"""
+    ``σ²`` is the biased variance of each channel over the batch (N, H, W) in training, with gradient, and the
+    ``running_var`` buffer in eval. In training ``running_var`` is updated with the *unbiased* batch variance,
+    ``running_var ← (1 − momentum)·running_var + momentum·σ²·n/(n − 1)``, ``n = N·H·W`` (timm's rule; TF stores
+    the biased one, spec §4.4); training needs ``n > 1``. All statistics in fp32 (fp64 for fp64 input); the output
+    has the input's dtype. At an exact tie of the ``max`` the gradient is split half/half between the two sides, as
+    autograd does for :func:`torch.maximum` (spec §4.5).
+
+    Args:
+        num_features (int): :math:`C`, the number of channels.
+        apply_act (bool): ``False`` makes the layer affine only (``y = x·γ + β``: no normalization, no running
+            update), as timm's ``apply_act=False`` and TF's ``nonlinearity=False``. Default: ``True``.
+        momentum (float): the running-variance rate, in [0, 1]. Default: ``0.1``.
+        eps (float): added inside every square root. Default: see above.
+        device, dtype (keyword-only): factory kwargs for the parameters; ``running_var`` is fp32 (fp64 when
+            ``dtype`` is fp64).
+
+    Parameters and buffers (timm's names): ``weight`` :math:`\gamma` (ones), ``bias`` :math:`\beta` (zeros), each
+    ``(C,)``; buffer ``running_var`` (ones, ``(C,)``).
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`
+        - Output: :math:`(N, C, H, W)` (same shape and dtype as the input)
+"""
+
+
+@_append_doc(_B_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dB0(64)
+        >>> y = norm(torch.randn(2, 64, 32, 32))
+""")
+class EvoNorm2dB0(_EvoNorm2dB):
+    r"""EvoNorm-B0 (Liu et al., "Evolving Normalization-Activation Layers", NeurIPS 2020), as timm's class.
+
+    .. math::
+        y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ v x + \sqrt{s^2_{h,w}(x) + \epsilon}\right)}
+            \cdot \gamma + \beta
+
+    ``s²_{h,w}`` is the biased variance of each (sample, channel) over H, W (0, not NaN, at H = W = 1: spec §4.6).
+    ``v`` (ones, ``(C,)``) is a parameter only with ``apply_act=True``. ``eps`` defaults to ``1e-3`` (timm's since
+    2022; the paper's TF code uses ``1e-5``).
+    """
+
+    _variant = "b0"
+
+    def __init__(self, num_features: int, apply_act: bool = True, momentum: float = 0.1, eps: float = 1e-3, *,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, apply_act, momentum, eps, device=device, dtype=dtype)
+
+
+@_append_doc(_B_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dB1(64)
+        >>> y = norm(torch.randn(2, 64, 32, 32))
+""")
+class EvoNorm2dB1(_EvoNorm2dB):
+    r"""EvoNorm-B1, as timm's class (spec §4.1).
+
+    .. math::
+        y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ (x + 1)\sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon}\right)}
+            \cdot \gamma + \beta
+
+    No ``v`` parameter. ``eps`` defaults to ``1e-5``.
+    """
+
+    _variant = "b1"
+
+    def __init__(self, num_features: int, apply_act: bool = True, momentum: float = 0.1, eps: float = 1e-5, *,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, apply_act, momentum, eps, device=device, dtype=dtype)
+
+
+@_append_doc(_B_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dB2(64)
+        >>> y = norm(torch.randn(2, 64, 32, 32))
+""")
+class EvoNorm2dB2(_EvoNorm2dB):
+    r"""EvoNorm-B2, as timm's class (spec §4.1).
+
+    .. math::
+        y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ \sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon} - x\right)}
+            \cdot \gamma + \beta
+
+    No ``v`` parameter. ``eps`` defaults to ``1e-5``.
+    """
+
+    _variant = "b2"
+
+    def __init__(self, num_features: int, apply_act: bool = True, momentum: float = 0.1, eps: float = 1e-5, *,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, apply_act, momentum, eps, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# S family
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _EvoNorm2dS(nn.Module):
+    """The S family; subclasses set ``_variant`` (``"s0"``, ``"s1"``, ``"s2"``), ``_always_normalize`` (the timm
+    "a" variants) and their defaults."""
+
+    __constants__ = ["num_features", "groups", "apply_act", "eps"]
+    _variant: str
+    _always_normalize: bool
+    num_features: int
+    groups: int
+    apply_act: bool
+    eps: float
+
+    def __init__(self, num_features: int, groups: int, group_size: Optional[int], apply_act: bool,
+                 act_layer: ActLayer, eps: float, *, device=None, dtype=None) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        F._evo_check_scalars(eps)
+        self.num_features = _check_num_features(num_features)
+        self.groups = _resolve_groups(self.num_features, groups, group_size)
+        self.apply_act = bool(apply_act)
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+        self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+        if self._variant == "s0" and self.apply_act:
+            self.v = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+        else:
+            self.register_parameter("v", None)
+        if self._variant != "s0":
+            # timm's S1/S2 hold the nonlinearity as the submodule ``act`` (Identity when apply_act=False), so an
+            # activation with parameters keeps timm's state_dict keys (``act.*``).
+            self.act = _make_activation(act_layer) if self.apply_act else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        if self.v is not None:
+            nn.init.ones_(self.v)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, groups={self.groups}, apply_act={self.apply_act}, eps={self.eps}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_channels(input, self.num_features)
+        activation = None if self._variant == "s0" else self.act
+        return F._evo_norm_s(self._variant, input, self.groups, self.weight, self.bias, self.v, activation, self.eps,
+                             self.apply_act, self._always_normalize)
+
+
+_S_DOC = r"""
+    The group statistic is taken per sample over ``C/groups`` consecutive channels and all of H, W, with the biased
+    variance, in fp32 (fp64 for fp64 input); the output has the input's dtype. Batch-independent: training and eval
+    are the same and there are no buffers.
+
+    Args:
+        num_features (int): :math:`C`, the number of channels.
+        groups (int): the number of channel groups; must divide ``num_features`` (timm's rule, no TF-style
+            decrement). Default: ``32``.
+        group_size (int, optional): channels per group; when given it overrides ``groups`` with
+            ``num_features // group_size`` and must divide ``num_features``. Default: ``None``.
+        apply_act (bool): see above for what ``False`` means. Default: ``True``.
+"""
+
+_S_ACT_DOC = r"""        act_layer (optional): the nonlinearity ``a``, held as the submodule ``act``: an ``nn.Module`` class or
+            zero-argument factory, or one of the names ``"silu"``/``"swish"``, ``"relu"``, ``"gelu"``, ``"mish"``,
+            ``"sigmoid"``, ``"tanh"``, ``"identity"``. ``None`` is SiLU. It is applied to the fp32 (fp64) tensor.
+            Default: ``None``.
+"""
+
+_S_TAIL_DOC = r"""        eps (float): added inside the square root of the group statistic. Default: see above.
+        device, dtype (keyword-only): factory kwargs for the parameters.
+
+    Parameters (timm's names): ``weight`` :math:`\gamma` (ones), ``bias`` :math:`\beta` (zeros), each ``(C,)``.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`
+        - Output: :math:`(N, C, H, W)` (same shape and dtype as the input)
+"""
+
+@_append_doc(_S_DOC, _S_TAIL_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dS0(64, groups=8)
+        >>> y = norm(torch.randn(1, 64, 32, 32))
+""")
+class EvoNorm2dS0(_EvoNorm2dS):
+    r"""EvoNorm-S0 (Liu et al., "Evolving Normalization-Activation Layers", NeurIPS 2020), as timm's class.
+
+    .. math:: y = \frac{x \cdot \mathrm{sigmoid}(v x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
+
+    ``v`` (ones, ``(C,)``) is a parameter only with ``apply_act=True``; ``apply_act=False`` is affine only
+    (``y = x·γ + β``), as TF's ``nonlinearity=False``. ``eps`` defaults to ``1e-5``.
+    """
+
+    _variant = "s0"
+    _always_normalize = False
+
+    def __init__(self, num_features: int, groups: int = 32, group_size: Optional[int] = None, apply_act: bool = True,
+                 eps: float = 1e-5, *, device=None, dtype=None) -> None:
+        super().__init__(num_features, groups, group_size, apply_act, None, eps, device=device, dtype=dtype)
+
+
+@_append_doc(_S_DOC, _S_TAIL_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dS0a(64, group_size=16)
+        >>> y = norm(torch.randn(1, 64, 32, 32))
+""")
+class EvoNorm2dS0a(_EvoNorm2dS):
+    r"""timm's EvoNorm-S0a: EvoNorm-S0 with ``eps=1e-3`` whose ``apply_act=False`` still normalizes (timm-only).
+
+    .. math::
+        y = \frac{x \cdot \mathrm{sigmoid}(v x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
+        \quad\text{or, with apply\_act=False,}\quad
+        y = \frac{x}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
+
+    ``v`` (ones, ``(C,)``) is a parameter only with ``apply_act=True``. ``eps`` defaults to ``1e-3``.
+    """
+
+    _variant = "s0"
+    _always_normalize = True
+
+    def __init__(self, num_features: int, groups: int = 32, group_size: Optional[int] = None, apply_act: bool = True,
+                 eps: float = 1e-3, *, device=None, dtype=None) -> None:
+        super().__init__(num_features, groups, group_size, apply_act, None, eps, device=device, dtype=dtype)
+
+
+@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dS1(64, groups=8)
+        >>> y = norm(torch.randn(1, 64, 32, 32))
+""")
+class EvoNorm2dS1(_EvoNorm2dS):
+    r"""EvoNorm-S1, as timm's class (spec §4.1).
+
+    .. math:: y = \frac{a(x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
+
+    ``a`` is ``act_layer`` (SiLU by default); the denominator is a statistic of ``x``, not of ``a(x)``.
+    ``apply_act=False`` is affine only. ``eps`` defaults to ``1e-5``.
+    """
+
+    _variant = "s1"
+    _always_normalize = False
+
+    def __init__(self, num_features: int, groups: int = 32, group_size: Optional[int] = None, apply_act: bool = True,
+                 act_layer: ActLayer = None, eps: float = 1e-5, *, device=None, dtype=None) -> None:
+        super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
+
+
+@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dS1a(64, groups=8)
+        >>> y = norm(torch.randn(1, 64, 32, 32))
+""")
+class EvoNorm2dS1a(_EvoNorm2dS):
+    r"""timm's EvoNorm-S1a: EvoNorm-S1 with ``eps=1e-3`` whose ``apply_act=False`` still normalizes, without ``a``
+    (timm-only).
+
+    .. math:: y = \frac{a(x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
+
+    with ``a`` the identity when ``apply_act=False``. ``eps`` defaults to ``1e-3``.
+    """
+
+    _variant = "s1"
+    _always_normalize = True
+
+    def __init__(self, num_features: int, groups: int = 32, group_size: Optional[int] = None, apply_act: bool = True,
+                 act_layer: ActLayer = None, eps: float = 1e-3, *, device=None, dtype=None) -> None:
+        super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
+
+
+@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dS2(64, groups=8)
+        >>> y = norm(torch.randn(1, 64, 32, 32))
+""")
+class EvoNorm2dS2(_EvoNorm2dS):
+    r"""EvoNorm-S2, as timm's class (spec §4.1).
+
+    .. math:: y = \frac{a(x)}{\sqrt{\mathrm{mean}_{g,h,w}(x^2) + \epsilon}} \cdot \gamma + \beta
+
+    the group RMS of ``x`` (not its variance); ``a`` is ``act_layer`` (SiLU by default). ``apply_act=False`` is
+    affine only. ``eps`` defaults to ``1e-5``.
+    """
+
+    _variant = "s2"
+    _always_normalize = False
+
+    def __init__(self, num_features: int, groups: int = 32, group_size: Optional[int] = None, apply_act: bool = True,
+                 act_layer: ActLayer = None, eps: float = 1e-5, *, device=None, dtype=None) -> None:
+        super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
+
+
+@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+    Examples::
+
+        >>> norm = normlayers.EvoNorm2dS2a(64, groups=8)
+        >>> y = norm(torch.randn(1, 64, 32, 32))
+""")
+class EvoNorm2dS2a(_EvoNorm2dS):
+    r"""timm's EvoNorm-S2a: EvoNorm-S2 with ``eps=1e-3`` whose ``apply_act=False`` still normalizes, without ``a``
+    (timm-only).
+
+    .. math:: y = \frac{a(x)}{\sqrt{\mathrm{mean}_{g,h,w}(x^2) + \epsilon}} \cdot \gamma + \beta
+
+    with ``a`` the identity when ``apply_act=False``. ``eps`` defaults to ``1e-3``.
+    """
+
+    _variant = "s2"
+    _always_normalize = True
+
+    def __init__(self, num_features: int, groups: int = 32, group_size: Optional[int] = None, apply_act: bool = True,
+                 act_layer: ActLayer = None, eps: float = 1e-3, *, device=None, dtype=None) -> None:
+        super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
