@@ -1,0 +1,130 @@
+"""Plain-PyTorch reference of Batch-Channel Normalization (BCN): the ground truth the kernels are tested against.
+
+Spec B §2, which follows the official code (joe-siyuan-qiao/Batch-Channel-Normalization @ 0244c3e, README ``BCNorm``
+and ``EstBN``). For an input ``x`` of shape ``(N, C, H, W)`` and ``G`` groups:
+
+1. **Batch stage**, per channel ``c``: ``y = (x − μ_c) / sqrt(σ²_c + bn_eps) · γ_c + β_c`` where ``(μ, σ²)`` are
+
+   * training, ``estimate=False``: the batch mean and biased batch variance over ``(N, H, W)``, with gradient
+     (``F.batch_norm(training=True)``); the running statistics are updated with the *unbiased* variance;
+   * eval, ``estimate=False``: the running statistics;
+   * ``estimate=True`` (EstBN, spec §2.2): the running estimates, first updated (training only, outside autograd) at
+     the rate ``r``, then used to normalize the current batch.
+
+2. **Channel stage**, per sample ``n`` and group ``g``: GroupNorm without affine (biased variance, ``eps`` inside the
+   sqrt), the same in training and eval (spec §2.1 step 2).
+
+3. **Group affine**: one scalar ``weight_g``, ``bias_g`` per group (spec §2.1 step 3), not per channel.
+
+Written for reading, not speed. Arithmetic is in the "opmath" dtype (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64);
+the output is rounded once, to the input's dtype. Gradients come from autograd, so they are an independent check of
+hand-written backward kernels. Argument checks live in :mod:`normlayers.functional`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_channel_norm", "batch_stage_statistics"]
+
+# Reduction dims of the batch stage (every dim but channels) and the broadcast shape of a per-channel vector.
+_BATCH_DIMS = (0, 2, 3)
+_PER_CHANNEL = (1, -1, 1, 1)
+
+
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _update_running_(buffer: Tensor, value: Tensor, rate: Union[float, Tensor]) -> None:
+    """``buffer ← (1 − rate)·buffer + rate·value`` in place, computed in ``value``'s (opmath) dtype and stored in the
+    buffer's dtype. ``rate`` may be a tensor (EstBN's ``estbn_moving_speed`` buffer, or ``1/num_batches_tracked``), so
+    nothing is read back to the host."""
+    buffer.copy_(buffer.to(value.dtype) * (1 - rate) + value * rate)
+
+
+@torch.no_grad()
+def _estimate_update_(x: Tensor, running_mean: Tensor, running_var: Tensor, rate: Union[float, Tensor]) -> None:
+    """EstBN's training-time update (spec §2.2): the variance is centred at the *old* estimate of the mean, biased,
+    and both estimates move at rate ``r``; there is no Bessel correction."""
+    batch_mean = x.mean(_BATCH_DIMS)
+    centred_at_old = (x - running_mean.to(x.dtype).view(_PER_CHANNEL)).square().mean(_BATCH_DIMS)
+    _update_running_(running_mean, batch_mean, rate)
+    _update_running_(running_var, centred_at_old, rate)
+
+
+def batch_stage_statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
+                           training: bool, momentum: Optional[float], estimate: bool = False,
+                           estimate_rate: Union[float, Tensor] = 0.0,
+                           num_batches_tracked: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(mean, var)`` that normalize ``x`` (already in opmath) in the batch stage, shapes ``(C,)``.
+
+    Updates the running buffers in place, as ``F.batch_norm`` does, when ``training``:
+
+    * ``estimate=False``: PyTorch's BatchNorm semantics (spec §2.3 table): ``num_batches_tracked += 1``; the rate is
+      ``momentum``, or ``1 / num_batches_tracked`` (a cumulative average) when ``momentum is None``; the running
+      variance receives the unbiased batch variance ``var · n/(n − 1)``, ``n = N·H·W``. The returned statistics are
+      the batch's own (biased variance) and carry gradient.
+    * ``estimate=True``: :func:`_estimate_update_` at ``estimate_rate``; the returned statistics are the *updated*
+      estimates, without gradient. ``num_batches_tracked`` is left alone (the official EstBN never uses it).
+    """
+    if training and not estimate:
+        mean = x.mean(_BATCH_DIMS)
+        var = (x - mean.view(_PER_CHANNEL)).square().mean(_BATCH_DIMS)
+        if running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+                rate = (1.0 / num_batches_tracked) if momentum is None else momentum
+                count = x.numel() // x.shape[1]
+                _update_running_(running_mean, mean.detach(), rate)
+                _update_running_(running_var, var.detach() * (count / (count - 1)), rate)
+        return mean, var
+    if training:
+        _estimate_update_(x.detach(), running_mean, running_var, estimate_rate)
+    return running_mean.to(x.dtype), running_var.to(x.dtype)
+
+
+def _group_affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: tuple[int, ...]) -> Tensor:
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return y
+
+
+def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], *, training: bool, momentum: Optional[float], eps: float,
+                       num_groups: int, bn_eps: float = 1e-5, estimate: bool = False,
+                       estimate_rate: Union[float, Tensor] = 0.0,
+                       num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """BCN of a 4-D ``x``: batch stage, then per-(sample, group) standardization, then the group affine (spec §2.1).
+
+    ``bn_weight``/``bn_bias`` are per channel ``(C,)``; ``weight``/``bias`` hold one value per group (any shape with
+    ``G`` elements, officially ``(1, G, 1)``). ``eps`` belongs to the channel stage, ``bn_eps`` to the batch stage.
+    Running buffers are updated in place (see :func:`batch_stage_statistics`). Output: ``x``'s dtype and shape, in
+    channels-last memory format when ``x`` is channels-last.
+    """
+    xf = x.to(_opmath_dtype(x.dtype))
+    mean, var = batch_stage_statistics(xf, running_mean, running_var, training=training, momentum=momentum,
+                                       estimate=estimate, estimate_rate=estimate_rate,
+                                       num_batches_tracked=num_batches_tracked)
+    y = (xf - mean.view(_PER_CHANNEL)) * torch.rsqrt(var.view(_PER_CHANNEL) + bn_eps)
+    y = _group_affine(y, bn_weight, bn_bias, _PER_CHANNEL)
+
+    # Channel stage: the channels of group g are the contiguous block g·C/G … (g+1)·C/G − 1 (spec §2.3), so a
+    # reshape to (N, G, C/G·H·W) puts each (sample, group) slice in one row.
+    groups = y.reshape(x.shape[0], num_groups, -1)
+    group_mean = groups.mean(-1, keepdim=True)
+    group_var = (groups - group_mean).square().mean(-1, keepdim=True)
+    z = (groups - group_mean) * torch.rsqrt(group_var + eps)
+    z = _group_affine(z, weight, bias, (1, num_groups, 1))
+
+    out = z.reshape(x.shape).to(x.dtype)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
