@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of Weight Standardization (WS) and Scaled WS: the ground truth the kernels are tested against.
+"""Plain-PyTorch reference of Weight Standardization (WS) and Scaled WS: the ground truth of the tests.
 
 Each output filter ``W[o]`` of a conv weight of shape ``(O, I_g, kh, kw)`` is standardized over its fan-in
 ``I = I_g·kh·kw`` (spec B §1.1): ``Ŵ[o] = (W[o] − mean(W[o])) / D_o``, where the denominator ``D_o`` is what the
