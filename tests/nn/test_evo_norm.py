@@ -263,6 +263,14 @@ def test_s_layers_are_batch_independent(name):
     assert_close(layer(x[1:2]), y_train[1:2])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_batch(name):
+    """N = 0: an empty output of the right shape (eval for B; in training B raises, as for N·H·W = 1 below)."""
+    layer, _ = make_layer(name, 8, groups=4)
+    y = layer.eval()(torch.randn(0, 8, 3, 3))
+    assert y.shape == (0, 8, 3, 3)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Reductions to torch built-ins
 # ----------------------------------------------------------------------------------------------------------------------

@@ -58,11 +58,16 @@ def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tens
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _biased_var(t: Tensor, dims: tuple[int, ...], keepdim: bool = False) -> Tensor:
+    """``mean((t − mean(t))²)`` over ``dims``: the centred two-pass form (never ``E[t²] − E[t]²``)."""
+    centred = t - t.mean(dim=dims, keepdim=True)
+    return centred.square().mean(dim=dims, keepdim=keepdim)
+
+
 def batch_variance(xf: Tensor) -> Tensor:
     """Biased variance of each channel over (N, H, W), shape ``(C,)``; keeps the graph (spec §4.1: training uses the
     batch variance *with* gradient)."""
-    mean = xf.mean(dim=(0, 2, 3), keepdim=True)
-    return (xf - mean).square().mean(dim=(0, 2, 3))
+    return _biased_var(xf, (0, 2, 3))
 
 
 def update_running_var_(running_var: Tensor, batch_var: Tensor, count: int, momentum: float) -> None:
@@ -80,8 +85,7 @@ def update_running_var_(running_var: Tensor, batch_var: Tensor, count: int, mome
 
 def instance_std(xf: Tensor, eps: float) -> Tensor:
     """``sqrt(s2_{h,w}(x) + eps)`` per (sample, channel), shape ``(N, C, 1, 1)``."""
-    var = torch.var(xf, dim=(2, 3), correction=0, keepdim=True)
-    return torch.sqrt(var + eps)
+    return torch.sqrt(_biased_var(xf, (2, 3), keepdim=True) + eps)
 
 
 def instance_rms(xf: Tensor, eps: float) -> Tensor:
@@ -92,14 +96,14 @@ def instance_rms(xf: Tensor, eps: float) -> Tensor:
 def _per_group(stat: Callable[[Tensor], Tensor], xf: Tensor, groups: int) -> Tensor:
     """Apply ``stat`` over each group's ``C/groups · H · W`` values and spread the result back to every channel of
     the group: shape ``(N, C, 1, 1)``."""
-    n, c = xf.shape[:2]
-    per_group = stat(xf.reshape(n, groups, -1))  # (N, G)
+    n, c, h, w = xf.shape
+    per_group = stat(xf.reshape(n, groups, c // groups * h * w))  # (N, G); explicit size: N may be 0
     return per_group.repeat_interleave(c // groups, dim=1).view(n, c, 1, 1)
 
 
 def group_std(xf: Tensor, groups: int, eps: float) -> Tensor:
     """``sqrt(s2_{c∈group,h,w}(x) + eps)`` per (sample, group), spread to ``(N, C, 1, 1)``."""
-    return _per_group(lambda g: torch.sqrt(torch.var(g, dim=-1, correction=0) + eps), xf, groups)
+    return _per_group(lambda g: torch.sqrt(_biased_var(g, (-1,)) + eps), xf, groups)
 
 
 def group_rms(xf: Tensor, groups: int, eps: float) -> Tensor:
@@ -132,7 +136,7 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
         if training:
             var = batch_variance(xf)
             if running_var is not None:
-                update_running_var_(running_var, var, x.numel() // x.shape[1], momentum)
+                update_running_var_(running_var, var, x.shape[0] * x.shape[2] * x.shape[3], momentum)
         else:
             var = running_var.to(xf.dtype)
         left = torch.sqrt(var + eps).view(1, -1, 1, 1)
