@@ -2,14 +2,42 @@
 
 from normlayers import functional
 from normlayers.backend import backend, get_backend, set_backend
-from normlayers.nn import CRMSNorm, LayerNorm, RMSNorm
+from normlayers.nn import (
+    BatchChannelNorm2d,
+    CRMSNorm,
+    EvoNorm2dB0,
+    EvoNorm2dB1,
+    EvoNorm2dB2,
+    EvoNorm2dS0,
+    EvoNorm2dS0a,
+    EvoNorm2dS1,
+    EvoNorm2dS1a,
+    EvoNorm2dS2,
+    EvoNorm2dS2a,
+    LayerNorm,
+    RMSNorm,
+    ScaledWSConv2d,
+    WSConv2d,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchChannelNorm2d",
     "CRMSNorm",
+    "EvoNorm2dB0",
+    "EvoNorm2dB1",
+    "EvoNorm2dB2",
+    "EvoNorm2dS0",
+    "EvoNorm2dS0a",
+    "EvoNorm2dS1",
+    "EvoNorm2dS1a",
+    "EvoNorm2dS2",
+    "EvoNorm2dS2a",
     "LayerNorm",
     "RMSNorm",
+    "ScaledWSConv2d",
+    "WSConv2d",
     "backend",
     "functional",
     "get_backend",

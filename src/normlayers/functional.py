@@ -8,16 +8,40 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from normlayers.backend import use_triton
 from normlayers.ops import row_norms as _ops_row
+from normlayers.reference import batch_channel as _ref_batch_channel
+from normlayers.reference import evo_norm as _ref_evo
 from normlayers.reference import row_norms as _ref_row
+from normlayers.reference import weight_std as _ref_ws
 
-__all__ = ["layer_norm", "rms_norm", "crms_norm", "add_layer_norm", "add_rms_norm", "add_crms_norm"]
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "crms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "add_crms_norm",
+    "batch_channel_norm",
+    "weight_standardize",
+    "scaled_weight_standardize",
+    "ws_conv2d",
+    "scaled_ws_conv2d",
+    "evo_norm2d_b0",
+    "evo_norm2d_b1",
+    "evo_norm2d_b2",
+    "evo_norm2d_s0",
+    "evo_norm2d_s0a",
+    "evo_norm2d_s1",
+    "evo_norm2d_s1a",
+    "evo_norm2d_s2",
+    "evo_norm2d_s2a",
+]
 
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -207,3 +231,506 @@ def add_crms_norm(x: Tensor, residual: Tensor, normalized_shape: _ShapeLike, wei
     """Fused ``h = x + residual; return crms_norm(h), h``; see :func:`add_layer_norm` and :func:`crms_norm`."""
     shape = _check_row_norm_args(x, normalized_shape, weight, None, 0.0 if eps is None else eps, residual)
     return _row_norm("crms", x, shape, weight, None, _resolve_rms_eps(eps, x.dtype), residual, residual_in_fp32, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batch-Channel Normalization
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_unit_interval(name: str, value: object) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_epsilon(name: str, value: object) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    return float(value)
+
+
+def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], weight: Optional[Tensor],
+                              bias: Optional[Tensor],
+                              training: bool, momentum: Optional[float], eps: float, bn_eps: float, num_groups: int,
+                              estimate: bool, estimate_rate: Union[float, Tensor],
+                              num_batches_tracked: Optional[Tensor]) -> None:
+    per_channel = {"running_mean": running_mean, "running_var": running_var, "bn_weight": bn_weight,
+                   "bn_bias": bn_bias}
+    per_group = {"weight": weight, "bias": bias}
+    _check_float_tensor("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {list(input.shape)}")
+    channels = input.shape[1]
+    if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool) or num_groups <= 0:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    for name, t in per_channel.items():
+        if t is not None and tuple(_check_float_tensor(name, t).shape) != (channels,):
+            raise ValueError(f"input (N, C, H, W) and {name} (C,) must agree on C = num_channels; got input of shape "
+                             f"{list(input.shape)} and {name} of shape {list(t.shape)}")
+    if channels % num_groups != 0:
+        raise ValueError(f"num_groups ({num_groups}) must divide the number of channels (num_channels = input.shape[1]"
+                         f" = {channels}); input has shape {list(input.shape)}")
+    for name, t in per_group.items():
+        if t is not None and _check_float_tensor(name, t).numel() != num_groups:
+            raise ValueError(f"{name} must hold one value per group (num_groups = {num_groups}; officially of shape "
+                             f"(1, {num_groups}, 1)), got {name} of shape {list(t.shape)}")
+    for name, t in {**per_channel, **per_group, "num_batches_tracked": num_batches_tracked}.items():
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if running_mean is None and (estimate or not training):
+        raise ValueError("running_mean and running_var are required in eval mode and with estimate=True "
+                         "(only training=True, estimate=False may run on batch statistics alone)")
+    if training and not estimate and input.numel() // channels == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training (N·H·W = 1 for input of shape "
+                         f"{list(input.shape)}): the batch stage's variance is undefined, as in torch.nn.BatchNorm2d;"
+                         " use estimate=True or eval mode for single values")
+    if momentum is None:
+        if training and not estimate and running_mean is not None and num_batches_tracked is None:
+            raise ValueError("momentum=None (a cumulative average of the batch statistics) needs num_batches_tracked")
+    else:
+        _check_unit_interval("momentum", momentum)
+    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
+                                            or num_batches_tracked.dtype.is_floating_point):
+        raise TypeError(f"num_batches_tracked must be a one-element integer tensor, got {num_batches_tracked.dtype} "
+                        f"of shape {list(num_batches_tracked.shape)}")
+    if isinstance(estimate_rate, Tensor):
+        # A tensor rate (the module's estbn_moving_speed buffer) is not range-checked: that would read it back to
+        # the host on every call.
+        if estimate_rate.numel() != 1 or not estimate_rate.dtype.is_floating_point:
+            raise TypeError(f"estimate_rate must be a float or a one-element floating tensor, got "
+                            f"{estimate_rate.dtype} of shape {list(estimate_rate.shape)}")
+    else:
+        _check_unit_interval("estimate_rate", estimate_rate)
+    _check_epsilon("eps", eps)
+    _check_epsilon("bn_eps", bn_eps)
+
+
+def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                       weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                       momentum: Optional[float] = 0.1, eps: float = 1e-5, num_groups: int = 32,
+                       bn_eps: float = 1e-5, *, estimate: bool = False, estimate_rate: Union[float, Tensor] = 0.0,
+                       num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    r"""Batch-Channel Normalization (Qiao et al.; spec B §2): a batch stage, then GroupNorm, then a group affine.
+
+    .. math::
+        u = \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon_{bn}}} \cdot \gamma^{bn}_c + \beta^{bn}_c, \qquad
+        y = \frac{u - \mathrm{E}_{n,g}[u]}{\sqrt{\mathrm{Var}_{n,g}[u] + \epsilon}} \cdot \gamma_g + \beta_g
+
+    where ``(μ_c, σ²_c)`` are the batch statistics over ``(N, H, W)`` in training and ``running_mean``/``running_var``
+    in eval, as :func:`torch.nn.functional.batch_norm`; with ``estimate=True`` they are the running *estimates*
+    (EstBN), first moved towards the batch at ``estimate_rate`` in training (variance centred at the old mean estimate,
+    no gradient through them). ``E_{n,g}``/``Var_{n,g}`` (biased) run over each sample's group of ``C/G`` contiguous
+    channels and ``H·W`` positions, in training and eval alike. Statistics in fp32 (fp64 for fp64 input); the output
+    has the input's dtype.
+
+    Args:
+        input: ``(N, C, H, W)``.
+        running_mean, running_var: ``(C,)`` buffers, updated in place in training (see below). May be ``None`` only
+            with ``training=True, estimate=False``.
+        bn_weight, bn_bias: the batch stage's per-channel affine, ``(C,)`` (the official ``bn.weight``/``bn.bias``).
+        weight, bias: the per-group affine, ``G`` values (officially of shape ``(1, G, 1)``).
+        training: batch statistics (and running updates) when ``True``. Default: ``False``.
+        momentum: the running-statistics rate, as ``F.batch_norm``; ``None`` is a cumulative average
+            (needs ``num_batches_tracked``). Unused with ``estimate=True``. Default: ``0.1``.
+        eps: the channel (group) stage's epsilon. Default: ``1e-5``.
+        num_groups: ``G``; must divide ``C``. Default: ``32``.
+        bn_eps: the batch stage's epsilon. Default: ``1e-5``.
+        estimate: EstBN instead of BatchNorm in the batch stage (spec §2.2). Default: ``False``.
+        estimate_rate: EstBN's update rate ``r`` (a float in [0, 1], or a one-element tensor such as the official
+            ``estbn_moving_speed`` buffer). Default: ``0.0``, which freezes the estimates (the official default).
+        num_batches_tracked: incremented in place in training with ``estimate=False``, as ``nn.BatchNorm2d`` does.
+
+    Running updates (training): with ``estimate=False``, ``running ← (1 − m)·running + m·batch`` with the unbiased
+    batch variance (PyTorch semantics); with ``estimate=True``, ``mean ← (1 − r)·mean + r·E[x]`` and
+    ``var ← (1 − r)·var + r·E[(x − mean_old)²]``. All on device, computed in fp32, stored in the buffers' dtype.
+    """
+    _check_batch_channel_args(input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training, momentum,
+                              eps, bn_eps, num_groups, estimate, estimate_rate, num_batches_tracked)
+    # No Triton kernel yet for this family (issue 3): the reference runs on every device.
+    return _ref_batch_channel.batch_channel_norm(
+        input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
+        eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
+        num_batches_tracked=num_batches_tracked)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weight Standardization
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+_IntOrPair = Union[int, tuple[int, int]]
+
+# Biased variance, eps inside the square root: the paper's v2 formula, which the authors agreed is the safe placement
+# (WeightStandardization#1, #16: eps outside gives NaN gradients and fp16 NaNs) and what timm's StdConv2d computes.
+# The authors' released layer is variant="qiao" (spec B §1.2, §1.7).
+WS_DEFAULT_VARIANT = "timm"
+
+
+def _ws_variant(variant: object) -> _ref_ws.WSVariant:
+    if not isinstance(variant, str) or variant not in _ref_ws.WS_VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(_ref_ws.WS_VARIANTS)}, got {variant!r}")
+    return _ref_ws.WS_VARIANTS[variant]
+
+
+def _check_ws_eps(eps: object) -> float:
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+    return float(eps)
+
+
+def _check_ws_finite(name: str, value: object) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_ws_weight(weight: Tensor, correction: int, variant: str) -> None:
+    """``variant`` names the variant in the error for ``correction`` = 1 (unused for the biased ones)."""
+    _check_float_tensor("weight", weight)
+    if weight.dim() < 2:
+        raise ValueError(f"weight must have at least 2 dims (out_channels, in_channels / groups, *kernel_size), got "
+                         f"shape {list(weight.shape)}")
+    fan_in = _ref_ws.fan_in(weight)
+    if fan_in == 0:
+        raise ValueError(f"weight has no elements per output filter (shape {list(weight.shape)}): nothing to "
+                         "standardize")
+    if fan_in <= correction:
+        # spec B §1.6: the unbiased std of a single element divides by I − 1 = 0
+        raise ValueError(f"variant {variant!r} divides the variance by fan_in - 1, which is 0 for a weight of shape "
+                         f"{list(weight.shape)} (fan_in = in_channels / groups * kh * kw = {fan_in}); use a biased "
+                         "variant ('timm' or 'bit'), which standardizes such a filter to 0")
+
+
+def _check_ws_gain(gain: Tensor, weight: Tensor) -> None:
+    _check_float_tensor("gain", gain)
+    if gain.numel() != weight.shape[0] or (gain.dim() > 1 and gain.shape[0] != weight.shape[0]):
+        raise ValueError(f"gain must hold one value per output filter, of shape (out_channels, 1, 1, 1) or "
+                         f"(out_channels,) = ({weight.shape[0]},); got gain of shape {list(gain.shape)}")
+    if gain.device != weight.device:
+        raise ValueError(f"gain is on {gain.device} but weight is on {weight.device}")
+
+
+def _check_conv_input(input: Tensor, weight: Tensor, groups: int) -> None:
+    _check_float_tensor("input", input)
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W), got {input.dim()}-D input of "
+                         f"shape {list(input.shape)}")
+    channels = weight.shape[1] * groups
+    if input.shape[-3] != channels:
+        raise ValueError(f"input must have in_channels = {channels} channels (dim -3 of (N, C, H, W)), got input of "
+                         f"shape {list(input.shape)}")
+
+
+def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: str = WS_DEFAULT_VARIANT) -> Tensor:
+    r"""Weight Standardization (Qiao et al., arXiv 1903.10520; spec B §1) of a conv weight ``(O, I_g, *kernel)``.
+
+    Each output filter is standardized over its fan-in ``I = I_g·prod(kernel)``:
+
+    .. math::
+        \hat W_o = \frac{W_o - \mu_o}{D_o}, \qquad
+        D_o = \begin{cases} \sqrt{\sigma_o^2 + \epsilon} & \text{eps inside} \\
+                            \sigma_o + \epsilon & \text{eps outside} \end{cases}
+
+    The published implementations differ in ``σ²`` (biased ``/I`` or unbiased ``/(I − 1)``), in where ``eps`` goes
+    and in its value (spec B §1.2); ``variant`` names them:
+
+    * ``"qiao"``: unbiased, eps outside, ``1e-5``: the WS README layer and its GN+WS checkpoints.
+    * ``"qiao_bcn"``: unbiased, eps inside, ``1e-5``: the WS conv of the BCN ImageNet models.
+    * ``"timm"`` (the default): biased, eps inside, ``1e-6``: timm's ``StdConv2d``; the paper's v2 formula.
+    * ``"bit"``: biased, eps inside, ``1e-10``: BiT's official code (timm's BiT models pass ``eps=1e-8``).
+
+    Statistics in fp32 (fp64 for fp64 weights); the result has the weight's dtype. Works for any weight with an
+    output dim first (Conv1d/2d/3d, Linear).
+
+    Args:
+        weight: ``(O, ...)``, floating.
+        eps: ``None`` takes the variant's. Default: ``None``.
+        variant: see the table. Default: ``"timm"`` (:data:`WS_DEFAULT_VARIANT`).
+
+    A fan-in of 1 (e.g. a depthwise 1x1 conv) is rejected by the unbiased variants (``I − 1 = 0``); the biased ones
+    standardize such a filter to 0 (spec B §1.6).
+    """
+    spec = _ws_variant(variant)
+    _check_ws_weight(weight, spec.correction, variant)
+    eps = spec.eps if eps is None else _check_ws_eps(eps)
+    return _ref_ws.weight_standardize(weight, correction=spec.correction, eps_inside=spec.eps_inside, eps=eps)
+
+
+def scaled_weight_standardize(weight: Tensor, gain: Optional[Tensor] = None, gamma: float = 1.0,
+                              eps: float = 1e-6) -> Tensor:
+    r"""Scaled Weight Standardization (NF-ResNets / NFNets, Brock et al.; spec B §1.4), as timm's ``ScaledStdConv2d``:
+
+    .. math:: \hat W_o = g_o \cdot \frac{\gamma}{\sqrt{I}} \cdot \frac{W_o - \mu_o}{\sqrt{\sigma_o^2 + \epsilon}}
+
+    with the biased variance over each filter's fan-in ``I``. Statistics in fp32 (fp64 for fp64 weights); the result
+    has the weight's dtype.
+
+    Args:
+        weight: ``(O, ...)``, floating.
+        gain: the learnable per-filter gain ``g``, ``(O, 1, 1, 1)`` or ``(O,)``; ``None`` means 1. Default: ``None``.
+        gamma: the activation's variance-preserving constant (e.g. 1.7139588594436646 for ReLU). Default: ``1.0``.
+        eps: added to the variance. Default: ``1e-6`` (timm's; timm's NFNet configs pass 1e-5).
+    """
+    _check_ws_weight(weight, 0, "")
+    if gain is not None:
+        _check_ws_gain(gain, weight)
+    return _ref_ws.weight_standardize(weight, correction=0, eps_inside=True, eps=_check_ws_eps(eps), gain=gain,
+                                      scale=_ref_ws.fan_in_scale(weight, _check_ws_finite("gamma", gamma)))
+
+
+def ws_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntOrPair = 1,
+              padding: Union[str, _IntOrPair] = 0, dilation: _IntOrPair = 1, groups: int = 1, *,
+              eps: Optional[float] = None, variant: str = WS_DEFAULT_VARIANT) -> Tensor:
+    """:func:`torch.nn.functional.conv2d` with the weight standardized by :func:`weight_standardize` first.
+
+    ``input`` is ``(N, C, H, W)`` or unbatched ``(C, H, W)`` with ``C = weight.shape[1] * groups``.
+    """
+    standardized = weight_standardize(weight, eps, variant=variant)
+    _check_conv_input(input, weight, groups)
+    return torch.nn.functional.conv2d(input, standardized, bias, stride, padding, dilation, groups)
+
+
+def scaled_ws_conv2d(input: Tensor, weight: Tensor, gain: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                     stride: _IntOrPair = 1, padding: Union[str, _IntOrPair] = 0, dilation: _IntOrPair = 1,
+                     groups: int = 1, *, gamma: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """:func:`torch.nn.functional.conv2d` with the weight standardized by :func:`scaled_weight_standardize` first."""
+    standardized = scaled_weight_standardize(weight, gain, gamma, eps)
+    _check_conv_input(input, weight, groups)
+    return torch.nn.functional.conv2d(input, standardized, bias, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EvoNorm
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _evo_check_args(input: Tensor, per_channel: dict[str, Optional[Tensor]], eps: float, *,
+                    groups: Optional[int] = None, momentum: Optional[float] = None) -> None:
+    _check_float_tensor("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {list(input.shape)}")
+    channels = input.shape[1]
+    for name, t in per_channel.items():
+        if t is None:
+            continue
+        _check_float_tensor(name, t)
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"{name} must have shape (C,) = ({channels},), the channel count of input (N, C, H, W) = "
+                             f"{list(input.shape)}; got {name} of shape {list(t.shape)}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if groups is not None:
+        if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        if channels % groups != 0:
+            raise ValueError(f"groups ({groups}) must divide the number of channels (C = input.shape[1] = {channels}); "
+                             f"input has shape {list(input.shape)}")
+    _evo_check_scalars(eps, momentum)
+
+
+def _evo_check_scalars(eps: float, momentum: Optional[float] = None) -> None:
+    """``eps`` finite and ≥ 0; ``momentum`` (when given) in [0, 1]. Also used by the modules' constructors."""
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+    if momentum is not None and (not isinstance(momentum, numbers.Real) or isinstance(momentum, bool)
+                                 or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+
+
+def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
+                bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
+                apply_act: bool) -> Tensor:
+    """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the reference."""
+    _evo_check_args(input, {"running_var": running_var, "weight": weight, "bias": bias, "v": v}, eps,
+                    momentum=momentum)
+    if apply_act:
+        if variant == "b0" and v is None:
+            raise ValueError("evo_norm2d_b0 with apply_act=True needs v, the (C,) parameter of its nonlinearity")
+        if running_var is None and not training:
+            raise ValueError("running_var is required in eval mode (training=False): it is the variance used")
+        values_per_channel = input.shape[0] * input.shape[2] * input.shape[3]
+        if training and running_var is not None and values_per_channel <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training (N·H·W = {values_per_channel} for "
+                             f"input of shape {list(input.shape)}): the running-variance update divides by N·H·W − 1, "
+                             "as torch.nn.BatchNorm2d refuses to")
+    # No Triton kernel yet for this family (issue 3): the reference runs on every device.
+    return _ref_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
+                               momentum=float(momentum), eps=float(eps), apply_act=apply_act)
+
+
+def _evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float, apply_act: bool,
+                always_normalize: bool) -> Tensor:
+    """The S sub-family (``variant`` in ``"s0"``, ``"s1"``, ``"s2"``; ``always_normalize`` for timm's "a"
+    variants): checks, then the reference."""
+    _evo_check_args(input, {"weight": weight, "bias": bias, "v": v}, eps, groups=groups)
+    if apply_act and variant == "s0" and v is None:
+        raise ValueError("evo_norm2d_s0/s0a with apply_act=True need v, the (C,) parameter of their nonlinearity")
+    if activation is not None and not callable(activation):
+        raise TypeError(f"activation must be a callable (Tensor -> Tensor) or None, got {type(activation).__name__}")
+    # No Triton kernel yet for this family (issue 3): the reference runs on every device.
+    return _ref_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
+                               eps=float(eps), apply_act=apply_act, always_normalize=always_normalize)
+
+
+def _evo_append_doc(*sections: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Append the Args sections the EvoNorm functional forms share to a function's own docstring."""
+    def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        fn.__doc__ = (fn.__doc__ or "") + "".join(sections)
+        return fn
+    return decorate
+
+
+_EVO_B_DOC = """
+    Args:
+        input: ``(N, C, H, W)``, any float dtype; statistics in fp32 (fp64 for fp64 input), output in ``input``'s
+            dtype.
+        running_var: ``(C,)``, the running (unbiased) variance. Used in eval; updated in place in training as
+            ``running_var ← (1 − momentum)·running_var + momentum·var·n/(n − 1)`` with ``n = N·H·W`` (timm's rule,
+            spec B §4.3), which needs ``n > 1``. May be ``None`` in training (no update).
+        weight, bias: the ``(C,)`` affine ``γ``, ``β``. Default: ``None`` (none).
+        training: batch variance (with gradient) and the running update when ``True``. Default: ``False``.
+        momentum: the running-variance rate in [0, 1]. Default: ``0.1``.
+        eps: added inside every square root (both sides of the ``max``); its default is the layer's, above.
+        apply_act (keyword-only): ``False`` is affine only — no normalization, ``running_var`` untouched — as timm's
+            ``apply_act=False`` (and TF's ``nonlinearity=False``). Default: ``True``.
+
+    At an exact tie of the two sides of the ``max`` the gradient is split half/half, PyTorch's rule for
+    :func:`torch.maximum` (spec B §4.5).
+"""
+
+_EVO_S_DOC = """
+    Args:
+        input: ``(N, C, H, W)``, any float dtype; statistics in fp32 (fp64 for fp64 input), output in ``input``'s
+            dtype.
+        groups: the number of channel groups; must divide ``C``. Default: ``32``.
+        weight, bias: the ``(C,)`` affine ``γ``, ``β``. Default: ``None`` (none).
+        eps: added inside the square root of the group statistic; its default is the layer's, above.
+        apply_act (keyword-only): whether the nonlinearity is applied; see above for what ``False`` means.
+            Default: ``True``.
+"""
+
+_EVO_ACTIVATION_DOC = """        activation (keyword-only): the nonlinearity ``a``, a callable on the fp32 (fp64) tensor, or ``None`` for
+            the identity. Default: :func:`torch.nn.functional.silu`.
+"""
+
+
+@_evo_append_doc(_EVO_B_DOC)
+def evo_norm2d_b0(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, v: Optional[Tensor] = None, training: bool = False,
+                  momentum: float = 0.1, eps: float = 1e-3, *, apply_act: bool = True) -> Tensor:
+    r"""EvoNorm-B0 (Liu et al., NeurIPS 2020; spec B §4.1, timm's ``EvoNorm2dB0``):
+
+    .. math::
+        y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ v x + \sqrt{s^2_{h,w}(x) + \epsilon}\right)}
+            \cdot \gamma + \beta
+
+    ``σ²`` is the biased batch variance of each channel in training, ``running_var`` in eval; ``s²_{h,w}`` the
+    biased variance of each (sample, channel) over H, W. ``v`` is the ``(C,)`` parameter of the nonlinearity,
+    required with ``apply_act=True``. ``eps`` (default ``1e-3``, timm's) goes inside both square roots.
+    """
+    return _evo_norm_b("b0", input, running_var, weight, bias, v, training, momentum, eps, apply_act)
+
+
+@_evo_append_doc(_EVO_B_DOC)
+def evo_norm2d_b1(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                  *, apply_act: bool = True) -> Tensor:
+    r"""EvoNorm-B1 (timm's ``EvoNorm2dB1``; spec B §4.1):
+
+    .. math::
+        y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ (x + 1)\sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon}
+            \right)} \cdot \gamma + \beta
+
+    ``σ²`` as in :func:`evo_norm2d_b0`; ``eps`` defaults to ``1e-5``.
+    """
+    return _evo_norm_b("b1", input, running_var, weight, bias, None, training, momentum, eps, apply_act)
+
+
+@_evo_append_doc(_EVO_B_DOC)
+def evo_norm2d_b2(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                  *, apply_act: bool = True) -> Tensor:
+    r"""EvoNorm-B2 (timm's ``EvoNorm2dB2``; spec B §4.1):
+
+    .. math::
+        y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ \sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon} - x
+            \right)} \cdot \gamma + \beta
+
+    ``σ²`` as in :func:`evo_norm2d_b0`; ``eps`` defaults to ``1e-5``.
+    """
+    return _evo_norm_b("b2", input, running_var, weight, bias, None, training, momentum, eps, apply_act)
+
+
+@_evo_append_doc(_EVO_S_DOC)
+def evo_norm2d_s0(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                  v: Optional[Tensor] = None, eps: float = 1e-5, *, apply_act: bool = True) -> Tensor:
+    r"""EvoNorm-S0 (Liu et al., NeurIPS 2020; spec B §4.1, timm's ``EvoNorm2dS0``):
+
+    .. math:: y = \frac{x \cdot \mathrm{sigmoid}(v x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
+
+    with the biased variance over each sample's group of ``C/groups`` channels and all of H, W. ``v``: ``(C,)``,
+    required with ``apply_act=True``. ``apply_act=False`` is affine only. Batch-independent: no running statistics.
+    """
+    return _evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, False)
+
+
+@_evo_append_doc(_EVO_S_DOC)
+def evo_norm2d_s0a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   v: Optional[Tensor] = None, eps: float = 1e-3, *, apply_act: bool = True) -> Tensor:
+    r"""timm's EvoNorm-S0a: :func:`evo_norm2d_s0` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes:
+    ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (spec B §4.1; timm-only, not in the paper).
+    """
+    return _evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, True)
+
+
+@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+def evo_norm2d_s1(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                  eps: float = 1e-5, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
+                  apply_act: bool = True) -> Tensor:
+    r"""EvoNorm-S1 (timm's ``EvoNorm2dS1``; spec B §4.1):
+
+    .. math:: y = \frac{a(x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
+
+    ``a`` defaults to SiLU; the denominator is a statistic of ``x``, not of ``a(x)``. ``apply_act=False`` is affine
+    only.
+    """
+    return _evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, False)
+
+
+@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+def evo_norm2d_s1a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-3, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
+                   apply_act: bool = True) -> Tensor:
+    r"""timm's EvoNorm-S1a: :func:`evo_norm2d_s1` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes
+    (without ``a``): ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (timm-only, spec B §4.1).
+    """
+    return _evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, True)
+
+
+@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+def evo_norm2d_s2(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                  eps: float = 1e-5, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
+                  apply_act: bool = True) -> Tensor:
+    r"""EvoNorm-S2 (timm's ``EvoNorm2dS2``; spec B §4.1):
+
+    .. math:: y = \frac{a(x)}{\sqrt{\mathrm{mean}_{g,h,w}(x^2) + \epsilon}} \cdot \gamma + \beta
+
+    the group RMS (not the variance) of ``x``; ``a`` defaults to SiLU. ``apply_act=False`` is affine only.
+    """
+    return _evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, False)
+
+
+@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+def evo_norm2d_s2a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-3, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
+                   apply_act: bool = True) -> Tensor:
+    r"""timm's EvoNorm-S2a: :func:`evo_norm2d_s2` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes
+    (without ``a``): ``y = x / sqrt(mean_{g,h,w}(x²) + eps) · γ + β`` (timm-only, spec B §4.1).
+    """
+    return _evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, True)

@@ -1,5 +1,34 @@
 """The normlayers modules, one file per family."""
 
+from normlayers.nn.batch_channel import BatchChannelNorm2d
+from normlayers.nn.evo_norm import (
+    EvoNorm2dB0,
+    EvoNorm2dB1,
+    EvoNorm2dB2,
+    EvoNorm2dS0,
+    EvoNorm2dS0a,
+    EvoNorm2dS1,
+    EvoNorm2dS1a,
+    EvoNorm2dS2,
+    EvoNorm2dS2a,
+)
 from normlayers.nn.row_norms import CRMSNorm, LayerNorm, RMSNorm
+from normlayers.nn.weight_std import ScaledWSConv2d, WSConv2d
 
-__all__ = ["CRMSNorm", "LayerNorm", "RMSNorm"]
+__all__ = [
+    "BatchChannelNorm2d",
+    "CRMSNorm",
+    "EvoNorm2dB0",
+    "EvoNorm2dB1",
+    "EvoNorm2dB2",
+    "EvoNorm2dS0",
+    "EvoNorm2dS0a",
+    "EvoNorm2dS1",
+    "EvoNorm2dS1a",
+    "EvoNorm2dS2",
+    "EvoNorm2dS2a",
+    "LayerNorm",
+    "RMSNorm",
+    "ScaledWSConv2d",
+    "WSConv2d",
+]
