@@ -1,0 +1,288 @@
+"""Triton kernels for per-plane statistics and per-plane affine maps of ``(N, C, *spatial)`` tensors.
+
+Several CNN norms (BatchChannelNorm2d now; EvoNorm and RegionNorm are meant to follow) are, per ``(sample n,
+channel c)`` plane of ``HW`` values, an affine map ``y = x·A[n, c] + B[n, c]`` whose coefficients depend only on
+per-plane moments. So two kernel pairs serve them all, with small ``(N, C)`` torch ops in between:
+
+* ``plane_moments``: per-plane mean and biased variance. Each program takes ``BLOCK_P`` planes and walks their ``HW``
+  values in ``BLOCK_HW`` chunks, combining chunk moments with Chan's formula (never ``E[x²] − E[x]²``, which loses
+  the variance of planes with a large mean in fp32). Backward: ``dx = dmean/HW + dvar·2(x − mean)/HW``, elementwise.
+* ``plane_affine``: ``y = (x − M)·A + B``, elementwise, with ``M`` a per-plane centre (the plane mean, typically).
+  Centring first keeps the result accurate to the size of ``y``: the uncentred ``x·A + (B − M·A)`` loses
+  ``|M·A|·2⁻²⁴`` to cancellation, which is large when a plane's spread is small against its mean or against ``eps``.
+  Backward: ``dx = dy·A`` and, per plane, ``dA = Σ dy·(x − M)`` and ``dB = Σ dy`` (``dM = −A·dB`` is left to the
+  caller), in one kernel that owns its planes (deterministic, no atomics).
+
+Layout of a launch: the input is viewed as ``(N, C, HW)`` with arbitrary strides (NCHW: planes are rows;
+channels-last: the ``HW`` stride is ``C``; a channel slice: a larger channel or sample stride), so no copy is made
+for the usual layouts. Outputs shaped like the input keep its memory format (``torch.empty_like``). Arithmetic and
+statistics are fp32 (fp64 for fp64 inputs, so the ops can be ``gradcheck``-ed); offsets are int64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from normlayers.kernels.common import next_power_of_2, num_warps_for
+
+# Widest chunk of a plane one program holds (elements); wider planes are walked in chunks of this size. Tiles hold
+# about TILE_ELEMENTS values, so small planes get several planes per program (at most MAX_BLOCK_P). Starting
+# points, not tuned on a GPU.
+MAX_BLOCK_HW = 2048
+TILE_ELEMENTS = 4096
+MAX_BLOCK_P = 64
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _planes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of shape ``(N, C, *spatial)`` as ``(N, C, HW)``: a view for NCHW, channels-last and channel slices
+    (whose spatial dims merge into one stride), a copy only for layouts where they do not."""
+    n, c = t.shape[:2]
+    hw = math.prod(t.shape[2:])
+    try:
+        return t.view(n, c, hw)
+    except RuntimeError:
+        return t.reshape(n, c, hw)
+
+
+def _tile(planes: int, hw: int, max_block_hw: Optional[int]) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_HW) for ``planes`` planes of ``hw`` values; ``max_block_hw`` overrides the chunk cap (tests
+    use it to reach the chunked loop on small planes)."""
+    cap = max_block_hw if max_block_hw is not None else MAX_BLOCK_HW
+    block_hw = min(next_power_of_2(hw), 1 << (cap.bit_length() - 1))
+    block_p = min(max(TILE_ELEMENTS // block_hw, 1), MAX_BLOCK_P, next_power_of_2(planes))
+    return block_p, block_hw
+
+
+def _strides(t3: torch.Tensor) -> tuple[int, int, int]:
+    return t3.stride(0), t3.stride(1), t3.stride(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _plane_offsets(planes, C, stride_n, stride_c):
+    """Offset of each plane's first value: plane p is (sample p // C, channel p % C)."""
+    return (planes // C) * stride_n + (planes % C) * stride_c
+
+
+@triton.jit
+def _chunk_moments(x, mask, count):
+    """Per-row (Σx, Σ(x − mean)²) of one chunk with ``count`` valid values per row (zero outside ``mask``)."""
+    s = tl.sum(x, axis=1)
+    d = tl.where(mask, x - (s / count)[:, None], 0.0)
+    return s, tl.sum(d * d, axis=1)
+
+
+@triton.jit
+def plane_moments_fwd_kernel(
+    X, MEAN, VAR, P, C, HW, stride_n, stride_c, stride_hw,
+    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    plane_mask = planes < P
+    base = _plane_offsets(planes, C, stride_n, stride_c)
+    offsets = tl.arange(0, BLOCK_HW)
+    mask = plane_mask[:, None] & (offsets < HW)[None, :]
+    x = tl.load(X + base[:, None] + offsets.to(tl.int64)[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
+    s, m2 = _chunk_moments(x, mask, tl.cast(tl.minimum(HW, BLOCK_HW), COMPUTE))
+    # Later chunks: `start` values precede each (the first chunk is full when there is a second), which is all Chan's
+    # combination needs.
+    for start in range(BLOCK_HW, HW, BLOCK_HW):
+        hw = start + offsets
+        mask = plane_mask[:, None] & (hw < HW)[None, :]
+        x = tl.load(X + base[:, None] + hw.to(tl.int64)[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
+        n_a = tl.cast(start, COMPUTE)
+        n_b = tl.cast(tl.minimum(HW - start, BLOCK_HW), COMPUTE)
+        s_b, m2_b = _chunk_moments(x, mask, n_b)
+        delta = s_b / n_b - s / n_a
+        m2 = m2 + m2_b + delta * delta * (n_a * n_b / (n_a + n_b))
+        s = s + s_b
+    count = tl.cast(HW, COMPUTE)
+    tl.store(MEAN + planes, s / count, mask=plane_mask)
+    tl.store(VAR + planes, m2 / count, mask=plane_mask)
+
+
+@triton.jit
+def plane_moments_bwd_kernel(
+    X, MEAN, DMEAN, DVAR, DX, P, C, HW,
+    stride_xn, stride_xc, stride_xhw, stride_dxn, stride_dxc, stride_dxhw,
+    HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # Grid: (plane blocks, HW chunks). dx = dmean/HW + dvar·2(x − mean)/HW.
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    plane_mask = planes < P
+    hw = (tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW))
+    mask = plane_mask[:, None] & (hw < HW)[None, :]
+    count = tl.cast(HW, COMPUTE)
+    dx = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
+    if HAS_DMEAN:
+        dx += (tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count)[:, None]
+    if HAS_DVAR:
+        x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
+        x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+        mean = tl.load(MEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+        dvar = tl.load(DVAR + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+        dx += (x - mean[:, None]) * (2.0 * dvar / count)[:, None]
+    dx_base = _plane_offsets(planes, C, stride_dxn, stride_dxc)
+    tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dx, mask=mask)
+
+
+@triton.jit
+def plane_affine_fwd_kernel(
+    X, M, A, B, Y, P, C, HW,
+    stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
+    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # Grid: (plane blocks, HW chunks). y = (x − M[plane])·A[plane] + B[plane].
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    plane_mask = planes < P
+    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = plane_mask[:, None] & (hw < HW)[None, :]
+    x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
+    x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+    a = tl.load(A + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+    b = tl.load(B + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+    center = tl.load(M + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+    y = (x - center[:, None]) * a[:, None] + b[:, None]
+    y_base = _plane_offsets(planes, C, stride_yn, stride_yc)
+    tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw, y, mask=mask)
+
+
+@triton.jit
+def plane_affine_bwd_kernel(
+    DY, X, M, A, DX, DA, DB, P, C, HW,
+    stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw, stride_dxn, stride_dxc, stride_dxhw,
+    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # Each program owns BLOCK_P planes and walks their HW values: dx = dy·A, dA = Σ dy·(x − M), dB = Σ dy.
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    plane_mask = planes < P
+    offsets = tl.arange(0, BLOCK_HW)
+    dy_base = _plane_offsets(planes, C, stride_dyn, stride_dyc)
+    x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
+    dx_base = _plane_offsets(planes, C, stride_dxn, stride_dxc)
+    a = tl.load(A + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+    center = tl.load(M + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+    # Per-lane partial sums, reduced once at the end: each lane adds one value per chunk.
+    da = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
+    db = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
+    for start in range(0, HW, BLOCK_HW):
+        hw = (start + offsets).to(tl.int64)
+        mask = plane_mask[:, None] & (hw < HW)[None, :]
+        dy = tl.load(DY + dy_base[:, None] + hw[None, :] * stride_dyhw, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dy * a[:, None], mask=mask)
+        da += dy * tl.where(mask, x - center[:, None], 0.0)
+        db += dy
+    tl.store(DA + planes, tl.sum(da, axis=1), mask=plane_mask)
+    tl.store(DB + planes, tl.sum(db, axis=1), mask=plane_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def plane_moments_fwd(x: torch.Tensor, *, max_block_hw: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-plane ``(mean, var)`` (biased) of ``x`` ``(N, C, *spatial)``, each ``(N, C)`` in fp32 (fp64 for fp64).
+
+    Planes with no values (``HW == 0``) get NaN, as ``torch.var_mean`` gives.
+    """
+    x3 = _planes(x)
+    n, c, hw = x3.shape
+    compute = _compute_dtype(x.dtype)
+    mean = torch.empty((n, c), dtype=compute, device=x.device)
+    var = torch.empty((n, c), dtype=compute, device=x.device)
+    if n * c == 0:
+        return mean, var
+    if hw == 0:
+        return mean.fill_(math.nan), var.fill_(math.nan)
+    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    plane_moments_fwd_kernel[(triton.cdiv(n * c, block_p),)](
+        x3, mean, var, n * c, c, hw, *_strides(x3),
+        COMPUTE=_tl_dtype(compute), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        num_warps=num_warps_for(block_p * block_hw, x.device),
+    )
+    return mean, var
+
+
+def plane_moments_bwd(x: torch.Tensor, mean: torch.Tensor, dmean: Optional[torch.Tensor],
+                      dvar: Optional[torch.Tensor], *, max_block_hw: Optional[int] = None) -> torch.Tensor:
+    """Gradient of :func:`plane_moments_fwd` with respect to ``x`` (``dmean``/``dvar`` ``(N, C)``, either may be
+    ``None``); returned in ``x``'s dtype, shape and memory format."""
+    dx = torch.empty_like(x)
+    x3, dx3 = _planes(x), _planes(dx)
+    n, c, hw = x3.shape
+    if dx.numel() == 0:
+        return dx
+    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    plane_moments_bwd_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
+        x3, mean.contiguous(), dmean.contiguous() if dmean is not None else mean,
+        dvar.contiguous() if dvar is not None else mean, dx3, n * c, c, hw, *_strides(x3), *_strides(dx3),
+        HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
+        COMPUTE=_tl_dtype(_compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        num_warps=num_warps_for(block_p * block_hw, x.device),
+    )
+    return dx
+
+
+def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,
+                     max_block_hw: Optional[int] = None) -> torch.Tensor:
+    """``y = (x − center[n, c])·scale[n, c] + shift[n, c]`` for ``x`` ``(N, C, *spatial)`` and ``(N, C)``
+    coefficients; arithmetic in fp32 (fp64 for fp64 ``x``), ``y`` in ``x``'s dtype, shape and memory format."""
+    y = torch.empty_like(x)
+    x3, y3 = _planes(x), _planes(y)
+    n, c, hw = x3.shape
+    if y.numel() == 0:
+        return y
+    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    plane_affine_fwd_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
+        x3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *_strides(x3), *_strides(y3),
+        COMPUTE=_tl_dtype(_compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        num_warps=num_warps_for(block_p * block_hw, x.device),
+    )
+    return y
+
+
+def plane_affine_bwd(dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, *,
+                     max_block_hw: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`plane_affine_fwd`: ``(dx, dscale, dshift)``; ``dx`` in ``x``'s dtype and memory format,
+    ``dscale``/``dshift`` ``(N, C)`` in ``scale``'s dtype. The centre's gradient is ``−scale·dshift``."""
+    dx = torch.empty_like(x)
+    dy3, x3, dx3 = _planes(dy), _planes(x), _planes(dx)
+    n, c, hw = x3.shape
+    dscale = torch.empty((n, c), dtype=scale.dtype, device=x.device)
+    dshift = torch.empty((n, c), dtype=scale.dtype, device=x.device)
+    if n * c == 0:
+        return dx, dscale, dshift
+    if hw == 0:
+        return dx, dscale.zero_(), dshift.zero_()
+    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    plane_affine_bwd_kernel[(triton.cdiv(n * c, block_p),)](
+        dy3, x3, center.contiguous(), scale.contiguous(), dx3, dscale, dshift, n * c, c, hw, *_strides(dy3), *_strides(x3),
+        *_strides(dx3), COMPUTE=_tl_dtype(_compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        num_warps=num_warps_for(block_p * block_hw, x.device),
+    )
+    return dx, dscale, dshift
