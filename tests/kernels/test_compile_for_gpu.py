@@ -1,4 +1,4 @@
-"""Compile every row-norm kernel variant for an H100 (sm_90) with Triton's real compiler, without a GPU.
+"""Compile every kernel variant (row norms, per-plane channel statistics) for an H100 (sm_90) with Triton's real compiler, without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects (e.g. a loop-carried variable that
 changes dtype). Triton compiles ahead of time for a named target down to a cubin with its bundled ptxas, so CI
@@ -20,7 +20,7 @@ def compile_all_variants() -> int:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from normlayers.kernels import common, row_norms
+    from normlayers.kernels import channel_stats, common, row_norms
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -56,6 +56,30 @@ def compile_all_variants() -> int:
         compile_kernel(common.column_sum_kernel, {"PARTIALS": f"*{partial}", "OUT": "*bf16"},
                        {"num_rows": "i32", "N": "i32"}, {"BLOCK_ROWS": 32, "BLOCK_N": 256})
         count += 1
+    planes = {"P": "i32", "C": "i32", "HW": "i32"}
+
+    def strides(*names):
+        return {f"stride_{name}{dim}": "i64" for name in names for dim in ("n", "c", "hw")}
+
+    for data in ("bf16", "fp32", "fp64"):
+        stats = "fp64" if data == "fp64" else "fp32"
+        tile = {"COMPUTE": tl.float64 if data == "fp64" else tl.float32, "BLOCK_P": 4, "BLOCK_HW": 256}
+        compile_kernel(channel_stats.plane_moments_fwd_kernel,
+                       {"X": f"*{data}", "MEAN": f"*{stats}", "VAR": f"*{stats}"},
+                       {**planes, "stride_n": "i64", "stride_c": "i64", "stride_hw": "i64"}, tile)
+        for has_dmean, has_dvar in ((True, True), (True, False), (False, True)):
+            compile_kernel(channel_stats.plane_moments_bwd_kernel,
+                           {"X": f"*{data}", "MEAN": f"*{stats}", "DMEAN": f"*{stats}", "DVAR": f"*{stats}",
+                            "DX": f"*{data}"},
+                           {**planes, **strides("x", "dx")}, {"HAS_DMEAN": has_dmean, "HAS_DVAR": has_dvar, **tile})
+        compile_kernel(channel_stats.plane_affine_fwd_kernel,
+                       {"X": f"*{data}", "M": f"*{stats}", "A": f"*{stats}", "B": f"*{stats}", "Y": f"*{data}"},
+                       {**planes, **strides("x", "y")}, tile)
+        compile_kernel(channel_stats.plane_affine_bwd_kernel,
+                       {"DY": f"*{data}", "X": f"*{data}", "M": f"*{stats}", "A": f"*{stats}", "DX": f"*{data}",
+                        "DA": f"*{stats}", "DB": f"*{stats}"},
+                       {**planes, **strides("dy", "x", "dx")}, tile)
+        count += 6
     return count
 
 
@@ -65,7 +89,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 74 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 92 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":
