@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlayers.kernels.common import next_power_of_2, num_warps_for
+from normlayers.kernels.common import centred_row_moments, chan_combine, next_power_of_2, num_warps_for
 
 # Widest chunk of a plane one program holds (elements); wider planes are walked in chunks of this size. Tiles hold
 # about TILE_ELEMENTS values, so small planes get several planes per program (at most MAX_BLOCK_P). Starting
@@ -87,14 +87,6 @@ def _plane_offsets(planes, C, stride_n, stride_c):
 
 
 @triton.jit
-def _chunk_moments(x, mask, count):
-    """Per-row (Σx, Σ(x − mean)²) of one chunk with ``count`` valid values per row (zero outside ``mask``)."""
-    s = tl.sum(x, axis=1)
-    d = tl.where(mask, x - (s / count)[:, None], 0.0)
-    return s, tl.sum(d * d, axis=1)
-
-
-@triton.jit
 def plane_moments_fwd_kernel(
     X, MEAN, VAR, P, C, HW, stride_n, stride_c, stride_hw,
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -105,7 +97,7 @@ def plane_moments_fwd_kernel(
     offsets = tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (offsets < HW)[None, :]
     x = tl.load(X + base[:, None] + offsets.to(tl.int64)[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
-    s, m2 = _chunk_moments(x, mask, tl.cast(tl.minimum(HW, BLOCK_HW), COMPUTE))
+    s, m2 = centred_row_moments(x, mask, tl.cast(tl.minimum(HW, BLOCK_HW), COMPUTE))
     # Later chunks: `start` values precede each (the first chunk is full when there is a second), which is all Chan's
     # combination needs.
     for start in range(BLOCK_HW, HW, BLOCK_HW):
@@ -114,10 +106,8 @@ def plane_moments_fwd_kernel(
         x = tl.load(X + base[:, None] + hw.to(tl.int64)[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
         n_a = tl.cast(start, COMPUTE)
         n_b = tl.cast(tl.minimum(HW - start, BLOCK_HW), COMPUTE)
-        s_b, m2_b = _chunk_moments(x, mask, n_b)
-        delta = s_b / n_b - s / n_a
-        m2 = m2 + m2_b + delta * delta * (n_a * n_b / (n_a + n_b))
-        s = s + s_b
+        s_b, m2_b = centred_row_moments(x, mask, n_b)
+        s, m2 = chan_combine(s, m2, n_a, s_b, m2_b, n_b)
     count = tl.cast(HW, COMPUTE)
     tl.store(MEAN + planes, s / count, mask=plane_mask)
     tl.store(VAR + planes, m2 / count, mask=plane_mask)

@@ -50,6 +50,22 @@ def num_warps_for(tile_elements: int, device: torch.device) -> int:
 
 
 @triton.jit
+def centred_row_moments(x, mask, count):
+    """Per-row ``(Σx, Σ(x − mean)²)`` of a 2-D tile with ``count`` valid values per row (``x`` zero outside ``mask``)."""
+    s = tl.sum(x, axis=1)
+    d = tl.where(mask, x - (s / count)[:, None], 0.0)
+    return s, tl.sum(d * d, axis=1)
+
+
+@triton.jit
+def chan_combine(s_a, m2_a, n_a, s_b, m2_b, n_b):
+    """Chan's combination of the ``(Σx, centred M2)`` of two disjoint parts with ``n_a`` and ``n_b`` values: the M2 of
+    the union without ever forming ``E[x²] − E[x]²`` (which cancels in fp32 when the mean is large)."""
+    delta = s_b / n_b - s_a / n_a
+    return s_a + s_b, m2_a + m2_b + delta * delta * (n_a * n_b / (n_a + n_b))
+
+
+@triton.jit
 def column_sum_kernel(PARTIALS, OUT, num_rows, N, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT[n] = sum over r of PARTIALS[r, n], accumulated in the partials' dtype in a fixed order (deterministic)."""
     pid = tl.program_id(0).to(tl.int64)

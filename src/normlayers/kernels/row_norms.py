@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from normlayers.kernels.common import column_sum, next_power_of_2, num_warps_for, persistent_programs
+from normlayers.kernels.common import (centred_row_moments, chan_combine, column_sum, next_power_of_2, num_warps_for,
+                                       persistent_programs)
 
 NORM_KINDS = {"layer": 0, "rms": 1, "crms": 2}
 
@@ -91,11 +92,10 @@ def _load_norm_input(X, RES, RES_OUT, rows, cols, mask, stride_x, stride_res, N,
 @triton.jit
 def _chunk_moments(h, mask, n_valid, NORM: tl.constexpr):
     """Per-row (Σh, q) of one chunk: q is the centred M2 for LayerNorm, Σh² for the RMS norms."""
-    s = tl.sum(h, axis=1)
     if NORM == 0:
-        d = tl.where(mask, h - (s / n_valid)[:, None], 0.0)
-        q = tl.sum(d * d, axis=1)
+        s, q = centred_row_moments(h, mask, n_valid)
     else:
+        s = tl.sum(h, axis=1)
         q = tl.sum(h * h, axis=1)
     return s, q
 
@@ -166,11 +166,9 @@ def row_norm_fwd_kernel(
             n_b = tl.cast(tl.minimum(N - start, BLOCK_N), COMPUTE)
             s_b, q_b = _chunk_moments(h, chunk_mask, n_b, NORM)
             if NORM == 0:
-                delta = s_b / n_b - s / n_a
-                q = q + q_b + delta * delta * (n_a * n_b / (n_a + n_b))
+                s, q = chan_combine(s, q, n_a, s_b, q_b, n_b)
             else:
-                q = q + q_b
-            s = s + s_b
+                s, q = s + s_b, q + q_b
         mean, rstd = _finalize_stats(s, q, N, eps, NORM, COMPUTE)
         if HAS_RESIDUAL:
             tl.debug_barrier()  # the residual sums stored in pass 1 are read back below, maybe by other threads
