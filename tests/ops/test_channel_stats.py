@@ -206,3 +206,11 @@ def test_compile_fullgraph_forward_backward(device):
             assert_close(a, c)
         else:
             assert torch.equal(a, c)
+
+
+def test_export_contains_the_plane_ops(device):
+    module = _module(8, 2, device).eval()
+    with normlayers.backend("triton"):
+        exported = torch.export.export(module, (_input((2, 8, 3, 3), device, dtype=torch.float32),))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {"normlayers.plane_moments.default", "normlayers.plane_affine.default"} <= targets
