@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from normlayers.backend import use_triton
+from normlayers.ops import channel_stats as _ops_channel
 from normlayers.ops import row_norms as _ops_row
 from normlayers.reference import batch_channel as _ref_batch_channel
 from normlayers.reference import evo_norm as _ref_evo
@@ -351,11 +352,69 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
     """
     _check_batch_channel_args(input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training, momentum,
                               eps, bn_eps, num_groups, estimate, estimate_rate, num_batches_tracked)
-    # No Triton kernel yet for this family (issue 3): the reference runs on every device.
+    if use_triton(input):
+        return _batch_channel_norm_planes(
+            input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
+            eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
+            num_batches_tracked=num_batches_tracked)
     return _ref_batch_channel.batch_channel_norm(
         input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
         eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
         num_batches_tracked=num_batches_tracked)
+
+
+def _batch_channel_norm_planes(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], weight: Optional[Tensor],
+                               bias: Optional[Tensor], *, training: bool, momentum: Optional[float], eps: float,
+                               num_groups: int, bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
+                               num_batches_tracked: Optional[Tensor]) -> Tensor:
+    """BCN through the plane kernels: both stages and the affines compose to one affine map per plane.
+
+    One pass of :func:`~normlayers.ops.channel_stats.plane_moments` gives every plane's ``(mean, var)``; all the
+    statistics BCN needs follow from them exactly (equal-count combinations: the mean of means, and the mean of the
+    variances plus the variance of the means), in ``(N, C)`` torch ops that autograd differentiates; then one
+    :func:`~normlayers.ops.channel_stats.plane_affine` pass. Same semantics as the reference, buffers included.
+    """
+    n, channels = input.shape[:2]
+    plane_mean, plane_var = _ops_channel.plane_moments(input)
+    opmath = plane_mean.dtype
+    if training and not estimate:
+        mean = plane_mean.mean(0)
+        var = plane_var.mean(0) + (plane_mean - mean).square().mean(0)
+        if running_mean is not None and running_var is not None:
+            _ref_batch_channel.update_batch_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
+                                                           count=input.numel() // channels, momentum=momentum)
+    else:
+        if training:
+            # EstBN: the variance is centred at the OLD mean estimate; per plane that is var + (mean − old)².
+            with torch.no_grad():
+                old_mean = running_mean.to(opmath)
+                centred_at_old = (plane_var + (plane_mean - old_mean).square()).mean(0)
+                _ref_batch_channel._update_running_(running_mean, plane_mean.mean(0), estimate_rate)
+                _ref_batch_channel._update_running_(running_var, centred_at_old, estimate_rate)
+        mean, var = running_mean.to(opmath), running_var.to(opmath)
+    # Batch stage, per channel: u = (x − mean)·a + bn_bias. Each plane's moments after it:
+    a = torch.rsqrt(var + bn_eps)
+    if bn_weight is not None:
+        a = a * bn_weight.to(opmath)
+    u_mean = (plane_mean - mean) * a
+    if bn_bias is not None:
+        u_mean = u_mean + bn_bias.to(opmath)
+    u_var = plane_var * a.square()
+    # Group stage: the planes' moments combined over the C/G channels of each (sample, group).
+    per_group = (n, num_groups, channels // num_groups)
+    u_mean, u_var = u_mean.view(per_group), u_var.view(per_group)
+    group_mean = u_mean.mean(-1, keepdim=True)
+    group_var = u_var.mean(-1, keepdim=True) + (u_mean - group_mean).square().mean(-1, keepdim=True)
+    group_scale = torch.rsqrt(group_var + eps)
+    if weight is not None:
+        group_scale = group_scale * weight.to(opmath).reshape(1, num_groups, 1)
+    # y = (x − plane_mean)·scale + shift, centred at the plane mean so that nothing cancels (see plane_affine).
+    scale = a.view(1, num_groups, channels // num_groups) * group_scale
+    shift = (u_mean - group_mean) * group_scale
+    if bias is not None:
+        shift = shift + bias.to(opmath).reshape(1, num_groups, 1)
+    return _ops_channel.plane_affine(input, plane_mean, scale.reshape(n, channels), shift.reshape(n, channels))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

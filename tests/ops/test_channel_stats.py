@@ -123,7 +123,12 @@ def _run_steps(module, xs, backend_name):
 def test_module_matches_reference(case, mode, device):
     channels, groups, shape = SHAPES[case]
     if mode == "train" and shape[0] * shape[2] * shape[3] == 1:
-        pytest.skip("training BatchNorm needs more than one value per channel")
+        # One value per channel: both backends refuse, as nn.BatchNorm2d does.
+        module = _module(channels, groups, device)
+        for name in ("triton", "reference"):
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                _run_steps(module, [_input(shape, device, dtype=torch.float32, seed=0)], name)
+        return
     module = _module(channels, groups, device, estimate=mode.startswith("estimate"))
     module.train(not mode.endswith("eval"))
     xs = [_input(shape, device, dtype=torch.float32, seed=s) for s in range(3)]

@@ -28,7 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["batch_channel_norm", "batch_stage_statistics"]
+__all__ = ["batch_channel_norm", "batch_stage_statistics", "update_batch_running_stats_"]
 
 # Reduction dims of the batch stage (every dim but channels) and the broadcast shape of a per-channel vector.
 _BATCH_DIMS = (0, 2, 3)
@@ -56,6 +56,19 @@ def _estimate_update_(x: Tensor, running_mean: Tensor, running_var: Tensor, rate
     _update_running_(running_var, centred_at_old, rate)
 
 
+@torch.no_grad()
+def update_batch_running_stats_(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                                mean: Tensor, var: Tensor, *, count: int, momentum: Optional[float]) -> None:
+    """PyTorch's BatchNorm running update from a batch's per-channel ``mean`` and biased ``var`` over ``count``
+    values: ``num_batches_tracked += 1``; the rate is ``momentum``, or ``1 / num_batches_tracked`` (a cumulative
+    average) when ``momentum is None``; the running variance receives the unbiased ``var · count/(count − 1)``."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    rate = (1.0 / num_batches_tracked) if momentum is None else momentum
+    _update_running_(running_mean, mean, rate)
+    _update_running_(running_var, var * (count / (count - 1)), rate)
+
+
 def batch_stage_statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
                            training: bool, momentum: Optional[float], estimate: bool = False,
                            estimate_rate: Union[float, Tensor] = 0.0,
@@ -75,13 +88,8 @@ def batch_stage_statistics(x: Tensor, running_mean: Optional[Tensor], running_va
         mean = x.mean(_BATCH_DIMS)
         var = (x - mean.view(_PER_CHANNEL)).square().mean(_BATCH_DIMS)
         if running_mean is not None and running_var is not None:
-            with torch.no_grad():
-                if num_batches_tracked is not None:
-                    num_batches_tracked.add_(1)
-                rate = (1.0 / num_batches_tracked) if momentum is None else momentum
-                count = x.numel() // x.shape[1]
-                _update_running_(running_mean, mean.detach(), rate)
-                _update_running_(running_var, var.detach() * (count / (count - 1)), rate)
+            update_batch_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
+                                        count=x.numel() // x.shape[1], momentum=momentum)
         return mean, var
     if training:
         _estimate_update_(x.detach(), running_mean, running_var, estimate_rate)
