@@ -28,7 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from normlayers.kernels.common import centred_row_moments, chan_combine, next_power_of_2, num_warps_for
+from normlayers.kernels.common import (
+    centred_row_moments,
+    chan_combine,
+    compute_dtype,
+    next_power_of_2,
+    num_warps_for,
+    tl_compute_dtype,
+)
 
 # Widest chunk of a plane one program holds (elements); wider planes are walked in chunks of this size. Tiles hold
 # about TILE_ELEMENTS values, so small planes get several planes per program (at most MAX_BLOCK_P). Starting
@@ -41,14 +48,6 @@ MAX_BLOCK_P = 64
 # ----------------------------------------------------------------------------------------------------------------------
 # Launch helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _planes(t: torch.Tensor) -> torch.Tensor:
@@ -202,7 +201,7 @@ def plane_moments_fwd(x: torch.Tensor, *, max_block_hw: Optional[int] = None) ->
     """
     x3 = _planes(x)
     n, c, hw = x3.shape
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     mean = torch.empty((n, c), dtype=compute, device=x.device)
     var = torch.empty((n, c), dtype=compute, device=x.device)
     if n * c == 0:
@@ -212,7 +211,7 @@ def plane_moments_fwd(x: torch.Tensor, *, max_block_hw: Optional[int] = None) ->
     block_p, block_hw = _tile(n * c, hw, max_block_hw)
     plane_moments_fwd_kernel[(triton.cdiv(n * c, block_p),)](
         x3, mean, var, n * c, c, hw, *_strides(x3),
-        COMPUTE=_tl_dtype(compute), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        COMPUTE=tl_compute_dtype(compute), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
     return mean, var
@@ -232,7 +231,7 @@ def plane_moments_bwd(x: torch.Tensor, mean: torch.Tensor, dmean: Optional[torch
         x3, mean.contiguous(), dmean.contiguous() if dmean is not None else mean,
         dvar.contiguous() if dvar is not None else mean, dx3, n * c, c, hw, *_strides(x3), *_strides(dx3),
         HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
-        COMPUTE=_tl_dtype(_compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
     return dx
@@ -250,7 +249,7 @@ def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
     block_p, block_hw = _tile(n * c, hw, max_block_hw)
     plane_affine_fwd_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
         x3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *_strides(x3), *_strides(y3),
-        COMPUTE=_tl_dtype(_compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
     return y
@@ -272,7 +271,7 @@ def plane_affine_bwd(dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, sc
     block_p, block_hw = _tile(n * c, hw, max_block_hw)
     plane_affine_bwd_kernel[(triton.cdiv(n * c, block_p),)](
         dy3, x3, center.contiguous(), scale.contiguous(), dx3, dscale, dshift, n * c, c, hw, *_strides(dy3), *_strides(x3),
-        *_strides(dx3), COMPUTE=_tl_dtype(_compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        *_strides(dx3), COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
     return dx, dscale, dshift

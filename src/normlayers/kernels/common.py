@@ -17,6 +17,16 @@ import triton.language as tl
 CPU_PERSISTENT_PROGRAMS = 4
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and arithmetic dtype of the kernels: fp64 for fp64 data (so ops can be gradcheck-ed), else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_compute_dtype(dtype: torch.dtype):
+    """:func:`compute_dtype` as the Triton dtype a kernel's ``COMPUTE`` constexpr takes."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -25,8 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from normlayers.kernels.common import (centred_row_moments, chan_combine, column_sum, next_power_of_2, num_warps_for,
-                                       persistent_programs)
+from normlayers.kernels.common import (
+    centred_row_moments,
+    chan_combine,
+    column_sum,
+    compute_dtype,
+    next_power_of_2,
+    num_warps_for,
+    persistent_programs,
+    tl_compute_dtype,
+)
 
 NORM_KINDS = {"layer": 0, "rms": 1, "crms": 2}
 
@@ -44,14 +52,6 @@ MAX_BLOCK_M = 32
 # ----------------------------------------------------------------------------------------------------------------------
 # Launch helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _block_shape(n: int, max_block_n: int) -> tuple[int, int, bool]:
@@ -322,7 +322,7 @@ def row_norm_fwd(
     the chunked path on small rows).
     """
     m, n = x.shape
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     residual_out = (torch.empty((m, n), dtype=residual_dtype, device=x.device) if residual is not None
                     else x.new_empty(0))
@@ -340,7 +340,8 @@ def row_norm_fwd(
         mean if kind == "layer" else rstd, rstd,
         m, n, x.stride(0), residual.stride(0) if residual is not None else 0, eps, weight_offset,
         NORM=NORM_KINDS[kind], HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, COMPUTE=_tl_dtype(compute), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_BLOCK=single,
+        HAS_BIAS=bias is not None, COMPUTE=tl_compute_dtype(compute), BLOCK_M=block_m, BLOCK_N=block_n,
+        SINGLE_BLOCK=single,
         num_warps=num_warps_for(block_m * block_n, x.device),
     )
     return y, residual_out, mean, rstd
@@ -366,7 +367,7 @@ def row_norm_bwd(
     dtype (each empty when there is no such parameter).
     """
     m, n = h.shape
-    compute = _compute_dtype(h.dtype)
+    compute = compute_dtype(h.dtype)
     dh = torch.empty((m, n), dtype=h.dtype, device=h.device)
     param_dtype = weight.dtype if weight is not None else h.dtype
     cap = max_block_n if max_block_n is not None else BWD_MAX_BLOCK_N
@@ -383,7 +384,8 @@ def row_norm_bwd(
             dw_partial if dw_partial is not None else dh, db_partial if db_partial is not None else dh,
             m, n, h.stride(0), dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0, weight_offset,
             NORM=NORM_KINDS[kind], HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=has_bias, COMPUTE=_tl_dtype(compute), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_BLOCK=single,
+            HAS_BIAS=has_bias, COMPUTE=tl_compute_dtype(compute), BLOCK_M=block_m, BLOCK_N=block_n,
+            SINGLE_BLOCK=single,
             num_warps=num_warps_for(block_m * block_n, h.device),
         )
     dweight = column_sum(dw_partial, param_dtype) if dw_partial is not None else h.new_empty(0)
