@@ -7,15 +7,21 @@ import torch
 
 import normlayers
 
+EVO_NORMS = ("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
+             "EvoNorm2dS2", "EvoNorm2dS2a")
+
+
+def _evo_norm(name: str) -> torch.nn.Module:
+    return getattr(normlayers, name)(12, **({"groups": 3} if name.startswith("EvoNorm2dS") else {}))
+
+
 MODULES = {
     "BatchChannelNorm2d": lambda: normlayers.BatchChannelNorm2d(12, num_groups=3),
     "BatchChannelNorm2d_estimate": lambda: normlayers.BatchChannelNorm2d(12, num_groups=3, estimate=True,
                                                                          estimate_rate=0.1),
     "WSConv2d": lambda: normlayers.WSConv2d(12, 6, 3, padding=1),
     "ScaledWSConv2d": lambda: normlayers.ScaledWSConv2d(12, 6, 3, padding=1),
-    **{name: (lambda name=name: getattr(normlayers, name)(12, **({"groups": 3} if name.startswith("EvoNorm2dS") else {})))
-       for name in ("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1",
-                    "EvoNorm2dS1a", "EvoNorm2dS2", "EvoNorm2dS2a")},
+    **{name: (lambda name=name: _evo_norm(name)) for name in EVO_NORMS},
 }
 
 
