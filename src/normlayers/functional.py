@@ -15,6 +15,7 @@ from torch import Tensor
 
 from normlayers.backend import use_triton
 from normlayers.ops import channel_stats as _ops_channel
+from normlayers.ops import evo_norm as _ops_evo
 from normlayers.ops import row_norms as _ops_row
 from normlayers.reference import batch_channel as _ref_batch_channel
 from normlayers.reference import evo_norm as _ref_evo
@@ -604,7 +605,7 @@ def _evo_check_scalars(eps: float, momentum: Optional[float] = None) -> None:
 def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
                 bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
                 apply_act: bool) -> Tensor:
-    """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the reference."""
+    """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the Triton ops or the reference."""
     _evo_check_args(input, {"running_var": running_var, "weight": weight, "bias": bias, "v": v}, eps,
                     momentum=momentum)
     if apply_act:
@@ -617,7 +618,8 @@ def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weig
             raise ValueError(f"Expected more than 1 value per channel when training (N·H·W = {values_per_channel} for "
                              f"input of shape {list(input.shape)}): the running-variance update divides by N·H·W − 1, "
                              "as torch.nn.BatchNorm2d refuses to")
-    # No Triton kernel yet for this family (issue 3): the reference runs on every device.
+    if apply_act and use_triton(input):
+        return _evo_norm_b_planes(variant, input, running_var, weight, bias, v, training, float(momentum), float(eps))
     return _ref_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
                                momentum=float(momentum), eps=float(eps), apply_act=apply_act)
 
@@ -626,15 +628,91 @@ def _evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tenso
                 v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float, apply_act: bool,
                 always_normalize: bool) -> Tensor:
     """The S sub-family (``variant`` in ``"s0"``, ``"s1"``, ``"s2"``; ``always_normalize`` for timm's "a"
-    variants): checks, then the reference."""
+    variants): checks, then the Triton ops or the reference."""
     _evo_check_args(input, {"weight": weight, "bias": bias, "v": v}, eps, groups=groups)
     if apply_act and variant == "s0" and v is None:
         raise ValueError("evo_norm2d_s0/s0a with apply_act=True need v, the (C,) parameter of their nonlinearity")
     if activation is not None and not callable(activation):
         raise TypeError(f"activation must be a callable (Tensor -> Tensor) or None, got {type(activation).__name__}")
-    # No Triton kernel yet for this family (issue 3): the reference runs on every device.
+    if (apply_act or always_normalize) and use_triton(input):
+        return _evo_norm_s_planes(variant, input, int(groups), weight, bias, v, activation, float(eps), apply_act)
     return _ref_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
                                eps=float(eps), apply_act=apply_act, always_normalize=always_normalize)
+
+
+def _evo_affine_coefficients(weight: Optional[Tensor], bias: Optional[Tensor], scale: Tensor
+                             ) -> tuple[Tensor, Tensor]:
+    """``(scale·γ, β)`` as ``(N, C)`` coefficients of the plane ops, from a per-plane ``scale`` (``(N, C)``)."""
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = bias.to(scale.dtype).expand(scale.shape) if bias is not None else scale.new_zeros(scale.shape)
+    return scale, shift
+
+
+def _evo_norm_b_planes(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float,
+                       eps: float) -> Tensor:
+    """The B family through the Triton ops: ``plane_moments``, then ``(N, C)`` torch ops, then one fused pass.
+
+    Every statistic follows exactly from the planes' ``(mean, var)``: the batch variance of a channel is the mean of
+    its planes' variances plus the variance of their means (equal counts); a plane's ``mean(x²)`` is ``var + mean²``.
+    Each variant's right-hand side is affine in ``x`` within a plane — B0 ``v·x + std``, B1 ``rms·x + rms``,
+    B2 ``−x + rms`` — which is what :func:`~normlayers.ops.evo_norm.plane_max_div_affine` takes. Autograd of the
+    small ops links the fused pass's backward to ``plane_moments``'s. Same semantics as the reference, buffer included.
+    """
+    n, channels, height, width = input.shape
+    plane_mean, plane_var = _ops_channel.plane_moments(input)
+    opmath = plane_mean.dtype
+    if training:
+        batch_mean = plane_mean.mean(0)
+        var = plane_var.mean(0) + (plane_mean - batch_mean).square().mean(0)
+        if running_var is not None:
+            _ref_evo.update_running_var_(running_var, var, n * height * width, momentum)
+    else:
+        var = running_var.to(opmath)
+    left = torch.sqrt(var + eps).expand(n, channels)
+    if variant == "b0":
+        slope, offset = v.to(opmath).expand(n, channels), torch.sqrt(plane_var + eps)
+    else:
+        rms = torch.sqrt(plane_var + plane_mean.square() + eps)
+        slope, offset = (rms if variant == "b1" else torch.full_like(rms, -1.0)), rms
+    scale, shift = _evo_affine_coefficients(weight, bias, plane_mean.new_ones(n, channels))
+    return _ops_evo.plane_max_div_affine(input, left, slope, offset, scale, shift)
+
+
+def _evo_is_silu(activation: Optional[Callable[[Tensor], Tensor]]) -> bool:
+    return activation is torch.nn.functional.silu or type(activation) is torch.nn.SiLU
+
+
+def _evo_norm_s_planes(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                       v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float,
+                       apply_act: bool) -> Tensor:
+    """The S family through the Triton ops: ``plane_moments``, the group statistic by ``(N, C)`` torch ops (the mean
+    of the planes' variances plus the variance of their means; S2: the mean of ``var + mean²``), then one fused pass.
+
+    The numerator ``x·sigmoid(v·x)`` (S0, and SiLU, ``v = 1``) is fused into
+    :func:`~normlayers.ops.evo_norm.plane_swish_affine`; the identity (no activation, or timm's "a" variants with
+    ``apply_act=False``) is :func:`~normlayers.ops.channel_stats.plane_affine`; any other activation runs as torch ops
+    on the fp32 (fp64) input and its result goes through ``plane_affine``.
+    """
+    n, channels = input.shape[:2]
+    plane_mean, plane_var = _ops_channel.plane_moments(input)
+    per_group = (n, groups, channels // groups)
+    group_mean, group_var = plane_mean.view(per_group), plane_var.view(per_group)
+    if variant == "s2":
+        statistic = (group_var + group_mean.square()).mean(-1, keepdim=True)
+    else:
+        statistic = group_var.mean(-1, keepdim=True) + (
+            group_mean - group_mean.mean(-1, keepdim=True)).square().mean(-1, keepdim=True)
+    inv_denominator = torch.rsqrt(statistic + eps).expand(per_group).reshape(n, channels)
+    scale, shift = _evo_affine_coefficients(weight, bias, inv_denominator)
+    if apply_act and (variant == "s0" or _evo_is_silu(activation)):
+        slope = v.to(scale.dtype).expand(n, channels) if variant == "s0" else torch.ones_like(scale)
+        return _ops_evo.plane_swish_affine(input, slope, scale, shift)
+    if apply_act and activation is not None:
+        numerator = activation(input.to(scale.dtype))
+        return _ops_channel.plane_affine(numerator, torch.zeros_like(scale), scale, shift).to(input.dtype)
+    return _ops_channel.plane_affine(input, torch.zeros_like(scale), scale, shift)
 
 
 def _evo_append_doc(*sections: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:

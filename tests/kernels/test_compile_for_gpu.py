@@ -1,4 +1,5 @@
-"""Compile every kernel variant (row norms, per-plane channel statistics) for an H100 (sm_90) with Triton's real compiler, without a GPU.
+"""Compile every kernel variant (row norms, per-plane channel statistics, EvoNorm's fused pass) for an H100 (sm_90)
+with Triton's real compiler, without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects (e.g. a loop-carried variable that
 changes dtype). Triton compiles ahead of time for a named target down to a cubin with its bundled ptxas, so CI
@@ -20,7 +21,7 @@ def compile_all_variants() -> int:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from normlayers.kernels import channel_stats, common, row_norms
+    from normlayers.kernels import channel_stats, common, evo_norm, row_norms
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -80,6 +81,16 @@ def compile_all_variants() -> int:
                         "DA": f"*{stats}", "DB": f"*{stats}"},
                        {**planes, **strides("dy", "x", "dx")}, tile)
         count += 6
+        coefficients = {name: f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE")}
+        for mode in (evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV):
+            compile_kernel(evo_norm.evo_plane_fwd_kernel,
+                           {"X": f"*{data}", **coefficients, "SHIFT": f"*{stats}", "Y": f"*{data}"},
+                           {**planes, **strides("x", "y")}, {"MODE": mode, **tile})
+            compile_kernel(evo_norm.evo_plane_bwd_kernel,
+                           {"DY": f"*{data}", "X": f"*{data}", **coefficients, "DX": f"*{data}",
+                            **{f"D{name}": f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE", "SHIFT")}},
+                           {**planes, **strides("dy", "x", "dx")}, {"MODE": mode, **tile})
+            count += 2
     return count
 
 
@@ -89,7 +100,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 92 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 104 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":

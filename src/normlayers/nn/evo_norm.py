@@ -11,6 +11,9 @@ Differences from timm, all on inputs timm mishandles or does not check: bad argu
 ``TypeError`` (timm asserts, or swallows unknown keywords with ``**_``); B training on ``N·H·W = 1`` values raises as
 ``nn.BatchNorm2d`` does (timm writes inf into ``running_var``, spec §4.6); fp16/bf16 inputs are normalized in fp32
 and rounded once (timm rounds its fp32 statistics to the input dtype first).
+
+On CUDA tensors they run on Triton ops (``normlayers::plane_moments`` and one fused normalize + activation + affine
+pass, ``kernels/evo_norm.py``), elsewhere on the plain-PyTorch reference; see :mod:`normlayers.backend`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of EvoNorm (Liu, Brock, Simonyan, Le, NeurIPS 2020) and timm's further variants.
 
-The ground truth the kernels will be tested against; written for reading, not speed. Spec:
+The ground truth the Triton path (``kernels/evo_norm.py``) is tested against; written for reading, not speed. Spec:
 ``specs/bcn_ws_region_evo.md`` §4. The semantics are timm's (``timm/layers/evo_norm.py``, spec §4.3), so timm
 checkpoints load and give the same outputs; where timm and the official TF code differ (spec §4.4) timm is followed.
 
