@@ -252,6 +252,17 @@ def _check_epsilon(name: str, value: object) -> float:
     return float(value)
 
 
+def _empty_batch_output(input: Tensor, *params: Optional[Tensor]) -> Tensor:
+    """The output for an input with no values (``N = 0``, or empty planes): empty, as torch's norms return, and still
+    connected to every parameter so that each gets a (zero) gradient — DDP expects one from every rank, including a
+    rank whose local batch is empty. Running statistics are left alone, as ``nn.BatchNorm2d`` leaves them."""
+    out = input.clone()
+    for param in params:
+        if param is not None:
+            out = out + param.sum() * 0
+    return out
+
+
 def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                               bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], weight: Optional[Tensor],
                               bias: Optional[Tensor],
@@ -350,9 +361,15 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
     Running updates (training): with ``estimate=False``, ``running ← (1 − m)·running + m·batch`` with the unbiased
     batch variance (PyTorch semantics); with ``estimate=True``, ``mean ← (1 − r)·mean + r·E[x]`` and
     ``var ← (1 − r)·var + r·E[(x − mean_old)²]``. All on device, computed in fp32, stored in the buffers' dtype.
+    An input with no values (``N = 0``) gives an empty output and changes no statistic; ``num_batches_tracked`` still
+    counts it in training, as ``nn.BatchNorm2d`` does.
     """
     _check_batch_channel_args(input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training, momentum,
                               eps, bn_eps, num_groups, estimate, estimate_rate, num_batches_tracked)
+    if input.numel() == 0:
+        if training and not estimate and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # nn.BatchNorm2d counts an empty batch too (and updates nothing else)
+        return _empty_batch_output(input, bn_weight, bn_bias, weight, bias)
     if use_triton(input):
         return _batch_channel_norm_planes(
             input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
@@ -614,10 +631,12 @@ def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weig
         if running_var is None and not training:
             raise ValueError("running_var is required in eval mode (training=False): it is the variance used")
         values_per_channel = input.shape[0] * input.shape[2] * input.shape[3]
-        if training and running_var is not None and values_per_channel <= 1:
+        if training and running_var is not None and values_per_channel == 1:
             raise ValueError(f"Expected more than 1 value per channel when training (N·H·W = {values_per_channel} for "
                              f"input of shape {list(input.shape)}): the running-variance update divides by N·H·W − 1, "
                              "as torch.nn.BatchNorm2d refuses to")
+    if input.numel() == 0:
+        return _empty_batch_output(input, weight, bias, v)
     if apply_act and use_triton(input):
         return _evo_norm_b_planes(variant, input, running_var, weight, bias, v, training, float(momentum), float(eps))
     return _ref_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
@@ -634,6 +653,8 @@ def _evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tenso
         raise ValueError("evo_norm2d_s0/s0a with apply_act=True need v, the (C,) parameter of their nonlinearity")
     if activation is not None and not callable(activation):
         raise TypeError(f"activation must be a callable (Tensor -> Tensor) or None, got {type(activation).__name__}")
+    if input.numel() == 0:
+        return _empty_batch_output(input, weight, bias, v)
     if (apply_act or always_normalize) and use_triton(input):
         return _evo_norm_s_planes(variant, input, int(groups), weight, bias, v, activation, float(eps), apply_act)
     return _ref_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
@@ -729,7 +750,8 @@ _EVO_B_DOC = """
             dtype.
         running_var: ``(C,)``, the running (unbiased) variance. Used in eval; updated in place in training as
             ``running_var ← (1 − momentum)·running_var + momentum·var·n/(n − 1)`` with ``n = N·H·W`` (timm's rule,
-            spec B §4.3), which needs ``n > 1``. May be ``None`` in training (no update).
+            spec B §4.3), which needs ``n > 1``; an empty input (``n = 0``) gives an empty output and leaves it
+            alone, as ``nn.BatchNorm2d``. May be ``None`` in training (no update).
         weight, bias: the ``(C,)`` affine ``γ``, ``β``. Default: ``None`` (none).
         training: batch variance (with gradient) and the running update when ``True``. Default: ``False``.
         momentum: the running-variance rate in [0, 1]. Default: ``0.1``.

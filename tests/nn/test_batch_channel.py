@@ -279,6 +279,30 @@ def test_training_with_one_value_per_channel_raises_like_batchnorm2d():
     assert_close(est(x), estbn_forward(state, x.double(), mean, var, 1e-5, 1e-5))
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("estimate", [False, True])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_like_batchnorm2d(training, estimate, backend_name):
+    """N = 0 (e.g. a rank with no samples): nn.BatchNorm2d returns an empty output, keeps its running statistics and
+    counts the batch in num_batches_tracked; so do we. Every parameter gets a zero gradient."""
+    x = torch.randn(0, 16, 3, 3, requires_grad=True)
+    torch_bn = nn.BatchNorm2d(16).train(training)
+    torch_bn(x)
+    m = randomize_(normlayers.BatchChannelNorm2d(16, 4, estimate=estimate, estimate_rate=0.5)).train(training)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with normlayers.backend(backend_name):
+        y = m(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    for key, value in m.state_dict().items():
+        if key.endswith("num_batches_tracked") and not estimate:
+            assert int(value) == int(before[key]) + int(torch_bn.num_batches_tracked)
+        else:
+            assert torch.equal(value, before[key]), key
+    for param in m.parameters():
+        assert param.grad is not None and torch.equal(param.grad, torch.zeros_like(param))
+
+
 @pytest.mark.parametrize("case", ["batch2", "batch1", "batch2_1x1"])
 def test_estimate_mode_equals_rederivation_over_several_steps(case):
     """EstBN (spec §2.2): each training step first moves the estimates at rate r, then normalizes with the updated

@@ -263,12 +263,23 @@ def test_s_layers_are_batch_independent(name):
     assert_close(layer(x[1:2]), y_train[1:2])
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", NAMES)
-def test_empty_batch(name):
-    """N = 0: an empty output of the right shape (eval for B; in training B raises, as for N·H·W = 1 below)."""
+def test_empty_batch(name, training, backend_name):
+    """N = 0: an empty output of the right shape, the running variance left alone (as nn.BatchNorm2d leaves its
+    statistics), and a zero gradient for every parameter (DDP needs one from a rank with an empty batch)."""
     layer, _ = make_layer(name, 8, groups=4)
-    y = layer.eval()(torch.randn(0, 8, 3, 3))
+    buffers = [b.clone() for b in layer.buffers()]
+    x = torch.randn(0, 8, 3, 3, requires_grad=True)
+    with normlayers.backend(backend_name):
+        y = layer.train(training)(x)
     assert y.shape == (0, 8, 3, 3)
+    y.sum().backward()
+    for buffer, before in zip(layer.buffers(), buffers):
+        assert torch.equal(buffer, before)
+    for param in layer.parameters():
+        assert param.grad is not None and torch.equal(param.grad, torch.zeros_like(param))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
