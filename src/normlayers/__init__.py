@@ -2,6 +2,7 @@
 
 from normlayers import functional
 from normlayers.backend import backend, get_backend, set_backend
+from normlayers.distributed import convert_sync
 from normlayers.nn import (
     BatchChannelNorm2d,
     CRMSNorm,
@@ -39,6 +40,7 @@ __all__ = [
     "ScaledWSConv2d",
     "WSConv2d",
     "backend",
+    "convert_sync",
     "functional",
     "get_backend",
     "set_backend",

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from normlayers.backend import use_triton
+from normlayers.distributed import MomentSync, moment_sync
 from normlayers.ops import channel_stats as _ops_channel
 from normlayers.ops import evo_norm as _ops_evo
 from normlayers.ops import row_norms as _ops_row
@@ -268,7 +269,7 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
                               bias: Optional[Tensor],
                               training: bool, momentum: Optional[float], eps: float, bn_eps: float, num_groups: int,
                               estimate: bool, estimate_rate: Union[float, Tensor],
-                              num_batches_tracked: Optional[Tensor]) -> None:
+                              num_batches_tracked: Optional[Tensor], *, local_batch: bool) -> None:
     per_channel = {"running_mean": running_mean, "running_var": running_var, "bn_weight": bn_weight,
                    "bn_bias": bn_bias}
     per_group = {"weight": weight, "bias": bias}
@@ -297,7 +298,8 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
     if running_mean is None and (estimate or not training):
         raise ValueError("running_mean and running_var are required in eval mode and with estimate=True "
                          "(only training=True, estimate=False may run on batch statistics alone)")
-    if training and not estimate and input.numel() // channels == 1:
+    # With synced statistics only the global count matters, and reading it would be a host sync: not checked.
+    if local_batch and training and not estimate and input.numel() // channels == 1:
         raise ValueError(f"Expected more than 1 value per channel when training (N·H·W = 1 for input of shape "
                          f"{list(input.shape)}): the batch stage's variance is undefined, as in torch.nn.BatchNorm2d;"
                          " use estimate=True or eval mode for single values")
@@ -327,7 +329,8 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
                        weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                        momentum: Optional[float] = 0.1, eps: float = 1e-5, num_groups: int = 32,
                        bn_eps: float = 1e-5, *, estimate: bool = False, estimate_rate: Union[float, Tensor] = 0.0,
-                       num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+                       num_batches_tracked: Optional[Tensor] = None, sync_stats: bool = False,
+                       process_group: Optional[Any] = None) -> Tensor:
     r"""Batch-Channel Normalization (Qiao et al.; spec B §2): a batch stage, then GroupNorm, then a group affine.
 
     .. math::
@@ -357,6 +360,10 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
         estimate_rate: EstBN's update rate ``r`` (a float in [0, 1], or a one-element tensor such as the official
             ``estbn_moving_speed`` buffer). Default: ``0.0``, which freezes the estimates (the official default).
         num_batches_tracked: incremented in place in training with ``estimate=False``, as ``nn.BatchNorm2d`` does.
+        sync_stats, process_group: in training, with ``torch.distributed`` initialized and more than one rank in
+            ``process_group`` (default: the world), take the batch stage's statistics over the global batch
+            (:mod:`normlayers.distributed`); every rank must then call this, also with an empty batch.
+            Default: ``False``.
 
     Running updates (training): with ``estimate=False``, ``running ← (1 − m)·running + m·batch`` with the unbiased
     batch variance (PyTorch semantics); with ``estimate=True``, ``mean ← (1 − r)·mean + r·E[x]`` and
@@ -364,9 +371,11 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
     An input with no values (``N = 0``) gives an empty output and changes no statistic; ``num_batches_tracked`` still
     counts it in training, as ``nn.BatchNorm2d`` does.
     """
+    sync = moment_sync(sync_stats, process_group, training)
     _check_batch_channel_args(input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training, momentum,
-                              eps, bn_eps, num_groups, estimate, estimate_rate, num_batches_tracked)
-    if input.numel() == 0:
+                              eps, bn_eps, num_groups, estimate, estimate_rate, num_batches_tracked,
+                              local_batch=sync is None)
+    if input.numel() == 0 and sync is None:
         if training and not estimate and num_batches_tracked is not None:
             num_batches_tracked.add_(1)  # nn.BatchNorm2d counts an empty batch too (and updates nothing else)
         return _empty_batch_output(input, bn_weight, bn_bias, weight, bias)
@@ -374,18 +383,25 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
         return _batch_channel_norm_planes(
             input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
             eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
-            num_batches_tracked=num_batches_tracked)
+            num_batches_tracked=num_batches_tracked, sync=sync)
     return _ref_batch_channel.batch_channel_norm(
         input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
         eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
-        num_batches_tracked=num_batches_tracked)
+        num_batches_tracked=num_batches_tracked, sync=sync)
+
+
+def _batch_moments_from_planes(plane_mean: Tensor, plane_var: Tensor) -> tuple[Tensor, Tensor]:
+    """Each channel's batch ``(mean, biased var)`` from its ``N`` planes' moments (equal counts): the mean of the
+    means, and the mean of the variances plus the variance of the means."""
+    mean = plane_mean.mean(0)
+    return mean, plane_var.mean(0) + (plane_mean - mean).square().mean(0)
 
 
 def _batch_channel_norm_planes(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                                bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], weight: Optional[Tensor],
                                bias: Optional[Tensor], *, training: bool, momentum: Optional[float], eps: float,
                                num_groups: int, bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
-                               num_batches_tracked: Optional[Tensor]) -> Tensor:
+                               num_batches_tracked: Optional[Tensor], sync: Optional[MomentSync]) -> Tensor:
     """BCN through the plane kernels: both stages and the affines compose to one affine map per plane.
 
     One pass of :func:`~normlayers.ops.channel_stats.plane_moments` gives every plane's ``(mean, var)``; all the
@@ -396,20 +412,19 @@ def _batch_channel_norm_planes(input: Tensor, running_mean: Optional[Tensor], ru
     n, channels = input.shape[:2]
     plane_mean, plane_var = _ops_channel.plane_moments(input)
     opmath = plane_mean.dtype
+    if training:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not estimate):
+            mean, var = _batch_moments_from_planes(plane_mean, plane_var)
+            count: Union[int, Tensor] = n * math.prod(input.shape[2:])
+            if sync is not None:
+                mean, var, count = sync(mean, var, count)
     if training and not estimate:
-        mean = plane_mean.mean(0)
-        var = plane_var.mean(0) + (plane_mean - mean).square().mean(0)
         if running_mean is not None and running_var is not None:
             _ref_batch_channel.update_batch_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
-                                                           count=input.numel() // channels, momentum=momentum)
+                                                           count=count, momentum=momentum)
     else:
         if training:
-            # EstBN: the variance is centred at the OLD mean estimate; per plane that is var + (mean − old)².
-            with torch.no_grad():
-                old_mean = running_mean.to(opmath)
-                centred_at_old = (plane_var + (plane_mean - old_mean).square()).mean(0)
-                _ref_batch_channel._update_running_(running_mean, plane_mean.mean(0), estimate_rate)
-                _ref_batch_channel._update_running_(running_var, centred_at_old, estimate_rate)
+            _ref_batch_channel.estimate_update_(running_mean, running_var, mean, var, estimate_rate)
         mean, var = running_mean.to(opmath), running_var.to(opmath)
     # Batch stage, per channel: u = (x − mean)·a + bn_bias. Each plane's moments after it:
     a = torch.rsqrt(var + bn_eps)
@@ -621,26 +636,29 @@ def _evo_check_scalars(eps: float, momentum: Optional[float] = None) -> None:
 
 def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
                 bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
-                apply_act: bool) -> Tensor:
+                apply_act: bool, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
     """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the Triton ops or the reference."""
     _evo_check_args(input, {"running_var": running_var, "weight": weight, "bias": bias, "v": v}, eps,
                     momentum=momentum)
+    sync = moment_sync(sync_stats, process_group, training) if apply_act else None
     if apply_act:
         if variant == "b0" and v is None:
             raise ValueError("evo_norm2d_b0 with apply_act=True needs v, the (C,) parameter of its nonlinearity")
         if running_var is None and not training:
             raise ValueError("running_var is required in eval mode (training=False): it is the variance used")
         values_per_channel = input.shape[0] * input.shape[2] * input.shape[3]
-        if training and running_var is not None and values_per_channel == 1:
+        # With synced statistics only the global count matters, and reading it would be a host sync: not checked.
+        if sync is None and training and running_var is not None and values_per_channel == 1:
             raise ValueError(f"Expected more than 1 value per channel when training (N·H·W = {values_per_channel} for "
                              f"input of shape {list(input.shape)}): the running-variance update divides by N·H·W − 1, "
                              "as torch.nn.BatchNorm2d refuses to")
-    if input.numel() == 0:
+    if input.numel() == 0 and sync is None:
         return _empty_batch_output(input, weight, bias, v)
     if apply_act and use_triton(input):
-        return _evo_norm_b_planes(variant, input, running_var, weight, bias, v, training, float(momentum), float(eps))
+        return _evo_norm_b_planes(variant, input, running_var, weight, bias, v, training, float(momentum), float(eps),
+                                  sync)
     return _ref_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
-                               momentum=float(momentum), eps=float(eps), apply_act=apply_act)
+                               momentum=float(momentum), eps=float(eps), apply_act=apply_act, sync=sync)
 
 
 def _evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -672,7 +690,7 @@ def _evo_affine_coefficients(weight: Optional[Tensor], bias: Optional[Tensor], s
 
 def _evo_norm_b_planes(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
                        bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float,
-                       eps: float) -> Tensor:
+                       eps: float, sync: Optional[MomentSync]) -> Tensor:
     """The B family through the Triton ops: ``plane_moments``, then ``(N, C)`` torch ops, then one fused pass.
 
     Every statistic follows exactly from the planes' ``(mean, var)``: the batch variance of a channel is the mean of
@@ -685,10 +703,12 @@ def _evo_norm_b_planes(variant: str, input: Tensor, running_var: Optional[Tensor
     plane_mean, plane_var = _ops_channel.plane_moments(input)
     opmath = plane_mean.dtype
     if training:
-        batch_mean = plane_mean.mean(0)
-        var = plane_var.mean(0) + (plane_mean - batch_mean).square().mean(0)
+        batch_mean, var = _batch_moments_from_planes(plane_mean, plane_var)
+        count: Union[int, Tensor] = n * height * width
+        if sync is not None:
+            _, var, count = sync(batch_mean, var, count)
         if running_var is not None:
-            _ref_evo.update_running_var_(running_var, var, n * height * width, momentum)
+            _ref_evo.update_running_var_(running_var, var, count, momentum)
     else:
         var = running_var.to(opmath)
     left = torch.sqrt(var + eps).expand(n, channels)
@@ -758,6 +778,10 @@ _EVO_B_DOC = """
         eps: added inside every square root (both sides of the ``max``); its default is the layer's, above.
         apply_act (keyword-only): ``False`` is affine only — no normalization, ``running_var`` untouched — as timm's
             ``apply_act=False`` (and TF's ``nonlinearity=False``). Default: ``True``.
+        sync_stats, process_group (keyword-only): in training, with ``torch.distributed`` initialized and more than
+            one rank in ``process_group`` (default: the world), take the batch variance over the global batch
+            (:mod:`normlayers.distributed`); every rank must then call this, also with an empty batch.
+            Default: ``False``.
 
     At an exact tie of the two sides of the ``max`` the gradient is split half/half, PyTorch's rule for
     :func:`torch.maximum` (spec B §4.5).
@@ -782,7 +806,8 @@ _EVO_ACTIVATION_DOC = """        activation (keyword-only): the nonlinearity ``a
 @_evo_append_doc(_EVO_B_DOC)
 def evo_norm2d_b0(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, v: Optional[Tensor] = None, training: bool = False,
-                  momentum: float = 0.1, eps: float = 1e-3, *, apply_act: bool = True) -> Tensor:
+                  momentum: float = 0.1, eps: float = 1e-3, *, apply_act: bool = True, sync_stats: bool = False,
+                  process_group: Optional[Any] = None) -> Tensor:
     r"""EvoNorm-B0 (Liu et al., NeurIPS 2020; spec B §4.1, timm's ``EvoNorm2dB0``):
 
     .. math::
@@ -793,13 +818,14 @@ def evo_norm2d_b0(input: Tensor, running_var: Optional[Tensor], weight: Optional
     biased variance of each (sample, channel) over H, W. ``v`` is the ``(C,)`` parameter of the nonlinearity,
     required with ``apply_act=True``. ``eps`` (default ``1e-3``, timm's) goes inside both square roots.
     """
-    return _evo_norm_b("b0", input, running_var, weight, bias, v, training, momentum, eps, apply_act)
+    return _evo_norm_b("b0", input, running_var, weight, bias, v, training, momentum, eps, apply_act, sync_stats,
+                       process_group)
 
 
 @_evo_append_doc(_EVO_B_DOC)
 def evo_norm2d_b1(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                  *, apply_act: bool = True) -> Tensor:
+                  *, apply_act: bool = True, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
     r"""EvoNorm-B1 (timm's ``EvoNorm2dB1``; spec B §4.1):
 
     .. math::
@@ -808,13 +834,14 @@ def evo_norm2d_b1(input: Tensor, running_var: Optional[Tensor], weight: Optional
 
     ``σ²`` as in :func:`evo_norm2d_b0`; ``eps`` defaults to ``1e-5``.
     """
-    return _evo_norm_b("b1", input, running_var, weight, bias, None, training, momentum, eps, apply_act)
+    return _evo_norm_b("b1", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
+                       process_group)
 
 
 @_evo_append_doc(_EVO_B_DOC)
 def evo_norm2d_b2(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                  *, apply_act: bool = True) -> Tensor:
+                  *, apply_act: bool = True, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
     r"""EvoNorm-B2 (timm's ``EvoNorm2dB2``; spec B §4.1):
 
     .. math::
@@ -823,7 +850,8 @@ def evo_norm2d_b2(input: Tensor, running_var: Optional[Tensor], weight: Optional
 
     ``σ²`` as in :func:`evo_norm2d_b0`; ``eps`` defaults to ``1e-5``.
     """
-    return _evo_norm_b("b2", input, running_var, weight, bias, None, training, momentum, eps, apply_act)
+    return _evo_norm_b("b2", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
+                       process_group)
 
 
 @_evo_append_doc(_EVO_S_DOC)

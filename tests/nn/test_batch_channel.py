@@ -509,8 +509,6 @@ def test_bad_constructor_arguments():
         normlayers.BatchChannelNorm2d(16, 4, estimate=True, estimate_rate=-0.1)
     with pytest.raises(ValueError, match="bn_eps"):
         normlayers.BatchChannelNorm2d(16, 4, bn_eps=-1.0)
-    with pytest.raises(ValueError, match="issue 8"):
-        normlayers.BatchChannelNorm2d(16, 4, sync_stats=True)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -192,12 +192,15 @@ def _groups_of(shape_key: str) -> int:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_signature_is_timms_plus_keyword_only_factory_kwargs(name):
+def test_signature_is_timms_plus_keyword_only_extras(name):
+    # timm's positional arguments; after them, keyword-only: the batch-statistic (B) layers' sync switch
+    # (normlayers.distributed), and the factory kwargs.
     params = list(inspect.signature(LAYERS[name][0].__init__).parameters.values())[1:]
     positional = [(p.name, p.default) for p in params if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
     keyword_only = [(p.name, p.default) for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
     assert positional == timm_signature(name)
-    assert keyword_only == [("device", None), ("dtype", None)]
+    sync = [("sync_stats", False), ("process_group", None)] if LAYERS[name][1] == "B" else []
+    assert keyword_only == [*sync, ("device", None), ("dtype", None)]
 
 
 @pytest.mark.parametrize("apply_act", [True, False])

@@ -102,8 +102,10 @@ class BatchChannelNorm2d(nn.Module):
             estimates at their loaded (or initial ``0``/``1``) values: load them from a large-batch checkpoint or set a
             rate. Default: ``0.0``.
         bn_eps (float): the batch stage's epsilon (fixed at ``1e-5`` in the official code). Default: ``1e-5``.
-        process_group, sync_stats (keyword-only): reserved for synchronized batch statistics (issue 8);
-            ``sync_stats=True`` raises ``ValueError`` until it is implemented.
+        process_group, sync_stats (keyword-only): ``sync_stats=True`` takes the batch stage's statistics over the
+            global batch of ``process_group`` (default: the world) in training when ``torch.distributed`` is
+            initialized with more than one rank (:mod:`normlayers.distributed`; :func:`normlayers.convert_sync` sets
+            it on a whole model). Default: ``False``.
         device, dtype (keyword-only): factory kwargs for the parameters and buffers.
 
     Shape:
@@ -136,14 +138,12 @@ class BatchChannelNorm2d(nn.Module):
         if self.num_channels % self.num_groups != 0:
             raise ValueError(f"num_groups ({num_groups}) must divide num_channels ({num_channels}): each group holds "
                              f"num_channels / num_groups contiguous channels")
-        if sync_stats:
-            raise ValueError("sync_stats=True: synchronized batch statistics are not implemented yet (issue 8)")
         self.momentum = None if momentum is None else F._check_unit_interval("momentum", momentum)
         self.estimate_rate = F._check_unit_interval("estimate_rate", estimate_rate)
         self.eps = F._check_epsilon("eps", eps)
         self.bn_eps = F._check_epsilon("bn_eps", bn_eps)
         self.estimate = bool(estimate)
-        self.sync_stats = False
+        self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         factory_kwargs = {"device": device, "dtype": dtype}
         self.bn = _BatchStage(self.num_channels, self.estimate, self.estimate_rate, **factory_kwargs)
@@ -164,8 +164,10 @@ class BatchChannelNorm2d(nn.Module):
     def extra_repr(self) -> str:
         text = f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}"
         if self.estimate:
-            return text + f", estimate=True, estimate_rate={self.estimate_rate}, bn_eps={self.bn_eps}"
-        return text + f", momentum={self.momentum}, bn_eps={self.bn_eps}"
+            text += f", estimate=True, estimate_rate={self.estimate_rate}, bn_eps={self.bn_eps}"
+        else:
+            text += f", momentum={self.momentum}, bn_eps={self.bn_eps}"
+        return text + (", sync_stats=True" if self.sync_stats else "")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -182,4 +184,4 @@ class BatchChannelNorm2d(nn.Module):
             training=self.training, momentum=self.momentum, eps=self.eps, num_groups=self.num_groups,
             bn_eps=self.bn_eps, estimate=self.estimate,
             estimate_rate=bn.estbn_moving_speed if self.estimate else 0.0,
-            num_batches_tracked=bn.num_batches_tracked)
+            num_batches_tracked=bn.num_batches_tracked, sync_stats=self.sync_stats, process_group=self.process_group)

@@ -19,7 +19,7 @@ pass, ``kernels/evo_norm.py``), elsewhere on the plain-PyTorch reference; see :m
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -116,8 +116,8 @@ class _EvoNorm2dB(nn.Module):
     momentum: float
     eps: float
 
-    def __init__(self, num_features: int, apply_act: bool, momentum: float, eps: float, *, device=None,
-                 dtype=None) -> None:
+    def __init__(self, num_features: int, apply_act: bool, momentum: float, eps: float, *, sync_stats: bool,
+                 process_group: Optional[Any], device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         F._evo_check_scalars(eps, momentum)
@@ -125,6 +125,8 @@ class _EvoNorm2dB(nn.Module):
         self.apply_act = bool(apply_act)
         self.momentum = float(momentum)
         self.eps = float(eps)
+        self.sync_stats = bool(sync_stats)
+        self.process_group = process_group
         self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
         self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
         if self._variant == "b0" and self.apply_act:
@@ -146,12 +148,13 @@ class _EvoNorm2dB(nn.Module):
             nn.init.ones_(self.v)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, apply_act={self.apply_act}, momentum={self.momentum}, eps={self.eps}"
+        text = f"{self.num_features}, apply_act={self.apply_act}, momentum={self.momentum}, eps={self.eps}"
+        return text + (", sync_stats=True" if self.sync_stats else "")
 
     def forward(self, input: Tensor) -> Tensor:
         _check_channels(input, self.num_features)
         return F._evo_norm_b(self._variant, input, self.running_var, self.weight, self.bias, self.v, self.training,
-                             self.momentum, self.eps, self.apply_act)
+                             self.momentum, self.eps, self.apply_act, self.sync_stats, self.process_group)
 
 
 _B_DOC = r"""
@@ -168,6 +171,9 @@ _B_DOC = r"""
             update), as timm's ``apply_act=False`` and TF's ``nonlinearity=False``. Default: ``True``.
         momentum (float): the running-variance rate, in [0, 1]. Default: ``0.1``.
         eps (float): added inside every square root. Default: see above.
+        sync_stats, process_group (keyword-only): ``sync_stats=True`` takes the batch variance over the global
+            batch of ``process_group`` (default: the world) in training when ``torch.distributed`` is initialized
+            with more than one rank (:mod:`normlayers.distributed`). Default: ``False``.
         device, dtype (keyword-only): factory kwargs for the parameters; ``running_var`` is fp32 (fp64 when
             ``dtype`` is fp64).
 
@@ -201,8 +207,9 @@ class EvoNorm2dB0(_EvoNorm2dB):
     _variant = "b0"
 
     def __init__(self, num_features: int, apply_act: bool = True, momentum: float = 0.1, eps: float = 1e-3, *,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, apply_act, momentum, eps, device=device, dtype=dtype)
+                 sync_stats: bool = False, process_group: Optional[Any] = None, device=None, dtype=None) -> None:
+        super().__init__(num_features, apply_act, momentum, eps, sync_stats=sync_stats, process_group=process_group,
+                         device=device, dtype=dtype)
 
 
 @_append_doc(_B_DOC, r"""
@@ -224,8 +231,9 @@ class EvoNorm2dB1(_EvoNorm2dB):
     _variant = "b1"
 
     def __init__(self, num_features: int, apply_act: bool = True, momentum: float = 0.1, eps: float = 1e-5, *,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, apply_act, momentum, eps, device=device, dtype=dtype)
+                 sync_stats: bool = False, process_group: Optional[Any] = None, device=None, dtype=None) -> None:
+        super().__init__(num_features, apply_act, momentum, eps, sync_stats=sync_stats, process_group=process_group,
+                         device=device, dtype=dtype)
 
 
 @_append_doc(_B_DOC, r"""
@@ -247,8 +255,9 @@ class EvoNorm2dB2(_EvoNorm2dB):
     _variant = "b2"
 
     def __init__(self, num_features: int, apply_act: bool = True, momentum: float = 0.1, eps: float = 1e-5, *,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, apply_act, momentum, eps, device=device, dtype=dtype)
+                 sync_stats: bool = False, process_group: Optional[Any] = None, device=None, dtype=None) -> None:
+        super().__init__(num_features, apply_act, momentum, eps, sync_stats=sync_stats, process_group=process_group,
+                         device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

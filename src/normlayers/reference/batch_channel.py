@@ -28,7 +28,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["batch_channel_norm", "batch_stage_statistics", "update_batch_running_stats_"]
+from normlayers.distributed import MomentSync
+
+__all__ = ["batch_channel_norm", "batch_stage_statistics", "estimate_update_", "update_batch_running_stats_"]
 
 # Reduction dims of the batch stage (every dim but channels) and the broadcast shape of a per-channel vector.
 _BATCH_DIMS = (0, 2, 3)
@@ -47,18 +49,20 @@ def _update_running_(buffer: Tensor, value: Tensor, rate: Union[float, Tensor]) 
 
 
 @torch.no_grad()
-def _estimate_update_(x: Tensor, running_mean: Tensor, running_var: Tensor, rate: Union[float, Tensor]) -> None:
-    """EstBN's training-time update (spec §2.2): the variance is centred at the *old* estimate of the mean, biased,
-    and both estimates move at rate ``r``; there is no Bessel correction."""
-    batch_mean = x.mean(_BATCH_DIMS)
-    centred_at_old = (x - running_mean.to(x.dtype).view(_PER_CHANNEL)).square().mean(_BATCH_DIMS)
-    _update_running_(running_mean, batch_mean, rate)
+def estimate_update_(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                     rate: Union[float, Tensor]) -> None:
+    """EstBN's training-time update (spec §2.2) from the batch's per-channel ``mean`` and biased ``var``: the variance
+    is centred at the *old* estimate of the mean, ``E[(x − mean_old)²] = var + (mean − mean_old)²``, biased, and both
+    estimates move at rate ``r``; there is no Bessel correction."""
+    centred_at_old = var + (mean - running_mean.to(mean.dtype)).square()
+    _update_running_(running_mean, mean, rate)
     _update_running_(running_var, centred_at_old, rate)
 
 
 @torch.no_grad()
 def update_batch_running_stats_(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
-                                mean: Tensor, var: Tensor, *, count: int, momentum: Optional[float]) -> None:
+                                mean: Tensor, var: Tensor, *, count: Union[int, Tensor],
+                                momentum: Optional[float]) -> None:
     """PyTorch's BatchNorm running update from a batch's per-channel ``mean`` and biased ``var`` over ``count``
     values: ``num_batches_tracked += 1``; the rate is ``momentum``, or ``1 / num_batches_tracked`` (a cumulative
     average) when ``momentum is None``; the running variance receives the unbiased ``var · count/(count − 1)``."""
@@ -72,7 +76,8 @@ def update_batch_running_stats_(running_mean: Tensor, running_var: Tensor, num_b
 def batch_stage_statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
                            training: bool, momentum: Optional[float], estimate: bool = False,
                            estimate_rate: Union[float, Tensor] = 0.0,
-                           num_batches_tracked: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                           num_batches_tracked: Optional[Tensor] = None,
+                           sync: Optional[MomentSync] = None) -> tuple[Tensor, Tensor]:
     """The per-channel ``(mean, var)`` that normalize ``x`` (already in opmath) in the batch stage, shapes ``(C,)``.
 
     Updates the running buffers in place, as ``F.batch_norm`` does, when ``training``:
@@ -81,18 +86,25 @@ def batch_stage_statistics(x: Tensor, running_mean: Optional[Tensor], running_va
       ``momentum``, or ``1 / num_batches_tracked`` (a cumulative average) when ``momentum is None``; the running
       variance receives the unbiased batch variance ``var · n/(n − 1)``, ``n = N·H·W``. The returned statistics are
       the batch's own (biased variance) and carry gradient.
-    * ``estimate=True``: :func:`_estimate_update_` at ``estimate_rate``; the returned statistics are the *updated*
+    * ``estimate=True``: :func:`estimate_update_` at ``estimate_rate``; the returned statistics are the *updated*
       estimates, without gradient. ``num_batches_tracked`` is left alone (the official EstBN never uses it).
+
+    ``sync`` (see :mod:`normlayers.distributed`) turns this rank's batch moments into the global batch's before they
+    are used, in both modes.
     """
-    if training and not estimate:
-        mean = x.mean(_BATCH_DIMS)
-        var = (x - mean.view(_PER_CHANNEL)).square().mean(_BATCH_DIMS)
-        if running_mean is not None and running_var is not None:
-            update_batch_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
-                                        count=x.numel() // x.shape[1], momentum=momentum)
-        return mean, var
     if training:
-        _estimate_update_(x.detach(), running_mean, running_var, estimate_rate)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not estimate):
+            mean = x.mean(_BATCH_DIMS)
+            var = (x - mean.view(_PER_CHANNEL)).square().mean(_BATCH_DIMS)
+            count: Union[int, Tensor] = x.shape[0] * x.shape[2] * x.shape[3]
+            if sync is not None:
+                mean, var, count = sync(mean, var, count)
+        if not estimate:
+            if running_mean is not None and running_var is not None:
+                update_batch_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count=count,
+                                            momentum=momentum)
+            return mean, var
+        estimate_update_(running_mean, running_var, mean, var, estimate_rate)
     return running_mean.to(x.dtype), running_var.to(x.dtype)
 
 
@@ -109,7 +121,7 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
                        bias: Optional[Tensor], *, training: bool, momentum: Optional[float], eps: float,
                        num_groups: int, bn_eps: float = 1e-5, estimate: bool = False,
                        estimate_rate: Union[float, Tensor] = 0.0,
-                       num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+                       num_batches_tracked: Optional[Tensor] = None, sync: Optional[MomentSync] = None) -> Tensor:
     """BCN of a 4-D ``x``: batch stage, then per-(sample, group) standardization, then the group affine (spec §2.1).
 
     ``bn_weight``/``bn_bias`` are per channel ``(C,)``; ``weight``/``bias`` hold one value per group (any shape with
@@ -120,13 +132,13 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
     xf = x.to(_opmath_dtype(x.dtype))
     mean, var = batch_stage_statistics(xf, running_mean, running_var, training=training, momentum=momentum,
                                        estimate=estimate, estimate_rate=estimate_rate,
-                                       num_batches_tracked=num_batches_tracked)
+                                       num_batches_tracked=num_batches_tracked, sync=sync)
     y = (xf - mean.view(_PER_CHANNEL)) * torch.rsqrt(var.view(_PER_CHANNEL) + bn_eps)
     y = _group_affine(y, bn_weight, bn_bias, _PER_CHANNEL)
 
     # Channel stage: the channels of group g are the contiguous block g·C/G … (g+1)·C/G − 1 (spec §2.3), so a
     # reshape to (N, G, C/G·H·W) puts each (sample, group) slice in one row.
-    groups = y.reshape(x.shape[0], num_groups, -1)
+    groups = y.reshape(x.shape[0], num_groups, x.numel() // max(x.shape[0] * num_groups, 1))  # explicit: N may be 0
     group_mean = groups.mean(-1, keepdim=True)
     group_var = (groups - group_mean).square().mean(-1, keepdim=True)
     z = (groups - group_mean) * torch.rsqrt(group_var + eps)

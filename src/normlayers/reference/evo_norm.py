@@ -23,10 +23,12 @@ two sides at an exact tie, which is PyTorch's rule for ``torch.maximum`` (spec �
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
+
+from normlayers.distributed import MomentSync
 
 __all__ = ["B_VARIANTS", "S_VARIANTS", "evo_norm_b", "evo_norm_s", "batch_variance", "update_running_var_",
            "instance_std", "instance_rms", "group_std", "group_rms"]
@@ -70,7 +72,7 @@ def batch_variance(xf: Tensor) -> Tensor:
     return _biased_var(xf, (0, 2, 3))
 
 
-def update_running_var_(running_var: Tensor, batch_var: Tensor, count: int, momentum: float) -> None:
+def update_running_var_(running_var: Tensor, batch_var: Tensor, count: Union[int, Tensor], momentum: float) -> None:
     """timm's update (spec §4.3), in place and outside autograd:
     ``running_var ← (1 − momentum)·running_var + momentum·batch_var·n/(n − 1)`` with ``n = N·H·W``.
 
@@ -118,7 +120,7 @@ def group_rms(xf: Tensor, groups: int, eps: float) -> Tensor:
 
 def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                v: Optional[Tensor], *, variant: str, training: bool, momentum: float, eps: float,
-               apply_act: bool) -> Tensor:
+               apply_act: bool, sync: Optional[MomentSync] = None) -> Tensor:
     r"""EvoNorm-B0/B1/B2 (spec §4.1, §4.3) on NCHW ``x``:
 
     .. math::
@@ -129,14 +131,18 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
     ``running_var`` (if given) is then updated in place by :func:`update_running_var_` — and ``running_var`` in
     eval.
     ``apply_act=False`` is affine only: no normalization and no running-variance update (timm and TF, spec §4.2-4.3).
-    ``v`` is used by B0 only. Arguments are assumed valid (``normlayers.functional`` checks them).
+    ``v`` is used by B0 only. ``sync`` (see :mod:`normlayers.distributed`) turns this rank's batch moments into the
+    global batch's. Arguments are assumed valid (``normlayers.functional`` checks them).
     """
     if apply_act:
         xf = _opmath(x)
         if training:
             var = batch_variance(xf)
+            count: Union[int, Tensor] = x.shape[0] * x.shape[2] * x.shape[3]
+            if sync is not None:
+                _, var, count = sync(xf.mean((0, 2, 3)), var, count)
             if running_var is not None:
-                update_running_var_(running_var, var, x.shape[0] * x.shape[2] * x.shape[3], momentum)
+                update_running_var_(running_var, var, count, momentum)
         else:
             var = running_var.to(xf.dtype)
         left = torch.sqrt(var + eps).view(1, -1, 1, 1)
