@@ -16,6 +16,7 @@ from normlayers.nn import (
     EvoNorm2dS2a,
     LayerNorm,
     RMSNorm,
+    SPDBatchNorm,
     ScaledWSConv2d,
     WSConv2d,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "EvoNorm2dS2a",
     "LayerNorm",
     "RMSNorm",
+    "SPDBatchNorm",
     "ScaledWSConv2d",
     "WSConv2d",
     "backend",
