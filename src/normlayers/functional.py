@@ -830,7 +830,7 @@ def _spd_check_matrices(input: Tensor) -> None:
 def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                                weight: Optional[Tensor], metric: Optional[Tensor], shift: Optional[Tensor],
                                training: bool, momentum: float, eps: float, theta: float, variance: str,
-                               karcher_steps: int) -> bool:
+                               karcher_steps: int, compute_dtype: Optional[torch.dtype]) -> bool:
     """Validates the arguments of :func:`spd_batch_norm`; returns whether the state is per channel."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -883,6 +883,9 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
         raise ValueError(f"variance must be one of {_ref_spd.VARIANCES}, got {variance!r}")
     if not isinstance(karcher_steps, numbers.Integral) or isinstance(karcher_steps, bool) or karcher_steps < 0:
         raise ValueError(f"karcher_steps must be a non-negative int, got {karcher_steps!r}")
+    if compute_dtype not in (None, torch.float32, torch.float64):
+        raise TypeError(f"compute_dtype must be torch.float64, torch.float32 or None (the input's), got "
+                        f"{compute_dtype!r}")
     _spd_check_matrices(input)
     return per_channel
 
@@ -890,7 +893,8 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
 def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor] = None, metric: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                    training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *, theta: float = 1.0,
-                   variance: str = "frechet", karcher_steps: int = 1, reference_roundtrip: bool = False) -> Tensor:
+                   variance: str = "frechet", karcher_steps: int = 1, reference_roundtrip: bool = False,
+                   compute_dtype: Optional[torch.dtype] = torch.float64) -> Tensor:
     r"""SPD batch normalization under the (θ, M)-Generalized Bures–Wasserstein geometry (GBWBN; spec
     ``spd_gbw_batchnorm.md`` §3.2). In the deformed coordinates :math:`\tilde X = M^{-1/2} X^\theta M^{-1/2}`:
 
@@ -918,14 +922,16 @@ def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
             around the identity). Default: ``"frechet"``.
         karcher_steps: barycenter fixed-point steps. Default: ``1`` (the authors').
         reference_roundtrip: reproduce the authors' Exp_I/Log_I round trip (spec §2.3). Default: ``False``.
+        compute_dtype: the dtype of the per-sample eigendecompositions; ``None`` is the input's. Parameter-side and
+            statistics-side ones are always float64. The output has the input's dtype. Default: ``torch.float64``.
 
     The per-channel layout is inferred from the state's shapes; statistics are detached, as in the authors' code.
     In eager mode the input is checked to be symmetric positive definite (one host sync; skipped under
     ``torch.compile``). Runs the plain-PyTorch reference on every device and backend (there is no Triton path).
     """
     per_channel = _check_spd_batch_norm_args(input, running_mean, running_var, weight, metric, shift, training,
-                                             momentum, eps, theta, variance, karcher_steps)
+                                             momentum, eps, theta, variance, karcher_steps, compute_dtype)
     return _ref_spd.spd_batch_norm(
         input, running_mean, running_var, weight, metric, shift, training=training, momentum=float(momentum),
         eps=float(eps), theta=float(theta), variance=variance, karcher_steps=int(karcher_steps),
-        reference_roundtrip=bool(reference_roundtrip), per_channel=per_channel)
+        reference_roundtrip=bool(reference_roundtrip), per_channel=per_channel, compute_dtype=compute_dtype)

@@ -75,8 +75,9 @@ class SPDBatchNorm(nn.Module):
     (:class:`SymmetricExp`, registered with :mod:`torch.nn.utils.parametrize`), or, with
     ``parametrization="geoopt"``, geoopt ``ManifoldParameter``\ s on its SPD manifold (for geoopt's Riemannian
     optimizers, as the authors' RResNet code). Parameter-side eigendecompositions run in float64; per-sample ones in
-    the input's dtype (float32 or float64). All matrix functions use ``torch.linalg.eigh`` with closed-form
-    divided-difference backwards (:mod:`normlayers.reference.spd_linalg`), batched with no Python loop.
+    ``compute_dtype`` (float64 unless asked otherwise), and the output has the input's dtype. All matrix functions
+    use ``torch.linalg.eigh`` with closed-form divided-difference backwards
+    (:mod:`normlayers.reference.spd_linalg`), batched with no Python loop.
 
     Args:
         num_features (int): ``n``, the matrix size.
@@ -93,6 +94,9 @@ class SPDBatchNorm(nn.Module):
         reference_roundtrip (bool): reproduce the authors' Exp_I/Log_I round trip, which takes a matrix absolute
             value where the BW Exp map leaves its domain (spec §2.3, §4 Q4). Default: ``False``.
         parametrization (str): ``"expm"`` or ``"geoopt"`` (needs geoopt installed). Default: ``"expm"``.
+        compute_dtype (torch.dtype, optional): dtype of the per-sample eigendecompositions; ``None`` is the input's.
+            float64 by default (the spec's recommendation and the authors' dtype): fp32 eigendecompositions lose the
+            small eigenvalues of ill-conditioned inputs. Default: ``torch.float64``.
         process_group, sync_stats (keyword-only): reserved for synchronized statistics; ``sync_stats=True`` raises
             ``ValueError`` (a BW barycenter is not a sum of per-rank moments).
         device, dtype (keyword-only): factory kwargs for the parameters and buffers.
@@ -113,7 +117,7 @@ class SPDBatchNorm(nn.Module):
     """
 
     __constants__ = ["num_features", "channels", "momentum", "eps", "theta", "learn_metric", "variance",
-                     "karcher_steps", "reference_roundtrip", "parametrization"]
+                     "karcher_steps", "reference_roundtrip", "parametrization", "compute_dtype"]
     num_features: int
     channels: Optional[int]
     momentum: float
@@ -124,11 +128,13 @@ class SPDBatchNorm(nn.Module):
     karcher_steps: int
     reference_roundtrip: bool
     parametrization: str
+    compute_dtype: Optional[torch.dtype]
 
     def __init__(self, num_features: int, *, channels: Optional[int] = None, momentum: float = 0.1,
                  eps: float = 1e-5, theta: float = 1.0, learn_metric: bool = True, variance: str = "frechet",
                  karcher_steps: int = 1, reference_roundtrip: bool = False, parametrization: str = "expm",
-                 process_group: Optional[Any] = None, sync_stats: bool = False, device=None, dtype=None) -> None:
+                 compute_dtype: Optional[torch.dtype] = torch.float64, process_group: Optional[Any] = None,
+                 sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         self.num_features = _check_positive_int("num_features", num_features)
         self.channels = None if channels is None else _check_positive_int("channels", channels)
@@ -148,6 +154,9 @@ class SPDBatchNorm(nn.Module):
         if sync_stats:
             raise ValueError("sync_stats=True: synchronized statistics are not implemented for SPDBatchNorm (a BW "
                              "barycenter is not a sum of per-rank moments)")
+        if compute_dtype not in (None, torch.float32, torch.float64):
+            raise TypeError(f"compute_dtype must be torch.float64, torch.float32 or None, got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         self.learn_metric = bool(learn_metric)
         self.reference_roundtrip = bool(reference_roundtrip)
         self.parametrization = parametrization
@@ -221,10 +230,12 @@ class SPDBatchNorm(nn.Module):
             text += ", reference_roundtrip=True"
         if self.parametrization != "expm":
             text += f", parametrization={self.parametrization!r}"
+        if self.compute_dtype != torch.float64:
+            text += f", compute_dtype={self.compute_dtype}"
         return text
 
     def forward(self, input: Tensor) -> Tensor:
         return F.spd_batch_norm(input, self.running_mean, self.running_var, self.weight, self.metric, self.shift,
                                 training=self.training, momentum=self.momentum, eps=self.eps, theta=self.theta,
                                 variance=self.variance, karcher_steps=self.karcher_steps,
-                                reference_roundtrip=self.reference_roundtrip)
+                                reference_roundtrip=self.reference_roundtrip, compute_dtype=self.compute_dtype)

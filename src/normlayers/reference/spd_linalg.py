@@ -142,8 +142,8 @@ def _apply_scalar(kind: str, lam: Tensor, power: float) -> Tensor:
 
 
 def _reconstruct(u: Tensor, values: Tensor) -> Tensor:
-    """``U diag(values) Uᵀ``."""
-    return (u * values.unsqueeze(-2)) @ u.mT
+    """``U diag(values) Uᵀ``, symmetrized so that the result is exactly symmetric (the product is not, in rounding)."""
+    return sym((u * values.unsqueeze(-2)) @ u.mT)
 
 
 class _SpectralFunction(torch.autograd.Function):
@@ -250,7 +250,7 @@ class _LyapunovPower(torch.autograd.Function):
             grad_x = qg @ (kernel * (qg.mT @ grad @ qg)) @ qg.mT
         if ctx.needs_input_grad[0]:
             # The third-order tensor of divided differences, in A's (fp64 when A is fp64) precision:
-            # k(x, c) = ((x + c)/2)^q, so with u = (x + c)/2 the first-argument difference is ½·(u_i^q − u_k^q)/(u_i − u_k).
+            # k(x, c) = ((x + c)/2)^q: with u = (x + c)/2 the first-argument difference is ½(u_i^q − u_k^q)/(u_i − u_k).
             u_first = (lam.unsqueeze(-1).unsqueeze(-1) + lam.unsqueeze(-2).unsqueeze(-2)) / 2  # [..., i, 1, j]
             u_second = u_first.transpose(-3, -2)                                                # [..., 1, k, j]
             dd = _power_divided_difference(u_first, u_second, power) / 2                         # [..., i, k, j]
