@@ -368,3 +368,243 @@ def test_gradcheck_through_the_parametrization_at_identity():
     assert torch.autograd.gradcheck(forward, leaves)
     bn(x).square().sum().backward()
     assert bn.parametrizations.metric.original.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Module: constructor, state, parametrization, devices
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_signature():
+    params = [(p.name, p.kind, p.default) for p in
+              inspect.signature(normlayers.SPDBatchNorm.__init__).parameters.values()][1:]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    assert params == [("num_features", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
+                      ("channels", keyword, None), ("momentum", keyword, 0.1), ("eps", keyword, 1e-5),
+                      ("theta", keyword, 1.0), ("learn_metric", keyword, True), ("variance", keyword, "frechet"),
+                      ("karcher_steps", keyword, 1), ("reference_roundtrip", keyword, False),
+                      ("parametrization", keyword, "expm"), ("compute_dtype", keyword, torch.float64),
+                      ("process_group", keyword, None), ("sync_stats", keyword, False), ("device", keyword, None),
+                      ("dtype", keyword, None)]
+
+
+def test_state_init_and_repr():
+    bn = normlayers.SPDBatchNorm(4, channels=2, theta=0.5)
+    assert sorted(bn.state_dict()) == ["parametrizations.metric.original", "parametrizations.weight.original",
+                                       "running_mean", "running_var", "shift"]
+    eye = torch.eye(4)
+    torch.testing.assert_close(bn.running_mean, eye.expand(2, 4, 4))
+    torch.testing.assert_close(bn.running_var, torch.ones(2))
+    torch.testing.assert_close(bn.shift, torch.ones(2))
+    torch.testing.assert_close(bn.metric, eye)
+    # the authors' bias init I + diag(1e-7·k) (rounded to fp32 here)
+    torch.testing.assert_close(bn.weight, torch.diag(1 + 1e-7 * torch.arange(1.0, 5.0)).expand(2, 4, 4))
+    assert "4, channels=2" in repr(bn) and "theta=0.5" in repr(bn) and "variance='frechet'" in repr(bn)
+    plain = normlayers.SPDBatchNorm(4, learn_metric=False)
+    assert plain.metric is None and "metric" not in dict(plain.named_parameters())
+    assert "learn_metric=False" in repr(plain)
+
+
+def test_reset_parameters_restores_the_init():
+    bn = normlayers.SPDBatchNorm(3, dtype=DOUBLE)
+    fresh = copy.deepcopy(bn)
+    set_spd_(bn, weight=spd_batch(n=3), metric=spd_batch(n=3), shift=torch.tensor(0.3, dtype=DOUBLE))
+    bn(spd_batch(6, n=3))
+    bn.reset_parameters()
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(bn.state_dict()[key], value, msg=key)
+
+
+def test_spd_parameters_stay_spd_under_a_plain_optimizer():
+    """Any value an optimizer gives the unconstrained leaves (log W, log M; even non-symmetric) is an SPD W, M."""
+    bn = normlayers.SPDBatchNorm(4, dtype=DOUBLE)
+    optimizer = torch.optim.SGD(bn.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        bn(spd_batch(8, n=4, kappa=100.0)).diagonal(dim1=-2, dim2=-1).sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        bn.parametrizations.metric.original.copy_(3 * torch.randn(4, 4, dtype=DOUBLE))
+    for spd in (bn.weight, bn.metric):
+        assert torch.isfinite(spd).all() and torch.equal(spd, spd.mT)
+        assert torch.linalg.eigvalsh(spd).min() > 0
+
+
+def test_assigning_an_spd_matrix_goes_through_the_log():
+    bn = normlayers.SPDBatchNorm(3, dtype=DOUBLE)
+    w = spd_batch(n=3)
+    with torch.no_grad():
+        bn.weight = w
+    torch.testing.assert_close(bn.weight, w)
+    torch.testing.assert_close(torch.linalg.matrix_exp(bn.parametrizations.weight.original), w)
+
+
+def test_state_dict_round_trip_and_deepcopy():
+    src = normlayers.SPDBatchNorm(3, channels=2, theta=0.5, dtype=DOUBLE)
+    set_spd_(src, weight=spd_batch(2, n=3), metric=spd_batch(n=3), shift=torch.tensor([0.5, 1.5], dtype=DOUBLE))
+    src(spd_batch(5, 2, n=3))  # moves the running statistics
+    dst = normlayers.SPDBatchNorm(3, channels=2, theta=0.5, dtype=DOUBLE)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    clone = copy.deepcopy(src)
+    assert clone.running_mean.data_ptr() != src.running_mean.data_ptr()
+    x = spd_batch(5, 2, n=3)
+    expected = [src.train(training)(x) for training in (False, True, False)]
+    for module in (dst, clone):
+        for training, e in zip((False, True, False), expected):
+            torch.testing.assert_close(module.train(training)(x), e)
+
+
+def test_to_float64_matches_a_float64_module():
+    bn = normlayers.SPDBatchNorm(4)
+    moved = copy.deepcopy(bn).to(DOUBLE)
+    assert all(t.dtype == DOUBLE for t in moved.state_dict().values())
+    assert moved.weight.dtype == DOUBLE and moved.running_mean.dtype == DOUBLE
+    x = spd_batch(6, n=4)
+    torch.testing.assert_close(moved(x), normlayers.SPDBatchNorm(4, dtype=DOUBLE)(x))
+
+
+@pytest.mark.parametrize("channels", [None, 2])
+def test_meta_device_construction_and_forward(channels):
+    bn = normlayers.SPDBatchNorm(4, channels=channels, device="meta")
+    assert all(t.is_meta for t in bn.state_dict().values())
+    shape = (3, 4, 4) if channels is None else (3, 2, 4, 4)
+    for training in (True, False):
+        y = bn.train(training)(torch.empty(shape, device="meta"))
+        assert y.is_meta and y.shape == shape and y.dtype == torch.float32
+
+
+def test_runs_the_reference_under_every_backend():
+    x = spd_batch(6, n=3)
+    expected = normlayers.SPDBatchNorm(3, dtype=DOUBLE)(x)
+    for name in ("reference", "triton", "auto"):
+        with normlayers.backend(name):
+            torch.testing.assert_close(normlayers.SPDBatchNorm(3, dtype=DOUBLE)(x), expected)
+
+
+def test_geoopt_parametrization():
+    try:
+        import geoopt
+    except ImportError:
+        with pytest.raises(ImportError, match="geoopt"):
+            normlayers.SPDBatchNorm(3, parametrization="geoopt")
+        return
+    bn = normlayers.SPDBatchNorm(3, parametrization="geoopt", dtype=DOUBLE)
+    assert isinstance(bn.weight, geoopt.ManifoldParameter) and isinstance(bn.metric, geoopt.ManifoldParameter)
+    expected = normlayers.SPDBatchNorm(3, dtype=DOUBLE)
+    x = spd_batch(6, n=3)
+    torch.testing.assert_close(bn(x), expected(x))
+
+
+def test_training_moves_the_running_mean_on_the_geodesic_and_eval_uses_it():
+    """momentum = 1 replaces the running statistics by the batch's; eval then reproduces the training output."""
+    bn = normlayers.SPDBatchNorm(4, momentum=1.0, dtype=DOUBLE)
+    x = spd_batch(8, n=4)
+    train_out = bn.train()(x)
+    torch.testing.assert_close(bn.eval()(x), train_out)
+    before = copy.deepcopy(bn.state_dict())
+    bn(spd_batch(8, n=4))
+    for key, value in before.items():
+        assert torch.equal(bn.state_dict()[key], value), key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compile_fullgraph_matches_eager(training):
+    """eigh and the custom autograd Functions trace into one graph (aot_eager, as the other modules' compile tests);
+    the input-value check is skipped while compiling."""
+    torch._dynamo.reset()
+    eager = normlayers.SPDBatchNorm(4, channels=2, theta=0.5, dtype=DOUBLE).train(training)
+    set_spd_(eager, weight=spd_batch(2, n=4), metric=spd_batch(n=4))
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    x = spd_batch(6, 2, n=4)
+
+    def step(module, x):
+        leaf = x.clone().requires_grad_()
+        out = module(leaf)
+        out.square().sum().backward()
+        return out.detach(), leaf.grad
+
+    for _ in range(2):  # two steps: the running buffers feed the second
+        expected, actual = step(eager, x), step(compiled, x)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e)
+    for (name, p), q in zip(eager.named_parameters(), compiled_module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), compiled_module.buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_constructor_arguments():
+    for kwargs, match in [({"num_features": 0}, "num_features"), ({"channels": 0}, "channels"),
+                          ({"momentum": 1.5}, "momentum"), ({"eps": -1.0}, "eps"), ({"theta": 0.0}, "theta"),
+                          ({"variance": "mean"}, "variance"), ({"karcher_steps": -1}, "karcher_steps"),
+                          ({"parametrization": "cayley"}, "parametrization"), ({"sync_stats": True}, "sync_stats")]:
+        with pytest.raises(ValueError, match=match):
+            normlayers.SPDBatchNorm(**{"num_features": 3, **kwargs})
+    with pytest.raises(TypeError, match="compute_dtype"):
+        normlayers.SPDBatchNorm(3, compute_dtype=torch.float16)
+
+
+def test_bad_input():
+    bn = normlayers.SPDBatchNorm(3, dtype=DOUBLE)
+    x = spd_batch(4, n=3)
+    with pytest.raises(TypeError, match="input"):
+        bn(x.half())
+    with pytest.raises(TypeError, match="input"):
+        bn(x.tolist())
+    with pytest.raises(ValueError, match="square"):
+        bn(torch.rand(4, 3, 2, dtype=DOUBLE))
+    with pytest.raises(ValueError, match="square"):
+        bn(x[0])  # no batch dim
+    with pytest.raises(ValueError, match="shape"):
+        bn(spd_batch(4, n=5))  # n does not match the state
+    non_symmetric = x.clone()
+    non_symmetric[:, 0, 1] += 0.1
+    with pytest.raises(ValueError, match="symmetric"):
+        bn(non_symmetric)
+    slightly = x.clone()
+    slightly[:, 0, 1] += 1e-12  # rounding-level asymmetry is accepted and symmetrized
+    torch.testing.assert_close(bn(slightly), bn(x))
+    indefinite = x.clone()
+    indefinite[1] -= 10 * torch.eye(3, dtype=DOUBLE)
+    with pytest.raises(ValueError, match="positive definite"):
+        bn(indefinite)
+    nan = x.clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        bn(nan)
+    with pytest.raises(ValueError, match="more than 1 matrix"):
+        bn(x[:1])
+    bn.eval()(x[:1])  # a single matrix is fine in eval
+    per_channel = normlayers.SPDBatchNorm(3, channels=2, dtype=DOUBLE)
+    with pytest.raises(ValueError, match=r"\(\*, C, n, n\)"):
+        per_channel(x)
+    with pytest.raises(ValueError, match="running_mean must have shape"):
+        per_channel(spd_batch(4, 3, n=3))
+
+
+def test_bad_functional_arguments():
+    x = spd_batch(4, n=3)
+    eye = torch.eye(3, dtype=DOUBLE)
+    with pytest.raises(ValueError, match="required in eval"):
+        NF.spd_batch_norm(x, None, None)
+    with pytest.raises(ValueError, match="together"):
+        NF.spd_batch_norm(x, eye, None, training=True)
+    with pytest.raises(ValueError, match="metric must have shape"):
+        NF.spd_batch_norm(x, None, None, metric=torch.eye(4, dtype=DOUBLE), training=True)
+    with pytest.raises(ValueError, match="shift must have shape"):
+        NF.spd_batch_norm(x, eye, torch.ones((), dtype=DOUBLE), shift=torch.ones(1, 1, dtype=DOUBLE))
+    with pytest.raises(ValueError, match="theta"):
+        NF.spd_batch_norm(x, None, None, training=True, theta=float("inf"))
+    with pytest.raises(ValueError, match="karcher_steps"):
+        NF.spd_batch_norm(x, None, None, training=True, karcher_steps=1.5)
