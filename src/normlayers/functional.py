@@ -806,17 +806,19 @@ def _spd_check_matrices(input: Tensor) -> None:
     """Eager-mode value checks of an SPD batch (one host sync; skipped under torch.compile and on meta tensors).
 
     Asymmetry up to ``sqrt(finfo.eps)`` relative to the largest entry is accepted (rounding in an upstream BiMap
-    ``WᵀXW``) and the layer symmetrizes; more is an error. Positive definiteness is checked by an fp64 Cholesky, which
-    succeeds for every SPD matrix of condition number below ~1e15.
+    ``WᵀXW``) and the layer symmetrizes; more is an error. Positive definiteness is checked on fp64 eigenvalues, which
+    resolve every SPD matrix of condition number below ~1e15. (Not ``cholesky_ex``: on CPU its ``tril`` took ~15 ms
+    per call for a (4, 2, 3, 3) batch, a thousand times an ``eigvalsh``.)
     """
     if input.is_meta or torch.compiler.is_compiling() or input.numel() == 0:
         return
     with torch.no_grad():
         scale = input.abs().amax((-2, -1)).clamp_min(torch.finfo(input.dtype).tiny)
         asymmetry = (input - input.mT).abs().amax((-2, -1)) / scale
-        not_pd = torch.linalg.cholesky_ex(input.to(torch.float64)).info != 0
+        finite = torch.isfinite(input).all()
+        not_pd = torch.linalg.eigvalsh(torch.where(finite, input, 1.0).to(torch.float64)).amin(-1) <= 0
         bad = torch.stack([(asymmetry > torch.finfo(input.dtype).eps ** 0.5).any(), not_pd.any(),
-                           (~torch.isfinite(input)).any()]).tolist()
+                           ~finite]).tolist()
     if bad[2]:
         raise ValueError("input must be finite SPD matrices, got NaN or inf entries")
     if bad[0]:
@@ -824,7 +826,7 @@ def _spd_check_matrices(input: Tensor) -> None:
                          f"{asymmetry.max().item():.3g} (more than rounding)")
     if bad[1]:
         raise ValueError(f"input must be symmetric positive definite: {int(not_pd.sum())} of the "
-                         f"{not_pd.numel()} matrices have a non-positive eigenvalue (Cholesky failed)")
+                         f"{not_pd.numel()} matrices have a non-positive eigenvalue")
 
 
 def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
