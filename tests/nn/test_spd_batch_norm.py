@@ -130,6 +130,26 @@ def test_commuting_inputs_match_the_scalar_closed_form(theta, variance, karcher_
         torch.testing.assert_close(bn.running_var, rv)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_per_channel_state_equals_one_pooled_run_per_channel(training):
+    """With (C, n, n) state (here also a per-channel metric, which the functional form accepts) channel c of the
+    output and of the buffers equals a pooled run on x[..., c, :, :] with channel c's state."""
+    channels, n = 3, 4
+    x = spd_batch(2, 5, channels, n=n)  # two leading batch dims, pooled together
+    state = dict(weight=spd_batch(channels, n=n), metric=spd_batch(channels, n=n),
+                 shift=torch.rand(channels, dtype=DOUBLE) + 0.5)
+    running_mean, running_var = spd_batch(channels, n=n), torch.rand(channels, dtype=DOUBLE) + 0.5
+    per_channel_mean, per_channel_var = running_mean.clone(), running_var.clone()
+    out = NF.spd_batch_norm(x, per_channel_mean, per_channel_var, **state, training=training, theta=0.5)
+    for c in range(channels):
+        mean_c, var_c = running_mean[c].clone(), running_var[c].clone()
+        expected = NF.spd_batch_norm(x[..., c, :, :], mean_c, var_c, **{k: v[c] for k, v in state.items()},
+                                     training=training, theta=0.5)
+        torch.testing.assert_close(out[..., c, :, :], expected)
+        torch.testing.assert_close(per_channel_mean[c], mean_c)
+        torch.testing.assert_close(per_channel_var[c], var_c)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The authors' algorithm, step by step (spec §2.2), for variance="reference", reference_roundtrip=True
 # ----------------------------------------------------------------------------------------------------------------------
