@@ -17,6 +17,7 @@ from normlayers.nn import (
     EvoNorm2dS2a,
     LayerNorm,
     RMSNorm,
+    SPDBatchNorm,
     ScaledWSConv2d,
     WSConv2d,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "EvoNorm2dS2a",
     "LayerNorm",
     "RMSNorm",
+    "SPDBatchNorm",
     "ScaledWSConv2d",
     "WSConv2d",
     "backend",

@@ -13,6 +13,7 @@ from normlayers.nn.evo_norm import (
     EvoNorm2dS2a,
 )
 from normlayers.nn.row_norms import CRMSNorm, LayerNorm, RMSNorm
+from normlayers.nn.spd_batch_norm import SPDBatchNorm
 from normlayers.nn.weight_std import ScaledWSConv2d, WSConv2d
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "EvoNorm2dS2a",
     "LayerNorm",
     "RMSNorm",
+    "SPDBatchNorm",
     "ScaledWSConv2d",
     "WSConv2d",
 ]
