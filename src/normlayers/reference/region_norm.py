@@ -79,7 +79,7 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
     xf = x.to(opmath)
     hole = prepare_mask(mask, x.shape[2:]).to(opmath)
     dims = (0, 2, 3) if stats == "batch" else (2, 3)
-    values = math.prod(x.shape[d] for d in dims)
+    values = math.prod([x.shape[d] for d in dims])
     out = torch.zeros_like(xf)
     betas = []
     for w, gamma, beta in ((hole, foreground_gamma, foreground_beta), (1 - hole, background_gamma, background_beta)):
