@@ -107,18 +107,6 @@ def test_region_moments_forward_backward(n, c, h, w, max_block_hw, dtype):
     _run_moments(make_input(n, c, h, w, dtype), make_mask(n, c, h, w, "random"), max_block_hw)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
-@pytest.mark.parametrize("kind", ["random", "random_c", "all", "none", "one"])
-def test_region_moments_layouts_and_masks(layout, kind):
-    n, c, h, w = 2, 3, 5, 7
-    _run_moments(make_input(n, c, h, w, torch.float32, layout), make_mask(n, c, h, w, kind), 8)
-
-
-def test_region_moments_channels_last_mask():
-    x = make_input(2, 3, 5, 7, torch.float32)
-    _run_moments(x, make_mask(2, 3, 5, 7, "random_c").contiguous(memory_format=torch.channels_last), 8)
-
-
 def _run_affine(x, hole, max_block_hw, seed=3):
     n, c = x.shape[:2]
     stats = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -156,11 +144,19 @@ def test_region_affine_forward_backward(n, c, h, w, max_block_hw, dtype):
     _run_affine(make_input(n, c, h, w, dtype), make_mask(n, c, h, w, "random"), max_block_hw)
 
 
+@pytest.mark.parametrize("run", [_run_moments, _run_affine], ids=["region_moments", "region_affine"])
 @pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
 @pytest.mark.parametrize("kind", ["random", "random_c", "all", "none", "one"])
-def test_region_affine_layouts_and_masks(layout, kind):
+def test_layouts_and_masks(run, layout, kind):
+    """Strided inputs; one-channel, per-channel, all-hole, hole-free and one-pixel masks; chunked planes."""
     n, c, h, w = 2, 3, 5, 7
-    _run_affine(make_input(n, c, h, w, torch.float32, layout), make_mask(n, c, h, w, kind), 8)
+    run(make_input(n, c, h, w, torch.float32, layout), make_mask(n, c, h, w, kind), 8)
+
+
+@pytest.mark.parametrize("run", [_run_moments, _run_affine], ids=["region_moments", "region_affine"])
+def test_channels_last_mask(run):
+    x = make_input(2, 3, 5, 7, torch.float32)
+    run(x, make_mask(2, 3, 5, 7, "random_c").contiguous(memory_format=torch.channels_last), 8)
 
 
 def test_uint8_mask_is_read_like_bool():

@@ -31,6 +31,22 @@ from normlayers.kernels.common import compute_dtype, num_warps_for, tl_compute_d
 
 
 @triton.jit
+def _load_pair(PTR, planes, plane_mask, COMPUTE: tl.constexpr):
+    """The (hole, valid) columns of a contiguous ``(P, 2)`` per-plane tensor, each as a ``(BLOCK_P, 1)`` column."""
+    hole = tl.load(PTR + planes * 2, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
+    valid = tl.load(PTR + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
+    return hole, valid
+
+
+@triton.jit
+def _load_chunk(X, HOLE, x_base, hole_base, hw, mask, stride_xhw, stride_hhw, COMPUTE: tl.constexpr):
+    """One chunk of values and their region: ``(x, hole, valid)``, both regions false outside ``mask``."""
+    x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+    hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
+    return x, hole, mask & (hole == 0)
+
+
+@triton.jit
 def region_moments_fwd_kernel(
     X, HOLE, CENTER, COUNT, FIRST, SECOND, P, C, HW,
     stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw,
@@ -42,8 +58,7 @@ def region_moments_fwd_kernel(
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
     hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
     # CENTER, COUNT, FIRST, SECOND are (P, 2): index 0 the hole region, 1 the valid region.
-    center_hole = tl.load(CENTER + planes * 2, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    center_valid = tl.load(CENTER + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
+    center_hole, center_valid = _load_pair(CENTER, planes, plane_mask, COMPUTE)
     count_hole = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
     count_all = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
     first_hole = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
@@ -53,9 +68,7 @@ def region_moments_fwd_kernel(
     for start in range(0, HW, BLOCK_HW):
         hw = (start + offsets).to(tl.int64)
         mask = plane_mask[:, None] & (hw < HW)[None, :]
-        x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
-        hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
-        valid = mask & (hole == 0)
+        x, hole, valid = _load_chunk(X, HOLE, x_base, hole_base, hw, mask, stride_xhw, stride_hhw, COMPUTE)
         d_hole = tl.where(hole, x - center_hole, 0.0)
         d_valid = tl.where(valid, x - center_valid, 0.0)
         count_hole += tl.where(hole, 1.0, 0.0)
@@ -86,20 +99,15 @@ def region_moments_bwd_kernel(
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
     hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
     dx_base = _plane_offsets(planes, C, stride_dxn, stride_dxc)
-    center_hole = tl.load(CENTER + planes * 2, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    center_valid = tl.load(CENTER + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    dfirst_hole = tl.load(DFIRST + planes * 2, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    dfirst_valid = tl.load(DFIRST + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    dsecond_hole = tl.load(DSECOND + planes * 2, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    dsecond_valid = tl.load(DSECOND + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
+    center_hole, center_valid = _load_pair(CENTER, planes, plane_mask, COMPUTE)
+    dfirst_hole, dfirst_valid = _load_pair(DFIRST, planes, plane_mask, COMPUTE)
+    dsecond_hole, dsecond_valid = _load_pair(DSECOND, planes, plane_mask, COMPUTE)
     dcenter_hole = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
     dcenter_valid = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
     for start in range(0, HW, BLOCK_HW):
         hw = (start + offsets).to(tl.int64)
         mask = plane_mask[:, None] & (hw < HW)[None, :]
-        x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
-        hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
-        valid = mask & (hole == 0)
+        x, hole, valid = _load_chunk(X, HOLE, x_base, hole_base, hw, mask, stride_xhw, stride_hhw, COMPUTE)
         g_hole = tl.where(hole, dfirst_hole + 2.0 * dsecond_hole * (x - center_hole), 0.0)
         g_valid = tl.where(valid, dfirst_valid + 2.0 * dsecond_valid * (x - center_valid), 0.0)
         tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, g_hole + g_valid, mask=mask)

@@ -47,7 +47,8 @@ def _check_channels(module: nn.Module, input: Tensor) -> None:
                          f"{list(input.shape)}")
 
 
-_STATS_DOC = """        stats (str): ``"batch"``: each region's statistics are pooled over the batch and all positions (the official
+_STATS_DOC = """\
+        stats (str): ``"batch"``: each region's statistics are pooled over the batch and all positions (the official
             code, BN-style); ``"instance"``: per sample (the paper's RN). Default: ``"batch"``.
         eps_mode (str, optional): ``"official"``: the region's epsilon is ``eps·V/S_r``, ``S_r`` the region's value
             count and ``V`` the values per statistic (``N·H·W``, or ``H·W`` per sample), the official code's
@@ -55,7 +56,8 @@ _STATS_DOC = """        stats (str): ``"batch"``: each region's statistics are p
             ``stats="batch"``, ``"plain"`` with ``stats="instance"``.
 """
 
-_KEYWORD_DOC = """        process_group, sync_stats (keyword-only): reserved for synchronized batch statistics (issue 8);
+_KEYWORD_DOC = """\
+        process_group, sync_stats (keyword-only): reserved for synchronized batch statistics (issue 8);
             ``sync_stats=True`` raises ``ValueError`` until it is implemented.
         device, dtype (keyword-only): factory kwargs for the parameters.
 """
