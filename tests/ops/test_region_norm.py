@@ -126,6 +126,18 @@ def test_region_norm_triton_eps_modes_and_layouts_fp32(eps_mode, layout):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16, torch.uint8])
+def test_region_norm_triton_numeric_masks_match_bool(mask_dtype):
+    """Float and integer masks (nonzero = hole, at a larger size than the input) give the bool mask's result."""
+    x, hole = _input((2, 3, 4, 5)), _mask((2, 1, 8, 10))
+    numeric = hole.to(mask_dtype) * (3 if mask_dtype == torch.uint8 else 0.75)
+    params = _params(3)
+    with normlayers.backend("triton"):
+        assert torch.equal(F.region_norm(x, numeric, *params), F.region_norm(x, hole, *params))
+    with normlayers.backend("reference"):
+        assert_close(F.region_norm(x, numeric, *params), F.region_norm(x, hole, *params))
+
+
 def test_region_norm_without_parameters():
     x, mask = _input((2, 3, 4, 5)), _mask((2, 1, 4, 5))
     (ref, ref_grads), (ours, our_grads) = _both_backends(lambda t: F.region_norm(t, mask, stats="instance"), [x])
