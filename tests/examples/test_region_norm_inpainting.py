@@ -40,7 +40,14 @@ def _read_png(path: Path) -> tuple[int, int, bytes]:
 def test_quick_run_prints_errors_and_saves_the_grid(tmp_path, capsys):
     example = _load_example()
     out = tmp_path / "grid.png"
-    errors = example.main(["--quick", "--out", str(out)])
+    # One intra-op thread: on a busy 2-core machine, threads on these tiny convolutions fight each other (measured
+    # under a load average of ~7: 26-34 s with 2 threads, 10 s with 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        errors = example.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     assert set(errors) == {"BatchNorm", "InstanceNorm", "RN-B"}
     assert all(math.isfinite(e) and 0 <= e <= 1 for e in errors.values())
     printed = capsys.readouterr().out
