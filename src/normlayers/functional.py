@@ -803,9 +803,9 @@ def evo_norm2d_s2a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = N
 # Region Normalization
 # ----------------------------------------------------------------------------------------------------------------------
 
-REGION_STATS = ("batch", "instance")
-REGION_EPS_MODES = ("official", "plain")
-REGION_AFFINES = ("masked", "official")
+_REGION_STATS = ("batch", "instance")
+_REGION_EPS_MODES = ("official", "plain")
+_REGION_AFFINES = ("masked", "official")
 
 
 def _region_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -819,7 +819,7 @@ def _region_eps_mode(eps_mode: Optional[str], stats: str) -> str:
     epsilon with per-sample statistics (spec B §3.3 item 2)."""
     if eps_mode is None:
         return "official" if stats == "batch" else "plain"
-    return _region_choice("eps_mode", eps_mode, REGION_EPS_MODES)
+    return _region_choice("eps_mode", eps_mode, _REGION_EPS_MODES)
 
 
 def _check_region_eps(eps: object) -> float:
@@ -898,9 +898,9 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
     _check_region_params(input, {"foreground_gamma": foreground_gamma, "foreground_beta": foreground_beta,
                                  "background_gamma": background_gamma, "background_beta": background_beta})
     eps = _check_region_eps(eps)
-    stats = _region_choice("stats", stats, REGION_STATS)
+    stats = _region_choice("stats", stats, _REGION_STATS)
     eps_mode = _region_eps_mode(eps_mode, stats)
-    affine = _region_choice("affine", affine, REGION_AFFINES)
+    affine = _region_choice("affine", affine, _REGION_AFFINES)
     if use_triton(input):
         hole = _ref_region.prepare_mask(mask, input.shape[2:])
         return _region_norm_planes(input, hole, foreground_gamma, foreground_beta, background_gamma,
@@ -1003,7 +1003,7 @@ def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Ten
     """
     _check_learnable_region_args(input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, threshold)
     eps = _check_region_eps(eps)
-    stats = _region_choice("stats", stats, REGION_STATS)
+    stats = _region_choice("stats", stats, _REGION_STATS)
     eps_mode = _region_eps_mode(eps_mode, stats)
     if not use_triton(input):
         return _ref_region.learnable_region_norm(input, conv1_weight, gamma_weight, gamma_bias, beta_weight,

@@ -37,7 +37,7 @@ def _check_num_features(num_features: object) -> int:
 def _check_options(eps: float, stats: str, eps_mode: Optional[str], sync_stats: bool) -> tuple[float, str, str]:
     if sync_stats:
         raise ValueError("sync_stats=True: synchronized batch statistics are not implemented yet (issue 8)")
-    stats = F._region_choice("stats", stats, F.REGION_STATS)
+    stats = F._region_choice("stats", stats, F._REGION_STATS)
     return F._check_region_eps(eps), stats, F._region_eps_mode(eps_mode, stats)
 
 
@@ -131,7 +131,7 @@ class RegionNorm2d(nn.Module):
         super().__init__()
         self.num_features = _check_num_features(num_features)
         self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode, sync_stats)
-        self.affine = None if affine is None else F._region_choice("affine", affine, F.REGION_AFFINES)
+        self.affine = None if affine is None else F._region_choice("affine", affine, F._REGION_AFFINES)
         self.sync_stats = False
         self.process_group = process_group
         factory_kwargs = {"device": device, "dtype": dtype}
