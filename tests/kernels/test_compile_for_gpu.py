@@ -1,5 +1,5 @@
-"""Compile every kernel variant (row norms, per-plane channel statistics, EvoNorm's fused pass) for an H100 (sm_90)
-with Triton's real compiler, without a GPU.
+"""Compile every kernel variant (row norms, per-plane channel statistics, RegionNorm's region moments, EvoNorm's fused
+pass) for an H100 (sm_90) with Triton's real compiler, without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects (e.g. a loop-carried variable that
 changes dtype). Triton compiles ahead of time for a named target down to a cubin with its bundled ptxas, so CI
@@ -21,7 +21,7 @@ def compile_all_variants() -> int:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from normlayers.kernels import channel_stats, common, evo_norm, row_norms
+    from normlayers.kernels import channel_stats, common, evo_norm, region_norm, row_norms
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -73,14 +73,25 @@ def compile_all_variants() -> int:
                            {"X": f"*{data}", "MEAN": f"*{stats}", "DMEAN": f"*{stats}", "DVAR": f"*{stats}",
                             "DX": f"*{data}"},
                            {**planes, **strides("x", "dx")}, {"HAS_DMEAN": has_dmean, "HAS_DVAR": has_dvar, **tile})
-        compile_kernel(channel_stats.plane_affine_fwd_kernel,
-                       {"X": f"*{data}", "M": f"*{stats}", "A": f"*{stats}", "B": f"*{stats}", "Y": f"*{data}"},
-                       {**planes, **strides("x", "y")}, tile)
-        compile_kernel(channel_stats.plane_affine_bwd_kernel,
-                       {"DY": f"*{data}", "X": f"*{data}", "M": f"*{stats}", "A": f"*{stats}", "DX": f"*{data}",
-                        "DA": f"*{stats}", "DB": f"*{stats}"},
-                       {**planes, **strides("dy", "x", "dx")}, tile)
-        count += 6
+        for regions in (1, 2):  # 2: RegionNorm's two-region variant, reading a uint8 hole mask
+            hole = "*u8" if regions == 2 else f"*{data}"
+            compile_kernel(channel_stats.plane_affine_fwd_kernel,
+                           {"X": f"*{data}", "HOLE": hole, "M": f"*{stats}", "A": f"*{stats}", "B": f"*{stats}",
+                            "Y": f"*{data}"},
+                           {**planes, **strides("x", "h", "y")}, {"REGIONS": regions, **tile})
+            compile_kernel(channel_stats.plane_affine_bwd_kernel,
+                           {"DY": f"*{data}", "X": f"*{data}", "HOLE": hole, "M": f"*{stats}", "A": f"*{stats}",
+                            "DX": f"*{data}", "DA": f"*{stats}", "DB": f"*{stats}"},
+                           {**planes, **strides("dy", "x", "h", "dx")}, {"REGIONS": regions, **tile})
+        compile_kernel(region_norm.region_moments_fwd_kernel,
+                       {"X": f"*{data}", "HOLE": "*u8", "CENTER": f"*{stats}", "COUNT": f"*{stats}",
+                        "FIRST": f"*{stats}", "SECOND": f"*{stats}"},
+                       {**planes, **strides("x", "h")}, tile)
+        compile_kernel(region_norm.region_moments_bwd_kernel,
+                       {"X": f"*{data}", "HOLE": "*u8", "CENTER": f"*{stats}", "DFIRST": f"*{stats}",
+                        "DSECOND": f"*{stats}", "DX": f"*{data}", "DCENTER": f"*{stats}"},
+                       {**planes, **strides("x", "h", "dx")}, tile)
+        count += 10
         coefficients = {name: f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE")}
         for mode in (evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV):
             compile_kernel(evo_norm.evo_plane_fwd_kernel,
@@ -100,7 +111,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 104 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 116 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ per-plane moments. So two kernel pairs serve them all, with small ``(N, C)`` tor
   Centring first keeps the result accurate to the size of ``y``: the uncentred ``x·A + (B − M·A)`` loses
   ``|M·A|·2⁻²⁴`` to cancellation, which is large when a plane's spread is small against its mean or against ``eps``.
   Backward: ``dx = dy·A`` and, per plane, ``dA = Σ dy·(x − M)`` and ``dB = Σ dy`` (``dM = −A·dB`` is left to the
-  caller), in one kernel that owns its planes (deterministic, no atomics).
+  caller), in one kernel that owns its planes (deterministic, no atomics). With the constexpr ``REGIONS = 2``
+  (RegionNorm) each plane has two sets of coefficients, chosen per value by a hole mask, and two sets of sums.
 
 Layout of a launch: the input is viewed as ``(N, C, HW)`` with arbitrary strides (NCHW: planes are rows;
 channels-last: the ``HW`` stride is ``C``; a channel slice: a larger channel or sample stride), so no copy is made
@@ -140,53 +141,81 @@ def plane_moments_bwd_kernel(
 
 @triton.jit
 def plane_affine_fwd_kernel(
-    X, M, A, B, Y, P, C, HW,
-    stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
-    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    X, HOLE, M, A, B, Y, P, C, HW,
+    stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw, stride_yn, stride_yc, stride_yhw,
+    REGIONS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    # Grid: (plane blocks, HW chunks). y = (x − M[plane])·A[plane] + B[plane].
+    # Grid: (plane blocks, HW chunks). y = (x − M[plane])·A[plane] + B[plane]. With REGIONS == 2 (RegionNorm) the
+    # coefficients are (P, 2), region 0 where HOLE is nonzero and region 1 elsewhere; HOLE is ignored otherwise.
     planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     plane_mask = planes < P
     hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (hw < HW)[None, :]
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
     x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
-    a = tl.load(A + planes, mask=plane_mask, other=0.0).to(COMPUTE)
-    b = tl.load(B + planes, mask=plane_mask, other=0.0).to(COMPUTE)
-    center = tl.load(M + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+    a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
+    b = tl.load(B + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
+    center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     y = (x - center[:, None]) * a[:, None] + b[:, None]
+    if REGIONS == 2:
+        hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
+        hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
+        a_valid = tl.load(A + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
+        b_valid = tl.load(B + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
+        center_valid = tl.load(M + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
+        y = tl.where(hole, y, (x - center_valid[:, None]) * a_valid[:, None] + b_valid[:, None])
     y_base = _plane_offsets(planes, C, stride_yn, stride_yc)
     tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw, y, mask=mask)
 
 
 @triton.jit
 def plane_affine_bwd_kernel(
-    DY, X, M, A, DX, DA, DB, P, C, HW,
-    stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw, stride_dxn, stride_dxc, stride_dxhw,
-    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    DY, X, HOLE, M, A, DX, DA, DB, P, C, HW,
+    stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw,
+    stride_dxn, stride_dxc, stride_dxhw,
+    REGIONS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    # Each program owns BLOCK_P planes and walks their HW values: dx = dy·A, dA = Σ dy·(x − M), dB = Σ dy.
+    # Each program owns BLOCK_P planes and walks their HW values: dx = dy·A, dA = Σ dy·(x − M), dB = Σ dy. With
+    # REGIONS == 2, each sum runs over its region's values only and dx takes the region's A.
     planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     plane_mask = planes < P
     offsets = tl.arange(0, BLOCK_HW)
     dy_base = _plane_offsets(planes, C, stride_dyn, stride_dyc)
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
     dx_base = _plane_offsets(planes, C, stride_dxn, stride_dxc)
-    a = tl.load(A + planes, mask=plane_mask, other=0.0).to(COMPUTE)
-    center = tl.load(M + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+    a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
+    center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     # Per-lane partial sums, reduced once at the end: each lane adds one value per chunk.
     da = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
     db = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
+    if REGIONS == 2:
+        hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
+        a_valid = tl.load(A + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
+        center_valid = tl.load(M + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
+        da_valid = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
+        db_valid = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
     for start in range(0, HW, BLOCK_HW):
         hw = (start + offsets).to(tl.int64)
         mask = plane_mask[:, None] & (hw < HW)[None, :]
         dy = tl.load(DY + dy_base[:, None] + hw[None, :] * stride_dyhw, mask=mask, other=0.0).to(COMPUTE)
         x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
-        tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dy * a[:, None], mask=mask)
+        if REGIONS == 2:
+            hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
+            tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw,
+                     dy * tl.where(hole, a[:, None], a_valid[:, None]), mask=mask)
+            dy_valid = tl.where(hole, 0.0, dy)
+            da_valid += dy_valid * tl.where(mask, x - center_valid[:, None], 0.0)
+            db_valid += dy_valid
+            dy = tl.where(hole, dy, 0.0)
+        else:
+            tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dy * a[:, None], mask=mask)
         da += dy * tl.where(mask, x - center[:, None], 0.0)
         db += dy
-    tl.store(DA + planes, tl.sum(da, axis=1), mask=plane_mask)
-    tl.store(DB + planes, tl.sum(db, axis=1), mask=plane_mask)
+    tl.store(DA + planes * REGIONS, tl.sum(da, axis=1), mask=plane_mask)
+    tl.store(DB + planes * REGIONS, tl.sum(db, axis=1), mask=plane_mask)
+    if REGIONS == 2:
+        tl.store(DA + planes * 2 + 1, tl.sum(da_valid, axis=1), mask=plane_mask)
+        tl.store(DB + planes * 2 + 1, tl.sum(db_valid, axis=1), mask=plane_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -237,18 +266,34 @@ def plane_moments_bwd(x: torch.Tensor, mean: torch.Tensor, dmean: Optional[torch
     return dx
 
 
+def _hole_planes(hole_mask: Optional[torch.Tensor], x3: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The ``(N, 1 or C, *spatial)`` hole mask of a two-region launch as a ``(N, C, HW)`` uint8 view (stride 0 over
+    channels for a one-channel mask) and its strides; ``x3`` and zero strides (never read) without a mask."""
+    if hole_mask is None:
+        return x3, (0, 0, 0)
+    hole3 = _planes(hole_mask.view(torch.uint8) if hole_mask.dtype == torch.bool else hole_mask)
+    hole3 = hole3.expand(x3.shape)
+    return hole3, _strides(hole3)
+
+
 def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,
-                     max_block_hw: Optional[int] = None) -> torch.Tensor:
+                     hole_mask: Optional[torch.Tensor] = None, max_block_hw: Optional[int] = None) -> torch.Tensor:
     """``y = (x − center[n, c])·scale[n, c] + shift[n, c]`` for ``x`` ``(N, C, *spatial)`` and ``(N, C)``
-    coefficients; arithmetic in fp32 (fp64 for fp64 ``x``), ``y`` in ``x``'s dtype, shape and memory format."""
+    coefficients; arithmetic in fp32 (fp64 for fp64 ``x``), ``y`` in ``x``'s dtype, shape and memory format.
+
+    With ``hole_mask`` (bool or uint8, ``(N, 1 or C, *spatial)``, nonzero = hole; RegionNorm) the coefficients are
+    ``(N, C, 2)``: index 0 applies where the mask is nonzero, index 1 elsewhere.
+    """
     y = torch.empty_like(x)
     x3, y3 = _planes(x), _planes(y)
     n, c, hw = x3.shape
     if y.numel() == 0:
         return y
+    hole3, hole_strides = _hole_planes(hole_mask, x3)
     block_p, block_hw = _tile(n * c, hw, max_block_hw)
     plane_affine_fwd_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
-        x3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *_strides(x3), *_strides(y3),
+        x3, hole3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *_strides(x3),
+        *hole_strides, *_strides(y3), REGIONS=1 if hole_mask is None else 2,
         COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
@@ -256,22 +301,26 @@ def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
 
 
 def plane_affine_bwd(dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, *,
+                     hole_mask: Optional[torch.Tensor] = None,
                      max_block_hw: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`plane_affine_fwd`: ``(dx, dscale, dshift)``; ``dx`` in ``x``'s dtype and memory format,
-    ``dscale``/``dshift`` ``(N, C)`` in ``scale``'s dtype. The centre's gradient is ``−scale·dshift``."""
+    ``dscale``/``dshift`` shaped like ``scale`` (``(N, C)``, or ``(N, C, 2)`` with ``hole_mask``) in its dtype. The
+    centre's gradient is ``−scale·dshift``."""
     dx = torch.empty_like(x)
     dy3, x3, dx3 = _planes(dy), _planes(x), _planes(dx)
     n, c, hw = x3.shape
-    dscale = torch.empty((n, c), dtype=scale.dtype, device=x.device)
-    dshift = torch.empty((n, c), dtype=scale.dtype, device=x.device)
+    dscale = torch.empty(scale.shape, dtype=scale.dtype, device=x.device)
+    dshift = torch.empty(scale.shape, dtype=scale.dtype, device=x.device)
     if n * c == 0:
         return dx, dscale, dshift
     if hw == 0:
         return dx, dscale.zero_(), dshift.zero_()
+    hole3, hole_strides = _hole_planes(hole_mask, x3)
     block_p, block_hw = _tile(n * c, hw, max_block_hw)
     plane_affine_bwd_kernel[(triton.cdiv(n * c, block_p),)](
-        dy3, x3, center.contiguous(), scale.contiguous(), dx3, dscale, dshift, n * c, c, hw, *_strides(dy3), *_strides(x3),
-        *_strides(dx3), COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        dy3, x3, hole3, center.contiguous(), scale.contiguous(), dx3, dscale, dshift, n * c, c, hw, *_strides(dy3),
+        *_strides(x3), *hole_strides, *_strides(dx3), REGIONS=1 if hole_mask is None else 2,
+        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
     return dx, dscale, dshift

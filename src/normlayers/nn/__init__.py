@@ -12,6 +12,7 @@ from normlayers.nn.evo_norm import (
     EvoNorm2dS2,
     EvoNorm2dS2a,
 )
+from normlayers.nn.region_norm import LearnableRegionNorm2d, RegionNorm2d
 from normlayers.nn.row_norms import CRMSNorm, LayerNorm, RMSNorm
 from normlayers.nn.spd_batch_norm import SPDBatchNorm
 from normlayers.nn.weight_std import ScaledWSConv2d, WSConv2d
@@ -29,7 +30,9 @@ __all__ = [
     "EvoNorm2dS2",
     "EvoNorm2dS2a",
     "LayerNorm",
+    "LearnableRegionNorm2d",
     "RMSNorm",
+    "RegionNorm2d",
     "SPDBatchNorm",
     "ScaledWSConv2d",
     "WSConv2d",

@@ -1,0 +1,128 @@
+"""``torch.library`` custom ops for Region Normalization: ``normlayers::region_moments`` and ``region_affine``.
+
+Both take ``x`` of shape ``(N, C, *spatial)`` in any memory format and a bool ``hole`` mask of shape
+``(N, 1 or C, *spatial)`` (already resized to ``x``'s spatial size); per-(plane, region) tensors are ``(N, C, 2)``,
+index 0 the hole region (mask ``True``) and index 1 the valid region.
+
+* ``region_moments(x, hole, center) -> (count, first, second)``: per plane and region the value count,
+  ``Σ (x − center)`` and ``Σ (x − center)²``, fp32 (fp64 for fp64 ``x``). Differentiable in ``x`` and ``center``; the
+  mask and the count carry no gradient.
+* ``region_affine(x, hole, center, scale, shift) -> y``: ``y = (x − center_r)·scale_r + shift_r`` with ``r`` the
+  region of each value, in ``x``'s dtype and memory format. Differentiable in ``x`` and the coefficients.
+
+Each has Triton kernels forward and backward (``region_moments_bwd``, ``region_affine_bwd``) and is opaque to
+``torch.compile`` (``register_fake``). RegionNorm composes them with small ``(N, C, 2)`` torch ops that autograd
+differentiates (see :func:`normlayers.functional.region_norm`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["region_moments", "region_affine"]
+
+
+def _region_kernels():
+    # Triton is imported lazily: the reference path and the package import must work without it.
+    from normlayers.kernels import region_norm
+
+    return region_norm
+
+
+def _channel_kernels():
+    from normlayers.kernels import channel_stats
+
+    return channel_stats
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_region(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.new_empty((*x.shape[:2], 2), dtype=dtype)
+
+
+@torch.library.custom_op("normlayers::region_moments", mutates_args=())
+def region_moments(x: Tensor, hole: Tensor, center: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-(plane, region) ``(count, Σ(x − center), Σ(x − center)²)``, each ``(N, C, 2)``."""
+    return _region_kernels().region_moments_fwd(x, hole, center)
+
+
+@region_moments.register_fake
+def _region_moments_fake(x, hole, center):
+    stats = _stats_dtype(x.dtype)
+    return _per_region(x, stats), _per_region(x, stats), _per_region(x, stats)
+
+
+@torch.library.custom_op("normlayers::region_moments_bwd", mutates_args=())
+def region_moments_bwd(x: Tensor, hole: Tensor, center: Tensor, dfirst: Tensor,
+                       dsecond: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dx, dcenter)`` of :func:`region_moments` from the gradients of ``first`` and ``second``."""
+    return _region_kernels().region_moments_bwd(x, hole, center, dfirst, dsecond)
+
+
+@region_moments_bwd.register_fake
+def _region_moments_bwd_fake(x, hole, center, dfirst, dsecond):
+    return torch.empty_like(x), center.new_empty(center.shape)
+
+
+def _region_moments_setup_context(ctx, inputs, output):
+    x, hole, center = inputs
+    ctx.save_for_backward(x, hole, center)
+
+
+def _region_moments_backward(ctx, _dcount: Optional[Tensor], dfirst: Optional[Tensor], dsecond: Optional[Tensor]):
+    x, hole, center = ctx.saved_tensors
+    if dfirst is None and dsecond is None:
+        return None, None, None
+    zeros = center.new_zeros((*x.shape[:2], 2), dtype=_stats_dtype(x.dtype))
+    dx, dcenter = region_moments_bwd(x, hole, center, zeros if dfirst is None else dfirst,
+                                     zeros if dsecond is None else dsecond)
+    return dx, None, dcenter
+
+
+region_moments.register_autograd(_region_moments_backward, setup_context=_region_moments_setup_context)
+
+
+@torch.library.custom_op("normlayers::region_affine", mutates_args=())
+def region_affine(x: Tensor, hole: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``y = (x − center_r)·scale_r + shift_r`` with ``(N, C, 2)`` coefficients, ``r`` the region of each value,
+    computed in fp32 (fp64 for fp64 ``x``)."""
+    return _channel_kernels().plane_affine_fwd(x, center, scale, shift, hole_mask=hole)
+
+
+@region_affine.register_fake
+def _region_affine_fake(x, hole, center, scale, shift):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normlayers::region_affine_bwd", mutates_args=())
+def region_affine_bwd(dy: Tensor, x: Tensor, hole: Tensor, center: Tensor,
+                      scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dscale, dshift)``: ``dx = dy·scale_r``, and per plane and region ``Σ dy·(x − center_r)`` and ``Σ dy``;
+    ``dx`` like ``x``, the others like ``scale``."""
+    return _channel_kernels().plane_affine_bwd(dy, x, center, scale, hole_mask=hole)
+
+
+@region_affine_bwd.register_fake
+def _region_affine_bwd_fake(dy, x, hole, center, scale):
+    return torch.empty_like(x), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
+def _region_affine_setup_context(ctx, inputs, output):
+    x, hole, center, scale, shift = inputs
+    ctx.save_for_backward(x, hole, center, scale)
+    ctx.center_dtype, ctx.shift_dtype = center.dtype, shift.dtype
+
+
+def _region_affine_backward(ctx, dy):
+    x, hole, center, scale = ctx.saved_tensors
+    dx, dscale, dshift = region_affine_bwd(dy, x, hole, center, scale)
+    return dx, None, (-scale * dshift).to(ctx.center_dtype), dscale, dshift.to(ctx.shift_dtype)
+
+
+region_affine.register_autograd(_region_affine_backward, setup_context=_region_affine_setup_context)
