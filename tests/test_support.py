@@ -40,11 +40,11 @@ def test_matrix_has_a_row_per_layer():
 @pytest.mark.parametrize("name", [n for n, e in support.LAYERS.items() if e.compile])
 def test_declared_compile_fullgraph_holds(name):
     torch._dynamo.reset()
-    module, x = support.LAYERS[name].make()
+    module, (x, *rest) = support.LAYERS[name].make()
 
     def step(mod, inp):
         leaf = inp.clone().requires_grad_()
-        out = mod(leaf)
+        out = mod(leaf, *rest)
         out.square().sum().backward()
         return [out.detach(), leaf.grad, *(p.grad for p in mod.parameters())]
 
@@ -58,7 +58,7 @@ def test_declared_compile_fullgraph_holds(name):
 
 @pytest.mark.parametrize("name", [n for n, e in support.LAYERS.items() if e.export])
 def test_declared_export_holds(name):
-    module, x = support.LAYERS[name].make()
+    module, inputs = support.LAYERS[name].make()
     with normlayers.backend("triton"):
-        exported = torch.export.export(module.eval(), (x,))
-        assert_close(exported.module()(x), module(x))
+        exported = torch.export.export(module.eval(), inputs)
+        assert_close(exported.module()(*inputs), module(*inputs))

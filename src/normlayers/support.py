@@ -7,7 +7,7 @@ Most columns are *probed*, not typed: :func:`probe` runs the tiny instance and r
 * ``triton_fwd`` / ``triton_bwd``: the ``normlayers::`` custom ops (the Triton kernels) that run in the forward and
   in the backward on backend ``"triton"`` (recorded by a ``TorchDispatchMode``). On CPU this needs the Triton
   interpreter (``TRITON_INTERPRET=1``); empty means the layer's work is plain torch ops on every backend.
-* ``sync_stats``: the constructor takes ``sync_stats`` (:mod:`normlayers.distributed`).
+* ``sync_stats``: the layer can be built with ``sync_stats=True`` and runs (:mod:`normlayers.distributed`).
 * ``fold``: the module exposes an inference folding: ``as_affine()`` (an eval-mode per-channel affine, foldable into
   the adjacent linear layer) or ``to_conv2d()`` (a conv with its weight baked in).
 * ``compile`` / ``export``: declared here and *verified* by ``tests/test_support.py``, which runs
@@ -17,7 +17,6 @@ Most columns are *probed*, not typed: :func:`probe` runs the tiny instance and r
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,36 +31,75 @@ __all__ = ["LAYERS", "LayerEntry", "probe", "support_matrix_markdown"]
 
 @dataclass(frozen=True)
 class LayerEntry:
-    """One public layer: its docs page, a factory for a tiny instance (in training mode) and its input, and the
-    declared compile/export support (verified by the tests)."""
+    """One public layer: its docs page, a factory for a tiny instance (keyword arguments go to the constructor) and
+    one for its forward's arguments (the first is the input whose gradient is taken), and the declared compile/export
+    support (verified by the tests)."""
 
     name: str
     page: str
-    make: Callable[[], tuple[nn.Module, Tensor]]
+    build: Callable[..., nn.Module]
+    inputs: Callable[[], tuple[Tensor, ...]]
     compile: bool = True
     export: bool = True
 
+    def make(self, **kwargs) -> tuple[nn.Module, tuple[Tensor, ...]]:
+        return self.build(**kwargs), self.inputs()
 
-def _nchw(channels: int = 8) -> Tensor:
-    return torch.randn(2, channels, 3, 4, generator=torch.Generator().manual_seed(0))
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
 
 
-def _rows(width: int = 16) -> Tensor:
-    return torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+def _nchw(channels: int = 8) -> tuple[Tensor]:
+    return (torch.randn(2, channels, 3, 4, generator=_generator()),)
+
+
+def _rows(width: int = 16) -> tuple[Tensor]:
+    return (torch.randn(3, width, generator=_generator()),)
+
+
+def _nchw_and_mask() -> tuple[Tensor, Tensor]:
+    (x,) = _nchw()
+    return x, torch.rand(2, 1, 3, 4, generator=_generator()) > 0.5
+
+
+def _spd_batch(n: int = 3) -> tuple[Tensor]:
+    a = torch.randn(4, n, n, generator=_generator(), dtype=torch.float64)
+    return (a @ a.mT + n * torch.eye(n, dtype=torch.float64),)
+
+
+def _evo(variant: str) -> LayerEntry:
+    cls = getattr(normlayers, f"EvoNorm2d{variant}")
+    group_kwargs = {"groups": 2} if variant.startswith("S") else {}
+    return LayerEntry(cls.__name__, "evo_norm.md", lambda **kw: cls(8, **group_kwargs, **kw), _nchw)
 
 
 LAYERS: dict[str, LayerEntry] = {e.name: e for e in (
-    LayerEntry("LayerNorm", "row_norms.md", lambda: (normlayers.LayerNorm(16), _rows())),
-    LayerEntry("RMSNorm", "row_norms.md", lambda: (normlayers.RMSNorm(16), _rows())),
-    LayerEntry("CRMSNorm", "row_norms.md", lambda: (normlayers.CRMSNorm(15), _rows(15))),
-    LayerEntry("BatchChannelNorm2d", "batch_channel.md", lambda: (normlayers.BatchChannelNorm2d(8, 2), _nchw())),
-    LayerEntry("WSConv2d", "weight_std.md", lambda: (normlayers.WSConv2d(8, 4, 3, padding=1), _nchw())),
-    LayerEntry("ScaledWSConv2d", "weight_std.md", lambda: (normlayers.ScaledWSConv2d(8, 4, 3, padding=1), _nchw())),
-    *(LayerEntry(f"EvoNorm2d{v}", "evo_norm.md",
-                 (lambda v=v: (getattr(normlayers, f"EvoNorm2d{v}")(8, **({"groups": 2} if v[0] == "S" else {})),
-                               _nchw())))
-      for v in ("B0", "B1", "B2", "S0", "S0a", "S1", "S1a", "S2", "S2a")),
+    LayerEntry("LayerNorm", "row_norms.md", lambda **kw: normlayers.LayerNorm(16, **kw), _rows),
+    LayerEntry("RMSNorm", "row_norms.md", lambda **kw: normlayers.RMSNorm(16, **kw), _rows),
+    LayerEntry("CRMSNorm", "row_norms.md", lambda **kw: normlayers.CRMSNorm(15, **kw), lambda: _rows(15)),
+    LayerEntry("BatchChannelNorm2d", "batch_channel.md", lambda **kw: normlayers.BatchChannelNorm2d(8, 2, **kw),
+               _nchw),
+    LayerEntry("WSConv2d", "weight_std.md", lambda **kw: normlayers.WSConv2d(8, 4, 3, padding=1, **kw), _nchw),
+    LayerEntry("ScaledWSConv2d", "weight_std.md", lambda **kw: normlayers.ScaledWSConv2d(8, 4, 3, padding=1, **kw),
+               _nchw),
+    *(_evo(v) for v in ("B0", "B1", "B2", "S0", "S0a", "S1", "S1a", "S2", "S2a")),
+    LayerEntry("RegionNorm2d", "region_norm.md", lambda **kw: normlayers.RegionNorm2d(8, **kw), _nchw_and_mask),
+    LayerEntry("LearnableRegionNorm2d", "region_norm.md",
+               lambda **kw: normlayers.LearnableRegionNorm2d(8, kernel_size=3, **kw), _nchw),
+    LayerEntry("SPDBatchNorm", "spd_batch_norm.md", lambda **kw: normlayers.SPDBatchNorm(3, **kw), _spd_batch),
 )}
+
+
+def _accepts(entry: LayerEntry, **kwargs) -> bool:
+    """Whether the constructor takes these arguments and the layer then runs (a reserved flag that raises does not
+    count as support)."""
+    try:
+        module, inputs = entry.make(**kwargs)
+        module(*inputs)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class _RecordCustomOps(TorchDispatchMode):
@@ -84,14 +122,14 @@ def _ordered_unique(names: list[str]) -> tuple[str, ...]:
 
 def probe(entry: LayerEntry) -> dict[str, object]:
     """Run ``entry``'s tiny instance and report what it supports (see the module docstring)."""
-    module, x = entry.make()
+    module, (x, *rest) = entry.make()
     with normlayers.backend("reference"):
-        module(x.clone().requires_grad_()).sum().backward()
+        module(x.clone().requires_grad_(), *rest).sum().backward()
     forward, backward = _RecordCustomOps(), _RecordCustomOps()
     with normlayers.backend("triton"):
         leaf = x.clone().requires_grad_()
         with forward:
-            y = module(leaf)
+            y = module(leaf, *rest)
         with backward:
             y.sum().backward()
     return {
@@ -100,7 +138,7 @@ def probe(entry: LayerEntry) -> dict[str, object]:
         "triton_bwd": _ordered_unique(backward.ops),
         "compile": entry.compile,
         "export": entry.export,
-        "sync_stats": "sync_stats" in inspect.signature(type(module)).parameters,
+        "sync_stats": _accepts(entry, sync_stats=True),
         "fold": hasattr(module, "as_affine") or hasattr(module, "to_conv2d"),
     }
 

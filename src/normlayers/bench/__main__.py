@@ -2,4 +2,5 @@
 
 from normlayers.bench.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not on import (e.g. when the docs build inspects the package)
+    raise SystemExit(main())
