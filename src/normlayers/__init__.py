@@ -15,9 +15,12 @@ from normlayers.nn import (
     EvoNorm2dS2,
     EvoNorm2dS2a,
     LayerNorm,
+    PowerNorm,
     RMSNorm,
     ScaledWSConv2d,
+    UnifiedNorm,
     WSConv2d,
+    reset_iters,
 )
 
 __version__ = "0.1.0"
@@ -35,11 +38,14 @@ __all__ = [
     "EvoNorm2dS2",
     "EvoNorm2dS2a",
     "LayerNorm",
+    "PowerNorm",
     "RMSNorm",
     "ScaledWSConv2d",
+    "UnifiedNorm",
     "WSConv2d",
     "backend",
     "functional",
     "get_backend",
+    "reset_iters",
     "set_backend",
 ]

@@ -12,7 +12,9 @@ from normlayers.nn.evo_norm import (
     EvoNorm2dS2,
     EvoNorm2dS2a,
 )
+from normlayers.nn.power_norm import PowerNorm, reset_iters
 from normlayers.nn.row_norms import CRMSNorm, LayerNorm, RMSNorm
+from normlayers.nn.unified_norm import UnifiedNorm
 from normlayers.nn.weight_std import ScaledWSConv2d, WSConv2d
 
 __all__ = [
@@ -28,7 +30,10 @@ __all__ = [
     "EvoNorm2dS2",
     "EvoNorm2dS2a",
     "LayerNorm",
+    "PowerNorm",
     "RMSNorm",
     "ScaledWSConv2d",
+    "UnifiedNorm",
     "WSConv2d",
+    "reset_iters",
 ]
