@@ -81,7 +81,7 @@ def power_norm_statistics_(q: Tensor, count: Tensor, running_phi: Tensor, t: Ten
     """One training step's statistics (spec §1.4): returns ``(rsqrt(d + eps), the backward's 1/sqrt(denominator))``
     and updates ``running_phi`` (flat ``(C,)`` view of the buffer) in place. ``t`` is the step as a ``(1,)`` tensor,
     so the warm-up decisions are ``torch.where`` on device, not Python branches."""
-    phi = running_phi.to(q.dtype)
+    phi = running_phi.to(q.dtype, copy=True)  # the value before this step: running_phi is overwritten below
     q = torch.where(count > 0, q, phi)  # no valid token: keep φ (the official code would store NaN; spec §1.8)
     tf = t.to(q.dtype)
     denom = torch.where(t <= warmup_iters, q, phi)

@@ -68,7 +68,7 @@ def unified_norm_statistics_(q: Tensor, count: Tensor, running_var: Tensor, buff
     """One training step's forward statistics (spec §2.4): returns ``(var, r, skip)`` — ``var`` and ``r`` per channel,
     ``skip`` a ``(1,)`` bool — and updates ``buffer_x2``, ``skip_counter`` and ``running_var`` in place."""
     window = buffer_x2.shape[0]
-    running = running_var.to(q.dtype)
+    running = running_var.to(q.dtype, copy=True)  # the value before this step: running_var is overwritten below
     q = torch.where(count > 0, q, running)  # no valid token: the official code would store NaN (spec §2.8)
     slot = torch.remainder(t, window)
     # One scalar over the whole previous window, before q is written (official L41); unbiased, as torch.var.
@@ -102,7 +102,7 @@ def unified_norm_backward_statistics_(gz: Tensor, ema_gz: Tensor, buffer_gz: Ten
     ``ema_gz`` in place and return the ``c`` of ``dx = (g − c·z)/sqrt(var + eps)``."""
     window = buffer_gz.shape[0]
     slot = torch.remainder(t, window)
-    old = ema_gz.to(gz.dtype)
+    old = ema_gz.to(gz.dtype, copy=True)
     _ring_write_(buffer_gz, slot, torch.where(skip, old, gz))
     use_batch = (t <= window) | (t < warmup_iters) | skip
     mean_gz = torch.where(use_batch, gz, buffer_gz.to(gz.dtype).mean(0))
