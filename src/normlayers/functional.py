@@ -928,7 +928,10 @@ def _power_norm_triton(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters
     channels = input.shape[-1]
     u = input
     if group_num is not None:
+        # GroupScaling's output u (and its gradient) in fp32 for fp16/bf16 activations, so the layer rounds once, at
+        # its output, as the reference does (an fp16/bf16 u would add a rounding to every later step).
         grouped = input.reshape(*input.shape[:-1], group_num, channels // group_num)
+        grouped = grouped.to(_ops_token._stats_dtype(input.dtype))
         u = _ops_row.row_norm(grouped, (channels // group_num,), None, None, "rms",
                               _ref_power.GROUP_SCALING_EPS)[0].reshape(input.shape)
     rows, valid = _ref_power.token_rows(u, pad_mask, time_major=not batch_first)
@@ -940,12 +943,13 @@ def _power_norm_triton(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters
         scale, grad_scale = _ref_power.power_norm_statistics_(
             q / count, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
             backward_denominator=backward_denominator)
-        y = _ops_token.power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw)
+        y = _ops_token.power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw,
+                                        input.dtype)
     else:
         scale = torch.rsqrt(running_phi.reshape(-1).to(_ops_token._stats_dtype(input.dtype)) + eps)
         if weight is not None:
             scale = scale * weight.to(scale.dtype)
-        y = _ops_token.channel_affine(rows, scale, bias)
+        y = _ops_token.channel_affine(rows, scale, bias, input.dtype)
     return y.view(input.shape)
 
 
@@ -1009,5 +1013,5 @@ def _unified_norm_triton(input: Tensor, running_var: Tensor, ema_gz: Tensor, buf
                                           skip, momentum, warmup_iters)
     else:
         scale = torch.rsqrt(running_var.to(_ops_token._stats_dtype(input.dtype)) + eps) * weight
-        y = _ops_token.channel_affine(rows, scale, bias)
+        y = _ops_token.channel_affine(rows, scale, bias, input.dtype)
     return y.view(input.shape)

@@ -5,9 +5,10 @@ All take token rows ``(R, C)`` (any strides) and per-channel ``(C,)`` vectors:
 * ``token_square_sum(x, valid) -> (C,)``: ``Σ x²`` over the rows where ``valid`` (all rows when ``None``); fp32
   (fp64 for fp64 ``x``); not differentiable (the statistics carry no gradient in either method).
 * ``token_grad_sums(dy, x) -> (3, C)``: ``[Σ x², Σ dy·x, Σ dy]`` over all rows.
-* ``channel_affine(x, scale, shift) -> x·scale + shift`` (differentiable: the eval path) and
+* ``channel_affine(x, scale, shift, out_dtype) -> x·scale + shift`` (differentiable: the eval path) and
   ``channel_affine2(dy, p, x, q) -> dy·p + x·q`` (the input gradients of both methods).
-* ``power_norm_train(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw) -> y = u·scale·weight + bias``, whose
+* ``power_norm_train(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype) -> y = u·scale·weight +
+  bias`` (in ``out_dtype``: ``u`` is GroupScaling's fp32 output for fp16/bf16 activations), whose
   registered backward is PowerNorm's approximate one (spec A §1.5): it updates ``ema_gz`` in place.
 * ``unified_norm_train(x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters) -> y``
   likewise for UnifiedNorm (spec A §2.5): its backward updates ``ema_gz`` and ``buffer_gz`` in place.
@@ -65,28 +66,28 @@ def _token_grad_sums_fake(dy, x):
 
 @torch.library.custom_op("normlayers::channel_affine2", mutates_args=())
 def channel_affine2(dy: Tensor, p: Tensor, x: Tensor, q: Tensor) -> Tensor:
-    """``dy·p[c] + x·q[c]`` in ``dy``'s dtype (computed in fp32, fp64 for fp64)."""
-    return _kernels().channel_affine(dy, p, None, x, q)
+    """``dy·p[c] + x·q[c]`` in ``x``'s dtype (computed in fp32, fp64 for fp64 ``x``): the gradient of ``x``."""
+    return _kernels().channel_affine(dy, p, None, x, q, out_dtype=x.dtype)
 
 
 @channel_affine2.register_fake
 def _channel_affine2_fake(dy, p, x, q):
-    return dy.new_empty(dy.shape)
+    return x.new_empty(dy.shape)
 
 
 @torch.library.custom_op("normlayers::channel_affine", mutates_args=())
-def channel_affine(x: Tensor, scale: Tensor, shift: Optional[Tensor]) -> Tensor:
-    """``x·scale[c] + shift[c]`` in ``x``'s dtype (computed in fp32, fp64 for fp64)."""
-    return _kernels().channel_affine(x, scale, shift)
+def channel_affine(x: Tensor, scale: Tensor, shift: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """``x·scale[c] + shift[c]`` in ``out_dtype`` (computed in fp32, fp64 for fp64 ``x``)."""
+    return _kernels().channel_affine(x, scale, shift, out_dtype=out_dtype)
 
 
 @channel_affine.register_fake
-def _channel_affine_fake(x, scale, shift):
-    return x.new_empty(x.shape)
+def _channel_affine_fake(x, scale, shift, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
 
 
 def _channel_affine_setup_context(ctx, inputs, output):
-    x, scale, shift = inputs
+    x, scale, shift, _out_dtype = inputs
     ctx.save_for_backward(x, scale)
     ctx.shift_dtype = shift.dtype if shift is not None else None
 
@@ -94,9 +95,9 @@ def _channel_affine_setup_context(ctx, inputs, output):
 def _channel_affine_backward(ctx, dy):
     x, scale = ctx.saved_tensors
     sums = token_grad_sums(dy, x)
-    dx = channel_affine(dy, scale, None) if ctx.needs_input_grad[0] else None
+    dx = channel_affine(dy, scale, None, x.dtype) if ctx.needs_input_grad[0] else None
     dshift = sums[2].to(ctx.shift_dtype) if ctx.shift_dtype is not None else None
-    return dx, sums[1].to(scale.dtype), dshift
+    return dx, sums[1].to(scale.dtype), dshift, None
 
 
 channel_affine.register_autograd(_channel_affine_backward, setup_context=_channel_affine_setup_context)
@@ -113,19 +114,19 @@ def _param_or_ones(weight: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("normlayers::power_norm_train", mutates_args=())
 def power_norm_train(u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Tensor, grad_scale: Tensor,
-                     ema_gz: Tensor, alpha_bkw: float) -> Tensor:
-    """PowerNorm's training forward on group-scaled rows ``u``: ``y = u·scale·weight + bias`` (``scale`` =
-    ``1/sqrt(d + eps)``, spec A §1.4). ``grad_scale`` and ``ema_gz`` are for the backward."""
-    return _kernels().channel_affine(u, scale * _param_or_ones(weight, scale), bias)
+                     ema_gz: Tensor, alpha_bkw: float, out_dtype: torch.dtype) -> Tensor:
+    """PowerNorm's training forward on group-scaled rows ``u``: ``y = u·scale·weight + bias`` in ``out_dtype``
+    (``scale`` = ``1/sqrt(d + eps)``, spec A §1.4). ``grad_scale`` and ``ema_gz`` are for the backward."""
+    return _kernels().channel_affine(u, scale * _param_or_ones(weight, scale), bias, out_dtype=out_dtype)
 
 
 @power_norm_train.register_fake
-def _power_norm_train_fake(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw):
-    return u.new_empty(u.shape)
+def _power_norm_train_fake(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype):
+    return u.new_empty(u.shape, dtype=out_dtype)
 
 
 def _power_norm_setup_context(ctx, inputs, output):
-    u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw = inputs
+    u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, _out_dtype = inputs
     ctx.save_for_backward(u, weight, scale, grad_scale)
     ctx.ema_gz = ema_gz  # the buffer, read and updated when backward runs
     ctx.alpha_bkw = alpha_bkw
@@ -147,7 +148,7 @@ def _power_norm_backward(ctx, dy):
     du = channel_affine2(dy, w * grad_scale, u, -k * scale * grad_scale)
     dweight = sum_dyz.to(weight.dtype) if weight is not None else None
     dbias = sum_dy.to(ctx.bias_dtype) if ctx.has_bias else None
-    return du, dweight, dbias, None, None, None, None
+    return du, dweight, dbias, None, None, None, None, None
 
 
 power_norm_train.register_autograd(_power_norm_backward, setup_context=_power_norm_setup_context)
