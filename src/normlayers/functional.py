@@ -937,7 +937,7 @@ def _power_norm_triton(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters
     rows, valid = _ref_power.token_rows(u, pad_mask, time_major=not batch_first)
     if training:
         iters.add_(1)
-        step = iters.reshape(1).clone()
+        (step,) = _ref_power.step_snapshot([iters.reshape(1)])
         q = _ops_token.token_square_sum(rows.detach(), valid)
         count = _token_count(rows, valid)
         scale, grad_scale = _ref_power.power_norm_statistics_(
@@ -1003,7 +1003,7 @@ def _unified_norm_triton(input: Tensor, running_var: Tensor, ema_gz: Tensor, buf
     rows, valid = _ref_power.token_rows(input, pad_mask, time_major=False)
     if training:
         iters.add_(1)
-        step = iters.reshape(1).clone()
+        (step,) = _ref_power.step_snapshot([iters.reshape(1)])
         q = _ops_token.token_square_sum(rows.detach(), valid)
         count = _token_count(rows, valid)
         var, r, skip = _ref_unified.unified_norm_statistics_(

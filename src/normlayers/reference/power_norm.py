@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["power_norm", "group_scaling", "token_rows", "power_norm_statistics_", "GROUP_SCALING_EPS"]
+__all__ = ["power_norm", "group_scaling", "token_rows", "power_norm_statistics_", "step_snapshot",
+           "GROUP_SCALING_EPS"]
 
 # GroupScaling1D's epsilon in the official code (mask_powernorm.py L20), independent of the layer's eps.
 GROUP_SCALING_EPS = 1e-5
@@ -65,6 +66,23 @@ def token_rows(x: Tensor, pad_mask: Optional[Tensor], *, time_major: bool) -> tu
     return rows, keep.reshape(-1)
 
 
+@torch.library.custom_op("normlayers::step_snapshot", mutates_args=())
+def step_snapshot(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors``: the per-step values (step number, statistics) that the backward reads.
+
+    They derive from buffers that the same step then overwrites (``iters``, ``running_phi``, ``running_var``,
+    ``buffer_x2``). Under ``torch.compile`` the partitioner may recompute cheap saved values in the backward from the
+    graph inputs, which by then hold the updated buffers (observed with torch 2.13: the backward saw step ``t + 1``).
+    An opaque op's outputs are saved, never recomputed, so the backward sees this step's values.
+    """
+    return [t.clone() for t in tensors]
+
+
+@step_snapshot.register_fake
+def _step_snapshot_fake(tensors):
+    return [torch.empty_like(t) for t in tensors]
+
+
 def masked_square_mean(rows: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean of rows² over the valid rows, number of valid rows)``; the mean is NaN without any."""
     squares = rows.detach().square()
@@ -88,7 +106,8 @@ def power_norm_statistics_(q: Tensor, count: Tensor, running_phi: Tensor, t: Ten
     cumulative = torch.where(t < warmup_iters, phi * (tf - 1) / tf + q / tf, phi)
     running_phi.copy_(alpha_fwd * cumulative + (1 - alpha_fwd) * q)
     grad_denom = q if backward_denominator == "batch" else phi
-    return torch.rsqrt(denom + eps), 1.0 / torch.sqrt(grad_denom + eps)
+    scale, grad_scale = step_snapshot([torch.rsqrt(denom + eps), 1.0 / torch.sqrt(grad_denom + eps)])
+    return scale, grad_scale
 
 
 class _PowerNormFunction(torch.autograd.Function):
@@ -142,7 +161,8 @@ def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, we
     rows, valid = token_rows(u, pad_mask, time_major=not batch_first)
     if training:
         iters.add_(1)
-        y = _PowerNormFunction.apply(rows, weight, bias, running_phi.view(-1), ema_gz.view(-1), iters.clone(), valid,
+        (step,) = step_snapshot([iters])
+        y = _PowerNormFunction.apply(rows, weight, bias, running_phi.view(-1), ema_gz.view(-1), step, valid,
                                      eps, alpha_fwd, alpha_bkw, warmup_iters, backward_denominator)
     else:
         y = rows * torch.rsqrt(running_phi.reshape(-1).to(rows.dtype) + eps)

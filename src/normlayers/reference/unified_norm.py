@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlayers.reference.power_norm import masked_square_mean, token_rows
+from normlayers.reference.power_norm import masked_square_mean, step_snapshot, token_rows
 
 __all__ = ["unified_norm", "unified_norm_statistics_", "unified_norm_backward_statistics_", "R_CLAMP_START"]
 
@@ -91,6 +91,7 @@ def unified_norm_statistics_(q: Tensor, count: Tensor, running_var: Tensor, buff
         r = torch.where((t <= max(R_CLAMP_START, warmup_iters)) | skip, torch.ones_like(r), r.clamp(0.2, 5.0))
     else:
         r = torch.ones_like(var)
+    var, r, skip = step_snapshot([var, r, skip])
     running_var.copy_(momentum * running + (1 - momentum) * var)
     return var, r, skip
 
@@ -157,8 +158,9 @@ def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tens
     rows, valid = token_rows(xf, pad_mask, time_major=False)
     if training:
         iters.add_(1)
+        (step,) = step_snapshot([iters])
         y = _UnifiedNormFunction.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter,
-                                       iters.clone(), valid, eps, momentum, warmup_iters, outlier_filtration,
+                                       step, valid, eps, momentum, warmup_iters, outlier_filtration,
                                        grad_compensation)
     else:
         y = rows * torch.rsqrt(running_var.to(rows.dtype) + eps) * weight.to(rows.dtype) + bias.to(rows.dtype)
