@@ -828,7 +828,8 @@ def _check_token_norm_input(input: Tensor, pad_mask: Optional[Tensor], mask_shap
 
 
 def _check_token_norm_state(input: Tensor, channels: int, per_channel: dict[str, Optional[Tensor]],
-                            counters: dict[str, Tensor], windows: dict[str, Tensor] = {}) -> None:
+                            counters: dict[str, Tensor], windows: Optional[dict[str, Tensor]] = None) -> None:
+    windows = windows or {}
     for name, t in per_channel.items():
         if t is None:
             continue
@@ -841,9 +842,10 @@ def _check_token_norm_state(input: Tensor, channels: int, per_channel: dict[str,
         if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] != channels:
             raise ValueError(f"{name} must have shape (window_size, C) with C = {channels}, got {list(t.shape)}")
     for name, t in counters.items():
-        if not isinstance(t, Tensor) or t.numel() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be a one-element integer tensor, got "
-                            f"{type(t).__name__ if not isinstance(t, Tensor) else f'{t.dtype} of shape {list(t.shape)}'}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a one-element integer tensor, got {type(t).__name__}")
+        if t.numel() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be a one-element integer tensor, got {t.dtype} of shape {list(t.shape)}")
     for name, t in {**per_channel, **windows, **counters}.items():
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
@@ -853,12 +855,6 @@ def _check_nonnegative_int(name: str, value: object) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(value)
-
-
-def _token_count(rows: Tensor, valid: Optional[Tensor]) -> Tensor:
-    if valid is None:
-        return torch.full((), rows.shape[0], dtype=torch.int64, device=rows.device)
-    return valid.sum()
 
 
 def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor] = None,
@@ -938,10 +934,9 @@ def _power_norm_triton(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters
     if training:
         iters.add_(1)
         (step,) = _ref_power.step_snapshot([iters.reshape(1)])
-        q = _ops_token.token_square_sum(rows.detach(), valid)
-        count = _token_count(rows, valid)
+        q, count = _ref_power.mean_over_valid(_ops_token.token_square_sum(rows.detach(), valid), rows.shape[0], valid)
         scale, grad_scale = _ref_power.power_norm_statistics_(
-            q / count, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
+            q, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
             backward_denominator=backward_denominator)
         y = _ops_token.power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw,
                                         input.dtype)
@@ -1004,10 +999,9 @@ def _unified_norm_triton(input: Tensor, running_var: Tensor, ema_gz: Tensor, buf
     if training:
         iters.add_(1)
         (step,) = _ref_power.step_snapshot([iters.reshape(1)])
-        q = _ops_token.token_square_sum(rows.detach(), valid)
-        count = _token_count(rows, valid)
+        q, count = _ref_power.mean_over_valid(_ops_token.token_square_sum(rows.detach(), valid), rows.shape[0], valid)
         var, r, skip = _ref_unified.unified_norm_statistics_(
-            q / count, count, running_var, buffer_x2, skip_counter, step, eps=eps, momentum=momentum,
+            q, count, running_var, buffer_x2, skip_counter, step, eps=eps, momentum=momentum,
             warmup_iters=warmup_iters, outlier_filtration=outlier_filtration, grad_compensation=grad_compensation)
         y = _ops_token.unified_norm_train(rows, weight, bias, torch.rsqrt(var + eps), r, ema_gz, buffer_gz, step,
                                           skip, momentum, warmup_iters)

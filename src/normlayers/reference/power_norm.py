@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["power_norm", "group_scaling", "token_rows", "power_norm_statistics_", "step_snapshot",
+__all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "power_norm_statistics_", "step_snapshot",
            "GROUP_SCALING_EPS"]
 
 # GroupScaling1D's epsilon in the official code (mask_powernorm.py L20), independent of the layer's eps.
@@ -83,24 +83,37 @@ def _step_snapshot_fake(tensors):
     return [torch.empty_like(t) for t in tensors]
 
 
-def masked_square_mean(rows: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(mean of rows² over the valid rows, number of valid rows)``; the mean is NaN without any."""
+def mean_over_valid(total: Tensor, rows: int, valid: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(total / number of valid rows, that number as a device tensor)``; the count is ``None`` when every row is
+    valid and there is at least one (nothing to guard, and no host-to-device copy of ``rows``)."""
+    if valid is None and rows > 0:
+        return total / rows, None
+    count = valid.sum() if valid is not None else torch.zeros((), dtype=torch.int64, device=total.device)
+    return total / count, count
+
+
+def keep_if_empty(q: Tensor, count: Optional[Tensor], fallback: Tensor) -> Tensor:
+    """``q``, or ``fallback`` when no row was valid (where the official code divides 0 by 0; spec §1.8, §2.8)."""
+    return q if count is None else torch.where(count > 0, q, fallback)
+
+
+def masked_square_mean(rows: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-channel mean of ``rows²`` over the valid rows, and their count (see :func:`mean_over_valid`)."""
     squares = rows.detach().square()
-    if valid is None:
-        return squares.mean(0), torch.full((), rows.shape[0], device=rows.device, dtype=torch.int64)
-    count = valid.sum()
-    return (squares * valid[:, None].to(squares.dtype)).sum(0) / count, count
+    if valid is not None:
+        squares = squares * valid[:, None].to(squares.dtype)
+    return mean_over_valid(squares.sum(0), rows.shape[0], valid)
 
 
 @torch.no_grad()
-def power_norm_statistics_(q: Tensor, count: Tensor, running_phi: Tensor, t: Tensor, *, eps: float,
+def power_norm_statistics_(q: Tensor, count: Optional[Tensor], running_phi: Tensor, t: Tensor, *, eps: float,
                            alpha_fwd: float, warmup_iters: int,
                            backward_denominator: str) -> tuple[Tensor, Tensor]:
     """One training step's statistics (spec §1.4): returns ``(rsqrt(d + eps), the backward's 1/sqrt(denominator))``
     and updates ``running_phi`` (flat ``(C,)`` view of the buffer) in place. ``t`` is the step as a ``(1,)`` tensor,
     so the warm-up decisions are ``torch.where`` on device, not Python branches."""
     phi = running_phi.to(q.dtype, copy=True)  # the value before this step: running_phi is overwritten below
-    q = torch.where(count > 0, q, phi)  # no valid token: keep φ (the official code would store NaN; spec §1.8)
+    q = keep_if_empty(q, count, phi)  # no valid token: keep φ
     tf = t.to(q.dtype)
     denom = torch.where(t <= warmup_iters, q, phi)
     cumulative = torch.where(t < warmup_iters, phi * (tf - 1) / tf + q / tf, phi)

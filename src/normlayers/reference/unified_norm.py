@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlayers.reference.power_norm import masked_square_mean, step_snapshot, token_rows
+from normlayers.reference.power_norm import keep_if_empty, masked_square_mean, step_snapshot, token_rows
 
 __all__ = ["unified_norm", "unified_norm_statistics_", "unified_norm_backward_statistics_", "R_CLAMP_START"]
 
@@ -62,14 +62,14 @@ def _ring_write_(buffer: Tensor, slot: Tensor, value: Tensor) -> None:
 
 
 @torch.no_grad()
-def unified_norm_statistics_(q: Tensor, count: Tensor, running_var: Tensor, buffer_x2: Tensor,
+def unified_norm_statistics_(q: Tensor, count: Optional[Tensor], running_var: Tensor, buffer_x2: Tensor,
                              skip_counter: Tensor, t: Tensor, *, eps: float, momentum: float, warmup_iters: int,
                              outlier_filtration: bool, grad_compensation: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One training step's forward statistics (spec §2.4): returns ``(var, r, skip)`` — ``var`` and ``r`` per channel,
     ``skip`` a ``(1,)`` bool — and updates ``buffer_x2``, ``skip_counter`` and ``running_var`` in place."""
     window = buffer_x2.shape[0]
     running = running_var.to(q.dtype, copy=True)  # the value before this step: running_var is overwritten below
-    q = torch.where(count > 0, q, running)  # no valid token: the official code would store NaN (spec §2.8)
+    q = keep_if_empty(q, count, running)  # no valid token: keep the running statistic
     slot = torch.remainder(t, window)
     # One scalar over the whole previous window, before q is written (official L41); unbiased, as torch.var.
     pooled_var = torch.sqrt(buffer_x2.to(q.dtype)).var()
