@@ -40,18 +40,26 @@ def test_token_sums_against_torch(shape, layout, dtype):
     valid = torch.rand(shape[0], generator=gen) < 0.6
     x64, dy64 = x.double(), dy.double()
     stats = torch.float64 if dtype == torch.float64 else torch.float32
-    masked = K.token_sums(x, None, valid)
+    masked, _ = K.token_sums(x, None, valid)
     assert masked.dtype == stats and masked.shape == (1, shape[1])
     assert_close(masked[0], (x64.square() * valid[:, None]).sum(0), dtype=stats)
-    sums = K.token_sums(x, dy, None)
+    p, q = torch.randn(shape[1], generator=gen, dtype=stats), torch.randn(shape[1], generator=gen, dtype=stats)
+    sums, out = K.token_sums(x, dy, None, p, q)
     expected = torch.stack([x64.square().sum(0), (dy64 * x64).sum(0), dy64.sum(0)])
     assert_close(sums, expected, dtype=stats)
+    expected_out = dy64 * p.double() + x64 * q.double()
+    if dtype == torch.bfloat16:
+        # Computed in fp32 and rounded once: at most torch's own bf16 result's error, which rounds after each op.
+        assert_lowprec_close(out, dy * p.to(dtype) + x * q.to(dtype), expected_out)
+    else:
+        assert_close(out, expected_out)
+    assert torch.equal(K.token_sums(x, dy, None)[0], sums), "the fused output must not change the sums"
 
 
 def test_token_sums_without_valid_rows_is_zero():
     x = torch.randn(6, 5)
-    assert torch.equal(K.token_sums(x, None, torch.zeros(6, dtype=torch.bool)), torch.zeros(1, 5))
-    assert torch.equal(K.token_sums(x[:0], None, None), torch.zeros(1, 5))
+    assert torch.equal(K.token_sums(x, None, torch.zeros(6, dtype=torch.bool))[0], torch.zeros(1, 5))
+    assert torch.equal(K.token_sums(x[:0], None, None)[0], torch.zeros(1, 5))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -25,7 +25,8 @@ def test_opcheck_statistics_and_affine_ops(strided):
     p, q, s = _randn(5, seed=3), _randn(5, seed=4), _randn(5, seed=5)
     torch.library.opcheck(torch.ops.normlayers.token_square_sum.default, (x, valid))
     torch.library.opcheck(torch.ops.normlayers.token_square_sum.default, (x, None))
-    torch.library.opcheck(torch.ops.normlayers.token_grad_sums.default, (dy, x))
+    torch.library.opcheck(torch.ops.normlayers.token_grad_sums.default, (dy, x, None, None))
+    torch.library.opcheck(torch.ops.normlayers.token_grad_sums.default, (dy, x, p, q))
     torch.library.opcheck(torch.ops.normlayers.channel_affine2.default, (dy, p, x, q))
     torch.library.opcheck(torch.ops.normlayers.channel_affine.default,
                           (x.clone().requires_grad_(), p.requires_grad_(), s.requires_grad_(), torch.bfloat16))

@@ -4,7 +4,8 @@ All take token rows ``(R, C)`` (any strides) and per-channel ``(C,)`` vectors:
 
 * ``token_square_sum(x, valid) -> (C,)``: ``Σ x²`` over the rows where ``valid`` (all rows when ``None``); fp32
   (fp64 for fp64 ``x``); not differentiable (the statistics carry no gradient in either method).
-* ``token_grad_sums(dy, x) -> (3, C)``: ``[Σ x², Σ dy·x, Σ dy]`` over all rows.
+* ``token_grad_sums(dy, x, p, q) -> ((3, C), dx)``: ``[Σ x², Σ dy·x, Σ dy]`` over all rows, and, when ``p``/``q``
+  are given, ``dx = dy·p[c] + x·q[c]`` from the same pass (in ``x``'s dtype; else an empty tensor).
 * ``channel_affine(x, scale, shift, out_dtype) -> x·scale + shift`` (differentiable: the eval path) and
   ``channel_affine2(dy, p, x, q) -> dy·p + x·q`` (the input gradients of both methods).
 * ``power_norm_train(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype) -> y = u·scale·weight +
@@ -45,7 +46,7 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("normlayers::token_square_sum", mutates_args=())
 def token_square_sum(x: Tensor, valid: Optional[Tensor]) -> Tensor:
     """Per-channel ``Σ x²`` over the rows of ``x`` ``(R, C)`` where ``valid`` ``(R,)`` is True (all when ``None``)."""
-    return _kernels().token_sums(x, None, valid)[0]
+    return _kernels().token_sums(x, None, valid)[0][0]
 
 
 @token_square_sum.register_fake
@@ -54,14 +55,16 @@ def _token_square_sum_fake(x, valid):
 
 
 @torch.library.custom_op("normlayers::token_grad_sums", mutates_args=())
-def token_grad_sums(dy: Tensor, x: Tensor) -> Tensor:
-    """``[Σ x², Σ dy·x, Σ dy]`` per channel over all rows, ``(3, C)``."""
-    return _kernels().token_sums(x, dy, None)
+def token_grad_sums(dy: Tensor, x: Tensor, p: Optional[Tensor], q: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``[Σ x², Σ dy·x, Σ dy]`` per channel over all rows, ``(3, C)``; and ``dy·p + x·q`` (like ``x``) when ``p``
+    and ``q`` are given, else an empty tensor."""
+    return _kernels().token_sums(x, dy, None, p, q)
 
 
 @token_grad_sums.register_fake
-def _token_grad_sums_fake(dy, x):
-    return x.new_empty((3, x.shape[1]), dtype=_stats_dtype(x.dtype))
+def _token_grad_sums_fake(dy, x, p, q):
+    dx = x.new_empty(x.shape if p is not None and q is not None else (0,))
+    return x.new_empty((3, x.shape[1]), dtype=_stats_dtype(x.dtype)), dx
 
 
 @torch.library.custom_op("normlayers::channel_affine2", mutates_args=())
@@ -94,7 +97,7 @@ def _channel_affine_setup_context(ctx, inputs, output):
 
 def _channel_affine_backward(ctx, dy):
     x, scale = ctx.saved_tensors
-    sums = token_grad_sums(dy, x)
+    sums, _ = token_grad_sums(dy, x, None, None)
     dx = channel_affine(dy, scale, None, x.dtype) if ctx.needs_input_grad[0] else None
     dshift = sums[2].to(ctx.shift_dtype) if ctx.shift_dtype is not None else None
     return dx, sums[1].to(scale.dtype), dshift, None
@@ -137,15 +140,15 @@ def _power_norm_setup_context(ctx, inputs, output):
 def _power_norm_backward(ctx, dy):
     u, weight, scale, grad_scale = ctx.saved_tensors
     ema_gz = ctx.ema_gz
-    sum_uu, sum_dyu, sum_dy = token_grad_sums(dy, u).unbind(0)
     w = _param_or_ones(weight, scale)
     k = (1 - ctx.alpha_bkw) * ema_gz.to(scale.dtype)
+    # du = (dy·w − k·u·scale)·grad_scale needs only the old ema_gz, so it comes from the reductions' pass.
+    sums, du = token_grad_sums(dy, u, w * grad_scale, -k * scale * grad_scale)
+    sum_uu, sum_dyu, sum_dy = sums.unbind(0)
     sum_dyz = sum_dyu * scale
     # mean over all R rows of (g − k·z)·z, with g = dy·w and z = u·scale.
     with torch.no_grad():
         ema_gz.copy_(ema_gz + (w * sum_dyz - k * scale.square() * sum_uu) / u.shape[0])
-    # du = (dy·w − k·u·scale)·grad_scale
-    du = channel_affine2(dy, w * grad_scale, u, -k * scale * grad_scale)
     dweight = sum_dyz.to(weight.dtype) if weight is not None else None
     dbias = sum_dy.to(ctx.bias_dtype) if ctx.has_bias else None
     return du, dweight, dbias, None, None, None, None, None
@@ -182,7 +185,8 @@ def _unified_norm_setup_context(ctx, inputs, output):
 
 def _unified_norm_backward(ctx, dy):
     x, weight, inv_std, r, t, skip = ctx.saved_tensors
-    _sum_xx, sum_dyx, sum_dy = token_grad_sums(dy, x).unbind(0)
+    sums, _ = token_grad_sums(dy, x, None, None)
+    _sum_xx, sum_dyx, sum_dy = sums.unbind(0)
     wr = weight.to(inv_std.dtype) * r
     sum_dyz = sum_dyx * inv_std
     # gz = mean over all rows of g·z, g = dy·weight·r
