@@ -173,3 +173,25 @@ def test_layer_on_kernels_low_precision(kind, dtype):
     for key, value in ref64_state.items():
         # Statistics are fp32 from the same rounded inputs (PowerNorm's GroupScaling output stays fp32 too).
         assert_close(our_state[key].double(), value.double(), dtype=torch.float32, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["power", "unified"])
+@pytest.mark.parametrize("layout", ["channel_slice", "transposed"])
+def test_layer_on_kernels_non_contiguous_input(kind, layout):
+    # A channel slice of a wider tensor is read in place (row stride > C); a transposed (T, B) pair is copied by
+    # reshape. Either way the result equals the contiguous input's, on the kernels.
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(4, 3, 11, generator=gen)
+    x = wide[..., 2:8] if layout == "channel_slice" else wide[..., :6].transpose(0, 1)
+    assert not x.is_contiguous()
+    layer = _make(kind, 6)
+    mask_shape = (x.shape[1], x.shape[0]) if kind == "power" else x.shape[:2]
+    mask = torch.rand(mask_shape, generator=gen) < 0.3
+    dy = torch.randn(x.shape, generator=gen)
+    ours, our_state = _steps(layer, "triton", [x] * 3, [mask] * 3, [dy] * 3)
+    ref, ref_state = _steps(layer, "triton", [x.contiguous()] * 3, [mask] * 3, [dy] * 3)
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        for name, u, v in zip(("y", "dx", "dweight", "dbias"), a, b):
+            assert torch.equal(u, v), f"step {step}: {name}"
+    for key, value in ref_state.items():
+        assert torch.equal(our_state[key], value), key
