@@ -805,6 +805,14 @@ def evo_norm2d_s2a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = N
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _flat_2d_mask(input: Tensor, pad_mask: Optional[Tensor], official_shape: tuple[int, int]) -> Optional[Tensor]:
+    """For 2-D input the official code promotes the input to one token per sample, so its mask has a unit dim
+    (``official_shape``); accept that form besides ``(B,)``."""
+    if input.dim() == 2 and isinstance(pad_mask, Tensor) and tuple(pad_mask.shape) == official_shape:
+        return pad_mask.reshape(-1)
+    return pad_mask
+
+
 def _check_token_norm_input(input: Tensor, pad_mask: Optional[Tensor], mask_shape: tuple[int, ...],
                             layout: str) -> int:
     """Checks shared by both layers; returns the channel count ``C``."""
@@ -877,8 +885,8 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
             ``running_phi`` in the forward and ``ema_gz`` in the backward, in place.
         iters: one-element integer tensor, incremented in place by every training call (the step counter ``t``).
         weight, bias: ``(C,)`` or ``None``.
-        pad_mask: ``(B, T)`` bool, True = padding (``(B,)`` for 2-D input). Padding is left out of the forward
-            statistic only (the backward's means run over all tokens, as the official code).
+        pad_mask: ``(B, T)`` bool, True = padding (``(B,)`` or the official ``(B, 1)`` for 2-D input). Padding is
+            left out of the forward statistic only (the backward's means run over all tokens, as the official code).
         training, eps, alpha_fwd, alpha_bkw, warmup_iters, group_num: as the module; ``group_num=None`` skips
             GroupScaling.
         batch_first: input ``(B, T, C)``. Default: ``False``.
@@ -889,6 +897,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         mask_shape = tuple(input.shape[:2]) if batch_first else (input.shape[1], input.shape[0])
     else:
         mask_shape = tuple(input.shape[:1])
+        pad_mask = _flat_2d_mask(input, pad_mask, (input.shape[0], 1))
     channels = _check_token_norm_input(input, pad_mask, mask_shape, "(B, T, C)" if batch_first else "(T, B, C)")
     _check_token_norm_state(input, channels, {"running_phi": running_phi, "ema_gz": ema_gz, "weight": weight,
                                               "bias": bias}, {"iters": iters})
@@ -967,11 +976,14 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
             iters, skip_counter: one-element integer tensors. All updated in place in training (``ema_gz`` and
             ``buffer_gz`` by the backward).
         weight, bias: ``(C,)``.
-        pad_mask: ``(B, N)`` bool, True = padding (``(B,)`` for 2-D input); left out of the forward statistic only.
+        pad_mask: ``(B, N)`` bool, True = padding (``(B,)`` or the official ``(1, B)`` for 2-D input); left out of
+            the forward statistic only.
         training, eps, momentum, warmup_iters, outlier_filtration: as the module.
         grad_compensation: apply the factor ``r`` in the backward (the official code). Default: ``True``.
     """
     mask_shape = tuple(input.shape[:-1]) if input.dim() in (2, 3) else ()
+    if input.dim() == 2:
+        pad_mask = _flat_2d_mask(input, pad_mask, (1, input.shape[0]))
     channels = _check_token_norm_input(input, pad_mask, mask_shape, "(B, N, C)")
     _check_token_norm_state(input, channels, {"running_var": running_var, "ema_gz": ema_gz, "weight": weight,
                                               "bias": bias}, {"iters": iters, "skip_counter": skip_counter},

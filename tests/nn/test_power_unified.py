@@ -177,6 +177,10 @@ def test_two_dimensional_input_is_one_token_per_sample(backend):
         assert_close(y2, y3.squeeze(0))
         for k, v in a.state_dict().items():
             assert_close(v.float(), b.state_dict()[k].float(), msg=k)
+        # The official 2-D mask form, (B, 1) for PowerNorm and (1, B) for UnifiedNorm, is the same mask.
+        official = pad.unsqueeze(1) if isinstance(a, normlayers.PowerNorm) else pad.unsqueeze(0)
+        with normlayers.backend(backend):
+            assert_close(copy.deepcopy(a)(x, pad_mask=official), copy.deepcopy(a)(x, pad_mask=pad))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -70,8 +70,9 @@ class PowerNorm(nn.Module):
 
     Shape:
         - Input: :math:`(T, B, C)`, :math:`(B, T, C)` with ``batch_first=True``, or :math:`(B, C)`
-        - pad_mask (optional): :math:`(B, T)` bool, True = padding (:math:`(B,)` for 2-D input). Padding is left out
-          of the forward statistic; the backward's means run over all tokens, as in the official code.
+        - pad_mask (optional): :math:`(B, T)` bool, True = padding (:math:`(B,)`, or the official :math:`(B, 1)`,
+          for 2-D input). Padding is left out of the forward statistic; the backward's means run over all tokens, as
+          in the official code.
         - Output: same shape and dtype as the input
 
     Examples::

@@ -70,8 +70,8 @@ class UnifiedNorm(nn.Module):
 
     Shape:
         - Input: :math:`(B, N, C)` or :math:`(B, C)`
-        - pad_mask (optional): :math:`(B, N)` bool, True = padding (:math:`(B,)` for 2-D input); left out of the
-          forward statistic, included in the backward's means (as the official code)
+        - pad_mask (optional): :math:`(B, N)` bool, True = padding (:math:`(B,)`, or the official :math:`(1, B)`,
+          for 2-D input); left out of the forward statistic, included in the backward's means (as the official code)
         - Output: same shape and dtype as the input
 
     Examples::
