@@ -43,6 +43,8 @@ def test_token_sums_against_torch(shape, layout, dtype):
     masked, _ = K.token_sums(x, None, valid)
     assert masked.dtype == stats and masked.shape == (1, shape[1])
     assert_close(masked[0], (x64.square() * valid[:, None]).sum(0), dtype=stats)
+    strided_valid = torch.stack([valid, ~valid], 1)[:, 0]  # a mask with stride 2
+    assert torch.equal(K.token_sums(x, None, strided_valid)[0], masked)
     p, q = torch.randn(shape[1], generator=gen, dtype=stats), torch.randn(shape[1], generator=gen, dtype=stats)
     sums, out = K.token_sums(x, dy, None, p, q)
     expected = torch.stack([x64.square().sum(0), (dy64 * x64).sum(0), dy64.sum(0)])

@@ -144,7 +144,7 @@ def token_sums(x: torch.Tensor, dy: Optional[torch.Tensor], valid: Optional[torc
     dy_arg = dy if dy is not None else x
     out_arg = out if write_out else partials
     token_sums_kernel[(row_programs, col_blocks)](
-        x, dy_arg, valid.view(torch.uint8) if valid is not None else x, partials,
+        x, dy_arg, valid.contiguous().view(torch.uint8) if valid is not None else x, partials,
         p.contiguous() if write_out else partials, q.contiguous() if write_out else partials, out_arg,
         rows, channels, x.stride(0), x.stride(1), dy_arg.stride(0), dy_arg.stride(1), partials.stride(0),
         out_arg.stride(0), out_arg.stride(1) if write_out else 1, row_programs, triton.cdiv(row_tiles, row_programs),
