@@ -197,6 +197,23 @@ def test_fully_padded_batch_keeps_the_running_statistics(backend):
         assert_close(m.running_phi if isinstance(m, normlayers.PowerNorm) else m.running_var, stat)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_keeps_every_buffer_finite(backend):
+    # No tokens at all: the forward statistic falls back to the running one (kept), and the backward's means over
+    # zero tokens are 0, not 0/0 (PowerNorm's ema_gz adds 0; UnifiedNorm's decays towards gz = 0, by its update rule).
+    for m, shape, kept in ((normlayers.PowerNorm(4, warmup_iters=1), (0, 2, 4), ("running_phi", "ema_gz")),
+                           (normlayers.UnifiedNorm(4, warmup_iters=1, window_size=1), (2, 0, 4), ("running_var",))):
+        _trained(m, 2, (3, 2, 4))
+        before = copy.deepcopy(m.state_dict())
+        x = torch.randn(shape, requires_grad=True)
+        with normlayers.backend(backend):
+            m(x).sum().backward()
+        for key, value in m.state_dict().items():
+            assert torch.isfinite(value.double()).all(), key
+            if key in kept:
+                assert_close(value.double(), before[key].double(), dtype=torch.float32, msg=key)
+
+
 def test_reset_iters_helper():
     model = torch.nn.Sequential(normlayers.PowerNorm(8, warmup_iters=2), torch.nn.Linear(8, 8),
                                 normlayers.UnifiedNorm(8, warmup_iters=2))

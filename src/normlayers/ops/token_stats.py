@@ -148,7 +148,7 @@ def _power_norm_backward(ctx, dy):
     sum_dyz = sum_dyu * scale
     # mean over all R rows of (g − k·z)·z, with g = dy·w and z = u·scale.
     with torch.no_grad():
-        ema_gz.copy_(ema_gz + (w * sum_dyz - k * scale.square() * sum_uu) / u.shape[0])
+        ema_gz.copy_(ema_gz + (w * sum_dyz - k * scale.square() * sum_uu) / max(u.shape[0], 1))
     dweight = sum_dyz.to(weight.dtype) if weight is not None else None
     dbias = sum_dy.to(ctx.bias_dtype) if ctx.has_bias else None
     return du, dweight, dbias, None, None, None, None, None
@@ -190,7 +190,7 @@ def _unified_norm_backward(ctx, dy):
     wr = weight.to(inv_std.dtype) * r
     sum_dyz = sum_dyx * inv_std
     # gz = mean over all rows of g·z, g = dy·weight·r
-    c = unified_norm_backward_statistics_(wr * sum_dyz / x.shape[0], ctx.ema_gz, ctx.buffer_gz, t, skip,
+    c = unified_norm_backward_statistics_(wr * sum_dyz / max(x.shape[0], 1), ctx.ema_gz, ctx.buffer_gz, t, skip,
                                           momentum=ctx.momentum, warmup_iters=ctx.warmup_iters)
     # dx = (g − c·z)·inv_std = dy·(w·r·inv_std) − x·(c·inv_std²)
     dx = channel_affine2(dy, wr * inv_std, x, -c * inv_std.square())

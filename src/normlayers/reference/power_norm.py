@@ -153,7 +153,8 @@ class _PowerNormFunction(torch.autograd.Function):
         ema_gz = ctx.ema_gz
         g = dy * weight.to(dy.dtype) if weight is not None else dy
         approx = g - (1 - ctx.alpha_bkw) * ema_gz.to(dy.dtype) * z
-        ema_gz.copy_(ema_gz + (approx * z).mean(0))
+        # Mean over all rows; an empty batch adds nothing (a plain mean would be 0/0).
+        ema_gz.copy_(ema_gz + (approx * z).sum(0) / max(z.shape[0], 1))
         du = approx * grad_scale
         dweight = (dy * z).sum(0).to(weight.dtype) if weight is not None else None
         dbias = dy.sum(0).to(weight.dtype if weight is not None else dy.dtype) if ctx.has_bias else None

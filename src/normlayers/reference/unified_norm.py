@@ -136,7 +136,7 @@ class _UnifiedNormFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         z, weight, inv_std, r, t, skip = ctx.saved_tensors
         g = dy * weight.to(dy.dtype) * r
-        gz = (g * z).mean(0)
+        gz = (g * z).sum(0) / max(z.shape[0], 1)  # mean over all rows (0 for an empty batch, not 0/0)
         c = unified_norm_backward_statistics_(gz, ctx.ema_gz, ctx.buffer_gz, t, skip, momentum=ctx.momentum,
                                               warmup_iters=ctx.warmup_iters)
         dx = (g - c * z) * inv_std
