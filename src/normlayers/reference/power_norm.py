@@ -16,9 +16,9 @@ step ``t`` (``iters`` is incremented *before* the step, so ``t`` starts at 1):
    statistic, also after warm-up; ``backward_denominator="running"`` uses ``φ_{t−1}`` instead, spec §1.7b);
    ``dweight = Σ dy·z``, ``dbias = Σ dy``; ``dx`` is autograd's through GroupScaling.
 
-Eval: ``y = weight·u / sqrt(running_phi + eps) + bias``. The one departure from the official code: a step without any
-non-pad token (where the official ``q`` is 0/0 = NaN and poisons ``running_phi``) uses ``q = φ_{t−1}``, which leaves
-``running_phi`` unchanged (spec §1.8 "Guard").
+Eval: ``y = weight·u / sqrt(running_phi + eps) + bias``. The departures from the official code, both where it would
+compute 0/0 = NaN and poison the buffers: a step without any non-pad token uses ``q = φ_{t−1}``, which leaves
+``running_phi`` unchanged (spec §1.8 "Guard"); an empty batch adds 0 to ``ema_gz``.
 
 Arithmetic is in fp32 (fp64 for fp64 inputs); the output is rounded once, to the input's dtype; buffers keep their
 dtype. Argument checks live in :mod:`normlayers.functional`.

@@ -30,8 +30,8 @@ Backward (§2.5)::
 
 Eval (§2.6): ``y = weight·x / sqrt(running_var + eps) + bias``. Every decision is a ``torch.where`` on device (no
 ``.item()``, no data-dependent Python branch). ``grad_compensation=False`` fixes ``r = 1`` (spec §2.7; the official
-code always applies it). The one departure from the official code: a step without any non-pad token uses
-``q = running_var`` instead of the official 0/0 = NaN (spec §2.8).
+code always applies it). The departures from the official code, both where it would compute 0/0 = NaN: a step
+without any non-pad token uses ``q = running_var`` (spec §2.8); an empty batch has ``gz = 0``.
 
 Arithmetic is in fp32 (fp64 for fp64 inputs); the output is rounded once, to the input's dtype; buffers keep their
 dtype. Argument checks live in :mod:`normlayers.functional`.
