@@ -17,11 +17,14 @@ from normlayers.nn import (
     EvoNorm2dS2a,
     LayerNorm,
     LearnableRegionNorm2d,
+    PowerNorm,
     RMSNorm,
     RegionNorm2d,
     SPDBatchNorm,
     ScaledWSConv2d,
+    UnifiedNorm,
     WSConv2d,
+    reset_iters,
 )
 
 __version__ = "0.1.0"
@@ -40,14 +43,17 @@ __all__ = [
     "EvoNorm2dS2a",
     "LayerNorm",
     "LearnableRegionNorm2d",
+    "PowerNorm",
     "RMSNorm",
     "RegionNorm2d",
     "SPDBatchNorm",
     "ScaledWSConv2d",
+    "UnifiedNorm",
     "WSConv2d",
     "backend",
     "convert_sync",
     "functional",
     "get_backend",
+    "reset_iters",
     "set_backend",
 ]

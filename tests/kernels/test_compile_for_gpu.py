@@ -1,5 +1,5 @@
 """Compile every kernel variant (row norms, per-plane channel statistics, RegionNorm's region moments, EvoNorm's fused
-pass) for an H100 (sm_90) with Triton's real compiler, without a GPU.
+pass, token statistics) for an H100 (sm_90) with Triton's real compiler, without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects (e.g. a loop-carried variable that
 changes dtype). Triton compiles ahead of time for a named target down to a cubin with its bundled ptxas, so CI
@@ -21,7 +21,7 @@ def compile_all_variants() -> int:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from normlayers.kernels import channel_stats, common, evo_norm, region_norm, row_norms
+    from normlayers.kernels import channel_stats, common, evo_norm, region_norm, row_norms, token_stats
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -102,6 +102,36 @@ def compile_all_variants() -> int:
                             **{f"D{name}": f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE", "SHIFT")}},
                            {**planes, **strides("dy", "x", "dx")}, {"MODE": mode, **tile})
             count += 2
+    # Token statistics (PowerNorm, UnifiedNorm): every flag combination the launchers use, and the mixed dtypes of
+    # PowerNorm's fp32 GroupScaling output u with fp16/bf16 activations (u -> bf16 y; bf16 dy with u -> fp32 du).
+    tokens = {"R": "i32", "C": "i32"}
+    row_strides = {name: "i64" for name in ("stride_xr", "stride_xc")}
+    for data in ("bf16", "fp32", "fp64"):
+        stats = "fp64" if data == "fp64" else "fp32"
+        tile = {"COMPUTE": tl.float64 if data == "fp64" else tl.float32, "BLOCK_R": 32, "BLOCK_C": 128}
+        sums_variants = [(data, data, False, True, False), (data, data, False, False, False),
+                         (data, data, True, False, False), (data, data, True, False, True)]
+        affine_variants = [(data, data, data, False, True), (data, data, data, False, False),
+                           (data, data, data, True, False)]
+        if data == "bf16":
+            sums_variants += [("fp32", "bf16", True, False, True), ("fp32", "bf16", True, False, False)]
+            affine_variants += [("fp32", "fp32", "bf16", False, True), ("bf16", "bf16", "fp32", False, False)]
+        for x_type, dy_type, has_dy, has_valid, write_out in sums_variants:
+            compile_kernel(token_stats.token_sums_kernel,
+                           {"X": f"*{x_type}", "DY": f"*{dy_type}", "VALID": "*u8", "PARTIALS": f"*{stats}",
+                            "P": f"*{stats}", "Q": f"*{stats}", "OUT": f"*{x_type}"},
+                           {**tokens, **row_strides, "stride_dyr": "i64", "stride_dyc": "i64", "stride_p": "i64",
+                            "stride_or": "i64", "stride_oc": "i64", "row_programs": "i32", "tiles_per_program": "i32"},
+                           {"HAS_DY": has_dy, "HAS_VALID": has_valid, "WRITE_OUT": write_out, **tile})
+            count += 1
+        for x_type, x2_type, out_type, has_x2, has_shift in affine_variants:
+            compile_kernel(token_stats.channel_affine_kernel,
+                           {"X": f"*{x_type}", "X2": f"*{x2_type}", "P": f"*{stats}", "Q": f"*{stats}",
+                            "S": f"*{stats}", "OUT": f"*{out_type}"},
+                           {**tokens, **row_strides, "stride_x2r": "i64", "stride_x2c": "i64", "stride_or": "i64",
+                            "stride_oc": "i64"},
+                           {"HAS_X2": has_x2, "HAS_SHIFT": has_shift, **tile})
+            count += 1
     return count
 
 
@@ -111,7 +141,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 116 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 141 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":

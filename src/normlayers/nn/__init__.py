@@ -12,9 +12,11 @@ from normlayers.nn.evo_norm import (
     EvoNorm2dS2,
     EvoNorm2dS2a,
 )
+from normlayers.nn.power_norm import PowerNorm, reset_iters
 from normlayers.nn.region_norm import LearnableRegionNorm2d, RegionNorm2d
 from normlayers.nn.row_norms import CRMSNorm, LayerNorm, RMSNorm
 from normlayers.nn.spd_batch_norm import SPDBatchNorm
+from normlayers.nn.unified_norm import UnifiedNorm
 from normlayers.nn.weight_std import ScaledWSConv2d, WSConv2d
 
 __all__ = [
@@ -31,9 +33,12 @@ __all__ = [
     "EvoNorm2dS2a",
     "LayerNorm",
     "LearnableRegionNorm2d",
+    "PowerNorm",
     "RMSNorm",
     "RegionNorm2d",
     "SPDBatchNorm",
     "ScaledWSConv2d",
+    "UnifiedNorm",
     "WSConv2d",
+    "reset_iters",
 ]

@@ -1,0 +1,200 @@
+"""``torch.library`` custom ops for PowerNorm and UnifiedNorm on the shared token-statistics kernels.
+
+All take token rows ``(R, C)`` (any strides) and per-channel ``(C,)`` vectors:
+
+* ``token_square_sum(x, valid) -> (C,)``: ``Σ x²`` over the rows where ``valid`` (all rows when ``None``); fp32
+  (fp64 for fp64 ``x``); not differentiable (the statistics carry no gradient in either method).
+* ``token_grad_sums(dy, x, p, q) -> ((3, C), dx)``: ``[Σ x², Σ dy·x, Σ dy]`` over all rows, and, when ``p``/``q``
+  are given, ``dx = dy·p[c] + x·q[c]`` from the same pass (in ``x``'s dtype; else an empty tensor).
+* ``channel_affine(x, scale, shift, out_dtype) -> x·scale + shift`` (differentiable: the eval path) and
+  ``channel_affine2(dy, p, x, q) -> dy·p + x·q`` (the input gradients of both methods).
+* ``power_norm_train(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype) -> y = u·scale·weight +
+  bias`` (in ``out_dtype``: ``u`` is GroupScaling's fp32 output for fp16/bf16 activations), whose
+  registered backward is PowerNorm's approximate one (spec A §1.5): it updates ``ema_gz`` in place.
+* ``unified_norm_train(x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters) -> y``
+  likewise for UnifiedNorm (spec A §2.5): its backward updates ``ema_gz`` and ``buffer_gz`` in place.
+
+The two ``*_train`` ops are pure functions of their inputs in the forward; the buffer updates of the backward happen
+in the registered backward (as the official ``autograd.Function``s do), through the same on-device helpers as the
+reference (:mod:`normlayers.reference.power_norm`, :mod:`normlayers.reference.unified_norm`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normlayers.reference.unified_norm import unified_norm_backward_statistics_
+
+__all__ = ["token_square_sum", "token_grad_sums", "channel_affine", "channel_affine2", "power_norm_train",
+           "unified_norm_train"]
+
+
+def _kernels():
+    # Triton is imported lazily: the reference path and the package import must work without it.
+    from normlayers.kernels import token_stats
+
+    return token_stats
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("normlayers::token_square_sum", mutates_args=())
+def token_square_sum(x: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """Per-channel ``Σ x²`` over the rows of ``x`` ``(R, C)`` where ``valid`` ``(R,)`` is True (all when ``None``)."""
+    return _kernels().token_sums(x, None, valid)[0][0]
+
+
+@token_square_sum.register_fake
+def _token_square_sum_fake(x, valid):
+    return x.new_empty(x.shape[1], dtype=_stats_dtype(x.dtype))
+
+
+@torch.library.custom_op("normlayers::token_grad_sums", mutates_args=())
+def token_grad_sums(dy: Tensor, x: Tensor, p: Optional[Tensor], q: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``[Σ x², Σ dy·x, Σ dy]`` per channel over all rows, ``(3, C)``; and ``dy·p + x·q`` (like ``x``) when ``p``
+    and ``q`` are given, else an empty tensor."""
+    return _kernels().token_sums(x, dy, None, p, q)
+
+
+@token_grad_sums.register_fake
+def _token_grad_sums_fake(dy, x, p, q):
+    dx = x.new_empty(x.shape if p is not None and q is not None else (0,))
+    return x.new_empty((3, x.shape[1]), dtype=_stats_dtype(x.dtype)), dx
+
+
+@torch.library.custom_op("normlayers::channel_affine2", mutates_args=())
+def channel_affine2(dy: Tensor, p: Tensor, x: Tensor, q: Tensor) -> Tensor:
+    """``dy·p[c] + x·q[c]`` in ``x``'s dtype (computed in fp32, fp64 for fp64 ``x``): the gradient of ``x``."""
+    return _kernels().channel_affine(dy, p, None, x, q, out_dtype=x.dtype)
+
+
+@channel_affine2.register_fake
+def _channel_affine2_fake(dy, p, x, q):
+    return x.new_empty(dy.shape)
+
+
+@torch.library.custom_op("normlayers::channel_affine", mutates_args=())
+def channel_affine(x: Tensor, scale: Tensor, shift: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """``x·scale[c] + shift[c]`` in ``out_dtype`` (computed in fp32, fp64 for fp64 ``x``)."""
+    return _kernels().channel_affine(x, scale, shift, out_dtype=out_dtype)
+
+
+@channel_affine.register_fake
+def _channel_affine_fake(x, scale, shift, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _channel_affine_setup_context(ctx, inputs, output):
+    x, scale, shift, _out_dtype = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.shift_dtype = shift.dtype if shift is not None else None
+
+
+def _channel_affine_backward(ctx, dy):
+    x, scale = ctx.saved_tensors
+    sums, _ = token_grad_sums(dy, x, None, None)
+    dx = channel_affine(dy, scale, None, x.dtype) if ctx.needs_input_grad[0] else None
+    dshift = sums[2].to(ctx.shift_dtype) if ctx.shift_dtype is not None else None
+    return dx, sums[1].to(scale.dtype), dshift, None
+
+
+channel_affine.register_autograd(_channel_affine_backward, setup_context=_channel_affine_setup_context)
+
+
+def _param_or_ones(weight: Optional[Tensor], like: Tensor) -> Tensor:
+    return weight.to(like.dtype) if weight is not None else torch.ones_like(like)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PowerNorm
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normlayers::power_norm_train", mutates_args=())
+def power_norm_train(u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Tensor, grad_scale: Tensor,
+                     ema_gz: Tensor, alpha_bkw: float, out_dtype: torch.dtype) -> Tensor:
+    """PowerNorm's training forward on group-scaled rows ``u``: ``y = u·scale·weight + bias`` in ``out_dtype``
+    (``scale`` = ``1/sqrt(d + eps)``, spec A §1.4). ``grad_scale`` and ``ema_gz`` are for the backward."""
+    return _kernels().channel_affine(u, scale * _param_or_ones(weight, scale), bias, out_dtype=out_dtype)
+
+
+@power_norm_train.register_fake
+def _power_norm_train_fake(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype):
+    return u.new_empty(u.shape, dtype=out_dtype)
+
+
+def _power_norm_setup_context(ctx, inputs, output):
+    u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, _out_dtype = inputs
+    ctx.save_for_backward(u, weight, scale, grad_scale)
+    ctx.ema_gz = ema_gz  # the buffer, read and updated when backward runs
+    ctx.alpha_bkw = alpha_bkw
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _power_norm_backward(ctx, dy):
+    u, weight, scale, grad_scale = ctx.saved_tensors
+    ema_gz = ctx.ema_gz
+    w = _param_or_ones(weight, scale)
+    k = (1 - ctx.alpha_bkw) * ema_gz.to(scale.dtype)
+    # du = (dy·w − k·u·scale)·grad_scale needs only the old ema_gz, so it comes from the reductions' pass.
+    sums, du = token_grad_sums(dy, u, w * grad_scale, -k * scale * grad_scale)
+    sum_uu, sum_dyu, sum_dy = sums.unbind(0)
+    sum_dyz = sum_dyu * scale
+    # mean over all R rows of (g − k·z)·z, with g = dy·w and z = u·scale.
+    with torch.no_grad():
+        ema_gz.copy_(ema_gz + (w * sum_dyz - k * scale.square() * sum_uu) / max(u.shape[0], 1))
+    dweight = sum_dyz.to(weight.dtype) if weight is not None else None
+    dbias = sum_dy.to(ctx.bias_dtype) if ctx.has_bias else None
+    return du, dweight, dbias, None, None, None, None, None
+
+
+power_norm_train.register_autograd(_power_norm_backward, setup_context=_power_norm_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# UnifiedNorm
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normlayers::unified_norm_train", mutates_args=())
+def unified_norm_train(x: Tensor, weight: Tensor, bias: Tensor, inv_std: Tensor, r: Tensor, ema_gz: Tensor,
+                       buffer_gz: Tensor, t: Tensor, skip: Tensor, momentum: float, warmup_iters: int) -> Tensor:
+    """UnifiedNorm's training forward: ``y = x·inv_std·weight + bias`` (spec A §2.4; ``r`` is not applied in the
+    forward). ``r``, ``ema_gz``, ``buffer_gz``, ``t`` and ``skip`` are for the backward."""
+    return _kernels().channel_affine(x, inv_std * weight.to(inv_std.dtype), bias)
+
+
+@unified_norm_train.register_fake
+def _unified_norm_train_fake(x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters):
+    return x.new_empty(x.shape)
+
+
+def _unified_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters = inputs
+    ctx.save_for_backward(x, weight, inv_std, r, t, skip)
+    ctx.ema_gz, ctx.buffer_gz = ema_gz, buffer_gz  # updated when backward runs
+    ctx.momentum, ctx.warmup_iters = momentum, warmup_iters
+    ctx.bias_dtype = bias.dtype
+
+
+def _unified_norm_backward(ctx, dy):
+    x, weight, inv_std, r, t, skip = ctx.saved_tensors
+    sums, _ = token_grad_sums(dy, x, None, None)
+    _sum_xx, sum_dyx, sum_dy = sums.unbind(0)
+    wr = weight.to(inv_std.dtype) * r
+    sum_dyz = sum_dyx * inv_std
+    # gz = mean over all rows of g·z, g = dy·weight·r
+    c = unified_norm_backward_statistics_(wr * sum_dyz / max(x.shape[0], 1), ctx.ema_gz, ctx.buffer_gz, t, skip,
+                                          momentum=ctx.momentum, warmup_iters=ctx.warmup_iters)
+    # dx = (g − c·z)·inv_std = dy·(w·r·inv_std) − x·(c·inv_std²)
+    dx = channel_affine2(dy, wr * inv_std, x, -c * inv_std.square())
+    return (dx, (r * sum_dyz).to(weight.dtype), sum_dy.to(ctx.bias_dtype), *([None] * 8))
+
+
+unified_norm_train.register_autograd(_unified_norm_backward, setup_context=_unified_norm_setup_context)

@@ -1,0 +1,187 @@
+"""Plain-PyTorch reference of PowerNorm (Shen et al., ICML 2020; spec A §1): the ground truth the kernels are tested
+against.
+
+It follows the official ``MaskPowerNorm`` (sIncerass/powernorm, ``fairseq/modules/norms/mask_powernorm.py``) step by
+step, as spec A §1.4–1.6 transcribes it. For the ``R`` tokens (rows) of an input with ``C`` channels, at training
+step ``t`` (``iters`` is incremented *before* the step, so ``t`` starts at 1):
+
+1. ``u = GroupScaling(x)``: each token's groups of ``C/G`` channels divided by their RMS (eps ``1e-5``, fixed), with
+   autograd (§1.4 L28–37). ``group_num=None`` leaves it out (spec §1.7a).
+2. ``q_c = mean over the non-pad tokens of u_c²``, without gradient.
+3. ``z = u / sqrt(d + eps)`` with ``d = q`` while ``t <= warmup_iters`` and ``d = φ_{t−1}`` (``running_phi`` before
+   this step's update) afterwards; ``y = weight·z + bias``.
+4. ``φ ← φ·(t−1)/t + q/t`` while ``t < warmup_iters`` (note ``<``), then ``φ ← α_fwd·φ + (1−α_fwd)·q`` every step.
+5. Backward (the method's own, §1.5): ``g = dy·weight``; ``g̃ = g − (1−α_bkw)·ema_gz·z``;
+   ``ema_gz += mean over ALL R tokens of g̃·z`` (in place, pads included); ``du = g̃ / sqrt(q + eps)`` (the *batch*
+   statistic, also after warm-up; ``backward_denominator="running"`` uses ``φ_{t−1}`` instead, spec §1.7b);
+   ``dweight = Σ dy·z``, ``dbias = Σ dy``; ``dx`` is autograd's through GroupScaling.
+
+Eval: ``y = weight·u / sqrt(running_phi + eps) + bias``. The departures from the official code, both where it would
+compute 0/0 = NaN and poison the buffers: a step without any non-pad token uses ``q = φ_{t−1}``, which leaves
+``running_phi`` unchanged (spec §1.8 "Guard"); an empty batch adds 0 to ``ema_gz``.
+
+Arithmetic is in fp32 (fp64 for fp64 inputs); the output is rounded once, to the input's dtype; buffers keep their
+dtype. Argument checks live in :mod:`normlayers.functional`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "power_norm_statistics_", "step_snapshot",
+           "GROUP_SCALING_EPS"]
+
+# GroupScaling1D's epsilon in the official code (mask_powernorm.py L20), independent of the layer's eps.
+GROUP_SCALING_EPS = 1e-5
+
+
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_scaling(x: Tensor, group_num: int, eps: float = GROUP_SCALING_EPS) -> Tensor:
+    """``x / sqrt(mean over each group of C/G contiguous channels of x² + eps)``, per token (spec §1.4)."""
+    channels = x.shape[-1]
+    groups = x.reshape(*x.shape[:-1], group_num, channels // group_num)
+    moment2 = groups.square().mean(-1, keepdim=True)
+    return (groups / torch.sqrt(moment2 + eps)).reshape(x.shape)
+
+
+def token_rows(x: Tensor, pad_mask: Optional[Tensor], *, time_major: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``x`` as ``(R, C)`` token rows, and the ``(R,)`` bool vector of non-pad rows (``None`` without a mask).
+
+    ``x`` is ``(T, B, C)`` when ``time_major`` (row ``t·B + b``), else ``(B, T, C)`` (row ``b·T + t``); either way
+    ``pad_mask`` is ``(B, T)`` with True = padding (the fairseq convention). A 2-D ``(B, C)`` input is one token per
+    sample, with a ``(B,)`` mask.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if pad_mask is None:
+        return rows, None
+    keep = ~pad_mask
+    if x.dim() == 3 and time_major:
+        keep = keep.transpose(0, 1)
+    return rows, keep.reshape(-1)
+
+
+@torch.library.custom_op("normlayers::step_snapshot", mutates_args=())
+def step_snapshot(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors``: the per-step values (step number, statistics) that the backward reads.
+
+    They derive from buffers that the same step then overwrites (``iters``, ``running_phi``, ``running_var``,
+    ``buffer_x2``). Under ``torch.compile`` the partitioner may recompute cheap saved values in the backward from the
+    graph inputs, which by then hold the updated buffers (observed with torch 2.13: the backward saw step ``t + 1``).
+    An opaque op's outputs are saved, never recomputed, so the backward sees this step's values.
+    """
+    return [t.clone() for t in tensors]
+
+
+@step_snapshot.register_fake
+def _step_snapshot_fake(tensors):
+    return [torch.empty_like(t) for t in tensors]
+
+
+def mean_over_valid(total: Tensor, rows: int, valid: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(total / number of valid rows, that number as a device tensor)``; the count is ``None`` when every row is
+    valid and there is at least one (nothing to guard, and no host-to-device copy of ``rows``)."""
+    if valid is None and rows > 0:
+        return total / rows, None
+    count = valid.sum() if valid is not None else torch.zeros((), dtype=torch.int64, device=total.device)
+    return total / count, count
+
+
+def keep_if_empty(q: Tensor, count: Optional[Tensor], fallback: Tensor) -> Tensor:
+    """``q``, or ``fallback`` when no row was valid (where the official code divides 0 by 0; spec §1.8, §2.8)."""
+    return q if count is None else torch.where(count > 0, q, fallback)
+
+
+def masked_square_mean(rows: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-channel mean of ``rows²`` over the valid rows, and their count (see :func:`mean_over_valid`)."""
+    squares = rows.detach().square()
+    if valid is not None:
+        squares = squares * valid[:, None].to(squares.dtype)
+    return mean_over_valid(squares.sum(0), rows.shape[0], valid)
+
+
+@torch.no_grad()
+def power_norm_statistics_(q: Tensor, count: Optional[Tensor], running_phi: Tensor, t: Tensor, *, eps: float,
+                           alpha_fwd: float, warmup_iters: int,
+                           backward_denominator: str) -> tuple[Tensor, Tensor]:
+    """One training step's statistics (spec §1.4): returns ``(rsqrt(d + eps), the backward's 1/sqrt(denominator))``
+    and updates ``running_phi`` (flat ``(C,)`` view of the buffer) in place. ``t`` is the step as a ``(1,)`` tensor,
+    so the warm-up decisions are ``torch.where`` on device, not Python branches."""
+    phi = running_phi.to(q.dtype, copy=True)  # the value before this step: running_phi is overwritten below
+    q = keep_if_empty(q, count, phi)  # no valid token: keep φ
+    tf = t.to(q.dtype)
+    denom = torch.where(t <= warmup_iters, q, phi)
+    cumulative = torch.where(t < warmup_iters, phi * (tf - 1) / tf + q / tf, phi)
+    running_phi.copy_(alpha_fwd * cumulative + (1 - alpha_fwd) * q)
+    grad_denom = q if backward_denominator == "batch" else phi
+    scale, grad_scale = step_snapshot([torch.rsqrt(denom + eps), 1.0 / torch.sqrt(grad_denom + eps)])
+    return scale, grad_scale
+
+
+class _PowerNormFunction(torch.autograd.Function):
+    """Step 3–5 on token rows ``u`` ``(R, C)`` (opmath); its backward is the method's approximate one (spec §1.5)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_phi: Tensor,
+                ema_gz: Tensor, t: Tensor, valid: Optional[Tensor], eps: float, alpha_fwd: float, alpha_bkw: float,
+                warmup_iters: int, backward_denominator: str) -> Tensor:
+        q, count = masked_square_mean(u, valid)
+        scale, grad_scale = power_norm_statistics_(q, count, running_phi, t, eps=eps, alpha_fwd=alpha_fwd,
+                                                   warmup_iters=warmup_iters,
+                                                   backward_denominator=backward_denominator)
+        z = u * scale
+        y = z
+        if weight is not None:
+            y = y * weight.to(z.dtype)
+        if bias is not None:
+            y = y + bias.to(z.dtype)
+        ctx.save_for_backward(z, weight, grad_scale)
+        # The buffer itself, read and updated when backward runs (as the official ctx does), not a snapshot.
+        ctx.ema_gz = ema_gz
+        ctx.alpha_bkw = alpha_bkw
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        z, weight, grad_scale = ctx.saved_tensors
+        ema_gz = ctx.ema_gz
+        g = dy * weight.to(dy.dtype) if weight is not None else dy
+        approx = g - (1 - ctx.alpha_bkw) * ema_gz.to(dy.dtype) * z
+        # Mean over all rows; an empty batch adds nothing (a plain mean would be 0/0).
+        ema_gz.copy_(ema_gz + (approx * z).sum(0) / max(z.shape[0], 1))
+        du = approx * grad_scale
+        dweight = (dy * z).sum(0).to(weight.dtype) if weight is not None else None
+        dbias = dy.sum(0).to(weight.dtype if weight is not None else dy.dtype) if ctx.has_bias else None
+        return du, dweight, dbias, None, None, None, None, None, None, None, None, None
+
+
+def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor], pad_mask: Optional[Tensor] = None, *, training: bool, eps: float,
+               alpha_fwd: float, alpha_bkw: float, warmup_iters: int, group_num: Optional[int],
+               batch_first: bool = False, backward_denominator: str = "batch") -> Tensor:
+    """PowerNorm of ``x`` ``(T, B, C)`` (``(B, T, C)`` with ``batch_first``, or ``(B, C)``); see the module docstring.
+
+    Training increments ``iters`` and updates ``running_phi`` in place, and the backward updates ``ema_gz`` in place.
+    Buffers may have any shape with ``C`` elements (officially ``(1, C, 1, 1)``).
+    """
+    xf = x.to(_opmath_dtype(x.dtype))
+    u = group_scaling(xf, group_num) if group_num is not None else xf
+    rows, valid = token_rows(u, pad_mask, time_major=not batch_first)
+    if training:
+        iters.add_(1)
+        (step,) = step_snapshot([iters])
+        y = _PowerNormFunction.apply(rows, weight, bias, running_phi.view(-1), ema_gz.view(-1), step, valid,
+                                     eps, alpha_fwd, alpha_bkw, warmup_iters, backward_denominator)
+    else:
+        y = rows * torch.rsqrt(running_phi.reshape(-1).to(rows.dtype) + eps)
+        if weight is not None:
+            y = y * weight.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.reshape(x.shape).to(x.dtype)

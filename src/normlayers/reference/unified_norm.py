@@ -1,0 +1,167 @@
+"""Plain-PyTorch reference of Unified Normalization (Yang et al., ACM MM 2022; spec A §2): the ground truth the kernels
+are tested against.
+
+It follows the official ``UN1d`` (hikvision-research/Unified-Normalization, ``unified_normalization.py``) step by step,
+as spec A §2.4–2.6 transcribes it. Input ``(B, N, C)``, statistics per channel over the non-pad tokens; ``M`` and
+``M_b`` are the forward and backward window sizes (the rows of ``buffer_x2`` and ``buffer_gz``); at training step ``t``
+(``iters`` incremented before the step):
+
+Forward (§2.4)::
+
+    q      = mean over the non-pad tokens of x²                 (no gradient)
+    rvar   = unbiased variance of sqrt(buffer_x2) over all M·C entries, before this step's write (ONE scalar)
+    buffer_x2[t % M] = q
+    skip   = M <= 1
+    if outlier_filtration and t >= warmup_iters and any_c(AM_c − GM_c > rvar·M) over the window:
+        buffer_x2[t % M] = running_var;  skip = True;  skip_counter += 1
+    var    = q if (t <= M or t < warmup_iters or skip) else GM over the window (geometric mean, incl. slot t % M)
+    r      = 1 if (t <= max(1000, warmup_iters) or skip) else clamp(sqrt(var+eps)/sqrt(running_var+eps), 1/5, 5)
+    z      = x / sqrt(var + eps);   y = weight·z + bias            (r is not applied in the forward)
+    running_var = momentum·running_var + (1 − momentum)·var
+
+Backward (§2.5)::
+
+    g        = dy·weight·r;   gz = mean over ALL tokens of g·z
+    buffer_gz[t % M_b] = ema_gz if skip else gz
+    mean_gz  = gz if (t <= M_b or t < warmup_iters or skip) else mean of buffer_gz over the window
+    ema_gz   = momentum·ema_gz + (1 − momentum)·mean_gz
+    dx       = (g − c·z) / sqrt(var + eps),  c = gz if skip else ema_gz (the new value)
+    dweight  = Σ dy·r·z;   dbias = Σ dy
+
+Eval (§2.6): ``y = weight·x / sqrt(running_var + eps) + bias``. Every decision is a ``torch.where`` on device (no
+``.item()``, no data-dependent Python branch). ``grad_compensation=False`` fixes ``r = 1`` (spec §2.7; the official
+code always applies it). The departures from the official code, both where it would compute 0/0 = NaN: a step
+without any non-pad token uses ``q = running_var`` (spec §2.8); an empty batch has ``gz = 0``.
+
+Arithmetic is in fp32 (fp64 for fp64 inputs); the output is rounded once, to the input's dtype; buffers keep their
+dtype. Argument checks live in :mod:`normlayers.functional`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normlayers.reference.power_norm import keep_if_empty, masked_square_mean, step_snapshot, token_rows
+
+__all__ = ["unified_norm", "unified_norm_statistics_", "unified_norm_backward_statistics_", "R_CLAMP_START"]
+
+# The official code clamps r only after max(1000, warmup_iters) steps; 1000 is hard-coded there (spec §2.7).
+R_CLAMP_START = 1000
+
+
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ring_write_(buffer: Tensor, slot: Tensor, value: Tensor) -> None:
+    """``buffer[slot] = value`` for a ``(1,)`` device index ``slot`` (no host read of the index)."""
+    buffer.index_copy_(0, slot, value.to(buffer.dtype).unsqueeze(0))
+
+
+@torch.no_grad()
+def unified_norm_statistics_(q: Tensor, count: Optional[Tensor], running_var: Tensor, buffer_x2: Tensor,
+                             skip_counter: Tensor, t: Tensor, *, eps: float, momentum: float, warmup_iters: int,
+                             outlier_filtration: bool, grad_compensation: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One training step's forward statistics (spec §2.4): returns ``(var, r, skip)`` — ``var`` and ``r`` per channel,
+    ``skip`` a ``(1,)`` bool — and updates ``buffer_x2``, ``skip_counter`` and ``running_var`` in place."""
+    window = buffer_x2.shape[0]
+    running = running_var.to(q.dtype, copy=True)  # the value before this step: running_var is overwritten below
+    q = keep_if_empty(q, count, running)  # no valid token: keep the running statistic
+    slot = torch.remainder(t, window)
+    # One scalar over the whole previous window, before q is written (official L41); unbiased, as torch.var.
+    pooled_var = torch.sqrt(buffer_x2.to(q.dtype)).var()
+    _ring_write_(buffer_x2, slot, q)
+    skip = torch.full_like(t, window <= 1, dtype=torch.bool)
+    if outlier_filtration:
+        window_values = buffer_x2.to(q.dtype)
+        arithmetic = window_values.mean(0)
+        geometric = torch.exp(torch.log(window_values).mean(0))
+        outlier = (t >= warmup_iters) & ((arithmetic - geometric) > pooled_var * window).any()
+        _ring_write_(buffer_x2, slot, torch.where(outlier, running, q))
+        skip_counter.add_(outlier.to(skip_counter.dtype))
+        skip = skip | outlier
+    geometric = torch.exp(torch.log(buffer_x2.to(q.dtype)).mean(0))
+    use_batch = (t <= window) | (t < warmup_iters) | skip
+    var = torch.where(use_batch, q, geometric)
+    if grad_compensation:
+        r = torch.sqrt(var + eps) / torch.sqrt(running + eps)
+        r = torch.where((t <= max(R_CLAMP_START, warmup_iters)) | skip, torch.ones_like(r), r.clamp(0.2, 5.0))
+    else:
+        r = torch.ones_like(var)
+    var, r, skip = step_snapshot([var, r, skip])
+    running_var.copy_(momentum * running + (1 - momentum) * var)
+    return var, r, skip
+
+
+@torch.no_grad()
+def unified_norm_backward_statistics_(gz: Tensor, ema_gz: Tensor, buffer_gz: Tensor, t: Tensor, skip: Tensor, *,
+                                      momentum: float, warmup_iters: int) -> Tensor:
+    """The backward's smoothing (spec §2.5): from this step's ``gz`` (per channel), update ``buffer_gz`` and
+    ``ema_gz`` in place and return the ``c`` of ``dx = (g − c·z)/sqrt(var + eps)``."""
+    window = buffer_gz.shape[0]
+    slot = torch.remainder(t, window)
+    old = ema_gz.to(gz.dtype, copy=True)
+    _ring_write_(buffer_gz, slot, torch.where(skip, old, gz))
+    use_batch = (t <= window) | (t < warmup_iters) | skip
+    mean_gz = torch.where(use_batch, gz, buffer_gz.to(gz.dtype).mean(0))
+    new = momentum * old + (1 - momentum) * mean_gz
+    ema_gz.copy_(new)
+    return torch.where(skip, gz, new)
+
+
+class _UnifiedNormFunction(torch.autograd.Function):
+    """UN's training step on token rows ``x`` ``(R, C)`` (opmath), with the method's own backward (spec §2.5)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_var: Tensor, ema_gz: Tensor,
+                buffer_x2: Tensor, buffer_gz: Tensor, skip_counter: Tensor, t: Tensor, valid: Optional[Tensor],
+                eps: float, momentum: float, warmup_iters: int, outlier_filtration: bool,
+                grad_compensation: bool) -> Tensor:
+        q, count = masked_square_mean(x, valid)
+        var, r, skip = unified_norm_statistics_(q, count, running_var, buffer_x2, skip_counter, t, eps=eps,
+                                                momentum=momentum, warmup_iters=warmup_iters,
+                                                outlier_filtration=outlier_filtration,
+                                                grad_compensation=grad_compensation)
+        inv_std = torch.rsqrt(var + eps)
+        z = x * inv_std
+        ctx.save_for_backward(z, weight, inv_std, r, t, skip)
+        ctx.ema_gz, ctx.buffer_gz = ema_gz, buffer_gz  # updated when backward runs
+        ctx.momentum, ctx.warmup_iters = momentum, warmup_iters
+        return z * weight.to(z.dtype) + bias.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        z, weight, inv_std, r, t, skip = ctx.saved_tensors
+        g = dy * weight.to(dy.dtype) * r
+        gz = (g * z).sum(0) / max(z.shape[0], 1)  # mean over all rows (0 for an empty batch, not 0/0)
+        c = unified_norm_backward_statistics_(gz, ctx.ema_gz, ctx.buffer_gz, t, skip, momentum=ctx.momentum,
+                                              warmup_iters=ctx.warmup_iters)
+        dx = (g - c * z) * inv_std
+        dweight = (dy * r * z).sum(0).to(weight.dtype)
+        dbias = dy.sum(0).to(weight.dtype)
+        return dx, dweight, dbias, *([None] * 12)
+
+
+def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tensor, buffer_gz: Tensor,
+                 iters: Tensor, skip_counter: Tensor, weight: Tensor, bias: Tensor,
+                 pad_mask: Optional[Tensor] = None, *, training: bool, eps: float, momentum: float,
+                 warmup_iters: int, outlier_filtration: bool, grad_compensation: bool = True) -> Tensor:
+    """Unified Normalization of ``x`` ``(B, N, C)`` or ``(B, C)``; see the module docstring.
+
+    Training increments ``iters`` and updates ``running_var``, ``buffer_x2`` and ``skip_counter`` in place; the backward
+    updates ``ema_gz`` and ``buffer_gz`` in place.
+    """
+    xf = x.to(_opmath_dtype(x.dtype))
+    rows, valid = token_rows(xf, pad_mask, time_major=False)
+    if training:
+        iters.add_(1)
+        (step,) = step_snapshot([iters])
+        y = _UnifiedNormFunction.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter,
+                                       step, valid, eps, momentum, warmup_iters, outlier_filtration,
+                                       grad_compensation)
+    else:
+        y = rows * torch.rsqrt(running_var.to(rows.dtype) + eps) * weight.to(rows.dtype) + bias.to(rows.dtype)
+    return y.reshape(x.shape).to(x.dtype)
