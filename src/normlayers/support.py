@@ -63,6 +63,15 @@ def _nchw_and_mask() -> tuple[Tensor, Tensor]:
     return x, torch.rand(2, 1, 3, 4, generator=_generator()) > 0.5
 
 
+def _tokens_and_mask(channels: int = 8) -> tuple[Tensor, Tensor]:
+    """``(T, B, C)`` = ``(5, 2, C)`` tokens (also read as ``(B, N, C)`` by UnifiedNorm's ``(2, 5, C)``), and a padding
+    mask with True = padding."""
+    x = torch.randn(5, 2, channels, generator=_generator())
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    return x, pad
+
+
 def _spd_batch(n: int = 3) -> tuple[Tensor]:
     a = torch.randn(4, n, n, generator=_generator(), dtype=torch.float64)
     return (a @ a.mT + n * torch.eye(n, dtype=torch.float64),)
@@ -84,6 +93,9 @@ LAYERS: dict[str, LayerEntry] = {e.name: e for e in (
     LayerEntry("ScaledWSConv2d", "weight_std.md", lambda **kw: normlayers.ScaledWSConv2d(8, 4, 3, padding=1, **kw),
                _nchw),
     *(_evo(v) for v in ("B0", "B1", "B2", "S0", "S0a", "S1", "S1a", "S2", "S2a")),
+    LayerEntry("PowerNorm", "power_unified.md", lambda **kw: normlayers.PowerNorm(8, **kw), _tokens_and_mask),
+    LayerEntry("UnifiedNorm", "power_unified.md", lambda **kw: normlayers.UnifiedNorm(8, **kw),
+               lambda: (_tokens_and_mask()[0].transpose(0, 1).contiguous(), _tokens_and_mask()[1])),
     LayerEntry("RegionNorm2d", "region_norm.md", lambda **kw: normlayers.RegionNorm2d(8, **kw), _nchw_and_mask),
     LayerEntry("LearnableRegionNorm2d", "region_norm.md",
                lambda **kw: normlayers.LearnableRegionNorm2d(8, kernel_size=3, **kw), _nchw),
