@@ -1,7 +1,8 @@
 """normlayers: normalization layers for PyTorch with fused Triton kernels and plain-PyTorch references."""
 
-from normlayers import functional
+from normlayers import convert, functional, models
 from normlayers.backend import backend, get_backend, set_backend
+from normlayers.convert import plan_replacements, replace_norms, restore_norms
 from normlayers.nn import (
     BatchChannelNorm2d,
     CRMSNorm,
@@ -39,7 +40,12 @@ __all__ = [
     "ScaledWSConv2d",
     "WSConv2d",
     "backend",
+    "convert",
     "functional",
     "get_backend",
+    "models",
+    "plan_replacements",
+    "replace_norms",
+    "restore_norms",
     "set_backend",
 ]
