@@ -328,10 +328,11 @@ def _untie(model: nn.Module, spec: PreNormSpec, untie_embeddings: bool) -> None:
     names.clear()
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
-    for name in touched:
+    for name in sorted(touched, key=lambda n: n not in consumers):  # report from the reader's side first
         aliases = shared(name)
         if aliases:
-            hint = " Pass untie_embeddings=True to give the reader its own copy." if name in consumers else ""
+            reader = any(alias.rpartition(".")[0] in consumers for alias in aliases)
+            hint = " Pass untie_embeddings=True to give the reader its own copy." if reader else ""
             raise ValueError(f"{name}.weight is tied ({', '.join(aliases)}): the conversion changes the writer and "
                              f"the reader of the stream differently.{hint}")
 
