@@ -37,9 +37,22 @@ class _Flow:
     consumers: dict[str, list[str]]
 
 
+class _Tracer(torch.fx.Tracer):
+    """Keeps every module fold_norms may fold (or fold into) as one call, even when it is not a torch.nn class."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (_channel_affine_candidate(m) or isinstance(m, (nn.LayerNorm, *_PRODUCERS))
+                or super().is_leaf_module(m, module_qualified_name))
+
+
+def _channel_affine_candidate(m: nn.Module) -> bool:
+    return isinstance(m, (BatchChannelNorm2d, nn.modules.batchnorm._BatchNorm)) or callable(getattr(m, "as_affine",
+                                                                                                     None))
+
+
 def _fx_flow(model: nn.Module) -> Optional[_Flow]:
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception as error:  # noqa: BLE001 — any tracing failure means: use the nn.Sequential fallback
         logger.info("fold_norms: %s does not trace with torch.fx (%s); folding inside nn.Sequential only",
                     type(model).__name__, type(error).__name__)
@@ -199,8 +212,10 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
                     continue
                 for consumer in consumers:
                     _fold_into_consumer(consumer, gamma, beta)
-                _set(model, name, nn.LayerNorm(module.normalized_shape, module.eps, elementwise_affine=False,
-                                               device=gamma.device, dtype=module.weight.dtype))
+                # the same module (and class), affine-free
+                module.elementwise_affine = False
+                module.register_parameter("weight", None)
+                module.register_parameter("bias", None)
                 folded.append(name)
             continue
         affine = _channel_affine(module) if not isinstance(module, _PRODUCERS) else None
