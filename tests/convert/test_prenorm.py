@@ -215,3 +215,22 @@ def test_custom_spec():
         prenorm_to_crmsnorm(copy.deepcopy(model), PreNormSpec(width=5, writers=["emb"], norms={}))
     prenorm_to_crmsnorm(model, spec)  # `branch` both reads a norm and writes the stream
     torch.testing.assert_close(model(ids), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_output_rms_norm_equals_layer_norm_on_a_zero_mean_stream(compressed):
+    torch.manual_seed(6)
+    ln = _random_affines(nn.LayerNorm(7, eps=1e-6)).double()
+    x = torch.randn(3, 4, 7, dtype=torch.float64)
+    x = x - x.mean(-1, keepdim=True)
+    out = OutputRMSNorm(7, eps=1e-6, compressed=compressed, dtype=torch.float64)
+    out.load_state_dict(ln.state_dict())  # same keys as the LayerNorm it replaces
+    y = out(x[..., :-1] if compressed else x)
+    torch.testing.assert_close(y, ln(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(copy.deepcopy(out)(x[..., :6] if compressed else x), y)
+    compiled = torch.compile(out, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x[..., :6] if compressed else x), y)
+    assert out.to(torch.float32).weight.dtype == torch.float32
+    with torch.device("meta"):
+        assert OutputRMSNorm(7, compressed=compressed).weight.is_meta
+    assert "compressed=" in repr(out)

@@ -180,15 +180,23 @@ def test_llama_and_gemma_rmsnorm_outputs_bitwise_equal(dtype):
             assert not torch.equal(once(x), hf(x))
 
 
-def test_llama_model_outputs_and_gradients_unchanged():
+def _tiny_gemma():
+    config = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=32)
+    return _randomized(transformers.GemmaForCausalLM(config)).eval()
+
+
+@pytest.mark.parametrize("build, norm_class", [(_tiny_llama, "LlamaRMSNorm"), (_tiny_gemma, "GemmaRMSNorm")])
+def test_hf_model_outputs_and_gradients_unchanged(build, norm_class):
     torch.manual_seed(3)
-    model = _tiny_llama()
+    model = build()
     before = copy.deepcopy(model)
     ids = torch.randint(0, 64, (2, 6))
     plan = normlayers.plan_replacements(model)
-    assert {r.old_type.__name__ for r in plan} == {"LlamaRMSNorm"} and len(plan) == 2 * 2 + 1
+    assert {r.old_type.__name__ for r in plan} == {norm_class} and len(plan) == 2 * 2 + 1
     normlayers.replace_norms(model)
-    assert not any(type(m).__name__ == "LlamaRMSNorm" for m in model.modules())
+    assert not any(type(m).__name__ == norm_class for m in model.modules())
     y, y0 = model(ids).logits, before(ids).logits
     torch.testing.assert_close(y, y0)
     y.square().mean().backward()
@@ -240,6 +248,12 @@ def test_wrapped_models_are_refused(tmp_path):
         outer.inner = ddp
         with pytest.raises(ValueError, match="the module at 'inner'"):
             normlayers.plan_replacements(outer)
+        from torch.distributed.fsdp import fully_shard
+
+        sharded = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        fully_shard(sharded[1])
+        with pytest.raises(ValueError, match="the module at '1' is wrapped by FSDPLayerNorm; call replace_norms before"):
+            normlayers.replace_norms(sharded)
     finally:
         dist.destroy_process_group()
 
@@ -309,6 +323,16 @@ def test_restore_norms_gives_back_the_original_classes():
     hf = _randomized(GemmaRMSNorm(6))
     back = normlayers.restore_norms(normlayers.replace_norms(hf))
     assert type(back) is GemmaRMSNorm and back.weight is hf.weight
+
+
+def test_llama_cast_mode_with_fused_residual():
+    torch.manual_seed(8)
+    norm = _randomized(normlayers.RMSNorm(16, eps=1e-5, cast_mode="llama")).to(torch.bfloat16)
+    x, res = torch.randn(2, 3, 16, dtype=torch.bfloat16), torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    with normlayers.backend("reference"):
+        y, h = norm(x, res)
+        assert torch.equal(h, x + res)
+        assert torch.equal(y, norm.weight * normlayers.functional.rms_norm(h, (16,), None, 1e-5))
 
 
 def test_cast_mode_is_checked():
