@@ -157,3 +157,27 @@ def test_fp32_fold_and_state_dict():
     folded = fold_norms(model)
     torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
     assert set(folded.state_dict()) == {"0.weight", "0.bias"}
+
+
+class _ChannelsFirstAffineNorm(ChannelAffineNorm):
+    channel_dim = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.as_affine()
+        return x * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
+
+
+def test_channel_axis_decides_the_producer():
+    """A channels-last affine after a conv scales the conv's last (width) axis, not its channels: not folded."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), ChannelAffineNorm(4)).double().eval()
+    _assert_same(model, torch.randn(1, 2, 3, 4, dtype=torch.float64))
+    assert isinstance(model[1], ChannelAffineNorm)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), _ChannelsFirstAffineNorm(4)).double().eval()
+    _assert_same(model, torch.randn(1, 2, 3, 4, dtype=torch.float64))
+    assert isinstance(model[1], nn.Identity)
+    mlp = _randomize_bn(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())).double().eval()
+    with torch.no_grad():
+        mlp[1].running_mean.normal_()
+    _assert_same(mlp, torch.randn(5, 3, dtype=torch.float64))
+    assert isinstance(mlp[1], nn.Identity)

@@ -139,8 +139,20 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _channels_match(producer: nn.Module, a: Tensor) -> bool:
-    return producer.weight.shape[0] == a.numel()
+def _channel_layers(norm: nn.Module) -> tuple[type, ...]:
+    """The linear maps whose output-feature axis is the axis ``norm`` scales. The trace has no shapes, so this is
+    decided by type: BatchNorm2d/3d scale dim 1 of conv outputs; BatchNorm1d dim 1 of ``(N, C)`` or ``(N, C, L)``
+    (a Linear's or Conv1d's output); ``as_affine`` modules the last dim (channels-last, as UnifiedNorm over
+    ``(B, T, C)``), or dim 1 of conv outputs when they set ``channel_dim = 1``."""
+    if isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm3d)):
+        return (nn.Conv2d, nn.Conv3d)
+    if isinstance(norm, nn.BatchNorm1d):
+        return (nn.Linear, nn.Conv1d)
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d) if getattr(norm, "channel_dim", -1) == 1 else (nn.Linear,)
+
+
+def _channels_match(layer: nn.Module, norm: nn.Module, a: Tensor) -> bool:
+    return isinstance(layer, _channel_layers(norm)) and layer.weight.shape[0] == a.numel()
 
 
 def _bcn_parts(bcn: BatchChannelNorm2d) -> tuple[Tensor, Tensor, nn.GroupNorm]:
@@ -170,9 +182,11 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
 
     * ``WSConv2d``/``ScaledWSConv2d`` become ``nn.Conv2d`` with the standardized weight baked in.
     * ``nn.BatchNorm1d/2d/3d`` with running statistics, and any module with ``as_affine() -> (scale, shift)``
-      (per-channel, e.g. UnifiedNorm with running statistics), become ``nn.Identity``: their affine goes into the
-      ``nn.Linear``/``nn.Conv*d`` producing their input when that producer has no other reader, else into the
-      ``nn.Linear`` layers that are the only readers of their output.
+      (per-channel, e.g. UnifiedNorm with running statistics; channels last, or dim 1 of a conv output when the
+      module sets ``channel_dim = 1``), become ``nn.Identity``: their affine goes into the linear map or conv
+      producing their input when that producer has no other reader (BatchNorm2d/3d: a conv; BatchNorm1d: a Linear
+      or Conv1d; channels-last modules: a Linear), else into the ``nn.Linear`` layers that are the only readers of
+      their output (BatchNorm1d and channels-last modules).
     * ``BatchChannelNorm2d``: its batch stage goes into the producing conv and the rest becomes an ``nn.GroupNorm``.
     * ``nn.LayerNorm`` whose only readers are ``nn.Linear`` layers: its ``γ, β`` go into them (the norm stays,
       affine-free).
@@ -222,9 +236,10 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
         if affine is None:
             continue
         a, c = affine
-        if isinstance(producer, _PRODUCERS) and _channels_match(producer, a):
+        if producer is not None and _channels_match(producer, module, a):
             _fold_into_producer(producer, a, c)
-        elif consumers and all(isinstance(m, nn.Linear) and m.in_features == a.numel() for m in consumers):
+        elif consumers and nn.Linear in _channel_layers(module) and all(
+                isinstance(m, nn.Linear) and m.in_features == a.numel() for m in consumers):
             for consumer in consumers:
                 _fold_into_consumer(consumer, a, c)
         else:
