@@ -134,6 +134,9 @@ def test_subclasses_overriding_forward_are_refused_unless_mapped():
         normlayers.replace_norms(model)
     assert type(model[0]) is _ChannelsLastLN and type(model[1]) is _QuietLN  # refused before any change
     with pytest.warns(UserWarning, match="0 left alone"):
+        plan = normlayers.plan_replacements(model, strict=False)
+    assert [(r.fqn, r.new_type, r.skipped) for r in plan] == [("0", None, True), ("1", normlayers.LayerNorm, False)]
+    with pytest.warns(UserWarning, match="0 left alone"):
         normlayers.replace_norms(model, strict=False)
     assert type(model[0]) is _ChannelsLastLN and type(model[1]) is normlayers.LayerNorm
     # mapped explicitly: the user says how

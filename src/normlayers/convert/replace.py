@@ -55,13 +55,15 @@ _OFFSET_SOURCE = re.compile(r"1(\.0)?\s*\+\s*self\.weight|self\.weight(\.float\(
 @dataclass(frozen=True)
 class Replacement:
     """One line of :func:`plan_replacements`: the module at ``fqn`` (also reachable as ``aliases``) of type
-    ``old_type`` becomes a ``new_type`` (``None``: it is left alone), and why."""
+    ``old_type`` becomes a ``new_type`` (``None`` when the target is a callable, whose result type is known only
+    when it runs), or, with ``skipped``, is left alone; and why."""
 
     fqn: str
     old_type: type
     new_type: Optional[type]
     reason: str
     aliases: tuple[str, ...] = ()
+    skipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -399,7 +401,7 @@ def _plan(model: nn.Module, mapping: Optional[MappingLike], filter_fn, include, 
             if strict:
                 raise ValueError(f"replace_norms: {display}: {refusal}") from None
             warnings.warn(f"replace_norms: {display} left alone: {refusal}", stacklevel=3)
-            plan.append((Replacement(site.fqn, type(site.module), None, str(refusal), tuple(site.aliases)),
+            plan.append((Replacement(site.fqn, type(site.module), None, str(refusal), tuple(site.aliases), True),
                          site.module, None))
             continue
         if target is None:
@@ -415,8 +417,8 @@ def plan_replacements(model: nn.Module, mapping: Optional[MappingLike] = None, *
                       include: Union[str, Sequence[str], None] = None, exclude: Union[str, Sequence[str], None] = None,
                       strict: bool = True) -> list[Replacement]:
     """What :func:`replace_norms` would change, without changing anything: one :class:`Replacement` per module that
-    would be swapped (``new_type`` is ``None`` for a callable target) or, with ``strict=False``, left alone for a
-    reason (``new_type=None``, the reason says why). Same arguments and the same refusals as :func:`replace_norms`."""
+    would be swapped (``new_type`` is ``None`` for a callable target) or, with ``strict=False``, left alone
+    (``skipped=True``; the reason says why). Same arguments and the same refusals as :func:`replace_norms`."""
     return [line for line, _, _ in _plan(_unwrap_compiled(model), mapping, filter_fn, include, exclude, strict)]
 
 
