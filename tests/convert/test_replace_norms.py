@@ -255,7 +255,7 @@ def test_wrapped_models_are_refused(tmp_path):
 
         sharded = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
         fully_shard(sharded[1])
-        with pytest.raises(ValueError, match="the module at '1' is wrapped by FSDPLayerNorm; call replace_norms before"):
+        with pytest.raises(ValueError, match="the module at '1' is wrapped by FSDPLayerNorm; call replace_norms"):
             normlayers.replace_norms(sharded)
     finally:
         dist.destroy_process_group()
