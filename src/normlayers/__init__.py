@@ -1,7 +1,8 @@
 """normlayers: normalization layers for PyTorch with fused Triton kernels and plain-PyTorch references."""
 
-from normlayers import functional
+from normlayers import convert, functional, models
 from normlayers.backend import backend, get_backend, set_backend
+from normlayers.convert import plan_replacements, replace_norms, restore_norms
 from normlayers.distributed import convert_sync
 from normlayers.nn import (
     BatchChannelNorm2d,
@@ -51,9 +52,14 @@ __all__ = [
     "UnifiedNorm",
     "WSConv2d",
     "backend",
+    "convert",
     "convert_sync",
     "functional",
     "get_backend",
+    "models",
+    "plan_replacements",
+    "replace_norms",
     "reset_iters",
+    "restore_norms",
     "set_backend",
 ]

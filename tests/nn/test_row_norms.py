@@ -192,11 +192,12 @@ def test_layer_norm_signature_equals_torch():
     assert _params(normlayers.LayerNorm.__init__) == _params(nn.LayerNorm.__init__)
 
 
-def test_rms_norm_signature_is_torch_plus_keyword_only_weight_offset():
+def test_rms_norm_signature_is_torch_plus_keyword_only_weight_offset_and_cast_mode():
     ours = _params(normlayers.RMSNorm.__init__)
     theirs = _params(nn.RMSNorm.__init__)
     assert ours[: len(theirs)] == theirs
-    assert ours[len(theirs):] == [("weight_offset", inspect.Parameter.KEYWORD_ONLY, 0.0)]
+    assert ours[len(theirs):] == [("weight_offset", inspect.Parameter.KEYWORD_ONLY, 0.0),
+                                  ("cast_mode", inspect.Parameter.KEYWORD_ONLY, "torch")]
 
 
 def test_crms_norm_signature_equals_torch_rms_norm():

@@ -17,6 +17,7 @@ from normlayers import functional as F
 __all__ = ["LayerNorm", "RMSNorm", "CRMSNorm"]
 
 _ShapeLike = Union[int, list[int], tuple[int, ...], torch.Size]
+_RMS_CAST_MODES = ("torch", "llama")
 
 
 class LayerNorm(nn.LayerNorm):
@@ -76,6 +77,13 @@ class RMSNorm(nn.RMSNorm):
         weight_offset (float, keyword-only): the scale is ``weight + weight_offset``; ``1.0`` gives Gemma's
             ``(1 + w)`` norm. ``reset_parameters`` sets ``weight`` to ``1 − weight_offset`` so a fresh layer scales
             by one. Default: ``0.0``.
+        cast_mode (str, keyword-only): where the result is rounded to the input dtype. ``"torch"``: the scale is
+            applied in fp32 and the result rounded once, as :class:`torch.nn.RMSNorm` and Hugging Face's
+            ``GemmaRMSNorm``. ``"llama"``: the normalized input is rounded to the input dtype first, then multiplied
+            by the scale with torch's type promotion, as Hugging Face's ``LlamaRMSNorm`` (so a bf16 input with an
+            fp32 weight gives an fp32 output); the scale is then a separate elementwise multiply. The two agree
+            exactly in fp32 and fp64. :func:`normlayers.replace_norms` picks the mode of the norm it replaces.
+            Default: ``"torch"``.
 
     Shape:
         - Input: :math:`(*, \text{normalized\_shape})`; ``residual`` (optional): the same shape.
@@ -90,11 +98,14 @@ class RMSNorm(nn.RMSNorm):
     """
 
     def __init__(self, normalized_shape: _ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
-                 device=None, dtype=None, *, weight_offset: float = 0.0) -> None:
+                 device=None, dtype=None, *, weight_offset: float = 0.0, cast_mode: str = "torch") -> None:
         if not isinstance(weight_offset, numbers.Real) or isinstance(weight_offset, bool):
             raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
+        if cast_mode not in _RMS_CAST_MODES:
+            raise ValueError(f"cast_mode must be one of {_RMS_CAST_MODES}, got {cast_mode!r}")
         super().__init__(F._as_shape(normalized_shape), eps, elementwise_affine, device=device, dtype=dtype)
         self.weight_offset = float(weight_offset)
+        self.cast_mode = cast_mode
         if self.weight_offset != 0.0 and not elementwise_affine:
             raise ValueError("weight_offset scales the weight (weight + weight_offset); it needs "
                              "elementwise_affine=True")
@@ -106,14 +117,28 @@ class RMSNorm(nn.RMSNorm):
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        return text + f", weight_offset={self.weight_offset}" if self.weight_offset else text
+        if self.weight_offset:
+            text += f", weight_offset={self.weight_offset}"
+        return text + f", cast_mode={self.cast_mode!r}" if self.cast_mode != "torch" else text
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *,
                 residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        if self.cast_mode == "llama" and self.weight is not None:
+            return self._forward_llama(input, residual, residual_in_fp32)
         if residual is None:
             return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, weight_offset=self.weight_offset)
         return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
                               weight_offset=self.weight_offset, residual_in_fp32=residual_in_fp32)
+
+    def _forward_llama(self, input: Tensor, residual: Optional[Tensor],
+                       residual_in_fp32: bool) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        # Hugging Face LlamaRMSNorm: `weight * normalized.to(input_dtype)`, the scale after the rounding.
+        scale = self.weight + self.weight_offset if self.weight_offset else self.weight
+        if residual is None:
+            return scale * F.rms_norm(input, self.normalized_shape, None, self.eps)
+        normed, summed = F.add_rms_norm(input, residual, self.normalized_shape, None, self.eps,
+                                        residual_in_fp32=residual_in_fp32)
+        return scale * normed, summed
 
 
 class CRMSNorm(nn.Module):

@@ -1,0 +1,31 @@
+"""Model surgery: swap norms (:func:`replace_norms`), convert Pre-LN transformers exactly to Pre-RMSNorm /
+Pre-CRMSNorm (:func:`prenorm_to_rmsnorm`, :func:`prenorm_to_crmsnorm`), fold eval-mode norms for inference
+(:func:`fold_norms`).
+
+A package rather than the single ``convert.py`` of DESIGN.md: the three parts share no code and together are over a
+thousand lines; ``normlayers.convert.<name>`` is the same public path either way.
+"""
+
+from normlayers.convert.fold import fold_norms
+from normlayers.convert.prenorm import (
+    OutputRMSNorm,
+    PreNormSpec,
+    prenorm_spec,
+    prenorm_to_crmsnorm,
+    prenorm_to_rmsnorm,
+)
+from normlayers.convert.replace import DEFAULT_MAPPING, Replacement, plan_replacements, replace_norms, restore_norms
+
+__all__ = [
+    "DEFAULT_MAPPING",
+    "OutputRMSNorm",
+    "PreNormSpec",
+    "Replacement",
+    "fold_norms",
+    "plan_replacements",
+    "prenorm_spec",
+    "prenorm_to_crmsnorm",
+    "prenorm_to_rmsnorm",
+    "replace_norms",
+    "restore_norms",
+]
