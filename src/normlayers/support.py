@@ -8,8 +8,8 @@ Most columns are *probed*, not typed: :func:`probe` runs the tiny instance and r
   in the backward on backend ``"triton"`` (recorded by a ``TorchDispatchMode``). On CPU this needs the Triton
   interpreter (``TRITON_INTERPRET=1``); empty means the layer's work is plain torch ops on every backend.
 * ``sync_stats``: the layer can be built with ``sync_stats=True`` and runs (:mod:`normlayers.distributed`).
-* ``fold``: the module exposes an inference folding: ``as_affine()`` (an eval-mode per-channel affine, foldable into
-  the adjacent linear layer) or ``to_conv2d()`` (a conv with its weight baked in).
+* ``fold``: :func:`normlayers.convert.fold_norms` has a rule for the layer (an eval-mode affine folded into the
+  adjacent linear map or conv, or a conv with its standardized weight baked in).
 * ``compile`` / ``export``: declared here and *verified* by ``tests/test_support.py``, which runs
   ``torch.compile(fullgraph=True)`` (forward and backward, equal to eager) and ``torch.export`` for every entry that
   claims them (compiling every layer at docs-build time would take minutes).
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import normlayers
+from normlayers.convert.fold import is_foldable
 
 __all__ = ["LAYERS", "LayerEntry", "probe", "support_matrix_markdown"]
 
@@ -151,7 +152,7 @@ def probe(entry: LayerEntry) -> dict[str, object]:
         "compile": entry.compile,
         "export": entry.export,
         "sync_stats": _accepts(entry, sync_stats=True),
-        "fold": hasattr(module, "as_affine") or hasattr(module, "to_conv2d"),
+        "fold": is_foldable(module),
     }
 
 

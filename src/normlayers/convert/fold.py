@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from normlayers.nn.batch_channel import BatchChannelNorm2d
 from normlayers.nn.weight_std import _StandardizedConv2d
 
-__all__ = ["fold_norms"]
+__all__ = ["fold_norms", "is_foldable"]
 
 logger = logging.getLogger("normlayers")
 
@@ -174,6 +174,16 @@ def _outputs(model: nn.Module, example_inputs: Optional[tuple]) -> Optional[Any]
         return None
     with torch.no_grad():
         return model(*example_inputs)
+
+
+def is_foldable(module: nn.Module) -> bool:
+    """Whether :func:`fold_norms` has a rule for ``module``'s kind (it still needs a foldable neighbour in the model):
+    standardized convs, BatchNorm, BatchChannelNorm2d, affine LayerNorm, and modules with ``as_affine()``."""
+    if isinstance(module, (_StandardizedConv2d, BatchChannelNorm2d, nn.modules.batchnorm._BatchNorm)):
+        return True
+    if isinstance(module, nn.LayerNorm):
+        return module.elementwise_affine
+    return callable(getattr(module, "as_affine", None))
 
 
 def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.Module:
