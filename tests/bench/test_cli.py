@@ -345,7 +345,7 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--op", "group_norm"], "--op: unknown op 'group_norm'; choose from: layer_norm"),
+    (["--op", "group_norm"], "--op: unknown op 'group_norm'; choose from: batch_channel_norm,"),
     (["--op", "rms_norm", "--shapes", "4096by8192"], "bad shape '4096by8192' for rms_norm: expected MxN"),
     (["--op", "rms_norm", "--shapes", "0x64"], "bad shape '0x64' for rms_norm"),
     (["--op", "batch_channel_norm", "--shapes", "64x64"],
@@ -438,7 +438,7 @@ def test_listings_print_and_write_nothing(tmp_path, monkeypatch, capsys):
     # read mean, rstd
     ("add_layer_norm", "fwd_bwd", (4, 64),
      (4 * 4 * 64 + 2 * 64) * 4 + 2 * 4 * 4 + (4 * 4 * 64 + 3 * 64) * 4 + 2 * 4 * 4),
-    # eval: read x, write y (2·32·3·3 each); running mean/var, bn weight/bias (32 each); group weight/bias (32 groups)
+    # eval: read x, write y (2·32·3·3 each); running mean/var, bn weight/bias (32 each); group weight, bias (32)
     ("batch_channel_norm", "fwd", (2, 32, 3, 3), (2 * 2 * 32 * 9 + 4 * 32 + 2 * 32) * 4),
     # read weight, write the standardized weight; training adds mean and rstd per filter (fp32)
     ("weight_standardize", "fwd", (8, 4, 3, 3), 2 * 8 * 4 * 9 * 4),

@@ -21,6 +21,7 @@ import argparse
 import datetime
 import itertools
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,11 +90,12 @@ def _percent(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="normlayers-bench", description=__doc__.split("\n\n")[1].replace("\n", " "),
+        prog="normlayers-bench", description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Lists take commas or spaces (--op rms_norm,layer_norm or --op rms_norm layer_norm). Options left out "
-               f"come from the suite (--suite, default {DEFAULT_SUITE!r}); with --op and no --shapes each op runs at "
-               "its own default shapes for the device (see --list-ops).")
+        epilog=textwrap.fill(
+            "Lists take commas or spaces (--op rms_norm,layer_norm or --op rms_norm layer_norm). Options left out "
+            f"come from the suite (--suite, default {DEFAULT_SUITE!r}); with --op and no --suite or --shapes each op "
+            "runs at its own default shapes for the device (see --list-ops). Details: benchmarks/README.md.", 100))
     grid = parser.add_argument_group("what to run")
     grid.add_argument("--suite", choices=list(SUITES), help=f"a named suite (see --list-suites; default "
                                                              f"{DEFAULT_SUITE!r})")

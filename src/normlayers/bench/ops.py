@@ -15,14 +15,16 @@ Modes: ``fwd`` is inference (eval: running statistics read, not updated; no auto
 training forward (batch statistics, running statistics updated, statistics saved for backward) and its backward;
 ``bwd`` is that backward alone, of an untimed training forward.
 
-The families live in one module each (:mod:`.row_ops`, :mod:`.cnn_ops`), each exporting ``OPS``, a tuple of
-:class:`Op`; :data:`FAMILY_MODULES` lists them and :data:`OPS` collects them. benchmarks/README.md says how to add one.
+The families live in one module each, named ``*_ops`` (:mod:`.row_ops`, :mod:`.cnn_ops`), each exporting ``OPS``, a
+tuple of :class:`Op`; :data:`OPS` collects them from every such module of this package. benchmarks/README.md says how
+to add one.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import pkgutil
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -236,7 +238,8 @@ class Op:
 
 def compute_results(op: Op, fn: OpFn, inputs: OpInputs, mode: str) -> dict[str, Tensor]:
     """Run ``fn`` once, untimed: its outputs and, in training modes (``bwd``, ``fwd_bwd``), the gradients of every
-    differentiable input for ``grad_outputs`` and the updated buffers, keyed by name (``y``, ``dx``, ``running_var``)."""
+    differentiable input for ``grad_outputs`` and the updated buffers, keyed by name (``y``, ``dx``,
+    ``running_var``)."""
     outputs = fn(*inputs.args)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     results = dict(zip(op.output_names, outputs))
@@ -278,8 +281,11 @@ def traffic_formula(op: Op, mode: str) -> str:
 # The registry
 # ----------------------------------------------------------------------------------------------------------------------
 
-# One module per family, each with ``OPS: tuple[Op, ...]``. A new family is a new module and one line here.
-FAMILY_MODULES: tuple[str, ...] = ("normlayers.bench.row_ops", "normlayers.bench.cnn_ops")
+def _family_modules() -> tuple[str, ...]:
+    """Every module of this package named ``*_ops``, in name order: a new family is a new file and nothing else."""
+    package = importlib.import_module("normlayers.bench")
+    return tuple(sorted(f"normlayers.bench.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+                        if m.name.endswith("_ops")))
 
 
 def _collect(modules: Sequence[str]) -> dict[str, Op]:
@@ -292,5 +298,7 @@ def _collect(modules: Sequence[str]) -> dict[str, Op]:
     return ops
 
 
-# The family modules import the names above from this (partly initialized) module, which is why this comes last.
+# One module per family, each with ``OPS: tuple[Op, ...]``. They import the names above from this (partly
+# initialized) module, which is why this comes last.
+FAMILY_MODULES: tuple[str, ...] = _family_modules()
 OPS: dict[str, Op] = _collect(FAMILY_MODULES)

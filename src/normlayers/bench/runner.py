@@ -120,7 +120,8 @@ def _run_provider(case: Case, provider: Provider, inputs: OpInputs, expected: di
         return result
     gbps = ideal_bytes(case.op, case.mode, case.shape, case.dtype) / (stats.median_ms * 1e-3) / 1e9
     result.status = "ok" if errors.within_bound else "WRONG"
-    result.median_ms, result.p20_ms, result.p80_ms, result.reps = stats.median_ms, stats.p20_ms, stats.p80_ms, stats.reps
+    result.median_ms, result.p20_ms, result.p80_ms = stats.median_ms, stats.p20_ms, stats.p80_ms
+    result.reps = stats.reps
     result.gbps, result.pct_of_copy = gbps, 100 * gbps / settings.copy_gbps
     result.peak_mem_mib = None if peak is None else peak / 2**20
     result.compile_s = first_s if provider.compiles(case.op, settings.device) else None
