@@ -1,85 +1,202 @@
-"""Tests of the benchmark CLI on tiny CPU shapes (the reference path; no Triton, no torch.compile)."""
+"""Tests of the benchmark CLI on tiny CPU shapes (the reference path; torch.compile in one test only)."""
 
 from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from normlayers.bench import cli
-from normlayers.bench.ops import OPS, compose, ideal_bytes
+import normlayers
+import normlayers.functional
+from normlayers.bench import cli, timing
+from normlayers.bench.compare import Comparison, compare, regressions
+from normlayers.bench.ops import OPS, ideal_bytes
 from normlayers.bench.providers import PROVIDERS, Provider, UnsupportedOp
+from normlayers.bench.report import CSV_FIELDS
+from normlayers.bench.runner import BenchResult, timed_call
+from normlayers.bench.suites import SUITES
 
-FAST = ["--device", "cpu", "--warmup-ms", "1", "--rep-ms", "2"]
+from .conftest import FAST
+
+TINY_SHAPES = {"rows": "3x40", "nchw": "2x32x3x3", "conv_weight": "4x3x3x3"}
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[int, list[dict], dict]:
-    """Run the CLI into ``tmp_path``; return its exit code, the CSV rows and the JSON document."""
+    """Run the CLI into ``tmp_path`` (default file names); return its exit code, the CSV rows and the JSON."""
     code = cli.main([*args, *FAST, "--out", str(tmp_path)])
-    stem = f"{datetime.date.today().isoformat()}_cpu_row_norms"
+    stem = f"{datetime.date.today().isoformat()}_cpu_custom"
     with (tmp_path / f"{stem}.csv").open() as f:
         rows = list(csv.DictReader(f))
-    document = json.loads((tmp_path / f"{stem}.json").read_text())
-    return code, rows, document
+    return code, rows, json.loads((tmp_path / f"{stem}.json").read_text())
 
 
 def _scaled_torch_provider(name: str, factor: float) -> Provider:
     """A provider that is torch eager with its output scaled: wrong by a relative ``factor − 1``."""
+    return Provider(name, f"torch eager x {factor}", lambda op: lambda *args: op.native(*args) * factor)
+
+
+def _raising_provider(name: str, exc: Exception, when: str) -> Provider:
+    """A provider that raises ``exc`` when built (``when="build"``) or when called (``when="run"``)."""
+
+    def run(*args):
+        raise exc
 
     def build(op):
-        native = {"layer": F.layer_norm, "rms": F.rms_norm}[op.kind]
-        return compose(op, lambda *args: native(*args) * factor)
+        if when == "build":
+            raise exc
+        return run
 
-    return Provider(name, f"torch eager x {factor}", build)
+    return Provider(name, f"raises at {when}", build)
 
 
-def test_tiny_run_writes_csv_and_json_with_sane_values(tmp_path):
-    code, rows, document = _run(tmp_path, "--op", "rms_norm", "layer_norm", "--shapes", "4x64", "--dtype", "fp32",
-                                "--providers", "normlayers", "torch", "--mode", "fwd", "fwd_bwd")
+# ----------------------------------------------------------------------------------------------------------------------
+# Files and values
+# ----------------------------------------------------------------------------------------------------------------------
 
-    assert code == 0
-    expected = {(op, mode, provider) for op in ("rms_norm", "layer_norm") for mode in ("fwd", "fwd_bwd")
-                for provider in ("normlayers", "torch")}
-    assert {(r["op"], r["mode"], r["provider"]) for r in rows} == expected
-    assert len(rows) == len(expected)
+
+def test_tiny_run_writes_csv_and_json_with_sane_values(tiny_run):
+    csv_path, json_path, document = tiny_run
+    with csv_path.open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == CSV_FIELDS
+
+    expected = {(op, provider) for op in ("rms_norm", "layer_norm") for provider in ("normlayers", "torch")}
+    assert {(r["op"], r["provider"]) for r in rows} == expected and len(rows) == len(expected)
     for r in rows:
-        assert (r["dtype"], r["shape"], r["status"]) == ("fp32", "4x64", "ok"), r
+        assert (r["family"], r["dtype"], r["mode"], r["shape"], r["status"]) == \
+            ("row_norms", "fp32", "fwd", "4x64", "ok"), r
         p20, median, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
         assert 0 < p20 <= median <= p80, r
-        assert int(r["reps"]) >= 10
+        assert int(r["reps"]) >= timing.MIN_REPS
         assert float(r["gbps"]) > 0 and float(r["pct_of_copy"]) > 0
         assert 0 <= float(r["max_abs_err"]) <= float(r["err_bound"]) < 1e-3, r
-        if r["mode"] == "fwd_bwd":
-            assert r["err_tensor"] in {"y", "dx", "dweight", "dbias"}
+        assert r["peak_mem_mib"] == ""  # CPU: no allocator statistics
+        assert r["compile_s"] == ""  # neither compiles on CPU
+        assert (r["device_name"], r["torch"]) == (document["metadata"]["device_name"], torch.__version__)
     assert all(float(r["speedup_vs_torch"]) == 1.0 for r in rows if r["provider"] == "torch")
     assert all("reference path" in r["note"] for r in rows if r["provider"] == "normlayers")
 
     metadata = document["metadata"]
-    assert metadata["device_type"] == "cpu"
-    assert metadata["torch"] == torch.__version__
-    assert metadata["copy_bandwidth_gbps"] > 0
-    assert {"git_sha", "date", "device_name", "triton", "timer", "byte_models"} <= metadata.keys()
+    assert metadata["device_type"] == "cpu" and metadata["suite"] == "custom"
+    assert metadata["torch"] == torch.__version__ and metadata["copy_bandwidth_gbps"] > 0
+    assert metadata["torch_num_threads"] == torch.get_num_threads()
+    assert {"git_sha", "date", "device_name", "triton", "normlayers", "timer", "byte_models"} <= metadata.keys()
     assert metadata["byte_models"]["rms_norm/fwd"] == "read x[MxN] + read weight[N] + write y[MxN]"
-    assert [(r["op"], r["mode"], r["provider"]) for r in document["results"]] == \
-        [(r["op"], r["mode"], r["provider"]) for r in rows]
+    assert [(r["op"], r["provider"]) for r in document["results"]] == [(r["op"], r["provider"]) for r in rows]
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_SHAPES))
+def test_every_registered_op_runs_through_normlayers_and_torch(tmp_path, kind):
+    ops = [name for name, op in OPS.items() if op.shape_kind.name == kind]
+    code, rows, _ = _run(tmp_path, "--op", ",".join(ops), "--shapes", TINY_SHAPES[kind], "--dtype", "fp32",
+                         "--mode", "fwd,fwd_bwd", "--providers", "normlayers,torch")
+
+    assert code == 0
+    assert {(r["op"], r["mode"], r["provider"]) for r in rows} == \
+        {(op, mode, p) for op in ops for mode in ("fwd", "fwd_bwd") for p in ("normlayers", "torch")}
+    bad = [(r["op"], r["mode"], r["provider"], r["status"], r["note"]) for r in rows if r["status"] != "ok"]
+    assert bad == []
+
+
+def test_every_op_is_a_functional_and_every_functional_is_benchmarked():
+    # Functions that are compositions of a benchmarked op with a convolution (or its scaled twin), not norms of their
+    # own. A new family's functions land here as failures until its bench module is added (benchmarks/README.md).
+    not_benchmarked = {"ws_conv2d", "scaled_ws_conv2d", "scaled_weight_standardize"}
+    functions = {name for name in normlayers.functional.__all__ if callable(getattr(normlayers.functional, name))
+                 and name.islower()}
+    assert set(OPS) <= functions
+    assert functions - set(OPS) - not_benchmarked == set(), "add these ops to a bench module"
+
+
+def test_each_ops_default_shapes_fit_it():
+    for op in OPS.values():
+        for device_type in ("cpu", "cuda"):
+            for shape in op.default_shapes[device_type]:
+                assert op.parse_shape(op.shape_kind.format(shape)) == shape
+
+
+def test_training_buffers_are_checked_and_each_provider_gets_its_own(tmp_path):
+    op = OPS["batch_channel_norm"]
+    inputs = op.inputs((2, 32, 3, 3), torch.float32, torch.device("cpu"), training=True)
+    copy = inputs.to()
+    op.normlayers(*copy.args)
+
+    running_mean = inputs.state["running_mean"]
+    assert not torch.equal(copy.args[running_mean], inputs.args[running_mean])  # the copy was updated, not the original
+    assert copy.args[0].requires_grad and copy.args[0] is not inputs.args[0]
+    assert inputs.to(torch.float64).args[1].dtype == torch.float64
+
+
+def _frozen_statistics_provider(name: str) -> Provider:
+    """normlayers, but its running statistics are copies: the buffers the caller passed are never updated."""
+
+    def build(op):
+        def run(*args):
+            frozen = list(args)
+            for i in op.inputs((2, 32, 3, 3), torch.float32, torch.device("cpu"), training=True).state.values():
+                frozen[i] = args[i].clone()
+            return op.normlayers(*frozen)
+
+        return run
+
+    return Provider(name, "running statistics not updated", build)
+
+
+@pytest.mark.parametrize("op", ["batch_channel_norm", "evo_norm2d_b2"])
+def test_running_statistics_that_are_not_updated_are_flagged(tmp_path, monkeypatch, op):
+    monkeypatch.setitem(PROVIDERS, "frozen", _frozen_statistics_provider("frozen"))
+    code, rows, _ = _run(tmp_path, "--op", op, "--shapes", "2x32x3x3", "--dtype", "fp32", "--mode", "fwd_bwd",
+                         "--providers", "normlayers,frozen")
+
+    by_provider = {r["provider"]: r for r in rows}
+    assert by_provider["normlayers"]["status"] == "ok"
+    assert by_provider["frozen"]["status"] == "WRONG"
+    assert by_provider["frozen"]["err_tensor"] in ("running_mean", "running_var")
+
+
+def test_bf16_batch_channel_norm_backward_and_evo_state(tmp_path):
+    code, rows, _ = _run(tmp_path, "--op", "batch_channel_norm,evo_norm2d_b0", "--shapes", "2x32x3x3", "--dtype",
+                         "bf16", "--mode", "bwd", "--providers", "normlayers,torch")
+
+    assert code == 0
+    normlayers_rows = [r for r in rows if r["provider"] == "normlayers"]
+    assert [r["status"] for r in normlayers_rows] == ["ok", "ok"]
+    evo_torch = next(r for r in rows if r["op"] == "evo_norm2d_b0" and r["provider"] == "torch")
+    assert evo_torch["note"] == "no native op: eager reference"
 
 
 def test_fused_add_and_crms_backward_are_checked(tmp_path):
     code, rows, _ = _run(tmp_path, "--op", "add_rms_norm", "crms_norm", "--shapes", "3x40", "--dtype", "bf16",
                          "--providers", "normlayers", "torch", "--mode", "bwd")
 
-    assert code == 0
-    assert len(rows) == 4
+    assert code == 0 and len(rows) == 4
     assert all(r["status"] == "ok" and float(r["max_abs_err"]) <= float(r["err_bound"]) for r in rows), rows
     torch_crms = next(r for r in rows if r["op"] == "crms_norm" and r["provider"] == "torch")
     assert "no native op" in torch_crms["note"]
+
+
+def test_torch_compile_backward_is_timed_with_its_compile_time(tmp_path):
+    code, rows, _ = _run(tmp_path, "--op", "rms_norm", "--shapes", "4x64", "--dtype", "fp32", "--mode", "bwd",
+                         "--providers", "torch_compile")
+
+    assert code == 0
+    (row,) = rows
+    assert row["status"] == "ok", row["note"]
+    assert float(row["compile_s"]) > 0 and float(row["median_ms"]) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Providers: wrong, failing, unsupported, unavailable
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def test_wrong_provider_is_flagged_and_gets_no_speedup(tmp_path, monkeypatch):
@@ -102,20 +219,6 @@ def test_wrong_normlayers_sets_exit_code(tmp_path, monkeypatch):
 
     assert [r["status"] for r in rows] == ["WRONG"]
     assert code == 1
-
-
-def _raising_provider(name: str, exc: Exception, when: str) -> Provider:
-    """A provider that raises ``exc`` when built (``when="build"``) or when called (``when="run"``)."""
-
-    def run(x, residual, weight, bias):
-        raise exc
-
-    def build(op):
-        if when == "build":
-            raise exc
-        return run
-
-    return Provider(name, f"raises at {when}", build)
 
 
 @pytest.mark.parametrize("when", ["build", "run"])
@@ -142,8 +245,16 @@ def test_unsupported_op_is_a_row_not_a_failure(tmp_path, monkeypatch):
     assert code == 0
 
 
+def test_peers_cover_only_the_row_norms_they_have():
+    with pytest.raises(UnsupportedOp, match="liger has no batch_channel_norm"):
+        PROVIDERS["liger"].build(OPS["batch_channel_norm"])
+    with pytest.raises(UnsupportedOp, match="quack has no layer_norm"):
+        PROVIDERS["quack"].build(OPS["layer_norm"])
+    assert PROVIDERS["liger"].unavailable_reason(torch.device("cpu")) == "needs CUDA"
+
+
 def test_unavailable_peer_is_listed_not_run(tmp_path):
-    code, rows, document = _run(tmp_path, "--op", "rms_norm", "--shapes", "4x64", "--providers", "torch", "liger",
+    code, rows, document = _run(tmp_path, "--op", "rms_norm", "--shapes", "4x64", "--providers", "torch,liger",
                                 "--mode", "fwd", "--dtype", "fp32")
 
     assert code == 0
@@ -151,24 +262,103 @@ def test_unavailable_peer_is_listed_not_run(tmp_path):
     assert document["metadata"]["unavailable_providers"] == {"liger": "needs CUDA"}
 
 
-def test_list_prints_ops_providers_and_suite_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["--list", "--device", "cpu"]) == 0
+# ----------------------------------------------------------------------------------------------------------------------
+# --compare, --plot, explicit output paths, progress
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _old_result(provider: str, median_ms: float) -> dict:
+    return {"op": "rms_norm", "dtype": "fp32", "mode": "fwd", "shape": "4x64", "provider": provider, "status": "ok",
+            "median_ms": median_ms, "p20_ms": median_ms, "p80_ms": median_ms}
+
+
+def test_compare_prints_speedups_and_fails_on_a_regression(tmp_path, capsys):
+    # normlayers was "1000x faster" before (a regression now), torch "1000x slower" (a speed-up now).
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"metadata": {"device_name": "another machine", "date": "2026-01-01"},
+                               "results": [_old_result("normlayers", 1e-6), _old_result("torch", 1e6)]}))
+    code = cli.main(["--op", "rms_norm", "--shapes", "4x64", "--dtype", "fp32", "--mode", "fwd", "--providers",
+                     "normlayers,torch", "--compare", str(old), "--fail-if-regression", "10%",
+                     "--json", str(tmp_path / "new.json"), *FAST])
 
     out = capsys.readouterr().out
-    for name in [*OPS, *PROVIDERS]:
-        assert name in out
-    assert "liger_kernel.transformers.functional  [unavailable: needs CUDA]" in out
-    assert "default suite on cpu: --op rms_norm layer_norm --dtype fp32" in out
-    assert list(tmp_path.iterdir()) == []
+    assert f"compared with {old}" in out
+    assert "WARNING: different devices" in out
+    normlayers_line = next(line for line in out.splitlines() if "normlayers" in line and "slower" in line)
+    torch_line = next(line for line in out.splitlines() if " torch " in line and "faster" in line)
+    assert "rms_norm" in normlayers_line and "rms_norm" in torch_line
+    assert "1 normlayers result(s) slower by more than 10%" in out
+    assert code == 1
+
+
+def test_compare_verdicts_use_the_p20_p80_ranges():
+    new = BenchResult("rms_norm", "row_norms", "fp32", "fwd", "4x64", "torch", "ok", median_ms=1.0, p20_ms=0.9,
+                      p80_ms=1.1)
+    overlapping = {**_old_result("torch", 1.05), "p20_ms": 1.0, "p80_ms": 1.2}
+    (same,) = compare([overlapping], [new])
+    assert same.verdict == "same" and same.speedup == pytest.approx(1.05)
+    (slower,) = compare([_old_result("torch", 0.5)], [new])
+    assert slower.verdict == "slower"
+    assert regressions([slower], "torch", 50) == [slower] and regressions([slower], "torch", 150) == []
+    assert compare([_old_result("normlayers", 1.0)], [new]) == []  # no match: another provider
+    assert isinstance(slower, Comparison)
+
+
+def test_plot_and_explicit_output_paths_and_progress_on_a_tty(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    fake_tty = io.StringIO()
+    fake_tty.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", fake_tty)
+    out_dir = tmp_path / "default-dir"
+    code = cli.main(["--op", "rms_norm", "--shapes", "4x64,8x64", "--dtype", "fp32", "--mode", "fwd", "--providers",
+                     "normlayers,torch", "--plot", str(tmp_path / "plot.png"), "--output", str(tmp_path / "r.csv"),
+                     "--out", str(out_dir), *FAST])
+
+    assert code == 0
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "r.csv").exists() and not (tmp_path / "r.json").exists()
+    assert not out_dir.exists()  # --output given: nothing in the default directory
+    assert "[2/2] rms_norm fp32 fwd 8x64" in fake_tty.getvalue()
+    assert "[2/2]" not in capsys.readouterr().out
+
+
+def test_no_progress_with_quiet_or_without_a_tty(tmp_path, monkeypatch, capsys):
+    fake_tty = io.StringIO()
+    fake_tty.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", fake_tty)
+    assert cli.main(["--op", "rms_norm", "--shapes", "4x64", "--mode", "fwd", "--providers", "torch", "--quiet",
+                     "--out", str(tmp_path), *FAST]) == 0
+    assert fake_tty.getvalue() == ""
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "matplotlib_missing", lambda: True)
+    with pytest.raises(SystemExit) as exc_info:
+        cli.main(["--plot", "x.png", "--device", "cpu"])
+    assert exc_info.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments, suites, listings
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--op", "group_norm"], "invalid choice: 'group_norm'"),
-    (["--shapes", "4096by8192"], "bad shape '4096by8192': expected ROWSxCOLS"),
-    (["--shapes", "0x64"], "bad shape '0x64'"),
-    (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+    (["--op", "group_norm"], "--op: unknown op 'group_norm'; choose from: batch_channel_norm,"),
+    (["--op", "rms_norm", "--shapes", "4096by8192"], "bad shape '4096by8192' for rms_norm: expected MxN"),
+    (["--op", "rms_norm", "--shapes", "0x64"], "bad shape '0x64' for rms_norm"),
+    (["--op", "batch_channel_norm", "--shapes", "64x64"],
+     "bad shape '64x64' for batch_channel_norm: expected NxCxHxW (batch x channels x height x width)"),
+    (["--op", "evo_norm2d_s0", "--shapes", "2x48x4x4"], "C = 48 must be a multiple of the 32 groups"),
+    (["--op", "rms_norm,weight_standardize", "--shapes", "4x64"], "bad shape '4x64' for weight_standardize"),
+    (["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'; choose from: fp32, fp16, bf16"),
+    (["--mode", "forward"], "--mode: unknown mode 'forward'"),
+    (["--providers", "triton"], "--providers: unknown provider 'triton'"),
     (["--rep-ms", "-1"], "expected a positive number of milliseconds"),
+    (["--fail-if-regression", "5"], "--fail-if-regression needs --compare"),
+    (["--compare", "/nonexistent/old.json"], "--compare: cannot read /nonexistent/old.json"),
+    (["--suite", "nope"], "invalid choice: 'nope'"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(args, message, capsys):
     with pytest.raises(SystemExit) as exc_info:
@@ -178,28 +368,127 @@ def test_bad_arguments_exit_with_a_clear_message(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_parse_shape():
-    assert cli.parse_shape("4096x8192") == (4096, 8192)
-    assert cli.parse_shape("1X7") == (1, 7)
+def test_dtype_not_supported_on_the_device_is_refused(monkeypatch, capsys):
+    # A pre-Ampere GPU, faked: the check runs before anything touches the device.
+    monkeypatch.setattr(cli, "_resolve_device", lambda parser, choice: torch.device("cuda", 0))
+    monkeypatch.setattr(cli, "device_name", lambda device: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    with pytest.raises(SystemExit) as exc_info:
+        cli.main(["--op", "rms_norm", "--dtype", "fp32,bf16"])
+
+    assert exc_info.value.code == 2
+    assert "--dtype: bf16 is not supported on Tesla V100-SXM2-16GB" in capsys.readouterr().err
+    assert cli.unsupported_dtype_reason("fp16", torch.device("cpu")) is None
+    assert cli.unsupported_dtype_reason("bf16", torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize("op, mode, expected", [
+def _plan(*args: str):
+    parser = cli.build_parser()
+    return cli._plan(parser, parser.parse_args([*args, "--device", "cpu"]), torch.device("cpu"))
+
+
+def test_suites_and_overrides_resolve_to_cases():
+    default = _plan()
+    assert default.suite == "default"
+    assert {c.op.name for c in default.cases} == set(SUITES["default"].ops)
+    assert {c.shape_text for c in default.cases} == \
+        {s for shapes in SUITES["default"].shapes["cpu"].values() for s in shapes}
+
+    cnn = _plan("--suite", "cnn_norms", "--mode", "fwd")
+    ws_shapes = {c.shape for c in cnn.cases if c.op.name == "weight_standardize"}
+    assert ws_shapes == set(OPS["weight_standardize"].default_shapes["cpu"])
+    assert {c.mode for c in cnn.cases} == {"fwd"}
+
+    custom = _plan("--op", "layer_norm", "rms_norm,crms_norm", "--dtype", "bf16")
+    assert custom.suite == "custom"
+    assert list(dict.fromkeys(c.op.name for c in custom.cases)) == ["layer_norm", "rms_norm", "crms_norm"]
+    assert {c.shape for c in custom.cases} == set(OPS["rms_norm"].default_shapes["cpu"])
+    assert {c.dtype for c in custom.cases} == {torch.bfloat16}
+
+
+def test_listings_print_and_write_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--list", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for name in [*OPS, *PROVIDERS, *SUITES]:
+        assert name in out
+    assert "liger_kernel.transformers.functional  [unavailable: needs CUDA]" in out
+    assert list(tmp_path.iterdir()) == []
+
+    assert cli.main(["--list-ops", "--device", "cpu"]) == 0
+    ops_out = capsys.readouterr().out
+    assert "weight_standardize  [cnn_norms]  OxIxKHxKW" in ops_out and "providers:" not in ops_out
+    assert cli.main(["--list-providers", "--device", "cpu"]) == 0
+    assert "torch_compile" in capsys.readouterr().out
+    assert cli.main(["--list-suites", "--device", "cpu"]) == 0
+    assert "cnn_norms: " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Byte model, timer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op, mode, shape, expected", [
     # read x + write y (4·64 fp32 each) + read weight (64 fp32)
-    ("rms_norm", "fwd", (2 * 4 * 64 + 64) * 4),
+    ("rms_norm", "fwd", (4, 64), (2 * 4 * 64 + 64) * 4),
     # read x, dy; write dx; read weight; write dweight; read rstd (4 rows, fp32)
-    ("rms_norm", "bwd", (3 * 4 * 64 + 2 * 64) * 4 + 4 * 4),
+    ("rms_norm", "bwd", (4, 64), (3 * 4 * 64 + 2 * 64) * 4 + 4 * 4),
     # forward: x, residual, y, h + weight, bias; write mean, rstd; backward: h, dy, dh, dx + weight, dweight, dbias;
     # read mean, rstd
-    ("add_layer_norm", "fwd_bwd", (4 * 4 * 64 + 2 * 64) * 4 + 2 * 4 * 4 + (4 * 4 * 64 + 3 * 64) * 4 + 2 * 4 * 4),
+    ("add_layer_norm", "fwd_bwd", (4, 64),
+     (4 * 4 * 64 + 2 * 64) * 4 + 2 * 4 * 4 + (4 * 4 * 64 + 3 * 64) * 4 + 2 * 4 * 4),
+    # eval: read x, write y (2·32·3·3 each); running mean/var, bn weight/bias (32 each); group weight, bias (32)
+    ("batch_channel_norm", "fwd", (2, 32, 3, 3), (2 * 2 * 32 * 9 + 4 * 32 + 2 * 32) * 4),
+    # read weight, write the standardized weight; training adds mean and rstd per filter (fp32)
+    ("weight_standardize", "fwd", (8, 4, 3, 3), 2 * 8 * 4 * 9 * 4),
 ])
-def test_byte_model(op, mode, expected):
-    assert ideal_bytes(OPS[op], mode, 4, 64, torch.float32) == expected
-    assert ideal_bytes(OPS[op], mode, 4, 64, torch.bfloat16) < expected
+def test_byte_model(op, mode, shape, expected):
+    assert ideal_bytes(OPS[op], mode, shape, torch.float32) == expected
+    assert ideal_bytes(OPS[op], mode, shape, torch.bfloat16) < expected
+
+
+def test_evo_b_running_var_counts_as_fp32_in_every_dtype():
+    op, shape = OPS["evo_norm2d_b1"], (2, 32, 3, 3)
+    # read x + write y at 2 bytes, weight/bias at 2 bytes, running_var at 4 bytes
+    assert ideal_bytes(op, "fwd", shape, torch.bfloat16) == 2 * (2 * 2 * 32 * 9) + 2 * 2 * 32 + 4 * 32
+
+
+def test_cpu_timer_runs_at_the_real_thread_count_with_untimed_setup():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch.utils.benchmark.Timer's own default would be 1
+    try:
+        seen, setups = [], []
+        call = timing.TimedCall(run=lambda: seen.append(torch.get_num_threads()), setup=lambda: setups.append(1))
+        times = timing.CpuTimer().times_ms(call, 4)
+    finally:
+        torch.set_num_threads(before)
+    assert len(times) == 4 and all(t > 0 for t in times)
+    assert set(seen) == {2} and len(setups) == 4 * 2  # one setup for the warmup calls, one for the timed call
+
+
+def test_bwd_call_runs_one_forward_per_backward():
+    op = OPS["rms_norm"]
+    inputs = op.inputs((4, 64), torch.float32, torch.device("cpu"), training=True)
+    forwards = []
+
+    def counted(*args):
+        forwards.append(1)
+        return op.reference(*args)
+
+    call = timed_call(counted, inputs, "bwd")
+    call.prepare()
+    call.run()
+    call.run()  # nothing prepared: runs its own forward (the CPU timer's untimed warmup calls do this)
+    assert len(forwards) == 2
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "normlayers.bench", "--list", "--device", "cpu"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    # The package under test, whichever checkout that is (a relative PYTHONPATH would not survive the cwd change).
+    source_root = str(Path(normlayers.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source_root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "normlayers.bench", "--list-providers", "--device", "cpu"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
 
     assert done.returncode == 0, done.stderr
     assert "providers:" in done.stdout

@@ -1,186 +1,157 @@
-"""The row-norm ops the benchmark knows: their arguments, their inputs, and their ideal memory traffic.
+"""What the benchmark knows about an op: its shapes, its inputs, its implementations and its ideal memory traffic.
 
-Every provider is called through one signature, :data:`RowNormFn`: ``fn(x, residual, weight, bias)`` returning
-``(y,)`` for a plain norm or ``(y, h)`` for a fused residual add (``h = x + residual``, the pre-norm residual stream).
-``residual`` is ``None`` for plain norms and ``bias`` is ``None`` except for LayerNorm.
+An :class:`Op` is everything the runner needs to benchmark one function of :mod:`normlayers.functional`:
+
+* a :class:`ShapeKind` that parses and formats the ``--shapes`` of the op (``MxN`` rows, ``NxCxHxW`` activations,
+  ``OxIxKHxKW`` conv weights, ...), and the default shapes per device type;
+* ``make_inputs``, which builds an :class:`OpInputs`: the positional arguments of one call (tensors, buffers and
+  Python values), which arguments get gradients and the output gradients, and which buffers a training call updates;
+* its implementations, all called as ``fn(*inputs.args)`` and returning a tensor or a tuple of tensors named by
+  ``output_names``: the eager reference (the ground truth, run in fp64), ``normlayers.functional``, and torch's own
+  ops when torch has the op (``native``), plus peer libraries (``peers``, loaded only when used);
+* a byte model: the tensors an ideal kernel reads and writes once (:class:`Transfer`), per mode.
+
+Modes: ``fwd`` is inference (eval: running statistics read, not updated; no autograd graph); ``fwd_bwd`` is a
+training forward (batch statistics, running statistics updated, statistics saved for backward) and its backward;
+``bwd`` is that backward alone, of an untimed training forward.
+
+The families live in one module each, named ``*_ops`` (:mod:`.row_ops`, :mod:`.cnn_ops`), each exporting ``OPS``, a
+tuple of :class:`Op`; :data:`OPS` collects them from every such module of this package. benchmarks/README.md says how
+to add one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable, Optional
+import importlib
+import math
+import pkgutil
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from normlayers.reference import row_norms as reference
-
 __all__ = [
+    "FAMILY_MODULES",
     "MODES",
     "OPS",
-    "RowNormFn",
-    "RowNormInputs",
-    "RowNormOp",
+    "Op",
+    "OpFn",
+    "OpInputs",
+    "RandomInputs",
+    "Shape",
+    "ShapeKind",
     "Transfer",
     "compute_results",
     "ideal_bytes",
-    "make_inputs",
-    "reference_fn",
     "traffic",
     "traffic_formula",
 ]
 
-RowNormFn = Callable[[Tensor, Optional[Tensor], Tensor, Optional[Tensor]], tuple[Tensor, ...]]
-
 MODES = ("fwd", "bwd", "fwd_bwd")
 
-LAYER_NORM_EPS = 1e-5
-RMS_NORM_EPS = 1e-6  # Llama's value; used for RMSNorm and CRMSNorm alike
+Shape = tuple[int, ...]
+OpFn = Callable[..., Union[Tensor, tuple[Tensor, ...]]]
 
-_STATS_BY_KIND = {"layer": ("mean", "rstd"), "rms": ("rstd",), "crms": ("rstd", "sum_x")}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class RowNormOp:
-    """One benchmarked op: a norm ``kind`` (``"layer"``, ``"rms"``, ``"crms"``), optionally fused with a residual
-    add. ``name`` is the ``normlayers.functional`` function that implements it."""
+class ShapeKind:
+    """The form of an op's shapes: named dims (``("M", "N")``) written ``MxN`` on the command line."""
 
     name: str
-    kind: str
-    fused_add: bool
+    dims: tuple[str, ...]
+    meaning: str  # what the dims are, for error messages and --list-ops
+    example: str
 
     @property
-    def has_bias(self) -> bool:
-        return self.kind == "layer"
+    def form(self) -> str:
+        return "x".join(self.dims)
 
-    @property
-    def eps(self) -> float:
-        return LAYER_NORM_EPS if self.kind == "layer" else RMS_NORM_EPS
+    def parse(self, text: str) -> Shape:
+        """``"4096x8192"`` → ``(4096, 8192)``; a :class:`ValueError` saying the expected form otherwise."""
+        parts = text.strip().lower().split("x")
+        if not all(re.fullmatch(r"\d+", p) for p in parts) or len(parts) != len(self.dims) \
+                or any(int(p) == 0 for p in parts):
+            raise ValueError(f"expected {self.form} ({self.meaning}) with {len(self.dims)} positive integers, "
+                             f"e.g. {self.example}")
+        return tuple(int(p) for p in parts)
 
-    @property
-    def saved_stats(self) -> tuple[str, ...]:
-        """The fp32 per-row statistics a fused kernel keeps for the backward pass."""
-        return _STATS_BY_KIND[self.kind]
+    def format(self, shape: Shape) -> str:
+        return "x".join(str(d) for d in shape)
 
-    def param_args(self, weight: Tensor, bias: Optional[Tensor]) -> tuple:
-        """The arguments after ``normalized_shape`` in the ``torch.nn.functional`` order: ``(weight, bias, eps)``
-        for LayerNorm, ``(weight, eps)`` otherwise."""
-        return (weight, bias, self.eps) if self.has_bias else (weight, self.eps)
+    def sizes(self, shape: Shape) -> dict[str, int]:
+        return dict(zip(self.dims, shape))
 
 
-OPS: dict[str, RowNormOp] = {
-    op.name: op
-    for op in (
-        RowNormOp("layer_norm", "layer", fused_add=False),
-        RowNormOp("rms_norm", "rms", fused_add=False),
-        RowNormOp("crms_norm", "crms", fused_add=False),
-        RowNormOp("add_layer_norm", "layer", fused_add=True),
-        RowNormOp("add_rms_norm", "rms", fused_add=True),
-        RowNormOp("add_crms_norm", "crms", fused_add=True),
-    )
-}
+ROWS = ShapeKind("rows", ("M", "N"), "rows x normalized width", "4096x4096")
+NCHW = ShapeKind("nchw", ("N", "C", "H", "W"), "batch x channels x height x width", "8x256x56x56")
+CONV_WEIGHT = ShapeKind("conv_weight", ("O", "I", "KH", "KW"),
+                        "out channels x in channels x kernel height x kernel width", "256x256x3x3")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Inputs and results
+# Inputs
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class RowNormInputs:
-    """The tensors of one benchmark case. ``grad_outputs`` holds ``dy`` (and ``dh`` for a fused add, the gradient the
-    next block sends back along the residual stream)."""
+class OpInputs:
+    """The arguments of one call, ``fn(*args)``.
 
-    x: Tensor
-    residual: Optional[Tensor]
-    weight: Tensor
-    bias: Optional[Tensor]
-    grad_outputs: tuple[Tensor, ...]
+    ``grads`` maps the name of each gradient (``"dx"``, ``"dweight"``, ...) to the index of its tensor in ``args``;
+    ``grad_outputs`` are the gradients of the outputs for the backward; ``state`` maps the buffers a training call
+    updates in place (``"running_var"``) to their index, so that their new values are checked too.
+    """
 
-    @property
-    def args(self) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-        return self.x, self.residual, self.weight, self.bias
+    args: tuple
+    grads: Mapping[str, int] = field(default_factory=dict)
+    grad_outputs: tuple[Tensor, ...] = ()
+    state: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def grad_targets(self) -> dict[str, Tensor]:
         """The differentiable inputs, keyed by the name of their gradient."""
-        named = {"dx": self.x, "dresidual": self.residual, "dweight": self.weight, "dbias": self.bias}
-        return {name: t for name, t in named.items() if t is not None}
+        return {name: self.args[i] for name, i in self.grads.items()}
 
-    def to(self, dtype: torch.dtype) -> RowNormInputs:
-        """Copies in ``dtype`` (new leaves, same ``requires_grad``), e.g. fp64 copies for the reference."""
+    def to(self, dtype: Optional[torch.dtype] = None) -> OpInputs:
+        """Copies of every floating tensor (buffers included) in ``dtype`` (``None``: each keeps its own), new leaves
+        with the same ``requires_grad``: fp64 copies for the reference, and a fresh copy per provider, since a training
+        call changes the running statistics."""
 
-        def convert(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+        def convert(value: object) -> object:
+            if not isinstance(value, Tensor):
+                return value
+            copy = value.detach().to(dtype if value.is_floating_point() and dtype is not None else value.dtype,
+                                     copy=True)
+            return copy.requires_grad_(value.requires_grad)
 
-        return replace(self, x=convert(self.x), residual=convert(self.residual), weight=convert(self.weight),
-                       bias=convert(self.bias), grad_outputs=tuple(convert(g) for g in self.grad_outputs))
-
-
-def make_inputs(op: RowNormOp, dtype: torch.dtype, rows: int, cols: int, device: torch.device,
-                requires_grad: bool, seed: int = 0) -> RowNormInputs:
-    """Random inputs of shape ``(rows, cols)``: ``x``, ``residual``, ``dy``, ``dh`` ~ N(0, 1),
-    ``weight`` ~ 1 + 0.1·N(0, 1), ``bias`` ~ 0.1·N(0, 1), all in ``dtype`` (the parameters too, as after
-    ``module.to(dtype)``)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
-        t = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32) * scale + shift
-        return t.to(dtype).requires_grad_(requires_grad)
-
-    x = randn(rows, cols)
-    residual = randn(rows, cols) if op.fused_add else None
-    weight = randn(cols, scale=0.1, shift=1.0)
-    bias = randn(cols, scale=0.1) if op.has_bias else None
-    n_outputs = 2 if op.fused_add else 1
-    grad_outputs = tuple(randn(rows, cols).detach() for _ in range(n_outputs))
-    return RowNormInputs(x, residual, weight, bias, grad_outputs)
+        return OpInputs(tuple(convert(a) for a in self.args), self.grads,
+                        tuple(convert(g) for g in self.grad_outputs), self.state)
 
 
-def _output_names(op: RowNormOp) -> tuple[str, ...]:
-    return ("y", "h") if op.fused_add else ("y",)
+class RandomInputs:
+    """Seeded random tensors on one device, created in fp32 and rounded to their dtype (so that every dtype sees the
+    same values up to rounding)."""
 
+    def __init__(self, device: torch.device, dtype: torch.dtype, training: bool, seed: int) -> None:
+        self.device, self.dtype, self.training = device, dtype, training
+        self._generator = torch.Generator(device=device).manual_seed(seed)
 
-def compute_results(op: RowNormOp, fn: RowNormFn, inputs: RowNormInputs, mode: str) -> dict[str, Tensor]:
-    """Run ``fn`` once, untimed: its outputs, and for ``bwd``/``fwd_bwd`` also the gradients of every differentiable
-    input (for ``grad_outputs``), keyed by name (``y``, ``h``, ``dx``, ``dresidual``, ``dweight``, ``dbias``)."""
-    outputs = fn(*inputs.args)
-    results = dict(zip(_output_names(op), outputs))
-    if mode != "fwd":
-        targets = inputs.grad_targets
-        grads = torch.autograd.grad(outputs, tuple(targets.values()), inputs.grad_outputs)
-        results.update(zip(targets.keys(), grads))
-    return {name: t.detach() for name, t in results.items()}
+    def normal(self, *shape: int, scale: float = 1.0, shift: float = 0.0, grad: bool = False,
+               dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``shift + scale·N(0, 1)``; ``grad``: a leaf that requires grad in training."""
+        t = torch.randn(*shape, generator=self._generator, device=self.device, dtype=torch.float32) * scale + shift
+        return t.to(dtype or self.dtype).requires_grad_(grad and self.training)
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The reference, as one RowNormFn
-# ----------------------------------------------------------------------------------------------------------------------
-
-_REFERENCE_NORMS = {"layer": reference.layer_norm, "rms": reference.rms_norm, "crms": reference.crms_norm}
-
-
-def reference_residual_add(x: Tensor, residual: Tensor) -> Tensor:
-    """``x + residual`` as the reference computes it (opmath, rounded to the residual's dtype)."""
-    return reference.residual_add(x, residual, residual.dtype)
-
-
-def compose(op: RowNormOp, norm: Callable[..., Tensor],
-            residual_add: Callable[[Tensor, Tensor], Tensor] = torch.add) -> RowNormFn:
-    """An unfused :data:`RowNormFn` from a norm with the ``torch.nn.functional`` signature
-    ``norm(h, normalized_shape, weight, [bias,] eps)`` and, for a fused-add op, a separate ``residual_add``."""
-
-    def run(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, ...]:
-        h = residual_add(x, residual) if op.fused_add else x
-        y = norm(h, (h.shape[-1],), *op.param_args(weight, bias))
-        return (y, h) if op.fused_add else (y,)
-
-    return run
-
-
-def reference_fn(op: RowNormOp) -> RowNormFn:
-    """The plain-PyTorch reference of ``op`` (``normlayers.reference.row_norms``)."""
-    return compose(op, _REFERENCE_NORMS[op.kind], reference_residual_add)
+    def grad_outputs(self, *shapes: Shape) -> tuple[Tensor, ...]:
+        """N(0, 1) gradients for outputs of ``shapes`` (empty in inference)."""
+        return tuple(self.normal(*s) for s in shapes) if self.training else ()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -190,72 +161,144 @@ def reference_fn(op: RowNormOp) -> RowNormFn:
 
 @dataclass(frozen=True)
 class Transfer:
-    """One tensor an ideal kernel must read or write once. ``extent`` is ``"MxN"`` (a row tensor), ``"N"`` (a
-    parameter) or ``"M"`` (a per-row statistic, always fp32)."""
+    """One tensor an ideal kernel reads or writes once. ``extent`` is a product of dim names (``"MxN"``, ``"C"``,
+    ``"NxG"``); ``fp32`` marks statistics and buffers kept in fp32 whatever the benchmark dtype."""
 
     direction: str
     tensor: str
     extent: str
+    fp32: bool = False
 
-    def nbytes(self, rows: int, cols: int, itemsize: int) -> int:
-        elements = {"MxN": rows * cols, "N": cols, "M": rows}[self.extent]
-        return elements * (4 if self.extent == "M" else itemsize)
+    def nbytes(self, sizes: Mapping[str, int], itemsize: int) -> int:
+        elements = math.prod(sizes[d] for d in self.extent.split("x"))
+        return elements * (4 if self.fp32 else itemsize)
 
     def __str__(self) -> str:
-        return f"{self.direction} {self.tensor}[{self.extent}{', fp32' if self.extent == 'M' else ''}]"
+        return f"{self.direction} {self.tensor}[{self.extent}{', fp32' if self.fp32 else ''}]"
 
 
-def _forward_traffic(op: RowNormOp, store_stats: bool) -> list[Transfer]:
-    transfers = [Transfer("read", "x", "MxN")]
-    if op.fused_add:
-        transfers.append(Transfer("read", "residual", "MxN"))
-    transfers.append(Transfer("read", "weight", "N"))
-    if op.has_bias:
-        transfers.append(Transfer("read", "bias", "N"))
-    transfers.append(Transfer("write", "y", "MxN"))
-    if op.fused_add:
-        transfers.append(Transfer("write", "h", "MxN"))
-    if store_stats:
-        transfers += [Transfer("write", stat, "M") for stat in op.saved_stats]
-    return transfers
+def read(tensor: str, extent: str, fp32: bool = False) -> Transfer:
+    return Transfer("read", tensor, extent, fp32)
 
 
-def _backward_traffic(op: RowNormOp) -> list[Transfer]:
-    transfers = [Transfer("read", "h" if op.fused_add else "x", "MxN"), Transfer("read", "dy", "MxN")]
-    if op.fused_add:
-        transfers.append(Transfer("read", "dh", "MxN"))
-    transfers.append(Transfer("read", "weight", "N"))
-    transfers += [Transfer("read", stat, "M") for stat in op.saved_stats]
-    # For a fused add, dx and dresidual are the same values: a kernel writes them once and returns them twice.
-    transfers.append(Transfer("write", "dx(=dresidual)" if op.fused_add else "dx", "MxN"))
-    transfers.append(Transfer("write", "dweight", "N"))
-    if op.has_bias:
-        transfers.append(Transfer("write", "dbias", "N"))
-    return transfers
+def write(tensor: str, extent: str, fp32: bool = False) -> Transfer:
+    return Transfer("write", tensor, extent, fp32)
 
 
-def traffic(op: RowNormOp, mode: str) -> list[Transfer]:
-    """The minimum memory traffic of ``op`` in ``mode``.
+# ----------------------------------------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------------------------------------
 
-    ``fwd`` is inference (no statistics stored); ``bwd`` reads the statistics the training forward stored;
-    ``fwd_bwd`` is the training forward (which writes them) plus ``bwd``. Partial dW/dB buffers of a multi-program
-    reduction are implementation overhead and not counted.
+
+@dataclass(frozen=True)
+class Op:
+    """One benchmarked function of :mod:`normlayers.functional` (see the module docstring).
+
+    ``forward_traffic(training)`` and ``backward_traffic()`` are the byte model: the inference forward, the training
+    forward (which also updates running statistics and stores what its backward reads), and the backward.
+    ``extra_sizes(shape)`` adds dims the shape does not name (e.g. ``G``, the group count); ``check_shape(shape)``
+    returns why the op cannot take a well-formed shape (e.g. channels not divisible by the groups), or ``None``.
     """
+
+    name: str
+    family: str
+    shape_kind: ShapeKind
+    default_shapes: Mapping[str, tuple[Shape, ...]]  # by device type: "cuda", "cpu"
+    make_inputs: Callable[[Shape, RandomInputs], OpInputs]
+    output_names: tuple[str, ...]
+    reference: OpFn
+    normlayers: OpFn
+    forward_traffic: Callable[[bool], list[Transfer]]
+    backward_traffic: Callable[[], list[Transfer]]
+    native: Optional[OpFn] = None  # torch's own ops; None: the torch provider runs the eager reference
+    native_note: str = ""  # what the torch provider's row should say (e.g. "unfused add")
+    has_kernels: bool = True  # False: normlayers runs plain PyTorch on every device
+    peers: Mapping[str, Callable[[], OpFn]] = field(default_factory=dict)  # provider name -> builder
+    extra_sizes: Callable[[Shape], dict[str, int]] = lambda shape: {}
+    check_shape: Callable[[Shape], Optional[str]] = lambda shape: None
+
+    def parse_shape(self, text: str) -> Shape:
+        """A ``--shapes`` entry for this op; a :class:`ValueError` naming the op and the expected form otherwise."""
+        try:
+            shape = self.shape_kind.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"bad shape {text!r} for {self.name}: {exc}") from None
+        problem = self.check_shape(shape)
+        if problem is not None:
+            raise ValueError(f"bad shape {text!r} for {self.name}: {problem}")
+        return shape
+
+    def inputs(self, shape: Shape, dtype: torch.dtype, device: torch.device, training: bool,
+               seed: int = 0) -> OpInputs:
+        return self.make_inputs(shape, RandomInputs(device, dtype, training, seed))
+
+    def sizes(self, shape: Shape) -> dict[str, int]:
+        return {**self.shape_kind.sizes(shape), **self.extra_sizes(shape)}
+
+
+def compute_results(op: Op, fn: OpFn, inputs: OpInputs, mode: str) -> dict[str, Tensor]:
+    """Run ``fn`` once, untimed: its outputs and, in training modes (``bwd``, ``fwd_bwd``), the gradients of every
+    differentiable input for ``grad_outputs`` and the updated buffers, keyed by name (``y``, ``dx``,
+    ``running_var``)."""
+    outputs = fn(*inputs.args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    results = dict(zip(op.output_names, outputs))
+    if mode != "fwd":
+        targets = inputs.grad_targets
+        grads = torch.autograd.grad(outputs, tuple(targets.values()), inputs.grad_outputs)
+        results.update(zip(targets.keys(), grads))
+        results.update({name: inputs.args[i] for name, i in inputs.state.items()})
+    return {name: t.detach().clone() for name, t in results.items()}
+
+
+def traffic(op: Op, mode: str) -> list[Transfer]:
+    """The minimum memory traffic of ``op`` in ``mode``: ``fwd`` the inference forward, ``bwd`` the backward,
+    ``fwd_bwd`` the training forward plus the backward. Partial sums of multi-program reductions (e.g. per-block dW)
+    are implementation overhead and not counted; see benchmarks/README.md for what "ideal" means for ops whose
+    statistics span the whole batch."""
     if mode == "fwd":
-        return _forward_traffic(op, store_stats=False)
+        return op.forward_traffic(False)
     if mode == "bwd":
-        return _backward_traffic(op)
+        return op.backward_traffic()
     if mode == "fwd_bwd":
-        return _forward_traffic(op, store_stats=True) + _backward_traffic(op)
+        return op.forward_traffic(True) + op.backward_traffic()
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def ideal_bytes(op: RowNormOp, mode: str, rows: int, cols: int, dtype: torch.dtype) -> int:
-    """Bytes an ideal kernel moves for ``op`` in ``mode`` on an ``(rows, cols)`` input of ``dtype``."""
+def ideal_bytes(op: Op, mode: str, shape: Shape, dtype: torch.dtype) -> int:
+    """Bytes an ideal kernel moves for ``op`` in ``mode`` on ``shape`` in ``dtype``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(t.nbytes(rows, cols, itemsize) for t in traffic(op, mode))
+    sizes = op.sizes(shape)
+    return sum(t.nbytes(sizes, itemsize) for t in traffic(op, mode))
 
 
-def traffic_formula(op: RowNormOp, mode: str) -> str:
-    """The byte model of ``op`` in ``mode`` in words, e.g. ``"read x[MxN] + read weight[N] + write y[MxN]"``."""
+def traffic_formula(op: Op, mode: str) -> str:
+    """The byte model in words, e.g. ``"read x[MxN] + read weight[N] + write y[MxN]"``."""
     return " + ".join(str(t) for t in traffic(op, mode))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _family_modules() -> tuple[str, ...]:
+    """Every module of this package named ``*_ops``, in name order: a new family is a new file and nothing else."""
+    package = importlib.import_module("normlayers.bench")
+    return tuple(sorted(f"normlayers.bench.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+                        if m.name.endswith("_ops")))
+
+
+def _collect(modules: Sequence[str]) -> dict[str, Op]:
+    ops: dict[str, Op] = {}
+    for module_name in modules:
+        for op in importlib.import_module(module_name).OPS:
+            if op.name in ops:
+                raise RuntimeError(f"op {op.name!r} is registered twice ({module_name})")
+            ops[op.name] = op
+    return ops
+
+
+# One module per family, each with ``OPS: tuple[Op, ...]``. They import the names above from this (partly
+# initialized) module, which is why this comes last.
+FAMILY_MODULES: tuple[str, ...] = _family_modules()
+OPS: dict[str, Op] = _collect(FAMILY_MODULES)

@@ -17,7 +17,8 @@ import torch
 
 from normlayers.bench.runner import BenchResult
 
-__all__ = ["collect_metadata", "device_name", "format_case_table", "output_stem", "write_results"]
+__all__ = ["CSV_FIELDS", "RESULT_FIELDS", "collect_metadata", "device_name", "format_case_table", "free_paths",
+           "output_stem", "write_csv", "write_json"]
 
 RESULT_FIELDS = [f.name for f in dataclasses.fields(BenchResult)]
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -92,39 +93,40 @@ def collect_metadata(device: torch.device, copy_gbps: float, copy_bytes: int, ti
     return metadata
 
 
-def output_stem(device: torch.device, date: datetime.date) -> str:
-    """``<date>_<device>_row_norms``, e.g. ``2026-11-24_cpu_row_norms`` or ``..._nvidia-h100-80gb-hbm3_row_norms``."""
+def output_stem(device: torch.device, date: datetime.date, suite: str) -> str:
+    """``<date>_<device>_<suite>``, e.g. ``2026-11-24_cpu_default`` or ``..._nvidia-h100-80gb-hbm3_row_norms``."""
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-    return f"{date.isoformat()}_{slug}_row_norms"
+    return f"{date.isoformat()}_{slug}_{suite}"
 
 
-def _free_path(directory: Path, stem: str, suffixes: Sequence[str]) -> str:
-    """``stem``, or ``stem-2``, ``stem-3``, ... so that no earlier result file is overwritten."""
+def free_paths(directory: Path, stem: str, suffixes: Sequence[str]) -> list[Path]:
+    """``directory/<stem><suffix>`` for each suffix, with ``stem-2``, ``stem-3``, ... so that no earlier result file is
+    overwritten."""
     candidate, n = stem, 1
     while any((directory / f"{candidate}{s}").exists() for s in suffixes):
         n += 1
         candidate = f"{stem}-{n}"
-    return candidate
+    return [directory / f"{candidate}{s}" for s in suffixes]
 
 
-def write_results(directory: Path, stem: str, metadata: dict, results: Sequence[BenchResult]) -> tuple[Path, Path]:
-    """Write ``<stem>.csv`` (one row per result) and ``<stem>.json`` (metadata + results) under ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = _free_path(directory, stem, (".csv", ".json"))
-    csv_path, json_path = directory / f"{stem}.csv", directory / f"{stem}.json"
-    _write_csv(csv_path, results)
-    _write_json(json_path, metadata, results)
-    return csv_path, json_path
+# The environment repeated on every CSV row, so that CSVs of several runs can be concatenated (as Liger's are).
+CSV_ENVIRONMENT = ("device_name", "torch", "triton", "normlayers", "git_sha", "date")
+CSV_FIELDS = RESULT_FIELDS + list(CSV_ENVIRONMENT)
 
 
-def _write_csv(path: Path, results: Sequence[BenchResult]) -> None:
+def write_csv(path: Path, metadata: dict, results: Sequence[BenchResult]) -> None:
+    """Long format: one row per (op, dtype, mode, shape, provider), every metric a column, plus the environment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    environment = {key: metadata.get(key) for key in CSV_ENVIRONMENT}
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(dataclasses.asdict(r) for r in results)
+        writer.writerows({**dataclasses.asdict(r), **environment} for r in results)
 
 
-def _write_json(path: Path, metadata: dict, results: Sequence[BenchResult]) -> None:
+def write_json(path: Path, metadata: dict, results: Sequence[BenchResult]) -> None:
+    """``{"metadata": {...}, "results": [...]}``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     document = {"metadata": metadata, "results": [dataclasses.asdict(r) for r in results]}
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
 
@@ -143,18 +145,22 @@ def _table_row(r: BenchResult) -> list[str]:
     error = "-" if r.max_abs_err is None else f"{r.max_abs_err:.1e} ({r.err_tensor} <= {r.err_bound:.1e})"
     speedup = _number(r.speedup_vs_torch, ".2f") + ("x" if r.speedup_vs_torch is not None else "")
     return [r.provider, _number(r.median_ms, ".4g"), spread, _number(r.gbps, ".1f"), _number(r.pct_of_copy, ".0f"),
-            error, speedup, r.status, r.note]
+            _number(r.peak_mem_mib, ".1f"), _number(r.compile_s, ".2f"), error, speedup, r.status, r.note]
 
 
-_HEADER = ["provider", "median ms", "p20-p80 ms", "GB/s", "% copy", "max err (worst <= bound)", "vs torch", "status",
-           "note"]
+_HEADER = ["provider", "median ms", "p20-p80 ms", "GB/s", "% copy", "peak MiB", "compile s", "max err (worst <= bound)",
+           "vs torch", "status", "note"]
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
+    """An aligned text table."""
+    rows = [list(header), *map(list, rows)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def format_case_table(results: Sequence[BenchResult]) -> str:
     """The results of one case as an aligned text table under a title line."""
     first = results[0]
-    rows = [_HEADER] + [_table_row(r) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     title = f"{first.op}  {first.dtype}  {first.mode}  {first.shape}"
-    return "\n".join([title, *("  " + line for line in lines)])
+    return title + "\n" + format_table(_HEADER, [_table_row(r) for r in results])

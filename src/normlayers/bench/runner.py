@@ -8,12 +8,11 @@ from typing import Optional, Sequence
 import torch
 
 from normlayers.bench.accuracy import check_errors, error_bounds
-from normlayers.bench.ops import RowNormFn, RowNormInputs, RowNormOp, compute_results, ideal_bytes, make_inputs, \
-    reference_fn
+from normlayers.bench.ops import Op, OpFn, OpInputs, Shape, compute_results, ideal_bytes
 from normlayers.bench.providers import Provider, UnsupportedOp
-from normlayers.bench.timing import TimedCall, Timer, measure
+from normlayers.bench.timing import TimedCall, Timer, first_call_seconds, measure, peak_memory_bytes
 
-__all__ = ["BASELINE_PROVIDER", "BenchResult", "Case", "RunSettings", "run_case"]
+__all__ = ["BASELINE_PROVIDER", "BenchResult", "Case", "RunSettings", "run_case", "timed_call"]
 
 BASELINE_PROVIDER = "torch"  # speed-ups are reported against this provider
 MAX_REASON_CHARS = 200
@@ -23,16 +22,15 @@ MAX_REASON_CHARS = 200
 class Case:
     """One point of the benchmark grid."""
 
-    op: RowNormOp
+    op: Op
     dtype_name: str
     dtype: torch.dtype
     mode: str
-    rows: int
-    cols: int
+    shape: Shape
 
     @property
-    def shape(self) -> str:
-        return f"{self.rows}x{self.cols}"
+    def shape_text(self) -> str:
+        return self.op.shape_kind.format(self.shape)
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,12 @@ class RunSettings:
 @dataclass
 class BenchResult:
     """One row of the results. ``status`` is ``ok``, ``WRONG`` (error above the bound: timed, but no speed-up
-    reported), ``failed`` (raised; ``note`` says why) or ``unsupported`` (the provider has no such op)."""
+    reported), ``failed`` (raised; ``note`` says why) or ``unsupported`` (the provider has no such op).
+    ``compile_s`` is the first call's time for providers that compile on it; ``peak_mem_mib`` the memory one call
+    allocates beyond its inputs (CUDA only)."""
 
     op: str
+    family: str
     dtype: str
     mode: str
     shape: str
@@ -64,6 +65,8 @@ class BenchResult:
     reps: Optional[int] = None
     gbps: Optional[float] = None
     pct_of_copy: Optional[float] = None
+    peak_mem_mib: Optional[float] = None
+    compile_s: Optional[float] = None
     max_abs_err: Optional[float] = None
     err_bound: Optional[float] = None
     err_tensor: Optional[str] = None
@@ -71,17 +74,23 @@ class BenchResult:
     note: str = ""
 
 
-def timed_call(fn: RowNormFn, inputs: RowNormInputs, mode: str) -> TimedCall:
+def timed_call(fn: OpFn, inputs: OpInputs, mode: str) -> TimedCall:
     """The call to time. ``fwd``: the forward on inputs that do not require grad (no autograd graph, no saved
-    statistics). ``bwd``: the backward alone, each time of a fresh training forward run untimed just before it.
-    ``fwd_bwd``: forward then backward. Gradients are returned, never accumulated into ``.grad``."""
+    statistics). ``bwd``: the backward alone, of a training forward run untimed in the setup just before it (a call
+    with no forward waiting, such as the CPU timer's untimed warmup calls, runs its own). ``fwd_bwd``: forward then
+    backward. Gradients are returned, never accumulated into ``.grad``; no graph is retained (``torch.compile``'s
+    backward refuses ``retain_graph``)."""
     targets = tuple(inputs.grad_targets.values())
     if mode == "fwd":
         return TimedCall(lambda: fn(*inputs.args))
     if mode == "bwd":
-        pending: list[tuple] = []  # the outputs of the untimed forward, consumed by the timed backward
-        return TimedCall(run=lambda: torch.autograd.grad(pending.pop(), targets, inputs.grad_outputs),
-                         setup=lambda: pending.append(fn(*inputs.args)))
+        pending: list = []  # outputs of untimed forwards, each consumed by one backward
+
+        def backward() -> tuple:
+            outputs = pending.pop() if pending else fn(*inputs.args)
+            return torch.autograd.grad(outputs, targets, inputs.grad_outputs)
+
+        return TimedCall(run=backward, setup=lambda: pending.append(fn(*inputs.args)))
     return TimedCall(lambda: torch.autograd.grad(fn(*inputs.args), targets, inputs.grad_outputs))
 
 
@@ -90,31 +99,40 @@ def _short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:MAX_REASON_CHARS]
 
 
-def _run_provider(case: Case, provider: Provider, inputs: RowNormInputs, expected: dict, bounds: dict,
+def _run_provider(case: Case, provider: Provider, inputs: OpInputs, expected: dict, bounds: dict,
                   settings: RunSettings) -> BenchResult:
-    result = BenchResult(case.op.name, case.dtype_name, case.mode, case.shape, provider.name, status="ok",
-                         note=provider.note(case.op, settings.device))
+    result = BenchResult(case.op.name, case.op.family, case.dtype_name, case.mode, case.shape_text, provider.name,
+                         status="ok")
     try:
+        result.note = provider.note(case.op, settings.device)
         fn = provider.build(case.op)
-        errors = check_errors(compute_results(case.op, fn, inputs, case.mode), expected, bounds)
-        stats = measure(timed_call(fn, inputs, case.mode), settings.timer, settings.warmup_ms, settings.rep_ms)
+        inputs = inputs.to()  # its own buffers: a training call updates the running statistics
+        actual, first_s = first_call_seconds(settings.device, lambda: compute_results(case.op, fn, inputs, case.mode))
+        errors = check_errors(actual, expected, bounds)
+        call = timed_call(fn, inputs, case.mode)
+        stats = measure(call, settings.timer, settings.warmup_ms, settings.rep_ms)
+        peak = peak_memory_bytes(settings.device, call)
     except UnsupportedOp as exc:
         result.status, result.note = "unsupported", str(exc)
         return result
-    except Exception as exc:  # a provider that breaks (import, compile, run) is reported, the run goes on
+    except Exception as exc:  # a provider that breaks (import, compile, run, OOM) is reported, the run goes on
         result.status, result.note = "failed", _short_reason(exc)
         return result
-    gbps = ideal_bytes(case.op, case.mode, case.rows, case.cols, case.dtype) / (stats.median_ms * 1e-3) / 1e9
+    gbps = ideal_bytes(case.op, case.mode, case.shape, case.dtype) / (stats.median_ms * 1e-3) / 1e9
     result.status = "ok" if errors.within_bound else "WRONG"
     result.median_ms, result.p20_ms, result.p80_ms = stats.median_ms, stats.p20_ms, stats.p80_ms
     result.reps = stats.reps
     result.gbps, result.pct_of_copy = gbps, 100 * gbps / settings.copy_gbps
+    result.peak_mem_mib = None if peak is None else peak / 2**20
+    result.compile_s = first_s if provider.compiles(case.op, settings.device) else None
     result.max_abs_err, result.err_bound, result.err_tensor = errors.max_abs_error, errors.bound, errors.tensor
     return result
 
 
 def _add_speedups(results: list[BenchResult]) -> None:
-    baseline = next((r for r in results if r.provider == BASELINE_PROVIDER and r.status == "ok"), None)
+    # The baseline is what a user would otherwise run, so it counts even when it is itself out of tolerance (as
+    # torch's two-op BatchChannelNorm is in bf16): a correct provider's speed-up over it stays meaningful.
+    baseline = next((r for r in results if r.provider == BASELINE_PROVIDER and r.median_ms is not None), None)
     if baseline is None:
         return
     for r in results:
@@ -123,13 +141,11 @@ def _add_speedups(results: list[BenchResult]) -> None:
 
 
 def run_case(case: Case, providers: Sequence[Provider], settings: RunSettings) -> list[BenchResult]:
-    """Benchmark ``case`` for each provider: check its outputs (and gradients) against the fp64 reference, then time
-    it; finally the speed-ups against the ``torch`` provider (for correct results only)."""
-    inputs = make_inputs(case.op, case.dtype, case.rows, case.cols, settings.device,
-                         requires_grad=case.mode != "fwd")
-    reference = reference_fn(case.op)
-    expected = compute_results(case.op, reference, inputs.to(torch.float64), case.mode)
-    bounds = error_bounds(compute_results(case.op, reference, inputs, case.mode), expected, case.dtype)
+    """Benchmark ``case`` for each provider: check its outputs, gradients and updated buffers against the fp64
+    reference, then time it; finally the speed-ups against the ``torch`` provider's time (for correct results only)."""
+    inputs = case.op.inputs(case.shape, case.dtype, settings.device, training=case.mode != "fwd")
+    expected = compute_results(case.op, case.op.reference, inputs.to(torch.float64), case.mode)
+    bounds = error_bounds(compute_results(case.op, case.op.reference, inputs.to(), case.mode), expected, case.dtype)
     results = [_run_provider(case, provider, inputs, expected, bounds, settings) for provider in providers]
     _add_speedups(results)
     return results

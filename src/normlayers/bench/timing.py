@@ -1,5 +1,11 @@
-"""Timing: per-call times from CUDA events (L2 flushed before each call) or ``time.perf_counter`` on CPU, summarized
-as median and p20/p80, and the device's measured copy bandwidth (the practical roofline)."""
+"""Timing: per-call times from CUDA events (L2 flushed before each call) or ``torch.utils.benchmark.Timer`` on CPU,
+summarized as median and p20/p80; the first call's time (compilation); peak memory; and the device's measured copy
+bandwidth (the practical roofline).
+
+Why not ``triton.testing.do_bench`` on CUDA: it is the same method (CUDA events per call, a 256 MiB L2 flush before
+each, quantiles of the per-call times), but it has no untimed per-call setup, and the ``bwd`` mode needs one — a
+fresh training forward before each timed backward. :class:`CudaEventTimer` is that method with the setup hook.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 import torch
+import torch.utils.benchmark
 
-__all__ = ["CpuTimer", "CudaEventTimer", "TimedCall", "Timer", "TimingStats", "make_timer", "measure",
-           "measure_copy_bandwidth"]
+__all__ = ["CpuTimer", "CudaEventTimer", "TimedCall", "Timer", "TimingStats", "first_call_seconds", "make_timer",
+           "measure", "measure_copy_bandwidth", "peak_memory_bytes"]
 
 MIN_REPS = 10
 MAX_REPS = 10_000
@@ -42,19 +49,19 @@ class Timer(Protocol):
 
 
 class CpuTimer:
-    """``time.perf_counter`` around each call. Caches are not flushed: on CPU the numbers are a smoke test, not a
-    roofline measurement."""
+    """``torch.utils.benchmark.Timer`` at the process's thread count (its own default is one thread), one
+    ``timeit(number=1)`` per call so that every call's time is kept and ``setup`` runs untimed before it. Each
+    ``timeit`` first runs the statement twice untimed (torch's warmup), so a timed call costs three (the ``bwd``
+    call runs its own forward when the setup's has been used: see :func:`~normlayers.bench.runner.timed_call`).
+    Caches are not flushed: on CPU the numbers are a smoke test, not a roofline measurement."""
 
-    description = "time.perf_counter per call, no cache flush"
+    description = "torch.utils.benchmark.Timer, timeit(number=1) per call, no cache flush"
 
     def times_ms(self, call: TimedCall, reps: int) -> list[float]:
-        times = []
-        for _ in range(reps):
-            call.prepare()
-            start = time.perf_counter()
-            call.run()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+        timer = torch.utils.benchmark.Timer(stmt="run()", setup="prepare()",
+                                            globals={"run": call.run, "prepare": call.prepare},
+                                            num_threads=torch.get_num_threads())
+        return [timer.timeit(number=1).median * 1e3 for _ in range(reps)]
 
 
 class CudaEventTimer:
@@ -102,10 +109,11 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def measure(call: TimedCall, timer: Timer, warmup_ms: float, rep_ms: float) -> TimingStats:
-    """Time ``call``: a short estimate, ``warmup_ms`` of untimed calls, then about ``rep_ms`` of timed calls (at least
-    ``MIN_REPS``, at most ``MAX_REPS``)."""
+    """Time ``call``: a short estimate (which also warms up), ``warmup_ms`` of untimed calls (none for 0), then about
+    ``rep_ms`` of timed calls (at least ``MIN_REPS``, at most ``MAX_REPS``)."""
     estimate_ms = max(sorted(timer.times_ms(call, ESTIMATE_REPS))[ESTIMATE_REPS // 2], 1e-4)
-    timer.times_ms(call, max(1, math.ceil(warmup_ms / estimate_ms)))
+    if warmup_ms > 0:
+        timer.times_ms(call, math.ceil(warmup_ms / estimate_ms))
     reps = min(MAX_REPS, max(MIN_REPS, math.ceil(rep_ms / estimate_ms)))
     times = sorted(timer.times_ms(call, reps))
     return TimingStats(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), reps)
@@ -118,3 +126,33 @@ def measure_copy_bandwidth(device: torch.device, timer: Timer, warmup_ms: float,
     dst = torch.empty_like(src)
     stats = measure(TimedCall(lambda: dst.copy_(src)), timer, warmup_ms, rep_ms)
     return 2 * nbytes / (stats.median_ms * 1e-3) / 1e9, nbytes
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_call_seconds(device: torch.device, call: Callable[[], object]) -> tuple[object, float]:
+    """``call()``'s result and its wall time in seconds, device work included: for a function that compiles on its
+    first call (``torch.compile``, a Triton JIT) that is the compile time, or the time to load it from the cache."""
+    _synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def peak_memory_bytes(device: torch.device, call: TimedCall) -> Optional[int]:
+    """The most memory one ``call.run()`` allocates on top of what is allocated before it (its inputs, and for
+    ``bwd`` the saved tensors of the setup's forward): ``torch.cuda.max_memory_allocated`` during the call minus
+    ``memory_allocated`` before. ``None`` on CPU, where torch keeps no allocator statistics."""
+    if device.type != "cuda":
+        return None
+    call.prepare()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call.run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before

@@ -1,0 +1,52 @@
+"""Named benchmark suites (``normlayers-bench --suite NAME``), shipped in the package so that pip users have them.
+
+A suite fixes the ops, dtypes, modes and shapes of a run per device type; options given on the command line override
+its fields. ``default`` is what ``normlayers-bench`` runs with no arguments; on a CPU it finishes in well under two
+minutes (the README's first command).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+__all__ = ["BUDGETS_MS", "SUITES", "Suite"]
+
+# (warmup, timed) milliseconds per call site, by device type: triton.testing.do_bench's defaults on CUDA; on CPU no
+# separate warmup, since torch.utils.benchmark.Timer runs two untimed calls before each timed one.
+BUDGETS_MS: Mapping[str, tuple[float, float]] = {"cuda": (25.0, 100.0), "cpu": (0.0, 20.0)}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """``dtypes`` by device type; ``shapes`` by device type, then by shape kind (``"rows"``, ``"nchw"``,
+    ``"conv_weight"``): an op whose kind has no entry runs at its own default shapes."""
+
+    name: str
+    description: str
+    ops: tuple[str, ...]
+    modes: tuple[str, ...]
+    dtypes: Mapping[str, tuple[str, ...]]
+    shapes: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+
+
+_ROW_NORMS = ("layer_norm", "rms_norm", "crms_norm", "add_layer_norm", "add_rms_norm", "add_crms_norm")
+_EVO_NORMS = tuple(f"evo_norm2d_{v}" for v in ("b0", "b1", "b2", "s0", "s0a", "s1", "s1a", "s2", "s2a"))
+_HEADLINE_DTYPES = {"cuda": ("bf16",), "cpu": ("fp32",)}
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite("default", "a first look: RMSNorm, LayerNorm and BatchChannelNorm, inference and training",
+              ops=("rms_norm", "layer_norm", "batch_channel_norm"), modes=("fwd", "fwd_bwd"),
+              dtypes=_HEADLINE_DTYPES,
+              shapes={"cpu": {"rows": ("256x1024",), "nchw": ("4x64x16x16",)}}),
+        Suite("row_norms", "the six row norms over transformer widths (kernel_performance_anchors.md §8(b))",
+              ops=_ROW_NORMS, modes=("fwd", "bwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES,
+              shapes={"cuda": {"rows": ("4096x512", "4096x1024", "4096x2048", "4096x4096", "4096x5120", "4096x8192",
+                                        "4096x16384", "16384x4096", "32768x4096")}}),
+        Suite("cnn_norms", "BatchChannelNorm, the EvoNorms and weight standardization at ResNet-50 shapes",
+              ops=("batch_channel_norm", *_EVO_NORMS, "weight_standardize"), modes=("fwd", "fwd_bwd"),
+              dtypes=_HEADLINE_DTYPES),
+    )
+}
