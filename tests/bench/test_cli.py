@@ -26,7 +26,8 @@ from normlayers.bench.suites import SUITES
 
 from .conftest import FAST
 
-TINY_SHAPES = {"rows": "3x40", "nchw": "2x32x3x3", "conv_weight": "4x3x3x3"}
+TINY_SHAPES = {"rows": "3x40", "nchw": "2x32x3x3", "conv_weight": "4x3x3x3", "tokens_tbc": "6x3x8",
+               "tokens_bnc": "3x6x8", "spd": "5x3"}
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[int, list[dict], dict]:

@@ -93,6 +93,10 @@ ROWS = ShapeKind("rows", ("M", "N"), "rows x normalized width", "4096x4096")
 NCHW = ShapeKind("nchw", ("N", "C", "H", "W"), "batch x channels x height x width", "8x256x56x56")
 CONV_WEIGHT = ShapeKind("conv_weight", ("O", "I", "KH", "KW"),
                         "out channels x in channels x kernel height x kernel width", "256x256x3x3")
+TOKENS_TBC = ShapeKind("tokens_tbc", ("T", "B", "C"), "time x batch x channels (fairseq's time-major layout)",
+                       "512x32x1024")
+TOKENS_BNC = ShapeKind("tokens_bnc", ("B", "L", "C"), "batch x tokens x channels", "32x512x1024")
+SPD_MATRICES = ShapeKind("spd", ("B", "N"), "batch x matrix size (B SPD matrices of N x N)", "256x32")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,17 +172,23 @@ class Transfer:
     tensor: str
     extent: str
     fp32: bool = False
+    mask: bool = False  # a bool mask: one byte per element whatever the benchmark dtype
 
     def nbytes(self, sizes: Mapping[str, int], itemsize: int) -> int:
         elements = math.prod(sizes[d] for d in self.extent.split("x"))
-        return elements * (4 if self.fp32 else itemsize)
+        return elements * (4 if self.fp32 else 1 if self.mask else itemsize)
 
     def __str__(self) -> str:
-        return f"{self.direction} {self.tensor}[{self.extent}{', fp32' if self.fp32 else ''}]"
+        kind = ", fp32" if self.fp32 else ", bool" if self.mask else ""
+        return f"{self.direction} {self.tensor}[{self.extent}{kind}]"
 
 
 def read(tensor: str, extent: str, fp32: bool = False) -> Transfer:
     return Transfer("read", tensor, extent, fp32)
+
+
+def read_mask(tensor: str, extent: str) -> Transfer:
+    return Transfer("read", tensor, extent, mask=True)
 
 
 def write(tensor: str, extent: str, fp32: bool = False) -> Transfer:
