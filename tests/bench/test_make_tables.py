@@ -90,3 +90,8 @@ def test_bad_marker_key_is_an_error(tmp_path, results_dir, capsys):
         make_tables.main(["--results", str(results_dir), str(doc)])
     assert exc_info.value.code == 2
     assert "bad bench-table key 'op=rms_norm'" in capsys.readouterr().err
+
+
+def test_the_repository_tables_are_up_to_date():
+    # README.md and docs/*.md against the committed benchmarks/results/: regenerate with benchmarks/make_tables.py.
+    assert make_tables.main(["--check"]) == 0
