@@ -81,6 +81,19 @@ def _strides(t3: torch.Tensor) -> tuple[int, int, int]:
 
 
 @triton.jit
+def plane_block(P, BLOCK_P: tl.constexpr):
+    """This program's ``BLOCK_P`` planes (int64 indices, program ``program_id(0)``) and which of them exist."""
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return planes, planes < P
+
+
+@triton.jit
+def load_plane_values(PTR, base, hw, stride_hw, mask, COMPUTE: tl.constexpr):
+    """The values at spatial positions ``hw`` of planes starting at ``base`` (zero outside ``mask``), in ``COMPUTE``."""
+    return tl.load(PTR + base[:, None] + hw[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
 def _plane_offsets(planes, C, stride_n, stride_c):
     """Offset of each plane's first value: plane p is (sample p // C, channel p % C)."""
     return (planes // C) * stride_n + (planes % C) * stride_c
@@ -91,8 +104,7 @@ def plane_moments_fwd_kernel(
     X, MEAN, VAR, P, C, HW, stride_n, stride_c, stride_hw,
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_mask = planes < P
+    planes, plane_mask = plane_block(P, BLOCK_P)
     base = _plane_offsets(planes, C, stride_n, stride_c)
     offsets = tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (offsets < HW)[None, :]
@@ -121,8 +133,7 @@ def plane_moments_bwd_kernel(
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     # Grid: (plane blocks, HW chunks). dx = dmean/HW + dvar·2(x − mean)/HW.
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_mask = planes < P
+    planes, plane_mask = plane_block(P, BLOCK_P)
     hw = (tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW))
     mask = plane_mask[:, None] & (hw < HW)[None, :]
     count = tl.cast(HW, COMPUTE)
@@ -131,7 +142,7 @@ def plane_moments_bwd_kernel(
         dx += (tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count)[:, None]
     if HAS_DVAR:
         x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
-        x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+        x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
         mean = tl.load(MEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE)
         dvar = tl.load(DVAR + planes, mask=plane_mask, other=0.0).to(COMPUTE)
         dx += (x - mean[:, None]) * (2.0 * dvar / count)[:, None]
@@ -147,12 +158,11 @@ def plane_affine_fwd_kernel(
 ):
     # Grid: (plane blocks, HW chunks). y = (x − M[plane])·A[plane] + B[plane]. With REGIONS == 2 (RegionNorm) the
     # coefficients are (P, 2), region 0 where HOLE is nonzero and region 1 elsewhere; HOLE is ignored otherwise.
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_mask = planes < P
+    planes, plane_mask = plane_block(P, BLOCK_P)
     hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (hw < HW)[None, :]
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
-    x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+    x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
     a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     b = tl.load(B + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
@@ -177,8 +187,7 @@ def plane_affine_bwd_kernel(
 ):
     # Each program owns BLOCK_P planes and walks their HW values: dx = dy·A, dA = Σ dy·(x − M), dB = Σ dy. With
     # REGIONS == 2, each sum runs over its region's values only and dx takes the region's A.
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_mask = planes < P
+    planes, plane_mask = plane_block(P, BLOCK_P)
     offsets = tl.arange(0, BLOCK_HW)
     dy_base = _plane_offsets(planes, C, stride_dyn, stride_dyc)
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
@@ -197,8 +206,8 @@ def plane_affine_bwd_kernel(
     for start in range(0, HW, BLOCK_HW):
         hw = (start + offsets).to(tl.int64)
         mask = plane_mask[:, None] & (hw < HW)[None, :]
-        dy = tl.load(DY + dy_base[:, None] + hw[None, :] * stride_dyhw, mask=mask, other=0.0).to(COMPUTE)
-        x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+        dy = load_plane_values(DY, dy_base, hw, stride_dyhw, mask, COMPUTE)
+        x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
         if REGIONS == 2:
             hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
             tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw,

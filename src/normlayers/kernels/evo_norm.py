@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlayers.kernels.channel_stats import _plane_offsets, _planes, _strides, _tile
+from normlayers.kernels.channel_stats import _plane_offsets, _planes, _strides, _tile, load_plane_values, plane_block
 from normlayers.kernels.common import compute_dtype, num_warps_for, tl_compute_dtype
 
 MODE_SWISH = 0
@@ -56,12 +56,11 @@ def evo_plane_fwd_kernel(
     MODE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     # Grid: (plane blocks, HW chunks).
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_mask = planes < P
+    planes, plane_mask = plane_block(P, BLOCK_P)
     hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (hw < HW)[None, :]
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
-    x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+    x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
     slope = tl.load(SLOPE + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
     scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
     shift = tl.load(SHIFT + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
@@ -83,8 +82,7 @@ def evo_plane_bwd_kernel(
 ):
     # Each program owns BLOCK_P planes and walks their HW values, keeping per-lane partial sums of the coefficient
     # gradients (reduced once at the end). Masked lanes are zeroed with tl.where: a padded lane may divide by zero.
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_mask = planes < P
+    planes, plane_mask = plane_block(P, BLOCK_P)
     offsets = tl.arange(0, BLOCK_HW)
     dy_base = _plane_offsets(planes, C, stride_dyn, stride_dyc)
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
@@ -102,8 +100,8 @@ def evo_plane_bwd_kernel(
     for start in range(0, HW, BLOCK_HW):
         hw = (start + offsets).to(tl.int64)
         mask = plane_mask[:, None] & (hw < HW)[None, :]
-        dy = tl.load(DY + dy_base[:, None] + hw[None, :] * stride_dyhw, mask=mask, other=0.0).to(COMPUTE)
-        x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+        dy = load_plane_values(DY, dy_base, hw, stride_dyhw, mask, COMPUTE)
+        x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
         df = dy * scale
         dshift += dy
         if MODE == 0:

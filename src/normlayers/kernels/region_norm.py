@@ -26,7 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from normlayers.kernels.channel_stats import _hole_planes, _plane_offsets, _planes, _strides, _tile
+from normlayers.kernels.channel_stats import (
+    _hole_planes,
+    _plane_offsets,
+    _planes,
+    _strides,
+    _tile,
+    load_plane_values,
+    plane_block,
+)
 from normlayers.kernels.common import compute_dtype, num_warps_for, tl_compute_dtype
 
 
@@ -41,7 +49,7 @@ def _load_pair(PTR, planes, plane_mask, COMPUTE: tl.constexpr):
 @triton.jit
 def _load_chunk(X, HOLE, x_base, hole_base, hw, mask, stride_xhw, stride_hhw, COMPUTE: tl.constexpr):
     """One chunk of values and their region: ``(x, hole, valid)``, both regions false outside ``mask``."""
-    x = tl.load(X + x_base[:, None] + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(COMPUTE)
+    x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
     hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
     return x, hole, mask & (hole == 0)
 
@@ -52,8 +60,7 @@ def region_moments_fwd_kernel(
     stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw,
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_mask = planes < P
+    planes, plane_mask = plane_block(P, BLOCK_P)
     offsets = tl.arange(0, BLOCK_HW)
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
     hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
@@ -93,8 +100,7 @@ def region_moments_bwd_kernel(
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     # dx = Σ_r w_r·(dfirst_r + 2·dsecond_r·(x − c_r)); dcentre_r = −Σ_hw of the region-r term.
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_mask = planes < P
+    planes, plane_mask = plane_block(P, BLOCK_P)
     offsets = tl.arange(0, BLOCK_HW)
     x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
     hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
