@@ -568,7 +568,7 @@ def test_bad_constructor_arguments():
     for kwargs, match in [({"num_features": 0}, "num_features"), ({"channels": 0}, "channels"),
                           ({"momentum": 1.5}, "momentum"), ({"eps": -1.0}, "eps"), ({"theta": 0.0}, "theta"),
                           ({"variance": "mean"}, "variance"), ({"karcher_steps": -1}, "karcher_steps"),
-                          ({"parametrization": "cayley"}, "parametrization"), ({"sync_stats": True}, "sync_stats")]:
+                          ({"parametrization": "cayley"}, "parametrization")]:
         with pytest.raises(ValueError, match=match):
             normlayers.SPDBatchNorm(**{"num_features": 3, **kwargs})
     with pytest.raises(TypeError, match="compute_dtype"):
