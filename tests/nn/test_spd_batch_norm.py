@@ -532,13 +532,14 @@ def test_training_moves_the_running_mean_on_the_geodesic_and_eval_uses_it():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_compile_fullgraph_matches_eager(training):
+@pytest.mark.parametrize(("training", "channels"), [(True, 2), (False, 2), (True, None)])
+def test_compile_fullgraph_matches_eager(training, channels):
     """eigh and the custom autograd Functions trace into one graph (aot_eager, as the other modules' compile tests);
-    the input-value check is skipped while compiling."""
+    the input-value check is skipped while compiling. ``channels=None``: the pooled layout's 0-d ``running_var``,
+    whose update torch.compile once dropped."""
     torch._dynamo.reset()
-    eager = normlayers.SPDBatchNorm(4, channels=2, theta=0.5, dtype=DOUBLE).train(training)
-    set_spd_(eager, weight=spd_batch(2, n=4), metric=spd_batch(n=4))
+    eager = normlayers.SPDBatchNorm(4, channels=channels, theta=0.5, dtype=DOUBLE).train(training)
+    set_spd_(eager, weight=spd_batch(*([2] if channels else []), n=4), metric=spd_batch(n=4))
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
     x = spd_batch(6, 2, n=4)
