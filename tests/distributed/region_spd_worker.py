@@ -60,6 +60,7 @@ CASES: dict[str, Case] = {
 }
 BACKENDS = ("reference", "triton")
 COMPILED = ("rn_b", "rn_l", "spd")
+EVALUATED = ("rn_b", "spd")  # after training: RN uses local statistics in eval, SPD its (synced) running buffers
 
 
 def _randomized(module: nn.Module) -> nn.Module:
@@ -137,6 +138,12 @@ def run_steps(module: nn.Module, inputs: list[tuple[Tensor, ...]], grads: list[T
     return steps
 
 
+def evaluate(module: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    """The module's eval-mode output on ``inputs`` (after its training steps)."""
+    with torch.no_grad():
+        return module.eval()(*inputs)
+
+
 def main(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results: dict = {}
@@ -146,8 +153,12 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
             for backend_name in BACKENDS if case.kind != "spd" else BACKENDS[:1]:
                 module, inputs, grads = make_case(name)
                 normlayers.convert_sync(module)
+                local_inputs, local_grads = local_rows(rank, name, inputs, grads)
                 with normlayers.backend(backend_name):
-                    results[(backend_name, name)] = run_steps(module, *local_rows(rank, name, inputs, grads))
+                    results[(backend_name, name)] = run_steps(module, local_inputs, local_grads)
+                    if name in EVALUATED:  # no collective in eval: only this rank calls it
+                        results[(backend_name, "eval", name)] = evaluate(module, local_inputs[0]) if rank == 0 \
+                            else None
         # torch.compile(fullgraph=True) of each synced layer: the functional collectives trace.
         for name in COMPILED:
             module, inputs, grads = make_case(name)

@@ -5,7 +5,7 @@ One spawn of two ranks (``region_spd_worker.py``) runs every case: RN-B and RN-L
 backends (the Triton path through the interpreter), uneven batches, an empty rank, a hole region empty on one rank
 and on every rank, the plain and the effective epsilon (whose global counts a local run would get wrong), and
 ``stats="instance"`` (sync a no-op); SPDBatchNorm pooled and per channel, two Karcher steps, both dispersions, an
-empty rank; and a ``torch.compile(fullgraph=True)`` run of each layer. Each must equal the single-process run on the
+empty rank; a ``torch.compile(fullgraph=True)`` run of each layer; and eval calls on one rank (no collective). Each must equal the single-process run on the
 concatenated batch: outputs and input gradients row by row, parameter gradients summed over ranks (what DDP's
 all-reduce averages), running buffers on every rank.
 """
@@ -92,6 +92,18 @@ def test_synced_ranks_equal_one_process_on_the_whole_batch(rank_results, backend
 def test_compiled_synced_layer(rank_results, name):
     per_rank = [results[("compiled", name)] for results in rank_results]
     _check(per_rank, _single_process(name), worker.CASES[name].splits)
+
+
+@pytest.mark.parametrize(("backend_name", "name"), [run for run in _RUNS if run[1] in worker.EVALUATED])
+def test_synced_layer_in_eval_runs_without_collectives(rank_results, backend_name, name):
+    # Only rank 0 ran the eval forward (a collective there would have hung the worker). RegionNorm then uses its
+    # rows' own statistics; SPDBatchNorm the running buffers, which training on the synced ranks made the whole
+    # batch's.
+    module, inputs, grads = worker.make_case(name)
+    with normlayers.backend("reference"):
+        worker.run_steps(module, inputs, grads)
+        expected = worker.evaluate(module, worker.local_rows(0, name, inputs, grads)[0][0])
+    assert_close(rank_results[0][(backend_name, "eval", name)], expected)
 
 
 def test_local_statistics_would_differ(rank_results):
