@@ -30,8 +30,7 @@ def test_probe_records_the_triton_ops_and_nothing_for_torch_only_layers():
     assert evo["sync_stats"] and not evo["fold"]
     ws = support.probe(support.LAYERS["WSConv2d"])
     assert ws["triton_fwd"] == ws["triton_bwd"] == () and ws["fold"] and not ws["sync_stats"]
-    region = support.probe(support.LAYERS["RegionNorm2d"])
-    assert not region["sync_stats"]  # accepted by the constructor, but sync_stats=True raises: not supported
+    assert support.probe(support.LAYERS["RegionNorm2d"])["sync_stats"]
 
 
 def test_matrix_has_a_row_per_layer():

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["MomentSync", "all_gather_with_grad", "convert_sync", "moment_sync", "sync_batch_moments"]
+__all__ = ["MomentSync", "all_gather_with_grad", "all_reduce_sum", "convert_sync", "moment_sync", "sync_batch_moments",
+           "sync_group", "sync_masked_moments"]
 
 # (local mean, local biased var, local count) -> (global mean, global biased var, global count), per channel.
 MomentSync = Callable[[Tensor, Tensor, Union[int, Tensor]], tuple[Tensor, Tensor, Union[int, Tensor]]]
@@ -104,3 +105,40 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
             module.sync_stats = True
             module.process_group = process_group
     return model
+
+
+def sync_group(sync_stats: bool, process_group: Any, training: bool) -> Optional[Any]:
+    """The process group a norm should sync over now, or ``None`` for local statistics (the rule of
+    :func:`moment_sync`), for layers that exchange something other than one set of per-channel moments."""
+    if moment_sync(sync_stats, process_group, training) is None:
+        return None
+    return process_group if process_group is not None else dist.group.WORLD
+
+
+def sync_masked_moments(mean: Tensor, var: Tensor, count: Tensor, group: Any = None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """Combine moments over masked subsets across the ranks of ``group`` (Chan's formula), where a subset may be
+    empty on some ranks **or on all of them** (RegionNorm's regions).
+
+    ``mean``, ``var`` (biased) and ``count`` have one shape (any), one entry per statistic; where ``count`` is 0 the
+    local ``mean``/``var`` are ignored. Returns the global ``(mean, var, count)``; where the global count is 0 the mean
+    and variance are 0, with finite gradients (the denominator is clamped to 1, the official ``S[S==0] = 1``), unlike
+    :func:`sync_batch_moments`, whose ``0/0`` there would put NaN into the backward. Differentiable like it.
+    """
+    has_values = count > 0
+    local_mean = torch.where(has_values, mean, torch.zeros_like(mean))
+    local_m2 = torch.where(has_values, var * count, torch.zeros_like(var))
+    counts, means, m2s = all_gather_with_grad(torch.stack([count.to(mean.dtype), local_mean, local_m2]),
+                                              group).unbind(1)
+    total = counts.sum(0)
+    denominator = total.clamp_min(1)
+    global_mean = (counts * means).sum(0) / denominator
+    global_m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)
+    return global_mean, global_m2 / denominator, total
+
+
+def all_reduce_sum(t: Tensor, group: Any = None) -> Tensor:
+    """``t`` summed over the ranks of ``group`` (a functional collective: traceable), without gradient — for
+    statistics that the layer detaches (SPDBatchNorm's barycenter and dispersion)."""
+    with torch.no_grad():
+        return _all_reduce_sum(t.contiguous(), group if group is not None else dist.group.WORLD)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from normlayers.backend import use_triton
-from normlayers.distributed import MomentSync, moment_sync
+from normlayers.distributed import MomentSync, all_reduce_sum, moment_sync, sync_group, sync_masked_moments
 from normlayers.ops import channel_stats as _ops_channel
 from normlayers.ops import evo_norm as _ops_evo
 from normlayers.ops import region_norm as _ops_region
@@ -970,7 +970,7 @@ def _spd_check_matrices(input: Tensor) -> None:
 def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                                weight: Optional[Tensor], metric: Optional[Tensor], shift: Optional[Tensor],
                                training: bool, momentum: float, eps: float, theta: float, variance: str,
-                               karcher_steps: int, compute_dtype: Optional[torch.dtype]) -> bool:
+                               karcher_steps: int, compute_dtype: Optional[torch.dtype], synced: bool) -> bool:
     """Validates the arguments of :func:`spd_batch_norm`; returns whether the state is per channel."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -1012,7 +1012,8 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
     if running_mean is None and not training:
         raise ValueError("running_mean and running_var are required in eval mode (training=False)")
     samples = input.numel() // (n * n * (input.shape[-3] if per_channel else 1)) if input.numel() else 0
-    if training and samples < 2:
+    # With synced statistics only the global count matters, and reading it would be a host sync: not checked.
+    if training and samples < 2 and not synced:
         raise ValueError(f"Expected more than 1 matrix per statistics group when training (input of shape "
                          f"{list(input.shape)}): the batch dispersion of one matrix is 0; use eval mode")
     _check_unit_interval("momentum", momentum)
@@ -1034,7 +1035,8 @@ def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
                    weight: Optional[Tensor] = None, metric: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                    training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *, theta: float = 1.0,
                    variance: str = "frechet", karcher_steps: int = 1, reference_roundtrip: bool = False,
-                   compute_dtype: Optional[torch.dtype] = torch.float64) -> Tensor:
+                   compute_dtype: Optional[torch.dtype] = torch.float64, sync_stats: bool = False,
+                   process_group: Optional[Any] = None) -> Tensor:
     r"""SPD batch normalization under the (θ, M)-Generalized Bures–Wasserstein geometry (GBWBN; spec
     ``spd_gbw_batchnorm.md`` §3.2). In the deformed coordinates :math:`\tilde X = M^{-1/2} X^\theta M^{-1/2}`:
 
@@ -1064,17 +1066,24 @@ def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
         reference_roundtrip: reproduce the authors' Exp_I/Log_I round trip (spec §2.3). Default: ``False``.
         compute_dtype: the dtype of the per-sample eigendecompositions; ``None`` is the input's. Parameter-side and
             statistics-side ones are always float64. The output has the input's dtype. Default: ``torch.float64``.
+        sync_stats, process_group: in training, with ``torch.distributed`` initialized and more than one rank in
+            ``process_group`` (``None``: the world), the barycenter and the dispersion are the global batch's: the
+            batch sums of the barycenter's start and of every fixed-point step, and of the dispersion, are
+            all-reduced and divided by the global count (docs/distributed.md). Default: ``False``, ``None``.
 
     The per-channel layout is inferred from the state's shapes; statistics are detached, as in the authors' code.
     In eager mode the input is checked to be symmetric positive definite (one host sync; skipped under
     ``torch.compile``). Runs the plain-PyTorch reference on every device and backend (there is no Triton path).
     """
+    group = sync_group(sync_stats, process_group, training)
     per_channel = _check_spd_batch_norm_args(input, running_mean, running_var, weight, metric, shift, training,
-                                             momentum, eps, theta, variance, karcher_steps, compute_dtype)
+                                             momentum, eps, theta, variance, karcher_steps, compute_dtype,
+                                             synced=group is not None)
     return _ref_spd.spd_batch_norm(
         input, running_mean, running_var, weight, metric, shift, training=training, momentum=float(momentum),
         eps=float(eps), theta=float(theta), variance=variance, karcher_steps=int(karcher_steps),
-        reference_roundtrip=bool(reference_roundtrip), per_channel=per_channel, compute_dtype=compute_dtype)
+        reference_roundtrip=bool(reference_roundtrip), per_channel=per_channel, compute_dtype=compute_dtype,
+        sum_over_ranks=None if group is None else lambda t: all_reduce_sum(t, group))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1141,7 +1150,8 @@ def _check_region_params(input: Tensor, params: dict[str, Optional[Tensor]]) -> 
 def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = None,
                 foreground_beta: Optional[Tensor] = None, background_gamma: Optional[Tensor] = None,
                 background_beta: Optional[Tensor] = None, eps: float = 1e-5, stats: str = "batch", *,
-                eps_mode: Optional[str] = None, affine: str = "masked") -> Tensor:
+                eps_mode: Optional[str] = None, affine: str = "masked", sync_stats: bool = False,
+                process_group: Optional[Any] = None) -> Tensor:
     r"""Region Normalization with a given mask, RN-B (Yu et al., AAAI 2020; spec B §3).
 
     Each channel is standardized separately in the hole region (``mask`` nonzero, the authors' "foreground") and in
@@ -1171,6 +1181,12 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
             ``"instance"``.
         affine (keyword-only): how the betas apply, ``"masked"`` or ``"official"`` (see above). Default:
             ``"masked"``.
+        sync_stats, process_group (keyword-only): with ``stats="batch"``, ``torch.distributed`` initialized and more
+            than one rank in ``process_group`` (``None``: the world), the statistics are those of the global batch:
+            every rank's per-(channel, region) ``(count, mean, M2)`` combined with Chan's formula, and the effective
+            epsilon from the global counts (see docs/distributed.md). A no-op with ``stats="instance"``. Unlike the
+            batch norms this functional has no ``training`` flag: it syncs whenever asked (the modules ask only in
+            training). Default: ``False``, ``None``.
     """
     _check_region_input(input, mask)
     _check_region_params(input, {"foreground_gamma": foreground_gamma, "foreground_beta": foreground_beta,
@@ -1179,12 +1195,23 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
     stats = _region_choice("stats", stats, _REGION_STATS)
     eps_mode = _region_eps_mode(eps_mode, stats)
     affine = _region_choice("affine", affine, _REGION_AFFINES)
+    sync = _region_sync(stats, sync_stats, process_group)
     if use_triton(input):
         hole = _ref_region.prepare_mask(mask, input.shape[2:])
         return _region_norm_planes(input, hole, foreground_gamma, foreground_beta, background_gamma,
-                                   background_beta, eps=eps, stats=stats, eps_mode=eps_mode, affine=affine)
+                                   background_beta, eps=eps, stats=stats, eps_mode=eps_mode, affine=affine, sync=sync)
     return _ref_region.region_norm(input, mask, foreground_gamma, foreground_beta, background_gamma, background_beta,
-                                   eps=eps, stats=stats, eps_mode=eps_mode, affine=affine)
+                                   eps=eps, stats=stats, eps_mode=eps_mode, affine=affine, sync=sync)
+
+
+def _region_sync(stats: str, sync_stats: bool, process_group: Optional[Any]
+                 ) -> Optional[_ref_region.MaskedMomentSync]:
+    """The combiner of per-(channel, region) moments over the ranks, or ``None``: per-sample statistics
+    (``stats="instance"``) need none, and the functional syncs whenever asked (the module asks only in training)."""
+    group = sync_group(sync_stats, process_group, True) if stats == "batch" else None
+    if group is None:
+        return None
+    return lambda mean, var, count: sync_masked_moments(mean, var, count, group)
 
 
 def _region_pair(hole: Optional[Tensor], valid: Optional[Tensor], center: Tensor) -> Optional[Tensor]:
@@ -1200,34 +1227,47 @@ def _region_pair(hole: Optional[Tensor], valid: Optional[Tensor], center: Tensor
 def _region_norm_planes(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
                         foreground_beta: Optional[Tensor], background_gamma: Optional[Tensor],
                         background_beta: Optional[Tensor], *, eps: float, stats: str, eps_mode: str,
-                        affine: str) -> Tensor:
+                        affine: str, sync: Optional[_ref_region.MaskedMomentSync] = None) -> Tensor:
     """RN through the Triton ops: two :func:`~normlayers.ops.region_norm.region_moments` passes (sums, then centred
     squares at the means), small ``(N, C, 2)`` torch ops for the statistics (pooled over the batch for
-    ``stats="batch"``), then one fused :func:`~normlayers.ops.region_norm.region_affine` pass. Autograd of the small
-    ops links the backward kernels, so the gradient runs through the region statistics, as the reference's."""
+    ``stats="batch"``, then over the ranks by ``sync``), then one fused
+    :func:`~normlayers.ops.region_norm.region_affine` pass. Autograd of the small ops links the backward kernels, so
+    the gradient runs through the region statistics, as the reference's."""
     n, channels = input.shape[:2]
     opmath = torch.float64 if input.dtype == torch.float64 else torch.float32
     count, first, _ = _ops_region.region_moments(input, hole, input.new_zeros((n, channels, 2), dtype=opmath))
     values = math.prod(input.shape[2:])
     if stats == "batch":
         count, first, values = count.sum(0, keepdim=True), first.sum(0, keepdim=True), values * n
-    count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1 (spec §3.2)
-    center = (first / count).expand(n, channels, 2).contiguous()
-    _, _, second = _ops_region.region_moments(input, hole, center)
+    safe_count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1 (spec §3.2)
+    mean = first / safe_count
+    _, _, second = _ops_region.region_moments(input, hole, mean.expand(n, channels, 2).contiguous())
     if stats == "batch":
         second = second.sum(0, keepdim=True)
-    region_eps = eps * values / count if eps_mode == "official" else eps
-    scale = torch.rsqrt(second / count + region_eps)
+    var = second / safe_count
+    if sync is not None:
+        # This rank's (count, mean, M2) per (channel, region), combined with Chan's formula; the effective epsilon
+        # takes the global counts and V = the global N·H·W (the two regions' counts together).
+        mean, var, count = sync(mean, var, count)
+        values = count.sum(-1, keepdim=True)
+        safe_count = torch.where(count == 0, torch.ones_like(count), count)
+    center = mean.expand(n, channels, 2).contiguous()
+    region_eps = eps * values / safe_count if eps_mode == "official" else eps
+    scale = torch.rsqrt(var + region_eps)
     gamma = _region_pair(foreground_gamma, background_gamma, center)
     if gamma is not None:
         scale = scale * (1 + gamma)
-    beta = _region_pair(foreground_beta, background_beta, center)
-    if beta is None:
+    betas = [beta.to(center.dtype) for beta in (foreground_beta, background_beta) if beta is not None]
+    if not betas:
         shift = torch.zeros_like(center)
     elif affine == "official":
-        shift = beta.sum(-1, keepdim=True).expand(channels, 2)  # both betas at every pixel (spec §3.1)
+        # Both betas at every pixel (spec §3.1), summed from the parameters themselves: the sum over a stacked pair
+        # would backward into stride-0 views of one gradient, which autograd stores as both .grad tensors, so that a
+        # later backward accumulating into them (gradient accumulation) would add twice into one buffer.
+        total = betas[0] if len(betas) == 1 else betas[0] + betas[1]
+        shift = torch.stack([total, total], dim=-1)
     else:
-        shift = beta
+        shift = _region_pair(foreground_beta, background_beta, center)
     return _ops_region.region_affine(input, hole, center, scale.expand(n, channels, 2).contiguous(),
                                      shift.expand(n, channels, 2).contiguous())
 
@@ -1259,7 +1299,8 @@ def _check_learnable_region_args(input: Tensor, conv1_weight: Tensor, gamma_weig
 
 def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
                           beta_weight: Tensor, beta_bias: Optional[Tensor], threshold: float = 0.8,
-                          eps: float = 1e-5, stats: str = "batch", *, eps_mode: Optional[str] = None) -> Tensor:
+                          eps: float = 1e-5, stats: str = "batch", *, eps_mode: Optional[str] = None,
+                          sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
     r"""Learnable Region Normalization, RN-L (Yu et al., AAAI 2020; spec B §3.1, the official ``RN_L``):
 
     .. math::
@@ -1278,19 +1319,23 @@ def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Ten
         beta_weight, beta_bias: ``conv_β``, ``(1, 1, k, k)`` and ``(1,)`` (or ``None``).
         threshold: the region threshold on ``s``. Default: ``0.8``.
         eps, stats, eps_mode: as :func:`region_norm`. Defaults: ``1e-5``, ``"batch"``, ``None``.
+        sync_stats, process_group (keyword-only): global-batch region statistics, as :func:`region_norm`'s (the
+            regions come from each sample's own map, so only the statistics are exchanged). Default: ``False``,
+            ``None``.
     """
     _check_learnable_region_args(input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, threshold)
     eps = _check_region_eps(eps)
     stats = _region_choice("stats", stats, _REGION_STATS)
     eps_mode = _region_eps_mode(eps_mode, stats)
+    sync = _region_sync(stats, sync_stats, process_group)
     if not use_triton(input):
         return _ref_region.learnable_region_norm(input, conv1_weight, gamma_weight, gamma_bias, beta_weight,
                                                  beta_bias, threshold=float(threshold), eps=eps, stats=stats,
-                                                 eps_mode=eps_mode)
+                                                 eps_mode=eps_mode, sync=sync)
     s, gamma, beta = _ref_region.self_aware_affine(input, conv1_weight, gamma_weight, gamma_bias, beta_weight,
                                                    beta_bias)
     r = _region_norm_planes(input, s.detach() >= threshold, None, None, None, None, eps=eps, stats=stats,
-                            eps_mode=eps_mode, affine="masked")
+                            eps_mode=eps_mode, affine="masked", sync=sync)
     return (r * (1 + gamma) + beta).to(input.dtype)
 
 

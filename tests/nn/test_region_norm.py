@@ -176,8 +176,7 @@ def test_extra_repr_names_the_settings():
 def test_bad_constructor_arguments():
     bad_rn_b = [dict(num_features=0), dict(num_features=True), dict(num_features=6, eps=0.0),
                 dict(num_features=6, eps=float("inf")), dict(num_features=6, stats="group"),
-                dict(num_features=6, eps_mode="scaled"), dict(num_features=6, affine="per_pixel"),
-                dict(num_features=6, sync_stats=True)]
+                dict(num_features=6, eps_mode="scaled"), dict(num_features=6, affine="per_pixel")]
     for kwargs in bad_rn_b:
         with pytest.raises(ValueError):
             normlayers.RegionNorm2d(**kwargs)

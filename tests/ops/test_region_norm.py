@@ -145,6 +145,23 @@ def test_region_norm_without_parameters():
     assert_close(our_grads[0], ref_grads[0])
 
 
+@pytest.mark.parametrize("affine", ["masked", "official"])
+def test_gradients_accumulate_over_two_backward_passes(affine):
+    # Gradient accumulation: two backward passes into the same .grad tensors give twice one pass. (The Triton path's
+    # affine="official" once handed both betas aliased views of one gradient, so the second pass added twice.)
+    module = normlayers.RegionNorm2d(3, affine=affine, dtype=torch.float64)
+    with torch.no_grad():
+        for p, value in zip(module.parameters(), _params(3)):
+            p.copy_(value)
+    x, mask = _input((2, 3, 4, 5)), _mask((2, 1, 4, 5))
+    with normlayers.backend("triton"):
+        module(x, mask).square().sum().backward()
+        once = [p.grad.clone() for p in module.parameters()]
+        module(x, mask).square().sum().backward()
+    for p, grad in zip(module.parameters(), once):
+        assert_close(p.grad, 2 * grad)
+
+
 def _closed_form_in(dtype, x, hole, params, *, stats):
     """The closed form (spec §3.2, official affine) with every op in ``dtype``: PyTorch's own low-precision error."""
     dims = (0, 2, 3) if stats == "batch" else (2, 3)

@@ -34,9 +34,7 @@ def _check_num_features(num_features: object) -> int:
     return int(num_features)
 
 
-def _check_options(eps: float, stats: str, eps_mode: Optional[str], sync_stats: bool) -> tuple[float, str, str]:
-    if sync_stats:
-        raise ValueError("sync_stats=True: synchronized batch statistics are not implemented yet (issue 8)")
+def _check_options(eps: float, stats: str, eps_mode: Optional[str]) -> tuple[float, str, str]:
     stats = F._region_choice("stats", stats, F._REGION_STATS)
     return F._check_region_eps(eps), stats, F._region_eps_mode(eps_mode, stats)
 
@@ -57,8 +55,11 @@ _STATS_DOC = """\
 """
 
 _KEYWORD_DOC = """\
-        process_group, sync_stats (keyword-only): reserved for synchronized batch statistics (issue 8);
-            ``sync_stats=True`` raises ``ValueError`` until it is implemented.
+        process_group, sync_stats (keyword-only): with ``sync_stats=True`` and ``stats="batch"``, in training, with
+            ``torch.distributed`` initialized and more than one rank in ``process_group`` (``None``: the world), the
+            region statistics are those of the global batch (docs/distributed.md); in eval, as
+            :class:`torch.nn.SyncBatchNorm` without running statistics, local. A no-op with ``stats="instance"``.
+            Default: ``None``, ``False``.
         device, dtype (keyword-only): factory kwargs for the parameters.
 """
 
@@ -130,9 +131,9 @@ class RegionNorm2d(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         self.num_features = _check_num_features(num_features)
-        self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode, sync_stats)
+        self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode)
         self.affine = None if affine is None else F._region_choice("affine", affine, F._REGION_AFFINES)
-        self.sync_stats = False
+        self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         factory_kwargs = {"device": device, "dtype": dtype}
         if self.affine is not None:
@@ -153,13 +154,14 @@ class RegionNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, stats={self.stats!r}, eps_mode={self.eps_mode!r}, " \
-               f"affine={self.affine!r}"
+               f"affine={self.affine!r}" + (", sync_stats=True" if self.sync_stats else "")
 
     def forward(self, input: Tensor, mask: Tensor) -> Tensor:
         _check_channels(self, input)
         return F.region_norm(input, mask, self.foreground_gamma, self.foreground_beta, self.background_gamma,
                              self.background_beta, self.eps, self.stats, eps_mode=self.eps_mode,
-                             affine=self.affine or "masked")
+                             affine=self.affine or "masked", sync_stats=self.sync_stats and self.training,
+                             process_group=self.process_group)
 
 
 class _SelfAwareAffine(nn.Module):
@@ -234,8 +236,8 @@ class LearnableRegionNorm2d(nn.Module):
                              f"{kernel_size!r}")
         self.threshold = float(threshold)
         self.kernel_size = int(kernel_size)
-        self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode, sync_stats)
-        self.sync_stats = False
+        self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode)
+        self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         self.sa = _SelfAwareAffine(self.kernel_size, device=device, dtype=dtype)
 
@@ -245,11 +247,12 @@ class LearnableRegionNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, threshold={self.threshold}, kernel_size={self.kernel_size}, eps={self.eps}, " \
-               f"stats={self.stats!r}, eps_mode={self.eps_mode!r}"
+               f"stats={self.stats!r}, eps_mode={self.eps_mode!r}" + (", sync_stats=True" if self.sync_stats else "")
 
     def forward(self, input: Tensor) -> Tensor:
         _check_channels(self, input)
         sa = self.sa
         return F.learnable_region_norm(input, sa.conv1.weight, sa.gamma_conv.weight, sa.gamma_conv.bias,
                                        sa.beta_conv.weight, sa.beta_conv.bias, self.threshold, self.eps, self.stats,
-                                       eps_mode=self.eps_mode)
+                                       eps_mode=self.eps_mode, sync_stats=self.sync_stats and self.training,
+                                       process_group=self.process_group)

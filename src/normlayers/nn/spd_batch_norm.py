@@ -97,8 +97,11 @@ class SPDBatchNorm(nn.Module):
         compute_dtype (torch.dtype, optional): dtype of the per-sample eigendecompositions; ``None`` is the input's.
             float64 by default (the spec's recommendation and the authors' dtype): fp32 eigendecompositions lose the
             small eigenvalues of ill-conditioned inputs. Default: ``torch.float64``.
-        process_group, sync_stats (keyword-only): reserved for synchronized statistics; ``sync_stats=True`` raises
-            ``ValueError`` (a BW barycenter is not a sum of per-rank moments).
+        process_group, sync_stats (keyword-only): with ``sync_stats=True``, in training, with ``torch.distributed``
+            initialized and more than one rank in ``process_group`` (``None``: the world), the barycenter and the
+            dispersion are the global batch's: every Karcher step's sum of square roots (and the start's and the
+            dispersion's sums) is all-reduced and divided by the global count; the running buffers agree on all
+            ranks (docs/distributed.md). Default: ``None``, ``False``.
         device, dtype (keyword-only): factory kwargs for the parameters and buffers.
 
     Shape:
@@ -151,16 +154,13 @@ class SPDBatchNorm(nn.Module):
         self.karcher_steps = int(karcher_steps)
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
-        if sync_stats:
-            raise ValueError("sync_stats=True: synchronized statistics are not implemented for SPDBatchNorm (a BW "
-                             "barycenter is not a sum of per-rank moments)")
         if compute_dtype not in (None, torch.float32, torch.float64):
             raise TypeError(f"compute_dtype must be torch.float64, torch.float32 or None, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
         self.learn_metric = bool(learn_metric)
         self.reference_roundtrip = bool(reference_roundtrip)
         self.parametrization = parametrization
-        self.sync_stats = False
+        self.sync_stats = bool(sync_stats)
         self.process_group = process_group
 
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -232,10 +232,13 @@ class SPDBatchNorm(nn.Module):
             text += f", parametrization={self.parametrization!r}"
         if self.compute_dtype != torch.float64:
             text += f", compute_dtype={self.compute_dtype}"
+        if self.sync_stats:
+            text += ", sync_stats=True"
         return text
 
     def forward(self, input: Tensor) -> Tensor:
         return F.spd_batch_norm(input, self.running_mean, self.running_var, self.weight, self.metric, self.shift,
                                 training=self.training, momentum=self.momentum, eps=self.eps, theta=self.theta,
                                 variance=self.variance, karcher_steps=self.karcher_steps,
-                                reference_roundtrip=self.reference_roundtrip, compute_dtype=self.compute_dtype)
+                                reference_roundtrip=self.reference_roundtrip, compute_dtype=self.compute_dtype,
+                                sync_stats=self.sync_stats, process_group=self.process_group)

@@ -42,7 +42,7 @@ checks live in :mod:`normlayers.functional`.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ from torch import Tensor
 __all__ = ["prepare_mask", "region_norm", "self_aware_affine", "learnable_region_norm"]
 
 _PER_CHANNEL = (1, -1, 1, 1)
+
+# (local mean, local biased var, local count) -> global (mean, var, count), elementwise; counts may be 0 anywhere.
+MaskedMomentSync = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,24 +72,41 @@ def prepare_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
 def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = None,
                 foreground_beta: Optional[Tensor] = None, background_gamma: Optional[Tensor] = None,
                 background_beta: Optional[Tensor] = None, *, eps: float = 1e-5, stats: str = "batch",
-                eps_mode: str = "official", affine: str = "masked") -> Tensor:
+                eps_mode: str = "official", affine: str = "masked", sync: Optional[MaskedMomentSync] = None
+                ) -> Tensor:
     """RN of a 4-D ``x`` with the hole ``mask`` (see the module docstring), then the optional region affine.
 
     ``foreground_*`` belong to the hole region (mask 1), ``background_*`` to the valid region, as in the official
     ``RN_B``; a missing ``gamma`` is ``γ = 0`` and a missing ``beta`` is ``β = 0``. Output: ``x``'s dtype and shape.
+
+    ``sync`` (``stats="batch"`` only): combines this rank's per-(region, channel) ``(mean, var, count)`` into the
+    global batch's (:func:`normlayers.distributed.sync_masked_moments`); the effective epsilon then uses the global
+    counts, ``V`` being the global ``N·H·W`` (the two regions' counts together).
     """
     opmath = _opmath_dtype(x.dtype)
     xf = x.to(opmath)
     hole = prepare_mask(mask, x.shape[2:]).to(opmath)
     dims = (0, 2, 3) if stats == "batch" else (2, 3)
     values = math.prod([x.shape[d] for d in dims])
+    weights = (hole, 1 - hole)
+    counts, means, variances = [], [], []
+    for w in weights:
+        count = w.expand_as(xf).sum(dims, keepdim=True)
+        safe_count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1
+        mean = (w * xf).sum(dims, keepdim=True) / safe_count
+        counts.append(count)
+        means.append(mean)
+        variances.append((w * (xf - mean).square()).sum(dims, keepdim=True) / safe_count)
+    if sync is not None:
+        mean, var, count = sync(torch.stack(means), torch.stack(variances), torch.stack(counts))
+        means, variances, counts = list(mean.unbind(0)), list(var.unbind(0)), list(count.unbind(0))
+        values = counts[0] + counts[1]  # the global N·H·W of each channel
     out = torch.zeros_like(xf)
     betas = []
-    for w, gamma, beta in ((hole, foreground_gamma, foreground_beta), (1 - hole, background_gamma, background_beta)):
-        count = w.expand_as(xf).sum(dims, keepdim=True)
-        count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1
-        mean = (w * xf).sum(dims, keepdim=True) / count
-        var = (w * (xf - mean).square()).sum(dims, keepdim=True) / count
+    for w, count, mean, var, gamma, beta in zip(weights, counts, means, variances,
+                                                 (foreground_gamma, background_gamma),
+                                                 (foreground_beta, background_beta)):
+        count = torch.where(count == 0, torch.ones_like(count), count)
         region_eps = eps * values / count if eps_mode == "official" else eps
         normalized = (xf - mean) * torch.rsqrt(var + region_eps)
         if gamma is not None:
@@ -124,11 +144,13 @@ def self_aware_affine(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gam
 
 def learnable_region_norm(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
                           beta_weight: Tensor, beta_bias: Optional[Tensor], *, threshold: float = 0.8,
-                          eps: float = 1e-5, stats: str = "batch", eps_mode: str = "official") -> Tensor:
+                          eps: float = 1e-5, stats: str = "batch", eps_mode: str = "official",
+                          sync: Optional[MaskedMomentSync] = None) -> Tensor:
     """RN-L (official ``RN_L``, spec §3.1): regions from the thresholded self-aware map, RN without region affine,
-    then the learned spatial affine ``r·(1 + gamma) + beta``. Output: ``x``'s dtype."""
+    then the learned spatial affine ``r·(1 + gamma) + beta``; ``sync`` as :func:`region_norm`'s. Output: ``x``'s
+    dtype."""
     s, gamma, beta = self_aware_affine(x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)
     # ">=" on the detached map: the mask carries no gradient, conv1 learns only through gamma and beta.
     regions = s.detach() >= threshold
-    r = region_norm(x.to(s.dtype), regions, eps=eps, stats=stats, eps_mode=eps_mode)
+    r = region_norm(x.to(s.dtype), regions, eps=eps, stats=stats, eps_mode=eps_mode, sync=sync)
     return (r * (1 + gamma) + beta).to(x.dtype)

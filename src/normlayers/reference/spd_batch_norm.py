@@ -41,7 +41,8 @@ pooled over every leading dim (the authors' ``(N·h, 1, n, n)`` reshape, §2.2) 
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import math
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -57,12 +58,15 @@ from normlayers.reference.spd_linalg import (
 )
 
 __all__ = ["VARIANCES", "bw_distance_sq", "bw_log", "bw_exp", "bw_geodesic", "bw_barycenter", "deform",
-           "undeform", "spd_batch_norm"]
+           "global_batch_mean", "undeform", "spd_batch_norm"]
 
 Variance = Literal["frechet", "reference"]
 VARIANCES = ("frechet", "reference")
 
 _PARAM_DTYPE = torch.float64
+
+# The mean over dim 0 of a batch of statistics-side values: of this rank's batch, or of every rank's.
+BatchMean = Callable[[Tensor], Tensor]
 
 
 def _eye_like(a: Tensor) -> Tensor:
@@ -104,18 +108,33 @@ def bw_geodesic(a: Tensor, b: Tensor, t: float) -> Tensor:
     return sym((1 - t) ** 2 * a + t ** 2 * b + t * (1 - t) * _sqrt_products(a, b))
 
 
-def bw_barycenter(x: Tensor, steps: int, start: Optional[Tensor] = None) -> Tensor:
+def _local_mean(t: Tensor) -> Tensor:
+    return t.mean(0)
+
+
+def global_batch_mean(sum_over_ranks: Callable[[Tensor], Tensor], local_count: int, device: torch.device
+                      ) -> BatchMean:
+    """The mean over dim 0 of the batch of all ranks: ``Σ_ranks Σ_i t_i / Σ_ranks count`` (one ``sum_over_ranks``
+    here for the global count, and one per call); a rank with no samples contributes zeros."""
+    total = sum_over_ranks(torch.full((), local_count, dtype=_PARAM_DTYPE, device=device))
+    return lambda t: sum_over_ranks(t.sum(0)) / total.to(t.dtype)
+
+
+def bw_barycenter(x: Tensor, steps: int, start: Optional[Tensor] = None, batch_mean: BatchMean = _local_mean
+                  ) -> Tensor:
     """The BW barycenter of ``x`` over dim 0 (statistics side, no gradient, fp64 result).
 
     ``steps`` fixed-point steps ``G ← G^{-1/2} (mean_i (G^{1/2} X_i G^{1/2})^{1/2})² G^{-1/2}`` from ``start``
     (default: the arithmetic mean), exactly the authors' ``BaryGeom`` iteration (spec §2.2 step 3). The per-sample
-    square roots run in ``x``'s dtype, the per-group matrices in fp64.
+    square roots run in ``x``'s dtype, the per-group matrices in fp64. ``batch_mean`` takes the means over the batch
+    (:func:`global_batch_mean`: over every rank's, so each fixed-point step sums the tangent-side square roots of the
+    global batch).
     """
     with torch.no_grad():
-        g = x.to(_PARAM_DTYPE).mean(0) if start is None else start.to(_PARAM_DTYPE)
+        g = batch_mean(x.to(_PARAM_DTYPE)) if start is None else start.to(_PARAM_DTYPE)
         for _ in range(steps):
             g_half, g_inv_half = sqrtm(g), invsqrtm(g)
-            root_mean = sqrtm(congruence(g_half.to(x.dtype), x)).to(_PARAM_DTYPE).mean(0)
+            root_mean = batch_mean(sqrtm(congruence(g_half.to(x.dtype), x)).to(_PARAM_DTYPE))
             g = sym(congruence(g_inv_half, root_mean @ root_mean))
         return g
 
@@ -165,8 +184,9 @@ def _centre(x: Tensor, mean: Tensor) -> Tensor:
     return p_x @ v_hat @ p_x.mT
 
 
-def _dispersion(x: Tensor, v: Tensor, variance: Variance, theta: float) -> Tensor:
-    """The detached batch dispersion per statistics group (fp64), spec §3.1 ``variance``."""
+def _dispersion(x: Tensor, v: Tensor, variance: Variance, theta: float, batch_mean: BatchMean) -> Tensor:
+    """The detached batch dispersion per statistics group (fp64), spec §3.1 ``variance``, averaged by
+    ``batch_mean`` (over the local or the global batch)."""
     with torch.no_grad():
         if variance == "frechet":
             # d²(X̃_i, B) = g_B(Log, Log) = g_I(V_i, V_i) = ¼‖V_i‖²_F (the transport is an isometry).
@@ -176,7 +196,7 @@ def _dispersion(x: Tensor, v: Tensor, variance: Variance, theta: float) -> Tenso
             x64 = x.to(_PARAM_DTYPE)
             roots = torch.linalg.eigvalsh(sym(x64)).clamp_min(0).sqrt().sum(-1)
             per_sample = x64.diagonal(dim1=-2, dim2=-1).sum(-1) + x.shape[-1] - 2 * roots
-        return per_sample.mean(0) / theta ** 2
+        return batch_mean(per_sample) / theta ** 2
 
 
 def _scale(v: Tensor, factor: Tensor, reference_roundtrip: bool) -> Tensor:
@@ -199,24 +219,33 @@ def _update_running_(running_mean: Tensor, running_var: Tensor, mean: Tensor, va
     """``B_run ← γ_{B_run→B}(momentum)`` on the BW geodesic, ``v_run ← (1 − momentum) v_run + momentum·v`` (§3.2
     step 8), computed in fp64 and stored in the buffers' dtype."""
     running_mean.copy_(bw_geodesic(running_mean.to(_PARAM_DTYPE), mean, momentum))
-    running_var.copy_(running_var.to(_PARAM_DTYPE) * (1 - momentum) + var * momentum)
+    # Through a 1-D view: torch.compile (2.13, aot_eager and inductor) drops a copy_ of a graph value into a 0-d
+    # buffer (the pooled layout's running_var), and keeps it into a view of it.
+    running_var.view(-1).copy_((running_var.to(_PARAM_DTYPE) * (1 - momentum) + var * momentum).reshape(-1))
 
 
 def spd_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor], metric: Optional[Tensor], shift: Optional[Tensor], *, training: bool,
                    momentum: float, eps: float, theta: float, variance: Variance, karcher_steps: int,
                    reference_roundtrip: bool, per_channel: bool,
-                   compute_dtype: Optional[torch.dtype] = torch.float64) -> Tensor:
+                   compute_dtype: Optional[torch.dtype] = torch.float64,
+                   sum_over_ranks: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """GBW batch normalization of ``x`` (``(*, n, n)``, or ``(*, C, n, n)`` when ``per_channel``), spec §3.2.
 
     ``weight`` (the SPD bias ``W``) is ``(n, n)`` or ``(C, n, n)`` (``None``: the identity); ``metric`` (``M``) is
     ``(n, n)`` or ``(C, n, n)`` (``None``: the identity, plain BW); ``shift`` (``s``) is a scalar or ``(C,)``
     (``None``: 1). Running buffers (``(n, n)``/``(C, n, n)`` and ``()``/``(C,)``) are updated in place in training.
     The per-sample work runs in ``compute_dtype`` (``None``: the input's dtype). Returns ``x``'s shape and dtype.
+
+    ``sum_over_ranks`` (training only; synced statistics): sums a tensor over the ranks. The barycenter's arithmetic
+    start and each fixed-point step's mean of square roots, and the dispersion's mean, are then means over the global
+    batch (sums over the ranks divided by the global count), so ``B``, ``v`` and the running buffers are the global
+    batch's on every rank. Both statistics are detached, so each sample's gradient needs no further exchange.
     """
     n = x.shape[-1]
     group_shape = (x.shape[-3],) if per_channel else ()
-    samples = x.reshape(-1, *group_shape, n, n).to(compute_dtype or x.dtype)
+    leading = math.prod(x.shape[:x.dim() - 2 - len(group_shape)])  # not reshape(-1, ...): an empty batch is allowed
+    samples = x.reshape(leading, *group_shape, n, n).to(compute_dtype or x.dtype)
     per_group = (-1, 1, 1) if per_channel else ()
 
     metric_inv_sqrt = metric_sqrt = None
@@ -228,13 +257,16 @@ def spd_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         weight = torch.eye(n, dtype=_PARAM_DTYPE, device=x.device).expand(*group_shape, n, n)
     weight_tilde = deform(weight.to(_PARAM_DTYPE), theta, metric_inv_sqrt)
 
+    batch_mean = _local_mean
+    if training and sum_over_ranks is not None:
+        batch_mean = global_batch_mean(sum_over_ranks, leading, x.device)
     if training:
-        mean = bw_barycenter(x_tilde.detach(), karcher_steps)
+        mean = bw_barycenter(x_tilde.detach(), karcher_steps, batch_mean=batch_mean)
     else:
         mean = running_mean.to(_PARAM_DTYPE)
     v = _centre(x_tilde, mean)
     if training:
-        var = _dispersion(x_tilde, v, variance, theta)
+        var = _dispersion(x_tilde, v, variance, theta, batch_mean)
         if running_mean is not None and running_var is not None:
             _update_running_(running_mean, running_var, mean, var, momentum)
     else:
