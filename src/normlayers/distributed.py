@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["MomentSync", "all_gather_with_grad", "convert_sync", "moment_sync", "sync_batch_moments"]
+__all__ = ["MomentSync", "all_gather_with_grad", "all_reduce_sum", "convert_sync", "moment_sync", "sync_batch_moments",
+           "sync_group_name"]
 
 # (local mean, local biased var, local count) -> (global mean, global biased var, global count), per channel.
 MomentSync = Callable[[Tensor, Tensor, Union[int, Tensor]], tuple[Tensor, Tensor, Union[int, Tensor]]]
@@ -104,3 +105,19 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
             module.sync_stats = True
             module.process_group = process_group
     return model
+
+
+def sync_group_name(sync_stats: bool, process_group: Any, training: bool) -> Optional[str]:
+    """The name of the process group to sum statistics over now (the rule of :func:`moment_sync`), or ``None`` for
+    local statistics. A name rather than the group object, so that it can be an argument of a custom op (the
+    transformer norms' ops all-reduce in their registered backward)."""
+    if moment_sync(sync_stats, process_group, training) is None:
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group.group_name
+
+
+def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
+    """``t`` summed over the ranks of ``group`` (a group or its name), not differentiable: for statistics that carry
+    no gradient, such as PowerNorm's and UnifiedNorm's, whose backward is the method's own."""
+    return _all_reduce_sum(t, group)
