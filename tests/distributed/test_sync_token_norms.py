@@ -2,10 +2,10 @@
 
 One spawn of two ranks (``token_norms_worker.py``) runs every case on both backends — padded sequences split unevenly,
 a rank with no samples, a rank with only padding, six steps across PowerNorm's warm-up and UnifiedNorm's windows, the
-outlier filtration, UnifiedNorm's factor ``r`` from step 1000 — and a torch.compile'd synced layer of each. Each must
-equal the single-process run on the concatenated batch: outputs and input gradients sample by sample, parameter
-gradients summed over ranks (what DDP's all-reduce averages), and every buffer on every rank, the approximate
-backward's ``ema_gz``/``buffer_gz`` included (synced by default, docs/distributed.md).
+outlier filtration, UnifiedNorm's factor ``r`` from step 1000 — and a torch.compile'd synced layer of each, on both
+backends. Each must equal the single-process run on the concatenated batch: outputs and input gradients sample by
+sample, parameter gradients summed over ranks (what DDP's all-reduce averages), and every buffer on every rank, the
+approximate backward's ``ema_gz``/``buffer_gz`` included (synced by default, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ def test_synced_ranks_equal_one_process_on_the_whole_batch(rank_results, name, b
     _check_against_single_process(name, per_rank, _single_process(name))
 
 
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
 @pytest.mark.parametrize("name", worker.COMPILED_CASES)
-def test_compiled_synced_layer(rank_results, name):
-    per_rank = [results[("compiled", name)] for results in rank_results]
+def test_compiled_synced_layer(rank_results, name, backend_name):
+    per_rank = [results[("compiled", backend_name, name)] for results in rank_results]
     _check_against_single_process(name, per_rank, _single_process(name))
 
 

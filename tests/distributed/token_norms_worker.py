@@ -132,13 +132,15 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
                 with normlayers.backend(backend_name):
                     results[(backend_name, name)] = run_steps(name, module, local_batches(name, batches, rank))
         # torch.compile(fullgraph=True): the collectives of the forward and of the registered backward trace.
-        for name in COMPILED_CASES:
-            module, batches = make_case(name)
-            normlayers.convert_sync(module)
-            compiled = torch.compile(lambda mod, x, pad: mod(x, pad), fullgraph=True, backend="aot_eager")
-            with normlayers.backend("triton"):
-                results[("compiled", name)] = run_steps(name, module, local_batches(name, batches, rank),
-                                                        forward=compiled)
+        for backend_name in BACKENDS:
+            for name in COMPILED_CASES:
+                torch._dynamo.reset()
+                module, batches = make_case(name)
+                normlayers.convert_sync(module)
+                compiled = torch.compile(lambda mod, x, pad: mod(x, pad), fullgraph=True, backend="aot_eager")
+                with normlayers.backend(backend_name):
+                    results[("compiled", backend_name, name)] = run_steps(
+                        name, module, local_batches(name, batches, rank), forward=compiled)
     finally:
         dist.destroy_process_group()
     torch.save(results, out)
