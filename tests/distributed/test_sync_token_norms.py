@@ -97,6 +97,27 @@ def test_compiled_synced_layer(rank_results, name, backend_name):
     _check_against_single_process(name, per_rank, _single_process(name))
 
 
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
+def test_ddp_training_with_synced_token_norms_equals_one_process(rank_results, backend_name):
+    # One process trains with the mean loss over the global batch (loss scale 1/G). Under DDP each rank's loss is
+    # world/G · its local sum, so DDP's average of the parameter gradients is the one-process gradient, while the
+    # gradient reaching the layers is `world` times larger: the gradient statistics (ema_gz, buffer_gz, from 0) are
+    # `world` times the one-process ones and everything else is equal — the approximate backwards use them relative
+    # to that same gradient (docs/distributed.md, "Loss scale").
+    model = worker.TokenModel()
+    worker.train_tokens(model, worker.token_data(), 1 / sum(worker.DDP_SPLITS))
+    for results in rank_results:
+        for key, value in model.state_dict().items():
+            got = results[("ddp", backend_name)][key]
+            if key.endswith(("ema_gz", "buffer_gz")):
+                assert value.abs().max() > 0, key
+                assert_close(got, value * WORLD, msg=key)
+            elif value.is_floating_point():
+                assert_close(got, value, msg=key)
+            else:
+                assert torch.equal(got, value), key
+
+
 def test_cases_reach_the_paths_they_name():
     # The comparisons above are only as strong as the cases: the outlier case must filter a step, and the ranks'
     # local statistics must differ from the global ones (else a layer that never synced would pass).

@@ -121,6 +121,53 @@ def run_steps(name: str, module: nn.Module, batches: list,
     return steps
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# DDP training of a small token model (PowerNorm and UnifiedNorm, synced)
+# ----------------------------------------------------------------------------------------------------------------------
+
+DDP_SPLITS = (3, 1)
+DDP_STEPS = 4  # across both layers' warm-up (2) and UnifiedNorm's window (2)
+
+
+class TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = nn.Linear(3, CHANNELS)
+        self.power = normlayers.PowerNorm(CHANNELS, warmup_iters=2, group_num=2, batch_first=True)
+        self.mix = nn.Linear(CHANNELS, CHANNELS)
+        self.unified = normlayers.UnifiedNorm(CHANNELS, window_size=2, warmup_iters=2)
+        self.head = nn.Linear(CHANNELS, 2)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        h = self.power(self.embed(x), pad)
+        # tanh, not ReLU: a channel that ReLU zeroes on one step of the window gives UnifiedNorm a geometric mean of
+        # 0 there (the official log-of-zero behaviour, docs/power_unified.md), and the toy model diverges.
+        return self.head(self.unified(torch.tanh(self.mix(h)), pad))
+
+
+def token_data() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(13)
+    samples = sum(DDP_SPLITS)
+    data = []
+    for _ in range(DDP_STEPS):
+        lengths = torch.randint(1, TOKENS + 1, (samples,), generator=gen)
+        pad = torch.arange(TOKENS)[None, :] >= lengths[:, None]
+        data.append((torch.randn(samples, TOKENS, 3, generator=gen), pad,
+                     torch.randn(samples, TOKENS, 2, generator=gen)))
+    return data
+
+
+def train_tokens(model: nn.Module, data: list, loss_scale: float) -> None:
+    """SGD steps with ``loss = loss_scale · Σ`` squared error over the (local) non-pad tokens."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for x, pad, target in data:
+        optimizer.zero_grad()
+        error = (model(x, pad) - target).square() * (~pad)[..., None]
+        (error.sum() * loss_scale).backward()
+        optimizer.step()
+
+
 def main(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results: dict = {}
@@ -141,6 +188,15 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
                 with normlayers.backend(backend_name):
                     results[("compiled", backend_name, name)] = run_steps(
                         name, module, local_batches(name, batches, rank), forward=compiled)
+        for backend_name in BACKENDS:
+            model = normlayers.convert_sync(TokenModel())
+            ddp = nn.parallel.DistributedDataParallel(model)
+            local = rows_of(rank, DDP_SPLITS)
+            # The usual DDP convention: each rank's loss is world / global batch · its local sum (see the test).
+            with normlayers.backend(backend_name):
+                train_tokens(ddp, [(x[local], pad[local], t[local]) for x, pad, t in token_data()],
+                             world / sum(DDP_SPLITS))
+            results[("ddp", backend_name)] = {k: v.clone() for k, v in model.state_dict().items()}
     finally:
         dist.destroy_process_group()
     torch.save(results, out)
