@@ -2,8 +2,8 @@
 
 One spawn of two ranks (``token_norms_worker.py``) runs every case on both backends — padded sequences split unevenly,
 a rank with no samples, a rank with only padding, six steps across PowerNorm's warm-up and UnifiedNorm's windows, the
-outlier filtration, UnifiedNorm's factor ``r`` from step 1000 — and a torch.compile'd synced layer of each, on both
-backends. Each must equal the single-process run on the concatenated batch: outputs and input gradients sample by
+outlier filtration, UnifiedNorm's factor ``r`` from step 1000 — a torch.compile'd synced layer of each on both backends,
+an explicit process group, and DDP training of a small token model. Each must equal the single-process run on the concatenated batch: outputs and input gradients sample by
 sample, parameter gradients summed over ranks (what DDP's all-reduce averages), and every buffer on every rank, the
 approximate backward's ``ema_gz``/``buffer_gz`` included (synced by default, docs/distributed.md).
 """
@@ -94,6 +94,12 @@ def test_synced_ranks_equal_one_process_on_the_whole_batch(rank_results, name, b
 @pytest.mark.parametrize("name", worker.COMPILED_CASES)
 def test_compiled_synced_layer(rank_results, name, backend_name):
     per_rank = [results[("compiled", backend_name, name)] for results in rank_results]
+    _check_against_single_process(name, per_rank, _single_process(name))
+
+
+@pytest.mark.parametrize("name", worker.COMPILED_CASES)
+def test_explicit_process_group(rank_results, name):
+    per_rank = [results[("group", name)] for results in rank_results]
     _check_against_single_process(name, per_rank, _single_process(name))
 
 

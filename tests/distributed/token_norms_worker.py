@@ -178,6 +178,13 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
                 normlayers.convert_sync(module)
                 with normlayers.backend(backend_name):
                     results[(backend_name, name)] = run_steps(name, module, local_batches(name, batches, rank))
+        # An explicit process group (not the default world): the custom ops get it by name.
+        group = dist.new_group(list(range(world)))
+        for name in COMPILED_CASES:
+            module, batches = make_case(name)
+            normlayers.convert_sync(module, process_group=group)
+            with normlayers.backend("triton"):
+                results[("group", name)] = run_steps(name, module, local_batches(name, batches, rank))
         # torch.compile(fullgraph=True): the collectives of the forward and of the registered backward trace.
         for backend_name in BACKENDS:
             for name in COMPILED_CASES:
