@@ -2,10 +2,11 @@
 
 One spawn of two ranks (``token_norms_worker.py``) runs every case on both backends — padded sequences split unevenly,
 a rank with no samples, a rank with only padding, six steps across PowerNorm's warm-up and UnifiedNorm's windows, the
-outlier filtration, UnifiedNorm's factor ``r`` from step 1000 — a torch.compile'd synced layer of each on both backends,
-an explicit process group, and DDP training of a small token model. Each must equal the single-process run on the concatenated batch: outputs and input gradients sample by
-sample, parameter gradients summed over ranks (what DDP's all-reduce averages), and every buffer on every rank, the
-approximate backward's ``ema_gz``/``buffer_gz`` included (synced by default, docs/distributed.md).
+outlier filtration, UnifiedNorm's factor ``r`` from step 1000 — a torch.compile'd synced layer of each on both
+backends, an explicit process group, and DDP training of a small token model. Each must equal the single-process run
+on the concatenated batch: outputs and input gradients sample by sample, parameter gradients summed over ranks (what
+DDP's all-reduce averages), and every buffer on every rank, the approximate backward's ``ema_gz``/``buffer_gz``
+included (synced by default, docs/distributed.md); for DDP, the trained parameters and buffers.
 """
 
 from __future__ import annotations
