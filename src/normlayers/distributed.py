@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["MomentSync", "all_gather_with_grad", "all_reduce_sum", "convert_sync", "moment_sync", "sync_batch_moments",
-           "sync_group", "sync_masked_moments"]
+           "sync_group", "sync_group_name", "sync_masked_moments"]
 
 # (local mean, local biased var, local count) -> (global mean, global biased var, global count), per channel.
 MomentSync = Callable[[Tensor, Tensor, Union[int, Tensor]], tuple[Tensor, Tensor, Union[int, Tensor]]]
@@ -137,8 +137,16 @@ def sync_masked_moments(mean: Tensor, var: Tensor, count: Tensor, group: Any = N
     return global_mean, global_m2 / denominator, total
 
 
+def sync_group_name(sync_stats: bool, process_group: Any, training: bool) -> Optional[str]:
+    """:func:`sync_group`'s group by name: a name can be an argument of a custom op (the transformer norms' ops
+    all-reduce in their registered backward), a group object cannot."""
+    group = sync_group(sync_stats, process_group, training)
+    return None if group is None else group.group_name
+
+
 def all_reduce_sum(t: Tensor, group: Any = None) -> Tensor:
-    """``t`` summed over the ranks of ``group`` (a functional collective: traceable), without gradient — for
-    statistics that the layer detaches (SPDBatchNorm's barycenter and dispersion)."""
+    """``t`` summed over the ranks of ``group`` (a group or its name; default: the world) with a functional collective
+    (traceable), without gradient: for statistics that carry none (SPDBatchNorm's detached barycenter and dispersion;
+    PowerNorm's and UnifiedNorm's, whose backward is the method's own)."""
     with torch.no_grad():
         return _all_reduce_sum(t.contiguous(), group if group is not None else dist.group.WORLD)

@@ -14,7 +14,14 @@ import torch
 from torch import Tensor
 
 from normlayers.backend import use_triton
-from normlayers.distributed import MomentSync, all_reduce_sum, moment_sync, sync_group, sync_masked_moments
+from normlayers.distributed import (
+    MomentSync,
+    all_reduce_sum,
+    moment_sync,
+    sync_group,
+    sync_group_name,
+    sync_masked_moments,
+)
 from normlayers.ops import channel_stats as _ops_channel
 from normlayers.ops import evo_norm as _ops_evo
 from normlayers.ops import region_norm as _ops_region
@@ -1407,8 +1414,8 @@ def _check_nonnegative_int(name: str, value: object) -> int:
 def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, pad_mask: Optional[Tensor] = None, training: bool = False,
                eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9, warmup_iters: int = 10000,
-               group_num: Optional[int] = 1, *, batch_first: bool = False,
-               backward_denominator: str = "batch") -> Tensor:
+               group_num: Optional[int] = 1, *, batch_first: bool = False, backward_denominator: str = "batch",
+               sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
     r"""PowerNorm (Shen et al., ICML 2020; spec A §1), exactly as the official ``MaskPowerNorm``.
 
     .. math::
@@ -1431,6 +1438,10 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         batch_first: input ``(B, T, C)``. Default: ``False``.
         backward_denominator: ``"batch"`` (the official code: ``sqrt(q + eps)``) or ``"running"``
             (``sqrt(running_phi + eps)``, the paper's form as recalled, spec §1.7b). Default: ``"batch"``.
+        sync_stats, process_group (keyword-only): in training, with ``torch.distributed`` initialized and more than
+            one rank in ``process_group`` (default: the world), the statistics are those of the global batch: ``q``
+            over the non-pad tokens of every rank, and the backward's mean for ``ema_gz`` over every rank's tokens
+            (one all-reduce each; every rank must call, also with no tokens). Default: ``False``, ``None``.
     """
     if input.dim() == 3:
         mask_shape = tuple(input.shape[:2]) if batch_first else (input.shape[1], input.shape[0])
@@ -1457,7 +1468,8 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         raise ValueError(f"backward_denominator must be 'batch' or 'running', got {backward_denominator!r}")
     kwargs = dict(training=training, eps=float(eps), alpha_fwd=float(alpha_fwd), alpha_bkw=float(alpha_bkw),
                   warmup_iters=int(warmup_iters), group_num=group_num, batch_first=batch_first,
-                  backward_denominator=backward_denominator)
+                  backward_denominator=backward_denominator,
+                  sync_group=sync_group_name(sync_stats, process_group, training))
     if use_triton(input):
         return _power_norm_triton(input, running_phi, ema_gz, iters, weight, bias, pad_mask, **kwargs)
     return _ref_power.power_norm(input, running_phi, ema_gz, iters, weight, bias, pad_mask, **kwargs)
@@ -1466,7 +1478,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
 def _power_norm_triton(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor],
                        bias: Optional[Tensor], pad_mask: Optional[Tensor], *, training: bool, eps: float,
                        alpha_fwd: float, alpha_bkw: float, warmup_iters: int, group_num: Optional[int],
-                       batch_first: bool, backward_denominator: str) -> Tensor:
+                       batch_first: bool, backward_denominator: str, sync_group: Optional[str]) -> Tensor:
     """PowerNorm on the Triton ops: GroupScaling is the RMSNorm row kernel over groups (eps 1e-5), then the token
     statistics and the normalization; the per-channel steps are the reference's on-device helpers."""
     channels = input.shape[-1]
@@ -1482,12 +1494,13 @@ def _power_norm_triton(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters
     if training:
         iters.add_(1)
         (step,) = _ref_power.step_snapshot([iters.reshape(1)])
-        q, count = _ref_power.mean_over_valid(_ops_token.token_square_sum(rows.detach(), valid), rows.shape[0], valid)
+        q, count = _ref_power.mean_over_valid(_ops_token.token_square_sum(rows.detach(), valid), rows.shape[0], valid,
+                                              sync_group)
         scale, grad_scale = _ref_power.power_norm_statistics_(
             q, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
             backward_denominator=backward_denominator)
         y = _ops_token.power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw,
-                                        input.dtype)
+                                        input.dtype, sync_group)
     else:
         scale = torch.rsqrt(running_phi.reshape(-1).to(_ops_token._stats_dtype(input.dtype)) + eps)
         if weight is not None:
@@ -1499,7 +1512,8 @@ def _power_norm_triton(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters
 def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tensor, buffer_gz: Tensor,
                  iters: Tensor, skip_counter: Tensor, weight: Tensor, bias: Tensor, pad_mask: Optional[Tensor] = None,
                  training: bool = False, eps: float = 1e-5, momentum: float = 0.9, warmup_iters: int = 4000,
-                 outlier_filtration: bool = False, *, grad_compensation: bool = True) -> Tensor:
+                 outlier_filtration: bool = False, *, grad_compensation: bool = True, sync_stats: bool = False,
+                 process_group: Optional[Any] = None) -> Tensor:
     r"""Unified Normalization (Yang et al., ACM MM 2022; spec A §2), exactly as the official ``UN1d``.
 
     .. math:: y = \gamma \cdot \frac{x}{\sqrt{v + \epsilon}} + \beta
@@ -1519,6 +1533,10 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
             the forward statistic only.
         training, eps, momentum, warmup_iters, outlier_filtration: as the module.
         grad_compensation: apply the factor ``r`` in the backward (the official code). Default: ``True``.
+        sync_stats, process_group (keyword-only): in training, with ``torch.distributed`` initialized and more than
+            one rank in ``process_group`` (default: the world), ``q`` is over the non-pad tokens of every rank and the
+            backward's ``gz`` over every rank's tokens (one all-reduce each; every rank must call, also with no
+            tokens), so the ring buffers and every decision are the global batch's. Default: ``False``, ``None``.
     """
     mask_shape = tuple(input.shape[:-1]) if input.dim() in (2, 3) else ()
     if input.dim() == 2:
@@ -1534,7 +1552,8 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
     _check_unit_interval("momentum", momentum)
     _check_nonnegative_int("warmup_iters", warmup_iters)
     kwargs = dict(training=training, eps=float(eps), momentum=float(momentum), warmup_iters=int(warmup_iters),
-                  outlier_filtration=bool(outlier_filtration), grad_compensation=bool(grad_compensation))
+                  outlier_filtration=bool(outlier_filtration), grad_compensation=bool(grad_compensation),
+                  sync_group=sync_group_name(sync_stats, process_group, training))
     state = (running_var, ema_gz, buffer_x2, buffer_gz, iters, skip_counter, weight, bias)
     if use_triton(input):
         return _unified_norm_triton(input, *state, pad_mask, **kwargs)
@@ -1544,18 +1563,20 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
 def _unified_norm_triton(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tensor, buffer_gz: Tensor,
                          iters: Tensor, skip_counter: Tensor, weight: Tensor, bias: Tensor,
                          pad_mask: Optional[Tensor], *, training: bool, eps: float, momentum: float,
-                         warmup_iters: int, outlier_filtration: bool, grad_compensation: bool) -> Tensor:
+                         warmup_iters: int, outlier_filtration: bool, grad_compensation: bool,
+                         sync_group: Optional[str]) -> Tensor:
     """UnifiedNorm on the Triton ops; the per-channel steps are the reference's on-device helpers."""
     rows, valid = _ref_power.token_rows(input, pad_mask, time_major=False)
     if training:
         iters.add_(1)
         (step,) = _ref_power.step_snapshot([iters.reshape(1)])
-        q, count = _ref_power.mean_over_valid(_ops_token.token_square_sum(rows.detach(), valid), rows.shape[0], valid)
+        q, count = _ref_power.mean_over_valid(_ops_token.token_square_sum(rows.detach(), valid), rows.shape[0], valid,
+                                              sync_group)
         var, r, skip = _ref_unified.unified_norm_statistics_(
             q, count, running_var, buffer_x2, skip_counter, step, eps=eps, momentum=momentum,
             warmup_iters=warmup_iters, outlier_filtration=outlier_filtration, grad_compensation=grad_compensation)
         y = _ops_token.unified_norm_train(rows, weight, bias, torch.rsqrt(var + eps), r, ema_gz, buffer_gz, step,
-                                          skip, momentum, warmup_iters)
+                                          skip, momentum, warmup_iters, sync_group)
     else:
         scale = torch.rsqrt(running_var.to(_ops_token._stats_dtype(input.dtype)) + eps) * weight
         y = _ops_token.channel_affine(rows, scale, bias, input.dtype)

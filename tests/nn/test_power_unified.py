@@ -310,6 +310,32 @@ def test_bad_input(backend):
     assert pn.iters.item() == 0 and un.iters.item() == 0, "a rejected call must not count as a step"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [lambda **kw: normlayers.PowerNorm(6, group_num=2, warmup_iters=2, **kw),
+                                  lambda **kw: normlayers.UnifiedNorm(6, window_size=2, warmup_iters=2, **kw)])
+def test_sync_stats_is_a_no_op_outside_distributed_training(backend, make):
+    # No process group here: sync_stats=True must give the local layer's numbers (the 2-rank runs are in
+    # tests/distributed/test_sync_token_norms.py).
+    synced, local = make(sync_stats=True), make()
+    assert synced.sync_stats and not local.sync_stats
+    assert normlayers.convert_sync(local) is local and local.sync_stats
+    local.sync_stats = False
+    gen = torch.Generator().manual_seed(3)
+    with normlayers.backend(backend):
+        for _ in range(3):  # across warm-up
+            x, dy = torch.randn(4, 3, 6, generator=gen), torch.randn(4, 3, 6, generator=gen)
+            outs = []
+            for layer in (synced, local):
+                leaf = x.clone().requires_grad_()
+                y = layer(leaf)
+                y.backward(dy)
+                outs.append((y, leaf.grad))
+            assert_close(outs[0][0], outs[1][0])
+            assert_close(outs[0][1], outs[1][1])
+    for (name, a), b in zip(synced.state_dict().items(), local.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="group_num"):
         normlayers.PowerNorm(6, group_num=4)
@@ -323,8 +349,6 @@ def test_bad_constructor_arguments():
         normlayers.UnifiedNorm(6, window_size=(4, 2, 1))
     with pytest.raises(ValueError, match="momentum"):
         normlayers.UnifiedNorm(6, momentum=-0.1)
-    with pytest.raises(ValueError, match="sync_stats"):
-        normlayers.UnifiedNorm(6, sync_stats=True)
 
 
 def test_bad_functional_state():

@@ -64,8 +64,11 @@ class PowerNorm(nn.Module):
         backward_denominator (str, keyword-only): ``"batch"`` divides the input gradient by the current batch's
             ``sqrt(q + eps)`` (the official code, also after warm-up), ``"running"`` by ``sqrt(running_phi + eps)``
             (the paper's form as recalled, spec §1.7b). Default: ``"batch"``.
-        process_group, sync_stats (keyword-only): reserved for synchronized statistics (issue 8); ``sync_stats=True``
-            raises ``ValueError`` until it is implemented.
+        process_group, sync_stats (keyword-only): with ``sync_stats=True``, in training under ``torch.distributed``
+            with more than one rank in ``process_group`` (default: the world), ``q`` is taken over the non-pad
+            tokens of every rank and ``ema_gz``'s update over every rank's tokens, so all ranks normalize alike and
+            keep identical buffers (docs/distributed.md); :func:`normlayers.convert_sync` sets both. Default:
+            ``None``, ``False`` (each rank its own statistics, as the official code under DDP).
         device, dtype (keyword-only): factory kwargs for the parameters and buffers.
 
     Shape:
@@ -115,9 +118,7 @@ class PowerNorm(nn.Module):
         self.backward_denominator = backward_denominator
         self.batch_first = bool(batch_first)
         self.affine = bool(affine)
-        if sync_stats:
-            raise ValueError("sync_stats=True: synchronized statistics are not implemented yet (issue 8)")
-        self.sync_stats = False
+        self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         factory_kwargs = {"device": device, "dtype": dtype}
         if self.affine:
@@ -154,13 +155,16 @@ class PowerNorm(nn.Module):
             text += ", batch_first=True"
         if self.backward_denominator != "batch":
             text += f", backward_denominator={self.backward_denominator!r}"
+        if self.sync_stats:
+            text += ", sync_stats=True"
         return text
 
     def forward(self, input: Tensor, pad_mask: Optional[Tensor] = None) -> Tensor:
         return F.power_norm(input, self.running_phi, self.ema_gz, self.iters, self.weight, self.bias, pad_mask,
                             training=self.training, eps=self.eps, alpha_fwd=self.alpha_fwd,
                             alpha_bkw=self.alpha_bkw, warmup_iters=self.warmup_iters, group_num=self.group_num,
-                            batch_first=self.batch_first, backward_denominator=self.backward_denominator)
+                            batch_first=self.batch_first, backward_denominator=self.backward_denominator,
+                            sync_stats=self.sync_stats, process_group=self.process_group)
 
 
 def reset_iters(model: nn.Module) -> int:

@@ -64,8 +64,11 @@ class UnifiedNorm(nn.Module):
         eps (float): added inside the square root. Default: ``1e-5``.
         momentum (float): weight of the old value in the running updates. Default: ``0.9``.
         grad_compensation (bool, keyword-only): apply ``r`` in the backward (the official code). Default: ``True``.
-        process_group, sync_stats (keyword-only): reserved for synchronized statistics (issue 8); ``sync_stats=True``
-            raises ``ValueError`` until it is implemented.
+        process_group, sync_stats (keyword-only): with ``sync_stats=True``, in training under ``torch.distributed``
+            with more than one rank in ``process_group`` (default: the world), ``q`` is taken over the non-pad
+            tokens of every rank and the backward's ``gz`` over every rank's tokens, so all ranks normalize alike and
+            keep identical buffers and ring buffers (docs/distributed.md); :func:`normlayers.convert_sync` sets both.
+            Default: ``None``, ``False`` (each rank its own statistics, as the official code under DDP).
         device, dtype (keyword-only): factory kwargs for the parameters and buffers.
 
     Shape:
@@ -105,9 +108,7 @@ class UnifiedNorm(nn.Module):
         self.eps = F._check_epsilon("eps", eps)
         self.momentum = F._check_unit_interval("momentum", momentum)
         self.grad_compensation = bool(grad_compensation)
-        if sync_stats:
-            raise ValueError("sync_stats=True: synchronized statistics are not implemented yet (issue 8)")
-        self.sync_stats = False
+        self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         factory_kwargs = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
@@ -143,6 +144,8 @@ class UnifiedNorm(nn.Module):
                 f"outlier_filtration={self.outlier_filtration}, eps={self.eps}, momentum={self.momentum}")
         if not self.grad_compensation:
             text += ", grad_compensation=False"
+        if self.sync_stats:
+            text += ", sync_stats=True"
         return text
 
     @torch.no_grad()
@@ -159,4 +162,5 @@ class UnifiedNorm(nn.Module):
         return F.unified_norm(input, self.running_var, self.ema_gz, self.buffer_x2, self.buffer_gz, self.iters,
                               self.skip_counter, self.weight, self.bias, pad_mask, training=self.training,
                               eps=self.eps, momentum=self.momentum, warmup_iters=self.warmup_iters,
-                              outlier_filtration=self.outlier_filtration, grad_compensation=self.grad_compensation)
+                              outlier_filtration=self.outlier_filtration, grad_compensation=self.grad_compensation,
+                              sync_stats=self.sync_stats, process_group=self.process_group)

@@ -14,6 +14,10 @@ All take token rows ``(R, C)`` (any strides) and per-channel ``(C,)`` vectors:
 * ``unified_norm_train(x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters) -> y``
   likewise for UnifiedNorm (spec A §2.5): its backward updates ``ema_gz`` and ``buffer_gz`` in place.
 
+Both ``*_train`` ops take an optional ``sync_group`` (a process group's name, ``sync_stats=True``): their backward
+then all-reduces the per-channel sum behind the gradient statistic (and the row count) before the mean, so every
+rank updates ``ema_gz``/``buffer_gz`` alike and computes its rows of the input gradient of the global batch.
+
 The two ``*_train`` ops are pure functions of their inputs in the forward; the buffer updates of the backward happen
 in the registered backward (as the official ``autograd.Function``s do), through the same on-device helpers as the
 reference (:mod:`normlayers.reference.power_norm`, :mod:`normlayers.reference.unified_norm`).
@@ -26,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers.reference.power_norm import mean_over_rows
 from normlayers.reference.unified_norm import unified_norm_backward_statistics_
 
 __all__ = ["token_square_sum", "token_grad_sums", "channel_affine", "channel_affine2", "power_norm_train",
@@ -117,20 +122,22 @@ def _param_or_ones(weight: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("normlayers::power_norm_train", mutates_args=())
 def power_norm_train(u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Tensor, grad_scale: Tensor,
-                     ema_gz: Tensor, alpha_bkw: float, out_dtype: torch.dtype) -> Tensor:
+                     ema_gz: Tensor, alpha_bkw: float, out_dtype: torch.dtype,
+                     sync_group: Optional[str] = None) -> Tensor:
     """PowerNorm's training forward on group-scaled rows ``u``: ``y = u·scale·weight + bias`` in ``out_dtype``
     (``scale`` = ``1/sqrt(d + eps)``, spec A §1.4). ``grad_scale`` and ``ema_gz`` are for the backward."""
     return _kernels().channel_affine(u, scale * _param_or_ones(weight, scale), bias, out_dtype=out_dtype)
 
 
 @power_norm_train.register_fake
-def _power_norm_train_fake(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype):
+def _power_norm_train_fake(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype, sync_group=None):
     return u.new_empty(u.shape, dtype=out_dtype)
 
 
 def _power_norm_setup_context(ctx, inputs, output):
-    u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, _out_dtype = inputs
+    u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, _out_dtype, sync_group = inputs
     ctx.save_for_backward(u, weight, scale, grad_scale)
+    ctx.sync_group = sync_group
     ctx.ema_gz = ema_gz  # the buffer, read and updated when backward runs
     ctx.alpha_bkw = alpha_bkw
     ctx.has_bias = bias is not None
@@ -146,12 +153,12 @@ def _power_norm_backward(ctx, dy):
     sums, du = token_grad_sums(dy, u, w * grad_scale, -k * scale * grad_scale)
     sum_uu, sum_dyu, sum_dy = sums.unbind(0)
     sum_dyz = sum_dyu * scale
-    # mean over all R rows of (g − k·z)·z, with g = dy·w and z = u·scale.
+    # mean over all R rows (of every rank when synced) of (g − k·z)·z, with g = dy·w and z = u·scale.
     with torch.no_grad():
-        ema_gz.copy_(ema_gz + (w * sum_dyz - k * scale.square() * sum_uu) / max(u.shape[0], 1))
+        ema_gz.copy_(ema_gz + mean_over_rows(w * sum_dyz - k * scale.square() * sum_uu, u.shape[0], ctx.sync_group))
     dweight = sum_dyz.to(weight.dtype) if weight is not None else None
     dbias = sum_dy.to(ctx.bias_dtype) if ctx.has_bias else None
-    return du, dweight, dbias, None, None, None, None, None
+    return du, dweight, dbias, None, None, None, None, None, None
 
 
 power_norm_train.register_autograd(_power_norm_backward, setup_context=_power_norm_setup_context)
@@ -164,22 +171,24 @@ power_norm_train.register_autograd(_power_norm_backward, setup_context=_power_no
 
 @torch.library.custom_op("normlayers::unified_norm_train", mutates_args=())
 def unified_norm_train(x: Tensor, weight: Tensor, bias: Tensor, inv_std: Tensor, r: Tensor, ema_gz: Tensor,
-                       buffer_gz: Tensor, t: Tensor, skip: Tensor, momentum: float, warmup_iters: int) -> Tensor:
+                       buffer_gz: Tensor, t: Tensor, skip: Tensor, momentum: float, warmup_iters: int,
+                       sync_group: Optional[str] = None) -> Tensor:
     """UnifiedNorm's training forward: ``y = x·inv_std·weight + bias`` (spec A §2.4; ``r`` is not applied in the
     forward). ``r``, ``ema_gz``, ``buffer_gz``, ``t`` and ``skip`` are for the backward."""
     return _kernels().channel_affine(x, inv_std * weight.to(inv_std.dtype), bias)
 
 
 @unified_norm_train.register_fake
-def _unified_norm_train_fake(x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters):
+def _unified_norm_train_fake(x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters,
+                             sync_group=None):
     return x.new_empty(x.shape)
 
 
 def _unified_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters = inputs
+    x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters, sync_group = inputs
     ctx.save_for_backward(x, weight, inv_std, r, t, skip)
     ctx.ema_gz, ctx.buffer_gz = ema_gz, buffer_gz  # updated when backward runs
-    ctx.momentum, ctx.warmup_iters = momentum, warmup_iters
+    ctx.momentum, ctx.warmup_iters, ctx.sync_group = momentum, warmup_iters, sync_group
     ctx.bias_dtype = bias.dtype
 
 
@@ -189,12 +198,13 @@ def _unified_norm_backward(ctx, dy):
     _sum_xx, sum_dyx, sum_dy = sums.unbind(0)
     wr = weight.to(inv_std.dtype) * r
     sum_dyz = sum_dyx * inv_std
-    # gz = mean over all rows of g·z, g = dy·weight·r
-    c = unified_norm_backward_statistics_(wr * sum_dyz / max(x.shape[0], 1), ctx.ema_gz, ctx.buffer_gz, t, skip,
-                                          momentum=ctx.momentum, warmup_iters=ctx.warmup_iters)
+    # gz = mean over all rows (of every rank when synced) of g·z, g = dy·weight·r
+    gz = mean_over_rows(wr * sum_dyz, x.shape[0], ctx.sync_group)
+    c = unified_norm_backward_statistics_(gz, ctx.ema_gz, ctx.buffer_gz, t, skip, momentum=ctx.momentum,
+                                          warmup_iters=ctx.warmup_iters)
     # dx = (g − c·z)·inv_std = dy·(w·r·inv_std) − x·(c·inv_std²)
     dx = channel_affine2(dy, wr * inv_std, x, -c * inv_std.square())
-    return (dx, (r * sum_dyz).to(weight.dtype), sum_dy.to(ctx.bias_dtype), *([None] * 8))
+    return (dx, (r * sum_dyz).to(weight.dtype), sum_dy.to(ctx.bias_dtype), *([None] * 9))
 
 
 unified_norm_train.register_autograd(_unified_norm_backward, setup_context=_unified_norm_setup_context)

@@ -31,8 +31,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "power_norm_statistics_", "step_snapshot",
-           "GROUP_SCALING_EPS"]
+from normlayers.distributed import all_reduce_sum
+
+__all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean_over_rows", "power_norm_statistics_",
+           "step_snapshot", "GROUP_SCALING_EPS"]
 
 # GroupScaling1D's epsilon in the official code (mask_powernorm.py L20), independent of the layer's eps.
 GROUP_SCALING_EPS = 1e-5
@@ -83,13 +85,44 @@ def _step_snapshot_fake(tensors):
     return [torch.empty_like(t) for t in tensors]
 
 
-def mean_over_valid(total: Tensor, rows: int, valid: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+def _sum_over_ranks(total: Tensor, count: Tensor, sync_group: str) -> tuple[Tensor, Tensor]:
+    """Per-channel ``total`` and the scalar ``count`` summed over the ranks of ``sync_group``, in one all-reduce.
+
+    Plain sums suffice (not the Chan combination of moments that the mean-subtracting norms use): these statistics
+    subtract no mean, so there is nothing to cancel. fp64 on the wire keeps counts exact and the sum of partial sums
+    rounding-free at these sizes; the result has ``total``'s dtype, the count is fp64.
+    """
+    packed = torch.cat([total.to(torch.float64), count.to(torch.float64).reshape(1)])
+    packed = all_reduce_sum(packed, sync_group)
+    return packed[:-1].to(total.dtype), packed[-1]
+
+
+def mean_over_valid(total: Tensor, rows: int, valid: Optional[Tensor],
+                    sync_group: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
     """``(total / number of valid rows, that number as a device tensor)``; the count is ``None`` when every row is
-    valid and there is at least one (nothing to guard, and no host-to-device copy of ``rows``)."""
-    if valid is None and rows > 0:
+    valid and there is at least one (nothing to guard, and no host-to-device copy of ``rows``).
+
+    With ``sync_group`` both are summed over its ranks first (every rank must call, also with no rows): the mean
+    over the valid rows of the global batch, and the global count (0 only when no rank has a valid row).
+    """
+    if sync_group is None and valid is None and rows > 0:
         return total / rows, None
-    count = valid.sum() if valid is not None else torch.zeros((), dtype=torch.int64, device=total.device)
+    if valid is not None:
+        count = valid.sum()
+    else:
+        count = torch.full((), rows, dtype=torch.int64, device=total.device)
+    if sync_group is not None:
+        total, count = _sum_over_ranks(total, count, sync_group)
     return total / count, count
+
+
+def mean_over_rows(total: Tensor, rows: int, sync_group: Optional[str] = None) -> Tensor:
+    """``total / rows``, the backward's mean over all rows (pads included), 0 for no rows (not 0/0); with
+    ``sync_group`` over the rows of every rank (``total`` and ``rows`` summed over its ranks)."""
+    if sync_group is None:
+        return total / max(rows, 1)
+    total, count = _sum_over_ranks(total, torch.full((), rows, dtype=torch.int64, device=total.device), sync_group)
+    return total / count.clamp(min=1).to(total.dtype)
 
 
 def keep_if_empty(q: Tensor, count: Optional[Tensor], fallback: Tensor) -> Tensor:
@@ -97,12 +130,14 @@ def keep_if_empty(q: Tensor, count: Optional[Tensor], fallback: Tensor) -> Tenso
     return q if count is None else torch.where(count > 0, q, fallback)
 
 
-def masked_square_mean(rows: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-channel mean of ``rows²`` over the valid rows, and their count (see :func:`mean_over_valid`)."""
+def masked_square_mean(rows: Tensor, valid: Optional[Tensor],
+                       sync_group: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-channel mean of ``rows²`` over the valid rows (of every rank of ``sync_group``), and their count (see
+    :func:`mean_over_valid`)."""
     squares = rows.detach().square()
     if valid is not None:
         squares = squares * valid[:, None].to(squares.dtype)
-    return mean_over_valid(squares.sum(0), rows.shape[0], valid)
+    return mean_over_valid(squares.sum(0), rows.shape[0], valid, sync_group)
 
 
 @torch.no_grad()
@@ -129,8 +164,8 @@ class _PowerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_phi: Tensor,
                 ema_gz: Tensor, t: Tensor, valid: Optional[Tensor], eps: float, alpha_fwd: float, alpha_bkw: float,
-                warmup_iters: int, backward_denominator: str) -> Tensor:
-        q, count = masked_square_mean(u, valid)
+                warmup_iters: int, backward_denominator: str, sync_group: Optional[str]) -> Tensor:
+        q, count = masked_square_mean(u, valid, sync_group)
         scale, grad_scale = power_norm_statistics_(q, count, running_phi, t, eps=eps, alpha_fwd=alpha_fwd,
                                                    warmup_iters=warmup_iters,
                                                    backward_denominator=backward_denominator)
@@ -144,6 +179,7 @@ class _PowerNormFunction(torch.autograd.Function):
         # The buffer itself, read and updated when backward runs (as the official ctx does), not a snapshot.
         ctx.ema_gz = ema_gz
         ctx.alpha_bkw = alpha_bkw
+        ctx.sync_group = sync_group
         ctx.has_bias = bias is not None
         return y
 
@@ -153,22 +189,25 @@ class _PowerNormFunction(torch.autograd.Function):
         ema_gz = ctx.ema_gz
         g = dy * weight.to(dy.dtype) if weight is not None else dy
         approx = g - (1 - ctx.alpha_bkw) * ema_gz.to(dy.dtype) * z
-        # Mean over all rows; an empty batch adds nothing (a plain mean would be 0/0).
-        ema_gz.copy_(ema_gz + (approx * z).sum(0) / max(z.shape[0], 1))
+        # Mean over all rows (of every rank when synced); an empty batch adds nothing (a plain mean would be 0/0).
+        ema_gz.copy_(ema_gz + mean_over_rows((approx * z).sum(0), z.shape[0], ctx.sync_group))
         du = approx * grad_scale
         dweight = (dy * z).sum(0).to(weight.dtype) if weight is not None else None
         dbias = dy.sum(0).to(weight.dtype if weight is not None else dy.dtype) if ctx.has_bias else None
-        return du, dweight, dbias, None, None, None, None, None, None, None, None, None
+        return du, dweight, dbias, *([None] * 10)
 
 
 def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor],
                bias: Optional[Tensor], pad_mask: Optional[Tensor] = None, *, training: bool, eps: float,
                alpha_fwd: float, alpha_bkw: float, warmup_iters: int, group_num: Optional[int],
-               batch_first: bool = False, backward_denominator: str = "batch") -> Tensor:
+               batch_first: bool = False, backward_denominator: str = "batch",
+               sync_group: Optional[str] = None) -> Tensor:
     """PowerNorm of ``x`` ``(T, B, C)`` (``(B, T, C)`` with ``batch_first``, or ``(B, C)``); see the module docstring.
 
     Training increments ``iters`` and updates ``running_phi`` in place, and the backward updates ``ema_gz`` in place.
-    Buffers may have any shape with ``C`` elements (officially ``(1, C, 1, 1)``).
+    Buffers may have any shape with ``C`` elements (officially ``(1, C, 1, 1)``). With ``sync_group`` (a process
+    group name, training only) the forward statistic ``q`` and the backward's mean for ``ema_gz`` are taken over the
+    tokens of every rank of the group (see :mod:`normlayers.distributed`).
     """
     xf = x.to(_opmath_dtype(x.dtype))
     u = group_scaling(xf, group_num) if group_num is not None else xf
@@ -177,7 +216,7 @@ def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, we
         iters.add_(1)
         (step,) = step_snapshot([iters])
         y = _PowerNormFunction.apply(rows, weight, bias, running_phi.view(-1), ema_gz.view(-1), step, valid,
-                                     eps, alpha_fwd, alpha_bkw, warmup_iters, backward_denominator)
+                                     eps, alpha_fwd, alpha_bkw, warmup_iters, backward_denominator, sync_group)
     else:
         y = rows * torch.rsqrt(running_phi.reshape(-1).to(rows.dtype) + eps)
         if weight is not None:

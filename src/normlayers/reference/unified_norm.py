@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlayers.reference.power_norm import keep_if_empty, masked_square_mean, step_snapshot, token_rows
+from normlayers.reference.power_norm import keep_if_empty, masked_square_mean, mean_over_rows, step_snapshot, token_rows
 
 __all__ = ["unified_norm", "unified_norm_statistics_", "unified_norm_backward_statistics_", "R_CLAMP_START"]
 
@@ -119,8 +119,8 @@ class _UnifiedNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_var: Tensor, ema_gz: Tensor,
                 buffer_x2: Tensor, buffer_gz: Tensor, skip_counter: Tensor, t: Tensor, valid: Optional[Tensor],
                 eps: float, momentum: float, warmup_iters: int, outlier_filtration: bool,
-                grad_compensation: bool) -> Tensor:
-        q, count = masked_square_mean(x, valid)
+                grad_compensation: bool, sync_group: Optional[str]) -> Tensor:
+        q, count = masked_square_mean(x, valid, sync_group)
         var, r, skip = unified_norm_statistics_(q, count, running_var, buffer_x2, skip_counter, t, eps=eps,
                                                 momentum=momentum, warmup_iters=warmup_iters,
                                                 outlier_filtration=outlier_filtration,
@@ -129,30 +129,33 @@ class _UnifiedNormFunction(torch.autograd.Function):
         z = x * inv_std
         ctx.save_for_backward(z, weight, inv_std, r, t, skip)
         ctx.ema_gz, ctx.buffer_gz = ema_gz, buffer_gz  # updated when backward runs
-        ctx.momentum, ctx.warmup_iters = momentum, warmup_iters
+        ctx.momentum, ctx.warmup_iters, ctx.sync_group = momentum, warmup_iters, sync_group
         return z * weight.to(z.dtype) + bias.to(z.dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         z, weight, inv_std, r, t, skip = ctx.saved_tensors
         g = dy * weight.to(dy.dtype) * r
-        gz = (g * z).sum(0) / max(z.shape[0], 1)  # mean over all rows (0 for an empty batch, not 0/0)
+        # Mean over all rows, of every rank when synced (0 for an empty batch, not 0/0).
+        gz = mean_over_rows((g * z).sum(0), z.shape[0], ctx.sync_group)
         c = unified_norm_backward_statistics_(gz, ctx.ema_gz, ctx.buffer_gz, t, skip, momentum=ctx.momentum,
                                               warmup_iters=ctx.warmup_iters)
         dx = (g - c * z) * inv_std
         dweight = (dy * r * z).sum(0).to(weight.dtype)
         dbias = dy.sum(0).to(weight.dtype)
-        return dx, dweight, dbias, *([None] * 12)
+        return dx, dweight, dbias, *([None] * 13)
 
 
 def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tensor, buffer_gz: Tensor,
                  iters: Tensor, skip_counter: Tensor, weight: Tensor, bias: Tensor,
                  pad_mask: Optional[Tensor] = None, *, training: bool, eps: float, momentum: float,
-                 warmup_iters: int, outlier_filtration: bool, grad_compensation: bool = True) -> Tensor:
+                 warmup_iters: int, outlier_filtration: bool, grad_compensation: bool = True,
+                 sync_group: Optional[str] = None) -> Tensor:
     """Unified Normalization of ``x`` ``(B, N, C)`` or ``(B, C)``; see the module docstring.
 
     Training increments ``iters`` and updates ``running_var``, ``buffer_x2`` and ``skip_counter`` in place; the backward
-    updates ``ema_gz`` and ``buffer_gz`` in place.
+    updates ``ema_gz`` and ``buffer_gz`` in place. With ``sync_group`` (a process group name, training only) ``q`` and
+    the backward's ``gz`` are means over the tokens of every rank of the group (see :mod:`normlayers.distributed`).
     """
     xf = x.to(_opmath_dtype(x.dtype))
     rows, valid = token_rows(xf, pad_mask, time_major=False)
@@ -161,7 +164,7 @@ def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tens
         (step,) = step_snapshot([iters])
         y = _UnifiedNormFunction.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter,
                                        step, valid, eps, momentum, warmup_iters, outlier_filtration,
-                                       grad_compensation)
+                                       grad_compensation, sync_group)
     else:
         y = rows * torch.rsqrt(running_var.to(rows.dtype) + eps) * weight.to(rows.dtype) + bias.to(rows.dtype)
     return y.reshape(x.shape).to(x.dtype)
