@@ -12,15 +12,12 @@ all-reduce averages), running buffers on every rank.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import gloo_ranks as ranks
 import normlayers
 from normlayers.testing import assert_close
 
@@ -28,35 +25,12 @@ WORLD = 2
 _WORKER = Path(__file__).with_name("region_spd_worker.py")
 
 
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("region_spd_worker", _WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
+worker = ranks.load_script(_WORKER)
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("sync_region_spd")
-    init_file = tmp / "rendezvous"
-    outs = [tmp / f"rank{rank}.pt" for rank in range(WORLD)]
-    processes = [subprocess.Popen([sys.executable, str(_WORKER), str(rank), str(WORLD), str(init_file), str(out)],
-                                  env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for rank, out in enumerate(outs)]
-    logs = []
-    for process in processes:
-        try:
-            logs.append(process.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            pytest.fail("the distributed workers did not finish in 600 s")
-    if any(p.returncode != 0 for p in processes):
-        pytest.fail("a worker failed:\n" + "\n".join(log[-3000:] for log in logs))
-    return [torch.load(out, weights_only=False) for out in outs]
+    return ranks.run_ranks(_WORKER, tmp_path_factory.mktemp("sync_region_spd"), WORLD)
 
 
 def _single_process(name: str) -> list[dict]:
@@ -66,16 +40,7 @@ def _single_process(name: str) -> list[dict]:
 
 
 def _check(per_rank: list[list[dict]], expected: list[dict], splits: tuple[int, ...]) -> None:
-    for step, truth in enumerate(expected):
-        for key, value in truth.items():
-            if key in ("y", "dx"):
-                for rank, steps in enumerate(per_rank):
-                    assert_close(steps[step][key], value[worker.rows_of(rank, splits)], msg=f"step {step} {key}")
-            elif key.startswith("grad."):
-                assert_close(sum(steps[step][key] for steps in per_rank), value, msg=f"step {step} {key}")
-            else:
-                for steps in per_rank:
-                    assert_close(steps[step][key], value, msg=f"step {step} {key}")
+    ranks.check_against_single_process(per_rank, expected, lambda t, rank: t[worker.rows_of(rank, splits)])
 
 
 _RUNS = [(backend_name, name) for name, case in worker.CASES.items()

@@ -9,15 +9,12 @@ running buffers on every rank, and, for DDP, the trained parameters.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import gloo_ranks as ranks
 import normlayers
 from normlayers.testing import assert_close
 
@@ -25,35 +22,12 @@ WORLD = 2
 _WORKER = Path(__file__).with_name("sync_worker.py")
 
 
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("sync_worker", _WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
+worker = ranks.load_script(_WORKER)
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("sync")
-    init_file = tmp / "rendezvous"
-    outs = [tmp / f"rank{rank}.pt" for rank in range(WORLD)]
-    processes = [subprocess.Popen([sys.executable, str(_WORKER), str(rank), str(WORLD), str(init_file), str(out)],
-                                  env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for rank, out in enumerate(outs)]
-    logs = []
-    for process in processes:
-        try:
-            logs.append(process.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            pytest.fail("the distributed workers did not finish in 600 s")
-    if any(p.returncode != 0 for p in processes):
-        pytest.fail("a worker failed:\n" + "\n".join(log[-3000:] for log in logs))
-    return [torch.load(out, weights_only=False) for out in outs]
+    return ranks.run_ranks(_WORKER, tmp_path_factory.mktemp("sync"), WORLD)
 
 
 def _single_process(name: str) -> list[dict]:
@@ -63,19 +37,7 @@ def _single_process(name: str) -> list[dict]:
 
 
 def _check_against_single_process(per_rank: list[list[dict]], expected: list[dict], splits: tuple[int, ...]) -> None:
-    for step, truth in enumerate(expected):
-        for key, value in truth.items():
-            if key in ("y", "dx"):
-                for rank, steps in enumerate(per_rank):
-                    assert_close(steps[step][key], value[worker.rows_of(rank, splits)], msg=f"step {step} {key}")
-            elif key.startswith("grad."):
-                assert_close(sum(steps[step][key] for steps in per_rank), value, msg=f"step {step} {key}")
-            elif value.is_floating_point():
-                for steps in per_rank:
-                    assert_close(steps[step][key], value, msg=f"step {step} {key}")
-            else:
-                for steps in per_rank:
-                    assert torch.equal(steps[step][key], value), f"step {step} {key}"
+    ranks.check_against_single_process(per_rank, expected, lambda t, rank: t[worker.rows_of(rank, splits)])
 
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)

@@ -11,15 +11,12 @@ included (synced by default, docs/distributed.md); for DDP, the trained paramete
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import gloo_ranks as ranks
 import normlayers
 from normlayers.testing import assert_close
 
@@ -27,36 +24,12 @@ WORLD = 2
 _WORKER = Path(__file__).with_name("token_norms_worker.py")
 
 
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("token_norms_worker", _WORKER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through the module's entry
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
+worker = ranks.load_script(_WORKER)
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("sync_token_norms")
-    init_file = tmp / "rendezvous"
-    outs = [tmp / f"rank{rank}.pt" for rank in range(WORLD)]
-    processes = [subprocess.Popen([sys.executable, str(_WORKER), str(rank), str(WORLD), str(init_file), str(out)],
-                                  env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for rank, out in enumerate(outs)]
-    logs = []
-    for process in processes:
-        try:
-            logs.append(process.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            pytest.fail("the distributed workers did not finish in 600 s")
-    if any(p.returncode != 0 for p in processes):
-        pytest.fail("a worker failed:\n" + "\n".join(log[-3000:] for log in logs))
-    return [torch.load(out, weights_only=False) for out in outs]
+    return ranks.run_ranks(_WORKER, tmp_path_factory.mktemp("sync_token_norms"), WORLD)
 
 
 def _single_process(name: str) -> list[dict]:
@@ -67,21 +40,12 @@ def _single_process(name: str) -> list[dict]:
 
 def _check_against_single_process(name: str, per_rank: list[list[dict]], expected: list[dict]) -> None:
     case = worker.CASES[name]
-    for step, truth in enumerate(expected):
-        for key, value in truth.items():
-            if key in ("y", "dx"):
-                for rank, steps in enumerate(per_rank):
-                    samples = worker.rows_of(rank, case.splits)
-                    mine = value[:, samples] if case.batch_dim == 1 else value[samples]
-                    assert_close(steps[step][key], mine, msg=f"step {step} {key}")
-            elif key.startswith("grad."):
-                assert_close(sum(steps[step][key] for steps in per_rank), value, msg=f"step {step} {key}")
-            elif value.is_floating_point():
-                for steps in per_rank:
-                    assert_close(steps[step][key], value, msg=f"step {step} {key}")
-            else:
-                for steps in per_rank:
-                    assert torch.equal(steps[step][key], value), f"step {step} {key}"
+
+    def local_part(t: torch.Tensor, rank: int) -> torch.Tensor:
+        samples = worker.rows_of(rank, case.splits)
+        return t[:, samples] if case.batch_dim == 1 else t[samples]
+
+    ranks.check_against_single_process(per_rank, expected, local_part)
 
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)
