@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TOLERANCES", "tolerance", "assert_close", "assert_lowprec_close", "max_abs_error"]
+__all__ = ["NCHW_LAYOUTS", "TOLERANCES", "tolerance", "assert_close", "assert_compiled_matches_eager",
+           "assert_lowprec_close", "max_abs_error", "nchw_input"]
 
 # dtype -> (rtol, atol). Each entry widens torch.testing's default only with the reason written beside it.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -66,3 +67,64 @@ def assert_lowprec_close(actual: torch.Tensor, torch_lowprec: torch.Tensor, refe
     if not ours <= bound:  # also fails on NaN
         raise AssertionError(f"{msg} max error {ours:.3e} vs fp64 exceeds 2 x torch's {theirs:.3e} + atol "
                              f"(bound {bound:.3e}) for dtype {actual.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs for per-plane (NCHW) kernels and layers
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The memory layouts every per-plane kernel must read in place: NCHW, channels-last, and a channel slice of a wider
+# activation (sample stride (C + 2)·H·W, not C·H·W).
+NCHW_LAYOUTS = ("contiguous", "channels_last", "channel_slice")
+
+
+def nchw_input(n: int, c: int, h: int, w: int, dtype: torch.dtype, layout: str = "contiguous",
+               device: torch.device | str = "cpu", *, seed: int = 0, scale: float = 1.0,
+               plane_offset: float = 0.0) -> torch.Tensor:
+    """A reproducible ``(n, c, h, w)`` test input in ``layout`` (one of :data:`NCHW_LAYOUTS`):
+    ``scale·N(0, 1)`` plus, per (sample, channel) plane, ``plane_offset·N(0, 1)`` (an offset larger than the spread
+    makes centred statistics matter), drawn in fp64 and rounded to ``dtype``."""
+    if layout not in NCHW_LAYOUTS:
+        raise ValueError(f"layout must be one of {NCHW_LAYOUTS}, got {layout!r}")
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(n, c + 2, h, w, generator=gen, dtype=torch.float64) * scale
+    if plane_offset:
+        wide = wide + plane_offset * torch.randn(n, c + 2, 1, 1, generator=gen, dtype=torch.float64)
+    x = wide.to(dtype).to(device)
+    if layout == "channels_last":
+        return x[:, :c].contiguous(memory_format=torch.channels_last)
+    if layout == "channel_slice":
+        return x[:, 1:c + 1]
+    return x[:, :c].contiguous()
+
+
+def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """``torch.compile(fullgraph=True)`` of a training step (forward, ``square().sum()`` loss, backward) of a copy of
+    ``module`` on backend ``"triton"`` gives exactly the eager step's loss, input and parameter gradients and buffers
+    (the same kernels and the same small ops run, compiled or not), and those agree with backend ``"reference"``."""
+    import copy
+
+    from normlayers.backend import backend
+
+    torch._dynamo.reset()
+
+    def loss_fn(mod: torch.nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        return mod(inp).square().sum()
+
+    def run(fn) -> list[torch.Tensor]:
+        mod = copy.deepcopy(module)
+        leaf = x.clone().requires_grad_()
+        fn(mod, leaf).backward()
+        return [leaf.grad, *(p.grad for p in mod.parameters()), *mod.buffers()]
+
+    with backend("triton"):
+        eager = run(loss_fn)
+        compiled = run(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
+    with backend("reference"):
+        reference = run(loss_fn)
+    for a, b, c in zip(eager, compiled, reference):
+        assert torch.equal(a, b)
+        if a.is_floating_point():
+            assert_close(a, c)
+        else:
+            assert torch.equal(a, c)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from normlayers.kernels import channel_stats as K
-from normlayers.testing import assert_close, assert_lowprec_close
+from normlayers.testing import NCHW_LAYOUTS, assert_close, assert_lowprec_close, nchw_input
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -26,20 +26,12 @@ SHAPES = [
     (2, 70, 2, 3, None),
     (2, 3, 15, 20, 64),
 ]
-LAYOUTS = ["contiguous", "channels_last", "channel_slice"]
+LAYOUTS = list(NCHW_LAYOUTS)
 
 
 def make_input(n, c, h, w, dtype, layout, device, *, seed=0):
-    gen = torch.Generator().manual_seed(seed)
     # A per-plane offset larger than the spread, so the centred variance matters.
-    base = torch.randn(n, c + 2, h, w, generator=gen, dtype=torch.float64) + 3 * torch.randn(
-        n, c + 2, 1, 1, generator=gen, dtype=torch.float64)
-    x = base.to(dtype).to(device)
-    if layout == "channels_last":
-        return x[:, :c].contiguous(memory_format=torch.channels_last)
-    if layout == "channel_slice":  # a slice of a wider activation: sample stride (c + 2)·HW, not c·HW
-        return x[:, 1:c + 1]
-    return x[:, :c].contiguous()
+    return nchw_input(n, c, h, w, dtype, layout, device, seed=seed, plane_offset=3.0)
 
 
 def torch_moments(x: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

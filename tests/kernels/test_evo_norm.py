@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from normlayers.kernels import evo_norm as K
-from normlayers.testing import assert_close, assert_lowprec_close
+from normlayers.testing import NCHW_LAYOUTS, assert_close, assert_lowprec_close, nchw_input
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -23,17 +23,11 @@ SHAPES = [
     (2, 70, 2, 3, None),
     (2, 3, 15, 20, 64),
 ]
-LAYOUTS = ["contiguous", "channels_last", "channel_slice"]
+LAYOUTS = list(NCHW_LAYOUTS)
 
 
 def _input(n, c, h, w, dtype, layout, device, *, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c + 2, h, w, generator=gen, dtype=torch.float64) * 1.5).to(dtype).to(device)
-    if layout == "channels_last":
-        return x[:, :c].contiguous(memory_format=torch.channels_last)
-    if layout == "channel_slice":  # sample stride (c + 2)·HW, not c·HW
-        return x[:, 1:c + 1]
-    return x[:, :c].contiguous()
+    return nchw_input(n, c, h, w, dtype, layout, device, seed=seed, scale=1.5)
 
 
 def _coefficients(mode, n, c, stats, device):

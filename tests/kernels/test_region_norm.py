@@ -15,7 +15,7 @@ import torch
 
 from normlayers.kernels import channel_stats as KC
 from normlayers.kernels import region_norm as K
-from normlayers.testing import assert_close, assert_lowprec_close
+from normlayers.testing import assert_close, assert_lowprec_close, nchw_input
 
 # (N, C, H, W, max_block_hw): HW = 1, odd HW, N = 1, several planes per program, planes wider than one block.
 SHAPES = [
@@ -29,15 +29,7 @@ LOWPREC = [torch.float16, torch.bfloat16]
 
 
 def make_input(n, c, h, w, dtype, layout="contiguous", *, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, c + 2, h, w, generator=gen, dtype=torch.float64) + 3 * torch.randn(
-        n, c + 2, 1, 1, generator=gen, dtype=torch.float64)
-    x = base.to(dtype)
-    if layout == "channels_last":
-        return x[:, :c].contiguous(memory_format=torch.channels_last)
-    if layout == "channel_slice":
-        return x[:, 1:c + 1]
-    return x[:, :c].contiguous()
+    return nchw_input(n, c, h, w, dtype, layout, seed=seed, plane_offset=3.0)
 
 
 def make_mask(n, c, h, w, kind, *, seed=1):

@@ -15,7 +15,7 @@ import torch
 import normlayers
 from normlayers import functional as F
 from normlayers.ops import channel_stats as ops
-from normlayers.testing import assert_close, assert_lowprec_close
+from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close
 
 
 def _input(shape, device, *, dtype=torch.float64, layout="contiguous", seed=0):
@@ -186,31 +186,7 @@ def test_module_low_precision_input(dtype, device):
 
 
 def test_compile_fullgraph_forward_backward(device):
-    torch._dynamo.reset()
-    module = _module(12, 3, device)
-    x = _input((2, 12, 3, 4), device, dtype=torch.float32)
-
-    def loss_fn(mod, x):
-        return mod(x).square().sum()
-
-    def run(fn):
-        mod = copy.deepcopy(module)
-        leaf = x.clone().requires_grad_()
-        loss = fn(mod, leaf)
-        loss.backward()
-        return [loss.detach(), leaf.grad, *(p.grad for p in mod.parameters()), *mod.buffers()]
-
-    with normlayers.backend("triton"):
-        eager = run(loss_fn)
-        compiled = run(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
-    with normlayers.backend("reference"):
-        reference = run(loss_fn)
-    for a, b, c in zip(eager, compiled, reference):
-        assert torch.equal(a, b)  # the same kernels and the same small ops run, compiled or not
-        if a.is_floating_point():
-            assert_close(a, c)
-        else:
-            assert torch.equal(a, c)
+    assert_compiled_matches_eager(_module(12, 3, device), _input((2, 12, 3, 4), device, dtype=torch.float32))
 
 
 def test_export_contains_the_plane_ops(device):

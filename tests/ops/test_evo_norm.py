@@ -19,7 +19,7 @@ from torch import nn
 import normlayers
 from normlayers import functional as F
 from normlayers.ops import evo_norm as ops
-from normlayers.testing import assert_close, assert_lowprec_close
+from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close
 
 CLASSES = {
     "B0": normlayers.EvoNorm2dB0, "B1": normlayers.EvoNorm2dB1, "B2": normlayers.EvoNorm2dB2,
@@ -229,28 +229,7 @@ def test_gradcheck_functional_fp64(name, training, device):
 
 @pytest.mark.parametrize("name", ["B0", "B2", "S0", "S1", "S2a"])
 def test_compile_fullgraph_forward_backward(name, device):
-    torch._dynamo.reset()
-    module = _module(name, 12, 3, device)
-    x = _input((2, 12, 3, 4), device, dtype=torch.float32)
-
-    def loss_fn(mod, x):
-        return mod(x).square().sum()
-
-    def run(fn):
-        mod = copy.deepcopy(module)
-        leaf = x.clone().requires_grad_()
-        loss = fn(mod, leaf)
-        loss.backward()
-        return [loss.detach(), leaf.grad, *(p.grad for p in mod.parameters()), *mod.buffers()]
-
-    with normlayers.backend("triton"):
-        eager = run(loss_fn)
-        compiled = run(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
-    with normlayers.backend("reference"):
-        reference = run(loss_fn)
-    for a, b, c in zip(eager, compiled, reference):
-        assert torch.equal(a, b)  # the same kernels and the same small ops run, compiled or not
-        assert_close(a, c)
+    assert_compiled_matches_eager(_module(name, 12, 3, device), _input((2, 12, 3, 4), device, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("name, op", [("B1", "plane_max_div_affine"), ("S0", "plane_swish_affine")])
