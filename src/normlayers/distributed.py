@@ -67,27 +67,32 @@ def sync_batch_moments(mean: Tensor, var: Tensor, count: Union[int, Tensor], gro
     ``mean``/``var`` (biased) are this rank's, over ``count`` values per channel; with ``count = 0`` they may be NaN
     and are ignored. Returns the global ``(mean, var, count)``, ``count`` per channel as a tensor (no host sync).
     """
-    count_t = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
-    has_values = count_t > 0
+    count_t = torch.as_tensor(count, dtype=mean.dtype, device=mean.device).expand_as(mean)
+    return _combine_across_ranks(mean, var, count_t, group, empty_as_zero=False)
+
+
+def _combine_across_ranks(mean: Tensor, var: Tensor, count: Tensor, group: Any, *, empty_as_zero: bool
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's combination over the ranks of ``group`` of this rank's ``(count, mean, biased var)``, elementwise;
+    local entries with ``count = 0`` are ignored. Where the global count is 0 the result is ``0/0`` (NaN), or 0 with
+    ``empty_as_zero`` (the denominator clamped to 1)."""
+    has_values = count > 0
     local_mean = torch.where(has_values, mean, torch.zeros_like(mean))
-    local_m2 = torch.where(has_values, var * count_t, torch.zeros_like(var))
-    gathered = all_gather_with_grad(torch.stack([count_t.expand_as(mean), local_mean, local_m2]), group)
-    counts, means, m2s = gathered.unbind(1)  # each (world, C)
+    local_m2 = torch.where(has_values, var * count, torch.zeros_like(var))
+    counts, means, m2s = all_gather_with_grad(torch.stack([count.to(mean.dtype), local_mean, local_m2]),
+                                              group).unbind(1)
     total = counts.sum(0)
-    global_mean = (counts * means).sum(0) / total
+    denominator = total.clamp_min(1) if empty_as_zero else total
+    global_mean = (counts * means).sum(0) / denominator
     global_m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)
-    return global_mean, global_m2 / total, total
+    return global_mean, global_m2 / denominator, total
 
 
 def moment_sync(sync_stats: bool, process_group: Any, training: bool) -> Optional[MomentSync]:
-    """The moment combiner a norm should use now, or ``None`` for local statistics: syncing needs ``sync_stats``,
-    training, and an initialized process group of more than one rank (SyncBatchNorm's rule)."""
-    if not (sync_stats and training and dist.is_available() and dist.is_initialized()):
-        return None
-    group = process_group if process_group is not None else dist.group.WORLD
-    if dist.get_world_size(group) <= 1:
-        return None
-    return lambda mean, var, count: sync_batch_moments(mean, var, count, group)
+    """The moment combiner a norm should use now (over :func:`sync_group`'s group), or ``None`` for local
+    statistics."""
+    group = sync_group(sync_stats, process_group, training)
+    return None if group is None else (lambda mean, var, count: sync_batch_moments(mean, var, count, group))
 
 
 def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
@@ -108,11 +113,13 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
 
 
 def sync_group(sync_stats: bool, process_group: Any, training: bool) -> Optional[Any]:
-    """The process group a norm should sync over now, or ``None`` for local statistics (the rule of
-    :func:`moment_sync`), for layers that exchange something other than one set of per-channel moments."""
-    if moment_sync(sync_stats, process_group, training) is None:
+    """The process group a norm should sync its statistics over now, or ``None`` for local statistics: syncing needs
+    ``sync_stats``, training, and an initialized process group (default: the world) of more than one rank
+    (SyncBatchNorm's rule)."""
+    if not (sync_stats and training and dist.is_available() and dist.is_initialized()):
         return None
-    return process_group if process_group is not None else dist.group.WORLD
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def sync_masked_moments(mean: Tensor, var: Tensor, count: Tensor, group: Any = None
@@ -125,16 +132,7 @@ def sync_masked_moments(mean: Tensor, var: Tensor, count: Tensor, group: Any = N
     and variance are 0, with finite gradients (the denominator is clamped to 1, the official ``S[S==0] = 1``), unlike
     :func:`sync_batch_moments`, whose ``0/0`` there would put NaN into the backward. Differentiable like it.
     """
-    has_values = count > 0
-    local_mean = torch.where(has_values, mean, torch.zeros_like(mean))
-    local_m2 = torch.where(has_values, var * count, torch.zeros_like(var))
-    counts, means, m2s = all_gather_with_grad(torch.stack([count.to(mean.dtype), local_mean, local_m2]),
-                                              group).unbind(1)
-    total = counts.sum(0)
-    denominator = total.clamp_min(1)
-    global_mean = (counts * means).sum(0) / denominator
-    global_m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)
-    return global_mean, global_m2 / denominator, total
+    return _combine_across_ranks(mean, var, count, group, empty_as_zero=True)
 
 
 def sync_group_name(sync_stats: bool, process_group: Any, training: bool) -> Optional[str]:
