@@ -134,11 +134,6 @@ def _write(module: nn.Module, weight: Tensor, bias: Tensor) -> None:
             module.bias = nn.Parameter(bias.to(module.weight.dtype), module.weight.requires_grad)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _channel_layers(norm: nn.Module) -> tuple[type, ...]:
     """The linear maps whose output-feature axis is the axis ``norm`` scales. The trace has no shapes, so this is
     decided by type: BatchNorm2d/3d scale dim 1 of conv outputs; BatchNorm1d dim 1 of ``(N, C)`` or ``(N, C, L)``
@@ -214,7 +209,7 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
     before = _outputs(model, example_inputs)
     baked = [(name, m) for name, m in model.named_modules() if isinstance(m, _StandardizedConv2d)]
     for name, module in baked:
-        _set(model, name, module.to_conv2d())
+        model.set_submodule(name, module.to_conv2d())
     flow = _fx_flow(model) or _sequential_flow(model)
     modules = dict(model.named_modules())
     folded: list[str] = []
@@ -225,7 +220,7 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
             if isinstance(producer, nn.Conv2d):
                 a, c, group = _bcn_parts(module)
                 _fold_into_producer(producer, a, c)
-                _set(model, name, group)
+                model.set_submodule(name, group)
                 folded.append(name)
             continue
         if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
@@ -254,7 +249,7 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
                 _fold_into_consumer(consumer, a, c)
         else:
             continue
-        _set(model, name, nn.Identity())
+        model.set_submodule(name, nn.Identity())
         folded.append(name)
     logger.info("fold_norms: baked %d standardized convs, folded %s", len(baked), folded)
     after = _outputs(model, example_inputs)

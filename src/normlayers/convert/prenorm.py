@@ -409,8 +409,7 @@ def _convert(model: nn.Module, spec: Optional[PreNormSpec], compress: bool, unti
         else:
             new = RMSNorm(d, eps=norm.eps, elementwise_affine=False, **factory)
         new.train(norm.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
 
     logger.info("%s: %d norms converted to %s", type(model).__name__, len(spec.norms) + len(spec.output_norms),
                 "CRMSNorm" if compress else "RMSNorm")

@@ -490,8 +490,7 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
             if not fqn:
                 root = new
                 continue
-            parent_name, _, child = fqn.rpartition(".")
-            setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+            root.set_submodule(fqn, new)
     if built:
         counts: dict[str, int] = {}
         for line, old, new in built:
@@ -567,8 +566,7 @@ def restore_norms(model: nn.Module) -> nn.Module:
         if not fqn:
             new_root = replacement
             continue
-        parent_name, _, child = fqn.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, replacement)
+        root.set_submodule(fqn, replacement)
     if kept:
         warnings.warn(f"restore_norms: no plain torch module computes the same function as {', '.join(kept)}; "
                       f"left in place", stacklevel=2)
