@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import normlayers
 from normlayers.convert import fold_norms
+from normlayers.testing import assert_close
 
 
 class ChannelAffineNorm(nn.Module):
@@ -181,3 +182,12 @@ def test_channel_axis_decides_the_producer():
         mlp[1].running_mean.normal_()
     _assert_same(mlp, torch.randn(5, 3, dtype=torch.float64))
     assert isinstance(mlp[1], nn.Identity)
+
+
+def test_a_model_that_is_one_standardized_conv_is_returned_baked():
+    torch.manual_seed(0)
+    conv = normlayers.WSConv2d(3, 4, 3, padding=1).eval()
+    x = torch.randn(2, 3, 5, 5)
+    folded = fold_norms(conv, example_inputs=(x,))
+    assert type(folded) is nn.Conv2d
+    assert_close(folded(x), conv(x))

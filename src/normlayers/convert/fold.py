@@ -183,7 +183,7 @@ def is_foldable(module: nn.Module) -> bool:
 
 def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.Module:
     """Fold eval-mode, affine-equivalent norms into the adjacent linear maps, for inference; in place, returns
-    ``model``.
+    ``model`` (or, when ``model`` is itself a ``WSConv2d``/``ScaledWSConv2d``, the ``nn.Conv2d`` that replaces it).
 
     * ``WSConv2d``/``ScaledWSConv2d`` become ``nn.Conv2d`` with the standardized weight baked in.
     * ``nn.BatchNorm1d/2d/3d`` with running statistics, and any module with ``as_affine() -> (scale, shift)``
@@ -207,6 +207,11 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
     if model.training:
         raise ValueError("fold_norms folds eval-mode norms (running statistics); call model.eval() first")
     before = _outputs(model, example_inputs)
+    if isinstance(model, _StandardizedConv2d):  # the model is one standardized conv: its baked twin replaces it
+        conv = model.to_conv2d()
+        if before is not None:
+            _check_same(before, _outputs(conv, example_inputs))
+        return conv
     baked = [(name, m) for name, m in model.named_modules() if isinstance(m, _StandardizedConv2d)]
     for name, module in baked:
         model.set_submodule(name, module.to_conv2d())
