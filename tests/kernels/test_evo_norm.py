@@ -42,6 +42,11 @@ def _coefficients(mode, n, c, stats, device):
     return {name: t.to(stats).to(device) for name, t in out.items()}
 
 
+def _without_shift(coefficients):
+    """The backward's coefficients: the forward's less ``shift`` (whose gradient is Σ dy)."""
+    return {name: t for name, t in coefficients.items() if name != "shift"}
+
+
 def _torch_expression(mode, x, coefficients):
     per_plane = {name: t[:, :, None, None] for name, t in coefficients.items()}
     if mode == K.MODE_SWISH:
@@ -62,7 +67,7 @@ def test_forward_backward(mode, n, c, h, w, max_block_hw, layout, dtype, device)
     dy = _input(n, c, h, w, dtype, "contiguous", device, seed=3)
 
     y = K.evo_plane_fwd(x, mode, max_block_hw=max_block_hw, **coefficients)
-    dx, *dcoefficients = K.evo_plane_bwd(dy, x, mode, max_block_hw=max_block_hw, **coefficients)
+    dx, *dcoefficients = K.evo_plane_bwd(dy, x, mode, max_block_hw=max_block_hw, **_without_shift(coefficients))
     assert y.dtype == dx.dtype == dtype
     assert y.stride() == dx.stride() == torch.empty_like(x).stride()  # the input's memory format is kept
     assert all(g.dtype == stats and g.shape == (n, c) for g in dcoefficients)
@@ -92,7 +97,8 @@ def test_max_div_tie_splits_the_gradient_half_half(device):
     x = torch.tensor([1.0, 3.0, 1.0, 3.0], dtype=torch.float64).view(1, 1, 2, 2).to(device)
     coefficients = {name: torch.full((1, 1), value, dtype=torch.float64, device=device)
                     for name, value in [("left", 1.5), ("slope", 1.0), ("offset", 0.5), ("scale", 1.0), ("shift", 0.0)]}
-    dx, dleft, dslope, doffset, _, _ = K.evo_plane_bwd(torch.ones_like(x), x, K.MODE_MAX_DIV, **coefficients)
+    dx, dleft, dslope, doffset, _, _ = K.evo_plane_bwd(torch.ones_like(x), x, K.MODE_MAX_DIV,
+                                                       **_without_shift(coefficients))
     d_denominator_at_tie = -1.0 / 1.5**2  # d(x/m)/dm at x = 1, m = 1.5
     d_right_at_3 = -3.0 / 3.5**2
     assert_close(dleft, torch.full_like(dleft, 2 * 0.5 * d_denominator_at_tie))
@@ -107,8 +113,8 @@ def test_backward_is_deterministic(device):
     x = _input(2, 8, 9, 9, torch.float32, "channels_last", device)
     coefficients = _coefficients(K.MODE_MAX_DIV, 2, 8, torch.float32, device)
     dy = torch.randn_like(x)
-    first = K.evo_plane_bwd(dy, x, K.MODE_MAX_DIV, max_block_hw=16, **coefficients)
-    second = K.evo_plane_bwd(dy, x, K.MODE_MAX_DIV, max_block_hw=16, **coefficients)
+    first = K.evo_plane_bwd(dy, x, K.MODE_MAX_DIV, max_block_hw=16, **_without_shift(coefficients))
+    second = K.evo_plane_bwd(dy, x, K.MODE_MAX_DIV, max_block_hw=16, **_without_shift(coefficients))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -117,7 +123,7 @@ def test_empty_planes(device):
     x = torch.empty(2, 3, 0, 4, device=device)
     coefficients = _coefficients(K.MODE_SWISH, 2, 3, torch.float32, device)
     assert K.evo_plane_fwd(x, K.MODE_SWISH, **coefficients).shape == x.shape
-    dx, *grads = K.evo_plane_bwd(x, x, K.MODE_SWISH, **coefficients)
+    dx, *grads = K.evo_plane_bwd(x, x, K.MODE_SWISH, **_without_shift(coefficients))
     assert dx.shape == x.shape and all(torch.equal(g, torch.zeros(2, 3, device=device)) for g in grads)
 
 

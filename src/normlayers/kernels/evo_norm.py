@@ -137,21 +137,24 @@ def evo_plane_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _coefficients(mode: int, coefficients: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The five coefficient pointers in kernel order, contiguous; one a mode does not read is replaced by ``scale``
-    (never dereferenced)."""
-    names = MODE_COEFFICIENTS[mode]
+_FWD_POINTERS = ("left", "slope", "offset", "scale", "shift")
+_BWD_POINTERS = ("left", "slope", "offset", "scale")  # shift's gradient, Σ dy, needs no coefficient
+
+
+def _coefficients(mode: int, coefficients: dict[str, torch.Tensor], pointers: tuple[str, ...]) -> list[torch.Tensor]:
+    """The coefficient pointers a kernel takes, in its order, contiguous: those of ``mode`` among ``pointers`` must be
+    given (by name) and nothing else; one the mode does not read is replaced by ``scale`` (never dereferenced)."""
+    names = tuple(name for name in MODE_COEFFICIENTS[mode] if name in pointers)
     if set(coefficients) != set(names):
         raise ValueError(f"mode {mode} takes coefficients {names}, got {sorted(coefficients)}")
-    return [coefficients.get(name, coefficients["scale"]).contiguous()
-            for name in ("left", "slope", "offset", "scale", "shift")]
+    return [coefficients.get(name, coefficients["scale"]).contiguous() for name in pointers]
 
 
 def evo_plane_fwd(x: torch.Tensor, mode: int, *, max_block_hw: Optional[int] = None,
                   **coefficients: torch.Tensor) -> torch.Tensor:
     """``y = f(x)·scale + shift`` with ``f`` by ``mode`` (module docstring) and ``(N, C)`` coefficients given by name
     (:data:`MODE_COEFFICIENTS`); arithmetic in fp32 (fp64 for fp64 ``x``), ``y`` like ``x`` (dtype, memory format)."""
-    left, slope, offset, scale, shift = _coefficients(mode, coefficients)
+    left, slope, offset, scale, shift = _coefficients(mode, coefficients, _FWD_POINTERS)
     y = torch.empty_like(x)
     x3, y3 = _planes(x), _planes(y)
     n, c, hw = x3.shape
@@ -168,9 +171,10 @@ def evo_plane_fwd(x: torch.Tensor, mode: int, *, max_block_hw: Optional[int] = N
 
 def evo_plane_bwd(dy: torch.Tensor, x: torch.Tensor, mode: int, *, max_block_hw: Optional[int] = None,
                   **coefficients: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gradients of :func:`evo_plane_fwd`: ``dx`` (like ``x``) followed by the ``(N, C)`` gradient of each
-    coefficient of ``mode`` in :data:`MODE_COEFFICIENTS` order (``shift``'s is ``Σ dy``), in ``scale``'s dtype."""
-    left, slope, offset, scale, shift = _coefficients(mode, coefficients)
+    """Gradients of :func:`evo_plane_fwd`, given its coefficients less ``shift``: ``dx`` (like ``x``) followed by the
+    ``(N, C)`` gradient of each coefficient of ``mode`` in :data:`MODE_COEFFICIENTS` order (``shift``'s is ``Σ dy``),
+    in ``scale``'s dtype."""
+    left, slope, offset, scale = _coefficients(mode, coefficients, _BWD_POINTERS)
     dx = torch.empty_like(x)
     dy3, x3, dx3 = _planes(dy), _planes(x), _planes(dx)
     n, c, hw = x3.shape

@@ -49,21 +49,22 @@ def _plane_swish_affine_fake(x, slope, scale, shift):
 
 
 @torch.library.custom_op("normlayers::plane_swish_affine_bwd", mutates_args=())
-def plane_swish_affine_bwd(dy: Tensor, x: Tensor, slope: Tensor, scale: Tensor, shift: Tensor
+def plane_swish_affine_bwd(dy: Tensor, x: Tensor, slope: Tensor, scale: Tensor
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dslope, dscale, dshift)`` of :func:`plane_swish_affine`."""
     kernels = _kernels()
-    return kernels.evo_plane_bwd(dy, x, kernels.MODE_SWISH, slope=slope, scale=scale, shift=shift)
+    return kernels.evo_plane_bwd(dy, x, kernels.MODE_SWISH, slope=slope, scale=scale)
 
 
 @plane_swish_affine_bwd.register_fake
-def _plane_swish_affine_bwd_fake(dy, x, slope, scale, shift):
+def _plane_swish_affine_bwd_fake(dy, x, slope, scale):
     return _fake_grads(x, scale, 3)
 
 
 def _save_inputs_setup_context(ctx, inputs, output):
-    # Both ops: every input saved, the coefficients' dtypes kept for their gradients.
-    ctx.save_for_backward(*inputs)
+    # Both ops: every input but shift saved (the backward does not read it; its gradient is Σ dy), and the
+    # coefficients' dtypes kept for their gradients.
+    ctx.save_for_backward(*inputs[:-1])
     ctx.coefficient_dtypes = tuple(t.dtype for t in inputs[1:])
 
 
@@ -90,16 +91,15 @@ def _plane_max_div_affine_fake(x, left, slope, offset, scale, shift):
 
 
 @torch.library.custom_op("normlayers::plane_max_div_affine_bwd", mutates_args=())
-def plane_max_div_affine_bwd(dy: Tensor, x: Tensor, left: Tensor, slope: Tensor, offset: Tensor, scale: Tensor,
-                             shift: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def plane_max_div_affine_bwd(dy: Tensor, x: Tensor, left: Tensor, slope: Tensor, offset: Tensor, scale: Tensor
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dleft, dslope, doffset, dscale, dshift)`` of :func:`plane_max_div_affine` (ties split half/half)."""
     kernels = _kernels()
-    return kernels.evo_plane_bwd(dy, x, kernels.MODE_MAX_DIV, left=left, slope=slope, offset=offset, scale=scale,
-                                 shift=shift)
+    return kernels.evo_plane_bwd(dy, x, kernels.MODE_MAX_DIV, left=left, slope=slope, offset=offset, scale=scale)
 
 
 @plane_max_div_affine_bwd.register_fake
-def _plane_max_div_affine_bwd_fake(dy, x, left, slope, offset, scale, shift):
+def _plane_max_div_affine_bwd_fake(dy, x, left, slope, offset, scale):
     return _fake_grads(x, scale, 5)
 
 
