@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["NCHW_LAYOUTS", "TOLERANCES", "tolerance", "assert_close", "assert_compiled_matches_eager",
-           "assert_lowprec_close", "max_abs_error", "nchw_input"]
+__all__ = ["NCHW_LAYOUTS", "PLANE_KERNEL_SHAPES", "TOLERANCES", "tolerance", "assert_close",
+           "assert_compiled_matches_eager", "assert_lowprec_close", "max_abs_error", "nchw_input", "run_training_steps"]
 
 # dtype -> (rtol, atol). Each entry widens torch.testing's default only with the reason written beside it.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -77,6 +77,16 @@ def assert_lowprec_close(actual: torch.Tensor, torch_lowprec: torch.Tensor, refe
 # activation (sample stride (C + 2)·H·W, not C·H·W).
 NCHW_LAYOUTS = ("contiguous", "channels_last", "channel_slice")
 
+# (N, C, H, W, max_block_hw) edge shapes of the per-plane kernels: HW = 1, odd HW with N = 1, several planes per
+# program, and planes wider than one block (the chunked loops: 35 values in blocks of 8, 300 in blocks of 64).
+PLANE_KERNEL_SHAPES = (
+    (3, 4, 1, 1, None),
+    (1, 5, 3, 7, None),
+    (2, 3, 5, 7, 8),
+    (2, 70, 2, 3, None),
+    (2, 3, 15, 20, 64),
+)
+
 
 def nchw_input(n: int, c: int, h: int, w: int, dtype: torch.dtype, layout: str = "contiguous",
                device: torch.device | str = "cpu", *, seed: int = 0, scale: float = 1.0,
@@ -128,3 +138,21 @@ def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor) -> N
             assert_close(a, c)
         else:
             assert torch.equal(a, c)
+
+
+def run_training_steps(module: torch.nn.Module, xs: list[torch.Tensor], backend_name: str
+                       ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Forward and backward of ``module`` on each of ``xs`` in turn on backend ``backend_name``, with seeded random
+    output gradients; returns, per step, ``[y, dx, *parameter grads]``, and the buffers after the last step."""
+    from normlayers.backend import backend
+
+    results = []
+    with backend(backend_name):
+        for i, x in enumerate(xs):
+            module.zero_grad()
+            leaf = x.clone().requires_grad_()
+            y = module(leaf)
+            gen = torch.Generator().manual_seed(10 + i)
+            y.backward(torch.randn(y.shape, generator=gen).to(y.device, y.dtype))
+            results.append([y.detach(), leaf.grad, *(p.grad.clone() for p in module.parameters())])
+    return results, [b.clone() for b in module.buffers()]

@@ -11,18 +11,11 @@ import pytest
 import torch
 
 from normlayers.kernels import evo_norm as K
-from normlayers.testing import NCHW_LAYOUTS, assert_close, assert_lowprec_close, nchw_input
+from normlayers.testing import NCHW_LAYOUTS, PLANE_KERNEL_SHAPES, assert_close, assert_lowprec_close, nchw_input
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
-# (N, C, H, W, max_block_hw): HW = 1, odd HW with N = 1, several planes per program, planes wider than one block.
-SHAPES = [
-    (3, 4, 1, 1, None),
-    (1, 5, 3, 7, None),
-    (2, 3, 5, 7, 8),
-    (2, 70, 2, 3, None),
-    (2, 3, 15, 20, 64),
-]
+SHAPES = list(PLANE_KERNEL_SHAPES)
 LAYOUTS = list(NCHW_LAYOUTS)
 
 

@@ -15,7 +15,7 @@ import torch
 import normlayers
 from normlayers import functional as F
 from normlayers.ops import channel_stats as ops
-from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close
+from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close, run_training_steps
 
 
 def _input(shape, device, *, dtype=torch.float64, layout="contiguous", seed=0):
@@ -104,20 +104,6 @@ def _module(channels, groups, device, *, estimate=False, momentum=0.1, dtype=tor
     return module
 
 
-def _run_steps(module, xs, backend_name):
-    """Forward and backward over several batches; returns the outputs, input and parameter grads, and buffers."""
-    results = []
-    with normlayers.backend(backend_name):
-        for i, x in enumerate(xs):
-            module.zero_grad()
-            leaf = x.clone().requires_grad_()
-            y = module(leaf)
-            gen = torch.Generator().manual_seed(10 + i)
-            y.backward(torch.randn(y.shape, generator=gen).to(y.device, y.dtype))
-            results.append([y.detach(), leaf.grad, *(p.grad.clone() for p in module.parameters())])
-    return results, [b.clone() for b in module.buffers()]
-
-
 @pytest.mark.parametrize("mode", ["train", "eval", "estimate", "estimate_eval"])
 @pytest.mark.parametrize("case", SHAPES)
 def test_module_matches_reference(case, mode, device):
@@ -127,13 +113,13 @@ def test_module_matches_reference(case, mode, device):
         module = _module(channels, groups, device)
         for name in ("triton", "reference"):
             with pytest.raises(ValueError, match="more than 1 value per channel"):
-                _run_steps(module, [_input(shape, device, dtype=torch.float32, seed=0)], name)
+                run_training_steps(module, [_input(shape, device, dtype=torch.float32, seed=0)], name)
         return
     module = _module(channels, groups, device, estimate=mode.startswith("estimate"))
     module.train(not mode.endswith("eval"))
     xs = [_input(shape, device, dtype=torch.float32, seed=s) for s in range(3)]
-    ours, our_buffers = _run_steps(copy.deepcopy(module), xs, "triton")
-    theirs, their_buffers = _run_steps(copy.deepcopy(module), xs, "reference")
+    ours, our_buffers = run_training_steps(copy.deepcopy(module), xs, "triton")
+    theirs, their_buffers = run_training_steps(copy.deepcopy(module), xs, "reference")
     for step, (a_step, e_step) in enumerate(zip(ours, theirs)):
         for name, a, e in zip(["y", "dx", "dbn_weight", "dbn_bias", "dweight", "dbias"], a_step, e_step):
             assert_close(a, e, msg=f"step {step} {name}")
@@ -148,8 +134,8 @@ def test_module_matches_reference(case, mode, device):
 def test_running_statistics_after_several_steps(momentum, device):
     module = _module(12, 3, device, momentum=momentum)
     xs = [_input((2, 12, 4, 3), device, dtype=torch.float32, seed=s) for s in range(4)]
-    _, ours = _run_steps(copy.deepcopy(module), xs, "triton")
-    _, theirs = _run_steps(copy.deepcopy(module), xs, "reference")
+    _, ours = run_training_steps(copy.deepcopy(module), xs, "triton")
+    _, theirs = run_training_steps(copy.deepcopy(module), xs, "reference")
     assert ours[2].item() == theirs[2].item() == 4  # num_batches_tracked
     assert_close(ours[0], theirs[0], msg="running_mean")
     assert_close(ours[1], theirs[1], msg="running_var")
@@ -159,8 +145,8 @@ def test_running_statistics_after_several_steps(momentum, device):
 def test_module_non_contiguous_input(layout, device):
     module = _module(8, 2, device)
     x = _input((2, 8, 4, 5), device, dtype=torch.float32, layout=layout)
-    ours, _ = _run_steps(copy.deepcopy(module), [x], "triton")
-    theirs, _ = _run_steps(copy.deepcopy(module), [x], "reference")
+    ours, _ = run_training_steps(copy.deepcopy(module), [x], "triton")
+    theirs, _ = run_training_steps(copy.deepcopy(module), [x], "reference")
     y = ours[0][0]
     assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
     for a, e in zip(ours[0], theirs[0]):
@@ -175,9 +161,9 @@ def test_module_low_precision_input(dtype, device):
     module = _module(16, 4, device)
     x64 = _input((2, 16, 3, 4), device)
     x = x64.to(dtype)
-    ours, _ = _run_steps(copy.deepcopy(module), [x], "triton")
-    lowprec, _ = _run_steps(copy.deepcopy(module), [x], "reference")
-    truth, _ = _run_steps(copy.deepcopy(module).double(), [x.double()], "reference")
+    ours, _ = run_training_steps(copy.deepcopy(module), [x], "triton")
+    lowprec, _ = run_training_steps(copy.deepcopy(module), [x], "reference")
+    truth, _ = run_training_steps(copy.deepcopy(module).double(), [x.double()], "reference")
     assert ours[0][0].dtype == ours[0][1].dtype == dtype
     # The output gradient is drawn in y's dtype, so the low-precision runs see it rounded and the truth does not: the
     # fp32 parameter gradients are held to the same rule, not to the fp32 tolerance.

@@ -19,7 +19,7 @@ from torch import nn
 import normlayers
 from normlayers import functional as F
 from normlayers.ops import evo_norm as ops
-from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close
+from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close, run_training_steps
 
 CLASSES = {
     "B0": normlayers.EvoNorm2dB0, "B1": normlayers.EvoNorm2dB1, "B2": normlayers.EvoNorm2dB2,
@@ -97,23 +97,9 @@ def _module(name, channels, groups, device, *, dtype=torch.float32, **kwargs):
     return module
 
 
-def _run_steps(module, xs, backend_name):
-    """Forward and backward over several batches; returns the outputs, input and parameter grads, and buffers."""
-    results = []
-    with normlayers.backend(backend_name):
-        for i, x in enumerate(xs):
-            module.zero_grad()
-            leaf = x.clone().requires_grad_()
-            y = module(leaf)
-            gen = torch.Generator().manual_seed(10 + i)
-            y.backward(torch.randn(y.shape, generator=gen).to(y.device, y.dtype))
-            results.append([y.detach(), leaf.grad, *(p.grad.clone() for p in module.parameters())])
-    return results, [b.clone() for b in module.buffers()]
-
-
 def _assert_same_run(module, xs):
-    ours, our_buffers = _run_steps(copy.deepcopy(module), xs, "triton")
-    theirs, their_buffers = _run_steps(copy.deepcopy(module), xs, "reference")
+    ours, our_buffers = run_training_steps(copy.deepcopy(module), xs, "triton")
+    theirs, their_buffers = run_training_steps(copy.deepcopy(module), xs, "reference")
     names = ["y", "dx", *(name for name, _ in module.named_parameters())]
     for step, (a_step, e_step) in enumerate(zip(ours, theirs)):
         for name, a, e in zip(names, a_step, e_step):
@@ -134,7 +120,7 @@ def test_module_matches_reference(name, case, training, device):
         # One value per channel: both backends refuse, as nn.BatchNorm2d does.
         for backend_name in ("triton", "reference"):
             with pytest.raises(ValueError, match="more than 1 value per channel"):
-                _run_steps(copy.deepcopy(module), xs, backend_name)
+                run_training_steps(copy.deepcopy(module), xs, backend_name)
         return
     # Three steps: in training the running variance moves, and the later steps of eval see the same buffer.
     _assert_same_run(module, xs)
@@ -189,9 +175,9 @@ def test_module_low_precision_input(name, dtype, device):
     # twice as far from the truth as that.
     module = _module(name, 16, 4, device)
     x = _input((2, 16, 3, 4), device).to(dtype)
-    ours, our_buffers = _run_steps(copy.deepcopy(module), [x], "triton")
-    lowprec, _ = _run_steps(copy.deepcopy(module), [x], "reference")
-    truth, truth_buffers = _run_steps(copy.deepcopy(module).double(), [x.double()], "reference")
+    ours, our_buffers = run_training_steps(copy.deepcopy(module), [x], "triton")
+    lowprec, _ = run_training_steps(copy.deepcopy(module), [x], "reference")
+    truth, truth_buffers = run_training_steps(copy.deepcopy(module).double(), [x.double()], "reference")
     assert ours[0][0].dtype == ours[0][1].dtype == dtype
     # The output gradient is drawn in y's dtype, so the low-precision runs see it rounded and the truth does not: the
     # fp32 parameter gradients are held to the same rule, not to the fp32 tolerance.
