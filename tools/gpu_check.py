@@ -27,8 +27,9 @@ interpreter, one ``torch.compile`` case, the CPU's copy bandwidth, no install; i
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import collections
 import datetime
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -56,32 +57,36 @@ DRY_RUN_TESTS = ("tests/kernels/test_row_norms_gpu.py", "tests/kernels/test_row_
 TIMING = {"gpu": ("--warmup-ms", "10", "--rep-ms", "50"), "dry": ("--warmup-ms", "0", "--rep-ms", "1")}
 # Seconds by which a bench pass stops starting cases before its hard limit: the longest single case (a
 # torch.compile of a composite norm's forward and backward) must fit in it. Killed anyway, a pass keeps its files.
-PASS_MARGIN_S = {"gpu": 40.0, "dry": 0.0}
+PASS_MARGIN_S = {"gpu": 15.0, "dry": 0.0}
 PHASE_LIMITS_S = {"liger": 30.0, "env": 60.0, "tests": 130.0, "audit": 45.0}
 SUMMARY_RESERVE_S = 15.0
-RESULT_FILES = ("env.json", "tests.log", "bench.csv", "bench.json", "bench.log", "audit.txt", "summary.md")
 
 
 @dataclass(frozen=True)
 class BenchPass:
-    """One ``normlayers-bench`` run of the bench phase; it may start cases until ``share`` of the phase's time."""
+    """One ``normlayers-bench`` run of the bench phase, with every provider but ``without``; it may start cases until
+    ``share`` of the phase's time has passed."""
 
     name: str
     args: tuple[str, ...]
     share: float
+    without: tuple[str, ...] = ()
     dry_run_args: tuple[str, ...] = ()  # added in --dry-run, to keep the CPU run to a minute
 
+    def provider_args(self) -> tuple[str, ...]:
+        from normlayers.bench.providers import PROVIDERS
 
-def bench_passes() -> tuple[BenchPass, ...]:
-    from normlayers.bench.providers import PROVIDERS
+        return ("--providers", ",".join(name for name in PROVIDERS if name not in self.without)) if self.without \
+            else ()
 
-    without_compile = ",".join(name for name in PROVIDERS if name != "torch_compile")
-    return (
-        BenchPass("every_op", ("--suite", "gpu", "--providers", without_compile), share=0.4),
-        BenchPass("row_widths", ("--suite", "row_widths"), share=0.7, dry_run_args=("--providers", without_compile)),
-        BenchPass("compiled", ("--suite", "gpu", "--providers", "torch,torch_compile"), share=1.0,
-                  dry_run_args=("--op", "rms_norm", "--dtype", "fp32", "--mode", "fwd")),
-    )
+
+BENCH_PASSES = (
+    BenchPass("every_op", ("--suite", "gpu"), share=0.45, without=("torch_compile",)),
+    BenchPass("row_widths", ("--suite", "row_widths"), share=0.7, dry_run_args=("--providers", "normlayers,torch")),
+    BenchPass("compiled", ("--suite", "gpu", "--providers", "torch,torch_compile"), share=1.0,
+              dry_run_args=("--op", "rms_norm", "--mode", "fwd")),
+)
+SKIPPABLE = ("tests", "bench", "audit")
 
 
 @dataclass
@@ -107,7 +112,8 @@ def _pump(stream, log, echo: bool) -> None:
             sys.stdout.flush()
 
 
-def run_logged(command: Sequence[str], log_path: Path, limit_s: float, env: dict, echo: bool = True) -> tuple[int, bool]:
+def run_logged(command: Sequence[str], log_path: Path, limit_s: float, env: dict,
+               echo: bool = True) -> tuple[int, bool]:
     """Run ``command`` from the repository root, its output appended to ``log_path`` (and echoed); past ``limit_s``
     its whole process group (pytest-xdist workers, Inductor's compile workers) is stopped. Returns (exit code,
     whether it timed out)."""
@@ -215,6 +221,7 @@ class Run:
         return self.deadline - time.monotonic() - reserve_s
 
     def phase(self, name: str) -> Phase:
+        print(f"[gpu_check {time.monotonic() - self.started:.0f} s] {name}", flush=True)
         phase = Phase(name)
         self.phases.append(phase)
         return phase
@@ -299,11 +306,12 @@ class Run:
 
     def run_bench(self) -> None:
         phase = self.phase("bench")
-        passes = bench_passes()
+        passes = [p for p in BENCH_PASSES if p.name in self.args.passes]
         log = self.folder / "bench.log"
         scratch = Path(tempfile.mkdtemp(prefix="gpu_check_bench-"))
         started = time.monotonic()
-        length_s = self.left_s(PHASE_LIMITS_S["audit"] + SUMMARY_RESERVE_S)
+        audit_s = PHASE_LIMITS_S["audit"] if "audit" not in self.args.skip and self.has_audit() else 0.0
+        length_s = self.left_s(audit_s + SUMMARY_RESERVE_S)
         phase.limit_s = round(length_s)
         documents, outcomes = [], []
         for bench_pass in passes:
@@ -313,7 +321,7 @@ class Run:
                 outcomes.append(f"{bench_pass.name}: not started (no time left)")
                 continue
             json_path = scratch / f"{bench_pass.name}.json"
-            command = [self.python, "-m", "normlayers.bench", *bench_pass.args,
+            command = [self.python, "-m", "normlayers.bench", *bench_pass.args, *bench_pass.provider_args(),
                        *(bench_pass.dry_run_args if self.dry_run else ()), *TIMING[self.kind],
                        "--device", "cpu" if self.dry_run else "cuda", "--time-limit", f"{soft_s:.0f}", "--quiet",
                        "--json", str(json_path)]
@@ -331,14 +339,19 @@ class Run:
         failed = not documents or any(not o.endswith(": ok") for o in outcomes)
         phase.status = "ok" if not failed else "failed" if documents else "failed: no results"
 
-    def run_audit(self) -> None:
-        phase = self.phase("audit")
+    @functools.cache
+    def has_audit(self) -> bool:
+        """Whether this checkout's ``normlayers-bench`` has ``--audit`` (until it does, the phase is skipped)."""
         from normlayers.bench.cli import build_parser
 
-        if "--audit" not in build_parser().format_help():
+        return "--audit" in build_parser().format_help()
+
+    def run_audit(self) -> None:
+        phase = self.phase("audit")
+        if not self.has_audit():
             phase.status, phase.note = "skipped", "normlayers-bench has no --audit yet"
             return
-        env = {**self.env, "TRITON_INTERPRET": "1"}  # the audit is the GPU-free measurement: the interpreter's
+        env = {**self.env, "TRITON_INTERPRET": "1"}  # the audit measures under the interpreter, also beside a GPU
         self.timed(phase, min(PHASE_LIMITS_S["audit"], self.left_s(SUMMARY_RESERVE_S)),
                    [self.python, "-m", "normlayers.bench", "--audit"], self.folder / "audit.txt", env, echo=False)
 
@@ -347,9 +360,11 @@ class Run:
     def main(self) -> int:
         self.install_liger()
         if self.report_env():
-            self.run_tests()
-            self.run_bench()
-            self.run_audit()
+            for name, run in (("tests", self.run_tests), ("bench", self.run_bench), ("audit", self.run_audit)):
+                if name in self.args.skip:
+                    self.phases.append(Phase(name, status="skipped", note="--skip"))
+                else:
+                    run()
         summary = write_summary(self.folder, self.phases, self.args, time.monotonic() - self.started)
         print("\n" + summary)
         if os.environ.get("OUT"):
@@ -414,17 +429,24 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
 
 
 def _test_outcome(log: Path) -> list[str]:
-    """pytest's closing lines and its failures, from ``tests.log``."""
+    """pytest's closing lines (or, for a run stopped at its limit, the outcomes counted so far) and its failures, from
+    ``tests.log``."""
     if not log.exists():
-        return ["no test log"]
+        return ["- no test log"]
     lines = log.read_text(errors="replace").splitlines()
     closing = [line.strip("= ") for line in lines
                if re.match(r"^(no tests ran|\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b).* in "
                            r"[\d.]+s\b", line.strip("= "))]
-    failures = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
     stopped = [line.strip("[]") for line in lines if line.startswith("[gpu_check: stopped")]
-    return [*(f"- {c}" for c in closing + stopped), *(f"- {f}" for f in failures[:40]),
-            *([f"- ... and {len(failures) - 40} more"] if len(failures) > 40 else [])] or ["- no closing line"]
+    if stopped:  # no closing line from the run that was stopped: count its verbose lines
+        counts = collections.Counter(m[1] for line in lines
+                                     for m in [re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line)] if m)
+        closing.append(", ".join(f"{n} {outcome.lower()}" for outcome, n in counts.items()) + " before it was "
+                       + stopped[0].removeprefix("gpu_check: "))
+    failures = list(dict.fromkeys(m[0] for line in lines for m in [re.search(r"\b(FAILED|ERROR) tests/\S+", line)]
+                                  if m))
+    return [*(f"- {line}" for line in closing or ["no closing line"]), *(f"- {f}" for f in failures[:40]),
+            *([f"- ... and {len(failures) - 40} more"] if len(failures) > 40 else [])]
 
 
 def _bench_table(document: dict) -> list[str]:
@@ -505,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "bench-out with --dry-run)")
     parser.add_argument("--budget", type=float, default=450.0, metavar="S",
                         help="seconds for the whole run (default 450: 7.5 minutes)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=SKIPPABLE, metavar="PHASE",
+                        help=f"phases not to run, from: {', '.join(SKIPPABLE)} (e.g. a second call for more bench)")
+    pass_names = [p.name for p in BENCH_PASSES]
+    parser.add_argument("--passes", nargs="+", default=pass_names, choices=pass_names, metavar="PASS",
+                        help=f"the bench passes to run, in this order: {', '.join(pass_names)} (default all)")
     parser.add_argument("--env-report", type=Path, metavar="DIR", help=argparse.SUPPRESS)  # the env phase's process
     return parser
 
