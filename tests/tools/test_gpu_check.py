@@ -5,11 +5,13 @@ cannot arrive broken on the GPU machine."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,50 @@ def test_the_summary_gives_every_phase_and_a_row_per_case(dry_run):
         row = rf"^\| {op} \| fp32 \| fwd_bwd \| [\dx]+ \| [\d.e+-]+ \| \d+ \| [\d.]+x\*? \|"  # ms, % copy, vs torch
         assert re.search(row, summary, re.M), op
     assert summary in dry_run[0].stdout  # printed last, where the device tool's output tail shows it
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while they are built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has ended
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_a_phase_past_its_limit_is_stopped_with_its_children(tmp_path):
+    gpu_check = _gpu_check_module()
+    log, pid_file = tmp_path / "phase.log", tmp_path / "child.pid"
+    started = time.monotonic()
+    # A child in the background, as pytest-xdist's workers: it is stopped too (else it would also hold the output
+    # pipe open, and the run would wait for it).
+    code, timed_out = gpu_check.run_logged(
+        ["bash", "-c", f"echo started; sleep 60 & echo $! > {pid_file}; wait"], log, 1.0, dict(os.environ),
+        echo=False)
+
+    assert timed_out and code != 0
+    assert time.monotonic() - started < 9  # the limit, not the child's 60 s nor the 10 s wait for the output
+    assert log.read_text().splitlines()[1:] == ["started", "", "[gpu_check: stopped after 1 s, its time limit]"]
+    deadline = time.monotonic() + 5
+    while _alive(int(pid_file.read_text())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(int(pid_file.read_text()))
+
+
+def test_the_outcome_of_a_stopped_test_run_is_counted_from_its_verbose_lines(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text("$ python -m pytest -n 8 -v tests/kernels\n"
+                   "[gw0] [  1%] PASSED tests/kernels/test_a.py::test_x[fp32]\n"
+                   "[gw1] [  2%] FAILED tests/kernels/test_a.py::test_y[bf16]\n"
+                   "[gw0] [  3%] PASSED tests/kernels/test_b.py::test_z\n"
+                   "\n[gpu_check: stopped after 130 s, its time limit]\n")
+
+    assert _gpu_check_module()._test_outcome(log) == [
+        "- 2 passed, 1 failed before it was stopped after 130 s, its time limit",
+        "- FAILED tests/kernels/test_a.py::test_y[bf16]"]
