@@ -249,9 +249,11 @@ class Run:
         source = ["--no-index", "--find-links", str(wheels)] if list(wheels.glob("liger_kernel-*.whl")) else []
         command = [self.python, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
                    "--retries", "0", "--timeout", "5", *source, "liger-kernel"]
-        code = self.timed(phase, min(PHASE_LIMITS_S["liger"], self.left_s()), command, self.folder / "liger.log")
-        phase.note = "installed" if code == 0 else "not installed: the run goes on without Liger"
-        (self.folder / "liger.log").unlink(missing_ok=True)  # its outcome is in the summary
+        log = self.folder / "liger.log"
+        code = self.timed(phase, min(PHASE_LIMITS_S["liger"], self.left_s()), command, log)
+        last_line = (log.read_text().strip().splitlines() or [""])[-1]
+        log.unlink()  # its outcome goes into the summary
+        phase.note = "installed" if code == 0 else f"not installed, the run goes on without Liger: {last_line[:200]}"
 
     def report_env(self) -> bool:
         phase = self.phase("env")
@@ -372,7 +374,8 @@ class Run:
             shutil.copytree(self.folder, destination, dirs_exist_ok=True)
             print(f"copied to {destination}")
         print(f"result folder: {self.folder}")
-        return int(any(p.status not in ("ok", "skipped") for p in self.phases))
+        # 1 when a phase failed or ran out of time; Liger missing is not a failure, the run goes on without it
+        return int(any(p.status not in ("ok", "skipped") for p in self.phases if p.name != "liger"))
 
 
 def _gpu_marked_files_outside(directories: Sequence[str]) -> list[str]:
