@@ -72,6 +72,7 @@ class BenchPass:
     share: float
     without: tuple[str, ...] = ()
     dry_run_args: tuple[str, ...] = ()  # added in --dry-run, to keep the CPU run to a minute
+    by_default: bool = True  # False: only when --passes names it (a second call)
 
     def provider_args(self) -> tuple[str, ...]:
         from normlayers.bench.providers import PROVIDERS
@@ -85,6 +86,10 @@ BENCH_PASSES = (
     BenchPass("row_widths", ("--suite", "row_widths"), share=0.7, dry_run_args=("--providers", "normlayers,torch")),
     BenchPass("compiled", ("--suite", "gpu", "--providers", "torch,torch_compile"), share=1.0,
               dry_run_args=("--op", "rms_norm", "--mode", "fwd")),
+    # For a second call: each family at all its suite's shapes, bf16 and fp32, without torch.compile.
+    *(BenchPass(suite, ("--suite", suite, "--dtype", "bf16,fp32"), share=1.0, without=("torch_compile",),
+                by_default=False)
+      for suite in ("row_norms", "cnn_norms", "transformer_norms", "region", "spd")),
 )
 SKIPPABLE = ("tests", "bench", "audit")
 
@@ -533,8 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip", nargs="+", default=[], choices=SKIPPABLE, metavar="PHASE",
                         help=f"phases not to run, from: {', '.join(SKIPPABLE)} (e.g. a second call for more bench)")
     pass_names = [p.name for p in BENCH_PASSES]
-    parser.add_argument("--passes", nargs="+", default=pass_names, choices=pass_names, metavar="PASS",
-                        help=f"the bench passes to run, in this order: {', '.join(pass_names)} (default all)")
+    parser.add_argument("--passes", nargs="+", default=[p.name for p in BENCH_PASSES if p.by_default],
+                        choices=pass_names, metavar="PASS",
+                        help=f"the bench passes to run, in this order: {', '.join(pass_names)} (default: "
+                             f"{', '.join(p.name for p in BENCH_PASSES if p.by_default)}; the others, each suite at "
+                             "all its shapes, for a second call)")
     parser.add_argument("--env-report", type=Path, metavar="DIR", help=argparse.SUPPRESS)  # the env phase's process
     return parser
 
