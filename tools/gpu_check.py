@@ -482,48 +482,48 @@ def _bench_table(document: dict) -> list[str]:
 
 
 def write_summary(folder: Path, phases: list[Phase], args: argparse.Namespace, seconds: float) -> str:
-    lines = [f"# gpu_check {'--dry-run ' if args.dry_run else ''}({folder.name})", "",
-             f"`tools/gpu_check.sh {' '.join(args.argv)}`: {seconds:.0f} s of a {args.budget:.0f} s budget.", ""]
+    """Write ``summary.md``; return it less its per-case table, for the console (whose tail is what a remote call
+    shows)."""
+    head = [f"# gpu_check {'--dry-run ' if args.dry_run else ''}({folder.name})", "",
+            f"`tools/gpu_check.sh {' '.join(args.argv)}`: {seconds:.0f} s of a {args.budget:.0f} s budget.", ""]
     env_path = folder / "env.json"
     if env_path.exists():
         env = json.loads(env_path.read_text())
-        lines += ["## Environment", "",
-                  f"- device: {env['device_name']} ({env['device_type']}"
-                  + (f", sm_{env['capability'].replace('.', '')}, {env['sm_count']} SMs, "
-                     f"{env['memory_bytes'] / 2**30:.0f} GiB" if env["device_type"] == "cuda" else "") + ")",
-                  f"- python {env['python']}, torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']},"
-                  f" normlayers {env['normlayers']}, git {env['git_sha']}{' (dirty)' if env['git_dirty'] else ''}",
-                  f"- driver and clocks: {env.get('nvidia_smi')}",
-                  f"- peers: {', '.join(f'{k} {v}' for k, v in env['peers'].items() if v) or 'none'}",
-                  f"- copy bandwidth: {env['copy_bandwidth_gbps']:.1f} GB/s (dst.copy_(src), "
-                  f"{env['copy_buffer_bytes'] // 2**20} MiB each way, read + write counted)", ""]
-    lines += ["## Phases", "", *_markdown_table(
+        head += ["## Environment", "",
+                 f"- device: {env['device_name']} ({env['device_type']}"
+                 + (f", sm_{env['capability'].replace('.', '')}, {env['sm_count']} SMs, "
+                    f"{env['memory_bytes'] / 2**30:.0f} GiB" if env["device_type"] == "cuda" else "") + ")",
+                 f"- python {env['python']}, torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']},"
+                 f" normlayers {env['normlayers']}, git {env['git_sha']}{' (dirty)' if env['git_dirty'] else ''}",
+                 f"- driver and clocks: {env.get('nvidia_smi')}",
+                 f"- peers: {', '.join(f'{k} {v}' for k, v in env['peers'].items() if v) or 'none'}",
+                 f"- copy bandwidth: {env['copy_bandwidth_gbps']:.1f} GB/s (dst.copy_(src), "
+                 f"{env['copy_buffer_bytes'] // 2**20} MiB each way, read + write counted)", ""]
+    head += ["## Phases", "", *_markdown_table(
         ["phase", "status", "seconds", "limit s", "note"],
         [[p.name, p.status, f"{p.seconds:g}", "-" if p.limit_s is None else str(p.limit_s), p.note] for p in phases]),
         ""]
     if any(p.name == "tests" for p in phases):
-        lines += ["## Tests (tests.log)", "", *_test_outcome(folder / "tests.log"), ""]
+        head += ["## Tests (tests.log)", "", *_test_outcome(folder / "tests.log"), ""]
+    table, problems = [], []
     bench_path = folder / "bench.json"
     if bench_path.exists():
         document = json.loads(bench_path.read_text())
         metadata = document["metadata"]
-        problems = [r for r in document["results"] if r["status"] in ("WRONG", "failed")]
-        lines += ["## Bench (bench.csv, bench.json, bench.log)", "",
-                  *(f"- pass {name}: {p['wall_time_s']} s, {p['cases_run']} of {p['cases_planned']} cases"
-                    f"{'' if p['finished'] else ' (killed at its limit)'}; copy bandwidth "
-                    f"{p['copy_bandwidth_gbps']:.1f} GB/s; `{' '.join(p['command'])}`"
-                    for name, p in metadata["passes"].items()),
-                  f"- {len(metadata['cases_not_run'])} cases not run for lack of time"
-                  + (f" (first: {metadata['cases_not_run'][0]})" if metadata["cases_not_run"] else ""),
-                  "- 'vs X' = X's time ÷ normlayers' time (above 1: normlayers is faster); * = X out of tolerance", "",
-                  *_bench_table(document), ""]
-        if problems:
-            lines += ["Wrong or failed:", "",
-                      *(f"- {r['op']} {r['dtype']} {r['mode']} {r['shape']} {r['provider']}: {r['status']} {r['note']}"
-                        for r in problems), ""]
-    text = "\n".join(lines)
-    (folder / "summary.md").write_text(text)
-    return text
+        head += ["## Bench (bench.csv, bench.json, bench.log)", "",
+                 *(f"- pass {name}: {p['wall_time_s']} s, {p['cases_run']} of {p['cases_planned']} cases"
+                   f"{'' if p['finished'] else ' (killed at its limit)'}; copy bandwidth "
+                   f"{p['copy_bandwidth_gbps']:.1f} GB/s; `{' '.join(p['command'])}`"
+                   for name, p in metadata["passes"].items()),
+                 f"- {len(metadata['cases_not_run'])} cases not run for lack of time"
+                 + (f" (first: {metadata['cases_not_run'][0]})" if metadata["cases_not_run"] else ""), ""]
+        table = ["'vs X' = X's time ÷ normlayers' time (above 1: normlayers is faster); * = X out of tolerance.", "",
+                 *_bench_table(document), ""]
+        problems = [f"- {r['op']} {r['dtype']} {r['mode']} {r['shape']} {r['provider']}: {r['status']} {r['note']}"
+                    for r in document["results"] if r["status"] in ("WRONG", "failed")]
+        problems = ["Wrong or failed:", "", *problems, ""] if problems else []
+    (folder / "summary.md").write_text("\n".join(head + table + problems))
+    return "\n".join(head + problems + (["The per-case table is in summary.md."] if table else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
