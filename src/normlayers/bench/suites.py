@@ -55,5 +55,19 @@ SUITES: dict[str, Suite] = {
               dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)}),
         Suite("spd", "SPD batch normalization (GBW) on batches of SPD matrices", ops=("spd_batch_norm",),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("fp32",), "cpu": ("fp32",)}),
+        Suite("gpu", "every op once, in bf16 and fp32, at one realistic shape per shape kind (row norms first): the "
+              "first pass of tools/gpu_check.sh; on CPU, tiny shapes (its --dry-run)",
+              ops=(*_ROW_NORMS, "batch_channel_norm", *_EVO_NORMS, "region_norm", "learnable_region_norm", "power_norm",
+                   "unified_norm", "weight_standardize", "spd_batch_norm"),
+              modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)},
+              shapes={"cuda": {"rows": ("4096x4096",), "nchw": ("32x256x56x56",), "conv_weight": ("256x256x3x3",),
+                               "tokens_tbc": ("512x32x1024",), "tokens_bnc": ("32x512x1024",), "spd": ("256x64",)},
+                      "cpu": {"rows": ("3x40",), "nchw": ("2x32x3x3",), "conv_weight": ("4x3x3x3",),
+                              "tokens_tbc": ("6x3x8",), "tokens_bnc": ("3x6x8",), "spd": ("5x3",)}}),
+        Suite("row_widths", "RMSNorm and LayerNorm at M = 4096 over N = 256 ... 65536, forward and backward alone (the "
+              "row norms' bandwidth targets)", ops=("rms_norm", "layer_norm"), modes=("fwd", "bwd"),
+              dtypes=_HEADLINE_DTYPES,
+              shapes={"cuda": {"rows": tuple(f"4096x{2**k}" for k in range(8, 17))},
+                      "cpu": {"rows": ("2x256", "2x1024")}}),
     )
 }
