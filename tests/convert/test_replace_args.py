@@ -54,45 +54,37 @@ def _replaced(old: nn.Module) -> tuple[nn.Module, nn.Module]:
     return new, oracle
 
 
-LAYER_NORM_ARGS = [
+# (source class, target class, constructor arguments away from the defaults); nn.RMSNorm has no bias argument.
+TORCH_CASES = [(nn.LayerNorm, normlayers.LayerNorm, kwargs) for kwargs in (
     dict(eps=EPS),
     dict(elementwise_affine=False),
     dict(bias=False),
     dict(eps=EPS, bias=False),
     dict(eps=EPS, elementwise_affine=False, bias=False),
-]
-
-
-@pytest.mark.parametrize("shape", [(8,), (3, 5)], ids=["1dim", "2dim"])
-@pytest.mark.parametrize("kwargs", LAYER_NORM_ARGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
-def test_layer_norm_arguments_survive(shape, kwargs):
-    torch.manual_seed(0)
-    new, oracle = _replaced(_randomized(nn.LayerNorm(shape, **kwargs)))
-    assert type(new) is normlayers.LayerNorm
-    assert new.normalized_shape == oracle.normalized_shape == shape
-    assert new.eps == oracle.eps and new.elementwise_affine == oracle.elementwise_affine
-    assert (new.weight is None) == (oracle.weight is None) and (new.bias is None) == (oracle.bias is None)
-    _assert_same_function(new, oracle, shape)
-
-
-RMS_NORM_ARGS = [
+)] + [(nn.RMSNorm, normlayers.RMSNorm, kwargs) for kwargs in (
     dict(eps=EPS),
     dict(eps=None),  # nn.RMSNorm's default: torch.finfo(input.dtype).eps at call time
     dict(elementwise_affine=False),
     dict(eps=EPS, elementwise_affine=False),
-]
+)]
+
+
+def _case_id(case) -> str:
+    source, _, kwargs = case
+    return f"{source.__name__}(" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
 
 
 @pytest.mark.parametrize("shape", [(8,), (3, 5)], ids=["1dim", "2dim"])
-@pytest.mark.parametrize("kwargs", RMS_NORM_ARGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
-def test_rms_norm_arguments_survive(shape, kwargs):
-    # nn.RMSNorm has no bias argument.
-    torch.manual_seed(1)
-    new, oracle = _replaced(_randomized(nn.RMSNorm(shape, **kwargs)))
-    assert type(new) is normlayers.RMSNorm
+@pytest.mark.parametrize("case", TORCH_CASES, ids=[_case_id(case) for case in TORCH_CASES])
+def test_torch_norm_arguments_survive(shape, case):
+    source, target, kwargs = case
+    torch.manual_seed(0)
+    new, oracle = _replaced(_randomized(source(shape, **kwargs)))
+    assert type(new) is target
     assert new.normalized_shape == oracle.normalized_shape == shape
     assert new.eps == oracle.eps and new.elementwise_affine == oracle.elementwise_affine
-    assert (new.weight is None) == (oracle.weight is None)
+    for name in ("weight", "bias"):
+        assert (getattr(new, name, None) is None) == (getattr(oracle, name, None) is None), name
     _assert_same_function(new, oracle, shape)
 
 
