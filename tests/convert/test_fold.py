@@ -156,7 +156,9 @@ def test_fp32_fold_and_state_dict():
     expected = model(x)
     fold_norms(copy.deepcopy(model))
     folded = fold_norms(model)
-    torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+    # fp32 rounding only (folding is exact in fp64, tests above): W·scale and the folded bias round differently, within
+    # the fp32 tolerances of normlayers.testing (measured: 2.4e-7 on outputs of magnitude ~2).
+    assert_close(folded(x), expected)
     assert set(folded.state_dict()) == {"0.weight", "0.bias"}
 
 
