@@ -1,6 +1,6 @@
 """``replace_norms``, ``plan_replacements`` and ``restore_norms``: swap a model's norms for normlayers' in place.
 
-Conventions (docs/convert.md): the new module is built on the ``meta`` device and *adopts* the
+Conventions (research ecosystem_and_api.md §1, §7.3): the new module is built on the ``meta`` device and *adopts* the
 old module's Parameter and buffer objects (torchao ``from_float``), so device, dtype, ``requires_grad``, weight tying
 and optimizer references survive and ``state_dict`` keys stay the same; ``training`` is copied; a module reachable
 under several names becomes one new module; only exact source types (or subclasses that keep the parent's
@@ -35,9 +35,8 @@ logger = logging.getLogger("normlayers")
 Target = Union[type, "functools.partial[nn.Module]", Callable[[nn.Module], nn.Module]]
 MappingLike = Mapping[Union[type, str], Target]
 
-# Same math only: these swaps change the speed, not the function (what that means for the bits: docs/convert.md). A
-# string key is an fnmatch pattern on the class name; "*RMSNorm" duck-types Hugging Face's ~200 RMSNorm classes (none
-# subclasses nn.RMSNorm).
+# Same math only: these swaps change the speed, never the outputs. A string key is an fnmatch pattern on the class
+# name; "*RMSNorm" duck-types Hugging Face's ~200 RMSNorm classes (none subclasses nn.RMSNorm; research §1.5).
 DEFAULT_MAPPING: dict[Union[type, str], Target] = {
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,
@@ -48,7 +47,7 @@ DEFAULT_MAPPING: dict[Union[type, str], Target] = {
 # (BatchNorm2d → BatchChannelNorm2d, Conv2d → WSConv2d, …) and are not verified.
 _SAME_MATH_TARGETS = (LayerNorm, RMSNorm)
 
-# `1 + w` in the source of an RMSNorm's forward: the Gemma family's offset (16 classes in transformers
+# `1 + w` in the source of an RMSNorm's forward: the Gemma family's offset (research §1.5: 16 classes in transformers
 # 5.23, all written `1.0 + self.weight.float()` or `1 + self.weight`).
 _OFFSET_SOURCE = re.compile(r"1(\.0)?\s*\+\s*self\.weight|self\.weight(\.float\(\))?\s*\+\s*1(\.0)?\b")
 
@@ -204,7 +203,7 @@ def _to_rms_norm(old: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
         shape = old.normalized_shape
     elif type(old).__name__.endswith("RMSNorm") and _hf_rmsnorm_problem(old) is None:
         offset = _hf_offset(old)
-        # Gemma-style norms scale in fp32 and round once; Llama-style ones round, then scale (``LlamaRMSNorm``).
+        # Gemma-style norms scale in fp32 and round once; Llama-style ones round, then scale (research §1.5).
         args = {"eps": _eps_of(old), "weight_offset": offset, "cast_mode": "torch" if offset else "llama", **kwargs}
         shape = tuple(old.weight.shape)
     else:
