@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, the same for every norm")
     args = parser.parse_args(argv)
+    if args.quick:
+        print("--quick: a smoke run of a few training steps; its results say nothing about the norms")
     steps = args.steps or (10 if args.quick else 800)
     generator = torch.Generator().manual_seed(0)
     train_set = make_images(64 if args.quick else 3000, generator)

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="10 training steps per norm (smoke test)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per norm (default 100; quick: 10)")
     args = parser.parse_args(argv)
+    if args.quick:
+        print("--quick: a smoke run of a few training steps; its results say nothing about the norms")
     steps = args.steps or (10 if args.quick else 100)
     # PowerNorm's authors pass the attention heads as group_num and their LR warm-up as warmup_iters; here the
     # warm-ups are short (a third of the run) so that the running statistics take over within the run.

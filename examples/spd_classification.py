@@ -227,6 +227,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
+        print("--quick: a smoke run of a few training steps; its results say nothing about the norms")
         args.n, args.hidden, args.out, args.sessions, args.per_class_session, args.epochs = 8, 6, 4, 2, 8, 1
         args.classes, args.batch_size = 3, 12
 

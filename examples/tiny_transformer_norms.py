@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--plot", type=Path, default=Path("tiny_transformer_norms.png"))
     args = parser.parse_args(argv)
+    if args.quick:
+        print("--quick: a smoke run of a few training steps; its results say nothing about the norms")
     steps = args.steps or (6 if args.quick else 300)
     generator = torch.Generator().manual_seed(0)
     tokens, floor = markov_corpus(5_000 if args.quick else 100_000, generator)
