@@ -96,8 +96,8 @@ def _check_channels(input: Tensor, num_features: int) -> None:
 
 
 def _stats_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
-    """``running_var`` is kept in fp32 whatever the parameters' dtype (fp64 for fp64), as TF does
-    (``resnet_model.py`` ``_batch_std``): an fp16 running variance would lose the small per-step updates."""
+    """``running_var`` is kept in fp32 whatever the parameters' dtype (fp64 for fp64), as TF does (spec §4.2,
+    §4.6): an fp16 running variance would lose the small per-step updates."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
