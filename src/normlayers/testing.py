@@ -1,6 +1,6 @@
 """Tolerances and assert helpers shared by the tests (and usable by anyone checking a layer against its reference).
 
-Two rules, from DESIGN.md:
+Two rules (docs/testing.md):
 
 * **fp32 / fp64** results are compared with :func:`torch.testing.assert_close` against a reference computed in the
   same or a wider dtype, with the tolerances of :data:`TOLERANCES`.

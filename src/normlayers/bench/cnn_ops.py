@@ -28,7 +28,7 @@ BCN_EPS = 1e-5  # both stages, the layer's defaults
 WS_VARIANT = normlayers.functional.WS_DEFAULT_VARIANT
 
 ACTIVATION_SHAPES = {
-    # ResNet-50 stage outputs at batch 32 (and one smaller batch), as in kernel_performance_anchors.md §8(b).
+    # ResNet-50 stage outputs at batch 32 (and one smaller batch): the channel-norm shapes kernel benchmarks use.
     "cuda": ((8, 256, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7)),
     "cpu": ((8, 64, 28, 28), (2, 512, 28, 28)),
 }

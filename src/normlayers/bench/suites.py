@@ -41,7 +41,7 @@ SUITES: dict[str, Suite] = {
               ops=("rms_norm", "layer_norm", "batch_channel_norm"), modes=("fwd", "fwd_bwd"),
               dtypes=_HEADLINE_DTYPES,
               shapes={"cpu": {"rows": ("256x1024",), "nchw": ("4x64x16x16",)}}),
-        Suite("row_norms", "the six row norms over transformer widths (kernel_performance_anchors.md §8(b))",
+        Suite("row_norms", "the six row norms over transformer widths (model widths and non-powers of two)",
               ops=_ROW_NORMS, modes=("fwd", "bwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES,
               shapes={"cuda": {"rows": ("4096x512", "4096x1024", "4096x2048", "4096x4096", "4096x5120", "4096x8192",
                                         "4096x16384", "16384x4096", "32768x4096")}}),

@@ -2,7 +2,7 @@
 Pre-CRMSNorm (:func:`prenorm_to_rmsnorm`, :func:`prenorm_to_crmsnorm`), fold eval-mode norms for inference
 (:func:`fold_norms`).
 
-A package rather than the single ``convert.py`` of DESIGN.md: the three parts share no code and together are over a
+A package rather than a single ``convert.py``: the three parts share no code and together are over a
 thousand lines; ``normlayers.convert.<name>`` is the same public path either way.
 """
 

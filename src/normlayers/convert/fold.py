@@ -152,7 +152,7 @@ def _channels_match(layer: nn.Module, norm: nn.Module, a: Tensor) -> bool:
 
 def _bcn_parts(bcn: BatchChannelNorm2d) -> tuple[Tensor, Tensor, nn.GroupNorm]:
     """An eval-mode BCN = its batch stage (a per-channel affine) followed by a GroupNorm with the group affine
-    repeated over each group's channels (spec B §2)."""
+    repeated over each group's channels (docs/batch_channel.md)."""
     bn = bcn.bn
     a = bn.weight.detach().double() * torch.rsqrt(bn.running_var.double() + bcn.bn_eps)
     c = bn.bias.detach().double() - bn.running_mean.double() * a

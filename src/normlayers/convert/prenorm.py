@@ -1,4 +1,5 @@
-"""Exact Pre-LN → Pre-RMSNorm → Pre-CRMSNorm conversion (Jiang et al., NeurIPS 2023; spec A §3.2).
+"""Exact Pre-LN → Pre-RMSNorm → Pre-CRMSNorm conversion (Jiang et al., NeurIPS 2023, arXiv 2305.14858; the steps
+of the authors' ``example.py``, ZixuanJiang/pre-rmsnorm-transformer).
 
 A Pre-LN transformer reads its residual stream only through LayerNorms, which remove the mean. So the stream may be
 kept zero-mean instead (recentre everything that writes it), after which each LayerNorm is an RMSNorm; a zero-mean
@@ -347,14 +348,14 @@ def _convert(model: nn.Module, spec: Optional[PreNormSpec], compress: bool, unti
     _untie(model, spec, untie_embeddings)
     if model.training:
         warnings.warn("the converted model is exact for inference; training it needs the zero-mean "
-                      "re-parametrisation of spec A §3.3 (dropout also breaks the zero mean)", stacklevel=3)
+                      "re-parametrisation of Jiang et al. (dropout also breaks the zero mean)", stacklevel=3)
     reference = _run(model, spec) if verify else None
     d = spec.width
     keep = slice(0, d - 1) if compress else slice(0, d)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
 
-    # Step 0: fold each block norm's affine into its readers (spec A §3.2).
+    # Step 0: fold each block norm's affine into its readers (docs/convert.md).
     for norm_name, consumers in spec.norms.items():
         norm = modules[norm_name]
         gamma = _f64(norm.weight) if norm.weight is not None else None
@@ -369,7 +370,7 @@ def _convert(model: nn.Module, spec: Optional[PreNormSpec], compress: bool, unti
                 b = b + (w @ beta if axis == 1 else beta @ w)
             if gamma is not None:
                 w = w * (gamma if axis == 1 else gamma[:, None])
-            if compress:  # W[:, :-1] − W[:, -1:] on the input axis (spec A §3.2 step 3)
+            if compress:  # W[:, :-1] − W[:, -1:] on the input axis (step 3)
                 w = w.narrow(axis, 0, d - 1) - w.narrow(axis, d - 1, 1)
             _store(lin, "weight", w)
             if lin.bias is not None or beta is not None:
@@ -437,8 +438,8 @@ def _run(model: nn.Module, spec: PreNormSpec) -> Optional[list[Tensor]]:
 
 def _compare(before: list[Tensor], after: list[Tensor], what: str) -> None:
     for expected, actual in zip(before, after):
-        # fp64: 1e-9 (spec A §3.2, checked there on a toy model); otherwise the dtype's rounding compounded through
-        # the depth of the model, relative to the output's scale.
+        # The conversion is exact algebra, so only rounding remains: fp64 1e-9; otherwise the dtype's rounding
+        # compounded through the depth of the model, relative to the output's scale.
         tol = 1e-9 if expected.dtype == torch.float64 else 1e3 * torch.finfo(expected.dtype).eps
         scale = expected.abs().max().clamp_min(1.0)
         error = (actual.double() - expected.double()).abs().max() / scale
@@ -452,7 +453,7 @@ def prenorm_to_rmsnorm(model: nn.Module, spec: Optional[PreNormSpec] = None, *, 
                        verify: bool = True) -> nn.Module:
     """Convert a Pre-LN transformer to the equivalent Pre-RMSNorm one, in place; returns ``model``.
 
-    Spec A §3.2 steps 0–2: every block LayerNorm's ``γ, β`` are folded into the linear maps reading its output
+    Steps 0–2 of docs/convert.md: every block LayerNorm's ``γ, β`` are folded into the linear maps reading its output
     (a bias is created where there was none); token/position embeddings, cls tokens, patch projections and the
     residual branches' output projections are recentred so the stream stays zero-mean; each LayerNorm becomes an
     affine-free :class:`normlayers.RMSNorm` with the same eps. Final norms whose output leaves the model become
@@ -484,8 +485,8 @@ def prenorm_to_crmsnorm(model: nn.Module, spec: Optional[PreNormSpec] = None, *,
                         verify: bool = True) -> nn.Module:
     """Convert a Pre-LN transformer to the equivalent Pre-CRMSNorm one, in place; returns ``model``.
 
-    As :func:`prenorm_to_rmsnorm`, then spec A §3.2 step 3: the zero-mean stream is stored in ``d − 1`` coordinates
-    (writers keep their first ``d − 1`` outputs; readers fold the dropped coordinate ``−Σx'`` in as
+    As :func:`prenorm_to_rmsnorm`, then step 3 of docs/convert.md: the zero-mean stream is stored in ``d − 1``
+    coordinates (writers keep their first ``d − 1`` outputs; readers fold the dropped coordinate ``−Σx'`` in as
     ``W[:, :-1] − W[:, -1:]``) and each norm is an affine-free :class:`normlayers.CRMSNorm`. Embedding tables,
     projections and cls/position parameters get new, narrower Parameters. Same arguments and refusals.
     """

@@ -12,7 +12,7 @@ coefficient an ``(N, C)`` tensor, ``y = f(x)·SCALE + SHIFT`` where ``f`` is cho
 
 The backward kernel owns its planes (deterministic, no atomics): it writes ``dx`` and the per-plane sums of the
 coefficients' gradients. At an exact tie ``LEFT == SLOPE·x + OFFSET`` the gradient of ``max`` goes half to each side,
-PyTorch's rule for ``torch.maximum`` (spec B §4.5), so the kernels agree with autograd of the reference there too.
+PyTorch's rule for ``torch.maximum`` (docs/evo_norm.md), so the kernels agree with autograd of the reference there too.
 Arithmetic in fp32 (fp64 for fp64 inputs); launches and layouts as ``channel_stats`` (views, no copies, int64
 offsets; outputs keep the input's memory format).
 """

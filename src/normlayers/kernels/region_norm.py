@@ -1,4 +1,4 @@
-"""Triton kernels for Region Normalization's masked statistics (spec B §3.2).
+"""Triton kernels for Region Normalization's masked statistics (docs/region_norm.md).
 
 RegionNorm needs, per ``(sample n, channel c)`` plane and per region (hole where the mask is nonzero, valid
 elsewhere), the region's count, mean and variance. One kernel pair gives the first-stage fp32 partials of a plane,

@@ -1,4 +1,4 @@
-"""Triton kernels for the row norms: LayerNorm, RMSNorm and CRMSNorm (spec A §3.1, §4.5).
+"""Triton kernels for the row norms: LayerNorm, RMSNorm and CRMSNorm (docs/row_norms.md).
 
 One forward and one backward kernel serve all three norms, selected by the constexpr ``NORM``
 (0 = LayerNorm, 1 = RMSNorm, 2 = CRMSNorm), with constexpr flags for the weight, bias and fused residual add.
@@ -222,7 +222,7 @@ def row_norm_bwd_kernel(
     NORM: tl.constexpr, HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    # Per row, with ĝ = dy ⊙ w and d the RMS divisor (N, or N + 1 for CRMSNorm; spec A §3.1, §4.5):
+    # Per row, with ĝ = dy ⊙ w and d the RMS divisor (N, or N + 1 for CRMSNorm; docs/row_norms.md):
     #   LayerNorm  dx = rstd·(ĝ − x̂·Σ(x̂ĝ)/N − Σĝ/N)
     #   RMSNorm    dx = rstd·(ĝ − x̂·Σ(x̂ĝ)/N)
     #   CRMSNorm   dx = rstd·(ĝ − (x̂ + rstd·Σx)·Σ(x̂ĝ)/(N + 1))

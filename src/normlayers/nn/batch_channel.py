@@ -1,5 +1,5 @@
 """Batch-Channel Normalization: :class:`BatchChannelNorm2d` (Qiao et al., "Micro-Batch Training with Batch-Channel
-Normalization and Weight Standardization"; spec B §2).
+Normalization and Weight Standardization", arXiv 1903.10520).
 
 The module keeps the official code's parameter and buffer names (BCN README ``BCNorm``/``EstBN``), so the authors'
 checkpoints load with ``strict=True``:
@@ -45,7 +45,7 @@ class _BatchStage(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
         self.register_buffer("running_mean", torch.empty(num_channels, **factory_kwargs))
         self.register_buffer("running_var", torch.empty(num_channels, **factory_kwargs))
-        # Never advanced in EstBN mode, kept there for checkpoint compatibility (spec §2.2).
+        # Never advanced in EstBN mode, kept there for checkpoint compatibility (as the official ``EstBN``).
         self.register_buffer("num_batches_tracked", torch.empty((), dtype=torch.long, device=device))
         if estimate:
             # A buffer, not a Python float, because the official checkpoints store the rate (shape (1,)).
@@ -69,7 +69,7 @@ class _BatchStage(nn.Module):
 
 
 class BatchChannelNorm2d(nn.Module):
-    r"""Batch-Channel Normalization (BCN) over a 4-D input, for micro-batch CNN training (spec B §2).
+    r"""Batch-Channel Normalization (BCN) over a 4-D input, for micro-batch CNN training (docs/batch_channel.md).
 
     A batch stage (BatchNorm, or its estimated-statistics variant EstBN), then a per-sample group standardization
     (GroupNorm without affine) and a per-*group* affine:
@@ -81,7 +81,7 @@ class BatchChannelNorm2d(nn.Module):
     * ``estimate=False`` (default): ``(μ_c, σ²_c)`` are the batch mean and biased variance over ``(N, H, W)`` in
       training, and ``running_mean``/``running_var`` in eval, exactly as :class:`torch.nn.BatchNorm2d` (running
       variance updated with the unbiased batch variance at ``momentum``).
-    * ``estimate=True`` (EstBN, spec §2.2): ``(μ_c, σ²_c)`` are running *estimates*. In training they are first
+    * ``estimate=True`` (EstBN): ``(μ_c, σ²_c)`` are running *estimates*. In training they are first
       moved towards the batch, outside autograd, at the rate ``r`` held in the buffer ``bn.estbn_moving_speed``:
       ``μ ← (1 − r)·μ + r·E[x]``, ``σ² ← (1 − r)·σ² + r·E[(x − μ_old)²]``; the updated values normalize the batch.
       Train and eval give the same output for the same buffers; no batch statistic enters the gradient.

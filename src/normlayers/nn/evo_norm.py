@@ -1,7 +1,7 @@
 """EvoNorm: normalization-activation layers for NCHW feature maps (Liu, Brock, Simonyan, Le, NeurIPS 2020).
 
 Nine classes with timm's names, constructor arguments, defaults, parameter/buffer names and semantics
-(``timm/layers/evo_norm.py``; spec ``specs/bcn_ws_region_evo.md`` §4), so a timm model's ``state_dict`` loads with
+(``timm/layers/evo_norm.py``; docs/evo_norm.md), so a timm model's ``state_dict`` loads with
 ``strict=True`` and gives the same outputs. They are thin: two parametrised base classes carry the work.
 
 * B family (``EvoNorm2dB0``, ``B1``, ``B2``): batch-dependent, with a ``running_var`` buffer.
@@ -9,7 +9,7 @@ Nine classes with timm's names, constructor arguments, defaults, parameter/buffe
 
 Differences from timm, all on inputs timm mishandles or does not check: bad arguments raise ``ValueError``/
 ``TypeError`` (timm asserts, or swallows unknown keywords with ``**_``); B training on ``N·H·W = 1`` values raises as
-``nn.BatchNorm2d`` does (timm writes inf into ``running_var``, spec §4.6); fp16/bf16 inputs are normalized in fp32
+``nn.BatchNorm2d`` does (timm writes inf into ``running_var``); fp16/bf16 inputs are normalized in fp32
 and rounded once (timm rounds its fp32 statistics to the input dtype first).
 
 On CUDA tensors they run on Triton ops (``normlayers::plane_moments`` and one fused normalize + activation + affine
@@ -54,7 +54,7 @@ def _check_num_features(num_features: object) -> int:
 
 
 def _resolve_groups(num_features: int, groups: object, group_size: object) -> int:
-    """timm's rule (spec §4.3): ``group_size``, when given, overrides ``groups`` with ``num_features // group_size``;
+    """timm's rule: ``group_size``, when given, overrides ``groups`` with ``num_features // group_size``;
     either way the group count must divide ``num_features`` (no TF-style decrement)."""
     if group_size is not None:
         if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0:
@@ -161,9 +161,9 @@ _B_DOC = r"""
     ``σ²`` is the biased variance of each channel over the batch (N, H, W) in training, with gradient, and the
     ``running_var`` buffer in eval. In training ``running_var`` is updated with the *unbiased* batch variance,
     ``running_var ← (1 − momentum)·running_var + momentum·σ²·n/(n − 1)``, ``n = N·H·W`` (timm's rule; TF stores
-    the biased one, spec §4.4); training needs ``n > 1``. All statistics in fp32 (fp64 for fp64 input); the output
+    the biased one); training needs ``n > 1``. All statistics in fp32 (fp64 for fp64 input); the output
     has the input's dtype. At an exact tie of the ``max`` the gradient is split half/half between the two sides, as
-    autograd does for :func:`torch.maximum` (spec §4.5).
+    autograd does for :func:`torch.maximum`.
 
     Args:
         num_features (int): :math:`C`, the number of channels.
@@ -199,7 +199,7 @@ class EvoNorm2dB0(_EvoNorm2dB):
         y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ v x + \sqrt{s^2_{h,w}(x) + \epsilon}\right)}
             \cdot \gamma + \beta
 
-    ``s²_{h,w}`` is the biased variance of each (sample, channel) over H, W (0, not NaN, at H = W = 1: spec §4.6).
+    ``s²_{h,w}`` is the biased variance of each (sample, channel) over H, W (0, not NaN, at H = W = 1).
     ``v`` (ones, ``(C,)``) is a parameter only with ``apply_act=True``. ``eps`` defaults to ``1e-3`` (timm's since
     2022; the paper's TF code uses ``1e-5``).
     """
@@ -219,7 +219,7 @@ class EvoNorm2dB0(_EvoNorm2dB):
         >>> y = norm(torch.randn(2, 64, 32, 32))
 """)
 class EvoNorm2dB1(_EvoNorm2dB):
-    r"""EvoNorm-B1, as timm's class (spec §4.1).
+    r"""EvoNorm-B1, as timm's class (docs/evo_norm.md).
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ (x + 1)\sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon}\right)}
@@ -243,7 +243,7 @@ class EvoNorm2dB1(_EvoNorm2dB):
         >>> y = norm(torch.randn(2, 64, 32, 32))
 """)
 class EvoNorm2dB2(_EvoNorm2dB):
-    r"""EvoNorm-B2, as timm's class (spec §4.1).
+    r"""EvoNorm-B2, as timm's class (docs/evo_norm.md).
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ \sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon} - x\right)}
@@ -399,7 +399,7 @@ class EvoNorm2dS0a(_EvoNorm2dS):
         >>> y = norm(torch.randn(1, 64, 32, 32))
 """)
 class EvoNorm2dS1(_EvoNorm2dS):
-    r"""EvoNorm-S1, as timm's class (spec §4.1).
+    r"""EvoNorm-S1, as timm's class (docs/evo_norm.md).
 
     .. math:: y = \frac{a(x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
 
@@ -445,7 +445,7 @@ class EvoNorm2dS1a(_EvoNorm2dS):
         >>> y = norm(torch.randn(1, 64, 32, 32))
 """)
 class EvoNorm2dS2(_EvoNorm2dS):
-    r"""EvoNorm-S2, as timm's class (spec §4.1).
+    r"""EvoNorm-S2, as timm's class (docs/evo_norm.md).
 
     .. math:: y = \frac{a(x)}{\sqrt{\mathrm{mean}_{g,h,w}(x^2) + \epsilon}} \cdot \gamma + \beta
 

@@ -1,5 +1,6 @@
 """PowerNorm: :class:`PowerNorm` (Shen, Yao, Gholami, Mahoney, Keutzer, "PowerNorm: Rethinking Batch Normalization in
-Transformers", ICML 2020; spec A §1), and :func:`reset_iters` for fine-tuning the transformer batch-statistic norms.
+Transformers", ICML 2020, arXiv 2003.07845), and :func:`reset_iters` for fine-tuning the transformer batch-statistic
+norms.
 
 The module keeps the official ``MaskPowerNorm``'s parameter and buffer names and shapes (``weight``, ``bias``,
 ``running_phi`` and ``ema_gz`` of shape ``(1, C, 1, 1)``, ``iters``), so the authors' checkpoints load with
@@ -27,7 +28,8 @@ def _check_positive_int(name: str, value: object) -> int:
 
 class PowerNorm(nn.Module):
     r"""PowerNorm over the channels (last dim) of transformer activations, with running statistics across tokens
-    (spec A §1). By default it reproduces the official ``MaskPowerNorm`` exactly: forward, backward and every buffer.
+    (docs/power_unified.md). By default it reproduces the official ``MaskPowerNorm`` exactly: forward, backward and
+    every buffer.
 
     .. math::
         u = \frac{x}{\sqrt{\mathrm{mean}_{c \in \text{group}}(x_c^2) + 10^{-5}}}, \qquad
@@ -63,7 +65,7 @@ class PowerNorm(nn.Module):
             ``False``.
         backward_denominator (str, keyword-only): ``"batch"`` divides the input gradient by the current batch's
             ``sqrt(q + eps)`` (the official code, also after warm-up), ``"running"`` by ``sqrt(running_phi + eps)``
-            (the paper's form as recalled, spec §1.7b). Default: ``"batch"``.
+            (our reading of the paper's Algorithm 2, unverified). Default: ``"batch"``.
         process_group, sync_stats (keyword-only): with ``sync_stats=True``, in training under ``torch.distributed``
             with more than one rank in ``process_group`` (default: the world), ``q`` is taken over the non-pad
             tokens of every rank and ``ema_gz``'s update over every rank's tokens, so all ranks normalize alike and
@@ -169,8 +171,8 @@ class PowerNorm(nn.Module):
 
 def reset_iters(model: nn.Module) -> int:
     """Set ``iters`` to 0 in every :class:`PowerNorm` and :class:`~normlayers.UnifiedNorm` of ``model``, so that
-    fine-tuning from a checkpoint re-enters warm-up (the Unified Normalization authors' advice, spec A §2.2); running
-    statistics and ring buffers are kept. Returns the number of layers reset."""
+    fine-tuning from a checkpoint re-enters warm-up (the Unified Normalization authors' advice, their ``readme.md``);
+    running statistics and ring buffers are kept. Returns the number of layers reset."""
     from normlayers.nn.unified_norm import UnifiedNorm
 
     layers = [m for m in model.modules() if isinstance(m, (PowerNorm, UnifiedNorm))]

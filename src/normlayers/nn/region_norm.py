@@ -1,6 +1,6 @@
 """Region Normalization for inpainting networks: :class:`RegionNorm2d` (RN-B, the mask is given) and
 :class:`LearnableRegionNorm2d` (RN-L, the regions are learned) (Yu et al., "Region Normalization for Image
-Inpainting", AAAI 2020; spec B §3).
+Inpainting", AAAI 2020; official code geekyutao/RN, ``rn.py``).
 
 Both keep the official code's parameter names (geekyutao/RN, rn.py ``RN_B`` and ``RN_L``), so the authors'
 checkpoints load with ``strict=True``:
@@ -50,7 +50,7 @@ _STATS_DOC = """\
             code, BN-style); ``"instance"``: per sample (the paper's RN). Default: ``"batch"``.
         eps_mode (str, optional): ``"official"``: the region's epsilon is ``eps·V/S_r``, ``S_r`` the region's value
             count and ``V`` the values per statistic (``N·H·W``, or ``H·W`` per sample), the official code's
-            effective epsilon (spec §3.2); ``"plain"``: ``eps``. Default ``None``: ``"official"`` with
+            effective epsilon (docs/region_norm.md); ``"plain"``: ``eps``. Default ``None``: ``"official"`` with
             ``stats="batch"``, ``"plain"`` with ``stats="instance"``.
 """
 
@@ -76,7 +76,7 @@ def _with_stats_args(cls: type) -> type:
 
 @_with_stats_args
 class RegionNorm2d(nn.Module):
-    r"""Basic Region Normalization (RN-B) over a 4-D input and a given hole mask (spec B §3).
+    r"""Basic Region Normalization (RN-B) over a 4-D input and a given hole mask (docs/region_norm.md).
 
     Each channel is standardized separately inside the hole region (mask nonzero, the authors' "foreground") and
     inside the valid region (mask zero), then a region affine in the authors' ``(1 + γ)`` form follows:
@@ -183,7 +183,7 @@ class _SelfAwareAffine(nn.Module):
 
 @_with_stats_args
 class LearnableRegionNorm2d(nn.Module):
-    r"""Learnable Region Normalization (RN-L) over a 4-D input: the regions come from the input itself (spec B §3.1).
+    r"""Learnable Region Normalization (RN-L) over a 4-D input: the regions come from the input itself (rn.py ``RN_L``).
 
     A spatial response map from the channel mean and max, thresholded into a region mask, region normalization
     without region affine, then a learned *spatial* affine from the same map (the official ``RN_L``):

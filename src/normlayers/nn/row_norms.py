@@ -71,7 +71,7 @@ class RMSNorm(nn.RMSNorm):
     Args:
         normalized_shape (int or list or torch.Size): the trailing shape to normalize over.
         eps (float, optional): added to the mean square. Default: ``None``, which is fp32's machine epsilon
-            (fp64's for fp64 input), as in torch (spec A §4.3).
+            (fp64's for fp64 input), as in torch.
         elementwise_affine (bool): learnable ``weight``. Default: ``True``.
         device, dtype: factory kwargs for the parameters.
         weight_offset (float, keyword-only): the scale is ``weight + weight_offset``; ``1.0`` gives Gemma's
@@ -146,7 +146,7 @@ class CRMSNorm(nn.Module):
 
     In a Pre-CRMSNorm Transformer the residual stream is zero-mean and stored compressed: only its first
     ``d − 1`` coordinates ``x'`` are kept, the last being ``−Σx'``. CRMSNorm normalizes by the RMS of the full
-    ``d``-vector without restoring it (spec A §3.1). With ``n = prod(normalized_shape) = d − 1``:
+    ``d``-vector without restoring it (docs/row_norms.md). With ``n = prod(normalized_shape) = d − 1``:
 
     .. math:: y = \frac{x'}{\sqrt{\left(\sum_i x_i'^2 + (\sum_i x'_i)^2\right) / (n + 1) + \epsilon}} \cdot \gamma
 

@@ -1,9 +1,10 @@
 """SPD-manifold batch normalization under the Generalized Bures–Wasserstein geometry: :class:`SPDBatchNorm` (GBWBN;
-Wang et al., CVPR 2025; spec ``specs/spd_gbw_batchnorm.md``).
+Wang et al., CVPR 2025, arXiv 2504.00660; the authors' code github.com/jjscc/GBWBN).
 
-Parameter names follow the authors' ``BatchNormSPD`` (spec §2.1): ``weight`` is the SPD *bias* ``W`` and ``shift`` the
-scalar *dispersion* ``s``; ``metric`` is their ``M``. ``running_mean``/``running_var`` are registered buffers (the
-authors keep the first as a plain attribute and the second as a never-stepped ``Parameter``, spec §4 Q7).
+Parameter names follow the authors' ``BatchNormSPD`` (``GBWBN_SPDNet/spd/nn.py``): ``weight`` is the SPD *bias* ``W``
+and ``shift`` the scalar *dispersion* ``s``; ``metric`` is their ``M``. ``running_mean``/``running_var`` are registered
+buffers (the authors keep the first as a plain attribute and the second as a never-stepped ``Parameter``;
+docs/spd_batch_norm.md, Q7).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["SPDBatchNorm", "SymmetricExp"]
 
 PARAMETRIZATIONS = ("expm", "geoopt")
 # The authors' bias init I + diag(1e-7·k): the jitter separates the eigenvalues, which their SVD-autograd transport
-# needs (spec §2.1). Ours does not (closed-form divided differences), but the init is kept for parity.
+# needs. Ours does not (closed-form divided differences), but the init is kept for parity.
 _BIAS_JITTER = 1e-7
 
 
@@ -50,7 +51,7 @@ def _check_positive_int(name: str, value: object) -> int:
 
 class SPDBatchNorm(nn.Module):
     r"""Batch normalization of symmetric positive definite matrices under the (θ, M)-Generalized Bures–Wasserstein
-    metric (GBWBN, spec §3), for covariance-matrix networks (SPDNet family).
+    metric (GBWBN; docs/spd_batch_norm.md), for covariance-matrix networks (SPDNet family).
 
     The metric is the BW metric pulled back by :math:`\varphi(X) = M^{-1/2} X^\theta M^{-1/2}` (scaled by
     :math:`1/\theta^2`). In those coordinates, with :math:`B` the batch barycenter and :math:`v` the batch dispersion:
@@ -63,11 +64,11 @@ class SPDBatchNorm(nn.Module):
     with the exact BW Log/Exp maps and parallel transports, :math:`\tilde W = \varphi(W)`.
 
     * Training: :math:`B` is the BW barycenter of the batch, ``karcher_steps`` fixed-point steps from the arithmetic
-      mean (1 in the authors' code; ≥ 3 is essentially exact, spec §6); ``variance="frechet"`` takes
+      mean (1 in the authors' code; ≥ 3 is essentially exact, docs/spd_batch_norm.md); ``variance="frechet"`` takes
       :math:`v = \frac{1}{\theta^2}\mathrm{mean}_i\, d^2(\varphi(X_i), B)`, so a converged output has barycenter
       :math:`\tilde W` and dispersion :math:`s^2`; ``variance="reference"`` takes the authors'
-      :math:`\frac{1}{\theta^2}\mathrm{mean}_i\, d^2(\varphi(X_i), I)` (spec §4 Q1). Both are detached, as in the
-      authors' code. ``running_mean`` moves along the BW geodesic towards :math:`B` by ``momentum``,
+      :math:`\frac{1}{\theta^2}\mathrm{mean}_i\, d^2(\varphi(X_i), I)` (docs/spd_batch_norm.md, Q1). Both are
+      detached, as in the authors' code. ``running_mean`` moves along the BW geodesic towards :math:`B` by ``momentum``,
       ``running_var`` by the usual exponential average.
     * Eval: ``running_mean``/``running_var`` replace :math:`(B, v)`; nothing is updated.
 
@@ -92,10 +93,10 @@ class SPDBatchNorm(nn.Module):
         variance (str): ``"frechet"`` or ``"reference"``. Default: ``"frechet"``.
         karcher_steps (int): barycenter fixed-point steps. Default: ``1``.
         reference_roundtrip (bool): reproduce the authors' Exp_I/Log_I round trip, which takes a matrix absolute
-            value where the BW Exp map leaves its domain (spec §2.3, §4 Q4). Default: ``False``.
+            value where the BW Exp map leaves its domain (docs/spd_batch_norm.md, Q4). Default: ``False``.
         parametrization (str): ``"expm"`` or ``"geoopt"`` (needs geoopt installed). Default: ``"expm"``.
         compute_dtype (torch.dtype, optional): dtype of the per-sample eigendecompositions; ``None`` is the input's.
-            float64 by default (the spec's recommendation and the authors' dtype): fp32 eigendecompositions lose the
+            float64 by default (the authors' dtype): fp32 eigendecompositions lose the
             small eigenvalues of ill-conditioned inputs. Default: ``torch.float64``.
         process_group, sync_stats (keyword-only): with ``sync_stats=True``, in training, with ``torch.distributed``
             initialized and more than one rank in ``process_group`` (``None``: the world), the barycenter and the

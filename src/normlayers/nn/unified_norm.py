@@ -1,5 +1,5 @@
 """Unified Normalization: :class:`UnifiedNorm` (Yang et al., "Unified Normalization for Accelerating and Stabilizing
-Transformers", ACM MM 2022; spec A §2).
+Transformers", ACM MM 2022, arXiv 2208.01313).
 
 The module keeps the official ``UN1d``'s parameter and buffer names and shapes (``weight``, ``bias``,
 ``running_var``, ``ema_gz``, ``iters``, ``buffer_x2``, ``buffer_gz``, ``skip_counter``), so the authors' checkpoints
@@ -29,9 +29,9 @@ def _window_sizes(window_size: Union[int, Sequence[int]]) -> tuple[int, int]:
 
 
 class UnifiedNorm(nn.Module):
-    r"""Unified Normalization over the channels (last dim) of transformer activations (spec A §2): batch statistics
-    smoothed over a window of steps in training, a fixed per-channel affine at inference (foldable into the next
-    linear layer, :meth:`as_affine`). By default it reproduces the official ``UN1d`` exactly: forward, backward and
+    r"""Unified Normalization over the channels (last dim) of transformer activations (docs/power_unified.md): batch
+    statistics smoothed over a window of steps in training, a fixed per-channel affine at inference (foldable into the
+    next linear layer, :meth:`as_affine`). By default it reproduces the official ``UN1d`` exactly: forward, backward and
     every buffer.
 
     .. math:: y = \gamma \cdot \frac{x}{\sqrt{v + \epsilon}} + \beta
@@ -43,7 +43,7 @@ class UnifiedNorm(nn.Module):
       minus geometric mean exceeds ``M`` times the (unbiased, pooled over all channels) variance of the previous
       window's ``sqrt(buffer_x2)``, the step is an outlier: its slot gets ``running_var`` instead, ``v = q``,
       ``skip_counter += 1``, and the backward is the exact gradient of the batch normalization. With channels of
-      similar scale this pooled test fires on almost every step (spec §2.7).
+      similar scale this pooled test fires on almost every step (docs/power_unified.md).
     * Backward (the method's own): ``g = γ·r·dy``; ``gz = mean(g·z)`` over all tokens goes to the ring buffer
       ``buffer_gz``; ``ema_gz`` moves towards ``gz`` during warm-up, then towards the window's arithmetic mean, at
       rate ``1 − momentum``; ``dx = (g − ema_gz·z) / sqrt(v + eps)``. The factor ``r = sqrt(v + eps) /
@@ -150,8 +150,8 @@ class UnifiedNorm(nn.Module):
 
     @torch.no_grad()
     def as_affine(self) -> tuple[Tensor, Tensor]:
-        """The eval-mode layer as a per-channel affine ``y = x·scale + shift`` (spec A §2.6): returns ``(scale,
-        shift)`` with ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias``, both ``(C,)`` in the
+        """The eval-mode layer as a per-channel affine ``y = x·scale + shift`` (official ``UN1d`` eval): returns
+        ``(scale, shift)`` with ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias``, both ``(C,)`` in the
         parameters' dtype (computed in fp32 or wider), detached. Fold into the following linear ``(W, b)`` as
         ``W' = W·diag(scale)``, ``b' = b + W·shift``."""
         opmath = torch.float64 if self.weight.dtype == torch.float64 else torch.float32

@@ -1,9 +1,10 @@
 """Weight Standardization: WSConv2d and ScaledWSConv2d, drop-in subclasses of :class:`torch.nn.Conv2d`.
 
-Both standardize each output filter of the conv weight before convolving (spec B §1). The standardized weight depends
-on the parameters only, not on the input, so train and eval compute the same thing and there are no buffers. In eval
-mode, when no gradient reaches the parameters, the standardized weight is computed once and reused until a parameter
-changes; :meth:`to_conv2d` bakes it into a plain :class:`torch.nn.Conv2d` for deployment.
+Both standardize each output filter of the conv weight before convolving (Qiao et al., arXiv 1903.10520). The
+standardized weight depends on the parameters only, not on the input, so train and eval compute the same thing and
+there are no buffers. In eval mode, when no gradient reaches the parameters, the standardized weight is computed once
+and reused until a parameter changes; :meth:`to_conv2d` bakes it into a plain :class:`torch.nn.Conv2d` for
+deployment.
 
 No Triton kernel yet: the plain-PyTorch reference runs on every device (the weight is small next to the activations).
 """
@@ -110,7 +111,7 @@ class WSConv2d(_StandardizedConv2d):
         D_o = \sqrt{\sigma_o^2 + \epsilon}\ \text{(eps inside)} \ \text{or}\ \sigma_o + \epsilon\ \text{(eps outside)}
 
     There is no affine on ``Ŵ``; use it before a BatchNorm/GroupNorm, as the paper does. The published
-    implementations disagree on ``D`` (spec B §1.2), by more than rounding (up to ~6% for 3x3 depthwise filters), so
+    implementations disagree on ``D`` (docs/weight_std.md, "The variants"), by more than rounding (up to ~6% for 3x3 depthwise filters), so
     the variant is named:
 
     * ``"qiao"``: unbiased ``σ`` (``torch.std``), eps outside, ``1e-5``: the WS README layer, for the authors' GN+WS
@@ -177,7 +178,7 @@ class ScaledWSConv2d(_StandardizedConv2d):
         \qquad y = \mathrm{conv2d}(x, \hat W) + b
 
     with the biased variance over each filter's fan-in ``I = in_channels / groups · kh · kw``, a learnable per-filter
-    ``gain`` ``g`` of shape ``(out_channels, 1, 1, 1)`` and the activation's gain ``γ`` (spec B §1.4). Parameter
+    ``gain`` ``g`` of shape ``(out_channels, 1, 1, 1)`` and the activation's gain ``γ`` (timm ``ScaledStdConv2d``, ``timm/layers/std_conv.py``). Parameter
     names (``weight``, ``bias``, ``gain``), attributes (``gamma``, ``eps``, ``gain_init``, ``scale = γ/√I``) and
     formula are timm's, so ``ScaledStdConv2d`` checkpoints load. Two differences from timm: ``padding`` defaults to
     ``0`` as in ``nn.Conv2d`` (timm's ``None`` means ``((stride − 1) + dilation·(k − 1)) // 2``; pass that value), and

@@ -10,9 +10,9 @@ All take token rows ``(R, C)`` (any strides) and per-channel ``(C,)`` vectors:
   ``channel_affine2(dy, p, x, q) -> dy·p + x·q`` (the input gradients of both methods).
 * ``power_norm_train(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype) -> y = u·scale·weight +
   bias`` (in ``out_dtype``: ``u`` is GroupScaling's fp32 output for fp16/bf16 activations), whose
-  registered backward is PowerNorm's approximate one (spec A §1.5): it updates ``ema_gz`` in place.
+  registered backward is PowerNorm's approximate one (docs/power_unified.md): it updates ``ema_gz`` in place.
 * ``unified_norm_train(x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters) -> y``
-  likewise for UnifiedNorm (spec A §2.5): its backward updates ``ema_gz`` and ``buffer_gz`` in place.
+  likewise for UnifiedNorm (official ``UN1d`` backward): its backward updates ``ema_gz`` and ``buffer_gz`` in place.
 
 Both ``*_train`` ops take an optional ``sync_group`` (a process group's name, ``sync_stats=True``): their backward
 then all-reduces the per-channel sum behind the gradient statistic (and the row count) before the mean, so every
@@ -125,7 +125,8 @@ def power_norm_train(u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                      ema_gz: Tensor, alpha_bkw: float, out_dtype: torch.dtype,
                      sync_group: Optional[str] = None) -> Tensor:
     """PowerNorm's training forward on group-scaled rows ``u``: ``y = u·scale·weight + bias`` in ``out_dtype``
-    (``scale`` = ``1/sqrt(d + eps)``, spec A §1.4). ``grad_scale`` and ``ema_gz`` are for the backward."""
+    (``scale`` = ``1/sqrt(d + eps)``, :mod:`normlayers.reference.power_norm`). ``grad_scale`` and ``ema_gz`` are for the
+    backward."""
     return _kernels().channel_affine(u, scale * _param_or_ones(weight, scale), bias, out_dtype=out_dtype)
 
 
@@ -173,8 +174,8 @@ power_norm_train.register_autograd(_power_norm_backward, setup_context=_power_no
 def unified_norm_train(x: Tensor, weight: Tensor, bias: Tensor, inv_std: Tensor, r: Tensor, ema_gz: Tensor,
                        buffer_gz: Tensor, t: Tensor, skip: Tensor, momentum: float, warmup_iters: int,
                        sync_group: Optional[str] = None) -> Tensor:
-    """UnifiedNorm's training forward: ``y = x·inv_std·weight + bias`` (spec A §2.4; ``r`` is not applied in the
-    forward). ``r``, ``ema_gz``, ``buffer_gz``, ``t`` and ``skip`` are for the backward."""
+    """UnifiedNorm's training forward: ``y = x·inv_std·weight + bias`` (:mod:`normlayers.reference.unified_norm`; ``r``
+    is not applied in the forward). ``r``, ``ema_gz``, ``buffer_gz``, ``t`` and ``skip`` are for the backward."""
     return _kernels().channel_affine(x, inv_std * weight.to(inv_std.dtype), bias)
 
 

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of the row norms: the ground truth the kernels are tested against.
 
 Written for reading, not speed. Arithmetic is in the "opmath" dtype (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64),
-results are cast back to the input dtype, as ``torch.nn.functional`` does (spec A §4.4). Gradients come from
+results are cast back to the input dtype, as ``torch.nn.functional`` does. Gradients come from
 autograd, so they are an independent check of the hand-written backward kernels.
 """
 
@@ -36,7 +36,7 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
                bias: Optional[Tensor] = None, eps: float = 1e-5, *,
                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``y = (x − E[x]) / sqrt(Var[x] + eps) · γ + β`` over the last ``len(normalized_shape)`` dims (biased
-    variance; spec A §4.3). The result is rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
+    variance, as torch's). The result is rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
     xf = _opmath(x)
     mean = xf.mean(dims, keepdim=True)
@@ -46,7 +46,7 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
 
 def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None, eps: float = 1.1920929e-07,
              *, weight_offset: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``y = x / sqrt(mean(x²) + eps) · (γ + weight_offset)`` (spec A §3.1, §4.3). ``eps`` is already resolved
+    """``y = x / sqrt(mean(x²) + eps) · (γ + weight_offset)`` (as torch's). ``eps`` is already resolved
     (``None`` handling lives in ``normlayers.functional``). Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     xf = _opmath(x)
     ms = xf.square().mean(_dims(normalized_shape), keepdim=True)
@@ -55,7 +55,7 @@ def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor
 
 def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
               eps: float = 1.1920929e-07, *, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """CRMSNorm of a compressed zero-mean vector ``x′`` of width ``n = d − 1`` (spec A §3.1):
+    """CRMSNorm of a compressed zero-mean vector ``x′`` of width ``n = d − 1`` (docs/row_norms.md):
     ``y = x′ / sqrt((Σx′² + (Σx′)²) / d + eps) · γ`` — the first ``d − 1`` outputs of RMSNorm applied to the
     restored vector ``[x′, −Σx′]``. Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
