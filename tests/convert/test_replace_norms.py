@@ -11,6 +11,7 @@ from torch import nn
 
 import normlayers
 from normlayers.convert import DEFAULT_MAPPING
+from normlayers.testing import assert_lowprec_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -484,3 +485,21 @@ def test_a_nan_weight_does_not_fail_verification():
     gemma_offset = {nn.RMSNorm: functools.partial(normlayers.RMSNorm, weight_offset=1.0)}
     with pytest.raises(ValueError, match="changes its outputs"):
         normlayers.replace_norms(nn.Sequential(copy.deepcopy(before[1])), gemma_offset)
+
+
+def test_probed_swaps_run_on_the_triton_path():
+    """The casting orders the probe picks are what the kernels compute too (to the kernels' own rounding)."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    pytest.importorskip("triton")
+    torch.manual_seed(13)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    for cls in (LlamaRMSNorm, Olmo2RMSNorm, GemmaRMSNorm):  # the three (offset, casting order) pairs in use
+        original = _randomized(cls(64)).to(torch.bfloat16)
+        new = normlayers.replace_norms(copy.deepcopy(original))
+        with normlayers.backend("triton"):
+            actual = new(x)
+        expected64 = copy.deepcopy(original).double()(x.double())
+        assert_lowprec_close(actual, original(x), expected64, msg=cls.__name__)

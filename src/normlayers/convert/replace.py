@@ -1,7 +1,7 @@
 """``replace_norms``, ``plan_replacements`` and ``restore_norms``: swap a model's norms for normlayers' in place.
 
-Conventions (research ecosystem_and_api.md §1, §7.3): the new module is built on the ``meta`` device and *adopts* the
-old module's Parameter and buffer objects (torchao ``from_float``), so device, dtype, ``requires_grad``, weight tying
+The new module is built by its class's ``from_module`` on the ``meta`` device and *adopts* the old module's Parameter
+and buffer objects (torchao's ``from_float`` pattern), so device, dtype, ``requires_grad``, weight tying
 and optimizer references survive and ``state_dict`` keys stay the same; ``training`` is copied; a module reachable
 under several names becomes one new module; only exact source types (or subclasses that keep the parent's
 ``forward``) are swapped (the ``convert_sync_batchnorm`` subclass bug, pytorch#187298, timm#1254); wrapped models are
@@ -91,8 +91,11 @@ def _overrides_forward(cls: type, base: type) -> bool:
 def _look_alike_problem(module: nn.Module) -> Optional[str]:
     """Why ``module`` (matched by its class name) is not a plain norm a normlayers class could take over, or None."""
     names = [name for name, _ in module.named_parameters(recurse=False)]
-    if not set(names) <= {"weight", "bias"} or list(module.children()) or list(module.buffers(recurse=False)):
-        return f"it holds {names or 'no'} parameters, buffers or submodules, not just `weight` (and `bias`)"
+    buffers = [name for name, _ in module.named_buffers(recurse=False)]
+    children = [name for name, _ in module.named_children()]
+    if not set(names) <= {"weight", "bias"} or buffers or children:
+        return (f"it holds parameters {names}, buffers {buffers} and submodules {children}, not just a `weight` "
+                f"parameter (and `bias`)")
     params = list(inspect.signature(type(module).forward).parameters.values())[1:]
     if len(params) != 1:
         return f"its forward takes {[p.name for p in params]} (a gated or extra-argument norm), not one input"
@@ -437,22 +440,26 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
             on the next call). Models wrapped by DataParallel, DistributedDataParallel or FSDP are refused: replace
             first, then wrap, then compile.
         mapping (dict, optional): source → target. A source is a class (matched exactly, or a subclass that does not
-            override ``forward``) or an fnmatch pattern on the class name (``"*RMSNorm"``). A target is a normlayers
-            class, a ``functools.partial`` of one binding keyword arguments, a class with a ``from_module(module,
-            **kwargs)`` classmethod, or a callable ``module -> new module``. Default: :data:`DEFAULT_MAPPING`, which
-            swaps only norms of identical math: ``nn.LayerNorm → LayerNorm``, ``nn.RMSNorm → RMSNorm`` and Hugging
-            Face ``*RMSNorm`` classes → ``RMSNorm`` with their eps, ``1 + w`` offset and casting order. Swaps that
-            change the function (``nn.BatchNorm2d → BatchChannelNorm2d``, ``nn.Conv2d → WSConv2d``) happen only when
-            the mapping asks; a given mapping replaces the default one.
+            override ``forward``) or an fnmatch pattern on the class name (``"*RMSNorm"``). A target is a class with
+            the conversion protocol (``from_module(module, **kwargs)``; every normlayers class that converts has it,
+            see docs/convert.md), a ``functools.partial`` of one binding keyword arguments, or a callable
+            ``module -> new module``. Default: :data:`DEFAULT_MAPPING`, which swaps only norms of identical math:
+            ``nn.LayerNorm → LayerNorm``, ``nn.RMSNorm → RMSNorm``, and the Hugging Face ``*RMSNorm`` classes and
+            RMS norms named ``*LayerNorm`` (T5's) → ``RMSNorm`` with their eps, and the ``1 + w`` offset and casting
+            order found by probing the class. Swaps that change the function (``nn.BatchNorm2d →
+            BatchChannelNorm2d``, ``nn.Conv2d → WSConv2d``) happen only when the mapping asks; a given mapping
+            replaces the default one.
         filter_fn (callable, optional): ``(module, fqn) -> bool``; only modules for which it is true are swapped.
         include, exclude (str or list of str, optional): fnmatch patterns on module names; a module is swapped when
             one of its names matches ``include`` (if given) and none matches ``exclude``.
         strict (bool): raise on a module that matches but cannot be swapped faithfully (a subclass overriding
             ``forward``, a gated RMSNorm); with ``False`` it is left alone with a warning. Default: ``True``.
-        verify (bool): before swapping, run one small forward through a copy of the old and the new module for each
-            source type and raise ``ValueError`` if the outputs differ. Swaps to classes that change the function by
-            design (anything but LayerNorm/RMSNorm targets; callables are verified) and meta-device models are not
-            verified. Default: ``True``.
+        verify (bool): before swapping, run one small forward in the model's dtype through CPU copies of the old
+            and the new module, on the reference backend, for each source type, and raise ``ValueError`` if the
+            outputs differ: bit-for-bit (NaN equal to NaN) unless the new class declares
+            ``conversion_fidelity = "rounding"`` (``LayerNorm``: torch's kernels reduce in another order), then
+            within rounding. Classes declaring ``"changes"`` (BCN, WS convs: another function by design) and
+            meta-device models are not verified. Default: ``True``.
 
     Parameters and buffers are adopted, not copied: the new module holds the same objects, so device, dtype,
     ``requires_grad``, weight tying and optimizer state survive, and ``state_dict`` keys are unchanged for same-math
