@@ -503,3 +503,31 @@ def test_probed_swaps_run_on_the_triton_path():
             actual = new(x)
         expected64 = copy.deepcopy(original).double()(x.double())
         assert_lowprec_close(actual, original(x), expected64, msg=cls.__name__)
+
+
+def test_from_module_and_to_torch_on_the_classes():
+    torch.manual_seed(14)
+    ln = _randomized(nn.LayerNorm((2, 4), eps=1e-3, bias=False))
+    ours = normlayers.LayerNorm.from_module(ln)
+    assert (ours.normalized_shape, ours.eps, ours.bias, ours.weight is ln.weight) == ((2, 4), 1e-3, None, True)
+    plain = ours.to_torch()
+    assert type(plain) is nn.LayerNorm and plain.weight is ln.weight and plain.bias is None
+    rms = normlayers.RMSNorm.from_module(nn.RMSNorm(6, elementwise_affine=False), cast_mode="llama")
+    assert (rms.eps, rms.weight, rms.cast_mode) == (None, None, "llama")
+    conv = nn.Conv2d(2, 4, 3, bias=False)
+    scaled = normlayers.ScaledWSConv2d.from_module(conv, gain_init=0.5)
+    assert scaled.weight is conv.weight and torch.equal(scaled.gain, torch.full((4, 1, 1, 1), 0.5))
+    assert type(scaled.to_torch()) is nn.Conv2d
+    with pytest.raises(TypeError, match="no conversion from BatchNorm1d to normlayers.LayerNorm: it holds"):
+        normlayers.LayerNorm.from_module(nn.BatchNorm1d(3))
+    with pytest.raises(TypeError, match="no conversion from Linear to normlayers.LayerNorm: it has neither"):
+        normlayers.LayerNorm.from_module(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match=r"no conversion from LayerNorm to normlayers.RMSNorm: it holds \['weight', "
+                                        r"'bias'\]"):
+        normlayers.RMSNorm.from_module(nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="neither a `normalized_shape` nor a 1-D `weight`"):
+        normlayers.RMSNorm.from_module(nn.Identity())
+    with pytest.raises(TypeError, match="would hold parameters"):
+        normlayers.LayerNorm.from_module(nn.LayerNorm(4), elementwise_affine=False)
+    with pytest.raises(TypeError, match="no conversion from Linear to WSConv2d"):
+        normlayers.WSConv2d.from_module(nn.Linear(3, 3))
