@@ -1,11 +1,11 @@
 """``replace_norms``, ``plan_replacements`` and ``restore_norms``: swap a model's norms for normlayers' in place.
 
 The new module is built by its class's ``from_module`` on the ``meta`` device and *adopts* the old module's Parameter
-and buffer objects (torchao's ``from_float`` pattern), so device, dtype, ``requires_grad``, weight tying
-and optimizer references survive and ``state_dict`` keys stay the same; ``training`` is copied; a module reachable
-under several names becomes one new module; only exact source types (or subclasses that keep the parent's
-``forward``) are swapped (the ``convert_sync_batchnorm`` subclass bug, pytorch#187298, timm#1254); wrapped models are
-refused (replace → DDP/FSDP → compile).
+and buffer objects (torchao's ``from_float`` pattern), so device, dtype, ``requires_grad``, weight tying and optimizer
+references survive and ``state_dict`` keys stay the same; ``training`` is copied; a module reachable under several
+names becomes one new module; only exact source types (or subclasses that keep the parent's ``forward``) are swapped
+(the ``convert_sync_batchnorm`` subclass bug, pytorch#187298, timm#1254); wrapped models are refused (replace →
+DDP/FSDP → compile).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ Target = Union[type, "functools.partial[nn.Module]", Callable[[nn.Module], nn.Mo
 MappingLike = Mapping[Union[type, str], Target]
 
 # Same math only: these swaps change the speed, never the outputs. A string key is an fnmatch pattern on the class
-# name, for Hugging Face's ~250 norm classes, none of which subclasses nn.RMSNorm: "*RMSNorm" takes the RMS norms
+# name, for Hugging Face's norm classes (about 230), none of which subclasses nn.RMSNorm: "*RMSNorm" takes the RMS norms
 # (and refuses the ones RMSNorm cannot reproduce), "*LayerNorm" the RMS norms named LayerNorm (T5's), leaving the
 # real layer norms alone. Which variant (offset, casting order) is found by probing each class.
 DEFAULT_MAPPING: dict[Union[type, str], Target] = {
@@ -44,7 +44,6 @@ DEFAULT_MAPPING: dict[Union[type, str], Target] = {
     "*RMSNorm": RMSNorm,
     "*LayerNorm": RMSNorm,
 }
-
 
 
 @dataclass(frozen=True)
@@ -161,9 +160,9 @@ class _Refused(Exception):
 # Probing a look-alike: which class and variant computes what it computes
 # ----------------------------------------------------------------------------------------------------------------------
 
-# The casting order cannot be read from a fresh module: its weight is ones (Llama) or zeros (Gemma), which hides both
-# the rounding order and the offset. So the probe runs a CPU copy with random parameters, in each dtype a model runs
-# in, with one row small enough for eps to matter.
+# What a class computes is found by running it, not by reading its name or source. A fresh module's weight is ones
+# (Llama) or zeros (Gemma), which hides both the rounding order and the offset, so the probe runs a CPU copy with
+# random parameters, in each dtype a model runs in, on rows of which one is small enough for eps to matter.
 _PROBE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -453,7 +452,8 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
         include, exclude (str or list of str, optional): fnmatch patterns on module names; a module is swapped when
             one of its names matches ``include`` (if given) and none matches ``exclude``.
         strict (bool): raise on a module that matches but cannot be swapped faithfully (a subclass overriding
-            ``forward``, a gated RMSNorm); with ``False`` it is left alone with a warning. Default: ``True``.
+            ``forward``, a gated RMSNorm, a ``*RMSNorm`` class whose outputs no ``RMSNorm`` variant reproduces
+            bit-for-bit); with ``False`` it is left alone with a warning. Default: ``True``.
         verify (bool): before swapping, run one small forward in the model's dtype through CPU copies of the old
             and the new module, on the reference backend, for each source type, and raise ``ValueError`` if the
             outputs differ: bit-for-bit (NaN equal to NaN) unless the new class declares
