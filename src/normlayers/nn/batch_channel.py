@@ -14,12 +14,13 @@ The ImageNet models of the same repository name the batch stage ``pbn``; those k
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._adopt import adopt, fill_missing
 
 __all__ = ["BatchChannelNorm2d"]
 
@@ -185,3 +186,26 @@ class BatchChannelNorm2d(nn.Module):
             bn_eps=self.bn_eps, estimate=self.estimate,
             estimate_rate=bn.estbn_moving_speed if self.estimate else 0.0,
             num_batches_tracked=bn.num_batches_tracked, sync_stats=self.sync_stats, process_group=self.process_group)
+
+    # BCN changes a BatchNorm's function (a group stage follows): normlayers.replace_norms swaps one only when its
+    # mapping asks, and does not compare outputs.
+    conversion_fidelity: ClassVar[str] = "changes"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> "BatchChannelNorm2d":
+        """A BCN whose batch stage is ``module``, an :class:`torch.nn.BatchNorm2d` with ``affine=True`` and
+        ``track_running_stats=True``: it holds the BatchNorm's very parameter and buffer objects as ``bn.*`` (its
+        ``momentum`` and ``eps`` become ``momentum`` and ``bn_eps``), and the group affine starts at identity.
+        ``kwargs`` are the other constructor arguments (``num_groups``, ...)."""
+        if type(module) is not nn.BatchNorm2d or not (module.affine and module.track_running_stats):
+            raise TypeError(f"BatchChannelNorm2d adopts an nn.BatchNorm2d with affine=True and "
+                            f"track_running_stats=True as its batch stage; got {module!r}")
+        with torch.device("meta"):
+            new = cls(module.num_features, **{"momentum": module.momentum, "bn_eps": module.eps, **kwargs})
+        adopt(new, module, {f"bn.{name}": name for name in
+                            ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
+        initial = {"weight": 1.0, "bias": 0.0}
+        if new.estimate:
+            initial["bn.estbn_moving_speed"] = new.estimate_rate
+        fill_missing(new, module, initial)
+        return new

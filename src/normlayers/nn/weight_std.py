@@ -12,12 +12,13 @@ No Triton kernel yet: the plain-PyTorch reference runs on every device (the weig
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._adopt import adopt_same_names, fill_missing
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WSConv2d", "ScaledWSConv2d"]
@@ -97,6 +98,27 @@ class _StandardizedConv2d(nn.Conv2d):
             if self.bias is not None:
                 conv.bias = nn.Parameter(self.bias.detach().clone())
         return conv.train(self.training)
+
+    # Standardizing a conv's weight changes its function: normlayers.replace_norms swaps a Conv2d for one only when
+    # its mapping asks, and does not compare outputs.
+    conversion_fidelity: ClassVar[str] = "changes"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> "_StandardizedConv2d":
+        """A standardized conv of ``module``'s configuration holding its very ``weight``/``bias`` objects (built on
+        ``meta``, nothing copied); ``module`` is a :class:`torch.nn.Conv2d` and ``kwargs`` are the keyword-only
+        arguments (``eps``, ``gamma``, ...)."""
+        if type(module) is not nn.Conv2d:
+            raise TypeError(f"no conversion from {type(module).__name__} to {cls.__name__}; it adopts an nn.Conv2d")
+        with torch.device("meta"):
+            new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                      module.dilation, module.groups, module.bias is not None, module.padding_mode, **kwargs)
+        adopt_same_names(new, module)
+        return new
+
+    def to_torch(self) -> nn.Conv2d:
+        """The plain conv computing the same function: :meth:`to_conv2d`."""
+        return self.to_conv2d()
 
 
 class WSConv2d(_StandardizedConv2d):
@@ -225,6 +247,12 @@ class ScaledWSConv2d(_StandardizedConv2d):
         # nn.Conv2d.__init__ calls reset_parameters before gain exists
         if getattr(self, "gain", None) is not None:
             nn.init.constant_(self.gain, self.gain_init)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> "ScaledWSConv2d":
+        new = super().from_module(module, **kwargs)
+        fill_missing(new, module, {"gain": new.gain_init})  # a plain conv has no gain: it starts at gain_init
+        return new
 
     def _standardize_sources(self) -> tuple[Tensor, ...]:
         return (self.weight, self.gain)
