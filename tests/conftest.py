@@ -76,3 +76,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# CI's timm leg sets NORMLAYERS_REQUIRE_TIMM=1: there the timm tests must run, so a skipped one fails the session.
+_REQUIRE_TIMM = os.environ.get("NORMLAYERS_REQUIRE_TIMM") == "1"
+_timm_outcomes: dict[str, list[str]] = {"passed": [], "skipped": []}
+
+
+def _is_timm_report(report) -> bool:
+    return "/timm/" in report.nodeid.replace("\\", "/") or "timm" in getattr(report, "keywords", {})
+
+
+def pytest_collectreport(report):
+    if _REQUIRE_TIMM and report.skipped and _is_timm_report(report):
+        _timm_outcomes["skipped"].append(report.nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if not (_REQUIRE_TIMM and _is_timm_report(report)):
+        return
+    if report.skipped:
+        _timm_outcomes["skipped"].append(report.nodeid)
+    elif report.when == "call" and report.passed:
+        _timm_outcomes["passed"].append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _REQUIRE_TIMM:
+        return
+    skipped, passed = _timm_outcomes["skipped"], _timm_outcomes["passed"]
+    if skipped or not passed:
+        print(f"\nNORMLAYERS_REQUIRE_TIMM=1 but {len(skipped)} timm test(s) skipped and {len(passed)} passed: "
+              + ", ".join(skipped[:5]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

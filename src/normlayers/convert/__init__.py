@@ -10,6 +10,7 @@ from normlayers.convert.fold import fold_norms
 from normlayers.convert.prenorm import (
     OutputRMSNorm,
     PreNormSpec,
+    RecentredNorm,
     prenorm_spec,
     prenorm_to_crmsnorm,
     prenorm_to_rmsnorm,
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_MAPPING",
     "OutputRMSNorm",
     "PreNormSpec",
+    "RecentredNorm",
     "Replacement",
     "fold_norms",
     "plan_replacements",
