@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["plane_moments", "plane_affine"]
+__all__ = ["plane_moments", "plane_affine", "batch_moments_from_planes"]
 
 
 def _kernels():
@@ -110,3 +110,10 @@ def _plane_affine_backward(ctx, dy):
 
 
 plane_affine.register_autograd(_plane_affine_backward, setup_context=_plane_affine_setup_context)
+
+
+def batch_moments_from_planes(plane_mean: Tensor, plane_var: Tensor) -> tuple[Tensor, Tensor]:
+    """Each channel's batch ``(mean, biased var)`` from its ``N`` planes' moments (equal counts): the mean of the
+    means, and the mean of the variances plus the variance of the means."""
+    mean = plane_mean.mean(0)
+    return mean, plane_var.mean(0) + (plane_mean - mean).square().mean(0)
