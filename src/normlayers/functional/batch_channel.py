@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional, Union
 
 from torch import Tensor
 
-from normlayers._checks import check_epsilon, check_float_tensor, check_unit_interval
+from normlayers._checks import (
+    check_counter,
+    check_epsilon,
+    check_float_tensor,
+    check_nchw_input,
+    check_positive_int,
+    check_same_device,
+    check_unit_interval,
+)
 from normlayers.backend import use_triton
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
@@ -26,12 +33,9 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
     per_channel = {"running_mean": running_mean, "running_var": running_var, "bn_weight": bn_weight,
                    "bn_bias": bn_bias}
     per_group = {"weight": weight, "bias": bias}
-    check_float_tensor("input", input)
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {list(input.shape)}")
+    check_nchw_input(input)
     channels = input.shape[1]
-    if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    check_positive_int("num_groups", num_groups)
     for name, t in per_channel.items():
         if t is not None and tuple(check_float_tensor(name, t).shape) != (channels,):
             raise ValueError(f"input (N, C, H, W) and {name} (C,) must agree on C = num_channels; got input of shape "
@@ -44,8 +48,8 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
             raise ValueError(f"{name} must hold one value per group (num_groups = {num_groups}; officially of shape "
                              f"(1, {num_groups}, 1)), got {name} of shape {list(t.shape)}")
     for name, t in {**per_channel, **per_group, "num_batches_tracked": num_batches_tracked}.items():
-        if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        if t is not None:
+            check_same_device(name, t, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if running_mean is None and (estimate or not training):
@@ -61,10 +65,8 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
             raise ValueError("momentum=None (a cumulative average of the batch statistics) needs num_batches_tracked")
     else:
         check_unit_interval("momentum", momentum)
-    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
-                                            or num_batches_tracked.dtype.is_floating_point):
-        raise TypeError(f"num_batches_tracked must be a one-element integer tensor, got {num_batches_tracked.dtype} "
-                        f"of shape {list(num_batches_tracked.shape)}")
+    if num_batches_tracked is not None:
+        check_counter("num_batches_tracked", num_batches_tracked)
     if isinstance(estimate_rate, Tensor):
         # A tensor rate (the module's estbn_moving_speed buffer) is not range-checked: that would read it back to
         # the host on every call.

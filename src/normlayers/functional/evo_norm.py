@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_float_tensor
+from normlayers._checks import (
+    check_channel_vectors,
+    check_epsilon,
+    check_nchw_input,
+    check_positive_int,
+    check_unit_interval,
+)
 from normlayers.backend import use_triton
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
@@ -22,41 +26,24 @@ __all__ = ["evo_norm2d_b0", "evo_norm2d_b1", "evo_norm2d_b2", "evo_norm2d_s0", "
 
 def _evo_check_args(input: Tensor, per_channel: dict[str, Optional[Tensor]], eps: float, *,
                     groups: Optional[int] = None, momentum: Optional[float] = None) -> None:
-    check_float_tensor("input", input)
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {list(input.shape)}")
-    channels = input.shape[1]
-    for name, t in per_channel.items():
-        if t is None:
-            continue
-        check_float_tensor(name, t)
-        if tuple(t.shape) != (channels,):
-            raise ValueError(f"{name} must have shape (C,) = ({channels},), the channel count of input (N, C, H, W) = "
-                             f"{list(input.shape)}; got {name} of shape {list(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    check_nchw_input(input)
+    check_channel_vectors(input, per_channel)
     if groups is not None:
-        if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
-            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        check_positive_int("groups", groups)
+        channels = input.shape[1]
         if channels % groups != 0:
             raise ValueError(f"groups ({groups}) must divide the number of channels (C = input.shape[1] = {channels}); "
                              f"input has shape {list(input.shape)}")
-    _evo_check_scalars(eps, momentum)
+    check_epsilon("eps", eps)
+    if momentum is not None:
+        check_unit_interval("momentum", momentum)
 
 
-def _evo_check_scalars(eps: float, momentum: Optional[float] = None) -> None:
-    """``eps`` finite and ≥ 0; ``momentum`` (when given) in [0, 1]. Also used by the modules' constructors."""
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
-    if momentum is not None and (not isinstance(momentum, numbers.Real) or isinstance(momentum, bool)
-                                 or not 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-
-
-def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
-                bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
-                apply_act: bool, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the Triton ops or the reference."""
+def evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
+               bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
+               apply_act: bool, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
+    """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the Triton ops or the reference
+    (also the modules' forward)."""
     _evo_check_args(input, {"running_var": running_var, "weight": weight, "bias": bias, "v": v}, eps,
                     momentum=momentum)
     sync = moment_sync(sync_stats, process_group, training) if apply_act else None
@@ -74,17 +61,17 @@ def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weig
     if input.numel() == 0 and sync is None:
         return empty_batch_output(input, weight, bias, v)
     if apply_act and use_triton(input):
-        return _ops_evo.evo_norm_b(variant, input, running_var, weight, bias, v, training, float(momentum), float(eps),
-                                  sync)
+        return _ops_evo.evo_norm_b(variant, input, running_var, weight, bias, v, training, float(momentum),
+                                   float(eps), sync)
     return _ref_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
                                momentum=float(momentum), eps=float(eps), apply_act=apply_act, sync=sync)
 
 
-def _evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float, apply_act: bool,
-                always_normalize: bool) -> Tensor:
+def evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+               v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float, apply_act: bool,
+               always_normalize: bool) -> Tensor:
     """The S sub-family (``variant`` in ``"s0"``, ``"s1"``, ``"s2"``; ``always_normalize`` for timm's "a"
-    variants): checks, then the Triton ops or the reference."""
+    variants): checks, then the Triton ops or the reference (also the modules' forward)."""
     _evo_check_args(input, {"weight": weight, "bias": bias, "v": v}, eps, groups=groups)
     if apply_act and variant == "s0" and v is None:
         raise ValueError("evo_norm2d_s0/s0a with apply_act=True need v, the (C,) parameter of their nonlinearity")
@@ -161,8 +148,8 @@ def evo_norm2d_b0(input: Tensor, running_var: Optional[Tensor], weight: Optional
     biased variance of each (sample, channel) over H, W. ``v`` is the ``(C,)`` parameter of the nonlinearity,
     required with ``apply_act=True``. ``eps`` (default ``1e-3``, timm's) goes inside both square roots.
     """
-    return _evo_norm_b("b0", input, running_var, weight, bias, v, training, momentum, eps, apply_act, sync_stats,
-                       process_group)
+    return evo_norm_b("b0", input, running_var, weight, bias, v, training, momentum, eps, apply_act, sync_stats,
+                      process_group)
 
 
 @_evo_append_doc(_EVO_B_DOC)
@@ -177,8 +164,8 @@ def evo_norm2d_b1(input: Tensor, running_var: Optional[Tensor], weight: Optional
 
     ``σ²`` as in :func:`evo_norm2d_b0`; ``eps`` defaults to ``1e-5``.
     """
-    return _evo_norm_b("b1", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
-                       process_group)
+    return evo_norm_b("b1", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
+                      process_group)
 
 
 @_evo_append_doc(_EVO_B_DOC)
@@ -193,8 +180,8 @@ def evo_norm2d_b2(input: Tensor, running_var: Optional[Tensor], weight: Optional
 
     ``σ²`` as in :func:`evo_norm2d_b0`; ``eps`` defaults to ``1e-5``.
     """
-    return _evo_norm_b("b2", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
-                       process_group)
+    return evo_norm_b("b2", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
+                      process_group)
 
 
 @_evo_append_doc(_EVO_S_DOC)
@@ -207,7 +194,7 @@ def evo_norm2d_s0(input: Tensor, groups: int = 32, weight: Optional[Tensor] = No
     with the biased variance over each sample's group of ``C/groups`` channels and all of H, W. ``v``: ``(C,)``,
     required with ``apply_act=True``. ``apply_act=False`` is affine only. Batch-independent: no running statistics.
     """
-    return _evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, False)
+    return evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, False)
 
 
 @_evo_append_doc(_EVO_S_DOC)
@@ -216,7 +203,7 @@ def evo_norm2d_s0a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = N
     r"""timm's EvoNorm-S0a: :func:`evo_norm2d_s0` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes:
     ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (spec B §4.1; timm-only, not in the paper).
     """
-    return _evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, True)
+    return evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, True)
 
 
 @_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
@@ -230,7 +217,7 @@ def evo_norm2d_s1(input: Tensor, groups: int = 32, weight: Optional[Tensor] = No
     ``a`` defaults to SiLU; the denominator is a statistic of ``x``, not of ``a(x)``. ``apply_act=False`` is affine
     only.
     """
-    return _evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, False)
+    return evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, False)
 
 
 @_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
@@ -240,7 +227,7 @@ def evo_norm2d_s1a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = N
     r"""timm's EvoNorm-S1a: :func:`evo_norm2d_s1` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes
     (without ``a``): ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (timm-only, spec B §4.1).
     """
-    return _evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, True)
+    return evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, True)
 
 
 @_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
@@ -253,7 +240,7 @@ def evo_norm2d_s2(input: Tensor, groups: int = 32, weight: Optional[Tensor] = No
 
     the group RMS (not the variance) of ``x``; ``a`` defaults to SiLU. ``apply_act=False`` is affine only.
     """
-    return _evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, False)
+    return evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, False)
 
 
 @_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
@@ -263,4 +250,4 @@ def evo_norm2d_s2a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = N
     r"""timm's EvoNorm-S2a: :func:`evo_norm2d_s2` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes
     (without ``a``): ``y = x / sqrt(mean_{g,h,w}(x²) + eps) · γ + β`` (timm-only, spec B §4.1).
     """
-    return _evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, True)
+    return evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from normlayers._checks import ShapeLike, as_shape, check_float_tensor
+from normlayers._checks import ShapeLike, as_shape, check_epsilon, check_float_tensor, check_real, check_same_device
+from normlayers._dtypes import compute_dtype
 from normlayers.backend import use_triton
 from normlayers.ops import row_norms as _ops_row
 from normlayers.reference import row_norms as _ref_row
@@ -36,17 +35,14 @@ def _check_row_norm_args(
         check_float_tensor(name, param)
         if tuple(param.shape) != shape:
             raise ValueError(f"{name} must have shape normalized_shape {list(shape)}, got {list(param.shape)}")
-        if param.device != input.device:
-            raise ValueError(f"{name} is on {param.device} but input is on {input.device}")
+        check_same_device(name, param, input)
     if residual is not None:
         check_float_tensor("residual", residual)
         if residual.shape != input.shape:
             raise ValueError(f"residual must have the input's shape {list(input.shape)} (no broadcasting), "
                              f"got {list(residual.shape)}")
-        if residual.device != input.device:
-            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+        check_same_device("residual", residual, input)
+    check_epsilon("eps", eps)
     return shape
 
 
@@ -55,7 +51,7 @@ def _resolve_rms_eps(eps: Optional[float], dtype: torch.dtype) -> float:
     fp64 (spec A §4.3, as ``torch.nn.functional.rms_norm``)."""
     if eps is not None:
         return eps
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return torch.finfo(compute_dtype(dtype)).eps
 
 
 # torch runs layer_norm in fp32 under CUDA autocast, and rms_norm too since 2.12 (spec A §4.4); the row norms follow
@@ -95,11 +91,10 @@ def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional
 
 
 def _check_weight_offset(weight_offset: float, weight: Optional[Tensor]) -> float:
-    if not isinstance(weight_offset, numbers.Real) or isinstance(weight_offset, bool):
-        raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
+    weight_offset = check_real("weight_offset", weight_offset)
     if weight_offset != 0 and weight is None:
         raise ValueError("weight_offset scales the weight (weight + weight_offset); it needs a weight")
-    return float(weight_offset)
+    return weight_offset
 
 
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_epsilon, check_float_tensor, check_unit_interval
+from normlayers._checks import (
+    check_choice,
+    check_epsilon,
+    check_float_tensor,
+    check_nonnegative_int,
+    check_same_device,
+    check_unit_interval,
+    is_real,
+)
 from normlayers.distributed import all_reduce_sum, sync_group
 from normlayers.reference import spd_batch_norm as _ref_spd
 
@@ -62,8 +69,7 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
     for name, t in tensors.items():
         if t is not None:
             check_float_tensor(name, t)
-            if t.device != input.device:
-                raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+            check_same_device(name, t, input)
     matrix_state = [t for t in (running_mean, weight) if t is not None]
     per_channel = any(t.dim() == 3 for t in matrix_state) or any(
         t is not None and t.dim() == 1 for t in (running_var, shift))
@@ -95,12 +101,10 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
                          f"{list(input.shape)}): the batch dispersion of one matrix is 0; use eval mode")
     check_unit_interval("momentum", momentum)
     check_epsilon("eps", eps)
-    if not isinstance(theta, numbers.Real) or isinstance(theta, bool) or theta == 0 or not math.isfinite(theta):
+    if not is_real(theta) or theta == 0 or not math.isfinite(theta):
         raise ValueError(f"theta must be a finite non-zero number (the power deformation X^theta), got {theta!r}")
-    if variance not in _ref_spd.VARIANCES:
-        raise ValueError(f"variance must be one of {_ref_spd.VARIANCES}, got {variance!r}")
-    if not isinstance(karcher_steps, numbers.Integral) or isinstance(karcher_steps, bool) or karcher_steps < 0:
-        raise ValueError(f"karcher_steps must be a non-negative int, got {karcher_steps!r}")
+    check_choice("variance", variance, _ref_spd.VARIANCES)
+    check_nonnegative_int("karcher_steps", karcher_steps)
     if compute_dtype not in (None, torch.float32, torch.float64):
         raise TypeError(f"compute_dtype must be torch.float64, torch.float32 or None (the input's), got "
                         f"{compute_dtype!r}")

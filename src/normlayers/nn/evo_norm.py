@@ -18,13 +18,13 @@ pass, ``kernels/evo_norm.py``), elsewhere on the plain-PyTorch reference; see :m
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
 
-from normlayers import functional as F
+from normlayers._checks import check_epsilon, check_positive_int, check_unit_interval
+from normlayers.functional.evo_norm import evo_norm_b, evo_norm_s
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
            "EvoNorm2dS2", "EvoNorm2dS2a"]
@@ -47,23 +47,15 @@ def _append_doc(*sections: str) -> Callable[[_Class], _Class]:
     return decorate
 
 
-def _check_num_features(num_features: object) -> int:
-    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    return int(num_features)
-
-
 def _resolve_groups(num_features: int, groups: object, group_size: object) -> int:
     """timm's rule (spec §4.3): ``group_size``, when given, overrides ``groups`` with ``num_features // group_size``;
     either way the group count must divide ``num_features`` (no TF-style decrement)."""
     if group_size is not None:
-        if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0:
-            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+        check_positive_int("group_size", group_size, or_none=True)
         if num_features % group_size != 0:
             raise ValueError(f"group_size ({group_size}) must divide num_features ({num_features})")
         return num_features // int(group_size)
-    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    check_positive_int("groups", groups)
     if num_features % groups != 0:
         raise ValueError(f"groups ({groups}) must divide num_features ({num_features}); pass a dividing group count "
                          "or group_size")
@@ -120,8 +112,9 @@ class _EvoNorm2dB(nn.Module):
                  process_group: Optional[Any], device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
-        F._evo_check_scalars(eps, momentum)
-        self.num_features = _check_num_features(num_features)
+        check_epsilon("eps", eps)
+        check_unit_interval("momentum", momentum)
+        self.num_features = check_positive_int("num_features", num_features)
         self.apply_act = bool(apply_act)
         self.momentum = float(momentum)
         self.eps = float(eps)
@@ -153,8 +146,8 @@ class _EvoNorm2dB(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         _check_channels(input, self.num_features)
-        return F._evo_norm_b(self._variant, input, self.running_var, self.weight, self.bias, self.v, self.training,
-                             self.momentum, self.eps, self.apply_act, self.sync_stats, self.process_group)
+        return evo_norm_b(self._variant, input, self.running_var, self.weight, self.bias, self.v, self.training,
+                          self.momentum, self.eps, self.apply_act, self.sync_stats, self.process_group)
 
 
 _B_DOC = r"""
@@ -281,8 +274,8 @@ class _EvoNorm2dS(nn.Module):
                  act_layer: ActLayer, eps: float, *, device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
-        F._evo_check_scalars(eps)
-        self.num_features = _check_num_features(num_features)
+        check_epsilon("eps", eps)
+        self.num_features = check_positive_int("num_features", num_features)
         self.groups = _resolve_groups(self.num_features, groups, group_size)
         self.apply_act = bool(apply_act)
         self.eps = float(eps)
@@ -310,8 +303,8 @@ class _EvoNorm2dS(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         _check_channels(input, self.num_features)
         activation = None if self._variant == "s0" else self.act
-        return F._evo_norm_s(self._variant, input, self.groups, self.weight, self.bias, self.v, activation, self.eps,
-                             self.apply_act, self._always_normalize)
+        return evo_norm_s(self._variant, input, self.groups, self.weight, self.bias, self.v, activation, self.eps,
+                          self.apply_act, self._always_normalize)
 
 
 _S_DOC = r"""

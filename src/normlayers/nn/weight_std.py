@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_epsilon, check_finite
+from normlayers.functional.weight_std import IntOrPair, check_conv_input, check_ws_weight, ws_variant
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WSConv2d", "ScaledWSConv2d"]
-
-_IntOrPair = Union[int, tuple[int, int]]
 # (the parameter, its version counter, its storage address) for each parameter the cached weight was computed from
 _CacheKey = tuple[tuple["weakref.ref[Tensor]", int, int], ...]
 
@@ -80,7 +80,7 @@ class _StandardizedConv2d(nn.Conv2d):
         return state
 
     def forward(self, input: Tensor) -> Tensor:
-        F._check_conv_input(input, self.weight, self.groups)
+        check_conv_input(input, self.weight, self.groups)
         # nn.Conv2d's own convolution, so padding_mode and padding="same" behave exactly as in torch
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
@@ -149,15 +149,15 @@ class WSConv2d(_StandardizedConv2d):
         >>> plain = conv.eval().to_conv2d()                                    # for deployment
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair, stride: _IntOrPair = 1,
-                 padding: Union[str, _IntOrPair] = 0, dilation: _IntOrPair = 1, groups: int = 1, bias: bool = True,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: Union[str, IntOrPair] = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, eps: Optional[float] = None,
                  variant: str = F.WS_DEFAULT_VARIANT) -> None:
-        spec = F._ws_variant(variant)
-        resolved_eps = spec.eps if eps is None else F._check_ws_eps(eps)
+        spec = ws_variant(variant)
+        resolved_eps = spec.eps if eps is None else check_epsilon("eps", eps)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        F._check_ws_weight(self.weight, spec.correction, variant)
+        check_ws_weight(self.weight, spec.correction, variant)
         self.variant = variant
         self.eps = resolved_eps
 
@@ -202,14 +202,14 @@ class ScaledWSConv2d(_StandardizedConv2d):
         >>> y = conv(torch.randn(2, 64, 56, 56))
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair, stride: _IntOrPair = 1,
-                 padding: Union[str, _IntOrPair] = 0, dilation: _IntOrPair = 1, groups: int = 1, bias: bool = True,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: Union[str, IntOrPair] = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, gamma: float = 1.0, eps: float = 1e-6,
                  gain_init: float = 1.0) -> None:
-        checked = (F._check_ws_finite("gamma", gamma), F._check_ws_eps(eps), F._check_ws_finite("gain_init", gain_init))
+        checked = (check_finite("gamma", gamma), check_epsilon("eps", eps), check_finite("gain_init", gain_init))
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        F._check_ws_weight(self.weight, 0, "")
+        check_ws_weight(self.weight, 0, "")
         self.gamma, self.eps, self.gain_init = checked
         self.gain = nn.Parameter(torch.empty((out_channels, 1, 1, 1), device=device, dtype=dtype))
         self.reset_parameters()
