@@ -29,10 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
+from normlayers._dtypes import compute_dtype
 from normlayers.kernels.common import (
     centred_row_moments,
     chan_combine,
-    compute_dtype,
     next_power_of_2,
     num_warps_for,
     tl_compute_dtype,

@@ -17,13 +17,8 @@ import triton.language as tl
 CPU_PERSISTENT_PROGRAMS = 4
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and arithmetic dtype of the kernels: fp64 for fp64 data (so ops can be gradcheck-ed), else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_compute_dtype(dtype: torch.dtype):
-    """:func:`compute_dtype` as the Triton dtype a kernel's ``COMPUTE`` constexpr takes."""
+    """:func:`normlayers._dtypes.compute_dtype` as the Triton dtype a kernel's ``COMPUTE`` constexpr takes."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -55,13 +50,15 @@ def num_warps_for(tile_elements: int, device: torch.device) -> int:
     """
     warps = min(max(tile_elements // 256, 1), 16)
     if device.type == "cuda":
-        warps = min(warps, 1024 // _warp_size(device.index if device.index is not None else torch.cuda.current_device()))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        warps = min(warps, 1024 // _warp_size(index))
     return warps
 
 
 @triton.jit
 def centred_row_moments(x, mask, count):
-    """Per-row ``(Σx, Σ(x − mean)²)`` of a 2-D tile with ``count`` valid values per row (``x`` zero outside ``mask``)."""
+    """Per-row ``(Σx, Σ(x − mean)²)`` of a 2-D tile with ``count`` valid values per row (``x`` zero outside
+    ``mask``)."""
     s = tl.sum(x, axis=1)
     d = tl.where(mask, x - (s / count)[:, None], 0.0)
     return s, tl.sum(d * d, axis=1)
@@ -97,5 +94,6 @@ def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if n == 0:
         return out
     block_n = min(next_power_of_2(n), 256)
-    column_sum_kernel[(triton.cdiv(n, block_n),)](partials, out, num_rows, n, BLOCK_ROWS=32, BLOCK_N=block_n, num_warps=4)
+    column_sum_kernel[(triton.cdiv(n, block_n),)](partials, out, num_rows, n, BLOCK_ROWS=32, BLOCK_N=block_n,
+                                                  num_warps=4)
     return out

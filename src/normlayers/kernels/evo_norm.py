@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from normlayers.kernels.channel_stats import _plane_offsets, _planes, _strides, _tile, load_plane_values, plane_block
-from normlayers.kernels.common import compute_dtype, num_warps_for, tl_compute_dtype
+from normlayers._dtypes import compute_dtype
+from normlayers.kernels.common import num_warps_for, tl_compute_dtype
 
 MODE_SWISH = 0
 MODE_MAX_DIV = 1

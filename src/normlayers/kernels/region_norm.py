@@ -35,7 +35,8 @@ from normlayers.kernels.channel_stats import (
     load_plane_values,
     plane_block,
 )
-from normlayers.kernels.common import compute_dtype, num_warps_for, tl_compute_dtype
+from normlayers._dtypes import compute_dtype
+from normlayers.kernels.common import num_warps_for, tl_compute_dtype
 
 
 @triton.jit

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._dtypes import compute_dtype
 from normlayers._checks import check_epsilon, check_nonnegative_int, check_positive_int, check_unit_interval, is_int
 
 __all__ = ["UnifiedNorm"]
@@ -152,7 +153,7 @@ class UnifiedNorm(nn.Module):
         shift)`` with ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias``, both ``(C,)`` in the
         parameters' dtype (computed in fp32 or wider), detached. Fold into the following linear ``(W, b)`` as
         ``W' = W·diag(scale)``, ``b' = b + W·shift``."""
-        opmath = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        opmath = compute_dtype(self.weight.dtype)
         scale = self.weight.to(opmath) * torch.rsqrt(self.running_var.to(opmath) + self.eps)
         return scale.to(self.weight.dtype), self.bias.detach().clone()
 

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+
 __all__ = ["plane_moments", "plane_affine", "batch_moments_from_planes"]
 
 
@@ -30,10 +32,6 @@ def _kernels():
     return channel_stats
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("normlayers::plane_moments", mutates_args=())
 def plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-plane ``(mean, var)`` (biased variance) of ``x`` ``(N, C, *spatial)``."""
@@ -42,7 +40,7 @@ def plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 
 @plane_moments.register_fake
 def _plane_moments_fake(x):
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return x.new_empty(x.shape[:2], dtype=stats), x.new_empty(x.shape[:2], dtype=stats)
 
 

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
 from normlayers.ops.row_norms import row_norm
 from normlayers.reference import power_norm as _ref_power
 from normlayers.reference import unified_norm as _ref_unified
@@ -49,10 +50,6 @@ def _kernels():
     return token_stats
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("normlayers::token_square_sum", mutates_args=())
 def token_square_sum(x: Tensor, valid: Optional[Tensor]) -> Tensor:
     """Per-channel ``Σ x²`` over the rows of ``x`` ``(R, C)`` where ``valid`` ``(R,)`` is True (all when ``None``)."""
@@ -61,7 +58,7 @@ def token_square_sum(x: Tensor, valid: Optional[Tensor]) -> Tensor:
 
 @token_square_sum.register_fake
 def _token_square_sum_fake(x, valid):
-    return x.new_empty(x.shape[1], dtype=_stats_dtype(x.dtype))
+    return x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("normlayers::token_grad_sums", mutates_args=())
@@ -74,7 +71,7 @@ def token_grad_sums(dy: Tensor, x: Tensor, p: Optional[Tensor], q: Optional[Tens
 @token_grad_sums.register_fake
 def _token_grad_sums_fake(dy, x, p, q):
     dx = x.new_empty(x.shape if p is not None and q is not None else (0,))
-    return x.new_empty((3, x.shape[1]), dtype=_stats_dtype(x.dtype)), dx
+    return x.new_empty((3, x.shape[1]), dtype=compute_dtype(x.dtype)), dx
 
 
 @torch.library.custom_op("normlayers::channel_affine2", mutates_args=())
@@ -227,7 +224,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         # GroupScaling's output u (and its gradient) in fp32 for fp16/bf16 activations, so the layer rounds once, at
         # its output, as the reference does (an fp16/bf16 u would add a rounding to every later step).
         grouped = input.reshape(*input.shape[:-1], group_num, channels // group_num)
-        grouped = grouped.to(_stats_dtype(input.dtype))
+        grouped = grouped.to(compute_dtype(input.dtype))
         u = row_norm(grouped, (channels // group_num,), None, None, "rms",
                      _ref_power.GROUP_SCALING_EPS)[0].reshape(input.shape)
     rows, valid = _ref_power.token_rows(u, pad_mask, time_major=not batch_first)
@@ -242,7 +239,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         y = power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw, input.dtype,
                              sync_group)
     else:
-        scale = torch.rsqrt(running_phi.reshape(-1).to(_stats_dtype(input.dtype)) + eps)
+        scale = torch.rsqrt(running_phi.reshape(-1).to(compute_dtype(input.dtype)) + eps)
         if weight is not None:
             scale = scale * weight.to(scale.dtype)
         y = channel_affine(rows, scale, bias, input.dtype)
@@ -267,6 +264,6 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
         y = unified_norm_train(rows, weight, bias, torch.rsqrt(var + eps), r, ema_gz, buffer_gz, step, skip,
                                momentum, warmup_iters, sync_group)
     else:
-        scale = torch.rsqrt(running_var.to(_stats_dtype(input.dtype)) + eps) * weight
+        scale = torch.rsqrt(running_var.to(compute_dtype(input.dtype)) + eps) * weight
         y = channel_affine(rows, scale, bias, input.dtype)
     return y.view(input.shape)

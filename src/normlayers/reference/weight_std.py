@@ -17,6 +17,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+
 __all__ = ["WSVariant", "WS_VARIANTS", "fan_in", "fan_in_scale", "weight_standardize"]
 
 
@@ -56,10 +58,6 @@ def fan_in_scale(weight: Tensor, gamma: float) -> float:
     return gamma * fan_in(weight) ** -0.5
 
 
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def weight_standardize(weight: Tensor, *, correction: int, eps_inside: bool, eps: float,
                        gain: Optional[Tensor] = None, scale: float = 1.0,
                        out_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -79,7 +77,7 @@ def weight_standardize(weight: Tensor, *, correction: int, eps_inside: bool, eps
 
     The result is rounded once, to ``out_dtype`` (default: ``weight.dtype``).
     """
-    flat = weight.to(_opmath_dtype(weight.dtype)).reshape(weight.shape[0], -1)
+    flat = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0], -1)
     if eps_inside:
         var, mean = torch.var_mean(flat, dim=1, correction=correction, keepdim=True)
         denominator = torch.sqrt(var + eps)
