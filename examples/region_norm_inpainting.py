@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         start = time.perf_counter()
         net = train(name, steps, args.batch, train_data, args.seed)
         errors[name], predictions[name] = hole_error(net, test_images, test_masks)
-        print(f"  {name:<13} hole-region mean absolute error {errors[name]:.4f}   ({time.perf_counter() - start:.1f} s)")
+        elapsed = time.perf_counter() - start
+        print(f"  {name:<13} hole-region mean absolute error {errors[name]:.4f}   ({elapsed:.1f} s)")
     best = min(errors, key=errors.get)
     print(f"lowest hole-region error: {best}")
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import normlayers
 from normlayers.convert import OutputRMSNorm, PreNormSpec, prenorm_to_crmsnorm, prenorm_to_rmsnorm
-from normlayers.models import TransformerLM
+from normlayers.testing.models import TransformerLM
 
 transformers = pytest.importorskip("transformers")
 

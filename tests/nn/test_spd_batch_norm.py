@@ -22,7 +22,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import normlayers
 from normlayers import functional as NF

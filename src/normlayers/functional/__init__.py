@@ -1,7 +1,7 @@
 """Functional forms of every normlayers norm, in ``torch.nn.functional``'s argument order.
 
 Each function validates its arguments, then runs the Triton path (:mod:`normlayers.ops`) or the plain-PyTorch
-reference (:mod:`normlayers.reference`) as :mod:`normlayers.backend` decides. One module per family; every public
+reference (:mod:`normlayers.reference`) as :mod:`normlayers.backends` decides. One module per family; every public
 name is importable from ``normlayers.functional``.
 """
 

@@ -15,7 +15,7 @@ from normlayers._checks import (
     check_same_device,
     check_unit_interval,
 )
-from normlayers.backend import use_triton
+from normlayers.backends import use_triton
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import batch_channel as _ops_batch_channel
@@ -86,7 +86,7 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
                        bn_eps: float = 1e-5, *, estimate: bool = False, estimate_rate: Union[float, Tensor] = 0.0,
                        num_batches_tracked: Optional[Tensor] = None, sync_stats: bool = False,
                        process_group: Optional[Any] = None) -> Tensor:
-    r"""Batch-Channel Normalization (Qiao et al.; spec B §2): a batch stage, then GroupNorm, then a group affine.
+    r"""Batch-Channel Normalization (Qiao et al., arXiv 1903.10520): a batch stage, then GroupNorm, then a group affine.
 
     .. math::
         u = \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon_{bn}}} \cdot \gamma^{bn}_c + \beta^{bn}_c, \qquad
@@ -111,7 +111,7 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
         eps: the channel (group) stage's epsilon. Default: ``1e-5``.
         num_groups: ``G``; must divide ``C``. Default: ``32``.
         bn_eps: the batch stage's epsilon. Default: ``1e-5``.
-        estimate: EstBN instead of BatchNorm in the batch stage (spec §2.2). Default: ``False``.
+        estimate: EstBN instead of BatchNorm in the batch stage (the authors' ``EstBN``, BCN README). Default: ``False``.
         estimate_rate: EstBN's update rate ``r`` (a float in [0, 1], or a one-element tensor such as the official
             ``estbn_moving_speed`` buffer). Default: ``0.0``, which freezes the estimates (the official default).
         num_batches_tracked: incremented in place in training with ``estimate=False``, as ``nn.BatchNorm2d`` does.

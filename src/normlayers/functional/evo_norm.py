@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from normlayers._checks import (
     check_positive_int,
     check_unit_interval,
 )
-from normlayers.backend import use_triton
+from normlayers.backends import use_triton
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import evo_norm as _ops_evo
@@ -22,6 +22,8 @@ from normlayers.reference import evo_norm as _ref_evo
 
 __all__ = ["evo_norm2d_b0", "evo_norm2d_b1", "evo_norm2d_b2", "evo_norm2d_s0", "evo_norm2d_s0a", "evo_norm2d_s1",
            "evo_norm2d_s1a", "evo_norm2d_s2", "evo_norm2d_s2a"]
+
+_Documented = TypeVar("_Documented")  # a function or a class
 
 
 def _evo_check_args(input: Tensor, per_channel: dict[str, Optional[Tensor]], eps: float, *,
@@ -85,12 +87,12 @@ def evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor
                                eps=float(eps), apply_act=apply_act, always_normalize=always_normalize)
 
 
-
-def _evo_append_doc(*sections: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Append the Args sections the EvoNorm functional forms share to a function's own docstring."""
-    def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        fn.__doc__ = (fn.__doc__ or "") + "".join(sections)
-        return fn
+def append_doc(*sections: str) -> Callable[[_Documented], _Documented]:
+    """Append the sections (Args, Shape, ...) that the EvoNorm functional forms, or the classes of a sub-family, share
+    to a function's or class's own docstring."""
+    def decorate(obj: _Documented) -> _Documented:
+        obj.__doc__ = (obj.__doc__ or "") + "".join(sections)
+        return obj
     return decorate
 
 
@@ -100,7 +102,7 @@ _EVO_B_DOC = """
             dtype.
         running_var: ``(C,)``, the running (unbiased) variance. Used in eval; updated in place in training as
             ``running_var ← (1 − momentum)·running_var + momentum·var·n/(n − 1)`` with ``n = N·H·W`` (timm's rule,
-            spec B §4.3), which needs ``n > 1``; an empty input (``n = 0``) gives an empty output and leaves it
+            ``timm/layers/evo_norm.py``), which needs ``n > 1``; an empty input (``n = 0``) gives an empty output and leaves it
             alone, as ``nn.BatchNorm2d``. May be ``None`` in training (no update).
         weight, bias: the ``(C,)`` affine ``γ``, ``β``. Default: ``None`` (none).
         training: batch variance (with gradient) and the running update when ``True``. Default: ``False``.
@@ -114,7 +116,7 @@ _EVO_B_DOC = """
             Default: ``False``.
 
     At an exact tie of the two sides of the ``max`` the gradient is split half/half, PyTorch's rule for
-    :func:`torch.maximum` (spec B §4.5).
+    :func:`torch.maximum`.
 """
 
 _EVO_S_DOC = """
@@ -128,17 +130,17 @@ _EVO_S_DOC = """
             Default: ``True``.
 """
 
-_EVO_ACTIVATION_DOC = """        activation (keyword-only): the nonlinearity ``a``, a callable on the fp32 (fp64) tensor, or ``None`` for
-            the identity. Default: :func:`torch.nn.functional.silu`.
+_EVO_ACTIVATION_DOC = """        activation (keyword-only): the nonlinearity ``a``, a callable on the fp32 (fp64)
+            tensor, or ``None`` for the identity. Default: :func:`torch.nn.functional.silu`.
 """
 
 
-@_evo_append_doc(_EVO_B_DOC)
+@append_doc(_EVO_B_DOC)
 def evo_norm2d_b0(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, v: Optional[Tensor] = None, training: bool = False,
                   momentum: float = 0.1, eps: float = 1e-3, *, apply_act: bool = True, sync_stats: bool = False,
                   process_group: Optional[Any] = None) -> Tensor:
-    r"""EvoNorm-B0 (Liu et al., NeurIPS 2020; spec B §4.1, timm's ``EvoNorm2dB0``):
+    r"""EvoNorm-B0 (Liu et al., NeurIPS 2020; timm's ``EvoNorm2dB0``):
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ v x + \sqrt{s^2_{h,w}(x) + \epsilon}\right)}
@@ -152,11 +154,11 @@ def evo_norm2d_b0(input: Tensor, running_var: Optional[Tensor], weight: Optional
                       process_group)
 
 
-@_evo_append_doc(_EVO_B_DOC)
+@append_doc(_EVO_B_DOC)
 def evo_norm2d_b1(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
                   *, apply_act: bool = True, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    r"""EvoNorm-B1 (timm's ``EvoNorm2dB1``; spec B §4.1):
+    r"""EvoNorm-B1 (timm's ``EvoNorm2dB1``):
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ (x + 1)\sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon}
@@ -168,11 +170,11 @@ def evo_norm2d_b1(input: Tensor, running_var: Optional[Tensor], weight: Optional
                       process_group)
 
 
-@_evo_append_doc(_EVO_B_DOC)
+@append_doc(_EVO_B_DOC)
 def evo_norm2d_b2(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
                   *, apply_act: bool = True, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    r"""EvoNorm-B2 (timm's ``EvoNorm2dB2``; spec B §4.1):
+    r"""EvoNorm-B2 (timm's ``EvoNorm2dB2``):
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ \sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon} - x
@@ -184,10 +186,10 @@ def evo_norm2d_b2(input: Tensor, running_var: Optional[Tensor], weight: Optional
                       process_group)
 
 
-@_evo_append_doc(_EVO_S_DOC)
+@append_doc(_EVO_S_DOC)
 def evo_norm2d_s0(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                   v: Optional[Tensor] = None, eps: float = 1e-5, *, apply_act: bool = True) -> Tensor:
-    r"""EvoNorm-S0 (Liu et al., NeurIPS 2020; spec B §4.1, timm's ``EvoNorm2dS0``):
+    r"""EvoNorm-S0 (Liu et al., NeurIPS 2020; timm's ``EvoNorm2dS0``):
 
     .. math:: y = \frac{x \cdot \mathrm{sigmoid}(v x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
 
@@ -197,20 +199,20 @@ def evo_norm2d_s0(input: Tensor, groups: int = 32, weight: Optional[Tensor] = No
     return evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, False)
 
 
-@_evo_append_doc(_EVO_S_DOC)
+@append_doc(_EVO_S_DOC)
 def evo_norm2d_s0a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    v: Optional[Tensor] = None, eps: float = 1e-3, *, apply_act: bool = True) -> Tensor:
     r"""timm's EvoNorm-S0a: :func:`evo_norm2d_s0` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes:
-    ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (spec B §4.1; timm-only, not in the paper).
+    ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (timm-only, not in the paper).
     """
     return evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, True)
 
 
-@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+@append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
 def evo_norm2d_s1(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                   eps: float = 1e-5, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
                   apply_act: bool = True) -> Tensor:
-    r"""EvoNorm-S1 (timm's ``EvoNorm2dS1``; spec B §4.1):
+    r"""EvoNorm-S1 (timm's ``EvoNorm2dS1``):
 
     .. math:: y = \frac{a(x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
 
@@ -220,21 +222,21 @@ def evo_norm2d_s1(input: Tensor, groups: int = 32, weight: Optional[Tensor] = No
     return evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, False)
 
 
-@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+@append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
 def evo_norm2d_s1a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-3, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
                    apply_act: bool = True) -> Tensor:
     r"""timm's EvoNorm-S1a: :func:`evo_norm2d_s1` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes
-    (without ``a``): ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (timm-only, spec B §4.1).
+    (without ``a``): ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (timm-only).
     """
     return evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, True)
 
 
-@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+@append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
 def evo_norm2d_s2(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                   eps: float = 1e-5, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
                   apply_act: bool = True) -> Tensor:
-    r"""EvoNorm-S2 (timm's ``EvoNorm2dS2``; spec B §4.1):
+    r"""EvoNorm-S2 (timm's ``EvoNorm2dS2``):
 
     .. math:: y = \frac{a(x)}{\sqrt{\mathrm{mean}_{g,h,w}(x^2) + \epsilon}} \cdot \gamma + \beta
 
@@ -243,11 +245,11 @@ def evo_norm2d_s2(input: Tensor, groups: int = 32, weight: Optional[Tensor] = No
     return evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, False)
 
 
-@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+@append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
 def evo_norm2d_s2a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-3, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
                    apply_act: bool = True) -> Tensor:
     r"""timm's EvoNorm-S2a: :func:`evo_norm2d_s2` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes
-    (without ``a``): ``y = x / sqrt(mean_{g,h,w}(x²) + eps) · γ + β`` (timm-only, spec B §4.1).
+    (without ``a``): ``y = x / sqrt(mean_{g,h,w}(x²) + eps) · γ + β`` (timm-only).
     """
     return evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, True)

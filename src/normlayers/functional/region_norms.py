@@ -16,7 +16,7 @@ from normlayers._checks import (
     check_same_device,
     is_real,
 )
-from normlayers.backend import use_triton
+from normlayers.backends import use_triton
 from normlayers.distributed import sync_group, sync_masked_moments
 from normlayers.ops import region_norm as _ops_region
 from normlayers.reference import region_norm as _ref_region
@@ -64,7 +64,7 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
                 background_beta: Optional[Tensor] = None, eps: float = 1e-5, stats: str = "batch", *,
                 eps_mode: Optional[str] = None, affine: str = "masked", sync_stats: bool = False,
                 process_group: Optional[Any] = None) -> Tensor:
-    r"""Region Normalization with a given mask, RN-B (Yu et al., AAAI 2020; spec B §3).
+    r"""Region Normalization with a given mask, RN-B (Yu et al., AAAI 2020; code geekyutao/RN, ``rn.py``).
 
     Each channel is standardized separately in the hole region (``mask`` nonzero, the authors' "foreground") and in
     the valid region, then a ``(1 + γ)`` region affine follows:
@@ -88,7 +88,7 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
         eps: a positive number. Default: ``1e-5``.
         stats: ``"batch"`` or ``"instance"``. Default: ``"batch"``.
         eps_mode (keyword-only): ``"official"``: ``ε_r = ε·V/S_r`` with ``S_r`` the region's value count and ``V``
-            the values per statistic (``N·H·W`` or ``H·W``), the official code's effective epsilon (spec §3.2);
+            the values per statistic (``N·H·W`` or ``H·W``), the official code's effective epsilon (docs/region_norm.md);
             ``"plain"``: ``ε_r = ε``. Default ``None``: ``"official"`` with ``stats="batch"``, ``"plain"`` with
             ``"instance"``.
         affine (keyword-only): how the betas apply, ``"masked"`` or ``"official"`` (see above). Default:
@@ -150,7 +150,7 @@ def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Ten
                           beta_weight: Tensor, beta_bias: Optional[Tensor], threshold: float = 0.8,
                           eps: float = 1e-5, stats: str = "batch", *, eps_mode: Optional[str] = None,
                           sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    r"""Learnable Region Normalization, RN-L (Yu et al., AAAI 2020; spec B §3.1, the official ``RN_L``):
+    r"""Learnable Region Normalization, RN-L (Yu et al., AAAI 2020; the official ``RN_L``):
 
     .. math::
         s = \mathrm{sigmoid}(\mathrm{conv_1}([\mathrm{mean}_c(x), \max_c(x)])), \quad

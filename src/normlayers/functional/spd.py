@@ -118,8 +118,8 @@ def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
                    variance: str = "frechet", karcher_steps: int = 1, reference_roundtrip: bool = False,
                    compute_dtype: Optional[torch.dtype] = torch.float64, sync_stats: bool = False,
                    process_group: Optional[Any] = None) -> Tensor:
-    r"""SPD batch normalization under the (θ, M)-Generalized Bures–Wasserstein geometry (GBWBN; spec
-    ``spd_gbw_batchnorm.md`` §3.2). In the deformed coordinates :math:`\tilde X = M^{-1/2} X^\theta M^{-1/2}`:
+    r"""SPD batch normalization under the (θ, M)-Generalized Bures–Wasserstein geometry (GBWBN; Wang et
+    al., CVPR 2025, arXiv 2504.00660). In the deformed coordinates :math:`\tilde X = M^{-1/2} X^\theta M^{-1/2}`:
 
     .. math::
         Y_i = \mathrm{Exp}_{\tilde W}\Big(\Gamma_{I\to\tilde W}\,\frac{s}{\sqrt{v + \epsilon}}\,
@@ -144,7 +144,7 @@ def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
         variance: ``"frechet"`` (mean squared distance to the batch mean) or ``"reference"`` (the authors' code:
             around the identity). Default: ``"frechet"``.
         karcher_steps: barycenter fixed-point steps. Default: ``1`` (the authors').
-        reference_roundtrip: reproduce the authors' Exp_I/Log_I round trip (spec §2.3). Default: ``False``.
+        reference_roundtrip: reproduce the authors' Exp_I/Log_I round trip (docs/spd_batch_norm.md). Default: ``False``.
         compute_dtype: the dtype of the per-sample eigendecompositions; ``None`` is the input's. Parameter-side and
             statistics-side ones are always float64. The output has the input's dtype. Default: ``torch.float64``.
         sync_stats, process_group: in training, with ``torch.distributed`` initialized and more than one rank in

@@ -16,7 +16,7 @@ from normlayers._checks import (
     check_same_device,
     check_unit_interval,
 )
-from normlayers.backend import use_triton
+from normlayers.backends import use_triton
 from normlayers.distributed import sync_group_name
 from normlayers.ops import token_stats as _ops_token
 from normlayers.reference import power_norm as _ref_power
@@ -87,7 +87,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
                eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9, warmup_iters: int = 10000,
                group_num: Optional[int] = 1, *, batch_first: bool = False, backward_denominator: str = "batch",
                sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    r"""PowerNorm (Shen et al., ICML 2020; spec A §1), exactly as the official ``MaskPowerNorm``.
+    r"""PowerNorm (Shen et al., ICML 2020), exactly as the official ``MaskPowerNorm`` (sIncerass/powernorm).
 
     .. math::
         u = \mathrm{GroupScaling}(x), \qquad y = \gamma \cdot \frac{u}{\sqrt{d + \epsilon}} + \beta
@@ -108,7 +108,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
             GroupScaling.
         batch_first: input ``(B, T, C)``. Default: ``False``.
         backward_denominator: ``"batch"`` (the official code: ``sqrt(q + eps)``) or ``"running"``
-            (``sqrt(running_phi + eps)``, the paper's form as recalled, spec §1.7b). Default: ``"batch"``.
+            (``sqrt(running_phi + eps)``, the paper's form; docs/power_unified.md). Default: ``"batch"``.
         sync_stats, process_group (keyword-only): in training, with ``torch.distributed`` initialized and more than
             one rank in ``process_group`` (default: the world), the statistics are those of the global batch: ``q``
             over the non-pad tokens of every rank, and the backward's mean for ``ema_gz`` over every rank's tokens
@@ -147,7 +147,7 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
                  training: bool = False, eps: float = 1e-5, momentum: float = 0.9, warmup_iters: int = 4000,
                  outlier_filtration: bool = False, *, grad_compensation: bool = True, sync_stats: bool = False,
                  process_group: Optional[Any] = None) -> Tensor:
-    r"""Unified Normalization (Yang et al., ACM MM 2022; spec A §2), exactly as the official ``UN1d``.
+    r"""Unified Normalization (Yang et al., ACM MM 2022), exactly as the official ``UN1d``.
 
     .. math:: y = \gamma \cdot \frac{x}{\sqrt{v + \epsilon}} + \beta
 

@@ -16,7 +16,7 @@ IntOrPair = Union[int, tuple[int, int]]
 
 # Biased variance, eps inside the square root: the paper's v2 formula, which the authors agreed is the safe placement
 # (WeightStandardization#1, #16: eps outside gives NaN gradients and fp16 NaNs) and what timm's StdConv2d computes.
-# The authors' released layer is variant="qiao" (spec B §1.2, §1.7).
+# The authors' released layer is variant="qiao" (docs/weight_std.md compares the variants).
 WS_DEFAULT_VARIANT = "timm"
 
 
@@ -36,7 +36,7 @@ def check_ws_weight(weight: Tensor, correction: int, variant: str) -> None:
         raise ValueError(f"weight has no elements per output filter (shape {list(weight.shape)}): nothing to "
                          "standardize")
     if fan_in <= correction:
-        # spec B §1.6: the unbiased std of a single element divides by I − 1 = 0
+        # the unbiased std of a single element divides by I − 1 = 0
         raise ValueError(f"variant {variant!r} divides the variance by fan_in - 1, which is 0 for a weight of shape "
                          f"{list(weight.shape)} (fan_in = in_channels / groups * kh * kw = {fan_in}); use a biased "
                          "variant ('timm' or 'bit'), which standardizes such a filter to 0")
@@ -62,7 +62,7 @@ def check_conv_input(input: Tensor, weight: Tensor, groups: int) -> None:
 
 
 def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: str = WS_DEFAULT_VARIANT) -> Tensor:
-    r"""Weight Standardization (Qiao et al., arXiv 1903.10520; spec B §1) of a conv weight ``(O, I_g, *kernel)``.
+    r"""Weight Standardization (Qiao et al., arXiv 1903.10520) of a conv weight ``(O, I_g, *kernel)``.
 
     Each output filter is standardized over its fan-in ``I = I_g·prod(kernel)``:
 
@@ -72,7 +72,7 @@ def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: 
                             \sigma_o + \epsilon & \text{eps outside} \end{cases}
 
     The published implementations differ in ``σ²`` (biased ``/I`` or unbiased ``/(I − 1)``), in where ``eps`` goes
-    and in its value (spec B §1.2); ``variant`` names them:
+    and in its value (docs/weight_std.md); ``variant`` names them:
 
     * ``"qiao"``: unbiased, eps outside, ``1e-5``: the WS README layer and its GN+WS checkpoints.
     * ``"qiao_bcn"``: unbiased, eps inside, ``1e-5``: the WS conv of the BCN ImageNet models.
@@ -88,7 +88,7 @@ def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: 
         variant: see the table. Default: ``"timm"`` (:data:`WS_DEFAULT_VARIANT`).
 
     A fan-in of 1 (e.g. a depthwise 1x1 conv) is rejected by the unbiased variants (``I − 1 = 0``); the biased ones
-    standardize such a filter to 0 (spec B §1.6).
+    standardize such a filter to 0.
     """
     spec = ws_variant(variant)
     check_ws_weight(weight, spec.correction, variant)
@@ -98,7 +98,7 @@ def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: 
 
 def scaled_weight_standardize(weight: Tensor, gain: Optional[Tensor] = None, gamma: float = 1.0,
                               eps: float = 1e-6) -> Tensor:
-    r"""Scaled Weight Standardization (NF-ResNets / NFNets, Brock et al.; spec B §1.4), as timm's ``ScaledStdConv2d``:
+    r"""Scaled Weight Standardization (NF-ResNets / NFNets, Brock et al., arXiv 2101.08692), as timm's ``ScaledStdConv2d``:
 
     .. math:: \hat W_o = g_o \cdot \frac{\gamma}{\sqrt{I}} \cdot \frac{W_o - \mu_o}{\sqrt{\sigma_o^2 + \epsilon}}
 

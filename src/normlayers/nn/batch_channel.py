@@ -83,7 +83,7 @@ class BatchChannelNorm2d(nn.Module):
     The group stage (``E_{n,g}``, ``Var_{n,g}``, biased) runs over each sample's ``C/G`` contiguous channels and all
     positions, in training and eval alike. All statistics are computed in fp32 (fp64 for fp64 input); the output has
     the input's dtype. On CUDA the layer runs on Triton kernels (two per-plane ops, forward and backward; see
-    docs/batch_channel.md), elsewhere on the plain-PyTorch reference (see :mod:`normlayers.backend`).
+    docs/batch_channel.md), elsewhere on the plain-PyTorch reference (see :mod:`normlayers.backends`).
 
     Args:
         num_channels (int): ``C``, the channels of the input.

@@ -13,38 +13,30 @@ Differences from timm, all on inputs timm mishandles or does not check: bad argu
 and rounded once (timm rounds its fp32 statistics to the input dtype first).
 
 On CUDA tensors they run on Triton ops (``normlayers::plane_moments`` and one fused normalize + activation + affine
-pass, ``kernels/evo_norm.py``), elsewhere on the plain-PyTorch reference; see :mod:`normlayers.backend`.
+pass, ``kernels/evo_norm.py``), elsewhere on the plain-PyTorch reference; see :mod:`normlayers.backends`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from normlayers._dtypes import compute_dtype
 from normlayers._checks import check_epsilon, check_positive_int, check_unit_interval
-from normlayers.functional.evo_norm import evo_norm_b, evo_norm_s
+from normlayers.functional.evo_norm import append_doc, evo_norm_b, evo_norm_s
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
            "EvoNorm2dS2", "EvoNorm2dS2a"]
 
 ActLayer = Union[str, type[nn.Module], Callable[[], nn.Module], None]
-_Class = TypeVar("_Class", bound=type)
 
 # timm's create_act_layer accepts names; these are the ones with a torch.nn module of the same meaning.
 _ACTIVATIONS_BY_NAME: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish, "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh, "identity": nn.Identity,
 }
-
-
-def _append_doc(*sections: str) -> Callable[[_Class], _Class]:
-    """Append the Args/Shape sections the classes of a sub-family share to a class's own docstring."""
-    def decorate(cls: _Class) -> _Class:
-        cls.__doc__ = (cls.__doc__ or "") + "".join(sections)
-        return cls
-    return decorate
 
 
 def _resolve_groups(num_features: int, groups: object, group_size: object) -> int:
@@ -73,7 +65,8 @@ def _make_activation(act_layer: ActLayer) -> nn.Module:
                              f"{sorted(_ACTIVATIONS_BY_NAME)} or pass an nn.Module class")
         return _ACTIVATIONS_BY_NAME[act_layer.lower()]()
     if not callable(act_layer):
-        raise TypeError(f"act_layer must be None, a name, or an nn.Module class/factory, got {type(act_layer).__name__}")
+        raise TypeError(f"act_layer must be None, a name, or an nn.Module class/factory, got "
+                        f"{type(act_layer).__name__}")
     module = act_layer()
     if not isinstance(module, nn.Module):
         raise TypeError(f"act_layer() must return an nn.Module, got {type(module).__name__}")
@@ -85,12 +78,6 @@ def _check_channels(input: Tensor, num_features: int) -> None:
     if isinstance(input, Tensor) and input.dim() == 4 and input.shape[1] != num_features:
         raise ValueError(f"expected input of shape (N, {num_features}, H, W) (num_features = {num_features}), got "
                          f"input of shape {list(input.shape)}")
-
-
-def _stats_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
-    """``running_var`` is kept in fp32 whatever the parameters' dtype (fp64 for fp64), as TF does (spec §4.2,
-    §4.6): an fp16 running variance would lose the small per-step updates."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,7 +114,9 @@ class _EvoNorm2dB(nn.Module):
         else:
             self.register_parameter("v", None)
         # Registered whatever apply_act is, as timm does, so state_dict keys do not depend on it.
-        self.register_buffer("running_var", torch.empty(self.num_features, device=device, dtype=_stats_dtype(dtype)))
+        # running_var is kept in the compute dtype whatever the parameters' dtype, as TF's EvoNorm keeps it in fp32:
+        # an fp16 running variance would lose the small per-step updates.
+        self.register_buffer("running_var", torch.empty(self.num_features, device=device, dtype=compute_dtype(dtype)))
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -179,7 +168,7 @@ _B_DOC = r"""
 """
 
 
-@_append_doc(_B_DOC, r"""
+@append_doc(_B_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dB0(64)
@@ -205,7 +194,7 @@ class EvoNorm2dB0(_EvoNorm2dB):
                          device=device, dtype=dtype)
 
 
-@_append_doc(_B_DOC, r"""
+@append_doc(_B_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dB1(64)
@@ -229,7 +218,7 @@ class EvoNorm2dB1(_EvoNorm2dB):
                          device=device, dtype=dtype)
 
 
-@_append_doc(_B_DOC, r"""
+@append_doc(_B_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dB2(64)
@@ -321,10 +310,10 @@ _S_DOC = r"""
         apply_act (bool): see above for what ``False`` means. Default: ``True``.
 """
 
-_S_ACT_DOC = r"""        act_layer (optional): the nonlinearity ``a``, held as the submodule ``act``: an ``nn.Module`` class or
-            zero-argument factory, or one of the names ``"silu"``/``"swish"``, ``"relu"``, ``"gelu"``, ``"mish"``,
-            ``"sigmoid"``, ``"tanh"``, ``"identity"``. ``None`` is SiLU. It is applied to the fp32 (fp64) tensor.
-            Default: ``None``.
+_S_ACT_DOC = r"""        act_layer (optional): the nonlinearity ``a``, held as the submodule ``act``: an
+            ``nn.Module`` class or zero-argument factory, or one of the names ``"silu"``/``"swish"``, ``"relu"``,
+            ``"gelu"``, ``"mish"``, ``"sigmoid"``, ``"tanh"``, ``"identity"``. ``None`` is SiLU. It is applied to the
+            fp32 (fp64) tensor. Default: ``None``.
 """
 
 _S_TAIL_DOC = r"""        eps (float): added inside the square root of the group statistic. Default: see above.
@@ -337,7 +326,8 @@ _S_TAIL_DOC = r"""        eps (float): added inside the square root of the group
         - Output: :math:`(N, C, H, W)` (same shape and dtype as the input)
 """
 
-@_append_doc(_S_DOC, _S_TAIL_DOC, r"""
+
+@append_doc(_S_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS0(64, groups=8)
@@ -360,7 +350,7 @@ class EvoNorm2dS0(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, None, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS0a(64, group_size=16)
@@ -385,7 +375,7 @@ class EvoNorm2dS0a(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, None, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS1(64, groups=8)
@@ -408,7 +398,7 @@ class EvoNorm2dS1(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS1a(64, groups=8)
@@ -431,7 +421,7 @@ class EvoNorm2dS1a(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS2(64, groups=8)
@@ -454,7 +444,7 @@ class EvoNorm2dS2(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS2a(64, groups=8)

@@ -84,7 +84,7 @@ class RegionNorm2d(nn.Module):
     Statistics are computed in fp32 (fp64 for fp64 input); the output has the input's dtype. The layer has no buffers
     and uses the current input's statistics in eval too. On CUDA it runs on Triton kernels (masked region moments,
     a fused normalize + region-affine pass, and their backward; see docs/region_norm.md), elsewhere on the
-    plain-PyTorch reference (see :mod:`normlayers.backend`).
+    plain-PyTorch reference (see :mod:`normlayers.backends`).
 
     Args:
         num_features (int): ``C``, the channels of the input.

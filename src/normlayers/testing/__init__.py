@@ -114,7 +114,7 @@ def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor) -> N
     (the same kernels and the same small ops run, compiled or not), and those agree with backend ``"reference"``."""
     import copy
 
-    from normlayers.backend import backend
+    from normlayers.backends import backend
 
     torch._dynamo.reset()
 
@@ -144,7 +144,7 @@ def run_training_steps(module: torch.nn.Module, xs: list[torch.Tensor], backend_
                        ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """Forward and backward of ``module`` on each of ``xs`` in turn on backend ``backend_name``, with seeded random
     output gradients; returns, per step, ``[y, dx, *parameter grads]``, and the buffers after the last step."""
-    from normlayers.backend import backend
+    from normlayers.backends import backend
 
     results = []
     with backend(backend_name):
