@@ -111,7 +111,8 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
         eps: the channel (group) stage's epsilon. Default: ``1e-5``.
         num_groups: ``G``; must divide ``C``. Default: ``32``.
         bn_eps: the batch stage's epsilon. Default: ``1e-5``.
-        estimate: EstBN instead of BatchNorm in the batch stage (the authors' ``EstBN``, BCN README). Default: ``False``.
+        estimate: EstBN instead of BatchNorm in the batch stage (the authors' ``EstBN``, BCN README).
+            Default: ``False``.
         estimate_rate: EstBN's update rate ``r`` (a float in [0, 1], or a one-element tensor such as the official
             ``estbn_moving_speed`` buffer). Default: ``0.0``, which freezes the estimates (the official default).
         num_batches_tracked: incremented in place in training with ``estimate=False``, as ``nn.BatchNorm2d`` does.

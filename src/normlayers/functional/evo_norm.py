@@ -102,8 +102,8 @@ _EVO_B_DOC = """
             dtype.
         running_var: ``(C,)``, the running (unbiased) variance. Used in eval; updated in place in training as
             ``running_var ← (1 − momentum)·running_var + momentum·var·n/(n − 1)`` with ``n = N·H·W`` (timm's rule,
-            ``timm/layers/evo_norm.py``), which needs ``n > 1``; an empty input (``n = 0``) gives an empty output and leaves it
-            alone, as ``nn.BatchNorm2d``. May be ``None`` in training (no update).
+            ``timm/layers/evo_norm.py``), which needs ``n > 1``; an empty input (``n = 0``) gives an empty output
+            and leaves it alone, as ``nn.BatchNorm2d``. May be ``None`` in training (no update).
         weight, bias: the ``(C,)`` affine ``γ``, ``β``. Default: ``None`` (none).
         training: batch variance (with gradient) and the running update when ``True``. Default: ``False``.
         momentum: the running-variance rate in [0, 1]. Default: ``0.1``.

@@ -88,9 +88,9 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
         eps: a positive number. Default: ``1e-5``.
         stats: ``"batch"`` or ``"instance"``. Default: ``"batch"``.
         eps_mode (keyword-only): ``"official"``: ``ε_r = ε·V/S_r`` with ``S_r`` the region's value count and ``V``
-            the values per statistic (``N·H·W`` or ``H·W``), the official code's effective epsilon (docs/region_norm.md);
-            ``"plain"``: ``ε_r = ε``. Default ``None``: ``"official"`` with ``stats="batch"``, ``"plain"`` with
-            ``"instance"``.
+            the values per statistic (``N·H·W`` or ``H·W``), the official code's effective epsilon
+            (docs/region_norm.md); ``"plain"``: ``ε_r = ε``. Default ``None``: ``"official"`` with
+            ``stats="batch"``, ``"plain"`` with ``"instance"``.
         affine (keyword-only): how the betas apply, ``"masked"`` or ``"official"`` (see above). Default:
             ``"masked"``.
         sync_stats, process_group (keyword-only): with ``stats="batch"``, ``torch.distributed`` initialized and more

@@ -98,7 +98,8 @@ def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: 
 
 def scaled_weight_standardize(weight: Tensor, gain: Optional[Tensor] = None, gamma: float = 1.0,
                               eps: float = 1e-6) -> Tensor:
-    r"""Scaled Weight Standardization (NF-ResNets / NFNets, Brock et al., arXiv 2101.08692), as timm's ``ScaledStdConv2d``:
+    r"""Scaled Weight Standardization (NF-ResNets / NFNets, Brock et al., arXiv 2101.08692), as timm's
+    ``ScaledStdConv2d``:
 
     .. math:: \hat W_o = g_o \cdot \frac{\gamma}{\sqrt{I}} \cdot \frac{W_o - \mu_o}{\sqrt{\sigma_o^2 + \epsilon}}
 

@@ -7,6 +7,8 @@ under the interpreter on CPU-only machines, and it adds a benchmarking pass to t
 from __future__ import annotations
 
 import functools
+import math
+from typing import Optional
 
 import torch
 import triton
@@ -97,3 +99,68 @@ def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     column_sum_kernel[(triton.cdiv(n, block_n),)](partials, out, num_rows, n, BLOCK_ROWS=32, BLOCK_N=block_n,
                                                   num_warps=4)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-plane kernels (channel statistics, EvoNorm, RegionNorm): an (N, C, *spatial) tensor as N·C planes of H·W values
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Widest chunk of a plane one program holds (elements); wider planes are walked in chunks of this size. Tiles hold
+# about PLANE_TILE_ELEMENTS values, so small planes get several planes per program (at most PLANE_MAX_BLOCK_P). Starting
+# points, not tuned on a GPU.
+PLANE_MAX_BLOCK_HW = 2048
+PLANE_TILE_ELEMENTS = 4096
+PLANE_MAX_BLOCK_P = 64
+
+
+def as_planes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of shape ``(N, C, *spatial)`` as ``(N, C, HW)``: a view for NCHW, channels-last and channel slices
+    (whose spatial dims merge into one stride), a copy only for layouts where they do not."""
+    n, c = t.shape[:2]
+    hw = math.prod(t.shape[2:])
+    try:
+        return t.view(n, c, hw)
+    except RuntimeError:
+        return t.reshape(n, c, hw)
+
+
+def plane_tile(planes: int, hw: int, max_block_hw: Optional[int]) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_HW) for ``planes`` planes of ``hw`` values; ``max_block_hw`` overrides the chunk cap (tests
+    use it to reach the chunked loop on small planes)."""
+    cap = max_block_hw if max_block_hw is not None else PLANE_MAX_BLOCK_HW
+    block_hw = min(next_power_of_2(hw), 1 << (cap.bit_length() - 1))
+    block_p = min(max(PLANE_TILE_ELEMENTS // block_hw, 1), PLANE_MAX_BLOCK_P, next_power_of_2(planes))
+    return block_p, block_hw
+
+
+def plane_strides(t3: torch.Tensor) -> tuple[int, int, int]:
+    return t3.stride(0), t3.stride(1), t3.stride(2)
+
+
+def hole_planes(hole_mask: Optional[torch.Tensor], x3: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The ``(N, 1 or C, *spatial)`` hole mask of a two-region launch as a ``(N, C, HW)`` uint8 view (stride 0 over
+    channels for a one-channel mask) and its strides; ``x3`` and zero strides (never read) without a mask."""
+    if hole_mask is None:
+        return x3, (0, 0, 0)
+    hole3 = as_planes(hole_mask.view(torch.uint8) if hole_mask.dtype == torch.bool else hole_mask)
+    hole3 = hole3.expand(x3.shape)
+    return hole3, plane_strides(hole3)
+
+
+@triton.jit
+def plane_block(P, BLOCK_P: tl.constexpr):
+    """This program's ``BLOCK_P`` planes (int64 indices, program ``program_id(0)``) and which of them exist."""
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return planes, planes < P
+
+
+@triton.jit
+def load_plane_values(PTR, base, hw, stride_hw, mask, COMPUTE: tl.constexpr):
+    """The values at spatial positions ``hw`` of planes starting at ``base`` (zero outside ``mask``), in ``COMPUTE``."""
+    return tl.load(PTR + base[:, None] + hw[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def plane_offsets(planes, C, stride_n, stride_c):
+    """Offset of each plane's first value: plane p is (sample p // C, channel p % C)."""
+    return (planes // C) * stride_n + (planes % C) * stride_c

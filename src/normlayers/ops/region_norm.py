@@ -175,9 +175,10 @@ def region_norm(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
     if not betas:
         shift = torch.zeros_like(center)
     elif affine == "official":
-        # Both betas at every pixel (the official rn.py), summed from the parameters themselves: the sum over a stacked pair
-        # would backward into stride-0 views of one gradient, which autograd stores as both .grad tensors, so that a
-        # later backward accumulating into them (gradient accumulation) would add twice into one buffer.
+        # Both betas at every pixel (the official rn.py), summed from the parameters themselves: the sum over a
+        # stacked pair would backward into stride-0 views of one gradient, which autograd stores as both .grad
+        # tensors, so that a later backward accumulating into them (gradient accumulation) would add twice into one
+        # buffer.
         total = betas[0] if len(betas) == 1 else betas[0] + betas[1]
         shift = torch.stack([total, total], dim=-1)
     else:
