@@ -1,8 +1,9 @@
 """Functional forms of every normlayers norm, in ``torch.nn.functional``'s argument order.
 
 Each function validates its arguments, then runs the Triton path (:mod:`normlayers.ops`) or the plain-PyTorch
-reference (:mod:`normlayers.reference`) as :mod:`normlayers.backends` decides. One module per family; every public
-name is importable from ``normlayers.functional``.
+reference (:mod:`normlayers.reference`) as :mod:`normlayers.backends` decides. One module per family (``row_norms``,
+``batch_channel``, ``weight_std``, ``evo_norm``, ``token_norms``, ``region_norms``, ``spd``; the last two are not
+named after a function, which they would shadow); every public name is importable from ``normlayers.functional``.
 """
 
 from normlayers.functional.batch_channel import batch_channel_norm
