@@ -3,7 +3,7 @@
 The corpus is synthetic (nothing is downloaded): text from a random second-order Markov chain over 48 symbols whose
 next-token distribution depends on the last two tokens, so there is real structure to learn (the best possible loss is
 the chain's entropy rate, printed). Every model is the
-library's ``normlayers.models.TransformerLM`` with the same seed, optimizer and data order; only ``norm_layer``
+library's ``normlayers.testing.models.TransformerLM`` with the same seed, optimizer and data order; only ``norm_layer``
 changes. PowerNorm and UnifiedNorm leave their warm-up (batch statistics) after a third of the steps and then
 normalize with running statistics, so their validation loss (eval mode) uses what they learned.
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import normlayers
-from normlayers.models import TransformerLM
+from normlayers.testing.models import TransformerLM
 
 VOCAB, CONTEXT = 48, 64
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -11,15 +10,11 @@ import pytest
 import torch
 
 import normlayers
-
+import normlayers.backends as nb
 import normlayers.ops.row_norms as ops_row
 from normlayers import functional as NF
 from normlayers.reference import row_norms as ref_row
 from normlayers.testing import assert_close
-
-# The module, not the context manager: `normlayers.backend` (the attribute) is the function `backend`, which
-# shadows the submodule of the same name, so `import normlayers.backend as nb` would bind the function.
-nb = importlib.import_module("normlayers.backend")
 
 
 @pytest.mark.parametrize("name", ["auto", "triton", "reference"])

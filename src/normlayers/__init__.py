@@ -1,7 +1,7 @@
 """normlayers: normalization layers for PyTorch with fused Triton kernels and plain-PyTorch references."""
 
-from normlayers import convert, functional, models
-from normlayers.backend import backend, get_backend, set_backend
+from normlayers import backends, convert, functional
+from normlayers.backends import backend, get_backend, set_backend
 from normlayers.convert import plan_replacements, replace_norms, restore_norms
 from normlayers.distributed import convert_sync
 from normlayers.nn import (
@@ -52,11 +52,11 @@ __all__ = [
     "UnifiedNorm",
     "WSConv2d",
     "backend",
+    "backends",
     "convert",
     "convert_sync",
     "functional",
     "get_backend",
-    "models",
     "plan_replacements",
     "replace_norms",
     "reset_iters",

@@ -10,8 +10,8 @@ from torch import nn
 
 import normlayers
 from normlayers.convert import OutputRMSNorm, PreNormSpec, prenorm_to_crmsnorm, prenorm_to_rmsnorm
-from normlayers.models import TransformerLM
 from normlayers.testing import assert_close
+from normlayers.testing.models import TransformerLM
 
 transformers = pytest.importorskip("transformers")
 

@@ -23,7 +23,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import normlayers
 from normlayers import functional as NF

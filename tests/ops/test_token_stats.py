@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import normlayers
-from normlayers.ops import token_stats as ops
 from normlayers.testing import assert_close
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from normlayers.backend import backend, use_triton
+from normlayers.backends import backend, use_triton
 from normlayers.bench.ops import Op, OpFn
 
 __all__ = ["PEERS", "PROVIDERS", "Provider", "UnsupportedOp"]

@@ -21,7 +21,7 @@ from normlayers import functional as F
 from normlayers.nn.row_norms import CRMSNorm, RMSNorm
 
 __all__ = ["OutputRMSNorm", "PreNormSpec", "RecentredNorm", "prenorm_spec", "prenorm_to_crmsnorm",
-           "prenorm_to_rmsnorm"]
+           "prenorm_to_rmsnorm", "token_inputs"]
 
 logger = logging.getLogger("normlayers")
 
@@ -150,28 +150,13 @@ def _hf_outputs(output: Any) -> list[Tensor]:
             if t is not None]
 
 
-def _tokens(vocab: int, length: int) -> Callable[[nn.Module], tuple]:
+def token_inputs(vocab: int, length: int) -> Callable[[nn.Module], tuple]:
+    """An ``example_inputs`` for a language model: two fixed random sequences of ``length`` token ids."""
     def make(model: nn.Module) -> tuple:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(0)
         return (torch.randint(0, vocab, (2, length), generator=generator, device=device),)
     return make
-
-
-def _spec_transformer_lm(model: nn.Module) -> PreNormSpec:
-    for i, block in enumerate(model.blocks):
-        if not block.norm_first:
-            raise ValueError(f"blocks.{i} is a Post-LN block (norm_first=False): its norms read the sum of the "
-                             f"stream and a branch, so the stream is not read only through norms; the conversion "
-                             f"needs a Pre-LN model")
-    writers, norms = ["tok_emb", "pos_emb"], {}
-    for i in range(len(model.blocks)):
-        writers += [f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc2"]
-        norms[f"blocks.{i}.norm1"] = [f"blocks.{i}.attn.qkv"]
-        norms[f"blocks.{i}.norm2"] = [f"blocks.{i}.mlp.fc1"]
-    norms["norm"] = ["head"]
-    return PreNormSpec(model.tok_emb.embedding_dim, writers, norms,
-                       example_inputs=_tokens(model.tok_emb.num_embeddings, min(8, model.pos_emb.num_embeddings)))
 
 
 def _spec_gpt2(model: nn.Module) -> PreNormSpec:
@@ -195,7 +180,7 @@ def _spec_gpt2(model: nn.Module) -> PreNormSpec:
     # GPT2Model reshapes ln_f's output with the width of the stream before it: it cannot return d from a d − 1 stream
     not_compressible = None if lm else "GPT2Model reshapes its output with the stream width; use GPT2LMHeadModel"
     return PreNormSpec(config.n_embd, writers, norms, output_norms=output_norms,
-                       example_inputs=_tokens(config.vocab_size, min(8, config.n_positions)), outputs=_hf_outputs,
+                       example_inputs=token_inputs(config.vocab_size, min(8, config.n_positions)), outputs=_hf_outputs,
                        not_compressible=not_compressible)
 
 
@@ -319,19 +304,20 @@ _HF_SPECS = {
 
 
 def prenorm_spec(model: nn.Module) -> PreNormSpec:
-    """The built-in :class:`PreNormSpec` of ``model``: :class:`normlayers.models.TransformerLM`, Hugging Face
-    ``GPT2Model``/``GPT2LMHeadModel`` and ``ViTModel``/``ViTForImageClassification``, and timm's
-    ``VisionTransformer``. Other models: write one."""
-    from normlayers.models import TransformerLM
-
-    if isinstance(model, TransformerLM):
-        return _spec_transformer_lm(model)
+    """The :class:`PreNormSpec` of ``model``: its own, when it has a ``prenorm_spec()`` method (as
+    :class:`normlayers.testing.models.TransformerLM` does), else the built-in one of timm's ``VisionTransformer``,
+    Hugging Face ``GPT2Model``/``GPT2LMHeadModel`` and ``ViTModel``/``ViTForImageClassification``. Other models:
+    write one."""
+    describe = getattr(model, "prenorm_spec", None)
+    if callable(describe):
+        return describe()
     if type(model).__name__ == "VisionTransformer" and type(model).__module__.startswith("timm."):
         return _spec_timm_vit(model)
     make = _HF_SPECS.get(type(model).__name__)
     if make is None or not hasattr(model, "config"):
-        raise TypeError(f"no built-in description of {type(model).__name__}'s residual stream (built in: "
-                        f"TransformerLM, timm VisionTransformer, {', '.join(_HF_SPECS)}); pass spec=PreNormSpec(...) for a Pre-LN model")
+        raise TypeError(f"no built-in description of {type(model).__name__}'s residual stream (built in: timm "
+                        f"VisionTransformer, {', '.join(_HF_SPECS)}, and models with a prenorm_spec() method); pass "
+                        f"spec=PreNormSpec(...) for a Pre-LN model")
     return make(model)
 
 

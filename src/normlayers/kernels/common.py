@@ -7,6 +7,8 @@ under the interpreter on CPU-only machines, and it adds a benchmarking pass to t
 from __future__ import annotations
 
 import functools
+import math
+from typing import Optional
 
 import torch
 import triton
@@ -17,13 +19,8 @@ import triton.language as tl
 CPU_PERSISTENT_PROGRAMS = 4
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and arithmetic dtype of the kernels: fp64 for fp64 data (so ops can be gradcheck-ed), else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_compute_dtype(dtype: torch.dtype):
-    """:func:`compute_dtype` as the Triton dtype a kernel's ``COMPUTE`` constexpr takes."""
+    """:func:`normlayers._dtypes.compute_dtype` as the Triton dtype a kernel's ``COMPUTE`` constexpr takes."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -55,13 +52,15 @@ def num_warps_for(tile_elements: int, device: torch.device) -> int:
     """
     warps = min(max(tile_elements // 256, 1), 16)
     if device.type == "cuda":
-        warps = min(warps, 1024 // _warp_size(device.index if device.index is not None else torch.cuda.current_device()))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        warps = min(warps, 1024 // _warp_size(index))
     return warps
 
 
 @triton.jit
 def centred_row_moments(x, mask, count):
-    """Per-row ``(Σx, Σ(x − mean)²)`` of a 2-D tile with ``count`` valid values per row (``x`` zero outside ``mask``)."""
+    """Per-row ``(Σx, Σ(x − mean)²)`` of a 2-D tile with ``count`` valid values per row (``x`` zero outside
+    ``mask``)."""
     s = tl.sum(x, axis=1)
     d = tl.where(mask, x - (s / count)[:, None], 0.0)
     return s, tl.sum(d * d, axis=1)
@@ -97,5 +96,71 @@ def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if n == 0:
         return out
     block_n = min(next_power_of_2(n), 256)
-    column_sum_kernel[(triton.cdiv(n, block_n),)](partials, out, num_rows, n, BLOCK_ROWS=32, BLOCK_N=block_n, num_warps=4)
+    column_sum_kernel[(triton.cdiv(n, block_n),)](partials, out, num_rows, n, BLOCK_ROWS=32, BLOCK_N=block_n,
+                                                  num_warps=4)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-plane kernels (channel statistics, EvoNorm, RegionNorm): an (N, C, *spatial) tensor as N·C planes of H·W values
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Widest chunk of a plane one program holds (elements); wider planes are walked in chunks of this size. Tiles hold
+# about PLANE_TILE_ELEMENTS values, so small planes get several planes per program (at most PLANE_MAX_BLOCK_P). Starting
+# points, not tuned on a GPU.
+PLANE_MAX_BLOCK_HW = 2048
+PLANE_TILE_ELEMENTS = 4096
+PLANE_MAX_BLOCK_P = 64
+
+
+def as_planes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of shape ``(N, C, *spatial)`` as ``(N, C, HW)``: a view for NCHW, channels-last and channel slices
+    (whose spatial dims merge into one stride), a copy only for layouts where they do not."""
+    n, c = t.shape[:2]
+    hw = math.prod(t.shape[2:])
+    try:
+        return t.view(n, c, hw)
+    except RuntimeError:
+        return t.reshape(n, c, hw)
+
+
+def plane_tile(planes: int, hw: int, max_block_hw: Optional[int]) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_HW) for ``planes`` planes of ``hw`` values; ``max_block_hw`` overrides the chunk cap (tests
+    use it to reach the chunked loop on small planes)."""
+    cap = max_block_hw if max_block_hw is not None else PLANE_MAX_BLOCK_HW
+    block_hw = min(next_power_of_2(hw), 1 << (cap.bit_length() - 1))
+    block_p = min(max(PLANE_TILE_ELEMENTS // block_hw, 1), PLANE_MAX_BLOCK_P, next_power_of_2(planes))
+    return block_p, block_hw
+
+
+def plane_strides(t3: torch.Tensor) -> tuple[int, int, int]:
+    return t3.stride(0), t3.stride(1), t3.stride(2)
+
+
+def hole_planes(hole_mask: Optional[torch.Tensor], x3: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The ``(N, 1 or C, *spatial)`` hole mask of a two-region launch as a ``(N, C, HW)`` uint8 view (stride 0 over
+    channels for a one-channel mask) and its strides; ``x3`` and zero strides (never read) without a mask."""
+    if hole_mask is None:
+        return x3, (0, 0, 0)
+    hole3 = as_planes(hole_mask.view(torch.uint8) if hole_mask.dtype == torch.bool else hole_mask)
+    hole3 = hole3.expand(x3.shape)
+    return hole3, plane_strides(hole3)
+
+
+@triton.jit
+def plane_block(P, BLOCK_P: tl.constexpr):
+    """This program's ``BLOCK_P`` planes (int64 indices, program ``program_id(0)``) and which of them exist."""
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return planes, planes < P
+
+
+@triton.jit
+def load_plane_values(PTR, base, hw, stride_hw, mask, COMPUTE: tl.constexpr):
+    """The values at spatial positions ``hw`` of planes starting at ``base`` (zero outside ``mask``), in ``COMPUTE``."""
+    return tl.load(PTR + base[:, None] + hw[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def plane_offsets(planes, C, stride_n, stride_c):
+    """Offset of each plane's first value: plane p is (sample p // C, channel p % C)."""
+    return (planes // C) * stride_n + (planes % C) * stride_c

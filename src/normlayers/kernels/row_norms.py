@@ -25,18 +25,23 @@ import torch
 import triton
 import triton.language as tl
 
+from normlayers._dtypes import compute_dtype
 from normlayers.kernels.common import (
     centred_row_moments,
     chan_combine,
     column_sum,
-    compute_dtype,
     next_power_of_2,
     num_warps_for,
     persistent_programs,
     tl_compute_dtype,
 )
 
-NORM_KINDS = {"layer": 0, "rms": 1, "crms": 2}
+# The NORM constexpr: which norm a kernel computes. Named constexprs (as Liger's casting modes), so that the kernels
+# compare against the names; the launchers pass the values of NORM_KINDS.
+NORM_LAYER: tl.constexpr = tl.constexpr(0)
+NORM_RMS: tl.constexpr = tl.constexpr(1)
+NORM_CRMS: tl.constexpr = tl.constexpr(2)
+NORM_KINDS = {"layer": NORM_LAYER.value, "rms": NORM_RMS.value, "crms": NORM_CRMS.value}
 
 # Widest row held in registers in one block. Forward: 64 KiB of input per row (16K fp32 / 32K bf16 elements); the
 # backward holds x, dy, the weight and the dW/dB partials, so it caps lower. Wider rows use the chunked loop, whose
@@ -92,7 +97,7 @@ def _load_norm_input(X, RES, RES_OUT, rows, cols, mask, stride_x, stride_res, N,
 @triton.jit
 def _chunk_moments(h, mask, n_valid, NORM: tl.constexpr):
     """Per-row (Σh, q) of one chunk: q is the centred M2 for LayerNorm, Σh² for the RMS norms."""
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         s, q = centred_row_moments(h, mask, n_valid)
     else:
         s = tl.sum(h, axis=1)
@@ -104,10 +109,10 @@ def _chunk_moments(h, mask, n_valid, NORM: tl.constexpr):
 def _finalize_stats(s, q, N, eps, NORM: tl.constexpr, COMPUTE: tl.constexpr):
     """(mean, rstd) of rows from their Σh and q; the mean is only meaningful for LayerNorm."""
     n = tl.cast(N, COMPUTE)
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         mean = s / n
         rstd = tl.math.rsqrt(q / n + eps)
-    elif NORM == 1:
+    elif NORM == NORM_RMS:
         mean = s * 0.0
         rstd = tl.math.rsqrt(q / n + eps)
     else:
@@ -120,7 +125,7 @@ def _finalize_stats(s, q, N, eps, NORM: tl.constexpr, COMPUTE: tl.constexpr):
 @triton.jit
 def _normalize_store(Y, W, B, h, mean, rstd, rows, cols, mask, N, weight_offset, NORM: tl.constexpr,
                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         y = (h - mean[:, None]) * rstd[:, None]
     else:
         y = h * rstd[:, None]
@@ -165,7 +170,7 @@ def row_norm_fwd_kernel(
             n_a = tl.cast(start, COMPUTE)
             n_b = tl.cast(tl.minimum(N - start, BLOCK_N), COMPUTE)
             s_b, q_b = _chunk_moments(h, chunk_mask, n_b, NORM)
-            if NORM == 0:
+            if NORM == NORM_LAYER:
                 s, q = chan_combine(s, q, n_a, s_b, q_b, n_b)
             else:
                 s, q = s + s_b, q + q_b
@@ -182,7 +187,7 @@ def row_norm_fwd_kernel(
                 stored = tl.load(X + rows[:, None] * stride_x + chunk_cols[None, :], mask=chunk_mask, other=0.0)
             _normalize_store(Y, W, B, stored.to(COMPUTE), mean, rstd, rows, chunk_cols, chunk_mask, N,
                              weight_offset, NORM, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -193,7 +198,7 @@ def _load_grad_inputs(H, W, DY, rows, cols, mask, mean, rstd, stride_h, stride_d
     """(h, x̂, dy, ĝ = dy ⊙ w) of one chunk, zero outside ``mask``."""
     h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
     else:
         xhat = h * rstd[:, None]
@@ -232,7 +237,7 @@ def row_norm_bwd_kernel(
     num_tiles = tl.cdiv(M, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     n = tl.cast(N, COMPUTE)
-    divisor = n + 1.0 if NORM == 2 else n
+    divisor = n + 1.0 if NORM == NORM_CRMS else n
     partial_row = pid.to(tl.int64) * N
     if SINGLE_BLOCK:
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
@@ -241,7 +246,7 @@ def row_norm_bwd_kernel(
         rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(COMPUTE)
-        if NORM == 0:
+        if NORM == NORM_LAYER:
             mean = tl.load(MEAN + rows, mask=row_mask, other=0.0).to(COMPUTE)
         else:
             mean = rstd * 0.0
@@ -265,8 +270,8 @@ def row_norm_bwd_kernel(
                 sum_g += tl.sum(g, axis=1)
                 sum_h += tl.sum(h, axis=1)
         c1 = sum_xg / divisor
-        c2 = sum_g / n if NORM == 0 else sum_g * 0.0
-        shift = rstd * sum_h if NORM == 2 else sum_h * 0.0
+        c2 = sum_g / n if NORM == NORM_LAYER else sum_g * 0.0
+        shift = rstd * sum_h if NORM == NORM_CRMS else sum_h * 0.0
         if SINGLE_BLOCK:
             _store_input_grad(DH, DRES_OUT, xhat, g, rstd, c1, c2, shift, rows, cols, mask, stride_dres, N,
                               HAS_DRESIDUAL, COMPUTE)

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from normlayers._dtypes import compute_dtype
 from normlayers.kernels.common import (
     column_sum,
-    compute_dtype,
     next_power_of_2,
     num_warps_for,
     persistent_programs,

@@ -13,22 +13,16 @@ The ImageNet models of the same repository name the batch stage ``pbn``; those k
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_epsilon, check_positive_int, check_unit_interval
 from normlayers.nn._adopt import adopt, fill_missing
 
 __all__ = ["BatchChannelNorm2d"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class _BatchStage(nn.Module):
@@ -90,7 +84,7 @@ class BatchChannelNorm2d(nn.Module):
     The group stage (``E_{n,g}``, ``Var_{n,g}``, biased) runs over each sample's ``C/G`` contiguous channels and all
     positions, in training and eval alike. All statistics are computed in fp32 (fp64 for fp64 input); the output has
     the input's dtype. On CUDA the layer runs on Triton kernels (two per-plane ops, forward and backward; see
-    docs/batch_channel.md), elsewhere on the plain-PyTorch reference (see :mod:`normlayers.backend`).
+    docs/batch_channel.md), elsewhere on the plain-PyTorch reference (see :mod:`normlayers.backends`).
 
     Args:
         num_channels (int): ``C``, the channels of the input.
@@ -134,15 +128,15 @@ class BatchChannelNorm2d(nn.Module):
                  estimate: bool = False, estimate_rate: float = 0.0, bn_eps: float = 1e-5, *,
                  process_group: Optional[Any] = None, sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_channels = _check_positive_int("num_channels", num_channels)
-        self.num_groups = _check_positive_int("num_groups", num_groups)
+        self.num_channels = check_positive_int("num_channels", num_channels)
+        self.num_groups = check_positive_int("num_groups", num_groups)
         if self.num_channels % self.num_groups != 0:
             raise ValueError(f"num_groups ({num_groups}) must divide num_channels ({num_channels}): each group holds "
                              f"num_channels / num_groups contiguous channels")
-        self.momentum = None if momentum is None else F._check_unit_interval("momentum", momentum)
-        self.estimate_rate = F._check_unit_interval("estimate_rate", estimate_rate)
-        self.eps = F._check_epsilon("eps", eps)
-        self.bn_eps = F._check_epsilon("bn_eps", bn_eps)
+        self.momentum = None if momentum is None else check_unit_interval("momentum", momentum)
+        self.estimate_rate = check_unit_interval("estimate_rate", estimate_rate)
+        self.eps = check_epsilon("eps", eps)
+        self.bn_eps = check_epsilon("bn_eps", bn_eps)
         self.estimate = bool(estimate)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group

@@ -9,21 +9,16 @@ The module keeps the official ``MaskPowerNorm``'s parameter and buffer names and
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_epsilon, check_nonnegative_int, check_positive_int, check_unit_interval
+from normlayers.functional.token_norms import check_backward_denominator
 
 __all__ = ["PowerNorm", "reset_iters"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class PowerNorm(nn.Module):
@@ -105,19 +100,17 @@ class PowerNorm(nn.Module):
                  batch_first: bool = False, backward_denominator: str = "batch",
                  process_group: Optional[Any] = None, sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features = _check_positive_int("num_features", num_features)
-        self.eps = F._check_epsilon("eps", eps)
-        self.alpha_fwd = F._check_unit_interval("alpha_fwd", alpha_fwd)
-        self.alpha_bkw = F._check_unit_interval("alpha_bkw", alpha_bkw)
-        self.warmup_iters = F._check_nonnegative_int("warmup_iters", warmup_iters)
+        self.num_features = check_positive_int("num_features", num_features)
+        self.eps = check_epsilon("eps", eps)
+        self.alpha_fwd = check_unit_interval("alpha_fwd", alpha_fwd)
+        self.alpha_bkw = check_unit_interval("alpha_bkw", alpha_bkw)
+        self.warmup_iters = check_nonnegative_int("warmup_iters", warmup_iters)
         if group_num is not None:
-            group_num = _check_positive_int("group_num", group_num)
+            group_num = check_positive_int("group_num", group_num)
             if self.num_features % group_num != 0:
                 raise ValueError(f"group_num ({group_num}) must divide num_features ({num_features})")
         self.group_num = group_num
-        if backward_denominator not in ("batch", "running"):
-            raise ValueError(f"backward_denominator must be 'batch' or 'running', got {backward_denominator!r}")
-        self.backward_denominator = backward_denominator
+        self.backward_denominator = check_backward_denominator(backward_denominator)
         self.batch_first = bool(batch_first)
         self.affine = bool(affine)
         self.sync_stats = bool(sync_stats)

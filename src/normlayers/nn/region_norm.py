@@ -16,27 +16,16 @@ Neither has buffers: the statistics are always those of the current input, in tr
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_choice, check_finite, check_positive_int, is_int
+from normlayers.functional.region_norms import REGION_AFFINES, check_region_options
 
 __all__ = ["RegionNorm2d", "LearnableRegionNorm2d"]
-
-
-def _check_num_features(num_features: object) -> int:
-    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    return int(num_features)
-
-
-def _check_options(eps: float, stats: str, eps_mode: Optional[str]) -> tuple[float, str, str]:
-    stats = F._region_choice("stats", stats, F._REGION_STATS)
-    return F._check_region_eps(eps), stats, F._region_eps_mode(eps_mode, stats)
 
 
 def _check_channels(module: nn.Module, input: Tensor) -> None:
@@ -95,7 +84,7 @@ class RegionNorm2d(nn.Module):
     Statistics are computed in fp32 (fp64 for fp64 input); the output has the input's dtype. The layer has no buffers
     and uses the current input's statistics in eval too. On CUDA it runs on Triton kernels (masked region moments,
     a fused normalize + region-affine pass, and their backward; see docs/region_norm.md), elsewhere on the
-    plain-PyTorch reference (see :mod:`normlayers.backend`).
+    plain-PyTorch reference (see :mod:`normlayers.backends`).
 
     Args:
         num_features (int): ``C``, the channels of the input.
@@ -130,9 +119,9 @@ class RegionNorm2d(nn.Module):
                  affine: Optional[str] = "masked", *, process_group: Optional[Any] = None, sync_stats: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features = _check_num_features(num_features)
-        self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode)
-        self.affine = None if affine is None else F._region_choice("affine", affine, F._REGION_AFFINES)
+        self.num_features = check_positive_int("num_features", num_features)
+        self.eps, self.stats, self.eps_mode = check_region_options(eps, stats, eps_mode)
+        self.affine = None if affine is None else check_choice("affine", affine, REGION_AFFINES)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -227,16 +216,13 @@ class LearnableRegionNorm2d(nn.Module):
                  stats: str = "batch", eps_mode: Optional[str] = None, *, process_group: Optional[Any] = None,
                  sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features = _check_num_features(num_features)
-        if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-        if (not isinstance(kernel_size, numbers.Integral) or isinstance(kernel_size, bool) or kernel_size <= 0
-                or kernel_size % 2 == 0):
+        self.num_features = check_positive_int("num_features", num_features)
+        self.threshold = check_finite("threshold", threshold)
+        if not is_int(kernel_size) or kernel_size <= 0 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int (the official code allows 7 and 3), got "
                              f"{kernel_size!r}")
-        self.threshold = float(threshold)
         self.kernel_size = int(kernel_size)
-        self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode)
+        self.eps, self.stats, self.eps_mode = check_region_options(eps, stats, eps_mode)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         self.sa = _SelfAwareAffine(self.kernel_size, device=device, dtype=dtype)

@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import ShapeLike, as_shape, check_choice, check_real
 from normlayers.nn._adopt import adopt_same_names
 
 __all__ = ["LayerNorm", "RMSNorm", "CRMSNorm"]
 
-_ShapeLike = Union[int, list[int], tuple[int, ...], torch.Size]
 _RMS_CAST_MODES = ("torch", "llama")
 
 
@@ -44,7 +44,7 @@ class _NormSource:
             raise refuse("it has neither a `normalized_shape` nor a 1-D `weight`, so its width is unknown")
         eps = next((value for value in (getattr(module, name, None) for name in ("variance_epsilon", "eps"))
                     if isinstance(value, float)), None)
-        return cls(module, F._as_shape(shape), eps, names)
+        return cls(module, as_shape(shape), eps, names)
 
     def has(self, name: str) -> bool:
         return name in self.names
@@ -88,9 +88,9 @@ class LayerNorm(nn.LayerNorm):
         >>> y, h = ln(x, residual=h)      # fused pre-norm: h = x + h, y = ln(h)
     """
 
-    def __init__(self, normalized_shape: _ShapeLike, eps: float = 1e-5, elementwise_affine: bool = True,
+    def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__(F._as_shape(normalized_shape), eps, elementwise_affine, bias, device=device, dtype=dtype)
+        super().__init__(as_shape(normalized_shape), eps, elementwise_affine, bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *,
                 residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
@@ -165,13 +165,11 @@ class RMSNorm(nn.RMSNorm):
         >>> y = norm(torch.randn(2, 128, 4096))
     """
 
-    def __init__(self, normalized_shape: _ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
+    def __init__(self, normalized_shape: ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, weight_offset: float = 0.0, cast_mode: str = "torch") -> None:
-        if not isinstance(weight_offset, numbers.Real) or isinstance(weight_offset, bool):
-            raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
-        if cast_mode not in _RMS_CAST_MODES:
-            raise ValueError(f"cast_mode must be one of {_RMS_CAST_MODES}, got {cast_mode!r}")
-        super().__init__(F._as_shape(normalized_shape), eps, elementwise_affine, device=device, dtype=dtype)
+        weight_offset = check_real("weight_offset", weight_offset)
+        check_choice("cast_mode", cast_mode, _RMS_CAST_MODES)
+        super().__init__(as_shape(normalized_shape), eps, elementwise_affine, device=device, dtype=dtype)
         self.weight_offset = float(weight_offset)
         self.cast_mode = cast_mode
         if self.weight_offset != 0.0 and not elementwise_affine:
@@ -275,11 +273,11 @@ class CRMSNorm(nn.Module):
     eps: Optional[float]
     elementwise_affine: bool
 
-    def __init__(self, normalized_shape: _ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
+    def __init__(self, normalized_shape: ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
-        self.normalized_shape = F._as_shape(normalized_shape)
+        self.normalized_shape = as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:

@@ -10,7 +10,6 @@ docs/spd_batch_norm.md, Q7).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Optional
 
 import torch
@@ -18,6 +17,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from normlayers import functional as F
+from normlayers._checks import (
+    check_choice,
+    check_epsilon,
+    check_nonnegative_int,
+    check_positive_int,
+    check_unit_interval,
+    is_real,
+)
 from normlayers.reference import spd_linalg
 from normlayers.reference.spd_batch_norm import VARIANCES
 
@@ -41,12 +48,6 @@ class SymmetricExp(nn.Module):
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return spd_linalg.logm(value.to(torch.float64)).to(value.dtype)
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class SPDBatchNorm(nn.Module):
@@ -140,21 +141,16 @@ class SPDBatchNorm(nn.Module):
                  compute_dtype: Optional[torch.dtype] = torch.float64, process_group: Optional[Any] = None,
                  sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features = _check_positive_int("num_features", num_features)
-        self.channels = None if channels is None else _check_positive_int("channels", channels)
-        self.momentum = F._check_unit_interval("momentum", momentum)
-        self.eps = F._check_epsilon("eps", eps)
-        if not isinstance(theta, numbers.Real) or isinstance(theta, bool) or theta == 0 or not math.isfinite(theta):
+        self.num_features = check_positive_int("num_features", num_features)
+        self.channels = None if channels is None else check_positive_int("channels", channels)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.eps = check_epsilon("eps", eps)
+        if not is_real(theta) or theta == 0 or not math.isfinite(theta):
             raise ValueError(f"theta must be a finite non-zero number, got {theta!r}")
         self.theta = float(theta)
-        if variance not in VARIANCES:
-            raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-        self.variance = variance
-        if not isinstance(karcher_steps, numbers.Integral) or isinstance(karcher_steps, bool) or karcher_steps < 0:
-            raise ValueError(f"karcher_steps must be a non-negative int, got {karcher_steps!r}")
-        self.karcher_steps = int(karcher_steps)
-        if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+        self.variance = check_choice("variance", variance, VARIANCES)
+        self.karcher_steps = check_nonnegative_int("karcher_steps", karcher_steps)
+        check_choice("parametrization", parametrization, PARAMETRIZATIONS)
         if compute_dtype not in (None, torch.float32, torch.float64):
             raise TypeError(f"compute_dtype must be torch.float64, torch.float32 or None, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype

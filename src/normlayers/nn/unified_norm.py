@@ -15,14 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._dtypes import compute_dtype
+from normlayers._checks import check_epsilon, check_nonnegative_int, check_positive_int, check_unit_interval, is_int
 
 __all__ = ["UnifiedNorm"]
 
 
 def _window_sizes(window_size: Union[int, Sequence[int]]) -> tuple[int, int]:
     sizes = (window_size, window_size) if isinstance(window_size, numbers.Integral) else tuple(window_size)
-    if len(sizes) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
-                                  for s in sizes):
+    if len(sizes) != 2 or not all(is_int(s) and s >= 1 for s in sizes):
         raise ValueError(f"window_size must be a positive int or a pair (forward, backward) of positive ints, got "
                          f"{window_size!r}")
     return int(sizes[0]), int(sizes[1])
@@ -99,14 +100,12 @@ class UnifiedNorm(nn.Module):
                  grad_compensation: bool = True, process_group: Optional[Any] = None, sync_stats: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        self.num_features = int(num_features)
+        self.num_features = check_positive_int("num_features", num_features)
         self.window_size = _window_sizes(window_size)
-        self.warmup_iters = F._check_nonnegative_int("warmup_iters", warmup_iters)
+        self.warmup_iters = check_nonnegative_int("warmup_iters", warmup_iters)
         self.outlier_filtration = bool(outlier_filtration)
-        self.eps = F._check_epsilon("eps", eps)
-        self.momentum = F._check_unit_interval("momentum", momentum)
+        self.eps = check_epsilon("eps", eps)
+        self.momentum = check_unit_interval("momentum", momentum)
         self.grad_compensation = bool(grad_compensation)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
@@ -154,7 +153,7 @@ class UnifiedNorm(nn.Module):
         ``(scale, shift)`` with ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias``, both ``(C,)`` in the
         parameters' dtype (computed in fp32 or wider), detached. Fold into the following linear ``(W, b)`` as
         ``W' = W·diag(scale)``, ``b' = b + W·shift``."""
-        opmath = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        opmath = compute_dtype(self.weight.dtype)
         scale = self.weight.to(opmath) * torch.rsqrt(self.running_var.to(opmath) + self.eps)
         return scale.to(self.weight.dtype), self.bias.detach().clone()
 

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_epsilon, check_finite
+from normlayers.functional.weight_std import IntOrPair, check_conv_input, check_ws_weight, ws_variant
 from normlayers.nn._adopt import adopt_same_names, fill_missing
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WSConv2d", "ScaledWSConv2d"]
-
-_IntOrPair = Union[int, tuple[int, int]]
 # (the parameter, its version counter, its storage address) for each parameter the cached weight was computed from
 _CacheKey = tuple[tuple["weakref.ref[Tensor]", int, int], ...]
 
@@ -82,7 +82,7 @@ class _StandardizedConv2d(nn.Conv2d):
         return state
 
     def forward(self, input: Tensor) -> Tensor:
-        F._check_conv_input(input, self.weight, self.groups)
+        check_conv_input(input, self.weight, self.groups)
         # nn.Conv2d's own convolution, so padding_mode and padding="same" behave exactly as in torch
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
@@ -133,8 +133,8 @@ class WSConv2d(_StandardizedConv2d):
         D_o = \sqrt{\sigma_o^2 + \epsilon}\ \text{(eps inside)} \ \text{or}\ \sigma_o + \epsilon\ \text{(eps outside)}
 
     There is no affine on ``Ŵ``; use it before a BatchNorm/GroupNorm, as the paper does. The published
-    implementations disagree on ``D`` (docs/weight_std.md, "The variants"), by more than rounding (up to ~6% for 3x3 depthwise filters), so
-    the variant is named:
+    implementations disagree on ``D`` (docs/weight_std.md, "The variants"), by more than rounding (up to ~6% for 3x3
+    depthwise filters), so the variant is named:
 
     * ``"qiao"``: unbiased ``σ`` (``torch.std``), eps outside, ``1e-5``: the WS README layer, for the authors' GN+WS
       checkpoints.
@@ -172,15 +172,15 @@ class WSConv2d(_StandardizedConv2d):
         >>> plain = conv.eval().to_conv2d()                                    # for deployment
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair, stride: _IntOrPair = 1,
-                 padding: Union[str, _IntOrPair] = 0, dilation: _IntOrPair = 1, groups: int = 1, bias: bool = True,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: Union[str, IntOrPair] = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, eps: Optional[float] = None,
                  variant: str = F.WS_DEFAULT_VARIANT) -> None:
-        spec = F._ws_variant(variant)
-        resolved_eps = spec.eps if eps is None else F._check_ws_eps(eps)
+        spec = ws_variant(variant)
+        resolved_eps = spec.eps if eps is None else check_epsilon("eps", eps)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        F._check_ws_weight(self.weight, spec.correction, variant)
+        check_ws_weight(self.weight, spec.correction, variant)
         self.variant = variant
         self.eps = resolved_eps
 
@@ -200,9 +200,9 @@ class ScaledWSConv2d(_StandardizedConv2d):
         \qquad y = \mathrm{conv2d}(x, \hat W) + b
 
     with the biased variance over each filter's fan-in ``I = in_channels / groups · kh · kw``, a learnable per-filter
-    ``gain`` ``g`` of shape ``(out_channels, 1, 1, 1)`` and the activation's gain ``γ`` (timm ``ScaledStdConv2d``, ``timm/layers/std_conv.py``). Parameter
-    names (``weight``, ``bias``, ``gain``), attributes (``gamma``, ``eps``, ``gain_init``, ``scale = γ/√I``) and
-    formula are timm's, so ``ScaledStdConv2d`` checkpoints load. Two differences from timm: ``padding`` defaults to
+    ``gain`` ``g`` of shape ``(out_channels, 1, 1, 1)`` and the activation's gain ``γ`` (timm ``ScaledStdConv2d``,
+    ``timm/layers/std_conv.py``). Parameter names (``weight``, ``bias``, ``gain``), attributes (``gamma``, ``eps``,
+    ``gain_init``, ``scale = γ/√I``) and formula are timm's, so ``ScaledStdConv2d`` checkpoints load. Two differences from timm: ``padding`` defaults to
     ``0`` as in ``nn.Conv2d`` (timm's ``None`` means ``((stride − 1) + dilation·(k − 1)) // 2``; pass that value), and
     ``gamma``/``eps``/``gain_init`` are keyword-only. DeepMind's NFNet code floors ``var·I`` at ``1e-4`` instead of
     adding eps; that form is not provided.
@@ -225,14 +225,14 @@ class ScaledWSConv2d(_StandardizedConv2d):
         >>> y = conv(torch.randn(2, 64, 56, 56))
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair, stride: _IntOrPair = 1,
-                 padding: Union[str, _IntOrPair] = 0, dilation: _IntOrPair = 1, groups: int = 1, bias: bool = True,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: Union[str, IntOrPair] = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, gamma: float = 1.0, eps: float = 1e-6,
                  gain_init: float = 1.0) -> None:
-        checked = (F._check_ws_finite("gamma", gamma), F._check_ws_eps(eps), F._check_ws_finite("gain_init", gain_init))
+        checked = (check_finite("gamma", gamma), check_epsilon("eps", eps), check_finite("gain_init", gain_init))
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        F._check_ws_weight(self.weight, 0, "")
+        check_ws_weight(self.weight, 0, "")
         self.gamma, self.eps, self.gain_init = checked
         self.gain = nn.Parameter(torch.empty((out_channels, 1, 1, 1), device=device, dtype=dtype))
         self.reset_parameters()

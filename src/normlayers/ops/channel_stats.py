@@ -20,7 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["plane_moments", "plane_affine"]
+from normlayers._dtypes import compute_dtype
+
+__all__ = ["plane_moments", "plane_affine", "batch_moments_from_planes"]
 
 
 def _kernels():
@@ -28,10 +30,6 @@ def _kernels():
     from normlayers.kernels import channel_stats
 
     return channel_stats
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("normlayers::plane_moments", mutates_args=())
@@ -42,7 +40,7 @@ def plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 
 @plane_moments.register_fake
 def _plane_moments_fake(x):
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return x.new_empty(x.shape[:2], dtype=stats), x.new_empty(x.shape[:2], dtype=stats)
 
 
@@ -110,3 +108,10 @@ def _plane_affine_backward(ctx, dy):
 
 
 plane_affine.register_autograd(_plane_affine_backward, setup_context=_plane_affine_setup_context)
+
+
+def batch_moments_from_planes(plane_mean: Tensor, plane_var: Tensor) -> tuple[Tensor, Tensor]:
+    """Each channel's batch ``(mean, biased var)`` from its ``N`` planes' moments (equal counts): the mean of the
+    means, and the mean of the variances plus the variance of the means."""
+    mean = plane_mean.mean(0)
+    return mean, plane_var.mean(0) + (plane_mean - mean).square().mean(0)

@@ -10,15 +10,22 @@ Both take ``x`` of shape ``(N, C, *spatial)`` in any memory format and ``(N, C)`
 Arithmetic in fp32 (fp64 for fp64 ``x``); ``y`` in ``x``'s dtype and memory format. Each is differentiable
 (``register_autograd``) through its backward op, which returns ``dx`` and every coefficient's gradient (``(N, C)``,
 in the coefficient's dtype), and opaque to ``torch.compile`` (``register_fake``). The statistics feeding the
-coefficients come from ``normlayers::plane_moments`` and small torch ops (see ``normlayers.functional``).
+coefficients come from ``normlayers::plane_moments`` and small torch ops: :func:`evo_norm_b` and :func:`evo_norm_s`
+below compose them into the layers.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional, Union
+
 import torch
 from torch import Tensor
 
-__all__ = ["plane_swish_affine", "plane_max_div_affine"]
+from normlayers.distributed import MomentSync
+from normlayers.ops.channel_stats import batch_moments_from_planes, plane_affine, plane_moments
+from normlayers.reference import evo_norm as _ref_evo
+
+__all__ = ["plane_swish_affine", "plane_max_div_affine", "evo_norm_b", "evo_norm_s"]
 
 
 def _kernels():
@@ -110,3 +117,79 @@ def _plane_max_div_affine_backward(ctx, dy):
 
 # Same context as the swish op: every input saved, the coefficients' dtypes kept for their gradients.
 plane_max_div_affine.register_autograd(_plane_max_div_affine_backward, setup_context=_save_inputs_setup_context)
+
+
+def _affine_coefficients(weight: Optional[Tensor], bias: Optional[Tensor], scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scale·γ, β)`` as ``(N, C)`` coefficients of the plane ops, from a per-plane ``scale`` (``(N, C)``)."""
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = bias.to(scale.dtype).expand(scale.shape) if bias is not None else scale.new_zeros(scale.shape)
+    return scale, shift
+
+
+def evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
+               bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float,
+               eps: float, sync: Optional[MomentSync]) -> Tensor:
+    """The B family through the Triton ops: ``plane_moments``, then ``(N, C)`` torch ops, then one fused pass.
+
+    Every statistic follows exactly from the planes' ``(mean, var)``: the batch variance of a channel is the mean of
+    its planes' variances plus the variance of their means (equal counts); a plane's ``mean(x²)`` is ``var + mean²``.
+    Each variant's right-hand side is affine in ``x`` within a plane — B0 ``v·x + std``, B1 ``rms·x + rms``,
+    B2 ``−x + rms`` — which is what :func:`~normlayers.ops.evo_norm.plane_max_div_affine` takes. Autograd of the
+    small ops links the fused pass's backward to ``plane_moments``'s. Same semantics as the reference, buffer included.
+    """
+    n, channels, height, width = input.shape
+    plane_mean, plane_var = plane_moments(input)
+    opmath = plane_mean.dtype
+    if training:
+        batch_mean, var = batch_moments_from_planes(plane_mean, plane_var)
+        count: Union[int, Tensor] = n * height * width
+        if sync is not None:
+            _, var, count = sync(batch_mean, var, count)
+        if running_var is not None:
+            _ref_evo.update_running_var_(running_var, var, count, momentum)
+    else:
+        var = running_var.to(opmath)
+    left = torch.sqrt(var + eps).expand(n, channels)
+    if variant == "b0":
+        slope, offset = v.to(opmath).expand(n, channels), torch.sqrt(plane_var + eps)
+    else:
+        rms = torch.sqrt(plane_var + plane_mean.square() + eps)
+        slope, offset = (rms if variant == "b1" else torch.full_like(rms, -1.0)), rms
+    scale, shift = _affine_coefficients(weight, bias, plane_mean.new_ones(n, channels))
+    return plane_max_div_affine(input, left, slope, offset, scale, shift)
+
+
+def _is_silu(activation: Optional[Callable[[Tensor], Tensor]]) -> bool:
+    return activation is torch.nn.functional.silu or type(activation) is torch.nn.SiLU
+
+
+def evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+               v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float,
+               apply_act: bool) -> Tensor:
+    """The S family through the Triton ops: ``plane_moments``, the group statistic by ``(N, C)`` torch ops (the mean
+    of the planes' variances plus the variance of their means; S2: the mean of ``var + mean²``), then one fused pass.
+
+    The numerator ``x·sigmoid(v·x)`` (S0, and SiLU, ``v = 1``) is fused into
+    :func:`~normlayers.ops.evo_norm.plane_swish_affine`; the identity (no activation, or timm's "a" variants with
+    ``apply_act=False``) is :func:`~normlayers.ops.channel_stats.plane_affine`; any other activation runs as torch ops
+    on the fp32 (fp64) input and its result goes through ``plane_affine``.
+    """
+    n, channels = input.shape[:2]
+    plane_mean, plane_var = plane_moments(input)
+    per_group = (n, groups, channels // groups)
+    group_mean, group_var = plane_mean.view(per_group), plane_var.view(per_group)
+    if variant == "s2":
+        statistic = (group_var + group_mean.square()).mean(-1, keepdim=True)
+    else:
+        statistic = group_var.mean(-1, keepdim=True) + (
+            group_mean - group_mean.mean(-1, keepdim=True)).square().mean(-1, keepdim=True)
+    inv_denominator = torch.rsqrt(statistic + eps).expand(per_group).reshape(n, channels)
+    scale, shift = _affine_coefficients(weight, bias, inv_denominator)
+    if apply_act and (variant == "s0" or _is_silu(activation)):
+        slope = v.to(scale.dtype).expand(n, channels) if variant == "s0" else torch.ones_like(scale)
+        return plane_swish_affine(input, slope, scale, shift)
+    if apply_act and activation is not None:
+        numerator = activation(input.to(scale.dtype))
+        return plane_affine(numerator, torch.zeros_like(scale), scale, shift).to(input.dtype)
+    return plane_affine(input, torch.zeros_like(scale), scale, shift)

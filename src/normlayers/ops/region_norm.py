@@ -12,17 +12,21 @@ index 0 the hole region (mask ``True``) and index 1 the valid region.
 
 Each has Triton kernels forward and backward (``region_moments_bwd``, ``region_affine_bwd``) and is opaque to
 ``torch.compile`` (``register_fake``). RegionNorm composes them with small ``(N, C, 2)`` torch ops that autograd
-differentiates (see :func:`normlayers.functional.region_norm`).
+differentiates: :func:`region_norm` and :func:`learnable_region_norm` below.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["region_moments", "region_affine"]
+from normlayers._dtypes import compute_dtype
+from normlayers.reference import region_norm as _ref_region
+
+__all__ = ["region_moments", "region_affine", "region_norm", "learnable_region_norm"]
 
 
 def _region_kernels():
@@ -38,10 +42,6 @@ def _channel_kernels():
     return channel_stats
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _per_region(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.new_empty((*x.shape[:2], 2), dtype=dtype)
 
@@ -54,7 +54,7 @@ def region_moments(x: Tensor, hole: Tensor, center: Tensor) -> tuple[Tensor, Ten
 
 @region_moments.register_fake
 def _region_moments_fake(x, hole, center):
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return _per_region(x, stats), _per_region(x, stats), _per_region(x, stats)
 
 
@@ -79,7 +79,7 @@ def _region_moments_backward(ctx, _dcount: Optional[Tensor], dfirst: Optional[Te
     x, hole, center = ctx.saved_tensors
     if dfirst is None and dsecond is None:
         return None, None, None
-    zeros = center.new_zeros((*x.shape[:2], 2), dtype=_stats_dtype(x.dtype))
+    zeros = center.new_zeros((*x.shape[:2], 2), dtype=compute_dtype(x.dtype))
     dx, dcenter = region_moments_bwd(x, hole, center, zeros if dfirst is None else dfirst,
                                      zeros if dsecond is None else dsecond)
     return dx, None, dcenter
@@ -126,3 +126,74 @@ def _region_affine_backward(ctx, dy):
 
 
 region_affine.register_autograd(_region_affine_backward, setup_context=_region_affine_setup_context)
+
+
+def _region_pair(hole: Optional[Tensor], valid: Optional[Tensor], center: Tensor) -> Optional[Tensor]:
+    """The ``(C, 2)`` stack, in ``center``'s dtype, of a hole and a valid per-channel parameter (a missing one is 0);
+    ``None`` if both are missing."""
+    if hole is None and valid is None:
+        return None
+    zeros = center.new_zeros(center.shape[1])
+    return torch.stack([(zeros if hole is None else hole.to(center.dtype)),
+                (zeros if valid is None else valid.to(center.dtype))], dim=-1)
+
+
+def region_norm(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
+                foreground_beta: Optional[Tensor], background_gamma: Optional[Tensor],
+                background_beta: Optional[Tensor], *, eps: float, stats: str, eps_mode: str,
+                affine: str, sync: Optional[_ref_region.MaskedMomentSync] = None) -> Tensor:
+    """RN through the Triton ops: two :func:`~normlayers.ops.region_norm.region_moments` passes (sums, then centred
+    squares at the means), small ``(N, C, 2)`` torch ops for the statistics (pooled over the batch for
+    ``stats="batch"``, then over the ranks by ``sync``), then one fused
+    :func:`~normlayers.ops.region_norm.region_affine` pass. Autograd of the small ops links the backward kernels, so
+    the gradient runs through the region statistics, as the reference's."""
+    n, channels = input.shape[:2]
+    opmath = compute_dtype(input.dtype)
+    count, first, _ = region_moments(input, hole, input.new_zeros((n, channels, 2), dtype=opmath))
+    values = math.prod(input.shape[2:])
+    if stats == "batch":
+        count, first, values = count.sum(0, keepdim=True), first.sum(0, keepdim=True), values * n
+    safe_count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1 (rn.py)
+    mean = first / safe_count
+    _, _, second = region_moments(input, hole, mean.expand(n, channels, 2).contiguous())
+    if stats == "batch":
+        second = second.sum(0, keepdim=True)
+    var = second / safe_count
+    if sync is not None:
+        # This rank's (count, mean, M2) per (channel, region), combined with Chan's formula; the effective epsilon
+        # takes the global counts and V = the global N·H·W (the two regions' counts together).
+        mean, var, count = sync(mean, var, count)
+        values = count.sum(-1, keepdim=True)
+        safe_count = torch.where(count == 0, torch.ones_like(count), count)
+    center = mean.expand(n, channels, 2).contiguous()
+    region_eps = eps * values / safe_count if eps_mode == "official" else eps
+    scale = torch.rsqrt(var + region_eps)
+    gamma = _region_pair(foreground_gamma, background_gamma, center)
+    if gamma is not None:
+        scale = scale * (1 + gamma)
+    betas = [beta.to(center.dtype) for beta in (foreground_beta, background_beta) if beta is not None]
+    if not betas:
+        shift = torch.zeros_like(center)
+    elif affine == "official":
+        # Both betas at every pixel (the official rn.py), summed from the parameters themselves: the sum over a
+        # stacked pair would backward into stride-0 views of one gradient, which autograd stores as both .grad
+        # tensors, so that a later backward accumulating into them (gradient accumulation) would add twice into one
+        # buffer.
+        total = betas[0] if len(betas) == 1 else betas[0] + betas[1]
+        shift = torch.stack([total, total], dim=-1)
+    else:
+        shift = _region_pair(foreground_beta, background_beta, center)
+    return region_affine(input, hole, center, scale.expand(n, channels, 2).contiguous(),
+                             shift.expand(n, channels, 2).contiguous())
+
+
+def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
+                          beta_weight: Tensor, beta_bias: Optional[Tensor], *, threshold: float, eps: float,
+                          stats: str, eps_mode: str, sync: Optional[_ref_region.MaskedMomentSync] = None) -> Tensor:
+    """RN-L through the Triton ops: the self-aware affine's small convs as the reference's torch ops, then
+    :func:`region_norm` on the thresholded map (no gradient through the threshold) and the spatial affine."""
+    s, gamma, beta = _ref_region.self_aware_affine(input, conv1_weight, gamma_weight, gamma_bias, beta_weight,
+                                                   beta_bias)
+    r = region_norm(input, s.detach() >= threshold, None, None, None, None, eps=eps, stats=stats, eps_mode=eps_mode,
+                    affine="masked", sync=sync)
+    return (r * (1 + gamma) + beta).to(input.dtype)

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+
 __all__ = ["row_norm", "row_norm_fwd", "row_norm_bwd"]
 
 
@@ -22,10 +24,6 @@ def _kernels():
     from normlayers.kernels import row_norms
 
     return row_norms
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("normlayers::row_norm_fwd", mutates_args=())
@@ -47,7 +45,7 @@ def row_norm_fwd(
 @row_norm_fwd.register_fake
 def _row_norm_fwd_fake(x, residual, weight, bias, kind, eps, weight_offset, residual_dtype):
     m, n = x.shape
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     residual_out = x.new_empty((m, n), dtype=residual_dtype) if residual is not None else x.new_empty(0)
     return (x.new_empty((m, n)), residual_out, x.new_empty(m if kind == "layer" else 0, dtype=stats),
             x.new_empty(m, dtype=stats))

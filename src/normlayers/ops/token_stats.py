@@ -18,6 +18,8 @@ Both ``*_train`` ops take an optional ``sync_group`` (a process group's name, ``
 then all-reduces the per-channel sum behind the gradient statistic (and the row count) before the mean, so every
 rank updates ``ema_gz``/``buffer_gz`` alike and computes its rows of the input gradient of the global batch.
 
+:func:`power_norm` and :func:`unified_norm` (at the end) compose these ops into the two layers.
+
 The two ``*_train`` ops are pure functions of their inputs in the forward; the buffer updates of the backward happen
 in the registered backward (as the official ``autograd.Function``s do), through the same on-device helpers as the
 reference (:mod:`normlayers.reference.power_norm`, :mod:`normlayers.reference.unified_norm`).
@@ -30,11 +32,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+from normlayers.ops.row_norms import row_norm
+from normlayers.reference import power_norm as _ref_power
+from normlayers.reference import unified_norm as _ref_unified
 from normlayers.reference.power_norm import mean_over_rows
 from normlayers.reference.unified_norm import unified_norm_backward_statistics_
 
 __all__ = ["token_square_sum", "token_grad_sums", "channel_affine", "channel_affine2", "power_norm_train",
-           "unified_norm_train"]
+           "unified_norm_train", "power_norm", "unified_norm"]
 
 
 def _kernels():
@@ -42,10 +48,6 @@ def _kernels():
     from normlayers.kernels import token_stats
 
     return token_stats
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("normlayers::token_square_sum", mutates_args=())
@@ -56,7 +58,7 @@ def token_square_sum(x: Tensor, valid: Optional[Tensor]) -> Tensor:
 
 @token_square_sum.register_fake
 def _token_square_sum_fake(x, valid):
-    return x.new_empty(x.shape[1], dtype=_stats_dtype(x.dtype))
+    return x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("normlayers::token_grad_sums", mutates_args=())
@@ -69,7 +71,7 @@ def token_grad_sums(dy: Tensor, x: Tensor, p: Optional[Tensor], q: Optional[Tens
 @token_grad_sums.register_fake
 def _token_grad_sums_fake(dy, x, p, q):
     dx = x.new_empty(x.shape if p is not None and q is not None else (0,))
-    return x.new_empty((3, x.shape[1]), dtype=_stats_dtype(x.dtype)), dx
+    return x.new_empty((3, x.shape[1]), dtype=compute_dtype(x.dtype)), dx
 
 
 @torch.library.custom_op("normlayers::channel_affine2", mutates_args=())
@@ -209,3 +211,60 @@ def _unified_norm_backward(ctx, dy):
 
 
 unified_norm_train.register_autograd(_unified_norm_backward, setup_context=_unified_norm_setup_context)
+
+
+def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor], pad_mask: Optional[Tensor], *, training: bool, eps: float,
+               alpha_fwd: float, alpha_bkw: float, warmup_iters: int, group_num: Optional[int],
+               batch_first: bool, backward_denominator: str, sync_group: Optional[str]) -> Tensor:
+    """PowerNorm on the Triton ops: GroupScaling is the RMSNorm row kernel over groups (eps 1e-5), then the token
+    statistics and the normalization; the per-channel steps are the reference's on-device helpers."""
+    channels = input.shape[-1]
+    u = input
+    if group_num is not None:
+        # GroupScaling's output u (and its gradient) in fp32 for fp16/bf16 activations, so the layer rounds once, at
+        # its output, as the reference does (an fp16/bf16 u would add a rounding to every later step).
+        grouped = input.reshape(*input.shape[:-1], group_num, channels // group_num)
+        grouped = grouped.to(compute_dtype(input.dtype))
+        u = row_norm(grouped, (channels // group_num,), None, None, "rms",
+                     _ref_power.GROUP_SCALING_EPS)[0].reshape(input.shape)
+    rows, valid = _ref_power.token_rows(u, pad_mask, time_major=not batch_first)
+    if training:
+        iters.add_(1)
+        (step,) = _ref_power.step_snapshot([iters.reshape(1)])
+        q, count = _ref_power.mean_over_valid(token_square_sum(rows.detach(), valid), rows.shape[0], valid,
+                                              sync_group)
+        scale, grad_scale = _ref_power.power_norm_statistics_(
+            q, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
+            backward_denominator=backward_denominator)
+        y = power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw, input.dtype,
+                             sync_group)
+    else:
+        scale = torch.rsqrt(running_phi.reshape(-1).to(compute_dtype(input.dtype)) + eps)
+        if weight is not None:
+            scale = scale * weight.to(scale.dtype)
+        y = channel_affine(rows, scale, bias, input.dtype)
+    return y.view(input.shape)
+
+
+def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tensor, buffer_gz: Tensor,
+                 iters: Tensor, skip_counter: Tensor, weight: Tensor, bias: Tensor,
+                 pad_mask: Optional[Tensor], *, training: bool, eps: float, momentum: float,
+                 warmup_iters: int, outlier_filtration: bool, grad_compensation: bool,
+                 sync_group: Optional[str]) -> Tensor:
+    """UnifiedNorm on the Triton ops; the per-channel steps are the reference's on-device helpers."""
+    rows, valid = _ref_power.token_rows(input, pad_mask, time_major=False)
+    if training:
+        iters.add_(1)
+        (step,) = _ref_power.step_snapshot([iters.reshape(1)])
+        q, count = _ref_power.mean_over_valid(token_square_sum(rows.detach(), valid), rows.shape[0], valid,
+                                              sync_group)
+        var, r, skip = _ref_unified.unified_norm_statistics_(
+            q, count, running_var, buffer_x2, skip_counter, step, eps=eps, momentum=momentum,
+            warmup_iters=warmup_iters, outlier_filtration=outlier_filtration, grad_compensation=grad_compensation)
+        y = unified_norm_train(rows, weight, bias, torch.rsqrt(var + eps), r, ema_gz, buffer_gz, step, skip,
+                               momentum, warmup_iters, sync_group)
+    else:
+        scale = torch.rsqrt(running_var.to(compute_dtype(input.dtype)) + eps) * weight
+        y = channel_affine(rows, scale, bias, input.dtype)
+    return y.view(input.shape)

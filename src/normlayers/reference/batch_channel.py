@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
 from normlayers.distributed import MomentSync
 
 __all__ = ["batch_channel_norm", "batch_stage_statistics", "estimate_update_", "update_batch_running_stats_"]
@@ -35,10 +36,6 @@ __all__ = ["batch_channel_norm", "batch_stage_statistics", "estimate_update_", "
 # Reduction dims of the batch stage (every dim but channels) and the broadcast shape of a per-channel vector.
 _BATCH_DIMS = (0, 2, 3)
 _PER_CHANNEL = (1, -1, 1, 1)
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _update_running_(buffer: Tensor, value: Tensor, rate: Union[float, Tensor]) -> None:
@@ -129,7 +126,7 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
     Running buffers are updated in place (see :func:`batch_stage_statistics`). Output: ``x``'s dtype and shape, in
     channels-last memory format when ``x`` is channels-last.
     """
-    xf = x.to(_opmath_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
     mean, var = batch_stage_statistics(xf, running_mean, running_var, training=training, momentum=momentum,
                                        estimate=estimate, estimate_rate=estimate_rate,
                                        num_batches_tracked=num_batches_tracked, sync=sync)

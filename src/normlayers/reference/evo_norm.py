@@ -29,6 +29,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
 from normlayers.distributed import MomentSync
 
 __all__ = ["B_VARIANTS", "S_VARIANTS", "evo_norm_b", "evo_norm_s", "batch_variance", "update_running_var_",
@@ -36,10 +37,6 @@ __all__ = ["B_VARIANTS", "S_VARIANTS", "evo_norm_b", "evo_norm_s", "batch_varian
 
 B_VARIANTS = ("b0", "b1", "b2")
 S_VARIANTS = ("s0", "s1", "s2")
-
-
-def _opmath(x: Tensor) -> Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _per_channel(t: Tensor, like: Tensor) -> Tensor:
@@ -136,7 +133,7 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
     global batch's. Arguments are assumed valid (``normlayers.functional`` checks them).
     """
     if apply_act:
-        xf = _opmath(x)
+        xf = x.to(compute_dtype(x.dtype))
         if training:
             var = batch_variance(xf)
             count: Union[int, Tensor] = x.shape[0] * x.shape[2] * x.shape[3]
@@ -156,7 +153,7 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
         # torch.maximum, not torch.where: its gradient splits half/half at ties.
         y = xf / torch.maximum(left, right)
     else:
-        y = _opmath(x)
+        y = x.to(compute_dtype(x.dtype))
     return _affine(y, weight, bias).to(x.dtype)
 
 
@@ -176,7 +173,7 @@ def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
     without the nonlinearity, ``y = x / d_g(x) · γ + β``. ``v`` is used by S0 only, ``activation`` by S1/S2 only
     (``None`` means the identity). The activation sees the opmath (fp32) tensor.
     """
-    xf = _opmath(x)
+    xf = x.to(compute_dtype(x.dtype))
     if apply_act or always_normalize:
         if not apply_act:
             numerator = xf

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
 from normlayers.distributed import all_reduce_sum
 
 __all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean_over_rows", "power_norm_statistics_",
@@ -39,10 +40,6 @@ __all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean
 
 # GroupScaling1D's epsilon in the official code (mask_powernorm.py L20), independent of the layer's eps.
 GROUP_SCALING_EPS = 1e-5
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def group_scaling(x: Tensor, group_num: int, eps: float = GROUP_SCALING_EPS) -> Tensor:
@@ -212,7 +209,7 @@ def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, we
     group name, training only) the forward statistic ``q`` and the backward's mean for ``ema_gz`` are taken over the
     tokens of every rank of the group (see :mod:`normlayers.distributed`).
     """
-    xf = x.to(_opmath_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
     u = group_scaling(xf, group_num) if group_num is not None else xf
     rows, valid = token_rows(u, pad_mask, time_major=not batch_first)
     if training:

@@ -49,16 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+
 __all__ = ["prepare_mask", "region_norm", "self_aware_affine", "learnable_region_norm"]
 
 _PER_CHANNEL = (1, -1, 1, 1)
 
 # (local mean, local biased var, local count) -> global (mean, var, count), elementwise; counts may be 0 anywhere.
 MaskedMomentSync = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def prepare_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
@@ -84,7 +82,7 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
     global batch's (:func:`normlayers.distributed.sync_masked_moments`); the effective epsilon then uses the global
     counts, ``V`` being the global ``N·H·W`` (the two regions' counts together).
     """
-    opmath = _opmath_dtype(x.dtype)
+    opmath = compute_dtype(x.dtype)
     xf = x.to(opmath)
     hole = prepare_mask(mask, x.shape[2:]).to(opmath)
     dims = (0, 2, 3) if stats == "batch" else (2, 3)
@@ -131,7 +129,7 @@ def self_aware_affine(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gam
     ``s = sigmoid(conv1(cat[mean over channels, max over channels]))`` (average first, then max), then
     ``gamma = gamma_conv(s)`` and ``beta = beta_conv(s)``; every conv keeps the spatial size (padding ``k // 2``).
     """
-    opmath = _opmath_dtype(x.dtype)
+    opmath = compute_dtype(x.dtype)
     xf = x.to(opmath)
     pooled = torch.cat([xf.mean(1, keepdim=True), xf.amax(1, keepdim=True)], dim=1)
     padding = conv1_weight.shape[-1] // 2

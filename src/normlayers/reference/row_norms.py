@@ -13,11 +13,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+
 __all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add"]
-
-
-def _opmath(x: Tensor) -> Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _dims(normalized_shape: Sequence[int]) -> tuple[int, ...]:
@@ -38,7 +36,7 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
     """``y = (x − E[x]) / sqrt(Var[x] + eps) · γ + β`` over the last ``len(normalized_shape)`` dims (biased
     variance, as torch's). The result is rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
-    xf = _opmath(x)
+    xf = x.to(compute_dtype(x.dtype))
     mean = xf.mean(dims, keepdim=True)
     var = (xf - mean).square().mean(dims, keepdim=True)
     return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias).to(out_dtype or x.dtype)
@@ -48,7 +46,7 @@ def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor
              *, weight_offset: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``y = x / sqrt(mean(x²) + eps) · (γ + weight_offset)`` (as torch's). ``eps`` is already resolved
     (``None`` handling lives in ``normlayers.functional``). Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
-    xf = _opmath(x)
+    xf = x.to(compute_dtype(x.dtype))
     ms = xf.square().mean(_dims(normalized_shape), keepdim=True)
     return _affine(xf * torch.rsqrt(ms + eps), weight, None, weight_offset).to(out_dtype or x.dtype)
 
@@ -59,7 +57,7 @@ def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tenso
     ``y = x′ / sqrt((Σx′² + (Σx′)²) / d + eps) · γ`` — the first ``d − 1`` outputs of RMSNorm applied to the
     restored vector ``[x′, −Σx′]``. Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
-    xf = _opmath(x)
+    xf = x.to(compute_dtype(x.dtype))
     d = math.prod(normalized_shape) + 1
     ms = (xf.square().sum(dims, keepdim=True) + xf.sum(dims, keepdim=True).square()) / d
     return _affine(xf * torch.rsqrt(ms + eps), weight, None).to(out_dtype or x.dtype)
@@ -68,4 +66,4 @@ def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tenso
 def residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
     """``x + residual`` computed in ``x``'s opmath dtype and rounded to ``residual_dtype``: the value the fused norms
     normalize and return (for ``residual_dtype == x.dtype`` exactly what an unfused ``x + residual`` gives)."""
-    return (_opmath(x) + residual.to(_opmath(x).dtype)).to(residual_dtype)
+    return (x.to(compute_dtype(x.dtype)) + residual.to(compute_dtype(x.dtype))).to(residual_dtype)

@@ -44,16 +44,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
 from normlayers.reference.power_norm import keep_if_empty, masked_square_mean, mean_over_rows, step_snapshot, token_rows
 
 __all__ = ["unified_norm", "unified_norm_statistics_", "unified_norm_backward_statistics_", "R_CLAMP_START"]
 
 # The official code clamps r only after max(1000, warmup_iters) steps; 1000 is hard-coded there (L59–63).
 R_CLAMP_START = 1000
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _ring_write_(buffer: Tensor, slot: Tensor, value: Tensor) -> None:
@@ -157,7 +154,7 @@ def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tens
     updates ``ema_gz`` and ``buffer_gz`` in place. With ``sync_group`` (a process group name, training only) ``q`` and
     the backward's ``gz`` are means over the tokens of every rank of the group (see :mod:`normlayers.distributed`).
     """
-    xf = x.to(_opmath_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
     rows, valid = token_rows(xf, pad_mask, time_major=False)
     if training:
         iters.add_(1)

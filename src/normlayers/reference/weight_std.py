@@ -1,8 +1,9 @@
 """Plain-PyTorch reference of Weight Standardization (WS) and Scaled WS: the ground truth of the tests.
 
 Each output filter ``W[o]`` of a conv weight of shape ``(O, I_g, kh, kw)`` is standardized over its fan-in
-``I = I_g·kh·kw`` (Qiao et al., arXiv 1903.10520): ``Ŵ[o] = (W[o] − mean(W[o])) / D_o``, where the denominator ``D_o`` is what the
-published implementations disagree on (docs/weight_std.md). :data:`WS_VARIANTS` names each one and its source.
+``I = I_g·kh·kw`` (Qiao et al., arXiv 1903.10520): ``Ŵ[o] = (W[o] − mean(W[o])) / D_o``, where the denominator
+``D_o`` is what the published implementations disagree on (docs/weight_std.md). :data:`WS_VARIANTS` names each one
+and its source.
 
 Arithmetic is in the "opmath" dtype (fp32 for fp16/bf16/fp32 weights, fp64 for fp64); the standardized weight is
 rounded once, to the weight's dtype. Gradients come from autograd, so they are an independent check of a hand-written
@@ -16,6 +17,8 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from normlayers._dtypes import compute_dtype
 
 __all__ = ["WSVariant", "WS_VARIANTS", "fan_in", "fan_in_scale", "weight_standardize"]
 
@@ -42,7 +45,8 @@ WS_VARIANTS: dict[str, WSVariant] = {
     # timm StdConv2d / ScaledStdConv2d: F.batch_norm on the weight, biased variance, eps inside; the paper v2 form.
     "timm": WSVariant(0, True, 1e-6, "timm StdConv2d (timm/layers/std_conv.py)"),
     # BiT official (PyTorch/TF2/JAX). timm's BiT models use the same formula with eps=1e-8.
-    "bit": WSVariant(0, True, 1e-10, "BiT official code: big_transfer (google-research), bit_pytorch/models.py StdConv2d"),
+    "bit": WSVariant(0, True, 1e-10,
+                     "BiT official code: big_transfer (google-research), bit_pytorch/models.py StdConv2d"),
 }
 
 
@@ -52,12 +56,9 @@ def fan_in(weight: Tensor) -> int:
 
 
 def fan_in_scale(weight: Tensor, gamma: float) -> float:
-    """Scaled WS's constant ``γ / sqrt(I)`` (timm's ``ScaledStdConv2d.scale``, ``timm/layers/std_conv.py``), a Python float."""
+    """Scaled WS's constant ``γ / sqrt(I)`` (timm's ``ScaledStdConv2d.scale``, ``timm/layers/std_conv.py``), a
+    Python float."""
     return gamma * fan_in(weight) ** -0.5
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def weight_standardize(weight: Tensor, *, correction: int, eps_inside: bool, eps: float,
@@ -75,11 +76,12 @@ def weight_standardize(weight: Tensor, *, correction: int, eps_inside: bool, eps
 
     Eps outside the square root goes through :func:`torch.std`, not ``sqrt(var)``: for an all-equal filter
     (``σ = 0``) PyTorch's ``std`` backward masks the gradient to zero where ``sqrt`` would give ``inf · 0 = NaN``
-    (``std_backward`` in PyTorch's ``FunctionsManual.cpp``), so the reference keeps the gradient of the authors' ``weight.std(dim=1) + 1e-5`` layer.
+    (``std_backward`` in PyTorch's ``FunctionsManual.cpp``), so the reference keeps the gradient of the authors'
+    ``weight.std(dim=1) + 1e-5`` layer.
 
     The result is rounded once, to ``out_dtype`` (default: ``weight.dtype``).
     """
-    flat = weight.to(_opmath_dtype(weight.dtype)).reshape(weight.shape[0], -1)
+    flat = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0], -1)
     if eps_inside:
         var, mean = torch.var_mean(flat, dim=1, correction=correction, keepdim=True)
         denominator = torch.sqrt(var + eps)

@@ -19,15 +19,15 @@ from typing import Iterator
 
 import torch
 
+from normlayers._checks import check_choice
+
 __all__ = ["BACKENDS", "set_backend", "get_backend", "backend", "use_triton", "triton_available", "interpreter_enabled"]
 
 BACKENDS = ("auto", "triton", "reference")
 
 
 def _validate(name: object, source: str = "backend") -> str:
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name
+    return check_choice(source, name, BACKENDS)
 
 
 # A plain module global (not a ContextVar) so that torch.compile can read it and guard on it.
