@@ -202,10 +202,11 @@ class ScaledWSConv2d(_StandardizedConv2d):
     with the biased variance over each filter's fan-in ``I = in_channels / groups · kh · kw``, a learnable per-filter
     ``gain`` ``g`` of shape ``(out_channels, 1, 1, 1)`` and the activation's gain ``γ`` (timm ``ScaledStdConv2d``,
     ``timm/layers/std_conv.py``). Parameter names (``weight``, ``bias``, ``gain``), attributes (``gamma``, ``eps``,
-    ``gain_init``, ``scale = γ/√I``) and formula are timm's, so ``ScaledStdConv2d`` checkpoints load. Two differences from timm: ``padding`` defaults to
-    ``0`` as in ``nn.Conv2d`` (timm's ``None`` means ``((stride − 1) + dilation·(k − 1)) // 2``; pass that value), and
-    ``gamma``/``eps``/``gain_init`` are keyword-only. DeepMind's NFNet code floors ``var·I`` at ``1e-4`` instead of
-    adding eps; that form is not provided.
+    ``gain_init``, ``scale = γ/√I``) and formula are timm's, so ``ScaledStdConv2d`` checkpoints load. Two differences
+    from timm: ``padding`` defaults to ``0`` as in ``nn.Conv2d`` (timm's ``None`` means
+    ``((stride − 1) + dilation·(k − 1)) // 2``; pass that value), and ``gamma``/``eps``/``gain_init`` are
+    keyword-only. DeepMind's NFNet code floors ``var·I`` at ``1e-4`` instead of adding eps; that form is not
+    provided.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
