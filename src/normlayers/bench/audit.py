@@ -379,54 +379,120 @@ def row_norm_traffic(op_name: str, width: int, dtype: torch.dtype = torch.bfloat
                      programs_per_sm: Optional[int] = None, rows: int = REFERENCE_ROWS) -> list[RowNormTraffic]:
     """Forward and backward bytes of ``op_name`` (``layer_norm``, ``rms_norm``, ``crms_norm``) on ``(rows, width)``
     rows, divided by the byte model. The backward's persistent grid is ``sm_count`` SMs times ``programs_per_sm``
-    (default: what an H100 keeps resident, from :func:`static_quality`)."""
+    (default: the launcher's own rule, as on a GPU with that many SMs); see :func:`_affine_bytes` for how it is
+    reached without running thousands of interpreted programs."""
     from normlayers.kernels import row_norms as K
 
     kind, has_bias = _KINDS[op_name]
-    if programs_per_sm is None:
-        programs_per_sm = static_quality([(kind, width, dtype)])[0]["bwd"].programs_per_sm
     gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
 
-    def run(m: int, phase: str) -> tuple[list[Traffic], int]:
-        x = torch.randn(m, width, generator=gen).to(dtype)
-        weight = torch.randn(width, generator=gen).to(dtype)
-        bias = torch.randn(width, generator=gen).to(dtype) if has_bias else None
-        if phase == "fwd":
+    def run(phase: str) -> Callable[[int, int], list[Traffic]]:
+        def measure(m: int, programs: int) -> list[Traffic]:
+            x = torch.randn(m, width, generator=gen).to(dtype)
+            weight = torch.randn(width, generator=gen).to(dtype)
+            bias = torch.randn(width, generator=gen).to(dtype) if has_bias else None
+            if phase == "fwd":
+                with count_traffic() as launches:
+                    K.row_norm_fwd(x, None, weight, bias, kind, 1e-5, 0.0, None)
+                return launches
+            _y, _res, mean, rstd = K.row_norm_fwd(x, None, weight, bias, kind, 1e-5, 0.0, None)
+            dy = torch.randn(m, width, generator=gen).to(dtype)
             with count_traffic() as launches:
-                K.row_norm_fwd(x, None, weight, bias, kind, 1e-5, 0.0, None)
-            return launches, 0
-        _y, _res, mean, rstd = K.row_norm_fwd(x, None, weight, bias, kind, 1e-5, 0.0, None)
-        dy = torch.randn(m, width, generator=gen).to(dtype)
-        plan = K.bwd_launch_plan(m, width, dtype, x.device, sm_count=sm_count, programs_per_sm=programs_per_sm)
-        with count_traffic() as launches:
-            K.row_norm_bwd(dy, x, None, weight, mean, rstd, kind, 0.0, has_bias, sm_count=sm_count,
-                           programs_per_sm=programs_per_sm)
-        return launches, plan.programs
+                K.row_norm_bwd(dy, x, None, weight, mean, rstd, kind, 0.0, has_bias, sm_count=programs,
+                               programs_per_sm=1)
+            return launches
+
+        return measure
 
     results = []
     for phase in ("fwd", "bwd"):
-        # Affine in M once every program of the grid has a full share: measure at two such M and extrapolate.
-        cpu = torch.device("cpu")
-        plan = (K.bwd_launch_plan(rows, width, dtype, cpu, sm_count=sm_count, programs_per_sm=programs_per_sm)
-                if phase == "bwd" else K.fwd_launch_plan(rows, width, dtype, cpu))
-        full = plan.programs * plan.block_m if phase == "bwd" else plan.block_m
-        m1 = min(rows, max(full, 1))
-        if m1 == rows:
-            launches, programs = run(rows, phase)
-            logical = sum(t.logical for t in launches)
-            unique = sum(t.unique for t in launches)
+        if phase == "fwd":
+            plan = K.fwd_launch_plan(rows, width, dtype, cpu)
+            programs = 1  # one program per row tile: every byte is per tile, none per grid
         else:
-            first, programs = run(m1, phase)
-            second, _ = run(2 * m1, phase)
-            slope_l = (sum(t.logical for t in second) - sum(t.logical for t in first)) / m1
-            slope_u = (sum(t.unique for t in second) - sum(t.unique for t in first)) / m1
-            logical = sum(t.logical for t in first) + slope_l * (rows - m1)
-            unique = sum(t.unique for t in first) + slope_u * (rows - m1)
-            launches = first
+            plan = K.bwd_launch_plan(rows, width, dtype, cpu, sm_count=sm_count, programs_per_sm=programs_per_sm)
+            programs = plan.programs
+        logical, unique, count = _affine_bytes(run(phase), plan.block_m, rows, programs)
         ideal = _ideal_bytes(op_name, phase, rows, width, dtype)
-        results.append(RowNormTraffic(op_name, phase, width, ideal, logical / ideal, unique / ideal, len(launches),
+        results.append(RowNormTraffic(op_name, phase, width, ideal, logical / ideal, unique / ideal, count,
                                       programs if phase == "bwd" else 0))
     return results
+
+
+def _affine_bytes(measure: Callable[[int, int], list[Traffic]], block_m: int, rows: int,
+                  programs: int) -> tuple[float, float, int]:
+    """(logical, unique, launches) of ``rows`` rows on a grid of ``programs`` programs.
+
+    While every program has at least one row tile, bytes are ``γ + α·P + β·M`` for ``P`` programs and ``M`` rows:
+    ``β`` per row (x, dy, dx, the statistics, per-tile weight loads), ``α`` per program (its weight loads and its
+    partial row, written and read back), ``γ`` per call (the reduced dW/dB). ``measure(M, P)`` is run at
+    ``(B, 1)``, ``(2B, 1)`` and ``(2B, 2)`` rows and programs (``B`` rows per tile), which fixes the three, and the
+    line is evaluated at ``(rows, programs)``; tests/bench/test_audit.py checks it against a direct measurement."""
+    samples = [measure(m, p) for m, p in ((block_m, 1), (2 * block_m, 1), (2 * block_m, 2))]
+
+    def solve(values: list[int]) -> float:
+        beta = (values[1] - values[0]) / block_m
+        alpha = values[2] - values[1]
+        gamma = values[0] - alpha - beta * block_m
+        return gamma + alpha * programs + beta * rows
+
+    logical = solve([sum(t.logical for t in launches) for launches in samples])
+    unique = solve([sum(t.unique for t in launches) for launches in samples])
+    return logical, unique, len(samples[0])
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_row_norm_traffic(op_name: str, width: int, dtype: torch.dtype = torch.bfloat16, *,
+                           sm_count: int = H100_SMS, rows: int = REFERENCE_ROWS) -> RowNormTraffic:
+    """The backward of Liger-Kernel's ``rms_norm`` / ``layer_norm`` (liger-kernel 0.8), counted like ours.
+
+    Its backward kernel is launched directly, on the grid its launcher uses on a GPU (one program per SM; on CPU its
+    launcher runs one program in all), with fp32 statistics as its forward stores them. Its host-side
+    ``_dW.sum(0)`` is an ATen op, not a Triton launch, so those bytes (``programs × N × 4`` read) are not counted.
+    The zero ``offset`` goes in as an int: the interpreter passes a Python float through as a float, which has no
+    ``.to`` (its forward, whose ``eps.to`` meets the same, is not measured)."""
+    import math as _math
+
+    from liger_kernel.ops import layer_norm as liger_ln, rms_norm as liger_rms
+    from liger_kernel.ops.utils import calculate_settings, torch_to_triton_dtype
+
+    gen = torch.Generator().manual_seed(0)
+    block, warps = calculate_settings(width)
+
+    def measure(m: int, programs: int) -> list[Traffic]:
+        x = torch.randn(m, width, generator=gen).to(dtype)
+        w = torch.randn(width, generator=gen).to(dtype)
+        dy = torch.randn(m, width, generator=gen).to(dtype)
+        x32 = x.float()
+        mean = x32.mean(1)
+        rstd = torch.rsqrt((x32 * x32).mean(1) + 1e-6) if op_name == "rms_norm" else torch.rsqrt(x32.var(1, False) + 1e-5)
+        per_program = _math.ceil(m / programs)
+        dx = torch.empty_like(x)
+        dw = torch.empty(programs, width, dtype=torch.float32)
+        db = torch.empty(programs, width, dtype=torch.float32)
+        with count_traffic() as launches:
+            if op_name == "rms_norm":
+                liger_rms._rms_norm_backward_kernel[(programs,)](
+                    dy, dy.stride(0), dx, dx.stride(0), x, x.stride(0), torch_to_triton_dtype[x.dtype], w, w.stride(0),
+                    rstd, rstd.stride(0), dw, dw.stride(0), m, width, 0, per_program,
+                    liger_rms._str_to_casting_mode["llama"], elementwise_affine=True, BLOCK_SIZE=block,
+                    COMPUTE_DW=True, num_warps=warps)
+            else:
+                liger_ln._layer_norm_backward_kernel[(programs,)](
+                    x, x.stride(0), w, mean, mean.stride(0), rstd, rstd.stride(0), dx, dx.stride(0), dw, dw.stride(0),
+                    db, db.stride(0), dy, dy.stride(0), m, width, rows_per_program=per_program, BLOCK_SIZE=block,
+                    COMPUTE_DW=True, COMPUTE_DB=True, num_warps=warps)
+        return launches
+
+    logical, unique, count = _affine_bytes(measure, 1, rows, sm_count)
+    ideal = _ideal_bytes(op_name, "bwd", rows, width, dtype)
+    return RowNormTraffic(op_name, "bwd", width, ideal, logical / ideal, unique / ideal, count, sm_count)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -558,5 +624,116 @@ def static_quality(cases: Sequence[tuple[str, int, torch.dtype]]) -> list[dict[s
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Liger-Kernel, where installed
+# The report
 # ----------------------------------------------------------------------------------------------------------------------
+
+SECTIONS = ("launches", "bytes", "static")
+ROW_OPS = ("layer_norm", "rms_norm")
+
+
+def _widths(values: Sequence[int]) -> str:
+    return "/".join(str(v) for v in values) or "-"
+
+
+def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTHS,
+           progress: Callable[[str], None] = lambda text: None) -> str:
+    """The audit as Markdown tables (bf16 throughout)."""
+    import datetime
+
+    import triton
+
+    lines = [f"normlayers kernel audit, {datetime.date.today()}: static (sm_90 compile) and Triton-interpreter "
+             f"measurements on CPU, not GPU timings. torch {torch.__version__}, triton {triton.__version__}; bf16.", ""]
+    if "launches" in sections:
+        lines += ["### Launches per layer call", "",
+                  "Triton launches + leaf ATen ops that would launch a CUDA kernel (views, allocations and ops on empty "
+                  "tensors excluded); host syncs = `aten::item` / `_local_scalar_dense`. Images 2×64×14×14, tokens "
+                  "197×2×768, rows 8×4096.", "",
+                  "| layer | train fwd | train bwd | eval fwd | host syncs (fwd/bwd/eval) |", "|---|---|---|---|---|"]
+        for case in LAYER_CASES():
+            progress(f"launches: {case.label}")
+            counts = count_launches(case)
+            syncs = "/".join(str(len(counts[p].syncs)) for p in ("train fwd", "train bwd", "eval fwd"))
+            lines.append(f"| {case.label} | {counts['train fwd'].launches} | {counts['train bwd'].launches} | "
+                         f"{counts['eval fwd'].launches} | {syncs} |")
+        lines.append("")
+    if "bytes" in sections:
+        with_liger = liger_available()
+        lines += ["### Row-norm bytes ÷ byte model", "",
+                  f"Bytes of mask-true lanes of every load and store, at {REFERENCE_ROWS} rows (from small runs: "
+                  f"bytes are affine in rows and programs), the backward on the grid of a "
+                  f"{H100_SMS}-SM H100. Unique = distinct bytes per launch, summed over launches; logical = all "
+                  f"lanes." + (" Liger-Kernel beside ours (its Triton kernels only)." if with_liger else ""), "",
+                  "| op | N | fwd unique | fwd logical | bwd unique | bwd logical | bwd launches | bwd programs |"
+                  + (" Liger bwd unique | Liger bwd logical |" if with_liger else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|---|" if with_liger else "")]
+        for op_name in ROW_OPS:
+            for width in widths:
+                progress(f"bytes: {op_name} N={width}")
+                fwd, bwd = row_norm_traffic(op_name, width)
+                row = (f"| {op_name} | {width} | {fwd.unique:.2f} | {fwd.logical:.2f} | {bwd.unique:.2f} | "
+                       f"{bwd.logical:.2f} | {bwd.launches} | {bwd.programs} |")
+                if with_liger:
+                    lb = liger_row_norm_traffic(op_name, width)
+                    row += f" {lb.unique:.2f} | {lb.logical:.2f} |"
+                lines.append(row)
+        lines.append("")
+    if "static" in sections:
+        lines += ["### Static quality (sm_90 compile)", "",
+                  "Registers and spill bytes from `ptxas -v`; global access widths (bits) from `cuobjdump -sass` "
+                  "(LDG/STG); occupancy = resident warps per H100 SM ÷ 64 from registers, shared memory and warps.", "",
+                  "| op | N | kernel | warps | registers | spill bytes | shared | LDG bits | STG bits | programs/SM | "
+                  "occupancy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        progress("static: compiling for sm_90")
+        cases = [(_KINDS[op][0], width, torch.bfloat16) for op in ROW_OPS for width in widths]
+        for (kind, width, _dtype), entry in zip(cases, static_quality(cases)):
+            for phase, q in entry.items():
+                lines.append(f"| {kind} | {width} | {phase} | {q.num_warps} | {q.registers} | {q.spill_bytes} | "
+                             f"{q.shared_bytes} | {_widths(q.load_bits)} | {_widths(q.store_bits)} | "
+                             f"{q.programs_per_sm} | {q.occupancy:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m normlayers.bench.audit", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audit-sections", default=",".join(SECTIONS), metavar="LIST",
+                        help=f"which parts of the audit to run, of {','.join(SECTIONS)} (default all)")
+    parser.add_argument("--audit-widths", default=",".join(map(str, ROW_WIDTHS)), metavar="LIST",
+                        help="row widths of the row-norm bytes and static tables (default %(default)s)")
+    parser.add_argument("--audit-output", type=Path, metavar="FILE.md", help="also write the tables here")
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    """Run the audit the parsed arguments ask for and print it; needs the Triton interpreter on a CPU machine."""
+    from normlayers.backend import interpreter_enabled
+
+    if "triton" not in sys.modules:  # the interpreter must be chosen before triton is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not interpreter_enabled():
+        print("the audit runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    sections = [s for s in args.audit_sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        print(f"--audit-sections: unknown {unknown}, expected some of {SECTIONS}", file=sys.stderr)
+        return 2
+    text = report(sections, [int(w) for w in args.audit_widths.split(",") if w],
+                  progress=lambda line: print(f"[audit] {line}", file=sys.stderr, flush=True))
+    print(text)
+    if args.audit_output is not None:
+        args.audit_output.write_text(text + "\n")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_audit(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
