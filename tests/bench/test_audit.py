@@ -8,6 +8,7 @@ the test pass unexpectedly, which fails too until its marker is removed.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,11 @@ def test_h100_occupancy_rule():
     assert audit.h100_resident_programs(72, 8192, 16) == 1
     assert audit.h100_occupancy(32, 0, 4) == 1.0
     assert audit.h100_resident_programs(16, 120 * 1024, 1) == 1  # shared memory limits: 228 KiB per SM
+
+
+def test_docs_show_the_committed_audit():
+    root = Path(__file__).resolve().parents[2]
+    newest = sorted((root / "benchmarks" / "results").glob("*_static_interpreter_audit.md"))[-1].read_text()
+    page = (root / "docs" / "benchmarking.md").read_text()
+    shown = page.split("<!-- audit-tables -->")[1].split("<!-- /audit-tables -->")[0]
+    assert shown.strip() == newest[newest.index("### "):].strip()

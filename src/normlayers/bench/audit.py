@@ -202,7 +202,8 @@ def _layer_cases() -> tuple[LayerCase, ...]:
         LayerCase("RMSNorm(4096)", lambda d: normlayers.RMSNorm(4096, dtype=d), lambda d: (rows(d),), True),
         LayerCase("RMSNorm(4096) + residual", lambda d: normlayers.RMSNorm(4096, dtype=d),
                   lambda d: (rows(d), _normal(8, 4096, seed=1)(d)), True),
-        LayerCase("BatchChannelNorm2d(64)", lambda d: normlayers.BatchChannelNorm2d(64, dtype=d), lambda d: (image(d),)),
+        LayerCase("BatchChannelNorm2d(64)", lambda d: normlayers.BatchChannelNorm2d(64, dtype=d),
+                  lambda d: (image(d),)),
         LayerCase("EvoNorm2dS0(64)", lambda d: normlayers.EvoNorm2dS0(64, dtype=d), lambda d: (image(d),)),
         LayerCase("EvoNorm2dB0(64)", lambda d: normlayers.EvoNorm2dB0(64, dtype=d), lambda d: (image(d),)),
         LayerCase("RegionNorm2d(64)", lambda d: normlayers.RegionNorm2d(64, dtype=d), region_inputs),
@@ -471,7 +472,10 @@ def liger_row_norm_traffic(op_name: str, width: int, dtype: torch.dtype = torch.
         dy = torch.randn(m, width, generator=gen).to(dtype)
         x32 = x.float()
         mean = x32.mean(1)
-        rstd = torch.rsqrt((x32 * x32).mean(1) + 1e-6) if op_name == "rms_norm" else torch.rsqrt(x32.var(1, False) + 1e-5)
+        if op_name == "rms_norm":
+            rstd = torch.rsqrt((x32 * x32).mean(1) + 1e-6)
+        else:
+            rstd = torch.rsqrt(x32.var(1, correction=0) + 1e-5)
         per_program = _math.ceil(m / programs)
         dx = torch.empty_like(x)
         dw = torch.empty(programs, width, dtype=torch.float32)
@@ -618,7 +622,8 @@ def _static_cached(cases: tuple[tuple[str, int, str], ...]) -> tuple[dict, ...]:
 
 def static_quality(cases: Sequence[tuple[str, int, torch.dtype]]) -> list[dict[str, KernelQuality]]:
     """For each ``(kind, width, dtype)``: ``{"fwd": ..., "bwd": ..., ["reduce": ...]}`` kernel qualities of an sm_90
-    compile. Runs the compiler in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit``)."""
+    compile. Runs the compiler in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces
+    ``triton.jit``)."""
     key = tuple((kind, width, str(dtype).removeprefix("torch.")) for kind, width, dtype in cases)
     return [{phase: KernelQuality(**q) for phase, q in entry.items()} for entry in _static_cached(key)]
 
@@ -646,9 +651,9 @@ def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTH
              f"measurements on CPU, not GPU timings. torch {torch.__version__}, triton {triton.__version__}; bf16.", ""]
     if "launches" in sections:
         lines += ["### Launches per layer call", "",
-                  "Triton launches + leaf ATen ops that would launch a CUDA kernel (views, allocations and ops on empty "
-                  "tensors excluded); host syncs = `aten::item` / `_local_scalar_dense`. Images 2×64×14×14, tokens "
-                  "197×2×768, rows 8×4096.", "",
+                  "Triton launches + leaf ATen ops that would launch a CUDA kernel (views, allocations and ops on "
+                  "empty tensors excluded); host syncs = `aten::item` / `_local_scalar_dense`. Images 2×64×14×14, "
+                  "tokens 197×2×768, rows 8×4096.", "",
                   "| layer | train fwd | train bwd | eval fwd | host syncs (fwd/bwd/eval) |", "|---|---|---|---|---|"]
         for case in LAYER_CASES():
             progress(f"launches: {case.label}")
@@ -681,7 +686,8 @@ def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTH
     if "static" in sections:
         lines += ["### Static quality (sm_90 compile)", "",
                   "Registers and spill bytes from `ptxas -v`; global access widths (bits) from `cuobjdump -sass` "
-                  "(LDG/STG); occupancy = resident warps per H100 SM ÷ 64 from registers, shared memory and warps.", "",
+                  "(LDG/STG); occupancy = resident warps per H100 SM ÷ 64 from registers, shared memory and warps.",
+                  "",
                   "| op | N | kernel | warps | registers | spill bytes | shared | LDG bits | STG bits | programs/SM | "
                   "occupancy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         progress("static: compiling for sm_90")

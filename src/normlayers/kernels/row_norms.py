@@ -9,9 +9,11 @@ contiguous. Statistics and all arithmetic are fp32 (fp64 for fp64 inputs, so the
 * Forward: each program normalizes ``BLOCK_M`` rows. A row that fits in ``BLOCK_N`` stays in registers
   (``SINGLE_BLOCK``); a wider row is walked twice in ``BLOCK_N`` chunks, the first pass combining per-chunk moments
   with Chan's formula (never ``E[x²] − E[x]²``), the second normalizing. Narrow rows get several rows per program.
-* Backward: a persistent grid; each program walks row tiles, writes dX, and keeps its dW/dB partial sums
-  (in registers, or in its own row of the partial buffer for wide rows), one partial row per program. A second kernel
-  sums the partials in a fixed order, so the backward is deterministic and uses no atomics.
+* Backward: a persistent grid of as many programs as the GPU keeps resident at once; each program walks row tiles,
+  writes dX, and keeps its dW/dB partial sums as fp32 row vectors in registers, written once to its row of a
+  ``(programs, 2N)`` buffer. Rows wider than a block take two passes: per-row coefficients first, then column chunks
+  with the program's rows inside, so a chunk's partial sums stay in registers too (no read-modify-write in memory).
+  One ``column_sum`` launch then adds the partial rows in a fixed order: deterministic, no atomics, two launches.
 
 Fused residual: the norm is applied to ``h = x + residual`` rounded to the residual-out dtype (what an unfused
 ``x + residual`` followed by the norm computes), and ``h`` is returned so pre-norm blocks can carry it on.
@@ -224,8 +226,8 @@ def _load_row_stats(MEAN, RSTD, rows, row_mask, NORM: tl.constexpr, COMPUTE: tl.
 
 @triton.jit
 def _row_coefficients(sum_xg, sum_g, sum_h, rstd, N, NORM: tl.constexpr, COMPUTE: tl.constexpr):
-    """Per row ``(a, b)`` with ``dh = rstd·(ĝ − x̂·a − b)``, from Σx̂ĝ, Σĝ and Σh over the row:
-    LayerNorm ``a = Σx̂ĝ/N, b = Σĝ/N``; RMSNorm ``a = Σx̂ĝ/N, b = 0``; CRMSNorm ``a = Σx̂ĝ/(N + 1), b = rstd·Σh·a``."""
+    """Per row ``(a, b)`` with ``dh = rstd·(ĝ − x̂·a − b)``, from Σx̂ĝ, Σĝ and Σh over the row: LayerNorm
+    ``a = Σx̂ĝ/N, b = Σĝ/N``; RMSNorm ``a = Σx̂ĝ/N, b = 0``; CRMSNorm ``a = Σx̂ĝ/(N + 1), b = rstd·Σh·a``."""
     n = tl.cast(N, COMPUTE)
     if NORM == 0:
         a = sum_xg / n
@@ -257,7 +259,7 @@ def row_norm_bwd_kernel(
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     # Per row, with ĝ = dy ⊙ w (Ba et al., 2016, "Layer Normalization"; Zhang & Sennrich, 2019, "Root Mean Square
-    # Layer Normalization"; CRMSNorm: Jiang et al., 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers", §3):
+    # Layer Normalization"; CRMSNorm: Jiang et al., 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers"):
     #   LayerNorm  dx = rstd·(ĝ − x̂·Σ(x̂ĝ)/N − Σĝ/N)
     #   RMSNorm    dx = rstd·(ĝ − x̂·Σ(x̂ĝ)/N)
     #   CRMSNorm   dx = rstd·(ĝ − (x̂ + rstd·Σx)·Σ(x̂ĝ)/(N + 1))
@@ -383,11 +385,9 @@ def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
     are then sized to programs that are all resident at once (tests/bench/test_audit.py checks this against an sm_90
     compile)."""
     cap = max_block_n if max_block_n is not None else BWD_MAX_BLOCK_N
-    block_n = next_power_of_2(max(n, 1))
-    if block_n <= cap:
-        block_m, single = min(max(ROWS_TILE_ELEMENTS // block_n, 1), MAX_BLOCK_M), True
-    else:
-        block_m, block_n, single = WIDE_BLOCK_M, min(WIDE_BLOCK_N, 1 << (cap.bit_length() - 1)), False
+    block_m, block_n, single = _block_shape(max(n, 1), cap)
+    if not single:
+        block_m, block_n = WIDE_BLOCK_M, min(WIDE_BLOCK_N, block_n)
     num_warps = num_warps_for(block_m * block_n * 2, device, max_warps=32)
     per_sm = programs_per_sm if programs_per_sm is not None else max(BWD_RESIDENT_WARPS // num_warps, 1)
     programs = sm_count * per_sm if sm_count is not None else persistent_programs(device, per_sm)
