@@ -272,31 +272,7 @@ def row_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     dw_row = PARTIALS + pid.to(tl.int64) * N * (2 if HAS_WEIGHT and HAS_BIAS else 1)
     db_row = dw_row + N if HAS_WEIGHT else dw_row
-    if SINGLE_BLOCK:
-        col_mask = cols < N
-        w = _load_weight(W, cols, N, weight_offset, HAS_WEIGHT, COMPUTE, BLOCK_N)
-        dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
-        db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
-        for tile in range(pid, num_tiles, num_programs):
-            rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < M
-            mask = row_mask[:, None] & col_mask[None, :]
-            mean, rstd = _load_row_stats(MEAN, RSTD, rows, row_mask, NORM, COMPUTE)
-            h, xhat, dy, g = _load_grad_inputs(H, DY, w, rows, cols, mask, mean, rstd, stride_h, stride_dy, NORM,
-                                               HAS_WEIGHT, COMPUTE)
-            a, b = _row_coefficients(tl.sum(xhat * g, axis=1), tl.sum(g, axis=1), tl.sum(h, axis=1), rstd, N, NORM,
-                                     COMPUTE)
-            _store_input_grad(DH, DRES_OUT, xhat, g, rstd, a, b, rows, cols, mask, stride_dres, N, HAS_DRESIDUAL,
-                              COMPUTE)
-            if HAS_WEIGHT:
-                dw += tl.sum(dy * xhat, axis=0)
-            if HAS_BIAS:
-                db += tl.sum(dy, axis=0)
-        if HAS_WEIGHT:
-            tl.store(dw_row + cols, dw, mask=col_mask)
-        if HAS_BIAS:
-            tl.store(db_row + cols, db, mask=col_mask)
-    else:
+    if not SINGLE_BLOCK:
         # Rows wider than a block. Pass 1, row by row: the per-row coefficients (a, b), into COEF.
         for tile in range(pid, num_tiles, num_programs):
             rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -317,34 +293,39 @@ def row_norm_bwd_kernel(
             a, b = _row_coefficients(sum_xg, sum_g, sum_h, rstd, N, NORM, COMPUTE)
             tl.store(COEF + 2 * rows, a, mask=row_mask)
             tl.store(COEF + 2 * rows + 1, b, mask=row_mask)
-        tl.debug_barrier()  # pass 2 reads the coefficients back, maybe in other threads
-        # Pass 2, chunk by chunk with this program's rows inside: dh, and the chunk's dW/dB in registers, written
-        # once per chunk (never read back).
-        for start in range(0, N, BLOCK_N):
-            chunk_cols = start + cols
-            col_mask = chunk_cols < N
-            w = _load_weight(W, chunk_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, BLOCK_N)
-            dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
-            db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
-            for tile in range(pid, num_tiles, num_programs):
-                rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-                row_mask = rows < M
-                mask = row_mask[:, None] & col_mask[None, :]
-                mean, rstd = _load_row_stats(MEAN, RSTD, rows, row_mask, NORM, COMPUTE)
+        tl.debug_barrier()  # the loop below reads the coefficients back, maybe in other threads
+    # Column chunk by chunk, this program's rows inside: dh, and the chunk's dW/dB in registers, written once per
+    # chunk (never read back). A row that fits a block is one chunk: a constant trip count, so no loop is compiled.
+    num_chunks = 1 if SINGLE_BLOCK else tl.cdiv(N, BLOCK_N)
+    for chunk in range(0, num_chunks):
+        chunk_cols = chunk * BLOCK_N + cols
+        col_mask = chunk_cols < N
+        w = _load_weight(W, chunk_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, BLOCK_N)
+        dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+        db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+        for tile in range(pid, num_tiles, num_programs):
+            rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < M
+            mask = row_mask[:, None] & col_mask[None, :]
+            mean, rstd = _load_row_stats(MEAN, RSTD, rows, row_mask, NORM, COMPUTE)
+            h, xhat, dy, g = _load_grad_inputs(H, DY, w, rows, chunk_cols, mask, mean, rstd, stride_h, stride_dy,
+                                               NORM, HAS_WEIGHT, COMPUTE)
+            if SINGLE_BLOCK:
+                a, b = _row_coefficients(tl.sum(xhat * g, axis=1), tl.sum(g, axis=1), tl.sum(h, axis=1), rstd, N,
+                                         NORM, COMPUTE)
+            else:
                 a = tl.load(COEF + 2 * rows, mask=row_mask, other=0.0)
                 b = tl.load(COEF + 2 * rows + 1, mask=row_mask, other=0.0)
-                h, xhat, dy, g = _load_grad_inputs(H, DY, w, rows, chunk_cols, mask, mean, rstd, stride_h, stride_dy,
-                                                   NORM, HAS_WEIGHT, COMPUTE)
-                _store_input_grad(DH, DRES_OUT, xhat, g, rstd, a, b, rows, chunk_cols, mask, stride_dres, N,
-                                  HAS_DRESIDUAL, COMPUTE)
-                if HAS_WEIGHT:
-                    dw += tl.sum(dy * xhat, axis=0)
-                if HAS_BIAS:
-                    db += tl.sum(dy, axis=0)
+            _store_input_grad(DH, DRES_OUT, xhat, g, rstd, a, b, rows, chunk_cols, mask, stride_dres, N,
+                              HAS_DRESIDUAL, COMPUTE)
             if HAS_WEIGHT:
-                tl.store(dw_row + chunk_cols, dw, mask=col_mask)
+                dw += tl.sum(dy * xhat, axis=0)
             if HAS_BIAS:
-                tl.store(db_row + chunk_cols, db, mask=col_mask)
+                db += tl.sum(dy, axis=0)
+        if HAS_WEIGHT:
+            tl.store(dw_row + chunk_cols, dw, mask=col_mask)
+        if HAS_BIAS:
+            tl.store(db_row + chunk_cols, db, mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
