@@ -144,3 +144,10 @@ def test_docs_show_the_committed_audit():
     page = (root / "docs" / "benchmarking.md").read_text()
     shown = page.split("<!-- audit-tables -->")[1].split("<!-- /audit-tables -->")[0]
     assert shown.strip() == newest[newest.index("### "):].strip()
+
+
+def test_cli_audit_names_an_unknown_section(capsys):
+    from normlayers.bench.cli import main
+
+    assert main(["--audit", "--audit-sections", "timings"]) == 2
+    assert "--audit-sections: unknown ['timings']" in capsys.readouterr().err
