@@ -33,7 +33,7 @@ WIDE = 16384  # above this many columns the backward walks rows in chunks (audit
 
 @functools.lru_cache(maxsize=None)
 def launches(label: str) -> dict[str, audit.LaunchCount]:
-    case = next(c for c in audit.LAYER_CASES() if c.label == label)
+    case = next(c for c in audit.layer_cases() if c.label == label)
     return audit.count_launches(case)
 
 

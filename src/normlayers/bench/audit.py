@@ -44,8 +44,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 __all__ = [
-    "H100_SMS", "REFERENCE_ROWS", "LAYER_CASES", "LaunchCount", "count_launches", "Traffic", "count_traffic",
-    "RowNormTraffic", "row_norm_traffic", "KernelQuality", "static_quality", "h100_occupancy", "main",
+    "H100_SMS", "REFERENCE_ROWS", "LayerCase", "layer_cases", "LaunchCount", "count_launches", "Traffic",
+    "count_traffic", "RowNormTraffic", "row_norm_traffic", "liger_row_norm_traffic", "KernelQuality", "static_quality",
+    "h100_resident_programs", "h100_occupancy", "report", "main",
 ]
 
 H100_SMS = 132
@@ -176,7 +177,6 @@ class LayerCase:
     label: str
     build: Callable[[torch.dtype], torch.nn.Module]
     inputs: Callable[[torch.dtype], tuple]
-    is_row_norm: bool = False
 
 
 def _normal(*shape: int, seed: int = 0) -> Callable[[torch.dtype], torch.Tensor]:
@@ -186,7 +186,8 @@ def _normal(*shape: int, seed: int = 0) -> Callable[[torch.dtype], torch.Tensor]
     return make
 
 
-def _layer_cases() -> tuple[LayerCase, ...]:
+def layer_cases() -> tuple[LayerCase, ...]:
+    """The layers of the launch table, at the shapes of issue 16's table."""
     import normlayers
 
     image = _normal(2, 64, 14, 14)
@@ -198,10 +199,10 @@ def _layer_cases() -> tuple[LayerCase, ...]:
         return image(dtype), hole
 
     return (
-        LayerCase("LayerNorm(4096)", lambda d: normlayers.LayerNorm(4096, dtype=d), lambda d: (rows(d),), True),
-        LayerCase("RMSNorm(4096)", lambda d: normlayers.RMSNorm(4096, dtype=d), lambda d: (rows(d),), True),
+        LayerCase("LayerNorm(4096)", lambda d: normlayers.LayerNorm(4096, dtype=d), lambda d: (rows(d),)),
+        LayerCase("RMSNorm(4096)", lambda d: normlayers.RMSNorm(4096, dtype=d), lambda d: (rows(d),)),
         LayerCase("RMSNorm(4096) + residual", lambda d: normlayers.RMSNorm(4096, dtype=d),
-                  lambda d: (rows(d), _normal(8, 4096, seed=1)(d)), True),
+                  lambda d: (rows(d), _normal(8, 4096, seed=1)(d))),
         LayerCase("BatchChannelNorm2d(64)", lambda d: normlayers.BatchChannelNorm2d(64, dtype=d),
                   lambda d: (image(d),)),
         LayerCase("EvoNorm2dS0(64)", lambda d: normlayers.EvoNorm2dS0(64, dtype=d), lambda d: (image(d),)),
@@ -210,9 +211,6 @@ def _layer_cases() -> tuple[LayerCase, ...]:
         LayerCase("PowerNorm(768)", lambda d: normlayers.PowerNorm(768, dtype=d), lambda d: (tokens(d),)),
         LayerCase("UnifiedNorm(768)", lambda d: normlayers.UnifiedNorm(768, dtype=d), lambda d: (tokens(d),)),
     )
-
-
-LAYER_CASES = _layer_cases
 
 
 def count_launches(case: LayerCase, dtype: torch.dtype = torch.bfloat16) -> dict[str, LaunchCount]:
@@ -655,7 +653,7 @@ def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTH
                   "empty tensors excluded); host syncs = `aten::item` / `_local_scalar_dense`. Images 2×64×14×14, "
                   "tokens 197×2×768, rows 8×4096.", "",
                   "| layer | train fwd | train bwd | eval fwd | host syncs (fwd/bwd/eval) |", "|---|---|---|---|---|"]
-        for case in LAYER_CASES():
+        for case in layer_cases():
             progress(f"launches: {case.label}")
             counts = count_launches(case)
             syncs = "/".join(str(len(counts[p].syncs)) for p in ("train fwd", "train bwd", "eval fwd"))
