@@ -48,15 +48,15 @@ def compile_all_variants() -> int:
         compile_kernel(
             row_norms.row_norm_bwd_kernel,
             {"H": f"*{data}", "W": f"*{data}", "DY": f"*{data}", "DRES_OUT": f"*{data}", "MEAN": f"*{stats}",
-             "RSTD": f"*{stats}", "DH": f"*{data}", "DW_PARTIAL": f"*{stats}", "DB_PARTIAL": f"*{stats}"},
+             "RSTD": f"*{stats}", "DH": f"*{data}", "PARTIALS": f"*{stats}", "COEF": f"*{stats}"},
             {"M": "i32", "N": "i32", "stride_h": "i64", "stride_dy": "i64", "stride_dres": "i64",
              "weight_offset": "fp32"},
             {"NORM": norm, "HAS_DRESIDUAL": fused, **{k: v for k, v in flags.items() if k != "NORM"}},
         )
         count += 2
     for partial in ("fp32", "fp64"):
-        compile_kernel(common.column_sum_kernel, {"PARTIALS": f"*{partial}", "OUT": "*bf16"},
-                       {"num_rows": "i32", "N": "i32"}, {"BLOCK_ROWS": 32, "BLOCK_N": 256})
+        compile_kernel(common.column_sum_kernel, {"PARTIALS": f"*{partial}", "OUT": "*bf16", "OUT2": "*bf16"},
+                       {"num_rows": "i32", "N": "i32", "SPLIT": "i32"}, {"BLOCK_ROWS": 32, "BLOCK_N": 256})
         count += 1
     planes = {"P": "i32", "C": "i32", "HW": "i32"}
 

@@ -11,6 +11,7 @@ Examples::
     normlayers-bench --op rms_norm,layer_norm --dtype bf16 --mode fwd,fwd_bwd --shapes 4096x4096,16384x1024 \\
         --providers normlayers,torch,torch_compile,liger --output results.csv --json results.json
     normlayers-bench --suite row_norms --compare benchmarks/results/<earlier run>.json
+    normlayers-bench --audit                           # launches, bytes, sm_90 registers/spills (no GPU needed)
     normlayers-bench --list-ops                        # ops, their shapes and byte models (also --list-providers,
                                                        # --list-suites, and --list for all of them)
 """
@@ -32,6 +33,7 @@ import torch
 
 import normlayers
 from normlayers.bench.accuracy import RULE
+from normlayers.bench.audit import add_arguments as add_audit_arguments, run_audit
 from normlayers.bench.compare import compare, format_comparison, load_document, regressions
 from normlayers.bench.ops import MODES, OPS, Op, Shape, traffic_formula
 from normlayers.bench.plot import PLOT_METRICS, matplotlib_missing, plot_results
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--fail-if-regression", type=_percent, metavar="PCT",
                      help="with --compare: exit 1 if a normlayers result got slower by more than PCT percent")
     out.add_argument("--quiet", action="store_true", help="no progress line on stderr (it is shown only on a TTY)")
+    audit = parser.add_argument_group("audit (GPU-free: launches, bytes, sm_90 compile; see normlayers.bench.audit)")
+    audit.add_argument("--audit", action="store_true", help="print the kernel audit instead of timing anything")
+    add_audit_arguments(audit)
     lists = parser.add_argument_group("listings (print and exit)")
     lists.add_argument("--list-ops", action="store_true", help="ops, their shape forms, default shapes, byte models")
     lists.add_argument("--list-providers", action="store_true", help="providers and whether they can run here")
@@ -315,6 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``normlayers-bench`` and ``python -m normlayers.bench``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.audit:
+        return run_audit(args)
     device = _resolve_device(parser, args.device)
     if args.list or args.list_ops or args.list_providers or args.list_suites:
         print(_listing(args, device))

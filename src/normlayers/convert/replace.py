@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from normlayers.backend import backend as normlayers_backend
+from normlayers.backends import backend as normlayers_backend
 from normlayers.nn._adopt import adopt, factory_kwargs_of
 from normlayers.nn.row_norms import LayerNorm, RMSNorm
 

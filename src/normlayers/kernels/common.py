@@ -45,12 +45,12 @@ def persistent_programs(device: torch.device, programs_per_sm: int) -> int:
     return CPU_PERSISTENT_PROGRAMS
 
 
-def num_warps_for(tile_elements: int, device: torch.device) -> int:
-    """Warps for a program holding ``tile_elements`` values: one warp per 256 elements, 1 to 16 warps.
+def num_warps_for(tile_elements: int, device: torch.device, max_warps: int = 16) -> int:
+    """Warps for a program holding ``tile_elements`` values: one warp per 256 elements, 1 to ``max_warps`` warps.
 
     Capped so that ``num_warps * warp_size <= 1024`` (AMD's 64-wide warps make 32 warps an invalid launch).
     """
-    warps = min(max(tile_elements // 256, 1), 16)
+    warps = min(max(tile_elements // 256, 1), max_warps)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         warps = min(warps, 1024 // _warp_size(index))
@@ -75,8 +75,9 @@ def chan_combine(s_a, m2_a, n_a, s_b, m2_b, n_b):
 
 
 @triton.jit
-def column_sum_kernel(PARTIALS, OUT, num_rows, N, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """OUT[n] = sum over r of PARTIALS[r, n], accumulated in the partials' dtype in a fixed order (deterministic)."""
+def column_sum_kernel(PARTIALS, OUT, OUT2, num_rows, N, SPLIT, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column ``n`` of PARTIALS summed over its rows into ``OUT[n]`` for ``n < SPLIT``, else ``OUT2[n − SPLIT]``;
+    accumulated in the partials' dtype in a fixed order (deterministic)."""
     pid = tl.program_id(0).to(tl.int64)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -86,19 +87,22 @@ def column_sum_kernel(PARTIALS, OUT, num_rows, N, BLOCK_ROWS: tl.constexpr, BLOC
         mask = (rows < num_rows)[:, None] & col_mask[None, :]
         tile = tl.load(PARTIALS + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(tile, axis=0)
-    tl.store(OUT + cols, acc, mask=col_mask)
+    tl.store(OUT + cols, acc, mask=cols < SPLIT)
+    tl.store(OUT2 + (cols - SPLIT), acc, mask=col_mask & (cols >= SPLIT))
 
 
-def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Sum a contiguous ``(rows, N)`` fp32 or fp64 buffer over its rows into a new ``(N,)`` tensor of ``dtype``."""
+def column_sum(partials: torch.Tensor, dtype: torch.dtype, split: Optional[int] = None):
+    """Sum a contiguous ``(rows, N)`` fp32 or fp64 buffer over its rows into a new ``(N,)`` tensor of ``dtype``; with
+    ``split``, into two new tensors of its first ``split`` and its last ``N − split`` columns (one launch)."""
     num_rows, n = partials.shape
-    out = torch.empty(n, dtype=dtype, device=partials.device)
-    if n == 0:
-        return out
-    block_n = min(next_power_of_2(n), 256)
-    column_sum_kernel[(triton.cdiv(n, block_n),)](partials, out, num_rows, n, BLOCK_ROWS=32, BLOCK_N=block_n,
-                                                  num_warps=4)
-    return out
+    first = n if split is None else split
+    out = torch.empty(first, dtype=dtype, device=partials.device)
+    out2 = out if split is None else torch.empty(n - first, dtype=dtype, device=partials.device)
+    if n > 0:
+        block_n = min(next_power_of_2(n), 256)
+        column_sum_kernel[(triton.cdiv(n, block_n),)](partials, out, out2, num_rows, n, first, BLOCK_ROWS=32,
+                                                      BLOCK_N=block_n, num_warps=4)
+    return out if split is None else (out, out2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, kind, _eps, weight_offset, _residual_dtype = inputs
     _y, residual_out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    # Outputs that get no gradient (the statistics, an unused residual sum) arrive as None, not as zero-filled tensors.
+    ctx.set_materialize_grads(False)
     # Save the values that were normalized: x, or the residual sum (an output, so no extra memory).
     ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
     ctx.kind, ctx.weight_offset, ctx.has_bias = kind, weight_offset, bias is not None
@@ -90,8 +92,13 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     if ctx.residual_dtype is None:
         dresidual_out = None
-    dh, dweight, dbias = row_norm_bwd(_row_major(dy), h, _row_major(dresidual_out), weight, mean, rstd, ctx.kind,
-                                      ctx.weight_offset, ctx.has_bias)
+    if dy is None:  # only the residual sum reached the loss: the norm adds nothing
+        dh, dweight, dbias = dresidual_out, None, None
+    else:
+        dh, dweight, dbias = row_norm_bwd(_row_major(dy), h, _row_major(dresidual_out), weight, mean, rstd, ctx.kind,
+                                          ctx.weight_offset, ctx.has_bias)
+    if dh is None:
+        return None, None, None, None, None, None, None, None
     # x and the residual both receive dh (as for an unfused `x + residual`), each in its own dtype.
     dx = dh.to(ctx.x_dtype)
     dresidual = dh.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
