@@ -79,6 +79,9 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, kind, _eps, weight_offset, _residual_dtype = inputs
     _y, residual_out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    # An unused output's gradient stays None: autograd would materialize it as a plain zero tensor even for DTensor
+    # outputs, which DTensor then refuses to mix with the other (DTensor) arguments of row_norm_bwd.
+    ctx.set_materialize_grads(False)
     # Save the values that were normalized: x, or the residual sum (an output, so no extra memory).
     ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
     ctx.kind, ctx.weight_offset, ctx.has_bias = kind, weight_offset, bias is not None
@@ -88,6 +91,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only residual_out is used
+        dy = torch.zeros_like(h, dtype=ctx.x_dtype)
     if ctx.residual_dtype is None:
         dresidual_out = None
     dh, dweight, dbias = row_norm_bwd(_row_major(dy), h, _row_major(dresidual_out), weight, mean, rstd, ctx.kind,
