@@ -77,16 +77,17 @@ def make_model(name: str) -> nn.Module:
             if t.is_floating_point() and ("norm" in key or "bcn" in key or "evo" in key):
                 positive = key.endswith(("weight", "running_phi", "running_var", "buffer_x2", "v"))
                 t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if positive else torch.randn(t.shape, generator=gen))
-    return model.train()
+    return model.double().train()
 
 
 def batches(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every step's global ``(input, output gradient)``."""
+    """Every step's global ``(input, output gradient)``, in fp64: UnifiedNorm amplifies the rounding differences
+    between the parallel and the one-process sums beyond fp32's tolerance by the third step (~7e-6 relative)."""
     gen = torch.Generator().manual_seed(13)
     shape = (IMAGES, 3, SIZE, SIZE) if name == "cnn" else (BATCH, SEQ, HIDDEN)
     out_shape = (IMAGES, CHANNELS, SIZE, SIZE) if name == "cnn" else shape
-    return [(torch.randn(shape, generator=gen) * 2 + 0.5, torch.randn(out_shape, generator=gen))
-            for _ in range(STEPS)]
+    return [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5,
+             torch.randn(out_shape, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,6 @@ def train(model: nn.Module, data: list, forward: Optional[Callable] = None,
         optimizer.zero_grad()
         leaf = local(x).clone().requires_grad_()
         y = forward(leaf)
-        y = local(y.full_tensor()) if hasattr(y, "full_tensor") else y
         (y * local(grad)).sum().backward()
         result = {"y": y.detach(), "dx": leaf.grad,
                   **{f"grad.{n}": full(p.grad).clone() for n, p in model.named_parameters()}}
@@ -122,6 +122,14 @@ def single_process(name: str) -> list[dict]:
 
 def part(t: torch.Tensor, rank: int, world: int, dim: int) -> torch.Tensor:
     return t.chunk(world, dim)[rank]
+
+
+def local_output(y, mesh, dim: int) -> torch.Tensor:
+    """This rank's part of a DTensor output along ``dim``. Redistributing (not ``full_tensor()`` then slicing) keeps
+    the backward right when the output is replicated or partial: each rank's loss term then reaches every rank."""
+    from torch.distributed.tensor import Shard
+
+    return y.redistribute(mesh, [Shard(dim)]).to_local()
 
 
 def tensor_parallel(model: Block, mesh) -> nn.Module:
@@ -152,7 +160,8 @@ def run_tensor_parallel(name: str, mesh, rank: int, world: int, compiled: bool =
 
     model = tensor_parallel(make_model(name), mesh)
     forward = torch.compile(model, fullgraph=True) if compiled else model
-    return train(model, batches(name), lambda x: forward(DTensor.from_local(x, mesh, [Shard(1)], run_check=False)),
+    return train(model, batches(name),
+                 lambda x: local_output(forward(DTensor.from_local(x, mesh, [Shard(1)], run_check=False)), mesh, 1),
                  local=lambda t: part(t, rank, world, 1))
 
 
@@ -161,7 +170,8 @@ def run_batch_sharded_dtensor(name: str, mesh, rank: int, world: int) -> list[di
     from torch.distributed.tensor import DTensor, Shard, distribute_module
 
     model = distribute_module(make_model(name), mesh)
-    return train(model, batches(name), lambda x: model(DTensor.from_local(x, mesh, [Shard(0)], run_check=False)),
+    return train(model, batches(name),
+                 lambda x: local_output(model(DTensor.from_local(x, mesh, [Shard(0)], run_check=False)), mesh, 0),
                  local=lambda t: part(t, rank, world, 0))
 
 
@@ -184,7 +194,7 @@ def sharded_normalized_dim_error(mesh, rank: int, world: int) -> str:
 
     norm = parallelize_module(normlayers.RMSNorm(HIDDEN), mesh, SequenceParallel(sequence_dim=2))
     try:
-        norm(part(torch.randn(BATCH, SEQ, HIDDEN), rank, world, 2))
+        norm(part(torch.randn(BATCH, SEQ, HIDDEN), rank, world, 2))  # fp32: the refusal is before any kernel
     except Exception as error:  # noqa: BLE001 - the test checks the type and the message
         return f"{type(error).__name__}: {error}"
     return "no error"

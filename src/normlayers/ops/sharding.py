@@ -3,8 +3,8 @@
 A custom op called with :class:`~torch.distributed.tensor.DTensor` arguments needs a rule saying which placements of
 its inputs it accepts and what placements its outputs then have; without one DTensor refuses the op ("does not have
 a sharding strategy registered"). The rules here, registered with
-:func:`torch.distributed.tensor.experimental.register_sharding` (present since torch 2.5; the rules use only what
-torch 2.11 has), let each op run on its local shards with no communication wherever its math allows:
+:func:`torch.distributed.tensor.experimental.register_sharding` (experimental, present since torch 2.5; tested with
+torch 2.13 only), let each op run on its local shards with no communication wherever its math allows:
 
 * **Row norms** (``row_norm_fwd``/``_bwd``, on the ``(rows, normalized size)`` view the layers pass them): the rows
   may be sharded in any way — ``Shard(0)``, or the strided shard DTensor makes when a sharded sequence dim of a
@@ -16,7 +16,8 @@ torch 2.11 has), let each op run on its local shards with no communication where
 * **Region ops** (``region_*``): sharded on the batch dim (the mask ``hole`` alike). Other dims are refused.
 * **Token ops** (``token_*``, ``channel_affine*``, ``power_norm_train``, ``unified_norm_train``, on token rows
   ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
-  Sharded channels are refused.
+  Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
+  those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out").
 
 Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
 with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
@@ -24,7 +25,9 @@ sharded on its batch normalizes with the statistics of the whole (global) batch.
 FSDP2) keep the local statistics unless ``sync_stats=True``/:func:`normlayers.convert_sync`.
 
 This module imports ``torch.distributed.tensor`` (slow to import), so ``import normlayers`` does not import it:
-:func:`normlayers.ops.register_sharding_when_dtensor_loads` imports it as soon as DTensor itself is imported.
+:mod:`normlayers._dtensor` imports it as soon as DTensor itself is imported. One private piece of DTensor is used:
+the ``RuntimeSchemaInfo`` of each op is widened so that DTensor's cache of sharding decisions keys on the non-tensor
+arguments (see :func:`_register`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from torch.distributed.tensor.experimental import register_sharding
 # The ops must be registered before their rules.
 from normlayers.ops import channel_stats, evo_norm, region_norm, row_norms, token_stats  # noqa: F401
 
-__all__ = ["DATA_DIMS"]
+__all__: list[str] = []
 
 
 def _shard_dim(placement: Any) -> Optional[int]:
@@ -57,9 +60,9 @@ def _row_shardings(spec: Any) -> list[Any]:
     return shardings
 
 
-# Per op family: the dims of the data arguments that may be sharded, what such a sharding would split, and the
-# shardings to offer given the first data argument's spec.
-DATA_DIMS: dict[str, tuple[tuple[int, ...], str]] = {
+# Per op family: the dims of the data arguments that may be sharded and what sharding another dim would split; and
+# (_SHARDINGS) the shardings to offer, given the first data argument's spec.
+_DATA_DIMS: dict[str, tuple[tuple[int, ...], str]] = {
     "row": ((0,), "the normalized dims (flattened): a row's statistic would need values held by other ranks"),
     "plane": ((0, 1), "a spatial dim: a plane's statistics would need values held by other ranks"),
     "region": ((0,), "a channel or spatial dim: the region statistics are taken here per sample only"),
@@ -107,7 +110,7 @@ def _placement(role: str, sharding: Any) -> Optional[Any]:
 
 
 def _make_rule(name: str, family: str, inputs: str, outputs: str) -> Callable[..., list]:
-    allowed, meaning = DATA_DIMS[family]
+    allowed, meaning = _DATA_DIMS[family]
     argument_names = [a.name for a in getattr(torch.ops.normlayers, name).default._schema.arguments]
 
     def rule(*args: Any) -> list:
