@@ -155,10 +155,23 @@ def tensor_parallel(model: Block, mesh) -> nn.Module:
     return model
 
 
-def run_tensor_parallel(name: str, mesh, rank: int, world: int, compiled: bool = False) -> list[dict]:
+def _record_placements(placements: dict, norm: str) -> Callable:
+    def hook(module: nn.Module, args: tuple, out) -> None:
+        y = out[0] if isinstance(out, tuple) else out  # (y, h) from a fused-residual call
+        placements[norm] = str(y.placements)
+
+    return hook
+
+
+def run_tensor_parallel(name: str, mesh, rank: int, world: int, compiled: bool = False,
+                        placements: Optional[dict] = None) -> list[dict]:
+    """Train the TP/SP block; ``placements`` (eager only) receives the row norms' output placements."""
     from torch.distributed.tensor import DTensor, Shard
 
     model = tensor_parallel(make_model(name), mesh)
+    if placements is not None:
+        for norm in ("norm_in", "norm_mid", "norm_out"):
+            getattr(model, norm).register_forward_hook(_record_placements(placements, norm))
     forward = torch.compile(model, fullgraph=True) if compiled else model
     return train(model, batches(name),
                  lambda x: local_output(forward(DTensor.from_local(x, mesh, [Shard(1)], run_check=False)), mesh, 1),
@@ -208,8 +221,10 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
     results = {}
     for backend_name in BACKENDS:
         with normlayers.backend(backend_name):
+            results[("tp_placements", backend_name)] = placements = {}
             for name in ("power", "unified"):
-                results[("tp", backend_name, name)] = run_tensor_parallel(name, mesh, rank, world)
+                results[("tp", backend_name, name)] = run_tensor_parallel(name, mesh, rank, world,
+                                                                          placements=placements)
                 results[("fsdp", backend_name, name)] = run_fsdp(name, rank, world)
             results[("fsdp", backend_name, "cnn")] = run_fsdp("cnn", rank, world)
             results[("dtensor_batch", backend_name, "cnn")] = run_batch_sharded_dtensor("cnn", mesh, rank, world)

@@ -72,6 +72,15 @@ def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backe
             assert message == "no error"
 
 
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
+def test_sequence_stays_sharded_through_the_row_norms(rank_results, backend_name):
+    # No gather inside the norms: their outputs keep the input's sequence sharding (the kernel path's rules keep the
+    # strided row sharding of the flattened (batch, seq) rows).
+    for results in rank_results:
+        assert results[("tp_placements", backend_name)] == {norm: "(Shard(dim=1),)"
+                                                            for norm in ("norm_in", "norm_mid", "norm_out")}
+
+
 def test_cases_reach_the_paths_they_name(single_process):
     # Local statistics would differ from the whole batch's (else a layer that never synced would pass), and the
     # steps change the parameters and the running buffers.
