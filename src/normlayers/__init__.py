@@ -28,6 +28,10 @@ from normlayers.nn import (
     reset_iters,
 )
 
+from normlayers._dtensor import register_sharding_rules_lazily as _register_sharding_rules_lazily
+
+_register_sharding_rules_lazily()
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -79,7 +79,9 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, kind, _eps, weight_offset, _residual_dtype = inputs
     _y, residual_out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    # Outputs that get no gradient (the statistics, an unused residual sum) arrive as None, not as zero-filled tensors.
+    # Outputs that get no gradient (the statistics, an unused residual sum) arrive as None, not as zero-filled tensors
+    # (autograd would materialize them as plain zero tensors even for DTensor outputs, which DTensor then refuses to
+    # mix with the other, DTensor, arguments of row_norm_bwd).
     ctx.set_materialize_grads(False)
     # Save the values that were normalized: x, or the residual sum (an output, so no extra memory).
     ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
