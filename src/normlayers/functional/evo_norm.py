@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from normlayers._checks import check_float_tensor
-from normlayers.backend import use_triton
+from normlayers.backend import tier
+from normlayers.cpu import evo_norm as _cpu_evo
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import evo_norm as _ops_evo
@@ -73,9 +74,13 @@ def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weig
                              "as torch.nn.BatchNorm2d refuses to")
     if input.numel() == 0 and sync is None:
         return empty_batch_output(input, weight, bias, v)
-    if apply_act and use_triton(input):
+    implementation = tier(input) if apply_act else "reference"  # apply_act=False is one affine: the reference's
+    if implementation == "triton":
         return _ops_evo.evo_norm_b(variant, input, running_var, weight, bias, v, training, float(momentum), float(eps),
                                   sync)
+    if implementation == "cpu" and sync is None:  # synced statistics: the reference gathers them
+        return _cpu_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
+                                   momentum=float(momentum), eps=float(eps))
     return _ref_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
                                momentum=float(momentum), eps=float(eps), apply_act=apply_act, sync=sync)
 
@@ -92,8 +97,12 @@ def _evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tenso
         raise TypeError(f"activation must be a callable (Tensor -> Tensor) or None, got {type(activation).__name__}")
     if input.numel() == 0:
         return empty_batch_output(input, weight, bias, v)
-    if (apply_act or always_normalize) and use_triton(input):
+    implementation = tier(input) if apply_act or always_normalize else "reference"
+    if implementation == "triton":
         return _ops_evo.evo_norm_s(variant, input, int(groups), weight, bias, v, activation, float(eps), apply_act)
+    if implementation == "cpu" and _cpu_evo.supports_s(variant, activation, apply_act):
+        return _cpu_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
+                                   eps=float(eps), apply_act=apply_act)
     return _ref_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
                                eps=float(eps), apply_act=apply_act, always_normalize=always_normalize)
 
