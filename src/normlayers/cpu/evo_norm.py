@@ -45,9 +45,14 @@ def _grad_of(t: Optional[Tensor], grad: Tensor) -> Optional[Tensor]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _is_silu(activation: Optional[Callable[[Tensor], Tensor]]) -> bool:
+    return activation is F.silu or type(activation) is torch.nn.SiLU
+
+
 def supports_s(variant: str, activation: Optional[Callable[[Tensor], Tensor]], apply_act: bool) -> bool:
-    """The closed form knows S0's ``x·σ(vx)``, SiLU and the identity; any other activation runs the reference."""
-    return not apply_act or variant == "s0" or activation is None or activation is F.silu
+    """The closed form knows S0's ``x·σ(vx)``, SiLU (``F.silu`` or an ``nn.SiLU``) and the identity; any other
+    activation runs the reference."""
+    return not apply_act or variant == "s0" or activation is None or _is_silu(activation)
 
 
 def _group_stats(xf: Tensor, groups: int, rms: bool, eps: float) -> tuple[Tensor, Optional[Tensor]]:
@@ -137,7 +142,7 @@ def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
     elif variant == "s0":
         numerator = "sigmoid_v"
     else:
-        numerator = "identity" if activation is None else "silu"
+        numerator = "silu" if _is_silu(activation) else "identity"
     return _EvoSFunction.apply(x, weight, bias, v, groups, numerator, variant == "s2", eps)
 
 
@@ -185,6 +190,9 @@ class _EvoBFunction(torch.autograd.Function):
         dtype = opmath_dtype(x.dtype)
         xf, gf = x.to(dtype), grad.to(dtype)
         v_c = _channel(v, dtype)
+        if batch_mean is not None and torch.is_grad_enabled():
+            # a double backward: the saved batch statistics hold no graph, so recompute them from x
+            var, batch_mean = torch.var_mean(xf, dim=_NHW, correction=0)
         left = torch.sqrt(var.to(dtype) + ctx.eps).view(1, -1, 1, 1)
         right, stat, inst_mean = _instance_side(xf, ctx.variant, v_c, ctx.eps)
         inv_m = torch.maximum(left, right).reciprocal_()

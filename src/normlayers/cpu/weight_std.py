@@ -44,6 +44,8 @@ def weight_standardize(weight: Tensor, *, correction: int, eps: float, gain: Opt
         bn_weight = torch.full((filters,), per_filter_scale, dtype=dtype, device=weight.device)
     else:
         bn_weight = None
-    flat = weight.reshape(1, filters, fan_in)
+    # In fp32 for a bf16/fp16 weight: ATen's reduced-precision batch norm rounds its statistics (a shift of up to
+    # 2^-9 in a mean near 1 is ~0.04 in Ŵ); the weight is small next to the conv that reads it.
+    flat = weight.to(dtype).reshape(1, filters, fan_in)
     out = F.batch_norm(flat, None, None, bn_weight, None, True, 0.0, eps * ratio)
-    return out.reshape(weight.shape)
+    return out.reshape(weight.shape).to(weight.dtype)
