@@ -12,8 +12,8 @@ import torch
 
 import normlayers
 
-import normlayers.ops.row_norms as ops_row
 import normlayers.cpu.row_norms as cpu_row
+import normlayers.ops.row_norms as ops_row
 from normlayers import functional as NF
 from normlayers.reference import row_norms as ref_row
 from normlayers.testing import assert_close
