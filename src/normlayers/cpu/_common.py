@@ -20,10 +20,9 @@ def opmath(t: Tensor) -> Tensor:
 
 
 def params_like(input: Tensor, *params: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """Parameters in a dtype an ATen norm accepts next to ``input``: unchanged when every one already has
-    ``input``'s dtype, else all in ``input``'s opmath dtype (fp32 beside bf16/fp16 input is ATen's "mixed type"
-    path, which computes in fp32). The cast is exact or, for a wider parameter, the rounding the reference applies."""
-    if all(p is None or p.dtype == input.dtype for p in params):
-        return params
+    """Parameters in the dtype an ATen norm should see next to ``input``: its opmath dtype. For fp32/fp64 input that
+    is ``input``'s dtype; beside bf16/fp16 input it is fp32, ATen's "mixed type" path, which also sums the weight and
+    bias gradients in fp32 (with bf16 parameters it sums them in bf16, rounding at every row). The casts are exact,
+    or for a wider parameter the rounding the reference applies; their gradients are rounded once, on the way back."""
     dtype = opmath_dtype(input.dtype)
     return tuple(None if p is None else p.to(dtype) for p in params)

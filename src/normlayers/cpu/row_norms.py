@@ -61,9 +61,10 @@ class _RMSNormFunction(torch.autograd.Function):
         rstd, row_sum = _rms_rstd(xf, ctx.compressed, ctx.eps)  # recomputed: one pass, saves an (M, 1) buffer
         gw = gf if weight is None else gf * (weight.to(gf.dtype) + ctx.weight_offset)
         width = xf.shape[-1] + (1 if ctx.compressed else 0)
-        coef = rstd.pow(3).mul_(torch.linalg.vecdot(gw, xf).unsqueeze(-1)).div_(width)
+        # out of place: in a double backward these ops are themselves differentiated
+        coef = rstd.pow(3) * torch.linalg.vecdot(gw, xf).unsqueeze(-1) / width
         centre = xf if row_sum is None else xf + row_sum
-        dx = (gw.mul_(rstd) if weight is not None else gw * rstd).sub_(centre.mul(coef))
+        dx = gw * rstd - centre * coef
         dweight = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = (gf * xf).transpose(0, 1).mv(rstd.squeeze(-1)).to(weight.dtype)
@@ -83,9 +84,9 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     ``kind`` is ``"layer"``, ``"rms"`` or ``"crms"``. Arguments are assumed valid."""
     h = input if residual is None else _residual_add(input, residual, residual_dtype)
     if kind == "layer":
-        # ATen's layer norm computes in fp32 and rounds to its input's dtype: give it h itself, or h in fp32 when
-        # h is narrower than the output, so the output is rounded once.
-        normed = h if h.dtype == input.dtype or h.dtype not in LOW_PRECISION else opmath(h)
+        # In fp32 for bf16/fp16: ATen's reduced-precision layer norm backward sums the weight and bias gradients
+        # with bf16 roundings (an error of 0.04 in a bias gradient of 12 rows), even beside fp32 parameters.
+        normed = opmath(h) if h.dtype in LOW_PRECISION else h
         weight, bias = params_like(normed, weight, bias)
         y = F.layer_norm(normed, shape, weight, bias, eps).to(input.dtype)
     else:
