@@ -55,7 +55,7 @@ SUITES: dict[str, Suite] = {
         Suite("region", "RegionNorm RN-B and RN-L at inpainting shapes (8x64x256x256, 8x256x64x64)",
               ops=("region_norm", "learnable_region_norm"), modes=("fwd", "fwd_bwd"),
               dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)}),
-        Suite("cpu", "the CPU tier against the best torch eager equivalent and the eager reference, at ResNet "
+        Suite("cpu", "the CPU tier against the best torch eager equivalent at ResNet "
               "(8x256x14x14, 256x256x3x3), ViT-B (1576x768 = 8 images x 197 tokens) and LLM (512x4096) shapes; "
               "under 5 minutes on 2 cores",
               ops=("layer_norm", "rms_norm", "add_rms_norm", "batch_channel_norm", "weight_standardize",
@@ -63,7 +63,7 @@ SUITES: dict[str, Suite] = {
               modes=("fwd", "fwd_bwd"), dtypes={"cpu": ("fp32", "bf16"), "cuda": ("bf16",)},
               shapes={"cpu": {"rows": ("1576x768", "512x4096"), "nchw": ("8x256x14x14",),
                               "conv_weight": ("256x256x3x3",)}},
-              providers=("normlayers", "torch", "reference")),
+              providers=("normlayers", "torch")),
         Suite("spd", "SPD batch normalization (GBW) on batches of SPD matrices", ops=("spd_batch_norm",),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("fp32",), "cpu": ("fp32",)}),
     )
