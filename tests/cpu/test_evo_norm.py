@@ -91,7 +91,7 @@ def test_gradcheck_fp64(variant):
     if variant.startswith("b"):
         running_var = torch.rand(4, dtype=torch.float64, generator=gen) + 0.5
         for training in (True, False):
-            def fn(x, *params):
+            def fn(x, *params, training=training):
                 return getattr(NF, f"evo_norm2d_{variant}")(x, running_var.clone(), *params, training=training)
             assert torch.autograd.gradcheck(fn, (x, *params))
             assert torch.autograd.gradgradcheck(fn, (x, *params))

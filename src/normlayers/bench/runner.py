@@ -146,7 +146,8 @@ def _add_speedups(results: list[BenchResult]) -> None:
 
 def run_case(case: Case, providers: Sequence[Provider], settings: RunSettings) -> list[BenchResult]:
     """Benchmark ``case`` for each provider: check its outputs, gradients and updated buffers against the fp64
-    reference, then time all of them in interleaved rounds; finally the speed-ups against the ``torch`` provider's time (for correct results only)."""
+    reference, then time all of them in interleaved rounds; finally the speed-ups against the ``torch`` provider's
+    time (for correct results only)."""
     inputs = case.op.inputs(case.shape, case.dtype, settings.device, training=case.mode != "fwd")
     expected = compute_results(case.op, case.op.reference, inputs.to(torch.float64), case.mode)
     bounds = error_bounds(compute_results(case.op, case.op.reference, inputs.to(), case.mode), expected, case.dtype)

@@ -9,7 +9,7 @@ dozen elementwise ops.
 
 (``x`` in place of ``x − μ_g`` for the RMS), with ``a(x) = x·σ(vx)`` (S0), SiLU or the identity.
 
-**B** (``y = x / m · γ + β`` with ``m = max(l, r)``, ``l = sqrt(σ²_c + eps)``, ``r`` the per-(sample, channel) side):
+**B** (``y = x / m · γ + β``, ``m = max(l, r)``, ``l = sqrt(σ²_c + eps)``, ``r`` the per-(sample, channel) side):
 with ``gm = −dy·γ·x/m²`` split as torch.maximum splits it (all to the larger side, half each at a tie) into
 ``gl + gr``, ``dx = dy·γ/m + ∂r/∂x·gr + ∂l/∂x·gl``; ``l`` has a gradient only in training, through the batch
 variance, ``Σ_c gl / l_c · (x − μ_c) / (N·H·W)``.
