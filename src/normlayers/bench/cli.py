@@ -204,8 +204,8 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, device: tor
         if reason is not None:
             parser.error(f"--dtype: {reason}")
     modes = _checked(parser, "--mode", _names(args.mode) or list(suite.modes), MODES, "mode")
-    provider_names = _checked(parser, "--providers", _names(args.providers) or list(PROVIDERS), list(PROVIDERS),
-                              "provider")
+    provider_names = _checked(parser, "--providers", _names(args.providers) or list(suite.providers or PROVIDERS),
+                              list(PROVIDERS), "provider")
     shape_texts = _names(args.shapes)
     # --op without --suite: each op at its own default shapes (the default suite's shapes may not be of its kind).
     shape_suite = suite if args.op is None or args.suite is not None else None

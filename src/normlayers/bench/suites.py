@@ -20,7 +20,8 @@ BUDGETS_MS: Mapping[str, tuple[float, float]] = {"cuda": (25.0, 100.0), "cpu": (
 @dataclass(frozen=True)
 class Suite:
     """``dtypes`` by device type; ``shapes`` by device type, then by shape kind (``"rows"``, ``"nchw"``,
-    ``"conv_weight"``): an op whose kind has no entry runs at its own default shapes."""
+    ``"conv_weight"``): an op whose kind has no entry runs at its own default shapes. ``providers`` narrows the
+    providers (default: all)."""
 
     name: str
     description: str
@@ -28,6 +29,7 @@ class Suite:
     modes: tuple[str, ...]
     dtypes: Mapping[str, tuple[str, ...]]
     shapes: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    providers: tuple[str, ...] = ()  # empty: every provider that can run here
 
 
 _ROW_NORMS = ("layer_norm", "rms_norm", "crms_norm", "add_layer_norm", "add_rms_norm", "add_crms_norm")
@@ -53,6 +55,15 @@ SUITES: dict[str, Suite] = {
         Suite("region", "RegionNorm RN-B and RN-L at inpainting shapes (8x64x256x256, 8x256x64x64)",
               ops=("region_norm", "learnable_region_norm"), modes=("fwd", "fwd_bwd"),
               dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)}),
+        Suite("cpu", "the CPU tier against the best torch eager equivalent at ResNet "
+              "(8x256x14x14, 256x256x3x3), ViT-B (1576x768 = 8 images x 197 tokens) and LLM (512x4096) shapes; "
+              "under 5 minutes on 2 cores",
+              ops=("layer_norm", "rms_norm", "add_rms_norm", "batch_channel_norm", "weight_standardize",
+                   "evo_norm2d_b0", "evo_norm2d_s0"),
+              modes=("fwd", "fwd_bwd"), dtypes={"cpu": ("fp32", "bf16"), "cuda": ("bf16",)},
+              shapes={"cpu": {"rows": ("1576x768", "512x4096"), "nchw": ("8x256x14x14",),
+                              "conv_weight": ("256x256x3x3",)}},
+              providers=("normlayers", "torch")),
         Suite("spd", "SPD batch normalization (GBW) on batches of SPD matrices", ops=("spd_batch_norm",),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("fp32",), "cpu": ("fp32",)}),
         Suite("gpu", "every op once, in bf16 and fp32, at one realistic shape per shape kind (row norms first): the "

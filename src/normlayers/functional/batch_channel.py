@@ -15,7 +15,8 @@ from normlayers._checks import (
     check_same_device,
     check_unit_interval,
 )
-from normlayers.backends import use_triton
+from normlayers.backends import tier
+from normlayers.cpu import batch_channel as _cpu_batch_channel
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import batch_channel as _ops_batch_channel
@@ -118,7 +119,8 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
         num_batches_tracked: incremented in place in training with ``estimate=False``, as ``nn.BatchNorm2d`` does.
         sync_stats, process_group: in training, with ``torch.distributed`` initialized and more than one rank in
             ``process_group`` (default: the world), take the batch stage's statistics over the global batch
-            (:mod:`normlayers.distributed`); every rank must then call this, also with an empty batch.
+            (:mod:`normlayers.distributed`); every rank must then call this, also with an empty batch. On CPU
+            such a call (and one with ``momentum=None``) runs the reference rather than the CPU tier.
             Default: ``False``.
 
     Running updates (training): with ``estimate=False``, ``running ← (1 − m)·running + m·batch`` with the unbiased
@@ -135,7 +137,13 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
         if training and not estimate and num_batches_tracked is not None:
             num_batches_tracked.add_(1)  # nn.BatchNorm2d counts an empty batch too (and updates nothing else)
         return empty_batch_output(input, bn_weight, bn_bias, weight, bias)
-    if use_triton(input):
+    implementation = tier(input)
+    if implementation == "cpu" and _cpu_batch_channel.supports(momentum, sync):
+        return _cpu_batch_channel.batch_channel_norm(
+            input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
+            eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
+            num_batches_tracked=num_batches_tracked)
+    if implementation == "triton":
         return _ops_batch_channel.batch_channel_norm(
             input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
             eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,

@@ -14,7 +14,8 @@ from normlayers._checks import (
     check_positive_int,
     check_unit_interval,
 )
-from normlayers.backends import use_triton
+from normlayers.backends import tier
+from normlayers.cpu import evo_norm as _cpu_evo
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import evo_norm as _ops_evo
@@ -62,9 +63,13 @@ def evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weigh
                              "as torch.nn.BatchNorm2d refuses to")
     if input.numel() == 0 and sync is None:
         return empty_batch_output(input, weight, bias, v)
-    if apply_act and use_triton(input):
-        return _ops_evo.evo_norm_b(variant, input, running_var, weight, bias, v, training, float(momentum),
-                                   float(eps), sync)
+    implementation = tier(input) if apply_act else "reference"  # apply_act=False is one affine: the reference's
+    if implementation == "triton":
+        return _ops_evo.evo_norm_b(variant, input, running_var, weight, bias, v, training, float(momentum), float(eps),
+                                  sync)
+    if implementation == "cpu" and sync is None:  # synced statistics: the reference gathers them
+        return _cpu_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
+                                   momentum=float(momentum), eps=float(eps))
     return _ref_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
                                momentum=float(momentum), eps=float(eps), apply_act=apply_act, sync=sync)
 
@@ -81,8 +86,12 @@ def evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor
         raise TypeError(f"activation must be a callable (Tensor -> Tensor) or None, got {type(activation).__name__}")
     if input.numel() == 0:
         return empty_batch_output(input, weight, bias, v)
-    if (apply_act or always_normalize) and use_triton(input):
+    implementation = tier(input) if apply_act or always_normalize else "reference"
+    if implementation == "triton":
         return _ops_evo.evo_norm_s(variant, input, int(groups), weight, bias, v, activation, float(eps), apply_act)
+    if implementation == "cpu" and _cpu_evo.supports_s(variant, activation, apply_act):
+        return _cpu_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
+                                   eps=float(eps), apply_act=apply_act)
     return _ref_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
                                eps=float(eps), apply_act=apply_act, always_normalize=always_normalize)
 

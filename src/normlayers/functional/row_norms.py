@@ -9,7 +9,8 @@ from torch import Tensor
 
 from normlayers._checks import ShapeLike, as_shape, check_epsilon, check_float_tensor, check_real, check_same_device
 from normlayers._dtypes import compute_dtype
-from normlayers.backends import use_triton
+from normlayers.backends import tier
+from normlayers.cpu import row_norms as _cpu_row
 from normlayers.ops import row_norms as _ops_row
 from normlayers.reference import row_norms as _ref_row
 
@@ -78,9 +79,12 @@ def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional
     residual_dtype = None
     if residual is not None:
         residual_dtype = compute_dtype(residual.dtype) if residual_in_fp32 else residual.dtype
-    if use_triton(input):
+    implementation = tier(input)
+    if implementation == "triton":
         return _ops_row.row_norm(input, shape, weight, bias, kind, eps, residual=residual,
                                  residual_dtype=residual_dtype, weight_offset=weight_offset)
+    if implementation == "cpu":
+        return _cpu_row.row_norm(kind, input, shape, weight, bias, eps, residual, residual_dtype, weight_offset)
     h = _ref_row.residual_add(input, residual, residual_dtype) if residual is not None else input
     if kind == "layer":
         y = _ref_row.layer_norm(h, shape, weight, bias, eps, out_dtype=input.dtype)

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from normlayers._checks import check_choice, check_epsilon, check_finite, check_float_tensor, check_same_device
+from normlayers.backends import tier
+from normlayers.cpu import weight_std as _cpu_ws
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WS_DEFAULT_VARIANT", "weight_standardize", "scaled_weight_standardize", "ws_conv2d", "scaled_ws_conv2d"]
@@ -61,6 +63,16 @@ def check_conv_input(input: Tensor, weight: Tensor, groups: int) -> None:
                          f"shape {list(input.shape)}")
 
 
+def _standardize(weight: Tensor, *, correction: int, eps_inside: bool, eps: float, gain: Optional[Tensor] = None,
+                 scale: float = 1.0) -> Tensor:
+    """The CPU tier where it applies (there is no Triton kernel: the weight is small next to the conv), else the
+    reference."""
+    if tier(weight, has_kernels=False) == "cpu" and _cpu_ws.supports(weight, eps_inside):
+        return _cpu_ws.weight_standardize(weight, correction=correction, eps=eps, gain=gain, scale=scale)
+    return _ref_ws.weight_standardize(weight, correction=correction, eps_inside=eps_inside, eps=eps, gain=gain,
+                                      scale=scale)
+
+
 def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: str = WS_DEFAULT_VARIANT) -> Tensor:
     r"""Weight Standardization (Qiao et al., arXiv 1903.10520) of a conv weight ``(O, I_g, *kernel)``.
 
@@ -93,7 +105,7 @@ def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: 
     spec = ws_variant(variant)
     check_ws_weight(weight, spec.correction, variant)
     eps = spec.eps if eps is None else check_epsilon("eps", eps)
-    return _ref_ws.weight_standardize(weight, correction=spec.correction, eps_inside=spec.eps_inside, eps=eps)
+    return _standardize(weight, correction=spec.correction, eps_inside=spec.eps_inside, eps=eps)
 
 
 def scaled_weight_standardize(weight: Tensor, gain: Optional[Tensor] = None, gamma: float = 1.0,
@@ -115,8 +127,8 @@ def scaled_weight_standardize(weight: Tensor, gain: Optional[Tensor] = None, gam
     check_ws_weight(weight, 0, "")
     if gain is not None:
         _check_ws_gain(gain, weight)
-    return _ref_ws.weight_standardize(weight, correction=0, eps_inside=True, eps=check_epsilon("eps", eps), gain=gain,
-                                      scale=_ref_ws.fan_in_scale(weight, check_finite("gamma", gamma)))
+    return _standardize(weight, correction=0, eps_inside=True, eps=check_epsilon("eps", eps), gain=gain,
+                        scale=_ref_ws.fan_in_scale(weight, check_finite("gamma", gamma)))
 
 
 def ws_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrPair = 1,
