@@ -7,16 +7,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics and arithmetic run in: fp64 for fp64, fp32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def opmath(t: Tensor) -> Tensor:
-    return t.to(opmath_dtype(t.dtype))
+    return t.to(compute_dtype(t.dtype))
 
 
 def params_like(input: Tensor, *params: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
@@ -24,5 +21,5 @@ def params_like(input: Tensor, *params: Optional[Tensor]) -> tuple[Optional[Tens
     is ``input``'s dtype; beside bf16/fp16 input it is fp32, ATen's "mixed type" path, which also sums the weight and
     bias gradients in fp32 (with bf16 parameters it sums them in bf16, rounding at every row). The casts are exact,
     or for a wider parameter the rounding the reference applies; their gradients are rounded once, on the way back."""
-    dtype = opmath_dtype(input.dtype)
+    dtype = compute_dtype(input.dtype)
     return tuple(None if p is None else p.to(dtype) for p in params)

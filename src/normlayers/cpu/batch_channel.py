@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.cpu._common import opmath_dtype
+from normlayers._dtypes import compute_dtype
 from normlayers.reference import batch_channel as _ref_batch_channel
 
 __all__ = ["batch_channel_norm", "supports"]
@@ -37,7 +37,7 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
                        bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
                        num_batches_tracked: Optional[Tensor]) -> Tensor:
     """As :func:`normlayers.reference.batch_channel.batch_channel_norm`, for a call :func:`supports` accepts."""
-    dtype = opmath_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     xf = x.to(dtype)
     if estimate:
         if training:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.cpu._common import opmath_dtype
+from normlayers._dtypes import compute_dtype
 from normlayers.reference import evo_norm as _ref_evo
 
 __all__ = ["evo_norm_b", "evo_norm_s", "supports_s"]
@@ -82,7 +82,7 @@ class _EvoSFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], groups: int,
                 numerator: str, rms: bool, eps: float) -> Tensor:
-        dtype = opmath_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         xf = x.to(dtype)
         inv, _ = _group_stats(xf, groups, rms, eps)
         scale = _per_channel(inv, x.shape[1])
@@ -101,7 +101,7 @@ class _EvoSFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, v = ctx.saved_tensors
-        dtype = opmath_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         xf, gf = x.to(dtype), grad.to(dtype)
         n, channels = x.shape[:2]
         groups = ctx.groups
@@ -167,7 +167,7 @@ class _EvoBFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], var: Tensor,
                 batch_mean: Optional[Tensor], variant: str, eps: float) -> Tensor:
-        dtype = opmath_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         xf = x.to(dtype)
         left = torch.sqrt(var.to(dtype) + eps).view(1, -1, 1, 1)
         right, _, _ = _instance_side(xf, variant, _channel(v, dtype), eps)
@@ -187,7 +187,7 @@ class _EvoBFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, v, var, batch_mean = ctx.saved_tensors
-        dtype = opmath_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         xf, gf = x.to(dtype), grad.to(dtype)
         v_c = _channel(v, dtype)
         if batch_mean is not None and torch.is_grad_enabled():
@@ -236,7 +236,7 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
     if not training:
         return _EvoBFunction.apply(x, weight, bias, v, running_var, None, variant, eps)
     with torch.no_grad():
-        var, mean = torch.var_mean(x.to(opmath_dtype(x.dtype)), dim=_NHW, correction=0)
+        var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dim=_NHW, correction=0)
     if running_var is not None:
         _ref_evo.update_running_var_(running_var, var, x.numel() // x.shape[1], momentum)
     return _EvoBFunction.apply(x, weight, bias, v, var, mean, variant, eps)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.cpu._common import LOW_PRECISION, opmath, opmath_dtype, params_like
+from normlayers._dtypes import compute_dtype
+from normlayers.cpu._common import LOW_PRECISION, opmath, params_like
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm"]
@@ -57,7 +58,7 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight = ctx.saved_tensors
-        xf, gf = opmath(x), grad.to(opmath_dtype(x.dtype))
+        xf, gf = opmath(x), grad.to(compute_dtype(x.dtype))
         rstd, row_sum = _rms_rstd(xf, ctx.compressed, ctx.eps)  # recomputed: one pass, saves an (M, 1) buffer
         gw = gf if weight is None else gf * (weight.to(gf.dtype) + ctx.weight_offset)
         width = xf.shape[-1] + (1 if ctx.compressed else 0)

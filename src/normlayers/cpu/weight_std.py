@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.cpu._common import opmath_dtype
+from normlayers._dtypes import compute_dtype
 
 __all__ = ["supports", "weight_standardize"]
 
@@ -37,7 +37,7 @@ def weight_standardize(weight: Tensor, *, correction: int, eps: float, gain: Opt
     filters, fan_in = weight.shape[0], weight[0].numel()
     ratio = (fan_in - correction) / fan_in
     per_filter_scale = scale * math.sqrt(ratio)
-    dtype = opmath_dtype(weight.dtype)
+    dtype = compute_dtype(weight.dtype)
     if gain is not None:
         bn_weight = gain.to(dtype).reshape(filters) * per_filter_scale
     elif per_filter_scale != 1.0:
