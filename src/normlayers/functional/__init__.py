@@ -6,6 +6,7 @@ name is importable from ``normlayers.functional``.
 """
 
 from normlayers.functional.batch_channel import batch_channel_norm
+from normlayers.functional.channel_norms import layer_norm2d, rms_norm2d
 from normlayers.functional.evo_norm import (
     evo_norm2d_b0,
     evo_norm2d_b1,
@@ -31,6 +32,8 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "add_crms_norm",
+    "layer_norm2d",
+    "rms_norm2d",
     "batch_channel_norm",
     "weight_standardize",
     "scaled_weight_standardize",
