@@ -28,7 +28,8 @@ def _kernels():
 @torch.library.custom_op("normlayers::channel_norm_fwd", mutates_args=())
 def channel_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], kind: str,
                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(y, mean, rstd)``; ``mean`` and ``rstd`` are ``(N, H·W)``, ``mean`` empty unless ``kind == "layer"``."""
+    """Returns ``(y, mean, rstd)``: ``mean`` and ``rstd`` are ``(N, H·W)``, ``mean`` empty unless
+    ``kind == "layer"``."""
     return _kernels().channel_norm_fwd(x, weight, bias, kind, eps)
 
 
