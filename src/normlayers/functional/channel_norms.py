@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._checks import check_channel_vectors, check_epsilon, check_nchw_input
+from normlayers._dtypes import compute_dtype
 from normlayers.backends import get_backend, use_triton
 from normlayers.functional.row_norms import _autocasts_to_fp32, _to_fp32
 from normlayers.ops import channel_norms as _ops_channel
@@ -23,12 +25,15 @@ def _check_channel_norm_args(input: Tensor, weight: Optional[Tensor], bias: Opti
     return check_epsilon("eps", eps)
 
 
-def _runs_on_aten_layer_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Backend ``"auto"`` on a CPU tensor whose parameters ATen's ``layer_norm`` takes as they are: it computes in
-    fp32 for fp16/bf16 input (fp64 for fp64) and rounds once, which is the reference's math."""
-    if get_backend() != "auto" or input.device.type != "cpu":
-        return False
-    return all(p is None or p.dtype == input.dtype for p in (weight, bias))
+def _aten_layer_norm2d(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """The CPU tier: timm's math, ATen's fused layer norm (forward and backward) on the channels-last view, in the
+    compute dtype. For fp32/fp64 input this is exactly timm's ``LayerNorm2d`` (one copy of an NCHW input, none of a
+    channels-last one). fp16/bf16 input is normalized in fp32, parameters included: ATen's CPU backward accumulates
+    the weight and bias gradients of bf16 parameters in bf16, which loses them over many pixels."""
+    compute = compute_dtype(input.dtype)
+    rows = input.permute(0, 2, 3, 1).to(compute, memory_format=torch.contiguous_format)
+    params = (t.to(compute) if t is not None else None for t in (weight, bias))
+    return F.layer_norm(rows, input.shape[1:2], *params, eps).to(input.dtype).permute(0, 3, 1, 2)
 
 
 def layer_norm2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -47,9 +52,8 @@ def layer_norm2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[
         input, weight, bias = (_to_fp32(t) for t in (input, weight, bias))
     if use_triton(input):
         return _ops_channel.channel_norm(input, weight, bias, "layer", eps)
-    if _runs_on_aten_layer_norm(input, weight, bias):
-        # The CPU tier: timm's own math, ATen's fused layer norm (forward and backward) on the channels-last view.
-        return F.layer_norm(input.permute(0, 2, 3, 1), input.shape[1:2], weight, bias, eps).permute(0, 3, 1, 2)
+    if get_backend() == "auto" and input.device.type == "cpu":
+        return _aten_layer_norm2d(input, weight, bias, eps)
     return _ref_channel.layer_norm2d(input, weight, bias, eps)
 
 
