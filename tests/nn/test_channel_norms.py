@@ -176,6 +176,18 @@ def test_reference_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda *a: ref.rms_norm2d(*a, 1e-6), (x, weight))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_tier_gradcheck_fp64(layout):
+    """The CPU tier's hand-written RMSNorm2d backward (and ATen's layer norm one), by finite differences."""
+    x = nchw_input(2, 3, 2, 3, torch.float64, layout, plane_offset=1.0).requires_grad_()
+    weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    with normlayers.backend("auto"):
+        assert torch.autograd.gradcheck(lambda *a: NF.layer_norm2d(*a, 1e-6), (x, weight, bias))
+        assert torch.autograd.gradcheck(lambda *a: NF.rms_norm2d(*a, 1e-6), (x, weight))
+        assert torch.autograd.gradcheck(lambda a: NF.rms_norm2d(a, None, 1e-6), (x,))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: the same error on every backend, naming the argument
 # ----------------------------------------------------------------------------------------------------------------------
