@@ -33,6 +33,7 @@ from normlayers.kernels.common import (
     next_power_of_2,
     num_warps_for,
     persistent_programs,
+    store_param_partials,
     tl_compute_dtype,
 )
 
@@ -251,20 +252,13 @@ def channel_norm_bwd_kernel(
                                                 stride_xp, stride_dyc, stride_dyp, C, NORM, HAS_WEIGHT, COMPUTE)
                 dx = (g - xhat * c1[None, :] - c2[None, :]) * rstd[None, :]
                 tl.store(dx_base + _offsets(chunk, pix, stride_dxc, stride_dxp), dx, mask=mask)
-                # Wide C: this program's partial row lives in memory; only this program touches it.
-                if HAS_WEIGHT:
-                    dw = tl.load(DW_PARTIAL + partial_row + chunk, mask=chan_mask, other=0.0)
-                    tl.store(DW_PARTIAL + partial_row + chunk, dw + tl.sum(dy * xhat, axis=1), mask=chan_mask)
-                if HAS_BIAS:
-                    db = tl.load(DB_PARTIAL + partial_row + chunk, mask=chan_mask, other=0.0)
-                    tl.store(DB_PARTIAL + partial_row + chunk, db + tl.sum(dy, axis=1), mask=chan_mask)
+                # Wide C: this program's partial row lives in memory.
+                store_param_partials(DW_PARTIAL + partial_row, DB_PARTIAL + partial_row, chunk, chan_mask,
+                                     tl.sum(dy * xhat, axis=1), tl.sum(dy, axis=1), HAS_WEIGHT, HAS_BIAS, True)
             tl.debug_barrier()  # the next tile reads these partials back, maybe in other threads
     if SINGLE_BLOCK:
-        chan_mask = chans < C
-        if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + partial_row + chans, tl.sum(dw_acc, axis=1), mask=chan_mask)
-        if HAS_BIAS:
-            tl.store(DB_PARTIAL + partial_row + chans, tl.sum(db_acc, axis=1), mask=chan_mask)
+        store_param_partials(DW_PARTIAL + partial_row, DB_PARTIAL + partial_row, chans, chans < C,
+                             tl.sum(dw_acc, axis=1), tl.sum(db_acc, axis=1), HAS_WEIGHT, HAS_BIAS, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

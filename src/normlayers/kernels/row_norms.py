@@ -33,6 +33,7 @@ from normlayers.kernels.common import (
     next_power_of_2,
     num_warps_for,
     persistent_programs,
+    store_param_partials,
     tl_compute_dtype,
 )
 
@@ -281,20 +282,13 @@ def row_norm_bwd_kernel(
                                                    N, weight_offset, NORM, HAS_WEIGHT, COMPUTE)
                 _store_input_grad(DH, DRES_OUT, xhat, g, rstd, c1, c2, shift, rows, chunk_cols, mask, stride_dres,
                                   N, HAS_DRESIDUAL, COMPUTE)
-                # Wide rows: this program's partial row lives in memory; only this program touches it.
-                if HAS_WEIGHT:
-                    dw = tl.load(DW_PARTIAL + partial_row + chunk_cols, mask=col_mask, other=0.0)
-                    tl.store(DW_PARTIAL + partial_row + chunk_cols, dw + tl.sum(dy * xhat, axis=0), mask=col_mask)
-                if HAS_BIAS:
-                    db = tl.load(DB_PARTIAL + partial_row + chunk_cols, mask=col_mask, other=0.0)
-                    tl.store(DB_PARTIAL + partial_row + chunk_cols, db + tl.sum(dy, axis=0), mask=col_mask)
+                # Wide rows: this program's partial row lives in memory.
+                store_param_partials(DW_PARTIAL + partial_row, DB_PARTIAL + partial_row, chunk_cols, col_mask,
+                                     tl.sum(dy * xhat, axis=0), tl.sum(dy, axis=0), HAS_WEIGHT, HAS_BIAS, True)
                 tl.debug_barrier()  # the next tile reads these partials back, maybe in other threads
     if SINGLE_BLOCK:
-        col_mask = cols < N
-        if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + partial_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
-        if HAS_BIAS:
-            tl.store(DB_PARTIAL + partial_row + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+        store_param_partials(DW_PARTIAL + partial_row, DB_PARTIAL + partial_row, cols, cols < N,
+                             tl.sum(dw_acc, axis=0), tl.sum(db_acc, axis=0), HAS_WEIGHT, HAS_BIAS, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
