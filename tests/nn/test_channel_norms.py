@@ -240,3 +240,15 @@ def test_to_torch_without_timm_says_it_needs_timm():
     for kind in CLASSES:
         with pytest.raises(ImportError, match="needs timm installed"):
             _make(kind).to_torch()
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_cpu_tier_compiles_fullgraph(kind):
+    """Backend ``auto`` on CPU (ATen's layer norm; RMSNorm2d's autograd.Function) traces without graph breaks and
+    gives eager's training step."""
+    torch._dynamo.reset()
+    module = _make(kind, 6)
+    x = nchw_input(2, 6, 3, 5, torch.float32, "channels_last")
+    compiled = torch.compile(copy.deepcopy(module), fullgraph=True, backend="aot_eager")
+    for a, e in zip(_step(compiled, x, "auto"), _step(module, x, "auto")):
+        assert_close(a, e)
