@@ -4,8 +4,8 @@ For each pair: the state_dict loads both ways (strictly), from_module adopts tim
 class back, and several training steps give the same outputs, input gradients and parameter gradients as timm's
 module on every backend, in fp32 and fp64 with the tolerances of :mod:`normlayers.testing` (different reduction
 orders; timm computes fp64 input in fp64, as F.layer_norm does). On backend ``auto`` on CPU, LayerNorm2d runs timm's
-very ops (``F.layer_norm`` on the permuted view) and RMSNorm2d the same reduction in the same order, so fp32 results
-are bit-identical there. timm's rms_norm2d computes fp16/bf16 input in that dtype, so in bf16 the rule of
+very ops (``F.layer_norm`` on the permuted view), so its fp32 results are bit-identical there; RMSNorm2d's forward
+runs timm's ops in timm's order (bit-identical output), its closed-form backward not (gradients within fp32 rounding). timm's rms_norm2d computes fp16/bf16 input in that dtype, so in bf16 the rule of
 :func:`~normlayers.testing.assert_lowprec_close` applies, with timm as the low-precision computation.
 
 Run with a torch that imports timm (CI's timm leg); the tests skip only where timm is absent.
@@ -73,8 +73,8 @@ def test_training_steps_match_timm(kind, backend, layout, dtype, train):
     want, _ = run_training_steps(theirs.train(train), xs, "reference")
     exact = backend == "auto" and dtype == torch.float32
     for step_got, step_want in zip(got, want):
-        for a, e in zip(step_got, step_want):
-            if exact:  # the same ATen ops in the same order (module docstring)
+        for i, (a, e) in enumerate(zip(step_got, step_want)):
+            if exact and (kind == "layer" or i == 0):  # the same ATen ops in the same order (module docstring)
                 assert torch.equal(a, e)
             else:
                 assert_close(a, e)
