@@ -50,6 +50,8 @@ SUITES: dict[str, Suite] = {
         Suite("cnn_norms", "BatchChannelNorm, the EvoNorms and weight standardization at ResNet-50 shapes",
               ops=("batch_channel_norm", *_EVO_NORMS, "weight_standardize"), modes=("fwd", "fwd_bwd"),
               dtypes=_HEADLINE_DTYPES),
+        Suite("channel_norms", "LayerNorm2d and RMSNorm2d at ConvNeXt shapes, against timm's eager math",
+              ops=("layer_norm2d", "rms_norm2d"), modes=("fwd", "bwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES),
         Suite("transformer_norms", "PowerNorm (T=512, B=32, C=1024 and T=2048, B=8, C=4096) and UnifiedNorm, with "
               "padding masks", ops=("power_norm", "unified_norm"), modes=("fwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES),
         Suite("region", "RegionNorm RN-B and RN-L at inpainting shapes (8x64x256x256, 8x256x64x64)",

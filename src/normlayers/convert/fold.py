@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers.nn.batch_channel import BatchChannelNorm2d
+from normlayers.nn.channel_norms import LayerNorm2d
 from normlayers.nn.weight_std import _StandardizedConv2d
 
 __all__ = ["fold_norms", "is_foldable"]
@@ -187,12 +188,18 @@ def _outputs(model: nn.Module, example_inputs: Optional[tuple]) -> Optional[Any]
         return model(*example_inputs)
 
 
+def _is_row_layer_norm(module: nn.Module) -> bool:
+    """An ``nn.LayerNorm`` over the last dim, the dim a consuming ``nn.Linear`` reads; not a channels-first
+    :class:`~normlayers.LayerNorm2d`, whose affine acts on dim 1."""
+    return isinstance(module, nn.LayerNorm) and not isinstance(module, LayerNorm2d)
+
+
 def is_foldable(module: nn.Module) -> bool:
     """Whether :func:`fold_norms` has a rule for ``module``'s kind (it still needs a foldable neighbour in the model):
     standardized convs, BatchNorm, BatchChannelNorm2d, affine LayerNorm, and modules with ``as_affine()``."""
     if isinstance(module, (_StandardizedConv2d, BatchChannelNorm2d, nn.modules.batchnorm._BatchNorm)):
         return True
-    if isinstance(module, nn.LayerNorm):
+    if _is_row_layer_norm(module):
         return module.elementwise_affine
     return callable(getattr(module, "as_affine", None))
 
@@ -245,7 +252,7 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
                 model.set_submodule(name, group)
                 folded.append(name)
             continue
-        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        if _is_row_layer_norm(module) and module.elementwise_affine:
             if consumers and all(isinstance(m, nn.Linear) for m in consumers):
                 gamma = module.weight.detach().double()
                 beta = module.bias.detach().double() if module.bias is not None else torch.zeros_like(gamma)

@@ -7,6 +7,7 @@ named after a function, which they would shadow); every public name is importabl
 """
 
 from normlayers.functional.batch_channel import batch_channel_norm
+from normlayers.functional.channel_norms import layer_norm2d, rms_norm2d
 from normlayers.functional.evo_norm import (
     evo_norm2d_b0,
     evo_norm2d_b1,
@@ -32,6 +33,8 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "add_crms_norm",
+    "layer_norm2d",
+    "rms_norm2d",
     "batch_channel_norm",
     "weight_standardize",
     "scaled_weight_standardize",

@@ -75,6 +75,22 @@ def chan_combine(s_a, m2_a, n_a, s_b, m2_b, n_b):
 
 
 @triton.jit
+def store_param_partials(DW_ROW, DB_ROW, cols, mask, dw, db, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         ACCUMULATE: tl.constexpr):
+    """Write a program's dW/dB sums for ``cols`` into its own row of the partial buffers (``DW_ROW``/``DB_ROW``
+    point at it), or with ``ACCUMULATE`` add them to what it holds; only this program touches that row, and
+    :func:`column_sum` later sums the rows in a fixed order (a deterministic backward, no atomics)."""
+    if HAS_WEIGHT:
+        if ACCUMULATE:
+            dw += tl.load(DW_ROW + cols, mask=mask, other=0.0)
+        tl.store(DW_ROW + cols, dw, mask=mask)
+    if HAS_BIAS:
+        if ACCUMULATE:
+            db += tl.load(DB_ROW + cols, mask=mask, other=0.0)
+        tl.store(DB_ROW + cols, db, mask=mask)
+
+
+@triton.jit
 def column_sum_kernel(PARTIALS, OUT, OUT2, num_rows, N, SPLIT, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Column ``n`` of PARTIALS summed over its rows into ``OUT[n]`` for ``n < SPLIT``, else ``OUT2[n − SPLIT]``;
     accumulated in the partials' dtype in a fixed order (deterministic)."""
