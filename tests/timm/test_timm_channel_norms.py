@@ -5,7 +5,8 @@ class back, and several training steps give the same outputs, input gradients an
 module on every backend, in fp32 and fp64 with the tolerances of :mod:`normlayers.testing` (different reduction
 orders; timm computes fp64 input in fp64, as F.layer_norm does). On backend ``auto`` on CPU, LayerNorm2d runs timm's
 very ops (``F.layer_norm`` on the permuted view), so its fp32 results are bit-identical there; RMSNorm2d's forward
-runs timm's ops in timm's order (bit-identical output), its closed-form backward not (gradients within fp32 rounding). timm's rms_norm2d computes fp16/bf16 input in that dtype, so in bf16 the rule of
+runs timm's ops in timm's order (bit-identical output), its closed-form backward not (gradients within fp32
+rounding). timm's rms_norm2d computes fp16/bf16 input in that dtype, so in bf16 the rule of
 :func:`~normlayers.testing.assert_lowprec_close` applies, with timm as the low-precision computation.
 
 Run with a torch that imports timm (CI's timm leg); the tests skip only where timm is absent.
