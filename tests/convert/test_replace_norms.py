@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -140,10 +141,28 @@ def test_subclasses_overriding_forward_are_refused_unless_mapped():
     with pytest.warns(UserWarning, match="0 left alone"):
         normlayers.replace_norms(model, strict=False)
     assert type(model[0]) is _ChannelsLastLN and type(model[1]) is normlayers.LayerNorm
-    # mapped explicitly: the user says how
+    # mapped explicitly: the user says how; verified on an NCHW probe, the first probe shape a channels-first norm takes
     kept = model[0]
-    with pytest.warns(UserWarning, match=r"0 \(_ChannelsLastLN\) not verified: a probe of shape \[2, 3, 4\] fails"):
+    with pytest.raises(ValueError, match=r"replacing 0 \(_ChannelsLastLN\) by LayerNorm changes its outputs \(probe "
+                                         r"of shape \[2, 4, 12, 12\]"):
+        normlayers.replace_norms(model, {_ChannelsLastLN: normlayers.LayerNorm})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         normlayers.replace_norms(model, {_ChannelsLastLN: lambda m: nn.Sequential(m)})
+    assert model[0][0] is kept
+
+
+class _VolumeLN(nn.LayerNorm):
+    def forward(self, x):  # takes (N, C, D, H, W) only: no probe shape fits
+        return super().forward(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+def test_a_module_no_probe_fits_is_swapped_unverified_with_a_warning():
+    model = nn.Sequential(_VolumeLN(4))
+    kept = model[0]
+    with pytest.warns(UserWarning, match=r"0 \(_VolumeLN\) not verified: no probe of shape \[2, 3, 4\] or "
+                                         r"\[2, 4, 12, 12\] runs through it"):
+        normlayers.replace_norms(model, {_VolumeLN: lambda m: nn.Sequential(m)})
     assert model[0][0] is kept
 
 
@@ -284,7 +303,9 @@ class _Double(nn.Module):
 def test_functional_swaps_only_when_mapped():
     torch.manual_seed(6)
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-    assert normlayers.plan_replacements(cnn) == []
+    plan = normlayers.plan_replacements(cnn)  # the BatchNorm is reported as left alone, with the reason; the conv not
+    assert [(r.fqn, r.old_type, r.new_type, r.skipped) for r in plan] == [("1", nn.BatchNorm2d, None, True)]
+    assert "norm-like" in plan[0].reason and "no entry" in plan[0].reason
     conv_w, bn_w, mean = cnn[0].weight, cnn[1].weight, cnn[1].running_mean
     mapping = {nn.Conv2d: normlayers.WSConv2d,
                nn.BatchNorm2d: functools.partial(normlayers.BatchChannelNorm2d, num_groups=4)}

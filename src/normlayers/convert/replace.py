@@ -656,7 +656,8 @@ def _restore_one(module: nn.Module) -> Optional[nn.Module]:
         old = record.cls.__new__(record.cls)
         nn.Module.__init__(old)
         vars(old).update(copy.copy(record.attributes))
-        adopt(old, module, {name: name for name, _ in module.named_parameters(recurse=False)})
+        # None entries too (a conv without bias), unless the class keeps them as plain attributes (timm's EvoNorm `v`)
+        adopt(old, module, {name: name for name in module._parameters if name not in record.attributes})
         for name, buffer in module.named_buffers(recurse=False):
             old.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
         for name, child in module.named_children():  # (an EvoNorm's `act`, adopted from the source)
