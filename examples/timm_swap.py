@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     normlayers.replace_norms(vit)  # the default mapping: same math only
     report("vit_tiny_patch16_224, default mapping", original, vit, plan, images, labels, steps, not args.quick, True)
     restored = normlayers.restore_norms(vit)
-    kinds = Counter(f"{type(m).__module__}.{type(m).__name__}" for m in restored.modules() if isinstance(m, nn.LayerNorm))
+    kinds = Counter(f"{type(m).__module__}.{type(m).__name__}" for m in restored.modules()
+                    if isinstance(m, nn.LayerNorm))
     print(f"  restore_norms: {', '.join(f'{n} x {kind}' for kind, n in kinds.items())}")
 
 

@@ -50,7 +50,8 @@ def _evo_and_std_convs() -> nn.Module:
 
 MODELS = {
     "vit_tiny_patch16_224": (lambda: timm.create_model("vit_tiny_patch16_224", **_SMALL_VIT), 32),
-    "vit_rmsnorm": (lambda: timm.create_model("vit_tiny_patch16_224", **_SMALL_VIT, norm_layer=timm_layers.RmsNorm), 32),
+    "vit_rmsnorm": (lambda: timm.create_model("vit_tiny_patch16_224", **_SMALL_VIT, norm_layer=timm_layers.RmsNorm),
+                    32),
     "convnext_atto": (lambda: timm.create_model("convnext_atto", **_SMALL_CONVNEXT), 32),
     "convnext_atto_rms": (lambda: timm.create_model("convnext_atto_rms", **_SMALL_CONVNEXT), 32),
     "test_efficientnet_evos": (lambda: timm.create_model("test_efficientnet_evos"), 32),
@@ -112,8 +113,8 @@ def test_replace_norms_swaps_every_timm_norm_and_keeps_outputs(name: str) -> Non
     plan = normlayers.plan_replacements(model)
     skipped = {r.old_type for r in plan if r.skipped}
     # Skipped: only timm's channels-first norms, and only while normlayers has no class for them.
-    assert skipped == {cls for cls in sources if cls.__name__ == "LayerNorm2d" and not hasattr(normlayers, "LayerNorm2d")
-                       or cls.__name__ == "RmsNorm2d" and not hasattr(normlayers, "RMSNorm2d")}
+    missing = {"LayerNorm2d": not hasattr(normlayers, "LayerNorm2d"), "RmsNorm2d": not hasattr(normlayers, "RMSNorm2d")}
+    assert skipped == {cls for cls in sources if missing.get(cls.__name__, False)}
     assert all(r.reason for r in plan)
     normlayers.replace_norms(model)
     assert _timm_norm_types(model) == skipped
