@@ -10,8 +10,10 @@
 Each model then runs a few SGD steps at batch size 2 on random images (no download) and an eval forward, and the
 script prints what changed: the swaps, the ``state_dict`` keys, the parameter count and the outputs. Needs timm.
 
-    python examples/timm_swap.py            # full models at 64x64, 10 steps each, with step times
-    python examples/timm_swap.py --quick    # smaller models at 32x32, 2 steps, no timings (smoke test)
+    python examples/timm_swap.py            # full models at 64x64, 10 steps each
+    python examples/timm_swap.py --quick    # smaller models at 32x32, 2 steps (smoke test)
+
+It prints no timings: it shows what a swap changes, not speed (docs/benchmarking.md measures the layers).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import time
 from collections import Counter
 
 import torch
@@ -53,11 +54,11 @@ def swap_counts(plan: list[normlayers.convert.Replacement]) -> str:
     return ", ".join(f"{n} x {swap}" for swap, n in counts.items())
 
 
-def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> tuple[list[float], float]:
-    """``steps`` SGD steps at batch size 2; the losses and the seconds per step."""
+def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> list[float]:
+    """``steps`` SGD steps at batch size 2; the losses."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
-    losses, started = [], time.perf_counter()
+    losses = []
     for step in range(steps):
         index = torch.arange(step * BATCH_SIZE, (step + 1) * BATCH_SIZE) % len(labels)
         loss = nn.functional.cross_entropy(model(images[index]), labels[index])
@@ -65,11 +66,11 @@ def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, st
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return losses, (time.perf_counter() - started) / steps
+    return losses
 
 
 def report(name: str, original: nn.Module, model: nn.Module, plan: list, images: torch.Tensor,
-           labels: torch.Tensor, steps: int, show_seconds: bool, same_math: bool) -> None:
+           labels: torch.Tensor, steps: int, same_math: bool) -> None:
     """Print the swaps and what they changed, then train both models the same way and evaluate them."""
     print(f"\n{name}: {swap_counts(plan)}")
     skipped = [line for line in plan if line.skipped]
@@ -86,16 +87,16 @@ def report(name: str, original: nn.Module, model: nn.Module, plan: list, images:
           + ("(the same math: fp32 rounding)" if same_math else "(by design: the recipe changes the function)"))
     for label, module in (("timm", original), ("normlayers", model)):
         torch.manual_seed(0)  # the same dropout and the same batches for both
-        losses, seconds = train_steps(module, images, labels, steps)
+        losses = train_steps(module, images, labels, steps)
         with torch.no_grad():
             logits = module.eval()(images[:4])
         print(f"  {label:10s} loss {losses[0]:.3f} -> {losses[-1]:.3f} over {steps} steps; eval logits finite: "
-              f"{bool(torch.isfinite(logits).all())}" + (f"; {1000 * seconds:.0f} ms/step" if show_seconds else ""))
+              f"{bool(torch.isfinite(logits).all())}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller models, 2 steps, no timings (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="smaller models, 2 steps (smoke test)")
     args = parser.parse_args(argv)
     size, steps = (32, 2) if args.quick else (64, 10)
     if args.quick:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     original = copy.deepcopy(resnet)
     plan = normlayers.plan_replacements(resnet, MICRO_BATCH_MAPPING)
     normlayers.replace_norms(resnet, MICRO_BATCH_MAPPING)
-    report("resnet26, micro-batch recipe", original, resnet, plan, images, labels, steps, not args.quick, False)
+    report("resnet26, micro-batch recipe", original, resnet, plan, images, labels, steps, False)
 
     vit_args = {"depth": 2, "embed_dim": 64, "num_heads": 2} if args.quick else {}
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=CLASSES, img_size=size,
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     original = copy.deepcopy(vit)
     plan = normlayers.plan_replacements(vit)
     normlayers.replace_norms(vit)  # the default mapping: same math only
-    report("vit_tiny_patch16_224, default mapping", original, vit, plan, images, labels, steps, not args.quick, True)
+    report("vit_tiny_patch16_224, default mapping", original, vit, plan, images, labels, steps, True)
     restored = normlayers.restore_norms(vit)
     kinds = Counter(f"{type(m).__module__}.{type(m).__name__}" for m in restored.modules()
                     if isinstance(m, nn.LayerNorm))

@@ -26,4 +26,4 @@ def test_quick_run_swaps_trains_and_restores():
     assert re.search(r"vit_tiny_patch16_224, default mapping: 5 x LayerNorm -> LayerNorm\n", out), out
     assert "restore_norms: 5 x timm.layers.norm.LayerNorm" in out
     assert out.count("eval logits finite: True") == 4
-    assert "ms/step" not in out  # --quick prints no timings
+    assert " ms" not in out and "seconds" not in out  # no timings

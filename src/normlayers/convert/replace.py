@@ -354,11 +354,11 @@ _PROBE_SIZE = 12  # the height and width of a feature-map probe: more than a 3x3
 
 
 def _probe_shapes(module: nn.Module) -> list[tuple[int, ...]]:
-    """Small inputs to try on ``module``, in order: rows of its width (``normalized_shape`` or a 1-D ``weight``),
-    then NCHW feature maps of its channel count (``in_channels``, or that width when it is one number)."""
+    """Small inputs to try on ``module``, in order: rows of its width (``normalized_shape`` or the ``weight``'s
+    shape), then NCHW feature maps of its channel count (``in_channels``, or that width when it is one number)."""
     weight = getattr(module, "weight", None)
     width = getattr(module, "normalized_shape", None)
-    if width is None and isinstance(weight, Tensor) and weight.dim() == 1:
+    if width is None and isinstance(weight, Tensor):
         width = tuple(weight.shape)
     shapes = [] if width is None else [(2, 3, *tuple(width))]
     channels = getattr(module, "in_channels", None)
