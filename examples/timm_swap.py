@@ -7,7 +7,7 @@
 * ``vit_tiny_patch16_224``: the default mapping swaps timm's ``LayerNorm`` for ``normlayers.LayerNorm``, the same
   math (logits within fp32 rounding), and ``restore_norms`` gives timm's classes back.
 
-Each model then runs a few SGD steps at batch size 2 on random images (no download) and an eval forward, and the
+Each model then runs a few SGD steps on one batch of 2 random images (no download) and an eval forward, and the
 script prints what changed: the swaps, the ``state_dict`` keys, the parameter count and the outputs. Needs timm.
 
     python examples/timm_swap.py            # full models at 64x64, 10 steps each
@@ -55,13 +55,13 @@ def swap_counts(plan: list[normlayers.convert.Replacement]) -> str:
 
 
 def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> list[float]:
-    """``steps`` SGD steps at batch size 2; the losses."""
+    """``steps`` SGD steps on one batch of 2 (random images and labels: fitting them shows that training runs);
+    the losses."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     losses = []
-    for step in range(steps):
-        index = torch.arange(step * BATCH_SIZE, (step + 1) * BATCH_SIZE) % len(labels)
-        loss = nn.functional.cross_entropy(model(images[index]), labels[index])
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(images[:BATCH_SIZE]), labels[:BATCH_SIZE])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         print("--quick: smaller models and 2 training steps; a smoke run, its losses say nothing about the norms")
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(steps * BATCH_SIZE + 4, 3, size, size, generator=generator)
+    images = torch.randn(4, 3, size, size, generator=generator)
     labels = torch.randint(0, CLASSES, (len(images),), generator=generator)
 
     torch.manual_seed(0)
