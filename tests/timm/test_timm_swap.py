@@ -4,11 +4,13 @@ parameters and buffers are adopted, and ``restore_norms`` gives timm's classes b
 Models come from ``timm.create_model(name, pretrained=False)``, shrunk (depth, width, image size) to run in seconds.
 Their norm parameters are randomized first: fresh ones are ones and zeros, which would hide a swapped role.
 
-Tolerances: timm's ``RmsNorm``/``RmsNorm2d`` compute what ours compute in the same op order, so those swaps are
-compared bit-for-bit. timm's ``LayerNorm`` (``F.layer_norm``), EvoNorms (statistics rounded before the max/sigmoid/
+Tolerances: timm's ``RmsNorm`` computes what ours computes in the same op order, so that swap is compared
+bit-for-bit. timm's ``LayerNorm`` (``F.layer_norm``), EvoNorms (statistics rounded before the max/sigmoid/
 division) and std convs (``F.batch_norm`` over the weight) reduce in another order than our reference: those models'
-outputs, gradients and buffers must be as close to timm's model run in fp64 as timm's own fp32 run is (the rule of
-:func:`normlayers.testing.assert_lowprec_close`), since per-layer rounding compounds through the model.
+outputs, input gradients and buffers must be as close to timm's model run in fp64 as timm's own fp32 run is (the
+rule of :func:`normlayers.testing.assert_lowprec_close`), since per-layer rounding compounds through the model. The
+same rule applies to ``LayerNorm2d``/``RmsNorm2d`` once normlayers has those classes (until then the ConvNeXt cases
+check that they are reported as skipped).
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ def _timm_norm_types(model: nn.Module) -> set[type]:
 
 
 def _exact(model: nn.Module) -> bool:
-    """Whether every swapped class computes what timm's computes in the same op order (RmsNorm, RmsNorm2d)."""
-    return all(cls.__name__ in ("RmsNorm", "RmsNorm2d") for cls in _timm_norm_types(model))
+    """Whether every swapped class computes what timm's computes in the same op order (RmsNorm: measured)."""
+    return all(cls.__name__ == "RmsNorm" for cls in _timm_norm_types(model))
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
