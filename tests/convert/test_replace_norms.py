@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -140,10 +141,28 @@ def test_subclasses_overriding_forward_are_refused_unless_mapped():
     with pytest.warns(UserWarning, match="0 left alone"):
         normlayers.replace_norms(model, strict=False)
     assert type(model[0]) is _ChannelsLastLN and type(model[1]) is normlayers.LayerNorm
-    # mapped explicitly: the user says how
+    # mapped explicitly: the user says how; verified on an NCHW probe, the first probe shape a channels-first norm takes
     kept = model[0]
-    with pytest.warns(UserWarning, match=r"0 \(_ChannelsLastLN\) not verified: a probe of shape \[2, 3, 4\] fails"):
+    with pytest.raises(ValueError, match=r"replacing 0 \(_ChannelsLastLN\) by LayerNorm changes its outputs \(probe "
+                                         r"of shape \[2, 4, 12, 12\]"):
+        normlayers.replace_norms(model, {_ChannelsLastLN: normlayers.LayerNorm})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         normlayers.replace_norms(model, {_ChannelsLastLN: lambda m: nn.Sequential(m)})
+    assert model[0][0] is kept
+
+
+class _VolumeLN(nn.LayerNorm):
+    def forward(self, x):  # takes (N, C, D, H, W) only: no probe shape fits
+        return super().forward(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+def test_a_module_no_probe_fits_is_swapped_unverified_with_a_warning():
+    model = nn.Sequential(_VolumeLN(4))
+    kept = model[0]
+    with pytest.warns(UserWarning, match=r"0 \(_VolumeLN\) not verified: no probe of shape \[2, 3, 4\] or "
+                                         r"\[2, 4, 12, 12\] runs through it"):
+        normlayers.replace_norms(model, {_VolumeLN: lambda m: nn.Sequential(m)})
     assert model[0][0] is kept
 
 
@@ -284,7 +303,9 @@ class _Double(nn.Module):
 def test_functional_swaps_only_when_mapped():
     torch.manual_seed(6)
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-    assert normlayers.plan_replacements(cnn) == []
+    plan = normlayers.plan_replacements(cnn)  # the BatchNorm is reported as left alone, with the reason; the conv not
+    assert [(r.fqn, r.old_type, r.new_type, r.skipped) for r in plan] == [("1", nn.BatchNorm2d, None, True)]
+    assert "norm-like" in plan[0].reason and "no entry" in plan[0].reason
     conv_w, bn_w, mean = cnn[0].weight, cnn[1].weight, cnn[1].running_mean
     mapping = {nn.Conv2d: normlayers.WSConv2d,
                nn.BatchNorm2d: functools.partial(normlayers.BatchChannelNorm2d, num_groups=4)}
@@ -531,3 +552,63 @@ def test_from_module_and_to_torch_on_the_classes():
         normlayers.LayerNorm.from_module(nn.LayerNorm(4), elementwise_affine=False)
     with pytest.raises(TypeError, match="no conversion from Linear to WSConv2d"):
         normlayers.WSConv2d.from_module(nn.Linear(3, 3))
+
+
+class ToyRmsNorm(nn.Module):
+    """An RMS norm whose class name spells RMS in another case (timm's spelling)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class PlainLayernorm(nn.Module):
+    """A real layer norm matched by the "*LayerNorm" pattern in any case; RMSNorm does not compute it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, self.weight.shape, self.weight, None, self.eps)
+
+
+def test_class_name_patterns_match_in_any_case_and_what_is_left_alone_is_reported():
+    model = nn.Sequential(ToyRmsNorm(8), PlainLayernorm(8), nn.GroupNorm(2, 8), nn.Linear(8, 8))
+    plan = normlayers.plan_replacements(model)
+    assert [(r.fqn, r.new_type, r.skipped) for r in plan] == [
+        ("0", normlayers.RMSNorm, False), ("1", None, True), ("2", None, True)]  # the Linear is not norm-like
+    assert "matches '*RMSNorm'" in plan[0].reason
+    assert "class name matches '*LayerNorm' but replacing it by RMSNorm changes its outputs" in plan[1].reason
+    assert "no entry" in plan[2].reason
+    x = torch.randn(3, 8)
+    expected = model[0](x)
+    normlayers.replace_norms(model)
+    assert type(model[0]) is normlayers.RMSNorm and type(model[1]) is PlainLayernorm
+    with normlayers.backend("reference"):
+        assert torch.equal(model[0](x), expected)
+
+
+def test_evo_norm_converts_from_its_own_class_and_restores_to_timms_or_stays():
+    """timm is optional: without it an EvoNorm has no plain equivalent, and restore_norms keeps it with a warning."""
+    source = normlayers.EvoNorm2dS1(8, groups=2, act_layer=nn.GELU)
+    new = normlayers.EvoNorm2dS1.from_module(source)
+    assert new is not source and new.weight is source.weight and new.act is source.act and new.groups == 2
+    with pytest.raises(TypeError, match="adopts timm's EvoNorm2dS0"):
+        normlayers.EvoNorm2dS0.from_module(source)
+    model = nn.Sequential(new)
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.warns(UserWarning, match=r"0 \(EvoNorm2dS1\); left in place"):
+            normlayers.restore_norms(model)
+        assert model[0] is new
+    else:
+        normlayers.restore_norms(model)
+        assert type(model[0]).__name__ == "EvoNorm2dS1" and type(model[0]).__module__.startswith("timm.")
+        assert model[0].weight is new.weight and model[0].act is new.act

@@ -15,7 +15,14 @@ from normlayers.convert.prenorm import (
     prenorm_to_crmsnorm,
     prenorm_to_rmsnorm,
 )
-from normlayers.convert.replace import DEFAULT_MAPPING, Replacement, plan_replacements, replace_norms, restore_norms
+from normlayers.convert.replace import (
+    DEFAULT_MAPPING,
+    Replacement,
+    plan_replacements,
+    replace_norms,
+    restore_norms,
+    timm_mapping,
+)
 
 __all__ = [
     "DEFAULT_MAPPING",
@@ -30,4 +37,5 @@ __all__ = [
     "prenorm_to_rmsnorm",
     "replace_norms",
     "restore_norms",
+    "timm_mapping",
 ]

@@ -5,7 +5,8 @@ and buffer objects (torchao's ``from_float`` pattern), so device, dtype, ``requi
 references survive and ``state_dict`` keys stay the same; ``training`` is copied; a module reachable under several
 names becomes one new module; only exact source types (or subclasses that keep the parent's ``forward``) are swapped
 (the ``convert_sync_batchnorm`` subclass bug, pytorch#187298, timm#1254); wrapped models are refused (replace →
-DDP/FSDP → compile).
+DDP/FSDP → compile). timm's norm classes are known by type when timm is imported (timm stays optional: it is never
+imported here unless :func:`timm_mapping` is called).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import importlib
 import inspect
 import logging
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,11 +26,12 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from normlayers import nn as normlayers_nn
 from normlayers.backends import backend as normlayers_backend
 from normlayers.nn._adopt import adopt, factory_kwargs_of
 from normlayers.nn.row_norms import LayerNorm, RMSNorm
 
-__all__ = ["DEFAULT_MAPPING", "Replacement", "plan_replacements", "replace_norms", "restore_norms"]
+__all__ = ["DEFAULT_MAPPING", "Replacement", "plan_replacements", "replace_norms", "restore_norms", "timm_mapping"]
 
 logger = logging.getLogger("normlayers")
 
@@ -35,9 +39,10 @@ Target = Union[type, "functools.partial[nn.Module]", Callable[[nn.Module], nn.Mo
 MappingLike = Mapping[Union[type, str], Target]
 
 # Same math only: these swaps change the speed, never the outputs. A string key is an fnmatch pattern on the class
-# name, for Hugging Face's norm classes (about 230), none of which subclasses nn.RMSNorm: "*RMSNorm" takes the RMS norms
-# (and refuses the ones RMSNorm cannot reproduce), "*LayerNorm" the RMS norms named LayerNorm (T5's), leaving the
-# real layer norms alone. Which variant (offset, casting order) is found by probing each class.
+# name, matched whatever the case, for Hugging Face's norm classes (about 230), none of which subclasses nn.RMSNorm:
+# "*RMSNorm" takes the RMS norms (and refuses the ones RMSNorm cannot reproduce), "*LayerNorm" the RMS norms named
+# LayerNorm (T5's), leaving the real layer norms alone. Which variant (offset, casting order) is found by probing each
+# class. When timm is imported, replace_norms(model) adds timm_mapping()'s entries.
 DEFAULT_MAPPING: dict[Union[type, str], Target] = {
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,
@@ -46,11 +51,67 @@ DEFAULT_MAPPING: dict[Union[type, str], Target] = {
 }
 
 
+# timm's classes (timm/layers/norm.py, evo_norm.py, std_conv.py) → the normlayers class computing the same function,
+# with the keywords that select it. timm's RmsNorm computes in the input's dtype: its type key binds RMSNorm's one
+# variant, so it is verified in the model's dtype instead of probed in every dtype. A target normlayers lacks (a class
+# of a later version) is reported as skipped.
+_TIMM_TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "LayerNorm": ("LayerNorm", {}),
+    "LayerNorm2d": ("LayerNorm2d", {}),
+    "RmsNorm": ("RMSNorm", {"weight_offset": 0.0, "cast_mode": "torch"}),
+    "RmsNorm2d": ("RMSNorm2d", {}),
+    "StdConv2d": ("WSConv2d", {}),
+    "ScaledStdConv2d": ("ScaledWSConv2d", {}),
+    **{f"EvoNorm2d{variant}": (f"EvoNorm2d{variant}", {})
+       for variant in ("B0", "B1", "B2", "S0", "S0a", "S1", "S1a", "S2", "S2a")},
+}
+
+
+def _timm_entries(timm_layers: Any) -> tuple[dict[type, Target], dict[type, str]]:
+    """The mapping for the timm classes ``timm_layers`` (the module ``timm.layers``) has, and the timm classes with
+    no normlayers class in this version, with the reason."""
+    mapping: dict[type, Target] = {}
+    missing: dict[type, str] = {}
+    for timm_name, (ours, keywords) in _TIMM_TARGETS.items():
+        source = getattr(timm_layers, timm_name, None)
+        if not isinstance(source, type):
+            continue
+        target = getattr(normlayers_nn, ours, None)
+        if target is None:
+            missing[source] = f"timm's {timm_name}: this version of normlayers has no {ours}"
+        else:
+            mapping[source] = functools.partial(target, **keywords) if keywords else target
+    return mapping, missing
+
+
+def timm_mapping() -> dict[type, Target]:
+    """The entries :func:`replace_norms` adds to :data:`DEFAULT_MAPPING` for timm's norm classes when timm is
+    imported: timm's ``LayerNorm``, ``RmsNorm``, ``LayerNorm2d``, ``RmsNorm2d``, the nine ``EvoNorm2d*``,
+    ``StdConv2d`` and ``ScaledStdConv2d`` → the normlayers class computing the same function (as far as this
+    version has one). Merge it into a mapping of your own to keep timm's swaps beside functional ones::
+
+        >>> mapping = {**DEFAULT_MAPPING, **timm_mapping(), nn.BatchNorm2d: partial(BatchChannelNorm2d, num_groups=8)}
+
+    Imports timm (``ImportError`` if it is not installed)."""
+    return _timm_entries(importlib.import_module("timm.layers"))[0]
+
+
+def _default_mapping() -> tuple[MappingLike, dict[type, str]]:
+    """:data:`DEFAULT_MAPPING`, with timm's entries when timm is imported (a model holding timm modules has imported
+    it; timm is not imported here), and the known timm classes that have no target."""
+    timm_layers = sys.modules.get("timm.layers")
+    if timm_layers is None:
+        return DEFAULT_MAPPING, {}
+    timm_entries, missing = _timm_entries(timm_layers)
+    return {**DEFAULT_MAPPING, **timm_entries}, missing
+
+
 @dataclass(frozen=True)
 class Replacement:
     """One line of :func:`plan_replacements`: the module at ``fqn`` (also reachable as ``aliases``) of type
     ``old_type`` becomes a ``new_type`` (``None`` when the target is a callable, whose result type is known only
-    when it runs), or, with ``skipped``, is left alone; and why."""
+    when it runs), or, with ``skipped``, is left alone (a norm-like module the mapping does not take, or, with
+    ``strict=False``, a refused one); and why."""
 
     fqn: str
     old_type: type
@@ -101,6 +162,24 @@ def _look_alike_problem(module: nn.Module) -> Optional[str]:
     return None
 
 
+# torch's norm classes; with any class whose name contains "norm" (any case) holding parameters or buffers of its own,
+# the modules plan_replacements reports when it leaves them alone
+_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
+
+
+def _is_norm_like(module: nn.Module) -> bool:
+    if isinstance(module, _TORCH_NORMS):
+        return True
+    holds_tensors = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(False))
+    return holds_tensors and "norm" in type(module).__name__.lower()
+
+
+def _name_matches(cls: type, pattern: str) -> bool:
+    """Whether the class name matches the fnmatch ``pattern``, whatever the case (timm's ``RmsNorm``, Hugging
+    Face's ``RMSNorm``)."""
+    return fnmatch.fnmatchcase(cls.__name__.lower(), pattern.lower())
+
+
 def _match(module: nn.Module, mapping: MappingLike) -> tuple[Optional[Target], str, Optional[str]]:
     """The target for ``module``, the reason, and the class-name pattern that matched (``None`` for a type key), or
     ``(None, reason, None)``; raises ``_Refused`` for refusals."""
@@ -117,20 +196,20 @@ def _match(module: nn.Module, mapping: MappingLike) -> tuple[Optional[Target], s
                                f"to leave it alone")
             return target, f"subclass of {key.__name__} with its forward", None
     for key, target in mapping.items():
-        if isinstance(key, str) and fnmatch.fnmatchcase(cls.__name__, key):
+        if isinstance(key, str) and _name_matches(cls, key):
             return target, f"class name matches {key!r}", key
-    return None, "not in the mapping", None
+    return None, "the mapping has no entry for it", None
 
 
 _ProbeCache = dict[tuple, tuple[Optional[dict], str]]
 
 
-def _resolve(module: nn.Module, target: Target, pattern: Optional[str], cache: _ProbeCache) -> Optional[Target]:
+def _resolve(module: nn.Module, target: Target, pattern: Optional[str], cache: _ProbeCache) -> Target:
     """``target`` bound to the constructor variant that reproduces ``module`` bit-for-bit, found by probing the
     module's behaviour; ``target`` itself when there is nothing to choose (a type key, one variant: verification
     checks it). A module matched by a class-name pattern must be a plain norm the target reproduces. If not, a
-    pattern naming the target's kind (``"*RMSNorm"`` for RMSNorm) refuses it; another pattern (``"*LayerNorm"`` for
-    RMSNorm: T5's RMS norm is named LayerNorm) just does not take it (``None``)."""
+    pattern naming the target's kind (``"*RMSNorm"`` for RMSNorm) refuses it (``_Refused``); another pattern
+    (``"*LayerNorm"`` for RMSNorm: T5's RMS norm is named LayerNorm) just does not take it (``_NotTaken``)."""
     cls = _target_class(target)
     variants = _variants(target)
     if cls is None or (pattern is None and len(variants) == 1):
@@ -146,14 +225,18 @@ def _resolve(module: nn.Module, target: Target, pattern: Optional[str], cache: _
             return functools.partial(cls, **kwargs)
         problem = (f"replacing it by {cls.__name__} changes its outputs with every variant tried ({why}; probed "
                    f"bit-for-bit with random parameters in {', '.join(str(d) for d in _PROBE_DTYPES)})")
-    if pattern is not None and not pattern.endswith(cls.__name__):
-        return None
+    if pattern is not None and not pattern.lower().endswith(cls.__name__.lower()):
+        raise _NotTaken(f"its class name matches {pattern!r} but {problem}")
     raise _Refused(f"{type(module).__name__} looks like a norm but {problem}. Map it explicitly, exclude it, or pass "
                    f"strict=False to leave it alone")
 
 
 class _Refused(Exception):
     pass
+
+
+class _NotTaken(Exception):
+    """A module a class-name pattern matched that the pattern's target does not compute: left alone, reported."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,11 +309,12 @@ def _reproduction(module: nn.Module, cls: type, variants: list[dict[str, Any]]) 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _fidelity(cls: type) -> str:
-    """How a module of class ``cls`` built by ``from_module`` compares with its source: ``"exact"`` (bit-for-bit,
-    the default for classes that do not say), ``"rounding"`` (the same math, another reduction order) or
-    ``"changes"`` (another function by design: not verified, not restored to the source class)."""
-    return getattr(cls, "conversion_fidelity", "exact")
+def _fidelity(new: nn.Module) -> str:
+    """How ``new``, built by ``from_module``, compares with its source: ``"exact"`` (bit-for-bit, the default for
+    classes that do not say), ``"rounding"`` (the same math, another reduction order) or ``"changes"`` (another
+    function by design: not verified, not restored to the source class). A class says it as a class attribute; a
+    ``from_module`` may set it on the instance when the source decides (a WS conv from timm's ``StdConv2d``)."""
+    return getattr(new, "conversion_fidelity", "exact")
 
 
 def _build(target: Target, old: nn.Module) -> nn.Module:
@@ -251,8 +335,13 @@ def _build(target: Target, old: nn.Module) -> nn.Module:
     return from_module(old, **kwargs)
 
 
+# What nn.Module.__init__ sets: the restored module gets its own; every other attribute of the source (timm's
+# `_fast_norm` included: its forward reads it) is carried over.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
 def _restore_record(old: nn.Module) -> _RestoreRecord:
-    attributes = {k: v for k, v in vars(old).items() if not k.startswith("_") and k != "training"}
+    attributes = {k: v for k, v in vars(old).items() if k not in _MODULE_INTERNALS}
     return _RestoreRecord(type(old), attributes)
 
 
@@ -261,11 +350,23 @@ def _restore_record(old: nn.Module) -> _RestoreRecord:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _probe_shape(module: nn.Module) -> Optional[tuple[int, ...]]:
-    shape = getattr(module, "normalized_shape", None)
-    if shape is None and isinstance(getattr(module, "weight", None), Tensor):
-        shape = tuple(module.weight.shape)
-    return None if shape is None else (2, 3, *tuple(shape))
+_PROBE_SIZE = 12  # the height and width of a feature-map probe: more than a 3x3 or 7x7 conv's reach
+
+
+def _probe_shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    """Small inputs to try on ``module``, in order: rows of its width (``normalized_shape`` or the ``weight``'s
+    shape), then NCHW feature maps of its channel count (``in_channels``, or that width when it is one number)."""
+    weight = getattr(module, "weight", None)
+    width = getattr(module, "normalized_shape", None)
+    if width is None and isinstance(weight, Tensor):
+        width = tuple(weight.shape)
+    shapes = [] if width is None else [(2, 3, *tuple(width))]
+    channels = getattr(module, "in_channels", None)
+    if channels is None and width is not None and len(tuple(width)) == 1:
+        channels = tuple(width)[0]
+    if isinstance(channels, int):
+        shapes.append((2, channels, _PROBE_SIZE, _PROBE_SIZE))
+    return shapes
 
 
 def _mismatch(actual: Any, expected: Any, fidelity: str) -> Optional[str]:
@@ -282,12 +383,13 @@ def _mismatch(actual: Any, expected: Any, fidelity: str) -> Optional[str]:
 
 def _verify(fqn: str, old: nn.Module, new: nn.Module) -> None:
     """One small forward through CPU copies of ``old`` and ``new`` on the reference backend; raise if the outputs
-    differ: bit-for-bit for an ``"exact"`` class, within rounding for a ``"rounding"`` one. On the reference, because
+    differ: bit-for-bit for an ``"exact"`` swap, within rounding for a ``"rounding"`` one. On the reference, because
     the Triton kernels reduce in another order than the source's eager ops (they agree with the reference to
-    rounding, tested on their own): what is checked here is the math (eps, offset, casting order)."""
-    shape = _probe_shape(old)
+    rounding, tested on their own): what is checked here is the math (eps, offset, casting order). The probe is the
+    first of :func:`_probe_shapes` both modules take (rows for a row norm, NCHW for a channels-first one)."""
+    shapes = _probe_shapes(old)
     factory = factory_kwargs_of(old)
-    if shape is None:
+    if not shapes:
         warnings.warn(f"replace_norms: {fqn} ({type(old).__name__}) not verified: no probe input is known for it",
                       stacklevel=3)
         return
@@ -295,21 +397,31 @@ def _verify(fqn: str, old: nn.Module, new: nn.Module) -> None:
         warnings.warn(f"replace_norms: {fqn} not verified: the model is on the meta device", stacklevel=3)
         return
     dtype = factory.get("dtype", torch.float32)
-    old_copy, new_copy = (module.cpu() for module in copy.deepcopy((old, new)))
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    mismatch, shape = None, None
     with torch.no_grad(), normlayers_backend("reference"):
-        try:
-            expected = old_copy(x)
-        except Exception as error:  # noqa: BLE001 — the probe's guessed shape does not fit this module
-            warnings.warn(f"replace_norms: {fqn} ({type(old).__name__}) not verified: a probe of shape {list(shape)} "
-                          f"fails on it ({type(error).__name__})", stacklevel=3)
-            return
-        try:
-            mismatch = _mismatch(new_copy(x), expected, _fidelity(type(new)))
-        except (RuntimeError, TypeError, ValueError) as error:
-            mismatch = f"{type(error).__name__}: {error}"
+        for candidate in shapes:
+            # fresh copies for each probe: a batch-statistics module updates its buffers when it runs
+            old_copy, new_copy = (module.cpu() for module in copy.deepcopy((old, new)))
+            x = torch.randn(candidate, generator=torch.Generator().manual_seed(0), dtype=dtype)
+            try:
+                expected = old_copy(x)
+            except Exception:  # noqa: BLE001 — this probe shape does not fit the old module
+                continue
+            try:
+                actual = new_copy(x)
+            except (RuntimeError, TypeError, ValueError) as error:
+                if mismatch is None:  # the first error is reported if no later shape fits both
+                    mismatch, shape = f"{type(error).__name__}: {error}", candidate
+                continue
+            mismatch, shape = _mismatch(actual, expected, _fidelity(new)), candidate
+            break
+        else:
+            if mismatch is None:
+                warnings.warn(f"replace_norms: {fqn} ({type(old).__name__}) not verified: no probe of shape "
+                              f"{' or '.join(str(list(c)) for c in shapes)} runs through it", stacklevel=3)
+                return
     if mismatch is not None:
-        how = "bit-for-bit" if _fidelity(type(new)) == "exact" else "to rounding"
+        how = "bit-for-bit" if _fidelity(new) == "exact" else "to rounding"
         raise ValueError(f"replace_norms: replacing {fqn} ({type(old).__name__}) by {type(new).__name__} changes its "
                          f"outputs (probe of shape {list(shape)}, {dtype}, compared {how}): {mismatch}. Fix the "
                          f"mapping, or pass verify=False if the change is intended")
@@ -382,8 +494,9 @@ def _unwrap_compiled(model: nn.Module) -> nn.Module:
 
 def _plan(model: nn.Module, mapping: Optional[MappingLike], filter_fn, include, exclude,
           strict: bool) -> list[tuple[Replacement, nn.Module, Optional[Target]]]:
+    unavailable: dict[type, str] = {}
     if mapping is None:
-        mapping = DEFAULT_MAPPING
+        mapping, unavailable = _default_mapping()
     if not isinstance(mapping, Mapping):
         raise TypeError(f"mapping must be a dict from source type (or class-name pattern) to target, got "
                         f"{type(mapping).__name__}")
@@ -396,6 +509,14 @@ def _plan(model: nn.Module, mapping: Optional[MappingLike], filter_fn, include, 
         display = site.fqn or "<root>"
         if not any(_selected(n, site.module, filter_fn, include_p, exclude_p) for n in names):
             continue
+
+        def skip(reason: str) -> None:
+            plan.append((Replacement(site.fqn, type(site.module), None, reason, tuple(site.aliases), True),
+                         site.module, None))
+
+        if type(site.module) in unavailable:
+            skip(unavailable[type(site.module)])
+            continue
         try:
             target, reason, pattern = _match(site.module, mapping)
             if target is not None:
@@ -406,10 +527,14 @@ def _plan(model: nn.Module, mapping: Optional[MappingLike], filter_fn, include, 
             if strict:
                 raise ValueError(f"replace_norms: {display}: {refusal}") from None
             warnings.warn(f"replace_norms: {display} left alone: {refusal}", stacklevel=3)
-            plan.append((Replacement(site.fqn, type(site.module), None, str(refusal), tuple(site.aliases), True),
-                         site.module, None))
+            skip(str(refusal))
+            continue
+        except _NotTaken as not_taken:
+            skip(str(not_taken))
             continue
         if target is None:
+            if not _is_ours(site.module) and _is_norm_like(site.module):
+                skip(f"a norm-like module: {reason}")
             continue
         new_type = _target_class(target)
         plan.append((Replacement(site.fqn, type(site.module), new_type, reason, tuple(site.aliases)),
@@ -422,8 +547,12 @@ def plan_replacements(model: nn.Module, mapping: Optional[MappingLike] = None, *
                       include: Union[str, Sequence[str], None] = None, exclude: Union[str, Sequence[str], None] = None,
                       strict: bool = True) -> list[Replacement]:
     """What :func:`replace_norms` would change, without changing anything: one :class:`Replacement` per module that
-    would be swapped (``new_type`` is ``None`` for a callable target) or, with ``strict=False``, left alone
-    (``skipped=True``; the reason says why). Same arguments and the same refusals as :func:`replace_norms`."""
+    would be swapped (``new_type`` is ``None`` for a callable target), and one with ``skipped=True`` and the reason
+    for each module left alone that looks like a norm: torch's norm classes, and any class whose name contains
+    ``"norm"`` in any case and that holds parameters or buffers of its own (a ``BatchNorm2d`` under the default
+    mapping, timm's ``RmsNorm2d`` where normlayers has no ``RMSNorm2d``, a ``*LayerNorm`` class that is a real layer
+    norm), and with ``strict=False`` each refused module. Modules that ``filter_fn``, ``include`` or ``exclude``
+    leave out are not listed. Same arguments and the same refusals as :func:`replace_norms`."""
     return [line for line, _, _ in _plan(_unwrap_compiled(model), mapping, filter_fn, include, exclude, strict)]
 
 
@@ -439,15 +568,17 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
             on the next call). Models wrapped by DataParallel, DistributedDataParallel or FSDP are refused: replace
             first, then wrap, then compile.
         mapping (dict, optional): source → target. A source is a class (matched exactly, or a subclass that does not
-            override ``forward``) or an fnmatch pattern on the class name (``"*RMSNorm"``). A target is a class with
-            the conversion protocol (``from_module(module, **kwargs)``; every normlayers class that converts has it,
-            see docs/convert.md), a ``functools.partial`` of one binding keyword arguments, or a callable
-            ``module -> new module``. Default: :data:`DEFAULT_MAPPING`, which swaps only norms of identical math:
-            ``nn.LayerNorm → LayerNorm``, ``nn.RMSNorm → RMSNorm``, and the Hugging Face ``*RMSNorm`` classes and
-            RMS norms named ``*LayerNorm`` (T5's) → ``RMSNorm`` with their eps, and the ``1 + w`` offset and casting
-            order found by probing the class. Swaps that change the function (``nn.BatchNorm2d →
-            BatchChannelNorm2d``, ``nn.Conv2d → WSConv2d``) happen only when the mapping asks; a given mapping
-            replaces the default one.
+            override ``forward``) or an fnmatch pattern on the class name, in any case (``"*RMSNorm"`` also matches
+            ``FooRmsNorm``). A target is a class with the conversion protocol (``from_module(module, **kwargs)``;
+            every normlayers class that converts has it, see docs/convert.md), a ``functools.partial`` of one binding
+            keyword arguments, or a callable ``module -> new module``. Default: :data:`DEFAULT_MAPPING`, which swaps
+            only norms of identical math: ``nn.LayerNorm → LayerNorm``, ``nn.RMSNorm → RMSNorm``, and the Hugging
+            Face ``*RMSNorm`` classes and RMS norms named ``*LayerNorm`` (T5's) → ``RMSNorm`` with their eps, and
+            the ``1 + w`` offset and casting order found by probing the class; when timm is imported, also
+            :func:`timm_mapping`'s entries (timm's ``LayerNorm``, ``RmsNorm``, ``LayerNorm2d``, ``RmsNorm2d``,
+            ``EvoNorm2d*``, ``StdConv2d``, ``ScaledStdConv2d`` → the normlayers class of the same function). Swaps
+            that change the function (``nn.BatchNorm2d → BatchChannelNorm2d``, ``nn.Conv2d → WSConv2d``) happen
+            only when the mapping asks; a given mapping replaces the default one.
         filter_fn (callable, optional): ``(module, fqn) -> bool``; only modules for which it is true are swapped.
         include, exclude (str or list of str, optional): fnmatch patterns on module names; a module is swapped when
             one of its names matches ``include`` (if given) and none matches ``exclude``.
@@ -485,7 +616,7 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
             continue
         new = _build(target, old)
         new.train(old.training)
-        same_math = _fidelity(type(new)) != "changes"
+        same_math = _fidelity(new) != "changes"
         if same_math and _target_class(target) is not None:
             object.__setattr__(new, "_normlayers_restore", _restore_record(old))
         if verify and same_math and type(old) not in verified:
@@ -525,12 +656,20 @@ def _restore_one(module: nn.Module) -> Optional[nn.Module]:
         old = record.cls.__new__(record.cls)
         nn.Module.__init__(old)
         vars(old).update(copy.copy(record.attributes))
-        adopt(old, module, {name: name for name, _ in module.named_parameters(recurse=False)})
+        # None entries too (a conv without bias), unless the class keeps them as plain attributes (timm's EvoNorm `v`)
+        adopt(old, module, {name: name for name in module._parameters if name not in record.attributes})
         for name, buffer in module.named_buffers(recurse=False):
             old.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+        for name, child in module.named_children():  # (an EvoNorm's `act`, adopted from the source)
+            old.add_module(name, child)
         return old.train(module.training)
     to_torch = getattr(module, "to_torch", None)
-    return to_torch() if callable(to_torch) else None
+    if not callable(to_torch):
+        return None
+    try:
+        return to_torch()
+    except ImportError:  # its plain equivalent lives in a package that is not installed (an EvoNorm's: timm)
+        return None
 
 
 def restore_norms(model: nn.Module) -> nn.Module:
@@ -543,8 +682,9 @@ def restore_norms(model: nn.Module) -> nn.Module:
       ``nn.LayerNorm``/``nn.RMSNorm`` (an ``RMSNorm`` with ``weight_offset`` gets a new
       ``weight = weight + weight_offset``; ``cast_mode="llama"`` becomes torch's rounding), ``WSConv2d``/
       ``ScaledWSConv2d`` become ``nn.Conv2d`` with the standardized weight baked in (:meth:`WSConv2d.to_conv2d`);
-    * normlayers modules with no plain torch equivalent (``CRMSNorm``, ``BatchChannelNorm2d``, EvoNorm) stay, with a
-      warning.
+    * EvoNorms become timm's class of the same name when timm is installed;
+    * normlayers modules with no plain torch equivalent (``CRMSNorm``, ``BatchChannelNorm2d``, EvoNorm without timm)
+      stay, with a warning.
     """
     root = _unwrap_compiled(model)
     restored: dict[int, Optional[nn.Module]] = {}

@@ -8,12 +8,12 @@ The new module is built on the ``meta`` device and *adopts* the old module's ten
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["adopt", "adopt_same_names", "factory_kwargs_of", "fill_missing"]
+__all__ = ["adopt", "adopt_same_names", "factory_kwargs_of", "fill_missing", "timm_class_name"]
 
 
 def adopt(new: nn.Module, old: nn.Module, names: Mapping[str, str]) -> None:
@@ -56,3 +56,11 @@ def fill_missing(new: nn.Module, like: nn.Module, values: Mapping[str, float]) -
             owner._parameters[leaf] = nn.Parameter(filled, placeholder.requires_grad)
         else:
             owner._buffers[leaf] = filled
+
+
+def timm_class_name(module: nn.Module) -> Optional[str]:
+    """The class name of ``module`` when its class is one of timm's (defined under ``timm.``), else ``None``.
+
+    timm is optional: a timm module is recognized by where its class is defined, without importing timm."""
+    cls = type(module)
+    return cls.__name__ if cls.__module__.startswith("timm.") else None

@@ -18,14 +18,15 @@ pass, ``kernels/evo_norm.py``), elsewhere on the plain-PyTorch reference; see :m
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from normlayers._dtypes import compute_dtype
 from normlayers._checks import check_epsilon, check_positive_int, check_unit_interval
+from normlayers._dtypes import compute_dtype
 from normlayers.functional.evo_norm import append_doc, evo_norm_b, evo_norm_s
+from normlayers.nn._adopt import adopt
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
            "EvoNorm2dS2", "EvoNorm2dS2a"]
@@ -81,12 +82,75 @@ def _check_channels(input: Tensor, num_features: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Conversion to and from timm's classes of the same names
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _take_over(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` holding ``old``'s very parameters, buffers and ``act`` submodule (S1/S2); refused if they differ."""
+    tensors = [name for name, _ in old.named_parameters(recurse=False)]
+    tensors += [name for name, _ in old.named_buffers(recurse=False)]
+    wanted = [name for name, _ in new.named_parameters(recurse=False)]
+    wanted += [name for name, _ in new.named_buffers(recurse=False)]
+    if sorted(tensors) != sorted(wanted):
+        raise TypeError(f"{type(old).__name__} holds {tensors}, the new {type(new).__name__} would hold {wanted}; "
+                        f"the arguments do not describe it")
+    adopt(new, old, {name: name for name in tensors})
+    if "act" in old._modules:
+        new.act = old.act
+    return new
+
+
+class _TimmConvertible:
+    """``from_module`` and ``to_torch`` for the EvoNorms: timm's class of the same name (``timm/layers/evo_norm.py``)
+    computes the same function with the same parameters and buffers, in another op order."""
+
+    num_features: int
+    training: bool
+    # the constructor arguments after num_features, read from the source (timm's names and meanings are ours)
+    _TIMM_ATTRIBUTES: ClassVar[tuple[str, ...]]
+
+    # normlayers.replace_norms checks a swap with timm's class within rounding, not bit-for-bit: timm rounds its fp32
+    # statistics and runs the max/sigmoid/division in another order.
+    conversion_fidelity: ClassVar[str] = "rounding"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> nn.Module:
+        """An instance holding ``module``'s very ``weight``, ``bias``, ``v``, ``running_var`` and ``act`` objects
+        (built on ``meta``, nothing copied). ``module`` is timm's class of the same name (or ours); its
+        ``apply_act``, ``momentum``, ``groups`` and ``eps`` are read, ``kwargs`` override them."""
+        if type(module).__name__ != cls.__name__ or not isinstance(getattr(module, "weight", None), Tensor):
+            raise TypeError(f"no conversion from {type(module).__name__} to normlayers.{cls.__name__}; it adopts "
+                            f"timm's {cls.__name__}")
+        args = {name: getattr(module, name) for name in cls._TIMM_ATTRIBUTES}
+        with torch.device("meta"):
+            new = cls(module.weight.shape[0], **{**args, **kwargs})
+        return _take_over(new, module)
+
+    def to_torch(self) -> nn.Module:
+        """timm's class of the same name holding this module's parameter, buffer and ``act`` objects: the module
+        without normlayers that computes the same function (to rounding), for :func:`normlayers.restore_norms`.
+        Raises ``ImportError`` when timm is not installed."""
+        try:
+            from timm import layers as timm_layers
+        except ImportError as error:
+            raise ImportError(f"{type(self).__name__}.to_torch builds timm's {type(self).__name__}, and timm is not "
+                              f"installed") from error
+        with torch.device("meta"):
+            plain = getattr(timm_layers, type(self).__name__)(
+                self.num_features, **{name: getattr(self, name) for name in self._TIMM_ATTRIBUTES})
+        return _take_over(plain, self).train(self.training)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # B family
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _EvoNorm2dB(nn.Module):
+class _EvoNorm2dB(_TimmConvertible, nn.Module):
     """The B family; subclasses set ``_variant`` and their ``eps`` default."""
+
+    _TIMM_ATTRIBUTES: ClassVar[tuple[str, ...]] = ("apply_act", "momentum", "eps")
 
     __constants__ = ["num_features", "apply_act", "momentum", "eps"]
     _variant: str
@@ -247,9 +311,11 @@ class EvoNorm2dB2(_EvoNorm2dB):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _EvoNorm2dS(nn.Module):
+class _EvoNorm2dS(_TimmConvertible, nn.Module):
     """The S family; subclasses set ``_variant`` (``"s0"``, ``"s1"``, ``"s2"``), ``_always_normalize`` (the timm
     "a" variants) and their defaults."""
+
+    _TIMM_ATTRIBUTES: ClassVar[tuple[str, ...]] = ("groups", "apply_act", "eps")
 
     __constants__ = ["num_features", "groups", "apply_act", "eps"]
     _variant: str

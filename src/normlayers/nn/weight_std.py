@@ -11,6 +11,7 @@ No Triton kernel yet: the plain-PyTorch reference runs on every device (the weig
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, ClassVar, Optional, Union
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from normlayers import functional as F
 from normlayers._checks import check_epsilon, check_finite
 from normlayers.functional.weight_std import IntOrPair, check_conv_input, check_ws_weight, ws_variant
-from normlayers.nn._adopt import adopt_same_names, fill_missing
+from normlayers.nn._adopt import adopt_same_names, fill_missing, timm_class_name
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WSConv2d", "ScaledWSConv2d"]
@@ -99,21 +100,42 @@ class _StandardizedConv2d(nn.Conv2d):
                 conv.bias = nn.Parameter(self.bias.detach().clone())
         return conv.train(self.training)
 
-    # Standardizing a conv's weight changes its function: normlayers.replace_norms swaps a Conv2d for one only when
-    # its mapping asks, and does not compare outputs.
+    # Standardizing a plain conv's weight changes its function: normlayers.replace_norms swaps a Conv2d for one only
+    # when its mapping asks, and does not compare outputs. A module converted from timm's layer of the same math says
+    # "rounding" on the instance (from_module).
     conversion_fidelity: ClassVar[str] = "changes"
+    # timm's class computing this layer's function (timm/layers/std_conv.py), converted with the same math
+    _timm_source: ClassVar[str]
+
+    @classmethod
+    def _timm_kwargs(cls, module: nn.Module) -> dict[str, Any]:
+        """The keyword-only constructor arguments that reproduce timm's ``module``."""
+        raise NotImplementedError
 
     @classmethod
     def from_module(cls, module: nn.Module, **kwargs: Any) -> "_StandardizedConv2d":
-        """A standardized conv of ``module``'s configuration holding its very ``weight``/``bias`` objects (built on
-        ``meta``, nothing copied); ``module`` is a :class:`torch.nn.Conv2d` and ``kwargs`` are the keyword-only
-        arguments (``eps``, ``gamma``, ...)."""
-        if type(module) is not nn.Conv2d:
-            raise TypeError(f"no conversion from {type(module).__name__} to {cls.__name__}; it adopts an nn.Conv2d")
+        """A standardized conv of ``module``'s configuration holding its very parameter objects (built on ``meta``,
+        nothing copied). ``module`` is
+
+        * a :class:`torch.nn.Conv2d`: the function changes (the weight gets standardized); ``kwargs`` are the
+          keyword-only arguments (``eps``, ``variant``, ``gamma``, ...);
+        * timm's ``StdConv2d`` (for :class:`WSConv2d`) or ``ScaledStdConv2d`` (for :class:`ScaledWSConv2d`): the same
+          function, with timm's padding, ``eps`` and (scaled) ``gamma``/``gain`` read from it; ``kwargs`` override
+          them. timm standardizes through ``F.batch_norm``, another reduction order, so the new module's
+          ``conversion_fidelity`` is ``"rounding"``.
+        """
+        same_math = timm_class_name(module) == cls._timm_source
+        if type(module) is not nn.Conv2d and not same_math:
+            raise TypeError(f"no conversion from {type(module).__name__} to {cls.__name__}; it adopts an nn.Conv2d "
+                            f"or timm's {cls._timm_source}")
+        if same_math:
+            kwargs = {**cls._timm_kwargs(module), **kwargs}
         with torch.device("meta"):
             new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                       module.dilation, module.groups, module.bias is not None, module.padding_mode, **kwargs)
         adopt_same_names(new, module)
+        if same_math:
+            new.conversion_fidelity = "rounding"
         return new
 
     def to_torch(self) -> nn.Conv2d:
@@ -184,6 +206,12 @@ class WSConv2d(_StandardizedConv2d):
         self.variant = variant
         self.eps = resolved_eps
 
+    _timm_source: ClassVar[str] = "StdConv2d"
+
+    @classmethod
+    def _timm_kwargs(cls, module: nn.Module) -> dict[str, Any]:
+        return {"variant": "timm", "eps": module.eps}
+
     def _standardize(self) -> Tensor:
         return F.weight_standardize(self.weight, self.eps, variant=self.variant)
 
@@ -249,10 +277,19 @@ class ScaledWSConv2d(_StandardizedConv2d):
         if getattr(self, "gain", None) is not None:
             nn.init.constant_(self.gain, self.gain_init)
 
+    _timm_source: ClassVar[str] = "ScaledStdConv2d"
+
+    @classmethod
+    def _timm_kwargs(cls, module: nn.Module) -> dict[str, Any]:
+        # timm stores scale = γ/√fan_in, not γ
+        return {"gamma": module.scale * math.sqrt(module.weight[0].numel()), "eps": module.eps,
+                "gain_init": module.gain_init}
+
     @classmethod
     def from_module(cls, module: nn.Module, **kwargs: Any) -> "ScaledWSConv2d":
         new = super().from_module(module, **kwargs)
-        fill_missing(new, module, {"gain": new.gain_init})  # a plain conv has no gain: it starts at gain_init
+        if "gain" not in module._parameters:
+            fill_missing(new, module, {"gain": new.gain_init})  # a plain conv has no gain: it starts at gain_init
         return new
 
     def _standardize_sources(self) -> tuple[Tensor, ...]:
