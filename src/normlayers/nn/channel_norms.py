@@ -80,7 +80,7 @@ class LayerNorm2d(nn.LayerNorm):
         return F.layer_norm2d(input, self.weight, self.bias, self.eps)
 
     # How normlayers.replace_norms checks a module built by from_module against its source: within rounding, because
-    # our reference reduces in another order than F.layer_norm (bit-for-bit only on the CPU tier, which runs timm's ops).
+    # our reference reduces in another order than F.layer_norm (bit-for-bit on the CPU tier, which runs timm's ops).
     conversion_fidelity: ClassVar[str] = "rounding"
 
     @classmethod
