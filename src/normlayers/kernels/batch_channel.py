@@ -180,8 +180,9 @@ def batch_channel_finalize_bwd_kernel(
             dcentred = dshift * group_scale[:, None] + (2.0 / K) * dgroup_var[:, None] * centred
             du_mean = tl.where(mask, dcentred - (tl.sum(dcentred, axis=1) / K)[:, None], 0.0)
             du_var = tl.where(mask, (dgroup_var / K)[:, None], 0.0)
-            da += tl.sum(du_var * 2.0 * a[None, :] * plane_var + du_mean * tl.where(mask, plane_mean - mean[None, :], 0.0)
-                         + dscale * group_scale[:, None], axis=0)
+            plane_centred = tl.where(mask, plane_mean - mean[None, :], 0.0)
+            da += tl.sum(du_var * 2.0 * a[None, :] * plane_var + du_mean * plane_centred + dscale * group_scale[:, None],
+                         axis=0)
             du_mean_sum += tl.sum(du_mean, axis=0)
             tl.store(DPLANE_MEAN + offsets, du_mean * a[None, :] - a[None, :] * group_scale[:, None] * dshift,
                      mask=mask)
@@ -240,8 +241,9 @@ def batch_channel_finalize_fwd(
     grid = 1 if cumulative else num_groups
     batch_channel_finalize_fwd_kernel[(grid,)](
         plane_mean, plane_var, optional_pointer(running_mean, mean), optional_pointer(running_var, var),
-        optional_pointer(num_batches_tracked, mean), optional_pointer(estimate_rate, mean), optional_pointer(bn_weight, mean),
-        optional_pointer(bn_bias, mean), optional_pointer(weight, mean), optional_pointer(bias, mean), scale, shift, mean, var,
+        optional_pointer(num_batches_tracked, mean), optional_pointer(estimate_rate, mean),
+        optional_pointer(bn_weight, mean), optional_pointer(bn_bias, mean), optional_pointer(weight, mean),
+        optional_pointer(bias, mean), scale, shift, mean, var,
         n, channels, num_groups, channels // num_groups, count, 0.0 if momentum is None else momentum,
         estimate_rate_value, eps, bn_eps,
         STATISTICS=statistics, UPDATE_RUNNING=update_running, COUNT_BATCHES=count_batches, CUMULATIVE=cumulative,
@@ -269,7 +271,8 @@ def batch_channel_finalize_bwd(
     if n * channels > 0:
         block_n, block_c = group_tiles(n, channels // num_groups)
         batch_channel_finalize_bwd_kernel[(num_groups,)](
-            dscale.contiguous(), dshift.contiguous(), plane_mean, plane_var, mean, var, optional_pointer(bn_weight, mean),
+            dscale.contiguous(), dshift.contiguous(), plane_mean, plane_var, mean, var,
+            optional_pointer(bn_weight, mean),
             optional_pointer(bn_bias, mean), optional_pointer(weight, mean), dplane_mean, dplane_var, *grads,
             n, channels, num_groups, channels // num_groups, eps, bn_eps,
             BATCH_GRADIENT=batch_gradient, HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None,
