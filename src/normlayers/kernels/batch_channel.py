@@ -34,6 +34,7 @@ from normlayers.kernels.channel_stats import (
     group_batch_moments,
     group_tile,
     group_tiles,
+    load_group_planes,
     load_group_channels,
     optional_pointer,
     parameter_grad,
@@ -120,9 +121,8 @@ def batch_channel_finalize_fwd_kernel(
         if HAS_BN_BIAS:
             bn_bias = load_group_channels(BN_BIAS, g, CPG, 0.0, BLOCK_C, COMPUTE)
         for start in range(0, N, BLOCK_N):
-            offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
-            plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
-            plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
             centred, group_scale = _group_stage(plane_mean, plane_var, mask, mean, a, bn_bias, eps, CPG, COMPUTE)
             if HAS_WEIGHT:
                 group_scale *= tl.load(WEIGHT + g).to(COMPUTE)
@@ -165,9 +165,8 @@ def batch_channel_finalize_bwd_kernel(
         dweight = tl.zeros((BLOCK_N,), dtype=COMPUTE)
         dbias = tl.zeros((BLOCK_N,), dtype=COMPUTE)
         for start in range(0, N, BLOCK_N):
-            offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
-            plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
-            plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
             dscale = tl.load(DSCALE + offsets, mask=mask, other=0.0).to(COMPUTE)
             dshift = tl.load(DSHIFT + offsets, mask=mask, other=0.0).to(COMPUTE)
             centred, s = _group_stage(plane_mean, plane_var, mask, mean, a, bn_bias, eps, CPG, COMPUTE)
@@ -181,8 +180,8 @@ def batch_channel_finalize_bwd_kernel(
             du_mean = tl.where(mask, dcentred - (tl.sum(dcentred, axis=1) / K)[:, None], 0.0)
             du_var = tl.where(mask, (dgroup_var / K)[:, None], 0.0)
             plane_centred = tl.where(mask, plane_mean - mean[None, :], 0.0)
-            da += tl.sum(du_var * 2.0 * a[None, :] * plane_var + du_mean * plane_centred + dscale * group_scale[:, None],
-                         axis=0)
+            da += tl.sum(du_var * 2.0 * a[None, :] * plane_var + du_mean * plane_centred
+                         + dscale * group_scale[:, None], axis=0)
             du_mean_sum += tl.sum(du_mean, axis=0)
             tl.store(DPLANE_MEAN + offsets, du_mean * a[None, :] - a[None, :] * group_scale[:, None] * dshift,
                      mask=mask)

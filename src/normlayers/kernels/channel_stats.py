@@ -136,6 +136,14 @@ def store_group_channels(PTR, g, CPG, value, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A :func:`group_tile` (its offsets and mask) and the planes' means and variances there (zero outside)."""
+    offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
+    plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
+    return offsets, mask, plane_mean, tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
 def group_batch_moments(PLANE_MEAN, PLANE_VAR, N, C, g, CPG, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     """Group ``g``'s channels' batch ``(mean, biased var)`` from their ``N`` planes' moments (equal counts)."""
@@ -146,9 +154,8 @@ def group_batch_moments(PLANE_MEAN, PLANE_VAR, N, C, g, CPG, COMPUTE: tl.constex
     mean = total / tl.cast(N, COMPUTE)
     total = tl.zeros((BLOCK_C,), dtype=COMPUTE)
     for start in range(0, N, BLOCK_N):
-        offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
-        plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
-        plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+        offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                 BLOCK_N, BLOCK_C)
         centred = tl.where(mask, plane_mean - mean[None, :], 0.0)
         total += tl.sum(plane_var + centred * centred, axis=0)
     return mean, total / tl.cast(N, COMPUTE)

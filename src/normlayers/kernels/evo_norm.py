@@ -39,6 +39,7 @@ from normlayers.kernels.channel_stats import (
     group_batch_moments,
     group_tile,
     group_tiles,
+    load_group_planes,
     load_group_channels,
     load_plane_values,
     optional_pointer,
@@ -201,9 +202,8 @@ def evo_norm_s_finalize_fwd_kernel(
         if NUMERATOR == 1:
             slope = load_group_channels(V, g, CPG, 0.0, BLOCK_C, COMPUTE)
         for start in range(0, N, BLOCK_N):
-            offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
-            plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
-            plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
             _, inv_denominator = _group_statistic(plane_mean, plane_var, mask, eps, CPG, STATISTIC, COMPUTE)
             scale = inv_denominator[:, None] * weight[None, :]
             shift = tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE) + bias[None, :]
@@ -235,9 +235,8 @@ def evo_norm_s_finalize_bwd_kernel(
         dbias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         dv = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         for start in range(0, N, BLOCK_N):
-            offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
-            plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
-            plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
             dscale = tl.load(DSCALE + offsets, mask=mask, other=0.0).to(COMPUTE)
             dshift = tl.load(DSHIFT + offsets, mask=mask, other=0.0).to(COMPUTE)
             if NUMERATOR == 0:
@@ -297,9 +296,8 @@ def evo_norm_b_finalize_fwd_kernel(
         if VARIANT == 0:
             v = load_group_channels(V, g, CPG, 0.0, BLOCK_C, COMPUTE)
         for start in range(0, N, BLOCK_N):
-            offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
-            plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
-            plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
             zeros = tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE)
             if VARIANT == 0:
                 slope = zeros + v[None, :]
@@ -335,9 +333,8 @@ def evo_norm_b_finalize_bwd_kernel(
         dv = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         dleft = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         for start in range(0, N, BLOCK_N):
-            offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
-            plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
-            plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
             dslope = tl.load(DSLOPE + offsets, mask=mask, other=0.0).to(COMPUTE)
             doffset = tl.load(DOFFSET + offsets, mask=mask, other=0.0).to(COMPUTE)
             dweight += tl.sum(tl.load(DSCALE + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)

@@ -285,7 +285,8 @@ def evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weigh
     Without synced statistics the statistics are one kernel and the layer three launches each way
     (:class:`_EvoNormB`). With them the batch variance must be synced before it is used, so it comes from ``(N, C)``
     torch ops that autograd differentiates. Every statistic follows exactly from the planes' ``(mean, var)``: the
-    batch variance of a channel is the mean of its planes' variances plus the variance of their means (equal counts); a plane's ``mean(x²)`` is ``var + mean²``.
+    batch variance of a channel is the mean of its planes' variances plus the variance of their means (equal counts);
+    a plane's ``mean(x²)`` is ``var + mean²``.
     Each variant's right-hand side is affine in ``x`` within a plane — B0 ``v·x + std``, B1 ``rms·x + rms``,
     B2 ``−x + rms`` — which is what :func:`~normlayers.ops.evo_norm.plane_max_div_affine` takes. On the synced path
     autograd of the small ops links the fused pass's backward to ``plane_moments``'s. Same semantics as the reference,
