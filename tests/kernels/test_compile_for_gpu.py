@@ -1,5 +1,6 @@
-"""Compile every kernel variant (row norms, per-plane channel statistics, RegionNorm's region moments, EvoNorm's fused
-pass, token statistics) for an H100 (sm_90) with Triton's real compiler, without a GPU.
+"""Compile every kernel variant (row norms, per-plane channel statistics, the composites' finalize kernels,
+RegionNorm's region moments, EvoNorm's fused pass, token statistics) for an H100 (sm_90) with Triton's real
+compiler, without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects (e.g. a loop-carried variable that
 changes dtype). Triton compiles ahead of time for a named target down to a cubin with its bundled ptxas, so CI
@@ -14,6 +15,75 @@ import sys
 from itertools import product
 
 import pytest
+
+
+def compile_finalize_kernels(compile_kernel) -> int:
+    """The composites' finalize kernels (BatchChannelNorm2d, EvoNorm S and B), forward and backward: fp32 statistics
+    with bf16 parameters and buffers, and fp64 throughout; the flag combinations the launchers use."""
+    import triton.language as tl
+
+    from normlayers.kernels import batch_channel, evo_norm
+
+    count = 0
+    sizes = {"N": "i32", "C": "i32", "G": "i32", "CPG": "i32"}
+    for stats, params in (("fp32", "bf16"), ("fp64", "fp64")):
+        tile = {"COMPUTE": tl.float64 if stats == "fp64" else tl.float32, "BLOCK_N": 32, "BLOCK_C": 16}
+        planes = {"PLANE_MEAN": f"*{stats}", "PLANE_VAR": f"*{stats}"}
+        parameters = {name: f"*{params}" for name in ("WEIGHT", "BIAS")}
+        # BCN: (STATISTICS, UPDATE_RUNNING, COUNT_BATCHES, CUMULATIVE, RATE_FROM_TENSOR, parameters present)
+        for statistics, update, count_batches, cumulative, rate_tensor, present in (
+                (batch_channel.BATCH_STATISTICS, True, True, False, False, True),
+                (batch_channel.BATCH_STATISTICS, True, True, True, False, False),
+                (batch_channel.RUNNING_STATISTICS, False, False, False, False, True),
+                (batch_channel.ESTIMATED_STATISTICS, False, False, False, True, True)):
+            has = {f"HAS_{name}": present for name in ("BN_WEIGHT", "BN_BIAS", "WEIGHT", "BIAS")}
+            compile_kernel(batch_channel.batch_channel_finalize_fwd_kernel,
+                           {**planes, "RUNNING_MEAN": f"*{params}", "RUNNING_VAR": f"*{params}",
+                            "NUM_BATCHES": "*i64", "RATE": f"*{params}", "BN_WEIGHT": f"*{params}",
+                            "BN_BIAS": f"*{params}", **parameters, "SCALE": f"*{stats}", "SHIFT": f"*{stats}",
+                            "MEAN": f"*{stats}", "VAR": f"*{stats}"},
+                           {**sizes, "count": "i32", "momentum": "fp32", "estimate_rate": "fp32", "eps": "fp32",
+                            "bn_eps": "fp32"},
+                           {"STATISTICS": statistics, "UPDATE_RUNNING": update, "COUNT_BATCHES": count_batches,
+                            "CUMULATIVE": cumulative, "RATE_FROM_TENSOR": rate_tensor, **has, **tile})
+            compile_kernel(batch_channel.batch_channel_finalize_bwd_kernel,
+                           {"DSCALE": f"*{stats}", "DSHIFT": f"*{stats}", **planes, "MEAN": f"*{stats}",
+                            "VAR": f"*{stats}", "BN_WEIGHT": f"*{params}", "BN_BIAS": f"*{params}",
+                            "WEIGHT": f"*{params}", "DPLANE_MEAN": f"*{stats}", "DPLANE_VAR": f"*{stats}",
+                            "DBN_WEIGHT": f"*{params}", "DBN_BIAS": f"*{params}", "DWEIGHT": f"*{params}",
+                            "DBIAS": f"*{params}"},
+                           {**sizes, "eps": "fp32", "bn_eps": "fp32"},
+                           {"BATCH_GRADIENT": statistics == batch_channel.BATCH_STATISTICS, **has, **tile})
+            count += 2
+        for statistic, numerator in ((evo_norm.GROUP_VARIANCE, evo_norm.NUMERATOR_IDENTITY),
+                                     (evo_norm.GROUP_VARIANCE, evo_norm.NUMERATOR_SWISH),
+                                     (evo_norm.GROUP_MEAN_SQUARE, evo_norm.NUMERATOR_SILU)):
+            flags = {"STATISTIC": statistic, "NUMERATOR": numerator, "HAS_WEIGHT": True, "HAS_BIAS": True, **tile}
+            compile_kernel(evo_norm.evo_norm_s_finalize_fwd_kernel,
+                           {**planes, **parameters, "V": f"*{params}", "SLOPE": f"*{stats}", "SCALE": f"*{stats}",
+                            "SHIFT": f"*{stats}"},
+                           {**sizes, "eps": "fp32"}, flags)
+            compile_kernel(evo_norm.evo_norm_s_finalize_bwd_kernel,
+                           {"DSCALE": f"*{stats}", "DSHIFT": f"*{stats}", "DSLOPE": f"*{stats}", **planes,
+                            "WEIGHT": f"*{params}", "DPLANE_MEAN": f"*{stats}", "DPLANE_VAR": f"*{stats}",
+                            "DWEIGHT": f"*{params}", "DBIAS": f"*{params}", "DV": f"*{params}"},
+                           {**sizes, "eps": "fp32"}, flags)
+            count += 2
+        for variant, training in ((evo_norm.VARIANT_B0, True), (evo_norm.VARIANT_B1, False),
+                                  (evo_norm.VARIANT_B2, True)):
+            has = {"VARIANT": variant, "HAS_WEIGHT": True, "HAS_BIAS": True, **tile}
+            compile_kernel(evo_norm.evo_norm_b_finalize_fwd_kernel,
+                           {**planes, "RUNNING_VAR": f"*{params}", **parameters, "V": f"*{params}",
+                            **{name: f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE", "SHIFT", "VAR")}},
+                           {**sizes, "count": "i32", "momentum": "fp32", "eps": "fp32"},
+                           {"BATCH_STATISTICS": training, "UPDATE_RUNNING": training, **has})
+            compile_kernel(evo_norm.evo_norm_b_finalize_bwd_kernel,
+                           {**{f"D{name}": f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE", "SHIFT")},
+                            **planes, "VAR": f"*{stats}", "DPLANE_MEAN": f"*{stats}", "DPLANE_VAR": f"*{stats}",
+                            "DWEIGHT": f"*{params}", "DBIAS": f"*{params}", "DV": f"*{params}"},
+                           {**sizes, "eps": "fp32"}, {"BATCH_GRADIENT": training, **has})
+            count += 2
+    return count
 
 
 def compile_all_variants() -> int:
@@ -92,11 +162,13 @@ def compile_all_variants() -> int:
         compile_kernel(channel_stats.plane_moments_fwd_kernel,
                        {"X": f"*{data}", "MEAN": f"*{stats}", "VAR": f"*{stats}"},
                        {**planes, "stride_n": "i64", "stride_c": "i64", "stride_hw": "i64"}, tile)
-        for has_dmean, has_dvar in ((True, True), (True, False), (False, True)):
+        for has_dmean, has_dvar, has_partial in ((True, True, False), (True, False, False), (False, True, False),
+                                                 (True, True, True)):
             compile_kernel(channel_stats.plane_moments_bwd_kernel,
                            {"X": f"*{data}", "MEAN": f"*{stats}", "DMEAN": f"*{stats}", "DVAR": f"*{stats}",
-                            "DX": f"*{data}"},
-                           {**planes, **strides("x", "dx")}, {"HAS_DMEAN": has_dmean, "HAS_DVAR": has_dvar, **tile})
+                            "DX_PARTIAL": f"*{data}", "DX": f"*{data}"},
+                           {**planes, **strides("x", "p", "dx")},
+                           {"HAS_DMEAN": has_dmean, "HAS_DVAR": has_dvar, "HAS_DX_PARTIAL": has_partial, **tile})
         for regions in (1, 2):  # 2: RegionNorm's two-region variant, reading a uint8 hole mask
             hole = "*u8" if regions == 2 else f"*{data}"
             compile_kernel(channel_stats.plane_affine_fwd_kernel,
@@ -115,7 +187,7 @@ def compile_all_variants() -> int:
                        {"X": f"*{data}", "HOLE": "*u8", "CENTER": f"*{stats}", "DFIRST": f"*{stats}",
                         "DSECOND": f"*{stats}", "DX": f"*{data}", "DCENTER": f"*{stats}"},
                        {**planes, **strides("x", "h", "dx")}, tile)
-        count += 10
+        count += 11
         coefficients = {name: f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE")}
         for mode in (evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV):
             compile_kernel(evo_norm.evo_plane_fwd_kernel,
@@ -126,6 +198,7 @@ def compile_all_variants() -> int:
                             **{f"D{name}": f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE", "SHIFT")}},
                            {**planes, **strides("dy", "x", "dx")}, {"MODE": mode, **tile})
             count += 2
+    count += compile_finalize_kernels(compile_kernel)
     # Token statistics (PowerNorm, UnifiedNorm): every flag combination the launchers use, and the mixed dtypes of
     # PowerNorm's fp32 GroupScaling output u with fp16/bf16 activations (u -> bf16 y; bf16 dy with u -> fp32 du).
     tokens = {"R": "i32", "C": "i32"}
@@ -165,7 +238,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 189 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 232 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":

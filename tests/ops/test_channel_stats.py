@@ -14,6 +14,7 @@ import torch
 
 import normlayers
 from normlayers import functional as F
+from normlayers.ops import batch_channel as ops_bcn
 from normlayers.ops import channel_stats as ops
 from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close, run_training_steps
 
@@ -43,6 +44,66 @@ def test_opcheck(layout, device):
     dy = torch.randn(x.shape, generator=gen).to(device)
     torch.library.opcheck(torch.ops.normlayers.plane_affine_bwd.default,
                           (dy, x.detach(), center.detach(), scale.detach()))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_plane_moments_bwd_with_partial_dx(layout, device):
+    x = _input((2, 3, 4, 5), device, dtype=torch.float32, layout=layout)
+    gen = torch.Generator().manual_seed(5)
+    mean, _ = ops.plane_moments(x)
+    grad = torch.randn(2, 3, generator=gen).to(device)
+    dx_partial = torch.randn(x.shape, generator=gen).to(device)
+    torch.library.opcheck(torch.ops.normlayers.plane_moments_bwd.default, (x, mean, grad, grad, dx_partial))
+    # The partial is added to the moments' gradient, elementwise.
+    assert_close(ops.plane_moments_bwd(x, mean, grad, grad, dx_partial),
+                 ops.plane_moments_bwd(x, mean, grad, grad) + dx_partial)
+
+
+def _finalize_inputs(device, *, n=3, channels=8, groups=2, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(6)
+    plane_mean = torch.randn(n, channels, generator=gen, dtype=dtype).to(device)
+    plane_var = (torch.rand(n, channels, generator=gen, dtype=dtype) + 0.5).to(device)
+    running_mean = torch.randn(channels, generator=gen, dtype=dtype).to(device)
+    running_var = (torch.rand(channels, generator=gen, dtype=dtype) + 0.5).to(device)
+    bn_weight, bn_bias = (torch.randn(channels, generator=gen, dtype=dtype).to(device) for _ in range(2))
+    weight, bias = (torch.randn(1, groups, 1, generator=gen, dtype=dtype).to(device) for _ in range(2))
+    return plane_mean, plane_var, running_mean, running_var, bn_weight, bn_bias, weight, bias
+
+
+@pytest.mark.parametrize("statistics", ["BATCH_STATISTICS", "RUNNING_STATISTICS", "ESTIMATED_STATISTICS"])
+def test_opcheck_batch_channel_finalize(statistics, device):
+    from normlayers.kernels import batch_channel as kernels
+
+    plane_mean, plane_var, running_mean, running_var, bn_weight, bn_bias, weight, bias = _finalize_inputs(device)
+    mode = getattr(kernels, statistics)
+    rate = torch.tensor(0.25, device=device)
+    torch.library.opcheck(torch.ops.normlayers.batch_channel_finalize.default,
+                          (plane_mean, plane_var, running_mean, running_var, torch.tensor(2, device=device), rate,
+                           bn_weight, bn_bias, weight, bias, mode, 0.1, 0.0, 60, 1e-3, 1e-2, 2))
+    scale, shift, mean, var = ops_bcn.batch_channel_finalize(
+        plane_mean, plane_var, None, None, None, None, bn_weight, None, weight, None, kernels.BATCH_STATISTICS, 0.1,
+        0.0, 60, 1e-3, 1e-2, 2)
+    dscale, dshift = torch.randn_like(scale), torch.randn_like(shift)
+    torch.library.opcheck(torch.ops.normlayers.batch_channel_finalize_bwd.default,
+                          (dscale, dshift, plane_mean, plane_var, mean, var, bn_weight, bn_bias, weight, bias,
+                           mode == kernels.BATCH_STATISTICS, 1e-3, 1e-2, 2))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_gradcheck_batch_channel_norm_parameters_absent_fp64(momentum, device):
+    # Every parameter optional: the kernels' "no parameter" branches, with and without the cumulative rate (which
+    # runs the finalize kernel as one program).
+    gen = torch.Generator().manual_seed(7)
+    x = _input((3, 6, 2, 3), device).requires_grad_()
+    running_mean = torch.randn(6, generator=gen, dtype=torch.float64).to(device)
+    running_var = (torch.rand(6, generator=gen, dtype=torch.float64) + 0.5).to(device)
+
+    def fn(x):
+        return F.batch_channel_norm(x, running_mean.clone(), running_var.clone(), training=True, momentum=momentum,
+                                    num_groups=3, num_batches_tracked=torch.tensor(1, device=device))
+
+    with normlayers.backend("triton"):
+        assert torch.autograd.gradcheck(fn, (x,))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -63,6 +63,42 @@ def test_opcheck(layout, device):
     torch.library.opcheck(torch.ops.normlayers.plane_max_div_affine_bwd.default, (dy, *detached[:-1]))
 
 
+@pytest.mark.parametrize("numerator", ["NUMERATOR_IDENTITY", "NUMERATOR_SWISH", "NUMERATOR_SILU"])
+@pytest.mark.parametrize("statistic", ["GROUP_VARIANCE", "GROUP_MEAN_SQUARE"])
+def test_opcheck_s_finalize(statistic, numerator, device):
+    from normlayers.kernels import evo_norm as kernels
+
+    gen = torch.Generator().manual_seed(8)
+    plane_mean = torch.randn(3, 8, generator=gen).to(device)
+    plane_var = (torch.rand(3, 8, generator=gen) + 0.5).to(device)
+    weight, bias, v = (torch.randn(8, generator=gen).to(device) for _ in range(3))
+    options = (2, 1e-3, getattr(kernels, statistic), getattr(kernels, numerator))
+    torch.library.opcheck(torch.ops.normlayers.evo_norm_s_finalize.default,
+                          (plane_mean, plane_var, weight, bias, v, *options))
+    dslope, dscale, dshift = (torch.randn(3, 8, generator=gen).to(device) for _ in range(3))
+    torch.library.opcheck(torch.ops.normlayers.evo_norm_s_finalize_bwd.default,
+                          (dslope, dscale, dshift, plane_mean, plane_var, weight, bias, v, *options))
+
+
+@pytest.mark.parametrize("variant", ["VARIANT_B0", "VARIANT_B1", "VARIANT_B2"])
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_b_finalize(variant, training, device):
+    from normlayers.kernels import evo_norm as kernels
+
+    gen = torch.Generator().manual_seed(9)
+    plane_mean = torch.randn(3, 8, generator=gen).to(device)
+    plane_var = (torch.rand(3, 8, generator=gen) + 0.5).to(device)
+    running_var = (torch.rand(8, generator=gen) + 0.5).to(device)
+    weight, bias, v = (torch.randn(8, generator=gen).to(device) for _ in range(3))
+    mode = getattr(kernels, variant)
+    torch.library.opcheck(torch.ops.normlayers.evo_norm_b_finalize.default,
+                          (plane_mean, plane_var, running_var, weight, bias, v, training, mode, 0.1, 60, 1e-3))
+    var = (torch.rand(8, generator=gen) + 0.5).to(device)
+    grads = [torch.randn(3, 8, generator=gen).to(device) for _ in range(5)]
+    torch.library.opcheck(torch.ops.normlayers.evo_norm_b_finalize_bwd.default,
+                          (*grads, plane_mean, plane_var, var, weight, bias, v, training, mode, 1e-3))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck_ops_fp64(layout, device):
     x = _input((2, 3, 2, 3), device, layout=layout).requires_grad_()
@@ -211,6 +247,20 @@ def test_gradcheck_functional_fp64(name, training, device):
               for _ in range(3 if name in ("B0", "S0", "S0a") else 2)]
     with normlayers.backend("triton"):
         assert torch.autograd.gradcheck(_functional(name, training), (x, *params))
+
+
+@pytest.mark.parametrize("fn", [functools.partial(F.evo_norm2d_s1, activation=None),
+                                functools.partial(F.evo_norm2d_s2a, apply_act=False),
+                                functools.partial(F.evo_norm2d_s1, activation=torch.tanh)],
+                         ids=["S1-no-activation", "S2a-no-act", "S1-tanh"])
+def test_gradcheck_s_numerators_fp64(fn, device):
+    # The identity numerator (its pass centred at the plane mean) and an activation that is not fused.
+    gen = torch.Generator().manual_seed(10)
+    x = _input((2, 4, 2, 3), device).requires_grad_()
+    weight, bias = ((torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+                    for _ in range(2))
+    with normlayers.backend("triton"):
+        assert torch.autograd.gradcheck(lambda x, w, b: fn(x, 2, w, b), (x, weight, bias))
 
 
 @pytest.mark.parametrize("name", ["B0", "B2", "S0", "S1", "S2a"])

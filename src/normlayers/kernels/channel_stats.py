@@ -34,8 +34,10 @@ from normlayers.kernels.common import (
     as_planes,
     centred_row_moments,
     chan_combine,
+    PLANE_TILE_ELEMENTS,
     hole_planes,
     load_plane_values,
+    next_power_of_2,
     num_warps_for,
     plane_block,
     plane_offsets,
@@ -45,10 +47,77 @@ from normlayers.kernels.common import (
 )
 
 
+def optional_pointer(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """A kernel pointer for an optional tensor: the tensor (contiguous), or ``fallback`` (never dereferenced)."""
+    return t.contiguous() if t is not None else fallback
+
+
+def parameter_grad(parameter: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The gradient buffer of a parameter (its shape and dtype, contiguous), or an empty one for a missing one."""
+    if parameter is None:
+        return like.new_empty(0)
+    return torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device)
+
+
+def group_tiles(n: int, channels_per_group: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_C) of a per-group kernel over ``(N, C)`` plane statistics (:func:`group_tile`): a whole
+    group's channels per row, as many samples as fit in ``PLANE_TILE_ELEMENTS``."""
+    block_c = next_power_of_2(channels_per_group)
+    return min(max(PLANE_TILE_ELEMENTS // block_c, 1), next_power_of_2(n)), block_c
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def group_tile(start, N, C, g, CPG, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets into a contiguous ``(N, C)`` tensor of per-plane values (the "finalize" kernels of the composites):
+    samples ``start … start + BLOCK_N − 1`` × group ``g``'s ``CPG`` channels, and which of them exist."""
+    n = start + tl.arange(0, BLOCK_N)
+    j = tl.arange(0, BLOCK_C)
+    mask = (n < N)[:, None] & (j < CPG)[None, :]
+    return n.to(tl.int64)[:, None] * C + (g * CPG + j)[None, :], mask
+
+
+@triton.jit
+def load_group_channels(PTR, g, CPG, other, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
+    """Group ``g``'s ``CPG`` values of a per-channel vector, in ``COMPUTE`` (``other`` in the padding)."""
+    j = tl.arange(0, BLOCK_C)
+    return tl.load(PTR + g * CPG + j, mask=j < CPG, other=other).to(COMPUTE)
+
+
+@triton.jit
+def store_group_channels(PTR, g, CPG, value, BLOCK_C: tl.constexpr):
+    j = tl.arange(0, BLOCK_C)
+    tl.store(PTR + g * CPG + j, value, mask=j < CPG)
+
+
+@triton.jit
+def load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A :func:`group_tile` (its offsets and mask) and the planes' means and variances there (zero outside)."""
+    offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
+    plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
+    return offsets, mask, plane_mean, tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def group_batch_moments(PLANE_MEAN, PLANE_VAR, N, C, g, CPG, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """Group ``g``'s channels' batch ``(mean, biased var)`` from their ``N`` planes' moments (equal counts)."""
+    total = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+    for start in range(0, N, BLOCK_N):
+        offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
+        total += tl.sum(tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0), axis=0)
+    mean = total / tl.cast(N, COMPUTE)
+    total = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+    for start in range(0, N, BLOCK_N):
+        offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                 BLOCK_N, BLOCK_C)
+        centred = tl.where(mask, plane_mean - mean[None, :], 0.0)
+        total += tl.sum(plane_var + centred * centred, axis=0)
+    return mean, total / tl.cast(N, COMPUTE)
 
 
 @triton.jit
@@ -79,17 +148,21 @@ def plane_moments_fwd_kernel(
 
 @triton.jit
 def plane_moments_bwd_kernel(
-    X, MEAN, DMEAN, DVAR, DX, P, C, HW,
-    stride_xn, stride_xc, stride_xhw, stride_dxn, stride_dxc, stride_dxhw,
-    HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr,
+    X, MEAN, DMEAN, DVAR, DX_PARTIAL, DX, P, C, HW,
+    stride_xn, stride_xc, stride_xhw, stride_pn, stride_pc, stride_phw, stride_dxn, stride_dxc, stride_dxhw,
+    HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr, HAS_DX_PARTIAL: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    # Grid: (plane blocks, HW chunks). dx = dmean/HW + dvar·2(x − mean)/HW.
+    # Grid: (plane blocks, HW chunks). dx = dx_partial + dmean/HW + dvar·2(x − mean)/HW: with HAS_DX_PARTIAL the
+    # gradient reaching x by another path (a composite's elementwise pass) is added here, not by a separate launch.
     planes, plane_mask = plane_block(P, BLOCK_P)
     hw = (tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW))
     mask = plane_mask[:, None] & (hw < HW)[None, :]
     count = tl.cast(HW, COMPUTE)
     dx = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
+    if HAS_DX_PARTIAL:
+        dx += load_plane_values(DX_PARTIAL, plane_offsets(planes, C, stride_pn, stride_pc), hw, stride_phw, mask,
+                                COMPUTE)
     if HAS_DMEAN:
         dx += (tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count)[:, None]
     if HAS_DVAR:
@@ -208,19 +281,23 @@ def plane_moments_fwd(x: torch.Tensor, *, max_block_hw: Optional[int] = None) ->
 
 
 def plane_moments_bwd(x: torch.Tensor, mean: torch.Tensor, dmean: Optional[torch.Tensor],
-                      dvar: Optional[torch.Tensor], *, max_block_hw: Optional[int] = None) -> torch.Tensor:
+                      dvar: Optional[torch.Tensor], dx_partial: Optional[torch.Tensor] = None, *,
+                      max_block_hw: Optional[int] = None) -> torch.Tensor:
     """Gradient of :func:`plane_moments_fwd` with respect to ``x`` (``dmean``/``dvar`` ``(N, C)``, either may be
-    ``None``); returned in ``x``'s dtype, shape and memory format."""
+    ``None``), plus ``dx_partial`` (shaped like ``x``) when given; returned in ``x``'s dtype, shape and memory
+    format."""
     dx = torch.empty_like(x)
     x3, dx3 = as_planes(x), as_planes(dx)
+    partial3 = as_planes(dx_partial) if dx_partial is not None else x3
     n, c, hw = x3.shape
     if dx.numel() == 0:
         return dx
     block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
     plane_moments_bwd_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
         x3, mean.contiguous(), dmean.contiguous() if dmean is not None else mean,
-        dvar.contiguous() if dvar is not None else mean, dx3, n * c, c, hw, *plane_strides(x3), *plane_strides(dx3),
-        HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
+        dvar.contiguous() if dvar is not None else mean, partial3, dx3, n * c, c, hw, *plane_strides(x3),
+        *plane_strides(partial3), *plane_strides(dx3),
+        HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None, HAS_DX_PARTIAL=dx_partial is not None,
         COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )

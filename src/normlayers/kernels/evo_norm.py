@@ -1,7 +1,11 @@
-"""Triton kernels for EvoNorm's fused normalize + activation + affine pass over ``(N, C, *spatial)`` tensors.
+"""Triton kernels for EvoNorm: the "finalize" step of each sub-family and the fused normalize + activation + affine
+pass over ``(N, C, *spatial)`` tensors.
 
 EvoNorm's statistics are per-plane moments (``kernels/channel_stats.py``'s ``plane_moments``) combined over the batch
-(B family) or a group of channels (S family) by small ``(N, C)`` torch ops. What is left is one elementwise pass that
+(B family) or a group of channels (S family). One small finalize kernel per sub-family does that combination and
+writes the pass's ``(N, C)`` coefficients (the B one also updates the running variance in place); its backward
+kernel is the hand-derived gradient of that math, from the pass's per-plane coefficient gradients to the plane
+moments' and the parameters'. What is left is one elementwise pass that
 is *not* an affine map of ``x``, so ``plane_affine`` cannot do it; per ``(sample n, channel c)`` plane, with every
 coefficient an ``(N, C)`` tensor, ``y = f(x)·SCALE + SHIFT`` where ``f`` is chosen by the ``MODE`` constexpr:
 
@@ -19,6 +23,7 @@ offsets; outputs keep the input's memory format).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,6 +31,16 @@ import triton
 import triton.language as tl
 
 from normlayers._dtypes import compute_dtype
+from normlayers.kernels.channel_stats import (
+    group_batch_moments,
+    group_tile,
+    group_tiles,
+    load_group_channels,
+    load_group_planes,
+    optional_pointer,
+    parameter_grad,
+    store_group_channels,
+)
 from normlayers.kernels.common import (
     as_planes,
     load_plane_values,
@@ -41,6 +56,23 @@ from normlayers.kernels.common import (
 # so that the kernels compare against the names; the launchers pass .value.
 MODE_SWISH: tl.constexpr = tl.constexpr(0)
 MODE_MAX_DIV: tl.constexpr = tl.constexpr(1)
+
+# The S family's group statistic (the S finalize kernels' STATISTIC constexpr).
+GROUP_VARIANCE = 0  # S0, S1: the biased variance over each sample's group of channels and H, W
+GROUP_MEAN_SQUARE = 1  # S2: the mean of x² over the same values
+
+# The S family's numerator (the S finalize kernels' NUMERATOR constexpr), which decides the coefficients they write.
+NUMERATOR_IDENTITY = 0  # x, for plane_affine centred at the plane mean: shift = bias + plane_mean·scale
+NUMERATOR_SWISH = 1  # x·sigmoid(v·x) (S0), for MODE_SWISH: slope = v
+NUMERATOR_SILU = 2  # x·sigmoid(x) (S1/S2 with SiLU), for MODE_SWISH: slope = 1
+
+# The B family's right-hand side of the max, affine in x within a plane (the B finalize kernels' VARIANT constexpr).
+VARIANT_B0 = 0  # v·x + sqrt(s²_{h,w} + eps)
+VARIANT_B1 = 1  # rms·x + rms, rms = sqrt(mean_{h,w}(x²) + eps)
+VARIANT_B2 = 2  # −x + rms
+
+# Channels per program of the B finalize kernels (at most; a power of two dividing C).
+B_CHANNELS_PER_PROGRAM = 32
 
 # Coefficients each mode reads; the bwd launcher returns the gradients of exactly these, in this order.
 MODE_COEFFICIENTS = {
@@ -143,6 +175,210 @@ def evo_plane_bwd_kernel(
         tl.store(DOFFSET + planes, tl.sum(doffset, axis=1), mask=plane_mask)
 
 
+@triton.jit
+def _group_statistic(plane_mean, plane_var, mask, eps, CPG, STATISTIC: tl.constexpr, COMPUTE: tl.constexpr):
+    """Per row (sample) of a group tile of plane moments: ``(c, rsqrt(statistic + eps))`` where the statistic's
+    derivative with respect to each plane mean is ``2c/CPG`` (``c``: the plane mean minus the group's mean, or the
+    plane mean itself for the mean square) and with respect to each plane variance ``1/CPG``."""
+    count = tl.cast(CPG, COMPUTE)
+    if STATISTIC == 0:
+        centred = tl.where(mask, plane_mean - (tl.sum(plane_mean, axis=1) / count)[:, None], 0.0)
+    else:
+        centred = plane_mean
+    return centred, tl.math.rsqrt(tl.sum(plane_var + centred * centred, axis=1) / count + eps)
+
+
+@triton.jit
+def evo_norm_s_finalize_fwd_kernel(
+    PLANE_MEAN, PLANE_VAR, WEIGHT, BIAS, V, SLOPE, SCALE, SHIFT, N, C, G, CPG, eps,
+    STATISTIC: tl.constexpr, NUMERATOR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # The S family's per-plane coefficients from the planes' moments: scale = weight·rsqrt(group statistic + eps),
+    # shift = bias, and the numerator's (module constants above). One program per group of channels.
+    for g in range(tl.program_id(0), G, tl.num_programs(0)):
+        weight = tl.full((BLOCK_C,), 1.0, COMPUTE)
+        if HAS_WEIGHT:
+            weight = load_group_channels(WEIGHT, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        bias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        if HAS_BIAS:
+            bias = load_group_channels(BIAS, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        slope = tl.full((BLOCK_C,), 1.0, COMPUTE)
+        if NUMERATOR == 1:
+            slope = load_group_channels(V, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        for start in range(0, N, BLOCK_N):
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
+            _, inv_denominator = _group_statistic(plane_mean, plane_var, mask, eps, CPG, STATISTIC, COMPUTE)
+            scale = inv_denominator[:, None] * weight[None, :]
+            shift = tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE) + bias[None, :]
+            if NUMERATOR == 0:
+                shift += plane_mean * scale
+            else:
+                tl.store(SLOPE + offsets, tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE) + slope[None, :], mask=mask)
+            tl.store(SCALE + offsets, scale, mask=mask)
+            tl.store(SHIFT + offsets, shift, mask=mask)
+
+
+@triton.jit
+def evo_norm_s_finalize_bwd_kernel(
+    DSCALE, DSHIFT, DSLOPE, PLANE_MEAN, PLANE_VAR, WEIGHT, DPLANE_MEAN, DPLANE_VAR, DWEIGHT, DBIAS, DV,
+    N, C, G, CPG, eps,
+    STATISTIC: tl.constexpr, NUMERATOR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # From the elementwise pass's per-plane (dscale, dshift[, dslope]): the gradients of the plane moments and of
+    # weight, bias and v. With the identity numerator the pass is centred at the plane mean and shift holds
+    # plane_mean·scale, so the uncentred dscale is dscale + plane_mean·dshift and the plane mean's explicit terms
+    # cancel; its only gradient is through the statistic.
+    K = tl.cast(CPG, COMPUTE)
+    for g in range(tl.program_id(0), G, tl.num_programs(0)):
+        weight = tl.full((BLOCK_C,), 1.0, COMPUTE)
+        if HAS_WEIGHT:
+            weight = load_group_channels(WEIGHT, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        dweight = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        dbias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        dv = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        for start in range(0, N, BLOCK_N):
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
+            dscale = tl.load(DSCALE + offsets, mask=mask, other=0.0).to(COMPUTE)
+            dshift = tl.load(DSHIFT + offsets, mask=mask, other=0.0).to(COMPUTE)
+            if NUMERATOR == 0:
+                dscale += plane_mean * dshift
+            elif NUMERATOR == 1:
+                dv += tl.sum(tl.load(DSLOPE + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)
+            centred, inv_denominator = _group_statistic(plane_mean, plane_var, mask, eps, CPG, STATISTIC, COMPUTE)
+            dweight += tl.sum(dscale * inv_denominator[:, None], axis=0)
+            dbias += tl.sum(dshift, axis=0)
+            dinv = tl.sum(dscale * weight[None, :], axis=1)
+            dstatistic = -0.5 * dinv * inv_denominator * inv_denominator * inv_denominator / K
+            tl.store(DPLANE_MEAN + offsets, 2.0 * dstatistic[:, None] * centred, mask=mask)
+            tl.store(DPLANE_VAR + offsets, tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE) + dstatistic[:, None],
+                     mask=mask)
+        if HAS_WEIGHT:
+            store_group_channels(DWEIGHT, g, CPG, dweight, BLOCK_C)
+        if HAS_BIAS:
+            store_group_channels(DBIAS, g, CPG, dbias, BLOCK_C)
+        if NUMERATOR == 1:
+            store_group_channels(DV, g, CPG, dv, BLOCK_C)
+
+
+@triton.jit
+def _plane_rms(plane_mean, plane_var, eps):
+    """``sqrt(mean_{h,w}(x²) + eps)`` of each plane from its moments."""
+    return tl.sqrt(plane_var + plane_mean * plane_mean + eps)
+
+
+@triton.jit
+def evo_norm_b_finalize_fwd_kernel(
+    PLANE_MEAN, PLANE_VAR, RUNNING_VAR, WEIGHT, BIAS, V, LEFT, SLOPE, OFFSET, SCALE, SHIFT, VAR,
+    N, C, G, CPG, count, momentum, eps,
+    BATCH_STATISTICS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # The B family's (N, C) coefficients of plane_max_div_affine from the planes' moments, and timm's running-variance
+    # update in place. Each program owns CPG channels ("groups" of channels) for every sample.
+    for g in range(tl.program_id(0), G, tl.num_programs(0)):
+        if BATCH_STATISTICS:
+            _, var = group_batch_moments(PLANE_MEAN, PLANE_VAR, N, C, g, CPG, COMPUTE, BLOCK_N, BLOCK_C)
+            if UPDATE_RUNNING:
+                # timm's rule: the running variance receives the unbiased batch variance.
+                unbiased = tl.cast(count, COMPUTE) / (tl.cast(count, COMPUTE) - 1.0)
+                running_var = load_group_channels(RUNNING_VAR, g, CPG, 0.0, BLOCK_C, COMPUTE)
+                store_group_channels(RUNNING_VAR, g, CPG, running_var * (1.0 - momentum) + var * unbiased * momentum,
+                                     BLOCK_C)
+        else:
+            var = load_group_channels(RUNNING_VAR, g, CPG, 1.0, BLOCK_C, COMPUTE)
+        store_group_channels(VAR, g, CPG, var, BLOCK_C)
+        left = tl.sqrt(var + eps)
+        weight = tl.full((BLOCK_C,), 1.0, COMPUTE)
+        if HAS_WEIGHT:
+            weight = load_group_channels(WEIGHT, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        bias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        if HAS_BIAS:
+            bias = load_group_channels(BIAS, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        if VARIANT == 0:
+            v = load_group_channels(V, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        for start in range(0, N, BLOCK_N):
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
+            zeros = tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE)
+            if VARIANT == 0:
+                slope = zeros + v[None, :]
+                offset = tl.sqrt(plane_var + eps)
+            else:
+                offset = _plane_rms(plane_mean, plane_var, eps)
+                if VARIANT == 1:
+                    slope = offset
+                else:
+                    slope = zeros - 1.0
+            tl.store(LEFT + offsets, zeros + left[None, :], mask=mask)
+            tl.store(SLOPE + offsets, slope, mask=mask)
+            tl.store(OFFSET + offsets, offset, mask=mask)
+            tl.store(SCALE + offsets, zeros + weight[None, :], mask=mask)
+            tl.store(SHIFT + offsets, zeros + bias[None, :], mask=mask)
+
+
+@triton.jit
+def evo_norm_b_finalize_bwd_kernel(
+    DLEFT, DSLOPE, DOFFSET, DSCALE, DSHIFT, PLANE_MEAN, PLANE_VAR, VAR, DPLANE_MEAN, DPLANE_VAR, DWEIGHT, DBIAS, DV,
+    N, C, G, CPG, eps,
+    BATCH_GRADIENT: tl.constexpr, VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # From plane_max_div_affine's per-plane coefficient gradients: left = sqrt(var + eps) per channel (var the batch
+    # variance of the planes with BATCH_GRADIENT), the right-hand side's slope and offset from each plane's moments
+    # (B0: offset = sqrt(plane_var + eps); B1, B2: rms = sqrt(plane_var + plane_mean² + eps)), scale = weight,
+    # shift = bias.
+    for g in range(tl.program_id(0), G, tl.num_programs(0)):
+        left = tl.sqrt(load_group_channels(VAR, g, CPG, 1.0, BLOCK_C, COMPUTE) + eps)
+        dweight = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        dbias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        dv = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        dleft = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        for start in range(0, N, BLOCK_N):
+            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
+                                                                     BLOCK_N, BLOCK_C)
+            dslope = tl.load(DSLOPE + offsets, mask=mask, other=0.0).to(COMPUTE)
+            doffset = tl.load(DOFFSET + offsets, mask=mask, other=0.0).to(COMPUTE)
+            dweight += tl.sum(tl.load(DSCALE + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)
+            dbias += tl.sum(tl.load(DSHIFT + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)
+            dleft += tl.sum(tl.load(DLEFT + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)
+            if VARIANT == 0:
+                dv += tl.sum(dslope, axis=0)
+                dplane_var = 0.5 * doffset / tl.sqrt(plane_var + eps)
+                dplane_mean = tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE)
+            else:
+                drms = doffset
+                if VARIANT == 1:
+                    drms += dslope
+                rms = _plane_rms(plane_mean, plane_var, eps)
+                dplane_var = 0.5 * drms / rms
+                dplane_mean = drms * plane_mean / rms
+            tl.store(DPLANE_MEAN + offsets, dplane_mean, mask=mask)
+            tl.store(DPLANE_VAR + offsets, dplane_var, mask=mask)
+        if HAS_WEIGHT:
+            store_group_channels(DWEIGHT, g, CPG, dweight, BLOCK_C)
+        if HAS_BIAS:
+            store_group_channels(DBIAS, g, CPG, dbias, BLOCK_C)
+        if VARIANT == 0:
+            store_group_channels(DV, g, CPG, dv, BLOCK_C)
+        if BATCH_GRADIENT:
+            # var = mean_N(plane_var + (plane_mean − mean)²): a second pass, as it needs dleft summed over all N.
+            mean, _ = group_batch_moments(PLANE_MEAN, PLANE_VAR, N, C, g, CPG, COMPUTE, BLOCK_N, BLOCK_C)
+            dvar = 0.5 * dleft / left / tl.cast(N, COMPUTE)
+            tl.debug_barrier()  # this program's stores above are read back below
+            for start in range(0, N, BLOCK_N):
+                offsets, mask = group_tile(start, N, C, g, CPG, BLOCK_N, BLOCK_C)
+                plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
+                dplane_mean = tl.load(DPLANE_MEAN + offsets, mask=mask, other=0.0)
+                dplane_var = tl.load(DPLANE_VAR + offsets, mask=mask, other=0.0)
+                tl.store(DPLANE_MEAN + offsets, dplane_mean + 2.0 * dvar[None, :] * (plane_mean - mean[None, :]),
+                         mask=mask)
+                tl.store(DPLANE_VAR + offsets, dplane_var + dvar[None, :], mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------------
@@ -190,7 +426,9 @@ def evo_plane_bwd(dy: torch.Tensor, x: torch.Tensor, mode: tl.constexpr, *, max_
     dx = torch.empty_like(x)
     dy3, x3, dx3 = as_planes(dy), as_planes(x), as_planes(dx)
     n, c, hw = x3.shape
-    grads = {name: torch.zeros((n, c), dtype=scale.dtype, device=x.device) for name in MODE_COEFFICIENTS[mode]}
+    # The kernel writes every gradient; only planes without values (HW = 0) need zeros.
+    allocate = torch.zeros if hw == 0 else torch.empty
+    grads = {name: allocate((n, c), dtype=scale.dtype, device=x.device) for name in MODE_COEFFICIENTS[mode]}
     if n * c > 0 and hw > 0:
         unused = grads["scale"]
         block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
@@ -202,3 +440,104 @@ def evo_plane_bwd(dy: torch.Tensor, x: torch.Tensor, mode: tl.constexpr, *, max_
             num_warps=num_warps_for(block_p * block_hw, x.device),
         )
     return (dx, *grads.values())
+
+
+def evo_norm_s_finalize_fwd(plane_mean: torch.Tensor, plane_var: torch.Tensor, weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], v: Optional[torch.Tensor], *, groups: int, eps: float,
+                            statistic: int, numerator: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(slope, scale, shift)``, each ``(N, C)`` in the planes' dtype, of the S family's elementwise pass from the
+    planes' moments (``slope`` is empty for :data:`NUMERATOR_IDENTITY`, whose pass is ``plane_affine`` centred at
+    ``plane_mean``)."""
+    n, channels = plane_mean.shape
+    scale, shift = torch.empty_like(plane_mean), torch.empty_like(plane_mean)
+    slope = plane_mean.new_empty(0) if numerator == NUMERATOR_IDENTITY else torch.empty_like(plane_mean)
+    if n * channels > 0:
+        block_n, block_c = group_tiles(n, channels // groups)
+        evo_norm_s_finalize_fwd_kernel[(groups,)](
+            plane_mean, plane_var, optional_pointer(weight, scale), optional_pointer(bias, scale),
+            optional_pointer(v, scale), slope, scale, shift, n, channels, groups, channels // groups, eps,
+            STATISTIC=statistic, NUMERATOR=numerator, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_N=block_n, BLOCK_C=block_c,
+            num_warps=num_warps_for(block_n * block_c, plane_mean.device),
+        )
+    return slope, scale, shift
+
+
+def evo_norm_s_finalize_bwd(dslope: Optional[torch.Tensor], dscale: torch.Tensor, dshift: torch.Tensor,
+                            plane_mean: torch.Tensor, plane_var: torch.Tensor, weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], v: Optional[torch.Tensor], *, groups: int, eps: float,
+                            statistic: int, numerator: int) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`evo_norm_s_finalize_fwd` followed by its elementwise pass, from that pass's per-plane
+    coefficient gradients: ``(dplane_mean, dplane_var, dweight, dbias, dv)``; a parameter's in its shape and dtype,
+    empty for a missing one (``v`` counts as missing unless the numerator is :data:`NUMERATOR_SWISH`)."""
+    n, channels = plane_mean.shape
+    dplane_mean, dplane_var = torch.empty_like(plane_mean), torch.empty_like(plane_mean)
+    grads = [parameter_grad(p, plane_mean) for p in (weight, bias, v if numerator == NUMERATOR_SWISH else None)]
+    if n * channels > 0:
+        block_n, block_c = group_tiles(n, channels // groups)
+        evo_norm_s_finalize_bwd_kernel[(groups,)](
+            dscale.contiguous(), dshift.contiguous(), optional_pointer(dslope, dscale), plane_mean, plane_var,
+            optional_pointer(weight, plane_mean), dplane_mean, dplane_var, *grads,
+            n, channels, groups, channels // groups, eps,
+            STATISTIC=statistic, NUMERATOR=numerator, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            COMPUTE=tl_compute_dtype(compute_dtype(plane_mean.dtype)), BLOCK_N=block_n, BLOCK_C=block_c,
+            num_warps=num_warps_for(block_n * block_c, plane_mean.device),
+        )
+    return (dplane_mean, dplane_var, *grads)
+
+
+def _b_programs(channels: int) -> tuple[int, int]:
+    """(programs, channels per program) of the B finalize kernels: a power of two dividing ``C``, at most
+    :data:`B_CHANNELS_PER_PROGRAM`."""
+    per_program = math.gcd(channels, B_CHANNELS_PER_PROGRAM)
+    return channels // per_program, per_program
+
+
+def evo_norm_b_finalize_fwd(plane_mean: torch.Tensor, plane_var: torch.Tensor, running_var: Optional[torch.Tensor],
+                            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                            *, training: bool, variant: int, momentum: float, count: int, eps: float
+                            ) -> tuple[torch.Tensor, ...]:
+    """``(left, slope, offset, scale, shift, var)``: the ``(N, C)`` coefficients of ``plane_max_div_affine`` for
+    B variant ``variant`` (:data:`VARIANT_B0` …) and the ``(C,)`` variance the left side used (the batch's in
+    training, ``running_var`` in eval); in training ``running_var`` (if given) is updated in place (timm's rule;
+    ``count`` = ``N·H·W``)."""
+    n, channels = plane_mean.shape
+    coefficients = [torch.empty_like(plane_mean) for _ in range(5)]
+    var = plane_mean.new_empty(channels)
+    if n * channels > 0:
+        programs, per_program = _b_programs(channels)
+        block_n, block_c = group_tiles(n, per_program)
+        evo_norm_b_finalize_fwd_kernel[(programs,)](
+            plane_mean, plane_var, optional_pointer(running_var, var), optional_pointer(weight, var),
+            optional_pointer(bias, var), optional_pointer(v, var), *coefficients, var,
+            n, channels, programs, per_program, count, momentum, eps,
+            BATCH_STATISTICS=training, UPDATE_RUNNING=training and running_var is not None, VARIANT=variant,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_N=block_n, BLOCK_C=block_c,
+            num_warps=num_warps_for(block_n * block_c, plane_mean.device),
+        )
+    return (*coefficients, var)
+
+
+def evo_norm_b_finalize_bwd(dleft: torch.Tensor, dslope: torch.Tensor, doffset: torch.Tensor, dscale: torch.Tensor,
+                            dshift: torch.Tensor, plane_mean: torch.Tensor, plane_var: torch.Tensor,
+                            var: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            v: Optional[torch.Tensor], *, training: bool, variant: int, eps: float
+                            ) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`evo_norm_b_finalize_fwd` from ``plane_max_div_affine``'s coefficient gradients:
+    ``(dplane_mean, dplane_var, dweight, dbias, dv)``; a parameter's in its shape and dtype, empty for a missing one
+    (``v`` counts as missing except for B0). ``training``: ``var`` is the planes' batch variance, with gradient."""
+    n, channels = plane_mean.shape
+    dplane_mean, dplane_var = torch.empty_like(plane_mean), torch.empty_like(plane_mean)
+    grads = [parameter_grad(p, plane_mean) for p in (weight, bias, v if variant == VARIANT_B0 else None)]
+    if n * channels > 0:
+        programs, per_program = _b_programs(channels)
+        block_n, block_c = group_tiles(n, per_program)
+        evo_norm_b_finalize_bwd_kernel[(programs,)](
+            *(t.contiguous() for t in (dleft, dslope, doffset, dscale, dshift)), plane_mean, plane_var, var,
+            dplane_mean, dplane_var, *grads, n, channels, programs, per_program, eps,
+            BATCH_GRADIENT=training, VARIANT=variant, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_N=block_n, BLOCK_C=block_c,
+            num_warps=num_warps_for(block_n * block_c, plane_mean.device),
+        )
+    return (dplane_mean, dplane_var, *grads)

@@ -45,13 +45,15 @@ def _plane_moments_fake(x):
 
 
 @torch.library.custom_op("normlayers::plane_moments_bwd", mutates_args=())
-def plane_moments_bwd(x: Tensor, mean: Tensor, dmean: Optional[Tensor], dvar: Optional[Tensor]) -> Tensor:
-    """``dx = dmean/HW + dvar·2(x − mean)/HW`` (a missing gradient counts as zero), like ``x``."""
-    return _kernels().plane_moments_bwd(x, mean, dmean, dvar)
+def plane_moments_bwd(x: Tensor, mean: Tensor, dmean: Optional[Tensor], dvar: Optional[Tensor],
+                      dx_partial: Optional[Tensor] = None) -> Tensor:
+    """``dx = dx_partial + dmean/HW + dvar·2(x − mean)/HW`` (a missing term counts as zero), like ``x``. Composites
+    pass the gradient their elementwise pass sends to ``x`` as ``dx_partial``, which saves a launch for the sum."""
+    return _kernels().plane_moments_bwd(x, mean, dmean, dvar, dx_partial)
 
 
 @plane_moments_bwd.register_fake
-def _plane_moments_bwd_fake(x, mean, dmean, dvar):
+def _plane_moments_bwd_fake(x, mean, dmean, dvar, dx_partial=None):
     return torch.empty_like(x)
 
 

@@ -9,20 +9,28 @@ Both take ``x`` of shape ``(N, C, *spatial)`` in any memory format and ``(N, C)`
 
 Arithmetic in fp32 (fp64 for fp64 ``x``); ``y`` in ``x``'s dtype and memory format. Each is differentiable
 (``register_autograd``) through its backward op, which returns ``dx`` and every coefficient's gradient (``(N, C)``,
-in the coefficient's dtype), and opaque to ``torch.compile`` (``register_fake``). The statistics feeding the
-coefficients come from ``normlayers::plane_moments`` and small torch ops: :func:`evo_norm_b` and :func:`evo_norm_s`
-below compose them into the layers.
+in the coefficient's dtype), and opaque to ``torch.compile`` (``register_fake``). The coefficients come from
+``normlayers::plane_moments`` and one "finalize" op per sub-family (``evo_norm_b_finalize``, ``evo_norm_s_finalize``,
+with their backward ops): :func:`evo_norm_b` and :func:`evo_norm_s` below compose them into the layers, three launches
+each way.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from normlayers.distributed import MomentSync
-from normlayers.ops.channel_stats import batch_moments_from_planes, plane_affine, plane_moments
+from normlayers.ops.channel_stats import (
+    batch_moments_from_planes,
+    plane_affine,
+    plane_affine_bwd,
+    plane_moments,
+    plane_moments_bwd,
+)
 from normlayers.reference import evo_norm as _ref_evo
 
 __all__ = ["plane_swish_affine", "plane_max_div_affine", "evo_norm_b", "evo_norm_s"]
@@ -127,17 +135,167 @@ def _affine_coefficients(weight: Optional[Tensor], bias: Optional[Tensor], scale
     return scale, shift
 
 
+@torch.library.custom_op("normlayers::evo_norm_s_finalize", mutates_args=())
+def evo_norm_s_finalize(plane_mean: Tensor, plane_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        v: Optional[Tensor], groups: int, eps: float, statistic: int, numerator: int
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(slope, scale, shift)`` of the S family's elementwise pass from the planes' ``(N, C)`` moments:
+    ``scale = weight·rsqrt(group statistic + eps)`` and the numerator's coefficients (``kernels.evo_norm``'s
+    ``GROUP_*`` statistics and ``NUMERATOR_*`` constants; ``slope`` is empty for the identity numerator)."""
+    return _kernels().evo_norm_s_finalize_fwd(plane_mean, plane_var, weight, bias, v, groups=groups, eps=eps,
+                                              statistic=statistic, numerator=numerator)
+
+
+@evo_norm_s_finalize.register_fake
+def _evo_norm_s_finalize_fake(plane_mean, plane_var, weight, bias, v, groups, eps, statistic, numerator):
+    slope = plane_mean.new_empty(0) if numerator == _kernels().NUMERATOR_IDENTITY else torch.empty_like(plane_mean)
+    return slope, torch.empty_like(plane_mean), torch.empty_like(plane_mean)
+
+
+@torch.library.custom_op("normlayers::evo_norm_s_finalize_bwd", mutates_args=())
+def evo_norm_s_finalize_bwd(dslope: Optional[Tensor], dscale: Tensor, dshift: Tensor, plane_mean: Tensor,
+                            plane_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
+                            groups: int, eps: float, statistic: int, numerator: int
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dplane_mean, dplane_var, dweight, dbias, dv)`` of :func:`evo_norm_s_finalize` followed by its elementwise
+    pass, from that pass's per-plane coefficient gradients; a parameter's gradient has its shape and dtype (empty for
+    a missing parameter, and for ``v`` unless the numerator reads it)."""
+    return _kernels().evo_norm_s_finalize_bwd(dslope, dscale, dshift, plane_mean, plane_var, weight, bias, v,
+                                              groups=groups, eps=eps, statistic=statistic, numerator=numerator)
+
+
+@evo_norm_s_finalize_bwd.register_fake
+def _evo_norm_s_finalize_bwd_fake(dslope, dscale, dshift, plane_mean, plane_var, weight, bias, v, groups, eps,
+                                  statistic, numerator):
+    reads_v = numerator == _kernels().NUMERATOR_SWISH
+    grads = [p.new_empty(p.shape) if p is not None else plane_mean.new_empty(0)
+             for p in (weight, bias, v if reads_v else None)]
+    return (torch.empty_like(plane_mean), torch.empty_like(plane_mean), *grads)
+
+
+class _EvoNormS(torch.autograd.Function):
+    """An S-family layer whose numerator is the identity or ``x·sigmoid(slope·x)``: ``plane_moments``,
+    ``evo_norm_s_finalize``, then ``plane_affine`` (centred at the plane mean) or ``plane_swish_affine``; backward
+    the pass's backward, ``evo_norm_s_finalize_bwd``, and ``plane_moments_bwd`` adding the statistic's share of ``dx``.
+    Gradients for ``input``, ``weight``, ``bias`` and ``v`` (None where one is None or unread)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
+                groups: int, eps: float, statistic: int, numerator: int) -> Tensor:
+        plane_mean, plane_var = plane_moments(input)
+        slope, scale, shift = evo_norm_s_finalize(plane_mean, plane_var, weight, bias, v, groups, eps, statistic,
+                                                  numerator)
+        ctx.save_for_backward(input, plane_mean, plane_var, slope, scale, weight, bias, v)
+        ctx.options = (groups, eps, statistic, numerator)
+        if numerator == _kernels().NUMERATOR_IDENTITY:
+            return plane_affine(input, plane_mean, scale, shift)
+        return plane_swish_affine(input, slope, scale, shift)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        input, plane_mean, plane_var, slope, scale, weight, bias, v = ctx.saved_tensors
+        numerator = ctx.options[-1]
+        if numerator == _kernels().NUMERATOR_IDENTITY:
+            dslope = None
+            dx_pass, dscale, dshift = plane_affine_bwd(dy, input, plane_mean, scale)
+        else:
+            dx_pass, dslope, dscale, dshift = plane_swish_affine_bwd(dy, input, slope, scale)
+        dplane_mean, dplane_var, *parameter_grads = evo_norm_s_finalize_bwd(
+            dslope, dscale, dshift, plane_mean, plane_var, weight, bias, v, *ctx.options)
+        dx = plane_moments_bwd(input, plane_mean, dplane_mean, dplane_var, dx_pass)
+        reads_v = numerator == _kernels().NUMERATOR_SWISH
+        parameter_grads = [g if p is not None else None
+                           for g, p in zip(parameter_grads, (weight, bias, v if reads_v else None))]
+        return (dx, *parameter_grads) + (None,) * 4
+
+
+@torch.library.custom_op("normlayers::evo_norm_b_finalize", mutates_args=("running_var",))
+def evo_norm_b_finalize(plane_mean: Tensor, plane_var: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
+                        bias: Optional[Tensor], v: Optional[Tensor], training: bool, variant: int, momentum: float,
+                        count: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(left, slope, offset, scale, shift, var)``: the ``(N, C)`` coefficients of :func:`plane_max_div_affine` for
+    B variant ``variant`` (``kernels.evo_norm``'s ``VARIANT_B*``) from the planes' moments, and the ``(C,)`` variance
+    the left side used; in training ``running_var`` (if given) moves towards the batch's (``count`` = ``N·H·W``)."""
+    return _kernels().evo_norm_b_finalize_fwd(plane_mean, plane_var, running_var, weight, bias, v, training=training,
+                                              variant=variant, momentum=momentum, count=count, eps=eps)
+
+
+@evo_norm_b_finalize.register_fake
+def _evo_norm_b_finalize_fake(plane_mean, plane_var, running_var, weight, bias, v, training, variant, momentum, count,
+                              eps):
+    return (*(torch.empty_like(plane_mean) for _ in range(5)), plane_mean.new_empty(plane_mean.shape[1]))
+
+
+@torch.library.custom_op("normlayers::evo_norm_b_finalize_bwd", mutates_args=())
+def evo_norm_b_finalize_bwd(dleft: Tensor, dslope: Tensor, doffset: Tensor, dscale: Tensor, dshift: Tensor,
+                            plane_mean: Tensor, plane_var: Tensor, var: Tensor, weight: Optional[Tensor],
+                            bias: Optional[Tensor], v: Optional[Tensor], training: bool, variant: int, eps: float
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dplane_mean, dplane_var, dweight, dbias, dv)`` of :func:`evo_norm_b_finalize` from the coefficients'
+    gradients; a parameter's gradient has its shape and dtype (empty for a missing parameter, and for ``v`` except in
+    B0)."""
+    return _kernels().evo_norm_b_finalize_bwd(dleft, dslope, doffset, dscale, dshift, plane_mean, plane_var, var,
+                                              weight, bias, v, training=training, variant=variant, eps=eps)
+
+
+@evo_norm_b_finalize_bwd.register_fake
+def _evo_norm_b_finalize_bwd_fake(dleft, dslope, doffset, dscale, dshift, plane_mean, plane_var, var, weight, bias, v,
+                                  training, variant, eps):
+    reads_v = variant == _kernels().VARIANT_B0
+    grads = [p.new_empty(p.shape) if p is not None else plane_mean.new_empty(0)
+             for p in (weight, bias, v if reads_v else None)]
+    return (torch.empty_like(plane_mean), torch.empty_like(plane_mean), *grads)
+
+
+class _EvoNormB(torch.autograd.Function):
+    """A B-family layer: ``plane_moments``, ``evo_norm_b_finalize`` (which updates ``running_var`` in place, so it
+    cannot carry ``register_autograd``), ``plane_max_div_affine``; backward that pass's backward,
+    ``evo_norm_b_finalize_bwd``, and ``plane_moments_bwd`` adding the statistics' share of ``dx``. Gradients for
+    ``input``, ``weight``, ``bias`` and ``v`` (None where one is None or unread)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
+                running_var: Optional[Tensor], training: bool, variant: int, momentum: float, eps: float) -> Tensor:
+        plane_mean, plane_var = plane_moments(input)
+        count = input.shape[0] * math.prod(input.shape[2:])
+        *coefficients, var = evo_norm_b_finalize(plane_mean, plane_var, running_var, weight, bias, v, training,
+                                                 variant, momentum, count, eps)
+        ctx.save_for_backward(input, plane_mean, plane_var, var, *coefficients[:-1], weight, bias, v)
+        ctx.options = (training, variant, eps)
+        return plane_max_div_affine(input, *coefficients)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        input, plane_mean, plane_var, var, left, slope, offset, scale, weight, bias, v = ctx.saved_tensors
+        dx_pass, *coefficient_grads = plane_max_div_affine_bwd(dy, input, left, slope, offset, scale)
+        dplane_mean, dplane_var, *parameter_grads = evo_norm_b_finalize_bwd(
+            *coefficient_grads, plane_mean, plane_var, var, weight, bias, v, *ctx.options)
+        dx = plane_moments_bwd(input, plane_mean, dplane_mean, dplane_var, dx_pass)
+        reads_v = ctx.options[1] == _kernels().VARIANT_B0
+        parameter_grads = [g if p is not None else None
+                           for g, p in zip(parameter_grads, (weight, bias, v if reads_v else None))]
+        return (dx, *parameter_grads) + (None,) * 5
+
+
 def evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
                bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float,
                eps: float, sync: Optional[MomentSync]) -> Tensor:
-    """The B family through the Triton ops: ``plane_moments``, then ``(N, C)`` torch ops, then one fused pass.
+    """The B family through the Triton ops: ``plane_moments``, the statistics, then one fused pass.
 
-    Every statistic follows exactly from the planes' ``(mean, var)``: the batch variance of a channel is the mean of
-    its planes' variances plus the variance of their means (equal counts); a plane's ``mean(x²)`` is ``var + mean²``.
+    Without synced statistics the statistics are one kernel and the layer three launches each way
+    (:class:`_EvoNormB`). With them the batch variance must be synced before it is used, so it comes from ``(N, C)``
+    torch ops that autograd differentiates. Every statistic follows exactly from the planes' ``(mean, var)``: the
+    batch variance of a channel is the mean of its planes' variances plus the variance of their means (equal counts);
+    a plane's ``mean(x²)`` is ``var + mean²``.
     Each variant's right-hand side is affine in ``x`` within a plane — B0 ``v·x + std``, B1 ``rms·x + rms``,
-    B2 ``−x + rms`` — which is what :func:`~normlayers.ops.evo_norm.plane_max_div_affine` takes. Autograd of the
-    small ops links the fused pass's backward to ``plane_moments``'s. Same semantics as the reference, buffer included.
+    B2 ``−x + rms`` — which is what :func:`~normlayers.ops.evo_norm.plane_max_div_affine` takes. On the synced path
+    autograd of the small ops links the fused pass's backward to ``plane_moments``'s. Same semantics as the reference,
+    buffer included.
     """
+    if sync is None:
+        kernel_variant = {"b0": _kernels().VARIANT_B0, "b1": _kernels().VARIANT_B1, "b2": _kernels().VARIANT_B2}
+        return _EvoNormB.apply(input, weight, bias, v if variant == "b0" else None, running_var, training,
+                               kernel_variant[variant], momentum, eps)
     n, channels, height, width = input.shape
     plane_mean, plane_var = plane_moments(input)
     opmath = plane_mean.dtype
@@ -167,29 +325,31 @@ def _is_silu(activation: Optional[Callable[[Tensor], Tensor]]) -> bool:
 def evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float,
                apply_act: bool) -> Tensor:
-    """The S family through the Triton ops: ``plane_moments``, the group statistic by ``(N, C)`` torch ops (the mean
-    of the planes' variances plus the variance of their means; S2: the mean of ``var + mean²``), then one fused pass.
+    """The S family through the Triton ops.
 
-    The numerator ``x·sigmoid(v·x)`` (S0, and SiLU, ``v = 1``) is fused into
-    :func:`~normlayers.ops.evo_norm.plane_swish_affine`; the identity (no activation, or timm's "a" variants with
-    ``apply_act=False``) is :func:`~normlayers.ops.channel_stats.plane_affine`; any other activation runs as torch ops
-    on the fp32 (fp64) input and its result goes through ``plane_affine``.
+    The identity numerator (no activation, or ``apply_act=False``) and ``x·sigmoid(v·x)`` (S0, and SiLU, ``v = 1``)
+    run fused in three launches each way (:class:`_EvoNormS`). Any other activation runs as torch ops on the fp32
+    (fp64) input: ``plane_moments``, the group statistic by ``(N, C)`` torch ops (the mean of the planes' variances
+    plus the variance of their means; S2: the mean of ``var + mean²``), then ``plane_affine`` of the activation.
     """
+    kernels = _kernels()
+    statistic = kernels.GROUP_MEAN_SQUARE if variant == "s2" else kernels.GROUP_VARIANCE
+    if not apply_act or activation is None and variant != "s0":
+        return _EvoNormS.apply(input, weight, bias, None, groups, eps, statistic, kernels.NUMERATOR_IDENTITY)
+    if variant == "s0":
+        return _EvoNormS.apply(input, weight, bias, v, groups, eps, statistic, kernels.NUMERATOR_SWISH)
+    if _is_silu(activation):
+        return _EvoNormS.apply(input, weight, bias, None, groups, eps, statistic, kernels.NUMERATOR_SILU)
     n, channels = input.shape[:2]
     plane_mean, plane_var = plane_moments(input)
     per_group = (n, groups, channels // groups)
     group_mean, group_var = plane_mean.view(per_group), plane_var.view(per_group)
     if variant == "s2":
-        statistic = (group_var + group_mean.square()).mean(-1, keepdim=True)
+        group_statistic = (group_var + group_mean.square()).mean(-1, keepdim=True)
     else:
-        statistic = group_var.mean(-1, keepdim=True) + (
+        group_statistic = group_var.mean(-1, keepdim=True) + (
             group_mean - group_mean.mean(-1, keepdim=True)).square().mean(-1, keepdim=True)
-    inv_denominator = torch.rsqrt(statistic + eps).expand(per_group).reshape(n, channels)
+    inv_denominator = torch.rsqrt(group_statistic + eps).expand(per_group).reshape(n, channels)
     scale, shift = _affine_coefficients(weight, bias, inv_denominator)
-    if apply_act and (variant == "s0" or _is_silu(activation)):
-        slope = v.to(scale.dtype).expand(n, channels) if variant == "s0" else torch.ones_like(scale)
-        return plane_swish_affine(input, slope, scale, shift)
-    if apply_act and activation is not None:
-        numerator = activation(input.to(scale.dtype))
-        return plane_affine(numerator, torch.zeros_like(scale), scale, shift).to(input.dtype)
-    return plane_affine(input, torch.zeros_like(scale), scale, shift)
+    numerator = activation(input.to(scale.dtype))
+    return plane_affine(numerator, torch.zeros_like(scale), scale, shift).to(input.dtype)
