@@ -1,5 +1,5 @@
 """Launches per layer call of the fused composites, counted with ``torch.profiler`` under the Triton interpreter
-(:func:`normlayers.testing.launches.count_launches`: Triton launches plus leaf ATen ops that launch a kernel).
+(:func:`normlayers.bench.audit.count_call_launches`: Triton launches plus leaf ATen ops that launch a kernel).
 
 The budgets are issue 16's: training ≤ 3 launches forward and ≤ 4 backward, no host sync. Eval is held to 3, the
 count the finalize kernel design reaches (moments, finalize, elementwise pass); the issue's eval target of 2 needs
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import normlayers
-from normlayers.testing.launches import count_launches
+from normlayers.bench.audit import count_call_launches as count_launches
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="counts interpreted Triton launches; on CUDA the interpreter is off")

@@ -170,6 +170,13 @@ def _profile(fn: Callable[[], object]):
     return prof.events()
 
 
+def count_call_launches(fn: Callable[[], object], label: str = "call", phase: str = "call") -> LaunchCount:
+    """The launches of one call of ``fn`` (the rule of the module docstring; Triton launches are seen only while
+    the audit's instrumented interpreter is active, which :func:`count_launches` sets up)."""
+    with _instrumented_interpreter():
+        return _classify(_profile(fn), label, phase)
+
+
 @dataclass(frozen=True)
 class LayerCase:
     """A layer and an input to call it on: ``build(dtype)`` → module, ``inputs(dtype)`` → positional args."""
