@@ -75,11 +75,13 @@ def _table(path: Path, document: dict, rows: list[dict], filters: dict[str, str]
     metadata = document["metadata"]
     providers = filters["providers"].split(",") if "providers" in filters else \
         list(dict.fromkeys(r["provider"] for r in rows))
+    # tools/gpu_check.sh names every run's file bench.json, so a file in a run folder is shown with its folder
+    name = path.name if path.parent.name == "results" else f"{path.parent.name}/{path.name}"
     if Path(relative_to).resolve().is_relative_to(REPO / "docs"):
         # a page of the MkDocs site: `mkdocs build --strict` rejects links that leave docs/, so name the file
-        source = f"`{path.resolve().relative_to(REPO)}`" if path.resolve().is_relative_to(REPO) else f"`{path.name}`"
+        source = f"`{path.resolve().relative_to(REPO)}`" if path.resolve().is_relative_to(REPO) else f"`{name}`"
     else:
-        source = f"[{path.name}]({os.path.relpath(path, relative_to)})"
+        source = f"[{name}]({os.path.relpath(path, relative_to)})"
     lines = [f"**{metadata.get('device_name')}**, {metadata.get('date', '?')[:10]}: torch {metadata.get('torch')}, "
              f"triton {metadata.get('triton')}, normlayers {metadata.get('normlayers')}, git "
              f"{(metadata.get('git_sha') or 'unknown')[:10]}; copy bandwidth "
