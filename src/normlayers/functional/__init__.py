@@ -8,9 +8,11 @@ name is importable from ``normlayers.functional``.
 from normlayers._checks import as_shape as _as_shape
 from normlayers._checks import check_epsilon as _check_epsilon
 from normlayers._checks import check_nonnegative_int as _check_nonnegative_int
+from normlayers._checks import check_positive_epsilon as _check_positive_epsilon
 from normlayers._checks import check_unit_interval as _check_unit_interval
 from normlayers.functional.batch_channel import batch_channel_norm
 from normlayers.functional.evo_norm import (
+    _evo_check_momentum,
     _evo_check_scalars,
     _evo_norm_b,
     _evo_norm_s,

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_float_tensor
+from normlayers._checks import check_float_tensor, check_running_stats_without_grad
 from normlayers.backend import use_triton
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
@@ -53,10 +53,22 @@ def _evo_check_scalars(eps: float, momentum: Optional[float] = None) -> None:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
 
+def _evo_check_momentum(momentum: object) -> float:
+    """The B family's running-variance rate. ``None`` (torch BatchNorm's cumulative average) is refused: it needs a
+    ``num_batches_tracked`` counter, which timm's EvoNorm state (and so its checkpoints) does not have."""
+    if momentum is None:
+        raise ValueError("momentum must be a number in [0, 1], got None: EvoNorm-B keeps timm's exponential running "
+                         "variance; a cumulative average (torch BatchNorm's momentum=None) is not supported")
+    _evo_check_scalars(0.0, momentum)
+    return float(momentum)
+
+
 def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
                 bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
                 apply_act: bool, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
     """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the Triton ops or the reference."""
+    _evo_check_momentum(momentum)
+    check_running_stats_without_grad(training and apply_act, running_var=running_var)
     _evo_check_args(input, {"running_var": running_var, "weight": weight, "bias": bias, "v": v}, eps,
                     momentum=momentum)
     sync = moment_sync(sync_stats, process_group, training) if apply_act else None

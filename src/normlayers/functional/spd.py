@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_epsilon, check_float_tensor, check_unit_interval
+from normlayers._checks import check_epsilon, check_float_tensor, check_running_stats_without_grad, check_unit_interval
 from normlayers.distributed import all_reduce_sum, sync_group
 from normlayers.reference import spd_batch_norm as _ref_spd
 
@@ -95,6 +95,7 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
                          f"{list(input.shape)}): the batch dispersion of one matrix is 0; use eval mode")
     check_unit_interval("momentum", momentum)
     check_epsilon("eps", eps)
+    check_running_stats_without_grad(training, running_mean=running_mean, running_var=running_var)
     if not isinstance(theta, numbers.Real) or isinstance(theta, bool) or theta == 0 or not math.isfinite(theta):
         raise ValueError(f"theta must be a finite non-zero number (the power deformation X^theta), got {theta!r}")
     if variance not in _ref_spd.VARIANCES:

@@ -9,7 +9,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_float_tensor
+from normlayers._checks import check_float_tensor, check_positive_epsilon
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WS_DEFAULT_VARIANT", "weight_standardize", "scaled_weight_standardize", "ws_conv2d", "scaled_ws_conv2d"]
@@ -30,9 +30,8 @@ def _ws_variant(variant: object) -> _ref_ws.WSVariant:
 
 
 def _check_ws_eps(eps: object) -> float:
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
-    return float(eps)
+    # eps = 0 turns a constant filter into 0/0 = NaN: refused, as torch's batch_norm refuses it.
+    return check_positive_epsilon("eps", eps)
 
 
 def _check_ws_finite(name: str, value: object) -> float:

@@ -140,8 +140,8 @@ class BatchChannelNorm2d(nn.Module):
                              f"num_channels / num_groups contiguous channels")
         self.momentum = None if momentum is None else F._check_unit_interval("momentum", momentum)
         self.estimate_rate = F._check_unit_interval("estimate_rate", estimate_rate)
-        self.eps = F._check_epsilon("eps", eps)
-        self.bn_eps = F._check_epsilon("bn_eps", bn_eps)
+        self.eps = F._check_positive_epsilon("eps", eps)
+        self.bn_eps = F._check_positive_epsilon("bn_eps", bn_eps)
         self.estimate = bool(estimate)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group

@@ -120,10 +120,10 @@ class _EvoNorm2dB(nn.Module):
                  process_group: Optional[Any], device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
-        F._evo_check_scalars(eps, momentum)
+        F._evo_check_scalars(eps)
         self.num_features = _check_num_features(num_features)
         self.apply_act = bool(apply_act)
-        self.momentum = float(momentum)
+        self.momentum = F._evo_check_momentum(momentum)
         self.eps = float(eps)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group

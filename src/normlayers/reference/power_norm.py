@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from normlayers.distributed import all_reduce_sum
+from normlayers.reference.row_norms import power_of_two_scale
 
 __all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean_over_rows", "power_norm_statistics_",
            "step_snapshot", "GROUP_SCALING_EPS"]
@@ -48,8 +49,11 @@ def group_scaling(x: Tensor, group_num: int, eps: float = GROUP_SCALING_EPS) -> 
     """``x / sqrt(mean over each group of C/G contiguous channels of x² + eps)``, per token (spec §1.4)."""
     channels = x.shape[-1]
     groups = x.reshape(*x.shape[:-1], group_num, channels // group_num)
-    moment2 = groups.square().mean(-1, keepdim=True)
-    return (groups / torch.sqrt(moment2 + eps)).reshape(x.shape)
+    # Taken of the group scaled by a power of two (then eps·s²), so that huge values do not overflow x² (exact).
+    scale = power_of_two_scale(groups, (-1,), eps)
+    scaled = groups * scale
+    moment2 = scaled.square().mean(-1, keepdim=True)
+    return (scaled / torch.sqrt(moment2 + eps * scale * scale)).reshape(x.shape)
 
 
 def token_rows(x: Tensor, pad_mask: Optional[Tensor], *, time_major: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -136,7 +140,7 @@ def masked_square_mean(rows: Tensor, valid: Optional[Tensor],
     :func:`mean_over_valid`)."""
     squares = rows.detach().square()
     if valid is not None:
-        squares = squares * valid[:, None].to(squares.dtype)
+        squares = torch.where(valid[:, None], squares, 0.0)  # select: a NaN in a pad must not leak (NaN·0 = NaN)
     return mean_over_valid(squares.sum(0), rows.shape[0], valid, sync_group)
 
 

@@ -1,8 +1,10 @@
 """Plain-PyTorch reference of the row norms: the ground truth the kernels are tested against.
 
 Written for reading, not speed. Arithmetic is in the "opmath" dtype (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64),
-results are cast back to the input dtype, as ``torch.nn.functional`` does (spec A §4.4). Gradients come from
-autograd, so they are an independent check of the hand-written backward kernels.
+results are cast back to the input dtype, as ``torch.nn.functional`` does (spec A §4.4). Statistics are taken of the
+row scaled by a power of two (:func:`power_of_two_scale`), so rows near the dtype's range limits normalize correctly
+(docs/reliability.md). Gradients come from autograd, so they are an independent check of the hand-written backward
+kernels.
 """
 
 from __future__ import annotations
@@ -13,11 +15,39 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add"]
+__all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add", "power_of_two_scale", "scale_exponent_cap"]
 
 
 def _opmath(x: Tensor) -> Tensor:
     return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _max_scale_exponent(dtype: torch.dtype) -> int:
+    return math.frexp(torch.finfo(dtype).max)[1] - 2  # 126 for fp32, 1022 for fp64: 2^±k and its square are safe
+
+
+def scale_exponent_cap(eps: float, dtype: torch.dtype) -> int:
+    """The largest ``k`` for which ``2^k`` is a safe statistics scale in ``dtype`` with this ``eps``: ``eps·4^k ≤ 1``,
+    so scaling a tiny row up never lets the scaled ``eps`` overflow (where ``eps`` dominates, scaling is moot)."""
+    k = _max_scale_exponent(dtype)
+    return k if eps <= 0 else min(k, math.floor(-math.log2(eps) / 2))
+
+
+def power_of_two_scale(xf: Tensor, dims: Sequence[int], eps: float) -> Tensor:
+    """``s = 2^−e`` per row, with ``max |x|`` of the row in ``[2^(e−1), 2^e)``, so that ``x·s`` has its largest
+    magnitude in ``[1/2, 1)`` and the statistics of ``x·s`` neither overflow nor underflow (the scaling of BLAS
+    ``nrm2``). Normalization is scale invariant once ``eps`` is scaled by ``s²``, and a power of two scales exactly, so
+    ordinary inputs give the very same result (and autograd the same gradient: ``s`` is piecewise constant in ``x``).
+    Kept in ``[2^−k, 2^cap]`` (:func:`scale_exponent_cap`)."""
+    _, exponent = torch.frexp(xf.detach().abs().amax(dim=tuple(dims), keepdim=True))
+    exponent = (-exponent).clamp(-_max_scale_exponent(xf.dtype), scale_exponent_cap(eps, xf.dtype))
+    return torch.ldexp(torch.ones_like(exponent, dtype=xf.dtype), exponent)
+
+
+def _scaled(xf: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
+    """``(x·s, eps·s²)`` with ``s`` from :func:`power_of_two_scale`: the row and epsilon the statistics are taken of."""
+    scale = power_of_two_scale(xf, dims, eps)
+    return xf * scale, eps * scale * scale  # not eps·s²: s² may overflow where eps = 0
 
 
 def _dims(normalized_shape: Sequence[int]) -> tuple[int, ...]:
@@ -38,19 +68,19 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
     """``y = (x − E[x]) / sqrt(Var[x] + eps) · γ + β`` over the last ``len(normalized_shape)`` dims (biased
     variance; spec A §4.3). The result is rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
-    xf = _opmath(x)
-    mean = xf.mean(dims, keepdim=True)
-    var = (xf - mean).square().mean(dims, keepdim=True)
-    return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias).to(out_dtype or x.dtype)
+    xs, eps_s = _scaled(_opmath(x), dims, eps)
+    mean = xs.mean(dims, keepdim=True)
+    var = (xs - mean).square().mean(dims, keepdim=True)
+    return _affine((xs - mean) * torch.rsqrt(var + eps_s), weight, bias).to(out_dtype or x.dtype)
 
 
 def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None, eps: float = 1.1920929e-07,
              *, weight_offset: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``y = x / sqrt(mean(x²) + eps) · (γ + weight_offset)`` (spec A §3.1, §4.3). ``eps`` is already resolved
     (``None`` handling lives in ``normlayers.functional``). Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
-    xf = _opmath(x)
-    ms = xf.square().mean(_dims(normalized_shape), keepdim=True)
-    return _affine(xf * torch.rsqrt(ms + eps), weight, None, weight_offset).to(out_dtype or x.dtype)
+    xs, eps_s = _scaled(_opmath(x), _dims(normalized_shape), eps)
+    ms = xs.square().mean(_dims(normalized_shape), keepdim=True)
+    return _affine(xs * torch.rsqrt(ms + eps_s), weight, None, weight_offset).to(out_dtype or x.dtype)
 
 
 def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
@@ -59,10 +89,10 @@ def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tenso
     ``y = x′ / sqrt((Σx′² + (Σx′)²) / d + eps) · γ`` — the first ``d − 1`` outputs of RMSNorm applied to the
     restored vector ``[x′, −Σx′]``. Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
-    xf = _opmath(x)
+    xs, eps_s = _scaled(_opmath(x), dims, eps)
     d = math.prod(normalized_shape) + 1
-    ms = (xf.square().sum(dims, keepdim=True) + xf.sum(dims, keepdim=True).square()) / d
-    return _affine(xf * torch.rsqrt(ms + eps), weight, None).to(out_dtype or x.dtype)
+    ms = (xs.square().sum(dims, keepdim=True) + xs.sum(dims, keepdim=True).square()) / d
+    return _affine(xs * torch.rsqrt(ms + eps_s), weight, None).to(out_dtype or x.dtype)
 
 
 def residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
