@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["BatchChannelNorm2d"]
 
@@ -68,7 +69,7 @@ class _BatchStage(nn.Module):
         return f"{self.num_channels}, estimate={self.estimate}"
 
 
-class BatchChannelNorm2d(nn.Module):
+class BatchChannelNorm2d(NotScriptable):
     r"""Batch-Channel Normalization (BCN) over a 4-D input, for micro-batch CNN training (spec B §2).
 
     A batch stage (BatchNorm, or its estimated-statistics variant EstBN), then a per-sample group standardization

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
            "EvoNorm2dS2", "EvoNorm2dS2a"]
@@ -106,7 +107,7 @@ def _stats_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _EvoNorm2dB(nn.Module):
+class _EvoNorm2dB(NotScriptable):
     """The B family; subclasses set ``_variant`` and their ``eps`` default."""
 
     __constants__ = ["num_features", "apply_act", "momentum", "eps"]
@@ -265,7 +266,7 @@ class EvoNorm2dB2(_EvoNorm2dB):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _EvoNorm2dS(nn.Module):
+class _EvoNorm2dS(NotScriptable):
     """The S family; subclasses set ``_variant`` (``"s0"``, ``"s1"``, ``"s2"``), ``_always_normalize`` (the timm
     "a" variants) and their defaults."""
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["PowerNorm", "reset_iters"]
 
@@ -25,7 +26,7 @@ def _check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-class PowerNorm(nn.Module):
+class PowerNorm(NotScriptable):
     r"""PowerNorm over the channels (last dim) of transformer activations, with running statistics across tokens
     (spec A §1). By default it reproduces the official ``MaskPowerNorm`` exactly: forward, backward and every buffer.
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["RegionNorm2d", "LearnableRegionNorm2d"]
 
@@ -75,7 +76,7 @@ def _with_stats_args(cls: type) -> type:
 
 
 @_with_stats_args
-class RegionNorm2d(nn.Module):
+class RegionNorm2d(NotScriptable):
     r"""Basic Region Normalization (RN-B) over a 4-D input and a given hole mask (spec B §3).
 
     Each channel is standardized separately inside the hole region (mask nonzero, the authors' "foreground") and
@@ -182,7 +183,7 @@ class _SelfAwareAffine(nn.Module):
 
 
 @_with_stats_args
-class LearnableRegionNorm2d(nn.Module):
+class LearnableRegionNorm2d(NotScriptable):
     r"""Learnable Region Normalization (RN-L) over a 4-D input: the regions come from the input itself (spec B §3.1).
 
     A spatial response map from the channel mean and max, thresholded into a region mask, region normalization

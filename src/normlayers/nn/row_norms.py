@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["LayerNorm", "RMSNorm", "CRMSNorm"]
 
@@ -20,7 +21,7 @@ _ShapeLike = Union[int, list[int], tuple[int, ...], torch.Size]
 _RMS_CAST_MODES = ("torch", "llama")
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(NotScriptable, nn.LayerNorm):
     r"""Layer normalization with fused Triton kernels on CUDA; a drop-in for :class:`torch.nn.LayerNorm`.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
@@ -61,7 +62,7 @@ class LayerNorm(nn.LayerNorm):
                                 residual_in_fp32=residual_in_fp32)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(NotScriptable, nn.RMSNorm):
     r"""RMS normalization with fused Triton kernels on CUDA; a drop-in for :class:`torch.nn.RMSNorm`.
 
     .. math:: y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \cdot (\gamma + \text{weight\_offset})
@@ -141,7 +142,7 @@ class RMSNorm(nn.RMSNorm):
         return scale * normed, summed
 
 
-class CRMSNorm(nn.Module):
+class CRMSNorm(NotScriptable):
     r"""Compressed RMS normalization (Jiang et al., "Pre-RMSNorm and Pre-CRMSNorm Transformers", NeurIPS 2023).
 
     In a Pre-CRMSNorm Transformer the residual stream is zero-mean and stored compressed: only its first

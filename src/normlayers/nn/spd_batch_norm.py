@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from normlayers import functional as F
+from normlayers.nn._scripting import NotScriptable
 from normlayers.reference import spd_linalg
 from normlayers.reference.spd_batch_norm import VARIANCES
 
@@ -48,7 +49,7 @@ def _check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-class SPDBatchNorm(nn.Module):
+class SPDBatchNorm(NotScriptable):
     r"""Batch normalization of symmetric positive definite matrices under the (θ, M)-Generalized Bures–Wasserstein
     metric (GBWBN, spec §3), for covariance-matrix networks (SPDNet family).
 

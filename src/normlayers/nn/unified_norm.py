@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["UnifiedNorm"]
 
@@ -28,7 +29,7 @@ def _window_sizes(window_size: Union[int, Sequence[int]]) -> tuple[int, int]:
     return int(sizes[0]), int(sizes[1])
 
 
-class UnifiedNorm(nn.Module):
+class UnifiedNorm(NotScriptable):
     r"""Unified Normalization over the channels (last dim) of transformer activations (spec A §2): batch statistics
     smoothed over a window of steps in training, a fixed per-channel affine at inference (foldable into the next
     linear layer, :meth:`as_affine`). By default it reproduces the official ``UN1d`` exactly: forward, backward and

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers.nn._scripting import NotScriptable
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WSConv2d", "ScaledWSConv2d"]
@@ -26,7 +27,7 @@ _IntOrPair = Union[int, tuple[int, int]]
 _CacheKey = tuple[tuple["weakref.ref[Tensor]", int, int], ...]
 
 
-class _StandardizedConv2d(nn.Conv2d):
+class _StandardizedConv2d(NotScriptable, nn.Conv2d):
     """What WSConv2d and ScaledWSConv2d share: convolve with a standardized weight, cache it in eval, fold it."""
 
     _eval_cache: Optional[tuple[_CacheKey, Tensor]] = None

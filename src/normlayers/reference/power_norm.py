@@ -31,8 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._autograd import refuse_double_backward
 from normlayers.distributed import all_reduce_sum
-from normlayers.reference.row_norms import power_of_two_scale
+from normlayers.reference.row_norms import overflow_to_nan, power_of_two_scale
 
 __all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean_over_rows", "power_norm_statistics_",
            "step_snapshot", "GROUP_SCALING_EPS"]
@@ -109,6 +110,7 @@ def mean_over_valid(total: Tensor, rows: int, valid: Optional[Tensor],
     With ``sync_group`` both are summed over its ranks first (every rank must call, also with no rows): the mean
     over the valid rows of the global batch, and the global count (0 only when no rank has a valid row).
     """
+    total = overflow_to_nan(total)  # the sum of squares overflowed: NaN, not a silent 0 output
     if sync_group is None and valid is None and rows > 0:
         return total / rows, None
     if valid is not None:
@@ -189,6 +191,7 @@ class _PowerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        refuse_double_backward("PowerNorm's training backward (the method's approximate one, which updates ema_gz)")
         z, weight, grad_scale = ctx.saved_tensors
         ema_gz = ctx.ema_gz
         g = dy * weight.to(dy.dtype) if weight is not None else dy

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlayers.reference.row_norms import overflow_to_nan
+
 __all__ = ["prepare_mask", "region_norm", "self_aware_affine", "learnable_region_norm"]
 
 _PER_CHANNEL = (1, -1, 1, 1)
@@ -89,7 +91,8 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
     dims = (0, 2, 3) if stats == "batch" else (2, 3)
     values = math.prod([x.shape[d] for d in dims])
     # Each region selects its values (torch.where), never multiplies by a 0/1 weight: a NaN or inf in one region
-    # must not reach the other region's statistics or outputs (NaN·0 = NaN).
+    # must not reach the other region's statistics or outputs (NaN·0 = NaN). Outside its region a value is replaced
+    # by the region's mean before any arithmetic, so that no gradient meets 0·NaN either.
     regions = (hole, ~hole)
     counts, means, variances = [], [], []
     for inside in regions:
@@ -98,7 +101,10 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
         mean = torch.where(inside, xf, 0.0).sum(dims, keepdim=True) / safe_count
         counts.append(count)
         means.append(mean)
-        variances.append(torch.where(inside, (xf - mean).square(), 0.0).sum(dims, keepdim=True) / safe_count)
+        # A variance that overflowed is NaN (overflow_to_nan), not inf: rsqrt(inf) would give silent zeros.
+        centred = torch.where(inside, xf, mean) - mean
+        variances.append(overflow_to_nan(torch.where(inside, centred.square(), 0.0).sum(dims, keepdim=True))
+                         / safe_count)
     if sync is not None:
         mean, var, count = sync(torch.stack(means), torch.stack(variances), torch.stack(counts))
         means, variances, counts = list(mean.unbind(0)), list(var.unbind(0)), list(count.unbind(0))
@@ -110,7 +116,7 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
                                                       (foreground_beta, background_beta)):
         count = torch.where(count == 0, torch.ones_like(count), count)
         region_eps = eps * values / count if eps_mode == "official" else eps
-        normalized = (xf - mean) * torch.rsqrt(var + region_eps)
+        normalized = (torch.where(inside, xf, mean) - mean) * torch.rsqrt(var + region_eps)
         if gamma is not None:
             normalized = normalized * (1 + gamma.to(opmath).view(_PER_CHANNEL))
         if beta is not None:

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add", "power_of_two_scale", "scale_exponent_cap"]
+__all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add", "power_of_two_scale", "scale_exponent_cap",
+           "overflow_to_nan"]
 
 
 def _opmath(x: Tensor) -> Tensor:
@@ -42,6 +43,13 @@ def power_of_two_scale(xf: Tensor, dims: Sequence[int], eps: float) -> Tensor:
     _, exponent = torch.frexp(xf.detach().abs().amax(dim=tuple(dims), keepdim=True))
     exponent = (-exponent).clamp(-_max_scale_exponent(xf.dtype), scale_exponent_cap(eps, xf.dtype))
     return torch.ldexp(torch.ones_like(exponent, dtype=xf.dtype), exponent)
+
+
+def overflow_to_nan(statistic: Tensor) -> Tensor:
+    """A second moment that overflowed to ``inf`` (its value exceeds the dtype's range), reported as NaN: every
+    output computed from it is then NaN, as in torch, where ``inf`` would give a silently wrong ``x·rsqrt(inf) = 0``.
+    For the statistics kept in running buffers, which cannot hold such a value, scaling cannot help."""
+    return torch.where(torch.isinf(statistic), torch.nan, statistic)
 
 
 def _scaled(xf: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
