@@ -330,7 +330,7 @@ def test_zero_eps_is_rejected_where_torch_rejects_it(make):
     (lambda: normlayers.EvoNorm2dB0(4), lambda: (torch.randn(2, 4, 3, 3),)),
     (lambda: normlayers.PowerNorm(4), lambda: (torch.randn(3, 2, 4),)),
     (lambda: normlayers.UnifiedNorm(4), lambda: (torch.randn(2, 3, 4),)),
-    (lambda: normlayers.SPDBatchNorm(3), lambda: (torch.eye(3).expand(4, 3, 3) * torch.rand(4, 1, 1) + 0.1 * torch.eye(3),)),
+    (lambda: normlayers.SPDBatchNorm(3), lambda: (torch.eye(3) * torch.rand(4, 1, 1) + 0.1 * torch.eye(3),)),
 ))
 def test_running_buffers_that_require_grad_are_rejected(backend_name, make, args):
     layer = make().train()
@@ -347,8 +347,10 @@ def test_running_buffers_that_require_grad_are_rejected(backend_name, make, args
 
 
 def _gradgradcheck(backend_name: str, fn, *inputs) -> None:
+    # fast_mode: checks the second derivative along random directions, not column by column (the interpreter runs
+    # the kernels once per evaluation, so the full Jacobian would take minutes per layer).
     with normlayers.backend(backend_name):
-        assert torch.autograd.gradgradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -405,7 +407,7 @@ CNN_LAYERS = {
 def test_cnn_norms_double_backward(backend_name, name, training):
     torch.manual_seed(13)
     layer = _double(CNN_LAYERS[name]()).train(training)
-    x = torch.randn(2, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, 2, 2, dtype=torch.float64, requires_grad=True)
     if not training and name.startswith("evo_b"):
         layer.running_var.fill_(0.5)
     # Training layers update their running statistics in place at every call; the check only reads outputs.
