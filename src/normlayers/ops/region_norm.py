@@ -86,21 +86,23 @@ def _regions(x: Tensor, hole: Tensor) -> Tensor:
     return torch.stack([inside, ~inside], dim=-1)
 
 
-def _per_region(t: Tensor, x: Tensor) -> Tensor:
+def _spread_over_values(t: Tensor, x: Tensor) -> Tensor:
+    """A ``(N, C, 2)`` per-(plane, region) tensor, shaped to broadcast against ``(N, C, *spatial, 2)``."""
     return t.reshape(*x.shape[:2], *([1] * (x.dim() - 2)), 2)
 
 
 def _region_moments_formula(x: Tensor, hole: Tensor, center: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`region_moments` in torch ops (what double backward differentiates)."""
     regions = _regions(x, hole)
-    d = torch.where(regions, x.to(center.dtype).unsqueeze(-1) - _per_region(center, x), 0.0)
+    d = torch.where(regions, x.to(center.dtype).unsqueeze(-1) - _spread_over_values(center, x), 0.0)
     spatial = tuple(range(2, x.dim()))
     return regions.sum(spatial).to(center.dtype), d.sum(spatial), d.square().sum(spatial)
 
 
 def _region_affine_formula(x: Tensor, hole: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """:func:`region_affine` in torch ops, in the compute dtype (what double backward differentiates)."""
-    y = (x.to(scale.dtype).unsqueeze(-1) - _per_region(center, x)) * _per_region(scale, x) + _per_region(shift, x)
+    centred = x.to(scale.dtype).unsqueeze(-1) - _spread_over_values(center, x)
+    y = centred * _spread_over_values(scale, x) + _spread_over_values(shift, x)
     return torch.where(_regions(x, hole), y, 0.0).sum(-1)
 
 
