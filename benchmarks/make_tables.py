@@ -48,9 +48,10 @@ def parse_spec(spec: str) -> dict[str, str]:
 
 
 def load_runs(results_dir: Path) -> list[tuple[Path, dict]]:
-    """Every result JSON under ``results_dir``, oldest first (by the run's date)."""
+    """Every result JSON under ``results_dir`` and its folders (``tools/gpu_check.sh`` writes one folder per run),
+    oldest first (by the run's date)."""
     runs = []
-    for path in sorted(results_dir.glob("*.json")):
+    for path in sorted(results_dir.rglob("*.json")):
         document = json.loads(path.read_text())
         if isinstance(document, dict) and "metadata" in document and "results" in document:
             runs.append((path, document))
@@ -74,11 +75,15 @@ def _table(path: Path, document: dict, rows: list[dict], filters: dict[str, str]
     metadata = document["metadata"]
     providers = filters["providers"].split(",") if "providers" in filters else \
         list(dict.fromkeys(r["provider"] for r in rows))
-    link = os.path.relpath(path, relative_to)
+    if Path(relative_to).resolve().is_relative_to(REPO / "docs"):
+        # a page of the MkDocs site: `mkdocs build --strict` rejects links that leave docs/, so name the file
+        source = f"`{path.resolve().relative_to(REPO)}`" if path.resolve().is_relative_to(REPO) else f"`{path.name}`"
+    else:
+        source = f"[{path.name}]({os.path.relpath(path, relative_to)})"
     lines = [f"**{metadata.get('device_name')}**, {metadata.get('date', '?')[:10]}: torch {metadata.get('torch')}, "
              f"triton {metadata.get('triton')}, normlayers {metadata.get('normlayers')}, git "
              f"{(metadata.get('git_sha') or 'unknown')[:10]}; copy bandwidth "
-             f"{metadata.get('copy_bandwidth_gbps', 0):.0f} GB/s ([{path.name}]({link}))", ""]
+             f"{metadata.get('copy_bandwidth_gbps', 0):.0f} GB/s ({source})", ""]
     lines.append("| op | dtype | mode | shape | " + " | ".join(providers) + " | normlayers vs torch |")
     lines.append("|" + "---|" * (5 + len(providers)))
     cases = list(dict.fromkeys((r["op"], r["dtype"], r["mode"], r["shape"]) for r in rows))

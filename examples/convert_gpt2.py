@@ -2,9 +2,10 @@
 Pre-RMSNorm and Pre-CRMSNorm models, and compare outputs and forward time.
 
     python examples/convert_gpt2.py             # GPT-2 small (124M), batch 1 x 128 tokens
-    python examples/convert_gpt2.py --quick     # a 2-layer model, a few seconds
+    python examples/convert_gpt2.py --quick     # a 2-layer model, a few seconds; no timing printed
 
-Prints, per variant, the max |logits − original logits| (fp32 and fp64) and the median time of a forward pass.
+Prints, per variant, the max |logits − original logits| (fp32 and fp64) and the time of a forward pass (median and
+p20–p80 of the repeats, the models taking turns).
 """
 
 from __future__ import annotations
@@ -13,30 +14,14 @@ import argparse
 import copy
 import json
 import platform
-import statistics
-import time
+from functools import partial
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import normlayers
+from normlayers.bench.timing import interleaved_times
 from normlayers.convert import prenorm_to_crmsnorm, prenorm_to_rmsnorm
-
-
-def forward_times(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds of one forward pass of each model, after two warm-up passes. The models take turns, so that
-    a change in machine load (shared cores) hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            for _ in range(2):
-                model(ids)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(ids)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def build(quick: bool) -> GPT2LMHeadModel:
@@ -85,21 +70,25 @@ def main() -> None:
     with torch.inference_mode():
         logits = {name: m(ids).logits for name, m in models.items()}
         logits64 = {name: m(ids).logits for name, m in models64.items()}
-    seconds = forward_times(models, ids, repeats)
+    with torch.inference_mode():  # the models take turns, so that a change in machine load hits all of them alike
+        times = interleaved_times({name: partial(m, ids) for name, m in models.items()}, repeats, warmup=2)
 
     rows = []
     first = next(iter(models))
     print(f"GPT-2 {'(quick) ' if args.quick else ''}{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"batch 1 x {seq_len} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {repeats}")
-    print(f"{'variant':42s} {'max|dlogits| fp32':>18s} {'fp64':>10s} {'forward ms':>11s} {'speed-up':>9s}")
+          + ("forward times not printed with --quick" if args.quick else f"forward ms: median (p20-p80) of {repeats}"))
+    print(f"{'variant':42s} {'max|dlogits| fp32':>18s} {'fp64':>10s}"
+          + ("" if args.quick else f" {'forward ms (p20-p80)':>22s} {'speed-up':>9s}"))
     for name in models:
         diff32 = (logits[name] - logits[first]).abs().max().item()
         diff64 = (logits64[name] - logits64[first]).abs().max().item()
-        speedup = seconds[first] / seconds[name]
+        forward = times[name]
+        speedup = times[first].median_ms / forward.median_ms
         rows.append({"variant": name, "max_abs_diff_fp32": diff32, "max_abs_diff_fp64": diff64,
-                     "forward_ms": 1e3 * seconds[name], "speedup": speedup})
-        print(f"{name:42s} {diff32:18.2e} {diff64:10.1e} {1e3 * seconds[name]:11.2f} {speedup:8.3f}x")
+                     "forward_ms": forward.median_ms, "speedup": speedup})
+        timing = f" {f'{forward.median_ms:.2f} ({forward.p20_ms:.2f}-{forward.p80_ms:.2f})':>22s} {speedup:8.3f}x"
+        print(f"{name:42s} {diff32:18.2e} {diff64:10.1e}" + ("" if args.quick else timing))
     if args.output_json:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
                 platform.machine(), "quick": args.quick, "seq_len": seq_len, "repeats": repeats,

@@ -1,7 +1,10 @@
 """Fold eval-mode norms of two small CNNs into their convs and compare outputs and forward time.
 
     python examples/fold_norms_cnn.py            # batch 8 x 3 x 64 x 64, 6 conv layers of 64 channels
-    python examples/fold_norms_cnn.py --quick    # a tiny input, a few seconds
+    python examples/fold_norms_cnn.py --quick    # a tiny input, a few seconds; no timing printed
+
+Forward times are the median and p20–p80 of the repeats, the models taking turns so that a change in the machine's
+load hits both alike.
 
 * "conv-bn": ``nn.Conv2d → nn.BatchNorm2d → ReLU`` blocks; folding removes every BatchNorm.
 * "ws-bcn": ``WSConv2d → BatchChannelNorm2d → ReLU`` blocks (the BCN+WS recipe); folding bakes the standardized
@@ -13,13 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
+from functools import partial
 
 import torch
 from torch import nn
 
 import normlayers
+from normlayers.bench.timing import interleaved_times
 from normlayers.convert import fold_norms
 
 
@@ -47,47 +50,46 @@ def trained_statistics(model: nn.Sequential, x: torch.Tensor) -> nn.Sequential:
     return model.eval()
 
 
-def median_times(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
-    """Median seconds of one forward pass of each model; the models take turns, so that a change in machine load
-    (shared cores) hits all of them alike."""
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for model in models:
-            model(x)
-        for _ in range(repeats):
-            for model, t in zip(models, times):
-                start = time.perf_counter()
-                model(x)
-                t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+def _ms(stats) -> str:
+    return f"{stats.median_ms:.2f} ({stats.p20_ms:.2f}-{stats.p80_ms:.2f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny input, for a smoke test")
-    parser.add_argument("--repeats", type=int, default=None, help="timed forward passes (default 20; quick: 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed forward passes (default 20; quick: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output-json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (2 if args.quick else 20)
+    repeats = args.repeats or (3 if args.quick else 20)
     batch, size, channels, depth = (2, 8, 16, 2) if args.quick else (8, 64, 64, 6)
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size)
     rows = []
     print(f"batch {batch} x 3 x {size} x {size}, {depth} conv layers of {channels} channels, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, median of {repeats}")
-    print(f"{'model':8s} {'max|dy| fp32':>13s} {'before ms':>10s} {'after ms':>9s} {'speed-up':>9s}")
+          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    if args.quick:  # the tiny input's forward takes well under a millisecond: its times are noise
+        print(f"{'model':8s} {'max|dy| fp32':>13s}   (forward times not printed with --quick)")
+    else:
+        print(f"{'model':8s} {'max|dy| fp32':>13s} {'before ms (p20-p80)':>22s} {'after ms (p20-p80)':>22s} "
+              f"{'speed-up':>9s}   median of {repeats}")
     for name, build in (("conv-bn", conv_bn), ("ws-bcn", ws_bcn)):
         model = trained_statistics(build(channels, depth), x)
         folded = fold_norms(copy.deepcopy(model))
         with torch.inference_mode():
             diff = (folded(x) - model(x)).abs().max().item()
-        before, after = median_times([model, folded], x, repeats)
-        rows.append({"model": name, "max_abs_diff_fp32": diff, "before_ms": 1e3 * before, "after_ms": 1e3 * after,
-                     "speedup": before / after})
-        print(f"{name:8s} {diff:13.2e} {1e3 * before:10.2f} {1e3 * after:9.2f} {before / after:8.2f}x")
+        with torch.inference_mode():
+            times = interleaved_times({"before": partial(model, x), "after": partial(folded, x)}, repeats)
+        before, after = times["before"], times["after"]
+        rows.append({"model": name, "max_abs_diff_fp32": diff, "before_ms": before.median_ms,
+                     "after_ms": after.median_ms, "speedup": before.median_ms / after.median_ms})
+        if args.quick:
+            print(f"{name:8s} {diff:13.2e}")
+        else:
+            print(f"{name:8s} {diff:13.2e} {_ms(before):>22s} {_ms(after):>22s} "
+                  f"{before.median_ms / after.median_ms:8.2f}x")
     if args.output_json:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
                 "input": [batch, 3, size, size], "channels": channels, "depth": depth, "repeats": repeats,

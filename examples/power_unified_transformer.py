@@ -3,6 +3,7 @@ then the trained UnifiedNorm model is folded for inference (each eval-mode Unifi
 layer that reads it) and checked against the unfolded model.
 
     python examples/power_unified_transformer.py          # ~40 s of CPU time (measured on 2 shared cores)
+    python examples/power_unified_transformer.py --quick  # 10 steps per norm, a few seconds (smoke test)
 
 The task: each sequence of random vectors (variable length, padded) is labelled by the sign of its projection on a
 fixed direction, summed over the valid tokens. Losses are printed for LayerNorm, PowerNorm and UnifiedNorm; numbers
@@ -11,6 +12,7 @@ vary with the machine's threads and are not benchmarks.
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 import normlayers
 
-DIM, HEADS, LENGTH, BATCH, STEPS = 32, 4, 12, 16, 100
+DIM, HEADS, LENGTH, BATCH = 32, 4, 12, 16
 
 
 class Block(nn.Module):
@@ -65,21 +67,22 @@ def batch(gen: torch.Generator, direction: torch.Tensor) -> tuple[torch.Tensor, 
     return x, pad, (score > 0).long()
 
 
-def train(norm, name: str) -> Model:
+def train(norm, name: str, steps: int) -> tuple[Model, float]:
+    """Train a fresh model with ``norm``; returns it and its last step's loss."""
     torch.manual_seed(0)
     model = Model(norm)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
     direction = torch.randn(8, generator=torch.Generator().manual_seed(2))
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         x, pad, label = batch(gen, direction)
         loss = nn.functional.cross_entropy(model(x, pad), label)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 25 == 0:
+        if step % 25 == 0 or step == steps:
             print(f"{name:12s} step {step:4d}  loss {loss.item():.4f}")
-    return model
+    return model, loss.item()
 
 
 def fold_unified_norms(model: Model) -> Model:
@@ -100,12 +103,23 @@ def fold_unified_norms(model: Model) -> Model:
     return folded
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 training steps per norm (smoke test)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per norm (default 100; quick: 10)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        print("--quick: a smoke run of a few training steps; its results say nothing about the norms")
+    steps = args.steps or (10 if args.quick else 100)
     # PowerNorm's authors pass the attention heads as group_num and their LR warm-up as warmup_iters; here the
-    # warm-ups are short so that the running statistics take over within the run.
-    train(lambda: nn.LayerNorm(DIM), "LayerNorm")
-    train(lambda: normlayers.PowerNorm(DIM, group_num=HEADS, warmup_iters=30, batch_first=True), "PowerNorm")
-    model = train(lambda: normlayers.UnifiedNorm(DIM, warmup_iters=30), "UnifiedNorm")
+    # warm-ups are short (a third of the run) so that the running statistics take over within the run.
+    warmup = max(steps * 3 // 10, 1)
+    losses = {}
+    _, losses["LayerNorm"] = train(lambda: nn.LayerNorm(DIM), "LayerNorm", steps)
+    _, losses["PowerNorm"] = train(lambda: normlayers.PowerNorm(DIM, group_num=HEADS, warmup_iters=warmup,
+                                                                batch_first=True), "PowerNorm", steps)
+    model, losses["UnifiedNorm"] = train(lambda: normlayers.UnifiedNorm(DIM, warmup_iters=warmup), "UnifiedNorm",
+                                         steps)
 
     model.eval()
     folded = fold_unified_norms(model)
@@ -114,6 +128,7 @@ def main() -> None:
         difference = (model(x, pad) - folded(x, pad)).abs().max().item()
     print(f"UnifiedNorm folded into the next linear layers: max |difference| = {difference:.2e}")
     assert difference < 1e-4
+    return {"final_loss": losses, "fold_max_abs_difference": difference}
 
 
 if __name__ == "__main__":

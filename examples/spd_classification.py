@@ -5,7 +5,7 @@ The model is SPDNet (Huang & Van Gool, 2017) with a batch norm between its layer
     BiMap (X ↦ WᵀXW, W with orthonormal columns) → ReEig (eigenvalues floored at 1e-4) → SPDBatchNorm
     → LogEig (matrix log) → upper triangle → Linear
 
-The data follow the reproduction design of specs/spd_gbw_batchnorm.md §10.2: K classes with means
+The data are a small synthetic stand-in for the paper's data sets (which need downloads): K classes with means
 ``Σ_k = Q_k diag(e^u) Q_kᵀ``, ``u ~ U(0, log κ)`` (condition number up to κ), samples ``Σ_k^{1/2} Wishart(ν, I)/ν
 Σ_k^{1/2}``, and a nuisance congruence ``X ← A X Aᵀ``, ``A = expm(0.3 S)``, shared by all samples of one of several
 "sessions" (as EEG recordings differ between sessions); training batches are drawn within one session each.
@@ -166,8 +166,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, sessions: Tensor, session_s
 @torch.no_grad()
 def recalibrate(model: nn.Module, x: Tensor, sessions: Tensor, batch_size: int, generator: torch.Generator) -> None:
     """Recompute the running statistics of every SPDBatchNorm with the final parameters: the running mean is stored
-    in the coordinates of the metric M at update time, which moved during training (spec §4 Q8). A cumulative
-    average (momentum 1/k for the k-th batch) along the BW geodesic over one pass of the training batches."""
+    in the coordinates of the metric M at update time, which moved during training (docs/spd_batch_norm.md). A
+    cumulative average (momentum 1/k for the k-th batch) along the BW geodesic over one pass of the training batches."""
     norms = [m for m in model.modules() if isinstance(m, normlayers.SPDBatchNorm)]
     if not norms:
         return
@@ -204,7 +204,8 @@ def train(name: str, norm: Optional[nn.Module], data: dict, args: argparse.Names
     test_accuracy = accuracy(model, *data["test"])
     adapted = accuracy(model, *data["test"], session_statistics=True)
     print(f"{name:<17} test accuracy {100 * test_accuracy:5.1f}%  with per-session statistics {100 * adapted:5.1f}%  "
-          f"train accuracy {100 * accuracy(model, *data['train']):5.1f}%  ({seconds:.1f} s)", flush=True)
+          f"train accuracy {100 * accuracy(model, *data['train']):5.1f}%"
+          + ("" if args.quick else f"  ({seconds:.1f} s)"), flush=True)  # --quick: noise, not printed
     return test_accuracy, seconds
 
 
@@ -226,6 +227,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
+        print("--quick: a smoke run of a few training steps; its results say nothing about the norms")
         args.n, args.hidden, args.out, args.sessions, args.per_class_session, args.epochs = 8, 6, 4, 2, 8, 1
         args.classes, args.batch_size = 3, 12
 

@@ -2,40 +2,29 @@
 
 The model is built from a small config with random weights (nothing is downloaded). The script prints the plan
 (``plan_replacements``), swaps in place, checks that the logits and the ``state_dict`` keys are unchanged, and times a
-forward pass before and after. On a CPU both models run plain PyTorch (normlayers on its reference backend), so the
-timing compares two eager implementations; on a GPU the swapped model runs the Triton kernels.
+forward pass before and after (the two models take turns; median and p20–p80 of the repeats). On a CPU both
+models run plain PyTorch (normlayers on its reference backend), so the timing compares two eager implementations; on a
+GPU the swapped model runs the Triton kernels.
 
     python examples/swap_norms_llama.py            # 4 layers, 512 wide, batch 4 x 256 tokens
-    python examples/swap_norms_llama.py --quick    # 2 layers, 64 wide (smoke test)
+    python examples/swap_norms_llama.py --quick    # 2 layers, 64 wide (smoke test; no timing printed)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import normlayers
-
-
-def median_forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    times = []
-    with torch.inference_mode():
-        model(ids)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(ids)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from normlayers.bench.timing import interleaved_times
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny model, one timing repeat")
+    parser.add_argument("--quick", action="store_true", help="a tiny model; its timing is measured but not printed")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -44,11 +33,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-        batch, length, repeats = 2, 16, 1
+        batch, length, repeats = 2, 16, 3
     else:
         config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
                              num_key_value_heads=4, vocab_size=8000, max_position_embeddings=512)
-        batch, length, repeats = 4, 256, 5
+        batch, length, repeats = 4, 256, 10
     original = LlamaForCausalLM(config).to(device, dtype).eval()
     with torch.no_grad():  # RMSNorm weights are initialised to ones; random ones make the comparison meaningful
         for name, param in original.named_parameters():
@@ -69,15 +58,20 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         before, after = original(ids).logits, model(ids).logits
     difference = (before.float() - after.float()).abs().max().item()
-    time_before = median_forward_seconds(original, ids, repeats)
-    time_after = median_forward_seconds(model, ids, repeats)
+    with torch.inference_mode():
+        times = interleaved_times({"before": lambda: original(ids), "after": lambda: model(ids)}, repeats, device)
     backend = "Triton kernels" if device == "cuda" else "the reference (no CUDA)"
     print(f"swapped {swapped} RMSNorms; state_dict keys unchanged")
     print(f"max |logits after - logits before| = {difference:.3g} ({args.dtype})")
-    print(f"forward: {time_before * 1e3:.1f} ms before, {time_after * 1e3:.1f} ms after "
-          f"(median of {repeats}, {device}, normlayers on {backend})")
-    return {"swapped": swapped, "max_abs_difference": difference, "seconds_before": time_before,
-            "seconds_after": time_after}
+    if args.quick:  # a tiny model's forward takes about a millisecond: single-digit repeats of it are noise
+        print("forward time: not printed with --quick")
+    else:
+        before, after = times["before"], times["after"]
+        print(f"forward ms, median (p20-p80) of {repeats}, the models taking turns, {device}, normlayers on {backend}: "
+              f"{before.median_ms:.1f} ({before.p20_ms:.1f}-{before.p80_ms:.1f}) before, "
+              f"{after.median_ms:.1f} ({after.p20_ms:.1f}-{after.p80_ms:.1f}) after")
+    return {"swapped": swapped, "max_abs_difference": difference, "seconds_before": times["before"].median_ms / 1e3,
+            "seconds_after": times["after"].median_ms / 1e3}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The corpus is synthetic (nothing is downloaded): text from a random second-order Markov chain over 48 symbols whose
 next-token distribution depends on the last two tokens, so there is real structure to learn (the best possible loss is
 the chain's entropy rate, printed). Every model is the
-library's ``normlayers.models.TransformerLM`` with the same seed, optimizer and data order; only ``norm_layer``
+library's ``normlayers.testing.models.TransformerLM`` with the same seed, optimizer and data order; only ``norm_layer``
 changes. PowerNorm and UnifiedNorm leave their warm-up (batch statistics) after a third of the steps and then
 normalize with running statistics, so their validation loss (eval mode) uses what they learned.
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import normlayers
-from normlayers.models import TransformerLM
+from normlayers.testing.models import TransformerLM
 
 VOCAB, CONTEXT = 48, 64
 
@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, data: list[torch.Tensor]) -> float:
 
 
 def train(name: str, norm_layer: Callable[..., nn.Module], train_data: list[torch.Tensor],
-          val_data: list[torch.Tensor], lr: float) -> dict:
+          val_data: list[torch.Tensor], lr: float, show_seconds: bool = True) -> dict:
     torch.manual_seed(0)
     model = TransformerLM(VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=CONTEXT, norm_layer=norm_layer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -96,7 +96,8 @@ def train(name: str, norm_layer: Callable[..., nn.Module], train_data: list[torc
     tail = curve[-max(len(curve) // 10, 1):]
     result = {"norm": name, "curve": curve, "train_loss": sum(tail) / len(tail),
               "val_loss": evaluate(model, val_data), "seconds": time.perf_counter() - started}
-    print(f"  {name:12s} train {result['train_loss']:.3f}  val {result['val_loss']:.3f}  ({result['seconds']:.0f} s)")
+    print(f"  {name:12s} train {result['train_loss']:.3f}  val {result['val_loss']:.3f}"
+          + (f"  ({result['seconds']:.0f} s)" if show_seconds else ""))
     return result
 
 
@@ -136,13 +137,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--plot", type=Path, default=Path("tiny_transformer_norms.png"))
     args = parser.parse_args(argv)
+    if args.quick:
+        print("--quick: a smoke run of a few training steps; its results say nothing about the norms")
     steps = args.steps or (6 if args.quick else 300)
     generator = torch.Generator().manual_seed(0)
     tokens, floor = markov_corpus(5_000 if args.quick else 100_000, generator)
     train_data = batches(tokens[: len(tokens) * 9 // 10], 16, steps, seed=1)
     val_data = batches(tokens[len(tokens) * 9 // 10:], 16, 2 if args.quick else 20, seed=2)
     print(f"{steps} steps of 16 x {CONTEXT} tokens per norm; entropy rate of the corpus {floor:.3f} nats/token")
-    results = [train(name, layer, train_data, val_data, args.lr)
+    # --quick: a few steps; the seconds would only be noise, so they are not printed.
+    results = [train(name, layer, train_data, val_data, args.lr, show_seconds=not args.quick)
                for name, layer in norm_layers(warmup_iters=max(steps // 3, 1)).items()]
     print("\n| norm | train loss (last 10 % of steps) | validation loss (eval mode) |\n|---|---|---|")
     for r in results:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -11,15 +10,12 @@ import pytest
 import torch
 
 import normlayers
-
+import normlayers.backends as nb
+import normlayers.cpu.row_norms as cpu_row
 import normlayers.ops.row_norms as ops_row
 from normlayers import functional as NF
 from normlayers.reference import row_norms as ref_row
 from normlayers.testing import assert_close
-
-# The module, not the context manager: `normlayers.backend` (the attribute) is the function `backend`, which
-# shadows the submodule of the same name, so `import normlayers.backend as nb` would bind the function.
-nb = importlib.import_module("normlayers.backend")
 
 
 @pytest.mark.parametrize("name", ["auto", "triton", "reference"])
@@ -119,7 +115,8 @@ def _fail(*args, **kwargs):
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms", "crms"])
-def test_auto_on_cpu_uses_the_reference(monkeypatch, kind):
+def test_auto_on_cpu_uses_the_cpu_tier(monkeypatch, kind):
+    """Backend "auto" on CPU runs the CPU tier (never the kernels); "reference" runs the reference."""
     monkeypatch.setattr(ops_row, "row_norm", _fail)
     x, r = torch.randn(3, 16), torch.randn(3, 16)
     fn = {"layer": NF.layer_norm, "rms": NF.rms_norm, "crms": NF.crms_norm}[kind]
@@ -129,12 +126,19 @@ def test_auto_on_cpu_uses_the_reference(monkeypatch, kind):
     with normlayers.backend("triton"):
         with pytest.raises(_OpCalled):
             fn(x, (16,))
-    for name in ("auto", "reference"):
-        with normlayers.backend(name):
-            assert nb.use_triton(x) is False
-            assert torch.equal(fn(x, (16,), None, eps=1e-5), ref(x, (16,), None, eps=1e-5))
-            y, h = add_fn(x, r, (16,), None, eps=1e-5)
-            assert torch.equal(y, ref(x + r, (16,), None, eps=1e-5))
+    with normlayers.backend("auto"):
+        assert nb.use_triton(x) is False and nb.tier(x) == "cpu"
+        y = fn(x, (16,), None, eps=1e-5)
+        assert torch.equal(y, cpu_row.row_norm(kind, x, (16,), None, None, 1e-5, None, None, 0.0)[0])
+        assert_close(y, ref(x, (16,), None, eps=1e-5))
+        y, h = add_fn(x, r, (16,), None, eps=1e-5)
+        assert torch.equal(h, x + r)
+        assert_close(y, ref(x + r, (16,), None, eps=1e-5))
+    with normlayers.backend("reference"):
+        assert nb.tier(x) == "reference"
+        assert torch.equal(fn(x, (16,), None, eps=1e-5), ref(x, (16,), None, eps=1e-5))
+        y, h = add_fn(x, r, (16,), None, eps=1e-5)
+        assert torch.equal(y, ref(x + r, (16,), None, eps=1e-5))
 
 
 def test_auto_never_uses_triton_off_cuda():

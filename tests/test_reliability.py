@@ -12,7 +12,7 @@ import normlayers
 import normlayers.functional as F
 from normlayers.testing import assert_close
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "auto")
 
 
 def _on(backend_name: str, fn, *args, **kwargs):

@@ -31,6 +31,10 @@ def test_probe_records_the_triton_ops_and_nothing_for_torch_only_layers():
     ws = support.probe(support.LAYERS["WSConv2d"])
     assert ws["triton_fwd"] == ws["triton_bwd"] == () and ws["fold"] and not ws["sync_stats"]
     assert support.probe(support.LAYERS["RegionNorm2d"])["sync_stats"]
+    for name in ("LayerNorm2d", "RMSNorm2d"):  # one op pair for both, per-sample statistics, nothing to fold
+        channel = support.probe(support.LAYERS[name])
+        assert (channel["triton_fwd"], channel["triton_bwd"]) == (("channel_norm_fwd",), ("channel_norm_bwd",))
+        assert not channel["sync_stats"] and not channel["fold"]
 
 
 def test_matrix_has_a_row_per_layer():

@@ -1,7 +1,7 @@
 """normlayers: normalization layers for PyTorch with fused Triton kernels and plain-PyTorch references."""
 
-from normlayers import convert, functional, models
-from normlayers.backend import backend, get_backend, set_backend
+from normlayers import backends, convert, functional
+from normlayers.backends import backend, get_backend, set_backend
 from normlayers.convert import plan_replacements, replace_norms, restore_norms
 from normlayers.distributed import convert_sync
 from normlayers.nn import (
@@ -17,9 +17,11 @@ from normlayers.nn import (
     EvoNorm2dS2,
     EvoNorm2dS2a,
     LayerNorm,
+    LayerNorm2d,
     LearnableRegionNorm2d,
     PowerNorm,
     RMSNorm,
+    RMSNorm2d,
     RegionNorm2d,
     SPDBatchNorm,
     ScaledWSConv2d,
@@ -27,6 +29,10 @@ from normlayers.nn import (
     WSConv2d,
     reset_iters,
 )
+
+from normlayers._dtensor import register_sharding_rules_lazily as _register_sharding_rules_lazily
+
+_register_sharding_rules_lazily()
 
 __version__ = "0.1.0"
 
@@ -43,20 +49,22 @@ __all__ = [
     "EvoNorm2dS2",
     "EvoNorm2dS2a",
     "LayerNorm",
+    "LayerNorm2d",
     "LearnableRegionNorm2d",
     "PowerNorm",
     "RMSNorm",
+    "RMSNorm2d",
     "RegionNorm2d",
     "SPDBatchNorm",
     "ScaledWSConv2d",
     "UnifiedNorm",
     "WSConv2d",
     "backend",
+    "backends",
     "convert",
     "convert_sync",
     "functional",
     "get_backend",
-    "models",
     "plan_replacements",
     "replace_norms",
     "reset_iters",

@@ -21,7 +21,7 @@ from normlayers.bench.compare import Comparison, compare, regressions
 from normlayers.bench.ops import OPS, ideal_bytes
 from normlayers.bench.providers import PROVIDERS, Provider, UnsupportedOp
 from normlayers.bench.report import CSV_FIELDS
-from normlayers.bench.runner import BenchResult, timed_call
+from normlayers.bench.runner import BenchResult, run_case, timed_call
 from normlayers.bench.suites import SUITES
 
 from .conftest import FAST
@@ -84,7 +84,7 @@ def test_tiny_run_writes_csv_and_json_with_sane_values(tiny_run):
         assert r["compile_s"] == ""  # neither compiles on CPU
         assert (r["device_name"], r["torch"]) == (document["metadata"]["device_name"], torch.__version__)
     assert all(float(r["speedup_vs_torch"]) == 1.0 for r in rows if r["provider"] == "torch")
-    assert all("reference path" in r["note"] for r in rows if r["provider"] == "normlayers")
+    assert all("cpu tier" in r["note"] for r in rows if r["provider"] == "normlayers")
 
     metadata = document["metadata"]
     assert metadata["device_type"] == "cpu" and metadata["suite"] == "custom"
@@ -93,6 +93,58 @@ def test_tiny_run_writes_csv_and_json_with_sane_values(tiny_run):
     assert {"git_sha", "date", "device_name", "triton", "normlayers", "timer", "byte_models"} <= metadata.keys()
     assert metadata["byte_models"]["rms_norm/fwd"] == "read x[MxN] + read weight[N] + write y[MxN]"
     assert [(r["op"], r["provider"]) for r in document["results"]] == [(r["op"], r["provider"]) for r in rows]
+
+
+def test_time_limit_stops_starting_cases_and_lists_the_ones_not_run(tmp_path, capsys):
+    code, rows, document = _run(tmp_path, "--op", "rms_norm,layer_norm", "--shapes", "3x40", "--dtype", "fp32",
+                                "--mode", "fwd", "--providers", "torch", "--time-limit", "0")
+
+    assert code == 0 and rows == [] and document["results"] == []
+    metadata = document["metadata"]
+    assert metadata["cases_not_run"] == ["rms_norm fp32 fwd 3x40", "layer_norm fp32 fwd 3x40"]
+    assert (metadata["time_limit_s"], metadata["cases_planned"], metadata["finished"]) == (0, 2, True)
+    assert "time limit of 0 s reached: 2 of 2 cases not run" in capsys.readouterr().out
+
+
+def test_a_run_that_dies_part_way_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    finished = []
+
+    def run_case_then_die(case, providers, settings):
+        if finished:
+            raise KeyboardInterrupt  # as a run stopped from outside
+        finished.append(case)
+        return run_case(case, providers, settings)
+
+    monkeypatch.setattr(cli, "run_case", run_case_then_die)
+    json_path = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--op", "rms_norm,layer_norm", "--shapes", "3x40", "--dtype", "fp32", "--mode", "fwd",
+                  "--providers", "torch", "--json", str(json_path), *FAST])
+
+    document = json.loads(json_path.read_text())
+    assert [r["op"] for r in document["results"]] == ["rms_norm"]
+    assert document["metadata"]["finished"] is False
+
+
+def test_dtypes_an_op_does_not_accept_are_left_out_and_said(tmp_path, capsys):
+    code, rows, document = _run(tmp_path, "--op", "spd_batch_norm,rms_norm", "--shapes", "5x3", "--dtype",
+                                "fp32,bf16", "--mode", "fwd", "--providers", "torch")
+
+    assert code == 0
+    assert sorted((r["op"], r["dtype"]) for r in rows) == \
+        [("rms_norm", "bf16"), ("rms_norm", "fp32"), ("spd_batch_norm", "fp32")]
+    assert document["metadata"]["not_applicable"] == ["spd_batch_norm bf16"]
+    assert "not run, the op does not accept the dtype: spd_batch_norm bf16" in capsys.readouterr().out
+
+
+def test_the_gpu_suite_runs_every_registered_op_at_shapes_that_fit_it():
+    # tools/gpu_check.sh benchmarks every op through this suite: a new op (or shape kind) must be added to it.
+    assert sorted(SUITES["gpu"].ops) == sorted(OPS)
+    for shapes_by_kind in SUITES["gpu"].shapes.values():
+        for op in OPS.values():
+            for shape in shapes_by_kind[op.shape_kind.name]:
+                op.parse_shape(shape)  # raises when the shape does not fit the op
+    assert {c.op.name for c in _plan("--suite", "gpu").cases} == set(OPS)
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_SHAPES))
@@ -172,7 +224,7 @@ def test_bf16_batch_channel_norm_backward_and_evo_state(tmp_path):
     normlayers_rows = [r for r in rows if r["provider"] == "normlayers"]
     assert [r["status"] for r in normlayers_rows] == ["ok", "ok"]
     evo_torch = next(r for r in rows if r["op"] == "evo_norm2d_b0" and r["provider"] == "torch")
-    assert evo_torch["note"] == "no native op: eager reference"
+    assert evo_torch["note"] == "timm's EvoNorm in eager torch (no native op)"
 
 
 def test_fused_add_and_crms_backward_are_checked(tmp_path):
@@ -182,7 +234,7 @@ def test_fused_add_and_crms_backward_are_checked(tmp_path):
     assert code == 0 and len(rows) == 4
     assert all(r["status"] == "ok" and float(r["max_abs_err"]) <= float(r["err_bound"]) for r in rows), rows
     torch_crms = next(r for r in rows if r["op"] == "crms_norm" and r["provider"] == "torch")
-    assert "no native op" in torch_crms["note"]
+    assert "F.rms_norm of the restored" in torch_crms["note"]
 
 
 def test_torch_compile_backward_is_timed_with_its_compile_time(tmp_path):
@@ -357,6 +409,9 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
     (["--mode", "forward"], "--mode: unknown mode 'forward'"),
     (["--providers", "triton"], "--providers: unknown provider 'triton'"),
     (["--rep-ms", "-1"], "expected a positive number of milliseconds"),
+    (["--time-limit", "soon"], "--time-limit: expected a non-negative number of seconds, got 'soon'"),
+    (["--op", "spd_batch_norm", "--dtype", "bf16"],
+     "--dtype: nothing to run, the ops do not accept these dtypes (spd_batch_norm bf16)"),
     (["--fail-if-regression", "5"], "--fail-if-regression needs --compare"),
     (["--compare", "/nonexistent/old.json"], "--compare: cannot read /nonexistent/old.json"),
     (["--suite", "nope"], "invalid choice: 'nope'"),

@@ -83,6 +83,18 @@ def test_newest_run_per_device_wins(tmp_path, results_dir, tiny_run):
     assert "1.23e+04 ms" not in doc.read_text()
 
 
+def test_a_run_in_its_own_folder_is_found(tmp_path, tiny_run):
+    # tools/gpu_check.sh writes results/<date>_<device>/bench.json
+    results_dir = tmp_path / "results"
+    (results_dir / "2026-12-06_cpu").mkdir(parents=True)
+    shutil.copy(tiny_run[1], results_dir / "2026-12-06_cpu" / "bench.json")
+    doc = tmp_path / "README.md"
+    doc.write_text(CPU_MARKER)
+    make_tables.main(["--results", str(results_dir), str(doc)])
+
+    assert "([2026-12-06_cpu/bench.json](results/2026-12-06_cpu/bench.json))" in doc.read_text()
+
+
 def test_bad_marker_key_is_an_error(tmp_path, results_dir, capsys):
     doc = tmp_path / "README.md"
     doc.write_text("<!-- bench-table: op=rms_norm -->\n<!-- /bench-table -->\n")

@@ -10,7 +10,8 @@ from torch import nn
 
 import normlayers
 from normlayers.convert import OutputRMSNorm, PreNormSpec, prenorm_to_crmsnorm, prenorm_to_rmsnorm
-from normlayers.models import TransformerLM
+from normlayers.testing import assert_close
+from normlayers.testing.models import TransformerLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,7 +131,9 @@ def test_fp32_outputs_close():
     expected = model(*x)
     prenorm_to_crmsnorm(model)
     assert model.tok_emb.weight.dtype == torch.float32
-    torch.testing.assert_close(model(*x), expected, rtol=1e-4, atol=1e-4)
+    # fp32 rounding only (the conversion is exact in fp64, tests above): the folded weights and the other norm round
+    # differently, within the fp32 tolerances of normlayers.testing (measured: 4.8e-7 on outputs of magnitude ~2).
+    assert_close(model(*x), expected)
 
 
 def test_parameters_of_unchanged_shape_keep_their_identity():

@@ -11,6 +11,7 @@ from torch import nn
 
 import normlayers
 from normlayers.convert import DEFAULT_MAPPING
+from normlayers.testing import assert_lowprec_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -346,3 +347,187 @@ def test_cast_mode_is_checked():
 
 def test_default_mapping_is_same_math_only():
     assert set(DEFAULT_MAPPING.values()) == {normlayers.LayerNorm, normlayers.RMSNorm}
+
+
+class ToyRMSNorm(nn.Module):
+    """Not a normlayers class: an RMS norm that only follows the conversion protocol (``from_module``, ``to_torch``);
+    ``gain`` scales its output, so a ``gain`` other than 1 is a wrong conversion that verification must catch."""
+
+    def __init__(self, width: int, eps, gain: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps, self.gain = eps, gain
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs) -> "ToyRMSNorm":
+        if type(module) is not nn.RMSNorm:
+            raise TypeError(f"ToyRMSNorm adopts an nn.RMSNorm, got {type(module).__name__}")
+        new = cls(module.normalized_shape[0], module.eps, **kwargs)
+        new.weight = module.weight
+        return new
+
+    def forward(self, x):
+        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps) * self.gain
+
+    def to_torch(self) -> nn.RMSNorm:
+        plain = nn.RMSNorm(self.weight.shape, self.eps)
+        plain.weight = self.weight
+        return plain
+
+
+def test_a_class_with_the_conversion_protocol_plugs_in_without_convert_knowing_it():
+    torch.manual_seed(9)
+    model = _randomized(nn.Sequential(nn.RMSNorm(8, eps=1e-6), nn.Linear(8, 8)))
+    weight, x = model[0].weight, torch.randn(3, 8)
+    expected = model(x)
+    assert normlayers.plan_replacements(model, {nn.RMSNorm: ToyRMSNorm})[0].new_type is ToyRMSNorm
+    normlayers.replace_norms(model, {nn.RMSNorm: ToyRMSNorm})
+    assert type(model[0]) is ToyRMSNorm and model[0].weight is weight
+    assert torch.equal(model(x), expected)
+    normlayers.restore_norms(model)  # the class it replaced, around the same parameter
+    assert type(model[0]) is nn.RMSNorm and model[0].weight is weight and torch.equal(model(x), expected)
+    # built directly, it goes back through its own to_torch
+    toy = nn.Sequential(ToyRMSNorm.from_module(model[0]))
+    assert type(normlayers.restore_norms(toy)[0]) is nn.RMSNorm and toy[0].weight is weight
+    # verification applies to it: bit-for-bit unless the class says otherwise
+    with pytest.raises(ValueError, match=r"replacing 0 \(RMSNorm\) by ToyRMSNorm changes its outputs"):
+        normlayers.replace_norms(model, {nn.RMSNorm: functools.partial(ToyRMSNorm, gain=1.0 + 2**-20)})
+    assert type(model[0]) is nn.RMSNorm
+    with pytest.raises(TypeError, match="ToyRMSNorm adopts an nn.RMSNorm"):
+        normlayers.replace_norms(nn.Sequential(nn.LayerNorm(8)), {nn.LayerNorm: ToyRMSNorm})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_t5_layer_norm_is_recognized_and_swapped_exactly(dtype):
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(10)
+    model = nn.Sequential(_randomized(T5LayerNorm(32, eps=1e-6))).to(dtype)
+    before = copy.deepcopy(model)
+    plan = normlayers.plan_replacements(model)
+    assert [(r.old_type, r.new_type) for r in plan] == [(T5LayerNorm, normlayers.RMSNorm)]
+    normlayers.replace_norms(model)
+    assert type(model[0]) is normlayers.RMSNorm and model[0].eps == 1e-6
+    x = torch.randn(4, 7, 32, dtype=dtype)
+    with normlayers.backend("reference"):
+        assert torch.equal(model(x), before(x))
+    assert type(normlayers.restore_norms(model)[0]) is T5LayerNorm
+
+
+class _ScaleThenRoundRMSNorm(nn.Module):
+    """OLMo2's casting order, ``(w · x̂).to(dtype)``, in a class whose source mentions Gemma's offset in a comment."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states):
+        # no `1 + self.weight` here (unlike Gemma): the weight multiplies in fp32, then one rounding
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * x).to(hidden_states.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_order_and_offset_are_probed_from_behaviour(dtype):
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    torch.manual_seed(11)
+    x = torch.randn(4, 7, 64, dtype=dtype)
+    for cls in (_ScaleThenRoundRMSNorm, Olmo2RMSNorm):
+        original = _randomized(cls(64)).to(dtype)
+        new = normlayers.replace_norms(copy.deepcopy(original))
+        assert (new.weight_offset, new.cast_mode) == (0.0, "torch")
+        with normlayers.backend("reference"):
+            assert torch.equal(new(x), original(x)), cls.__name__
+    # probed on a copy with random parameters: a meta-device model works too, and a fresh weight (ones) hides nothing
+    with torch.device("meta"):
+        meta = nn.Sequential(Olmo2RMSNorm(64), transformers.models.llama.modeling_llama.LlamaRMSNorm(64))
+    with pytest.warns(UserWarning, match="meta device"):
+        normlayers.replace_norms(meta)
+    assert [m.cast_mode for m in meta] == ["torch", "llama"]
+
+
+def test_verify_compares_bit_for_bit_in_the_model_dtype():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(12)
+    model = nn.Sequential(_randomized(LlamaRMSNorm(64, eps=1e-5))).to(torch.bfloat16)
+
+    def rounds_once(m):  # Llama rounds the normalized input and then scales: rounding once is close, not the same
+        new = normlayers.RMSNorm(64, eps=m.variance_epsilon, dtype=torch.bfloat16)
+        new.weight = m.weight
+        return new
+
+    with pytest.raises(ValueError, match=r"changes its outputs \(probe of shape \[2, 3, 64\], torch.bfloat16, compared "
+                                         r"bit-for-bit\)"):
+        normlayers.replace_norms(model, {LlamaRMSNorm: rounds_once})
+    with pytest.raises(ValueError, match="changes its outputs with every variant tried"):  # the same, probed
+        normlayers.replace_norms(model, {"*RMSNorm": functools.partial(normlayers.RMSNorm, cast_mode="torch")})
+    assert type(model[0]) is LlamaRMSNorm
+
+
+def test_a_nan_weight_does_not_fail_verification():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model = nn.Sequential(nn.LayerNorm(8), nn.RMSNorm(8), LlamaRMSNorm(8))
+    with torch.no_grad():
+        for norm in model:
+            norm.weight[3] = float("nan")
+    before = copy.deepcopy(model)
+    normlayers.replace_norms(model)
+    assert [type(m) for m in model] == [normlayers.LayerNorm, normlayers.RMSNorm, normlayers.RMSNorm]
+    x = torch.randn(2, 8)
+    with normlayers.backend("reference"):
+        torch.testing.assert_close(model(x), before(x), equal_nan=True)
+    # a wrong mapping is still caught with a NaN in the weight
+    gemma_offset = {nn.RMSNorm: functools.partial(normlayers.RMSNorm, weight_offset=1.0)}
+    with pytest.raises(ValueError, match="changes its outputs"):
+        normlayers.replace_norms(nn.Sequential(copy.deepcopy(before[1])), gemma_offset)
+
+
+def test_probed_swaps_run_on_the_triton_path():
+    """The casting orders the probe picks are what the kernels compute too (to the kernels' own rounding)."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    pytest.importorskip("triton")
+    torch.manual_seed(13)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    for cls in (LlamaRMSNorm, Olmo2RMSNorm, GemmaRMSNorm):  # the three (offset, casting order) pairs in use
+        original = _randomized(cls(64)).to(torch.bfloat16)
+        new = normlayers.replace_norms(copy.deepcopy(original))
+        with normlayers.backend("triton"):
+            actual = new(x)
+        expected64 = copy.deepcopy(original).double()(x.double())
+        assert_lowprec_close(actual, original(x), expected64, msg=cls.__name__)
+
+
+def test_from_module_and_to_torch_on_the_classes():
+    torch.manual_seed(14)
+    ln = _randomized(nn.LayerNorm((2, 4), eps=1e-3, bias=False))
+    ours = normlayers.LayerNorm.from_module(ln)
+    assert (ours.normalized_shape, ours.eps, ours.bias, ours.weight is ln.weight) == ((2, 4), 1e-3, None, True)
+    plain = ours.to_torch()
+    assert type(plain) is nn.LayerNorm and plain.weight is ln.weight and plain.bias is None
+    rms = normlayers.RMSNorm.from_module(nn.RMSNorm(6, elementwise_affine=False), cast_mode="llama")
+    assert (rms.eps, rms.weight, rms.cast_mode) == (None, None, "llama")
+    conv = nn.Conv2d(2, 4, 3, bias=False)
+    scaled = normlayers.ScaledWSConv2d.from_module(conv, gain_init=0.5)
+    assert scaled.weight is conv.weight and torch.equal(scaled.gain, torch.full((4, 1, 1, 1), 0.5))
+    assert type(scaled.to_torch()) is nn.Conv2d
+    with pytest.raises(TypeError, match="no conversion from BatchNorm1d to normlayers.LayerNorm: it holds"):
+        normlayers.LayerNorm.from_module(nn.BatchNorm1d(3))
+    with pytest.raises(TypeError, match="no conversion from Linear to normlayers.LayerNorm: it has neither"):
+        normlayers.LayerNorm.from_module(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match=r"no conversion from LayerNorm to normlayers.RMSNorm: it holds \['weight', "
+                                        r"'bias'\]"):
+        normlayers.RMSNorm.from_module(nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="neither a `normalized_shape` nor a 1-D `weight`"):
+        normlayers.RMSNorm.from_module(nn.Identity())
+    with pytest.raises(TypeError, match="would hold parameters"):
+        normlayers.LayerNorm.from_module(nn.LayerNorm(4), elementwise_affine=False)
+    with pytest.raises(TypeError, match="no conversion from Linear to WSConv2d"):
+        normlayers.WSConv2d.from_module(nn.Linear(3, 3))

@@ -5,9 +5,9 @@ One spawn of two ranks (``region_spd_worker.py``) runs every case: RN-B and RN-L
 backends (the Triton path through the interpreter), uneven batches, an empty rank, a hole region empty on one rank
 and on every rank, the plain and the effective epsilon (whose global counts a local run would get wrong), and
 ``stats="instance"`` (sync a no-op); SPDBatchNorm pooled and per channel, two Karcher steps, both dispersions, an
-empty rank; a ``torch.compile(fullgraph=True)`` run of each layer; and eval calls on one rank (no collective). Each must equal the single-process run on the
-concatenated batch: outputs and input gradients row by row, parameter gradients summed over ranks (what DDP's
-all-reduce averages), running buffers on every rank.
+empty rank; a ``torch.compile(fullgraph=True)`` run of each layer; and eval calls on one rank (no collective). Each
+must equal the single-process run on the concatenated batch: outputs and input gradients row by row, parameter
+gradients summed over ranks (what DDP's all-reduce averages), running buffers on every rank.
 """
 
 from __future__ import annotations

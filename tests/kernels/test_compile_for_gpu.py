@@ -21,15 +21,15 @@ def compile_all_variants() -> int:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from normlayers.kernels import channel_stats, common, evo_norm, region_norm, row_norms, token_stats
+    from normlayers.kernels import channel_norms, channel_stats, common, evo_norm, region_norm, row_norms, token_stats
 
     target = GPUTarget("cuda", 90, 32)
 
     def compile_kernel(fn, pointer_types, scalar_types, constexprs):
-        signature = {**pointer_types, **scalar_types, **{name: "constexpr" for name in constexprs}}
-        names = list(signature)
-        source = triton.compiler.ASTSource(fn=fn, signature=signature,
-                                           constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        types = {**pointer_types, **scalar_types, **{name: "constexpr" for name in constexprs}}
+        # in the kernel's argument order: the signature is matched to the arguments by position
+        signature = {name: types[name] for name in fn.arg_names}
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs))
         triton.compile(source, target=target, options={"num_warps": 4})
 
     count = 0
@@ -40,7 +40,8 @@ def compile_all_variants() -> int:
                  "BLOCK_M": 4 if single else 1, "BLOCK_N": 512, "SINGLE_BLOCK": single}
         compile_kernel(
             row_norms.row_norm_fwd_kernel,
-            {**{n: f"*{data}" for n in ("X", "RES", "W", "B", "Y", "RES_OUT")}, "MEAN": f"*{stats}", "RSTD": f"*{stats}"},
+            {**{n: f"*{data}" for n in ("X", "RES", "W", "B", "Y", "RES_OUT")},
+             "MEAN": f"*{stats}", "RSTD": f"*{stats}"},
             {"M": "i32", "N": "i32", "stride_x": "i64", "stride_res": "i64", "eps": "fp32", "weight_offset": "fp32",
              "cap": "fp32"},
             {"NORM": norm, "HAS_RESIDUAL": fused, **{k: v for k, v in flags.items() if k != "NORM"}},
@@ -48,15 +49,38 @@ def compile_all_variants() -> int:
         compile_kernel(
             row_norms.row_norm_bwd_kernel,
             {"H": f"*{data}", "W": f"*{data}", "DY": f"*{data}", "DRES_OUT": f"*{data}", "MEAN": f"*{stats}",
-             "RSTD": f"*{stats}", "DH": f"*{data}", "DW_PARTIAL": f"*{stats}", "DB_PARTIAL": f"*{stats}"},
+             "RSTD": f"*{stats}", "DH": f"*{data}", "PARTIALS": f"*{stats}", "COEF": f"*{stats}"},
             {"M": "i32", "N": "i32", "stride_h": "i64", "stride_dy": "i64", "stride_dres": "i64",
              "weight_offset": "fp32"},
             {"NORM": norm, "HAS_DRESIDUAL": fused, **{k: v for k, v in flags.items() if k != "NORM"}},
         )
         count += 2
+    # Channels-first norms: both layouts' unit strides as Triton specializes them (an integer argument equal to 1
+    # becomes a constant: NCHW's pixel strides, channels-last's channel strides), single block and chunked C.
+    for data, norm, single, unit in product(("bf16", "fp32", "fp64"), (0, 1), (True, False), ("p", "c")):
+        stats = "fp64" if data == "fp64" else "fp32"
+        flags = {"NORM": norm, "HAS_WEIGHT": True, "HAS_BIAS": norm == 0,
+                 "COMPUTE": tl.float64 if data == "fp64" else tl.float32, "BLOCK_C": 64 if single else 32,
+                 "BLOCK_P": 32, "SINGLE_BLOCK": single}
+
+        def tensor_strides(*names):
+            strides = {f"stride_{t}{d}": "i64" for t in names for d in ("n", "c", "p") if d != unit}
+            return strides, {f"stride_{t}{unit}": 1 for t in names}
+
+        fwd_strides, fwd_units = tensor_strides("x", "y")
+        compile_kernel(channel_norms.channel_norm_fwd_kernel,
+                       {"X": f"*{data}", "W": f"*{data}", "B": f"*{data}", "Y": f"*{data}", "MEAN": f"*{stats}",
+                        "RSTD": f"*{stats}"},
+                       {"C": "i32", "P": "i32", **fwd_strides, "eps": "fp32"}, {**fwd_units, **flags})
+        bwd_strides, bwd_units = tensor_strides("x", "dy", "dx")
+        compile_kernel(channel_norms.channel_norm_bwd_kernel,
+                       {"X": f"*{data}", "W": f"*{data}", "DY": f"*{data}", "MEAN": f"*{stats}", "RSTD": f"*{stats}",
+                        "DX": f"*{data}", "DW_PARTIAL": f"*{stats}", "DB_PARTIAL": f"*{stats}"},
+                       {"N": "i32", "C": "i32", "P": "i32", **bwd_strides}, {**bwd_units, **flags})
+        count += 2
     for partial in ("fp32", "fp64"):
-        compile_kernel(common.column_sum_kernel, {"PARTIALS": f"*{partial}", "OUT": "*bf16"},
-                       {"num_rows": "i32", "N": "i32"}, {"BLOCK_ROWS": 32, "BLOCK_N": 256})
+        compile_kernel(common.column_sum_kernel, {"PARTIALS": f"*{partial}", "OUT": "*bf16", "OUT2": "*bf16"},
+                       {"num_rows": "i32", "N": "i32", "SPLIT": "i32"}, {"BLOCK_ROWS": 32, "BLOCK_N": 256})
         count += 1
     planes = {"P": "i32", "C": "i32", "HW": "i32"}
 
@@ -142,7 +166,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 141 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 189 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":

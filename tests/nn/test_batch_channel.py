@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Optional
 
 import pytest
 import torch

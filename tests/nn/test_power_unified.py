@@ -3,7 +3,7 @@
 The step-by-step agreement with the authors' algorithms is in test_power_unified_steps.py. Here the oracles are
 torch built-ins and autograd: eval outputs against the formula written with plain tensor ops, the cases where the
 method's gradient is the exact one against ``torch.autograd.gradcheck`` (finite differences), ``as_affine`` against
-the eval forward.
+the same eval formula.
 """
 
 from __future__ import annotations
@@ -110,13 +110,19 @@ def test_power_norm_eval_is_group_scaling_then_running_phi(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unified_norm_eval_equals_as_affine(backend):
-    m = _trained(normlayers.UnifiedNorm(8, warmup_iters=2)).eval()
+def test_unified_norm_eval_is_running_var_formula_and_as_affine(backend):
+    # eps = 0.1, against running_var values of order 1, so an eval path or an as_affine that drops or misplaces eps is
+    # off by several percent: the oracle is the formula y = weight·x/sqrt(running_var + eps) + bias written here.
+    m = _trained(normlayers.UnifiedNorm(8, warmup_iters=2, eps=0.1)).eval()
     x = torch.randn(3, 5, 8)
+    expected = m.weight * x / torch.sqrt(m.running_var + 0.1) + m.bias
+    before = copy.deepcopy(m.state_dict())
+    with normlayers.backend(backend):
+        assert_close(m(x), expected)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items()), "eval changed a buffer"
     scale, shift = m.as_affine()
     assert not scale.requires_grad and scale.shape == shift.shape == (8,)
-    with normlayers.backend(backend):
-        assert_close(m(x), x * scale + shift)
+    assert_close(x * scale + shift, expected)
     # Folded into the next linear layer: W' = W diag(scale), b' = b + W shift.
     linear = torch.nn.Linear(8, 4)
     folded = torch.nn.Linear(8, 4)

@@ -12,6 +12,7 @@ input gradient, the parameter gradients and every buffer.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -289,3 +290,51 @@ def test_unified_norm_window_one_is_always_exact():
     # M = 1: every step "skips" (spec §2.4): batch statistic forward, exact gradient backward.
     spec = _run_un("reference", window=1, warmup=5, filtration=False, masked=False, steps=20)
     assert spec.skip_counter == 0
+
+
+def _am_minus_gm(column: list[float]) -> float:
+    return sum(column) / len(column) - math.prod(column) ** (1 / len(column))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("side, margin", [("inside", 0.98), ("outside", 1.02)])
+def test_unified_norm_filtration_threshold_edges(backend, side, margin):
+    # The outlier test is "AM − GM of the window > M · (unbiased variance of sqrt(buffer_x2), pooled over all M·C
+    # entries of the previous window)". The ×30 batches above pass any threshold in a wide band; these steps sit 2%
+    # inside and 2% outside it. Channel 0's window is [0.5, 1, 4], channel 1's is flat [1, 1, 1] (AM = GM, and its
+    # entries enter the pooled variance); t = 21, warm-up 20, so this step writes slot 21 % 3 = 0. The threshold comes
+    # from Python's statistics.variance (n − 1 denominator): the biased variance (n = 6) lowers it by 1/6, a
+    # per-channel variance raises it ~2.3-fold, so either mistake moves one of the two cases to the other side.
+    window, start, warmup = 3, 20, 20
+    column0, column1 = [0.5, 1.0, 4.0], [1.0, 1.0, 1.0]
+    pooled = statistics.variance([math.sqrt(v) for v in column0 + column1])
+    target = margin * window * pooled
+    lo, hi = 2.0, 100.0  # AM − GM of [q, 1, 4] grows with q above its minimum at q = 2: bisect for the target
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _am_minus_gm([mid, 1.0, 4.0]) < target else (lo, mid)
+    q = (lo + hi) / 2
+    buffer_x2 = torch.tensor([column0, column1], dtype=torch.float64).T.contiguous()
+    running_var = torch.tensor([2.0, 1.5], dtype=torch.float64)
+
+    spec = UNState(2, window, window)
+    spec.iters, spec.buffer_x2, spec.running_var = start, buffer_x2.clone(), running_var.clone()
+    layer = normlayers.UnifiedNorm(2, window_size=window, warmup_iters=warmup, outlier_filtration=True,
+                                   dtype=torch.float64)
+    layer.load_state_dict({**layer.state_dict(), "iters": torch.tensor([start]), "buffer_x2": buffer_x2.clone(),
+                           "running_var": running_var.clone()})
+    x = torch.tensor([[[math.sqrt(q), 1.0]]], dtype=torch.float64)  # one token: q per channel is x²
+    dy = torch.tensor([[[0.3, -0.7]]], dtype=torch.float64)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    y_ref, dx_ref, _, _ = un_spec_step(spec, x, None, dy, w, b, eps=layer.eps, momentum=layer.momentum,
+                                       warmup=warmup, filtration=True, grad_compensation=True)
+    assert spec.skip_counter == (side == "outside"), "the case is not on the intended side of the threshold"
+    x_in = x.clone().requires_grad_()
+    with normlayers.backend(backend):
+        y = layer(x_in)
+        y.backward(dy)
+    assert layer.skip_counter.item() == spec.skip_counter
+    _assert_step(start + 1, "y", y.detach(), y_ref)
+    _assert_step(start + 1, "dx", x_in.grad, dx_ref)
+    for name in ("running_var", "buffer_x2", "ema_gz", "buffer_gz"):
+        _assert_step(start + 1, name, getattr(layer, name), getattr(spec, name))

@@ -174,16 +174,26 @@ def test_extra_repr_names_the_settings():
 
 
 def test_bad_constructor_arguments():
-    bad_rn_b = [dict(num_features=0), dict(num_features=True), dict(num_features=6, eps=0.0),
-                dict(num_features=6, eps=float("inf")), dict(num_features=6, stats="group"),
-                dict(num_features=6, eps_mode="scaled"), dict(num_features=6, affine="per_pixel")]
-    for kwargs in bad_rn_b:
-        with pytest.raises(ValueError):
+    # Each error names the argument it rejects and the value it got, so a check that fires for the wrong argument
+    # (or a ValueError from somewhere else) fails here.
+    bad_rn_b = [(dict(num_features=0), "num_features must be a positive int, got 0"),
+                (dict(num_features=True), "num_features must be a positive int, got True"),
+                (dict(num_features=6, eps=0.0), "eps must be a finite positive number .*, got 0.0"),
+                (dict(num_features=6, eps=float("inf")), "eps must be a finite positive number .*, got inf"),
+                (dict(num_features=6, stats="group"), r"stats must be one of \('batch', 'instance'\), got 'group'"),
+                (dict(num_features=6, eps_mode="scaled"), r"eps_mode must be one of .*, got 'scaled'"),
+                (dict(num_features=6, affine="per_pixel"), r"affine must be one of .*, got 'per_pixel'")]
+    for kwargs, message in bad_rn_b:
+        with pytest.raises(ValueError, match=f"^{message}$"):
             normlayers.RegionNorm2d(**kwargs)
-    bad_rn_l = [dict(kernel_size=4), dict(kernel_size=0), dict(threshold=float("nan")), dict(threshold="0.8"),
-                dict(eps=-1.0), dict(stats="layer")]
-    for kwargs in bad_rn_l:
-        with pytest.raises(ValueError):
+    bad_rn_l = [(dict(kernel_size=4), r"kernel_size must be a positive odd int .*, got 4"),
+                (dict(kernel_size=0), r"kernel_size must be a positive odd int .*, got 0"),
+                (dict(threshold=float("nan")), "threshold must be a finite number, got nan"),
+                (dict(threshold="0.8"), "threshold must be a finite number, got '0.8'"),
+                (dict(eps=-1.0), "eps must be a finite positive number .*, got -1.0"),
+                (dict(stats="layer"), r"stats must be one of \('batch', 'instance'\), got 'layer'")]
+    for kwargs, message in bad_rn_l:
+        with pytest.raises(ValueError, match=f"^{message}$"):
             normlayers.LearnableRegionNorm2d(6, **kwargs)
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
 
 import pytest
 import torch
-from torch import nn
 
 import normlayers
 from normlayers import functional as NF
@@ -501,18 +501,27 @@ def test_runs_the_reference_under_every_backend():
             torch.testing.assert_close(normlayers.SPDBatchNorm(3, dtype=DOUBLE)(x), expected)
 
 
+def test_geoopt_parametrization_without_geoopt_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "geoopt", None)  # `import geoopt` raises ImportError, installed or not
+    with pytest.raises(ImportError, match=r"parametrization='geoopt' needs geoopt \(pip install geoopt\)"):
+        normlayers.SPDBatchNorm(3, parametrization="geoopt")
+
+
 def test_geoopt_parametrization():
-    try:
-        import geoopt
-    except ImportError:
-        with pytest.raises(ImportError, match="geoopt"):
-            normlayers.SPDBatchNorm(3, parametrization="geoopt")
-        return
+    # geoopt is optional (not in the test extra: it imports scipy at import time); without it this shows as skipped.
+    geoopt = pytest.importorskip("geoopt")
     bn = normlayers.SPDBatchNorm(3, parametrization="geoopt", dtype=DOUBLE)
     assert isinstance(bn.weight, geoopt.ManifoldParameter) and isinstance(bn.metric, geoopt.ManifoldParameter)
+    for param in (bn.weight, bn.metric):
+        assert isinstance(param.manifold, geoopt.SymmetricPositiveDefinite)
     expected = normlayers.SPDBatchNorm(3, dtype=DOUBLE)
     x = spd_batch(6, n=3)
     torch.testing.assert_close(bn(x), expected(x))
+    # The point of the manifold: a Riemannian step stays SPD where a Euclidean one (I − 2·I = −I) would not.
+    optimizer = geoopt.optim.RiemannianSGD([bn.weight], lr=2.0)
+    torch.diagonal(bn.weight).sum().backward()
+    optimizer.step()
+    assert torch.linalg.eigvalsh(bn.weight.detach()).min() > 0
 
 
 def test_training_moves_the_running_mean_on_the_geodesic_and_eval_uses_it():

@@ -147,7 +147,10 @@ def test_backends_agree_on_mixed_dtypes(kind, x_dtype, param_dtype, residual_dty
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (x, r, *params) if t is not None]
-        outs = fn(leaves[0], leaves[1], (33,), *leaves[2:]) if r is not None else (plain(leaves[0], (33,), *leaves[1:]),)
+        if r is not None:
+            outs = fn(leaves[0], leaves[1], (33,), *leaves[2:])
+        else:
+            outs = (plain(leaves[0], (33,), *leaves[1:]),)
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
         return [*outs, *(leaf.grad for leaf in leaves)]
 

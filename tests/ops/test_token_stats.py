@@ -1,5 +1,13 @@
 """The token-statistics custom ops: torch.library.opcheck, and torch.compile(fullgraph=True) of PowerNorm and
-UnifiedNorm (training and eval, both backends) against eager, buffers included."""
+UnifiedNorm (training and eval, both backends) against eager, buffers included.
+
+These tests check plumbing, not the numbers: where they compare the Triton backend with the reference, both run the
+same per-channel statistics code (``normlayers.reference.power_norm`` / ``unified_norm``: the window, the outlier
+test, the running updates), so a bug there would pass them. Neither torch nor timm has PowerNorm or UnifiedNorm, so
+the numbers' oracle is the independent step-by-step transcription of the authors' algorithms in
+``tests/nn/test_power_unified_steps.py`` (both backends, every step, every buffer), and the eval formula in
+``tests/nn/test_power_unified.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,6 @@ import pytest
 import torch
 
 import normlayers
-from normlayers.ops import token_stats as ops
 from normlayers.testing import assert_close
 
 

@@ -1,6 +1,6 @@
 """The accuracy gate: a provider's outputs and gradients against an fp64 reference.
 
-The bound follows the project rule (DESIGN.md, "Testing"; :mod:`normlayers.testing`): a result may be at most twice
+The bound follows the project rule (docs/testing.md; :mod:`normlayers.testing`): a result may be at most twice
 as wrong as PyTorch's own computation in the same dtype, plus the tolerance table's slack,
 
     max|provider − ref64| ≤ 2 · max|eager_lowprec − ref64| + atol[dtype] (+ rtol[dtype] · max|ref64| for fp32)

@@ -11,6 +11,7 @@ Examples::
     normlayers-bench --op rms_norm,layer_norm --dtype bf16 --mode fwd,fwd_bwd --shapes 4096x4096,16384x1024 \\
         --providers normlayers,torch,torch_compile,liger --output results.csv --json results.json
     normlayers-bench --suite row_norms --compare benchmarks/results/<earlier run>.json
+    normlayers-bench --audit                           # launches, bytes, sm_90 registers/spills (no GPU needed)
     normlayers-bench --list-ops                        # ops, their shapes and byte models (also --list-providers,
                                                        # --list-suites, and --list for all of them)
 """
@@ -20,17 +21,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import math
 import sys
 import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 import normlayers
 from normlayers.bench.accuracy import RULE
+from normlayers.bench.audit import add_arguments as add_audit_arguments, run_audit
 from normlayers.bench.compare import compare, format_comparison, load_document, regressions
 from normlayers.bench.ops import MODES, OPS, Op, Shape, traffic_formula
 from normlayers.bench.plot import PLOT_METRICS, matplotlib_missing, plot_results
@@ -58,34 +61,25 @@ MODE_HELP = {
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _positive_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of milliseconds, got {text!r}")
-    return value
+def _number_type(expected: str, accept: Callable[[float], bool], suffix: str = "") -> Callable[[str], float]:
+    """An argparse ``type`` reading a float (an optional ``suffix`` such as ``%`` allowed) that ``accept`` takes."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text[:-len(suffix)] if suffix and text.endswith(suffix) else text)
+        except ValueError:
+            value = math.nan  # refused by every check below
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number of milliseconds, got {text!r}")
-    return value
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text.rstrip("%"))
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative percentage such as 10 or 10%, got {text!r}")
-    return value
+_positive_ms = _number_type("a positive number of milliseconds", lambda value: value > 0)
+_non_negative_ms = _number_type("a non-negative number of milliseconds", lambda value: value >= 0)
+_non_negative_seconds = _number_type("a non-negative number of seconds", lambda value: value >= 0)
+_percent = _number_type("a non-negative percentage such as 10 or 10%", lambda value: value >= 0, suffix="%")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CPU threads for the run (torch.set_num_threads; default: torch's default)")
     grid.add_argument("--warmup-ms", type=_non_negative_ms, help="untimed warmup per call site, ms")
     grid.add_argument("--rep-ms", type=_positive_ms, help="timed budget per call site, ms (at least 10 calls)")
+    grid.add_argument("--time-limit", type=_non_negative_seconds, metavar="S",
+                      help="start no case after S seconds (the case in progress finishes); the cases left are "
+                           "listed in the JSON's metadata. The files are rewritten after every case anyway, so "
+                           "a run that is killed keeps what it measured")
     out = parser.add_argument_group("output")
     out.add_argument("--output", type=Path, metavar="FILE.csv", help="write the CSV here")
     out.add_argument("--json", type=Path, metavar="FILE.json", help="write the JSON here")
@@ -126,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--fail-if-regression", type=_percent, metavar="PCT",
                      help="with --compare: exit 1 if a normlayers result got slower by more than PCT percent")
     out.add_argument("--quiet", action="store_true", help="no progress line on stderr (it is shown only on a TTY)")
+    audit = parser.add_argument_group("audit (GPU-free: launches, bytes, sm_90 compile; see normlayers.bench.audit)")
+    audit.add_argument("--audit", action="store_true", help="print the kernel audit instead of timing anything")
+    add_audit_arguments(audit)
     lists = parser.add_argument_group("listings (print and exit)")
     lists.add_argument("--list-ops", action="store_true", help="ops, their shape forms, default shapes, byte models")
     lists.add_argument("--list-providers", action="store_true", help="providers and whether they can run here")
@@ -173,6 +174,7 @@ class Plan:
 
     suite: str
     cases: list[Case]
+    not_applicable: list[str]  # "op dtype" pairs of the grid that the op does not accept
     providers: list[Provider]
     unavailable: dict[str, str]
     warmup_ms: float
@@ -202,14 +204,19 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, device: tor
         if reason is not None:
             parser.error(f"--dtype: {reason}")
     modes = _checked(parser, "--mode", _names(args.mode) or list(suite.modes), MODES, "mode")
-    provider_names = _checked(parser, "--providers", _names(args.providers) or list(PROVIDERS), list(PROVIDERS),
-                              "provider")
+    provider_names = _checked(parser, "--providers", _names(args.providers) or list(suite.providers or PROVIDERS),
+                              list(PROVIDERS), "provider")
     shape_texts = _names(args.shapes)
     # --op without --suite: each op at its own default shapes (the default suite's shapes may not be of its kind).
     shape_suite = suite if args.op is None or args.suite is not None else None
     shapes = {name: _shapes_for(parser, OPS[name], shape_texts, shape_suite, device) for name in ops}
     cases = [Case(OPS[op], dtype, DTYPES[dtype], mode, shape)
-             for op, dtype, mode in itertools.product(ops, dtypes, modes) for shape in shapes[op]]
+             for op, dtype, mode in itertools.product(ops, dtypes, modes) if DTYPES[dtype] in OPS[op].dtypes
+             for shape in shapes[op]]
+    not_applicable = [f"{op} {dtype}" for op, dtype in itertools.product(ops, dtypes)
+                      if DTYPES[dtype] not in OPS[op].dtypes]
+    if not cases:
+        parser.error(f"--dtype: nothing to run, the ops do not accept these dtypes ({', '.join(not_applicable)})")
 
     providers, unavailable = [], {}
     for name in provider_names:
@@ -219,8 +226,8 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, device: tor
         else:
             unavailable[name] = reason
     warmup_default, rep_default = BUDGETS_MS[device.type]
-    return Plan(suite=suite.name if args.op is None else "custom", cases=cases, providers=providers,
-                unavailable=unavailable,
+    return Plan(suite=suite.name if args.op is None else "custom", cases=cases, not_applicable=not_applicable,
+                providers=providers, unavailable=unavailable,
                 warmup_ms=warmup_default if args.warmup_ms is None else args.warmup_ms,
                 rep_ms=rep_default if args.rep_ms is None else args.rep_ms)
 
@@ -279,7 +286,7 @@ def _listing(args: argparse.Namespace, device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _header(metadata: dict, unavailable: dict[str, str]) -> str:
+def _header(metadata: dict, unavailable: dict[str, str], not_applicable: list[str]) -> str:
     lines = [
         f"normlayers-bench (suite {metadata['suite']}) on {metadata['device_type']}: {metadata['device_name']}",
         f"torch {metadata['torch']}, triton {metadata['triton']}, normlayers {metadata['normlayers']}, "
@@ -294,6 +301,8 @@ def _header(metadata: dict, unavailable: dict[str, str]) -> str:
     ]
     if unavailable:
         lines.append("unavailable providers: " + ", ".join(f"{n} ({r})" for n, r in unavailable.items()))
+    if not_applicable:
+        lines.append("not run, the op does not accept the dtype: " + ", ".join(not_applicable))
     return "\n".join(lines)
 
 
@@ -311,6 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``normlayers-bench`` and ``python -m normlayers.bench``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.audit:
+        return run_audit(args)
     device = _resolve_device(parser, args.device)
     if args.list or args.list_ops or args.list_providers or args.list_suites:
         print(_listing(args, device))
@@ -338,11 +349,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(threads_before)
 
 
+def _case_name(case: Case) -> str:
+    return f"{case.op.name} {case.dtype_name} {case.mode} {case.shape_text}"
+
+
 def _run(args: argparse.Namespace, plan: Plan, device: torch.device, old_document: Optional[dict],
          command: list[str]) -> int:
-    """Measure the copy bandwidth, run every case, print the tables and write the files."""
+    """Measure the copy bandwidth, run every case (until ``--time-limit``), print the tables and write the files
+    (after every case, so that a run killed part-way keeps what it measured; ``finished`` says whether it ended)."""
     started = time.perf_counter()
     show_progress = not args.quiet and sys.stderr.isatty()
+    paths = _output_paths(args, plan, device)
     timer = make_timer(device)
     _progress(show_progress, "measuring the copy bandwidth")
     copy_gbps, copy_bytes = measure_copy_bandwidth(device, timer, plan.warmup_ms, plan.rep_ms)
@@ -350,23 +367,37 @@ def _run(args: argparse.Namespace, plan: Plan, device: torch.device, old_documen
     metadata = collect_metadata(device, copy_gbps, copy_bytes, timer.description, {
         "suite": plan.suite, "warmup_ms": plan.warmup_ms, "rep_ms": plan.rep_ms, "command": command,
         "providers": [p.name for p in plan.providers], "unavailable_providers": plan.unavailable,
-        "accuracy_rule": RULE, "byte_models": byte_models})
+        "accuracy_rule": RULE, "byte_models": byte_models, "not_applicable": plan.not_applicable,
+        "time_limit_s": args.time_limit, "cases_planned": len(plan.cases), "cases_not_run": [], "finished": False})
     _progress(show_progress, "")
-    print(_header(metadata, plan.unavailable), flush=True)
+    print(_header(metadata, plan.unavailable, plan.not_applicable), flush=True)
 
     settings = RunSettings(device, timer, plan.warmup_ms, plan.rep_ms, copy_gbps)
     results: list[BenchResult] = []
     with normlayers.backend("auto"):
         for i, case in enumerate(plan.cases, 1):
-            _progress(show_progress, f"[{i}/{len(plan.cases)}] {case.op.name} {case.dtype_name} {case.mode} "
-                                     f"{case.shape_text}")
+            if args.time_limit is not None and time.perf_counter() - started >= args.time_limit:
+                metadata["cases_not_run"] = [_case_name(c) for c in plan.cases[i - 1:]]
+                print(f"\ntime limit of {args.time_limit:g} s reached: {len(plan.cases) - i + 1} of "
+                      f"{len(plan.cases)} cases not run", flush=True)
+                break
+            _progress(show_progress, f"[{i}/{len(plan.cases)}] {_case_name(case)}")
             case_results = run_case(case, plan.providers, settings)
             _progress(show_progress, "")
             print("\n" + format_case_table(case_results), flush=True)
             results += case_results
+            metadata["wall_time_s"] = round(time.perf_counter() - started, 1)
+            _write_results(paths, metadata, results)
 
     metadata["wall_time_s"] = round(time.perf_counter() - started, 1)
-    _write_outputs(args, plan, device, metadata, results)
+    metadata["finished"] = True
+    _write_results(paths, metadata, results)
+    written = [str(path) for path in paths if path is not None]
+    if args.plot is not None:
+        plot_results(results, args.plot, args.plot_metric,
+                     f"normlayers-bench {plan.suite} on {metadata['device_name']} ({metadata['date']})")
+        written.append(str(args.plot))
+    print(f"\nwrote {' and '.join(written)} ({len(results)} results, {metadata['wall_time_s']} s)")
     code = _exit_code(results)
     if old_document is not None:
         comparisons = compare(old_document["results"], results)
@@ -379,22 +410,19 @@ def _run(args: argparse.Namespace, plan: Plan, device: torch.device, old_documen
     return code
 
 
-def _write_outputs(args: argparse.Namespace, plan: Plan, device: torch.device, metadata: dict,
-                   results: list[BenchResult]) -> None:
+def _output_paths(args: argparse.Namespace, plan: Plan, device: torch.device) -> tuple[Optional[Path], Optional[Path]]:
+    """The CSV and JSON paths (either may be ``None``): ``--output``/``--json``, else new files in ``--out``."""
     if args.output is None and args.json is None:
         csv_path, json_path = free_paths(args.out, output_stem(device, datetime.date.today(), plan.suite),
                                          (".csv", ".json"))
-    else:
-        csv_path, json_path = args.output, args.json
-    written = []
+        return csv_path, json_path
+    return args.output, args.json
+
+
+def _write_results(paths: tuple[Optional[Path], Optional[Path]], metadata: dict,
+                   results: list[BenchResult]) -> None:
+    csv_path, json_path = paths
     if csv_path is not None:
         write_csv(csv_path, metadata, results)
-        written.append(str(csv_path))
     if json_path is not None:
         write_json(json_path, metadata, results)
-        written.append(str(json_path))
-    if args.plot is not None:
-        plot_results(results, args.plot, args.plot_metric,
-                     f"normlayers-bench {plan.suite} on {metadata['device_name']} ({metadata['date']})")
-        written.append(str(args.plot))
-    print(f"\nwrote {' and '.join(written)} ({len(results)} results, {metadata['wall_time_s']} s)")

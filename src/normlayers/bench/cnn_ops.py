@@ -28,7 +28,7 @@ BCN_EPS = 1e-5  # both stages, the layer's defaults
 WS_VARIANT = normlayers.functional.WS_DEFAULT_VARIANT
 
 ACTIVATION_SHAPES = {
-    # ResNet-50 stage outputs at batch 32 (and one smaller batch), as in kernel_performance_anchors.md §8(b).
+    # ResNet-50 stage outputs at batch 32 (and one smaller batch): the channel-norm shapes kernel benchmarks use.
     "cuda": ((8, 256, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7)),
     "cpu": ((8, 64, 28, 28), (2, 512, 28, 28)),
 }
@@ -128,15 +128,53 @@ BATCH_CHANNEL_NORM = Op(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# EvoNorm-B divides by max(left, right): at the kink the gradient jumps, and where the two sides are within rounding
+# of each other any fp32 implementation (eager, compiled, a kernel) takes a side at random, which moves the gradient
+# of the whole (sample, channel) plane through the instance statistic. The fp64 gate would call that tie-break an
+# error, so a training input moves the few values within KINK_MARGIN of a tie by KINK_STEP away from it.
+KINK_MARGIN = 1e-3  # relative to the left side
+KINK_STEP = 0.05  # more than a bf16 ulp for |x| < 4
+
+
+def _evo_b_right(variant: str, x: Tensor, v: Optional[Tensor], eps: float) -> Tensor:
+    if variant == "b0":
+        return x * v.view(1, -1, 1, 1) + ref_evo.instance_std(x, eps)
+    rms = ref_evo.instance_rms(x, eps)
+    return (x + 1.0) * rms if variant == "b1" else rms - x
+
+
+def _away_from_the_kink(variant: str, x: Tensor, v: Optional[Tensor], eps: float) -> Tensor:
+    """``x`` (a training input) with no value within ``KINK_MARGIN`` of a tie of the max, in fp64 on the values as
+    rounded to ``x.dtype``; ``v ≈ 1 > 0``, so ``right`` grows with ``x`` except in B2 (``right = rms − x``)."""
+    towards_right = -1.0 if variant == "b2" else 1.0
+    moved = x.detach().double()
+    v64 = None if v is None else v.detach().double()
+    for _ in range(4):
+        left = torch.sqrt(ref_evo.batch_variance(moved) + eps).view(1, -1, 1, 1)
+        gap = _evo_b_right(variant, moved, v64, eps) - left
+        near = gap.abs() < KINK_MARGIN * left
+        if not bool(near.any()):
+            break
+        step = torch.where(gap >= 0, KINK_STEP, -KINK_STEP) * towards_right
+        moved = (moved + near * step).to(x.dtype).double()
+    return moved.to(x.dtype).requires_grad_(x.requires_grad)
+
+
 def _evo_b_inputs(variant: str) -> Callable[[Shape, RandomInputs], OpInputs]:
     fn = getattr(normlayers.functional, f"evo_norm2d_{variant}")
 
     def make(shape: Shape, rand: RandomInputs) -> OpInputs:
+        """``x`` ~ N(0, 1) (moved off the kink in training, above); ``v`` ~ 1 + 0.1·N(0, 1) (timm initializes it
+        to ones)."""
         n, c, h, w = shape
         x = rand.normal(n, c, h, w, grad=True)
         running_var = rand.normal(c, scale=0.1, shift=1.0, dtype=torch.float32)  # fp32, as the module keeps it
         names = ("weight", "bias", "v") if variant == "b0" else ("weight", "bias")
         params = _per_channel_params(rand, c, names)
+        if variant == "b0":
+            params[2] = (params[2].detach() + 1.0).requires_grad_(params[2].requires_grad)
+        if rand.training:
+            x = _away_from_the_kink(variant, x, params[2] if variant == "b0" else None, _default(fn, "eps"))
         args = (x, running_var, *params, rand.training, MOMENTUM, _default(fn, "eps"))
         grads = {"dx": 0, **{f"d{name}": 2 + i for i, name in enumerate(names)}}
         return OpInputs(args, grads, rand.grad_outputs(shape), state={"running_var": 1})
@@ -226,6 +264,62 @@ def _evo_s_backward(variant: str) -> Callable[[], list[Transfer]]:
     return backward
 
 
+# timm's EvoNorm forward in eager torch (timm/layers/evo_norm.py: instance_std, instance_rms, group_std, group_rms and
+# the layers' forward), the plain-torch equivalent a user would otherwise run: statistics in fp32, rounded to the
+# input's dtype before the elementwise work.
+
+
+def _timm_instance_stat(x: Tensor, eps: float, rms: bool) -> Tensor:
+    xf = x.float()
+    stat = xf.square().mean(dim=(2, 3), keepdim=True) if rms else xf.var(dim=(2, 3), unbiased=False, keepdim=True)
+    return stat.add(eps).sqrt().to(x.dtype).expand(x.shape)
+
+
+def _timm_group_stat(x: Tensor, groups: int, eps: float, rms: bool) -> Tensor:
+    n, c, h, w = x.shape
+    xf = x.float().reshape(n, groups, c // groups, h, w)
+    stat = (xf.square().mean(dim=(2, 3, 4), keepdim=True) if rms
+            else xf.var(dim=(2, 3, 4), unbiased=False, keepdim=True))
+    return stat.add(eps).sqrt().to(x.dtype).expand(xf.shape).reshape(n, c, h, w)
+
+
+def _timm_evo_b(variant: str) -> OpFn:
+    def run(x, running_var, weight, bias, *rest) -> Tensor:
+        v, (training, momentum, eps) = (rest[0], rest[1:]) if variant == "b0" else (None, rest)
+        if training:
+            var = x.float().var(dim=(0, 2, 3), unbiased=False)
+            count = x.numel() / x.shape[1]
+            with torch.no_grad():
+                running_var.copy_(running_var * (1 - momentum) + var.detach() * momentum * count / (count - 1))
+        else:
+            var = running_var
+        left = var.add(eps).sqrt_().to(x.dtype).view(1, -1, 1, 1).expand_as(x)
+        if variant == "b0":
+            right = x * v.to(x.dtype).view(1, -1, 1, 1) + _timm_instance_stat(x, eps, rms=False)
+        elif variant == "b1":
+            right = (x + 1) * _timm_instance_stat(x, eps, rms=True)
+        else:
+            right = _timm_instance_stat(x, eps, rms=True) - x
+        x = x / left.max(right)
+        return x * weight.to(x.dtype).view(1, -1, 1, 1) + bias.to(x.dtype).view(1, -1, 1, 1)
+
+    return run
+
+
+def _timm_evo_s(variant: str) -> OpFn:
+    base = variant[:2]
+
+    def run(x, groups, weight, bias, *rest) -> Tensor:
+        v, eps = rest if base == "s0" else (None, rest[0])
+        if base == "s0":
+            x = x * (x * v.to(x.dtype).view(1, -1, 1, 1)).sigmoid() / _timm_group_stat(x, groups, eps, rms=False)
+        else:
+            x = F.silu(x) / _timm_group_stat(x, groups, eps, rms=base == "s2")
+        return x * weight.to(x.dtype).view(1, -1, 1, 1) + bias.to(x.dtype).view(1, -1, 1, 1)
+
+    return run
+
+
 def _evo_op(variant: str) -> Op:
     b_family = variant.startswith("b")
     return Op(
@@ -233,7 +327,8 @@ def _evo_op(variant: str) -> Op:
         make_inputs=(_evo_b_inputs if b_family else _evo_s_inputs)(variant), output_names=("y",),
         reference=(_evo_b_reference if b_family else _evo_s_reference)(variant),
         normlayers=getattr(normlayers.functional, f"evo_norm2d_{variant}"),
-        native_note="no native op: eager reference",
+        native=(_timm_evo_b if b_family else _timm_evo_s)(variant),
+        native_note="timm's EvoNorm in eager torch (no native op)",
         forward_traffic=(_evo_b_forward if b_family else _evo_s_forward)(variant),
         backward_traffic=(_evo_b_backward if b_family else _evo_s_backward)(variant),
         extra_sizes=_group_count, check_shape=_no_constraint if b_family else _groups_divide,

@@ -208,6 +208,8 @@ class Op:
     forward (which also updates running statistics and stores what its backward reads), and the backward.
     ``extra_sizes(shape)`` adds dims the shape does not name (e.g. ``G``, the group count); ``check_shape(shape)``
     returns why the op cannot take a well-formed shape (e.g. channels not divisible by the groups), or ``None``.
+    ``dtypes`` are the dtypes the op accepts: a suite's other dtypes are not run for it (SPD batch norm refuses fp16
+    and bf16).
     """
 
     name: str
@@ -223,6 +225,7 @@ class Op:
     native: Optional[OpFn] = None  # torch's own ops; None: the torch provider runs the eager reference
     native_note: str = ""  # what the torch provider's row should say (e.g. "unfused add")
     has_kernels: bool = True  # False: normlayers runs plain PyTorch on every device
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the op accepts
     peers: Mapping[str, Callable[[], OpFn]] = field(default_factory=dict)  # provider name -> builder
     extra_sizes: Callable[[Shape], dict[str, int]] = lambda shape: {}
     check_shape: Callable[[Shape], Optional[str]] = lambda shape: None

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from normlayers.backend import backend, use_triton
+from normlayers.backends import backend, tier, use_triton
 from normlayers.bench.ops import Op, OpFn
 
 __all__ = ["PEERS", "PROVIDERS", "Provider", "UnsupportedOp"]
@@ -57,9 +57,9 @@ def _runs_kernels(op: Op, device: torch.device) -> bool:
 
 
 def _normlayers_note(op: Op, device: torch.device) -> str:
-    if not op.has_kernels:
-        return "plain PyTorch (no kernel for this op)"
-    return f"backend 'auto': {'triton kernels' if _runs_kernels(op, device) else 'reference path (no CUDA)'}"
+    with backend("auto"):
+        implementation = tier(torch.empty(0, device=device), has_kernels=op.has_kernels)
+    return f"backend 'auto': {'triton kernels' if implementation == 'triton' else implementation + ' tier'}"
 
 
 def _native(op: Op) -> OpFn:
@@ -96,6 +96,8 @@ PROVIDERS: dict[str, Provider] = {
                  _normlayers_note, compiles=_runs_kernels),
         Provider("torch", "torch's own ops eager (F.layer_norm, F.rms_norm, F.batch_norm + F.group_norm, ...), "
                           "else the eager reference", _native, lambda op, device: op.native_note),
+        Provider("reference", "normlayers' eager reference (plain PyTorch, written for reading)",
+                 lambda op: op.reference),
         Provider("torch_compile", "torch.compile(reference), default mode, static shapes", _compiled_reference,
                  compiles=lambda op, device: True),
         *(Provider(name, description, _peer(name), package=package)

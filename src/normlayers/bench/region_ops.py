@@ -5,7 +5,6 @@ the torch provider runs the eager reference.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 import normlayers.functional

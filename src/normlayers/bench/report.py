@@ -15,10 +15,11 @@ from typing import Optional, Sequence
 
 import torch
 
+import normlayers
 from normlayers.bench.runner import BenchResult
 
-__all__ = ["CSV_FIELDS", "RESULT_FIELDS", "collect_metadata", "device_name", "format_case_table", "free_paths",
-           "output_stem", "write_csv", "write_json"]
+__all__ = ["CSV_FIELDS", "RESULT_FIELDS", "collect_metadata", "device_name", "device_slug", "format_case_table",
+           "free_paths", "output_stem", "write_csv", "write_json"]
 
 RESULT_FIELDS = [f.name for f in dataclasses.fields(BenchResult)]
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -79,7 +80,7 @@ def collect_metadata(device: torch.device, copy_gbps: float, copy_bytes: int, ti
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _package_version("triton"),
-        "normlayers": _package_version("normlayers"),
+        "normlayers": normlayers.__version__,  # the imported one, also when run from a checkout (PYTHONPATH=src)
         "git_sha": _run_quietly(["git", "rev-parse", "HEAD"]),
         "git_dirty": None if git_status is None else bool(git_status),
         "torch_num_threads": torch.get_num_threads(),
@@ -93,10 +94,15 @@ def collect_metadata(device: torch.device, copy_gbps: float, copy_bytes: int, ti
     return metadata
 
 
+def device_slug(device: torch.device) -> str:
+    """The device in result file names: ``cpu``, or the GPU's name in lower case and dashes
+    (``nvidia-h100-80gb-hbm3``)."""
+    return "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
 def output_stem(device: torch.device, date: datetime.date, suite: str) -> str:
     """``<date>_<device>_<suite>``, e.g. ``2026-11-24_cpu_default`` or ``..._nvidia-h100-80gb-hbm3_row_norms``."""
-    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-    return f"{date.isoformat()}_{slug}_{suite}"
+    return f"{date.isoformat()}_{device_slug(device)}_{suite}"
 
 
 def free_paths(directory: Path, stem: str, suffixes: Sequence[str]) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -25,7 +26,17 @@ RMS_NORM_EPS = 1e-6  # Llama's value; used for RMSNorm and CRMSNorm alike
 
 _STATS_BY_KIND = {"layer": ("mean", "rstd"), "rms": ("rstd",), "crms": ("rstd", "sum_x")}
 _REFERENCE_NORMS = {"layer": reference.layer_norm, "rms": reference.rms_norm, "crms": reference.crms_norm}
-_TORCH_NORMS = {"layer": F.layer_norm, "rms": F.rms_norm}
+
+
+def _crms_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor, eps: float) -> Tensor:
+    """CRMSNorm as torch computes it: ``F.rms_norm`` of the restored vector ``[x′, −Σx′]``, the first ``d − 1``
+    outputs."""
+    restored = torch.cat([x, -x.sum(-1, keepdim=True)], dim=-1)
+    return F.rms_norm(restored, (x.shape[-1] + 1,), F.pad(weight, (0, 1), value=1.0), eps)[..., :-1]
+
+
+_TORCH_NORMS = {"layer": F.layer_norm, "rms": F.rms_norm, "crms": _crms_torch}
+_TORCH_NOTES = {"crms": "F.rms_norm of the restored [x, -sum(x)]"}
 
 DEFAULT_SHAPES = {
     "cuda": ((4096, 1024), (4096, 4096), (4096, 8192), (16384, 4096)),
@@ -175,15 +186,15 @@ def _peers(name: str, kind: str, fused_add: bool) -> dict[str, Callable[[], OpFn
 
 
 def _row_op(name: str, kind: str, fused_add: bool) -> Op:
-    native = _TORCH_NORMS.get(kind)
-    notes = ([] if native is not None else ["no native op: eager reference"]) + (["unfused add"] if fused_add else [])
+    native = _TORCH_NORMS[kind]
+    notes = ([_TORCH_NOTES[kind]] if kind in _TORCH_NOTES else []) + (["unfused add"] if fused_add else [])
     return Op(
         name=name, family="row_norms", shape_kind=ROWS, default_shapes=DEFAULT_SHAPES,
         make_inputs=_make_inputs(kind, fused_add),
         output_names=("y", "h") if fused_add else ("y",),
         reference=_compose(_REFERENCE_NORMS[kind], fused_add, _reference_add),
         normlayers=getattr(normlayers.functional, name),
-        native=None if native is None else _compose(native, fused_add),
+        native=_compose(native, fused_add),
         native_note=", ".join(notes),
         forward_traffic=_forward_traffic(kind, fused_add), backward_traffic=_backward_traffic(kind, fused_add),
         peers=_peers(name, kind, fused_add),

@@ -10,7 +10,8 @@ import torch
 from normlayers.bench.accuracy import check_errors, error_bounds
 from normlayers.bench.ops import Op, OpFn, OpInputs, Shape, compute_results, ideal_bytes
 from normlayers.bench.providers import Provider, UnsupportedOp
-from normlayers.bench.timing import TimedCall, Timer, first_call_seconds, measure, peak_memory_bytes
+from normlayers.bench.timing import (TimedCall, Timer, TimingStats, first_call_seconds, measure_interleaved,
+                                     peak_memory_bytes)
 
 __all__ = ["BASELINE_PROVIDER", "BenchResult", "Case", "RunSettings", "run_case", "timed_call"]
 
@@ -99,8 +100,10 @@ def _short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:MAX_REASON_CHARS]
 
 
-def _run_provider(case: Case, provider: Provider, inputs: OpInputs, expected: dict, bounds: dict,
-                  settings: RunSettings) -> BenchResult:
+def _check_provider(case: Case, provider: Provider, inputs: OpInputs, expected: dict, bounds: dict,
+                    settings: RunSettings) -> tuple[BenchResult, Optional[TimedCall]]:
+    """Build ``provider``'s function, check its results, and return the call to time (``None`` when it raised or
+    has no such op: the result then says why)."""
     result = BenchResult(case.op.name, case.op.family, case.dtype_name, case.mode, case.shape_text, provider.name,
                          status="ok")
     try:
@@ -109,24 +112,25 @@ def _run_provider(case: Case, provider: Provider, inputs: OpInputs, expected: di
         inputs = inputs.to()  # its own buffers: a training call updates the running statistics
         actual, first_s = first_call_seconds(settings.device, lambda: compute_results(case.op, fn, inputs, case.mode))
         errors = check_errors(actual, expected, bounds)
-        call = timed_call(fn, inputs, case.mode)
-        stats = measure(call, settings.timer, settings.warmup_ms, settings.rep_ms)
-        peak = peak_memory_bytes(settings.device, call)
     except UnsupportedOp as exc:
         result.status, result.note = "unsupported", str(exc)
-        return result
+        return result, None
     except Exception as exc:  # a provider that breaks (import, compile, run, OOM) is reported, the run goes on
         result.status, result.note = "failed", _short_reason(exc)
-        return result
-    gbps = ideal_bytes(case.op, case.mode, case.shape, case.dtype) / (stats.median_ms * 1e-3) / 1e9
+        return result, None
     result.status = "ok" if errors.within_bound else "WRONG"
+    result.compile_s = first_s if provider.compiles(case.op, settings.device) else None
+    result.max_abs_err, result.err_bound, result.err_tensor = errors.max_abs_error, errors.bound, errors.tensor
+    return result, timed_call(fn, inputs, case.mode)
+
+
+def _record_timing(result: BenchResult, case: Case, stats: TimingStats, peak: Optional[int],
+                   settings: RunSettings) -> None:
+    gbps = ideal_bytes(case.op, case.mode, case.shape, case.dtype) / (stats.median_ms * 1e-3) / 1e9
     result.median_ms, result.p20_ms, result.p80_ms = stats.median_ms, stats.p20_ms, stats.p80_ms
     result.reps = stats.reps
     result.gbps, result.pct_of_copy = gbps, 100 * gbps / settings.copy_gbps
     result.peak_mem_mib = None if peak is None else peak / 2**20
-    result.compile_s = first_s if provider.compiles(case.op, settings.device) else None
-    result.max_abs_err, result.err_bound, result.err_tensor = errors.max_abs_error, errors.bound, errors.tensor
-    return result
 
 
 def _add_speedups(results: list[BenchResult]) -> None:
@@ -142,10 +146,21 @@ def _add_speedups(results: list[BenchResult]) -> None:
 
 def run_case(case: Case, providers: Sequence[Provider], settings: RunSettings) -> list[BenchResult]:
     """Benchmark ``case`` for each provider: check its outputs, gradients and updated buffers against the fp64
-    reference, then time it; finally the speed-ups against the ``torch`` provider's time (for correct results only)."""
+    reference, then time all of them in interleaved rounds; finally the speed-ups against the ``torch`` provider's
+    time (for correct results only)."""
     inputs = case.op.inputs(case.shape, case.dtype, settings.device, training=case.mode != "fwd")
     expected = compute_results(case.op, case.op.reference, inputs.to(torch.float64), case.mode)
     bounds = error_bounds(compute_results(case.op, case.op.reference, inputs.to(), case.mode), expected, case.dtype)
-    results = [_run_provider(case, provider, inputs, expected, bounds, settings) for provider in providers]
+    checked = [_check_provider(case, provider, inputs, expected, bounds, settings) for provider in providers]
+    timed = [(result, call) for result, call in checked if call is not None]
+    try:
+        all_stats = measure_interleaved([call for _, call in timed], settings.timer, settings.warmup_ms,
+                                        settings.rep_ms)
+        for (result, call), stats in zip(timed, all_stats):
+            _record_timing(result, case, stats, peak_memory_bytes(settings.device, call), settings)
+    except Exception as exc:  # a call that breaks only when repeated: the case's timings are lost, not the run
+        for result, _ in timed:
+            result.status, result.note = "failed", _short_reason(exc)
+    results = [result for result, _ in checked]
     _add_speedups(results)
     return results

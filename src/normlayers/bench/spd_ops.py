@@ -58,7 +58,7 @@ SPD_BATCH_NORM = Op(
     name="spd_batch_norm", family="spd", shape_kind=SPD_MATRICES, default_shapes=SHAPES,
     make_inputs=_spd_inputs, output_names=("y",), reference=_spd_reference,
     normlayers=normlayers.functional.spd_batch_norm, native_note="no native op: eager reference",
-    has_kernels=False, forward_traffic=_spd_forward, backward_traffic=_spd_backward,
+    has_kernels=False, dtypes=(torch.float32,), forward_traffic=_spd_forward, backward_traffic=_spd_backward,
 )
 
 OPS = (SPD_BATCH_NORM,)

@@ -20,7 +20,8 @@ BUDGETS_MS: Mapping[str, tuple[float, float]] = {"cuda": (25.0, 100.0), "cpu": (
 @dataclass(frozen=True)
 class Suite:
     """``dtypes`` by device type; ``shapes`` by device type, then by shape kind (``"rows"``, ``"nchw"``,
-    ``"conv_weight"``): an op whose kind has no entry runs at its own default shapes."""
+    ``"conv_weight"``): an op whose kind has no entry runs at its own default shapes. ``providers`` narrows the
+    providers (default: all)."""
 
     name: str
     description: str
@@ -28,6 +29,7 @@ class Suite:
     modes: tuple[str, ...]
     dtypes: Mapping[str, tuple[str, ...]]
     shapes: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    providers: tuple[str, ...] = ()  # empty: every provider that can run here
 
 
 _ROW_NORMS = ("layer_norm", "rms_norm", "crms_norm", "add_layer_norm", "add_rms_norm", "add_crms_norm")
@@ -41,19 +43,44 @@ SUITES: dict[str, Suite] = {
               ops=("rms_norm", "layer_norm", "batch_channel_norm"), modes=("fwd", "fwd_bwd"),
               dtypes=_HEADLINE_DTYPES,
               shapes={"cpu": {"rows": ("256x1024",), "nchw": ("4x64x16x16",)}}),
-        Suite("row_norms", "the six row norms over transformer widths (kernel_performance_anchors.md §8(b))",
+        Suite("row_norms", "the six row norms over transformer widths (model widths and non-powers of two)",
               ops=_ROW_NORMS, modes=("fwd", "bwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES,
               shapes={"cuda": {"rows": ("4096x512", "4096x1024", "4096x2048", "4096x4096", "4096x5120", "4096x8192",
                                         "4096x16384", "16384x4096", "32768x4096")}}),
         Suite("cnn_norms", "BatchChannelNorm, the EvoNorms and weight standardization at ResNet-50 shapes",
               ops=("batch_channel_norm", *_EVO_NORMS, "weight_standardize"), modes=("fwd", "fwd_bwd"),
               dtypes=_HEADLINE_DTYPES),
+        Suite("channel_norms", "LayerNorm2d and RMSNorm2d at ConvNeXt shapes, against timm's eager math",
+              ops=("layer_norm2d", "rms_norm2d"), modes=("fwd", "bwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES),
         Suite("transformer_norms", "PowerNorm (T=512, B=32, C=1024 and T=2048, B=8, C=4096) and UnifiedNorm, with "
               "padding masks", ops=("power_norm", "unified_norm"), modes=("fwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES),
         Suite("region", "RegionNorm RN-B and RN-L at inpainting shapes (8x64x256x256, 8x256x64x64)",
               ops=("region_norm", "learnable_region_norm"), modes=("fwd", "fwd_bwd"),
               dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)}),
+        Suite("cpu", "the CPU tier against the best torch eager equivalent at ResNet "
+              "(8x256x14x14, 256x256x3x3), ViT-B (1576x768 = 8 images x 197 tokens) and LLM (512x4096) shapes; "
+              "under 5 minutes on 2 cores",
+              ops=("layer_norm", "rms_norm", "add_rms_norm", "batch_channel_norm", "weight_standardize",
+                   "evo_norm2d_b0", "evo_norm2d_s0"),
+              modes=("fwd", "fwd_bwd"), dtypes={"cpu": ("fp32", "bf16"), "cuda": ("bf16",)},
+              shapes={"cpu": {"rows": ("1576x768", "512x4096"), "nchw": ("8x256x14x14",),
+                              "conv_weight": ("256x256x3x3",)}},
+              providers=("normlayers", "torch")),
         Suite("spd", "SPD batch normalization (GBW) on batches of SPD matrices", ops=("spd_batch_norm",),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("fp32",), "cpu": ("fp32",)}),
+        Suite("gpu", "every op once, in bf16 and fp32, at one realistic shape per shape kind (row norms first): the "
+              "first pass of tools/gpu_check.sh; on CPU, tiny shapes (its --dry-run)",
+              ops=(*_ROW_NORMS, "batch_channel_norm", *_EVO_NORMS, "region_norm", "learnable_region_norm", "power_norm",
+                   "unified_norm", "weight_standardize", "spd_batch_norm"),
+              modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)},
+              shapes={"cuda": {"rows": ("4096x4096",), "nchw": ("32x256x56x56",), "conv_weight": ("256x256x3x3",),
+                               "tokens_tbc": ("512x32x1024",), "tokens_bnc": ("32x512x1024",), "spd": ("256x64",)},
+                      "cpu": {"rows": ("3x40",), "nchw": ("2x32x3x3",), "conv_weight": ("4x3x3x3",),
+                              "tokens_tbc": ("6x3x8",), "tokens_bnc": ("3x6x8",), "spd": ("5x3",)}}),
+        Suite("row_widths", "RMSNorm and LayerNorm at M = 4096 over N = 256 ... 65536, forward and backward alone (the "
+              "row norms' bandwidth targets)", ops=("rms_norm", "layer_norm"), modes=("fwd", "bwd"),
+              dtypes=_HEADLINE_DTYPES,
+              shapes={"cuda": {"rows": tuple(f"4096x{2**k}" for k in range(8, 17))},
+                      "cpu": {"rows": ("2x256", "2x1024")}}),
     )
 }

@@ -12,15 +12,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.utils.benchmark
 
-__all__ = ["CpuTimer", "CudaEventTimer", "TimedCall", "Timer", "TimingStats", "first_call_seconds", "make_timer",
-           "measure", "measure_copy_bandwidth", "peak_memory_bytes"]
+__all__ = ["CpuTimer", "CudaEventTimer", "TimedCall", "Timer", "TimingStats", "first_call_seconds",
+           "interleaved_times", "make_timer", "measure", "measure_copy_bandwidth", "measure_interleaved",
+           "peak_memory_bytes"]
 
-MIN_REPS = 10
+MIN_REPS = 15
 MAX_REPS = 10_000
 ESTIMATE_REPS = 3
 L2_FLUSH_BYTES = 256 * 1024**2  # larger than any current GPU's L2 (H100: 50 MB), as triton.testing.do_bench
@@ -115,8 +116,51 @@ def measure(call: TimedCall, timer: Timer, warmup_ms: float, rep_ms: float) -> T
     if warmup_ms > 0:
         timer.times_ms(call, math.ceil(warmup_ms / estimate_ms))
     reps = min(MAX_REPS, max(MIN_REPS, math.ceil(rep_ms / estimate_ms)))
-    times = sorted(timer.times_ms(call, reps))
-    return TimingStats(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), reps)
+    return _stats(timer.times_ms(call, reps))
+
+
+def _stats(times_ms: list[float]) -> TimingStats:
+    ordered = sorted(times_ms)
+    return TimingStats(_quantile(ordered, 0.5), _quantile(ordered, 0.2), _quantile(ordered, 0.8), len(ordered))
+
+
+def interleaved_times(calls: Mapping[str, Callable[[], object]], repeats: int,
+                      device: Union[torch.device, str] = "cpu", warmup: int = 1) -> dict[str, TimingStats]:
+    """Wall time of each of ``calls`` (ms per call, median and p20/p80 over ``repeats`` calls), for comparing whole
+    models in the examples. The calls take turns — ``warmup`` untimed rounds, then ``repeats`` timed ones — so that
+    a change in the machine's load hits all of them alike instead of whichever ran during it."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    device = torch.device(device)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(warmup + repeats):
+        for name, call in calls.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            call()
+            _synchronize(device)
+            if round_index >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _stats(t) for name, t in times.items()}
+
+
+def measure_interleaved(calls: Sequence[TimedCall], timer: Timer, warmup_ms: float, rep_ms: float
+                        ) -> list[TimingStats]:
+    """Time several calls of one case in interleaved rounds (each round times every call once, in turn), so that a
+    change of machine load over the run hits them all alike and their ratios stay fair. Each call is first estimated
+    and warmed up as in :func:`measure`; the number of rounds fits ``rep_ms`` to the slowest call, at least
+    ``MIN_REPS``."""
+    estimates = [max(sorted(timer.times_ms(call, ESTIMATE_REPS))[ESTIMATE_REPS // 2], 1e-4) for call in calls]
+    if warmup_ms > 0:
+        for call, estimate_ms in zip(calls, estimates):
+            timer.times_ms(call, math.ceil(warmup_ms / estimate_ms))
+    rounds = min(MAX_REPS, max(MIN_REPS, math.ceil(rep_ms / max(estimates, default=1.0))))
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, call_times in zip(calls, times):
+            call_times.extend(timer.times_ms(call, 1))
+    return [TimingStats(_quantile(sorted(t), 0.5), _quantile(sorted(t), 0.2), _quantile(sorted(t), 0.8), rounds)
+            for t in times]
 
 
 def measure_copy_bandwidth(device: torch.device, timer: Timer, warmup_ms: float, rep_ms: float) -> tuple[float, int]:

@@ -2,7 +2,7 @@
 Pre-CRMSNorm (:func:`prenorm_to_rmsnorm`, :func:`prenorm_to_crmsnorm`), fold eval-mode norms for inference
 (:func:`fold_norms`).
 
-A package rather than the single ``convert.py`` of DESIGN.md: the three parts share no code and together are over a
+A package rather than a single ``convert.py``: the three parts share no code and together are over a
 thousand lines; ``normlayers.convert.<name>`` is the same public path either way.
 """
 
@@ -10,6 +10,7 @@ from normlayers.convert.fold import fold_norms
 from normlayers.convert.prenorm import (
     OutputRMSNorm,
     PreNormSpec,
+    RecentredNorm,
     prenorm_spec,
     prenorm_to_crmsnorm,
     prenorm_to_rmsnorm,
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_MAPPING",
     "OutputRMSNorm",
     "PreNormSpec",
+    "RecentredNorm",
     "Replacement",
     "fold_norms",
     "plan_replacements",

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers.nn.batch_channel import BatchChannelNorm2d
+from normlayers.nn.channel_norms import LayerNorm2d
 from normlayers.nn.weight_std import _StandardizedConv2d
 
 __all__ = ["fold_norms", "is_foldable"]
@@ -152,7 +153,7 @@ def _channels_match(layer: nn.Module, norm: nn.Module, a: Tensor) -> bool:
 
 def _bcn_parts(bcn: BatchChannelNorm2d) -> tuple[Tensor, Tensor, nn.GroupNorm]:
     """An eval-mode BCN = its batch stage (a per-channel affine) followed by a GroupNorm with the group affine
-    repeated over each group's channels (spec B §2)."""
+    repeated over each group's channels (docs/batch_channel.md)."""
     bn = bcn.bn
     a = bn.weight.detach().double() * torch.rsqrt(bn.running_var.double() + bcn.bn_eps)
     c = bn.bias.detach().double() - bn.running_mean.double() * a
@@ -164,6 +165,22 @@ def _bcn_parts(bcn: BatchChannelNorm2d) -> tuple[Tensor, Tensor, nn.GroupNorm]:
     return a, c, group.eval()
 
 
+def _check_running_var(model: nn.Module) -> None:
+    """Refuse, before anything changes, a running variance that cannot be folded: ``1/sqrt(running_var + eps)`` of
+    a NaN or a negative value is NaN, which would surface only as NaN outputs."""
+    for name, module in model.named_modules():
+        if isinstance(module, BatchChannelNorm2d):
+            name, module = f"{name}.bn" if name else "bn", module.bn
+        elif not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        running_var = module.running_var
+        if running_var is not None and not bool((running_var >= 0).all()):
+            bad = running_var[~(running_var >= 0)]
+            raise ValueError(f"fold_norms: {name or '<root>'}.running_var must be >= 0 and not NaN to be folded; "
+                             f"{bad.numel()} of its {running_var.numel()} entries are not (e.g. {bad[0].item():.3g}). "
+                             f"Load valid statistics or call reset_running_stats()")
+
+
 def _outputs(model: nn.Module, example_inputs: Optional[tuple]) -> Optional[Any]:
     if example_inputs is None:
         return None
@@ -171,12 +188,18 @@ def _outputs(model: nn.Module, example_inputs: Optional[tuple]) -> Optional[Any]
         return model(*example_inputs)
 
 
+def _is_row_layer_norm(module: nn.Module) -> bool:
+    """An ``nn.LayerNorm`` over the last dim, the dim a consuming ``nn.Linear`` reads; not a channels-first
+    :class:`~normlayers.LayerNorm2d`, whose affine acts on dim 1."""
+    return isinstance(module, nn.LayerNorm) and not isinstance(module, LayerNorm2d)
+
+
 def is_foldable(module: nn.Module) -> bool:
     """Whether :func:`fold_norms` has a rule for ``module``'s kind (it still needs a foldable neighbour in the model):
     standardized convs, BatchNorm, BatchChannelNorm2d, affine LayerNorm, and modules with ``as_affine()``."""
     if isinstance(module, (_StandardizedConv2d, BatchChannelNorm2d, nn.modules.batchnorm._BatchNorm)):
         return True
-    if isinstance(module, nn.LayerNorm):
+    if _is_row_layer_norm(module):
         return module.elementwise_affine
     return callable(getattr(module, "as_affine", None))
 
@@ -206,6 +229,7 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
     """
     if model.training:
         raise ValueError("fold_norms folds eval-mode norms (running statistics); call model.eval() first")
+    _check_running_var(model)
     before = _outputs(model, example_inputs)
     if isinstance(model, _StandardizedConv2d):  # the model is one standardized conv: its baked twin replaces it
         conv = model.to_conv2d()
@@ -228,7 +252,7 @@ def fold_norms(model: nn.Module, example_inputs: Optional[tuple] = None) -> nn.M
                 model.set_submodule(name, group)
                 folded.append(name)
             continue
-        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        if _is_row_layer_norm(module) and module.elementwise_affine:
             if consumers and all(isinstance(m, nn.Linear) for m in consumers):
                 gamma = module.weight.detach().double()
                 beta = module.bias.detach().double() if module.bias is not None else torch.zeros_like(gamma)
@@ -269,7 +293,15 @@ def _check_same(before: Any, after: Any) -> None:
         if isinstance(x, Tensor) and x.is_floating_point():
             # the folded parameters are rounded once to their dtype: allow that rounding, compounded, not more
             tol = 1e-9 if x.dtype == torch.float64 else 1e3 * torch.finfo(x.dtype).eps
-            error = (x.double() - y.double()).abs().max() / x.abs().max().clamp_min(1.0)
+            # a non-finite output (from a NaN input, say) must stay exactly that; the finite ones move by rounding
+            finite = x.isfinite()
+            same_elsewhere = torch.equal(x[~finite].nan_to_num(), y[~finite].nan_to_num())
+            if not (torch.equal(finite, y.isfinite()) and same_elsewhere):
+                raise RuntimeError("fold_norms: outputs changed: NaN or infinite values appeared, vanished or "
+                                   "changed sign")
+            if not finite.any():
+                continue
+            error = (x[finite].double() - y[finite].double()).abs().max() / x[finite].abs().max().clamp_min(1.0)
             if not error <= tol:
                 raise RuntimeError(f"fold_norms: outputs changed by {error:.3g} (relative; tolerance {tol:.1g})")
     if len(flat_before) != len(flat_after):

@@ -1,4 +1,5 @@
-"""Exact Pre-LN → Pre-RMSNorm → Pre-CRMSNorm conversion (Jiang et al., NeurIPS 2023; spec A §3.2).
+"""Exact Pre-LN → Pre-RMSNorm → Pre-CRMSNorm conversion (Jiang et al., NeurIPS 2023, arXiv 2305.14858; the steps
+of the authors' ``example.py``, ZixuanJiang/pre-rmsnorm-transformer).
 
 A Pre-LN transformer reads its residual stream only through LayerNorms, which remove the mean. So the stream may be
 kept zero-mean instead (recentre everything that writes it), after which each LayerNorm is an RMSNorm; a zero-mean
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 from normlayers import functional as F
 from normlayers.nn.row_norms import CRMSNorm, RMSNorm
 
-__all__ = ["OutputRMSNorm", "PreNormSpec", "prenorm_spec", "prenorm_to_crmsnorm", "prenorm_to_rmsnorm"]
+__all__ = ["OutputRMSNorm", "PreNormSpec", "RecentredNorm", "prenorm_spec", "prenorm_to_crmsnorm",
+           "prenorm_to_rmsnorm", "token_inputs"]
 
 logger = logging.getLogger("normlayers")
 
@@ -42,6 +44,13 @@ class PreNormSpec:
         outputs: picks the tensors to compare from the model's output. Default: the output itself, or the
             ``logits`` / ``last_hidden_state`` + ``pooler_output`` of a Hugging Face output.
         not_compressible: why the model cannot run on a ``d − 1`` stream, if it cannot (CRMSNorm is then refused).
+        layer_scales: writer → the per-channel scale applied to its output before the stream (timm's
+            ``LayerScale``, parameter ``gamma``): folded into the writer first, then set to ones.
+        input_norms: norms whose output *is* the start of the stream (timm's ``norm_pre``): kept, and followed by a
+            recentring (and compression) of their output, as :class:`RecentredNorm`. The writers before them do not
+            write the stream and are not listed.
+        branch_norms: norms inside a residual branch that never read the stream (QK-norms, timm's ``attn.norm`` /
+            ``mlp.norm``): left as they are.
     """
 
     width: int
@@ -52,6 +61,9 @@ class PreNormSpec:
     example_inputs: Optional[Callable[[nn.Module], tuple]] = None
     outputs: Optional[Callable[[Any], list[Tensor]]] = None
     not_compressible: Optional[str] = None
+    layer_scales: dict[str, str] = field(default_factory=dict)
+    input_norms: list[str] = field(default_factory=list)
+    branch_norms: list[str] = field(default_factory=list)
 
 
 class OutputRMSNorm(nn.Module):
@@ -100,6 +112,30 @@ class OutputRMSNorm(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class RecentredNorm(nn.Module):
+    r"""A norm whose output starts the residual stream (timm's ``norm_pre``), kept as it is and followed by the
+    recentring that makes the stream zero-mean; on a compressed stream only the first ``d − 1`` coordinates are kept.
+
+    .. math:: y = n(x) - \overline{n(x)}, \qquad \overline{v} = \tfrac{1}{d}\textstyle\sum_i v_i
+
+    Args:
+        norm (nn.Module): the original norm (its parameters are kept, under ``norm.``).
+        compressed (bool): return the first ``d − 1`` coordinates. Default: ``False``.
+    """
+
+    def __init__(self, norm: nn.Module, compressed: bool = False) -> None:
+        super().__init__()
+        self.norm, self.compressed = norm, compressed
+
+    def extra_repr(self) -> str:
+        return f"compressed={self.compressed}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = self.norm(input)
+        y = y - y.mean(-1, keepdim=True)
+        return y[..., :-1] if self.compressed else y
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Built-in descriptions
 # ----------------------------------------------------------------------------------------------------------------------
@@ -114,28 +150,13 @@ def _hf_outputs(output: Any) -> list[Tensor]:
             if t is not None]
 
 
-def _tokens(vocab: int, length: int) -> Callable[[nn.Module], tuple]:
+def token_inputs(vocab: int, length: int) -> Callable[[nn.Module], tuple]:
+    """An ``example_inputs`` for a language model: two fixed random sequences of ``length`` token ids."""
     def make(model: nn.Module) -> tuple:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(0)
         return (torch.randint(0, vocab, (2, length), generator=generator, device=device),)
     return make
-
-
-def _spec_transformer_lm(model: nn.Module) -> PreNormSpec:
-    for i, block in enumerate(model.blocks):
-        if not block.norm_first:
-            raise ValueError(f"blocks.{i} is a Post-LN block (norm_first=False): its norms read the sum of the "
-                             f"stream and a branch, so the stream is not read only through norms; the conversion "
-                             f"needs a Pre-LN model")
-    writers, norms = ["tok_emb", "pos_emb"], {}
-    for i in range(len(model.blocks)):
-        writers += [f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc2"]
-        norms[f"blocks.{i}.norm1"] = [f"blocks.{i}.attn.qkv"]
-        norms[f"blocks.{i}.norm2"] = [f"blocks.{i}.mlp.fc1"]
-    norms["norm"] = ["head"]
-    return PreNormSpec(model.tok_emb.embedding_dim, writers, norms,
-                       example_inputs=_tokens(model.tok_emb.num_embeddings, min(8, model.pos_emb.num_embeddings)))
 
 
 def _spec_gpt2(model: nn.Module) -> PreNormSpec:
@@ -159,7 +180,7 @@ def _spec_gpt2(model: nn.Module) -> PreNormSpec:
     # GPT2Model reshapes ln_f's output with the width of the stream before it: it cannot return d from a d − 1 stream
     not_compressible = None if lm else "GPT2Model reshapes its output with the stream width; use GPT2LMHeadModel"
     return PreNormSpec(config.n_embd, writers, norms, output_norms=output_norms,
-                       example_inputs=_tokens(config.vocab_size, min(8, config.n_positions)), outputs=_hf_outputs,
+                       example_inputs=token_inputs(config.vocab_size, min(8, config.n_positions)), outputs=_hf_outputs,
                        not_compressible=not_compressible)
 
 
@@ -196,6 +217,86 @@ def _spec_vit(model: nn.Module) -> PreNormSpec:
     return PreNormSpec(config.hidden_size, writers, norms, stream_params, output_norms, pixels, _hf_outputs)
 
 
+def _is_identity(module: Optional[nn.Module]) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _timm_vit_readers(block: str, part: str, module: nn.Module, names: tuple[tuple[str, ...], ...]) -> list[str]:
+    """The linear maps of a block's ``attn``/``mlp`` that read its norm's output: the first of ``names`` (a tuple of
+    attribute names) that the module has, all of them ``nn.Linear``."""
+    for group in names:
+        if all(isinstance(getattr(module, n, None), nn.Linear) for n in group):
+            return [f"{block}.{part}.{n}" for n in group]
+    raise ValueError(f"{block}.{part} is a {type(module).__name__}: its input projections are not one of "
+                     f"{[list(g) for g in names]} (nn.Linear); describe the model with a PreNormSpec")
+
+
+def _spec_timm_vit(model: nn.Module) -> PreNormSpec:
+    """timm's ``VisionTransformer`` (``timm/models/vision_transformer.py``): the stream starts as patch projection +
+    class/register tokens + position table (or as ``norm_pre``'s output), each ``Block`` writes it through
+    ``attn.proj`` and ``mlp.fc2`` (times ``ls1``/``ls2``), and it is read by ``norm1``/``norm2``, then by ``norm`` or,
+    after average/token pooling, ``fc_norm``, which feed ``head`` (or are the output)."""
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError("attn_pool: attention pooling reads the stream through its own projections and norm, not "
+                         "only through a LayerNorm; only global_pool in ('', 'token', 'avg') is supported")
+    pool = model.global_pool
+    if pool not in ("", "token", "avg"):
+        raise ValueError(f"global_pool={pool!r}: max pooling does not keep the stream zero-mean; only '', 'token' "
+                         f"and 'avg' (linear poolings) are supported")
+    if not _is_identity(getattr(model.patch_embed, "norm", None)):
+        raise ValueError("patch_embed.norm: a norm of the patch embedding before the stream is not a Pre-LN stream "
+                         "norm; not supported")
+    width = model.embed_dim
+    writers, stream_params, input_norms = [], [], []
+    if _is_identity(model.norm_pre):
+        writers.append("patch_embed.proj")
+        stream_params = [name for name in ("cls_token", "reg_token", "pos_embed") if getattr(model, name) is not None]
+    else:
+        input_norms.append("norm_pre")
+    norms: dict[str, list[str]] = {}
+    layer_scales: dict[str, str] = {}
+    branch_norms: list[str] = []
+    for i, blk in enumerate(model.blocks):
+        block = f"blocks.{i}"
+        if type(blk).__name__ != "Block":
+            raise ValueError(f"{block} is a {type(blk).__name__}, not timm's Pre-LN Block (norm → branch → "
+                             f"residual add); only Block is supported")
+        norms[f"{block}.norm1"] = _timm_vit_readers(block, "attn", blk.attn, (("qkv",), ("q", "kv")))
+        norms[f"{block}.norm2"] = _timm_vit_readers(block, "mlp", blk.mlp, (("fc1",), ("fc1_g", "fc1_x")))
+        for writer, scale in (("attn.proj", "ls1"), ("mlp.fc2", "ls2")):
+            writers.append(f"{block}.{writer}")
+            if not _is_identity(getattr(blk, scale)):
+                layer_scales[f"{block}.{writer}"] = f"{block}.{scale}"
+        branch_norms += [f"{block}.{n}" for n in ("attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm")
+                         if not _is_identity(blk.get_submodule(n) if _has_submodule(blk, n) else None)]
+    output_norms = []
+    head = model.head if isinstance(model.head, nn.Linear) else None
+    for final in ("norm", "fc_norm"):
+        if _is_identity(getattr(model, final)):
+            continue
+        if head is not None:
+            norms[final] = ["head"]
+        else:
+            output_norms.append(final)
+
+    def pixels(model: nn.Module) -> tuple:
+        proj = model.patch_embed.proj
+        generator = torch.Generator(device=proj.weight.device).manual_seed(0)
+        shape = (2, proj.in_channels, *model.patch_embed.img_size)
+        return (torch.randn(shape, generator=generator, device=proj.weight.device, dtype=proj.weight.dtype),)
+
+    return PreNormSpec(width, writers, norms, stream_params, output_norms, pixels, layer_scales=layer_scales,
+                       input_norms=input_norms, branch_norms=branch_norms)
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 _HF_SPECS = {
     "GPT2Model": _spec_gpt2, "GPT2LMHeadModel": _spec_gpt2,
     "ViTModel": _spec_vit, "ViTForImageClassification": _spec_vit,
@@ -203,16 +304,20 @@ _HF_SPECS = {
 
 
 def prenorm_spec(model: nn.Module) -> PreNormSpec:
-    """The built-in :class:`PreNormSpec` of ``model``: :class:`normlayers.models.TransformerLM`, Hugging Face
-    ``GPT2Model``/``GPT2LMHeadModel`` and ``ViTModel``/``ViTForImageClassification``. Other models: write one."""
-    from normlayers.models import TransformerLM
-
-    if isinstance(model, TransformerLM):
-        return _spec_transformer_lm(model)
+    """The :class:`PreNormSpec` of ``model``: its own, when it has a ``prenorm_spec()`` method (as
+    :class:`normlayers.testing.models.TransformerLM` does), else the built-in one of timm's ``VisionTransformer``,
+    Hugging Face ``GPT2Model``/``GPT2LMHeadModel`` and ``ViTModel``/``ViTForImageClassification``. Other models:
+    write one."""
+    describe = getattr(model, "prenorm_spec", None)
+    if callable(describe):
+        return describe()
+    if type(model).__name__ == "VisionTransformer" and type(model).__module__.startswith("timm."):
+        return _spec_timm_vit(model)
     make = _HF_SPECS.get(type(model).__name__)
     if make is None or not hasattr(model, "config"):
-        raise TypeError(f"no built-in description of {type(model).__name__}'s residual stream (built in: "
-                        f"TransformerLM, {', '.join(_HF_SPECS)}); pass spec=PreNormSpec(...) for a Pre-LN model")
+        raise TypeError(f"no built-in description of {type(model).__name__}'s residual stream (built in: timm "
+                        f"VisionTransformer, {', '.join(_HF_SPECS)}, and models with a prenorm_spec() method); pass "
+                        f"spec=PreNormSpec(...) for a Pre-LN model")
     return make(model)
 
 
@@ -295,7 +400,13 @@ def _check_spec(model: nn.Module, spec: PreNormSpec) -> None:
             module = modules[name]
             if module.weight.shape[_in_axis(module)] != d:
                 raise ValueError(f"{name} reads width {module.weight.shape[_in_axis(module)]}, not {d}")
-    known = set(spec.norms) | set(spec.output_norms)
+    for writer, scale in spec.layer_scales.items():
+        if writer not in spec.writers:
+            raise ValueError(f"the spec scales {writer!r}, which is not one of its writers")
+        gamma = getattr(modules.get(scale), "gamma", None)
+        if not isinstance(gamma, Tensor) or tuple(gamma.shape) != (d,):
+            raise ValueError(f"{scale} has no per-channel scale 'gamma' of shape ({d},)")
+    known = set(spec.norms) | set(spec.output_norms) | set(spec.input_norms) | set(spec.branch_norms)
     for name, module in modules.items():
         if name not in known and ("Norm" in type(module).__name__ or isinstance(module, nn.LayerNorm)):
             raise ValueError(f"{name} ({type(module).__name__}) is a norm outside the spec's residual stream: it may "
@@ -347,14 +458,14 @@ def _convert(model: nn.Module, spec: Optional[PreNormSpec], compress: bool, unti
     _untie(model, spec, untie_embeddings)
     if model.training:
         warnings.warn("the converted model is exact for inference; training it needs the zero-mean "
-                      "re-parametrisation of spec A §3.3 (dropout also breaks the zero mean)", stacklevel=3)
+                      "re-parametrisation of Jiang et al. (dropout also breaks the zero mean)", stacklevel=3)
     reference = _run(model, spec) if verify else None
     d = spec.width
     keep = slice(0, d - 1) if compress else slice(0, d)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
 
-    # Step 0: fold each block norm's affine into its readers (spec A §3.2).
+    # Step 0: fold each block norm's affine into its readers (docs/convert.md).
     for norm_name, consumers in spec.norms.items():
         norm = modules[norm_name]
         gamma = _f64(norm.weight) if norm.weight is not None else None
@@ -369,16 +480,25 @@ def _convert(model: nn.Module, spec: Optional[PreNormSpec], compress: bool, unti
                 b = b + (w @ beta if axis == 1 else beta @ w)
             if gamma is not None:
                 w = w * (gamma if axis == 1 else gamma[:, None])
-            if compress:  # W[:, :-1] − W[:, -1:] on the input axis (spec A §3.2 step 3)
+            if compress:  # W[:, :-1] − W[:, -1:] on the input axis (step 3)
                 w = w.narrow(axis, 0, d - 1) - w.narrow(axis, d - 1, 1)
             _store(lin, "weight", w)
             if lin.bias is not None or beta is not None:
                 _store(lin, "bias", b)
             _set_width(lin, False, keep.stop)
 
-    # Step 1: recentre (and compress) everything that writes the stream.
+    # Step 1: recentre (and compress) everything that writes the stream, after folding a per-channel output scale
+    # into the writer (timm's LayerScale: diag(γ)·(Wx + b)).
     for name in spec.writers:
         module = modules[name]
+        if name in spec.layer_scales:
+            scale = modules[spec.layer_scales[name]]
+            gamma = _f64(scale.gamma)
+            along_out = [-1 if dim == _out_axis(module) else 1 for dim in range(module.weight.dim())]
+            _store(module, "weight", _f64(module.weight) * gamma.view(along_out))
+            if module.bias is not None:
+                _store(module, "bias", _f64(module.bias) * gamma)
+            _store(scale, "gamma", torch.ones(keep.stop, dtype=torch.float64, device=gamma.device))
         axis = _out_axis(module)
         w = _f64(module.weight)
         w = (w - w.mean(axis, keepdim=True)).narrow(axis, 0, keep.stop)
@@ -392,6 +512,9 @@ def _convert(model: nn.Module, spec: Optional[PreNormSpec], compress: bool, unti
         owner = model.get_submodule(owner_name)
         p = _f64(params[name])
         _store(owner, leaf, (p - p.mean(-1, keepdim=True))[..., keep])
+
+    for name in spec.input_norms:
+        model.set_submodule(name, RecentredNorm(modules[name], compress))
 
     # Step 2/3: the norms.
     for name in [*spec.norms, *spec.output_norms]:
@@ -437,8 +560,8 @@ def _run(model: nn.Module, spec: PreNormSpec) -> Optional[list[Tensor]]:
 
 def _compare(before: list[Tensor], after: list[Tensor], what: str) -> None:
     for expected, actual in zip(before, after):
-        # fp64: 1e-9 (spec A §3.2, checked there on a toy model); otherwise the dtype's rounding compounded through
-        # the depth of the model, relative to the output's scale.
+        # The conversion is exact algebra, so only rounding remains: fp64 1e-9; otherwise the dtype's rounding
+        # compounded through the depth of the model, relative to the output's scale.
         tol = 1e-9 if expected.dtype == torch.float64 else 1e3 * torch.finfo(expected.dtype).eps
         scale = expected.abs().max().clamp_min(1.0)
         error = (actual.double() - expected.double()).abs().max() / scale
@@ -452,7 +575,7 @@ def prenorm_to_rmsnorm(model: nn.Module, spec: Optional[PreNormSpec] = None, *, 
                        verify: bool = True) -> nn.Module:
     """Convert a Pre-LN transformer to the equivalent Pre-RMSNorm one, in place; returns ``model``.
 
-    Spec A §3.2 steps 0–2: every block LayerNorm's ``γ, β`` are folded into the linear maps reading its output
+    Steps 0–2 of docs/convert.md: every block LayerNorm's ``γ, β`` are folded into the linear maps reading its output
     (a bias is created where there was none); token/position embeddings, cls tokens, patch projections and the
     residual branches' output projections are recentred so the stream stays zero-mean; each LayerNorm becomes an
     affine-free :class:`normlayers.RMSNorm` with the same eps. Final norms whose output leaves the model become
@@ -484,8 +607,8 @@ def prenorm_to_crmsnorm(model: nn.Module, spec: Optional[PreNormSpec] = None, *,
                         verify: bool = True) -> nn.Module:
     """Convert a Pre-LN transformer to the equivalent Pre-CRMSNorm one, in place; returns ``model``.
 
-    As :func:`prenorm_to_rmsnorm`, then spec A §3.2 step 3: the zero-mean stream is stored in ``d − 1`` coordinates
-    (writers keep their first ``d − 1`` outputs; readers fold the dropped coordinate ``−Σx'`` in as
+    As :func:`prenorm_to_rmsnorm`, then step 3 of docs/convert.md: the zero-mean stream is stored in ``d − 1``
+    coordinates (writers keep their first ``d − 1`` outputs; readers fold the dropped coordinate ``−Σx'`` in as
     ``W[:, :-1] − W[:, -1:]``) and each norm is an affine-free :class:`normlayers.CRMSNorm`. Embedding tables,
     projections and cls/position parameters get new, narrower Parameters. Same arguments and refusals.
     """

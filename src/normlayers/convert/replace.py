@@ -1,11 +1,11 @@
 """``replace_norms``, ``plan_replacements`` and ``restore_norms``: swap a model's norms for normlayers' in place.
 
-Conventions (research ecosystem_and_api.md §1, §7.3): the new module is built on the ``meta`` device and *adopts* the
-old module's Parameter and buffer objects (torchao ``from_float``), so device, dtype, ``requires_grad``, weight tying
-and optimizer references survive and ``state_dict`` keys stay the same; ``training`` is copied; a module reachable
-under several names becomes one new module; only exact source types (or subclasses that keep the parent's
-``forward``) are swapped (the ``convert_sync_batchnorm`` subclass bug, pytorch#187298, timm#1254); wrapped models are
-refused (replace → DDP/FSDP → compile).
+The new module is built by its class's ``from_module`` on the ``meta`` device and *adopts* the old module's Parameter
+and buffer objects (torchao's ``from_float`` pattern), so device, dtype, ``requires_grad``, weight tying and optimizer
+references survive and ``state_dict`` keys stay the same; ``training`` is copied; a module reachable under several
+names becomes one new module; only exact source types (or subclasses that keep the parent's ``forward``) are swapped
+(the ``convert_sync_batchnorm`` subclass bug, pytorch#187298, timm#1254); wrapped models are refused (replace →
+DDP/FSDP → compile).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import fnmatch
 import functools
 import inspect
 import logging
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from normlayers.nn.batch_channel import BatchChannelNorm2d
+from normlayers.backends import backend as normlayers_backend
+from normlayers.nn._adopt import adopt, factory_kwargs_of
 from normlayers.nn.row_norms import LayerNorm, RMSNorm
-from normlayers.nn.weight_std import ScaledWSConv2d, WSConv2d, _StandardizedConv2d
 
 __all__ = ["DEFAULT_MAPPING", "Replacement", "plan_replacements", "replace_norms", "restore_norms"]
 
@@ -36,20 +35,15 @@ Target = Union[type, "functools.partial[nn.Module]", Callable[[nn.Module], nn.Mo
 MappingLike = Mapping[Union[type, str], Target]
 
 # Same math only: these swaps change the speed, never the outputs. A string key is an fnmatch pattern on the class
-# name; "*RMSNorm" duck-types Hugging Face's ~200 RMSNorm classes (none subclasses nn.RMSNorm; research §1.5).
+# name, for Hugging Face's norm classes (about 230), none of which subclasses nn.RMSNorm: "*RMSNorm" takes the RMS norms
+# (and refuses the ones RMSNorm cannot reproduce), "*LayerNorm" the RMS norms named LayerNorm (T5's), leaving the
+# real layer norms alone. Which variant (offset, casting order) is found by probing each class.
 DEFAULT_MAPPING: dict[Union[type, str], Target] = {
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,
     "*RMSNorm": RMSNorm,
+    "*LayerNorm": RMSNorm,
 }
-
-# Targets whose outputs equal the source's by construction; swaps to other classes change the function by design
-# (BatchNorm2d → BatchChannelNorm2d, Conv2d → WSConv2d, …) and are not verified.
-_SAME_MATH_TARGETS = (LayerNorm, RMSNorm)
-
-# `1 + w` in the source of an RMSNorm's forward: the Gemma family's offset (research §1.5: 16 classes in transformers
-# 5.23, all written `1.0 + self.weight.float()` or `1 + self.weight`).
-_OFFSET_SOURCE = re.compile(r"1(\.0)?\s*\+\s*self\.weight|self\.weight(\.float\(\))?\s*\+\s*1(\.0)?\b")
 
 
 @dataclass(frozen=True)
@@ -93,41 +87,69 @@ def _overrides_forward(cls: type, base: type) -> bool:
     return getattr(cls, "forward", None) is not getattr(base, "forward", None)
 
 
-def _hf_rmsnorm_problem(module: nn.Module) -> Optional[str]:
-    """Why ``module`` (a class named *RMSNorm) is not a plain RMSNorm we can take over, or None."""
+def _look_alike_problem(module: nn.Module) -> Optional[str]:
+    """Why ``module`` (matched by its class name) is not a plain norm a normlayers class could take over, or None."""
     names = [name for name, _ in module.named_parameters(recurse=False)]
-    if names != ["weight"] or list(module.children()) or list(module.buffers(recurse=False)):
-        return f"it holds {names or 'no'} parameters, buffers or submodules, not exactly one `weight`"
-    if not any(isinstance(getattr(module, name, None), float) for name in ("variance_epsilon", "eps")):
-        return "it has no float `variance_epsilon` or `eps` attribute"
+    buffers = [name for name, _ in module.named_buffers(recurse=False)]
+    children = [name for name, _ in module.named_children()]
+    if not set(names) <= {"weight", "bias"} or buffers or children:
+        return (f"it holds parameters {names}, buffers {buffers} and submodules {children}, not just a `weight` "
+                f"parameter (and `bias`)")
     params = list(inspect.signature(type(module).forward).parameters.values())[1:]
     if len(params) != 1:
         return f"its forward takes {[p.name for p in params]} (a gated or extra-argument norm), not one input"
     return None
 
 
-def _match(module: nn.Module, mapping: MappingLike) -> tuple[Optional[Target], str]:
-    """The target for ``module`` and the reason, or ``(None, reason)``; raises ``_Refused`` for refusals."""
+def _match(module: nn.Module, mapping: MappingLike) -> tuple[Optional[Target], str, Optional[str]]:
+    """The target for ``module``, the reason, and the class-name pattern that matched (``None`` for a type key), or
+    ``(None, reason, None)``; raises ``_Refused`` for refusals."""
     cls = type(module)
     if cls in mapping:
-        return mapping[cls], f"mapped type {cls.__name__}"
+        return mapping[cls], f"mapped type {cls.__name__}", None
     if _is_ours(module):
-        return None, "already a normlayers module"
+        return None, "already a normlayers module", None
     for key, target in mapping.items():
         if isinstance(key, type) and isinstance(module, key):
             if _overrides_forward(cls, key):
                 raise _Refused(f"{cls.__name__} subclasses {key.__name__} but overrides forward; swapping it would "
                                f"drop that behaviour. Map {cls.__name__} explicitly, exclude it, or pass strict=False "
                                f"to leave it alone")
-            return target, f"subclass of {key.__name__} with its forward"
+            return target, f"subclass of {key.__name__} with its forward", None
     for key, target in mapping.items():
         if isinstance(key, str) and fnmatch.fnmatchcase(cls.__name__, key):
-            problem = _hf_rmsnorm_problem(module) if key.endswith("RMSNorm") else None
-            if problem is not None:
-                raise _Refused(f"{cls.__name__} looks like an RMSNorm but {problem}. Map it explicitly, exclude it, or "
-                               f"pass strict=False to leave it alone")
-            return target, f"class name matches {key!r}"
-    return None, "not in the mapping"
+            return target, f"class name matches {key!r}", key
+    return None, "not in the mapping", None
+
+
+_ProbeCache = dict[tuple, tuple[Optional[dict], str]]
+
+
+def _resolve(module: nn.Module, target: Target, pattern: Optional[str], cache: _ProbeCache) -> Optional[Target]:
+    """``target`` bound to the constructor variant that reproduces ``module`` bit-for-bit, found by probing the
+    module's behaviour; ``target`` itself when there is nothing to choose (a type key, one variant: verification
+    checks it). A module matched by a class-name pattern must be a plain norm the target reproduces. If not, a
+    pattern naming the target's kind (``"*RMSNorm"`` for RMSNorm) refuses it; another pattern (``"*LayerNorm"`` for
+    RMSNorm: T5's RMS norm is named LayerNorm) just does not take it (``None``)."""
+    cls = _target_class(target)
+    variants = _variants(target)
+    if cls is None or (pattern is None and len(variants) == 1):
+        return target
+    problem = _look_alike_problem(module) if pattern is not None else None
+    if problem is None:
+        names = tuple(name for name, _ in module.named_parameters(recurse=False))
+        key = (type(module), names, cls, repr(variants))
+        if key not in cache:
+            cache[key] = _reproduction(module, cls, variants)
+        kwargs, why = cache[key]
+        if kwargs is not None:
+            return functools.partial(cls, **kwargs)
+        problem = (f"replacing it by {cls.__name__} changes its outputs with every variant tried ({why}; probed "
+                   f"bit-for-bit with random parameters in {', '.join(str(d) for d in _PROBE_DTYPES)})")
+    if pattern is not None and not pattern.endswith(cls.__name__):
+        return None
+    raise _Refused(f"{type(module).__name__} looks like a norm but {problem}. Map it explicitly, exclude it, or pass "
+                   f"strict=False to leave it alone")
 
 
 class _Refused(Exception):
@@ -135,111 +157,80 @@ class _Refused(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Building the new module (adopting parameters and buffers)
+# Probing a look-alike: which class and variant computes what it computes
+# ----------------------------------------------------------------------------------------------------------------------
+
+# What a class computes is found by running it, not by reading its name or source. A fresh module's weight is ones
+# (Llama) or zeros (Gemma), which hides both the rounding order and the offset, so the probe runs a CPU copy with
+# random parameters, in each dtype a model runs in, on rows of which one is small enough for eps to matter.
+_PROBE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _variants(target: Target) -> list[dict[str, Any]]:
+    """The constructor keywords to try for a class target: its ``conversion_variants`` under the keywords a partial
+    binds (the partial wins), without repeats."""
+    bound = dict(target.keywords) if isinstance(target, functools.partial) else {}
+    variants: list[dict[str, Any]] = []
+    for variant in getattr(_target_class(target), "conversion_variants", ({},)):
+        kwargs = {**variant, **bound}
+        if kwargs not in variants:
+            variants.append(kwargs)
+    return variants
+
+
+def _probe_copy(module: nn.Module) -> nn.Module:
+    """A CPU copy of ``module`` with random parameters (and its class's behaviour)."""
+    probe = copy.deepcopy(module)
+    probe = probe.to_empty(device="cpu") if any(t.is_meta for t in probe.parameters()) else probe.cpu()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in probe.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    return probe.float()
+
+
+def _probe_input(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    x = torch.randn((4, *shape), generator=torch.Generator().manual_seed(1)) * 3
+    x[0] *= 1e-3  # mean square ~1e-5: a wrong eps shows
+    return x.to(dtype)
+
+
+def _reproduction(module: nn.Module, cls: type, variants: list[dict[str, Any]]) -> tuple[Optional[dict], str]:
+    """The first of ``variants`` for which ``cls.from_module`` computes bit-for-bit what ``module`` computes, in
+    every dtype of ``_PROBE_DTYPES``; or ``(None, why not)``."""
+    probe, why = _probe_copy(module), "no variant matched"
+    for kwargs in variants:
+        for dtype in _PROBE_DTYPES:
+            source = copy.deepcopy(probe).to(dtype)
+            try:
+                new = cls.from_module(source, **kwargs)
+            except (TypeError, ValueError) as error:
+                why = str(error)
+                break
+            x = _probe_input(tuple(new.normalized_shape) if hasattr(new, "normalized_shape") else (16,), dtype)
+            with torch.no_grad(), normlayers_backend("reference"):
+                try:
+                    expected = source(x)
+                except Exception as error:  # noqa: BLE001 — its forward does not take one row-major input
+                    return None, f"its forward fails on a probe of shape {list(x.shape)} ({type(error).__name__})"
+                if _mismatch(new(x), expected, "exact") is not None:
+                    why = f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) differs in {dtype}"
+                    break
+        else:
+            return kwargs, ""
+    return None, why
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building the new module and the record that restores the old one
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _adopt(new: nn.Module, old: nn.Module, names: Mapping[str, str]) -> None:
-    """Make ``new.<new_name>`` the very Parameter/buffer object ``old.<old_name>`` for each pair (dotted names)."""
-    for new_name, old_name in names.items():
-        old_owner, _, old_leaf = old_name.rpartition(".")
-        new_owner, _, new_leaf = new_name.rpartition(".")
-        src = old.get_submodule(old_owner) if old_owner else old
-        dst = new.get_submodule(new_owner) if new_owner else new
-        if old_leaf in src._parameters:
-            dst._parameters[new_leaf] = src._parameters[old_leaf]
-        else:
-            dst._buffers[new_leaf] = src._buffers[old_leaf]
-
-
-def _like(old: nn.Module) -> dict[str, Any]:
-    tensor = next(iter(old.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(old.buffers()), None)
-    return {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
-
-
-def _materialize(new: nn.Module, old: nn.Module, init: Mapping[str, float]) -> None:
-    """Give the parameters/buffers that ``new`` has and ``old`` lacked (still on meta) the old module's device and
-    dtype, filled with ``init[name]``."""
-    factory = _like(old)
-    for name, value in init.items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = new.get_submodule(owner_name) if owner_name else new
-        table = owner._parameters if leaf in owner._parameters else owner._buffers
-        placeholder = table[leaf]
-        filled = torch.full(placeholder.shape, value, **{"dtype": placeholder.dtype, **factory})
-        table[leaf] = nn.Parameter(filled, placeholder.requires_grad) if leaf in owner._parameters else filled
-
-
-def _eps_of(module: nn.Module) -> float:
-    for name in ("variance_epsilon", "eps"):
-        value = getattr(module, name, None)
-        if isinstance(value, float):
-            return value
-    raise TypeError(f"{type(module).__name__} has no float `variance_epsilon` or `eps`")
-
-
-def _hf_offset(module: nn.Module) -> float:
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        source = ""
-    return 1.0 if _OFFSET_SOURCE.search(source) else 0.0
-
-
-def _to_layer_norm(old: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
-    if not isinstance(old, nn.LayerNorm):
-        raise TypeError(f"no conversion from {type(old).__name__} to normlayers.LayerNorm; pass a callable")
-    with torch.device("meta"):
-        new = LayerNorm(old.normalized_shape, old.eps, old.elementwise_affine, old.bias is not None, **kwargs)
-    _adopt(new, old, {name: name for name, _ in old.named_parameters(recurse=False)})
-    return new
-
-
-def _to_rms_norm(old: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
-    if isinstance(old, nn.RMSNorm):
-        args = {"eps": old.eps, "elementwise_affine": old.elementwise_affine, **kwargs}
-        shape = old.normalized_shape
-    elif type(old).__name__.endswith("RMSNorm") and _hf_rmsnorm_problem(old) is None:
-        offset = _hf_offset(old)
-        # Gemma-style norms scale in fp32 and round once; Llama-style ones round, then scale (research §1.5).
-        args = {"eps": _eps_of(old), "weight_offset": offset, "cast_mode": "torch" if offset else "llama", **kwargs}
-        shape = tuple(old.weight.shape)
-    else:
-        raise TypeError(f"no conversion from {type(old).__name__} to normlayers.RMSNorm; pass a callable")
-    with torch.device("meta"):
-        new = RMSNorm(shape, **args)
-    _adopt(new, old, {name: name for name, _ in old.named_parameters(recurse=False)})
-    return new
-
-
-def _to_batch_channel(old: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
-    if type(old) is not nn.BatchNorm2d or not (old.affine and old.track_running_stats):
-        raise TypeError(f"BatchChannelNorm2d adopts an nn.BatchNorm2d with affine=True and "
-                        f"track_running_stats=True as its batch stage; got {old!r}")
-    args = {"momentum": old.momentum, "bn_eps": old.eps, **kwargs}
-    with torch.device("meta"):
-        new = BatchChannelNorm2d(old.num_features, **args)
-    _adopt(new, old, {f"bn.{name}": name for name in
-                      ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
-    init = {"weight": 1.0, "bias": 0.0}
-    if new.estimate:
-        init["bn.estbn_moving_speed"] = new.estimate_rate
-    _materialize(new, old, init)
-    return new
-
-
-def _to_ws_conv(cls: type, old: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
-    if type(old) is not nn.Conv2d:
-        raise TypeError(f"no conversion from {type(old).__name__} to {cls.__name__}; it adopts an nn.Conv2d")
-    with torch.device("meta"):
-        new = cls(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
-                  old.groups, old.bias is not None, old.padding_mode, **kwargs)
-    _adopt(new, old, {name: name for name, _ in old.named_parameters(recurse=False)})
-    if cls is ScaledWSConv2d:
-        _materialize(new, old, {"gain": new.gain_init})
-    return new
+def _fidelity(cls: type) -> str:
+    """How a module of class ``cls`` built by ``from_module`` compares with its source: ``"exact"`` (bit-for-bit,
+    the default for classes that do not say), ``"rounding"`` (the same math, another reduction order) or
+    ``"changes"`` (another function by design: not verified, not restored to the source class)."""
+    return getattr(cls, "conversion_fidelity", "exact")
 
 
 def _build(target: Target, old: nn.Module) -> nn.Module:
@@ -250,22 +241,14 @@ def _build(target: Target, old: nn.Module) -> nn.Module:
             raise TypeError(f"the mapping's callable returned {type(new).__name__} for {type(old).__name__}, "
                             f"not an nn.Module")
         return new
-    kwargs = dict(target.keywords) if isinstance(target, functools.partial) else {}
     if isinstance(target, functools.partial) and target.args:
         raise TypeError(f"a functools.partial target may bind keyword arguments only, got {target!r}")
-    if cls is LayerNorm:
-        return _to_layer_norm(old, kwargs)
-    if cls is RMSNorm:
-        return _to_rms_norm(old, kwargs)
-    if cls is BatchChannelNorm2d:
-        return _to_batch_channel(old, kwargs)
-    if cls in (WSConv2d, ScaledWSConv2d):
-        return _to_ws_conv(cls, old, kwargs)
     from_module = getattr(cls, "from_module", None)
-    if callable(from_module):
-        return from_module(old, **kwargs)
-    raise TypeError(f"no conversion from {type(old).__name__} to {cls.__name__} (it has no `from_module`); map "
-                    f"{type(old).__name__} to a callable that builds the new module")
+    if not callable(from_module):
+        raise TypeError(f"no conversion from {type(old).__name__} to {cls.__name__} (it has no `from_module`); map "
+                        f"{type(old).__name__} to a callable that builds the new module")
+    kwargs = dict(target.keywords) if isinstance(target, functools.partial) else {}
+    return from_module(old, **kwargs)
 
 
 def _restore_record(old: nn.Module) -> _RestoreRecord:
@@ -285,10 +268,25 @@ def _probe_shape(module: nn.Module) -> Optional[tuple[int, ...]]:
     return None if shape is None else (2, 3, *tuple(shape))
 
 
+def _mismatch(actual: Any, expected: Any, fidelity: str) -> Optional[str]:
+    """Why ``actual`` is not ``expected`` (``None`` if it is): bit-for-bit for ``"exact"``, within
+    ``torch.testing.assert_close``'s rounding tolerances for the dtype for ``"rounding"``. NaN equals NaN: a NaN
+    parameter gives NaN on both sides, and the swap is still right."""
+    tolerance = {"rtol": 0.0, "atol": 0.0} if fidelity == "exact" else {}
+    try:
+        torch.testing.assert_close(actual, expected, equal_nan=True, **tolerance)
+    except AssertionError as error:
+        return str(error)
+    return None
+
+
 def _verify(fqn: str, old: nn.Module, new: nn.Module) -> None:
-    """One small forward through copies of ``old`` and ``new``; raise if the outputs differ."""
+    """One small forward through CPU copies of ``old`` and ``new`` on the reference backend; raise if the outputs
+    differ: bit-for-bit for an ``"exact"`` class, within rounding for a ``"rounding"`` one. On the reference, because
+    the Triton kernels reduce in another order than the source's eager ops (they agree with the reference to
+    rounding, tested on their own): what is checked here is the math (eps, offset, casting order)."""
     shape = _probe_shape(old)
-    factory = _like(old)
+    factory = factory_kwargs_of(old)
     if shape is None:
         warnings.warn(f"replace_norms: {fqn} ({type(old).__name__}) not verified: no probe input is known for it",
                       stacklevel=3)
@@ -297,22 +295,24 @@ def _verify(fqn: str, old: nn.Module, new: nn.Module) -> None:
         warnings.warn(f"replace_norms: {fqn} not verified: the model is on the meta device", stacklevel=3)
         return
     dtype = factory.get("dtype", torch.float32)
-    generator = torch.Generator(device=factory.get("device", "cpu")).manual_seed(0)
-    x = torch.randn(shape, generator=generator, **{**factory, "dtype": dtype})
-    with torch.no_grad():
+    old_copy, new_copy = (module.cpu() for module in copy.deepcopy((old, new)))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with torch.no_grad(), normlayers_backend("reference"):
         try:
-            expected = copy.deepcopy(old)(x)
+            expected = old_copy(x)
         except Exception as error:  # noqa: BLE001 — the probe's guessed shape does not fit this module
             warnings.warn(f"replace_norms: {fqn} ({type(old).__name__}) not verified: a probe of shape {list(shape)} "
                           f"fails on it ({type(error).__name__})", stacklevel=3)
             return
         try:
-            actual = copy.deepcopy(new)(x)
-            torch.testing.assert_close(actual, expected)
-        except (AssertionError, RuntimeError, TypeError, ValueError) as error:
-            raise ValueError(f"replace_norms: replacing {fqn} ({type(old).__name__}) by {type(new).__name__} changes "
-                             f"its outputs (probe of shape {list(shape)}, {dtype}): {error}. Fix the mapping, or pass "
-                             f"verify=False if the change is intended") from None
+            mismatch = _mismatch(new_copy(x), expected, _fidelity(type(new)))
+        except (RuntimeError, TypeError, ValueError) as error:
+            mismatch = f"{type(error).__name__}: {error}"
+    if mismatch is not None:
+        how = "bit-for-bit" if _fidelity(type(new)) == "exact" else "to rounding"
+        raise ValueError(f"replace_norms: replacing {fqn} ({type(old).__name__}) by {type(new).__name__} changes its "
+                         f"outputs (probe of shape {list(shape)}, {dtype}, compared {how}): {mismatch}. Fix the "
+                         f"mapping, or pass verify=False if the change is intended")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -390,13 +390,18 @@ def _plan(model: nn.Module, mapping: Optional[MappingLike], filter_fn, include, 
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
     _refuse_wrappers(model)
     plan = []
+    probed: _ProbeCache = {}
     for site in _sites(model):
         names = [site.fqn, *site.aliases]
         display = site.fqn or "<root>"
         if not any(_selected(n, site.module, filter_fn, include_p, exclude_p) for n in names):
             continue
         try:
-            target, reason = _match(site.module, mapping)
+            target, reason, pattern = _match(site.module, mapping)
+            if target is not None:
+                matched, target = target, _resolve(site.module, target, pattern, probed)
+                if isinstance(target, functools.partial) and target is not matched:
+                    reason += "; probed: " + ", ".join(f"{k}={v!r}" for k, v in target.keywords.items())
         except _Refused as refusal:
             if strict:
                 raise ValueError(f"replace_norms: {display}: {refusal}") from None
@@ -434,22 +439,27 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
             on the next call). Models wrapped by DataParallel, DistributedDataParallel or FSDP are refused: replace
             first, then wrap, then compile.
         mapping (dict, optional): source → target. A source is a class (matched exactly, or a subclass that does not
-            override ``forward``) or an fnmatch pattern on the class name (``"*RMSNorm"``). A target is a normlayers
-            class, a ``functools.partial`` of one binding keyword arguments, a class with a ``from_module(module,
-            **kwargs)`` classmethod, or a callable ``module -> new module``. Default: :data:`DEFAULT_MAPPING`, which
-            swaps only norms of identical math: ``nn.LayerNorm → LayerNorm``, ``nn.RMSNorm → RMSNorm`` and Hugging
-            Face ``*RMSNorm`` classes → ``RMSNorm`` with their eps, ``1 + w`` offset and casting order. Swaps that
-            change the function (``nn.BatchNorm2d → BatchChannelNorm2d``, ``nn.Conv2d → WSConv2d``) happen only when
-            the mapping asks; a given mapping replaces the default one.
+            override ``forward``) or an fnmatch pattern on the class name (``"*RMSNorm"``). A target is a class with
+            the conversion protocol (``from_module(module, **kwargs)``; every normlayers class that converts has it,
+            see docs/convert.md), a ``functools.partial`` of one binding keyword arguments, or a callable
+            ``module -> new module``. Default: :data:`DEFAULT_MAPPING`, which swaps only norms of identical math:
+            ``nn.LayerNorm → LayerNorm``, ``nn.RMSNorm → RMSNorm``, and the Hugging Face ``*RMSNorm`` classes and
+            RMS norms named ``*LayerNorm`` (T5's) → ``RMSNorm`` with their eps, and the ``1 + w`` offset and casting
+            order found by probing the class. Swaps that change the function (``nn.BatchNorm2d →
+            BatchChannelNorm2d``, ``nn.Conv2d → WSConv2d``) happen only when the mapping asks; a given mapping
+            replaces the default one.
         filter_fn (callable, optional): ``(module, fqn) -> bool``; only modules for which it is true are swapped.
         include, exclude (str or list of str, optional): fnmatch patterns on module names; a module is swapped when
             one of its names matches ``include`` (if given) and none matches ``exclude``.
         strict (bool): raise on a module that matches but cannot be swapped faithfully (a subclass overriding
-            ``forward``, a gated RMSNorm); with ``False`` it is left alone with a warning. Default: ``True``.
-        verify (bool): before swapping, run one small forward through a copy of the old and the new module for each
-            source type and raise ``ValueError`` if the outputs differ. Swaps to classes that change the function by
-            design (anything but LayerNorm/RMSNorm targets; callables are verified) and meta-device models are not
-            verified. Default: ``True``.
+            ``forward``, a gated RMSNorm, a ``*RMSNorm`` class whose outputs no ``RMSNorm`` variant reproduces
+            bit-for-bit); with ``False`` it is left alone with a warning. Default: ``True``.
+        verify (bool): before swapping, run one small forward in the model's dtype through CPU copies of the old
+            and the new module, on the reference backend, for each source type, and raise ``ValueError`` if the
+            outputs differ: bit-for-bit (NaN equal to NaN) unless the new class declares
+            ``conversion_fidelity = "rounding"`` (``LayerNorm``: torch's kernels reduce in another order), then
+            within rounding. Classes declaring ``"changes"`` (BCN, WS convs: another function by design) and
+            meta-device models are not verified. Default: ``True``.
 
     Parameters and buffers are adopted, not copied: the new module holds the same objects, so device, dtype,
     ``requires_grad``, weight tying and optimizer state survive, and ``state_dict`` keys are unchanged for same-math
@@ -475,10 +485,10 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
             continue
         new = _build(target, old)
         new.train(old.training)
-        if type(new) in _SAME_MATH_TARGETS:
+        same_math = _fidelity(type(new)) != "changes"
+        if same_math and _target_class(target) is not None:
             object.__setattr__(new, "_normlayers_restore", _restore_record(old))
-        needs_check = _target_class(target) is None or isinstance(new, _SAME_MATH_TARGETS)
-        if verify and needs_check and type(old) not in verified:
+        if verify and same_math and type(old) not in verified:
             _verify(line.fqn or "<root>", old, new)
             verified.add(type(old))
         if old._forward_hooks or old._forward_pre_hooks or old._backward_hooks:
@@ -508,33 +518,19 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
 
 
 def _restore_one(module: nn.Module) -> Optional[nn.Module]:
+    """The plain module computing what ``module`` computes: the class a same-math swap replaced, rebuilt around the
+    same parameters, or ``module.to_torch()``; ``None`` if there is neither."""
     record: Optional[_RestoreRecord] = getattr(module, "_normlayers_restore", None)
     if record is not None:
         old = record.cls.__new__(record.cls)
         nn.Module.__init__(old)
         vars(old).update(copy.copy(record.attributes))
-        _adopt(old, module, {name: name for name, _ in module.named_parameters(recurse=False)})
+        adopt(old, module, {name: name for name, _ in module.named_parameters(recurse=False)})
         for name, buffer in module.named_buffers(recurse=False):
             old.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
         return old.train(module.training)
-    if type(module) is LayerNorm:
-        with torch.device("meta"):
-            plain = nn.LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
-                                 module.bias is not None)
-        _adopt(plain, module, {name: name for name, _ in module.named_parameters(recurse=False)})
-        return plain.train(module.training)
-    if type(module) is RMSNorm:
-        with torch.device("meta"):
-            plain = nn.RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
-        if module.weight_offset and module.weight is not None:
-            # nn.RMSNorm has no offset: its weight becomes the scale (a new parameter of the same name)
-            plain.weight = nn.Parameter((module.weight + module.weight_offset).detach(), module.weight.requires_grad)
-        else:
-            _adopt(plain, module, {name: name for name, _ in module.named_parameters(recurse=False)})
-        return plain.train(module.training)
-    if isinstance(module, _StandardizedConv2d):
-        return module.to_conv2d()
-    return None
+    to_torch = getattr(module, "to_torch", None)
+    return to_torch() if callable(to_torch) else None
 
 
 def restore_norms(model: nn.Module) -> nn.Module:
@@ -543,18 +539,20 @@ def restore_norms(model: nn.Module) -> nn.Module:
 
     * a module swapped by :func:`replace_norms` with the same math becomes an instance of the class it replaced
       (``nn.LayerNorm``, ``nn.RMSNorm``, ``LlamaRMSNorm``, ``GemmaRMSNorm``, …), holding the same parameters;
-    * other ``LayerNorm``/``RMSNorm`` become ``nn.LayerNorm``/``nn.RMSNorm`` (an ``RMSNorm`` with ``weight_offset``
-      gets a new ``weight = weight + weight_offset``; ``cast_mode="llama"`` becomes torch's rounding);
-    * ``WSConv2d``/``ScaledWSConv2d`` become ``nn.Conv2d`` with the standardized weight baked in
-      (:meth:`WSConv2d.to_conv2d`);
-    * modules with no plain torch equivalent (``CRMSNorm``, ``BatchChannelNorm2d``, EvoNorm) stay, with a warning.
+    * any other module with a ``to_torch()`` method becomes what it returns: ``LayerNorm``/``RMSNorm`` become
+      ``nn.LayerNorm``/``nn.RMSNorm`` (an ``RMSNorm`` with ``weight_offset`` gets a new
+      ``weight = weight + weight_offset``; ``cast_mode="llama"`` becomes torch's rounding), ``WSConv2d``/
+      ``ScaledWSConv2d`` become ``nn.Conv2d`` with the standardized weight baked in (:meth:`WSConv2d.to_conv2d`);
+    * normlayers modules with no plain torch equivalent (``CRMSNorm``, ``BatchChannelNorm2d``, EvoNorm) stay, with a
+      warning.
     """
     root = _unwrap_compiled(model)
     restored: dict[int, Optional[nn.Module]] = {}
     kept: list[str] = []
     new_root = root
     for fqn, module in list(root.named_modules(remove_duplicate=False)):
-        if not _is_ours(module) or type(module).__name__.startswith("_"):  # private parts of our modules
+        convertible = hasattr(module, "_normlayers_restore") or callable(getattr(module, "to_torch", None))
+        if not (convertible or _is_ours(module)) or type(module).__name__.startswith("_"):  # (private parts of ours)
             continue
         if id(module) not in restored:
             restored[id(module)] = _restore_one(module)

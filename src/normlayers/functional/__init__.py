@@ -1,21 +1,14 @@
 """Functional forms of every normlayers norm, in ``torch.nn.functional``'s argument order.
 
 Each function validates its arguments, then runs the Triton path (:mod:`normlayers.ops`) or the plain-PyTorch
-reference (:mod:`normlayers.reference`) as :mod:`normlayers.backend` decides. One module per family; every public
-name is importable from ``normlayers.functional``.
+reference (:mod:`normlayers.reference`) as :mod:`normlayers.backends` decides. One module per family (``row_norms``,
+``batch_channel``, ``weight_std``, ``evo_norm``, ``token_norms``, ``region_norms``, ``spd``; the last two are not
+named after a function, which they would shadow); every public name is importable from ``normlayers.functional``.
 """
 
-from normlayers._checks import as_shape as _as_shape
-from normlayers._checks import check_epsilon as _check_epsilon
-from normlayers._checks import check_nonnegative_int as _check_nonnegative_int
-from normlayers._checks import check_positive_epsilon as _check_positive_epsilon
-from normlayers._checks import check_unit_interval as _check_unit_interval
 from normlayers.functional.batch_channel import batch_channel_norm
+from normlayers.functional.channel_norms import layer_norm2d, rms_norm2d
 from normlayers.functional.evo_norm import (
-    _evo_check_momentum,
-    _evo_check_scalars,
-    _evo_norm_b,
-    _evo_norm_s,
     evo_norm2d_b0,
     evo_norm2d_b1,
     evo_norm2d_b2,
@@ -26,30 +19,12 @@ from normlayers.functional.evo_norm import (
     evo_norm2d_s2,
     evo_norm2d_s2a,
 )
-from normlayers.functional.region_norms import (
-    _REGION_AFFINES,
-    _REGION_STATS,
-    _check_region_eps,
-    _region_choice,
-    _region_eps_mode,
-    learnable_region_norm,
-    region_norm,
-)
+from normlayers.functional.region_norms import learnable_region_norm, region_norm
 from normlayers.functional.row_norms import add_crms_norm, add_layer_norm, add_rms_norm, crms_norm, layer_norm, rms_norm
 from normlayers.functional.spd import spd_batch_norm
 from normlayers.functional.token_norms import power_norm, unified_norm
-from normlayers.functional.weight_std import (
-    WS_DEFAULT_VARIANT,
-    _check_conv_input,
-    _check_ws_eps,
-    _check_ws_finite,
-    _check_ws_weight,
-    _ws_variant,
-    scaled_weight_standardize,
-    scaled_ws_conv2d,
-    weight_standardize,
-    ws_conv2d,
-)
+from normlayers.functional.weight_std import WS_DEFAULT_VARIANT as WS_DEFAULT_VARIANT
+from normlayers.functional.weight_std import scaled_weight_standardize, scaled_ws_conv2d, weight_standardize, ws_conv2d
 
 __all__ = [
     "layer_norm",
@@ -58,6 +33,8 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "add_crms_norm",
+    "layer_norm2d",
+    "rms_norm2d",
     "batch_channel_norm",
     "weight_standardize",
     "scaled_weight_standardize",

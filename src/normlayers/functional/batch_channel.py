@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional, Union
 
 from torch import Tensor
 
 from normlayers._checks import (
+    check_counter,
     check_float_tensor,
+    check_nchw_input,
     check_positive_epsilon,
+    check_positive_int,
     check_running_stats_without_grad,
+    check_same_device,
     check_unit_interval,
 )
-from normlayers.backend import use_triton
+from normlayers.backends import tier
+from normlayers.cpu import batch_channel as _cpu_batch_channel
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import batch_channel as _ops_batch_channel
@@ -31,12 +35,9 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
     per_channel = {"running_mean": running_mean, "running_var": running_var, "bn_weight": bn_weight,
                    "bn_bias": bn_bias}
     per_group = {"weight": weight, "bias": bias}
-    check_float_tensor("input", input)
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {list(input.shape)}")
+    check_nchw_input(input)
     channels = input.shape[1]
-    if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    check_positive_int("num_groups", num_groups)
     for name, t in per_channel.items():
         if t is not None and tuple(check_float_tensor(name, t).shape) != (channels,):
             raise ValueError(f"input (N, C, H, W) and {name} (C,) must agree on C = num_channels; got input of shape "
@@ -49,8 +50,8 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
             raise ValueError(f"{name} must hold one value per group (num_groups = {num_groups}; officially of shape "
                              f"(1, {num_groups}, 1)), got {name} of shape {list(t.shape)}")
     for name, t in {**per_channel, **per_group, "num_batches_tracked": num_batches_tracked}.items():
-        if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        if t is not None:
+            check_same_device(name, t, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if running_mean is None and (estimate or not training):
@@ -66,10 +67,8 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
             raise ValueError("momentum=None (a cumulative average of the batch statistics) needs num_batches_tracked")
     else:
         check_unit_interval("momentum", momentum)
-    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
-                                            or num_batches_tracked.dtype.is_floating_point):
-        raise TypeError(f"num_batches_tracked must be a one-element integer tensor, got {num_batches_tracked.dtype} "
-                        f"of shape {list(num_batches_tracked.shape)}")
+    if num_batches_tracked is not None:
+        check_counter("num_batches_tracked", num_batches_tracked)
     if isinstance(estimate_rate, Tensor):
         # A tensor rate (the module's estbn_moving_speed buffer) is not range-checked: that would read it back to
         # the host on every call.
@@ -90,7 +89,7 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
                        bn_eps: float = 1e-5, *, estimate: bool = False, estimate_rate: Union[float, Tensor] = 0.0,
                        num_batches_tracked: Optional[Tensor] = None, sync_stats: bool = False,
                        process_group: Optional[Any] = None) -> Tensor:
-    r"""Batch-Channel Normalization (Qiao et al.; spec B §2): a batch stage, then GroupNorm, then a group affine.
+    r"""Batch-Channel Normalization (Qiao et al., arXiv 1903.10520): a batch stage, then GroupNorm, then a group affine.
 
     .. math::
         u = \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon_{bn}}} \cdot \gamma^{bn}_c + \beta^{bn}_c, \qquad
@@ -115,13 +114,15 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
         eps: the channel (group) stage's epsilon. Default: ``1e-5``.
         num_groups: ``G``; must divide ``C``. Default: ``32``.
         bn_eps: the batch stage's epsilon. Default: ``1e-5``.
-        estimate: EstBN instead of BatchNorm in the batch stage (spec §2.2). Default: ``False``.
+        estimate: EstBN instead of BatchNorm in the batch stage (the authors' ``EstBN``, BCN README).
+            Default: ``False``.
         estimate_rate: EstBN's update rate ``r`` (a float in [0, 1], or a one-element tensor such as the official
             ``estbn_moving_speed`` buffer). Default: ``0.0``, which freezes the estimates (the official default).
         num_batches_tracked: incremented in place in training with ``estimate=False``, as ``nn.BatchNorm2d`` does.
         sync_stats, process_group: in training, with ``torch.distributed`` initialized and more than one rank in
             ``process_group`` (default: the world), take the batch stage's statistics over the global batch
-            (:mod:`normlayers.distributed`); every rank must then call this, also with an empty batch.
+            (:mod:`normlayers.distributed`); every rank must then call this, also with an empty batch. On CPU
+            such a call (and one with ``momentum=None``) runs the reference rather than the CPU tier.
             Default: ``False``.
 
     Running updates (training): with ``estimate=False``, ``running ← (1 − m)·running + m·batch`` with the unbiased
@@ -138,7 +139,13 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
         if training and not estimate and num_batches_tracked is not None:
             num_batches_tracked.add_(1)  # nn.BatchNorm2d counts an empty batch too (and updates nothing else)
         return empty_batch_output(input, bn_weight, bn_bias, weight, bias)
-    if use_triton(input):
+    implementation = tier(input)
+    if implementation == "cpu" and _cpu_batch_channel.supports(momentum, sync):
+        return _cpu_batch_channel.batch_channel_norm(
+            input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
+            eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
+            num_batches_tracked=num_batches_tracked)
+    if implementation == "triton":
         return _ops_batch_channel.batch_channel_norm(
             input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
             eps=eps, num_groups=int(num_groups), bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,

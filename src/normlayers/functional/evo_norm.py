@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_float_tensor, check_running_stats_without_grad
-from normlayers.backend import use_triton
+from normlayers._checks import (
+    check_channel_vectors,
+    check_epsilon,
+    check_nchw_input,
+    check_positive_int,
+    check_running_stats_without_grad,
+    check_unit_interval,
+)
+from normlayers.backends import tier
+from normlayers.cpu import evo_norm as _cpu_evo
 from normlayers.distributed import moment_sync
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import evo_norm as _ops_evo
@@ -19,55 +25,40 @@ from normlayers.reference import evo_norm as _ref_evo
 __all__ = ["evo_norm2d_b0", "evo_norm2d_b1", "evo_norm2d_b2", "evo_norm2d_s0", "evo_norm2d_s0a", "evo_norm2d_s1",
            "evo_norm2d_s1a", "evo_norm2d_s2", "evo_norm2d_s2a"]
 
+_Documented = TypeVar("_Documented")  # a function or a class
+
 
 def _evo_check_args(input: Tensor, per_channel: dict[str, Optional[Tensor]], eps: float, *,
                     groups: Optional[int] = None, momentum: Optional[float] = None) -> None:
-    check_float_tensor("input", input)
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {list(input.shape)}")
-    channels = input.shape[1]
-    for name, t in per_channel.items():
-        if t is None:
-            continue
-        check_float_tensor(name, t)
-        if tuple(t.shape) != (channels,):
-            raise ValueError(f"{name} must have shape (C,) = ({channels},), the channel count of input (N, C, H, W) = "
-                             f"{list(input.shape)}; got {name} of shape {list(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    check_nchw_input(input)
+    check_channel_vectors(input, per_channel)
     if groups is not None:
-        if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
-            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        check_positive_int("groups", groups)
+        channels = input.shape[1]
         if channels % groups != 0:
             raise ValueError(f"groups ({groups}) must divide the number of channels (C = input.shape[1] = {channels}); "
                              f"input has shape {list(input.shape)}")
-    _evo_check_scalars(eps, momentum)
+    check_epsilon("eps", eps)
+    if momentum is not None:
+        check_unit_interval("momentum", momentum)
 
 
-def _evo_check_scalars(eps: float, momentum: Optional[float] = None) -> None:
-    """``eps`` finite and ≥ 0; ``momentum`` (when given) in [0, 1]. Also used by the modules' constructors."""
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
-    if momentum is not None and (not isinstance(momentum, numbers.Real) or isinstance(momentum, bool)
-                                 or not 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-
-
-def _evo_check_momentum(momentum: object) -> float:
-    """The B family's running-variance rate. ``None`` (torch BatchNorm's cumulative average) is refused: it needs a
-    ``num_batches_tracked`` counter, which timm's EvoNorm state (and so its checkpoints) does not have."""
+def check_evo_momentum(momentum: object) -> float:
+    """The B family's running-variance rate (also checked by the modules). ``None`` (torch BatchNorm's cumulative
+    average) is refused: it needs a ``num_batches_tracked`` counter, which timm's EvoNorm state (and so its
+    checkpoints) does not have."""
     if momentum is None:
         raise ValueError("momentum must be a number in [0, 1], got None: EvoNorm-B keeps timm's exponential running "
                          "variance; a cumulative average (torch BatchNorm's momentum=None) is not supported")
-    _evo_check_scalars(0.0, momentum)
-    return float(momentum)
+    return check_unit_interval("momentum", momentum)
 
 
-def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
-                bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
-                apply_act: bool, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the Triton ops or the reference."""
-    _evo_check_momentum(momentum)
+def evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
+               bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
+               apply_act: bool, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
+    """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the Triton ops or the reference
+    (also the modules' forward)."""
+    check_evo_momentum(momentum)
     check_running_stats_without_grad(training and apply_act, running_var=running_var)
     _evo_check_args(input, {"running_var": running_var, "weight": weight, "bias": bias, "v": v}, eps,
                     momentum=momentum)
@@ -85,18 +76,22 @@ def _evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weig
                              "as torch.nn.BatchNorm2d refuses to")
     if input.numel() == 0 and sync is None:
         return empty_batch_output(input, weight, bias, v)
-    if apply_act and use_triton(input):
+    implementation = tier(input) if apply_act else "reference"  # apply_act=False is one affine: the reference's
+    if implementation == "triton":
         return _ops_evo.evo_norm_b(variant, input, running_var, weight, bias, v, training, float(momentum), float(eps),
                                   sync)
+    if implementation == "cpu" and sync is None:  # synced statistics: the reference gathers them
+        return _cpu_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
+                                   momentum=float(momentum), eps=float(eps))
     return _ref_evo.evo_norm_b(input, running_var, weight, bias, v, variant=variant, training=training,
                                momentum=float(momentum), eps=float(eps), apply_act=apply_act, sync=sync)
 
 
-def _evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float, apply_act: bool,
-                always_normalize: bool) -> Tensor:
+def evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+               v: Optional[Tensor], activation: Optional[Callable[[Tensor], Tensor]], eps: float, apply_act: bool,
+               always_normalize: bool) -> Tensor:
     """The S sub-family (``variant`` in ``"s0"``, ``"s1"``, ``"s2"``; ``always_normalize`` for timm's "a"
-    variants): checks, then the Triton ops or the reference."""
+    variants): checks, then the Triton ops or the reference (also the modules' forward)."""
     _evo_check_args(input, {"weight": weight, "bias": bias, "v": v}, eps, groups=groups)
     if apply_act and variant == "s0" and v is None:
         raise ValueError("evo_norm2d_s0/s0a with apply_act=True need v, the (C,) parameter of their nonlinearity")
@@ -104,18 +99,22 @@ def _evo_norm_s(variant: str, input: Tensor, groups: int, weight: Optional[Tenso
         raise TypeError(f"activation must be a callable (Tensor -> Tensor) or None, got {type(activation).__name__}")
     if input.numel() == 0:
         return empty_batch_output(input, weight, bias, v)
-    if (apply_act or always_normalize) and use_triton(input):
+    implementation = tier(input) if apply_act or always_normalize else "reference"
+    if implementation == "triton":
         return _ops_evo.evo_norm_s(variant, input, int(groups), weight, bias, v, activation, float(eps), apply_act)
+    if implementation == "cpu" and _cpu_evo.supports_s(variant, activation, apply_act):
+        return _cpu_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
+                                   eps=float(eps), apply_act=apply_act)
     return _ref_evo.evo_norm_s(input, int(groups), weight, bias, v, variant=variant, activation=activation,
                                eps=float(eps), apply_act=apply_act, always_normalize=always_normalize)
 
 
-
-def _evo_append_doc(*sections: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Append the Args sections the EvoNorm functional forms share to a function's own docstring."""
-    def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        fn.__doc__ = (fn.__doc__ or "") + "".join(sections)
-        return fn
+def append_doc(*sections: str) -> Callable[[_Documented], _Documented]:
+    """Append the sections (Args, Shape, ...) that the EvoNorm functional forms, or the classes of a sub-family, share
+    to a function's or class's own docstring."""
+    def decorate(obj: _Documented) -> _Documented:
+        obj.__doc__ = (obj.__doc__ or "") + "".join(sections)
+        return obj
     return decorate
 
 
@@ -125,8 +124,8 @@ _EVO_B_DOC = """
             dtype.
         running_var: ``(C,)``, the running (unbiased) variance. Used in eval; updated in place in training as
             ``running_var ← (1 − momentum)·running_var + momentum·var·n/(n − 1)`` with ``n = N·H·W`` (timm's rule,
-            spec B §4.3), which needs ``n > 1``; an empty input (``n = 0``) gives an empty output and leaves it
-            alone, as ``nn.BatchNorm2d``. May be ``None`` in training (no update).
+            ``timm/layers/evo_norm.py``), which needs ``n > 1``; an empty input (``n = 0``) gives an empty output
+            and leaves it alone, as ``nn.BatchNorm2d``. May be ``None`` in training (no update).
         weight, bias: the ``(C,)`` affine ``γ``, ``β``. Default: ``None`` (none).
         training: batch variance (with gradient) and the running update when ``True``. Default: ``False``.
         momentum: the running-variance rate in [0, 1]. Default: ``0.1``.
@@ -139,7 +138,7 @@ _EVO_B_DOC = """
             Default: ``False``.
 
     At an exact tie of the two sides of the ``max`` the gradient is split half/half, PyTorch's rule for
-    :func:`torch.maximum` (spec B §4.5).
+    :func:`torch.maximum`.
 """
 
 _EVO_S_DOC = """
@@ -153,17 +152,17 @@ _EVO_S_DOC = """
             Default: ``True``.
 """
 
-_EVO_ACTIVATION_DOC = """        activation (keyword-only): the nonlinearity ``a``, a callable on the fp32 (fp64) tensor, or ``None`` for
-            the identity. Default: :func:`torch.nn.functional.silu`.
+_EVO_ACTIVATION_DOC = """        activation (keyword-only): the nonlinearity ``a``, a callable on the fp32 (fp64)
+            tensor, or ``None`` for the identity. Default: :func:`torch.nn.functional.silu`.
 """
 
 
-@_evo_append_doc(_EVO_B_DOC)
+@append_doc(_EVO_B_DOC)
 def evo_norm2d_b0(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, v: Optional[Tensor] = None, training: bool = False,
                   momentum: float = 0.1, eps: float = 1e-3, *, apply_act: bool = True, sync_stats: bool = False,
                   process_group: Optional[Any] = None) -> Tensor:
-    r"""EvoNorm-B0 (Liu et al., NeurIPS 2020; spec B §4.1, timm's ``EvoNorm2dB0``):
+    r"""EvoNorm-B0 (Liu et al., NeurIPS 2020; timm's ``EvoNorm2dB0``):
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ v x + \sqrt{s^2_{h,w}(x) + \epsilon}\right)}
@@ -173,15 +172,15 @@ def evo_norm2d_b0(input: Tensor, running_var: Optional[Tensor], weight: Optional
     biased variance of each (sample, channel) over H, W. ``v`` is the ``(C,)`` parameter of the nonlinearity,
     required with ``apply_act=True``. ``eps`` (default ``1e-3``, timm's) goes inside both square roots.
     """
-    return _evo_norm_b("b0", input, running_var, weight, bias, v, training, momentum, eps, apply_act, sync_stats,
-                       process_group)
+    return evo_norm_b("b0", input, running_var, weight, bias, v, training, momentum, eps, apply_act, sync_stats,
+                      process_group)
 
 
-@_evo_append_doc(_EVO_B_DOC)
+@append_doc(_EVO_B_DOC)
 def evo_norm2d_b1(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
                   *, apply_act: bool = True, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    r"""EvoNorm-B1 (timm's ``EvoNorm2dB1``; spec B §4.1):
+    r"""EvoNorm-B1 (timm's ``EvoNorm2dB1``):
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ (x + 1)\sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon}
@@ -189,15 +188,15 @@ def evo_norm2d_b1(input: Tensor, running_var: Optional[Tensor], weight: Optional
 
     ``σ²`` as in :func:`evo_norm2d_b0`; ``eps`` defaults to ``1e-5``.
     """
-    return _evo_norm_b("b1", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
-                       process_group)
+    return evo_norm_b("b1", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
+                      process_group)
 
 
-@_evo_append_doc(_EVO_B_DOC)
+@append_doc(_EVO_B_DOC)
 def evo_norm2d_b2(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
                   *, apply_act: bool = True, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    r"""EvoNorm-B2 (timm's ``EvoNorm2dB2``; spec B §4.1):
+    r"""EvoNorm-B2 (timm's ``EvoNorm2dB2``):
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ \sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon} - x
@@ -205,74 +204,74 @@ def evo_norm2d_b2(input: Tensor, running_var: Optional[Tensor], weight: Optional
 
     ``σ²`` as in :func:`evo_norm2d_b0`; ``eps`` defaults to ``1e-5``.
     """
-    return _evo_norm_b("b2", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
-                       process_group)
+    return evo_norm_b("b2", input, running_var, weight, bias, None, training, momentum, eps, apply_act, sync_stats,
+                      process_group)
 
 
-@_evo_append_doc(_EVO_S_DOC)
+@append_doc(_EVO_S_DOC)
 def evo_norm2d_s0(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                   v: Optional[Tensor] = None, eps: float = 1e-5, *, apply_act: bool = True) -> Tensor:
-    r"""EvoNorm-S0 (Liu et al., NeurIPS 2020; spec B §4.1, timm's ``EvoNorm2dS0``):
+    r"""EvoNorm-S0 (Liu et al., NeurIPS 2020; timm's ``EvoNorm2dS0``):
 
     .. math:: y = \frac{x \cdot \mathrm{sigmoid}(v x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
 
     with the biased variance over each sample's group of ``C/groups`` channels and all of H, W. ``v``: ``(C,)``,
     required with ``apply_act=True``. ``apply_act=False`` is affine only. Batch-independent: no running statistics.
     """
-    return _evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, False)
+    return evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, False)
 
 
-@_evo_append_doc(_EVO_S_DOC)
+@append_doc(_EVO_S_DOC)
 def evo_norm2d_s0a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    v: Optional[Tensor] = None, eps: float = 1e-3, *, apply_act: bool = True) -> Tensor:
     r"""timm's EvoNorm-S0a: :func:`evo_norm2d_s0` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes:
-    ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (spec B §4.1; timm-only, not in the paper).
+    ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (timm-only, not in the paper).
     """
-    return _evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, True)
+    return evo_norm_s("s0", input, groups, weight, bias, v, None, eps, apply_act, True)
 
 
-@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+@append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
 def evo_norm2d_s1(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                   eps: float = 1e-5, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
                   apply_act: bool = True) -> Tensor:
-    r"""EvoNorm-S1 (timm's ``EvoNorm2dS1``; spec B §4.1):
+    r"""EvoNorm-S1 (timm's ``EvoNorm2dS1``):
 
     .. math:: y = \frac{a(x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
 
     ``a`` defaults to SiLU; the denominator is a statistic of ``x``, not of ``a(x)``. ``apply_act=False`` is affine
     only.
     """
-    return _evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, False)
+    return evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, False)
 
 
-@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+@append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
 def evo_norm2d_s1a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-3, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
                    apply_act: bool = True) -> Tensor:
     r"""timm's EvoNorm-S1a: :func:`evo_norm2d_s1` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes
-    (without ``a``): ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (timm-only, spec B §4.1).
+    (without ``a``): ``y = x / sqrt(s²_{g,h,w}(x) + eps) · γ + β`` (timm-only).
     """
-    return _evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, True)
+    return evo_norm_s("s1", input, groups, weight, bias, None, activation, eps, apply_act, True)
 
 
-@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+@append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
 def evo_norm2d_s2(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                   eps: float = 1e-5, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
                   apply_act: bool = True) -> Tensor:
-    r"""EvoNorm-S2 (timm's ``EvoNorm2dS2``; spec B §4.1):
+    r"""EvoNorm-S2 (timm's ``EvoNorm2dS2``):
 
     .. math:: y = \frac{a(x)}{\sqrt{\mathrm{mean}_{g,h,w}(x^2) + \epsilon}} \cdot \gamma + \beta
 
     the group RMS (not the variance) of ``x``; ``a`` defaults to SiLU. ``apply_act=False`` is affine only.
     """
-    return _evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, False)
+    return evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, False)
 
 
-@_evo_append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
+@append_doc(_EVO_S_DOC, _EVO_ACTIVATION_DOC)
 def evo_norm2d_s2a(input: Tensor, groups: int = 32, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-3, *, activation: Optional[Callable[[Tensor], Tensor]] = torch.nn.functional.silu,
                    apply_act: bool = True) -> Tensor:
     r"""timm's EvoNorm-S2a: :func:`evo_norm2d_s2` with ``eps=1e-3``, whose ``apply_act=False`` still normalizes
-    (without ``a``): ``y = x / sqrt(mean_{g,h,w}(x²) + eps) · γ + β`` (timm-only, spec B §4.1).
+    (without ``a``): ``y = x / sqrt(mean_{g,h,w}(x²) + eps) · γ + β`` (timm-only).
     """
-    return _evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, True)
+    return evo_norm_s("s2", input, groups, weight, bias, None, activation, eps, apply_act, True)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Optional
 
 from torch import Tensor
 
-from normlayers._checks import check_float_tensor
-from normlayers.backend import use_triton
+from normlayers._checks import (
+    check_channel_vectors,
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_nchw_input,
+    check_same_device,
+    is_real,
+)
+from normlayers.backends import use_triton
 from normlayers.distributed import sync_group, sync_masked_moments
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import region_norm as _ops_region
@@ -17,38 +24,29 @@ from normlayers.reference import region_norm as _ref_region
 
 __all__ = ["region_norm", "learnable_region_norm"]
 
-
-_REGION_STATS = ("batch", "instance")
-_REGION_EPS_MODES = ("official", "plain")
-_REGION_AFFINES = ("masked", "official")
-
-
-def _region_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
+REGION_STATS = ("batch", "instance")
+REGION_EPS_MODES = ("official", "plain")
+REGION_AFFINES = ("masked", "official")
 
 
-def _region_eps_mode(eps_mode: Optional[str], stats: str) -> str:
-    """``None`` follows ``stats``: the official code's effective epsilon with its batch statistics, the paper's plain
-    epsilon with per-sample statistics (spec B §3.3 item 2)."""
-    if eps_mode is None:
-        return "official" if stats == "batch" else "plain"
-    return _region_choice("eps_mode", eps_mode, _REGION_EPS_MODES)
+def check_region_options(eps: object, stats: object, eps_mode: Optional[str]) -> tuple[float, str, str]:
+    """``(eps, stats, eps_mode)`` checked, with ``eps_mode=None`` resolved (also the modules' constructors').
 
-
-def _check_region_eps(eps: object) -> float:
-    # eps > 0, not >= 0: a region whose values are all equal (one pixel, for one) has zero variance.
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0 or math.isinf(eps):
+    ``eps > 0``, not ``>= 0``: a region whose values are all equal (one pixel, for one) has zero variance.
+    ``eps_mode=None`` follows ``stats``: the official code's effective epsilon with its batch statistics, the paper's
+    plain epsilon with per-sample statistics (docs/region_norm.md).
+    """
+    if not is_real(eps) or not eps > 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite positive number (a region of equal values has zero variance), "
                          f"got {eps!r}")
-    return float(eps)
+    stats = check_choice("stats", stats, REGION_STATS)
+    if eps_mode is None:
+        eps_mode = "official" if stats == "batch" else "plain"
+    return float(eps), stats, check_choice("eps_mode", eps_mode, REGION_EPS_MODES)
 
 
 def _check_region_input(input: Tensor, mask: Tensor) -> None:
-    check_float_tensor("input", input)
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {list(input.shape)}")
+    check_nchw_input(input)
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.is_complex():
@@ -59,20 +57,7 @@ def _check_region_input(input: Tensor, mask: Tensor) -> None:
                          f"{list(input.shape)}, got mask of shape {list(mask.shape)}")
     if input.shape[2] * input.shape[3] > 0 and mask.shape[2] * mask.shape[3] == 0:
         raise ValueError(f"mask has no pixels (shape {list(mask.shape)}) to resize to input's {list(input.shape[2:])}")
-    if mask.device != input.device:
-        raise ValueError(f"mask is on {mask.device} but input is on {input.device}")
-
-
-def _check_region_params(input: Tensor, params: dict[str, Optional[Tensor]]) -> None:
-    channels = input.shape[1]
-    for name, t in params.items():
-        if t is None:
-            continue
-        if tuple(check_float_tensor(name, t).shape) != (channels,):
-            raise ValueError(f"{name} must have shape (C,) = ({channels},), the channel count of input (N, C, H, W) = "
-                             f"{list(input.shape)}; got {name} of shape {list(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    check_same_device("mask", mask, input)
 
 
 def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = None,
@@ -80,7 +65,7 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
                 background_beta: Optional[Tensor] = None, eps: float = 1e-5, stats: str = "batch", *,
                 eps_mode: Optional[str] = None, affine: str = "masked", sync_stats: bool = False,
                 process_group: Optional[Any] = None) -> Tensor:
-    r"""Region Normalization with a given mask, RN-B (Yu et al., AAAI 2020; spec B §3).
+    r"""Region Normalization with a given mask, RN-B (Yu et al., AAAI 2020; code geekyutao/RN, ``rn.py``).
 
     Each channel is standardized separately in the hole region (``mask`` nonzero, the authors' "foreground") and in
     the valid region, then a ``(1 + γ)`` region affine follows:
@@ -104,9 +89,9 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
         eps: a positive number. Default: ``1e-5``.
         stats: ``"batch"`` or ``"instance"``. Default: ``"batch"``.
         eps_mode (keyword-only): ``"official"``: ``ε_r = ε·V/S_r`` with ``S_r`` the region's value count and ``V``
-            the values per statistic (``N·H·W`` or ``H·W``), the official code's effective epsilon (spec §3.2);
-            ``"plain"``: ``ε_r = ε``. Default ``None``: ``"official"`` with ``stats="batch"``, ``"plain"`` with
-            ``"instance"``.
+            the values per statistic (``N·H·W`` or ``H·W``), the official code's effective epsilon
+            (docs/region_norm.md); ``"plain"``: ``ε_r = ε``. Default ``None``: ``"official"`` with
+            ``stats="batch"``, ``"plain"`` with ``"instance"``.
         affine (keyword-only): how the betas apply, ``"masked"`` or ``"official"`` (see above). Default:
             ``"masked"``.
         sync_stats, process_group (keyword-only): with ``stats="batch"``, ``torch.distributed`` initialized and more
@@ -117,12 +102,10 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
             training). Default: ``False``, ``None``.
     """
     _check_region_input(input, mask)
-    _check_region_params(input, {"foreground_gamma": foreground_gamma, "foreground_beta": foreground_beta,
-                                 "background_gamma": background_gamma, "background_beta": background_beta})
-    eps = _check_region_eps(eps)
-    stats = _region_choice("stats", stats, _REGION_STATS)
-    eps_mode = _region_eps_mode(eps_mode, stats)
-    affine = _region_choice("affine", affine, _REGION_AFFINES)
+    check_channel_vectors(input, {"foreground_gamma": foreground_gamma, "foreground_beta": foreground_beta,
+                                  "background_gamma": background_gamma, "background_beta": background_beta})
+    eps, stats, eps_mode = check_region_options(eps, stats, eps_mode)
+    affine = check_choice("affine", affine, REGION_AFFINES)
     sync = _region_sync(stats, sync_stats, process_group)
     if use_triton(input):
         hole = _ref_region.prepare_mask(mask, input.shape[2:])
@@ -146,9 +129,7 @@ def _region_sync(stats: str, sync_stats: bool, process_group: Optional[Any]
 def _check_learnable_region_args(input: Tensor, conv1_weight: Tensor, gamma_weight: Tensor,
                                  gamma_bias: Optional[Tensor], beta_weight: Tensor, beta_bias: Optional[Tensor],
                                  threshold: float) -> None:
-    check_float_tensor("input", input)
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {list(input.shape)}")
+    check_nchw_input(input)
     k = conv1_weight.shape[-1] if isinstance(conv1_weight, Tensor) and conv1_weight.dim() == 4 else None
     if k is None or k % 2 == 0 or tuple(conv1_weight.shape) != (1, 2, k, k):
         raise ValueError(f"conv1_weight must have shape (1, 2, k, k) with k odd (the official k is 7 or 3), got "
@@ -162,17 +143,15 @@ def _check_learnable_region_args(input: Tensor, conv1_weight: Tensor, gamma_weig
         if tuple(check_float_tensor(name, t).shape) != shape:
             raise ValueError(f"{name} must have shape {shape} (kernel size {k} from conv1_weight), got "
                              f"{list(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        check_same_device(name, t, input)
+    check_finite("threshold", threshold)
 
 
 def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
                           beta_weight: Tensor, beta_bias: Optional[Tensor], threshold: float = 0.8,
                           eps: float = 1e-5, stats: str = "batch", *, eps_mode: Optional[str] = None,
                           sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    r"""Learnable Region Normalization, RN-L (Yu et al., AAAI 2020; spec B §3.1, the official ``RN_L``):
+    r"""Learnable Region Normalization, RN-L (Yu et al., AAAI 2020; the official ``RN_L``):
 
     .. math::
         s = \mathrm{sigmoid}(\mathrm{conv_1}([\mathrm{mean}_c(x), \max_c(x)])), \quad
@@ -195,9 +174,7 @@ def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Ten
             ``None``.
     """
     _check_learnable_region_args(input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, threshold)
-    eps = _check_region_eps(eps)
-    stats = _region_choice("stats", stats, _REGION_STATS)
-    eps_mode = _region_eps_mode(eps_mode, stats)
+    eps, stats, eps_mode = check_region_options(eps, stats, eps_mode)
     sync = _region_sync(stats, sync_stats, process_group)
     if input.shape[2] == 0 or input.shape[3] == 0:
         # No pixel: nothing to normalize (the self-aware convs cannot even run on an empty map).

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from normlayers._checks import ShapeLike, as_shape, check_float_tensor
-from normlayers.backend import use_triton
+from normlayers._checks import ShapeLike, as_shape, check_epsilon, check_float_tensor, check_real, check_same_device
+from normlayers._dtypes import compute_dtype
+from normlayers.backends import tier
+from normlayers.cpu import row_norms as _cpu_row
 from normlayers.ops import row_norms as _ops_row
 from normlayers.reference import row_norms as _ref_row
 
@@ -36,29 +36,27 @@ def _check_row_norm_args(
         check_float_tensor(name, param)
         if tuple(param.shape) != shape:
             raise ValueError(f"{name} must have shape normalized_shape {list(shape)}, got {list(param.shape)}")
-        if param.device != input.device:
-            raise ValueError(f"{name} is on {param.device} but input is on {input.device}")
+        check_same_device(name, param, input)
     if residual is not None:
         check_float_tensor("residual", residual)
         if residual.shape != input.shape:
             raise ValueError(f"residual must have the input's shape {list(input.shape)} (no broadcasting), "
                              f"got {list(residual.shape)}")
-        if residual.device != input.device:
-            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+        check_same_device("residual", residual, input)
+    check_epsilon("eps", eps)
     return shape
 
 
 def _resolve_rms_eps(eps: Optional[float], dtype: torch.dtype) -> float:
     """``eps=None`` means the machine epsilon of the computation dtype: fp32's for fp16/bf16/fp32 inputs, fp64's for
-    fp64 (spec A §4.3, as ``torch.nn.functional.rms_norm``)."""
+    fp64, as ``torch.nn.functional.rms_norm`` documents (pytorch/pytorch#159317)."""
     if eps is not None:
         return eps
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return torch.finfo(compute_dtype(dtype)).eps
 
 
-# torch runs layer_norm in fp32 under CUDA autocast, and rms_norm too since 2.12 (spec A §4.4); the row norms follow
+# torch runs layer_norm in fp32 under CUDA autocast, and rms_norm too since 2.12 (the fp32 cast policy of
+# aten/src/ATen/autocast_mode.h; docs/row_norms.md); the row norms follow
 # the installed torch, so swapping a torch norm for ours keeps a model's dtypes.
 _RMS_AUTOCASTS_TO_FP32 = torch.torch_version.TorchVersion(torch.__version__) >= (2, 12)
 
@@ -70,7 +68,7 @@ def _autocasts_to_fp32(kind: str, input: Tensor) -> bool:
 
 
 def _to_fp32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t.float() if t is not None and t.dtype != torch.float64 else t
+    return t.to(compute_dtype(t.dtype)) if t is not None else t
 
 
 def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[Tensor], bias: Optional[Tensor],
@@ -80,10 +78,13 @@ def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional
         input, residual, weight, bias = (_to_fp32(t) for t in (input, residual, weight, bias))
     residual_dtype = None
     if residual is not None:
-        residual_dtype = torch.float32 if residual_in_fp32 and residual.dtype != torch.float64 else residual.dtype
-    if use_triton(input):
+        residual_dtype = compute_dtype(residual.dtype) if residual_in_fp32 else residual.dtype
+    implementation = tier(input)
+    if implementation == "triton":
         return _ops_row.row_norm(input, shape, weight, bias, kind, eps, residual=residual,
                                  residual_dtype=residual_dtype, weight_offset=weight_offset)
+    if implementation == "cpu":
+        return _cpu_row.row_norm(kind, input, shape, weight, bias, eps, residual, residual_dtype, weight_offset)
     h = _ref_row.residual_add(input, residual, residual_dtype) if residual is not None else input
     if kind == "layer":
         y = _ref_row.layer_norm(h, shape, weight, bias, eps, out_dtype=input.dtype)
@@ -95,12 +96,10 @@ def _row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional
 
 
 def _check_weight_offset(weight_offset: float, weight: Optional[Tensor]) -> float:
-    if not isinstance(weight_offset, numbers.Real) or isinstance(weight_offset, bool):
-        raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
+    weight_offset = check_real("weight_offset", weight_offset)
     if weight_offset != 0 and weight is None:
         raise ValueError("weight_offset scales the weight (weight + weight_offset); it needs a weight")
-    return float(weight_offset)
-
+    return weight_offset
 
 
 def layer_norm(input: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
@@ -131,7 +130,7 @@ def rms_norm(input: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor
 
 def crms_norm(input: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
               eps: Optional[float] = None) -> Tensor:
-    r"""Compressed RMS normalization (Jiang et al., NeurIPS 2023; spec A §3.1).
+    r"""Compressed RMS normalization (Jiang et al., "Pre-RMSNorm and Pre-CRMSNorm Transformers", NeurIPS 2023).
 
     ``input`` holds the first ``d − 1`` coordinates ``x'`` of a zero-mean vector of width ``d``; the dropped
     coordinate is ``−Σx'``. With ``n = d − 1 = prod(normalized_shape)``:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_epsilon, check_float_tensor, check_running_stats_without_grad, check_unit_interval
+from normlayers._checks import (
+    check_choice,
+    check_epsilon,
+    check_float_tensor,
+    check_nonnegative_int,
+    check_running_stats_without_grad,
+    check_same_device,
+    check_unit_interval,
+    is_real,
+)
 from normlayers.distributed import all_reduce_sum, sync_group
 from normlayers.reference import spd_batch_norm as _ref_spd
 
@@ -62,8 +70,7 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
     for name, t in tensors.items():
         if t is not None:
             check_float_tensor(name, t)
-            if t.device != input.device:
-                raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+            check_same_device(name, t, input)
     matrix_state = [t for t in (running_mean, weight) if t is not None]
     per_channel = any(t.dim() == 3 for t in matrix_state) or any(
         t is not None and t.dim() == 1 for t in (running_var, shift))
@@ -96,12 +103,10 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
     check_unit_interval("momentum", momentum)
     check_epsilon("eps", eps)
     check_running_stats_without_grad(training, running_mean=running_mean, running_var=running_var)
-    if not isinstance(theta, numbers.Real) or isinstance(theta, bool) or theta == 0 or not math.isfinite(theta):
+    if not is_real(theta) or theta == 0 or not math.isfinite(theta):
         raise ValueError(f"theta must be a finite non-zero number (the power deformation X^theta), got {theta!r}")
-    if variance not in _ref_spd.VARIANCES:
-        raise ValueError(f"variance must be one of {_ref_spd.VARIANCES}, got {variance!r}")
-    if not isinstance(karcher_steps, numbers.Integral) or isinstance(karcher_steps, bool) or karcher_steps < 0:
-        raise ValueError(f"karcher_steps must be a non-negative int, got {karcher_steps!r}")
+    check_choice("variance", variance, _ref_spd.VARIANCES)
+    check_nonnegative_int("karcher_steps", karcher_steps)
     if compute_dtype not in (None, torch.float32, torch.float64):
         raise TypeError(f"compute_dtype must be torch.float64, torch.float32 or None (the input's), got "
                         f"{compute_dtype!r}")
@@ -115,8 +120,8 @@ def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
                    variance: str = "frechet", karcher_steps: int = 1, reference_roundtrip: bool = False,
                    compute_dtype: Optional[torch.dtype] = torch.float64, sync_stats: bool = False,
                    process_group: Optional[Any] = None) -> Tensor:
-    r"""SPD batch normalization under the (θ, M)-Generalized Bures–Wasserstein geometry (GBWBN; spec
-    ``spd_gbw_batchnorm.md`` §3.2). In the deformed coordinates :math:`\tilde X = M^{-1/2} X^\theta M^{-1/2}`:
+    r"""SPD batch normalization under the (θ, M)-Generalized Bures–Wasserstein geometry (GBWBN; Wang et
+    al., CVPR 2025, arXiv 2504.00660). In the deformed coordinates :math:`\tilde X = M^{-1/2} X^\theta M^{-1/2}`:
 
     .. math::
         Y_i = \mathrm{Exp}_{\tilde W}\Big(\Gamma_{I\to\tilde W}\,\frac{s}{\sqrt{v + \epsilon}}\,
@@ -141,7 +146,7 @@ def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
         variance: ``"frechet"`` (mean squared distance to the batch mean) or ``"reference"`` (the authors' code:
             around the identity). Default: ``"frechet"``.
         karcher_steps: barycenter fixed-point steps. Default: ``1`` (the authors').
-        reference_roundtrip: reproduce the authors' Exp_I/Log_I round trip (spec §2.3). Default: ``False``.
+        reference_roundtrip: reproduce the authors' Exp_I/Log_I round trip (docs/spd_batch_norm.md). Default: ``False``.
         compute_dtype: the dtype of the per-sample eigendecompositions; ``None`` is the input's. Parameter-side and
             statistics-side ones are always float64. The output has the input's dtype. Default: ``torch.float64``.
         sync_stats, process_group: in training, with ``torch.distributed`` initialized and more than one rank in

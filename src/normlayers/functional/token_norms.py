@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from normlayers._checks import (
+    check_counter,
     check_epsilon,
     check_float_tensor,
     check_nonnegative_int,
+    check_positive_int,
     check_running_stats_without_grad,
+    check_same_device,
     check_unit_interval,
 )
-from normlayers.backend import use_triton
+from normlayers.backends import use_triton
 from normlayers.distributed import sync_group_name
 from normlayers.ops import token_stats as _ops_token
 from normlayers.reference import power_norm as _ref_power
 from normlayers.reference import unified_norm as _ref_unified
 
 __all__ = ["power_norm", "unified_norm"]
+
+
+def check_backward_denominator(backward_denominator: object) -> str:
+    """PowerNorm's ``backward_denominator`` (also checked by :class:`normlayers.PowerNorm`)."""
+    if backward_denominator not in ("batch", "running"):
+        raise ValueError(f"backward_denominator must be 'batch' or 'running', got {backward_denominator!r}")
+    return backward_denominator
 
 
 def _flat_2d_mask(input: Tensor, pad_mask: Optional[Tensor], official_shape: tuple[int, int]) -> Optional[Tensor]:
@@ -49,8 +58,7 @@ def _check_token_norm_input(input: Tensor, pad_mask: Optional[Tensor], mask_shap
             raise ValueError(f"pad_mask must have shape {list(mask_shape)} (True = padding) for input of shape "
                              f"{list(input.shape)} {layout if input.dim() == 3 else '(B, C)'}, got "
                              f"{list(pad_mask.shape)}")
-        if pad_mask.device != input.device:
-            raise ValueError(f"pad_mask is on {pad_mask.device} but input is on {input.device}")
+        check_same_device("pad_mask", pad_mask, input)
     return input.shape[-1]
 
 
@@ -69,14 +77,10 @@ def _check_token_norm_state(input: Tensor, channels: int, per_channel: dict[str,
         if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] != channels:
             raise ValueError(f"{name} must have shape (window_size, C) with C = {channels}, got {list(t.shape)}")
     for name, t in counters.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a one-element integer tensor, got {type(t).__name__}")
-        if t.numel() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be a one-element integer tensor, got {t.dtype} of shape {list(t.shape)}")
+        check_counter(name, t)
     for name, t in {**per_channel, **windows, **counters}.items():
-        if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-
+        if t is not None:
+            check_same_device(name, t, input)
 
 
 def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor] = None,
@@ -84,7 +88,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
                eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9, warmup_iters: int = 10000,
                group_num: Optional[int] = 1, *, batch_first: bool = False, backward_denominator: str = "batch",
                sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
-    r"""PowerNorm (Shen et al., ICML 2020; spec A §1), exactly as the official ``MaskPowerNorm``.
+    r"""PowerNorm (Shen et al., ICML 2020), exactly as the official ``MaskPowerNorm`` (sIncerass/powernorm).
 
     .. math::
         u = \mathrm{GroupScaling}(x), \qquad y = \gamma \cdot \frac{u}{\sqrt{d + \epsilon}} + \beta
@@ -105,7 +109,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
             GroupScaling.
         batch_first: input ``(B, T, C)``. Default: ``False``.
         backward_denominator: ``"batch"`` (the official code: ``sqrt(q + eps)``) or ``"running"``
-            (``sqrt(running_phi + eps)``, the paper's form as recalled, spec §1.7b). Default: ``"batch"``.
+            (``sqrt(running_phi + eps)``, the paper's form; docs/power_unified.md). Default: ``"batch"``.
         sync_stats, process_group (keyword-only): in training, with ``torch.distributed`` initialized and more than
             one rank in ``process_group`` (default: the world), the statistics are those of the global batch: ``q``
             over the non-pad tokens of every rank, and the backward's mean for ``ema_gz`` over every rank's tokens
@@ -127,14 +131,10 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
     check_unit_interval("alpha_fwd", alpha_fwd)
     check_unit_interval("alpha_bkw", alpha_bkw)
     check_nonnegative_int("warmup_iters", warmup_iters)
-    if group_num is not None:
-        if not isinstance(group_num, numbers.Integral) or isinstance(group_num, bool) or group_num <= 0:
-            raise ValueError(f"group_num must be a positive int or None, got {group_num!r}")
-        if channels % group_num != 0:
-            raise ValueError(f"group_num ({group_num}) must divide the channel count C = {channels}")
-        group_num = int(group_num)
-    if backward_denominator not in ("batch", "running"):
-        raise ValueError(f"backward_denominator must be 'batch' or 'running', got {backward_denominator!r}")
+    group_num = check_positive_int("group_num", group_num, or_none=True)
+    if group_num is not None and channels % group_num != 0:
+        raise ValueError(f"group_num ({group_num}) must divide the channel count C = {channels}")
+    check_backward_denominator(backward_denominator)
     kwargs = dict(training=training, eps=float(eps), alpha_fwd=float(alpha_fwd), alpha_bkw=float(alpha_bkw),
                   warmup_iters=int(warmup_iters), group_num=group_num, batch_first=batch_first,
                   backward_denominator=backward_denominator,
@@ -149,7 +149,7 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
                  training: bool = False, eps: float = 1e-5, momentum: float = 0.9, warmup_iters: int = 4000,
                  outlier_filtration: bool = False, *, grad_compensation: bool = True, sync_stats: bool = False,
                  process_group: Optional[Any] = None) -> Tensor:
-    r"""Unified Normalization (Yang et al., ACM MM 2022; spec A §2), exactly as the official ``UN1d``.
+    r"""Unified Normalization (Yang et al., ACM MM 2022), exactly as the official ``UN1d``.
 
     .. math:: y = \gamma \cdot \frac{x}{\sqrt{v + \epsilon}} + \beta
 

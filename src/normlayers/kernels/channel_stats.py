@@ -29,50 +29,21 @@ import torch
 import triton
 import triton.language as tl
 
+from normlayers._dtypes import compute_dtype
 from normlayers.kernels.common import (
+    as_planes,
     centred_row_moments,
     chan_combine,
-    compute_dtype,
-    next_power_of_2,
+    hole_planes,
+    load_plane_values,
     num_warps_for,
+    plane_block,
+    plane_offsets,
+    plane_strides,
+    plane_tile,
     tl_compute_dtype,
 )
 
-# Widest chunk of a plane one program holds (elements); wider planes are walked in chunks of this size. Tiles hold
-# about TILE_ELEMENTS values, so small planes get several planes per program (at most MAX_BLOCK_P). Starting
-# points, not tuned on a GPU.
-MAX_BLOCK_HW = 2048
-TILE_ELEMENTS = 4096
-MAX_BLOCK_P = 64
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Launch helpers
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _planes(t: torch.Tensor) -> torch.Tensor:
-    """``t`` of shape ``(N, C, *spatial)`` as ``(N, C, HW)``: a view for NCHW, channels-last and channel slices
-    (whose spatial dims merge into one stride), a copy only for layouts where they do not."""
-    n, c = t.shape[:2]
-    hw = math.prod(t.shape[2:])
-    try:
-        return t.view(n, c, hw)
-    except RuntimeError:
-        return t.reshape(n, c, hw)
-
-
-def _tile(planes: int, hw: int, max_block_hw: Optional[int]) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_HW) for ``planes`` planes of ``hw`` values; ``max_block_hw`` overrides the chunk cap (tests
-    use it to reach the chunked loop on small planes)."""
-    cap = max_block_hw if max_block_hw is not None else MAX_BLOCK_HW
-    block_hw = min(next_power_of_2(hw), 1 << (cap.bit_length() - 1))
-    block_p = min(max(TILE_ELEMENTS // block_hw, 1), MAX_BLOCK_P, next_power_of_2(planes))
-    return block_p, block_hw
-
-
-def _strides(t3: torch.Tensor) -> tuple[int, int, int]:
-    return t3.stride(0), t3.stride(1), t3.stride(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -81,31 +52,12 @@ def _strides(t3: torch.Tensor) -> tuple[int, int, int]:
 
 
 @triton.jit
-def plane_block(P, BLOCK_P: tl.constexpr):
-    """This program's ``BLOCK_P`` planes (int64 indices, program ``program_id(0)``) and which of them exist."""
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return planes, planes < P
-
-
-@triton.jit
-def load_plane_values(PTR, base, hw, stride_hw, mask, COMPUTE: tl.constexpr):
-    """The values at spatial positions ``hw`` of planes starting at ``base`` (zero outside ``mask``), in ``COMPUTE``."""
-    return tl.load(PTR + base[:, None] + hw[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
-
-
-@triton.jit
-def _plane_offsets(planes, C, stride_n, stride_c):
-    """Offset of each plane's first value: plane p is (sample p // C, channel p % C)."""
-    return (planes // C) * stride_n + (planes % C) * stride_c
-
-
-@triton.jit
 def plane_moments_fwd_kernel(
     X, MEAN, VAR, P, C, HW, stride_n, stride_c, stride_hw,
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     planes, plane_mask = plane_block(P, BLOCK_P)
-    base = _plane_offsets(planes, C, stride_n, stride_c)
+    base = plane_offsets(planes, C, stride_n, stride_c)
     offsets = tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (offsets < HW)[None, :]
     x = tl.load(X + base[:, None] + offsets.to(tl.int64)[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
@@ -141,12 +93,12 @@ def plane_moments_bwd_kernel(
     if HAS_DMEAN:
         dx += (tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count)[:, None]
     if HAS_DVAR:
-        x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
+        x_base = plane_offsets(planes, C, stride_xn, stride_xc)
         x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
         mean = tl.load(MEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE)
         dvar = tl.load(DVAR + planes, mask=plane_mask, other=0.0).to(COMPUTE)
         dx += (x - mean[:, None]) * (2.0 * dvar / count)[:, None]
-    dx_base = _plane_offsets(planes, C, stride_dxn, stride_dxc)
+    dx_base = plane_offsets(planes, C, stride_dxn, stride_dxc)
     tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dx, mask=mask)
 
 
@@ -161,20 +113,20 @@ def plane_affine_fwd_kernel(
     planes, plane_mask = plane_block(P, BLOCK_P)
     hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (hw < HW)[None, :]
-    x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
+    x_base = plane_offsets(planes, C, stride_xn, stride_xc)
     x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
     a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     b = tl.load(B + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     y = (x - center[:, None]) * a[:, None] + b[:, None]
     if REGIONS == 2:
-        hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
+        hole_base = plane_offsets(planes, C, stride_hn, stride_hc)
         hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
         a_valid = tl.load(A + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         b_valid = tl.load(B + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         center_valid = tl.load(M + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         y = tl.where(hole, y, (x - center_valid[:, None]) * a_valid[:, None] + b_valid[:, None])
-    y_base = _plane_offsets(planes, C, stride_yn, stride_yc)
+    y_base = plane_offsets(planes, C, stride_yn, stride_yc)
     tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw, y, mask=mask)
 
 
@@ -189,16 +141,16 @@ def plane_affine_bwd_kernel(
     # REGIONS == 2, each sum runs over its region's values only and dx takes the region's A.
     planes, plane_mask = plane_block(P, BLOCK_P)
     offsets = tl.arange(0, BLOCK_HW)
-    dy_base = _plane_offsets(planes, C, stride_dyn, stride_dyc)
-    x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
-    dx_base = _plane_offsets(planes, C, stride_dxn, stride_dxc)
+    dy_base = plane_offsets(planes, C, stride_dyn, stride_dyc)
+    x_base = plane_offsets(planes, C, stride_xn, stride_xc)
+    dx_base = plane_offsets(planes, C, stride_dxn, stride_dxc)
     a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     # Per-lane partial sums, reduced once at the end: each lane adds one value per chunk.
     da = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
     db = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
     if REGIONS == 2:
-        hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
+        hole_base = plane_offsets(planes, C, stride_hn, stride_hc)
         a_valid = tl.load(A + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         center_valid = tl.load(M + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         da_valid = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
@@ -239,7 +191,7 @@ def plane_moments_fwd(x: torch.Tensor, *, max_block_hw: Optional[int] = None) ->
 
     Planes with no values (``HW == 0``) get NaN, as ``torch.var_mean`` gives.
     """
-    x3 = _planes(x)
+    x3 = as_planes(x)
     n, c, hw = x3.shape
     compute = compute_dtype(x.dtype)
     mean = torch.empty((n, c), dtype=compute, device=x.device)
@@ -248,9 +200,9 @@ def plane_moments_fwd(x: torch.Tensor, *, max_block_hw: Optional[int] = None) ->
         return mean, var
     if hw == 0:
         return mean.fill_(math.nan), var.fill_(math.nan)
-    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
     plane_moments_fwd_kernel[(triton.cdiv(n * c, block_p),)](
-        x3, mean, var, n * c, c, hw, *_strides(x3),
+        x3, mean, var, n * c, c, hw, *plane_strides(x3),
         COMPUTE=tl_compute_dtype(compute), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
@@ -262,29 +214,19 @@ def plane_moments_bwd(x: torch.Tensor, mean: torch.Tensor, dmean: Optional[torch
     """Gradient of :func:`plane_moments_fwd` with respect to ``x`` (``dmean``/``dvar`` ``(N, C)``, either may be
     ``None``); returned in ``x``'s dtype, shape and memory format."""
     dx = torch.empty_like(x)
-    x3, dx3 = _planes(x), _planes(dx)
+    x3, dx3 = as_planes(x), as_planes(dx)
     n, c, hw = x3.shape
     if dx.numel() == 0:
         return dx
-    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
     plane_moments_bwd_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
         x3, mean.contiguous(), dmean.contiguous() if dmean is not None else mean,
-        dvar.contiguous() if dvar is not None else mean, dx3, n * c, c, hw, *_strides(x3), *_strides(dx3),
+        dvar.contiguous() if dvar is not None else mean, dx3, n * c, c, hw, *plane_strides(x3), *plane_strides(dx3),
         HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
         COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
     return dx
-
-
-def _hole_planes(hole_mask: Optional[torch.Tensor], x3: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """The ``(N, 1 or C, *spatial)`` hole mask of a two-region launch as a ``(N, C, HW)`` uint8 view (stride 0 over
-    channels for a one-channel mask) and its strides; ``x3`` and zero strides (never read) without a mask."""
-    if hole_mask is None:
-        return x3, (0, 0, 0)
-    hole3 = _planes(hole_mask.view(torch.uint8) if hole_mask.dtype == torch.bool else hole_mask)
-    hole3 = hole3.expand(x3.shape)
-    return hole3, _strides(hole3)
 
 
 def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,
@@ -296,15 +238,15 @@ def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
     ``(N, C, 2)``: index 0 applies where the mask is nonzero, index 1 elsewhere.
     """
     y = torch.empty_like(x)
-    x3, y3 = _planes(x), _planes(y)
+    x3, y3 = as_planes(x), as_planes(y)
     n, c, hw = x3.shape
     if y.numel() == 0:
         return y
-    hole3, hole_strides = _hole_planes(hole_mask, x3)
-    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    hole3, hole_strides = hole_planes(hole_mask, x3)
+    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
     plane_affine_fwd_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
-        x3, hole3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *_strides(x3),
-        *hole_strides, *_strides(y3), REGIONS=1 if hole_mask is None else 2,
+        x3, hole3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *plane_strides(x3),
+        *hole_strides, *plane_strides(y3), REGIONS=1 if hole_mask is None else 2,
         COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
@@ -318,7 +260,7 @@ def plane_affine_bwd(dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, sc
     ``dscale``/``dshift`` shaped like ``scale`` (``(N, C)``, or ``(N, C, 2)`` with ``hole_mask``) in its dtype. The
     centre's gradient is ``−scale·dshift``."""
     dx = torch.empty_like(x)
-    dy3, x3, dx3 = _planes(dy), _planes(x), _planes(dx)
+    dy3, x3, dx3 = as_planes(dy), as_planes(x), as_planes(dx)
     n, c, hw = x3.shape
     dscale = torch.empty(scale.shape, dtype=scale.dtype, device=x.device)
     dshift = torch.empty(scale.shape, dtype=scale.dtype, device=x.device)
@@ -326,11 +268,11 @@ def plane_affine_bwd(dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, sc
         return dx, dscale, dshift
     if hw == 0:
         return dx, dscale.zero_(), dshift.zero_()
-    hole3, hole_strides = _hole_planes(hole_mask, x3)
-    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    hole3, hole_strides = hole_planes(hole_mask, x3)
+    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
     plane_affine_bwd_kernel[(triton.cdiv(n * c, block_p),)](
-        dy3, x3, hole3, center.contiguous(), scale.contiguous(), dx3, dscale, dshift, n * c, c, hw, *_strides(dy3),
-        *_strides(x3), *hole_strides, *_strides(dx3), REGIONS=1 if hole_mask is None else 2,
+        dy3, x3, hole3, center.contiguous(), scale.contiguous(), dx3, dscale, dshift, n * c, c, hw, *plane_strides(dy3),
+        *plane_strides(x3), *hole_strides, *plane_strides(dx3), REGIONS=1 if hole_mask is None else 2,
         COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )

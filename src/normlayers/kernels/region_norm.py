@@ -1,4 +1,4 @@
-"""Triton kernels for Region Normalization's masked statistics (spec B §3.2).
+"""Triton kernels for Region Normalization's masked statistics (docs/region_norm.md).
 
 RegionNorm needs, per ``(sample n, channel c)`` plane and per region (hole where the mask is nonzero, valid
 elsewhere), the region's count, mean and variance. One kernel pair gives the first-stage fp32 partials of a plane,
@@ -26,16 +26,18 @@ import torch
 import triton
 import triton.language as tl
 
-from normlayers.kernels.channel_stats import (
-    _hole_planes,
-    _plane_offsets,
-    _planes,
-    _strides,
-    _tile,
+from normlayers._dtypes import compute_dtype
+from normlayers.kernels.common import (
+    as_planes,
+    hole_planes,
     load_plane_values,
+    num_warps_for,
     plane_block,
+    plane_offsets,
+    plane_strides,
+    plane_tile,
+    tl_compute_dtype,
 )
-from normlayers.kernels.common import compute_dtype, num_warps_for, tl_compute_dtype
 
 
 @triton.jit
@@ -62,8 +64,8 @@ def region_moments_fwd_kernel(
 ):
     planes, plane_mask = plane_block(P, BLOCK_P)
     offsets = tl.arange(0, BLOCK_HW)
-    x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
-    hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
+    x_base = plane_offsets(planes, C, stride_xn, stride_xc)
+    hole_base = plane_offsets(planes, C, stride_hn, stride_hc)
     # CENTER, COUNT, FIRST, SECOND are (P, 2): index 0 the hole region, 1 the valid region.
     center_hole, center_valid = _load_pair(CENTER, planes, plane_mask, COMPUTE)
     count_hole = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
@@ -102,9 +104,9 @@ def region_moments_bwd_kernel(
     # dx = Σ_r w_r·(dfirst_r + 2·dsecond_r·(x − c_r)); dcentre_r = −Σ_hw of the region-r term.
     planes, plane_mask = plane_block(P, BLOCK_P)
     offsets = tl.arange(0, BLOCK_HW)
-    x_base = _plane_offsets(planes, C, stride_xn, stride_xc)
-    hole_base = _plane_offsets(planes, C, stride_hn, stride_hc)
-    dx_base = _plane_offsets(planes, C, stride_dxn, stride_dxc)
+    x_base = plane_offsets(planes, C, stride_xn, stride_xc)
+    hole_base = plane_offsets(planes, C, stride_hn, stride_hc)
+    dx_base = plane_offsets(planes, C, stride_dxn, stride_dxc)
     center_hole, center_valid = _load_pair(CENTER, planes, plane_mask, COMPUTE)
     dfirst_hole, dfirst_valid = _load_pair(DFIRST, planes, plane_mask, COMPUTE)
     dsecond_hole, dsecond_valid = _load_pair(DSECOND, planes, plane_mask, COMPUTE)
@@ -131,7 +133,7 @@ def region_moments_fwd(x: torch.Tensor, hole_mask: torch.Tensor, center: torch.T
     ``x``: ``(N, C, *spatial)``; ``hole_mask``: bool or uint8, ``(N, 1 or C, *spatial)``; ``center``: ``(N, C, 2)``.
     ``max_block_hw`` overrides the chunk cap (tests use it to reach the chunked loop on small planes).
     """
-    x3 = _planes(x)
+    x3 = as_planes(x)
     n, c, hw = x3.shape
     stats = compute_dtype(x.dtype)
     count = torch.zeros((n, c, 2), dtype=stats, device=x.device)
@@ -139,10 +141,10 @@ def region_moments_fwd(x: torch.Tensor, hole_mask: torch.Tensor, center: torch.T
     second = torch.zeros((n, c, 2), dtype=stats, device=x.device)
     if n * c == 0 or hw == 0:
         return count, first, second
-    hole3, hole_strides = _hole_planes(hole_mask, x3)
-    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    hole3, hole_strides = hole_planes(hole_mask, x3)
+    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
     region_moments_fwd_kernel[(triton.cdiv(n * c, block_p),)](
-        x3, hole3, center.to(stats).contiguous(), count, first, second, n * c, c, hw, *_strides(x3), *hole_strides,
+        x3, hole3, center.to(stats).contiguous(), count, first, second, n * c, c, hw, *plane_strides(x3), *hole_strides,
         COMPUTE=tl_compute_dtype(stats), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )
@@ -155,17 +157,17 @@ def region_moments_bwd(x: torch.Tensor, hole_mask: torch.Tensor, center: torch.T
     """Gradients of :func:`region_moments_fwd` with respect to ``x`` and ``center``: ``(dx, dcenter)``, ``dx`` in
     ``x``'s dtype and memory format, ``dcenter`` ``(N, C, 2)`` in ``center``'s dtype."""
     dx = torch.empty_like(x)
-    x3, dx3 = _planes(x), _planes(dx)
+    x3, dx3 = as_planes(x), as_planes(dx)
     n, c, hw = x3.shape
     stats = compute_dtype(x.dtype)
     dcenter = torch.zeros((n, c, 2), dtype=stats, device=x.device)
     if n * c == 0 or hw == 0:
         return dx, dcenter.to(center.dtype)
-    hole3, hole_strides = _hole_planes(hole_mask, x3)
-    block_p, block_hw = _tile(n * c, hw, max_block_hw)
+    hole3, hole_strides = hole_planes(hole_mask, x3)
+    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
     region_moments_bwd_kernel[(triton.cdiv(n * c, block_p),)](
         x3, hole3, center.to(stats).contiguous(), dfirst.to(stats).contiguous(), dsecond.to(stats).contiguous(), dx3,
-        dcenter, n * c, c, hw, *_strides(x3), *hole_strides, *_strides(dx3),
+        dcenter, n * c, c, hw, *plane_strides(x3), *hole_strides, *plane_strides(dx3),
         COMPUTE=tl_compute_dtype(stats), BLOCK_P=block_p, BLOCK_HW=block_hw,
         num_warps=num_warps_for(block_p * block_hw, x.device),
     )

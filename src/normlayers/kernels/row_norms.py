@@ -1,4 +1,4 @@
-"""Triton kernels for the row norms: LayerNorm, RMSNorm and CRMSNorm (spec A §3.1, §4.5).
+"""Triton kernels for the row norms: LayerNorm, RMSNorm and CRMSNorm (docs/row_norms.md).
 
 One forward and one backward kernel serve all three norms, selected by the constexpr ``NORM``
 (0 = LayerNorm, 1 = RMSNorm, 2 = CRMSNorm), with constexpr flags for the weight, bias and fused residual add.
@@ -9,9 +9,11 @@ contiguous. Statistics and all arithmetic are fp32 (fp64 for fp64 inputs, so the
 * Forward: each program normalizes ``BLOCK_M`` rows. A row that fits in ``BLOCK_N`` stays in registers
   (``SINGLE_BLOCK``); a wider row is walked twice in ``BLOCK_N`` chunks, the first pass combining per-chunk moments
   with Chan's formula (never ``E[x²] − E[x]²``), the second normalizing. Narrow rows get several rows per program.
-* Backward: a persistent grid; each program walks row tiles, writes dX, and keeps its dW/dB partial sums
-  (in registers, or in its own row of the partial buffer for wide rows), one partial row per program. A second kernel
-  sums the partials in a fixed order, so the backward is deterministic and uses no atomics.
+* Backward: a persistent grid of as many programs as the GPU keeps resident at once; each program walks row tiles,
+  writes dX, and keeps its dW/dB partial sums as fp32 row vectors in registers, written once to its row of a
+  ``(programs, 2N)`` buffer. Rows wider than a block take two passes: per-row coefficients first, then column chunks
+  with the program's rows inside, so a chunk's partial sums stay in registers too (no read-modify-write in memory).
+  One ``column_sum`` launch then adds the partial rows in a fixed order: deterministic, no atomics, two launches.
 
 Fused residual: the norm is applied to ``h = x + residual`` rounded to the residual-out dtype (what an unfused
 ``x + residual`` followed by the norm computes), and ``h`` is returned so pre-norm blocks can carry it on.
@@ -19,17 +21,18 @@ Fused residual: the norm is applied to ``h = x + residual`` rounded to the resid
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from normlayers._dtypes import compute_dtype
 from normlayers.kernels.common import (
     centred_row_moments,
     chan_combine,
     column_sum,
-    compute_dtype,
     next_power_of_2,
     num_warps_for,
     persistent_programs,
@@ -38,7 +41,12 @@ from normlayers.kernels.common import (
     tl_compute_dtype,
 )
 
-NORM_KINDS = {"layer": 0, "rms": 1, "crms": 2}
+# The NORM constexpr: which norm a kernel computes. Named constexprs (as Liger's casting modes), so that the kernels
+# compare against the names; the launchers pass the values of NORM_KINDS.
+NORM_LAYER: tl.constexpr = tl.constexpr(0)
+NORM_RMS: tl.constexpr = tl.constexpr(1)
+NORM_CRMS: tl.constexpr = tl.constexpr(2)
+NORM_KINDS = {"layer": NORM_LAYER.value, "rms": NORM_RMS.value, "crms": NORM_CRMS.value}
 
 # Widest row held in registers in one block. Forward: 64 KiB of input per row (16K fp32 / 32K bf16 elements); the
 # backward holds x, dy, the weight and the dW/dB partials, so it caps lower. Wider rows use the chunked loop, whose
@@ -46,6 +54,11 @@ NORM_KINDS = {"layer": 0, "rms": 1, "crms": 2}
 FWD_MAX_ROW_BYTES = 65536
 BWD_MAX_BLOCK_N = 8192
 CHUNK_N = 4096
+# The backward's tile for rows wider than BWD_MAX_BLOCK_N: several rows, so each weight chunk load serves them all.
+WIDE_BLOCK_M = 4
+WIDE_BLOCK_N = 1024
+# Warps per SM the backward's registers leave room for (half of an H100's 64): the persistent grid fills them.
+BWD_RESIDENT_WARPS = 32
 # Target elements per program for narrow rows (several rows per program), and the most rows per program.
 ROWS_TILE_ELEMENTS = 4096
 MAX_BLOCK_M = 32
@@ -63,14 +76,6 @@ def _block_shape(n: int, max_block_n: int) -> tuple[int, int, bool]:
         block_m = min(max(ROWS_TILE_ELEMENTS // block_n, 1), MAX_BLOCK_M)
         return block_m, block_n, True
     return 1, min(CHUNK_N, 1 << (max_block_n.bit_length() - 1)), False
-
-
-def _programs_per_sm(n: int) -> int:
-    # More programs per SM for narrow rows, where one program's work is small (quack's Hopper ladder).
-    for limit, programs in ((256, 16), (1024, 8), (2048, 4), (4096, 2)):
-        if n <= limit:
-            return programs
-    return 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ def _load_norm_input(X, RES, RES_OUT, rows, cols, mask, stride_x, stride_res, N,
 @triton.jit
 def _chunk_moments(h, mask, n_valid, NORM: tl.constexpr):
     """Per-row (Σh, q) of one chunk: q is the centred M2 for LayerNorm, Σh² for the RMS norms."""
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         s, q = centred_row_moments(h, mask, n_valid)
     else:
         s = tl.sum(h, axis=1)
@@ -106,10 +111,10 @@ def _chunk_moments(h, mask, n_valid, NORM: tl.constexpr):
 def _finalize_stats(s, q, N, eps, NORM: tl.constexpr, COMPUTE: tl.constexpr):
     """(mean, rstd) of rows from their Σh and q; the mean is only meaningful for LayerNorm."""
     n = tl.cast(N, COMPUTE)
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         mean = s / n
         rstd = tl.math.rsqrt(q / n + eps)
-    elif NORM == 1:
+    elif NORM == NORM_RMS:
         mean = s * 0.0
         rstd = tl.math.rsqrt(q / n + eps)
     else:
@@ -122,7 +127,7 @@ def _finalize_stats(s, q, N, eps, NORM: tl.constexpr, COMPUTE: tl.constexpr):
 @triton.jit
 def _normalize_store(Y, W, B, h, mean, rstd, rows, cols, mask, N, weight_offset, NORM: tl.constexpr,
                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         y = (h - mean[:, None]) * rstd[:, None]
     else:
         y = h * rstd[:, None]
@@ -184,7 +189,7 @@ def row_norm_fwd_kernel(
             n_a = tl.cast(start, COMPUTE)
             n_b = tl.cast(tl.minimum(N - start, BLOCK_N), COMPUTE)
             s_b, q_b = _chunk_moments(h * scale[:, None], chunk_mask, n_b, NORM)
-            if NORM == 0:
+            if NORM == NORM_LAYER:
                 s, q = chan_combine(s, q, n_a, s_b, q_b, n_b)
             else:
                 s, q = s + s_b, q + q_b
@@ -202,23 +207,32 @@ def row_norm_fwd_kernel(
             _normalize_store(Y, W, B, stored.to(COMPUTE) * scale[:, None], mean, rstd, rows, chunk_cols, chunk_mask,
                              N, weight_offset, NORM, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     # The saved statistics are those of the unscaled row (what the backward reads).
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         tl.store(MEAN + rows, mean / scale, mask=row_mask)
     tl.store(RSTD + rows, rstd * scale, mask=row_mask)
 
 
 @triton.jit
-def _load_grad_inputs(H, W, DY, rows, cols, mask, mean, rstd, stride_h, stride_dy, N, weight_offset,
-                      NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr):
-    """(h, x̂, dy, ĝ = dy ⊙ w) of one chunk, zero outside ``mask``."""
+def _load_weight(W, cols, N, weight_offset, HAS_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The scale ``w + weight_offset`` of columns ``cols`` (zero past ``N``; unused without a weight)."""
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(COMPUTE) + weight_offset
+    else:
+        w = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    return w
+
+
+@triton.jit
+def _load_grad_inputs(H, DY, w, rows, cols, mask, mean, rstd, stride_h, stride_dy, NORM: tl.constexpr,
+                      HAS_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr):
+    """(h, x̂, dy, ĝ = dy ⊙ w) of one tile, zero outside ``mask``."""
     h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    if NORM == 0:
+    if NORM == NORM_LAYER:
         xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
     else:
         xhat = h * rstd[:, None]
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cols < N, other=0.0).to(COMPUTE) + weight_offset
         g = dy * w[None, :]
     else:
         g = dy
@@ -226,10 +240,37 @@ def _load_grad_inputs(H, W, DY, rows, cols, mask, mean, rstd, stride_h, stride_d
 
 
 @triton.jit
-def _store_input_grad(DH, DRES_OUT, xhat, g, rstd, c1, c2, shift, rows, cols, mask, stride_dres, N,
+def _load_row_stats(MEAN, RSTD, rows, row_mask, NORM: tl.constexpr, COMPUTE: tl.constexpr):
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(COMPUTE)
+    if NORM == NORM_LAYER:
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0).to(COMPUTE)
+    else:
+        mean = rstd * 0.0
+    return mean, rstd
+
+
+@triton.jit
+def _row_coefficients(sum_xg, sum_g, sum_h, rstd, N, NORM: tl.constexpr, COMPUTE: tl.constexpr):
+    """Per row ``(a, b)`` with ``dh = rstd·(ĝ − x̂·a − b)``, from Σx̂ĝ, Σĝ and Σh over the row: LayerNorm
+    ``a = Σx̂ĝ/N, b = Σĝ/N``; RMSNorm ``a = Σx̂ĝ/N, b = 0``; CRMSNorm ``a = Σx̂ĝ/(N + 1), b = rstd·Σh·a``."""
+    n = tl.cast(N, COMPUTE)
+    if NORM == NORM_LAYER:
+        a = sum_xg / n
+        b = sum_g / n
+    elif NORM == NORM_RMS:
+        a = sum_xg / n
+        b = a * 0.0
+    else:
+        a = sum_xg / (n + 1.0)
+        b = rstd * sum_h * a
+    return a, b
+
+
+@triton.jit
+def _store_input_grad(DH, DRES_OUT, xhat, g, rstd, a, b, rows, cols, mask, stride_dres, N,
                       HAS_DRESIDUAL: tl.constexpr, COMPUTE: tl.constexpr):
-    """dh = rstd·(ĝ − (x̂ + shift)·c1 − c2) (+ the gradient reaching the residual output)."""
-    dh = (g - (xhat + shift[:, None]) * c1[:, None] - c2[:, None]) * rstd[:, None]
+    """dh = rstd·(ĝ − x̂·a − b) (+ the gradient reaching the residual output)."""
+    dh = (g - xhat * a[:, None] - b[:, None]) * rstd[:, None]
     if HAS_DRESIDUAL:
         dh += tl.load(DRES_OUT + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     tl.store(DH + rows[:, None] * N + cols[None, :], dh, mask=mask)
@@ -237,89 +278,125 @@ def _store_input_grad(DH, DRES_OUT, xhat, g, rstd, c1, c2, shift, rows, cols, ma
 
 @triton.jit
 def row_norm_bwd_kernel(
-    H, W, DY, DRES_OUT, MEAN, RSTD, DH, DW_PARTIAL, DB_PARTIAL,
+    H, W, DY, DRES_OUT, MEAN, RSTD, DH, PARTIALS, COEF,
     M, N, stride_h, stride_dy, stride_dres, weight_offset,
     NORM: tl.constexpr, HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    # Per row, with ĝ = dy ⊙ w and d the RMS divisor (N, or N + 1 for CRMSNorm; spec A §3.1, §4.5):
+    # Per row, with ĝ = dy ⊙ w and d the RMS divisor (N, or N + 1 for CRMSNorm; docs/row_norms.md):
     #   LayerNorm  dx = rstd·(ĝ − x̂·Σ(x̂ĝ)/N − Σĝ/N)
     #   RMSNorm    dx = rstd·(ĝ − x̂·Σ(x̂ĝ)/N)
     #   CRMSNorm   dx = rstd·(ĝ − (x̂ + rstd·Σx)·Σ(x̂ĝ)/(N + 1))
+    # dW and dB are column sums over rows; each program keeps them as fp32 row vectors and writes them once, to its
+    # row of PARTIALS (dW in columns [0, N), dB in [N, 2N) when both exist); column_sum adds the rows in a fixed order.
     weight_offset = tl.cast(weight_offset, COMPUTE)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(M, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    n = tl.cast(N, COMPUTE)
-    divisor = n + 1.0 if NORM == 2 else n
-    partial_row = pid.to(tl.int64) * N
-    if SINGLE_BLOCK:
-        dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-        db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    for tile in range(pid, num_tiles, num_programs):
-        rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(COMPUTE)
-        if NORM == 0:
-            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0).to(COMPUTE)
-        else:
-            mean = rstd * 0.0
-        if SINGLE_BLOCK:
-            mask = row_mask[:, None] & (cols < N)[None, :]
-            h, xhat, dy, g = _load_grad_inputs(H, W, DY, rows, cols, mask, mean, rstd, stride_h, stride_dy, N,
-                                               weight_offset, NORM, HAS_WEIGHT, COMPUTE)
-            sum_xg = tl.sum(xhat * g, axis=1)
-            sum_g = tl.sum(g, axis=1)
-            sum_h = tl.sum(h, axis=1)
-        else:
+    dw_row = PARTIALS + pid.to(tl.int64) * N * (2 if HAS_WEIGHT and HAS_BIAS else 1)
+    db_row = dw_row + N if HAS_WEIGHT else dw_row
+    if not SINGLE_BLOCK:
+        # Rows wider than a block. Pass 1, row by row: the per-row coefficients (a, b), into COEF.
+        for tile in range(pid, num_tiles, num_programs):
+            rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < M
+            mean, rstd = _load_row_stats(MEAN, RSTD, rows, row_mask, NORM, COMPUTE)
             sum_xg = rstd * 0.0
             sum_g = rstd * 0.0
             sum_h = rstd * 0.0
             for start in range(0, N, BLOCK_N):
                 chunk_cols = start + cols
                 mask = row_mask[:, None] & (chunk_cols < N)[None, :]
-                h, xhat, dy, g = _load_grad_inputs(H, W, DY, rows, chunk_cols, mask, mean, rstd, stride_h, stride_dy,
-                                                   N, weight_offset, NORM, HAS_WEIGHT, COMPUTE)
+                w = _load_weight(W, chunk_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, BLOCK_N)
+                h, xhat, dy, g = _load_grad_inputs(H, DY, w, rows, chunk_cols, mask, mean, rstd, stride_h, stride_dy,
+                                                   NORM, HAS_WEIGHT, COMPUTE)
                 sum_xg += tl.sum(xhat * g, axis=1)
                 sum_g += tl.sum(g, axis=1)
                 sum_h += tl.sum(h, axis=1)
-        c1 = sum_xg / divisor
-        c2 = sum_g / n if NORM == 0 else sum_g * 0.0
-        shift = rstd * sum_h if NORM == 2 else sum_h * 0.0
-        if SINGLE_BLOCK:
-            _store_input_grad(DH, DRES_OUT, xhat, g, rstd, c1, c2, shift, rows, cols, mask, stride_dres, N,
+            a, b = _row_coefficients(sum_xg, sum_g, sum_h, rstd, N, NORM, COMPUTE)
+            tl.store(COEF + 2 * rows, a, mask=row_mask)
+            tl.store(COEF + 2 * rows + 1, b, mask=row_mask)
+        tl.debug_barrier()  # the loop below reads the coefficients back, maybe in other threads
+    # Column chunk by chunk, this program's rows inside: dh, and the chunk's dW/dB in registers, written once per
+    # chunk (never read back). A row that fits a block is one chunk: a constant trip count, so no loop is compiled.
+    num_chunks = 1 if SINGLE_BLOCK else tl.cdiv(N, BLOCK_N)
+    for chunk in range(0, num_chunks):
+        chunk_cols = chunk * BLOCK_N + cols
+        col_mask = chunk_cols < N
+        w = _load_weight(W, chunk_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, BLOCK_N)
+        dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+        db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+        for tile in range(pid, num_tiles, num_programs):
+            rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < M
+            mask = row_mask[:, None] & col_mask[None, :]
+            mean, rstd = _load_row_stats(MEAN, RSTD, rows, row_mask, NORM, COMPUTE)
+            h, xhat, dy, g = _load_grad_inputs(H, DY, w, rows, chunk_cols, mask, mean, rstd, stride_h, stride_dy,
+                                               NORM, HAS_WEIGHT, COMPUTE)
+            if SINGLE_BLOCK:
+                a, b = _row_coefficients(tl.sum(xhat * g, axis=1), tl.sum(g, axis=1), tl.sum(h, axis=1), rstd, N,
+                                         NORM, COMPUTE)
+            else:
+                a = tl.load(COEF + 2 * rows, mask=row_mask, other=0.0)
+                b = tl.load(COEF + 2 * rows + 1, mask=row_mask, other=0.0)
+            _store_input_grad(DH, DRES_OUT, xhat, g, rstd, a, b, rows, chunk_cols, mask, stride_dres, N,
                               HAS_DRESIDUAL, COMPUTE)
-            dw_acc += dy * xhat
-            db_acc += dy
-        else:
-            for start in range(0, N, BLOCK_N):
-                chunk_cols = start + cols
-                col_mask = chunk_cols < N
-                mask = row_mask[:, None] & col_mask[None, :]
-                h, xhat, dy, g = _load_grad_inputs(H, W, DY, rows, chunk_cols, mask, mean, rstd, stride_h, stride_dy,
-                                                   N, weight_offset, NORM, HAS_WEIGHT, COMPUTE)
-                _store_input_grad(DH, DRES_OUT, xhat, g, rstd, c1, c2, shift, rows, chunk_cols, mask, stride_dres,
-                                  N, HAS_DRESIDUAL, COMPUTE)
-                # Wide rows: this program's partial row lives in memory; only this program touches it.
-                if HAS_WEIGHT:
-                    dw = tl.load(DW_PARTIAL + partial_row + chunk_cols, mask=col_mask, other=0.0)
-                    tl.store(DW_PARTIAL + partial_row + chunk_cols, dw + tl.sum(dy * xhat, axis=0), mask=col_mask)
-                if HAS_BIAS:
-                    db = tl.load(DB_PARTIAL + partial_row + chunk_cols, mask=col_mask, other=0.0)
-                    tl.store(DB_PARTIAL + partial_row + chunk_cols, db + tl.sum(dy, axis=0), mask=col_mask)
-                tl.debug_barrier()  # the next tile reads these partials back, maybe in other threads
-    if SINGLE_BLOCK:
-        col_mask = cols < N
+            if HAS_WEIGHT:
+                dw += tl.sum(dy * xhat, axis=0)
+            if HAS_BIAS:
+                db += tl.sum(dy, axis=0)
         if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + partial_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+            tl.store(dw_row + chunk_cols, dw, mask=col_mask)
         if HAS_BIAS:
-            tl.store(DB_PARTIAL + partial_row + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+            tl.store(db_row + chunk_cols, db, mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How a row-norm kernel is launched on ``(M, N)`` rows: its block, warps and grid."""
+
+    block_m: int
+    block_n: int
+    single_block: bool
+    num_warps: int
+    programs: int
+
+
+def fwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
+                    max_block_n: Optional[int] = None) -> LaunchPlan:
+    """One program per ``BLOCK_M`` rows; ``max_block_n`` overrides the widest single block (tests use it to reach the
+    chunked path on small rows)."""
+    cap = max_block_n if max_block_n is not None else FWD_MAX_ROW_BYTES // torch.empty((), dtype=dtype).element_size()
+    block_m, block_n, single = _block_shape(max(n, 1), cap)
+    return LaunchPlan(block_m, block_n, single, num_warps_for(block_m * block_n, device), triton.cdiv(m, block_m))
+
+
+def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *, max_block_n: Optional[int] = None,
+                    sm_count: Optional[int] = None, programs_per_sm: Optional[int] = None) -> LaunchPlan:
+    """The backward's persistent grid: ``programs_per_sm`` programs on each of ``sm_count`` SMs (by default the
+    device's SMs and as many programs as fill ``BWD_RESIDENT_WARPS`` warps per SM; on CPU without ``sm_count``, a few
+    programs), never more than row tiles.
+    ``sm_count`` and ``programs_per_sm`` let the audit emulate a GPU's grid under the interpreter.
+
+    Rows up to ``BWD_MAX_BLOCK_N`` wide are held in registers, several rows per program when narrow; wider rows are
+    walked in ``(WIDE_BLOCK_M, WIDE_BLOCK_N)`` tiles. One warp per 128 elements of a tile (4 values per thread per
+    tensor; 8 for rows of 8192), few enough registers for ``BWD_RESIDENT_WARPS`` resident warps per SM: the partials
+    are then sized to programs that are all resident at once (tests/bench/test_audit.py checks this against an sm_90
+    compile)."""
+    cap = max_block_n if max_block_n is not None else BWD_MAX_BLOCK_N
+    block_m, block_n, single = _block_shape(max(n, 1), cap)
+    if not single:
+        block_m, block_n = WIDE_BLOCK_M, min(WIDE_BLOCK_N, block_n)
+    num_warps = num_warps_for(block_m * block_n * 2, device, max_warps=32)
+    per_sm = programs_per_sm if programs_per_sm is not None else max(BWD_RESIDENT_WARPS // num_warps, 1)
+    programs = sm_count * per_sm if sm_count is not None else persistent_programs(device, per_sm)
+    return LaunchPlan(block_m, block_n, single, num_warps, max(min(programs, triton.cdiv(m, block_m)), 1))
 
 
 def row_norm_fwd(
@@ -352,18 +429,16 @@ def row_norm_fwd(
         mean.zero_()
         rstd.fill_(eps ** -0.5 if eps > 0 else float("inf"))
         return y, residual_out, mean, rstd
-    cap = max_block_n if max_block_n is not None else FWD_MAX_ROW_BYTES // x.element_size()
-    block_m, block_n, single = _block_shape(n, cap)
-    row_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+    plan = fwd_launch_plan(m, n, x.dtype, x.device, max_block_n=max_block_n)
+    row_norm_fwd_kernel[(plan.programs,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, residual_out if residual is not None else x,
         mean if kind == "layer" else rstd, rstd,
         m, n, x.stride(0), residual.stride(0) if residual is not None else 0, eps, weight_offset,
         scale_cap(eps, compute),
         NORM=NORM_KINDS[kind], HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, COMPUTE=tl_compute_dtype(compute), BLOCK_M=block_m, BLOCK_N=block_n,
-        SINGLE_BLOCK=single,
-        num_warps=num_warps_for(block_m * block_n, x.device),
+        HAS_BIAS=bias is not None, COMPUTE=tl_compute_dtype(compute), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        SINGLE_BLOCK=plan.single_block, num_warps=plan.num_warps,
     )
     return y, residual_out, mean, rstd
 
@@ -380,35 +455,76 @@ def row_norm_bwd(
     has_bias: bool,
     *,
     max_block_n: Optional[int] = None,
+    sm_count: Optional[int] = None,
+    programs_per_sm: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`row_norm_fwd` with respect to the normalized input ``h`` (``x`` or ``x + residual``).
 
     ``dy``, ``h`` and ``dresidual_out`` are 2-D with ``stride(1) == 1``. Returns ``(dh, dweight, dbias)``: ``dh``
     contiguous in ``h.dtype`` (``dresidual_out`` added in); ``dweight`` in ``weight.dtype`` and ``dbias`` in the same
-    dtype (each empty when there is no such parameter).
+    dtype (each empty when there is no such parameter). ``sm_count`` and ``programs_per_sm`` set the persistent grid
+    (see :func:`bwd_launch_plan`).
     """
     m, n = h.shape
     compute = compute_dtype(h.dtype)
     dh = torch.empty((m, n), dtype=h.dtype, device=h.device)
     param_dtype = weight.dtype if weight is not None else h.dtype
-    cap = max_block_n if max_block_n is not None else BWD_MAX_BLOCK_N
-    block_m, block_n, single = _block_shape(max(n, 1), cap)
-    programs = max(min(persistent_programs(h.device, _programs_per_sm(n)), triton.cdiv(m, block_m)), 1)
-    # Wide rows accumulate into their partial row in place, so it must start at zero (as must an unlaunched one).
-    new_partials = torch.empty if single and m > 0 and n > 0 else torch.zeros
-    dw_partial = new_partials((programs, n), dtype=compute, device=h.device) if weight is not None else None
-    db_partial = new_partials((programs, n), dtype=compute, device=h.device) if has_bias else None
+    params = (weight is not None) + has_bias
+    plan = bwd_launch_plan(m, n, h.dtype, h.device, max_block_n=max_block_n, sm_count=sm_count,
+                           programs_per_sm=programs_per_sm)
+    # Every program writes its whole partial row (dW then dB), so the buffer needs no zero-fill unless nothing runs.
+    partials = (torch.empty if m > 0 else torch.zeros)((plan.programs, params * n), dtype=compute, device=h.device)
+    coefficients = torch.empty((0 if plan.single_block else m, 2), dtype=compute, device=h.device)
     if m > 0 and n > 0:
-        row_norm_bwd_kernel[(programs,)](
+        row_norm_bwd_kernel[(plan.programs,)](
             h, weight if weight is not None else h, dy, dresidual_out if dresidual_out is not None else dy,
-            mean if kind == "layer" else rstd, rstd, dh,
-            dw_partial if dw_partial is not None else dh, db_partial if db_partial is not None else dh,
+            mean if kind == "layer" else rstd, rstd, dh, partials if params else dh,
+            coefficients if not plan.single_block else rstd,
             m, n, h.stride(0), dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0, weight_offset,
             NORM=NORM_KINDS[kind], HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=has_bias, COMPUTE=tl_compute_dtype(compute), BLOCK_M=block_m, BLOCK_N=block_n,
-            SINGLE_BLOCK=single,
-            num_warps=num_warps_for(block_m * block_n, h.device),
+            HAS_BIAS=has_bias, COMPUTE=tl_compute_dtype(compute), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+            SINGLE_BLOCK=plan.single_block, num_warps=plan.num_warps,
         )
-    dweight = column_sum(dw_partial, param_dtype) if dw_partial is not None else h.new_empty(0)
-    dbias = column_sum(db_partial, param_dtype) if db_partial is not None else h.new_empty(0)
+    if params == 2:
+        dweight, dbias = column_sum(partials, param_dtype, split=n)
+    else:  # (the op's outputs must not alias one another: two distinct empty tensors)
+        dweight = column_sum(partials, param_dtype) if weight is not None else h.new_empty(0, dtype=param_dtype)
+        dbias = column_sum(partials, param_dtype) if has_bias else h.new_empty(0, dtype=param_dtype)
     return dh, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sm_90 compile the audit (normlayers.bench.audit) inspects
+# ----------------------------------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def compile_specs(kind: str, n: int, dtype: torch.dtype) -> dict[str, tuple]:
+    """``{phase: (kernel, signature, constexprs, num_warps)}`` of the kernels the launchers run on rows of width ``n``
+    in ``dtype`` (affine, no residual; CUDA launch parameters), for an ahead-of-time compile."""
+    data = _TRITON_TYPES[dtype]
+    stats = "fp64" if dtype == torch.float64 else "fp32"
+    fwd = fwd_launch_plan(1 << 20, n, dtype, torch.device("cpu"))
+    bwd = bwd_launch_plan(1 << 20, n, dtype, torch.device("cpu"))
+    flags = {"NORM": NORM_KINDS[kind], "HAS_WEIGHT": True, "HAS_BIAS": kind == "layer",
+             "COMPUTE": tl_compute_dtype(compute_dtype(dtype))}
+    return {
+        "fwd": (row_norm_fwd_kernel,
+                {**{p: f"*{data}" for p in ("X", "RES", "W", "B", "Y", "RES_OUT")}, "MEAN": f"*{stats}",
+                 "RSTD": f"*{stats}", "M": "i32", "N": "i32", "stride_x": "i64", "stride_res": "i64", "eps": "fp32",
+                 "weight_offset": "fp32"},
+                {"NORM": flags["NORM"], "HAS_RESIDUAL": False, "HAS_WEIGHT": True, "HAS_BIAS": flags["HAS_BIAS"],
+                 "COMPUTE": flags["COMPUTE"], "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n,
+                 "SINGLE_BLOCK": fwd.single_block},
+                fwd.num_warps),
+        "bwd": (row_norm_bwd_kernel,
+                {"H": f"*{data}", "W": f"*{data}", "DY": f"*{data}", "DRES_OUT": f"*{data}", "MEAN": f"*{stats}",
+                 "RSTD": f"*{stats}", "DH": f"*{data}", "PARTIALS": f"*{stats}", "COEF": f"*{stats}",
+                 "M": "i32", "N": "i32", "stride_h": "i64", "stride_dy": "i64", "stride_dres": "i64",
+                 "weight_offset": "fp32"},
+                {"NORM": flags["NORM"], "HAS_DRESIDUAL": False, "HAS_WEIGHT": True, "HAS_BIAS": flags["HAS_BIAS"],
+                 "COMPUTE": flags["COMPUTE"], "BLOCK_M": bwd.block_m, "BLOCK_N": bwd.block_n,
+                 "SINGLE_BLOCK": bwd.single_block},
+                bwd.num_warps),
+    }

@@ -4,9 +4,9 @@ Both layers see their input as ``(R, C)`` token rows (any row and channel stride
 
 * forward: ``Σ_valid x²`` over the non-pad rows (the quadratic mean's numerator; the count is a torch reduction of
   the mask), then the per-channel affine ``y = x·P[c] + S[c]``;
-* backward: ``Σ dy·x``, ``Σ dy`` and ``Σ x²`` over **all** rows (the approximate backward's reductions, spec A §1.5
-  and §2.5: pads included), and ``dx = dy·P[c] + x·Q[c]`` — in the same pass for PowerNorm, whose ``P``, ``Q`` are
-  known before the reductions, in a second pass for UnifiedNorm, whose ``Q`` depends on them.
+* backward: ``Σ dy·x``, ``Σ dy`` and ``Σ x²`` over **all** rows (the approximate backward's reductions,
+  docs/power_unified.md: pads included), and ``dx = dy·P[c] + x·Q[c]`` — in the same pass for PowerNorm, whose ``P``,
+  ``Q`` are known before the reductions, in a second pass for UnifiedNorm, whose ``Q`` depends on them.
 
 So two kernels serve both layers, with constexpr flags:
 
@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from normlayers._dtypes import compute_dtype
 from normlayers.kernels.common import (
     column_sum,
-    compute_dtype,
     next_power_of_2,
     num_warps_for,
     persistent_programs,

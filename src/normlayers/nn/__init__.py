@@ -1,6 +1,7 @@
 """The normlayers modules, one file per family."""
 
 from normlayers.nn.batch_channel import BatchChannelNorm2d
+from normlayers.nn.channel_norms import LayerNorm2d, RMSNorm2d
 from normlayers.nn.evo_norm import (
     EvoNorm2dB0,
     EvoNorm2dB1,
@@ -32,9 +33,11 @@ __all__ = [
     "EvoNorm2dS2",
     "EvoNorm2dS2a",
     "LayerNorm",
+    "LayerNorm2d",
     "LearnableRegionNorm2d",
     "PowerNorm",
     "RMSNorm",
+    "RMSNorm2d",
     "RegionNorm2d",
     "SPDBatchNorm",
     "ScaledWSConv2d",

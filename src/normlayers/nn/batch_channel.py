@@ -1,5 +1,5 @@
 """Batch-Channel Normalization: :class:`BatchChannelNorm2d` (Qiao et al., "Micro-Batch Training with Batch-Channel
-Normalization and Weight Standardization"; spec B §2).
+Normalization and Weight Standardization", arXiv 1903.10520).
 
 The module keeps the official code's parameter and buffer names (BCN README ``BCNorm``/``EstBN``), so the authors'
 checkpoints load with ``strict=True``:
@@ -13,22 +13,17 @@ The ImageNet models of the same repository name the batch stage ``pbn``; those k
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_positive_epsilon, check_positive_int, check_unit_interval
+from normlayers.nn._adopt import adopt, fill_missing
 from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["BatchChannelNorm2d"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class _BatchStage(nn.Module):
@@ -46,7 +41,7 @@ class _BatchStage(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
         self.register_buffer("running_mean", torch.empty(num_channels, **factory_kwargs))
         self.register_buffer("running_var", torch.empty(num_channels, **factory_kwargs))
-        # Never advanced in EstBN mode, kept there for checkpoint compatibility (spec §2.2).
+        # Never advanced in EstBN mode, kept there for checkpoint compatibility (as the official ``EstBN``).
         self.register_buffer("num_batches_tracked", torch.empty((), dtype=torch.long, device=device))
         if estimate:
             # A buffer, not a Python float, because the official checkpoints store the rate (shape (1,)).
@@ -70,7 +65,7 @@ class _BatchStage(nn.Module):
 
 
 class BatchChannelNorm2d(NotScriptable):
-    r"""Batch-Channel Normalization (BCN) over a 4-D input, for micro-batch CNN training (spec B §2).
+    r"""Batch-Channel Normalization (BCN) over a 4-D input, for micro-batch CNN training (docs/batch_channel.md).
 
     A batch stage (BatchNorm, or its estimated-statistics variant EstBN), then a per-sample group standardization
     (GroupNorm without affine) and a per-*group* affine:
@@ -82,7 +77,7 @@ class BatchChannelNorm2d(NotScriptable):
     * ``estimate=False`` (default): ``(μ_c, σ²_c)`` are the batch mean and biased variance over ``(N, H, W)`` in
       training, and ``running_mean``/``running_var`` in eval, exactly as :class:`torch.nn.BatchNorm2d` (running
       variance updated with the unbiased batch variance at ``momentum``).
-    * ``estimate=True`` (EstBN, spec §2.2): ``(μ_c, σ²_c)`` are running *estimates*. In training they are first
+    * ``estimate=True`` (EstBN): ``(μ_c, σ²_c)`` are running *estimates*. In training they are first
       moved towards the batch, outside autograd, at the rate ``r`` held in the buffer ``bn.estbn_moving_speed``:
       ``μ ← (1 − r)·μ + r·E[x]``, ``σ² ← (1 − r)·σ² + r·E[(x − μ_old)²]``; the updated values normalize the batch.
       Train and eval give the same output for the same buffers; no batch statistic enters the gradient.
@@ -90,7 +85,7 @@ class BatchChannelNorm2d(NotScriptable):
     The group stage (``E_{n,g}``, ``Var_{n,g}``, biased) runs over each sample's ``C/G`` contiguous channels and all
     positions, in training and eval alike. All statistics are computed in fp32 (fp64 for fp64 input); the output has
     the input's dtype. On CUDA the layer runs on Triton kernels (two per-plane ops, forward and backward; see
-    docs/batch_channel.md), elsewhere on the plain-PyTorch reference (see :mod:`normlayers.backend`).
+    docs/batch_channel.md), elsewhere on the plain-PyTorch reference (see :mod:`normlayers.backends`).
 
     Args:
         num_channels (int): ``C``, the channels of the input.
@@ -134,15 +129,15 @@ class BatchChannelNorm2d(NotScriptable):
                  estimate: bool = False, estimate_rate: float = 0.0, bn_eps: float = 1e-5, *,
                  process_group: Optional[Any] = None, sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_channels = _check_positive_int("num_channels", num_channels)
-        self.num_groups = _check_positive_int("num_groups", num_groups)
+        self.num_channels = check_positive_int("num_channels", num_channels)
+        self.num_groups = check_positive_int("num_groups", num_groups)
         if self.num_channels % self.num_groups != 0:
             raise ValueError(f"num_groups ({num_groups}) must divide num_channels ({num_channels}): each group holds "
                              f"num_channels / num_groups contiguous channels")
-        self.momentum = None if momentum is None else F._check_unit_interval("momentum", momentum)
-        self.estimate_rate = F._check_unit_interval("estimate_rate", estimate_rate)
-        self.eps = F._check_positive_epsilon("eps", eps)
-        self.bn_eps = F._check_positive_epsilon("bn_eps", bn_eps)
+        self.momentum = None if momentum is None else check_unit_interval("momentum", momentum)
+        self.estimate_rate = check_unit_interval("estimate_rate", estimate_rate)
+        self.eps = check_positive_epsilon("eps", eps)
+        self.bn_eps = check_positive_epsilon("bn_eps", bn_eps)
         self.estimate = bool(estimate)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
@@ -186,3 +181,26 @@ class BatchChannelNorm2d(NotScriptable):
             bn_eps=self.bn_eps, estimate=self.estimate,
             estimate_rate=bn.estbn_moving_speed if self.estimate else 0.0,
             num_batches_tracked=bn.num_batches_tracked, sync_stats=self.sync_stats, process_group=self.process_group)
+
+    # BCN changes a BatchNorm's function (a group stage follows): normlayers.replace_norms swaps one only when its
+    # mapping asks, and does not compare outputs.
+    conversion_fidelity: ClassVar[str] = "changes"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> "BatchChannelNorm2d":
+        """A BCN whose batch stage is ``module``, an :class:`torch.nn.BatchNorm2d` with ``affine=True`` and
+        ``track_running_stats=True``: it holds the BatchNorm's very parameter and buffer objects as ``bn.*`` (its
+        ``momentum`` and ``eps`` become ``momentum`` and ``bn_eps``), and the group affine starts at identity.
+        ``kwargs`` are the other constructor arguments (``num_groups``, ...)."""
+        if type(module) is not nn.BatchNorm2d or not (module.affine and module.track_running_stats):
+            raise TypeError(f"BatchChannelNorm2d adopts an nn.BatchNorm2d with affine=True and "
+                            f"track_running_stats=True as its batch stage; got {module!r}")
+        with torch.device("meta"):
+            new = cls(module.num_features, **{"momentum": module.momentum, "bn_eps": module.eps, **kwargs})
+        adopt(new, module, {f"bn.{name}": name for name in
+                            ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
+        initial = {"weight": 1.0, "bias": 0.0}
+        if new.estimate:
+            initial["bn.estbn_moving_speed"] = new.estimate_rate
+        fill_missing(new, module, initial)
+        return new

@@ -1,7 +1,7 @@
 """EvoNorm: normalization-activation layers for NCHW feature maps (Liu, Brock, Simonyan, Le, NeurIPS 2020).
 
 Nine classes with timm's names, constructor arguments, defaults, parameter/buffer names and semantics
-(``timm/layers/evo_norm.py``; spec ``specs/bcn_ws_region_evo.md`` §4), so a timm model's ``state_dict`` loads with
+(``timm/layers/evo_norm.py``; docs/evo_norm.md), so a timm model's ``state_dict`` loads with
 ``strict=True`` and gives the same outputs. They are thin: two parametrised base classes carry the work.
 
 * B family (``EvoNorm2dB0``, ``B1``, ``B2``): batch-dependent, with a ``running_var`` buffer.
@@ -9,29 +9,29 @@ Nine classes with timm's names, constructor arguments, defaults, parameter/buffe
 
 Differences from timm, all on inputs timm mishandles or does not check: bad arguments raise ``ValueError``/
 ``TypeError`` (timm asserts, or swallows unknown keywords with ``**_``); B training on ``N·H·W = 1`` values raises as
-``nn.BatchNorm2d`` does (timm writes inf into ``running_var``, spec §4.6); fp16/bf16 inputs are normalized in fp32
+``nn.BatchNorm2d`` does (timm writes inf into ``running_var``); fp16/bf16 inputs are normalized in fp32
 and rounded once (timm rounds its fp32 statistics to the input dtype first).
 
 On CUDA tensors they run on Triton ops (``normlayers::plane_moments`` and one fused normalize + activation + affine
-pass, ``kernels/evo_norm.py``), elsewhere on the plain-PyTorch reference; see :mod:`normlayers.backend`.
+pass, ``kernels/evo_norm.py``), elsewhere on the plain-PyTorch reference; see :mod:`normlayers.backends`.
 """
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from normlayers import functional as F
+from normlayers._checks import check_epsilon, check_positive_int
+from normlayers._dtypes import compute_dtype
+from normlayers.functional.evo_norm import append_doc, check_evo_momentum, evo_norm_b, evo_norm_s
 from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
            "EvoNorm2dS2", "EvoNorm2dS2a"]
 
 ActLayer = Union[str, type[nn.Module], Callable[[], nn.Module], None]
-_Class = TypeVar("_Class", bound=type)
 
 # timm's create_act_layer accepts names; these are the ones with a torch.nn module of the same meaning.
 _ACTIVATIONS_BY_NAME: dict[str, type[nn.Module]] = {
@@ -40,31 +40,15 @@ _ACTIVATIONS_BY_NAME: dict[str, type[nn.Module]] = {
 }
 
 
-def _append_doc(*sections: str) -> Callable[[_Class], _Class]:
-    """Append the Args/Shape sections the classes of a sub-family share to a class's own docstring."""
-    def decorate(cls: _Class) -> _Class:
-        cls.__doc__ = (cls.__doc__ or "") + "".join(sections)
-        return cls
-    return decorate
-
-
-def _check_num_features(num_features: object) -> int:
-    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    return int(num_features)
-
-
 def _resolve_groups(num_features: int, groups: object, group_size: object) -> int:
-    """timm's rule (spec §4.3): ``group_size``, when given, overrides ``groups`` with ``num_features // group_size``;
+    """timm's rule: ``group_size``, when given, overrides ``groups`` with ``num_features // group_size``;
     either way the group count must divide ``num_features`` (no TF-style decrement)."""
     if group_size is not None:
-        if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0:
-            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+        check_positive_int("group_size", group_size, or_none=True)
         if num_features % group_size != 0:
             raise ValueError(f"group_size ({group_size}) must divide num_features ({num_features})")
         return num_features // int(group_size)
-    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    check_positive_int("groups", groups)
     if num_features % groups != 0:
         raise ValueError(f"groups ({groups}) must divide num_features ({num_features}); pass a dividing group count "
                          "or group_size")
@@ -82,7 +66,8 @@ def _make_activation(act_layer: ActLayer) -> nn.Module:
                              f"{sorted(_ACTIVATIONS_BY_NAME)} or pass an nn.Module class")
         return _ACTIVATIONS_BY_NAME[act_layer.lower()]()
     if not callable(act_layer):
-        raise TypeError(f"act_layer must be None, a name, or an nn.Module class/factory, got {type(act_layer).__name__}")
+        raise TypeError(f"act_layer must be None, a name, or an nn.Module class/factory, got "
+                        f"{type(act_layer).__name__}")
     module = act_layer()
     if not isinstance(module, nn.Module):
         raise TypeError(f"act_layer() must return an nn.Module, got {type(module).__name__}")
@@ -94,12 +79,6 @@ def _check_channels(input: Tensor, num_features: int) -> None:
     if isinstance(input, Tensor) and input.dim() == 4 and input.shape[1] != num_features:
         raise ValueError(f"expected input of shape (N, {num_features}, H, W) (num_features = {num_features}), got "
                          f"input of shape {list(input.shape)}")
-
-
-def _stats_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
-    """``running_var`` is kept in fp32 whatever the parameters' dtype (fp64 for fp64), as TF does (spec §4.2,
-    §4.6): an fp16 running variance would lose the small per-step updates."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -121,10 +100,10 @@ class _EvoNorm2dB(NotScriptable):
                  process_group: Optional[Any], device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
-        F._evo_check_scalars(eps)
-        self.num_features = _check_num_features(num_features)
+        check_epsilon("eps", eps)
+        self.num_features = check_positive_int("num_features", num_features)
         self.apply_act = bool(apply_act)
-        self.momentum = F._evo_check_momentum(momentum)
+        self.momentum = check_evo_momentum(momentum)
         self.eps = float(eps)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
@@ -135,7 +114,9 @@ class _EvoNorm2dB(NotScriptable):
         else:
             self.register_parameter("v", None)
         # Registered whatever apply_act is, as timm does, so state_dict keys do not depend on it.
-        self.register_buffer("running_var", torch.empty(self.num_features, device=device, dtype=_stats_dtype(dtype)))
+        # running_var is kept in the compute dtype whatever the parameters' dtype, as TF's EvoNorm keeps it in fp32:
+        # an fp16 running variance would lose the small per-step updates.
+        self.register_buffer("running_var", torch.empty(self.num_features, device=device, dtype=compute_dtype(dtype)))
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -154,17 +135,17 @@ class _EvoNorm2dB(NotScriptable):
 
     def forward(self, input: Tensor) -> Tensor:
         _check_channels(input, self.num_features)
-        return F._evo_norm_b(self._variant, input, self.running_var, self.weight, self.bias, self.v, self.training,
-                             self.momentum, self.eps, self.apply_act, self.sync_stats, self.process_group)
+        return evo_norm_b(self._variant, input, self.running_var, self.weight, self.bias, self.v, self.training,
+                          self.momentum, self.eps, self.apply_act, self.sync_stats, self.process_group)
 
 
 _B_DOC = r"""
     ``σ²`` is the biased variance of each channel over the batch (N, H, W) in training, with gradient, and the
     ``running_var`` buffer in eval. In training ``running_var`` is updated with the *unbiased* batch variance,
     ``running_var ← (1 − momentum)·running_var + momentum·σ²·n/(n − 1)``, ``n = N·H·W`` (timm's rule; TF stores
-    the biased one, spec §4.4); training needs ``n > 1``. All statistics in fp32 (fp64 for fp64 input); the output
+    the biased one); training needs ``n > 1``. All statistics in fp32 (fp64 for fp64 input); the output
     has the input's dtype. At an exact tie of the ``max`` the gradient is split half/half between the two sides, as
-    autograd does for :func:`torch.maximum` (spec §4.5).
+    autograd does for :func:`torch.maximum`.
 
     Args:
         num_features (int): :math:`C`, the number of channels.
@@ -187,7 +168,7 @@ _B_DOC = r"""
 """
 
 
-@_append_doc(_B_DOC, r"""
+@append_doc(_B_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dB0(64)
@@ -200,7 +181,7 @@ class EvoNorm2dB0(_EvoNorm2dB):
         y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ v x + \sqrt{s^2_{h,w}(x) + \epsilon}\right)}
             \cdot \gamma + \beta
 
-    ``s²_{h,w}`` is the biased variance of each (sample, channel) over H, W (0, not NaN, at H = W = 1: spec §4.6).
+    ``s²_{h,w}`` is the biased variance of each (sample, channel) over H, W (0, not NaN, at H = W = 1).
     ``v`` (ones, ``(C,)``) is a parameter only with ``apply_act=True``. ``eps`` defaults to ``1e-3`` (timm's since
     2022; the paper's TF code uses ``1e-5``).
     """
@@ -213,14 +194,14 @@ class EvoNorm2dB0(_EvoNorm2dB):
                          device=device, dtype=dtype)
 
 
-@_append_doc(_B_DOC, r"""
+@append_doc(_B_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dB1(64)
         >>> y = norm(torch.randn(2, 64, 32, 32))
 """)
 class EvoNorm2dB1(_EvoNorm2dB):
-    r"""EvoNorm-B1, as timm's class (spec §4.1).
+    r"""EvoNorm-B1, as timm's class (docs/evo_norm.md).
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ (x + 1)\sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon}\right)}
@@ -237,14 +218,14 @@ class EvoNorm2dB1(_EvoNorm2dB):
                          device=device, dtype=dtype)
 
 
-@_append_doc(_B_DOC, r"""
+@append_doc(_B_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dB2(64)
         >>> y = norm(torch.randn(2, 64, 32, 32))
 """)
 class EvoNorm2dB2(_EvoNorm2dB):
-    r"""EvoNorm-B2, as timm's class (spec §4.1).
+    r"""EvoNorm-B2, as timm's class (docs/evo_norm.md).
 
     .. math::
         y = \frac{x}{\max\left(\sqrt{\sigma^2 + \epsilon},\ \sqrt{\mathrm{mean}_{h,w}(x^2) + \epsilon} - x\right)}
@@ -282,8 +263,8 @@ class _EvoNorm2dS(NotScriptable):
                  act_layer: ActLayer, eps: float, *, device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
-        F._evo_check_scalars(eps)
-        self.num_features = _check_num_features(num_features)
+        check_epsilon("eps", eps)
+        self.num_features = check_positive_int("num_features", num_features)
         self.groups = _resolve_groups(self.num_features, groups, group_size)
         self.apply_act = bool(apply_act)
         self.eps = float(eps)
@@ -311,8 +292,8 @@ class _EvoNorm2dS(NotScriptable):
     def forward(self, input: Tensor) -> Tensor:
         _check_channels(input, self.num_features)
         activation = None if self._variant == "s0" else self.act
-        return F._evo_norm_s(self._variant, input, self.groups, self.weight, self.bias, self.v, activation, self.eps,
-                             self.apply_act, self._always_normalize)
+        return evo_norm_s(self._variant, input, self.groups, self.weight, self.bias, self.v, activation, self.eps,
+                          self.apply_act, self._always_normalize)
 
 
 _S_DOC = r"""
@@ -329,10 +310,10 @@ _S_DOC = r"""
         apply_act (bool): see above for what ``False`` means. Default: ``True``.
 """
 
-_S_ACT_DOC = r"""        act_layer (optional): the nonlinearity ``a``, held as the submodule ``act``: an ``nn.Module`` class or
-            zero-argument factory, or one of the names ``"silu"``/``"swish"``, ``"relu"``, ``"gelu"``, ``"mish"``,
-            ``"sigmoid"``, ``"tanh"``, ``"identity"``. ``None`` is SiLU. It is applied to the fp32 (fp64) tensor.
-            Default: ``None``.
+_S_ACT_DOC = r"""        act_layer (optional): the nonlinearity ``a``, held as the submodule ``act``: an
+            ``nn.Module`` class or zero-argument factory, or one of the names ``"silu"``/``"swish"``, ``"relu"``,
+            ``"gelu"``, ``"mish"``, ``"sigmoid"``, ``"tanh"``, ``"identity"``. ``None`` is SiLU. It is applied to the
+            fp32 (fp64) tensor. Default: ``None``.
 """
 
 _S_TAIL_DOC = r"""        eps (float): added inside the square root of the group statistic. Default: see above.
@@ -345,7 +326,8 @@ _S_TAIL_DOC = r"""        eps (float): added inside the square root of the group
         - Output: :math:`(N, C, H, W)` (same shape and dtype as the input)
 """
 
-@_append_doc(_S_DOC, _S_TAIL_DOC, r"""
+
+@append_doc(_S_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS0(64, groups=8)
@@ -368,7 +350,7 @@ class EvoNorm2dS0(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, None, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS0a(64, group_size=16)
@@ -393,14 +375,14 @@ class EvoNorm2dS0a(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, None, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS1(64, groups=8)
         >>> y = norm(torch.randn(1, 64, 32, 32))
 """)
 class EvoNorm2dS1(_EvoNorm2dS):
-    r"""EvoNorm-S1, as timm's class (spec §4.1).
+    r"""EvoNorm-S1, as timm's class (docs/evo_norm.md).
 
     .. math:: y = \frac{a(x)}{\sqrt{s^2_{g,h,w}(x) + \epsilon}} \cdot \gamma + \beta
 
@@ -416,7 +398,7 @@ class EvoNorm2dS1(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS1a(64, groups=8)
@@ -439,14 +421,14 @@ class EvoNorm2dS1a(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS2(64, groups=8)
         >>> y = norm(torch.randn(1, 64, 32, 32))
 """)
 class EvoNorm2dS2(_EvoNorm2dS):
-    r"""EvoNorm-S2, as timm's class (spec §4.1).
+    r"""EvoNorm-S2, as timm's class (docs/evo_norm.md).
 
     .. math:: y = \frac{a(x)}{\sqrt{\mathrm{mean}_{g,h,w}(x^2) + \epsilon}} \cdot \gamma + \beta
 
@@ -462,7 +444,7 @@ class EvoNorm2dS2(_EvoNorm2dS):
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, device=device, dtype=dtype)
 
 
-@_append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
+@append_doc(_S_DOC, _S_ACT_DOC, _S_TAIL_DOC, r"""
     Examples::
 
         >>> norm = normlayers.EvoNorm2dS2a(64, groups=8)

@@ -1,5 +1,6 @@
 """PowerNorm: :class:`PowerNorm` (Shen, Yao, Gholami, Mahoney, Keutzer, "PowerNorm: Rethinking Batch Normalization in
-Transformers", ICML 2020; spec A §1), and :func:`reset_iters` for fine-tuning the transformer batch-statistic norms.
+Transformers", ICML 2020, arXiv 2003.07845), and :func:`reset_iters` for fine-tuning the transformer batch-statistic
+norms.
 
 The module keeps the official ``MaskPowerNorm``'s parameter and buffer names and shapes (``weight``, ``bias``,
 ``running_phi`` and ``ema_gz`` of shape ``(1, C, 1, 1)``, ``iters``), so the authors' checkpoints load with
@@ -8,27 +9,23 @@ The module keeps the official ``MaskPowerNorm``'s parameter and buffer names and
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_epsilon, check_nonnegative_int, check_positive_int, check_unit_interval
+from normlayers.functional.token_norms import check_backward_denominator
 from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["PowerNorm", "reset_iters"]
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 class PowerNorm(NotScriptable):
     r"""PowerNorm over the channels (last dim) of transformer activations, with running statistics across tokens
-    (spec A §1). By default it reproduces the official ``MaskPowerNorm`` exactly: forward, backward and every buffer.
+    (docs/power_unified.md). By default it reproduces the official ``MaskPowerNorm`` exactly: forward, backward and
+    every buffer.
 
     .. math::
         u = \frac{x}{\sqrt{\mathrm{mean}_{c \in \text{group}}(x_c^2) + 10^{-5}}}, \qquad
@@ -64,7 +61,7 @@ class PowerNorm(NotScriptable):
             ``False``.
         backward_denominator (str, keyword-only): ``"batch"`` divides the input gradient by the current batch's
             ``sqrt(q + eps)`` (the official code, also after warm-up), ``"running"`` by ``sqrt(running_phi + eps)``
-            (the paper's form as recalled, spec §1.7b). Default: ``"batch"``.
+            (our reading of the paper's Algorithm 2, unverified). Default: ``"batch"``.
         process_group, sync_stats (keyword-only): with ``sync_stats=True``, in training under ``torch.distributed``
             with more than one rank in ``process_group`` (default: the world), ``q`` is taken over the non-pad
             tokens of every rank and ``ema_gz``'s update over every rank's tokens, so all ranks normalize alike and
@@ -104,19 +101,17 @@ class PowerNorm(NotScriptable):
                  batch_first: bool = False, backward_denominator: str = "batch",
                  process_group: Optional[Any] = None, sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features = _check_positive_int("num_features", num_features)
-        self.eps = F._check_epsilon("eps", eps)
-        self.alpha_fwd = F._check_unit_interval("alpha_fwd", alpha_fwd)
-        self.alpha_bkw = F._check_unit_interval("alpha_bkw", alpha_bkw)
-        self.warmup_iters = F._check_nonnegative_int("warmup_iters", warmup_iters)
+        self.num_features = check_positive_int("num_features", num_features)
+        self.eps = check_epsilon("eps", eps)
+        self.alpha_fwd = check_unit_interval("alpha_fwd", alpha_fwd)
+        self.alpha_bkw = check_unit_interval("alpha_bkw", alpha_bkw)
+        self.warmup_iters = check_nonnegative_int("warmup_iters", warmup_iters)
         if group_num is not None:
-            group_num = _check_positive_int("group_num", group_num)
+            group_num = check_positive_int("group_num", group_num)
             if self.num_features % group_num != 0:
                 raise ValueError(f"group_num ({group_num}) must divide num_features ({num_features})")
         self.group_num = group_num
-        if backward_denominator not in ("batch", "running"):
-            raise ValueError(f"backward_denominator must be 'batch' or 'running', got {backward_denominator!r}")
-        self.backward_denominator = backward_denominator
+        self.backward_denominator = check_backward_denominator(backward_denominator)
         self.batch_first = bool(batch_first)
         self.affine = bool(affine)
         self.sync_stats = bool(sync_stats)
@@ -170,8 +165,8 @@ class PowerNorm(NotScriptable):
 
 def reset_iters(model: nn.Module) -> int:
     """Set ``iters`` to 0 in every :class:`PowerNorm` and :class:`~normlayers.UnifiedNorm` of ``model``, so that
-    fine-tuning from a checkpoint re-enters warm-up (the Unified Normalization authors' advice, spec A §2.2); running
-    statistics and ring buffers are kept. Returns the number of layers reset."""
+    fine-tuning from a checkpoint re-enters warm-up (the Unified Normalization authors' advice, their ``readme.md``);
+    running statistics and ring buffers are kept. Returns the number of layers reset."""
     from normlayers.nn.unified_norm import UnifiedNorm
 
     layers = [m for m in model.modules() if isinstance(m, (PowerNorm, UnifiedNorm))]

@@ -1,6 +1,6 @@
 """Region Normalization for inpainting networks: :class:`RegionNorm2d` (RN-B, the mask is given) and
 :class:`LearnableRegionNorm2d` (RN-L, the regions are learned) (Yu et al., "Region Normalization for Image
-Inpainting", AAAI 2020; spec B §3).
+Inpainting", AAAI 2020; official code geekyutao/RN, ``rn.py``).
 
 Both keep the official code's parameter names (geekyutao/RN, rn.py ``RN_B`` and ``RN_L``), so the authors'
 checkpoints load with ``strict=True``:
@@ -16,28 +16,17 @@ Neither has buffers: the statistics are always those of the current input, in tr
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_choice, check_finite, check_positive_int, is_int
+from normlayers.functional.region_norms import REGION_AFFINES, check_region_options
 from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["RegionNorm2d", "LearnableRegionNorm2d"]
-
-
-def _check_num_features(num_features: object) -> int:
-    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    return int(num_features)
-
-
-def _check_options(eps: float, stats: str, eps_mode: Optional[str]) -> tuple[float, str, str]:
-    stats = F._region_choice("stats", stats, F._REGION_STATS)
-    return F._check_region_eps(eps), stats, F._region_eps_mode(eps_mode, stats)
 
 
 def _check_channels(module: nn.Module, input: Tensor) -> None:
@@ -51,7 +40,7 @@ _STATS_DOC = """\
             code, BN-style); ``"instance"``: per sample (the paper's RN). Default: ``"batch"``.
         eps_mode (str, optional): ``"official"``: the region's epsilon is ``eps·V/S_r``, ``S_r`` the region's value
             count and ``V`` the values per statistic (``N·H·W``, or ``H·W`` per sample), the official code's
-            effective epsilon (spec §3.2); ``"plain"``: ``eps``. Default ``None``: ``"official"`` with
+            effective epsilon (docs/region_norm.md); ``"plain"``: ``eps``. Default ``None``: ``"official"`` with
             ``stats="batch"``, ``"plain"`` with ``stats="instance"``.
 """
 
@@ -77,7 +66,7 @@ def _with_stats_args(cls: type) -> type:
 
 @_with_stats_args
 class RegionNorm2d(NotScriptable):
-    r"""Basic Region Normalization (RN-B) over a 4-D input and a given hole mask (spec B §3).
+    r"""Basic Region Normalization (RN-B) over a 4-D input and a given hole mask (docs/region_norm.md).
 
     Each channel is standardized separately inside the hole region (mask nonzero, the authors' "foreground") and
     inside the valid region (mask zero), then a region affine in the authors' ``(1 + γ)`` form follows:
@@ -96,7 +85,7 @@ class RegionNorm2d(NotScriptable):
     Statistics are computed in fp32 (fp64 for fp64 input); the output has the input's dtype. The layer has no buffers
     and uses the current input's statistics in eval too. On CUDA it runs on Triton kernels (masked region moments,
     a fused normalize + region-affine pass, and their backward; see docs/region_norm.md), elsewhere on the
-    plain-PyTorch reference (see :mod:`normlayers.backend`).
+    plain-PyTorch reference (see :mod:`normlayers.backends`).
 
     Args:
         num_features (int): ``C``, the channels of the input.
@@ -131,9 +120,9 @@ class RegionNorm2d(NotScriptable):
                  affine: Optional[str] = "masked", *, process_group: Optional[Any] = None, sync_stats: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features = _check_num_features(num_features)
-        self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode)
-        self.affine = None if affine is None else F._region_choice("affine", affine, F._REGION_AFFINES)
+        self.num_features = check_positive_int("num_features", num_features)
+        self.eps, self.stats, self.eps_mode = check_region_options(eps, stats, eps_mode)
+        self.affine = None if affine is None else check_choice("affine", affine, REGION_AFFINES)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -184,7 +173,7 @@ class _SelfAwareAffine(nn.Module):
 
 @_with_stats_args
 class LearnableRegionNorm2d(NotScriptable):
-    r"""Learnable Region Normalization (RN-L) over a 4-D input: the regions come from the input itself (spec B §3.1).
+    r"""Learnable Region Normalization (RN-L) over a 4-D input: the regions come from the input itself (rn.py ``RN_L``).
 
     A spatial response map from the channel mean and max, thresholded into a region mask, region normalization
     without region affine, then a learned *spatial* affine from the same map (the official ``RN_L``):
@@ -228,16 +217,13 @@ class LearnableRegionNorm2d(NotScriptable):
                  stats: str = "batch", eps_mode: Optional[str] = None, *, process_group: Optional[Any] = None,
                  sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features = _check_num_features(num_features)
-        if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-        if (not isinstance(kernel_size, numbers.Integral) or isinstance(kernel_size, bool) or kernel_size <= 0
-                or kernel_size % 2 == 0):
+        self.num_features = check_positive_int("num_features", num_features)
+        self.threshold = check_finite("threshold", threshold)
+        if not is_int(kernel_size) or kernel_size <= 0 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int (the official code allows 7 and 3), got "
                              f"{kernel_size!r}")
-        self.threshold = float(threshold)
         self.kernel_size = int(kernel_size)
-        self.eps, self.stats, self.eps_mode = _check_options(eps, stats, eps_mode)
+        self.eps, self.stats, self.eps_mode = check_region_options(eps, stats, eps_mode)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
         self.sa = _SelfAwareAffine(self.kernel_size, device=device, dtype=dtype)

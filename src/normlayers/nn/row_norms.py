@@ -7,18 +7,57 @@ pre-norm step ``h = x + residual`` and returns ``(norm(h), h)``.
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import ShapeLike, as_shape, check_choice, check_real
+from normlayers.nn._adopt import adopt_same_names
 from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["LayerNorm", "RMSNorm", "CRMSNorm"]
 
-_ShapeLike = Union[int, list[int], tuple[int, ...], torch.Size]
 _RMS_CAST_MODES = ("torch", "llama")
+
+
+class _NormSource:
+    """What a row norm's ``from_module`` reads from a torch norm or a look-alike: width, eps and parameters."""
+
+    def __init__(self, module: nn.Module, shape: tuple[int, ...], eps: Optional[float], names: list[str]) -> None:
+        self.module, self.shape, self.eps, self.names = module, shape, eps, names
+
+    @classmethod
+    def of(cls, target: type, module: nn.Module, allowed: tuple[str, ...]) -> "_NormSource":
+        def refuse(why: str) -> TypeError:
+            return TypeError(f"no conversion from {type(module).__name__} to normlayers.{target.__name__}: {why}")
+
+        names = [name for name, _ in module.named_parameters(recurse=False)]
+        if not set(names) <= set(allowed) or list(module.children()) or list(module.buffers(recurse=False)):
+            raise refuse(f"it holds {names or 'no'} parameters, buffers or submodules; a norm to convert holds only "
+                         f"{' and/or '.join(allowed)}")
+        weight = module._parameters.get("weight")
+        shape = getattr(module, "normalized_shape", None)
+        if shape is None and weight is not None and weight.dim() == 1:
+            shape = tuple(weight.shape)
+        if shape is None:
+            raise refuse("it has neither a `normalized_shape` nor a 1-D `weight`, so its width is unknown")
+        eps = next((value for value in (getattr(module, name, None) for name in ("variance_epsilon", "eps"))
+                    if isinstance(value, float)), None)
+        return cls(module, as_shape(shape), eps, names)
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def adopted_by(self, new: nn.Module) -> nn.Module:
+        """``new`` holding the source's parameter objects; refused if the two do not have the same parameters."""
+        new_names = [name for name, _ in new.named_parameters(recurse=False)]
+        if sorted(new_names) != sorted(self.names):
+            raise TypeError(f"{type(new).__name__}.from_module: the new module would hold parameters {new_names}, "
+                            f"{type(self.module).__name__} holds {self.names}; the arguments do not describe it")
+        adopt_same_names(new, self.module)
+        return new
 
 
 class LayerNorm(NotScriptable, nn.LayerNorm):
@@ -50,9 +89,9 @@ class LayerNorm(NotScriptable, nn.LayerNorm):
         >>> y, h = ln(x, residual=h)      # fused pre-norm: h = x + h, y = ln(h)
     """
 
-    def __init__(self, normalized_shape: _ShapeLike, eps: float = 1e-5, elementwise_affine: bool = True,
+    def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__(F._as_shape(normalized_shape), eps, elementwise_affine, bias, device=device, dtype=dtype)
+        super().__init__(as_shape(normalized_shape), eps, elementwise_affine, bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *,
                 residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
@@ -60,6 +99,35 @@ class LayerNorm(NotScriptable, nn.LayerNorm):
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
                                 residual_in_fp32=residual_in_fp32)
+
+    # How normlayers.replace_norms checks a module built by from_module against its source: within rounding, because
+    # torch's LayerNorm kernels reduce in another order than ours (bit-for-bit only against a two-pass fp32 source).
+    conversion_fidelity: ClassVar[str] = "rounding"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> "LayerNorm":
+        """A LayerNorm holding ``module``'s very ``weight``/``bias`` objects (built on ``meta``, nothing copied).
+
+        ``module`` is a :class:`torch.nn.LayerNorm`, or a look-alike holding only ``weight``/``bias``, with a
+        ``normalized_shape`` or 1-D ``weight`` and a float ``eps`` or ``variance_epsilon``. ``kwargs`` override the
+        constructor arguments read from it. Whether the math is the same is not checked here:
+        :func:`normlayers.replace_norms` probes and verifies that.
+        """
+        source = _NormSource.of(cls, module, ("weight", "bias"))
+        args = {"eps": source.eps, "elementwise_affine": source.has("weight"), "bias": source.has("bias"), **kwargs}
+        if not isinstance(args["eps"], numbers.Real):
+            raise TypeError(f"no conversion from {type(module).__name__} to normlayers.LayerNorm: it has no float "
+                            f"`eps` or `variance_epsilon`; pass eps=")
+        with torch.device("meta"):
+            new = cls(source.shape, **args)
+        return source.adopted_by(new)
+
+    def to_torch(self) -> nn.LayerNorm:
+        """A :class:`torch.nn.LayerNorm` of the same configuration holding this module's parameter objects."""
+        with torch.device("meta"):
+            plain = nn.LayerNorm(self.normalized_shape, self.eps, self.elementwise_affine, self.bias is not None)
+        adopt_same_names(plain, self)
+        return plain.train(self.training)
 
 
 class RMSNorm(NotScriptable, nn.RMSNorm):
@@ -72,7 +140,7 @@ class RMSNorm(NotScriptable, nn.RMSNorm):
     Args:
         normalized_shape (int or list or torch.Size): the trailing shape to normalize over.
         eps (float, optional): added to the mean square. Default: ``None``, which is fp32's machine epsilon
-            (fp64's for fp64 input), as in torch (spec A §4.3).
+            (fp64's for fp64 input), as in torch.
         elementwise_affine (bool): learnable ``weight``. Default: ``True``.
         device, dtype: factory kwargs for the parameters.
         weight_offset (float, keyword-only): the scale is ``weight + weight_offset``; ``1.0`` gives Gemma's
@@ -98,13 +166,11 @@ class RMSNorm(NotScriptable, nn.RMSNorm):
         >>> y = norm(torch.randn(2, 128, 4096))
     """
 
-    def __init__(self, normalized_shape: _ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
+    def __init__(self, normalized_shape: ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, weight_offset: float = 0.0, cast_mode: str = "torch") -> None:
-        if not isinstance(weight_offset, numbers.Real) or isinstance(weight_offset, bool):
-            raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
-        if cast_mode not in _RMS_CAST_MODES:
-            raise ValueError(f"cast_mode must be one of {_RMS_CAST_MODES}, got {cast_mode!r}")
-        super().__init__(F._as_shape(normalized_shape), eps, elementwise_affine, device=device, dtype=dtype)
+        weight_offset = check_real("weight_offset", weight_offset)
+        check_choice("cast_mode", cast_mode, _RMS_CAST_MODES)
+        super().__init__(as_shape(normalized_shape), eps, elementwise_affine, device=device, dtype=dtype)
         self.weight_offset = float(weight_offset)
         self.cast_mode = cast_mode
         if self.weight_offset != 0.0 and not elementwise_affine:
@@ -141,13 +207,46 @@ class RMSNorm(NotScriptable, nn.RMSNorm):
                                         residual_in_fp32=residual_in_fp32)
         return scale * normed, summed
 
+    # normlayers.replace_norms checks a module built by from_module against its source bit-for-bit, and probes a
+    # foreign RMSNorm class with each of these variants (offset, then rounding order) to find the one it computes.
+    conversion_fidelity: ClassVar[str] = "exact"
+    conversion_variants: ClassVar[tuple[dict[str, Any], ...]] = tuple(
+        {"weight_offset": offset, "cast_mode": cast_mode} for offset in (0.0, 1.0) for cast_mode in _RMS_CAST_MODES)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> "RMSNorm":
+        """An RMSNorm holding ``module``'s very ``weight`` object (built on ``meta``, nothing copied).
+
+        ``module`` is a :class:`torch.nn.RMSNorm`, or a look-alike (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``,
+        ...) holding only ``weight``, with a ``normalized_shape`` or 1-D ``weight`` and a float ``variance_epsilon``
+        or ``eps`` (none: ``eps=None``). ``kwargs`` override the constructor arguments read from it, e.g.
+        ``weight_offset=1.0, cast_mode="torch"`` for Gemma's norm. Whether the math is the same is not checked here:
+        :func:`normlayers.replace_norms` probes the variants and verifies the result.
+        """
+        source = _NormSource.of(cls, module, ("weight",))
+        with torch.device("meta"):
+            new = cls(source.shape, **{"eps": source.eps, "elementwise_affine": source.has("weight"), **kwargs})
+        return source.adopted_by(new)
+
+    def to_torch(self) -> nn.RMSNorm:
+        """A :class:`torch.nn.RMSNorm` computing the same function in fp32 and fp64 (``cast_mode="llama"`` becomes
+        torch's single rounding). It holds this module's ``weight`` object, or with a ``weight_offset`` a new
+        ``weight = weight + weight_offset``, since torch's RMSNorm has no offset."""
+        with torch.device("meta"):
+            plain = nn.RMSNorm(self.normalized_shape, self.eps, self.elementwise_affine)
+        if self.weight_offset and self.weight is not None:
+            plain.weight = nn.Parameter((self.weight + self.weight_offset).detach(), self.weight.requires_grad)
+        else:
+            adopt_same_names(plain, self)
+        return plain.train(self.training)
+
 
 class CRMSNorm(NotScriptable):
     r"""Compressed RMS normalization (Jiang et al., "Pre-RMSNorm and Pre-CRMSNorm Transformers", NeurIPS 2023).
 
     In a Pre-CRMSNorm Transformer the residual stream is zero-mean and stored compressed: only its first
     ``d − 1`` coordinates ``x'`` are kept, the last being ``−Σx'``. CRMSNorm normalizes by the RMS of the full
-    ``d``-vector without restoring it (spec A §3.1). With ``n = prod(normalized_shape) = d − 1``:
+    ``d``-vector without restoring it (docs/row_norms.md). With ``n = prod(normalized_shape) = d − 1``:
 
     .. math:: y = \frac{x'}{\sqrt{\left(\sum_i x_i'^2 + (\sum_i x'_i)^2\right) / (n + 1) + \epsilon}} \cdot \gamma
 
@@ -175,11 +274,11 @@ class CRMSNorm(NotScriptable):
     eps: Optional[float]
     elementwise_affine: bool
 
-    def __init__(self, normalized_shape: _ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
+    def __init__(self, normalized_shape: ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
-        self.normalized_shape = F._as_shape(normalized_shape)
+        self.normalized_shape = as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:

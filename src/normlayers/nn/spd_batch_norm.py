@@ -1,15 +1,15 @@
 """SPD-manifold batch normalization under the Generalized Bures–Wasserstein geometry: :class:`SPDBatchNorm` (GBWBN;
-Wang et al., CVPR 2025; spec ``specs/spd_gbw_batchnorm.md``).
+Wang et al., CVPR 2025, arXiv 2504.00660; the authors' code github.com/jjscc/GBWBN).
 
-Parameter names follow the authors' ``BatchNormSPD`` (spec §2.1): ``weight`` is the SPD *bias* ``W`` and ``shift`` the
-scalar *dispersion* ``s``; ``metric`` is their ``M``. ``running_mean``/``running_var`` are registered buffers (the
-authors keep the first as a plain attribute and the second as a never-stepped ``Parameter``, spec §4 Q7).
+Parameter names follow the authors' ``BatchNormSPD`` (``GBWBN_SPDNet/spd/nn.py``): ``weight`` is the SPD *bias* ``W``
+and ``shift`` the scalar *dispersion* ``s``; ``metric`` is their ``M``. ``running_mean``/``running_var`` are registered
+buffers (the authors keep the first as a plain attribute and the second as a never-stepped ``Parameter``;
+docs/spd_batch_norm.md, Q7).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Optional
 
 import torch
@@ -17,15 +17,23 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from normlayers import functional as F
-from normlayers.nn._scripting import NotScriptable
+from normlayers._checks import (
+    check_choice,
+    check_epsilon,
+    check_nonnegative_int,
+    check_positive_int,
+    check_unit_interval,
+    is_real,
+)
 from normlayers.reference import spd_linalg
 from normlayers.reference.spd_batch_norm import VARIANCES
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["SPDBatchNorm", "SymmetricExp"]
 
 PARAMETRIZATIONS = ("expm", "geoopt")
 # The authors' bias init I + diag(1e-7·k): the jitter separates the eigenvalues, which their SVD-autograd transport
-# needs (spec §2.1). Ours does not (closed-form divided differences), but the init is kept for parity.
+# needs. Ours does not (closed-form divided differences), but the init is kept for parity.
 _BIAS_JITTER = 1e-7
 
 
@@ -43,15 +51,9 @@ class SymmetricExp(nn.Module):
         return spd_linalg.logm(value.to(torch.float64)).to(value.dtype)
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 class SPDBatchNorm(NotScriptable):
     r"""Batch normalization of symmetric positive definite matrices under the (θ, M)-Generalized Bures–Wasserstein
-    metric (GBWBN, spec §3), for covariance-matrix networks (SPDNet family).
+    metric (GBWBN; docs/spd_batch_norm.md), for covariance-matrix networks (SPDNet family).
 
     The metric is the BW metric pulled back by :math:`\varphi(X) = M^{-1/2} X^\theta M^{-1/2}` (scaled by
     :math:`1/\theta^2`). In those coordinates, with :math:`B` the batch barycenter and :math:`v` the batch dispersion:
@@ -64,11 +66,11 @@ class SPDBatchNorm(NotScriptable):
     with the exact BW Log/Exp maps and parallel transports, :math:`\tilde W = \varphi(W)`.
 
     * Training: :math:`B` is the BW barycenter of the batch, ``karcher_steps`` fixed-point steps from the arithmetic
-      mean (1 in the authors' code; ≥ 3 is essentially exact, spec §6); ``variance="frechet"`` takes
+      mean (1 in the authors' code; ≥ 3 is essentially exact, docs/spd_batch_norm.md); ``variance="frechet"`` takes
       :math:`v = \frac{1}{\theta^2}\mathrm{mean}_i\, d^2(\varphi(X_i), B)`, so a converged output has barycenter
       :math:`\tilde W` and dispersion :math:`s^2`; ``variance="reference"`` takes the authors'
-      :math:`\frac{1}{\theta^2}\mathrm{mean}_i\, d^2(\varphi(X_i), I)` (spec §4 Q1). Both are detached, as in the
-      authors' code. ``running_mean`` moves along the BW geodesic towards :math:`B` by ``momentum``,
+      :math:`\frac{1}{\theta^2}\mathrm{mean}_i\, d^2(\varphi(X_i), I)` (docs/spd_batch_norm.md, Q1). Both are
+      detached, as in the authors' code. ``running_mean`` moves along the BW geodesic towards :math:`B` by ``momentum``,
       ``running_var`` by the usual exponential average.
     * Eval: ``running_mean``/``running_var`` replace :math:`(B, v)`; nothing is updated.
 
@@ -93,10 +95,10 @@ class SPDBatchNorm(NotScriptable):
         variance (str): ``"frechet"`` or ``"reference"``. Default: ``"frechet"``.
         karcher_steps (int): barycenter fixed-point steps. Default: ``1``.
         reference_roundtrip (bool): reproduce the authors' Exp_I/Log_I round trip, which takes a matrix absolute
-            value where the BW Exp map leaves its domain (spec §2.3, §4 Q4). Default: ``False``.
+            value where the BW Exp map leaves its domain (docs/spd_batch_norm.md, Q4). Default: ``False``.
         parametrization (str): ``"expm"`` or ``"geoopt"`` (needs geoopt installed). Default: ``"expm"``.
         compute_dtype (torch.dtype, optional): dtype of the per-sample eigendecompositions; ``None`` is the input's.
-            float64 by default (the spec's recommendation and the authors' dtype): fp32 eigendecompositions lose the
+            float64 by default (the authors' dtype): fp32 eigendecompositions lose the
             small eigenvalues of ill-conditioned inputs. Default: ``torch.float64``.
         process_group, sync_stats (keyword-only): with ``sync_stats=True``, in training, with ``torch.distributed``
             initialized and more than one rank in ``process_group`` (``None``: the world), the barycenter and the
@@ -140,21 +142,16 @@ class SPDBatchNorm(NotScriptable):
                  compute_dtype: Optional[torch.dtype] = torch.float64, process_group: Optional[Any] = None,
                  sync_stats: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features = _check_positive_int("num_features", num_features)
-        self.channels = None if channels is None else _check_positive_int("channels", channels)
-        self.momentum = F._check_unit_interval("momentum", momentum)
-        self.eps = F._check_epsilon("eps", eps)
-        if not isinstance(theta, numbers.Real) or isinstance(theta, bool) or theta == 0 or not math.isfinite(theta):
+        self.num_features = check_positive_int("num_features", num_features)
+        self.channels = None if channels is None else check_positive_int("channels", channels)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.eps = check_epsilon("eps", eps)
+        if not is_real(theta) or theta == 0 or not math.isfinite(theta):
             raise ValueError(f"theta must be a finite non-zero number, got {theta!r}")
         self.theta = float(theta)
-        if variance not in VARIANCES:
-            raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-        self.variance = variance
-        if not isinstance(karcher_steps, numbers.Integral) or isinstance(karcher_steps, bool) or karcher_steps < 0:
-            raise ValueError(f"karcher_steps must be a non-negative int, got {karcher_steps!r}")
-        self.karcher_steps = int(karcher_steps)
-        if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+        self.variance = check_choice("variance", variance, VARIANCES)
+        self.karcher_steps = check_nonnegative_int("karcher_steps", karcher_steps)
+        check_choice("parametrization", parametrization, PARAMETRIZATIONS)
         if compute_dtype not in (None, torch.float32, torch.float64):
             raise TypeError(f"compute_dtype must be torch.float64, torch.float32 or None, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype

@@ -1,5 +1,5 @@
 """Unified Normalization: :class:`UnifiedNorm` (Yang et al., "Unified Normalization for Accelerating and Stabilizing
-Transformers", ACM MM 2022; spec A §2).
+Transformers", ACM MM 2022, arXiv 2208.01313).
 
 The module keeps the official ``UN1d``'s parameter and buffer names and shapes (``weight``, ``bias``,
 ``running_var``, ``ema_gz``, ``iters``, ``buffer_x2``, ``buffer_gz``, ``skip_counter``), so the authors' checkpoints
@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._dtypes import compute_dtype
+from normlayers._checks import check_epsilon, check_nonnegative_int, check_positive_int, check_unit_interval, is_int
 from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["UnifiedNorm"]
@@ -22,17 +24,16 @@ __all__ = ["UnifiedNorm"]
 
 def _window_sizes(window_size: Union[int, Sequence[int]]) -> tuple[int, int]:
     sizes = (window_size, window_size) if isinstance(window_size, numbers.Integral) else tuple(window_size)
-    if len(sizes) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
-                                  for s in sizes):
+    if len(sizes) != 2 or not all(is_int(s) and s >= 1 for s in sizes):
         raise ValueError(f"window_size must be a positive int or a pair (forward, backward) of positive ints, got "
                          f"{window_size!r}")
     return int(sizes[0]), int(sizes[1])
 
 
 class UnifiedNorm(NotScriptable):
-    r"""Unified Normalization over the channels (last dim) of transformer activations (spec A §2): batch statistics
-    smoothed over a window of steps in training, a fixed per-channel affine at inference (foldable into the next
-    linear layer, :meth:`as_affine`). By default it reproduces the official ``UN1d`` exactly: forward, backward and
+    r"""Unified Normalization over the channels (last dim) of transformer activations (docs/power_unified.md): batch
+    statistics smoothed over a window of steps in training, a fixed per-channel affine at inference (foldable into the
+    next linear layer, :meth:`as_affine`). By default it reproduces the official ``UN1d`` exactly: forward, backward and
     every buffer.
 
     .. math:: y = \gamma \cdot \frac{x}{\sqrt{v + \epsilon}} + \beta
@@ -44,7 +45,7 @@ class UnifiedNorm(NotScriptable):
       minus geometric mean exceeds ``M`` times the (unbiased, pooled over all channels) variance of the previous
       window's ``sqrt(buffer_x2)``, the step is an outlier: its slot gets ``running_var`` instead, ``v = q``,
       ``skip_counter += 1``, and the backward is the exact gradient of the batch normalization. With channels of
-      similar scale this pooled test fires on almost every step (spec §2.7).
+      similar scale this pooled test fires on almost every step (docs/power_unified.md).
     * Backward (the method's own): ``g = γ·r·dy``; ``gz = mean(g·z)`` over all tokens goes to the ring buffer
       ``buffer_gz``; ``ema_gz`` moves towards ``gz`` during warm-up, then towards the window's arithmetic mean, at
       rate ``1 − momentum``; ``dx = (g − ema_gz·z) / sqrt(v + eps)``. The factor ``r = sqrt(v + eps) /
@@ -100,14 +101,12 @@ class UnifiedNorm(NotScriptable):
                  grad_compensation: bool = True, process_group: Optional[Any] = None, sync_stats: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        self.num_features = int(num_features)
+        self.num_features = check_positive_int("num_features", num_features)
         self.window_size = _window_sizes(window_size)
-        self.warmup_iters = F._check_nonnegative_int("warmup_iters", warmup_iters)
+        self.warmup_iters = check_nonnegative_int("warmup_iters", warmup_iters)
         self.outlier_filtration = bool(outlier_filtration)
-        self.eps = F._check_epsilon("eps", eps)
-        self.momentum = F._check_unit_interval("momentum", momentum)
+        self.eps = check_epsilon("eps", eps)
+        self.momentum = check_unit_interval("momentum", momentum)
         self.grad_compensation = bool(grad_compensation)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
@@ -151,11 +150,11 @@ class UnifiedNorm(NotScriptable):
 
     @torch.no_grad()
     def as_affine(self) -> tuple[Tensor, Tensor]:
-        """The eval-mode layer as a per-channel affine ``y = x·scale + shift`` (spec A §2.6): returns ``(scale,
-        shift)`` with ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias``, both ``(C,)`` in the
+        """The eval-mode layer as a per-channel affine ``y = x·scale + shift`` (official ``UN1d`` eval): returns
+        ``(scale, shift)`` with ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias``, both ``(C,)`` in the
         parameters' dtype (computed in fp32 or wider), detached. Fold into the following linear ``(W, b)`` as
         ``W' = W·diag(scale)``, ``b' = b + W·shift``."""
-        opmath = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        opmath = compute_dtype(self.weight.dtype)
         scale = self.weight.to(opmath) * torch.rsqrt(self.running_var.to(opmath) + self.eps)
         return scale.to(self.weight.dtype), self.bias.detach().clone()
 

@@ -1,9 +1,10 @@
 """Weight Standardization: WSConv2d and ScaledWSConv2d, drop-in subclasses of :class:`torch.nn.Conv2d`.
 
-Both standardize each output filter of the conv weight before convolving (spec B §1). The standardized weight depends
-on the parameters only, not on the input, so train and eval compute the same thing and there are no buffers. In eval
-mode, when no gradient reaches the parameters, the standardized weight is computed once and reused until a parameter
-changes; :meth:`to_conv2d` bakes it into a plain :class:`torch.nn.Conv2d` for deployment.
+Both standardize each output filter of the conv weight before convolving (Qiao et al., arXiv 1903.10520). The
+standardized weight depends on the parameters only, not on the input, so train and eval compute the same thing and
+there are no buffers. In eval mode, when no gradient reaches the parameters, the standardized weight is computed once
+and reused until a parameter changes; :meth:`to_conv2d` bakes it into a plain :class:`torch.nn.Conv2d` for
+deployment.
 
 No Triton kernel yet: the plain-PyTorch reference runs on every device (the weight is small next to the activations).
 """
@@ -11,18 +12,19 @@ No Triton kernel yet: the plain-PyTorch reference runs on every device (the weig
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
+from normlayers._checks import check_finite, check_positive_epsilon
+from normlayers.functional.weight_std import IntOrPair, check_conv_input, check_ws_weight, ws_variant
+from normlayers.nn._adopt import adopt_same_names, fill_missing
 from normlayers.nn._scripting import NotScriptable
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WSConv2d", "ScaledWSConv2d"]
-
-_IntOrPair = Union[int, tuple[int, int]]
 # (the parameter, its version counter, its storage address) for each parameter the cached weight was computed from
 _CacheKey = tuple[tuple["weakref.ref[Tensor]", int, int], ...]
 
@@ -81,7 +83,7 @@ class _StandardizedConv2d(NotScriptable, nn.Conv2d):
         return state
 
     def forward(self, input: Tensor) -> Tensor:
-        F._check_conv_input(input, self.weight, self.groups)
+        check_conv_input(input, self.weight, self.groups)
         # nn.Conv2d's own convolution, so padding_mode and padding="same" behave exactly as in torch
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
@@ -98,6 +100,27 @@ class _StandardizedConv2d(NotScriptable, nn.Conv2d):
                 conv.bias = nn.Parameter(self.bias.detach().clone())
         return conv.train(self.training)
 
+    # Standardizing a conv's weight changes its function: normlayers.replace_norms swaps a Conv2d for one only when
+    # its mapping asks, and does not compare outputs.
+    conversion_fidelity: ClassVar[str] = "changes"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> "_StandardizedConv2d":
+        """A standardized conv of ``module``'s configuration holding its very ``weight``/``bias`` objects (built on
+        ``meta``, nothing copied); ``module`` is a :class:`torch.nn.Conv2d` and ``kwargs`` are the keyword-only
+        arguments (``eps``, ``gamma``, ...)."""
+        if type(module) is not nn.Conv2d:
+            raise TypeError(f"no conversion from {type(module).__name__} to {cls.__name__}; it adopts an nn.Conv2d")
+        with torch.device("meta"):
+            new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                      module.dilation, module.groups, module.bias is not None, module.padding_mode, **kwargs)
+        adopt_same_names(new, module)
+        return new
+
+    def to_torch(self) -> nn.Conv2d:
+        """The plain conv computing the same function: :meth:`to_conv2d`."""
+        return self.to_conv2d()
+
 
 class WSConv2d(_StandardizedConv2d):
     r"""Conv2d with Weight Standardization (Qiao et al., "Micro-Batch Training with Batch-Channel Normalization and
@@ -111,8 +134,8 @@ class WSConv2d(_StandardizedConv2d):
         D_o = \sqrt{\sigma_o^2 + \epsilon}\ \text{(eps inside)} \ \text{or}\ \sigma_o + \epsilon\ \text{(eps outside)}
 
     There is no affine on ``Ŵ``; use it before a BatchNorm/GroupNorm, as the paper does. The published
-    implementations disagree on ``D`` (spec B §1.2), by more than rounding (up to ~6% for 3x3 depthwise filters), so
-    the variant is named:
+    implementations disagree on ``D`` (docs/weight_std.md, "The variants"), by more than rounding (up to ~6% for 3x3
+    depthwise filters), so the variant is named:
 
     * ``"qiao"``: unbiased ``σ`` (``torch.std``), eps outside, ``1e-5``: the WS README layer, for the authors' GN+WS
       checkpoints.
@@ -150,15 +173,15 @@ class WSConv2d(_StandardizedConv2d):
         >>> plain = conv.eval().to_conv2d()                                    # for deployment
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair, stride: _IntOrPair = 1,
-                 padding: Union[str, _IntOrPair] = 0, dilation: _IntOrPair = 1, groups: int = 1, bias: bool = True,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: Union[str, IntOrPair] = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, eps: Optional[float] = None,
                  variant: str = F.WS_DEFAULT_VARIANT) -> None:
-        spec = F._ws_variant(variant)
-        resolved_eps = spec.eps if eps is None else F._check_ws_eps(eps)
+        spec = ws_variant(variant)
+        resolved_eps = spec.eps if eps is None else check_positive_epsilon("eps", eps)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        F._check_ws_weight(self.weight, spec.correction, variant)
+        check_ws_weight(self.weight, spec.correction, variant)
         self.variant = variant
         self.eps = resolved_eps
 
@@ -178,12 +201,13 @@ class ScaledWSConv2d(_StandardizedConv2d):
         \qquad y = \mathrm{conv2d}(x, \hat W) + b
 
     with the biased variance over each filter's fan-in ``I = in_channels / groups · kh · kw``, a learnable per-filter
-    ``gain`` ``g`` of shape ``(out_channels, 1, 1, 1)`` and the activation's gain ``γ`` (spec B §1.4). Parameter
-    names (``weight``, ``bias``, ``gain``), attributes (``gamma``, ``eps``, ``gain_init``, ``scale = γ/√I``) and
-    formula are timm's, so ``ScaledStdConv2d`` checkpoints load. Two differences from timm: ``padding`` defaults to
-    ``0`` as in ``nn.Conv2d`` (timm's ``None`` means ``((stride − 1) + dilation·(k − 1)) // 2``; pass that value), and
-    ``gamma``/``eps``/``gain_init`` are keyword-only. DeepMind's NFNet code floors ``var·I`` at ``1e-4`` instead of
-    adding eps; that form is not provided.
+    ``gain`` ``g`` of shape ``(out_channels, 1, 1, 1)`` and the activation's gain ``γ`` (timm ``ScaledStdConv2d``,
+    ``timm/layers/std_conv.py``). Parameter names (``weight``, ``bias``, ``gain``), attributes (``gamma``, ``eps``,
+    ``gain_init``, ``scale = γ/√I``) and formula are timm's, so ``ScaledStdConv2d`` checkpoints load. Two differences
+    from timm: ``padding`` defaults to ``0`` as in ``nn.Conv2d`` (timm's ``None`` means
+    ``((stride − 1) + dilation·(k − 1)) // 2``; pass that value), and ``gamma``/``eps``/``gain_init`` are
+    keyword-only. DeepMind's NFNet code floors ``var·I`` at ``1e-4`` instead of adding eps; that form is not
+    provided.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
@@ -203,14 +227,15 @@ class ScaledWSConv2d(_StandardizedConv2d):
         >>> y = conv(torch.randn(2, 64, 56, 56))
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair, stride: _IntOrPair = 1,
-                 padding: Union[str, _IntOrPair] = 0, dilation: _IntOrPair = 1, groups: int = 1, bias: bool = True,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: Union[str, IntOrPair] = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, gamma: float = 1.0, eps: float = 1e-6,
                  gain_init: float = 1.0) -> None:
-        checked = (F._check_ws_finite("gamma", gamma), F._check_ws_eps(eps), F._check_ws_finite("gain_init", gain_init))
+        checked = (check_finite("gamma", gamma), check_positive_epsilon("eps", eps),
+                   check_finite("gain_init", gain_init))
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        F._check_ws_weight(self.weight, 0, "")
+        check_ws_weight(self.weight, 0, "")
         self.gamma, self.eps, self.gain_init = checked
         self.gain = nn.Parameter(torch.empty((out_channels, 1, 1, 1), device=device, dtype=dtype))
         self.reset_parameters()
@@ -225,6 +250,12 @@ class ScaledWSConv2d(_StandardizedConv2d):
         # nn.Conv2d.__init__ calls reset_parameters before gain exists
         if getattr(self, "gain", None) is not None:
             nn.init.constant_(self.gain, self.gain_init)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs: Any) -> "ScaledWSConv2d":
+        new = super().from_module(module, **kwargs)
+        fill_missing(new, module, {"gain": new.gain_init})  # a plain conv has no gain: it starts at gain_init
+        return new
 
     def _standardize_sources(self) -> tuple[Tensor, ...]:
         return (self.weight, self.gain)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import differentiable_backward, wants_double_backward
+from normlayers._dtypes import compute_dtype
 
 __all__ = ["plane_moments", "plane_affine", "batch_moments_from_planes"]
 
@@ -32,10 +33,6 @@ def _kernels():
     return channel_stats
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("normlayers::plane_moments", mutates_args=())
 def plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-plane ``(mean, var)`` (biased variance) of ``x`` ``(N, C, *spatial)``."""
@@ -44,7 +41,7 @@ def plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 
 @plane_moments.register_fake
 def _plane_moments_fake(x):
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return x.new_empty(x.shape[:2], dtype=stats), x.new_empty(x.shape[:2], dtype=stats)
 
 
@@ -67,7 +64,7 @@ def _plane_moments_setup_context(ctx, inputs, output):
 
 def plane_moments_formula(x: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`plane_moments` in torch ops (what double backward differentiates)."""
-    var, mean = torch.var_mean(x.to(_stats_dtype(x.dtype)).flatten(2), dim=-1, correction=0)
+    var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)).flatten(2), dim=-1, correction=0)
     return mean, var
 
 
@@ -119,7 +116,7 @@ def _per_plane(t: Tensor, x: Tensor) -> Tensor:
 
 def plane_affine_formula(x: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """:func:`plane_affine` in torch ops, in the compute dtype (what double backward differentiates)."""
-    xf = x.to(_stats_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
     return (xf - _per_plane(center, x)) * _per_plane(scale, x) + _per_plane(shift, x)
 
 

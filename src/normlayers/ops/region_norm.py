@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import differentiable_backward, wants_double_backward
+from normlayers._dtypes import compute_dtype
 from normlayers.reference import region_norm as _ref_region
 from normlayers.reference import row_norms as _ref_row
 
@@ -43,10 +44,6 @@ def _channel_kernels():
     return channel_stats
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _per_region(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.new_empty((*x.shape[:2], 2), dtype=dtype)
 
@@ -59,7 +56,7 @@ def region_moments(x: Tensor, hole: Tensor, center: Tensor) -> tuple[Tensor, Ten
 
 @region_moments.register_fake
 def _region_moments_fake(x, hole, center):
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return _per_region(x, stats), _per_region(x, stats), _per_region(x, stats)
 
 
@@ -113,7 +110,7 @@ def _region_moments_backward(ctx, _dcount: Optional[Tensor], dfirst: Optional[Te
     if wants_double_backward():
         return differentiable_backward(_region_moments_formula, (x, hole, center), (None, dfirst, dsecond),
                                        ctx.needs_input_grad)
-    zeros = center.new_zeros((*x.shape[:2], 2), dtype=_stats_dtype(x.dtype))
+    zeros = center.new_zeros((*x.shape[:2], 2), dtype=compute_dtype(x.dtype))
     dx, dcenter = region_moments_bwd(x, hole, center, zeros if dfirst is None else dfirst,
                                      zeros if dsecond is None else dsecond)
     return dx, None, dcenter
@@ -186,12 +183,12 @@ def region_norm(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
     :func:`~normlayers.ops.region_norm.region_affine` pass. Autograd of the small ops links the backward kernels, so
     the gradient runs through the region statistics, as the reference's."""
     n, channels = input.shape[:2]
-    opmath = torch.float64 if input.dtype == torch.float64 else torch.float32
+    opmath = compute_dtype(input.dtype)
     count, first, _ = region_moments(input, hole, input.new_zeros((n, channels, 2), dtype=opmath))
     values = math.prod(input.shape[2:])
     if stats == "batch":
         count, first, values = count.sum(0, keepdim=True), first.sum(0, keepdim=True), values * n
-    safe_count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1 (spec §3.2)
+    safe_count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1 (rn.py)
     mean = first / safe_count
     _, _, second = region_moments(input, hole, mean.expand(n, channels, 2).contiguous())
     if stats == "batch":
@@ -213,9 +210,10 @@ def region_norm(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
     if not betas:
         shift = torch.zeros_like(center)
     elif affine == "official":
-        # Both betas at every pixel (spec §3.1), summed from the parameters themselves: the sum over a stacked pair
-        # would backward into stride-0 views of one gradient, which autograd stores as both .grad tensors, so that a
-        # later backward accumulating into them (gradient accumulation) would add twice into one buffer.
+        # Both betas at every pixel (the official rn.py), summed from the parameters themselves: the sum over a
+        # stacked pair would backward into stride-0 views of one gradient, which autograd stores as both .grad
+        # tensors, so that a later backward accumulating into them (gradient accumulation) would add twice into one
+        # buffer.
         total = betas[0] if len(betas) == 1 else betas[0] + betas[1]
         shift = torch.stack([total, total], dim=-1)
     else:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import differentiable_backward, wants_double_backward
+from normlayers._dtypes import compute_dtype
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm", "row_norm_fwd", "row_norm_bwd"]
@@ -25,10 +26,6 @@ def _kernels():
     from normlayers.kernels import row_norms
 
     return row_norms
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("normlayers::row_norm_fwd", mutates_args=())
@@ -50,7 +47,7 @@ def row_norm_fwd(
 @row_norm_fwd.register_fake
 def _row_norm_fwd_fake(x, residual, weight, bias, kind, eps, weight_offset, residual_dtype):
     m, n = x.shape
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     residual_out = x.new_empty((m, n), dtype=residual_dtype) if residual is not None else x.new_empty(0)
     return (x.new_empty((m, n)), residual_out, x.new_empty(m if kind == "layer" else 0, dtype=stats),
             x.new_empty(m, dtype=stats))
@@ -84,6 +81,10 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, kind, eps, weight_offset, _residual_dtype = inputs
     _y, residual_out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    # Outputs that get no gradient (the statistics, an unused residual sum) arrive as None, not as zero-filled tensors
+    # (autograd would materialize them as plain zero tensors even for DTensor outputs, which DTensor then refuses to
+    # mix with the other, DTensor, arguments of row_norm_bwd).
+    ctx.set_materialize_grads(False)
     # Save the values that were normalized: x, or the residual sum (an output, so no extra memory).
     ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
     ctx.kind, ctx.eps, ctx.weight_offset, ctx.has_bias = kind, eps, weight_offset, bias is not None
@@ -95,7 +96,7 @@ def _reference_formula(ctx):
     """The op's normalization (without bias) as reference torch ops, in the compute dtype: what double backward
     differentiates."""
     def formula(h: Tensor, weight: Optional[Tensor]) -> Tensor:
-        shape, out_dtype = (h.shape[1],), _stats_dtype(h.dtype)
+        shape, out_dtype = (h.shape[1],), compute_dtype(h.dtype)
         if ctx.kind == "layer":
             return _ref_row.layer_norm(h, shape, weight, None, ctx.eps, out_dtype=out_dtype)
         if ctx.kind == "rms":
@@ -109,7 +110,9 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     if ctx.residual_dtype is None:
         dresidual_out = None
-    if wants_double_backward():
+    if dy is None:  # only the residual sum reached the loss: the norm adds nothing
+        dh, dweight, dbias = dresidual_out, None, None
+    elif wants_double_backward():
         # create_graph=True: the backward kernel's op has no derivative, so differentiate the reference formula.
         needs_dh = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         dh, dweight = differentiable_backward(_reference_formula(ctx), (h, weight), (dy,),

@@ -10,9 +10,9 @@ All take token rows ``(R, C)`` (any strides) and per-channel ``(C,)`` vectors:
   ``channel_affine2(dy, p, x, q) -> dy·p + x·q`` (the input gradients of both methods).
 * ``power_norm_train(u, weight, bias, scale, grad_scale, ema_gz, alpha_bkw, out_dtype) -> y = u·scale·weight +
   bias`` (in ``out_dtype``: ``u`` is GroupScaling's fp32 output for fp16/bf16 activations), whose
-  registered backward is PowerNorm's approximate one (spec A §1.5): it updates ``ema_gz`` in place.
+  registered backward is PowerNorm's approximate one (docs/power_unified.md): it updates ``ema_gz`` in place.
 * ``unified_norm_train(x, weight, bias, inv_std, r, ema_gz, buffer_gz, t, skip, momentum, warmup_iters) -> y``
-  likewise for UnifiedNorm (spec A §2.5): its backward updates ``ema_gz`` and ``buffer_gz`` in place.
+  likewise for UnifiedNorm (official ``UN1d`` backward): its backward updates ``ema_gz`` and ``buffer_gz`` in place.
 
 Both ``*_train`` ops take an optional ``sync_group`` (a process group's name, ``sync_stats=True``): their backward
 then all-reduces the per-channel sum behind the gradient statistic (and the row count) before the mean, so every
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import differentiable_backward, refuse_double_backward, wants_double_backward
+from normlayers._dtypes import compute_dtype
 from normlayers.ops.row_norms import row_norm
 from normlayers.reference import power_norm as _ref_power
 from normlayers.reference import unified_norm as _ref_unified
@@ -50,10 +51,6 @@ def _kernels():
     return token_stats
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("normlayers::token_square_sum", mutates_args=())
 def token_square_sum(x: Tensor, valid: Optional[Tensor]) -> Tensor:
     """Per-channel ``Σ x²`` over the rows of ``x`` ``(R, C)`` where ``valid`` ``(R,)`` is True (all when ``None``)."""
@@ -62,7 +59,7 @@ def token_square_sum(x: Tensor, valid: Optional[Tensor]) -> Tensor:
 
 @token_square_sum.register_fake
 def _token_square_sum_fake(x, valid):
-    return x.new_empty(x.shape[1], dtype=_stats_dtype(x.dtype))
+    return x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("normlayers::token_grad_sums", mutates_args=())
@@ -75,7 +72,7 @@ def token_grad_sums(dy: Tensor, x: Tensor, p: Optional[Tensor], q: Optional[Tens
 @token_grad_sums.register_fake
 def _token_grad_sums_fake(dy, x, p, q):
     dx = x.new_empty(x.shape if p is not None and q is not None else (0,))
-    return x.new_empty((3, x.shape[1]), dtype=_stats_dtype(x.dtype)), dx
+    return x.new_empty((3, x.shape[1]), dtype=compute_dtype(x.dtype)), dx
 
 
 @torch.library.custom_op("normlayers::channel_affine2", mutates_args=())
@@ -141,7 +138,8 @@ def power_norm_train(u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                      ema_gz: Tensor, alpha_bkw: float, out_dtype: torch.dtype,
                      sync_group: Optional[str] = None) -> Tensor:
     """PowerNorm's training forward on group-scaled rows ``u``: ``y = u·scale·weight + bias`` in ``out_dtype``
-    (``scale`` = ``1/sqrt(d + eps)``, spec A §1.4). ``grad_scale`` and ``ema_gz`` are for the backward."""
+    (``scale`` = ``1/sqrt(d + eps)``, :mod:`normlayers.reference.power_norm`). ``grad_scale`` and ``ema_gz`` are for the
+    backward."""
     return _kernels().channel_affine(u, scale * _param_or_ones(weight, scale), bias, out_dtype=out_dtype)
 
 
@@ -190,8 +188,8 @@ power_norm_train.register_autograd(_power_norm_backward, setup_context=_power_no
 def unified_norm_train(x: Tensor, weight: Tensor, bias: Tensor, inv_std: Tensor, r: Tensor, ema_gz: Tensor,
                        buffer_gz: Tensor, t: Tensor, skip: Tensor, momentum: float, warmup_iters: int,
                        sync_group: Optional[str] = None) -> Tensor:
-    """UnifiedNorm's training forward: ``y = x·inv_std·weight + bias`` (spec A §2.4; ``r`` is not applied in the
-    forward). ``r``, ``ema_gz``, ``buffer_gz``, ``t`` and ``skip`` are for the backward."""
+    """UnifiedNorm's training forward: ``y = x·inv_std·weight + bias`` (:mod:`normlayers.reference.unified_norm`; ``r``
+    is not applied in the forward). ``r``, ``ema_gz``, ``buffer_gz``, ``t`` and ``skip`` are for the backward."""
     return _kernels().channel_affine(x, inv_std * weight.to(inv_std.dtype), bias)
 
 
@@ -240,7 +238,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         # GroupScaling's output u (and its gradient) in fp32 for fp16/bf16 activations, so the layer rounds once, at
         # its output, as the reference does (an fp16/bf16 u would add a rounding to every later step).
         grouped = input.reshape(*input.shape[:-1], group_num, channels // group_num)
-        grouped = grouped.to(_stats_dtype(input.dtype))
+        grouped = grouped.to(compute_dtype(input.dtype))
         u = row_norm(grouped, (channels // group_num,), None, None, "rms",
                      _ref_power.GROUP_SCALING_EPS)[0].reshape(input.shape)
     rows, valid = _ref_power.token_rows(u, pad_mask, time_major=not batch_first)
@@ -255,7 +253,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         y = power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw, input.dtype,
                              sync_group)
     else:
-        scale = torch.rsqrt(running_phi.reshape(-1).to(_stats_dtype(input.dtype)) + eps)
+        scale = torch.rsqrt(running_phi.reshape(-1).to(compute_dtype(input.dtype)) + eps)
         if weight is not None:
             scale = scale * weight.to(scale.dtype)
         y = channel_affine(rows, scale, bias, input.dtype)
@@ -280,6 +278,6 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
         y = unified_norm_train(rows, weight, bias, torch.rsqrt(var + eps), r, ema_gz, buffer_gz, step, skip,
                                momentum, warmup_iters, sync_group)
     else:
-        scale = torch.rsqrt(running_var.to(_stats_dtype(input.dtype)) + eps) * weight
+        scale = torch.rsqrt(running_var.to(compute_dtype(input.dtype)) + eps) * weight
         y = channel_affine(rows, scale, bias, input.dtype)
     return y.view(input.shape)

@@ -1,8 +1,9 @@
 """Plain-PyTorch reference of EvoNorm (Liu, Brock, Simonyan, Le, NeurIPS 2020) and timm's further variants.
 
-The ground truth the Triton path (``kernels/evo_norm.py``) is tested against; written for reading, not speed. Spec:
-``specs/bcn_ws_region_evo.md`` §4. The semantics are timm's (``timm/layers/evo_norm.py``, spec §4.3), so timm
-checkpoints load and give the same outputs; where timm and the official TF code differ (spec §4.4) timm is followed.
+The ground truth the Triton path (``kernels/evo_norm.py``) is tested against; written for reading, not speed. The
+semantics are timm's (huggingface/pytorch-image-models, ``timm/layers/evo_norm.py``), so timm checkpoints load and give
+the same outputs; where timm and the official TF code differ (docs/evo_norm.md, "timm's variants and the official TF
+code") timm is followed.
 
 Two sub-families, one parametrised function each:
 
@@ -12,13 +13,13 @@ Two sub-families, one parametrised function each:
 * **S** (:func:`evo_norm_s`, variants ``"s0"``, ``"s1"``, ``"s2"``): ``numerator(x) / group statistic(x)``,
   per (sample, group); batch-independent, no buffers.
 
-Numerics: all arithmetic (statistics, the ``max``, the division and the affine) is done in the "opmath" dtype —
-fp32 for fp16/bf16/fp32 input, fp64 for fp64 — and the result is rounded once, to the input's dtype. timm also takes
-its statistics in fp32 but rounds them to the input dtype before the elementwise work; for fp32/fp64 input the two
-agree, for fp16/bf16 ours is the more accurate (spec §4.3, §4.4 "stats dtype"). Every variance is the **biased**
-one, so H=W=1 gives an instance variance of 0 and a denominator of ``sqrt(eps)``, never NaN (spec §4.6).
-Gradients come from autograd; in particular the ``max`` of the B variants splits the gradient half/half between the
-two sides at an exact tie, which is PyTorch's rule for ``torch.maximum`` (spec §4.5).
+Numerics: all arithmetic (statistics, the ``max``, the division and the affine) is done in the "opmath" dtype — fp32 for
+fp16/bf16/fp32 input, fp64 for fp64 — and the result is rounded once, to the input's dtype. timm also takes its
+statistics in fp32 but rounds them to the input dtype before the elementwise work; for fp32/fp64 input the two agree,
+for fp16/bf16 ours is the more accurate. Every variance is the **biased** one, so H=W=1 gives an instance variance of 0
+and a denominator of ``sqrt(eps)``, never NaN (a NaN reported with the unbiased one: digantamisra98/EvoNorm issue #4).
+Gradients come from autograd; in particular the ``max`` of the B variants splits the gradient half/half between the two
+sides at an exact tie, which is PyTorch's rule for ``torch.maximum`` (``derivatives.yaml``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
 from normlayers.distributed import MomentSync
 
 __all__ = ["B_VARIANTS", "S_VARIANTS", "evo_norm_b", "evo_norm_s", "batch_variance", "update_running_var_",
@@ -37,13 +39,9 @@ B_VARIANTS = ("b0", "b1", "b2")
 S_VARIANTS = ("s0", "s1", "s2")
 
 
-def _opmath(x: Tensor) -> Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
 def _per_channel(t: Tensor, like: Tensor) -> Tensor:
-    """A ``(C,)`` tensor as ``(1, C, 1, 1)`` in ``like``'s dtype, to broadcast over NCHW (spec §4.7: per-channel
-    parameters broadcast on the channel axis)."""
+    """A ``(C,)`` tensor as ``(1, C, 1, 1)`` in ``like``'s dtype, to broadcast over NCHW (per-channel parameters
+    broadcast on the channel axis)."""
     return t.to(like.dtype).view(1, -1, 1, 1)
 
 
@@ -67,16 +65,16 @@ def _biased_var(t: Tensor, dims: tuple[int, ...], keepdim: bool = False) -> Tens
 
 
 def batch_variance(xf: Tensor) -> Tensor:
-    """Biased variance of each channel over (N, H, W), shape ``(C,)``; keeps the graph (spec §4.1: training uses the
-    batch variance *with* gradient)."""
+    """Biased variance of each channel over (N, H, W), shape ``(C,)``; keeps the graph (training uses the batch
+    variance *with* gradient, as timm and TF)."""
     return _biased_var(xf, (0, 2, 3))
 
 
 def update_running_var_(running_var: Tensor, batch_var: Tensor, count: Union[int, Tensor], momentum: float) -> None:
-    """timm's update (spec §4.3), in place and outside autograd:
+    """timm's update (``EvoNorm2dB0.forward``), in place and outside autograd:
     ``running_var ← (1 − momentum)·running_var + momentum·batch_var·n/(n − 1)`` with ``n = N·H·W``.
 
-    The stored value is the *unbiased* variance (as ``torch.nn.BatchNorm2d``; TF stores the biased one, spec §4.4).
+    The stored value is the *unbiased* variance (as ``torch.nn.BatchNorm2d``; TF stores the biased one).
     It is computed in fp32 (fp64 when either side is fp64) and written back in the buffer's own dtype.
     """
     with torch.no_grad():
@@ -121,7 +119,7 @@ def group_rms(xf: Tensor, groups: int, eps: float) -> Tensor:
 def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                v: Optional[Tensor], *, variant: str, training: bool, momentum: float, eps: float,
                apply_act: bool, sync: Optional[MomentSync] = None) -> Tensor:
-    r"""EvoNorm-B0/B1/B2 (spec §4.1, §4.3) on NCHW ``x``:
+    r"""EvoNorm-B0/B1/B2 (timm's ``EvoNorm2dB0/B1/B2``) on NCHW ``x``:
 
     .. math::
         y = \frac{x}{\max(\sqrt{\sigma^2_{n,h,w} + \epsilon},\ r(x))} \cdot \gamma + \beta
@@ -130,12 +128,12 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
     ``sqrt(mean_{h,w}(x²) + eps) − x`` (B2). ``σ²`` is the batch variance (with gradient) in training — and
     ``running_var`` (if given) is then updated in place by :func:`update_running_var_` — and ``running_var`` in
     eval.
-    ``apply_act=False`` is affine only: no normalization and no running-variance update (timm and TF, spec §4.2-4.3).
+    ``apply_act=False`` is affine only: no normalization and no running-variance update (timm; TF too).
     ``v`` is used by B0 only. ``sync`` (see :mod:`normlayers.distributed`) turns this rank's batch moments into the
     global batch's. Arguments are assumed valid (``normlayers.functional`` checks them).
     """
     if apply_act:
-        xf = _opmath(x)
+        xf = x.to(compute_dtype(x.dtype))
         if training:
             var = batch_variance(xf)
             count: Union[int, Tensor] = x.shape[0] * x.shape[2] * x.shape[3]
@@ -152,17 +150,17 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
             right = (xf + 1.0) * instance_rms(xf, eps)
         else:
             right = instance_rms(xf, eps) - xf
-        # torch.maximum, not torch.where: its gradient splits half/half at ties (spec §4.5).
+        # torch.maximum, not torch.where: its gradient splits half/half at ties.
         y = xf / torch.maximum(left, right)
     else:
-        y = _opmath(x)
+        y = x.to(compute_dtype(x.dtype))
     return _affine(y, weight, bias).to(x.dtype)
 
 
 def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], *,
                variant: str, activation: Optional[Callable[[Tensor], Tensor]], eps: float, apply_act: bool,
                always_normalize: bool) -> Tensor:
-    r"""EvoNorm-S0/S1/S2 and timm's S0a/S1a/S2a (spec §4.1, §4.3) on NCHW ``x``:
+    r"""EvoNorm-S0/S1/S2 and timm's S0a/S1a/S2a (timm's ``EvoNorm2dS*``) on NCHW ``x``:
 
     .. math::
         y = \frac{a(x)}{d_g(x)} \cdot \gamma + \beta
@@ -175,7 +173,7 @@ def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
     without the nonlinearity, ``y = x / d_g(x) · γ + β``. ``v`` is used by S0 only, ``activation`` by S1/S2 only
     (``None`` means the identity). The activation sees the opmath (fp32) tensor.
     """
-    xf = _opmath(x)
+    xf = x.to(compute_dtype(x.dtype))
     if apply_act or always_normalize:
         if not apply_act:
             numerator = xf

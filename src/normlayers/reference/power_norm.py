@@ -1,24 +1,25 @@
-"""Plain-PyTorch reference of PowerNorm (Shen et al., ICML 2020; spec A §1): the ground truth the kernels are tested
-against.
+"""Plain-PyTorch reference of PowerNorm (Shen et al., ICML 2020, arXiv 2003.07845): the ground truth the kernels
+are tested against.
 
 It follows the official ``MaskPowerNorm`` (sIncerass/powernorm, ``fairseq/modules/norms/mask_powernorm.py``) step by
-step, as spec A §1.4–1.6 transcribes it. For the ``R`` tokens (rows) of an input with ``C`` channels, at training
-step ``t`` (``iters`` is incremented *before* the step, so ``t`` starts at 1):
+step (its L28–37, L56–95, L130–172; docs/power_unified.md has the table). For the ``R`` tokens (rows) of an
+input with ``C`` channels, at training step ``t`` (``iters`` is incremented *before* the step, so ``t`` starts at 1):
 
 1. ``u = GroupScaling(x)``: each token's groups of ``C/G`` channels divided by their RMS (eps ``1e-5``, fixed), with
-   autograd (§1.4 L28–37). ``group_num=None`` leaves it out (spec §1.7a).
+   autograd (L28–37). ``group_num=None`` leaves it out (sIncerass/powernorm issues #8, #9).
 2. ``q_c = mean over the non-pad tokens of u_c²``, without gradient.
 3. ``z = u / sqrt(d + eps)`` with ``d = q`` while ``t <= warmup_iters`` and ``d = φ_{t−1}`` (``running_phi`` before
    this step's update) afterwards; ``y = weight·z + bias``.
 4. ``φ ← φ·(t−1)/t + q/t`` while ``t < warmup_iters`` (note ``<``), then ``φ ← α_fwd·φ + (1−α_fwd)·q`` every step.
-5. Backward (the method's own, §1.5): ``g = dy·weight``; ``g̃ = g − (1−α_bkw)·ema_gz·z``;
+5. Backward (the method's own, ``PowerFunction.backward`` L74–95; docs/power_unified.md, "The approximate
+   backward"): ``g = dy·weight``; ``g̃ = g − (1−α_bkw)·ema_gz·z``;
    ``ema_gz += mean over ALL R tokens of g̃·z`` (in place, pads included); ``du = g̃ / sqrt(q + eps)`` (the *batch*
-   statistic, also after warm-up; ``backward_denominator="running"`` uses ``φ_{t−1}`` instead, spec §1.7b);
+   statistic, also after warm-up; ``backward_denominator="running"`` uses ``φ_{t−1}`` instead);
    ``dweight = Σ dy·z``, ``dbias = Σ dy``; ``dx`` is autograd's through GroupScaling.
 
 Eval: ``y = weight·u / sqrt(running_phi + eps) + bias``. The departures from the official code, both where it would
 compute 0/0 = NaN and poison the buffers: a step without any non-pad token uses ``q = φ_{t−1}``, which leaves
-``running_phi`` unchanged (spec §1.8 "Guard"); an empty batch adds 0 to ``ema_gz``.
+``running_phi`` unchanged; an empty batch adds 0 to ``ema_gz``.
 
 Arithmetic is in fp32 (fp64 for fp64 inputs); the output is rounded once, to the input's dtype; buffers keep their
 dtype. Argument checks live in :mod:`normlayers.functional`.
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import refuse_double_backward
+from normlayers._dtypes import compute_dtype
 from normlayers.distributed import all_reduce_sum
 from normlayers.reference.row_norms import overflow_to_nan, power_of_two_scale
 
@@ -42,12 +44,9 @@ __all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean
 GROUP_SCALING_EPS = 1e-5
 
 
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def group_scaling(x: Tensor, group_num: int, eps: float = GROUP_SCALING_EPS) -> Tensor:
-    """``x / sqrt(mean over each group of C/G contiguous channels of x² + eps)``, per token (spec §1.4)."""
+    """``x / sqrt(mean over each group of C/G contiguous channels of x² + eps)``, per token
+    (``GroupScaling1D``, ``mask_powernorm.py`` L28–37)."""
     channels = x.shape[-1]
     groups = x.reshape(*x.shape[:-1], group_num, channels // group_num)
     # Taken of the group scaled by a power of two (then eps·s²), so that huge values do not overflow x² (exact).
@@ -132,7 +131,7 @@ def mean_over_rows(total: Tensor, rows: int, sync_group: Optional[str] = None) -
 
 
 def keep_if_empty(q: Tensor, count: Optional[Tensor], fallback: Tensor) -> Tensor:
-    """``q``, or ``fallback`` when no row was valid (where the official code divides 0 by 0; spec §1.8, §2.8)."""
+    """``q``, or ``fallback`` when no row was valid (where the official code divides 0 by 0)."""
     return q if count is None else torch.where(count > 0, q, fallback)
 
 
@@ -150,9 +149,9 @@ def masked_square_mean(rows: Tensor, valid: Optional[Tensor],
 def power_norm_statistics_(q: Tensor, count: Optional[Tensor], running_phi: Tensor, t: Tensor, *, eps: float,
                            alpha_fwd: float, warmup_iters: int,
                            backward_denominator: str) -> tuple[Tensor, Tensor]:
-    """One training step's statistics (spec §1.4): returns ``(rsqrt(d + eps), the backward's 1/sqrt(denominator))``
-    and updates ``running_phi`` (flat ``(C,)`` view of the buffer) in place. ``t`` is the step as a ``(1,)`` tensor,
-    so the warm-up decisions are ``torch.where`` on device, not Python branches."""
+    """One training step's statistics (``mask_powernorm.py`` L56–70): returns ``(rsqrt(d + eps), the backward's
+    1/sqrt(denominator))`` and updates ``running_phi`` (flat ``(C,)`` view of the buffer) in place. ``t`` is the step as
+    a ``(1,)`` tensor, so the warm-up decisions are ``torch.where`` on device, not Python branches."""
     phi = running_phi.to(q.dtype, copy=True)  # the value before this step: running_phi is overwritten below
     q = keep_if_empty(q, count, phi)  # no valid token: keep φ
     tf = t.to(q.dtype)
@@ -165,7 +164,8 @@ def power_norm_statistics_(q: Tensor, count: Optional[Tensor], running_phi: Tens
 
 
 class _PowerNormFunction(torch.autograd.Function):
-    """Step 3–5 on token rows ``u`` ``(R, C)`` (opmath); its backward is the method's approximate one (spec §1.5)."""
+    """Step 3–5 on token rows ``u`` ``(R, C)`` (opmath); its backward is the method's approximate one
+    (``mask_powernorm.py`` L74–95)."""
 
     @staticmethod
     def forward(ctx, u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_phi: Tensor,
@@ -216,7 +216,7 @@ def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, we
     group name, training only) the forward statistic ``q`` and the backward's mean for ``ema_gz`` are taken over the
     tokens of every rank of the group (see :mod:`normlayers.distributed`).
     """
-    xf = x.to(_opmath_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
     u = group_scaling(xf, group_num) if group_num is not None else xf
     rows, valid = token_rows(u, pad_mask, time_major=not batch_first)
     if training:

@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of Region Normalization (RN-B, RN-L): the ground truth the kernels are tested against.
 
-Spec B §3, which follows the official code (geekyutao/RN @ b0a9476, rn.py). A binary mask splits every feature map
+It follows the official code (geekyutao/RN @ b0a9476, rn.py). A binary mask splits every feature map
 into two regions, the **hole** (mask 1, the authors' "foreground") and the **valid** pixels (mask 0, "background");
 each channel is standardized separately inside each region. With ``w_hole = m``, ``w_valid = 1 − m`` and, per
 region ``r`` and channel ``c`` (and per sample with ``stats="instance"``),
@@ -11,28 +11,29 @@ region ``r`` and channel ``c`` (and per sample with ``stats="instance"``),
     RN(x) = Σ_r w_r·(x − μ_r) / sqrt(σ²_r + ε_r)
 
 with the sums over ``(N, H, W)`` for ``stats="batch"`` (the official code: BN-style statistics pooled over the batch,
-spec §3.3 item 1) or over ``(H, W)`` for ``stats="instance"`` (the paper's per-sample RN). The epsilon is
+geekyutao/RN issue #12) or over ``(H, W)`` for ``stats="instance"`` (the paper's per-sample RN). The epsilon is
 ``ε_r = ε·V/S_r`` with ``eps_mode="official"`` (``V`` = the values per statistic, ``N·H·W`` or ``H·W``): the official
-code's effective epsilon, a consequence of running BatchNorm on the region-filled tensor (spec §3.2); or plainly
-``ε_r = ε`` with ``eps_mode="plain"`` (the paper's, spec §3.3 item 2).
+code's effective epsilon, a consequence of running BatchNorm on the region-filled tensor (derived in
+docs/region_norm.md); or plainly
+``ε_r = ε`` with ``eps_mode="plain"`` (the paper's).
 
 An empty region (``S_r = 0``) has no pixel to write: its ``w_r`` is zero everywhere, so it contributes exactly 0 and
-the other region reduces the layer to BatchNorm (InstanceNorm) up to the effective epsilon (spec §3.2, §3.4).
+the other region reduces the layer to BatchNorm (InstanceNorm) up to the effective epsilon.
 
-Region affine (RN-B, spec §3.1), the authors' ``(1 + γ)`` parametrization with zero-initialized parameters:
+Region affine (RN-B, rn.py ``RN_B``), the authors' ``(1 + γ)`` parametrization with zero-initialized parameters:
 
 * ``affine="masked"``: ``y = Σ_r w_r·(n_r·(1 + γ_r) + β_r)`` with ``n_r = (x − μ_r)/sqrt(σ²_r + ε_r)``: each region
   has its own scale and shift (the paper's region-specific affine).
 * ``affine="official"``: ``y = Σ_r w_r·n_r·(1 + γ_r) + β_hole + β_valid``: the official code adds both betas to every
   pixel (rn.py ``RN_B.forward``), so only the scale is region-specific.
 
-RN-L (``SelfAware_Affine`` and ``RN_L``, spec §3.1): ``s = sigmoid(conv1([mean_c(x), max_c(x)]))``,
+RN-L (rn.py ``SelfAware_Affine`` and ``RN_L``): ``s = sigmoid(conv1([mean_c(x), max_c(x)]))``,
 ``M = (s ≥ threshold)`` (no gradient through the threshold), ``y = RN(x; M)·(1 + gamma_conv(s)) + beta_conv(s)``.
 
 Masks: bool, or any dtype where every nonzero value marks a hole (the authors binarize masks with ``mask > 0``,
-dataset.py L86-90; the layer itself assumes binary masks, spec §3.4), of shape ``(N, 1, H', W')`` or
-``(N, C, H', W')``; resized to the feature map's ``(H, W)`` by ``F.interpolate(mode="nearest")`` (rn.py L62, spec
-§3.3 item 5). No gradient flows into the mask.
+dataset.py L86-90; the layer itself assumes binary masks), of shape ``(N, 1, H', W')`` or
+``(N, C, H', W')``; resized to the feature map's ``(H, W)`` by ``F.interpolate(mode="nearest")`` (rn.py L62). No
+gradient flows into the mask.
 
 Written for reading, not speed. Arithmetic in fp32 (fp64 for fp64 input); the output is rounded once, to the input's
 dtype. Gradients come from autograd, so they are an independent check of the hand-written backward kernels. Argument
@@ -48,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
 from normlayers.reference.row_norms import overflow_to_nan
 
 __all__ = ["prepare_mask", "region_norm", "self_aware_affine", "learnable_region_norm"]
@@ -58,13 +60,9 @@ _PER_CHANNEL = (1, -1, 1, 1)
 MaskedMomentSync = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def prepare_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     """The hole indicator as a ``bool`` tensor of spatial ``size``: nonzero = hole, detached, resized by legacy
-    nearest interpolation (source index ``floor(i·in/out)``, spec §3.3 item 5) when its size differs."""
+    nearest interpolation (source index ``floor(i·in/out)``, rn.py L62) when its size differs."""
     holes = mask.detach() != 0
     if tuple(holes.shape[2:]) != tuple(size):
         holes = F.interpolate(holes.to(torch.uint8), size=tuple(size), mode="nearest") != 0
@@ -85,7 +83,7 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
     global batch's (:func:`normlayers.distributed.sync_masked_moments`); the effective epsilon then uses the global
     counts, ``V`` being the global ``N·H·W`` (the two regions' counts together).
     """
-    opmath = _opmath_dtype(x.dtype)
+    opmath = compute_dtype(x.dtype)
     xf = x.to(opmath)
     hole = prepare_mask(mask, x.shape[2:]).expand_as(xf)
     dims = (0, 2, 3) if stats == "batch" else (2, 3)
@@ -133,12 +131,12 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
 
 def self_aware_affine(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
                       beta_weight: Tensor, beta_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """The official ``SelfAware_Affine`` (spec §3.1): ``(s, gamma, beta)``, each ``(N, 1, H, W)`` in opmath.
+    """The official ``SelfAware_Affine`` (rn.py L71–95): ``(s, gamma, beta)``, each ``(N, 1, H, W)`` in opmath.
 
     ``s = sigmoid(conv1(cat[mean over channels, max over channels]))`` (average first, then max), then
     ``gamma = gamma_conv(s)`` and ``beta = beta_conv(s)``; every conv keeps the spatial size (padding ``k // 2``).
     """
-    opmath = _opmath_dtype(x.dtype)
+    opmath = compute_dtype(x.dtype)
     xf = x.to(opmath)
     pooled = torch.cat([xf.mean(1, keepdim=True), xf.amax(1, keepdim=True)], dim=1)
     padding = conv1_weight.shape[-1] // 2
@@ -154,7 +152,7 @@ def learnable_region_norm(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor,
                           beta_weight: Tensor, beta_bias: Optional[Tensor], *, threshold: float = 0.8,
                           eps: float = 1e-5, stats: str = "batch", eps_mode: str = "official",
                           sync: Optional[MaskedMomentSync] = None) -> Tensor:
-    """RN-L (official ``RN_L``, spec §3.1): regions from the thresholded self-aware map, RN without region affine,
+    """RN-L (official ``RN_L``, rn.py L97–130): regions from the thresholded self-aware map, RN without region affine,
     then the learned spatial affine ``r·(1 + gamma) + beta``; ``sync`` as :func:`region_norm`'s. Output: ``x``'s
     dtype."""
     s, gamma, beta = self_aware_affine(x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)

@@ -1,8 +1,8 @@
 """Plain-PyTorch reference of the row norms: the ground truth the kernels are tested against.
 
 Written for reading, not speed. Arithmetic is in the "opmath" dtype (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64),
-results are cast back to the input dtype, as ``torch.nn.functional`` does (spec A §4.4). Statistics are taken of the
-row scaled by a power of two (:func:`power_of_two_scale`), so rows near the dtype's range limits normalize correctly
+results are cast back to the input dtype, as ``torch.nn.functional`` does. Statistics are taken of the row scaled by
+a power of two (:func:`power_of_two_scale`), so rows near the dtype's range limits normalize correctly
 (docs/reliability.md). Gradients come from autograd, so they are an independent check of the hand-written backward
 kernels.
 """
@@ -15,12 +15,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+
 __all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add", "power_of_two_scale", "scale_exponent_cap",
            "overflow_to_nan"]
-
-
-def _opmath(x: Tensor) -> Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _max_scale_exponent(dtype: torch.dtype) -> int:
@@ -74,9 +72,9 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
                bias: Optional[Tensor] = None, eps: float = 1e-5, *,
                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``y = (x − E[x]) / sqrt(Var[x] + eps) · γ + β`` over the last ``len(normalized_shape)`` dims (biased
-    variance; spec A §4.3). The result is rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
+    variance, as torch's). The result is rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
-    xs, eps_s = _scaled(_opmath(x), dims, eps)
+    xs, eps_s = _scaled(x.to(compute_dtype(x.dtype)), dims, eps)
     mean = xs.mean(dims, keepdim=True)
     var = (xs - mean).square().mean(dims, keepdim=True)
     return _affine((xs - mean) * torch.rsqrt(var + eps_s), weight, bias).to(out_dtype or x.dtype)
@@ -84,20 +82,20 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
 
 def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None, eps: float = 1.1920929e-07,
              *, weight_offset: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``y = x / sqrt(mean(x²) + eps) · (γ + weight_offset)`` (spec A §3.1, §4.3). ``eps`` is already resolved
+    """``y = x / sqrt(mean(x²) + eps) · (γ + weight_offset)`` (as torch's). ``eps`` is already resolved
     (``None`` handling lives in ``normlayers.functional``). Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
-    xs, eps_s = _scaled(_opmath(x), _dims(normalized_shape), eps)
+    xs, eps_s = _scaled(x.to(compute_dtype(x.dtype)), _dims(normalized_shape), eps)
     ms = xs.square().mean(_dims(normalized_shape), keepdim=True)
     return _affine(xs * torch.rsqrt(ms + eps_s), weight, None, weight_offset).to(out_dtype or x.dtype)
 
 
 def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
               eps: float = 1.1920929e-07, *, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """CRMSNorm of a compressed zero-mean vector ``x′`` of width ``n = d − 1`` (spec A §3.1):
+    """CRMSNorm of a compressed zero-mean vector ``x′`` of width ``n = d − 1`` (docs/row_norms.md):
     ``y = x′ / sqrt((Σx′² + (Σx′)²) / d + eps) · γ`` — the first ``d − 1`` outputs of RMSNorm applied to the
     restored vector ``[x′, −Σx′]``. Rounded once, to ``out_dtype`` (default: ``x.dtype``)."""
     dims = _dims(normalized_shape)
-    xs, eps_s = _scaled(_opmath(x), dims, eps)
+    xs, eps_s = _scaled(x.to(compute_dtype(x.dtype)), dims, eps)
     d = math.prod(normalized_shape) + 1
     ms = (xs.square().sum(dims, keepdim=True) + xs.sum(dims, keepdim=True).square()) / d
     return _affine(xs * torch.rsqrt(ms + eps_s), weight, None).to(out_dtype or x.dtype)
@@ -106,4 +104,4 @@ def crms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tenso
 def residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
     """``x + residual`` computed in ``x``'s opmath dtype and rounded to ``residual_dtype``: the value the fused norms
     normalize and return (for ``residual_dtype == x.dtype`` exactly what an unfused ``x + residual`` gives)."""
-    return (_opmath(x) + residual.to(_opmath(x).dtype)).to(residual_dtype)
+    return (x.to(compute_dtype(x.dtype)) + residual.to(compute_dtype(x.dtype))).to(residual_dtype)

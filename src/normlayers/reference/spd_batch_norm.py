@@ -1,40 +1,41 @@
 """Plain-PyTorch reference of SPD batch normalization under the (θ, M)-Generalized Bures–Wasserstein geometry (GBWBN).
 
 Wang, Jin, Chen, Luo, Wu, "Learning to Normalize on the SPD Manifold under Bures-Wasserstein Geometry", CVPR 2025.
-Spec ``specs/spd_gbw_batchnorm.md``; the authors' code (github.com/jjscc/GBWBN, ``GBWBN_SPDNet/spd/nn.py``
-``BatchNormSPD``) is the ground truth where the paper could not be read. Section numbers below are the spec's.
+The authors' code (github.com/jjscc/GBWBN, ``GBWBN_SPDNet/spd/nn.py`` ``BatchNormSPD`` and ``spd/functional.py``) is
+the ground truth where the paper could not be read; docs/spd_batch_norm.md explains each step and departure.
 
-Geometry (§1). BW on SPD(n): ``d²(A, B) = tr A + tr B − 2 tr (A^{1/2} B A^{1/2})^{1/2}``,
-``Log_P X = (PX)^{1/2} + (XP)^{1/2} − 2P``, ``Exp_P V = (I + 𝓛_P[V]) P (I + 𝓛_P[V])``, transports between the
-identity and a point ``Γ_{I→A} = S_A^{1/2}``, ``Γ_{A→I} = S_A^{-1/2}`` with ``S_A(V) = (AV + VA)/2``. The (θ, M)-GBW
-metric is the pullback of BW by ``φ(X) = M^{-1/2} X^θ M^{-1/2}``, scaled by ``1/θ²`` (§1.2–1.3), so the layer maps
+Geometry (the authors' ``functional.py``: ``LogG``, ``ExpG``, ``pal1``, ``pal2``). BW on SPD(n):
+``d²(A, B) = tr A + tr B − 2 tr (A^{1/2} B A^{1/2})^{1/2}``, ``Log_P X = (PX)^{1/2} + (XP)^{1/2} − 2P``,
+``Exp_P V = (I + 𝓛_P[V]) P (I + 𝓛_P[V])``, transports between the identity and a point ``Γ_{I→A} = S_A^{1/2}``,
+``Γ_{A→I} = S_A^{-1/2}`` with ``S_A(V) = (AV + VA)/2``. The (θ, M)-GBW metric is the pullback of BW by
+``φ(X) = M^{-1/2} X^θ M^{-1/2}``, scaled by ``1/θ²`` (Han et al., arXiv 2110.10464, for ``M``), so the layer maps
 everything through ``φ``, works in BW, and maps back with ``φ⁻¹(Y) = (M^{1/2} Y M^{1/2})^{1/θ}``.
 
-The layer (§3.2), for inputs ``X_i``, bias ``W``, metric ``M``, dispersion ``s``:
+The layer (``nn.py`` L101–123), for inputs ``X_i``, bias ``W``, metric ``M``, dispersion ``s``:
 
 1. ``X̃_i = φ(X_i)``, ``W̃ = φ(W)``.
 2. Batch mean ``B`` (detached): the arithmetic mean, then ``karcher_steps`` fixed-point steps
    ``B ← B^{-1/2} (mean_i (B^{1/2} X̃_i B^{1/2})^{1/2})² B^{-1/2}`` (Álvarez-Esteban et al., the authors' ``BaryGeom``).
-3. ``V_i = Γ_{B→I}(Log_B X̃_i)`` in the closed form of §2.3: in ``B = P diag(b) Pᵀ``'s eigenbasis,
+3. ``V_i = Γ_{B→I}(Log_B X̃_i)`` in closed form (docs/spd_batch_norm.md): in ``B = P diag(b) Pᵀ``'s eigenbasis,
    ``V̂_i = √(2(b_i + b_j)/(b_i b_j)) ∘ (B̂^{1/2} X̂_i B̂^{1/2})^{1/2} − 2 diag(√b)``.
 4. Dispersion (detached): ``"frechet"`` — ``v = mean_i d²(X̃_i, B)/θ² = mean_i ¼‖V_i‖²_F/θ²``; ``"reference"`` — the
-   authors' ``v = mean_i d²(X̃_i, I)/θ²`` (around the identity, on un-centred data; §4 Q1).
+   authors' ``v = mean_i d²(X̃_i, I)/θ²`` (around the identity, on un-centred data; docs, Q1).
 5. ``U_i = f·V_i`` with ``f = s/√(v + eps)``; or, with ``reference_roundtrip``, the authors' Exp_I/Log_I round trip
-   ``U_i = 2|(1 − f) I + f |I + V_i/2|| − 2I`` (§2.3, equal to ``f·V_i`` inside the Exp domain).
-6. ``Y_i = Exp_{W̃}(Γ_{I→W̃} U_i) = (I + Z_i) W̃ (I + Z_i)`` with ``Z_i = ½ S_{W̃}^{-1/2}[U_i]`` (§2.3; PSD by
+   ``U_i = 2|(1 − f) I + f |I + V_i/2|| − 2I`` (equal to ``f·V_i`` inside the Exp domain).
+6. ``Y_i = Exp_{W̃}(Γ_{I→W̃} U_i) = (I + Z_i) W̃ (I + Z_i)`` with ``Z_i = ½ S_{W̃}^{-1/2}[U_i]`` (PSD by
    construction).
 7. Output ``φ⁻¹(Y_i)``.
 8. Training: ``B_run ← γ_{B_run→B}(momentum)`` (BW geodesic), ``v_run ← (1 − momentum) v_run + momentum·v``.
    Eval uses ``(B_run, v_run)`` in steps 3–5 and updates nothing. ``B_run`` lives in the φ coordinates of the step
-   that updated it (§4 Q8, as the authors' code).
+   that updated it (as the authors' code).
 
 Precision: everything on the parameter / statistics side (``M^{±1/2}``, ``W̃``, ``B``, its eigendecomposition, the
-running-mean geodesic) runs in fp64 (§5.2 item 2); the per-sample work in ``compute_dtype``, fp64 by default as the
-spec's recommended constructor (§3.1) and the authors' code. fp32 per-sample eigendecompositions lose the small
+running-mean geodesic) runs in fp64; the per-sample work in ``compute_dtype``, fp64 by default as the authors'
+code. fp32 per-sample eigendecompositions lose the small
 eigenvalues of ill-conditioned deformed inputs ``M^{-1/2} X M^{-1/2}`` (measured: 8e-3 absolute output error against
 fp64 for a κ ≈ 1e3 batch and a κ ≈ 40 metric, where rounding the input to fp32 alone costs 1e-7); the output is
 cast back to the input's dtype. Statistics are
-pooled over every leading dim (the authors' ``(N·h, 1, n, n)`` reshape, §2.2) or, with per-channel state of shape
+pooled over every leading dim (the authors' ``(N·h, 1, n, n)`` reshape) or, with per-channel state of shape
 ``(C, n, n)``, over every leading dim but the channel dim just before the matrix. Argument checks live in
 :mod:`normlayers.functional`.
 """
@@ -74,7 +75,7 @@ def _eye_like(a: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Bures–Wasserstein geometry (spec §1.1), batched over leading dims; used by the layer's running update and by tests
+# Bures–Wasserstein geometry, batched over leading dims; used by the layer's running update and by tests
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -86,7 +87,7 @@ def bw_distance_sq(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _sqrt_products(a: Tensor, b: Tensor) -> Tensor:
-    """``(AB)^{1/2} + (BA)^{1/2}`` with ``(AB)^{1/2} = A^{1/2} (A^{1/2} B A^{1/2})^{1/2} A^{-1/2}`` (spec §1.1)."""
+    """``(AB)^{1/2} + (BA)^{1/2}`` with ``(AB)^{1/2} = A^{1/2} (A^{1/2} B A^{1/2})^{1/2} A^{-1/2}``."""
     a_half, a_inv_half = sqrtm(a), invsqrtm(a)
     ab_half = a_half @ sqrtm(congruence(a_half, b)) @ a_inv_half
     return ab_half + ab_half.mT
@@ -125,7 +126,7 @@ def bw_barycenter(x: Tensor, steps: int, start: Optional[Tensor] = None, batch_m
     """The BW barycenter of ``x`` over dim 0 (statistics side, no gradient, fp64 result).
 
     ``steps`` fixed-point steps ``G ← G^{-1/2} (mean_i (G^{1/2} X_i G^{1/2})^{1/2})² G^{-1/2}`` from ``start``
-    (default: the arithmetic mean), exactly the authors' ``BaryGeom`` iteration (spec §2.2 step 3). The per-sample
+    (default: the arithmetic mean), exactly the authors' ``BaryGeom`` iteration. The per-sample
     square roots run in ``x``'s dtype, the per-group matrices in fp64. ``batch_mean`` takes the means over the batch
     (:func:`global_batch_mean`: over every rank's, so each fixed-point step sums the tangent-side square roots of the
     global batch).
@@ -140,7 +141,7 @@ def bw_barycenter(x: Tensor, steps: int, start: Optional[Tensor] = None, batch_m
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The (θ, M) deformation (spec §1.3)
+# The (θ, M) deformation (the authors' ``nn.py`` L104–122)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -161,12 +162,12 @@ def undeform(y: Tensor, theta: float, metric_sqrt: Optional[Tensor]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The layer (spec §3.2)
+# The layer
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def _centre(x: Tensor, mean: Tensor) -> Tensor:
-    """``V_i = Γ_{B→I}(Log_B X̃_i)`` for every sample of ``x`` (spec §2.3 closed form), in ``x``'s dtype.
+    """``V_i = Γ_{B→I}(Log_B X̃_i)`` for every sample of ``x`` (closed form), in ``x``'s dtype.
 
     In ``B = P diag(b) Pᵀ``'s eigenbasis, with ``T_i = B^{-1/2}(B^{1/2} X̃_i B^{1/2})^{1/2} B^{-1/2}`` and
     ``Log_B X̃_i = 2 S_B(T_i − I)``, the transport ``S_B^{-1/2}`` leaves ``V_i = 2 S_B^{1/2}(T_i − I)``, i.e.
@@ -185,7 +186,7 @@ def _centre(x: Tensor, mean: Tensor) -> Tensor:
 
 
 def _dispersion(x: Tensor, v: Tensor, variance: Variance, theta: float, batch_mean: BatchMean) -> Tensor:
-    """The detached batch dispersion per statistics group (fp64), spec §3.1 ``variance``, averaged by
+    """The detached batch dispersion per statistics group (fp64), as ``variance`` asks, averaged by
     ``batch_mean`` (over the local or the global batch)."""
     with torch.no_grad():
         if variance == "frechet":
@@ -200,7 +201,7 @@ def _dispersion(x: Tensor, v: Tensor, variance: Variance, theta: float, batch_me
 
 
 def _scale(v: Tensor, factor: Tensor, reference_roundtrip: bool) -> Tensor:
-    """``U_i = f·V_i``, or the authors' round trip ``2|(1 − f)I + f|I + V_i/2|| − 2I`` (spec §2.3)."""
+    """``U_i = f·V_i``, or the authors' round trip ``2|(1 − f)I + f|I + V_i/2|| − 2I``."""
     if not reference_roundtrip:
         return factor * v
     eye = _eye_like(v)
@@ -209,15 +210,15 @@ def _scale(v: Tensor, factor: Tensor, reference_roundtrip: bool) -> Tensor:
 
 def _bias(u: Tensor, bias: Tensor) -> Tensor:
     """``Y_i = Exp_{W̃}(Γ_{I→W̃} U_i) = (I + Z_i) W̃ (I + Z_i)``, ``Z_i = 𝓛_{W̃}[S_{W̃}^{1/2} U_i] = ½ S_{W̃}^{-1/2}[U_i]``
-    (spec §2.3 biasing closed form); ``bias`` is ``W̃`` in fp64."""
+    (the biasing closed form); ``bias`` is ``W̃`` in fp64."""
     factor = _eye_like(u) + lyapunov_power(bias, u, -0.5) / 2
     return factor @ bias.to(u.dtype) @ factor
 
 
 @torch.no_grad()
 def _update_running_(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float) -> None:
-    """``B_run ← γ_{B_run→B}(momentum)`` on the BW geodesic, ``v_run ← (1 − momentum) v_run + momentum·v`` (§3.2
-    step 8), computed in fp64 and stored in the buffers' dtype."""
+    """``B_run ← γ_{B_run→B}(momentum)`` on the BW geodesic, ``v_run ← (1 − momentum) v_run + momentum·v``, computed in
+    fp64 and stored in the buffers' dtype."""
     running_mean.copy_(bw_geodesic(running_mean.to(_PARAM_DTYPE), mean, momentum))
     # Through a 1-D view: torch.compile (2.13, aot_eager and inductor) drops a copy_ of a graph value into a 0-d
     # buffer (the pooled layout's running_var), and keeps it into a view of it.
@@ -230,7 +231,7 @@ def spd_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
                    reference_roundtrip: bool, per_channel: bool,
                    compute_dtype: Optional[torch.dtype] = torch.float64,
                    sum_over_ranks: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """GBW batch normalization of ``x`` (``(*, n, n)``, or ``(*, C, n, n)`` when ``per_channel``), spec §3.2.
+    """GBW batch normalization of ``x`` (``(*, n, n)``, or ``(*, C, n, n)`` when ``per_channel``).
 
     ``weight`` (the SPD bias ``W``) is ``(n, n)`` or ``(C, n, n)`` (``None``: the identity); ``metric`` (``M``) is
     ``(n, n)`` or ``(C, n, n)`` (``None``: the identity, plain BW); ``shift`` (``s``) is a scalar or ``(C,)``

@@ -1,25 +1,26 @@
 """Matrix functions of batches of symmetric (positive definite) matrices, with closed-form Daleckii–Krein backwards.
 
-Spec ``specs/spd_gbw_batchnorm.md`` §5.2. Two kinds of operation, each a small :class:`torch.autograd.Function`:
+Derivation: docs/spd_batch_norm.md, "The divided-difference gradient". Two kinds of operation, each a small
+:class:`torch.autograd.Function`:
 
 * **Spectral functions** ``F(A) = U f(Λ) Uᵀ`` for ``A = U Λ Uᵀ`` (:func:`sqrtm`, :func:`invsqrtm`, :func:`powm`,
   :func:`logm`, :func:`expm`, :func:`absm`, :func:`rectify`): one ``torch.linalg.eigh`` forward; the backward is
   ``dA = U (L ∘ Uᵀ sym(Ḡ) U) Uᵀ`` with the Loewner matrix of divided differences ``L_ij = (f(λ_i) − f(λ_j)) /
-  (λ_i − λ_j)``, ``L_ii = f′(λ_i)``, written in closed forms that do not cancel (spec §5.2 table), so that
-  (near-)repeated eigenvalues get the correct ``f′(λ)`` rather than 0 or NaN (the authors' bug Q3: with the nan → 0
+  (λ_i − λ_j)``, ``L_ii = f′(λ_i)``, written in closed forms that do not cancel, so that (near-)repeated
+  eigenvalues get the correct ``f′(λ)`` rather than 0 or NaN (the authors' bug, Q3 in the docs: with the nan → 0
   rule the gradient w.r.t. ``M`` at ``M = I`` loses its off-diagonal part). Autograd through ``eigh`` is never used:
   its eigenvector backward has ``1/(λ_i − λ_j)`` terms that are infinite at ``A = I``.
 * **The Lyapunov operator power** ``S_A^q[X]`` (:func:`lyapunov_power`), where ``S_A(X) = (AX + XA)/2``:
   ``S_A^q[X] = Q (K ∘ QᵀXQ) Qᵀ`` with ``K_ij = ((a_i + a_j)/2)^q``. The BW parallel transports are
-  ``Γ_{I→A} = S_A^{1/2}`` and ``Γ_{A→I} = S_A^{-1/2}`` (spec §1.1), and the Lyapunov solve of ``Exp_A`` is
+  ``Γ_{I→A} = S_A^{1/2}`` and ``Γ_{A→I} = S_A^{-1/2}``, and the Lyapunov solve of ``Exp_A`` is
   ``𝓛_A = ½ S_A^{-1}``. Its derivative w.r.t. ``A`` needs divided differences of ``k(x, a_j)`` in ``x``, a
-  third-order tensor (spec §5.2 item 2); they have the finite limit ``∂k/∂x`` at coincidence.
+  third-order tensor; they have the finite limit ``∂k/∂x`` at coincidence.
 
 All operations are batched over every leading dim (no Python loop). Eigenvalues are clamped from below (sqrt,
 inverse sqrt, power, log) at a *relative* floor ``finfo(dtype).eps · λ_max`` per matrix, the level below which
 ``eigh``'s own rounding dominates; the clamped function ``g(x) = f(max(x, floor))`` is differentiated exactly
-(``g′ = 0`` below the floor, the floor itself treated as a constant). The spec suggests the absolute floors of
-LieBN/geoopt (1e-4 fp32, 1e-7 fp64); a relative floor is used instead because this layer's inputs are
+(``g′ = 0`` below the floor, the floor itself treated as a constant). LieBN and geoopt use absolute floors
+(1e-4 fp32, 1e-7 fp64); a relative floor is used instead because this layer's inputs are
 ill-conditioned by design, and an absolute 1e-4 would rewrite every eigenvalue of a unit-scale covariance of condition
 above 1e4. Inputs are symmetrized (``(A + Aᵀ)/2``) before ``eigh``; the backward returns the symmetric gradient.
 
@@ -92,7 +93,7 @@ def _power_divided_difference(a: Tensor, b: Tensor, p: float) -> Tensor:
 
 
 def _closed_form_loewner(kind: str, lam: Tensor, power: float) -> Tensor:
-    """The divided differences ``L_ij`` of ``f`` at eigenvalues ``lam`` (all above the floor), spec §5.2 table."""
+    """The divided differences ``L_ij`` of ``f`` at eigenvalues ``lam`` (all above the floor), without cancellation."""
     a, b = _pairs(lam)
     if kind == "sqrt":
         return _power_divided_difference(a, b, 0.5)
@@ -211,7 +212,7 @@ def expm(a: Tensor) -> Tensor:
 
 
 def absm(a: Tensor) -> Tensor:
-    """Matrix absolute value ``|A| = U |Λ| Uᵀ`` of symmetric matrices (the reference round trip, spec §2.3)."""
+    """Matrix absolute value ``|A| = U |Λ| Uᵀ`` of symmetric matrices (the authors' Exp_I/Log_I round trip)."""
     return _SpectralFunction.apply(a, "abs", 1.0, None)
 
 
@@ -224,7 +225,7 @@ class _LyapunovPower(torch.autograd.Function):
     """``S_A^q[X] = Q (K ∘ QᵀXQ) Qᵀ``, ``K_ij = ((a_i + a_j)/2)^q``, for SPD ``A`` of shape ``(*S, n, n)`` and ``X``
     of shape ``(*R, *S, n, n)``; ``A``'s gradient is summed over the extra leading dims ``R``.
 
-    Backward (spec §5.2 item 2). ``S_A^q[X] = Σ_ij k(a_i, a_j) P_i X P_j`` is a double operator sum; perturbing ``A``
+    Backward. ``S_A^q[X] = Σ_ij k(a_i, a_j) P_i X P_j`` is a double operator sum; perturbing ``A``
     by ``H`` gives, in ``A``'s eigenbasis (tildes), ``dF̃_ij = Σ_k D_ikj H̃_ik X̃_kj + Σ_k D_jki X̃_ik H̃_kj`` with
     ``D_ikj = (k(a_i, a_j) − k(a_k, a_j)) / (a_i − a_k)`` (the divided difference in the first argument, ``∂k/∂x``
     at ``a_i = a_k``). Its adjoint, for the cotangent ``G̃``, is ``T + T2`` with ``T_ab = Σ_j D_abj G̃_aj X̃_bj`` and
@@ -269,7 +270,7 @@ class _LyapunovPower(torch.autograd.Function):
 
 
 def lyapunov_power(a: Tensor, x: Tensor, power: float) -> Tensor:
-    """``S_A^q[X]`` where ``S_A(X) = (AX + XA)/2`` (spec §1.1 operator view): ``Q (((a_i + a_j)/2)^q ∘ QᵀXQ) Qᵀ``.
+    """``S_A^q[X]`` where ``S_A(X) = (AX + XA)/2``: ``Q (((a_i + a_j)/2)^q ∘ QᵀXQ) Qᵀ``.
 
     ``A`` (SPD, shape ``(*S, n, n)``, typically fp64) is one matrix per statistics group; ``X`` has shape
     ``(*R, *S, n, n)`` and any float dtype, and the result has ``X``'s dtype. ``q = 1/2`` is the BW parallel

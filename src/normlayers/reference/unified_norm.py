@@ -1,12 +1,12 @@
-"""Plain-PyTorch reference of Unified Normalization (Yang et al., ACM MM 2022; spec A §2): the ground truth the kernels
-are tested against.
+"""Plain-PyTorch reference of Unified Normalization (Yang et al., ACM MM 2022, arXiv 2208.01313): the ground truth
+the kernels are tested against.
 
-It follows the official ``UN1d`` (hikvision-research/Unified-Normalization, ``unified_normalization.py``) step by step,
-as spec A §2.4–2.6 transcribes it. Input ``(B, N, C)``, statistics per channel over the non-pad tokens; ``M`` and
-``M_b`` are the forward and backward window sizes (the rows of ``buffer_x2`` and ``buffer_gz``); at training step ``t``
-(``iters`` incremented before the step):
+It follows the official ``UN1d`` (repository Unified-Normalization of hikvision-research, ``unified_normalization.py``)
+step by step. Input ``(B, N, C)``, statistics per channel over the non-pad tokens; ``M`` and ``M_b`` are the forward and
+backward window sizes (the rows of ``buffer_x2`` and ``buffer_gz``); at training step ``t`` (``iters`` incremented
+before the step):
 
-Forward (§2.4)::
+Forward (``unified_normalization.py`` L27–73)::
 
     q      = mean over the non-pad tokens of x²                 (no gradient)
     rvar   = unbiased variance of sqrt(buffer_x2) over all M·C entries, before this step's write (ONE scalar)
@@ -19,7 +19,7 @@ Forward (§2.4)::
     z      = x / sqrt(var + eps);   y = weight·z + bias            (r is not applied in the forward)
     running_var = momentum·running_var + (1 − momentum)·var
 
-Backward (§2.5)::
+Backward (L76–110)::
 
     g        = dy·weight·r;   gz = mean over ALL tokens of g·z
     buffer_gz[t % M_b] = ema_gz if skip else gz
@@ -28,10 +28,10 @@ Backward (§2.5)::
     dx       = (g − c·z) / sqrt(var + eps),  c = gz if skip else ema_gz (the new value)
     dweight  = Σ dy·r·z;   dbias = Σ dy
 
-Eval (§2.6): ``y = weight·x / sqrt(running_var + eps) + bias``. Every decision is a ``torch.where`` on device (no
-``.item()``, no data-dependent Python branch). ``grad_compensation=False`` fixes ``r = 1`` (spec §2.7; the official
-code always applies it). The departures from the official code, both where it would compute 0/0 = NaN: a step
-without any non-pad token uses ``q = running_var`` (spec §2.8); an empty batch has ``gz = 0``.
+Eval (L190–194): ``y = weight·x / sqrt(running_var + eps) + bias``. Every decision is a ``torch.where`` on device (no
+``.item()``, no data-dependent Python branch). ``grad_compensation=False`` fixes ``r = 1`` (docs/power_unified.md; the
+official code always applies it). The departures from the official code, both where it would compute 0/0 = NaN: a step
+without any non-pad token uses ``q = running_var``; an empty batch has ``gz = 0``.
 
 Arithmetic is in fp32 (fp64 for fp64 inputs); the output is rounded once, to the input's dtype; buffers keep their
 dtype. Argument checks live in :mod:`normlayers.functional`.
@@ -45,16 +45,13 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import refuse_double_backward
+from normlayers._dtypes import compute_dtype
 from normlayers.reference.power_norm import keep_if_empty, masked_square_mean, mean_over_rows, step_snapshot, token_rows
 
 __all__ = ["unified_norm", "unified_norm_statistics_", "unified_norm_backward_statistics_", "R_CLAMP_START"]
 
-# The official code clamps r only after max(1000, warmup_iters) steps; 1000 is hard-coded there (spec §2.7).
+# The official code clamps r only after max(1000, warmup_iters) steps; 1000 is hard-coded there (L59–63).
 R_CLAMP_START = 1000
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _ring_write_(buffer: Tensor, slot: Tensor, value: Tensor) -> None:
@@ -66,8 +63,8 @@ def _ring_write_(buffer: Tensor, slot: Tensor, value: Tensor) -> None:
 def unified_norm_statistics_(q: Tensor, count: Optional[Tensor], running_var: Tensor, buffer_x2: Tensor,
                              skip_counter: Tensor, t: Tensor, *, eps: float, momentum: float, warmup_iters: int,
                              outlier_filtration: bool, grad_compensation: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One training step's forward statistics (spec §2.4): returns ``(var, r, skip)`` — ``var`` and ``r`` per channel,
-    ``skip`` a ``(1,)`` bool — and updates ``buffer_x2``, ``skip_counter`` and ``running_var`` in place."""
+    """One training step's forward statistics (official L27–73): returns ``(var, r, skip)`` — ``var`` and ``r`` per
+    channel, ``skip`` a ``(1,)`` bool — and updates ``buffer_x2``, ``skip_counter`` and ``running_var`` in place."""
     window = buffer_x2.shape[0]
     running = running_var.to(q.dtype, copy=True)  # the value before this step: running_var is overwritten below
     q = keep_if_empty(q, count, running)  # no valid token: keep the running statistic
@@ -100,7 +97,7 @@ def unified_norm_statistics_(q: Tensor, count: Optional[Tensor], running_var: Te
 @torch.no_grad()
 def unified_norm_backward_statistics_(gz: Tensor, ema_gz: Tensor, buffer_gz: Tensor, t: Tensor, skip: Tensor, *,
                                       momentum: float, warmup_iters: int) -> Tensor:
-    """The backward's smoothing (spec §2.5): from this step's ``gz`` (per channel), update ``buffer_gz`` and
+    """The backward's smoothing (official L76–110): from this step's ``gz`` (per channel), update ``buffer_gz`` and
     ``ema_gz`` in place and return the ``c`` of ``dx = (g − c·z)/sqrt(var + eps)``."""
     window = buffer_gz.shape[0]
     slot = torch.remainder(t, window)
@@ -114,7 +111,7 @@ def unified_norm_backward_statistics_(gz: Tensor, ema_gz: Tensor, buffer_gz: Ten
 
 
 class _UnifiedNormFunction(torch.autograd.Function):
-    """UN's training step on token rows ``x`` ``(R, C)`` (opmath), with the method's own backward (spec §2.5)."""
+    """UN's training step on token rows ``x`` ``(R, C)`` (opmath), with the method's own backward (L76–110)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_var: Tensor, ema_gz: Tensor,
@@ -160,7 +157,7 @@ def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tens
     updates ``ema_gz`` and ``buffer_gz`` in place. With ``sync_group`` (a process group name, training only) ``q`` and
     the backward's ``gz`` are means over the tokens of every rank of the group (see :mod:`normlayers.distributed`).
     """
-    xf = x.to(_opmath_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
     rows, valid = token_rows(xf, pad_mask, time_major=False)
     if training:
         iters.add_(1)

@@ -1,12 +1,13 @@
 """Plain-PyTorch reference of Weight Standardization (WS) and Scaled WS: the ground truth of the tests.
 
 Each output filter ``W[o]`` of a conv weight of shape ``(O, I_g, kh, kw)`` is standardized over its fan-in
-``I = I_g·kh·kw`` (spec B §1.1): ``Ŵ[o] = (W[o] − mean(W[o])) / D_o``, where the denominator ``D_o`` is what the
-published implementations disagree on (spec B §1.2). :data:`WS_VARIANTS` names each one found there.
+``I = I_g·kh·kw`` (Qiao et al., arXiv 1903.10520): ``Ŵ[o] = (W[o] − mean(W[o])) / D_o``, where the denominator
+``D_o`` is what the published implementations disagree on (docs/weight_std.md). :data:`WS_VARIANTS` names each one
+and its source.
 
 Arithmetic is in the "opmath" dtype (fp32 for fp16/bf16/fp32 weights, fp64 for fp64); the standardized weight is
-rounded once, to the weight's dtype (spec B §1.6). Gradients come from autograd, so they are an independent check of
-a hand-written backward (spec B §1.5).
+rounded once, to the weight's dtype. Gradients come from autograd, so they are an independent check of a hand-written
+backward (the closed forms are in docs/weight_std.md, "Kernels").
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from normlayers._dtypes import compute_dtype
+
 __all__ = ["WSVariant", "WS_VARIANTS", "fan_in", "fan_in_scale", "weight_standardize"]
 
 
 class WSVariant(NamedTuple):
-    """How one published implementation computes the denominator ``D_o`` of WS (spec B §1.2)."""
+    """How one published implementation computes the denominator ``D_o`` of WS."""
 
     correction: int
     """0: biased variance (divide by ``I``); 1: unbiased (divide by ``I − 1``)."""
@@ -42,7 +45,8 @@ WS_VARIANTS: dict[str, WSVariant] = {
     # timm StdConv2d / ScaledStdConv2d: F.batch_norm on the weight, biased variance, eps inside; the paper v2 form.
     "timm": WSVariant(0, True, 1e-6, "timm StdConv2d (timm/layers/std_conv.py)"),
     # BiT official (PyTorch/TF2/JAX). timm's BiT models use the same formula with eps=1e-8.
-    "bit": WSVariant(0, True, 1e-10, "google-research/big_transfer bit_pytorch/models.py StdConv2d"),
+    "bit": WSVariant(0, True, 1e-10,
+                     "BiT official code: big_transfer (google-research), bit_pytorch/models.py StdConv2d"),
 }
 
 
@@ -52,12 +56,9 @@ def fan_in(weight: Tensor) -> int:
 
 
 def fan_in_scale(weight: Tensor, gamma: float) -> float:
-    """Scaled WS's constant ``γ / sqrt(I)`` (spec B §1.4; timm's ``ScaledStdConv2d.scale``), a Python float."""
+    """Scaled WS's constant ``γ / sqrt(I)`` (timm's ``ScaledStdConv2d.scale``, ``timm/layers/std_conv.py``), a
+    Python float."""
     return gamma * fan_in(weight) ** -0.5
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def weight_standardize(weight: Tensor, *, correction: int, eps_inside: bool, eps: float,
@@ -70,17 +71,18 @@ def weight_standardize(weight: Tensor, *, correction: int, eps_inside: bool, eps
         D_o = \sqrt{\sigma_o^2 + \epsilon}\ \text{(eps inside)} \quad\text{or}\quad
         D_o = \sigma_o + \epsilon\ \text{(eps outside)}
 
-    with ``σ²_o = Σ_j (W_oj − μ_o)² / (I − correction)`` (spec B §1.1–1.2), ``g = gain`` (shape ``(O, 1, ...)`` or
-    ``(O,)``; omitted means 1) and ``s = scale``, the fan-in scale of Scaled WS (spec B §1.4).
+    with ``σ²_o = Σ_j (W_oj − μ_o)² / (I − correction)``, ``g = gain`` (shape ``(O, 1, ...)`` or
+    ``(O,)``; omitted means 1) and ``s = scale``, the fan-in scale of Scaled WS (timm's ``ScaledStdConv2d``).
 
     Eps outside the square root goes through :func:`torch.std`, not ``sqrt(var)``: for an all-equal filter
     (``σ = 0``) PyTorch's ``std`` backward masks the gradient to zero where ``sqrt`` would give ``inf · 0 = NaN``
-    (spec B §1.5), so the reference keeps the gradient of the authors' ``weight.std(dim=1) + 1e-5`` layer.
+    (``std_backward`` in PyTorch's ``FunctionsManual.cpp``), so the reference keeps the gradient of the authors'
+    ``weight.std(dim=1) + 1e-5`` layer.
 
     The result is rounded once, to ``out_dtype`` (default: ``weight.dtype``).
     """
     # The fan-in spelled out, not -1: a zero-size weight (no filters, or empty filters) has no -1 to infer.
-    flat = weight.to(_opmath_dtype(weight.dtype)).reshape(weight.shape[0], math.prod(weight.shape[1:]))
+    flat = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0], math.prod(weight.shape[1:]))
     if eps_inside:
         var, mean = torch.var_mean(flat, dim=1, correction=correction, keepdim=True)
         denominator = torch.sqrt(var + eps)

@@ -1,6 +1,6 @@
 """Tolerances and assert helpers shared by the tests (and usable by anyone checking a layer against its reference).
 
-Two rules, from DESIGN.md:
+Two rules (docs/testing.md):
 
 * **fp32 / fp64** results are compared with :func:`torch.testing.assert_close` against a reference computed in the
   same or a wider dtype, with the tolerances of :data:`TOLERANCES`.
@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from normlayers._checks import check_choice
 
 __all__ = ["NCHW_LAYOUTS", "PLANE_KERNEL_SHAPES", "TOLERANCES", "tolerance", "assert_close",
            "assert_compiled_matches_eager", "assert_lowprec_close", "max_abs_error", "nchw_input", "run_training_steps"]
@@ -94,8 +96,7 @@ def nchw_input(n: int, c: int, h: int, w: int, dtype: torch.dtype, layout: str =
     """A reproducible ``(n, c, h, w)`` test input in ``layout`` (one of :data:`NCHW_LAYOUTS`):
     ``scale·N(0, 1)`` plus, per (sample, channel) plane, ``plane_offset·N(0, 1)`` (an offset larger than the spread
     makes centred statistics matter), drawn in fp64 and rounded to ``dtype``."""
-    if layout not in NCHW_LAYOUTS:
-        raise ValueError(f"layout must be one of {NCHW_LAYOUTS}, got {layout!r}")
+    check_choice("layout", layout, NCHW_LAYOUTS)
     gen = torch.Generator().manual_seed(seed)
     wide = torch.randn(n, c + 2, h, w, generator=gen, dtype=torch.float64) * scale
     if plane_offset:
@@ -114,7 +115,7 @@ def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor) -> N
     (the same kernels and the same small ops run, compiled or not), and those agree with backend ``"reference"``."""
     import copy
 
-    from normlayers.backend import backend
+    from normlayers.backends import backend
 
     torch._dynamo.reset()
 
@@ -144,7 +145,7 @@ def run_training_steps(module: torch.nn.Module, xs: list[torch.Tensor], backend_
                        ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """Forward and backward of ``module`` on each of ``xs`` in turn on backend ``backend_name``, with seeded random
     output gradients; returns, per step, ``[y, dx, *parameter grads]``, and the buffers after the last step."""
-    from normlayers.backend import backend
+    from normlayers.backends import backend
 
     results = []
     with backend(backend_name):

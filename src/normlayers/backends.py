@@ -1,6 +1,8 @@
-"""Which implementation of a layer runs: the Triton kernels or the plain-PyTorch reference.
+"""Which implementation of a layer runs: the Triton kernels, the CPU tier or the plain-PyTorch reference.
 
-* ``"auto"`` (the default): the Triton kernels for CUDA tensors when ``triton`` imports, the reference otherwise.
+* ``"auto"`` (the default): the Triton kernels for CUDA tensors when ``triton`` imports, the CPU tier
+  (:mod:`normlayers.cpu`: ATen's fused kernels and closed-form autograd Functions) for CPU tensors, the
+  reference otherwise.
 * ``"triton"``: always the kernels. On CPU tensors they run only under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before ``triton`` is first imported); without it a clear ``RuntimeError`` is raised.
 * ``"reference"``: always the reference.
@@ -19,15 +21,16 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "backend", "use_triton", "triton_available", "interpreter_enabled"]
+from normlayers._checks import check_choice
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "backend", "use_triton", "tier", "triton_available",
+           "interpreter_enabled"]
 
 BACKENDS = ("auto", "triton", "reference")
 
 
 def _validate(name: object, source: str = "backend") -> str:
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name
+    return check_choice(source, name, BACKENDS)
 
 
 # A plain module global (not a ContextVar) so that torch.compile can read it and guard on it.
@@ -96,3 +99,14 @@ def use_triton(x: torch.Tensor) -> bool:
         "tensors with the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported). "
         "Use normlayers.set_backend('auto') or 'reference' instead."
     )
+
+
+def tier(x: torch.Tensor, *, has_kernels: bool = True) -> str:
+    """The implementation that runs a call whose main input is ``x``: ``"triton"`` (see :func:`use_triton`),
+    ``"cpu"`` (backend ``"auto"`` on a CPU tensor) or ``"reference"``. An op with no Triton kernel
+    (``has_kernels=False``) runs the reference where it would run them."""
+    if has_kernels and use_triton(x):
+        return "triton"
+    if _current == "auto" and x.device.type == "cpu":
+        return "cpu"
+    return "reference"

@@ -1,8 +1,9 @@
-"""Small reference models for tests, examples and conversions.
+"""Small reference models for the tests and examples (not part of the layer library's API).
 
 :class:`TransformerLM` is a GPT-style decoder written for reading: every linear map and norm is a named submodule, so
 :func:`normlayers.replace_norms` and the conversions in :mod:`normlayers.convert` can be demonstrated on it without
-third-party code.
+third-party code. It describes its own residual stream (:meth:`TransformerLM.prenorm_spec`), as any model may for
+:func:`normlayers.convert.prenorm_to_rmsnorm`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from normlayers.convert.prenorm import PreNormSpec, token_inputs
 
 __all__ = ["TransformerBlock", "TransformerLM"]
 
@@ -98,7 +101,7 @@ class TransformerLM(nn.Module):
 
     Examples::
 
-        >>> model = normlayers.models.TransformerLM(vocab_size=100, d_model=32, n_heads=2)
+        >>> model = normlayers.testing.models.TransformerLM(vocab_size=100, d_model=32, n_heads=2)
         >>> logits = model(torch.randint(0, 100, (2, 16)))
     """
 
@@ -130,3 +133,21 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+    def prenorm_spec(self) -> PreNormSpec:
+        """Where this model writes and reads its residual stream, for the Pre-LN conversions of
+        :mod:`normlayers.convert` (which call this method). Post-LN blocks are refused: their norms read the sum of
+        the stream and a branch."""
+        for i, block in enumerate(self.blocks):
+            if not block.norm_first:
+                raise ValueError(f"blocks.{i} is a Post-LN block (norm_first=False): its norms read the sum of the "
+                                 f"stream and a branch, so the stream is not read only through norms; the conversion "
+                                 f"needs a Pre-LN model")
+        writers, norms = ["tok_emb", "pos_emb"], {}
+        for i in range(len(self.blocks)):
+            writers += [f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc2"]
+            norms[f"blocks.{i}.norm1"] = [f"blocks.{i}.attn.qkv"]
+            norms[f"blocks.{i}.norm2"] = [f"blocks.{i}.mlp.fc1"]
+        norms["norm"] = ["head"]
+        tokens = token_inputs(self.tok_emb.num_embeddings, min(8, self.pos_emb.num_embeddings))
+        return PreNormSpec(self.tok_emb.embedding_dim, writers, norms, example_inputs=tokens)

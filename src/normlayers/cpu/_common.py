@@ -1,0 +1,25 @@
+"""Dtype rules the CPU-tier families share."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normlayers._dtypes import compute_dtype
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def opmath(t: Tensor) -> Tensor:
+    return t.to(compute_dtype(t.dtype))
+
+
+def params_like(input: Tensor, *params: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Parameters in the dtype an ATen norm should see next to ``input``: its opmath dtype. For fp32/fp64 input that
+    is ``input``'s dtype; beside bf16/fp16 input it is fp32, ATen's "mixed type" path, which also sums the weight and
+    bias gradients in fp32 (with bf16 parameters it sums them in bf16, rounding at every row). The casts are exact,
+    or for a wider parameter the rounding the reference applies; their gradients are rounded once, on the way back."""
+    dtype = compute_dtype(input.dtype)
+    return tuple(None if p is None else p.to(dtype) for p in params)

@@ -1,0 +1,242 @@
+r"""CPU tier of EvoNorm (Liu et al., NeurIPS 2020; timm's ``timm/layers/evo_norm.py`` semantics): one
+closed-form ``autograd.Function`` per sub-family, each computing its statistics in one pass (``var_mean``,
+``vecdot``) and its output in one fused multiply-add, with the backward written out instead of autograd through a
+dozen elementwise ops.
+
+**S** (``y = a(x) / d_g · γ + β``, ``d_g`` the group std or RMS over ``K = C/G·H·W`` values, ``t = dy·γ/d_g``):
+
+.. math:: \frac{\partial L}{\partial x} = t\,a'(x) - \frac{\sum_{group} t\,a(x)}{K\,d_g^2}\,(x - \mu_g)
+
+(``x`` in place of ``x − μ_g`` for the RMS), with ``a(x) = x·σ(vx)`` (S0), SiLU or the identity.
+
+**B** (``y = x / m · γ + β``, ``m = max(l, r)``, ``l = sqrt(σ²_c + eps)``, ``r`` the per-(sample, channel) side):
+with ``gm = −dy·γ·x/m²`` split as torch.maximum splits it (all to the larger side, half each at a tie) into
+``gl + gr``, ``dx = dy·γ/m + ∂r/∂x·gr + ∂l/∂x·gl``; ``l`` has a gradient only in training, through the batch
+variance, ``Σ_c gl / l_c · (x − μ_c) / (N·H·W)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from normlayers._dtypes import compute_dtype
+from normlayers.reference import evo_norm as _ref_evo
+
+__all__ = ["evo_norm_b", "evo_norm_s", "supports_s"]
+
+_HW = (2, 3)
+_NHW = (0, 2, 3)
+
+
+def _channel(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype).view(1, -1, 1, 1)
+
+
+def _grad_of(t: Optional[Tensor], grad: Tensor) -> Optional[Tensor]:
+    return None if t is None else grad.to(t.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# S0 / S1 / S2 (and timm's "a" variants)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _is_silu(activation: Optional[Callable[[Tensor], Tensor]]) -> bool:
+    return activation is F.silu or type(activation) is torch.nn.SiLU
+
+
+def supports_s(variant: str, activation: Optional[Callable[[Tensor], Tensor]], apply_act: bool) -> bool:
+    """The closed form knows S0's ``x·σ(vx)``, SiLU (``F.silu`` or an ``nn.SiLU``) and the identity; any other
+    activation runs the reference."""
+    return not apply_act or variant == "s0" or activation is None or _is_silu(activation)
+
+
+def _group_stats(xf: Tensor, groups: int, rms: bool, eps: float) -> tuple[Tensor, Optional[Tensor]]:
+    """``(1/d_g, μ_g)`` per (sample, group), each ``(N, G, 1)`` (``μ_g = None`` for the RMS)."""
+    grouped = xf.reshape(xf.shape[0], groups, -1)
+    if rms:
+        return torch.rsqrt(torch.linalg.vecdot(grouped, grouped).unsqueeze(-1) / grouped.shape[-1] + eps), None
+    var, mean = torch.var_mean(grouped, dim=-1, correction=0, keepdim=True)
+    return torch.rsqrt(var + eps), mean
+
+
+def _per_channel(per_group: Tensor, channels: int) -> Tensor:
+    """``(N, G, 1)`` → ``(N, C, 1, 1)``, each group's value on each of its channels."""
+    n, groups, _ = per_group.shape
+    return per_group.expand(n, groups, channels // groups).reshape(n, channels, 1, 1)
+
+
+def _numerator(xf: Tensor, numerator: str, v: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(a(x), σ)`` where ``σ`` is the sigmoid inside ``a`` (``None`` for the identity)."""
+    if numerator == "identity":
+        return xf, None
+    sig = torch.sigmoid(xf * v if numerator == "sigmoid_v" else xf)
+    return xf * sig, sig
+
+
+class _EvoSFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], groups: int,
+                numerator: str, rms: bool, eps: float) -> Tensor:
+        dtype = compute_dtype(x.dtype)
+        xf = x.to(dtype)
+        inv, _ = _group_stats(xf, groups, rms, eps)
+        scale = _per_channel(inv, x.shape[1])
+        if weight is not None:
+            scale = scale * _channel(weight, dtype)
+        a, _ = _numerator(xf, numerator, _channel(v, dtype))
+        y = a * scale if bias is None else torch.addcmul(_channel(bias, dtype), a, scale)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias, v, groups, numerator, rms, eps = inputs
+        ctx.save_for_backward(x, weight, v)
+        ctx.groups, ctx.numerator, ctx.rms, ctx.eps, ctx.has_bias = groups, numerator, rms, eps, bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, v = ctx.saved_tensors
+        dtype = compute_dtype(x.dtype)
+        xf, gf = x.to(dtype), grad.to(dtype)
+        n, channels = x.shape[:2]
+        groups = ctx.groups
+        inv, mean = _group_stats(xf, groups, ctx.rms, ctx.eps)
+        v_c = _channel(v, dtype)
+        a, sig = _numerator(xf, ctx.numerator, v_c)
+        ga = (gf * a).sum(_HW, keepdim=True)  # Σ_hw dy·a, (N, C, 1, 1)
+        inv_c = _per_channel(inv, channels)
+        scale = inv_c if weight is None else inv_c * _channel(weight, dtype)
+        dweight = _grad_of(weight, (ga * inv_c).sum(_NHW)) if ctx.needs_input_grad[1] else None
+        dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        # Σ over the group of t·a with t = dy·γ/d_g, times 1/(K·d_g²): the statistic's share of dx
+        group_sum = (ga * scale).reshape(n, groups, -1).sum(-1, keepdim=True)
+        coef = _per_channel(group_sum * inv.square() / (xf[0].numel() // groups), channels)
+        t = gf * scale
+        dv = None
+        if sig is None:
+            dx = t
+        else:
+            # a'(x) = σ + u·x·σ(1 − σ), u = v (S0) or 1 (SiLU); ∂a/∂v = x²·σ(1 − σ)
+            slope = xf * sig * (1 - sig)
+            if ctx.numerator == "sigmoid_v":
+                if ctx.needs_input_grad[3]:
+                    dv = (t * xf * slope).sum(_NHW).to(v.dtype)
+                slope = slope * v_c
+            dx = t * (sig + slope)
+        centred = xf if mean is None else xf - _per_channel(mean, channels)
+        dx = dx - coef * centred
+        return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
+
+
+def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], *,
+               variant: str, activation: Optional[Callable[[Tensor], Tensor]], eps: float, apply_act: bool) -> Tensor:
+    """As :func:`normlayers.reference.evo_norm.evo_norm_s` for a call that normalizes (``apply_act``, or an "a"
+    variant without it) and that :func:`supports_s` accepts."""
+    if not apply_act:
+        numerator = "identity"
+    elif variant == "s0":
+        numerator = "sigmoid_v"
+    else:
+        numerator = "silu" if _is_silu(activation) else "identity"
+    return _EvoSFunction.apply(x, weight, bias, v, groups, numerator, variant == "s2", eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# B0 / B1 / B2
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _instance_side(xf: Tensor, variant: str, v_c: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(r, stat, mean)``: the right side of the max, the per-(sample, channel) statistic it uses (the instance std
+    for B0, the instance RMS for B1/B2) and, for B0, the instance mean (else a dummy)."""
+    if variant == "b0":
+        var, mean = torch.var_mean(xf, dim=_HW, correction=0, keepdim=True)
+        stat = torch.sqrt(var + eps)
+        return torch.addcmul(stat, xf, v_c), stat, mean
+    plane = xf.reshape(xf.shape[0], xf.shape[1], -1)
+    stat = torch.sqrt(torch.linalg.vecdot(plane, plane).view(xf.shape[0], xf.shape[1], 1, 1) / plane.shape[-1] + eps)
+    return ((xf + 1.0) * stat if variant == "b1" else stat - xf), stat, stat
+
+
+class _EvoBFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], var: Tensor,
+                batch_mean: Optional[Tensor], variant: str, eps: float) -> Tensor:
+        dtype = compute_dtype(x.dtype)
+        xf = x.to(dtype)
+        left = torch.sqrt(var.to(dtype) + eps).view(1, -1, 1, 1)
+        right, _, _ = _instance_side(xf, variant, _channel(v, dtype), eps)
+        y = xf / torch.maximum(left, right)
+        if weight is not None:
+            y = y * _channel(weight, dtype)
+        if bias is not None:
+            y = y + _channel(bias, dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias, v, var, batch_mean, variant, eps = inputs
+        ctx.save_for_backward(x, weight, v, var, batch_mean)
+        ctx.variant, ctx.eps, ctx.has_bias = variant, eps, bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, v, var, batch_mean = ctx.saved_tensors
+        dtype = compute_dtype(x.dtype)
+        xf, gf = x.to(dtype), grad.to(dtype)
+        v_c = _channel(v, dtype)
+        if batch_mean is not None and torch.is_grad_enabled():
+            # a double backward: the saved batch statistics hold no graph, so recompute them from x
+            var, batch_mean = torch.var_mean(xf, dim=_NHW, correction=0)
+        left = torch.sqrt(var.to(dtype) + ctx.eps).view(1, -1, 1, 1)
+        right, stat, inst_mean = _instance_side(xf, ctx.variant, v_c, ctx.eps)
+        inv_m = torch.maximum(left, right).reciprocal_()
+        normed = xf * inv_m
+        dweight = _grad_of(weight, (gf * normed).sum(_NHW)) if ctx.needs_input_grad[1] else None
+        dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gy = gf if weight is None else gf * _channel(weight, dtype)
+        dx = gy * inv_m
+        gm = -dx * normed  # ∂L/∂m
+        # torch.maximum's rule: the larger side takes the gradient, each side half of it at a tie
+        to_left = (left > right).to(dtype) + 0.5 * (left == right).to(dtype)
+        g_left = gm * to_left
+        g_right = gm - g_left
+        if batch_mean is not None:  # training: l depends on x through the batch variance
+            count = xf.numel() // xf.shape[1]
+            coef = (g_left.sum(_NHW, keepdim=True) / (left * count))
+            dx = dx + coef * (xf - batch_mean.to(dtype).view(1, -1, 1, 1))
+        hw = xf.shape[2] * xf.shape[3]
+        dv = None
+        if ctx.variant == "b0":
+            # r = v·x + s, s the instance std: ∂r/∂x_j = v + (x_j − μ)/(H·W·s)
+            if ctx.needs_input_grad[3]:
+                dv = (g_right * xf).sum(_NHW).to(v.dtype)
+            plane_coef = g_right.sum(_HW, keepdim=True) / (stat * hw)
+            dx = dx + g_right * v_c + plane_coef * (xf - inst_mean)
+        elif ctx.variant == "b1":
+            # r = (x + 1)·q, q the instance RMS: ∂r/∂x_j = q + Σ(x + 1)·x_j/(H·W·q)
+            plane_coef = (g_right * (xf + 1.0)).sum(_HW, keepdim=True) / (stat * hw)
+            dx = dx + g_right * stat + plane_coef * xf
+        else:
+            # r = q − x: ∂r/∂x_j = −1 + x_j/(H·W·q)
+            plane_coef = g_right.sum(_HW, keepdim=True) / (stat * hw)
+            dx = dx - g_right + plane_coef * xf
+        return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
+
+
+def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+               v: Optional[Tensor], *, variant: str, training: bool, momentum: float, eps: float) -> Tensor:
+    """As :func:`normlayers.reference.evo_norm.evo_norm_b` with ``apply_act=True`` and no synced statistics
+    (``running_var`` updated in place in training by the reference's rule)."""
+    if not training:
+        return _EvoBFunction.apply(x, weight, bias, v, running_var, None, variant, eps)
+    with torch.no_grad():
+        var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dim=_NHW, correction=0)
+    if running_var is not None:
+        _ref_evo.update_running_var_(running_var, var, x.numel() // x.shape[1], momentum)
+    return _EvoBFunction.apply(x, weight, bias, v, var, mean, variant, eps)

@@ -1,0 +1,165 @@
+"""DTensor sharding rules for every ``normlayers::*`` custom op (tensor/sequence parallelism with ``DTensor``).
+
+A custom op called with :class:`~torch.distributed.tensor.DTensor` arguments needs a rule saying which placements of
+its inputs it accepts and what placements its outputs then have; without one DTensor refuses the op ("does not have
+a sharding strategy registered"). The rules here, registered with
+:func:`torch.distributed.tensor.experimental.register_sharding` (experimental, present since torch 2.5; tested with
+torch 2.13 only), let each op run on its local shards with no communication wherever its math allows:
+
+* **Row norms** (``row_norm_fwd``/``_bwd``, on the ``(rows, normalized size)`` view the layers pass them): the rows
+  may be sharded in any way — ``Shard(0)``, or the strided shard DTensor makes when a sharded sequence dim of a
+  ``(batch, seq, hidden)`` input is flattened into the rows — and stay so; weight and bias are replicated; the
+  backward's ``dweight``/``dbias`` come out ``Partial`` (summed when DTensor reduces them, as for torch's norms). A
+  sharded normalized dim is refused: a row's statistic would need values held by other ranks.
+* **Per-plane ops** (``plane_*``, ``(N, C, *spatial)`` with ``(N, C)`` coefficients): sharded on the batch or the
+  channel dim; every statistic is per plane, so all stay local. Sharded spatial dims are refused.
+* **Region ops** (``region_*``): sharded on the batch dim (the mask ``hole`` alike). Other dims are refused.
+* **Token ops** (``token_*``, ``channel_affine*``, ``power_norm_train``, ``unified_norm_train``, on token rows
+  ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
+  Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
+  those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out").
+
+Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
+with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
+sharded on its batch normalizes with the statistics of the whole (global) batch. Inputs that are plain tensors (DDP,
+FSDP2) keep the local statistics unless ``sync_stats=True``/:func:`normlayers.convert_sync`.
+
+This module imports ``torch.distributed.tensor`` (slow to import), so ``import normlayers`` does not import it:
+:mod:`normlayers._dtensor` imports it as soon as DTensor itself is imported. One private piece of DTensor is used:
+the ``RuntimeSchemaInfo`` of each op is widened so that DTensor's cache of sharding decisions keys on the non-tensor
+arguments (see :func:`_register`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+from torch.distributed.tensor.experimental import register_sharding
+
+# The ops must be registered before their rules.
+from normlayers.ops import channel_stats, evo_norm, region_norm, row_norms, token_stats  # noqa: F401
+
+__all__: list[str] = []
+
+
+def _shard_dim(placement: Any) -> Optional[int]:
+    """The tensor dim a placement shards (``Shard``, and the strided shard of a flattened dim), else ``None``."""
+    return getattr(placement, "dim", None)
+
+
+def _row_shardings(spec: Any) -> list[Any]:
+    """The ways rows (dim 0) may be sharded: ``Shard(0)`` and the row placements ``spec`` has (a strided shard after
+    a sharded sequence dim was flattened into the rows)."""
+    shardings = [Shard(0)]
+    for placement in spec.placements:
+        if _shard_dim(placement) == 0 and placement not in shardings:
+            shardings.append(placement)
+    return shardings
+
+
+# Per op family: the dims of the data arguments that may be sharded and what sharding another dim would split; and
+# (_SHARDINGS) the shardings to offer, given the first data argument's spec.
+_DATA_DIMS: dict[str, tuple[tuple[int, ...], str]] = {
+    "row": ((0,), "the normalized dims (flattened): a row's statistic would need values held by other ranks"),
+    "plane": ((0, 1), "a spatial dim: a plane's statistics would need values held by other ranks"),
+    "region": ((0,), "a channel or spatial dim: the region statistics are taken here per sample only"),
+    "token": ((0,), "the channels: the layer's statistics are per channel over token rows, sharded rows only"),
+}
+_SHARDINGS: dict[str, Callable[[Any], list[Any]]] = {
+    "row": _row_shardings,
+    "plane": lambda spec: [Shard(0), Shard(1)],
+    "region": lambda spec: [Shard(0)],
+    "token": _row_shardings,
+}
+
+# Per op: its family, and one letter per argument and per output: "d" a data tensor (placed like the sharding),
+# "r" replicated, "p" a sum over the sharded data (Partial on shards), "-" not a tensor.
+_RULES: dict[str, tuple[str, str, str]] = {
+    "row_norm_fwd": ("row", "ddrr----", "dddd"),  # (y, residual_out, mean, rstd): all per row
+    "row_norm_bwd": ("row", "dddrdd---", "dpp"),  # (dh, dweight, dbias)
+    "plane_moments": ("plane", "d", "dd"),
+    "plane_moments_bwd": ("plane", "dddd", "d"),
+    "plane_affine": ("plane", "dddd", "d"),
+    "plane_affine_bwd": ("plane", "dddd", "ddd"),
+    "plane_swish_affine": ("plane", "dddd", "d"),
+    "plane_swish_affine_bwd": ("plane", "dddd", "dddd"),
+    "plane_max_div_affine": ("plane", "dddddd", "d"),
+    "plane_max_div_affine_bwd": ("plane", "dddddd", "dddddd"),
+    "region_moments": ("region", "ddd", "ddd"),
+    "region_moments_bwd": ("region", "ddddd", "dd"),
+    "region_affine": ("region", "ddddd", "d"),
+    "region_affine_bwd": ("region", "ddddd", "ddd"),
+    "token_square_sum": ("token", "dd", "p"),
+    "token_grad_sums": ("token", "ddrr", "pd"),  # ((3, C) sums, dx)
+    "channel_affine": ("token", "drr-", "d"),
+    "channel_affine2": ("token", "drdr", "d"),
+    "power_norm_train": ("token", "drrrrr---", "d"),
+    "unified_norm_train": ("token", "drrrrrrrr---", "d"),
+}
+
+
+def _placement(role: str, sharding: Any) -> Optional[Any]:
+    if role == "d":
+        return sharding
+    if role == "p":
+        return Replicate() if sharding == Replicate() else Partial()
+    return Replicate() if role == "r" else None
+
+
+def _make_rule(name: str, family: str, inputs: str, outputs: str) -> Callable[..., list]:
+    allowed, meaning = _DATA_DIMS[family]
+    argument_names = [a.name for a in getattr(torch.ops.normlayers, name).default._schema.arguments]
+
+    def rule(*args: Any) -> list:
+        data = [(argument_names[i], a) for i, (role, a) in enumerate(zip(inputs, args))
+                if role == "d" and a is not None]
+        for arg_name, spec in data:
+            for placement in spec.placements:
+                dim = _shard_dim(placement)
+                if dim is not None and dim not in allowed:
+                    raise ValueError(
+                        f"normlayers::{name}: {arg_name} is sharded along dim {dim} of its {list(spec.shape)} "
+                        f"({meaning}); this op can be sharded only along dim(s) {list(allowed)}. Redistribute "
+                        f"the layer's input (e.g. Replicate() on that mesh dim) before the layer.")
+        strategies = []
+        for sharding in [Replicate(), *_SHARDINGS[family](data[0][1])]:
+            strategies.append(([_placement(role, sharding) for role in outputs],
+                               [None if a is None else _placement(role, sharding)
+                                for role, a in zip(inputs, args)]))
+        return strategies
+
+    return rule
+
+
+def _refuse_stateful_token_norms(tensors: Any) -> list:
+    raise ValueError(
+        "normlayers::step_snapshot: PowerNorm and UnifiedNorm do not take DTensor inputs (they update running buffers "
+        "from statistics over the whole batch); under tensor/sequence parallelism give them the gathered sequence as "
+        "a local tensor, e.g. parallelize them with PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts="
+        "Replicate(), use_local_output=True) (see the normlayers docs, 'Scaling out').")
+
+
+def _is_tensor_type(t: Any) -> bool:
+    t = t.getElementType() if isinstance(t, torch.OptionalType) else t
+    return isinstance(t, torch.TensorType) or (isinstance(t, torch.ListType) and _is_tensor_type(t.getElementType()))
+
+
+def _register(name: str, rule: Callable[..., list]) -> None:
+    op = getattr(torch.ops.normlayers, name).default
+    register_sharding(op)(rule)
+    # register_sharding keys DTensor's cache of sharding decisions on the tensor specs and on int arguments only, but
+    # the non-tensor arguments of these ops change the outputs' shapes and dtypes (row_norm_fwd's `kind` decides
+    # whether `mean` is empty, `out_dtype` the output dtype): every argument from the first non-tensor one on is part
+    # of the key.
+    arguments = op._schema.arguments
+    first_static = next((i for i, a in enumerate(arguments) if not _is_tensor_type(a.type)), len(arguments))
+    DTensor._op_dispatcher.sharding_propagator.op_to_schema_info[op] = RuntimeSchemaInfo(first_static,
+                                                                                          needs_pytree=True)
+
+
+for _name, (_family, _inputs, _outputs) in _RULES.items():
+    _register(_name, _make_rule(_name, _family, _inputs, _outputs))
+_register("step_snapshot", _refuse_stateful_token_norms)

@@ -1,0 +1,89 @@
+"""The CPU tier of Batch-Channel Normalization (F.batch_norm + F.group_norm) against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normlayers.functional as NF
+from normlayers.testing import nchw_input
+
+from .conftest import assert_cpu_tier_matches_reference
+
+C, G = 8, 4
+
+
+def _params(dtype):
+    gen = torch.Generator().manual_seed(1)
+    return [(1 + 0.1 * torch.randn(n, generator=gen)).to(dtype) if i % 2 == 0 else
+            (0.1 * torch.randn(n, generator=gen)).to(dtype) for i, n in enumerate((C, C, G, G))]
+
+
+def _buffers(dtype):
+    gen = torch.Generator().manual_seed(2)
+    return [(0.1 * torch.randn(C, generator=gen)).to(dtype), (1 + 0.1 * torch.rand(C, generator=gen)).to(dtype),
+            torch.tensor(3)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
+def test_matches_reference(mode, dtype, layout):
+    x = nchw_input(3, C, 5, 4, dtype, layout)
+    estimate = mode.startswith("estimate")
+    training = mode.endswith("train")
+    # bf16 buffers too, as after module.to(bf16): the opmath copies must be written back
+    buffer_dtype = torch.float32 if dtype == torch.float32 else dtype
+
+    def fn(x, bn_w, bn_b, w, b, running_mean, running_var, tracked):
+        return NF.batch_channel_norm(x, running_mean, running_var, bn_w, bn_b, w, b, training=training,
+                                     num_groups=G, estimate=estimate, estimate_rate=0.3,
+                                     num_batches_tracked=tracked)
+
+    assert_cpu_tier_matches_reference(fn, [x, *_params(dtype)], _buffers(buffer_dtype))
+
+
+def test_training_without_running_statistics():
+    x = torch.randn(4, C, 3, 3)
+    assert_cpu_tier_matches_reference(
+        lambda x, w, b: NF.batch_channel_norm(x, None, None, None, None, w, b, training=True, num_groups=G),
+        [x, *_params(torch.float32)[2:]])
+
+
+def test_channels_last_output():
+    x = nchw_input(2, C, 3, 3, torch.float32, "channels_last")
+    y = NF.batch_channel_norm(x, None, None, training=True, num_groups=G)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_momentum_none_and_empty_batch():
+    """momentum=None (a cumulative average read from num_batches_tracked) runs the reference; an empty batch
+    counts in num_batches_tracked and changes nothing else, as on every backend."""
+    x = torch.randn(2, C, 3, 3)
+    assert_cpu_tier_matches_reference(
+        lambda x, rm, rv, t: NF.batch_channel_norm(x, rm, rv, training=True, momentum=None, num_groups=G,
+                                                   num_batches_tracked=t), [x], _buffers(torch.float32))
+    running_mean, running_var, tracked = _buffers(torch.float32)
+    y = NF.batch_channel_norm(torch.randn(0, C, 3, 3), running_mean, running_var, training=True, num_groups=G,
+                              num_batches_tracked=tracked)
+    assert y.shape == (0, C, 3, 3) and tracked.item() == 4
+    assert torch.equal(running_mean, _buffers(torch.float32)[0])
+
+
+def test_compiles_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(2, C, 4, 4)
+    bn_w, bn_b, w, b = (p.requires_grad_() for p in _params(torch.float32))
+
+    def step(x, running_mean, running_var, tracked):
+        y = NF.batch_channel_norm(x, running_mean, running_var, bn_w, bn_b, w, b, training=True, num_groups=G,
+                                  num_batches_tracked=tracked)
+        return y.square().sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        leaf, buffers = x.clone().requires_grad_(), _buffers(torch.float32)
+        grads = torch.autograd.grad(fn(leaf, *buffers), [leaf, bn_w, bn_b, w, b])
+        results.append([*grads, *buffers])
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c)

@@ -1,0 +1,126 @@
+"""The CPU tier of the row norms (F.layer_norm; the closed-form RMS/CRMS Function) against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normlayers.functional as NF
+from normlayers.cpu import row_norms as cpu_row
+
+from .conftest import assert_cpu_tier_matches_reference
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp64", "bf16"]
+# (rows..., width): one row, width 1, odd and non-power-of-two widths, two leading dims
+SHAPES = [(1, 8), (5, 1), (7, 33), (3, 4, 96)]
+
+
+def _inputs(shape, dtype, weight=True, bias=False):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype) if weight else None
+    b = (0.1 * torch.randn(shape[-1], generator=gen)).to(dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["layer", "rms", "crms"])
+def test_row_norm_matches_reference(kind, shape, dtype):
+    if kind == "layer" and shape[-1] == 1:
+        pytest.skip("width 1 LayerNorm: test_layer_norm_width_one")
+    x, w, b = _inputs(shape, dtype, bias=kind == "layer")
+    width = shape[-1]
+    if kind == "layer":
+        assert_cpu_tier_matches_reference(lambda x, w, b: NF.layer_norm(x, (width,), w, b), [x, w, b])
+    elif kind == "rms":
+        assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, (width,), w, weight_offset=1.0), [x, w])
+        assert_cpu_tier_matches_reference(lambda x: NF.rms_norm(x, (width,), eps=1e-3), [x])
+    else:
+        assert_cpu_tier_matches_reference(lambda x, w: NF.crms_norm(x, (width,), w), [x, w])
+
+
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["layer", "rms", "crms"])
+def test_fused_residual_add_matches_reference(kind, dtype, residual_in_fp32):
+    x, w, b = _inputs((6, 40), dtype, bias=kind == "layer")
+    residual = torch.randn(6, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    fn = {"layer": lambda x, r, w: NF.add_layer_norm(x, r, 40, w, b, residual_in_fp32=residual_in_fp32),
+          "rms": lambda x, r, w: NF.add_rms_norm(x, r, 40, w, residual_in_fp32=residual_in_fp32),
+          "crms": lambda x, r, w: NF.add_crms_norm(x, r, 40, w, residual_in_fp32=residual_in_fp32)}[kind]
+    assert_cpu_tier_matches_reference(fn, [x, residual, w])
+
+
+def test_layer_norm_width_one():
+    """Width 1: x − E[x] is 0, so y = bias and dx = 0 exactly (the closed form centres the row before anything else)."""
+    x, w, b = _inputs((5, 1), torch.float32, bias=True)
+    x.requires_grad_()
+    y = NF.layer_norm(x, 1, w, b)
+    torch.testing.assert_close(y, b.expand_as(y))
+    g = torch.randn(5, 1, generator=torch.Generator().manual_seed(2))
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(dx, torch.zeros_like(dx))
+
+
+def test_mixed_dtypes_match_reference():
+    """bf16 input with fp32 parameters, fp32 input with a bf16 residual stream."""
+    x, _, _ = _inputs((4, 24), torch.bfloat16)
+    w32, b32 = torch.rand(24) + 0.5, torch.randn(24)
+    assert_cpu_tier_matches_reference(lambda x, w, b: NF.layer_norm(x, 24, w, b), [x, w32, b32])
+    assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 24, w), [x, w32])
+    x32 = torch.randn(4, 24)
+    assert_cpu_tier_matches_reference(lambda x, r, w: NF.add_layer_norm(x, r, 24, w),
+                                      [x32, torch.randn(4, 24).bfloat16(), w32])
+
+
+def test_non_contiguous_rows():
+    x = torch.randn(8, 64)[:, ::2]
+    assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 32, w), [x, torch.rand(32)])
+    assert_cpu_tier_matches_reference(lambda x, w: NF.layer_norm(x, 32, w), [x, torch.rand(32)])
+
+
+def test_auto_runs_the_closed_form_function():
+    x = torch.randn(3, 8, requires_grad=True)
+    for fn in (NF.layer_norm, NF.rms_norm, NF.crms_norm):
+        grad_fn = fn(x, 8).grad_fn  # a view of the Function's 2-D output
+        assert type(grad_fn.next_functions[0][0]).__name__ == "_RowNormFunctionBackward"
+
+
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+@pytest.mark.parametrize("kind", ["layer", "rms", "crms"])
+def test_row_norm_function_gradcheck_fp64(kind, weight_offset):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def fn(x, w, b):
+        return cpu_row._RowNormFunction.apply(x, w, b, 1e-5, weight_offset, kind, torch.float64)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: cpu_row._RowNormFunction.apply(x, None, None, 1e-5, 0.0, kind,
+                                                                            torch.float64), (x,))
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "crms"])
+def test_compiles_fullgraph(kind):
+    """torch.compile(fullgraph=True) traces the CPU tier (aot_eager: the traced graph, run eagerly) and gives the
+    eager results."""
+    torch._dynamo.reset()
+    x, w, b = _inputs((6, 40), torch.float32, bias=kind == "layer")
+    r = torch.randn(6, 40)
+    fn = {"layer": lambda x, r, w: NF.add_layer_norm(x, r, 40, w, b),
+          "rms": lambda x, r, w: NF.add_rms_norm(x, r, 40, w, weight_offset=1.0),
+          "crms": lambda x, r, w: NF.add_crms_norm(x, r, 40, w)}[kind]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for f in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        y, h = f(*leaves)
+        (y.square().sum() + h.sum()).backward()
+        results.append([y, h, *(t.grad for t in leaves)])
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c)

@@ -1,0 +1,239 @@
+"""One rank of the 2-process gloo runs of ``test_dtensor.py`` (run as a script: ``dtensor_worker.py RANK WORLD
+INIT_FILE OUT``), and the models and data the test shares with it (imported by path).
+
+On a 1-D mesh of the two CPU ranks (``init_device_mesh("cpu", (2,))``), on both backends, it trains for a few SGD steps
+
+* a small pre-norm transformer block (LayerNorm, RMSNorm and CRMSNorm with fused residuals, PowerNorm or UnifiedNorm)
+  under tensor + sequence parallelism: ``SequenceParallel`` norms, ``ColwiseParallel``/``RowwiseParallel`` MLP, the
+  fused-residual norms on DTensors through ``distribute_module``, the token norm on the gathered sequence;
+* the same block under FSDP2 (``fully_shard``) with ``convert_sync``, each rank on its samples;
+* a CNN with BatchChannelNorm2d and EvoNorm2dB0 under FSDP2 with ``convert_sync``, and replicated
+  (``distribute_module``) on an input DTensor sharded on the batch dim (DTensor reduces the batch statistics);
+* the tensor/sequence-parallel block (row norms only) compiled with ``torch.compile(fullgraph=True)``;
+
+and saves per step what the test compares with one process on the whole batch: outputs and input gradients (its part),
+full parameter gradients (under FSDP2 averaged over the ranks), parameters after the step and buffers. It also saves
+the error of a norm whose normalized dim is sharded.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import normlayers
+
+BATCH, SEQ, HIDDEN, STEPS, LR = 2, 4, 8, 3, 0.1
+IMAGES, CHANNELS, SIZE = 4, 4, 4
+BACKENDS = ("reference", "triton")
+TOKEN_NORMS: dict[str, Callable[[], nn.Module]] = {
+    "power": lambda: normlayers.PowerNorm(HIDDEN, alpha_fwd=0.7, alpha_bkw=0.6, warmup_iters=2, group_num=2,
+                                          batch_first=True),
+    "unified": lambda: normlayers.UnifiedNorm(HIDDEN, window_size=2, warmup_iters=1),
+    "none": nn.Identity,
+}
+
+
+class Block(nn.Module):
+    """``LayerNorm → MLP → (+ input) RMSNorm → token norm → (+ residual) CRMSNorm``, the last two fused."""
+
+    def __init__(self, token_norm: str) -> None:
+        super().__init__()
+        self.norm_in = normlayers.LayerNorm(HIDDEN)
+        self.up = nn.Linear(HIDDEN, 2 * HIDDEN)
+        self.down = nn.Linear(2 * HIDDEN, HIDDEN)
+        self.norm_mid = normlayers.RMSNorm(HIDDEN)
+        self.token_norm = TOKEN_NORMS[token_norm]()
+        self.norm_out = normlayers.CRMSNorm(HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, h = self.norm_mid(self.down(torch.relu(self.up(self.norm_in(x)))), x)
+        return self.norm_out(self.token_norm(y), h)[0]
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, CHANNELS, 3, padding=1)
+        self.bcn = normlayers.BatchChannelNorm2d(CHANNELS, num_groups=2)
+        self.conv2 = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
+        self.evo = normlayers.EvoNorm2dB0(CHANNELS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x)))))
+
+
+def make_model(name: str) -> nn.Module:
+    """The model (same initial values in every process), randomized buffers and affine parameters included."""
+    torch.manual_seed(3)
+    model = ConvNet() if name == "cnn" else Block(name)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for key, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and ("norm" in key or "bcn" in key or "evo" in key):
+                positive = key.endswith(("weight", "running_phi", "running_var", "buffer_x2", "v"))
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if positive else torch.randn(t.shape, generator=gen))
+    return model.double().train()
+
+
+def batches(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every step's global ``(input, output gradient)``, in fp64: UnifiedNorm amplifies the rounding differences
+    between the parallel and the one-process sums beyond fp32's tolerance by the third step (~7e-6 relative)."""
+    gen = torch.Generator().manual_seed(13)
+    shape = (IMAGES, 3, SIZE, SIZE) if name == "cnn" else (BATCH, SEQ, HIDDEN)
+    out_shape = (IMAGES, CHANNELS, SIZE, SIZE) if name == "cnn" else shape
+    return [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5,
+             torch.randn(out_shape, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train(model: nn.Module, data: list, forward: Optional[Callable] = None,
+          local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, lr: float = LR) -> list[dict]:
+    """SGD steps on ``loss = Σ y·grad`` (``local`` picks this process's part of the global tensors); per step the
+    output and input gradient (local), full parameter gradients, parameters after the step and buffers."""
+    forward = forward or model
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    steps = []
+    for x, grad in data:
+        optimizer.zero_grad()
+        leaf = local(x).clone().requires_grad_()
+        y = forward(leaf)
+        (y * local(grad)).sum().backward()
+        result = {"y": y.detach(), "dx": leaf.grad,
+                  **{f"grad.{n}": full(p.grad).clone() for n, p in model.named_parameters()}}
+        optimizer.step()
+        result.update({f"param.{n}": full(p.detach()).clone() for n, p in model.named_parameters()})
+        result.update({f"buffer.{n}": full(b).clone() for n, b in model.named_buffers()})
+        steps.append(result)
+    return steps
+
+
+def single_process(name: str) -> list[dict]:
+    with normlayers.backend("reference"):
+        return train(make_model(name), batches(name))
+
+
+def part(t: torch.Tensor, rank: int, world: int, dim: int) -> torch.Tensor:
+    return t.chunk(world, dim)[rank]
+
+
+def local_output(y, mesh, dim: int) -> torch.Tensor:
+    """This rank's part of a DTensor output along ``dim``. Redistributing (not ``full_tensor()`` then slicing) keeps
+    the backward right when the output is replicated or partial: each rank's loss term then reaches every rank."""
+    from torch.distributed.tensor import Shard
+
+    return y.redistribute(mesh, [Shard(dim)]).to_local()
+
+
+def tensor_parallel(model: Block, mesh) -> nn.Module:
+    """TP/SP plan of :class:`Block`; its input must be a DTensor sharded on the sequence dim."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_module
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    parallelize_module(model, mesh, {
+        "norm_in": SequenceParallel(),
+        "up": ColwiseParallel(input_layouts=Shard(1)),
+        "down": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        # PowerNorm/UnifiedNorm take statistics over the whole batch and update buffers from them: they run on
+        # the gathered sequence, as local tensors (their DTensor inputs are refused).
+        "token_norm": PrepareModuleInputOutput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
+                                               use_local_input=True, output_layouts=Replicate(),
+                                               desired_output_layouts=Shard(1), use_local_output=False),
+    })
+    # SequenceParallel hands a module its first input only; the fused-residual norms take two DTensors, so their
+    # parameters are replicated by distribute_module.
+    distribute_module(model.norm_mid, mesh)
+    distribute_module(model.norm_out, mesh)
+    return model
+
+
+def _record_placements(placements: dict, norm: str) -> Callable:
+    def hook(module: nn.Module, args: tuple, out) -> None:
+        y = out[0] if isinstance(out, tuple) else out  # (y, h) from a fused-residual call
+        placements[norm] = str(y.placements)
+
+    return hook
+
+
+def run_tensor_parallel(name: str, mesh, rank: int, world: int, compiled: bool = False,
+                        placements: Optional[dict] = None) -> list[dict]:
+    """Train the TP/SP block; ``placements`` (eager only) receives the row norms' output placements."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    model = tensor_parallel(make_model(name), mesh)
+    if placements is not None:
+        for norm in ("norm_in", "norm_mid", "norm_out"):
+            getattr(model, norm).register_forward_hook(_record_placements(placements, norm))
+    forward = torch.compile(model, fullgraph=True) if compiled else model
+    return train(model, batches(name),
+                 lambda x: local_output(forward(DTensor.from_local(x, mesh, [Shard(1)], run_check=False)), mesh, 1),
+                 local=lambda t: part(t, rank, world, 1))
+
+
+def run_batch_sharded_dtensor(name: str, mesh, rank: int, world: int) -> list[dict]:
+    """The model's parameters and buffers replicated, its input a DTensor sharded on the batch dim."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_module
+
+    model = distribute_module(make_model(name), mesh)
+    return train(model, batches(name),
+                 lambda x: local_output(model(DTensor.from_local(x, mesh, [Shard(0)], run_check=False)), mesh, 0),
+                 local=lambda t: part(t, rank, world, 0))
+
+
+def run_fsdp(name: str, rank: int, world: int) -> list[dict]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = normlayers.convert_sync(make_model(name))
+    for module in model.children():
+        if any(True for _ in module.parameters()):
+            fully_shard(module)
+    fully_shard(model)
+    # Each rank's loss is its samples' part of the one-process loss and FSDP averages the gradients over the ranks
+    # (summing them, set_gradient_divide_factor(1.0), needs PREMUL_SUM, which gloo lacks): the parameter gradients are
+    # 1/world of the one-process ones, and the ranks step with world × the learning rate.
+    return train(model, batches(name), local=lambda t: part(t, rank, world, 0), lr=LR * world)
+
+
+def sharded_normalized_dim_error(mesh, rank: int, world: int) -> str:
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    norm = parallelize_module(normlayers.RMSNorm(HIDDEN), mesh, SequenceParallel(sequence_dim=2))
+    try:
+        norm(part(torch.randn(BATCH, SEQ, HIDDEN), rank, world, 2))  # fp32: the refusal is before any kernel
+    except Exception as error:  # noqa: BLE001 - the test checks the type and the message
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def main(rank: int, world: int, init_file: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for backend_name in BACKENDS:
+        with normlayers.backend(backend_name):
+            results[("tp_placements", backend_name)] = placements = {}
+            for name in ("power", "unified"):
+                results[("tp", backend_name, name)] = run_tensor_parallel(name, mesh, rank, world,
+                                                                          placements=placements)
+                results[("fsdp", backend_name, name)] = run_fsdp(name, rank, world)
+            results[("fsdp", backend_name, "cnn")] = run_fsdp("cnn", rank, world)
+            results[("dtensor_batch", backend_name, "cnn")] = run_batch_sharded_dtensor("cnn", mesh, rank, world)
+            results[("compiled_tp", backend_name, "none")] = run_tensor_parallel("none", mesh, rank, world,
+                                                                                compiled=True)
+            results[("refused", backend_name)] = sharded_normalized_dim_error(mesh, rank, world)
+    torch.save(results, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -1,0 +1,115 @@
+"""Tensor/sequence parallelism (DTensor) and FSDP2 with normlayers on 2 gloo processes, against one process on the
+whole batch.
+
+One spawn of two ranks (``dtensor_worker.py``, a 1-D CPU mesh) runs on both backends — the Triton kernels through the
+interpreter, reaching the custom ops' sharding rules (``normlayers.ops.sharding``) — a pre-norm block (LayerNorm,
+RMSNorm and CRMSNorm with fused residuals, PowerNorm or UnifiedNorm) under ``SequenceParallel`` +
+``ColwiseParallel``/``RowwiseParallel`` and under ``fully_shard`` with ``convert_sync``, a CNN with BatchChannelNorm2d
+and EvoNorm2dB0 under ``fully_shard`` with ``convert_sync`` and replicated on a batch-sharded DTensor input, and the
+tensor-parallel block compiled with ``fullgraph=True``; three SGD steps each. Every step must equal the single-process
+run: outputs and input gradients part by part, the full parameter gradients (averaged over the ranks under FSDP2), the
+parameters after the step and every buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gloo_ranks as ranks
+from normlayers.testing import assert_close
+
+WORLD = 2
+_WORKER = Path(__file__).with_name("dtensor_worker.py")
+
+worker = ranks.load_script(_WORKER)
+# (parallelism, model) -> the dim along which each rank holds its part of the inputs and outputs
+_CASES = {("tp", "power"): 1, ("tp", "unified"): 1, ("compiled_tp", "none"): 1,
+          ("fsdp", "power"): 0, ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0, ("dtensor_batch", "cnn"): 0}
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict]:
+    return ranks.run_ranks(_WORKER, tmp_path_factory.mktemp("dtensor"), WORLD)
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, list[dict]]:
+    return {name: worker.single_process(name) for name in {name for _, name in _CASES}}
+
+
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
+@pytest.mark.parametrize("parallelism, name", list(_CASES))
+def test_parallel_training_equals_one_process(rank_results, single_process, parallelism, name, backend_name):
+    dim = _CASES[(parallelism, name)]
+    for rank, results in enumerate(rank_results):
+        steps = results[(parallelism, backend_name, name)]
+        for step, (got, truth) in enumerate(zip(steps, single_process[name], strict=True)):
+            assert got.keys() == truth.keys()
+            for key, value in truth.items():
+                expected = worker.part(value, rank, WORLD, dim) if key in ("y", "dx") else value
+                if parallelism == "fsdp" and key.startswith("grad."):
+                    expected = value / WORLD  # FSDP averages the ranks' gradients; they step with world × lr
+                if value.is_floating_point():
+                    assert_close(got[key], expected, msg=f"rank {rank} step {step} {key}")
+                else:
+                    assert torch.equal(got[key], expected), f"rank {rank} step {step} {key}"
+
+
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
+def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backend_name):
+    for results in rank_results:
+        message = results[("refused", backend_name)]
+        if backend_name == "triton":
+            assert "normlayers::row_norm_fwd" in message and "sharded along dim 1" in message, message
+        else:
+            # The reference path is torch's own ops: DTensor gathers the normalized dim and gives the right values.
+            assert message == "no error"
+
+
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
+def test_sequence_stays_sharded_through_the_row_norms(rank_results, backend_name):
+    # No gather inside the norms: their outputs keep the input's sequence sharding (the kernel path's rules keep the
+    # strided row sharding of the flattened (batch, seq) rows).
+    for results in rank_results:
+        assert results[("tp_placements", backend_name)] == {norm: "(Shard(dim=1),)"
+                                                            for norm in ("norm_in", "norm_mid", "norm_out")}
+
+
+def test_cases_reach_the_paths_they_name(single_process):
+    # Local statistics would differ from the whole batch's (else a layer that never synced would pass), and the
+    # steps change the parameters and the running buffers.
+    power_steps = single_process["power"]
+    module = worker.make_model("power")
+    local = worker.train(module, worker.batches("power"), local=lambda t: worker.part(t, 0, WORLD, 0))
+    assert not torch.allclose(local[-1]["buffer.token_norm.ema_gz"], power_steps[-1]["buffer.token_norm.ema_gz"])
+    cnn = single_process["cnn"]
+    assert not torch.allclose(cnn[-1]["buffer.bcn.bn.running_mean"], cnn[0]["buffer.bcn.bn.running_mean"])
+    assert not torch.allclose(cnn[-1]["param.evo.weight"], cnn[0]["param.evo.weight"])
+
+
+_REGISTRATION_PROBE = """
+import sys
+import torch
+import normlayers
+assert "torch.distributed.tensor" not in sys.modules, "import normlayers imported DTensor"
+from torch.distributed.tensor import DTensor
+strategies = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs
+ops = [getattr(torch.ops.normlayers, name).default for name in dir(torch.ops.normlayers) if not name.startswith("_")
+       and isinstance(getattr(torch.ops.normlayers, name), torch._ops.OpOverloadPacket)]
+print(sorted(str(op) for op in ops if op not in strategies))
+"""
+
+
+def test_every_custom_op_gets_a_rule_once_dtensor_is_imported():
+    # A fresh interpreter: `import normlayers` must not import torch.distributed.tensor (slow), and importing it
+    # afterwards must register a rule for every normlayers op (the import hook), however many ops there are.
+    result = subprocess.run([sys.executable, "-c", _REGISTRATION_PROBE], capture_output=True, text=True,
+                            env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]", f"ops without a sharding rule: {result.stdout}"
