@@ -38,9 +38,12 @@ def power_of_two_scale(xf: Tensor, dims: Sequence[int], eps: float) -> Tensor:
     ``nrm2``). Normalization is scale invariant once ``eps`` is scaled by ``s²``, and a power of two scales exactly, so
     ordinary inputs give the very same result (and autograd the same gradient: ``s`` is piecewise constant in ``x``).
     Kept in ``[2^−k, 2^cap]`` (:func:`scale_exponent_cap`)."""
-    _, exponent = torch.frexp(xf.detach().abs().amax(dim=tuple(dims), keepdim=True))
-    exponent = (-exponent).clamp(-_max_scale_exponent(xf.dtype), scale_exponent_cap(eps, xf.dtype))
-    return torch.ldexp(torch.ones_like(exponent, dtype=xf.dtype), exponent)
+    max_abs = xf.detach().abs().amax(dim=tuple(dims), keepdim=True)
+    # 2^−e = mantissa / max|x|, exactly; in floating point throughout (inductor's C++ codegen fails on the integer
+    # exponent's clamp). A zero, infinite or NaN row keeps s = 1.
+    mantissa, _ = torch.frexp(max_abs)
+    scale = torch.where(torch.isfinite(max_abs) & (max_abs > 0), mantissa / max_abs, 1.0)
+    return scale.clamp(2.0 ** -_max_scale_exponent(xf.dtype), 2.0 ** scale_exponent_cap(eps, xf.dtype))
 
 
 def overflow_to_nan(statistic: Tensor) -> Tensor:
