@@ -513,7 +513,7 @@ def compile_specs(kind: str, n: int, dtype: torch.dtype) -> dict[str, tuple]:
         "fwd": (row_norm_fwd_kernel,
                 {**{p: f"*{data}" for p in ("X", "RES", "W", "B", "Y", "RES_OUT")}, "MEAN": f"*{stats}",
                  "RSTD": f"*{stats}", "M": "i32", "N": "i32", "stride_x": "i64", "stride_res": "i64", "eps": "fp32",
-                 "weight_offset": "fp32"},
+                 "weight_offset": "fp32", "cap": "fp32"},
                 {"NORM": flags["NORM"], "HAS_RESIDUAL": False, "HAS_WEIGHT": True, "HAS_BIAS": flags["HAS_BIAS"],
                  "COMPUTE": flags["COMPUTE"], "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n,
                  "SINGLE_BLOCK": fwd.single_block},
