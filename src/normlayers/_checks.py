@@ -129,6 +129,23 @@ def check_nonnegative_int(name: str, value: object) -> int:
     return int(value)
 
 
+def check_positive_epsilon(name: str, value: object) -> float:
+    """A batch-statistic epsilon: ``0`` would turn a constant input into NaN, so it is rejected, as torch's
+    ``batch_norm`` rejects it."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be positive and finite (as torch's batch_norm eps), got {value!r}")
+    return float(value)
+
+
+def check_running_stats_without_grad(training: bool, **buffers: object) -> None:
+    """Running statistics are updated in place in training, which autograd cannot differentiate (torch's
+    ``batch_norm`` refuses a ``running_mean`` that requires grad as well)."""
+    for name, t in buffers.items():
+        if training and isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but running statistics are updated in place in training and "
+                             f"are not differentiable; call {name}.requires_grad_(False)")
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """One of the strings ``choices``."""
     if not isinstance(value, str) or value not in choices:

@@ -112,7 +112,8 @@ def compile_all_variants() -> int:
             row_norms.row_norm_fwd_kernel,
             {**{n: f"*{data}" for n in ("X", "RES", "W", "B", "Y", "RES_OUT")},
              "MEAN": f"*{stats}", "RSTD": f"*{stats}"},
-            {"M": "i32", "N": "i32", "stride_x": "i64", "stride_res": "i64", "eps": "fp32", "weight_offset": "fp32"},
+            {"M": "i32", "N": "i32", "stride_x": "i64", "stride_res": "i64", "eps": "fp32", "weight_offset": "fp32",
+             "cap": "fp32"},
             {"NORM": norm, "HAS_RESIDUAL": fused, **{k: v for k, v in flags.items() if k != "NORM"}},
         )
         compile_kernel(

@@ -157,7 +157,10 @@ def test_lyapunov_power_rejects_mismatched_shapes():
 
 
 def test_double_backward_raises():
+    # One clear error as soon as create_graph=True asks for the backward's graph (docs/reliability.md).
     a = random_spd().requires_grad_()
-    (grad,) = torch.autograd.grad(L.sqrtm(a).sum(), a, create_graph=True)
-    with pytest.raises(RuntimeError):
-        grad.sum().backward()
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(L.sqrtm(a).sum(), a, create_graph=True)
+    b = random_spd().requires_grad_()
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(L.lyapunov_power(b, torch.randn_like(b, dtype=b.dtype), 0.5).sum(), b, create_graph=True)

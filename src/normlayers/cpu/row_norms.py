@@ -1,13 +1,18 @@
-"""CPU tier of the row norms: LayerNorm on ATen's fused ``native_layer_norm`` (forward and backward), RMSNorm and
-CRMSNorm as one closed-form ``autograd.Function``, and the fused residual add.
+"""CPU tier of the row norms: LayerNorm, RMSNorm and CRMSNorm as one closed-form ``autograd.Function``, and the
+fused residual add.
 
 torch's own ``F.rms_norm`` is no fused kernel on CPU (it runs ``pow``, ``mean``, ``rsqrt`` and two multiplies, and
-autograd through them), so RMSNorm gets the closed form: with ``r = rsqrt(ms + eps)`` per row, ``gw = dy·w``,
+autograd through them), and ATen's ``native_layer_norm`` takes a single ``eps`` for all rows, where the statistics
+here are those of each row scaled by a power of two ``s`` with ``eps·s²`` (as the reference and the kernels:
+:func:`normlayers.reference.row_norms.power_of_two_scale`, docs/reliability.md). So every kind gets the closed form
+on the scaled row ``z = s·x``: with ``r = rsqrt(σ² + eps·s²)`` per row and ``gw = dy·w``,
 
-    dx = r·gw − c·r³·(Σ gw·x)/d·(x + s),    dw = Σ_rows dy·x·r
+    LayerNorm:  ẑ = (z − mean z)·r,    dx = s·r·(gw − mean(gw) − ẑ·mean(gw·ẑ))
+    RMSNorm:    dx = s·(r·gw − r³·(Σ gw·z)/d·(z + c))
 
-where RMSNorm has ``ms = Σx²/n``, ``d = n``, ``s = 0`` and CRMSNorm (the compressed vector ``x′`` of width
-``n = d − 1``, Jiang et al., NeurIPS 2023) ``ms = (Σx′² + (Σx′)²)/d``, ``s = Σx′``.
+where RMSNorm has ``σ² = Σz²/n``, ``d = n``, ``c = 0`` and CRMSNorm (the compressed vector ``x′`` of width
+``n = d − 1``, Jiang et al., NeurIPS 2023) ``σ² = (Σz′² + (Σz′)²)/d``, ``c = Σz′``; ``dw = Σ_rows dy·ẑ``,
+``db = Σ_rows dy``.
 """
 
 from __future__ import annotations
@@ -16,60 +21,72 @@ import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import LOW_PRECISION, opmath, params_like
+from normlayers.cpu._common import opmath
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm"]
 
 
-def _rms_rstd(xf: Tensor, compressed: bool, eps: float) -> tuple[Tensor, Optional[Tensor]]:
-    """``(r, s)`` per row of the 2-D ``xf``: ``r = rsqrt(ms + eps)`` as ``(M, 1)``; ``s = Σx`` for CRMSNorm."""
-    sum_sq = torch.linalg.vecdot(xf, xf).unsqueeze(-1)
-    if not compressed:
-        return torch.rsqrt(sum_sq / xf.shape[-1] + eps), None
-    row_sum = xf.sum(-1, keepdim=True)
-    return torch.rsqrt((sum_sq + row_sum.square()) / (xf.shape[-1] + 1) + eps), row_sum
+def _scaled_stats(xf: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``(z, r, s, c)`` per row of the 2-D ``xf``: the scaled row ``z = s·x`` (centred for LayerNorm), ``r`` and ``s``
+    as ``(M, 1)``, and ``c = Σz`` for CRMSNorm (else ``None``)."""
+    scale = _ref_row.power_of_two_scale(xf, (-1,), eps)
+    z = xf * scale
+    eps_s = eps * scale * scale
+    if kind == "layer":
+        z = z - z.mean(-1, keepdim=True)
+        return z, torch.rsqrt(z.square().mean(-1, keepdim=True) + eps_s), scale, None
+    sum_sq = torch.linalg.vecdot(z, z).unsqueeze(-1)
+    if kind == "rms":
+        return z, torch.rsqrt(sum_sq / z.shape[-1] + eps_s), scale, None
+    row_sum = z.sum(-1, keepdim=True)
+    return z, torch.rsqrt((sum_sq + row_sum.square()) / (z.shape[-1] + 1) + eps_s), scale, row_sum
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """``y = x·r·(w + offset)`` over the last dim of a 2-D ``x``, computed in ``x``'s opmath dtype; see the module
-    docstring for the backward. ``weight`` may be ``None``."""
+class _RowNormFunction(torch.autograd.Function):
+    """``y = ẑ·(w + offset) + b`` over the last dim of a 2-D ``x``, computed in ``x``'s opmath dtype; see the module
+    docstring for the backward. ``weight`` and ``bias`` may be ``None``."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Optional[Tensor], eps: float, weight_offset: float, compressed: bool,
-                out_dtype: torch.dtype) -> Tensor:
-        xf = opmath(x)
-        rstd, _ = _rms_rstd(xf, compressed, eps)
-        y = xf * rstd
+    def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, weight_offset: float,
+                kind: str, out_dtype: torch.dtype) -> Tensor:
+        z, rstd, _, _ = _scaled_stats(opmath(x), kind, eps)
+        y = z * rstd
         if weight is not None:
             y = y.mul_(weight.to(y.dtype) + weight_offset) if weight_offset else y.mul_(weight.to(y.dtype))
+        if bias is not None:
+            y = y.add_(bias.to(y.dtype))
         return y.to(out_dtype)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, eps, weight_offset, compressed, _ = inputs
+        x, weight, bias, eps, weight_offset, kind, _ = inputs
         ctx.save_for_backward(x, weight)
-        ctx.eps, ctx.weight_offset, ctx.compressed = eps, weight_offset, compressed
+        ctx.eps, ctx.weight_offset, ctx.kind, ctx.bias_dtype = eps, weight_offset, kind, getattr(bias, "dtype", None)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight = ctx.saved_tensors
-        xf, gf = opmath(x), grad.to(compute_dtype(x.dtype))
-        rstd, row_sum = _rms_rstd(xf, ctx.compressed, ctx.eps)  # recomputed: one pass, saves an (M, 1) buffer
+        gf = grad.to(compute_dtype(x.dtype))
+        z, rstd, scale, row_sum = _scaled_stats(opmath(x), ctx.kind, ctx.eps)  # recomputed: saves (M, 1) buffers
+        xhat = z * rstd
         gw = gf if weight is None else gf * (weight.to(gf.dtype) + ctx.weight_offset)
-        width = xf.shape[-1] + (1 if ctx.compressed else 0)
         # out of place: in a double backward these ops are themselves differentiated
-        coef = rstd.pow(3) * torch.linalg.vecdot(gw, xf).unsqueeze(-1) / width
-        centre = xf if row_sum is None else xf + row_sum
-        dx = gw * rstd - centre * coef
-        dweight = None
+        if ctx.kind == "layer":
+            dz = rstd * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+        else:
+            width = z.shape[-1] + (1 if row_sum is not None else 0)
+            coef = rstd.pow(3) * torch.linalg.vecdot(gw, z).unsqueeze(-1) / width
+            dz = gw * rstd - (z if row_sum is None else z + row_sum) * coef
+        dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
-            dweight = (gf * xf).transpose(0, 1).mv(rstd.squeeze(-1)).to(weight.dtype)
-        return dx.to(x.dtype), dweight, None, None, None, None
+            dweight = (gf * xhat).sum(0).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            dbias = gf.sum(0).to(ctx.bias_dtype)
+        return (dz * scale).to(x.dtype), dweight, dbias, None, None, None, None
 
 
 def _residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
@@ -84,15 +101,9 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     """``(y, h)`` as :func:`normlayers.functional.add_layer_norm` and friends (``h = None`` without ``residual``);
     ``kind`` is ``"layer"``, ``"rms"`` or ``"crms"``. Arguments are assumed valid."""
     h = input if residual is None else _residual_add(input, residual, residual_dtype)
-    if kind == "layer":
-        # In fp32 for bf16/fp16: ATen's reduced-precision layer norm backward sums the weight and bias gradients
-        # with bf16 roundings (an error of 0.04 in a bias gradient of 12 rows), even beside fp32 parameters.
-        normed = opmath(h) if h.dtype in LOW_PRECISION else h
-        weight, bias = params_like(normed, weight, bias)
-        y = F.layer_norm(normed, shape, weight, bias, eps).to(input.dtype)
-    else:
-        width = math.prod(shape)
-        flat_weight = None if weight is None else weight.reshape(width)
-        y = _RMSNormFunction.apply(h.reshape(-1, width), flat_weight, eps, weight_offset, kind == "crms",
-                                   input.dtype).reshape(h.shape)
+    width = math.prod(shape)
+    flat_weight = None if weight is None else weight.reshape(width)
+    flat_bias = None if bias is None else bias.reshape(width)
+    y = _RowNormFunction.apply(h.reshape(-1, width), flat_weight, flat_bias, eps, weight_offset, kind,
+                               input.dtype).reshape(h.shape)
     return y, h if residual is not None else None

@@ -26,9 +26,9 @@ __all__ = ["supports", "weight_standardize"]
 
 
 def supports(weight: Tensor, eps_inside: bool) -> bool:
-    """Eps inside the square root, and more than one value per filter (``F.batch_norm`` refuses a single one in
-    training; the reference standardizes it to 0)."""
-    return eps_inside and weight[0].numel() > 1
+    """Eps inside the square root, at least one filter, and more than one value per filter (``F.batch_norm`` refuses
+    a single one in training; the reference standardizes it to 0, and returns a weight without filters as it is)."""
+    return eps_inside and weight.shape[0] > 0 and weight[0].numel() > 1
 
 
 def weight_standardize(weight: Tensor, *, correction: int, eps: float, gain: Optional[Tensor] = None,

@@ -8,10 +8,11 @@ from torch import Tensor
 
 from normlayers._checks import (
     check_counter,
-    check_epsilon,
     check_float_tensor,
     check_nchw_input,
+    check_positive_epsilon,
     check_positive_int,
+    check_running_stats_without_grad,
     check_same_device,
     check_unit_interval,
 )
@@ -76,8 +77,9 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
                             f"{estimate_rate.dtype} of shape {list(estimate_rate.shape)}")
     else:
         check_unit_interval("estimate_rate", estimate_rate)
-    check_epsilon("eps", eps)
-    check_epsilon("bn_eps", bn_eps)
+    check_positive_epsilon("eps", eps)
+    check_positive_epsilon("bn_eps", bn_eps)
+    check_running_stats_without_grad(training, running_mean=running_mean, running_var=running_var)
 
 
 def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -12,6 +12,7 @@ from normlayers._checks import (
     check_epsilon,
     check_nchw_input,
     check_positive_int,
+    check_running_stats_without_grad,
     check_unit_interval,
 )
 from normlayers.backends import tier
@@ -42,11 +43,23 @@ def _evo_check_args(input: Tensor, per_channel: dict[str, Optional[Tensor]], eps
         check_unit_interval("momentum", momentum)
 
 
+def check_evo_momentum(momentum: object) -> float:
+    """The B family's running-variance rate (also checked by the modules). ``None`` (torch BatchNorm's cumulative
+    average) is refused: it needs a ``num_batches_tracked`` counter, which timm's EvoNorm state (and so its
+    checkpoints) does not have."""
+    if momentum is None:
+        raise ValueError("momentum must be a number in [0, 1], got None: EvoNorm-B keeps timm's exponential running "
+                         "variance; a cumulative average (torch BatchNorm's momentum=None) is not supported")
+    return check_unit_interval("momentum", momentum)
+
+
 def evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
                bias: Optional[Tensor], v: Optional[Tensor], training: bool, momentum: float, eps: float,
                apply_act: bool, sync_stats: bool = False, process_group: Optional[Any] = None) -> Tensor:
     """The B sub-family (``variant`` in ``"b0"``, ``"b1"``, ``"b2"``): checks, then the Triton ops or the reference
     (also the modules' forward)."""
+    check_evo_momentum(momentum)
+    check_running_stats_without_grad(training and apply_act, running_var=running_var)
     _evo_check_args(input, {"running_var": running_var, "weight": weight, "bias": bias, "v": v}, eps,
                     momentum=momentum)
     sync = moment_sync(sync_stats, process_group, training) if apply_act else None

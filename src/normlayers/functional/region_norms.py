@@ -18,6 +18,7 @@ from normlayers._checks import (
 )
 from normlayers.backends import use_triton
 from normlayers.distributed import sync_group, sync_masked_moments
+from normlayers.functional._common import empty_batch_output
 from normlayers.ops import region_norm as _ops_region
 from normlayers.reference import region_norm as _ref_region
 
@@ -175,6 +176,9 @@ def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Ten
     _check_learnable_region_args(input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, threshold)
     eps, stats, eps_mode = check_region_options(eps, stats, eps_mode)
     sync = _region_sync(stats, sync_stats, process_group)
+    if input.shape[2] == 0 or input.shape[3] == 0:
+        # No pixel: nothing to normalize (the self-aware convs cannot even run on an empty map).
+        return empty_batch_output(input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)
     if use_triton(input):
         return _ops_region.learnable_region_norm(input, conv1_weight, gamma_weight, gamma_bias, beta_weight,
                                                  beta_bias, threshold=float(threshold), eps=eps, stats=stats,

@@ -13,6 +13,7 @@ from normlayers._checks import (
     check_epsilon,
     check_float_tensor,
     check_nonnegative_int,
+    check_running_stats_without_grad,
     check_same_device,
     check_unit_interval,
     is_real,
@@ -101,6 +102,7 @@ def _check_spd_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], ru
                          f"{list(input.shape)}): the batch dispersion of one matrix is 0; use eval mode")
     check_unit_interval("momentum", momentum)
     check_epsilon("eps", eps)
+    check_running_stats_without_grad(training, running_mean=running_mean, running_var=running_var)
     if not is_real(theta) or theta == 0 or not math.isfinite(theta):
         raise ValueError(f"theta must be a finite non-zero number (the power deformation X^theta), got {theta!r}")
     check_choice("variance", variance, _ref_spd.VARIANCES)

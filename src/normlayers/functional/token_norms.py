@@ -13,6 +13,7 @@ from normlayers._checks import (
     check_float_tensor,
     check_nonnegative_int,
     check_positive_int,
+    check_running_stats_without_grad,
     check_same_device,
     check_unit_interval,
 )
@@ -126,6 +127,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         if t is not None and tuple(t.shape) != (channels,):
             raise ValueError(f"{name} must have shape (C,) = ({channels},), got {list(t.shape)}")
     check_epsilon("eps", eps)
+    check_running_stats_without_grad(training, running_phi=running_phi, ema_gz=ema_gz)
     check_unit_interval("alpha_fwd", alpha_fwd)
     check_unit_interval("alpha_bkw", alpha_bkw)
     check_nonnegative_int("warmup_iters", warmup_iters)
@@ -182,6 +184,8 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
         if tuple(t.shape) != (channels,):
             raise ValueError(f"{name} must have shape (C,) = ({channels},), got {list(t.shape)}")
     check_epsilon("eps", eps)
+    check_running_stats_without_grad(training, running_var=running_var, ema_gz=ema_gz, buffer_x2=buffer_x2,
+                                     buffer_gz=buffer_gz)
     check_unit_interval("momentum", momentum)
     check_nonnegative_int("warmup_iters", warmup_iters)
     kwargs = dict(training=training, eps=float(eps), momentum=float(momentum), warmup_iters=int(warmup_iters),

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_choice, check_epsilon, check_finite, check_float_tensor, check_same_device
+from normlayers._checks import check_choice, check_finite, check_float_tensor, check_positive_epsilon, check_same_device
 from normlayers.backends import tier
 from normlayers.cpu import weight_std as _cpu_ws
 from normlayers.reference import weight_std as _ref_ws
@@ -104,7 +104,8 @@ def weight_standardize(weight: Tensor, eps: Optional[float] = None, *, variant: 
     """
     spec = ws_variant(variant)
     check_ws_weight(weight, spec.correction, variant)
-    eps = spec.eps if eps is None else check_epsilon("eps", eps)
+    # eps = 0 turns a constant filter into 0/0 = NaN: refused, as torch's batch_norm refuses it.
+    eps = spec.eps if eps is None else check_positive_epsilon("eps", eps)
     return _standardize(weight, correction=spec.correction, eps_inside=spec.eps_inside, eps=eps)
 
 
@@ -127,7 +128,7 @@ def scaled_weight_standardize(weight: Tensor, gain: Optional[Tensor] = None, gam
     check_ws_weight(weight, 0, "")
     if gain is not None:
         _check_ws_gain(gain, weight)
-    return _standardize(weight, correction=0, eps_inside=True, eps=check_epsilon("eps", eps), gain=gain,
+    return _standardize(weight, correction=0, eps_inside=True, eps=check_positive_epsilon("eps", eps), gain=gain,
                         scale=_ref_ws.fan_in_scale(weight, check_finite("gamma", gamma)))
 
 

@@ -237,14 +237,16 @@ def plane_affine_bwd_kernel(
             hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
             tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw,
                      dy * tl.where(hole, a[:, None], a_valid[:, None]), mask=mask)
-            dy_valid = tl.where(hole, 0.0, dy)
-            da_valid += dy_valid * tl.where(mask, x - center_valid[:, None], 0.0)
-            db_valid += dy_valid
-            dy = tl.where(hole, dy, 0.0)
+            # Select, never multiply by a 0/1 mask: a NaN in one region must not reach the other's sums.
+            valid = mask & (hole == 0)
+            da_valid += tl.where(valid, dy * (x - center_valid[:, None]), 0.0)
+            db_valid += tl.where(valid, dy, 0.0)
+            da += tl.where(hole, dy * (x - center[:, None]), 0.0)
+            db += tl.where(hole, dy, 0.0)
         else:
             tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dy * a[:, None], mask=mask)
-        da += dy * tl.where(mask, x - center[:, None], 0.0)
-        db += dy
+            da += dy * tl.where(mask, x - center[:, None], 0.0)
+            db += dy
     tl.store(DA + planes * REGIONS, tl.sum(da, axis=1), mask=plane_mask)
     tl.store(DB + planes * REGIONS, tl.sum(db, axis=1), mask=plane_mask)
     if REGIONS == 2:

@@ -57,6 +57,28 @@ def num_warps_for(tile_elements: int, device: torch.device, max_warps: int = 16)
     return warps
 
 
+def scale_cap(eps: float, dtype: torch.dtype) -> float:
+    """The largest statistics scale :func:`power_of_two_scale` may return for ``eps`` (a power of two; see
+    :func:`normlayers.reference.row_norms.scale_exponent_cap`), as a kernel argument."""
+    from normlayers.reference.row_norms import scale_exponent_cap
+
+    return 2.0 ** scale_exponent_cap(eps, dtype)
+
+
+@triton.jit
+def power_of_two_scale(max_abs, cap, COMPUTE: tl.constexpr):
+    """``s = 2^−e`` with ``max_abs·s`` in ``[1, 2)``, from the exponent bits (exact, no ``log2``/``exp2``), kept in
+    ``[2^−k, cap]`` (``k`` = 126 for fp32, 1022 for fp64): statistics of ``x·s`` neither overflow nor underflow
+    (the scaling of BLAS ``nrm2``). Normalization is scale invariant once ``eps`` is scaled by ``s²``."""
+    if COMPUTE == tl.float64:
+        biased = (max_abs.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        s = (tl.minimum(tl.maximum(2046 - biased, 1), 2045) << 52).to(tl.float64, bitcast=True)
+    else:
+        biased = (max_abs.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        s = (tl.minimum(tl.maximum(254 - biased, 1), 253) << 23).to(tl.float32, bitcast=True)
+    return tl.minimum(s, cap)
+
+
 @triton.jit
 def centred_row_moments(x, mask, count):
     """Per-row ``(Σx, Σ(x − mean)²)`` of a 2-D tile with ``count`` valid values per row (``x`` zero outside

@@ -112,7 +112,8 @@ def evo_plane_fwd_kernel(
     else:
         left = tl.load(LEFT + planes, mask=plane_mask, other=1.0).to(COMPUTE)[:, None]
         offset = tl.load(OFFSET + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-        f = x / tl.maximum(left, slope * x + offset)
+        # NaN-propagating, as torch.maximum: a NaN statistic (batch or running) makes the output NaN, never skipped.
+        f = x / tl.maximum(left, slope * x + offset, propagate_nan=tl.PropagateNan.ALL)
     y_base = plane_offsets(planes, C, stride_yn, stride_yc)
     tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw, f * scale + shift, mask=mask)
 
@@ -156,7 +157,7 @@ def evo_plane_bwd_kernel(
             dslope += d_inner * x
         else:
             right = slope * x + offset
-            denominator = tl.maximum(left, right)
+            denominator = tl.maximum(left, right, propagate_nan=tl.PropagateNan.ALL)
             f = x / denominator
             dscale += tl.where(mask, dy * f, 0.0)
             d_denominator = tl.where(mask, -df * f / denominator, 0.0)

@@ -36,6 +36,8 @@ from normlayers.kernels.common import (
     next_power_of_2,
     num_warps_for,
     persistent_programs,
+    power_of_two_scale,
+    scale_cap,
     tl_compute_dtype,
 )
 
@@ -139,42 +141,59 @@ def _normalize_store(Y, W, B, h, mean, rstd, rows, cols, mask, N, weight_offset,
 
 
 @triton.jit
+def _row_scale(h, cap, COMPUTE: tl.constexpr):
+    """Per-row power-of-two scale of a tile (zero outside the mask) from its largest magnitude."""
+    return power_of_two_scale(tl.max(tl.abs(h), axis=1), cap, COMPUTE)
+
+
+@triton.jit
 def row_norm_fwd_kernel(
     X, RES, W, B, Y, RES_OUT, MEAN, RSTD,
-    M, N, stride_x, stride_res, eps, weight_offset,
+    M, N, stride_x, stride_res, eps, weight_offset, cap,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     # Scalars are cast here: a Python float may arrive as fp64 and would silently widen the whole kernel.
     eps = tl.cast(eps, COMPUTE)
     weight_offset = tl.cast(weight_offset, COMPUTE)
+    cap = tl.cast(cap, COMPUTE)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_N)
     mask = row_mask[:, None] & (cols < N)[None, :]
     h = _load_norm_input(X, RES, RES_OUT, rows, cols, mask, stride_x, stride_res, N, HAS_RESIDUAL, COMPUTE)
+    # The statistics are those of the row scaled by a power of two s (from its largest magnitude, kept up to date
+    # chunk by chunk on wide rows), with eps·s²: exact, and free of overflow/underflow at the dtype's range limits.
+    # The row is in registers already, so this costs no memory traffic.
+    scale = _row_scale(h, cap, COMPUTE)
     if SINGLE_BLOCK:
-        s, q = _chunk_moments(h, mask, tl.cast(N, COMPUTE), NORM)
-        mean, rstd = _finalize_stats(s, q, N, eps, NORM, COMPUTE)
-        _normalize_store(Y, W, B, h, mean, rstd, rows, cols, mask, N, weight_offset, NORM, HAS_WEIGHT, HAS_BIAS,
-                         COMPUTE)
+        s, q = _chunk_moments(h * scale[:, None], mask, tl.cast(N, COMPUTE), NORM)
+        mean, rstd = _finalize_stats(s, q, N, eps * scale * scale, NORM, COMPUTE)
+        _normalize_store(Y, W, B, h * scale[:, None], mean, rstd, rows, cols, mask, N, weight_offset, NORM,
+                         HAS_WEIGHT, HAS_BIAS, COMPUTE)
     else:
         # Pass 1: moments chunk by chunk. The first chunk is full (N > BLOCK_N), so `start` elements precede each
-        # later chunk, which is all Chan's combination needs.
-        s, q = _chunk_moments(h, mask, tl.cast(BLOCK_N, COMPUTE), NORM)
+        # later chunk, which is all Chan's combination needs. A larger chunk maximum lowers the scale: the moments
+        # so far are rescaled (by a power of two, exactly).
+        max_abs = tl.max(tl.abs(h), axis=1)
+        s, q = _chunk_moments(h * scale[:, None], mask, tl.cast(BLOCK_N, COMPUTE), NORM)
         for start in range(BLOCK_N, N, BLOCK_N):
             chunk_cols = start + cols
             chunk_mask = row_mask[:, None] & (chunk_cols < N)[None, :]
             h = _load_norm_input(X, RES, RES_OUT, rows, chunk_cols, chunk_mask, stride_x, stride_res, N,
                                  HAS_RESIDUAL, COMPUTE)
+            max_abs = tl.maximum(max_abs, tl.max(tl.abs(h), axis=1))
+            new_scale = power_of_two_scale(max_abs, cap, COMPUTE)
+            ratio = new_scale / scale
+            s, q, scale = s * ratio, q * ratio * ratio, new_scale
             n_a = tl.cast(start, COMPUTE)
             n_b = tl.cast(tl.minimum(N - start, BLOCK_N), COMPUTE)
-            s_b, q_b = _chunk_moments(h, chunk_mask, n_b, NORM)
+            s_b, q_b = _chunk_moments(h * scale[:, None], chunk_mask, n_b, NORM)
             if NORM == NORM_LAYER:
                 s, q = chan_combine(s, q, n_a, s_b, q_b, n_b)
             else:
                 s, q = s + s_b, q + q_b
-        mean, rstd = _finalize_stats(s, q, N, eps, NORM, COMPUTE)
+        mean, rstd = _finalize_stats(s, q, N, eps * scale * scale, NORM, COMPUTE)
         if HAS_RESIDUAL:
             tl.debug_barrier()  # the residual sums stored in pass 1 are read back below, maybe by other threads
         # Pass 2: re-read (the stored residual sum, if any, so the residual is not added twice) and normalize.
@@ -185,11 +204,12 @@ def row_norm_fwd_kernel(
                 stored = tl.load(RES_OUT + rows[:, None] * N + chunk_cols[None, :], mask=chunk_mask, other=0.0)
             else:
                 stored = tl.load(X + rows[:, None] * stride_x + chunk_cols[None, :], mask=chunk_mask, other=0.0)
-            _normalize_store(Y, W, B, stored.to(COMPUTE), mean, rstd, rows, chunk_cols, chunk_mask, N,
-                             weight_offset, NORM, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+            _normalize_store(Y, W, B, stored.to(COMPUTE) * scale[:, None], mean, rstd, rows, chunk_cols, chunk_mask,
+                             N, weight_offset, NORM, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+    # The saved statistics are those of the unscaled row (what the backward reads).
     if NORM == NORM_LAYER:
-        tl.store(MEAN + rows, mean, mask=row_mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+        tl.store(MEAN + rows, mean / scale, mask=row_mask)
+    tl.store(RSTD + rows, rstd * scale, mask=row_mask)
 
 
 @triton.jit
@@ -415,6 +435,7 @@ def row_norm_fwd(
         bias if bias is not None else x, y, residual_out if residual is not None else x,
         mean if kind == "layer" else rstd, rstd,
         m, n, x.stride(0), residual.stride(0) if residual is not None else 0, eps, weight_offset,
+        scale_cap(eps, compute),
         NORM=NORM_KINDS[kind], HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, COMPUTE=tl_compute_dtype(compute), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         SINGLE_BLOCK=plan.single_block, num_warps=plan.num_warps,
@@ -492,7 +513,7 @@ def compile_specs(kind: str, n: int, dtype: torch.dtype) -> dict[str, tuple]:
         "fwd": (row_norm_fwd_kernel,
                 {**{p: f"*{data}" for p in ("X", "RES", "W", "B", "Y", "RES_OUT")}, "MEAN": f"*{stats}",
                  "RSTD": f"*{stats}", "M": "i32", "N": "i32", "stride_x": "i64", "stride_res": "i64", "eps": "fp32",
-                 "weight_offset": "fp32"},
+                 "weight_offset": "fp32", "cap": "fp32"},
                 {"NORM": flags["NORM"], "HAS_RESIDUAL": False, "HAS_WEIGHT": True, "HAS_BIAS": flags["HAS_BIAS"],
                  "COMPUTE": flags["COMPUTE"], "BLOCK_M": fwd.block_m, "BLOCK_N": fwd.block_n,
                  "SINGLE_BLOCK": fwd.single_block},

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
-from normlayers._checks import check_epsilon, check_positive_int, check_unit_interval
+from normlayers._checks import check_positive_epsilon, check_positive_int, check_unit_interval
 from normlayers.nn._adopt import adopt, fill_missing
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["BatchChannelNorm2d"]
 
@@ -63,7 +64,7 @@ class _BatchStage(nn.Module):
         return f"{self.num_channels}, estimate={self.estimate}"
 
 
-class BatchChannelNorm2d(nn.Module):
+class BatchChannelNorm2d(NotScriptable):
     r"""Batch-Channel Normalization (BCN) over a 4-D input, for micro-batch CNN training (docs/batch_channel.md).
 
     A batch stage (BatchNorm, or its estimated-statistics variant EstBN), then a per-sample group standardization
@@ -135,8 +136,8 @@ class BatchChannelNorm2d(nn.Module):
                              f"num_channels / num_groups contiguous channels")
         self.momentum = None if momentum is None else check_unit_interval("momentum", momentum)
         self.estimate_rate = check_unit_interval("estimate_rate", estimate_rate)
-        self.eps = check_epsilon("eps", eps)
-        self.bn_eps = check_epsilon("bn_eps", bn_eps)
+        self.eps = check_positive_epsilon("eps", eps)
+        self.bn_eps = check_positive_epsilon("bn_eps", bn_eps)
         self.estimate = bool(estimate)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group

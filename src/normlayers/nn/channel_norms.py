@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from normlayers import functional as F
 from normlayers._checks import check_epsilon, check_positive_int
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["LayerNorm2d", "RMSNorm2d"]
 
@@ -40,7 +41,7 @@ def _source_channels(cls: type, module: nn.Module) -> int:
     return shape[0]
 
 
-class LayerNorm2d(nn.LayerNorm):
+class LayerNorm2d(NotScriptable, nn.LayerNorm):
     r"""Layer normalization over the channels of an ``(N, C, H, W)`` input, at each pixel (ConvNeXt's norm).
 
     .. math:: y_{n,:,h,w} = \frac{x_{n,:,h,w} - \mathrm{E}_c[x_{n,:,h,w}]}
@@ -104,7 +105,7 @@ class LayerNorm2d(nn.LayerNorm):
         return _adopt_parameters(plain, self, ("weight", "bias"))
 
 
-class RMSNorm2d(nn.Module):
+class RMSNorm2d(NotScriptable):
     r"""RMS normalization over the channels of an ``(N, C, H, W)`` input, at each pixel.
 
     .. math:: y_{n,:,h,w} = \frac{x_{n,:,h,w}}{\sqrt{\mathrm{mean}_c(x_{n,:,h,w}^2) + \epsilon}} \cdot \gamma

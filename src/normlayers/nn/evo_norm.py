@@ -23,10 +23,11 @@ from typing import Any, Callable, ClassVar, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from normlayers._checks import check_epsilon, check_positive_int, check_unit_interval
+from normlayers._checks import check_epsilon, check_positive_int
 from normlayers._dtypes import compute_dtype
-from normlayers.functional.evo_norm import append_doc, evo_norm_b, evo_norm_s
+from normlayers.functional.evo_norm import append_doc, check_evo_momentum, evo_norm_b, evo_norm_s
 from normlayers.nn._adopt import adopt
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
            "EvoNorm2dS2", "EvoNorm2dS2a"]
@@ -147,7 +148,7 @@ class _TimmConvertible:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _EvoNorm2dB(_TimmConvertible, nn.Module):
+class _EvoNorm2dB(_TimmConvertible, NotScriptable):
     """The B family; subclasses set ``_variant`` and their ``eps`` default."""
 
     _TIMM_ATTRIBUTES: ClassVar[tuple[str, ...]] = ("apply_act", "momentum", "eps")
@@ -164,10 +165,9 @@ class _EvoNorm2dB(_TimmConvertible, nn.Module):
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         check_epsilon("eps", eps)
-        check_unit_interval("momentum", momentum)
         self.num_features = check_positive_int("num_features", num_features)
         self.apply_act = bool(apply_act)
-        self.momentum = float(momentum)
+        self.momentum = check_evo_momentum(momentum)
         self.eps = float(eps)
         self.sync_stats = bool(sync_stats)
         self.process_group = process_group
@@ -311,7 +311,7 @@ class EvoNorm2dB2(_EvoNorm2dB):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _EvoNorm2dS(_TimmConvertible, nn.Module):
+class _EvoNorm2dS(_TimmConvertible, NotScriptable):
     """The S family; subclasses set ``_variant`` (``"s0"``, ``"s1"``, ``"s2"``), ``_always_normalize`` (the timm
     "a" variants) and their defaults."""
 

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 from normlayers import functional as F
 from normlayers._checks import check_epsilon, check_nonnegative_int, check_positive_int, check_unit_interval
 from normlayers.functional.token_norms import check_backward_denominator
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["PowerNorm", "reset_iters"]
 
 
-class PowerNorm(nn.Module):
+class PowerNorm(NotScriptable):
     r"""PowerNorm over the channels (last dim) of transformer activations, with running statistics across tokens
     (docs/power_unified.md). By default it reproduces the official ``MaskPowerNorm`` exactly: forward, backward and
     every buffer.

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from normlayers import functional as F
 from normlayers._checks import check_choice, check_finite, check_positive_int, is_int
 from normlayers.functional.region_norms import REGION_AFFINES, check_region_options
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["RegionNorm2d", "LearnableRegionNorm2d"]
 
@@ -64,7 +65,7 @@ def _with_stats_args(cls: type) -> type:
 
 
 @_with_stats_args
-class RegionNorm2d(nn.Module):
+class RegionNorm2d(NotScriptable):
     r"""Basic Region Normalization (RN-B) over a 4-D input and a given hole mask (docs/region_norm.md).
 
     Each channel is standardized separately inside the hole region (mask nonzero, the authors' "foreground") and
@@ -171,7 +172,7 @@ class _SelfAwareAffine(nn.Module):
 
 
 @_with_stats_args
-class LearnableRegionNorm2d(nn.Module):
+class LearnableRegionNorm2d(NotScriptable):
     r"""Learnable Region Normalization (RN-L) over a 4-D input: the regions come from the input itself (rn.py ``RN_L``).
 
     A spatial response map from the channel mean and max, thresholded into a region mask, region normalization

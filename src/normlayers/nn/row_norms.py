@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from normlayers import functional as F
 from normlayers._checks import ShapeLike, as_shape, check_choice, check_real
 from normlayers.nn._adopt import adopt_same_names
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["LayerNorm", "RMSNorm", "CRMSNorm"]
 
@@ -59,7 +60,7 @@ class _NormSource:
         return new
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(NotScriptable, nn.LayerNorm):
     r"""Layer normalization with fused Triton kernels on CUDA; a drop-in for :class:`torch.nn.LayerNorm`.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
@@ -129,7 +130,7 @@ class LayerNorm(nn.LayerNorm):
         return plain.train(self.training)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(NotScriptable, nn.RMSNorm):
     r"""RMS normalization with fused Triton kernels on CUDA; a drop-in for :class:`torch.nn.RMSNorm`.
 
     .. math:: y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \cdot (\gamma + \text{weight\_offset})
@@ -240,7 +241,7 @@ class RMSNorm(nn.RMSNorm):
         return plain.train(self.training)
 
 
-class CRMSNorm(nn.Module):
+class CRMSNorm(NotScriptable):
     r"""Compressed RMS normalization (Jiang et al., "Pre-RMSNorm and Pre-CRMSNorm Transformers", NeurIPS 2023).
 
     In a Pre-CRMSNorm Transformer the residual stream is zero-mean and stored compressed: only its first

@@ -27,6 +27,7 @@ from normlayers._checks import (
 )
 from normlayers.reference import spd_linalg
 from normlayers.reference.spd_batch_norm import VARIANCES
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["SPDBatchNorm", "SymmetricExp"]
 
@@ -50,7 +51,7 @@ class SymmetricExp(nn.Module):
         return spd_linalg.logm(value.to(torch.float64)).to(value.dtype)
 
 
-class SPDBatchNorm(nn.Module):
+class SPDBatchNorm(NotScriptable):
     r"""Batch normalization of symmetric positive definite matrices under the (θ, M)-Generalized Bures–Wasserstein
     metric (GBWBN; docs/spd_batch_norm.md), for covariance-matrix networks (SPDNet family).
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from normlayers import functional as F
 from normlayers._dtypes import compute_dtype
 from normlayers._checks import check_epsilon, check_nonnegative_int, check_positive_int, check_unit_interval, is_int
+from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["UnifiedNorm"]
 
@@ -29,7 +30,7 @@ def _window_sizes(window_size: Union[int, Sequence[int]]) -> tuple[int, int]:
     return int(sizes[0]), int(sizes[1])
 
 
-class UnifiedNorm(nn.Module):
+class UnifiedNorm(NotScriptable):
     r"""Unified Normalization over the channels (last dim) of transformer activations (docs/power_unified.md): batch
     statistics smoothed over a window of steps in training, a fixed per-channel affine at inference (foldable into the
     next linear layer, :meth:`as_affine`). By default it reproduces the official ``UN1d`` exactly: forward, backward and

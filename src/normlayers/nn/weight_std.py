@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from normlayers import functional as F
-from normlayers._checks import check_epsilon, check_finite
+from normlayers._checks import check_finite, check_positive_epsilon
 from normlayers.functional.weight_std import IntOrPair, check_conv_input, check_ws_weight, ws_variant
 from normlayers.nn._adopt import adopt_same_names, fill_missing, timm_class_name
+from normlayers.nn._scripting import NotScriptable
 from normlayers.reference import weight_std as _ref_ws
 
 __all__ = ["WSConv2d", "ScaledWSConv2d"]
@@ -29,7 +30,7 @@ __all__ = ["WSConv2d", "ScaledWSConv2d"]
 _CacheKey = tuple[tuple["weakref.ref[Tensor]", int, int], ...]
 
 
-class _StandardizedConv2d(nn.Conv2d):
+class _StandardizedConv2d(NotScriptable, nn.Conv2d):
     """What WSConv2d and ScaledWSConv2d share: convolve with a standardized weight, cache it in eval, fold it."""
 
     _eval_cache: Optional[tuple[_CacheKey, Tensor]] = None
@@ -199,7 +200,7 @@ class WSConv2d(_StandardizedConv2d):
                  padding_mode: str = "zeros", device=None, dtype=None, *, eps: Optional[float] = None,
                  variant: str = F.WS_DEFAULT_VARIANT) -> None:
         spec = ws_variant(variant)
-        resolved_eps = spec.eps if eps is None else check_epsilon("eps", eps)
+        resolved_eps = spec.eps if eps is None else check_positive_epsilon("eps", eps)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
         check_ws_weight(self.weight, spec.correction, variant)
@@ -258,7 +259,8 @@ class ScaledWSConv2d(_StandardizedConv2d):
                  padding: Union[str, IntOrPair] = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, gamma: float = 1.0, eps: float = 1e-6,
                  gain_init: float = 1.0) -> None:
-        checked = (check_finite("gamma", gamma), check_epsilon("eps", eps), check_finite("gain_init", gain_init))
+        checked = (check_finite("gamma", gamma), check_positive_epsilon("eps", eps),
+                   check_finite("gain_init", gain_init))
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
         check_ws_weight(self.weight, 0, "")

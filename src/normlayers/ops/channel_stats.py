@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._autograd import differentiable_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
 
 __all__ = ["plane_moments", "plane_affine", "batch_moments_from_planes"]
@@ -63,10 +64,18 @@ def _plane_moments_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, mean)
 
 
+def plane_moments_formula(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`plane_moments` in torch ops (what double backward differentiates)."""
+    var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)).flatten(2), dim=-1, correction=0)
+    return mean, var
+
+
 def _plane_moments_backward(ctx, dmean, dvar):
     x, mean = ctx.saved_tensors
     if dmean is None and dvar is None:
         return None
+    if wants_double_backward():
+        return differentiable_backward(plane_moments_formula, (x,), (dmean, dvar), ctx.needs_input_grad)[0]
     return plane_moments_bwd(x, mean, dmean, dvar)
 
 
@@ -103,8 +112,22 @@ def _plane_affine_setup_context(ctx, inputs, output):
     ctx.center_dtype, ctx.shift_dtype = center.dtype, shift.dtype
 
 
+def _per_plane(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(*t.shape, *([1] * (x.dim() - 2)))
+
+
+def plane_affine_formula(x: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """:func:`plane_affine` in torch ops, in the compute dtype (what double backward differentiates)."""
+    xf = x.to(compute_dtype(x.dtype))
+    return (xf - _per_plane(center, x)) * _per_plane(scale, x) + _per_plane(shift, x)
+
+
 def _plane_affine_backward(ctx, dy):
     x, center, scale = ctx.saved_tensors
+    if wants_double_backward():
+        # shift enters additively: a zero stand-in gives its gradient (shift itself is not saved).
+        return differentiable_backward(plane_affine_formula, (x, center, scale, torch.zeros_like(scale)), (dy,),
+                                       ctx.needs_input_grad)
     dx, dscale, dshift = plane_affine_bwd(dy, x, center, scale)
     return dx, (-scale * dshift).to(ctx.center_dtype), dscale, dshift.to(ctx.shift_dtype)
 

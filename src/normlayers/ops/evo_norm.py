@@ -23,8 +23,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from normlayers._autograd import differentiable_backward, wants_double_backward
 from normlayers.distributed import MomentSync
 from normlayers.ops.channel_stats import (
+    _per_plane,
     batch_moments_from_planes,
     plane_affine,
     plane_affine_bwd,
@@ -83,7 +85,28 @@ def _save_inputs_setup_context(ctx, inputs, output):
     ctx.coefficient_dtypes = tuple(t.dtype for t in inputs[1:])
 
 
+def _plane_swish_affine_formula(x: Tensor, slope: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    xf = x.to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
+    return xf * torch.sigmoid(_per_plane(slope, x) * xf) * _per_plane(scale, x) + _per_plane(shift, x)
+
+
+def _plane_max_div_affine_formula(x: Tensor, left: Tensor, slope: Tensor, offset: Tensor, scale: Tensor,
+                                  shift: Tensor) -> Tensor:
+    xf = x.to(scale.dtype if scale.dtype == torch.float64 else torch.float32)
+    denominator = torch.maximum(_per_plane(left, x), _per_plane(slope, x) * xf + _per_plane(offset, x))
+    return xf / denominator * _per_plane(scale, x) + _per_plane(shift, x)
+
+
+def _double_backward(formula, ctx, dy):
+    """create_graph=True: autograd of the op's formula (the backward op has no derivative); shift, unsaved, enters
+    additively, so a zero stand-in gives its gradient."""
+    inputs = (*ctx.saved_tensors, torch.zeros_like(ctx.saved_tensors[-1]))
+    return differentiable_backward(formula, inputs, (dy,), ctx.needs_input_grad)
+
+
 def _plane_swish_affine_backward(ctx, dy):
+    if wants_double_backward():
+        return _double_backward(_plane_swish_affine_formula, ctx, dy)
     dx, *grads = plane_swish_affine_bwd(dy, *ctx.saved_tensors)
     return dx, *_cast_grads(grads, ctx.coefficient_dtypes)
 
@@ -119,6 +142,8 @@ def _plane_max_div_affine_bwd_fake(dy, x, left, slope, offset, scale):
 
 
 def _plane_max_div_affine_backward(ctx, dy):
+    if wants_double_backward():
+        return _double_backward(_plane_max_div_affine_formula, ctx, dy)
     dx, *grads = plane_max_div_affine_bwd(dy, *ctx.saved_tensors)
     return dx, *_cast_grads(grads, ctx.coefficient_dtypes)
 

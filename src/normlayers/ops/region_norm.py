@@ -23,8 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._autograd import differentiable_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.reference import region_norm as _ref_region
+from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["region_moments", "region_affine", "region_norm", "learnable_region_norm"]
 
@@ -75,10 +77,39 @@ def _region_moments_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, hole, center)
 
 
+def _regions(x: Tensor, hole: Tensor) -> Tensor:
+    """``(N, C, *spatial, 2)``: whether each value is in the hole (index 0) or the valid region (index 1)."""
+    inside = hole.expand(x.shape) != 0
+    return torch.stack([inside, ~inside], dim=-1)
+
+
+def _spread_over_values(t: Tensor, x: Tensor) -> Tensor:
+    """A ``(N, C, 2)`` per-(plane, region) tensor, shaped to broadcast against ``(N, C, *spatial, 2)``."""
+    return t.reshape(*x.shape[:2], *([1] * (x.dim() - 2)), 2)
+
+
+def _region_moments_formula(x: Tensor, hole: Tensor, center: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`region_moments` in torch ops (what double backward differentiates)."""
+    regions = _regions(x, hole)
+    d = torch.where(regions, x.to(center.dtype).unsqueeze(-1) - _spread_over_values(center, x), 0.0)
+    spatial = tuple(range(2, x.dim()))
+    return regions.sum(spatial).to(center.dtype), d.sum(spatial), d.square().sum(spatial)
+
+
+def _region_affine_formula(x: Tensor, hole: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """:func:`region_affine` in torch ops, in the compute dtype (what double backward differentiates)."""
+    centred = x.to(scale.dtype).unsqueeze(-1) - _spread_over_values(center, x)
+    y = centred * _spread_over_values(scale, x) + _spread_over_values(shift, x)
+    return torch.where(_regions(x, hole), y, 0.0).sum(-1)
+
+
 def _region_moments_backward(ctx, _dcount: Optional[Tensor], dfirst: Optional[Tensor], dsecond: Optional[Tensor]):
     x, hole, center = ctx.saved_tensors
     if dfirst is None and dsecond is None:
         return None, None, None
+    if wants_double_backward():
+        return differentiable_backward(_region_moments_formula, (x, hole, center), (None, dfirst, dsecond),
+                                       ctx.needs_input_grad)
     zeros = center.new_zeros((*x.shape[:2], 2), dtype=compute_dtype(x.dtype))
     dx, dcenter = region_moments_bwd(x, hole, center, zeros if dfirst is None else dfirst,
                                      zeros if dsecond is None else dsecond)
@@ -121,6 +152,10 @@ def _region_affine_setup_context(ctx, inputs, output):
 
 def _region_affine_backward(ctx, dy):
     x, hole, center, scale = ctx.saved_tensors
+    if wants_double_backward():
+        # shift enters additively: a zero stand-in gives its gradient (shift itself is not saved).
+        return differentiable_backward(_region_affine_formula, (x, hole, center, scale, torch.zeros_like(scale)),
+                                       (dy,), ctx.needs_input_grad)
     dx, dscale, dshift = region_affine_bwd(dy, x, hole, center, scale)
     return dx, None, (-scale * dshift).to(ctx.center_dtype), dscale, dshift.to(ctx.shift_dtype)
 
@@ -158,7 +193,7 @@ def region_norm(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
     _, _, second = region_moments(input, hole, mean.expand(n, channels, 2).contiguous())
     if stats == "batch":
         second = second.sum(0, keepdim=True)
-    var = second / safe_count
+    var = _ref_row.overflow_to_nan(second) / safe_count  # NaN, not a silent 0 output, where it overflowed
     if sync is not None:
         # This rank's (count, mean, M2) per (channel, region), combined with Chan's formula; the effective epsilon
         # takes the global counts and V = the global N·H·W (the two regions' counts together).

@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from normlayers._autograd import differentiable_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
+from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm", "row_norm_fwd", "row_norm_bwd"]
 
@@ -76,7 +78,7 @@ def _row_norm_bwd_fake(dy, h, dresidual_out, weight, mean, rstd, kind, weight_of
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, kind, _eps, weight_offset, _residual_dtype = inputs
+    x, residual, weight, bias, kind, eps, weight_offset, _residual_dtype = inputs
     _y, residual_out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     # Outputs that get no gradient (the statistics, an unused residual sum) arrive as None, not as zero-filled tensors
@@ -85,9 +87,23 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     # Save the values that were normalized: x, or the residual sum (an output, so no extra memory).
     ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
-    ctx.kind, ctx.weight_offset, ctx.has_bias = kind, weight_offset, bias is not None
+    ctx.kind, ctx.eps, ctx.weight_offset, ctx.has_bias = kind, eps, weight_offset, bias is not None
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
+
+
+def _reference_formula(ctx):
+    """The op's normalization (without bias) as reference torch ops, in the compute dtype: what double backward
+    differentiates."""
+    def formula(h: Tensor, weight: Optional[Tensor]) -> Tensor:
+        shape, out_dtype = (h.shape[1],), compute_dtype(h.dtype)
+        if ctx.kind == "layer":
+            return _ref_row.layer_norm(h, shape, weight, None, ctx.eps, out_dtype=out_dtype)
+        if ctx.kind == "rms":
+            return _ref_row.rms_norm(h, shape, weight, ctx.eps, weight_offset=ctx.weight_offset, out_dtype=out_dtype)
+        return _ref_row.crms_norm(h, shape, weight, ctx.eps, out_dtype=out_dtype)
+
+    return formula
 
 
 def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
@@ -96,14 +112,20 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
         dresidual_out = None
     if dy is None:  # only the residual sum reached the loss: the norm adds nothing
         dh, dweight, dbias = dresidual_out, None, None
+    elif wants_double_backward():
+        # create_graph=True: the backward kernel's op has no derivative, so differentiate the reference formula.
+        needs_dh = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dh, dweight = differentiable_backward(_reference_formula(ctx), (h, weight), (dy,),
+                                              (needs_dh, weight is not None and ctx.needs_input_grad[2]))
+        if dh is not None and dresidual_out is not None:
+            dh = dh + dresidual_out.to(dh.dtype)
+        dbias = dy.sum(0) if ctx.has_bias else None
     else:
         dh, dweight, dbias = row_norm_bwd(_row_major(dy), h, _row_major(dresidual_out), weight, mean, rstd, ctx.kind,
                                           ctx.weight_offset, ctx.has_bias)
-    if dh is None:
-        return None, None, None, None, None, None, None, None
     # x and the residual both receive dh (as for an unfused `x + residual`), each in its own dtype.
-    dx = dh.to(ctx.x_dtype)
-    dresidual = dh.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
+    dx = dh.to(ctx.x_dtype) if dh is not None else None
+    dresidual = dh.to(ctx.residual_dtype) if dh is not None and ctx.residual_dtype is not None else None
     return (dx, dresidual, dweight if weight is not None else None, dbias if ctx.has_bias else None,
             None, None, None, None)
 

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._autograd import differentiable_backward, refuse_double_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.ops.row_norms import row_norm
 from normlayers.reference import power_norm as _ref_power
@@ -102,8 +103,18 @@ def _channel_affine_setup_context(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype if shift is not None else None
 
 
+def _channel_affine_formula(x: Tensor, scale: Tensor, shift: Optional[Tensor]) -> Tensor:
+    y = x.to(scale.dtype) * scale
+    return y + shift if shift is not None else y
+
+
 def _channel_affine_backward(ctx, dy):
     x, scale = ctx.saved_tensors
+    if wants_double_backward():
+        # shift enters additively: a zero stand-in gives its gradient (shift itself is not saved).
+        shift = torch.zeros_like(scale) if ctx.shift_dtype is not None else None
+        return (*differentiable_backward(_channel_affine_formula, (x, scale, shift), (dy,), ctx.needs_input_grad[:3]),
+                None)
     sums, _ = token_grad_sums(dy, x, None, None)
     dx = channel_affine(dy, scale, None, x.dtype) if ctx.needs_input_grad[0] else None
     dshift = sums[2].to(ctx.shift_dtype) if ctx.shift_dtype is not None else None
@@ -148,6 +159,7 @@ def _power_norm_setup_context(ctx, inputs, output):
 
 
 def _power_norm_backward(ctx, dy):
+    refuse_double_backward("PowerNorm's training backward (the method's approximate one, which updates ema_gz)")
     u, weight, scale, grad_scale = ctx.saved_tensors
     ema_gz = ctx.ema_gz
     w = _param_or_ones(weight, scale)
@@ -196,6 +208,7 @@ def _unified_norm_setup_context(ctx, inputs, output):
 
 
 def _unified_norm_backward(ctx, dy):
+    refuse_double_backward("UnifiedNorm's training backward (the method's own, which updates ema_gz and buffer_gz)")
     x, weight, inv_std, r, t, skip = ctx.saved_tensors
     sums, _ = token_grad_sums(dy, x, None, None)
     _sum_xx, sum_dyx, sum_dy = sums.unbind(0)

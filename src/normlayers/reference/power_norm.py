@@ -32,8 +32,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._autograd import refuse_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.distributed import all_reduce_sum
+from normlayers.reference.row_norms import overflow_to_nan, power_of_two_scale
 
 __all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean_over_rows", "power_norm_statistics_",
            "step_snapshot", "GROUP_SCALING_EPS"]
@@ -47,8 +49,11 @@ def group_scaling(x: Tensor, group_num: int, eps: float = GROUP_SCALING_EPS) -> 
     (``GroupScaling1D``, ``mask_powernorm.py`` L28–37)."""
     channels = x.shape[-1]
     groups = x.reshape(*x.shape[:-1], group_num, channels // group_num)
-    moment2 = groups.square().mean(-1, keepdim=True)
-    return (groups / torch.sqrt(moment2 + eps)).reshape(x.shape)
+    # Taken of the group scaled by a power of two (then eps·s²), so that huge values do not overflow x² (exact).
+    scale = power_of_two_scale(groups, (-1,), eps)
+    scaled = groups * scale
+    moment2 = scaled.square().mean(-1, keepdim=True)
+    return (scaled / torch.sqrt(moment2 + eps * scale * scale)).reshape(x.shape)
 
 
 def token_rows(x: Tensor, pad_mask: Optional[Tensor], *, time_major: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -104,6 +109,7 @@ def mean_over_valid(total: Tensor, rows: int, valid: Optional[Tensor],
     With ``sync_group`` both are summed over its ranks first (every rank must call, also with no rows): the mean
     over the valid rows of the global batch, and the global count (0 only when no rank has a valid row).
     """
+    total = overflow_to_nan(total)  # the sum of squares overflowed: NaN, not a silent 0 output
     if sync_group is None and valid is None and rows > 0:
         return total / rows, None
     if valid is not None:
@@ -135,7 +141,7 @@ def masked_square_mean(rows: Tensor, valid: Optional[Tensor],
     :func:`mean_over_valid`)."""
     squares = rows.detach().square()
     if valid is not None:
-        squares = squares * valid[:, None].to(squares.dtype)
+        squares = torch.where(valid[:, None], squares, 0.0)  # select: a NaN in a pad must not leak (NaN·0 = NaN)
     return mean_over_valid(squares.sum(0), rows.shape[0], valid, sync_group)
 
 
@@ -185,6 +191,7 @@ class _PowerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        refuse_double_backward("PowerNorm's training backward (the method's approximate one, which updates ema_gz)")
         z, weight, grad_scale = ctx.saved_tensors
         ema_gz = ctx.ema_gz
         g = dy * weight.to(dy.dtype) if weight is not None else dy

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
+from normlayers.reference.row_norms import overflow_to_nan
 
 __all__ = ["prepare_mask", "region_norm", "self_aware_affine", "learnable_region_norm"]
 
@@ -84,30 +85,36 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
     """
     opmath = compute_dtype(x.dtype)
     xf = x.to(opmath)
-    hole = prepare_mask(mask, x.shape[2:]).to(opmath)
+    hole = prepare_mask(mask, x.shape[2:]).expand_as(xf)
     dims = (0, 2, 3) if stats == "batch" else (2, 3)
     values = math.prod([x.shape[d] for d in dims])
-    weights = (hole, 1 - hole)
+    # Each region selects its values (torch.where), never multiplies by a 0/1 weight: a NaN or inf in one region
+    # must not reach the other region's statistics or outputs (NaN·0 = NaN). Outside its region a value is replaced
+    # by the region's mean before any arithmetic, so that no gradient meets 0·NaN either.
+    regions = (hole, ~hole)
     counts, means, variances = [], [], []
-    for w in weights:
-        count = w.expand_as(xf).sum(dims, keepdim=True)
+    for inside in regions:
+        count = inside.sum(dims, keepdim=True).to(opmath)
         safe_count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1
-        mean = (w * xf).sum(dims, keepdim=True) / safe_count
+        mean = torch.where(inside, xf, 0.0).sum(dims, keepdim=True) / safe_count
         counts.append(count)
         means.append(mean)
-        variances.append((w * (xf - mean).square()).sum(dims, keepdim=True) / safe_count)
+        # A variance that overflowed is NaN (overflow_to_nan), not inf: rsqrt(inf) would give silent zeros.
+        centred = torch.where(inside, xf, mean) - mean
+        variances.append(overflow_to_nan(torch.where(inside, centred.square(), 0.0).sum(dims, keepdim=True))
+                         / safe_count)
     if sync is not None:
         mean, var, count = sync(torch.stack(means), torch.stack(variances), torch.stack(counts))
         means, variances, counts = list(mean.unbind(0)), list(var.unbind(0)), list(count.unbind(0))
         values = counts[0] + counts[1]  # the global N·H·W of each channel
     out = torch.zeros_like(xf)
     betas = []
-    for w, count, mean, var, gamma, beta in zip(weights, counts, means, variances,
-                                                 (foreground_gamma, background_gamma),
-                                                 (foreground_beta, background_beta)):
+    for inside, count, mean, var, gamma, beta in zip(regions, counts, means, variances,
+                                                      (foreground_gamma, background_gamma),
+                                                      (foreground_beta, background_beta)):
         count = torch.where(count == 0, torch.ones_like(count), count)
         region_eps = eps * values / count if eps_mode == "official" else eps
-        normalized = (xf - mean) * torch.rsqrt(var + region_eps)
+        normalized = (torch.where(inside, xf, mean) - mean) * torch.rsqrt(var + region_eps)
         if gamma is not None:
             normalized = normalized * (1 + gamma.to(opmath).view(_PER_CHANNEL))
         if beta is not None:
@@ -116,7 +123,7 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
                 betas.append(beta)  # added to every pixel, outside the region weight
             else:
                 normalized = normalized + beta
-        out = out + w * normalized
+        out = torch.where(inside, normalized, out)
     for beta in betas:
         out = out + beta
     return out.to(x.dtype)

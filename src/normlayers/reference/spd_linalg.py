@@ -24,8 +24,9 @@ inverse sqrt, power, log) at a *relative* floor ``finfo(dtype).eps · λ_max`` p
 ill-conditioned by design, and an absolute 1e-4 would rewrite every eigenvalue of a unit-scale covariance of condition
 above 1e4. Inputs are symmetrized (``(A + Aᵀ)/2``) before ``eigh``; the backward returns the symmetric gradient.
 
-The backwards are first-order only (``once_differentiable``): double backward raises rather than silently dropping
-the terms through the eigenvectors.
+The backwards are first-order only: double backward (``create_graph=True``) raises one clear error rather than
+silently dropping the terms through the eigenvectors (``once_differentiable`` would leave the input's second derivative
+unconnected, so autograd reported it as unused or returned ``None``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
+
+from normlayers._autograd import refuse_double_backward
 
 __all__ = ["sym", "eigenvalue_floor", "sqrtm", "invsqrtm", "powm", "logm", "expm", "absm", "rectify",
            "lyapunov_power", "congruence"]
@@ -166,8 +169,8 @@ class _SpectralFunction(torch.autograd.Function):
         return _reconstruct(u, values)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+        refuse_double_backward("The SPD spectral functions' backward (eigendecomposition, SPDBatchNorm)")
         u, lam, lam_used, values, clamped = ctx.saved_tensors
         loewner = _closed_form_loewner(ctx.kind, lam_used, ctx.power)
         # Pairs with a clamped eigenvalue: the divided difference of g(x) = f(max(x, floor)) at the *unclamped*
@@ -240,8 +243,8 @@ class _LyapunovPower(torch.autograd.Function):
         return qx @ (kx * (qx.mT @ x @ qx)) @ qx.mT
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
+        refuse_double_backward("The SPD Lyapunov-operator backward (BW parallel transport, SPDBatchNorm)")
         lam, q, x = ctx.saved_tensors
         power = ctx.power
         grad_a = grad_x = None

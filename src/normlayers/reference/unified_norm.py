@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normlayers._autograd import refuse_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.reference.power_norm import keep_if_empty, masked_square_mean, mean_over_rows, step_snapshot, token_rows
 
@@ -131,6 +132,8 @@ class _UnifiedNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        refuse_double_backward("UnifiedNorm's training backward (the method's own, which updates ema_gz and "
+                               "buffer_gz)")
         z, weight, inv_std, r, t, skip = ctx.saved_tensors
         g = dy * weight.to(dy.dtype) * r
         # Mean over all rows, of every rank when synced (0 for an empty batch, not 0/0).

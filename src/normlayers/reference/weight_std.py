@@ -81,7 +81,8 @@ def weight_standardize(weight: Tensor, *, correction: int, eps_inside: bool, eps
 
     The result is rounded once, to ``out_dtype`` (default: ``weight.dtype``).
     """
-    flat = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0], -1)
+    # The fan-in spelled out, not -1: a zero-size weight (no filters, or empty filters) has no -1 to infer.
+    flat = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0], math.prod(weight.shape[1:]))
     if eps_inside:
         var, mean = torch.var_mean(flat, dim=1, correction=correction, keepdim=True)
         denominator = torch.sqrt(var + eps)
