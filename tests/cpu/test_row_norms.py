@@ -81,10 +81,14 @@ def test_non_contiguous_rows():
     assert_cpu_tier_matches_reference(lambda x, w: NF.layer_norm(x, 32, w), [x, torch.rand(32)])
 
 
-def test_auto_runs_the_closed_form_function():
+def test_auto_runs_native_layer_norm_or_the_closed_form_function():
+    """LayerNorm runs ATen's fused kernel where no row's statistics can overflow, the scaled closed form elsewhere;
+    RMSNorm and CRMSNorm always run the closed form."""
     x = torch.randn(3, 8, requires_grad=True)
-    for fn in (NF.layer_norm, NF.rms_norm, NF.crms_norm):
-        grad_fn = fn(x, 8).grad_fn  # a view of the Function's 2-D output
+    assert type(NF.layer_norm(x, 8).grad_fn).__name__ == "NativeLayerNormBackward0"
+    huge = (torch.randn(3, 8) * 1e30).requires_grad_()
+    for fn, inp in ((NF.layer_norm, huge), (NF.rms_norm, x), (NF.crms_norm, x)):
+        grad_fn = fn(inp, 8).grad_fn  # a view of the Function's 2-D output
         assert type(grad_fn.next_functions[0][0]).__name__ == "_RowNormFunctionBackward"
 
 

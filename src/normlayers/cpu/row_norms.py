@@ -21,10 +21,11 @@ import math
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import opmath
+from normlayers.cpu._common import LOW_PRECISION, opmath, params_like
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm"]
@@ -89,6 +90,21 @@ class _RowNormFunction(torch.autograd.Function):
         return (dz * scale).to(x.dtype), dweight, dbias, None, None, None, None
 
 
+# Below this magnitude a row's sum of squares cannot overflow fp32 ((2**50)²·n < 2**128 for rows of n < 2**28 values),
+# so ATen's native_layer_norm, which does not scale, gives the scaled closed form's answer to rounding.
+_NATIVE_MAX_ABS = 2.0 ** 50
+
+
+def _fits_native_layer_norm(h: Tensor, eps: float) -> bool:
+    """Whether ATen's fused ``native_layer_norm`` gives the scaled statistics' answer for ``h`` (eager only: one pass
+    of ``abs().amax()``; under ``torch.compile`` the closed form runs and inductor fuses it). With ``eps = 0`` a tiny
+    row's variance underflows unscaled, so only ``eps > 0`` qualifies; a NaN or inf input takes the closed form,
+    whose NaN pattern is the reference's."""
+    if torch.compiler.is_compiling() or eps <= 0 or h.numel() == 0:
+        return False
+    return bool(h.detach().abs().amax() < _NATIVE_MAX_ABS)
+
+
 def _residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
     if x.dtype == residual.dtype == residual_dtype:
         return x + residual  # ATen adds in opmath and rounds once: the reference's value, one pass
@@ -101,6 +117,13 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     """``(y, h)`` as :func:`normlayers.functional.add_layer_norm` and friends (``h = None`` without ``residual``);
     ``kind`` is ``"layer"``, ``"rms"`` or ``"crms"``. Arguments are assumed valid."""
     h = input if residual is None else _residual_add(input, residual, residual_dtype)
+    # Width 1 takes the closed form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
+    if kind == "layer" and math.prod(shape) > 1 and _fits_native_layer_norm(h, eps):
+        # In fp32 for bf16/fp16: ATen's reduced-precision layer norm backward sums the weight and bias gradients
+        # with bf16 roundings (an error of 0.04 in a bias gradient of 12 rows), even beside fp32 parameters.
+        normed = opmath(h) if h.dtype in LOW_PRECISION else h
+        weight, bias = params_like(normed, weight, bias)
+        return F.layer_norm(normed, shape, weight, bias, eps).to(input.dtype), h if residual is not None else None
     width = math.prod(shape)
     flat_weight = None if weight is None else weight.reshape(width)
     flat_bias = None if bias is None else bias.reshape(width)
