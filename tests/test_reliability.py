@@ -423,14 +423,17 @@ BUFFERED_CNN_LAYERS = {
     "bcn": lambda: normlayers.BatchChannelNorm2d(4, num_groups=2),
     "bcn_estimate": lambda: normlayers.BatchChannelNorm2d(4, num_groups=2, estimate=True),
     "evo_b1": lambda: normlayers.EvoNorm2dB1(4),
+    "evo_b1_eval": lambda: normlayers.EvoNorm2dB1(4).eval(),
+    "bcn_eval": lambda: normlayers.BatchChannelNorm2d(4, num_groups=2).eval(),
 }
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("name", tuple(BUFFERED_CNN_LAYERS))
 def test_gradient_penalty_updates_running_statistics_once(backend_name, name):
-    """A gradient penalty in training moves the running statistics exactly as the forward alone does (the double
-    backward re-runs the layer's math, never its buffer update), and gives the reference's gradient."""
+    """A gradient penalty moves the running statistics exactly as the forward alone does (the double backward re-runs
+    the layer's math on the statistics the forward used, never its buffer update), and gives the reference's
+    gradient (in eval too: the running statistics are constants there)."""
     torch.manual_seed(16)
     layer = _double(BUFFERED_CNN_LAYERS[name]())
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
