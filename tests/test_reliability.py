@@ -419,6 +419,37 @@ def test_cnn_norms_double_backward(backend_name, name, training):
     _gradgradcheck(backend_name, lambda x: layer(x), x)
 
 
+BUFFERED_CNN_LAYERS = {
+    "bcn": lambda: normlayers.BatchChannelNorm2d(4, num_groups=2),
+    "bcn_estimate": lambda: normlayers.BatchChannelNorm2d(4, num_groups=2, estimate=True),
+    "evo_b1": lambda: normlayers.EvoNorm2dB1(4),
+    "evo_b1_eval": lambda: normlayers.EvoNorm2dB1(4).eval(),
+    "bcn_eval": lambda: normlayers.BatchChannelNorm2d(4, num_groups=2).eval(),
+}
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("name", tuple(BUFFERED_CNN_LAYERS))
+def test_gradient_penalty_updates_running_statistics_once(backend_name, name):
+    """A gradient penalty moves the running statistics exactly as the forward alone does (the double backward re-runs
+    the layer's math on the statistics the forward used, never its buffer update), and gives the reference's
+    gradient (in eval too: the running statistics are constants there)."""
+    torch.manual_seed(16)
+    layer = _double(BUFFERED_CNN_LAYERS[name]())
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    forward_only, penalized, reference = (copy.deepcopy(layer) for _ in range(3))
+
+    def penalty(module, backend):
+        with normlayers.backend(backend):
+            (g,) = torch.autograd.grad(torch.sin(module(x)).sum(), x, create_graph=True)
+            return torch.autograd.grad(g.square().sum(), x)[0]
+
+    _on(backend_name, forward_only, x)
+    assert_close(penalty(penalized, backend_name), penalty(reference, "reference"))
+    for name_, expected in forward_only.named_buffers():
+        torch.testing.assert_close(penalized.get_buffer(name_), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("learnable", (False, True))
 def test_region_norms_double_backward(backend_name, learnable):

@@ -58,3 +58,12 @@ def refuse_double_backward(what: str) -> None:
         raise RuntimeError(
             f"{what} has no second derivative: double backward (torch.autograd.grad(..., create_graph=True), e.g. "
             "a gradient penalty) is not supported through it, on any backend")
+
+
+def recomputed_backward(ctx, formula: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]],
+                        dy: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The double-backward path of a fused layer's :class:`torch.autograd.Function` whose first ``len(inputs)``
+    arguments are its differentiable tensors: :func:`differentiable_backward` of ``formula`` (the whole layer in torch
+    ops, with the statistics the forward used fixed and no running-buffer update), ``None`` for the other arguments."""
+    grads = differentiable_backward(formula, inputs, (dy,), ctx.needs_input_grad[:len(inputs)])
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(inputs))

@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from normlayers._autograd import recomputed_backward, wants_double_backward
 from normlayers.distributed import MomentSync
 from normlayers.ops.channel_stats import (
     batch_moments_from_planes,
@@ -112,6 +113,18 @@ class _BatchChannelNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         input, plane_mean, plane_var, scale, mean, var, bn_weight, bn_bias, weight, bias = ctx.saved_tensors
+        if wants_double_backward():
+            # The reference on the statistics the forward used: the batch's (recomputed; no running buffers, so no
+            # update) or the running ones as they were then (finalize's mean/var, constants as in the forward).
+            eps, bn_eps = ctx.epsilons
+            statistics = (None, None) if ctx.batch_gradient else (mean, var)
+
+            def layer(x, *parameters):
+                return _ref_batch_channel.batch_channel_norm(
+                    x, *statistics, *parameters, training=ctx.batch_gradient, momentum=None, eps=eps,
+                    num_groups=ctx.num_groups, bn_eps=bn_eps)
+
+            return recomputed_backward(ctx, layer, (input, bn_weight, bn_bias, weight, bias), dy)
         dx_affine, dscale, dshift = plane_affine_bwd(dy, input, plane_mean, scale)
         dplane_mean, dplane_var, *parameter_grads = batch_channel_finalize_bwd(
             dscale, dshift, plane_mean, plane_var, mean, var, bn_weight, bn_bias, weight, bias, ctx.batch_gradient,

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from normlayers._autograd import differentiable_backward, wants_double_backward
+from normlayers._autograd import differentiable_backward, recomputed_backward, wants_double_backward
 from normlayers.distributed import MomentSync
 from normlayers.ops.channel_stats import (
     _per_plane,
@@ -219,7 +219,19 @@ class _EvoNormS(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         input, plane_mean, plane_var, slope, scale, weight, bias, v = ctx.saved_tensors
-        numerator = ctx.options[-1]
+        groups, eps, statistic, numerator = ctx.options
+        if wants_double_backward():
+            kernels = _kernels()
+            variant = ("s2" if statistic == kernels.GROUP_MEAN_SQUARE else
+                       "s0" if numerator == kernels.NUMERATOR_SWISH else "s1")
+            normalize_only = numerator == kernels.NUMERATOR_IDENTITY
+
+            def layer(x, weight, bias, v):
+                return _ref_evo.evo_norm_s(x, groups, weight, bias, v, variant=variant,
+                                           activation=torch.nn.functional.silu, eps=eps, apply_act=not normalize_only,
+                                           always_normalize=True)
+
+            return recomputed_backward(ctx, layer, (input, weight, bias, v), dy)
         if numerator == _kernels().NUMERATOR_IDENTITY:
             dslope = None
             dx_pass, dscale, dshift = plane_affine_bwd(dy, input, plane_mean, scale)
@@ -292,11 +304,23 @@ class _EvoNormB(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         input, plane_mean, plane_var, var, left, slope, offset, scale, weight, bias, v = ctx.saved_tensors
+        training, variant, eps = ctx.options
+        if wants_double_backward():
+            # The reference on the variance the forward used: the batch's (recomputed; no running buffer, so no
+            # update) or the running one as it was then (finalize's var, a constant as in the forward).
+            kernels = _kernels()
+            variant_name = {kernels.VARIANT_B0: "b0", kernels.VARIANT_B1: "b1", kernels.VARIANT_B2: "b2"}[variant]
+
+            def layer(x, weight, bias, v):
+                return _ref_evo.evo_norm_b(x, None if training else var, weight, bias, v, variant=variant_name,
+                                           training=training, momentum=0.0, eps=eps, apply_act=True)
+
+            return recomputed_backward(ctx, layer, (input, weight, bias, v), dy)
         dx_pass, *coefficient_grads = plane_max_div_affine_bwd(dy, input, left, slope, offset, scale)
         dplane_mean, dplane_var, *parameter_grads = evo_norm_b_finalize_bwd(
             *coefficient_grads, plane_mean, plane_var, var, weight, bias, v, *ctx.options)
         dx = plane_moments_bwd(input, plane_mean, dplane_mean, dplane_var, dx_pass)
-        reads_v = ctx.options[1] == _kernels().VARIANT_B0
+        reads_v = variant == _kernels().VARIANT_B0
         parameter_grads = [g if p is not None else None
                            for g, p in zip(parameter_grads, (weight, bias, v if reads_v else None))]
         return (dx, *parameter_grads) + (None,) * 5
