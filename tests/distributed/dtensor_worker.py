@@ -7,7 +7,7 @@ On a 1-D mesh of the two CPU ranks (``init_device_mesh("cpu", (2,))``), on both 
   under tensor + sequence parallelism: ``SequenceParallel`` norms, ``ColwiseParallel``/``RowwiseParallel`` MLP, the
   fused-residual norms on DTensors through ``distribute_module``, the token norm on the gathered sequence;
 * the same block under FSDP2 (``fully_shard``) with ``convert_sync``, each rank on its samples;
-* a CNN with BatchChannelNorm2d and EvoNorm2dB0 under FSDP2 with ``convert_sync``, and replicated
+* a CNN with BatchChannelNorm2d, EvoNorm2dB0, LayerNorm2d and EvoNorm2dS0 under FSDP2 with ``convert_sync``, and replicated
   (``distribute_module``) on an input DTensor sharded on the batch dim (DTensor reduces the batch statistics);
 * the tensor/sequence-parallel block (row norms only) compiled with ``torch.compile(fullgraph=True)``;
 
@@ -62,9 +62,11 @@ class ConvNet(nn.Module):
         self.bcn = normlayers.BatchChannelNorm2d(CHANNELS, num_groups=2)
         self.conv2 = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
         self.evo = normlayers.EvoNorm2dB0(CHANNELS)
+        self.ln2d = normlayers.LayerNorm2d(CHANNELS)  # per-pixel statistics over the channels
+        self.evo_s = normlayers.EvoNorm2dS0(CHANNELS, groups=2)  # per-sample group statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x)))))
+        return self.evo_s(self.ln2d(self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x)))))))
 
 
 def make_model(name: str) -> nn.Module:
