@@ -14,10 +14,20 @@ torch 2.13 only), let each op run on its local shards with no communication wher
 * **Per-plane ops** (``plane_*``, ``(N, C, *spatial)`` with ``(N, C)`` coefficients): sharded on the batch or the
   channel dim; every statistic is per plane, so all stay local. Sharded spatial dims are refused.
 * **Region ops** (``region_*``): sharded on the batch dim (the mask ``hole`` alike). Other dims are refused.
+* **Per-pixel channel norms** (``channel_norm_fwd``/``_bwd``, LayerNorm2d/RMSNorm2d on ``(N, C, H, W)``): sharded on
+  the batch dim; weight and bias replicated, ``dweight``/``dbias`` ``Partial``. Sharded channels are refused (a
+  pixel's statistics span them), and so are sharded spatial dims (the per-pixel statistics are kept flattened to
+  ``(N, H·W)``).
+* **EvoNorm-S statistics** (``evo_norm_s_finalize``/``_bwd``, per-plane ``(N, C)`` moments to per-sample group
+  coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``. Sharded channels are
+  refused: a group spans several channels.
 * **Token ops** (``token_*``, ``channel_affine*``, ``power_norm_train``, ``unified_norm_train``, on token rows
   ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
   Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
   those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out").
+* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward)
+  refuse DTensors: they take the batch's statistics from their ``(N, C)`` inputs alone. BatchChannelNorm2d and
+  EvoNorm-B route DTensor inputs to their unfused compositions instead (next paragraph).
 
 Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
 with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
