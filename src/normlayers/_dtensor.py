@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch.distributed
 
-__all__ = ["register_sharding_rules_lazily"]
+__all__ = ["register_sharding_rules_lazily", "is_dtensor"]
 
 _DTENSOR_MODULE = "torch.distributed.tensor"
 
@@ -44,6 +44,15 @@ class _AfterDTensorImport(importlib.abc.MetaPathFinder):
 
             spec.loader.exec_module = exec_then_register
         return spec
+
+
+def is_dtensor(x: object) -> bool:
+    """Whether ``x`` is a DTensor, without importing ``torch.distributed.tensor`` (no DTensor exists before it is)."""
+    if _DTENSOR_MODULE not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
 
 
 def register_sharding_rules_lazily() -> None:

@@ -7,13 +7,14 @@ On a 1-D mesh of the two CPU ranks (``init_device_mesh("cpu", (2,))``), on both 
   under tensor + sequence parallelism: ``SequenceParallel`` norms, ``ColwiseParallel``/``RowwiseParallel`` MLP, the
   fused-residual norms on DTensors through ``distribute_module``, the token norm on the gathered sequence;
 * the same block under FSDP2 (``fully_shard``) with ``convert_sync``, each rank on its samples;
-* a CNN with BatchChannelNorm2d and EvoNorm2dB0 under FSDP2 with ``convert_sync``, and replicated
-  (``distribute_module``) on an input DTensor sharded on the batch dim (DTensor reduces the batch statistics);
+* a CNN with BatchChannelNorm2d, EvoNorm2dB0, LayerNorm2d and EvoNorm2dS0 under FSDP2 with ``convert_sync``, and
+  replicated (``distribute_module``) on an input DTensor sharded on the batch dim (DTensor reduces the batch
+  statistics);
 * the tensor/sequence-parallel block (row norms only) compiled with ``torch.compile(fullgraph=True)``;
 
 and saves per step what the test compares with one process on the whole batch: outputs and input gradients (its part),
 full parameter gradients (under FSDP2 averaged over the ranks), parameters after the step and buffers. It also saves
-the error of a norm whose normalized dim is sharded.
+the errors of a norm whose normalized dim is sharded and of LayerNorm2d on sharded channels.
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ class ConvNet(nn.Module):
         self.bcn = normlayers.BatchChannelNorm2d(CHANNELS, num_groups=2)
         self.conv2 = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
         self.evo = normlayers.EvoNorm2dB0(CHANNELS)
+        self.ln2d = normlayers.LayerNorm2d(CHANNELS)  # per-pixel statistics over the channels
+        self.evo_s = normlayers.EvoNorm2dS0(CHANNELS, groups=2)  # per-sample group statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x)))))
+        return self.evo_s(self.ln2d(self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x)))))))
 
 
 def make_model(name: str) -> nn.Module:
@@ -202,15 +205,29 @@ def run_fsdp(name: str, rank: int, world: int) -> list[dict]:
     return train(model, batches(name), local=lambda t: part(t, rank, world, 0), lr=LR * world)
 
 
+def _error_of(call: Callable[[], object]) -> str:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the test checks the type and the message
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
 def sharded_normalized_dim_error(mesh, rank: int, world: int) -> str:
     from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
     norm = parallelize_module(normlayers.RMSNorm(HIDDEN), mesh, SequenceParallel(sequence_dim=2))
-    try:
-        norm(part(torch.randn(BATCH, SEQ, HIDDEN), rank, world, 2))  # fp32: the refusal is before any kernel
-    except Exception as error:  # noqa: BLE001 - the test checks the type and the message
-        return f"{type(error).__name__}: {error}"
-    return "no error"
+    # fp32: the refusal is before any kernel
+    return _error_of(lambda: norm(part(torch.randn(BATCH, SEQ, HIDDEN), rank, world, 2)))
+
+
+def sharded_channel_error(mesh, rank: int, world: int) -> str:
+    """LayerNorm2d on an input sharded on the channel dim, which its per-pixel statistics span."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_module
+
+    norm = distribute_module(normlayers.LayerNorm2d(CHANNELS), mesh)
+    x = part(torch.randn(IMAGES, CHANNELS, SIZE, SIZE), rank, world, 1)
+    return _error_of(lambda: norm(DTensor.from_local(x, mesh, [Shard(1)], run_check=False)))
 
 
 def main(rank: int, world: int, init_file: str, out: str) -> None:
@@ -231,6 +248,7 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
             results[("compiled_tp", backend_name, "none")] = run_tensor_parallel("none", mesh, rank, world,
                                                                                 compiled=True)
             results[("refused", backend_name)] = sharded_normalized_dim_error(mesh, rank, world)
+            results[("refused_channel", backend_name)] = sharded_channel_error(mesh, rank, world)
     torch.save(results, out)
     dist.destroy_process_group()
 

@@ -62,11 +62,13 @@ def test_parallel_training_equals_one_process(rank_results, single_process, para
 
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)
-def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backend_name):
+@pytest.mark.parametrize(("case", "op"), [("refused", "row_norm_fwd"),  # RMSNorm, normalized (hidden) dim sharded
+                                          ("refused_channel", "channel_norm_fwd")])  # LayerNorm2d, channels sharded
+def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backend_name, case, op):
     for results in rank_results:
-        message = results[("refused", backend_name)]
+        message = results[(case, backend_name)]
         if backend_name == "triton":
-            assert "normlayers::row_norm_fwd" in message and "sharded along dim 1" in message, message
+            assert f"normlayers::{op}" in message and "sharded along dim 1" in message, message
         else:
             # The reference path is torch's own ops: DTensor gathers the normalized dim and gives the right values.
             assert message == "no error"

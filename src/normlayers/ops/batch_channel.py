@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import recomputed_backward, wants_double_backward
+from normlayers._dtensor import is_dtensor
 from normlayers.distributed import MomentSync
 from normlayers.ops.channel_stats import (
     batch_moments_from_planes,
@@ -140,8 +141,9 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
                        bias: Optional[Tensor], *, training: bool, momentum: Optional[float], eps: float,
                        num_groups: int, bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
                        num_batches_tracked: Optional[Tensor], sync: Optional[MomentSync]) -> Tensor:
-    """BCN through the plane kernels (module docstring); same semantics as the reference, buffers included."""
-    if sync is not None:
+    """BCN through the plane kernels (module docstring); same semantics as the reference, buffers included. A DTensor
+    input takes the unfused composition, whose per-plane statistics DTensor reduces over the whole batch."""
+    if sync is not None or is_dtensor(input):
         return _synced_batch_channel_norm(input, running_mean, running_var, bn_weight, bn_bias, weight, bias,
                                           training=training, momentum=momentum, eps=eps, num_groups=num_groups,
                                           bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
@@ -160,7 +162,7 @@ def _synced_batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], ru
                                bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], weight: Optional[Tensor],
                                bias: Optional[Tensor], *, training: bool, momentum: Optional[float], eps: float,
                                num_groups: int, bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
-                               num_batches_tracked: Optional[Tensor], sync: MomentSync) -> Tensor:
+                               num_batches_tracked: Optional[Tensor], sync: Optional[MomentSync]) -> Tensor:
     """BCN with synced batch statistics: :func:`~normlayers.ops.channel_stats.plane_moments`, the statistics as
     ``(N, C)`` torch ops that autograd differentiates (the batch moments are synced before they are used), then
     :func:`~normlayers.ops.channel_stats.plane_affine`. Not fused: the sync sits between the reduction and the

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import differentiable_backward, recomputed_backward, wants_double_backward
+from normlayers._dtensor import is_dtensor
 from normlayers.distributed import MomentSync
 from normlayers.ops.channel_stats import (
     _per_plane,
@@ -339,9 +340,10 @@ def evo_norm_b(variant: str, input: Tensor, running_var: Optional[Tensor], weigh
     Each variant's right-hand side is affine in ``x`` within a plane — B0 ``v·x + std``, B1 ``rms·x + rms``,
     B2 ``−x + rms`` — which is what :func:`~normlayers.ops.evo_norm.plane_max_div_affine` takes. On the synced path
     autograd of the small ops links the fused pass's backward to ``plane_moments``'s. Same semantics as the reference,
-    buffer included.
+    buffer included. A DTensor input takes that composition too (DTensor reduces its per-plane statistics over the
+    whole batch).
     """
-    if sync is None:
+    if sync is None and not is_dtensor(input):
         kernel_variant = {"b0": _kernels().VARIANT_B0, "b1": _kernels().VARIANT_B1, "b2": _kernels().VARIANT_B2}
         return _EvoNormB.apply(input, weight, bias, v if variant == "b0" else None, running_var, training,
                                kernel_variant[variant], momentum, eps)

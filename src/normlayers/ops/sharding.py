@@ -14,10 +14,20 @@ torch 2.13 only), let each op run on its local shards with no communication wher
 * **Per-plane ops** (``plane_*``, ``(N, C, *spatial)`` with ``(N, C)`` coefficients): sharded on the batch or the
   channel dim; every statistic is per plane, so all stay local. Sharded spatial dims are refused.
 * **Region ops** (``region_*``): sharded on the batch dim (the mask ``hole`` alike). Other dims are refused.
+* **Per-pixel channel norms** (``channel_norm_fwd``/``_bwd``, LayerNorm2d/RMSNorm2d on ``(N, C, H, W)``): sharded on
+  the batch dim; weight and bias replicated, ``dweight``/``dbias`` ``Partial``. Sharded channels are refused (a
+  pixel's statistics span them), and so are sharded spatial dims (the per-pixel statistics are kept flattened to
+  ``(N, H·W)``).
+* **EvoNorm-S statistics** (``evo_norm_s_finalize``/``_bwd``, per-plane ``(N, C)`` moments to per-sample group
+  coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``. Sharded channels are
+  refused: a group spans several channels.
 * **Token ops** (``token_*``, ``channel_affine*``, ``power_norm_train``, ``unified_norm_train``, on token rows
   ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
   Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
   those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out").
+* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward)
+  refuse DTensors: they take the batch's statistics from their ``(N, C)`` inputs alone. BatchChannelNorm2d and
+  EvoNorm-B route DTensor inputs to their unfused compositions instead (next paragraph).
 
 Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
 with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
@@ -40,7 +50,8 @@ from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 from torch.distributed.tensor.experimental import register_sharding
 
 # The ops must be registered before their rules.
-from normlayers.ops import channel_stats, evo_norm, region_norm, row_norms, token_stats  # noqa: F401
+from normlayers.ops import (  # noqa: F401
+    batch_channel, channel_norms, channel_stats, evo_norm, region_norm, row_norms, token_stats)
 
 __all__: list[str] = []
 
@@ -67,12 +78,17 @@ _DATA_DIMS: dict[str, tuple[tuple[int, ...], str]] = {
     "plane": ((0, 1), "a spatial dim: a plane's statistics would need values held by other ranks"),
     "region": ((0,), "a channel or spatial dim: the region statistics are taken here per sample only"),
     "token": ((0,), "the channels: the layer's statistics are per channel over token rows, sharded rows only"),
+    "pixel": ((0,), "a channel or spatial dim: a pixel's statistics are over all channels, and the per-pixel mean and "
+                    "rstd are kept flattened to (N, H·W)"),
+    "sample_group": ((0,), "the channels: a group statistic spans several channels"),
 }
 _SHARDINGS: dict[str, Callable[[Any], list[Any]]] = {
     "row": _row_shardings,
     "plane": lambda spec: [Shard(0), Shard(1)],
     "region": lambda spec: [Shard(0)],
     "token": _row_shardings,
+    "pixel": lambda spec: [Shard(0)],
+    "sample_group": lambda spec: [Shard(0)],
 }
 
 # Per op: its family, and one letter per argument and per output: "d" a data tensor (placed like the sharding),
@@ -81,7 +97,7 @@ _RULES: dict[str, tuple[str, str, str]] = {
     "row_norm_fwd": ("row", "ddrr----", "dddd"),  # (y, residual_out, mean, rstd): all per row
     "row_norm_bwd": ("row", "dddrdd---", "dpp"),  # (dh, dweight, dbias)
     "plane_moments": ("plane", "d", "dd"),
-    "plane_moments_bwd": ("plane", "dddd", "d"),
+    "plane_moments_bwd": ("plane", "ddddd", "d"),
     "plane_affine": ("plane", "dddd", "d"),
     "plane_affine_bwd": ("plane", "dddd", "ddd"),
     "plane_swish_affine": ("plane", "dddd", "d"),
@@ -98,6 +114,10 @@ _RULES: dict[str, tuple[str, str, str]] = {
     "channel_affine2": ("token", "drdr", "d"),
     "power_norm_train": ("token", "drrrrr---", "d"),
     "unified_norm_train": ("token", "drrrrrrrr---", "d"),
+    "channel_norm_fwd": ("pixel", "drr--", "ddd"),  # (y, mean, rstd): mean/rstd (N, H·W)
+    "channel_norm_bwd": ("pixel", "ddrdd--", "dpp"),  # (dx, dweight, dbias)
+    "evo_norm_s_finalize": ("sample_group", "ddrrr----", "ddd"),  # (slope, scale, shift), (N, C) each
+    "evo_norm_s_finalize_bwd": ("sample_group", "dddddrrr----", "ddppp"),  # (dplane_mean, dplane_var, dweight, ...)
 }
 
 
@@ -111,7 +131,10 @@ def _placement(role: str, sharding: Any) -> Optional[Any]:
 
 def _make_rule(name: str, family: str, inputs: str, outputs: str) -> Callable[..., list]:
     allowed, meaning = _DATA_DIMS[family]
-    argument_names = [a.name for a in getattr(torch.ops.normlayers, name).default._schema.arguments]
+    schema = getattr(torch.ops.normlayers, name).default._schema
+    if (len(inputs), len(outputs)) != (len(schema.arguments), len(schema.returns)):
+        raise AssertionError(f"the sharding rule of normlayers::{name} does not match its schema {schema}")
+    argument_names = [a.name for a in schema.arguments]
 
     def rule(*args: Any) -> list:
         data = [(argument_names[i], a) for i, (role, a) in enumerate(zip(inputs, args))
@@ -134,12 +157,28 @@ def _make_rule(name: str, family: str, inputs: str, outputs: str) -> Callable[..
     return rule
 
 
-def _refuse_stateful_token_norms(tensors: Any) -> list:
-    raise ValueError(
-        "normlayers::step_snapshot: PowerNorm and UnifiedNorm do not take DTensor inputs (they update running buffers "
-        "from statistics over the whole batch); under tensor/sequence parallelism give them the gathered sequence as "
-        "a local tensor, e.g. parallelize them with PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts="
-        "Replicate(), use_local_output=True) (see the normlayers docs, 'Scaling out').")
+def _refusal(name: str, layers: str, how: str) -> Callable[..., list]:
+    """A rule refusing every DTensor call of ``normlayers::{name}``, for ops of layers that update running buffers
+    from statistics over the whole batch, which the shards alone do not have."""
+
+    def refuse(*args: Any) -> list:
+        raise ValueError(
+            f"normlayers::{name}: {layers} do not take DTensor inputs here (they update running buffers from "
+            f"statistics over the whole batch); {how} (see the normlayers docs, 'Scaling out').")
+
+    return refuse
+
+
+# The token layers (step_snapshot) take no DTensors at all; the fused batch-statistic finalize ops are never reached
+# with DTensors, whose layers take the unfused composition (DTensor reduces its per-plane statistics).
+_REFUSED: dict[str, tuple[str, str]] = {
+    "step_snapshot": ("PowerNorm and UnifiedNorm", "under tensor/sequence parallelism give them the gathered sequence "
+                      "as a local tensor, e.g. parallelize them with PrepareModuleInput(input_layouts=Shard(1), "
+                      "desired_input_layouts=Replicate(), use_local_output=True)"),
+    **{name: ("BatchChannelNorm2d and EvoNorm-B", "their layers route DTensor inputs to the unfused composition, so "
+              "call the layer, not this op") for name in ("batch_channel_finalize", "batch_channel_finalize_bwd",
+                                                         "evo_norm_b_finalize", "evo_norm_b_finalize_bwd")},
+}
 
 
 def _is_tensor_type(t: Any) -> bool:
@@ -162,4 +201,5 @@ def _register(name: str, rule: Callable[..., list]) -> None:
 
 for _name, (_family, _inputs, _outputs) in _RULES.items():
     _register(_name, _make_rule(_name, _family, _inputs, _outputs))
-_register("step_snapshot", _refuse_stateful_token_norms)
+for _name, (_layers, _how) in _REFUSED.items():
+    _register(_name, _refusal(_name, _layers, _how))
