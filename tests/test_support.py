@@ -25,8 +25,9 @@ def test_every_public_layer_has_an_entry():
 
 def test_probe_records_the_triton_ops_and_nothing_for_torch_only_layers():
     evo = support.probe(support.LAYERS["EvoNorm2dB0"])
-    assert evo["triton_fwd"] == ("plane_moments", "plane_max_div_affine")
-    assert set(evo["triton_bwd"]) == {"plane_max_div_affine_bwd", "plane_moments_bwd"}
+    # the fused layer: moments, the finalize kernel, the elementwise pass (issue 16), and their backward ops
+    assert evo["triton_fwd"] == ("plane_moments", "evo_norm_b_finalize", "plane_max_div_affine")
+    assert set(evo["triton_bwd"]) == {"plane_max_div_affine_bwd", "evo_norm_b_finalize_bwd", "plane_moments_bwd"}
     assert evo["sync_stats"] and not evo["fold"]
     ws = support.probe(support.LAYERS["WSConv2d"])
     assert ws["triton_fwd"] == ws["triton_bwd"] == () and ws["fold"] and not ws["sync_stats"]
