@@ -337,13 +337,15 @@ def count_traffic() -> Iterator[list[Traffic]]:
     def element_size(ptrs) -> int:
         return ptrs.get_element_ty().primitive_bitwidth // 8
 
-    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # The cache arguments after (ptrs, mask, other) / (ptrs, value, mask) differ between Triton versions (3.8: cache
+    # modifier and eviction policy; 3.9: one cache policy): passed on as they come.
+    def create_masked_load(self, ptrs, mask, other, *cache_args):
         recorder.access(ptrs.data, mask.data, element_size(ptrs))
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, other, *cache_args)
 
-    def create_masked_store(self, ptrs, value, mask, cache_policy):
+    def create_masked_store(self, ptrs, value, mask, *cache_args):
         recorder.access(ptrs.data, mask.data, element_size(ptrs))
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *cache_args)
 
     builder.create_masked_load, builder.create_masked_store = create_masked_load, create_masked_store
     _recorder = recorder
