@@ -104,8 +104,9 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session, exitstatus):
     if not _REQUIRE_TIMM:
         return
+    # A session that collects no timm test (a subset, e.g. tools/gpu_check.sh's own test run) has nothing to require.
     skipped, passed = _timm_outcomes["skipped"], _timm_outcomes["passed"]
-    if skipped or not passed:
+    if skipped:
         print(f"\nNORMLAYERS_REQUIRE_TIMM=1 but {len(skipped)} timm test(s) skipped and {len(passed)} passed: "
               + ", ".join(skipped[:5]))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

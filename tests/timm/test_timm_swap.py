@@ -136,8 +136,11 @@ def test_replace_norms_swaps_every_timm_norm_and_keeps_outputs(name: str) -> Non
 
     got, want = _run(model, x), _run(copy.deepcopy(original), x)
     if _exact(original):
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+        # Outputs bit for bit. The input gradient is autograd's through the reference's power-of-two row scaling
+        # (docs/reliability.md), another op order than timm's, so it is held to the rule below.
+        assert torch.equal(got[0], want[0]) and torch.equal(got[-1], want[-1])
+        truth = _run(copy.deepcopy(original).double(), x.double())
+        assert_lowprec_close(got[1], want[1], truth[1], msg="dx")
     else:
         # Rounding in another order in every swapped layer compounds through the model: ours must be as close to
         # timm's model run in fp64 as timm's fp32 run is (the low-precision rule of normlayers.testing, here for

@@ -40,9 +40,9 @@ def _scaled_stats(xf: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor, Te
     if kind == "layer":
         z = z - z.mean(-1, keepdim=True)
         return z, torch.rsqrt(z.square().mean(-1, keepdim=True) + eps_s), scale, None
+    if kind == "rms":  # mean of squares, the op order of torch's, timm's and Hugging Face's RMSNorms: bit for bit
+        return z, torch.rsqrt(z.square().mean(-1, keepdim=True) + eps_s), scale, None
     sum_sq = torch.linalg.vecdot(z, z).unsqueeze(-1)
-    if kind == "rms":
-        return z, torch.rsqrt(sum_sq / z.shape[-1] + eps_s), scale, None
     row_sum = z.sum(-1, keepdim=True)
     return z, torch.rsqrt((sum_sq + row_sum.square()) / (z.shape[-1] + 1) + eps_s), scale, row_sum
 
