@@ -13,7 +13,7 @@ from typing import Mapping
 __all__ = ["BUDGETS_MS", "SUITES", "Suite"]
 
 # (warmup, timed) milliseconds per call site, by device type: triton.testing.do_bench's defaults on CUDA; on CPU no
-# separate warmup, since torch.utils.benchmark.Timer runs two untimed calls before each timed one.
+# separate warmup beyond the three calls that estimate each call's time.
 BUDGETS_MS: Mapping[str, tuple[float, float]] = {"cuda": (25.0, 100.0), "cpu": (0.0, 20.0)}
 
 
