@@ -90,6 +90,7 @@ def test_tiny_run_writes_csv_and_json_with_sane_values(tiny_run):
     assert metadata["device_type"] == "cpu" and metadata["suite"] == "custom"
     assert metadata["torch"] == torch.__version__ and metadata["copy_bandwidth_gbps"] > 0
     assert metadata["torch_num_threads"] == torch.get_num_threads()
+    assert 0 <= metadata["load_average_start"] <= metadata["load_average_max"]  # the machine's load beside the times
     assert {"git_sha", "date", "device_name", "triton", "normlayers", "timer", "byte_models"} <= metadata.keys()
     assert metadata["byte_models"]["rms_norm/fwd"] == "read x[MxN] + read weight[N] + write y[MxN]"
     assert [(r["op"], r["provider"]) for r in document["results"]] == [(r["op"], r["provider"]) for r in rows]

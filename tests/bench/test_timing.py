@@ -11,7 +11,8 @@ from normlayers.bench.timing import TimedCall, WallClockTimer, measure_interleav
 
 def test_the_calls_take_turns_and_the_warmup_is_not_counted():
     order = []
-    calls = [TimedCall(lambda: order.append("a")), TimedCall(lambda: order.append("b"), setup=lambda: order.append("s"))]
+    calls = [TimedCall(lambda: order.append("a")),
+             TimedCall(lambda: order.append("b"), setup=lambda: order.append("s"))]
     stats = measure_interleaved(calls, WallClockTimer(), rounds=3, warmup_rounds=2)
     # two untimed rounds, then three timed ones, each round running every call once (b's setup before each b)
     assert order == ["a", "s", "b"] * 5

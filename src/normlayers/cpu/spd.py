@@ -39,7 +39,8 @@ _PARAM_DTYPE = torch.float64
 def _root_sum(samples: Tensor) -> Tensor:
     """``Σ_i S_i^{1/2}`` over dim 0 of a batch of symmetric PSD matrices (no gradient; fp64), from one
     eigendecomposition per sample and one product: ``Σ_i U_i Λ_i^{1/2} U_iᵀ = W Wᵀ`` with the ``U_i Λ_i^{1/4}`` side
-    by side in ``W``. Eigenvalues are clamped at the relative floor of :func:`~normlayers.reference.spd_linalg.sqrtm`."""
+    by side in ``W``. Eigenvalues are clamped at the relative floor of
+    :func:`~normlayers.reference.spd_linalg.sqrtm`."""
     lam, u = torch.linalg.eigh(samples)
     quarter = torch.maximum(lam, eigenvalue_floor(lam)).to(_PARAM_DTYPE).pow(0.25)
     scaled = u.to(_PARAM_DTYPE) * quarter.unsqueeze(-2)  # (L, *S, n, n)
