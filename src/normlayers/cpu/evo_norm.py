@@ -1,8 +1,9 @@
 r"""CPU tier of EvoNorm (Liu et al., NeurIPS 2020; timm's ``timm/layers/evo_norm.py`` semantics): one
 closed-form ``autograd.Function`` per sub-family, each computing its statistics in few passes (a two-pass
 :func:`~normlayers.cpu._common.var_mean`, ``vecdot``) and its output in one fused multiply-add, with the backward
-written out instead of autograd through a dozen elementwise ops. The B forward saves the max ``m`` and the instance
-statistics, so the first-order backward needs no second pass of statistics.
+written out instead of autograd through a dozen elementwise ops. Each forward saves its statistics (B also the max
+``m``), so the first-order backward needs no second pass of statistics and works in place on its temporaries; a
+double backward (grad mode on inside the backward) recomputes everything from ``x`` with differentiable ops.
 
 **S** (``y = a(x) / d_g · γ + β``, ``d_g`` the group std or RMS over ``K = C/G·H·W`` values, ``t = dy·γ/d_g``):
 
@@ -81,58 +82,101 @@ def _numerator(xf: Tensor, numerator: str, v: Optional[Tensor]) -> tuple[Tensor,
 
 
 class _EvoSFunction(torch.autograd.Function):
+    """Returns ``(y, 1/d_g, μ_g)`` per (sample, group); the last two (``μ_g`` a 0-d zero for the RMS) are saved for
+    the first-order backward and are not differentiable."""
+
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], groups: int,
-                numerator: str, rms: bool, eps: float) -> Tensor:
+                numerator: str, rms: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         dtype = compute_dtype(x.dtype)
         xf = x.to(dtype)
-        inv, _ = _group_stats(xf, groups, rms, eps)
+        inv, mean = _group_stats(xf, groups, rms, eps)
         scale = _per_channel(inv, x.shape[1])
         if weight is not None:
             scale = scale * _channel(weight, dtype)
         a, _ = _numerator(xf, numerator, _channel(v, dtype))
         y = a * scale if bias is None else torch.addcmul(_channel(bias, dtype), a, scale)
-        return y.to(x.dtype)
+        return y.to(x.dtype), inv, inv.new_zeros(()) if mean is None else mean
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x, weight, bias, v, groups, numerator, rms, eps = inputs
-        ctx.save_for_backward(x, weight, v)
+        _, inv, mean = output
+        ctx.mark_non_differentiable(inv, mean)
+        ctx.save_for_backward(x, weight, v, inv, mean)
         ctx.groups, ctx.numerator, ctx.rms, ctx.eps, ctx.has_bias = groups, numerator, rms, eps, bias is not None
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, v = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor, *unused: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        if torch.is_grad_enabled():
+            return _evo_s_backward_differentiable(ctx, grad)
+        x, weight, v, inv, mean = ctx.saved_tensors
         dtype = compute_dtype(x.dtype)
         xf, gf = x.to(dtype), grad.to(dtype)
         n, channels = x.shape[:2]
         groups = ctx.groups
-        inv, mean = _group_stats(xf, groups, ctx.rms, ctx.eps)
         v_c = _channel(v, dtype)
-        a, sig = _numerator(xf, ctx.numerator, v_c)
-        ga = (gf * a).sum(_HW, keepdim=True)  # Σ_hw dy·a, (N, C, 1, 1)
         inv_c = _per_channel(inv, channels)
         scale = inv_c if weight is None else inv_c * _channel(weight, dtype)
-        dweight = _grad_of(weight, (ga * inv_c).sum(_NHW)) if ctx.needs_input_grad[1] else None
         dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dv = None
+        if ctx.numerator == "identity":
+            ga = _plane_dot(gf, xf)  # Σ_hw dy·a, (N, C, 1, 1)
+            dx = gf * scale
+        else:
+            sig = (xf * v_c if ctx.numerator == "sigmoid_v" else xf).sigmoid()
+            a = xf * sig
+            ga = _plane_dot(gf, a)
+            t = gf * scale
+            # a'(x) = σ + u·x·σ(1 − σ) = σ + u·q with q = a·(1 − σ), u = v (S0) or 1 (SiLU); ∂a/∂v = x·q
+            tq = torch.addcmul(a, a, sig, value=-1).mul_(t)
+            if ctx.numerator == "sigmoid_v":
+                if ctx.needs_input_grad[3]:
+                    dv = _plane_dot(tq, xf).sum((0, 2, 3)).to(v.dtype)
+                dx = t.mul_(sig).addcmul_(tq, v_c)
+            else:
+                dx = t.mul_(sig).add_(tq)
+        dweight = _grad_of(weight, (ga * inv_c).sum(_NHW)) if ctx.needs_input_grad[1] else None
         # Σ over the group of t·a with t = dy·γ/d_g, times 1/(K·d_g²): the statistic's share of dx
         group_sum = (ga * scale).reshape(n, groups, -1).sum(-1, keepdim=True)
         coef = _per_channel(group_sum * inv.square() / (xf[0].numel() // groups), channels)
-        t = gf * scale
-        dv = None
-        if sig is None:
-            dx = t
-        else:
-            # a'(x) = σ + u·x·σ(1 − σ), u = v (S0) or 1 (SiLU); ∂a/∂v = x²·σ(1 − σ)
-            slope = xf * sig * (1 - sig)
-            if ctx.numerator == "sigmoid_v":
-                if ctx.needs_input_grad[3]:
-                    dv = (t * xf * slope).sum(_NHW).to(v.dtype)
-                slope = slope * v_c
-            dx = t * (sig + slope)
-        centred = xf if mean is None else xf - _per_channel(mean, channels)
-        dx = dx - coef * centred
+        centred = xf if ctx.rms else xf - _per_channel(mean, channels)  # x − μ first: no cancellation of coef·x
+        dx = dx.addcmul_(centred, coef, value=-1)
         return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
+
+
+def _evo_s_backward_differentiable(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The S backward recomputed from ``x`` with differentiable ops, for a double backward (the saved statistics hold
+    no graph)."""
+    x, weight, v, _, _ = ctx.saved_tensors
+    dtype = compute_dtype(x.dtype)
+    xf, gf = x.to(dtype), grad.to(dtype)
+    n, channels = x.shape[:2]
+    groups = ctx.groups
+    inv, mean = _group_stats(xf, groups, ctx.rms, ctx.eps)
+    v_c = _channel(v, dtype)
+    a, sig = _numerator(xf, ctx.numerator, v_c)
+    ga = (gf * a).sum(_HW, keepdim=True)
+    inv_c = _per_channel(inv, channels)
+    scale = inv_c if weight is None else inv_c * _channel(weight, dtype)
+    dweight = _grad_of(weight, (ga * inv_c).sum(_NHW)) if ctx.needs_input_grad[1] else None
+    dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    group_sum = (ga * scale).reshape(n, groups, -1).sum(-1, keepdim=True)
+    coef = _per_channel(group_sum * inv.square() / (xf[0].numel() // groups), channels)
+    t = gf * scale
+    dv = None
+    if sig is None:
+        dx = t
+    else:
+        slope = xf * sig * (1 - sig)
+        if ctx.numerator == "sigmoid_v":
+            if ctx.needs_input_grad[3]:
+                dv = (t * xf * slope).sum(_NHW).to(v.dtype)
+            slope = slope * v_c
+        dx = t * (sig + slope)
+    centred = xf if mean is None else xf - _per_channel(mean, channels)
+    dx = dx - coef * centred
+    return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
 
 
 def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], *,
@@ -145,7 +189,7 @@ def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
         numerator = "sigmoid_v"
     else:
         numerator = "silu" if _is_silu(activation) else "identity"
-    return _EvoSFunction.apply(x, weight, bias, v, groups, numerator, variant == "s2", eps)
+    return _EvoSFunction.apply(x, weight, bias, v, groups, numerator, variant == "s2", eps)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -237,7 +281,8 @@ class _EvoBFunction(torch.autograd.Function):
         def times_gamma(t: Tensor) -> Tensor:
             return t if gamma is None else t * gamma
 
-        # dx = γ·(e − ρ·h_r) + A·x + B with ρ = ∂r/∂x_j's per-element part, and A·x + B the statistics' shares
+        # dx = γ·(e − ρ·h_r) + plane·(x − shift) + coef·(x − μ_c) with ρ = ∂r/∂x_j's per-element part; the centred
+        # terms are formed as x − μ first (a plane of nearly equal values would cancel in plane·x − plane·μ)
         dv = None
         if ctx.variant == "b0":
             # r = v·x + s, s the instance std: ∂r/∂x_j = v + (x_j − μ)/(H·W·s)
@@ -245,25 +290,25 @@ class _EvoBFunction(torch.autograd.Function):
                 dv = (-times_gamma(_plane_dot(h_right, xf))).sum((0, 2, 3)).to(v.dtype)
             plane = -times_gamma(hr_plane) / (stat * hw)
             e = e.addcmul_(h_right, -v_c)
-            slope, offset = plane, -plane * inst_mean
+            centred = xf - inst_mean
         elif ctx.variant == "b1":
             # r = (x + 1)·q, q the instance RMS: ∂r/∂x_j = q + Σ(x + 1)·x_j/(H·W·q)
             plane = -times_gamma(_plane_dot(h_right, xf) + hr_plane) / (stat * hw)
             e = e.addcmul_(h_right, -stat)
-            slope, offset = plane, torch.zeros_like(plane)
+            centred = xf
         else:
             # r = q − x: ∂r/∂x_j = −1 + x_j/(H·W·q)
             plane = -times_gamma(hr_plane) / (stat * hw)
             e = e.add_(h_right)
-            slope, offset = plane, torch.zeros_like(plane)
+            centred = xf
         if batch_mean is not None:
             # training: l depends on x through the batch variance; Σ ∂L/∂l = −γ·Σ(h − h_r)
             count = xf.numel() // channels
             coef = -times_gamma(h_sum - h_right.sum(_NHW, keepdim=True)) / (left * count)
-            slope = slope + coef
-            offset = offset - coef * batch_mean.to(dtype).view(1, -1, 1, 1)
-        dx = torch.addcmul(offset, xf, slope)
-        dx = dx.add_(e) if gamma is None else dx.addcmul_(e, gamma)
+        dx = e if gamma is None else e.mul_(gamma)
+        dx = dx.addcmul_(centred, plane)
+        if batch_mean is not None:
+            dx = dx.addcmul_(xf - batch_mean.to(dtype).view(1, -1, 1, 1), coef)
         return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
 
 
