@@ -137,19 +137,15 @@ def local_output(y, mesh, dim: int) -> torch.Tensor:
 
 def tensor_parallel(model: Block, mesh) -> nn.Module:
     """TP/SP plan of :class:`Block`; its input must be a DTensor sharded on the sequence dim."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_module
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor import Shard, distribute_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
     parallelize_module(model, mesh, {
         "norm_in": SequenceParallel(),
         "up": ColwiseParallel(input_layouts=Shard(1)),
         "down": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        # PowerNorm/UnifiedNorm take statistics over the whole batch and update buffers from them: they run on
-        # the gathered sequence, as local tensors (their DTensor inputs are refused).
-        "token_norm": PrepareModuleInputOutput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
-                                               use_local_input=True, output_layouts=Replicate(),
-                                               desired_output_layouts=Shard(1), use_local_output=False),
+        # PowerNorm/UnifiedNorm on the sharded sequence: statistics over the tokens of every rank.
+        "token_norm": SequenceParallel(),
     })
     # SequenceParallel hands a module its first input only; the fused-residual norms take two DTensors, so their
     # parameters are replicated by distribute_module.
@@ -173,7 +169,7 @@ def run_tensor_parallel(name: str, mesh, rank: int, world: int, compiled: bool =
 
     model = tensor_parallel(make_model(name), mesh)
     if placements is not None:
-        for norm in ("norm_in", "norm_mid", "norm_out"):
+        for norm in ("norm_in", "norm_mid", "token_norm", "norm_out"):
             getattr(model, norm).register_forward_hook(_record_placements(placements, norm))
     forward = torch.compile(model, fullgraph=True) if compiled else model
     return train(model, batches(name),
@@ -243,6 +239,7 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
                 results[("tp", backend_name, name)] = run_tensor_parallel(name, mesh, rank, world,
                                                                           placements=placements)
                 results[("fsdp", backend_name, name)] = run_fsdp(name, rank, world)
+                results[("dtensor_batch", backend_name, name)] = run_batch_sharded_dtensor(name, mesh, rank, world)
             results[("fsdp", backend_name, "cnn")] = run_fsdp("cnn", rank, world)
             results[("dtensor_batch", backend_name, "cnn")] = run_batch_sharded_dtensor("cnn", mesh, rank, world)
             results[("compiled_tp", backend_name, "none")] = run_tensor_parallel("none", mesh, rank, world,

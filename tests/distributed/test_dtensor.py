@@ -28,9 +28,11 @@ WORLD = 2
 _WORKER = Path(__file__).with_name("dtensor_worker.py")
 
 worker = ranks.load_script(_WORKER)
+_SEQUENCE_PARALLEL_NORMS = ("norm_in", "norm_mid", "token_norm", "norm_out")
 # (parallelism, model) -> the dim along which each rank holds its part of the inputs and outputs
 _CASES = {("tp", "power"): 1, ("tp", "unified"): 1, ("compiled_tp", "none"): 1,
-          ("fsdp", "power"): 0, ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0, ("dtensor_batch", "cnn"): 0}
+          ("dtensor_batch", "power"): 0, ("dtensor_batch", "unified"): 0, ("dtensor_batch", "cnn"): 0,
+          ("fsdp", "power"): 0, ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0}
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +77,12 @@ def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backe
 
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)
-def test_sequence_stays_sharded_through_the_row_norms(rank_results, backend_name):
+def test_sequence_stays_sharded_through_the_norms(rank_results, backend_name):
     # No gather inside the norms: their outputs keep the input's sequence sharding (the kernel path's rules keep the
-    # strided row sharding of the flattened (batch, seq) rows).
+    # strided row sharding of the flattened (batch, seq) rows; the token norms run on the local shards).
     for results in rank_results:
         assert results[("tp_placements", backend_name)] == {norm: "(Shard(dim=1),)"
-                                                            for norm in ("norm_in", "norm_mid", "norm_out")}
+                                                            for norm in _SEQUENCE_PARALLEL_NORMS}
 
 
 def test_cases_reach_the_paths_they_name(single_process):
