@@ -30,6 +30,7 @@ import normlayers
 
 BATCH, SEQ, HIDDEN, STEPS, LR = 2, 4, 8, 3, 0.1
 IMAGES, CHANNELS, SIZE = 4, 4, 4
+SPD_SIZE = 3
 BACKENDS = ("reference", "triton")
 TOKEN_NORMS: dict[str, Callable[[], nn.Module]] = {
     "power": lambda: normlayers.PowerNorm(HIDDEN, alpha_fwd=0.7, alpha_bkw=0.6, warmup_iters=2, group_num=2,
@@ -70,10 +71,50 @@ class ConvNet(nn.Module):
         return self.evo_s(self.ln2d(self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x)))))))
 
 
+class EvoNormsS(nn.Module):
+    """The EvoNorm-S variants other than S0 (in :class:`ConvNet`), chained: per-sample group statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evo = nn.Sequential(*(layer(CHANNELS, groups=2) for layer in (
+            normlayers.EvoNorm2dS0a, normlayers.EvoNorm2dS1, normlayers.EvoNorm2dS1a, normlayers.EvoNorm2dS2,
+            normlayers.EvoNorm2dS2a)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.evo(x)
+
+
+class RegionNorms(nn.Module):
+    """RegionNorm2d with batch statistics, then per sample, then LearnableRegionNorm2d; the hole mask is taken from
+    the input (so it is sharded like it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_batch = normlayers.RegionNorm2d(CHANNELS, eps=0.1)
+        self.norm_instance = normlayers.RegionNorm2d(CHANNELS, eps=0.1, stats="instance")
+        self.norm_learnable = normlayers.LearnableRegionNorm2d(CHANNELS, threshold=0.5, kernel_size=3, eps=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hole = x[:, :1].detach() > 0.5
+        return self.norm_learnable(self.norm_instance(self.norm_batch(x, hole), hole))
+
+
+def _weight_standardized() -> nn.Module:
+    return nn.Sequential(normlayers.WSConv2d(3, CHANNELS, 3, padding=1),
+                         normlayers.ScaledWSConv2d(CHANNELS, CHANNELS, 3, padding=1))
+
+
+# The layers run on batch-sharded DTensors alone (per-sample statistics, batch statistics and standardized weights).
+LAYER_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "cnn": ConvNet, "evo_s": EvoNormsS, "region": RegionNorms, "ws": _weight_standardized,
+    "spd": lambda: normlayers.SPDBatchNorm(SPD_SIZE, momentum=0.3, karcher_steps=2),
+}
+
+
 def make_model(name: str) -> nn.Module:
     """The model (same initial values in every process), randomized buffers and affine parameters included."""
     torch.manual_seed(3)
-    model = ConvNet() if name == "cnn" else Block(name)
+    model = LAYER_MODELS[name]() if name in LAYER_MODELS else Block(name)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for key, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -87,10 +128,15 @@ def batches(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every step's global ``(input, output gradient)``, in fp64: UnifiedNorm amplifies the rounding differences
     between the parallel and the one-process sums beyond fp32's tolerance by the third step (~7e-6 relative)."""
     gen = torch.Generator().manual_seed(13)
-    shape = (IMAGES, 3, SIZE, SIZE) if name == "cnn" else (BATCH, SEQ, HIDDEN)
-    out_shape = (IMAGES, CHANNELS, SIZE, SIZE) if name == "cnn" else shape
-    return [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5,
+    images, channels = (IMAGES, CHANNELS, SIZE, SIZE), (IMAGES, 3, SIZE, SIZE)
+    shape, out_shape = {"cnn": (channels, images), "ws": (channels, images), "evo_s": (images, images),
+                        "region": (images, images), "spd": ((IMAGES, SPD_SIZE, SPD_SIZE),) * 2
+                        }.get(name, ((BATCH, SEQ, HIDDEN),) * 2)
+    data = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5,
              torch.randn(out_shape, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
+    if name == "spd":  # SPD matrices A·Aᵀ + 0.3·I
+        data = [(x @ x.mT + 0.3 * torch.eye(SPD_SIZE, dtype=x.dtype), grad) for x, grad in data]
+    return data
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -241,7 +287,8 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
                 results[("fsdp", backend_name, name)] = run_fsdp(name, rank, world)
                 results[("dtensor_batch", backend_name, name)] = run_batch_sharded_dtensor(name, mesh, rank, world)
             results[("fsdp", backend_name, "cnn")] = run_fsdp("cnn", rank, world)
-            results[("dtensor_batch", backend_name, "cnn")] = run_batch_sharded_dtensor("cnn", mesh, rank, world)
+            for name in LAYER_MODELS:
+                results[("dtensor_batch", backend_name, name)] = run_batch_sharded_dtensor(name, mesh, rank, world)
             results[("compiled_tp", backend_name, "none")] = run_tensor_parallel("none", mesh, rank, world,
                                                                                 compiled=True)
             results[("refused", backend_name)] = sharded_normalized_dim_error(mesh, rank, world)

@@ -31,8 +31,8 @@ worker = ranks.load_script(_WORKER)
 _SEQUENCE_PARALLEL_NORMS = ("norm_in", "norm_mid", "token_norm", "norm_out")
 # (parallelism, model) -> the dim along which each rank holds its part of the inputs and outputs
 _CASES = {("tp", "power"): 1, ("tp", "unified"): 1, ("compiled_tp", "none"): 1,
-          ("dtensor_batch", "power"): 0, ("dtensor_batch", "unified"): 0, ("dtensor_batch", "cnn"): 0,
-          ("fsdp", "power"): 0, ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0}
+          ("dtensor_batch", "power"): 0, ("dtensor_batch", "unified"): 0, ("fsdp", "power"): 0,
+          ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0, **{("dtensor_batch", name): 0 for name in worker.LAYER_MODELS}}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,13 @@ def test_cases_reach_the_paths_they_name(single_process):
     module = worker.make_model("power")
     local = worker.train(module, worker.batches("power"), local=lambda t: worker.part(t, 0, WORLD, 0))
     assert not torch.allclose(local[-1]["buffer.token_norm.ema_gz"], power_steps[-1]["buffer.token_norm.ema_gz"])
+    for name, key in (("region", "y"), ("spd", "buffer.running_mean"), ("unified", "buffer.token_norm.running_var")):
+        # The batch-statistic layers run on DTensors through the layers' local-shard path: one shard's statistics
+        # are not the batch's.
+        local = worker.train(worker.make_model(name), worker.batches(name), local=lambda t: worker.part(t, 0, WORLD, 0))
+        expected = single_process[name][0][key]
+        expected = worker.part(expected, 0, WORLD, 0) if key == "y" else expected
+        assert not torch.allclose(local[0][key], expected), name
     cnn = single_process["cnn"]
     assert not torch.allclose(cnn[-1]["buffer.bcn.bn.running_mean"], cnn[0]["buffer.bcn.bn.running_mean"])
     assert not torch.allclose(cnn[-1]["param.evo.weight"], cnn[0]["param.evo.weight"])
