@@ -99,6 +99,18 @@ class RegionNorms(nn.Module):
         return self.norm_learnable(self.norm_instance(self.norm_batch(x, hole), hole))
 
 
+class MaskedPowerNorm(nn.Module):
+    """Time-major PowerNorm ``(T, B, C)`` with a ``(B, T)`` pad mask taken from the input (so a DTensor mask sharded
+    like it: its batch dim is the input's dim 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token_norm = normlayers.PowerNorm(HIDDEN, alpha_fwd=0.7, alpha_bkw=0.6, warmup_iters=1, group_num=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.token_norm(x, (x[..., 0] > 1.0).transpose(0, 1))
+
+
 def _weight_standardized() -> nn.Module:
     return nn.Sequential(normlayers.WSConv2d(3, CHANNELS, 3, padding=1),
                          normlayers.ScaledWSConv2d(CHANNELS, CHANNELS, 3, padding=1))
@@ -108,7 +120,9 @@ def _weight_standardized() -> nn.Module:
 LAYER_MODELS: dict[str, Callable[[], nn.Module]] = {
     "cnn": ConvNet, "evo_s": EvoNormsS, "region": RegionNorms, "ws": _weight_standardized,
     "spd": lambda: normlayers.SPDBatchNorm(SPD_SIZE, momentum=0.3, karcher_steps=2),
+    "power_masked": MaskedPowerNorm,
 }
+BATCH_DIM = {"power_masked": 1}  # the models' batch dims other than 0
 
 
 def make_model(name: str) -> nn.Module:
@@ -130,8 +144,8 @@ def batches(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(13)
     images, channels = (IMAGES, CHANNELS, SIZE, SIZE), (IMAGES, 3, SIZE, SIZE)
     shape, out_shape = {"cnn": (channels, images), "ws": (channels, images), "evo_s": (images, images),
-                        "region": (images, images), "spd": ((IMAGES, SPD_SIZE, SPD_SIZE),) * 2
-                        }.get(name, ((BATCH, SEQ, HIDDEN),) * 2)
+                        "region": (images, images), "spd": ((IMAGES, SPD_SIZE, SPD_SIZE),) * 2,
+                        "power_masked": ((SEQ, BATCH, HIDDEN),) * 2}.get(name, ((BATCH, SEQ, HIDDEN),) * 2)
     data = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5,
              torch.randn(out_shape, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
     if name == "spd":  # SPD matrices A·Aᵀ + 0.3·I
@@ -228,9 +242,10 @@ def run_batch_sharded_dtensor(name: str, mesh, rank: int, world: int) -> list[di
     from torch.distributed.tensor import DTensor, Shard, distribute_module
 
     model = distribute_module(make_model(name), mesh)
+    dim = BATCH_DIM.get(name, 0)
     return train(model, batches(name),
-                 lambda x: local_output(model(DTensor.from_local(x, mesh, [Shard(0)], run_check=False)), mesh, 0),
-                 local=lambda t: part(t, rank, world, 0))
+                 lambda x: local_output(model(DTensor.from_local(x, mesh, [Shard(dim)], run_check=False)), mesh, dim),
+                 local=lambda t: part(t, rank, world, dim))
 
 
 def run_fsdp(name: str, rank: int, world: int) -> list[dict]:
@@ -272,6 +287,22 @@ def sharded_channel_error(mesh, rank: int, world: int) -> str:
     return _error_of(lambda: norm(DTensor.from_local(x, mesh, [Shard(1)], run_check=False)))
 
 
+def local_shards_errors(mesh, rank: int, world: int) -> dict[str, str]:
+    """The layers that run DTensors on their local shards, on inputs sharded along a dim their statistics span:
+    PowerNorm and UnifiedNorm on the channels, SPDBatchNorm on a matrix dim."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_module
+
+    def error(layer: nn.Module, x: torch.Tensor, dim: int) -> str:
+        layer = distribute_module(layer, mesh)
+        return _error_of(lambda: layer(DTensor.from_local(part(x, rank, world, dim), mesh, [Shard(dim)],
+                                                          run_check=False)))
+
+    tokens = torch.randn(BATCH, SEQ, HIDDEN)
+    return {"PowerNorm": error(TOKEN_NORMS["power"](), tokens, 2),
+            "UnifiedNorm": error(TOKEN_NORMS["unified"](), tokens, 2),
+            "SPDBatchNorm": error(normlayers.SPDBatchNorm(SPD_SIZE), batches("spd")[0][0].float(), 1)}
+
+
 def main(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -293,6 +324,7 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
                                                                                 compiled=True)
             results[("refused", backend_name)] = sharded_normalized_dim_error(mesh, rank, world)
             results[("refused_channel", backend_name)] = sharded_channel_error(mesh, rank, world)
+            results[("refused_local_shards", backend_name)] = local_shards_errors(mesh, rank, world)
     torch.save(results, out)
     dist.destroy_process_group()
 

@@ -32,7 +32,8 @@ _SEQUENCE_PARALLEL_NORMS = ("norm_in", "norm_mid", "token_norm", "norm_out")
 # (parallelism, model) -> the dim along which each rank holds its part of the inputs and outputs
 _CASES = {("tp", "power"): 1, ("tp", "unified"): 1, ("compiled_tp", "none"): 1,
           ("dtensor_batch", "power"): 0, ("dtensor_batch", "unified"): 0, ("fsdp", "power"): 0,
-          ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0, **{("dtensor_batch", name): 0 for name in worker.LAYER_MODELS}}
+          ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0,
+          **{("dtensor_batch", name): worker.BATCH_DIM.get(name, 0) for name in worker.LAYER_MODELS}}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,15 @@ def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backe
         else:
             # The reference path is torch's own ops: DTensor gathers the normalized dim and gives the right values.
             assert message == "no error"
+
+
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
+def test_local_shard_layers_refuse_a_sharded_statistic_dim_naming_layer_and_placement(rank_results, backend_name):
+    for results in rank_results:
+        for layer, message in results[("refused_local_shards", backend_name)].items():
+            dim = 1 if layer == "SPDBatchNorm" else 2
+            assert message.startswith(f"ValueError: {layer}: ") and f"Shard(dim={dim})" in message, message
+            assert f"Replicate() dim {dim}" in message, message
 
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)
