@@ -81,18 +81,23 @@ def run_on_local_shards(norm: Callable[..., Tensor], layer: str, args: dict[str,
 
     These layers update running buffers from statistics over the whole batch, in the forward and (the token norms)
     in the method's own backward, and already have the synced-statistics path of data parallelism. The input may be
-    sharded on dims of ``shardable(input.dim())`` (batch, sequence: the dims the statistics run over) on one mesh dim
-    and replicated on the others: ``norm`` (the functional, called with plain tensors) runs on the local shards with
-    ``sync_stats`` over that mesh dim's process group — the all-reduced statistics of ``sync_stats=True`` — so every
-    rank normalizes with, and updates its buffers from, the statistics of the whole batch. The output is placed like
-    the input. A replicated input runs as is, with the layer's own ``sync_stats``.
+    sharded along the dims of ``shardable(input.dim())`` (batch, sequence: the dims the statistics run over).
+    ``norm`` (the functional, called with plain tensors) runs on the local shards with synced statistics:
 
-    ``args`` are the functional's tensor arguments by name (``input``, ``pad_mask``, parameters, buffers); ``params``
-    names the learnable ones, which must be replicated DTensors (their gradients come out ``Partial`` over the sharded
-    mesh dim, as DTensor makes them for torch's norms); buffers may be plain tensors or replicated DTensors (updated in
-    place either way). A DTensor ``pad_mask`` is redistributed like the input, its dim ``mask_dim(d)`` taking the
-    input's dim ``d``. Refused with a ValueError naming the layer and the placement: other sharded dims, sharding on
-    several mesh dims, and ``sync_stats`` together with a sharded input.
+    * without the layer's ``sync_stats``, over the process group of the one mesh dim on which the input is sharded
+      (replicated on the others; a replicated input runs as is), so every rank normalizes with, and updates its
+      buffers from, the statistics of the whole DTensor;
+    * with ``sync_stats`` (e.g. FSDP2 over ``dp`` × tensor parallelism over ``tp``, :func:`normlayers.convert_sync`),
+      over the layer's process group, which must contain every rank holding a shard and no two ranks holding the same
+      tokens (:func:`_check_sync_group`): the statistics of the global batch of every data-parallel rank.
+
+    The output is placed like the input. ``args`` are the functional's tensor arguments by name (``input``,
+    ``pad_mask``, parameters, buffers); ``params`` names the learnable ones, which must be replicated DTensors (their
+    gradients come out ``Partial`` over the sharded mesh dims, as DTensor makes them for torch's norms); buffers may
+    be plain tensors or replicated DTensors (updated in place either way). A DTensor ``pad_mask`` is redistributed
+    like the input, its dim ``mask_dim(d)`` taking the input's dim ``d``. Refused with a ValueError naming the layer
+    and the placement: other sharded dims, several sharded mesh dims without ``sync_stats``, and a sync group that
+    misses a shard or holds the same tokens twice.
     """
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
@@ -108,14 +113,19 @@ def run_on_local_shards(norm: Callable[..., Tensor], layer: str, args: dict[str,
         if dim not in allowed:
             raise ValueError(f"{layer}: the {where} is sharded along dim {dim}; the layer takes shards of the dims its "
                              f"batch statistics run over only, dims {allowed}: Replicate() dim {dim} before the layer")
-    if len(sharded) > 1:
-        raise ValueError(f"{layer}: the {where} is sharded on {len(sharded)} mesh dims; its statistics are "
-                         f"all-reduced over one: shard the tokens on one mesh dim and replicate the others")
-    if sharded and sync_stats and training:
-        raise ValueError(f"{layer}: sync_stats=True with a sharded DTensor input ({where}) is not supported: the "
-                         f"statistics of a DTensor input are already those of all its tokens; turn sync_stats off")
-    grad_placements = [Partial() if sharded and mesh_dim == sharded[0][0] else Replicate()
-                       for mesh_dim in range(mesh.ndim)]
+    sharded_mesh_dims = [mesh_dim for mesh_dim, _ in sharded]
+    from normlayers.distributed import sync_group
+
+    group = sync_group(sync_stats, process_group, training)
+    if group is not None:  # the layer's own group, e.g. dp × tp ranks under FSDP2 × tensor parallelism
+        _check_sync_group(layer, where, mesh, sharded_mesh_dims, group)
+    elif len(sharded_mesh_dims) > 1:
+        raise ValueError(f"{layer}: the {where} is sharded on {len(sharded_mesh_dims)} mesh dims; without sync_stats "
+                         f"its statistics are all-reduced over one mesh dim: replicate the others, or set "
+                         f"sync_stats=True (normlayers.convert_sync) with a process group of every rank of the mesh")
+    elif sharded_mesh_dims:
+        sync_stats, process_group = True, mesh.get_group(sharded_mesh_dims[0])
+    grad_placements = [Partial() if mesh_dim in sharded_mesh_dims else Replicate() for mesh_dim in range(mesh.ndim)]
     local: dict[str, Any] = {"input": x.to_local()}
     for name, t in args.items():
         if name == "input":
@@ -138,10 +148,24 @@ def run_on_local_shards(norm: Callable[..., Tensor], layer: str, args: dict[str,
                             f"parameters on its mesh (e.g. distribute_module(layer, mesh))")
         else:
             local[name] = t
-    if sharded:  # else: the input is replicated, every rank has all tokens; the layer's own sync_stats applies
-        sync_stats, process_group = True, mesh.get_group(sharded[0][0])
     y = norm(**local, training=training, sync_stats=sync_stats, process_group=process_group, **options)
     return DTensor.from_local(y, mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
+
+
+def _check_sync_group(layer: str, where: str, mesh: Any, sharded_mesh_dims: list[int], group: Any) -> None:
+    """With ``sync_stats`` on a DTensor input, the statistics are summed over ``group``: it must hold every shard of
+    the input, and no two of its ranks the same tokens (ranks of a mesh dim on which the input is replicated)."""
+    members = set(torch.distributed.get_process_group_ranks(group))
+    for mesh_dim in range(mesh.ndim):
+        ranks = set(torch.distributed.get_process_group_ranks(mesh.get_group(mesh_dim)))
+        if mesh_dim in sharded_mesh_dims and not ranks <= members:
+            raise ValueError(f"{layer}: sync_stats=True with the {where}: its process group must contain every rank "
+                             f"holding a shard of the input (mesh dim {mesh_dim}: ranks {sorted(ranks)}), e.g. the "
+                             f"default group (the world)")
+        if mesh_dim not in sharded_mesh_dims and len(ranks & members) > 1:
+            raise ValueError(f"{layer}: sync_stats=True with the {where}: ranks {sorted(ranks & members)} of its "
+                             f"process group hold the same tokens (the input is replicated on mesh dim {mesh_dim}) "
+                             f"and would count them twice; sync over a group with one rank of that mesh dim")
 
 
 def _local_pad_mask(pad_mask: Tensor, x: Any, mask_dim: Callable[[int], int], layer: str, where: str) -> Tensor:

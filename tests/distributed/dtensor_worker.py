@@ -289,8 +289,9 @@ def sharded_channel_error(mesh, rank: int, world: int) -> str:
 
 def local_shards_errors(mesh, rank: int, world: int) -> dict[str, str]:
     """The layers that run DTensors on their local shards, on inputs sharded along a dim their statistics span:
-    PowerNorm and UnifiedNorm on the channels, SPDBatchNorm on a matrix dim."""
-    from torch.distributed.tensor import DTensor, Shard, distribute_module
+    PowerNorm and UnifiedNorm on the channels, SPDBatchNorm on a matrix dim; and PowerNorm synced over the ranks of a
+    replicated input (each would count the same tokens)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 
     def error(layer: nn.Module, x: torch.Tensor, dim: int) -> str:
         layer = distribute_module(layer, mesh)
@@ -298,7 +299,10 @@ def local_shards_errors(mesh, rank: int, world: int) -> dict[str, str]:
                                                           run_check=False)))
 
     tokens = torch.randn(BATCH, SEQ, HIDDEN)
-    return {"PowerNorm": error(TOKEN_NORMS["power"](), tokens, 2),
+    synced = normlayers.convert_sync(distribute_module(TOKEN_NORMS["power"](), mesh))  # over the world
+    replicated = DTensor.from_local(tokens, mesh, [Replicate()], run_check=False)
+    return {"synced over replicas": _error_of(lambda: synced(replicated)),
+            "PowerNorm": error(TOKEN_NORMS["power"](), tokens, 2),
             "UnifiedNorm": error(TOKEN_NORMS["unified"](), tokens, 2),
             "SPDBatchNorm": error(normlayers.SPDBatchNorm(SPD_SIZE), batches("spd")[0][0].float(), 1)}
 

@@ -79,8 +79,13 @@ def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backe
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)
 def test_local_shard_layers_refuse_a_sharded_statistic_dim_naming_layer_and_placement(rank_results, backend_name):
+    # PowerNorm/UnifiedNorm on sharded channels, SPDBatchNorm on a sharded matrix dim; and a sync group whose ranks
+    # hold the same (replicated) tokens.
     for results in rank_results:
-        for layer, message in results[("refused_local_shards", backend_name)].items():
+        errors = dict(results[("refused_local_shards", backend_name)])
+        message = errors.pop("synced over replicas")
+        assert message.startswith("ValueError: PowerNorm: sync_stats=True") and "count them twice" in message, message
+        for layer, message in errors.items():
             dim = 1 if layer == "SPDBatchNorm" else 2
             assert message.startswith(f"ValueError: {layer}: ") and f"Shard(dim={dim})" in message, message
             assert f"Replicate() dim {dim}" in message, message

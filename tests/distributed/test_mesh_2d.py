@@ -1,6 +1,7 @@
 """A 2-D device mesh, FSDP2 over ``dp`` × tensor/sequence parallelism over ``tp`` (4 gloo processes on CPU), against
-one process on the whole batch: the pre-norm block of row norms (LayerNorm, fused-residual RMSNorm and CRMSNorm), both
-backends (the Triton kernels through the interpreter and the custom ops' sharding rules), three SGD steps.
+one process on the whole batch: the pre-norm block (LayerNorm, fused-residual RMSNorm and CRMSNorm, PowerNorm with
+``convert_sync``: statistics over the tokens of all four ranks), both backends (the Triton kernels through the
+interpreter and the custom ops' sharding rules), three SGD steps.
 
 Each rank holds its dp index's samples and, of those, its tp index's part of the sequence; every step must equal the
 single-process run: outputs and input gradients part by part, the full parameter gradients (averaged over dp by FSDP),
@@ -30,7 +31,7 @@ def rank_results(tmp_path_factory) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name", one_dim.BACKENDS)
 def test_fsdp_by_tensor_parallel_equals_one_process(rank_results, backend_name):
-    truth_steps = one_dim.single_process("none")
+    truth_steps = one_dim.single_process("power")
     for rank, results in enumerate(rank_results):
         for step, (got, truth) in enumerate(zip(results[backend_name], truth_steps, strict=True)):
             assert got.keys() == truth.keys()
@@ -45,3 +46,11 @@ def test_fsdp_by_tensor_parallel_equals_one_process(rank_results, backend_name):
                     assert_close(got[key], expected, msg=f"rank {rank} step {step} {key}")
                 else:
                     assert torch.equal(got[key], expected), f"rank {rank} step {step} {key}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend_name", one_dim.BACKENDS)
+def test_sync_group_missing_the_tensor_parallel_shards_is_refused(rank_results, backend_name):
+    for results in rank_results:
+        message = results[("refused", backend_name)]
+        assert message.startswith("ValueError: PowerNorm: sync_stats=True") and "every rank" in message, message
