@@ -38,7 +38,7 @@ _CASES = {("tp", "power"): 1, ("tp", "unified"): 1, ("compiled_tp", "none"): 1,
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    return ranks.run_ranks(_WORKER, tmp_path_factory.mktemp("dtensor"), WORLD)
+    return ranks.run_ranks(_WORKER, tmp_path_factory, WORLD)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ one_dim = worker.one_dim
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    return ranks.run_ranks(_WORKER, tmp_path_factory.mktemp("mesh2d"), worker.MESH[0] * worker.MESH[1])
+    return ranks.run_ranks(_WORKER, tmp_path_factory, worker.MESH[0] * worker.MESH[1])
 
 
 @pytest.mark.slow
