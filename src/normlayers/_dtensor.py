@@ -101,6 +101,8 @@ def run_on_local_shards(norm: Callable[..., Tensor], layer: str, args: dict[str,
     """
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
+    from normlayers.distributed import sync_group
+
     x = args["input"]
     mesh = x.device_mesh
     if any(isinstance(p, Partial) for p in x.placements):
@@ -114,8 +116,6 @@ def run_on_local_shards(norm: Callable[..., Tensor], layer: str, args: dict[str,
             raise ValueError(f"{layer}: the {where} is sharded along dim {dim}; the layer takes shards of the dims its "
                              f"batch statistics run over only, dims {allowed}: Replicate() dim {dim} before the layer")
     sharded_mesh_dims = [mesh_dim for mesh_dim, _ in sharded]
-    from normlayers.distributed import sync_group
-
     group = sync_group(sync_stats, process_group, training)
     if group is not None:  # the layer's own group, e.g. dp × tp ranks under FSDP2 × tensor parallelism
         _check_sync_group(layer, where, mesh, sharded_mesh_dims, group)
