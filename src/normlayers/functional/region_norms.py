@@ -108,8 +108,7 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
     affine = check_choice("affine", affine, REGION_AFFINES)
     sync = _region_sync(stats, sync_stats, process_group)
     if use_triton(input):
-        hole = _ref_region.prepare_mask(mask, input.shape[2:])
-        return _ops_region.region_norm(input, hole, foreground_gamma, foreground_beta, background_gamma,
+        return _ops_region.region_norm(input, mask, foreground_gamma, foreground_beta, background_gamma,
                                        background_beta, eps=eps, stats=stats, eps_mode=eps_mode, affine=affine,
                                        sync=sync)
     return _ref_region.region_norm(input, mask, foreground_gamma, foreground_beta, background_gamma, background_beta,
