@@ -313,7 +313,7 @@ def region_finalize_kernel(
         count_h, scale_h, total_h, m2_h = _combine_planes(count_h, scale_h, total_h, m2_h, c, s, t, m)
         c, s, t, m = _load_quad(PARTIALS, plane * 2 + 1, mask, COMPUTE)
         count_v, scale_v, total_v, m2_v = _combine_planes(count_v, scale_v, total_v, m2_v, c, s, t, m)
-    values = count_h + count_v
+    values = tl.maximum(count_h + count_v, 1.0)  # V ≥ 1 (and no rsqrt(0) in the padding lanes)
     mean, rstd = _region_stats(count_h, scale_h, total_h, m2_h, values, eps, OFFICIAL_EPS)
     _store_quad(STATS, index * 2, mask, count_h, scale_h, mean, rstd)
     mean, rstd = _region_stats(count_v, scale_v, total_v, m2_v, values, eps, OFFICIAL_EPS)
