@@ -202,6 +202,11 @@ def region_moments_bwd(x: torch.Tensor, hole_mask: torch.Tensor, center: torch.T
 
 # Channels (or planes) per program of the finalize kernels; each walks the N samples.
 FINALIZE_BLOCK = 128
+# Values per program of the per-plane kernels, and one warp per 128 of them (4 per thread): with the two regions'
+# per-plane statistics beside the tile, plane_tile's 4096-value tiles on 16 warps spill on small planes in an sm_90
+# compile (812 bytes in region_stats at 7×7); tiles of 1024 on 8 warps spill nowhere (registers ≤ 142 at every
+# plane size, bf16, by normlayers.bench.audit's compile).
+REGION_TILE_ELEMENTS = 1024
 
 
 @triton.jit
@@ -491,6 +496,13 @@ def _stat_count(n: int, c: int, batch: bool) -> int:
     return c if batch else n * c
 
 
+def region_tile(planes: int, hw: int, max_block_hw: Optional[int], device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_P, BLOCK_HW, num_warps)`` of the fused layer's per-plane kernels (see ``REGION_TILE_ELEMENTS``)."""
+    block_p, block_hw = plane_tile(planes, max(hw, 1), max_block_hw)
+    block_p = max(1, min(block_p, REGION_TILE_ELEMENTS // block_hw))
+    return block_p, block_hw, num_warps_for(2 * block_p * block_hw, device)
+
+
 def region_stats(x: torch.Tensor, hole_mask: torch.Tensor, cap: float, *,
                  max_block_hw: Optional[int] = None) -> torch.Tensor:
     """Per plane and region (0 = hole, where ``hole_mask`` is nonzero; 1 = valid) ``[count, s, Σx·s, M2]``, an
@@ -501,11 +513,10 @@ def region_stats(x: torch.Tensor, hole_mask: torch.Tensor, cap: float, *,
     if n * c == 0:
         return partials
     hole3, hole_strides = hole_planes(hole_mask, x3)
-    block_p, block_hw = plane_tile(n * c, max(hw, 1), max_block_hw)
+    block_p, block_hw, warps = region_tile(n * c, hw, max_block_hw, x.device)
     region_stats_kernel[(triton.cdiv(n * c, block_p),)](
         x3, hole3, partials, n * c, c, hw, *plane_strides(x3), *hole_strides, cap,
-        COMPUTE=tl_compute_dtype(partials.dtype), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps_for(block_p * block_hw, x.device),
+        COMPUTE=tl_compute_dtype(partials.dtype), BLOCK_P=block_p, BLOCK_HW=block_hw, num_warps=warps,
     )
     return partials
 
@@ -540,14 +551,13 @@ def region_normalize(x: torch.Tensor, hole_mask: torch.Tensor, stats: torch.Tens
     if y.numel() == 0:
         return y
     hole3, hole_strides = hole_planes(hole_mask, x3)
-    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
+    block_p, block_hw, warps = region_tile(n * c, hw, max_block_hw, x.device)
     region_normalize_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
         x3, hole3, stats, *(_optional(p, stats) for p in parameters), y3, n * c, c, hw, *plane_strides(x3),
         *hole_strides, *plane_strides(y3), BATCH=batch, OFFICIAL_AFFINE=official_affine,
         HAS_GAMMA_H=parameters[0] is not None, HAS_BETA_H=parameters[1] is not None,
         HAS_GAMMA_V=parameters[2] is not None, HAS_BETA_V=parameters[3] is not None,
-        COMPUTE=tl_compute_dtype(stats.dtype), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps_for(block_p * block_hw, x.device),
+        COMPUTE=tl_compute_dtype(stats.dtype), BLOCK_P=block_p, BLOCK_HW=block_hw, num_warps=warps,
     )
     return y
 
@@ -566,8 +576,7 @@ def region_normalize_bwd(dy: torch.Tensor, x: torch.Tensor, hole_mask: torch.Ten
         return (dx, *(None if g is None else g.zero_() for g in grads))
     hole3, hole_strides = hole_planes(hole_mask, x3)
     compute = tl_compute_dtype(stats.dtype)
-    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
-    warps = num_warps_for(block_p * block_hw, x.device)
+    block_p, block_hw, warps = region_tile(n * c, hw, max_block_hw, x.device)
     sums = stats.new_empty((n, c, 2, 2))
     region_normalize_bwd_kernel[(triton.cdiv(n * c, block_p),)](
         dy3, x3, hole3, stats, sums, n * c, c, hw, *plane_strides(dy3), *plane_strides(x3), *hole_strides,
