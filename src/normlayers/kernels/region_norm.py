@@ -219,7 +219,7 @@ def _region_chunk_moments(x, inside, max_abs, scale, count, total, m2, cap, COMP
     ratio = new_scale / scale
     total = total * ratio
     m2 = m2 * ratio * ratio
-    scaled = tl.where(inside, x * new_scale[:, None], 0.0)
+    scaled = tl.where(inside, x, 0.0) * new_scale[:, None]  # (no overflow in the other region's lanes)
     count_b = tl.sum(inside.to(COMPUTE), axis=1)
     total_b = tl.sum(scaled, axis=1)
     mean_b = total_b / tl.maximum(count_b, 1.0)
@@ -301,15 +301,10 @@ def _region_stats(count, scale, total, m2, values, eps, OFFICIAL_EPS: tl.constex
 
 
 @triton.jit
-def region_finalize_kernel(
-    PARTIALS, STATS, I, LOOP, stride_loop, eps,
-    OFFICIAL_EPS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # Statistic i combines the planes n·stride_loop + i, n < LOOP: a channel's N planes (batch statistics, stride C)
-    # or one plane (instance statistics), in a fixed order (deterministic, no atomics).
-    eps = tl.cast(eps, COMPUTE)
-    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = index < I
+def _finalized(PARTIALS, index, mask, LOOP, stride_loop, eps, OFFICIAL_EPS: tl.constexpr, COMPUTE: tl.constexpr):
+    """Statistic ``index``'s ``(count, s, mean_s, rstd)`` for the hole and then the valid region, combining the
+    planes ``n·stride_loop + index``, ``n < LOOP``, in order (deterministic, no atomics): a channel's N planes (batch
+    statistics, stride C) or one plane (instance statistics)."""
     count_h, scale_h, total_h, m2_h = _load_quad(PARTIALS, index * 2, mask, COMPUTE)
     count_v, scale_v, total_v, m2_v = _load_quad(PARTIALS, index * 2 + 1, mask, COMPUTE)
     for n in range(1, LOOP):
@@ -319,19 +314,39 @@ def region_finalize_kernel(
         c, s, t, m = _load_quad(PARTIALS, plane * 2 + 1, mask, COMPUTE)
         count_v, scale_v, total_v, m2_v = _combine_planes(count_v, scale_v, total_v, m2_v, c, s, t, m)
     values = tl.maximum(count_h + count_v, 1.0)  # V ≥ 1 (and no rsqrt(0) in the padding lanes)
-    mean, rstd = _region_stats(count_h, scale_h, total_h, m2_h, values, eps, OFFICIAL_EPS)
-    _store_quad(STATS, index * 2, mask, count_h, scale_h, mean, rstd)
-    mean, rstd = _region_stats(count_v, scale_v, total_v, m2_v, values, eps, OFFICIAL_EPS)
-    _store_quad(STATS, index * 2 + 1, mask, count_v, scale_v, mean, rstd)
+    mean_h, rstd_h = _region_stats(count_h, scale_h, total_h, m2_h, values, eps, OFFICIAL_EPS)
+    mean_v, rstd_v = _region_stats(count_v, scale_v, total_v, m2_v, values, eps, OFFICIAL_EPS)
+    return count_h, scale_h, mean_h, rstd_h, count_v, scale_v, mean_v, rstd_v
+
+
+@triton.jit
+def region_finalize_kernel(
+    PARTIALS, STATS, I, LOOP, stride_loop, eps,
+    OFFICIAL_EPS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    eps = tl.cast(eps, COMPUTE)
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < I
+    count_h, scale_h, mean_h, rstd_h, count_v, scale_v, mean_v, rstd_v = _finalized(
+        PARTIALS, index, mask, LOOP, stride_loop, eps, OFFICIAL_EPS, COMPUTE)
+    _store_quad(STATS, index * 2, mask, count_h, scale_h, mean_h, rstd_h)
+    _store_quad(STATS, index * 2 + 1, mask, count_v, scale_v, mean_v, rstd_v)
+
+
+@triton.jit
+def _gain(GAMMA, channels, plane_mask, like, HAS_GAMMA: tl.constexpr, COMPUTE: tl.constexpr):
+    """``1 + γ`` of each plane's channel (1 without ``γ``), shaped like ``like``."""
+    gain = tl.full(like.shape, 1.0, COMPUTE)
+    if HAS_GAMMA:
+        gain += tl.load(GAMMA + channels, mask=plane_mask, other=0.0).to(COMPUTE)
+    return gain
 
 
 @triton.jit
 def _plane_region(STATS, GAMMA, stat_index, channels, plane_mask, HAS_GAMMA: tl.constexpr, COMPUTE: tl.constexpr):
     """One region's ``(s, mean_s, rstd, g = 1 + γ)`` for each plane, as ``(BLOCK_P, 1)`` columns."""
     _, scale, mean, rstd = _load_quad(STATS, stat_index, plane_mask, COMPUTE)
-    gain = tl.full(scale.shape, 1.0, COMPUTE)
-    if HAS_GAMMA:
-        gain += tl.load(GAMMA + channels, mask=plane_mask, other=0.0).to(COMPUTE)
+    gain = _gain(GAMMA, channels, plane_mask, scale, HAS_GAMMA, COMPUTE)
     return scale[:, None], mean[:, None], rstd[:, None], gain[:, None]
 
 
@@ -346,23 +361,34 @@ def _plane_stat_index(planes, C, BATCH: tl.constexpr):
 
 @triton.jit
 def region_normalize_kernel(
-    X, HOLE, STATS, GAMMA_H, BETA_H, GAMMA_V, BETA_V, Y, P, C, HW,
+    X, HOLE, STATS, GAMMA_H, BETA_H, GAMMA_V, BETA_V, Y, P, C, HW, N, eps,
     stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw, stride_yn, stride_yc, stride_yhw,
     BATCH: tl.constexpr, OFFICIAL_AFFINE: tl.constexpr, HAS_GAMMA_H: tl.constexpr, HAS_BETA_H: tl.constexpr,
-    HAS_GAMMA_V: tl.constexpr, HAS_BETA_V: tl.constexpr,
+    HAS_GAMMA_V: tl.constexpr, HAS_BETA_V: tl.constexpr, FINALIZE: tl.constexpr, OFFICIAL_EPS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     # Grid: (plane blocks, HW chunks). y = (x·s_r − mean_r)·rstd_r·(1 + γ_r) + shift_r, r the region of each value.
+    # With FINALIZE, STATS holds region_stats' partials and each program finalizes its planes' statistics itself
+    # (what region_finalize_kernel computes; eps and N are read only then): one launch fewer where nothing needs
+    # the statistics afterwards (no backward).
     planes, plane_mask = plane_block(P, BLOCK_P)
     hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (hw < HW)[None, :]
     channels, stat = _plane_stat_index(planes, C, BATCH)
     x, hole, _ = _load_chunk(X, HOLE, plane_offsets(planes, C, stride_xn, stride_xc),
                              plane_offsets(planes, C, stride_hn, stride_hc), hw, mask, stride_xhw, stride_hhw, COMPUTE)
-    scale_h, mean_h, rstd_h, gain_h = _plane_region(STATS, GAMMA_H, stat * 2, channels, plane_mask, HAS_GAMMA_H,
-                                                    COMPUTE)
-    scale_v, mean_v, rstd_v, gain_v = _plane_region(STATS, GAMMA_V, stat * 2 + 1, channels, plane_mask, HAS_GAMMA_V,
-                                                    COMPUTE)
+    if FINALIZE:
+        _, scale_h, mean_h, rstd_h, _, scale_v, mean_v, rstd_v = _finalized(
+            STATS, stat, plane_mask, N if BATCH else 1, C, tl.cast(eps, COMPUTE), OFFICIAL_EPS, COMPUTE)
+        gain_h = _gain(GAMMA_H, channels, plane_mask, scale_h, HAS_GAMMA_H, COMPUTE)[:, None]
+        gain_v = _gain(GAMMA_V, channels, plane_mask, scale_v, HAS_GAMMA_V, COMPUTE)[:, None]
+        scale_h, mean_h, rstd_h = scale_h[:, None], mean_h[:, None], rstd_h[:, None]
+        scale_v, mean_v, rstd_v = scale_v[:, None], mean_v[:, None], rstd_v[:, None]
+    else:
+        scale_h, mean_h, rstd_h, gain_h = _plane_region(STATS, GAMMA_H, stat * 2, channels, plane_mask, HAS_GAMMA_H,
+                                                        COMPUTE)
+        scale_v, mean_v, rstd_v, gain_v = _plane_region(STATS, GAMMA_V, stat * 2 + 1, channels, plane_mask,
+                                                        HAS_GAMMA_V, COMPUTE)
     shift_h = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     shift_v = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     if HAS_BETA_H:
@@ -540,11 +566,21 @@ def _optional(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor
     return t.contiguous() if t is not None else fallback
 
 
+def finalizes_inline(n: int, hw: int, batch: bool) -> bool:
+    """Whether a call that needs no backward lets :func:`region_normalize` finalize the statistics itself (two
+    launches, not three): each program then combines its planes' partials over the batch, ``8·N`` values per plane
+    with batch statistics, which costs less than a launch only while it is small against the plane's own ``H·W``
+    values (tiny planes of a large batch keep the separate finalize kernel)."""
+    return not batch or 8 * n <= hw
+
+
 def region_normalize(x: torch.Tensor, hole_mask: torch.Tensor, stats: torch.Tensor,
                      parameters: tuple[Optional[torch.Tensor], ...], *, batch: bool, official_affine: bool,
+                     finalize: Optional[tuple[float, bool]] = None,
                      max_block_hw: Optional[int] = None) -> torch.Tensor:
     """``y = (x·s_r − mean_r)·rstd_r·(1 + γ_r) + shift_r`` in ``x``'s dtype and memory format; ``parameters`` are
-    ``(hole γ, hole β, valid γ, valid β)``, each ``(C,)`` or ``None``."""
+    ``(hole γ, hole β, valid γ, valid β)``, each ``(C,)`` or ``None``. With ``finalize = (eps, official_eps)``,
+    ``stats`` are :func:`region_stats`' partials, finalized inside the pass (as :func:`region_finalize` would)."""
     y = torch.empty_like(x)
     x3, y3 = as_planes(x), as_planes(y)
     n, c, hw = x3.shape
@@ -553,10 +589,12 @@ def region_normalize(x: torch.Tensor, hole_mask: torch.Tensor, stats: torch.Tens
     hole3, hole_strides = hole_planes(hole_mask, x3)
     block_p, block_hw, warps = region_tile(n * c, hw, max_block_hw, x.device)
     region_normalize_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
-        x3, hole3, stats, *(_optional(p, stats) for p in parameters), y3, n * c, c, hw, *plane_strides(x3),
-        *hole_strides, *plane_strides(y3), BATCH=batch, OFFICIAL_AFFINE=official_affine,
-        HAS_GAMMA_H=parameters[0] is not None, HAS_BETA_H=parameters[1] is not None,
-        HAS_GAMMA_V=parameters[2] is not None, HAS_BETA_V=parameters[3] is not None,
+        x3, hole3, stats, *(_optional(p, stats) for p in parameters), y3, n * c, c, hw, n,
+        0.0 if finalize is None else finalize[0], *plane_strides(x3), *hole_strides, *plane_strides(y3),
+        BATCH=batch, OFFICIAL_AFFINE=official_affine, HAS_GAMMA_H=parameters[0] is not None,
+        HAS_BETA_H=parameters[1] is not None, HAS_GAMMA_V=parameters[2] is not None,
+        HAS_BETA_V=parameters[3] is not None, FINALIZE=finalize is not None,
+        OFFICIAL_EPS=finalize is not None and finalize[1],
         COMPUTE=tl_compute_dtype(stats.dtype), BLOCK_P=block_p, BLOCK_HW=block_hw, num_warps=warps,
     )
     return y

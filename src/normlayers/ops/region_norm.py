@@ -261,16 +261,19 @@ def _region_finalize_fake(partials, batch, eps, official_eps):
 @torch.library.custom_op("normlayers::region_normalize", mutates_args=())
 def region_normalize(x: Tensor, hole: Tensor, stats: Tensor, foreground_gamma: Optional[Tensor],
                      foreground_beta: Optional[Tensor], background_gamma: Optional[Tensor],
-                     background_beta: Optional[Tensor], batch: bool, official_affine: bool) -> Tensor:
-    """``y = (x·s_r − mean_r)·rstd_r·(1 + γ_r) + shift_r``, ``r`` the region of each value (foreground = hole)."""
+                     background_beta: Optional[Tensor], batch: bool, official_affine: bool, finalize: bool = False,
+                     eps: float = 0.0, official_eps: bool = False) -> Tensor:
+    """``y = (x·s_r − mean_r)·rstd_r·(1 + γ_r) + shift_r``, ``r`` the region of each value (foreground = hole). With
+    ``finalize``, ``stats`` are :func:`region_stats`' partials, finalized inside the pass with ``eps`` and
+    ``official_eps`` as :func:`region_finalize` would (one launch fewer where no backward needs the statistics)."""
     return _region_kernels().region_normalize(
         x, hole, stats, (foreground_gamma, foreground_beta, background_gamma, background_beta), batch=batch,
-        official_affine=official_affine)
+        official_affine=official_affine, finalize=(eps, official_eps) if finalize else None)
 
 
 @region_normalize.register_fake
 def _region_normalize_fake(x, hole, stats, foreground_gamma, foreground_beta, background_gamma, background_beta,
-                           batch, official_affine):
+                           batch, official_affine, finalize=False, eps=0.0, official_eps=False):
     return torch.empty_like(x)
 
 
@@ -354,6 +357,13 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor],
         return _composed_region_norm(input, hole, foreground_gamma, foreground_beta, background_gamma,
                                      background_beta, eps=eps, stats=stats, eps_mode=eps_mode, affine=affine,
                                      sync=sync)
+    parameters = (foreground_gamma, foreground_beta, background_gamma, background_beta)
+    batch, official_eps = stats == "batch", eps_mode == "official"
+    needs_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *parameters))
+    if not needs_backward and _region_kernels().finalizes_inline(input.shape[0], math.prod(input.shape[2:]), batch):
+        partials = region_stats(input, hole, statistics_scale_cap(input, eps, batch, official_eps))
+        return region_normalize(input, hole, partials, *parameters, batch, affine == "official", True, eps,
+                                official_eps)
     return _RegionNorm.apply(input, foreground_gamma, foreground_beta, background_gamma, background_beta, hole, eps,
                              stats, eps_mode, affine)
 
