@@ -165,12 +165,13 @@ def self_aware_affine(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gam
 def learnable_region_norm(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
                           beta_weight: Tensor, beta_bias: Optional[Tensor], *, threshold: float = 0.8,
                           eps: float = 1e-5, stats: str = "batch", eps_mode: str = "official",
-                          sync: Optional[MaskedMomentSync] = None) -> Tensor:
+                          sync: Optional[MaskedMomentSync] = None,
+                          normalize: Callable[..., Tensor] = region_norm) -> Tensor:
     """RN-L (official ``RN_L``, rn.py L97–130): regions from the thresholded self-aware map, RN without region affine,
     then the learned spatial affine ``r·(1 + gamma) + beta``; ``sync`` as :func:`region_norm`'s. Output: ``x``'s
-    dtype."""
+    dtype. ``normalize`` is the RN it runs (:func:`region_norm`; the CPU tier passes its own)."""
     s, gamma, beta = self_aware_affine(x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)
     # ">=" on the detached map: the mask carries no gradient, conv1 learns only through gamma and beta.
     regions = s.detach() >= threshold
-    r = region_norm(x.to(s.dtype), regions, eps=eps, stats=stats, eps_mode=eps_mode, sync=sync)
+    r = normalize(x.to(s.dtype), regions, eps=eps, stats=stats, eps_mode=eps_mode, sync=sync)
     return (r * (1 + gamma) + beta).to(x.dtype)
