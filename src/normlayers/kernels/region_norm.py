@@ -360,6 +360,20 @@ def _plane_stat_index(planes, C, BATCH: tl.constexpr):
 
 
 @triton.jit
+def _elementwise_tile(X, HOLE, P, C, HW, stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw,
+                      BATCH: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The tile of a ``(plane blocks, HW chunks)`` grid: its planes (and which exist), positions, mask, each plane's
+    channel and statistic index, and the values and hole flags there."""
+    planes, plane_mask = plane_block(P, BLOCK_P)
+    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = plane_mask[:, None] & (hw < HW)[None, :]
+    channels, stat = _plane_stat_index(planes, C, BATCH)
+    x, hole, _ = _load_chunk(X, HOLE, plane_offsets(planes, C, stride_xn, stride_xc),
+                             plane_offsets(planes, C, stride_hn, stride_hc), hw, mask, stride_xhw, stride_hhw, COMPUTE)
+    return planes, plane_mask, hw, mask, channels, stat, x, hole
+
+
+@triton.jit
 def region_normalize_kernel(
     X, HOLE, STATS, GAMMA_H, BETA_H, GAMMA_V, BETA_V, Y, P, C, HW, N, eps,
     stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw, stride_yn, stride_yc, stride_yhw,
@@ -371,12 +385,9 @@ def region_normalize_kernel(
     # With FINALIZE, STATS holds region_stats' partials and each program finalizes its planes' statistics itself
     # (what region_finalize_kernel computes; eps and N are read only then): one launch fewer where nothing needs
     # the statistics afterwards (no backward).
-    planes, plane_mask = plane_block(P, BLOCK_P)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask = plane_mask[:, None] & (hw < HW)[None, :]
-    channels, stat = _plane_stat_index(planes, C, BATCH)
-    x, hole, _ = _load_chunk(X, HOLE, plane_offsets(planes, C, stride_xn, stride_xc),
-                             plane_offsets(planes, C, stride_hn, stride_hc), hw, mask, stride_xhw, stride_hhw, COMPUTE)
+    planes, plane_mask, hw, mask, channels, stat, x, hole = _elementwise_tile(
+        X, HOLE, P, C, HW, stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw, BATCH, COMPUTE,
+        BLOCK_P, BLOCK_HW)
     if FINALIZE:
         _, scale_h, mean_h, rstd_h, _, scale_v, mean_v, rstd_v = _finalized(
             STATS, stat, plane_mask, N if BATCH else 1, C, tl.cast(eps, COMPUTE), OFFICIAL_EPS, COMPUTE)
@@ -493,12 +504,9 @@ def region_dx_kernel(
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     # Grid: (plane blocks, HW chunks). dx = s·rstd·g·(dy − mean(dy) − x̂·mean(dy·x̂)) with the region's statistics.
-    planes, plane_mask = plane_block(P, BLOCK_P)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask = plane_mask[:, None] & (hw < HW)[None, :]
-    channels, stat = _plane_stat_index(planes, C, BATCH)
-    x, hole, _ = _load_chunk(X, HOLE, plane_offsets(planes, C, stride_xn, stride_xc),
-                             plane_offsets(planes, C, stride_hn, stride_hc), hw, mask, stride_xhw, stride_hhw, COMPUTE)
+    planes, plane_mask, hw, mask, channels, stat, x, hole = _elementwise_tile(
+        X, HOLE, P, C, HW, stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw, BATCH, COMPUTE,
+        BLOCK_P, BLOCK_HW)
     dy = load_plane_values(DY, plane_offsets(planes, C, stride_dyn, stride_dyc), hw, stride_dyhw, mask, COMPUTE)
     scale_h, mean_h, rstd_h, gain_h = _plane_region(STATS, GAMMA_H, stat * 2, channels, plane_mask, HAS_GAMMA_H,
                                                     COMPUTE)
