@@ -25,9 +25,10 @@ torch 2.13 only), let each op run on its local shards with no communication wher
   ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
   Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
   those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out").
-* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward)
-  refuse DTensors: they take the batch's statistics from their ``(N, C)`` inputs alone. BatchChannelNorm2d and
-  EvoNorm-B route DTensor inputs to their unfused compositions instead (next paragraph).
+* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward;
+  RegionNorm's ``region_stats``, ``region_finalize``, ``region_normalize`` and ``region_normalize_bwd``) refuse
+  DTensors: they take the batch's statistics from their inputs alone. BatchChannelNorm2d, EvoNorm-B and RegionNorm
+  route DTensor inputs to their unfused compositions instead (next paragraph).
 
 Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
 with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
@@ -157,14 +158,15 @@ def _make_rule(name: str, family: str, inputs: str, outputs: str) -> Callable[..
     return rule
 
 
-def _refusal(name: str, layers: str, how: str) -> Callable[..., list]:
-    """A rule refusing every DTensor call of ``normlayers::{name}``, for ops of layers that update running buffers
-    from statistics over the whole batch, which the shards alone do not have."""
+def _refusal(name: str, layers: str, how: str, why: str = "they update running buffers from statistics over the "
+             "whole batch") -> Callable[..., list]:
+    """A rule refusing every DTensor call of ``normlayers::{name}``, for ops that need statistics over the whole
+    batch, which the shards alone do not have (``why``)."""
 
     def refuse(*args: Any) -> list:
         raise ValueError(
-            f"normlayers::{name}: {layers} do not take DTensor inputs here (they update running buffers from "
-            f"statistics over the whole batch); {how} (see the normlayers docs, 'Scaling out').")
+            f"normlayers::{name}: {layers} do not take DTensor inputs here ({why}); {how} (see the normlayers docs, "
+            f"'Scaling out').")
 
     return refuse
 
@@ -203,3 +205,8 @@ for _name, (_family, _inputs, _outputs) in _RULES.items():
     _register(_name, _make_rule(_name, _family, _inputs, _outputs))
 for _name, (_layers, _how) in _REFUSED.items():
     _register(_name, _refusal(_name, _layers, _how))
+# RegionNorm's fused ops likewise: its layers route DTensor inputs to region_moments / region_affine (rules above).
+for _name in ("region_stats", "region_finalize", "region_normalize", "region_normalize_bwd"):
+    _register(_name, _refusal(_name, "RegionNorm2d and LearnableRegionNorm2d", "their layers route DTensor inputs to "
+                              "the composition of region_moments and region_affine, so call the layer, not this op",
+                              why="the fused ops take the batch's region statistics from their inputs alone"))
