@@ -198,7 +198,7 @@ def compile_all_variants() -> int:
         for batch, flag in product((True, False), (True, False)):
             has = {name: flag for name in ("HAS_GAMMA_H", "HAS_BETA_H", "HAS_GAMMA_V", "HAS_BETA_V")}
             compile_kernel(region_norm.region_finalize_kernel, {"PARTIALS": f"*{stats}", "STATS": f"*{stats}"},
-                           {"I": "i32", "LOOP": "i32", "stride_loop": "i32", "eps": "fp32"},
+                           {"STAT_COUNT": "i32", "LOOP": "i32", "stride_loop": "i32", "eps": "fp32"},
                            {"OFFICIAL_EPS": flag, "COMPUTE": tile["COMPUTE"], "BLOCK": region_norm.FINALIZE_BLOCK})
             compile_kernel(region_norm.region_normalize_kernel,
                            {"X": f"*{data}", "HOLE": "*u8", "STATS": f"*{stats}", **params, "Y": f"*{data}"},

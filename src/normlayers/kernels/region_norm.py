@@ -321,12 +321,12 @@ def _finalized(PARTIALS, index, mask, LOOP, stride_loop, eps, OFFICIAL_EPS: tl.c
 
 @triton.jit
 def region_finalize_kernel(
-    PARTIALS, STATS, I, LOOP, stride_loop, eps,
+    PARTIALS, STATS, STAT_COUNT, LOOP, stride_loop, eps,
     OFFICIAL_EPS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     eps = tl.cast(eps, COMPUTE)
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = index < I
+    mask = index < STAT_COUNT
     count_h, scale_h, mean_h, rstd_h, count_v, scale_v, mean_v, rstd_v = _finalized(
         PARTIALS, index, mask, LOOP, stride_loop, eps, OFFICIAL_EPS, COMPUTE)
     _store_quad(STATS, index * 2, mask, count_h, scale_h, mean_h, rstd_h)
