@@ -26,9 +26,10 @@ torch 2.13 only), let each op run on its local shards with no communication wher
   Sharded channels are refused. The layers themselves never pass DTensors to these ops: PowerNorm and UnifiedNorm
   run DTensor inputs on the local shards with synced statistics (:func:`normlayers._dtensor.run_on_local_shards`),
   so ``step_snapshot`` (their per-step copies) refuses DTensors.
-* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward)
-  refuse DTensors: they take the batch's statistics from their ``(N, C)`` inputs alone. BatchChannelNorm2d and
-  EvoNorm-B route DTensor inputs to their unfused compositions instead (next paragraph).
+* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward;
+  RegionNorm's ``region_stats``, ``region_finalize``, ``region_normalize`` and ``region_normalize_bwd``) refuse
+  DTensors: they take the batch's statistics from their inputs alone. BatchChannelNorm2d, EvoNorm-B and RegionNorm
+  route DTensor inputs to their unfused compositions instead (next paragraph).
 
 Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
 with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
@@ -150,8 +151,8 @@ def _make_rule(name: str, family: str, inputs: str, outputs: str) -> Callable[..
 
 
 def _refusal(name: str, layers: str, how: str) -> Callable[..., list]:
-    """A rule refusing every DTensor call of ``normlayers::{name}``, for ops of layers that update running buffers
-    from statistics over the whole batch, which the shards alone do not have."""
+    """A rule refusing every DTensor call of ``normlayers::{name}``, for ops that need statistics over the whole
+    batch, which the shards alone do not have."""
 
     def refuse(*args: Any) -> list:
         raise ValueError(
@@ -162,13 +163,16 @@ def _refusal(name: str, layers: str, how: str) -> Callable[..., list]:
 
 
 # Ops never reached with DTensors: the token layers' step_snapshot (the layers run on local shards); the fused
-# batch-statistic finalize ops, whose layers take the unfused composition (DTensor reduces its per-plane statistics).
+# batch-statistic ops, whose layers take the unfused composition (DTensor reduces its per-plane statistics).
 _REFUSED: dict[str, tuple[str, str]] = {
     "step_snapshot": ("PowerNorm and UnifiedNorm", "the layers (and normlayers.functional) run DTensor inputs on "
                       "their local shards with synced statistics, so call the layer, not this op"),
     **{name: ("BatchChannelNorm2d and EvoNorm-B", "their layers route DTensor inputs to the unfused composition, so "
               "call the layer, not this op") for name in ("batch_channel_finalize", "batch_channel_finalize_bwd",
                                                          "evo_norm_b_finalize", "evo_norm_b_finalize_bwd")},
+    **{name: ("RegionNorm2d and LearnableRegionNorm2d", "their layers route DTensor inputs to the composition of "
+              "region_moments and region_affine, so call the layer, not this op")
+       for name in ("region_stats", "region_finalize", "region_normalize", "region_normalize_bwd")},
 }
 
 
