@@ -122,7 +122,8 @@ def compile_all_variants() -> int:
              "RSTD": f"*{stats}", "DH": f"*{data}", "PARTIALS": f"*{stats}", "COEF": f"*{stats}"},
             {"M": "i32", "N": "i32", "stride_h": "i64", "stride_dy": "i64", "stride_dres": "i64",
              "weight_offset": "fp32"},
-            {"NORM": norm, "HAS_DRESIDUAL": fused, **{k: v for k, v in flags.items() if k != "NORM"}},
+            {"NORM": norm, "HAS_DRESIDUAL": fused, **{k: v for k, v in flags.items() if k != "NORM"},
+             "HELD_N": 1 if single else 1024, "STREAM_N": 1 if single else 256},
         )
         count += 2
     # Channels-first norms: both layouts' unit strides as Triton specializes them (an integer argument equal to 1
