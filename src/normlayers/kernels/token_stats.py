@@ -329,7 +329,7 @@ def power_norm_finalize_kernel(
         col_mask = cols < C
         phi = _load_channels(RUNNING_PHI, cols, col_mask, 0.0, COMPUTE)
         q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, phi, COMPUTE)
-        q = q_scaled / (s * s)
+        q = q_scaled / s / s
         # 1/sqrt(q + eps) from the scaled statistic: s/sqrt(q·s² + eps·s²)
         batch_scale = s * tl.math.rsqrt(q_scaled + eps * s * s)
         tl.store(SCALE + cols, tl.where(t <= warmup_iters, batch_scale, tl.math.rsqrt(phi + eps)), mask=col_mask)
@@ -396,7 +396,7 @@ def unified_norm_finalize_kernel(
             col_mask = cols < C
             running = _load_channels(RUNNING_VAR, cols, col_mask, 0.0, COMPUTE)
             q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, running, COMPUTE)
-            arithmetic, geometric = _window_means(BUFFER_X2, M, C, slot, q_scaled / (s * s), cols, col_mask, COMPUTE)
+            arithmetic, geometric = _window_means(BUFFER_X2, M, C, slot, q_scaled / s / s, cols, col_mask, COMPUTE)
             spread |= (col_mask & ((arithmetic - geometric) > pooled * M)).to(tl.int32)
         outlier = (t >= warmup_iters) & (tl.max(spread, axis=0) > 0)
         tl.store(SKIP_COUNTER, tl.load(SKIP_COUNTER) + outlier.to(tl.int64))
@@ -409,7 +409,7 @@ def unified_norm_finalize_kernel(
         col_mask = cols < C
         running = _load_channels(RUNNING_VAR, cols, col_mask, 0.0, COMPUTE)
         q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, running, COMPUTE)
-        q = q_scaled / (s * s)
+        q = q_scaled / s / s
         written = tl.where(outlier, running, q)
         _, geometric = _window_means(BUFFER_X2, M, C, slot, written, cols, col_mask, COMPUTE)
         tl.store(BUFFER_X2 + slot * C + cols, written, mask=col_mask)

@@ -476,7 +476,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         q, count = _ref_power.mean_over_valid(token_square_sum(rows.detach(), valid), rows.shape[0], valid,
                                               sync_group)
         scale, grad_scale = _ref_power.power_norm_statistics_(
-            q, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
+            q, None, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
             backward_denominator=backward_denominator)
         y = power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw, input.dtype,
                              sync_group)
@@ -507,10 +507,10 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
         (step,) = _ref_power.step_snapshot([iters.reshape(1)])
         q, count = _ref_power.mean_over_valid(token_square_sum(rows.detach(), valid), rows.shape[0], valid,
                                               sync_group)
-        var, r, skip = _ref_unified.unified_norm_statistics_(
-            q, count, running_var, buffer_x2, skip_counter, step, eps=eps, momentum=momentum,
+        inv_std, r, skip = _ref_unified.unified_norm_statistics_(
+            q, None, count, running_var, buffer_x2, skip_counter, step, eps=eps, momentum=momentum,
             warmup_iters=warmup_iters, outlier_filtration=outlier_filtration, grad_compensation=grad_compensation)
-        y = unified_norm_train(rows, weight, bias, torch.rsqrt(var + eps), r, ema_gz, buffer_gz, step, skip,
+        y = unified_norm_train(rows, weight, bias, inv_std, r, ema_gz, buffer_gz, step, skip,
                                momentum, warmup_iters, sync_group)
     else:
         scale = torch.rsqrt(running_var.to(compute_dtype(input.dtype)) + eps) * weight
