@@ -36,7 +36,7 @@ class _GroupScaling(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: Tensor, groups: int) -> Tensor:
-        grouped = rows.reshape(rows.shape[0], groups, -1)
+        grouped = rows.reshape(rows.shape[0], groups, rows.shape[1] // groups)
         eps = _ref_power.GROUP_SCALING_EPS
         scale = power_of_two_scale_of_max(torch.linalg.vector_norm(grouped, float("inf"), dim=-1, keepdim=True), eps)
         u = grouped * scale
