@@ -313,6 +313,15 @@ def _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, fallback,
 
 
 @triton.jit
+def _store_step(ITERS, STEP, t):
+    """Write the incremented step counter once every thread has read the old one (a barrier first; a finalize's
+    last act)."""
+    tl.debug_barrier()
+    tl.store(ITERS, t)
+    tl.store(STEP, t)
+
+
+@triton.jit
 def power_norm_finalize_kernel(
     PARTIALS, RUNNING_PHI, ITERS, STEP, SCALE, GRAD_SCALE, num_programs, C, eps, alpha_fwd, warmup_iters,
     GRAD_FROM_BATCH: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -320,8 +329,6 @@ def power_norm_finalize_kernel(
     # One program (it reads and increments the step counter). mask_powernorm.py L56–70, per channel: the denominator
     # d is the batch's q up to warm-up, then φ before this step's update; φ moves towards q.
     t = tl.load(ITERS) + 1
-    tl.store(ITERS, t)
-    tl.store(STEP, t)
     tf = t.to(COMPUTE)
     count = _valid_count(PARTIALS, num_programs, C, BLOCK_P, COMPUTE)
     for start in range(0, C, BLOCK_C):
@@ -339,6 +346,7 @@ def power_norm_finalize_kernel(
             tl.store(GRAD_SCALE + cols, 1.0 / tl.sqrt(phi + eps), mask=col_mask)
         cumulative = tl.where(t < warmup_iters, phi * (tf - 1.0) / tf + q / tf, phi)
         tl.store(RUNNING_PHI + cols, alpha_fwd * cumulative + (1.0 - alpha_fwd) * q, mask=col_mask)
+    _store_step(ITERS, STEP, t)
 
 
 @triton.jit
@@ -383,8 +391,7 @@ def unified_norm_finalize_kernel(
     # One program: the step counter, the one pooled variance over the whole window and the any-channel outlier test
     # are global. unified_normalization.py L27–73, per channel (normlayers.reference.unified_norm has the formulas).
     t = tl.load(ITERS) + 1
-    tl.store(ITERS, t)
-    tl.store(STEP, t)
+    skips = tl.load(SKIP_COUNTER)
     slot = t % M
     count = _valid_count(PARTIALS, num_programs, C, BLOCK_P, COMPUTE)
     outlier = t < 0  # False, as a tensor
@@ -399,7 +406,6 @@ def unified_norm_finalize_kernel(
             arithmetic, geometric = _window_means(BUFFER_X2, M, C, slot, q_scaled / s / s, cols, col_mask, COMPUTE)
             spread |= (col_mask & ((arithmetic - geometric) > pooled * M)).to(tl.int32)
         outlier = (t >= warmup_iters) & (tl.max(spread, axis=0) > 0)
-        tl.store(SKIP_COUNTER, tl.load(SKIP_COUNTER) + outlier.to(tl.int64))
     skip = outlier | SINGLE_SLOT
     tl.store(SKIP, skip.to(tl.int8))
     use_batch = (t <= M) | (t < warmup_iters) | skip
@@ -424,6 +430,9 @@ def unified_norm_finalize_kernel(
             r = tl.full((BLOCK_C,), 1.0, dtype=COMPUTE)
         tl.store(R_OUT + cols, r, mask=col_mask)
         tl.store(RUNNING_VAR + cols, momentum * running + (1.0 - momentum) * var, mask=col_mask)
+    _store_step(ITERS, STEP, t)
+    if OUTLIER_FILTRATION:
+        tl.store(SKIP_COUNTER, skips + outlier.to(tl.int64))  # after _store_step's barrier: every thread read it
 
 
 @triton.jit
