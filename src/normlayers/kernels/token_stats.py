@@ -350,9 +350,9 @@ def power_norm_finalize_kernel(
 
 
 @triton.jit
-def _window_means(BUFFER, M, C, slot, slot_value, cols, col_mask, COMPUTE: tl.constexpr):
-    """Arithmetic and geometric mean over the ``M`` rows of a ring buffer ``(M, C)`` whose row ``slot`` holds
-    ``slot_value`` (rounded to the buffer's dtype, as once written there)."""
+def _window_means(BUFFER, M, C, slot, slot_value, cols, col_mask, GEOMETRIC: tl.constexpr, COMPUTE: tl.constexpr):
+    """Arithmetic and (with GEOMETRIC, else the arithmetic again) geometric mean over the ``M`` rows of a ring buffer
+    ``(M, C)`` whose row ``slot`` holds ``slot_value`` (rounded to the buffer's dtype, as once written there)."""
     total = tl.zeros_like(cols).to(COMPUTE)
     log_total = tl.zeros_like(cols).to(COMPUTE)
     written = slot_value.to(BUFFER.dtype.element_ty).to(COMPUTE)
@@ -360,8 +360,12 @@ def _window_means(BUFFER, M, C, slot, slot_value, cols, col_mask, COMPUTE: tl.co
         stored = tl.load(BUFFER + m * C + cols, mask=col_mask, other=1.0).to(COMPUTE)
         value = tl.where(m == slot, written, stored)
         total += value
-        log_total += tl.log(value)
-    return total / M, tl.exp(log_total / M)
+        if GEOMETRIC:
+            log_total += tl.log(value)
+    if GEOMETRIC:
+        return total / M, tl.exp(log_total / M)
+    else:
+        return total / M, total / M
 
 
 @triton.jit
@@ -403,7 +407,8 @@ def unified_norm_finalize_kernel(
             col_mask = cols < C
             running = _load_channels(RUNNING_VAR, cols, col_mask, 0.0, COMPUTE)
             q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, running, COMPUTE)
-            arithmetic, geometric = _window_means(BUFFER_X2, M, C, slot, q_scaled / s / s, cols, col_mask, COMPUTE)
+            arithmetic, geometric = _window_means(BUFFER_X2, M, C, slot, q_scaled / s / s, cols, col_mask, True,
+                                                  COMPUTE)
             spread |= (col_mask & ((arithmetic - geometric) > pooled * M)).to(tl.int32)
         outlier = (t >= warmup_iters) & (tl.max(spread, axis=0) > 0)
     skip = outlier | SINGLE_SLOT
@@ -417,7 +422,7 @@ def unified_norm_finalize_kernel(
         q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, running, COMPUTE)
         q = q_scaled / s / s
         written = tl.where(outlier, running, q)
-        _, geometric = _window_means(BUFFER_X2, M, C, slot, written, cols, col_mask, COMPUTE)
+        _, geometric = _window_means(BUFFER_X2, M, C, slot, written, cols, col_mask, True, COMPUTE)
         tl.store(BUFFER_X2 + slot * C + cols, written, mask=col_mask)
         var = tl.where(use_batch, q, geometric)
         tl.store(INV_STD + cols, tl.where(use_batch, s * tl.math.rsqrt(q_scaled + eps * s * s),
@@ -550,7 +555,7 @@ def unified_norm_finalize_bwd_kernel(
     gz = _load_channels(WEIGHT, cols, col_mask, 0.0, COMPUTE) * r * sum_dyz / row_count
     old = _load_channels(EMA_GZ, cols, col_mask, 0.0, COMPUTE)
     written = tl.where(skip, old, gz)
-    window_mean, _ = _window_means(BUFFER_GZ, M, C, slot, written, cols, col_mask, COMPUTE)
+    window_mean, _ = _window_means(BUFFER_GZ, M, C, slot, written, cols, col_mask, False, COMPUTE)
     tl.store(BUFFER_GZ + slot * C + cols, written, mask=col_mask)
     use_batch = (t <= M) | (t < warmup_iters) | skip
     new = momentum * old + (1.0 - momentum) * tl.where(use_batch, gz, window_mean)
