@@ -21,10 +21,12 @@ torch 2.13 only), let each op run on its local shards with no communication wher
 * **EvoNorm-S statistics** (``evo_norm_s_finalize``/``_bwd``, per-plane ``(N, C)`` moments to per-sample group
   coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``. Sharded channels are
   refused: a group spans several channels.
-* **Token ops** (``token_*``, ``channel_affine*``, ``power_norm_train``, ``unified_norm_train``, on token rows
-  ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
+* **Token ops** (``token_square_sum``, ``token_grad_sums``, ``channel_affine*``, ``power_norm_train``,
+  ``unified_norm_train``, on token rows ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
   Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
-  those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out").
+  those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out"); so do
+  their fused ops (``token_moments``, ``token_affine``, ``token_grad``, the finalize ops, ``unified_norm_dx``), which
+  the layers never call with DTensors.
 * **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward)
   refuse DTensors: they take the batch's statistics from their ``(N, C)`` inputs alone. BatchChannelNorm2d and
   EvoNorm-B route DTensor inputs to their unfused compositions instead (next paragraph).
@@ -169,8 +171,9 @@ def _refusal(name: str, layers: str, how: str) -> Callable[..., list]:
     return refuse
 
 
-# The token layers (step_snapshot) take no DTensors at all; the fused batch-statistic finalize ops are never reached
-# with DTensors, whose layers take the unfused composition (DTensor reduces its per-plane statistics).
+# The token layers (step_snapshot) take no DTensors at all; the fused finalize ops (and PowerNorm's/UnifiedNorm's
+# fused ops) are never reached with DTensors, whose layers take the unfused composition (DTensor reduces its per-plane
+# statistics).
 _REFUSED: dict[str, tuple[str, str]] = {
     "step_snapshot": ("PowerNorm and UnifiedNorm", "under tensor/sequence parallelism give them the gathered sequence "
                       "as a local tensor, e.g. parallelize them with PrepareModuleInput(input_layouts=Shard(1), "
@@ -178,6 +181,11 @@ _REFUSED: dict[str, tuple[str, str]] = {
     **{name: ("BatchChannelNorm2d and EvoNorm-B", "their layers route DTensor inputs to the unfused composition, so "
               "call the layer, not this op") for name in ("batch_channel_finalize", "batch_channel_finalize_bwd",
                                                          "evo_norm_b_finalize", "evo_norm_b_finalize_bwd")},
+    **{name: ("PowerNorm and UnifiedNorm", "their layers route DTensor inputs to the composition of the token ops, "
+              "so call the layer, not this op") for name in ("token_moments", "power_norm_finalize",
+                                                            "unified_norm_finalize", "token_affine", "token_grad",
+                                                            "power_norm_finalize_bwd", "unified_norm_finalize_bwd",
+                                                            "unified_norm_dx")},
 }
 
 
