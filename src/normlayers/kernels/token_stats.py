@@ -1,23 +1,20 @@
 """Triton kernels for per-channel statistics across tokens, shared by PowerNorm and UnifiedNorm.
 
-Both layers see their input as ``(R, C)`` token rows (any row and channel stride) and need, per channel ``c``:
+Both layers see their input as ``(R, C)`` token rows (any row and channel stride). Two families live here:
 
-* forward: ``Σ_valid x²`` over the non-pad rows (the quadratic mean's numerator; the count is a torch reduction of
-  the mask), then the per-channel affine ``y = x·P[c] + S[c]``;
-* backward: ``Σ dy·x``, ``Σ dy`` and ``Σ x²`` over **all** rows (the approximate backward's reductions,
-  docs/power_unified.md: pads included), and ``dx = dy·P[c] + x·Q[c]`` — in the same pass for PowerNorm, whose ``P``,
-  ``Q`` are known before the reductions, in a second pass for UnifiedNorm, whose ``Q`` depends on them.
+* **The fused layers** (the second half of this file; docs/power_unified.md, "Kernels"): ``token_moments_kernel``,
+  a one-program finalize kernel per layer and ``token_affine_kernel`` forward; ``token_grad_kernel``, a finalize
+  backward kernel per layer (and ``unified_norm_dx_kernel``) backward. Programs hold whole token rows, so PowerNorm's
+  GroupScaling is recomputed in each pass; all the per-channel math is in the finalize kernels, on device.
+* **The composition's kernels**, for synced statistics and DTensor inputs, where the statistics are all-reduced (or
+  reduced by DTensor) between kernels: ``token_sums_kernel`` (a fixed grid of row programs × channel blocks writing
+  partial rows of ``Σ x²`` over the valid rows, or of ``Σ x²``, ``Σ dy·x``, ``Σ dy`` over all rows, with
+  ``WRITE_OUT`` also ``dy·P + x·Q``; ``common.column_sum`` adds the partials in a fixed order) and
+  ``channel_affine_kernel`` (``out = x·P[c] (+ x2·Q[c]) (+ S[c])``); the per-channel steps between them are the
+  reference's torch ops on device.
 
-So two kernels serve both layers, with constexpr flags:
-
-* ``token_sums_kernel``: a fixed grid of row programs × channel blocks; each program walks its share of row tiles,
-  keeps fp32 per-lane partial sums, and writes one partial row per output; ``common.column_sum`` then adds the
-  partials in a fixed order (deterministic, no atomics). With ``WRITE_OUT`` it also writes ``dy·P + x·Q``.
-* ``channel_affine_kernel``: elementwise, ``out = x·P[c] (+ x2·Q[c]) (+ S[c])``.
-
-The small per-channel steps between them (warm-up rules, running buffers, ring buffers, outlier filtration) are
-``(C,)``/``(M, C)`` torch ops on device, shared with the reference; nothing is read back to the host. Arithmetic is
-fp32 (fp64 for fp64 inputs); offsets are int64.
+Arithmetic is fp32 (fp64 for fp64 inputs); offsets are int64; partial rows are combined in a fixed order
+(deterministic, no atomics).
 """
 
 from __future__ import annotations

@@ -22,11 +22,11 @@ torch 2.13 only), let each op run on its local shards with no communication wher
   coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``. Sharded channels are
   refused: a group spans several channels.
 * **Token ops** (``token_square_sum``, ``token_grad_sums``, ``channel_affine*``, ``power_norm_train``,
-  ``unified_norm_train``, on token rows ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
-  Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
-  those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out"); so do
-  their fused ops (``token_moments``, ``token_affine``, ``token_grad``, the finalize ops, ``unified_norm_dx``), which
-  the layers never call with DTensors.
+  ``unified_norm_train``, on token rows ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel
+  sums over rows come out ``Partial``. Sharded channels are refused. ``step_snapshot`` (PowerNorm's and
+  UnifiedNorm's per-step copies) refuses DTensors: those layers update running buffers from the whole batch and run
+  on local tensors (docs: "Scaling out"); so do their fused ops (``token_moments``, ``token_affine``,
+  ``token_grad``, the finalize ops, ``unified_norm_dx``), which the layers never call with DTensors.
 * **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward)
   refuse DTensors: they take the batch's statistics from their ``(N, C)`` inputs alone. BatchChannelNorm2d and
   EvoNorm-B route DTensor inputs to their unfused compositions instead (next paragraph).

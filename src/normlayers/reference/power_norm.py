@@ -7,7 +7,8 @@ input with ``C`` channels, at training step ``t`` (``iters`` is incremented *bef
 
 1. ``u = GroupScaling(x)``: each token's groups of ``C/G`` channels divided by their RMS (eps ``1e-5``, fixed), with
    autograd (L28–37). ``group_num=None`` leaves it out (sIncerass/powernorm issues #8, #9).
-2. ``q_c = mean over the non-pad tokens of u_c²``, without gradient.
+2. ``q_c = mean over the non-pad tokens of u_c²``, without gradient; taken of the channel scaled by a power of two
+   (:func:`masked_square_mean`), so it neither overflows nor underflows where the step's output is representable.
 3. ``z = u / sqrt(d + eps)`` with ``d = q`` while ``t <= warmup_iters`` and ``d = φ_{t−1}`` (``running_phi`` before
    this step's update) afterwards; ``y = weight·z + bias``.
 4. ``φ ← φ·(t−1)/t + q/t`` while ``t < warmup_iters`` (note ``<``), then ``φ ← α_fwd·φ + (1−α_fwd)·q`` every step.

@@ -8,7 +8,7 @@ before the step):
 
 Forward (``unified_normalization.py`` L27–73)::
 
-    q      = mean over the non-pad tokens of x²                 (no gradient)
+    q      = mean over the non-pad tokens of x²                 (no gradient; taken scaled by a power of two)
     rvar   = unbiased variance of sqrt(buffer_x2) over all M·C entries, before this step's write (ONE scalar)
     buffer_x2[t % M] = q
     skip   = M <= 1
