@@ -310,6 +310,17 @@ def _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, fallback,
 
 
 @triton.jit
+def _channel_chunk(PARTIALS, RUNNING, start, num_programs, C, count, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
+    """Channels ``start …`` of a finalize loop: ``(cols, mask, running statistic, q·s², s, q)`` (the running value
+    standing in for ``q`` when no row is valid)."""
+    cols = start + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    running = _load_channels(RUNNING, cols, col_mask, 0.0, COMPUTE)
+    q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, running, COMPUTE)
+    return cols, col_mask, running, q_scaled, s, q_scaled / s / s
+
+
+@triton.jit
 def _store_step(ITERS, STEP, t):
     """Write the incremented step counter once every thread has read the old one (a barrier first; a finalize's
     last act)."""
@@ -329,11 +340,8 @@ def power_norm_finalize_kernel(
     tf = t.to(COMPUTE)
     count = _valid_count(PARTIALS, num_programs, C, BLOCK_P, COMPUTE)
     for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        phi = _load_channels(RUNNING_PHI, cols, col_mask, 0.0, COMPUTE)
-        q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, phi, COMPUTE)
-        q = q_scaled / s / s
+        cols, col_mask, phi, q_scaled, s, q = _channel_chunk(PARTIALS, RUNNING_PHI, start, num_programs, C, count,
+                                                             BLOCK_C, COMPUTE)
         # 1/sqrt(q + eps) from the scaled statistic: s/sqrt(q·s² + eps·s²)
         batch_scale = s * tl.math.rsqrt(q_scaled + eps * s * s)
         tl.store(SCALE + cols, tl.where(t <= warmup_iters, batch_scale, tl.math.rsqrt(phi + eps)), mask=col_mask)
@@ -400,12 +408,9 @@ def unified_norm_finalize_kernel(
         pooled = _pooled_root_variance(BUFFER_X2, M, C, BLOCK_C, COMPUTE)  # before this step's write
         spread = tl.zeros((BLOCK_C,), dtype=tl.int32)
         for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            col_mask = cols < C
-            running = _load_channels(RUNNING_VAR, cols, col_mask, 0.0, COMPUTE)
-            q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, running, COMPUTE)
-            arithmetic, geometric = _window_means(BUFFER_X2, M, C, slot, q_scaled / s / s, cols, col_mask, True,
-                                                  COMPUTE)
+            cols, col_mask, running, _, _, q = _channel_chunk(PARTIALS, RUNNING_VAR, start, num_programs, C, count,
+                                                              BLOCK_C, COMPUTE)
+            arithmetic, geometric = _window_means(BUFFER_X2, M, C, slot, q, cols, col_mask, True, COMPUTE)
             spread |= (col_mask & ((arithmetic - geometric) > pooled * M)).to(tl.int32)
         outlier = (t >= warmup_iters) & (tl.max(spread, axis=0) > 0)
     skip = outlier | SINGLE_SLOT
@@ -413,11 +418,8 @@ def unified_norm_finalize_kernel(
     use_batch = (t <= M) | (t < warmup_iters) | skip
     keep_one = (t <= r_clamp_from) | skip
     for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        running = _load_channels(RUNNING_VAR, cols, col_mask, 0.0, COMPUTE)
-        q_scaled, s = _batch_statistic(PARTIALS, num_programs, C, cols, col_mask, count, running, COMPUTE)
-        q = q_scaled / s / s
+        cols, col_mask, running, q_scaled, s, q = _channel_chunk(PARTIALS, RUNNING_VAR, start, num_programs, C, count,
+                                                                 BLOCK_C, COMPUTE)
         written = tl.where(outlier, running, q)
         _, geometric = _window_means(BUFFER_X2, M, C, slot, written, cols, col_mask, True, COMPUTE)
         tl.store(BUFFER_X2 + slot * C + cols, written, mask=col_mask)
