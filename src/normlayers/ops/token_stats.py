@@ -447,14 +447,20 @@ class _UnifiedNormFused(torch.autograd.Function):
         return (unified_norm_dx(input, dy, inv_std, weight, r, coeff), dweight, dbias) + (None,) * 12
 
 
+def _fusable(input: Tensor, sync_group: Optional[str], *buffers: Tensor) -> bool:
+    """Whether a call runs the fused kernels: no synced statistics, a plain tensor input, and buffers the finalize
+    kernels can index as contiguous ``(C,)``/``(M, C)`` arrays (they update them in place)."""
+    return sync_group is None and not is_dtensor(input) and all(b.is_contiguous() for b in buffers)
+
+
 def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor],
                bias: Optional[Tensor], pad_mask: Optional[Tensor], *, training: bool, eps: float,
                alpha_fwd: float, alpha_bkw: float, warmup_iters: int, group_num: Optional[int],
                batch_first: bool, backward_denominator: str, sync_group: Optional[str]) -> Tensor:
     """PowerNorm on the Triton ops: fused (:class:`_PowerNormFused`, GroupScaling recomputed inside each pass; in
-    eval one :func:`token_affine`), or, with synced statistics or a DTensor input, a composition: GroupScaling as the
+    eval one :func:`token_affine`), or (see :func:`_fusable`) a composition: GroupScaling as the
     RMSNorm row kernel over groups (eps 1e-5), the token statistics, the reference's on-device per-channel steps."""
-    if sync_group is None and not is_dtensor(input):
+    if _fusable(input, sync_group, running_phi, ema_gz):
         if training:
             return _PowerNormFused.apply(input, weight, bias, running_phi.view(-1), ema_gz.view(-1), iters, pad_mask,
                                          not batch_first, group_num, eps, alpha_fwd, alpha_bkw, warmup_iters,
@@ -494,8 +500,9 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
                  warmup_iters: int, outlier_filtration: bool, grad_compensation: bool,
                  sync_group: Optional[str]) -> Tensor:
     """UnifiedNorm on the Triton ops: fused (:class:`_UnifiedNormFused`; in eval one :func:`token_affine`), or, with
-    synced statistics or a DTensor input, the token ops composed with the reference's on-device helpers."""
-    if sync_group is None and not is_dtensor(input):
+    synced statistics, a DTensor input or non-contiguous buffers, the token ops composed with the reference's
+    on-device helpers."""
+    if _fusable(input, sync_group, running_var, ema_gz, buffer_x2, buffer_gz):
         if training:
             return _UnifiedNormFused.apply(input, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz,
                                            skip_counter, iters, pad_mask, eps, momentum, warmup_iters,
