@@ -266,6 +266,25 @@ def test_token_norms_are_right_at_extreme_magnitudes(backend_name, name, magnitu
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("name", ("power_no_groups", "unified"))
+def test_token_norms_combine_statistics_taken_at_different_scales(backend_name, name):
+    """2000 tokens in blocks of magnitude 1e-15 … 1e18: the kernels' reduction programs each pick their own scale
+    (4 programs on CPU, 512 rows a tile here), and the combined statistic is still the fp64 one."""
+    torch.manual_seed(10)
+    x = torch.randn(400, 5, 6)
+    for block, magnitude in enumerate((1e-15, 1.0, 1e15, 1e18)):
+        x.view(-1, 6)[block * 512:(block + 1) * 512] *= magnitude
+    dy = torch.randn(400, 5, 6)
+    layer = _token_layer(name).train()
+    expected_layer = copy.deepcopy(layer).double()
+    y, dx = _token_training_step(backend_name, layer, x, dy)
+    expected_y, expected_dx = _token_training_step("reference", expected_layer, x.double(), dy.double())
+    assert_close(y, expected_y)
+    assert_close(dx * 1e18, expected_dx * 1e18)  # relative to the largest tokens' gradients
+    assert_close(_running_stat(layer), _running_stat(expected_layer).float())
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("name", ("power_no_groups", "unified"))
 def test_token_norms_with_an_infinite_token_are_nan_not_zero(backend_name, name):
     """An infinite value makes its channel's statistic infinite: every output of the channel, and its running
     statistic, is then NaN (as torch's), never the silent 0 of x·rsqrt(inf); the other channels are untouched."""
