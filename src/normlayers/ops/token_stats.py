@@ -1,6 +1,13 @@
 """``torch.library`` custom ops for PowerNorm and UnifiedNorm on the shared token-statistics kernels.
 
-All take token rows ``(R, C)`` (any strides) and per-channel ``(C,)`` vectors:
+**Fused layers** (the usual path; docs/power_unified.md, "Kernels"): ``token_moments``, ``power_norm_finalize`` /
+``unified_norm_finalize`` (which update the running buffers and step counters in place) and ``token_affine``
+forward; ``token_grad``, ``power_norm_finalize_bwd`` / ``unified_norm_finalize_bwd`` (which update ``ema_gz`` and
+``buffer_gz``) and ``unified_norm_dx`` backward, composed by :class:`_PowerNormFused` and :class:`_UnifiedNormFused`;
+eval is one ``token_affine`` (differentiable).
+
+**The composition** (synced statistics, DTensor inputs, non-contiguous buffers): ops on token rows ``(R, C)`` (any
+strides) and per-channel ``(C,)`` vectors, with the reference's per-channel steps as torch ops between them:
 
 * ``token_square_sum(x, valid) -> (C,)``: ``Σ x²`` over the rows where ``valid`` (all rows when ``None``); fp32
   (fp64 for fp64 ``x``); not differentiable (the statistics carry no gradient in either method).
@@ -18,7 +25,7 @@ Both ``*_train`` ops take an optional ``sync_group`` (a process group's name, ``
 then all-reduces the per-channel sum behind the gradient statistic (and the row count) before the mean, so every
 rank updates ``ema_gz``/``buffer_gz`` alike and computes its rows of the input gradient of the global batch.
 
-:func:`power_norm` and :func:`unified_norm` (at the end) compose these ops into the two layers.
+:func:`power_norm` and :func:`unified_norm` (at the end) choose between the two.
 
 The two ``*_train`` ops are pure functions of their inputs in the forward; the buffer updates of the backward happen
 in the registered backward (as the official ``autograd.Function``s do), through the same on-device helpers as the
