@@ -6,10 +6,10 @@ Both layers see their input as ``(R, C)`` token rows (any row and channel stride
   a one-program finalize kernel per layer and ``token_affine_kernel`` forward; ``token_grad_kernel``, a finalize
   backward kernel per layer (and ``unified_norm_dx_kernel``) backward. Programs hold whole token rows, so PowerNorm's
   GroupScaling is recomputed in each pass; all the per-channel math is in the finalize kernels, on device.
-* **The composition's kernels**, for synced statistics and DTensor inputs, where the statistics are all-reduced (or
-  reduced by DTensor) between kernels: ``token_sums_kernel`` (a fixed grid of row programs × channel blocks writing
-  partial rows of ``Σ x²`` over the valid rows, or of ``Σ x²``, ``Σ dy·x``, ``Σ dy`` over all rows, with
-  ``WRITE_OUT`` also ``dy·P + x·Q``; ``common.column_sum`` adds the partials in a fixed order) and
+* **The composition's kernels**, for synced statistics (DTensor inputs run that way too), all-reduced between
+  kernels, and for buffers that are not contiguous: ``token_sums_kernel`` (a fixed grid of row programs × channel
+  blocks writing partial rows of ``Σ x²`` over the valid rows, or of ``Σ x²``, ``Σ dy·x``, ``Σ dy`` over all rows,
+  with ``WRITE_OUT`` also ``dy·P + x·Q``; ``common.column_sum`` adds the partials in a fixed order) and
   ``channel_affine_kernel`` (``out = x·P[c] (+ x2·Q[c]) (+ S[c])``); the per-channel steps between them are the
   reference's torch ops on device.
 

@@ -75,6 +75,9 @@ def _region_moments_bwd_fake(x, hole, center, dfirst, dsecond):
 def _region_moments_setup_context(ctx, inputs, output):
     x, hole, center = inputs
     ctx.save_for_backward(x, hole, center)
+    # An unused output's gradient stays None (the backward makes zeros like `center`): autograd would materialize it
+    # as a plain tensor, which DTensor refuses beside the DTensor gradients of the other outputs.
+    ctx.set_materialize_grads(False)
 
 
 def _regions(x: Tensor, hole: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ forward; ``token_grad``, ``power_norm_finalize_bwd`` / ``unified_norm_finalize_b
 ``buffer_gz``) and ``unified_norm_dx`` backward, composed by :class:`_PowerNormFused` and :class:`_UnifiedNormFused`;
 eval is one ``token_affine`` (differentiable).
 
-**The composition** (synced statistics, DTensor inputs, non-contiguous buffers): ops on token rows ``(R, C)`` (any
+**The composition** (synced statistics, non-contiguous buffers): ops on token rows ``(R, C)`` (any
 strides) and per-channel ``(C,)`` vectors, with the reference's per-channel steps as torch ops between them:
 
 * ``token_square_sum(x, valid) -> (C,)``: ``Σ x²`` over the rows where ``valid`` (all rows when ``None``); fp32
@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 from normlayers._autograd import differentiable_backward, refuse_double_backward, wants_double_backward
-from normlayers._dtensor import is_dtensor
 from normlayers._dtypes import compute_dtype
 from normlayers.ops.row_norms import row_norm
 from normlayers.reference import power_norm as _ref_power
@@ -454,10 +453,11 @@ class _UnifiedNormFused(torch.autograd.Function):
         return (unified_norm_dx(input, dy, inv_std, weight, r, coeff), dweight, dbias) + (None,) * 12
 
 
-def _fusable(input: Tensor, sync_group: Optional[str], *buffers: Tensor) -> bool:
-    """Whether a call runs the fused kernels: no synced statistics, a plain tensor input, and buffers the finalize
-    kernels can index as contiguous ``(C,)``/``(M, C)`` arrays (they update them in place)."""
-    return sync_group is None and not is_dtensor(input) and all(b.is_contiguous() for b in buffers)
+def _fusable(sync_group: Optional[str], *buffers: Tensor) -> bool:
+    """Whether a call runs the fused kernels: no synced statistics, and buffers the finalize kernels can index as
+    contiguous ``(C,)``/``(M, C)`` arrays (they update them in place). (DTensor inputs never get here: the functionals
+    run them on their local shards, with synced statistics.)"""
+    return sync_group is None and all(b.is_contiguous() for b in buffers)
 
 
 def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor],
@@ -467,7 +467,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
     """PowerNorm on the Triton ops: fused (:class:`_PowerNormFused`, GroupScaling recomputed inside each pass; in
     eval one :func:`token_affine`), or (see :func:`_fusable`) a composition: GroupScaling as the
     RMSNorm row kernel over groups (eps 1e-5), the token statistics, the reference's on-device per-channel steps."""
-    if _fusable(input, sync_group, running_phi, ema_gz):
+    if _fusable(sync_group, running_phi, ema_gz):
         if training:
             return _PowerNormFused.apply(input, weight, bias, running_phi.view(-1), ema_gz.view(-1), iters, pad_mask,
                                          not batch_first, group_num, eps, alpha_fwd, alpha_bkw, warmup_iters,
@@ -507,9 +507,9 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
                  warmup_iters: int, outlier_filtration: bool, grad_compensation: bool,
                  sync_group: Optional[str]) -> Tensor:
     """UnifiedNorm on the Triton ops: fused (:class:`_UnifiedNormFused`; in eval one :func:`token_affine`), or, with
-    synced statistics, a DTensor input or non-contiguous buffers, the token ops composed with the reference's
+    synced statistics or non-contiguous buffers, the token ops composed with the reference's
     on-device helpers."""
-    if _fusable(input, sync_group, running_var, ema_gz, buffer_x2, buffer_gz):
+    if _fusable(sync_group, running_var, ema_gz, buffer_x2, buffer_gz):
         if training:
             return _UnifiedNormFused.apply(input, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz,
                                            skip_counter, iters, pad_mask, eps, momentum, warmup_iters,
