@@ -235,20 +235,68 @@ def test_power_norm_group_scaling_at_large_magnitude(backend_name):
     assert_close(_on(backend_name, copy.deepcopy(layer), x), expected.float())
 
 
+def _token_training_step(backend_name: str, layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    x = x.clone().requires_grad_()
+    y = _on(backend_name, layer, x)
+    _on(backend_name, lambda: y.backward(dy))
+    return y, x.grad
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("name", ("power_no_groups", "unified"))
-def test_token_norms_at_large_magnitude_are_nan_not_zero(backend_name, name):
-    """The mean square over tokens lives in fp32 running buffers, which cannot hold it once it overflows: every output
-    of that channel, and its running statistic, is then NaN (as torch's), never the silent 0 of x·rsqrt(inf)."""
+@pytest.mark.parametrize("magnitude", (1e30, 3e19, 1e-30))
+def test_token_norms_are_right_at_extreme_magnitudes(backend_name, name, magnitude):
+    """The mean square over tokens is taken of each channel scaled by a power of two: a training step's output and
+    input gradient are the fp64 answer at magnitudes whose square over- or underflows fp32, and the running statistic
+    is the fp64 one rounded to its fp32 buffer (inf where it exceeds fp32's range, as at 1e30)."""
+    torch.manual_seed(9)
+    x = torch.randn(3, 5, 6)
+    x = x / x.abs().amax() * magnitude  # the largest value is exactly `magnitude`
+    dy = torch.randn(3, 5, 6)
+    layer = _token_layer(name).train()
+    layer.eps = 0.0 if magnitude < 1 else layer.eps  # with eps > 0 a tiny input is dominated by eps
+    expected_layer = copy.deepcopy(layer).double()
+    y, dx = _token_training_step(backend_name, layer, x, dy)
+    expected_y, expected_dx = _token_training_step("reference", expected_layer, x.double(), dy.double())
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    assert_close(y, expected_y)
+    assert_close(dx * magnitude, expected_dx * magnitude)  # relative: |dx| is about 1/magnitude
+    assert_close(_running_stat(layer), _running_stat(expected_layer).float())
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("name", ("power_no_groups", "unified"))
+def test_token_norms_combine_statistics_taken_at_different_scales(backend_name, name):
+    """2000 tokens in blocks of magnitude 1e-15 … 1e18: the kernels' reduction programs each pick their own scale
+    (4 programs on CPU, 512 rows a tile here), and the combined statistic is still the fp64 one."""
+    torch.manual_seed(10)
+    x = torch.randn(400, 5, 6)
+    for block, magnitude in enumerate((1e-15, 1.0, 1e15, 1e18)):
+        x.view(-1, 6)[block * 512:(block + 1) * 512] *= magnitude
+    dy = torch.randn(400, 5, 6)
+    layer = _token_layer(name).train()
+    expected_layer = copy.deepcopy(layer).double()
+    y, dx = _token_training_step(backend_name, layer, x, dy)
+    expected_y, expected_dx = _token_training_step("reference", expected_layer, x.double(), dy.double())
+    assert_close(y, expected_y)
+    assert_close(dx * 1e18, expected_dx * 1e18)  # relative to the largest tokens' gradients
+    assert_close(_running_stat(layer), _running_stat(expected_layer).float())
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("name", ("power_no_groups", "unified"))
+def test_token_norms_with_an_infinite_token_are_nan_not_zero(backend_name, name):
+    """An infinite value makes its channel's statistic infinite: every output of the channel, and its running
+    statistic, is then NaN (as torch's), never the silent 0 of x·rsqrt(inf); the other channels are untouched."""
     torch.manual_seed(9)
     x = torch.randn(3, 5, 6)
     big = x.clone()
-    big[0, 0, 2] = 3e19  # its square overflows fp32
+    big[0, 0, 2] = float("inf")
     layer = _token_layer(name).train()
     y = _on(backend_name, layer, big)
     assert y[..., 2].isnan().all() and _running_stat(layer).reshape(-1)[2].isnan()
     expected = _on(backend_name, _token_layer(name).train(), x)
-    assert_close(y[..., [0, 1, 3, 4, 5]], expected[..., [0, 1, 3, 4, 5]])  # the other channels are untouched
+    assert_close(y[..., [0, 1, 3, 4, 5]], expected[..., [0, 1, 3, 4, 5]])
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

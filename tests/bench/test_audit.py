@@ -24,11 +24,10 @@ COMPOSITES = ("BatchChannelNorm2d(64)", "EvoNorm2dS0(64)", "EvoNorm2dB0(64)", "R
               "UnifiedNorm(768)")
 # Budgets per layer call, training mode unless named: (row norms, composite layers).
 BUDGETS = {"train fwd": (1, 3), "train bwd": (2, 4), "eval fwd": (1, 2)}
-# Composite phases over budget today (issue 16): PowerNorm and UnifiedNorm still run their per-channel math as ATen ops
-# between the kernels; the fused BCN/EvoNorm take 3 launches in eval (moments, finalize, elementwise pass).
-UNFUSED = ({(layer, phase) for layer in ("PowerNorm(768)", "UnifiedNorm(768)") for phase in BUDGETS}
-           | {(layer, "eval fwd") for layer in ("BatchChannelNorm2d(64)", "EvoNorm2dS0(64)", "EvoNorm2dB0(64)")})
-SYNCING = {("UnifiedNorm(768)", "train fwd")}  # torch.var's .item() in its outlier filtration
+# Composite phases over budget today (issue 16): the fused BCN/EvoNorm take 3 launches in eval (moments, finalize,
+# elementwise pass).
+UNFUSED = {(layer, "eval fwd") for layer in ("BatchChannelNorm2d(64)", "EvoNorm2dS0(64)", "EvoNorm2dB0(64)")}
+SYNCING: set[tuple[str, str]] = set()
 WIDTHS = (1024, 8192, 16384, 65536)  # audit.ROW_WIDTHS has the full set
 
 

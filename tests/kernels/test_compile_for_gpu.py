@@ -261,6 +261,81 @@ def compile_all_variants() -> int:
                             "stride_oc": "i64"},
                            {"HAS_X2": has_x2, "HAS_SHIFT": has_shift, **tile})
             count += 1
+    return count + compile_fused_token_kernels(compile_kernel)
+
+
+def compile_fused_token_kernels(compile_kernel) -> int:
+    """PowerNorm's and UnifiedNorm's fused kernels (row-whole tiles, one-program finalize): module and activations in
+    one dtype (buffers and parameters too), every flag the launchers pass."""
+    import triton.language as tl
+
+    from normlayers.kernels import token_stats
+
+    count = 0
+    rows = {"R": "i32", "G": "i32", "S": "i32"}
+    group_scaling = {"gs_eps": "fp32", "gs_cap": "fp32"}
+    for data in ("bf16", "fp32", "fp64"):
+        stats = "fp64" if data == "fp64" else "fp32"
+        compute = tl.float64 if data == "fp64" else tl.float32
+        tile = {"COMPUTE": compute, "BLOCK_R": 4, "BLOCK_G": 2, "BLOCK_S": 512}
+        finalize = {"COMPUTE": compute, "BLOCK_C": 1024, "BLOCK_P": 64}
+        for groups, flag in product((True, False), (True, False)):
+            compile_kernel(token_stats.token_moments_kernel,
+                           {"X": f"*{data}", "PAD": "*u8", "PARTIALS": f"*{stats}"},
+                           {**rows, "inner_rows": "i32", **{n: "i64" for n in ("stride_xr", "stride_xc",
+                                                                                "stride_pad_outer",
+                                                                                "stride_pad_inner")},
+                            **group_scaling, "cap": "fp32", "tiles_per_program": "i32"},
+                           {"GROUPS": groups, "HAS_PAD": flag, **tile})
+            compile_kernel(token_stats.token_affine_kernel,
+                           {"X": f"*{data}", "SCALE": f"*{data if flag else stats}", "WEIGHT": f"*{data}",
+                            "BIAS": f"*{data}", "OUT": f"*{data}"},
+                           {**rows, **{n: "i64" for n in ("stride_xr", "stride_xc", "stride_or", "stride_oc")},
+                            "eps": "fp32", **group_scaling},
+                           {"GROUPS": groups, "SCALE_FROM_RUNNING": flag, "HAS_WEIGHT": flag, "HAS_BIAS": flag,
+                            **tile})
+            compile_kernel(token_stats.token_grad_kernel,
+                           {"X": f"*{data}", "DY": f"*{data}", "SCALE": f"*{stats}", "WEIGHT": f"*{data}",
+                            "EMA_GZ": f"*{data}", "GRAD_SCALE": f"*{stats}", "DX": f"*{data}",
+                            "PARTIALS": f"*{stats}"},
+                           {**rows, **{n: "i64" for n in ("stride_xr", "stride_xc", "stride_dyr", "stride_dyc",
+                                                           "stride_dxr", "stride_dxc")},
+                            **group_scaling, "ema_factor": "fp32", "tiles_per_program": "i32"},
+                           {"GROUPS": groups, "HAS_WEIGHT": flag, "POWER": groups or flag, "HAS_EMA": flag, **tile})
+            compile_kernel(token_stats.power_norm_finalize_kernel,
+                           {"PARTIALS": f"*{stats}", "RUNNING_PHI": f"*{data}", "ITERS": "*i64", "STEP": "*i64",
+                            "SCALE": f"*{stats}", "GRAD_SCALE": f"*{stats}"},
+                           {"num_programs": "i32", "C": "i32", "eps": "fp32", "alpha_fwd": "fp32",
+                            "warmup_iters": "i32"},
+                           {"GRAD_FROM_BATCH": groups, **finalize})
+            compile_kernel(token_stats.power_norm_finalize_bwd_kernel,
+                           {"PARTIALS": f"*{stats}", "EMA_GZ": f"*{data}", "DWEIGHT": f"*{data}",
+                            "DBIAS": f"*{data}"},
+                           {"num_programs": "i32", "C": "i32", "row_count": "fp32"},
+                           {"HAS_WEIGHT": flag, "HAS_BIAS": flag, "COMPUTE": compute, "BLOCK_C": 128})
+            compile_kernel(token_stats.unified_norm_finalize_kernel,
+                           {"PARTIALS": f"*{stats}", "RUNNING_VAR": f"*{data}", "BUFFER_X2": f"*{data}",
+                            "SKIP_COUNTER": "*i64", "ITERS": "*i64", "STEP": "*i64", "SKIP": "*i8",
+                            "INV_STD": f"*{stats}", "R_OUT": f"*{stats}"},
+                           {"num_programs": "i32", "C": "i32", "M": "i32", "eps": "fp32", "momentum": "fp32",
+                            "warmup_iters": "i32", "r_clamp_from": "i32"},
+                           {"SINGLE_SLOT": groups and not flag, "OUTLIER_FILTRATION": flag,
+                            "GRAD_COMPENSATION": groups, **finalize})
+            count += 6
+        compile_kernel(token_stats.unified_norm_finalize_bwd_kernel,
+                       {"PARTIALS": f"*{stats}", "WEIGHT": f"*{data}", "R_IN": f"*{stats}", "STEP": "*i64",
+                        "SKIP": "*i8", "EMA_GZ": f"*{data}", "BUFFER_GZ": f"*{data}", "COEFF": f"*{stats}",
+                        "DWEIGHT": f"*{data}", "DBIAS": f"*{data}"},
+                       {"num_programs": "i32", "C": "i32", "row_count": "fp32", "M": "i32", "momentum": "fp32",
+                        "warmup_iters": "i32"},
+                       {"COMPUTE": compute, "BLOCK_C": 128})
+        compile_kernel(token_stats.unified_norm_dx_kernel,
+                       {"X": f"*{data}", "DY": f"*{data}", "INV_STD": f"*{stats}", "WEIGHT": f"*{data}",
+                        "R_IN": f"*{stats}", "COEFF": f"*{stats}", "DX": f"*{data}"},
+                       {"R": "i32", "C": "i32", **{n: "i64" for n in ("stride_xr", "stride_xc", "stride_dyr",
+                                                                       "stride_dyc", "stride_dxr", "stride_dxc")}},
+                       {"COMPUTE": compute, "BLOCK_R": 4, "BLOCK_S": 1024})
+        count += 2
     return count
 
 

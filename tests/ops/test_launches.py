@@ -94,3 +94,45 @@ def test_launches_per_call_within_budget(name):
         assert count.triton, f"{phase}: no Triton launch seen (is the interpreter on?)"
         assert count.launches <= budget, f"{phase}: {count.launches} launches: {count.triton} + {count.aten}"
         assert not count.syncs, f"{phase}: host syncs {count.syncs}"
+
+
+# PowerNorm and UnifiedNorm: the per-channel math (statistics, warm-up rules, ring buffers, outlier filtration, the
+# step counters, the approximate backward's ema_gz) lives in one-program finalize kernels; eval is one pass.
+TOKEN_EVAL_FORWARD = 2
+
+TOKEN_LAYERS = {
+    "PowerNorm": lambda: normlayers.PowerNorm(16, group_num=2, warmup_iters=1),
+    "PowerNorm-no-groups-running-denominator": lambda: normlayers.PowerNorm(16, group_num=None, warmup_iters=1,
+                                                                            backward_denominator="running"),
+    "UnifiedNorm": lambda: normlayers.UnifiedNorm(16, window_size=2, warmup_iters=1),
+    "UnifiedNorm-outlier-filtration": lambda: normlayers.UnifiedNorm(16, window_size=(3, 2), warmup_iters=1,
+                                                                     outlier_filtration=True),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("name", TOKEN_LAYERS)
+def test_token_norm_launches_within_budget(name, masked):
+    module = TOKEN_LAYERS[name]().to(torch.bfloat16)
+    x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    pad = torch.rand(5, 3, generator=torch.Generator().manual_seed(1)) > 0.5 if masked else None
+    if name.startswith("PowerNorm") and masked:
+        pad = pad.T.contiguous()  # PowerNorm's input is (T, B, C), its mask (B, T)
+    with normlayers.backend("triton"):
+        module.train()
+        module(x.requires_grad_(), pad).sum().backward()
+        for t in (x, *module.parameters()):
+            t.grad = None
+        forward = count_launches(lambda: module(x, pad))
+        y = module(x, pad)
+        dy = torch.randn_like(y)
+        backward = count_launches(lambda: y.backward(dy))
+        module.eval()
+        with torch.no_grad():
+            evaluation = count_launches(lambda: module(x, pad))
+    for phase, count, budget in [("train fwd", forward, TRAIN_FORWARD), ("train bwd", backward, TRAIN_BACKWARD),
+                                 ("eval fwd", evaluation, TOKEN_EVAL_FORWARD)]:
+        assert count.triton, f"{phase}: no Triton launch seen (is the interpreter on?)"
+        assert count.launches <= budget, f"{phase}: {count.launches} launches: {count.triton} + {count.aten}"
+        # no .item() / _local_scalar_dense: the whole step can be captured in a CUDA graph
+        assert not count.syncs, f"{phase}: host syncs {count.syncs}"

@@ -57,6 +57,43 @@ def test_opcheck_training_ops():
                            0.9, 3))
 
 
+@pytest.mark.parametrize("groups, time_major", [(2, True), (None, False)])
+def test_opcheck_fused_ops(groups, time_major):
+    """The fused layers' ops (``_PowerNormFused``/``_UnifiedNormFused`` and eval's ``token_affine``). The finalize
+    ops update buffers in place (declared in their schemas); each check gets its own copies."""
+    ops = torch.ops.normlayers
+    x = _randn(5, 3, 4, seed=1)  # (T, B, C) when time_major, else (B, N, C)
+    pad = torch.tensor([[False, False, True, True, False], [False, True, False, False, False],
+                        [False, False, False, False, True]])
+    pad = pad if time_major else pad.T[:, :3].contiguous()
+    dy, w, b = _randn(5, 3, 4, seed=2), _randn(4, seed=3) + 2, _randn(4, seed=4)
+    scale, grad_scale, running = (_randn(4, seed=s).abs() + 0.5 for s in (5, 6, 7))
+    torch.library.opcheck(ops.token_moments.default, (x, pad, time_major, groups, 1e-5))
+    torch.library.opcheck(ops.token_moments.default, (x, None, time_major, groups, 1e-5))
+    partials = ops.token_moments(x, pad, time_major, groups, 1e-5)
+    torch.library.opcheck(ops.power_norm_finalize.default, (partials, running.clone(), torch.tensor([3]), 1e-5, 0.9,
+                                                            4, groups is None))
+    for outlier_filtration in (False, True):
+        torch.library.opcheck(ops.unified_norm_finalize.default,
+                              (partials, running.clone(), running.expand(3, 4).clone(), torch.tensor([0]),
+                               torch.tensor([5]), 1e-5, 0.9, 2, outlier_filtration, True))
+    for running_eps in (None, 1e-5):
+        torch.library.opcheck(ops.token_affine.default, (x.clone().requires_grad_(), scale, w.clone().requires_grad_(),
+                                                         b.clone().requires_grad_(), groups, running_eps,
+                                                         torch.bfloat16))
+    torch.library.opcheck(ops.token_affine.default, (x, scale, None, None, groups, None, torch.float32))
+    torch.library.opcheck(ops.token_grad.default, (x, dy, scale, w, running, 0.1, grad_scale, groups))
+    torch.library.opcheck(ops.token_grad.default, (x, dy, scale, None, None, 0.0, None, None))
+    grad_partials = ops.token_grad(x, dy, scale, w, running, 0.1, grad_scale, groups)[1]
+    torch.library.opcheck(ops.power_norm_finalize_bwd.default, (grad_partials, running.clone(), w, b, 15))
+    torch.library.opcheck(ops.power_norm_finalize_bwd.default, (grad_partials, running.clone(), None, None, 15))
+    step, skip = torch.tensor([6]), torch.tensor([0], dtype=torch.int8)
+    torch.library.opcheck(ops.unified_norm_finalize_bwd.default,
+                          (grad_partials, w, grad_scale, step, skip, running.clone(), running.expand(2, 4).clone(), 15,
+                           0.9, 2))
+    torch.library.opcheck(ops.unified_norm_dx.default, (x, dy, scale, w, grad_scale, running))
+
+
 def _pair(kind: str, training: bool):
     if kind == "power":
         m = normlayers.PowerNorm(8, group_num=2, warmup_iters=3)
@@ -98,3 +135,20 @@ def test_compile_fullgraph_matches_eager(backend, kind, training):
                 assert_close(compiled_layer.state_dict()[key].double(), value.double(), msg=f"step {step}: {key}")
     if kind == "unified_filtration" and training:
         assert eager.skip_counter.item() >= 1
+
+
+def test_non_contiguous_buffers_are_updated_right():
+    """The fused finalize kernels index buffers as contiguous arrays; a strided ring buffer takes the composition."""
+    x = _randn(3, 5, 4, seed=8)
+    results = []
+    for backend in ("triton", "reference"):
+        m = normlayers.UnifiedNorm(4, window_size=3, warmup_iters=1, outlier_filtration=True)
+        m.buffer_x2 = torch.ones(4, 3).T  # (M, C) with strides (1, M)
+        with normlayers.backend(backend):
+            for _ in range(4):
+                y = m(x.requires_grad_())
+                y.backward(torch.ones_like(y))
+        results.append((y.detach(), x.grad, m.buffer_x2.clone(), m.running_var.clone()))
+        x.grad = None
+    for a, b in zip(*results):
+        assert_close(a, b)

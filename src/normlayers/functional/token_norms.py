@@ -18,7 +18,8 @@ from normlayers._checks import (
     check_unit_interval,
 )
 from normlayers._dtensor import is_dtensor, run_on_local_shards
-from normlayers.backends import use_triton
+from normlayers.backends import tier
+from normlayers.cpu import token_norms as _cpu_token
 from normlayers.distributed import sync_group_name
 from normlayers.ops import token_stats as _ops_token
 from normlayers.reference import power_norm as _ref_power
@@ -32,6 +33,11 @@ def check_backward_denominator(backward_denominator: object) -> str:
     if backward_denominator not in ("batch", "running"):
         raise ValueError(f"backward_denominator must be 'batch' or 'running', got {backward_denominator!r}")
     return backward_denominator
+
+
+def _without_sync(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of a call without synced statistics, for the CPU tier (which has none)."""
+    return {name: value for name, value in kwargs.items() if name != "sync_group"}
 
 
 def _flat_2d_mask(input: Tensor, pad_mask: Optional[Tensor], official_shape: tuple[int, int]) -> Optional[Tensor]:
@@ -154,9 +160,13 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
                   warmup_iters=int(warmup_iters), group_num=group_num, batch_first=batch_first,
                   backward_denominator=backward_denominator,
                   sync_group=sync_group_name(sync_stats, process_group, training))
-    if use_triton(input):
-        return _ops_token.power_norm(input, running_phi, ema_gz, iters, weight, bias, pad_mask, **kwargs)
-    return _ref_power.power_norm(input, running_phi, ema_gz, iters, weight, bias, pad_mask, **kwargs)
+    state = (running_phi, ema_gz, iters, weight, bias, pad_mask)
+    implementation = tier(input)
+    if implementation == "triton":
+        return _ops_token.power_norm(input, *state, **kwargs)
+    if implementation == "cpu" and kwargs["sync_group"] is None:
+        return _cpu_token.power_norm(input, *state, **_without_sync(kwargs))
+    return _ref_power.power_norm(input, *state, **kwargs)
 
 
 def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tensor, buffer_gz: Tensor,
@@ -216,6 +226,9 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
                   outlier_filtration=bool(outlier_filtration), grad_compensation=bool(grad_compensation),
                   sync_group=sync_group_name(sync_stats, process_group, training))
     state = (running_var, ema_gz, buffer_x2, buffer_gz, iters, skip_counter, weight, bias)
-    if use_triton(input):
+    implementation = tier(input)
+    if implementation == "triton":
         return _ops_token.unified_norm(input, *state, pad_mask, **kwargs)
+    if implementation == "cpu" and kwargs["sync_group"] is None:
+        return _cpu_token.unified_norm(input, *state, pad_mask, **_without_sync(kwargs))
     return _ref_unified.unified_norm(input, *state, pad_mask, **kwargs)

@@ -21,11 +21,12 @@ torch 2.13 only), let each op run on its local shards with no communication wher
 * **EvoNorm-S statistics** (``evo_norm_s_finalize``/``_bwd``, per-plane ``(N, C)`` moments to per-sample group
   coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``. Sharded channels are
   refused: a group spans several channels.
-* **Token ops** (``token_*``, ``channel_affine*``, ``power_norm_train``, ``unified_norm_train``, on token rows
-  ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
-  Sharded channels are refused. The layers themselves never pass DTensors to these ops: PowerNorm and UnifiedNorm
-  run DTensor inputs on the local shards with synced statistics (:func:`normlayers._dtensor.run_on_local_shards`),
-  so ``step_snapshot`` (their per-step copies) refuses DTensors.
+* **Token ops** (``token_square_sum``, ``token_grad_sums``, ``channel_affine*``, ``power_norm_train``,
+  ``unified_norm_train``, on token rows ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel
+  sums over rows come out ``Partial``. Sharded channels are refused. The layers themselves never pass DTensors to
+  these ops: PowerNorm and UnifiedNorm run DTensor inputs on the local shards with synced statistics
+  (:func:`normlayers._dtensor.run_on_local_shards`), so ``step_snapshot`` (their per-step copies) and their fused
+  ops (``token_moments``, ``token_affine``, ``token_grad``, the finalize ops, ``unified_norm_dx``) refuse DTensors.
 * **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward;
   RegionNorm's ``region_stats``, ``region_finalize``, ``region_normalize`` and ``region_normalize_bwd``) refuse
   DTensors: they take the batch's statistics from their inputs alone. BatchChannelNorm2d, EvoNorm-B and RegionNorm
@@ -162,17 +163,19 @@ def _refusal(name: str, layers: str, how: str) -> Callable[..., list]:
     return refuse
 
 
-# Ops never reached with DTensors: the token layers' step_snapshot (the layers run on local shards); the fused
-# batch-statistic ops, whose layers take the unfused composition (DTensor reduces its per-plane statistics).
+# Ops never reached with DTensors: the token layers' step_snapshot and fused ops (the layers run on local shards); the
+# fused batch-statistic ops, whose layers take the unfused composition (DTensor reduces its per-plane statistics).
 _REFUSED: dict[str, tuple[str, str]] = {
-    "step_snapshot": ("PowerNorm and UnifiedNorm", "the layers (and normlayers.functional) run DTensor inputs on "
-                      "their local shards with synced statistics, so call the layer, not this op"),
     **{name: ("BatchChannelNorm2d and EvoNorm-B", "their layers route DTensor inputs to the unfused composition, so "
               "call the layer, not this op") for name in ("batch_channel_finalize", "batch_channel_finalize_bwd",
                                                          "evo_norm_b_finalize", "evo_norm_b_finalize_bwd")},
     **{name: ("RegionNorm2d and LearnableRegionNorm2d", "their layers route DTensor inputs to the composition of "
               "region_moments and region_affine, so call the layer, not this op")
        for name in ("region_stats", "region_finalize", "region_normalize", "region_normalize_bwd")},
+    **{name: ("PowerNorm and UnifiedNorm", "the layers (and normlayers.functional) run DTensor inputs on their "
+              "local shards with synced statistics, so call the layer, not this op")
+       for name in ("step_snapshot", "token_moments", "power_norm_finalize", "unified_norm_finalize", "token_affine",
+                    "token_grad", "power_norm_finalize_bwd", "unified_norm_finalize_bwd", "unified_norm_dx")},
 }
 
 

@@ -1,6 +1,13 @@
 """``torch.library`` custom ops for PowerNorm and UnifiedNorm on the shared token-statistics kernels.
 
-All take token rows ``(R, C)`` (any strides) and per-channel ``(C,)`` vectors:
+**Fused layers** (the usual path; docs/power_unified.md, "Kernels"): ``token_moments``, ``power_norm_finalize`` /
+``unified_norm_finalize`` (which update the running buffers and step counters in place) and ``token_affine``
+forward; ``token_grad``, ``power_norm_finalize_bwd`` / ``unified_norm_finalize_bwd`` (which update ``ema_gz`` and
+``buffer_gz``) and ``unified_norm_dx`` backward, composed by :class:`_PowerNormFused` and :class:`_UnifiedNormFused`;
+eval is one ``token_affine`` (differentiable).
+
+**The composition** (synced statistics, non-contiguous buffers): ops on token rows ``(R, C)`` (any
+strides) and per-channel ``(C,)`` vectors, with the reference's per-channel steps as torch ops between them:
 
 * ``token_square_sum(x, valid) -> (C,)``: ``Σ x²`` over the rows where ``valid`` (all rows when ``None``); fp32
   (fp64 for fp64 ``x``); not differentiable (the statistics carry no gradient in either method).
@@ -18,7 +25,7 @@ Both ``*_train`` ops take an optional ``sync_group`` (a process group's name, ``
 then all-reduces the per-channel sum behind the gradient statistic (and the row count) before the mean, so every
 rank updates ``ema_gz``/``buffer_gz`` alike and computes its rows of the input gradient of the global batch.
 
-:func:`power_norm` and :func:`unified_norm` (at the end) compose these ops into the two layers.
+:func:`power_norm` and :func:`unified_norm` (at the end) choose between the two.
 
 The two ``*_train`` ops are pure functions of their inputs in the forward; the buffer updates of the backward happen
 in the registered backward (as the official ``autograd.Function``s do), through the same on-device helpers as the
@@ -226,12 +233,246 @@ def _unified_norm_backward(ctx, dy):
 unified_norm_train.register_autograd(_unified_norm_backward, setup_context=_unified_norm_setup_context)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The fused layers (kernels/token_stats.py): forward token_moments → *_finalize → token_affine; backward token_grad →
+# *_finalize_bwd (→ unified_norm_dx); eval token_affine alone. Every op takes the layer's input as it is (2-D or
+# 3-D); the finalize ops update the running buffers in place, so the layers' autograd is a torch.autograd.Function.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normlayers::token_moments", mutates_args=())
+def token_moments(x: Tensor, pad_mask: Optional[Tensor], time_major: bool, groups: Optional[int],
+                  eps: float) -> Tensor:
+    """Partial rows ``(P, 2C + 1)`` of the second moment over the non-pad tokens of ``GroupScaling(x)`` (of ``x``
+    without ``groups``), scaled by a power of two per channel (``kernels.token_stats.token_moments``)."""
+    return _kernels().token_moments(x, pad_mask, time_major, groups, eps)
+
+
+@token_moments.register_fake
+def _token_moments_fake(x, pad_mask, time_major, groups, eps):
+    channels = x.shape[-1]
+    programs = _kernels().reduction_programs(x.numel() // max(channels, 1), channels, groups or 1, x.device)
+    return x.new_empty((programs, 2 * channels + 1), dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("normlayers::power_norm_finalize", mutates_args=("running_phi", "iters"))
+def power_norm_finalize(partials: Tensor, running_phi: Tensor, iters: Tensor, eps: float, alpha_fwd: float,
+                        warmup_iters: int, grad_from_batch: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scale, grad_scale, step)`` of a PowerNorm training step from :func:`token_moments`; increments ``iters`` and
+    updates ``running_phi`` (flat ``(C,)``) in place (``mask_powernorm.py`` L56–70)."""
+    return _kernels().power_norm_finalize(partials, running_phi, iters, eps=eps, alpha_fwd=alpha_fwd,
+                                          warmup_iters=warmup_iters, grad_from_batch=grad_from_batch)
+
+
+@power_norm_finalize.register_fake
+def _power_norm_finalize_fake(partials, running_phi, iters, eps, alpha_fwd, warmup_iters, grad_from_batch):
+    channels = running_phi.shape[0]
+    return (partials.new_empty(channels), partials.new_empty(channels), torch.empty_like(iters))
+
+
+@torch.library.custom_op("normlayers::unified_norm_finalize",
+                         mutates_args=("running_var", "buffer_x2", "skip_counter", "iters"))
+def unified_norm_finalize(partials: Tensor, running_var: Tensor, buffer_x2: Tensor, skip_counter: Tensor,
+                          iters: Tensor, eps: float, momentum: float, warmup_iters: int, outlier_filtration: bool,
+                          grad_compensation: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(inv_std, r, step, skip)`` of a UnifiedNorm training step from :func:`token_moments`; updates the running
+    buffers and counters in place (``unified_normalization.py`` L27–73)."""
+    return _kernels().unified_norm_finalize(partials, running_var, buffer_x2, skip_counter, iters, eps=eps,
+                                            momentum=momentum, warmup_iters=warmup_iters,
+                                            outlier_filtration=outlier_filtration,
+                                            grad_compensation=grad_compensation)
+
+
+@unified_norm_finalize.register_fake
+def _unified_norm_finalize_fake(partials, running_var, buffer_x2, skip_counter, iters, eps, momentum, warmup_iters,
+                                outlier_filtration, grad_compensation):
+    channels = running_var.shape[0]
+    return (partials.new_empty(channels), partials.new_empty(channels), torch.empty_like(iters),
+            iters.new_empty(1, dtype=torch.int8))
+
+
+@torch.library.custom_op("normlayers::token_affine", mutates_args=())
+def token_affine(x: Tensor, scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: Optional[int],
+                 running_eps: Optional[float], out_dtype: torch.dtype) -> Tensor:
+    """``GroupScaling(x)·scale·weight + bias`` per channel (no GroupScaling without ``groups``) in ``out_dtype``; with
+    ``running_eps`` the factor is ``rsqrt(scale + running_eps)`` of a running statistic ``scale`` (eval)."""
+    return _kernels().token_affine(x, scale, weight, bias, groups, running_eps, out_dtype)
+
+
+@token_affine.register_fake
+def _token_affine_fake(x, scale, weight, bias, groups, running_eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _token_affine_formula(x: Tensor, scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          groups: Optional[int], running_eps: Optional[float]) -> Tensor:
+    u = x.to(compute_dtype(x.dtype))
+    if groups is not None:
+        u = _ref_power.group_scaling(u, groups)
+    factor = torch.rsqrt(scale.to(u.dtype) + running_eps) if running_eps is not None else scale.to(u.dtype)
+    y = u * factor
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
+def _token_affine_setup_context(ctx, inputs, output):
+    x, scale, weight, bias, groups, running_eps, _out_dtype = inputs
+    ctx.save_for_backward(x, scale, weight, bias)
+    ctx.groups, ctx.running_eps = groups, running_eps
+
+
+def _token_affine_backward(ctx, dy):
+    """The eval layer's gradient (the running statistic is a constant): ``token_grad`` with ``k = 0``."""
+    x, scale, weight, bias = ctx.saved_tensors
+    if wants_double_backward():
+        grads = differentiable_backward(
+            lambda x, weight, bias: _token_affine_formula(x, scale, weight, bias, ctx.groups, ctx.running_eps),
+            (x, weight, bias), (dy,), (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]))
+        return grads[0], None, grads[1], grads[2], None, None, None
+    factor = scale.to(compute_dtype(x.dtype))
+    if ctx.running_eps is not None:
+        factor = torch.rsqrt(factor + ctx.running_eps)
+    dx, partials = token_grad(x, dy, factor, weight, None, 0.0, factor, ctx.groups)
+    sums = partials.view(partials.shape[0], 3, -1).sum(0)
+    dweight = sums[0].to(weight.dtype) if weight is not None else None
+    dbias = sums[1].to(bias.dtype) if bias is not None else None
+    return dx, None, dweight, dbias, None, None, None
+
+
+token_affine.register_autograd(_token_affine_backward, setup_context=_token_affine_setup_context)
+
+
+@torch.library.custom_op("normlayers::token_grad", mutates_args=())
+def token_grad(x: Tensor, dy: Tensor, scale: Tensor, weight: Optional[Tensor], ema_gz: Optional[Tensor],
+               ema_factor: float, grad_scale: Optional[Tensor], groups: Optional[int]) -> tuple[Tensor, Tensor]:
+    """``(dx, partials)``: partial rows ``(P, 3C)`` of ``(Σ dy·z, Σ dy, Σ (g − k·z)·z)`` over every token, with
+    ``z = GroupScaling(x)·scale``, ``g = dy·weight``, ``k = ema_factor·ema_gz``; with ``grad_scale`` also
+    ``dx`` = GroupScaling's backward of ``(g − k·z)·grad_scale`` (PowerNorm's approximate backward), else empty."""
+    return _kernels().token_grad(x, dy, scale, weight, ema_gz, ema_factor, grad_scale, groups)
+
+
+@token_grad.register_fake
+def _token_grad_fake(x, dy, scale, weight, ema_gz, ema_factor, grad_scale, groups):
+    channels = x.shape[-1]
+    programs = _kernels().reduction_programs(x.numel() // max(channels, 1), channels, groups or 1, x.device)
+    return (x.new_empty(x.shape if grad_scale is not None else (0,)),
+            x.new_empty((programs, 3 * channels), dtype=compute_dtype(x.dtype)))
+
+
+@torch.library.custom_op("normlayers::power_norm_finalize_bwd", mutates_args=("ema_gz",))
+def power_norm_finalize_bwd(partials: Tensor, ema_gz: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            rows: int) -> tuple[Tensor, Tensor]:
+    """``(dweight, dbias)`` from :func:`token_grad`'s partials (empty for a missing parameter); adds the mean over
+    ``rows`` of ``(g − k·z)·z`` to ``ema_gz`` in place (``mask_powernorm.py`` L74–95)."""
+    return _kernels().power_norm_finalize_bwd(partials, ema_gz, weight, bias, rows)
+
+
+@power_norm_finalize_bwd.register_fake
+def _power_norm_finalize_bwd_fake(partials, ema_gz, weight, bias, rows):
+    return tuple(torch.empty_like(p) if p is not None else partials.new_empty(0) for p in (weight, bias))
+
+
+@torch.library.custom_op("normlayers::unified_norm_finalize_bwd", mutates_args=("ema_gz", "buffer_gz"))
+def unified_norm_finalize_bwd(partials: Tensor, weight: Tensor, r: Tensor, step: Tensor, skip: Tensor,
+                              ema_gz: Tensor, buffer_gz: Tensor, rows: int, momentum: float,
+                              warmup_iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(c, dweight, dbias)`` from :func:`token_grad`'s partials; updates ``ema_gz`` and ``buffer_gz`` in place
+    (``unified_normalization.py`` L76–110)."""
+    return _kernels().unified_norm_finalize_bwd(partials, weight, r, step, skip, ema_gz, buffer_gz, rows,
+                                                momentum=momentum, warmup_iters=warmup_iters)
+
+
+@unified_norm_finalize_bwd.register_fake
+def _unified_norm_finalize_bwd_fake(partials, weight, r, step, skip, ema_gz, buffer_gz, rows, momentum, warmup_iters):
+    return torch.empty_like(r), torch.empty_like(weight), torch.empty_like(weight)
+
+
+@torch.library.custom_op("normlayers::unified_norm_dx", mutates_args=())
+def unified_norm_dx(x: Tensor, dy: Tensor, inv_std: Tensor, weight: Tensor, r: Tensor, coeff: Tensor) -> Tensor:
+    """``dx = (dy·weight·r − c·z)·inv_std`` with ``z = x·inv_std``, in ``x``'s dtype."""
+    return _kernels().unified_norm_dx(x, dy, inv_std, weight, r, coeff)
+
+
+@unified_norm_dx.register_fake
+def _unified_norm_dx_fake(x, dy, inv_std, weight, r, coeff):
+    return torch.empty_like(x)
+
+
+class _PowerNormFused(torch.autograd.Function):
+    """PowerNorm's training step in three launches forward, two backward (the method's approximate backward, which
+    updates ``ema_gz``)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_phi: Tensor,
+                ema_gz: Tensor, iters: Tensor, pad_mask: Optional[Tensor], time_major: bool, groups: Optional[int],
+                eps: float, alpha_fwd: float, alpha_bkw: float, warmup_iters: int,
+                backward_denominator: str) -> Tensor:
+        partials = token_moments(input, pad_mask, time_major, groups, eps)
+        scale, grad_scale, _step = power_norm_finalize(partials, running_phi, iters, eps, alpha_fwd, warmup_iters,
+                                                       backward_denominator == "batch")
+        ctx.save_for_backward(input, weight, bias, scale, grad_scale)
+        ctx.ema_gz = ema_gz  # the buffer, read and updated when backward runs (as the official ctx does)
+        ctx.alpha_bkw, ctx.groups = alpha_bkw, groups
+        return token_affine(input, scale, weight, bias, groups, None, input.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        refuse_double_backward("PowerNorm's training backward (the method's approximate one, which updates ema_gz)")
+        input, weight, bias, scale, grad_scale = ctx.saved_tensors
+        dx, partials = token_grad(input, dy, scale, weight, ctx.ema_gz, 1.0 - ctx.alpha_bkw, grad_scale, ctx.groups)
+        dweight, dbias = power_norm_finalize_bwd(partials, ctx.ema_gz, weight, bias, dy.numel() // dy.shape[-1])
+        return (dx, dweight if weight is not None else None, dbias if bias is not None else None) + (None,) * 11
+
+
+class _UnifiedNormFused(torch.autograd.Function):
+    """UnifiedNorm's training step in three launches each way (the method's own backward, which updates ``ema_gz``
+    and ``buffer_gz``)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor, running_var: Tensor, ema_gz: Tensor,
+                buffer_x2: Tensor, buffer_gz: Tensor, skip_counter: Tensor, iters: Tensor, pad_mask: Optional[Tensor],
+                eps: float, momentum: float, warmup_iters: int, outlier_filtration: bool,
+                grad_compensation: bool) -> Tensor:
+        partials = token_moments(input, pad_mask, False, None, eps)
+        inv_std, r, step, skip = unified_norm_finalize(partials, running_var, buffer_x2, skip_counter, iters, eps,
+                                                       momentum, warmup_iters, outlier_filtration, grad_compensation)
+        ctx.save_for_backward(input, weight, inv_std, r, step, skip)
+        ctx.ema_gz, ctx.buffer_gz = ema_gz, buffer_gz  # updated when backward runs
+        ctx.momentum, ctx.warmup_iters = momentum, warmup_iters
+        return token_affine(input, inv_std, weight, bias, None, None, input.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        refuse_double_backward("UnifiedNorm's training backward (the method's own, which updates ema_gz and "
+                               "buffer_gz)")
+        input, weight, inv_std, r, step, skip = ctx.saved_tensors
+        _, partials = token_grad(input, dy, inv_std, None, None, 0.0, None, None)
+        coeff, dweight, dbias = unified_norm_finalize_bwd(partials, weight, r, step, skip, ctx.ema_gz, ctx.buffer_gz,
+                                                          dy.numel() // dy.shape[-1], ctx.momentum, ctx.warmup_iters)
+        return (unified_norm_dx(input, dy, inv_std, weight, r, coeff), dweight, dbias) + (None,) * 12
+
+
+def _fusable(sync_group: Optional[str], *buffers: Tensor) -> bool:
+    """Whether a call runs the fused kernels: no synced statistics, and buffers the finalize kernels can index as
+    contiguous ``(C,)``/``(M, C)`` arrays (they update them in place). (DTensor inputs never get here: the functionals
+    run them on their local shards, with synced statistics.)"""
+    return sync_group is None and all(b.is_contiguous() for b in buffers)
+
+
 def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor],
                bias: Optional[Tensor], pad_mask: Optional[Tensor], *, training: bool, eps: float,
                alpha_fwd: float, alpha_bkw: float, warmup_iters: int, group_num: Optional[int],
                batch_first: bool, backward_denominator: str, sync_group: Optional[str]) -> Tensor:
-    """PowerNorm on the Triton ops: GroupScaling is the RMSNorm row kernel over groups (eps 1e-5), then the token
-    statistics and the normalization; the per-channel steps are the reference's on-device helpers."""
+    """PowerNorm on the Triton ops: fused (:class:`_PowerNormFused`, GroupScaling recomputed inside each pass; in
+    eval one :func:`token_affine`), or (see :func:`_fusable`) a composition: GroupScaling as the
+    RMSNorm row kernel over groups (eps 1e-5), the token statistics, the reference's on-device per-channel steps."""
+    if _fusable(sync_group, running_phi, ema_gz):
+        if training:
+            return _PowerNormFused.apply(input, weight, bias, running_phi.view(-1), ema_gz.view(-1), iters, pad_mask,
+                                         not batch_first, group_num, eps, alpha_fwd, alpha_bkw, warmup_iters,
+                                         backward_denominator)
+        return token_affine(input, running_phi.view(-1), weight, bias, group_num, eps, input.dtype)
     channels = input.shape[-1]
     u = input
     if group_num is not None:
@@ -248,7 +489,7 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
         q, count = _ref_power.mean_over_valid(token_square_sum(rows.detach(), valid), rows.shape[0], valid,
                                               sync_group)
         scale, grad_scale = _ref_power.power_norm_statistics_(
-            q, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
+            q, None, count, running_phi.view(-1), step, eps=eps, alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
             backward_denominator=backward_denominator)
         y = power_norm_train(rows, weight, bias, scale, grad_scale, ema_gz.view(-1), alpha_bkw, input.dtype,
                              sync_group)
@@ -265,17 +506,25 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
                  pad_mask: Optional[Tensor], *, training: bool, eps: float, momentum: float,
                  warmup_iters: int, outlier_filtration: bool, grad_compensation: bool,
                  sync_group: Optional[str]) -> Tensor:
-    """UnifiedNorm on the Triton ops; the per-channel steps are the reference's on-device helpers."""
+    """UnifiedNorm on the Triton ops: fused (:class:`_UnifiedNormFused`; in eval one :func:`token_affine`), or, with
+    synced statistics or non-contiguous buffers, the token ops composed with the reference's
+    on-device helpers."""
+    if _fusable(sync_group, running_var, ema_gz, buffer_x2, buffer_gz):
+        if training:
+            return _UnifiedNormFused.apply(input, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz,
+                                           skip_counter, iters, pad_mask, eps, momentum, warmup_iters,
+                                           outlier_filtration, grad_compensation)
+        return token_affine(input, running_var, weight, bias, None, eps, input.dtype)
     rows, valid = _ref_power.token_rows(input, pad_mask, time_major=False)
     if training:
         iters.add_(1)
         (step,) = _ref_power.step_snapshot([iters.reshape(1)])
         q, count = _ref_power.mean_over_valid(token_square_sum(rows.detach(), valid), rows.shape[0], valid,
                                               sync_group)
-        var, r, skip = _ref_unified.unified_norm_statistics_(
-            q, count, running_var, buffer_x2, skip_counter, step, eps=eps, momentum=momentum,
+        inv_std, r, skip = _ref_unified.unified_norm_statistics_(
+            q, None, count, running_var, buffer_x2, skip_counter, step, eps=eps, momentum=momentum,
             warmup_iters=warmup_iters, outlier_filtration=outlier_filtration, grad_compensation=grad_compensation)
-        y = unified_norm_train(rows, weight, bias, torch.rsqrt(var + eps), r, ema_gz, buffer_gz, step, skip,
+        y = unified_norm_train(rows, weight, bias, inv_std, r, ema_gz, buffer_gz, step, skip,
                                momentum, warmup_iters, sync_group)
     else:
         scale = torch.rsqrt(running_var.to(compute_dtype(input.dtype)) + eps) * weight

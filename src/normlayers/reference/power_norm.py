@@ -7,7 +7,8 @@ input with ``C`` channels, at training step ``t`` (``iters`` is incremented *bef
 
 1. ``u = GroupScaling(x)``: each token's groups of ``C/G`` channels divided by their RMS (eps ``1e-5``, fixed), with
    autograd (L28–37). ``group_num=None`` leaves it out (sIncerass/powernorm issues #8, #9).
-2. ``q_c = mean over the non-pad tokens of u_c²``, without gradient.
+2. ``q_c = mean over the non-pad tokens of u_c²``, without gradient; taken of the channel scaled by a power of two
+   (:func:`masked_square_mean`), so it neither overflows nor underflows where the step's output is representable.
 3. ``z = u / sqrt(d + eps)`` with ``d = q`` while ``t <= warmup_iters`` and ``d = φ_{t−1}`` (``running_phi`` before
    this step's update) afterwards; ``y = weight·z + bias``.
 4. ``φ ← φ·(t−1)/t + q/t`` while ``t < warmup_iters`` (note ``<``), then ``φ ← α_fwd·φ + (1−α_fwd)·q`` every step.
@@ -38,6 +39,7 @@ from normlayers.distributed import all_reduce_sum
 from normlayers.reference.row_norms import overflow_to_nan, power_of_two_scale
 
 __all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean_over_rows", "power_norm_statistics_",
+           "masked_square_mean", "unscaled_statistic",
            "step_snapshot", "GROUP_SCALING_EPS"]
 
 # GroupScaling1D's epsilon in the official code (mask_powernorm.py L20), independent of the layer's eps.
@@ -135,32 +137,53 @@ def keep_if_empty(q: Tensor, count: Optional[Tensor], fallback: Tensor) -> Tenso
     return q if count is None else torch.where(count > 0, q, fallback)
 
 
-def masked_square_mean(rows: Tensor, valid: Optional[Tensor],
-                       sync_group: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-channel mean of ``rows²`` over the valid rows (of every rank of ``sync_group``), and their count (see
-    :func:`mean_over_valid`)."""
-    squares = rows.detach().square()
+def masked_square_mean(rows: Tensor, valid: Optional[Tensor], eps: float,
+                       sync_group: Optional[str] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(q·s², s, count)``: per channel, the mean of ``rows²`` over the valid rows (of every rank of ``sync_group``)
+    taken of the rows scaled by ``s``, a power of two from the largest magnitude of the channel's valid values (as the
+    row norms'; ``eps·s² ≤ 1``), so that it neither overflows nor underflows; and their count (see
+    :func:`mean_over_valid`). With ``sync_group`` ``s`` is ``None``, i.e. 1 (the ranks' sums must share one scale)."""
+    selected = rows.detach()
     if valid is not None:
-        squares = torch.where(valid[:, None], squares, 0.0)  # select: a NaN in a pad must not leak (NaN·0 = NaN)
-    return mean_over_valid(squares.sum(0), rows.shape[0], valid, sync_group)
+        selected = torch.where(valid[:, None], selected, 0.0)  # select: a NaN in a pad must not leak (NaN·0 = NaN)
+    scale = None
+    if sync_group is None and rows.shape[0] > 0:  # (no rows: nothing to scale, and amax needs one)
+        scale = power_of_two_scale(selected, (0,), eps).squeeze(0)
+        selected = selected * scale
+    q, count = mean_over_valid(selected.square().sum(0), rows.shape[0], valid, sync_group)
+    return q, scale, count
+
+
+def unscaled_statistic(q: Tensor, scale: Optional[Tensor], count: Optional[Tensor], fallback: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """From :func:`masked_square_mean`'s ``(q·s², s)``: ``(q, 1/sqrt(q + eps), sqrt(q + eps))``, the last two from
+    the scaled values (``s/sqrt(q·s² + eps·s²)``), so they are right where ``q`` itself over- or underflows. With no
+    valid row ``q`` is ``fallback`` (where the official code divides 0 by 0)."""
+    q = keep_if_empty(q, count, fallback)
+    if scale is None:
+        return q, torch.rsqrt(q + eps), torch.sqrt(q + eps)
+    scale = keep_if_empty(scale, count, torch.ones_like(scale))
+    eps_scaled = eps * scale * scale  # ≤ 1: the scale is capped for eps
+    return q / scale / scale, scale * torch.rsqrt(q + eps_scaled), torch.sqrt(q + eps_scaled) / scale
 
 
 @torch.no_grad()
-def power_norm_statistics_(q: Tensor, count: Optional[Tensor], running_phi: Tensor, t: Tensor, *, eps: float,
-                           alpha_fwd: float, warmup_iters: int,
+def power_norm_statistics_(q: Tensor, scale: Optional[Tensor], count: Optional[Tensor], running_phi: Tensor,
+                           t: Tensor, *, eps: float, alpha_fwd: float, warmup_iters: int,
                            backward_denominator: str) -> tuple[Tensor, Tensor]:
-    """One training step's statistics (``mask_powernorm.py`` L56–70): returns ``(rsqrt(d + eps), the backward's
-    1/sqrt(denominator))`` and updates ``running_phi`` (flat ``(C,)`` view of the buffer) in place. ``t`` is the step as
-    a ``(1,)`` tensor, so the warm-up decisions are ``torch.where`` on device, not Python branches."""
+    """One training step's statistics (``mask_powernorm.py`` L56–70) from :func:`masked_square_mean`'s ``(q·s², s,
+    count)``: returns ``(rsqrt(d + eps), the backward's 1/sqrt(denominator))`` and updates ``running_phi`` (flat
+    ``(C,)`` view of the buffer) in place. ``t`` is the step as a ``(1,)`` tensor, so the warm-up decisions are
+    ``torch.where`` on device, not Python branches."""
     phi = running_phi.to(q.dtype, copy=True)  # the value before this step: running_phi is overwritten below
-    q = keep_if_empty(q, count, phi)  # no valid token: keep φ
+    q, batch_scale, batch_std = unscaled_statistic(q, scale, count, phi, eps)  # no valid token: keep φ
     tf = t.to(q.dtype)
-    denom = torch.where(t <= warmup_iters, q, phi)
+    forward_scale = torch.where(t <= warmup_iters, batch_scale, torch.rsqrt(phi + eps))
     cumulative = torch.where(t < warmup_iters, phi * (tf - 1) / tf + q / tf, phi)
     running_phi.copy_(alpha_fwd * cumulative + (1 - alpha_fwd) * q)
-    grad_denom = q if backward_denominator == "batch" else phi
-    scale, grad_scale = step_snapshot([torch.rsqrt(denom + eps), 1.0 / torch.sqrt(grad_denom + eps)])
-    return scale, grad_scale
+    grad_std = batch_std if backward_denominator == "batch" else torch.sqrt(phi + eps)
+    forward_scale, grad_scale = step_snapshot([forward_scale, 1.0 / grad_std])
+    return forward_scale, grad_scale
 
 
 class _PowerNormFunction(torch.autograd.Function):
@@ -171,8 +194,8 @@ class _PowerNormFunction(torch.autograd.Function):
     def forward(ctx, u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_phi: Tensor,
                 ema_gz: Tensor, t: Tensor, valid: Optional[Tensor], eps: float, alpha_fwd: float, alpha_bkw: float,
                 warmup_iters: int, backward_denominator: str, sync_group: Optional[str]) -> Tensor:
-        q, count = masked_square_mean(u, valid, sync_group)
-        scale, grad_scale = power_norm_statistics_(q, count, running_phi, t, eps=eps, alpha_fwd=alpha_fwd,
+        q, q_scale, count = masked_square_mean(u, valid, eps, sync_group)
+        scale, grad_scale = power_norm_statistics_(q, q_scale, count, running_phi, t, eps=eps, alpha_fwd=alpha_fwd,
                                                    warmup_iters=warmup_iters,
                                                    backward_denominator=backward_denominator)
         z = u * scale

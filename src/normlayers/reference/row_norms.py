@@ -17,7 +17,8 @@ from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
 
-__all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add", "power_of_two_scale", "scale_exponent_cap",
+__all__ = ["layer_norm", "rms_norm", "crms_norm", "residual_add", "power_of_two_scale", "power_of_two_scale_of_max",
+           "scale_exponent_cap",
            "overflow_to_nan"]
 
 
@@ -38,12 +39,16 @@ def power_of_two_scale(xf: Tensor, dims: Sequence[int], eps: float) -> Tensor:
     ``nrm2``). Normalization is scale invariant once ``eps`` is scaled by ``s²``, and a power of two scales exactly, so
     ordinary inputs give the very same result (and autograd the same gradient: ``s`` is piecewise constant in ``x``).
     Kept in ``[2^−k, 2^cap]`` (:func:`scale_exponent_cap`)."""
-    max_abs = xf.detach().abs().amax(dim=tuple(dims), keepdim=True)
+    return power_of_two_scale_of_max(xf.detach().abs().amax(dim=tuple(dims), keepdim=True), eps)
+
+
+def power_of_two_scale_of_max(max_abs: Tensor, eps: float) -> Tensor:
+    """:func:`power_of_two_scale` from the largest magnitudes ``max_abs`` themselves."""
     # 2^−e = mantissa / max|x|, exactly; in floating point throughout (inductor's C++ codegen fails on the integer
     # exponent's clamp). A zero, infinite or NaN row keeps s = 1.
     mantissa, _ = torch.frexp(max_abs)
     scale = torch.where(torch.isfinite(max_abs) & (max_abs > 0), mantissa / max_abs, 1.0)
-    return scale.clamp(2.0 ** -_max_scale_exponent(xf.dtype), 2.0 ** scale_exponent_cap(eps, xf.dtype))
+    return scale.clamp(2.0 ** -_max_scale_exponent(max_abs.dtype), 2.0 ** scale_exponent_cap(eps, max_abs.dtype))
 
 
 def overflow_to_nan(statistic: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ before the step):
 
 Forward (``unified_normalization.py`` L27–73)::
 
-    q      = mean over the non-pad tokens of x²                 (no gradient)
+    q      = mean over the non-pad tokens of x²                 (no gradient; taken scaled by a power of two)
     rvar   = unbiased variance of sqrt(buffer_x2) over all M·C entries, before this step's write (ONE scalar)
     buffer_x2[t % M] = q
     skip   = M <= 1
@@ -46,7 +46,13 @@ from torch import Tensor
 
 from normlayers._autograd import refuse_double_backward
 from normlayers._dtypes import compute_dtype
-from normlayers.reference.power_norm import keep_if_empty, masked_square_mean, mean_over_rows, step_snapshot, token_rows
+from normlayers.reference.power_norm import (
+    masked_square_mean,
+    mean_over_rows,
+    step_snapshot,
+    token_rows,
+    unscaled_statistic,
+)
 
 __all__ = ["unified_norm", "unified_norm_statistics_", "unified_norm_backward_statistics_", "R_CLAMP_START"]
 
@@ -59,18 +65,26 @@ def _ring_write_(buffer: Tensor, slot: Tensor, value: Tensor) -> None:
     buffer.index_copy_(0, slot, value.to(buffer.dtype).unsqueeze(0))
 
 
+def _unbiased_variance(values: Tensor) -> Tensor:
+    """``values.var()`` (unbiased, over every entry) without its host read of the count."""
+    centred = values - values.mean()
+    return centred.square().sum() / (values.numel() - 1)
+
+
 @torch.no_grad()
-def unified_norm_statistics_(q: Tensor, count: Optional[Tensor], running_var: Tensor, buffer_x2: Tensor,
-                             skip_counter: Tensor, t: Tensor, *, eps: float, momentum: float, warmup_iters: int,
-                             outlier_filtration: bool, grad_compensation: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One training step's forward statistics (official L27–73): returns ``(var, r, skip)`` — ``var`` and ``r`` per
-    channel, ``skip`` a ``(1,)`` bool — and updates ``buffer_x2``, ``skip_counter`` and ``running_var`` in place."""
+def unified_norm_statistics_(q: Tensor, scale: Optional[Tensor], count: Optional[Tensor], running_var: Tensor,
+                             buffer_x2: Tensor, skip_counter: Tensor, t: Tensor, *, eps: float, momentum: float,
+                             warmup_iters: int, outlier_filtration: bool,
+                             grad_compensation: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One training step's forward statistics (official L27–73) from :func:`masked_square_mean`'s ``(q·s², s,
+    count)``: returns ``(inv_std, r, skip)`` — ``1/sqrt(var + eps)`` and ``r`` per channel, ``skip`` a ``(1,)`` bool —
+    and updates ``buffer_x2``, ``skip_counter`` and ``running_var`` in place."""
     window = buffer_x2.shape[0]
     running = running_var.to(q.dtype, copy=True)  # the value before this step: running_var is overwritten below
-    q = keep_if_empty(q, count, running)  # no valid token: keep the running statistic
+    q, batch_inv_std, batch_std = unscaled_statistic(q, scale, count, running, eps)  # no valid token: keep running
     slot = torch.remainder(t, window)
     # One scalar over the whole previous window, before q is written (official L41); unbiased, as torch.var.
-    pooled_var = torch.sqrt(buffer_x2.to(q.dtype)).var()
+    pooled_var = _unbiased_variance(torch.sqrt(buffer_x2.to(q.dtype))) if outlier_filtration else None
     _ring_write_(buffer_x2, slot, q)
     skip = torch.full_like(t, window <= 1, dtype=torch.bool)
     if outlier_filtration:
@@ -84,14 +98,15 @@ def unified_norm_statistics_(q: Tensor, count: Optional[Tensor], running_var: Te
     geometric = torch.exp(torch.log(buffer_x2.to(q.dtype)).mean(0))
     use_batch = (t <= window) | (t < warmup_iters) | skip
     var = torch.where(use_batch, q, geometric)
+    inv_std = torch.where(use_batch, batch_inv_std, torch.rsqrt(geometric + eps))
     if grad_compensation:
-        r = torch.sqrt(var + eps) / torch.sqrt(running + eps)
+        r = torch.where(use_batch, batch_std, torch.sqrt(geometric + eps)) / torch.sqrt(running + eps)
         r = torch.where((t <= max(R_CLAMP_START, warmup_iters)) | skip, torch.ones_like(r), r.clamp(0.2, 5.0))
     else:
         r = torch.ones_like(var)
-    var, r, skip = step_snapshot([var, r, skip])
+    inv_std, r, skip = step_snapshot([inv_std, r, skip])
     running_var.copy_(momentum * running + (1 - momentum) * var)
-    return var, r, skip
+    return inv_std, r, skip
 
 
 @torch.no_grad()
@@ -118,12 +133,11 @@ class _UnifiedNormFunction(torch.autograd.Function):
                 buffer_x2: Tensor, buffer_gz: Tensor, skip_counter: Tensor, t: Tensor, valid: Optional[Tensor],
                 eps: float, momentum: float, warmup_iters: int, outlier_filtration: bool,
                 grad_compensation: bool, sync_group: Optional[str]) -> Tensor:
-        q, count = masked_square_mean(x, valid, sync_group)
-        var, r, skip = unified_norm_statistics_(q, count, running_var, buffer_x2, skip_counter, t, eps=eps,
-                                                momentum=momentum, warmup_iters=warmup_iters,
-                                                outlier_filtration=outlier_filtration,
-                                                grad_compensation=grad_compensation)
-        inv_std = torch.rsqrt(var + eps)
+        q, scale, count = masked_square_mean(x, valid, eps, sync_group)
+        inv_std, r, skip = unified_norm_statistics_(q, scale, count, running_var, buffer_x2, skip_counter, t,
+                                                    eps=eps, momentum=momentum, warmup_iters=warmup_iters,
+                                                    outlier_filtration=outlier_filtration,
+                                                    grad_compensation=grad_compensation)
         z = x * inv_std
         ctx.save_for_backward(z, weight, inv_std, r, t, skip)
         ctx.ema_gz, ctx.buffer_gz = ema_gz, buffer_gz  # updated when backward runs

@@ -1,0 +1,186 @@
+r"""CPU tier of PowerNorm (Shen et al., ICML 2020) and Unified Normalization (Yang et al., ACM MM 2022): the
+reference's math (:mod:`normlayers.reference.power_norm`, :mod:`normlayers.reference.unified_norm`, whose on-device
+per-channel steps it shares) with each layer's backward written out and few passes over the tokens.
+
+**GroupScaling** (``u = x·ρ`` per group of ``S`` channels, ``ρ = 1/sqrt(mean(x²) + eps)``, taken of the group scaled
+by a power of two) is its own :class:`torch.autograd.Function`:
+
+.. math:: \frac{\partial L}{\partial x} = \rho\,\Big(\frac{\partial L}{\partial u} - u\,\frac{1}{S}\sum_{group}
+    \frac{\partial L}{\partial u}\,u\Big)
+
+**Training steps** (``z = u·scale``): PowerNorm's approximate backward ``du = (dy·γ − k·z)·grad_scale`` with
+``k = (1 − α_bkw)·ema_gz`` is ``dy·(γ·grad_scale) − u·(k·scale·grad_scale)``, one fused multiply-add, and
+``ema_gz += (γ·Σdy·z − k·Σz²) / R``; UnifiedNorm's ``dx = (dy·γ·r − c·z)·inv_std`` likewise. The per-channel sums
+are ``vecdot`` over the tokens. The statistic over the tokens is scaled by a power of two per channel, as the
+reference's (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normlayers._autograd import differentiable_backward, refuse_double_backward, wants_double_backward
+from normlayers._dtypes import compute_dtype
+from normlayers.reference import power_norm as _ref_power
+from normlayers.reference import unified_norm as _ref_unified
+from normlayers.reference.row_norms import power_of_two_scale_of_max
+
+__all__ = ["power_norm", "unified_norm"]
+
+
+def _max_abs(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """``max |t|`` along ``dim`` (NaN where one is NaN), without a temporary ``|t|``: ``max(amax, −amin)``."""
+    return torch.maximum(t.amax(dim, keepdim), t.amin(dim, keepdim).neg())
+
+
+def _column_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_rows a·b`` per column of ``(R, C)`` tensors (``vecdot`` along rows is several times slower on CPU)."""
+    return (a * b).sum(0)
+
+
+class _GroupScaling(torch.autograd.Function):
+    """``GroupScaling`` of token rows ``(R, C)`` in ``G`` groups (``mask_powernorm.py`` L28–37)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, groups: int) -> Tensor:
+        grouped = rows.reshape(rows.shape[0], groups, rows.shape[1] // groups)
+        eps = _ref_power.GROUP_SCALING_EPS
+        scale = power_of_two_scale_of_max(_max_abs(grouped, -1, keepdim=True), eps)
+        u = grouped * scale
+        mean_square = torch.linalg.vecdot(u, u).unsqueeze(-1) / grouped.shape[-1]
+        factor = scale / torch.sqrt(mean_square + eps * scale * scale)  # ρ, from the scaled group
+        u.mul_(factor / scale)
+        ctx.save_for_backward(rows, u, factor)
+        ctx.groups = groups
+        return u.view(rows.shape)
+
+    @staticmethod
+    def backward(ctx, du: Tensor):
+        rows, u, factor = ctx.saved_tensors
+        if wants_double_backward():
+            (dx,) = differentiable_backward(lambda r: _ref_power.group_scaling(r, ctx.groups), (rows,), (du,), (True,))
+            return dx, None
+        du = du.reshape(u.shape)
+        mean_duu = torch.linalg.vecdot(du, u).unsqueeze(-1) / u.shape[-1]
+        return (torch.addcmul(du, u, mean_duu, value=-1.0).mul_(factor).view(rows.shape)), None
+
+
+def _channel_mean_square(u: Tensor, valid: Optional[Tensor], eps: float) -> tuple[Tensor, Optional[Tensor],
+                                                                                  Optional[Tensor]]:
+    """:func:`normlayers.reference.power_norm.masked_square_mean`: ``(q·s², s, count)``, with ``vecdot``."""
+    selected = u if valid is None else torch.where(valid[:, None], u, 0.0)  # select: a NaN in a pad must not leak
+    if u.shape[0] == 0:
+        total, scale = selected.sum(0), None
+    else:
+        scale = power_of_two_scale_of_max(_max_abs(selected, 0), eps)
+        total = (selected * scale).square_().sum(0)
+    q, count = _ref_power.mean_over_valid(total, u.shape[0], valid)
+    return q, scale, count
+
+
+class _PowerNormStep(torch.autograd.Function):
+    """PowerNorm's training step on (group-scaled) token rows ``u`` ``(R, C)``, with the approximate backward."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_phi: Tensor,
+                ema_gz: Tensor, t: Tensor, valid: Optional[Tensor], eps: float, alpha_fwd: float, alpha_bkw: float,
+                warmup_iters: int, backward_denominator: str) -> Tensor:
+        q, q_scale, count = _channel_mean_square(u, valid, eps)
+        scale, grad_scale = _ref_power.power_norm_statistics_(q, q_scale, count, running_phi, t, eps=eps,
+                                                              alpha_fwd=alpha_fwd, warmup_iters=warmup_iters,
+                                                              backward_denominator=backward_denominator)
+        ctx.save_for_backward(u, weight, scale, grad_scale)
+        ctx.ema_gz, ctx.alpha_bkw, ctx.bias_dtype = ema_gz, alpha_bkw, None if bias is None else bias.dtype
+        gain = scale if weight is None else scale * weight.to(scale.dtype)
+        return u * gain if bias is None else torch.addcmul(bias.to(u.dtype), u, gain)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        refuse_double_backward("PowerNorm's training backward (the method's approximate one, which updates ema_gz)")
+        u, weight, scale, grad_scale = ctx.saved_tensors
+        dy = dy.to(u.dtype)
+        w = torch.ones_like(scale) if weight is None else weight.to(scale.dtype)
+        k = (1 - ctx.alpha_bkw) * ctx.ema_gz.to(scale.dtype)
+        z = u * scale
+        sum_dyz = _column_dot(dy, z)
+        with torch.no_grad():
+            # mean over all rows of (g − k·z)·z, g = dy·w (0 for no rows)
+            ctx.ema_gz.add_((w * sum_dyz - k * _column_dot(z, z)) / max(u.shape[0], 1))
+        du = torch.addcmul(dy * (w * grad_scale), z, k * grad_scale, value=-1.0)
+        dweight = None if weight is None else sum_dyz.to(weight.dtype)
+        dbias = None if ctx.bias_dtype is None else dy.sum(0).to(ctx.bias_dtype)
+        return (du, dweight, dbias) + (None,) * 9
+
+
+def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor], pad_mask: Optional[Tensor] = None, *, training: bool, eps: float,
+               alpha_fwd: float, alpha_bkw: float, warmup_iters: int, group_num: Optional[int],
+               batch_first: bool = False, backward_denominator: str = "batch") -> Tensor:
+    """:func:`normlayers.reference.power_norm.power_norm` (no synced statistics) on the CPU tier."""
+    rows = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype))
+    u = _GroupScaling.apply(rows, group_num) if group_num is not None else rows
+    if training:
+        _, valid = _ref_power.token_rows(x, pad_mask, time_major=not batch_first)
+        iters.add_(1)
+        (step,) = _ref_power.step_snapshot([iters])
+        y = _PowerNormStep.apply(u, weight, bias, running_phi.view(-1), ema_gz.view(-1), step, valid, eps,
+                                 alpha_fwd, alpha_bkw, warmup_iters, backward_denominator)
+    else:
+        gain = torch.rsqrt(running_phi.reshape(-1).to(u.dtype) + eps)
+        if weight is not None:
+            gain = gain * weight.to(gain.dtype)
+        y = u * gain if bias is None else torch.addcmul(bias.to(u.dtype), u, gain)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+class _UnifiedNormStep(torch.autograd.Function):
+    """UnifiedNorm's training step on token rows ``x`` ``(R, C)`` (opmath), with the method's own backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_var: Tensor, ema_gz: Tensor,
+                buffer_x2: Tensor, buffer_gz: Tensor, skip_counter: Tensor, t: Tensor, valid: Optional[Tensor],
+                eps: float, momentum: float, warmup_iters: int, outlier_filtration: bool,
+                grad_compensation: bool) -> Tensor:
+        q, q_scale, count = _channel_mean_square(x, valid, eps)
+        inv_std, r, skip = _ref_unified.unified_norm_statistics_(
+            q, q_scale, count, running_var, buffer_x2, skip_counter, t, eps=eps, momentum=momentum,
+            warmup_iters=warmup_iters, outlier_filtration=outlier_filtration, grad_compensation=grad_compensation)
+        ctx.save_for_backward(x, weight, inv_std, r, t, skip)
+        ctx.ema_gz, ctx.buffer_gz, ctx.momentum, ctx.warmup_iters = ema_gz, buffer_gz, momentum, warmup_iters
+        return torch.addcmul(bias.to(x.dtype), x, inv_std * weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        refuse_double_backward("UnifiedNorm's training backward (the method's own, which updates ema_gz and "
+                               "buffer_gz)")
+        x, weight, inv_std, r, t, skip = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        wr = weight.to(x.dtype) * r
+        z = x * inv_std
+        sum_dyz = _column_dot(dy, z)
+        gz = wr * sum_dyz / max(x.shape[0], 1)  # mean over all rows of g·z, g = dy·w·r (0 for no rows)
+        c = _ref_unified.unified_norm_backward_statistics_(gz, ctx.ema_gz, ctx.buffer_gz, t, skip,
+                                                           momentum=ctx.momentum, warmup_iters=ctx.warmup_iters)
+        # dx = (g − c·z)·inv_std = dy·(w·r·inv_std) − z·(c·inv_std)
+        dx = torch.addcmul(dy * (wr * inv_std), z, c * inv_std, value=-1.0)
+        return (dx, (r * sum_dyz).to(weight.dtype), dy.sum(0).to(weight.dtype)) + (None,) * 12
+
+
+def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tensor, buffer_gz: Tensor,
+                 iters: Tensor, skip_counter: Tensor, weight: Tensor, bias: Tensor,
+                 pad_mask: Optional[Tensor] = None, *, training: bool, eps: float, momentum: float,
+                 warmup_iters: int, outlier_filtration: bool, grad_compensation: bool = True) -> Tensor:
+    """:func:`normlayers.reference.unified_norm.unified_norm` (no synced statistics) on the CPU tier."""
+    rows, valid = _ref_power.token_rows(x.to(compute_dtype(x.dtype)), pad_mask, time_major=False)
+    if training:
+        iters.add_(1)
+        (step,) = _ref_power.step_snapshot([iters])
+        y = _UnifiedNormStep.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter, step,
+                                   valid, eps, momentum, warmup_iters, outlier_filtration, grad_compensation)
+    else:
+        gain = torch.rsqrt(running_var.to(rows.dtype) + eps) * weight.to(rows.dtype)
+        y = torch.addcmul(bias.to(rows.dtype), rows, gain)
+    return y.reshape(x.shape).to(x.dtype)
