@@ -59,12 +59,15 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, num_groups, eps, act = inputs
     _y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients made for mean/rstd (two launches of nothing)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if dy is None:  # (grads are not materialized: y took no part in the loss)
+        return None, None, None, None, None, None
     if wants_double_backward():
         def formula(x, weight, bias):
             return _ref_group_norm.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act)
