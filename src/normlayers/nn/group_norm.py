@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from normlayers import functional as F
 from normlayers._checks import check_epsilon, check_positive_int
 from normlayers.functional.group_norm import check_activation
-from normlayers.nn._adopt import adopt
+from normlayers.nn._adopt import adopt, timm_class_name
 from normlayers.nn._scripting import NotScriptable
 
 __all__ = ["GroupNorm", "activation_name"]
@@ -23,11 +23,14 @@ _ACTIVATION_MODULES: dict[type, Optional[str]] = {nn.Identity: None, nn.SiLU: "s
 
 
 def activation_name(module: nn.Module) -> Optional[str]:
-    """The ``act`` name computing what the activation ``module`` computes (``None`` for ``nn.Identity``); raises
-    ``TypeError`` for any other module (a tanh-approximated GELU, a LeakyReLU, a subclass)."""
+    """The ``act`` name computing what the activation ``module`` computes (``None`` for ``nn.Identity``; timm's
+    ``GELU`` is ``F.gelu``, exact); raises ``TypeError`` for any other module (a tanh-approximated GELU, a LeakyReLU,
+    a subclass)."""
     kind = type(module)
     if kind in _ACTIVATION_MODULES and getattr(module, "approximate", "none") == "none":
         return _ACTIVATION_MODULES[kind]
+    if timm_class_name(module) == "GELU":
+        return "gelu"
     raise TypeError(f"no fused activation computes {module!r}: GroupNorm fuses nn.SiLU, nn.GELU() (exact) and "
                     f"nn.ReLU (or nn.Identity for none)")
 
@@ -102,8 +105,8 @@ class GroupNorm(NotScriptable, nn.GroupNorm):
         act = getattr(module, "act", None)
         drop = getattr(module, "drop", None)
         if drop is not None and type(drop) is not nn.Identity:
-            raise TypeError(f"no conversion from {type(module).__name__} to GroupNorm: it applies {drop!r} after the "
-                            f"activation")
+            raise TypeError(f"no conversion from {type(module).__name__} to GroupNorm: it applies {drop!r} between "
+                            f"the norm and its activation")
         args = {"eps": module.eps, "affine": module.weight is not None,
                 "bias": getattr(module, "bias", None) is not None or module.weight is None,
                 "act": activation_name(act) if isinstance(act, nn.Module) else None, **kwargs}
