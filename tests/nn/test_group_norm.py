@@ -198,3 +198,11 @@ def test_bad_inputs_raise_naming_the_argument(backend):
         for call, error, message in cases:
             with pytest.raises(error, match=message):
                 call()
+
+
+def test_support_probe_records_one_op_each_way():
+    from normlayers import support
+
+    probed = support.probe(support.LAYERS["GroupNorm"])
+    assert (probed["triton_fwd"], probed["triton_bwd"]) == (("group_norm_fwd",), ("group_norm_bwd",))
+    assert probed["reference"] and not probed["sync_stats"]
