@@ -92,7 +92,8 @@ def timm_mapping() -> dict[type, Target]:
     """The entries :func:`replace_norms` adds to :data:`DEFAULT_MAPPING` for timm's norm classes when timm is
     imported: timm's ``LayerNorm``, ``RmsNorm``, ``LayerNorm2d``, ``RmsNorm2d``, ``GroupNorm``, ``GroupNorm1``,
     ``GroupNormAct``, ``GroupNorm1Act`` (their activation fused), the nine ``EvoNorm2d*``, ``StdConv2d`` and
-    ``ScaledStdConv2d`` → the normlayers class computing the same function (as far as this version has one). Merge it into a mapping of your own to keep timm's swaps beside functional ones::
+    ``ScaledStdConv2d`` → the normlayers class computing the same function (as far as this version has one).
+    Merge it into a mapping of your own to keep timm's swaps beside functional ones::
 
         >>> mapping = {**DEFAULT_MAPPING, **timm_mapping(), nn.BatchNorm2d: partial(BatchChannelNorm2d, num_groups=8)}
 
@@ -583,9 +584,9 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
             Face ``*RMSNorm`` classes and RMS norms named ``*LayerNorm`` (T5's) → ``RMSNorm`` with their eps, and
             the ``1 + w`` offset and casting order found by probing the class; when timm is imported, also
             :func:`timm_mapping`'s entries (timm's ``LayerNorm``, ``RmsNorm``, ``LayerNorm2d``, ``RmsNorm2d``,
-            ``GroupNorm*``, ``EvoNorm2d*``, ``StdConv2d``, ``ScaledStdConv2d`` → the normlayers class of the same function). Swaps
-            that change the function (``nn.BatchNorm2d → BatchChannelNorm2d``, ``nn.Conv2d → WSConv2d``) happen
-            only when the mapping asks; a given mapping replaces the default one.
+            ``GroupNorm*``, ``EvoNorm2d*``, ``StdConv2d``, ``ScaledStdConv2d`` → the normlayers class of the same
+            function). Swaps that change the function (``nn.BatchNorm2d → BatchChannelNorm2d``,
+            ``nn.Conv2d → WSConv2d``) happen only when the mapping asks; a given mapping replaces the default one.
         filter_fn (callable, optional): ``(module, fqn) -> bool``; only modules for which it is true are swapped.
         include, exclude (str or list of str, optional): fnmatch patterns on module names; a module is swapped when
             one of its names matches ``include`` (if given) and none matches ``exclude``.
@@ -684,7 +685,8 @@ def restore_norms(model: nn.Module) -> nn.Module:
     (or the new root if the root itself is restored). For exporting checkpoints that load without normlayers.
 
     * a module swapped by :func:`replace_norms` with the same math becomes an instance of the class it replaced
-      (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, timm's ``GroupNormAct``, ``LlamaRMSNorm``, ``GemmaRMSNorm``, …), holding the same parameters;
+      (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, timm's ``GroupNormAct``, ``LlamaRMSNorm``,
+      ``GemmaRMSNorm``, …), holding the same parameters;
     * any other module with a ``to_torch()`` method becomes what it returns: ``LayerNorm``/``RMSNorm`` become
       ``nn.LayerNorm``/``nn.RMSNorm`` (an ``RMSNorm`` with ``weight_offset`` gets a new
       ``weight = weight + weight_offset``; ``cast_mode="llama"`` becomes torch's rounding), ``WSConv2d``/

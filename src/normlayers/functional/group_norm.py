@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_epsilon, check_float_tensor, check_positive_int, check_same_device
+from normlayers._checks import check_channel_vectors, check_epsilon, check_float_tensor, check_positive_int
 from normlayers._dtypes import compute_dtype
 from normlayers.backends import tier
 from normlayers.cpu import group_norm as _cpu_group_norm
@@ -39,13 +39,7 @@ def _check_group_norm_args(input: Tensor, num_groups: int, weight: Optional[Tens
     if channels % num_groups != 0:
         raise ValueError(f"num_groups ({num_groups}) must divide the number of channels (input.shape[1] = "
                          f"{channels}); input has shape {list(input.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if tuple(check_float_tensor(name, t).shape) != (channels,):
-            raise ValueError(f"{name} must have shape (C,) = ({channels},), the channel count of input (N, C, "
-                             f"*spatial) = {list(input.shape)}; got {name} of shape {list(t.shape)}")
-        check_same_device(name, t, input)
+    check_channel_vectors(input, {"weight": weight, "bias": bias})
     check_activation(act)
     return check_epsilon("eps", eps)
 

@@ -205,29 +205,44 @@ def group_norm_moments_kernel(
 
 
 @triton.jit
+def _finalize_rows(NG, SPLITS, BLOCK_R: tl.constexpr):
+    """A finalize program's rows of the ``(N·G, SPLITS)`` partial planes, which exist, and one plane's size."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return rows, rows < NG, NG.to(tl.int64) * SPLITS
+
+
+@triton.jit
+def _split_cells(rows, row_mask, start, SPLITS, BLOCK_S: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_S)
+    return rows.to(tl.int64)[:, None] * SPLITS + cols[None, :], row_mask[:, None] & (cols < SPLITS)[None, :]
+
+
+@triton.jit
+def _sum_splits(PLANE_A, PLANE_B, rows, row_mask, SPLITS, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_S: tl.constexpr):
+    """Each row's sum over its ``SPLITS`` cells of two partial planes, in a fixed order."""
+    sum_a = tl.zeros((BLOCK_R,), dtype=COMPUTE)
+    sum_b = tl.zeros((BLOCK_R,), dtype=COMPUTE)
+    for start in range(0, SPLITS, BLOCK_S):
+        cells, mask = _split_cells(rows, row_mask, start, SPLITS, BLOCK_S)
+        sum_a += tl.sum(tl.load(PLANE_A + cells, mask=mask, other=0.0), axis=1)
+        sum_b += tl.sum(tl.load(PLANE_B + cells, mask=mask, other=0.0), axis=1)
+    return sum_a, sum_b
+
+
+@triton.jit
 def group_norm_finalize_kernel(
     PARTIALS, MEAN, RSTD, NG, SPLITS, eps,
     COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     eps = tl.cast(eps, COMPUTE)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < NG
-    plane = NG.to(tl.int64) * SPLITS
-    total = tl.zeros((BLOCK_R,), dtype=COMPUTE)
-    count = tl.zeros((BLOCK_R,), dtype=COMPUTE)
-    for start in range(0, SPLITS, BLOCK_S):
-        cols = start + tl.arange(0, BLOCK_S)
-        mask = row_mask[:, None] & (cols < SPLITS)[None, :]
-        cells = rows.to(tl.int64)[:, None] * SPLITS + cols[None, :]
-        total += tl.sum(tl.load(PARTIALS + cells, mask=mask, other=0.0), axis=1)
-        count += tl.sum(tl.load(PARTIALS + 2 * plane + cells, mask=mask, other=0.0), axis=1)
+    rows, row_mask, plane = _finalize_rows(NG, SPLITS, BLOCK_R)
+    total, count = _sum_splits(PARTIALS, PARTIALS + 2 * plane, rows, row_mask, SPLITS, COMPUTE, BLOCK_R, BLOCK_S)
     count = tl.where(row_mask, count, 1.0)  # (rows past N·G: no 0/0)
     mean = total / count
     m2 = tl.zeros((BLOCK_R,), dtype=COMPUTE)
     for start in range(0, SPLITS, BLOCK_S):
-        cols = start + tl.arange(0, BLOCK_S)
-        mask = row_mask[:, None] & (cols < SPLITS)[None, :]
-        cells = rows.to(tl.int64)[:, None] * SPLITS + cols[None, :]
+        cells, mask = _split_cells(rows, row_mask, start, SPLITS, BLOCK_S)
         s_i = tl.load(PARTIALS + cells, mask=mask, other=0.0)
         n_i = tl.load(PARTIALS + 2 * plane + cells, mask=mask, other=1.0)
         d = tl.where(mask, s_i / n_i - mean[:, None], 0.0)
@@ -265,17 +280,27 @@ def _channel_params(W, B, chans, chan_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: 
 
 
 @triton.jit
+def _load_tile(X, W, B, MEAN, RSTD, n, chans, chan_mask, hw, mask, G, CPG, stride_xn, stride_xc, stride_xhw,
+               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
+    """An elementwise tile's per-channel group index into the ``(N, G)`` statistics, its channels' mean, rstd,
+    weight and bias, and its ``x`` values, in ``COMPUTE``."""
+    stats = n * G + chans // CPG
+    mean = tl.load(MEAN + stats, mask=chan_mask, other=0.0)
+    rstd = tl.load(RSTD + stats, mask=chan_mask, other=0.0)
+    w, b = _channel_params(W, B, chans, chan_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+    x = tl.load(X + n * stride_xn + _offsets(chans, hw, stride_xc, stride_xhw), mask=mask, other=0.0).to(COMPUTE)
+    return stats, mean, rstd, w, b, x
+
+
+@triton.jit
 def group_norm_apply_kernel(
     X, W, B, MEAN, RSTD, Y, C, G, CPG, HW, stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     n, chans, chan_mask, hw, mask = _elementwise_tile(C, HW, BLOCK_C, BLOCK_HW)
-    stats = n * G + chans // CPG
-    mean = tl.load(MEAN + stats, mask=chan_mask, other=0.0)
-    rstd = tl.load(RSTD + stats, mask=chan_mask, other=0.0)
-    w, b = _channel_params(W, B, chans, chan_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    x = tl.load(X + n * stride_xn + _offsets(chans, hw, stride_xc, stride_xhw), mask=mask, other=0.0).to(COMPUTE)
+    stats, mean, rstd, w, b, x = _load_tile(X, W, B, MEAN, RSTD, n, chans, chan_mask, hw, mask, G, CPG, stride_xn,
+                                            stride_xc, stride_xhw, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     # Centred first: (x − mean)·(rstd·γ) keeps the result accurate when a group's mean dwarfs its spread.
     y = (x - mean[:, None]) * (rstd * w)[:, None] + b[:, None]
     tl.store(Y + n * stride_yn + _offsets(chans, hw, stride_yc, stride_yhw), activate(y, ACT), mask=mask)
@@ -328,17 +353,8 @@ def group_norm_bwd_finalize_kernel(
     COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # COEF is (2, N·G): mean_group(gγ) and mean_group(gγŷ).
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < NG
-    plane = NG.to(tl.int64) * SPLITS
-    sum_gw = tl.zeros((BLOCK_R,), dtype=COMPUTE)
-    sum_gw_xhat = tl.zeros((BLOCK_R,), dtype=COMPUTE)
-    for start in range(0, SPLITS, BLOCK_S):
-        cols = start + tl.arange(0, BLOCK_S)
-        mask = row_mask[:, None] & (cols < SPLITS)[None, :]
-        cells = rows.to(tl.int64)[:, None] * SPLITS + cols[None, :]
-        sum_gw += tl.sum(tl.load(PARTIALS + cells, mask=mask, other=0.0), axis=1)
-        sum_gw_xhat += tl.sum(tl.load(PARTIALS + plane + cells, mask=mask, other=0.0), axis=1)
+    rows, row_mask, plane = _finalize_rows(NG, SPLITS, BLOCK_R)
+    sum_gw, sum_gw_xhat = _sum_splits(PARTIALS, PARTIALS + plane, rows, row_mask, SPLITS, COMPUTE, BLOCK_R, BLOCK_S)
     count = tl.cast(count, COMPUTE)
     tl.store(COEF + rows, sum_gw / count, mask=row_mask)
     tl.store(COEF + NG + rows, sum_gw_xhat / count, mask=row_mask)
@@ -352,13 +368,10 @@ def group_norm_bwd_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     n, chans, chan_mask, hw, mask = _elementwise_tile(C, HW, BLOCK_C, BLOCK_HW)
-    stats = n * G + chans // CPG
-    mean = tl.load(MEAN + stats, mask=chan_mask, other=0.0)
-    rstd = tl.load(RSTD + stats, mask=chan_mask, other=0.0)
+    stats, mean, rstd, w, b, x = _load_tile(X, W, B, MEAN, RSTD, n, chans, chan_mask, hw, mask, G, CPG, stride_xn,
+                                            stride_xc, stride_xhw, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     mean_gw = tl.load(COEF + stats, mask=chan_mask, other=0.0)
     mean_gw_xhat = tl.load(COEF + NG + stats, mask=chan_mask, other=0.0)
-    w, b = _channel_params(W, B, chans, chan_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    x = tl.load(X + n * stride_xn + _offsets(chans, hw, stride_xc, stride_xhw), mask=mask, other=0.0).to(COMPUTE)
     grad = tl.load(DZ + n * stride_dzn + _offsets(chans, hw, stride_dzc, stride_dzhw), mask=mask,
                    other=0.0).to(COMPUTE)
     xhat = (x - mean[:, None]) * rstd[:, None]
