@@ -75,7 +75,8 @@ SUITES: dict[str, Suite] = {
         Suite("gpu", "every op once, in bf16 and fp32, at one realistic shape per shape kind (row norms first): the "
               "first pass of tools/gpu_check.sh; on CPU, tiny shapes (its --dry-run)",
               ops=(*_ROW_NORMS, "layer_norm2d", "rms_norm2d", *_GROUP_NORMS, "batch_channel_norm", *_EVO_NORMS,
-                   "region_norm", "learnable_region_norm", "power_norm", "unified_norm", "weight_standardize", "spd_batch_norm"),
+                   "region_norm", "learnable_region_norm", "power_norm", "unified_norm", "weight_standardize",
+                   "spd_batch_norm"),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)},
               shapes={"cuda": {"rows": ("4096x4096",), "nchw": ("32x256x56x56",), "conv_weight": ("256x256x3x3",),
                                "tokens_tbc": ("512x32x1024",), "tokens_bnc": ("32x512x1024",), "spd": ("256x64",)},
