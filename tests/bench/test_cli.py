@@ -403,8 +403,8 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--op", "group_norm"],
-     "--op: unknown op 'group_norm'; choose from: layer_norm2d, rms_norm2d, batch_channel_norm,"),
+    (["--op", "instance_norm"],
+     "--op: unknown op 'instance_norm'; choose from: layer_norm2d, rms_norm2d, batch_channel_norm,"),
     (["--op", "rms_norm", "--shapes", "4096by8192"], "bad shape '4096by8192' for rms_norm: expected MxN"),
     (["--op", "rms_norm", "--shapes", "0x64"], "bad shape '0x64' for rms_norm"),
     (["--op", "batch_channel_norm", "--shapes", "64x64"],
