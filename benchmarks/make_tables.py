@@ -71,6 +71,16 @@ def _cell(row: Optional[dict]) -> str:
     return text + (" (out of tolerance)" if row["status"] == "WRONG" else "")
 
 
+def _cpu_conditions(metadata: dict) -> str:
+    """``; 1 thread, load average 12.8`` for a CPU run (what its times depend on most), else nothing."""
+    if metadata.get("device_type") != "cpu":
+        return ""
+    threads = metadata.get("torch_num_threads")
+    text = f"; {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+    load = metadata.get("load_average_start")
+    return text + (f", load average {load:g} to {metadata.get('load_average_max', load):g}" if load is not None else "")
+
+
 def _table(path: Path, document: dict, rows: list[dict], filters: dict[str, str], relative_to: Path) -> list[str]:
     metadata = document["metadata"]
     providers = filters["providers"].split(",") if "providers" in filters else \
@@ -85,7 +95,7 @@ def _table(path: Path, document: dict, rows: list[dict], filters: dict[str, str]
     lines = [f"**{metadata.get('device_name')}**, {metadata.get('date', '?')[:10]}: torch {metadata.get('torch')}, "
              f"triton {metadata.get('triton')}, normlayers {metadata.get('normlayers')}, git "
              f"{(metadata.get('git_sha') or 'unknown')[:10]}; copy bandwidth "
-             f"{metadata.get('copy_bandwidth_gbps', 0):.0f} GB/s ({source})", ""]
+             f"{metadata.get('copy_bandwidth_gbps', 0):.0f} GB/s{_cpu_conditions(metadata)} ({source})", ""]
     lines.append("| op | dtype | mode | shape | " + " | ".join(providers) + " | normlayers vs torch |")
     lines.append("|" + "---|" * (5 + len(providers)))
     cases = list(dict.fromkeys((r["op"], r["dtype"], r["mode"], r["shape"]) for r in rows))

@@ -20,7 +20,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import normlayers
-from normlayers.bench.timing import interleaved_times
+from normlayers.bench.timing import TimedCall, WallClockTimer, measure_interleaved
 from normlayers.convert import prenorm_to_crmsnorm, prenorm_to_rmsnorm
 
 
@@ -71,7 +71,9 @@ def main() -> None:
         logits = {name: m(ids).logits for name, m in models.items()}
         logits64 = {name: m(ids).logits for name, m in models64.items()}
     with torch.inference_mode():  # the models take turns, so that a change in machine load hits all of them alike
-        times = interleaved_times({name: partial(m, ids) for name, m in models.items()}, repeats, warmup=2)
+        stats = measure_interleaved([TimedCall(partial(m, ids)) for m in models.values()], WallClockTimer(),
+                                    rounds=repeats, warmup_rounds=2)
+        times = dict(zip(models, stats))
 
     rows = []
     first = next(iter(models))

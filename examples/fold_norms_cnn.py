@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import normlayers
-from normlayers.bench.timing import interleaved_times
+from normlayers.bench.timing import TimedCall, WallClockTimer, measure_interleaved
 from normlayers.convert import fold_norms
 
 
@@ -81,8 +81,8 @@ def main() -> None:
         with torch.inference_mode():
             diff = (folded(x) - model(x)).abs().max().item()
         with torch.inference_mode():
-            times = interleaved_times({"before": partial(model, x), "after": partial(folded, x)}, repeats)
-        before, after = times["before"], times["after"]
+            before, after = measure_interleaved([TimedCall(partial(model, x)), TimedCall(partial(folded, x))],
+                                                WallClockTimer(), rounds=repeats, warmup_rounds=1)
         rows.append({"model": name, "max_abs_diff_fp32": diff, "before_ms": before.median_ms,
                      "after_ms": after.median_ms, "speedup": before.median_ms / after.median_ms})
         if args.quick:

@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import normlayers
-from normlayers.bench.timing import interleaved_times
+from normlayers.bench.timing import TimedCall, WallClockTimer, measure_interleaved
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,19 +59,20 @@ def main(argv: list[str] | None = None) -> dict:
         before, after = original(ids).logits, model(ids).logits
     difference = (before.float() - after.float()).abs().max().item()
     with torch.inference_mode():
-        times = interleaved_times({"before": lambda: original(ids), "after": lambda: model(ids)}, repeats, device)
+        time_before, time_after = measure_interleaved(
+            [TimedCall(lambda: original(ids)), TimedCall(lambda: model(ids))], WallClockTimer(device), rounds=repeats,
+            warmup_rounds=1)
     backend = "Triton kernels" if device == "cuda" else "the reference (no CUDA)"
     print(f"swapped {swapped} RMSNorms; state_dict keys unchanged")
     print(f"max |logits after - logits before| = {difference:.3g} ({args.dtype})")
     if args.quick:  # a tiny model's forward takes about a millisecond: single-digit repeats of it are noise
         print("forward time: not printed with --quick")
     else:
-        before, after = times["before"], times["after"]
         print(f"forward ms, median (p20-p80) of {repeats}, the models taking turns, {device}, normlayers on {backend}: "
-              f"{before.median_ms:.1f} ({before.p20_ms:.1f}-{before.p80_ms:.1f}) before, "
-              f"{after.median_ms:.1f} ({after.p20_ms:.1f}-{after.p80_ms:.1f}) after")
-    return {"swapped": swapped, "max_abs_difference": difference, "seconds_before": times["before"].median_ms / 1e3,
-            "seconds_after": times["after"].median_ms / 1e3}
+              f"{time_before.median_ms:.1f} ({time_before.p20_ms:.1f}-{time_before.p80_ms:.1f}) before, "
+              f"{time_after.median_ms:.1f} ({time_after.p20_ms:.1f}-{time_after.p80_ms:.1f}) after")
+    return {"swapped": swapped, "max_abs_difference": difference, "seconds_before": time_before.median_ms / 1e3,
+            "seconds_after": time_after.median_ms / 1e3}
 
 
 if __name__ == "__main__":

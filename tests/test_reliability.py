@@ -253,11 +253,33 @@ def test_token_norms_at_large_magnitude_are_nan_not_zero(backend_name, name):
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("stats", ("batch", "instance"))
-def test_region_norm_at_large_magnitude_is_nan_not_zero(backend_name, stats):
+@pytest.mark.parametrize("affine", ("masked", "official"))
+@pytest.mark.parametrize("magnitude", (1e30, 3e19, 1e-30))
+def test_region_norm_is_right_at_extreme_magnitudes(backend_name, stats, affine, magnitude):
+    """Each region's statistics are taken of its values scaled by a power of two: at 3e19 and 1e30 the fp32 squares
+    overflow, at 1e-30 they underflow, and the output and every gradient still match fp64 (where nothing overflows).
+    eps = 1e-70 at 1e-30: a larger eps would dominate the variance (1e-60), and only a negligible one tests the
+    scaling there."""
     x, mask = _region_inputs()
-    layer = normlayers.RegionNorm2d(3, stats=stats)
-    y = _on(backend_name, layer, x * 1e30, mask)  # every region variance overflows fp32
-    assert y.isnan().all()
+    eps = 1e-70 if magnitude < 1 else 1e-5
+    layer = normlayers.RegionNorm2d(3, stats=stats, affine=affine, eps=eps)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    dy = torch.randn_like(x)
+    results = []
+    for dtype, module in ((torch.float32, layer), (torch.float64, copy.deepcopy(layer).double())):
+        inp = (x.to(dtype) * magnitude).requires_grad_()
+        backend_name_here = backend_name if dtype == torch.float32 else "reference"
+        y = _on(backend_name_here, module, inp, mask)
+        grads = _on(backend_name_here, torch.autograd.grad, y, [inp, *module.parameters()], dy.to(dtype))
+        results.append((y, grads))
+    (y, grads), (y64, grads64) = results
+    assert torch.isfinite(y).all()
+    assert_close(y, y64.float())
+    assert_close(grads[0] * magnitude, (grads64[0] * magnitude).float())  # dx is of size 1/magnitude
+    for ours, expected in zip(grads[1:], grads64[1:]):
+        assert_close(ours, expected.float())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -75,6 +75,32 @@ def test_mixed_dtypes_match_reference():
                                       [x32, torch.randn(4, 24).bfloat16(), w32])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_layer_norm_runs_aten_forward_and_fp32_backward(dtype):
+    """bf16/fp16 input beside fp32 parameters: ATen's fused forward on the input itself (no fp32 copy), the fp32
+    backward. ATen's own reduced-precision backward, which sums the parameter gradients in bf16, fails the rule from
+    about 12 rows on (a bias gradient off by 0.04); this one must not."""
+    x, _, _ = _inputs((48, 96), dtype)
+    w32, b32 = torch.rand(96) + 0.5, torch.randn(96)
+    fn = lambda x, w, b: NF.layer_norm(x, 96, w, b)  # noqa: E731
+    assert_cpu_tier_matches_reference(fn, [x, w32, b32])
+    y = fn(x.requires_grad_(), w32, b32)
+    assert type(y.grad_fn).__name__ == "_LowPrecisionLayerNormBackward"
+    # bf16 parameters are cast to fp32 first (the ATen "mixed type" path), as the reference computes
+    assert_cpu_tier_matches_reference(fn, [x.detach(), w32.to(dtype), b32.to(dtype)])
+
+
+def test_low_precision_layer_norm_double_backward():
+    """A double backward recomputes from x (the saved statistics hold no graph)."""
+    x, _, _ = _inputs((6, 40), torch.bfloat16)
+
+    def first_order(x, w, b):
+        y = NF.layer_norm(x, 40, w, b)
+        return torch.autograd.grad(y.float().square().sum(), (x, w), create_graph=True)
+
+    assert_cpu_tier_matches_reference(first_order, [x, torch.rand(40) + 0.5, torch.randn(40)])
+
+
 def test_non_contiguous_rows():
     x = torch.randn(8, 64)[:, ::2]
     assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 32, w), [x, torch.rand(32)])

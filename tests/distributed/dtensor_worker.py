@@ -30,6 +30,7 @@ import normlayers
 
 BATCH, SEQ, HIDDEN, STEPS, LR = 2, 4, 8, 3, 0.1
 IMAGES, CHANNELS, SIZE = 4, 4, 4
+SPD_SIZE = 3
 BACKENDS = ("reference", "triton")
 TOKEN_NORMS: dict[str, Callable[[], nn.Module]] = {
     "power": lambda: normlayers.PowerNorm(HIDDEN, alpha_fwd=0.7, alpha_bkw=0.6, warmup_iters=2, group_num=2,
@@ -70,10 +71,64 @@ class ConvNet(nn.Module):
         return self.evo_s(self.ln2d(self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x)))))))
 
 
+class EvoNormsS(nn.Module):
+    """The EvoNorm-S variants other than S0 (in :class:`ConvNet`), chained: per-sample group statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evo = nn.Sequential(*(layer(CHANNELS, groups=2) for layer in (
+            normlayers.EvoNorm2dS0a, normlayers.EvoNorm2dS1, normlayers.EvoNorm2dS1a, normlayers.EvoNorm2dS2,
+            normlayers.EvoNorm2dS2a)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.evo(x)
+
+
+class RegionNorms(nn.Module):
+    """RegionNorm2d with batch statistics, then per sample, then LearnableRegionNorm2d; the hole mask is taken from
+    the input (so it is sharded like it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_batch = normlayers.RegionNorm2d(CHANNELS, eps=0.1)
+        self.norm_instance = normlayers.RegionNorm2d(CHANNELS, eps=0.1, stats="instance")
+        self.norm_learnable = normlayers.LearnableRegionNorm2d(CHANNELS, threshold=0.5, kernel_size=3, eps=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hole = x[:, :1].detach() > 0.5
+        return self.norm_learnable(self.norm_instance(self.norm_batch(x, hole), hole))
+
+
+class MaskedPowerNorm(nn.Module):
+    """Time-major PowerNorm ``(T, B, C)`` with a ``(B, T)`` pad mask taken from the input (so a DTensor mask sharded
+    like it: its batch dim is the input's dim 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token_norm = normlayers.PowerNorm(HIDDEN, alpha_fwd=0.7, alpha_bkw=0.6, warmup_iters=1, group_num=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.token_norm(x, (x[..., 0] > 1.0).transpose(0, 1))
+
+
+def _weight_standardized() -> nn.Module:
+    return nn.Sequential(normlayers.WSConv2d(3, CHANNELS, 3, padding=1),
+                         normlayers.ScaledWSConv2d(CHANNELS, CHANNELS, 3, padding=1))
+
+
+# The layers run on batch-sharded DTensors alone (per-sample statistics, batch statistics and standardized weights).
+LAYER_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "cnn": ConvNet, "evo_s": EvoNormsS, "region": RegionNorms, "ws": _weight_standardized,
+    "spd": lambda: normlayers.SPDBatchNorm(SPD_SIZE, momentum=0.3, karcher_steps=2),
+    "power_masked": MaskedPowerNorm,
+}
+BATCH_DIM = {"power_masked": 1}  # the models' batch dims other than 0
+
+
 def make_model(name: str) -> nn.Module:
     """The model (same initial values in every process), randomized buffers and affine parameters included."""
     torch.manual_seed(3)
-    model = ConvNet() if name == "cnn" else Block(name)
+    model = LAYER_MODELS[name]() if name in LAYER_MODELS else Block(name)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for key, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -87,10 +142,15 @@ def batches(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every step's global ``(input, output gradient)``, in fp64: UnifiedNorm amplifies the rounding differences
     between the parallel and the one-process sums beyond fp32's tolerance by the third step (~7e-6 relative)."""
     gen = torch.Generator().manual_seed(13)
-    shape = (IMAGES, 3, SIZE, SIZE) if name == "cnn" else (BATCH, SEQ, HIDDEN)
-    out_shape = (IMAGES, CHANNELS, SIZE, SIZE) if name == "cnn" else shape
-    return [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5,
+    images, channels = (IMAGES, CHANNELS, SIZE, SIZE), (IMAGES, 3, SIZE, SIZE)
+    shape, out_shape = {"cnn": (channels, images), "ws": (channels, images), "evo_s": (images, images),
+                        "region": (images, images), "spd": ((IMAGES, SPD_SIZE, SPD_SIZE),) * 2,
+                        "power_masked": ((SEQ, BATCH, HIDDEN),) * 2}.get(name, ((BATCH, SEQ, HIDDEN),) * 2)
+    data = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5,
              torch.randn(out_shape, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
+    if name == "spd":  # SPD matrices A·Aᵀ + 0.3·I
+        data = [(x @ x.mT + 0.3 * torch.eye(SPD_SIZE, dtype=x.dtype), grad) for x, grad in data]
+    return data
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -137,19 +197,15 @@ def local_output(y, mesh, dim: int) -> torch.Tensor:
 
 def tensor_parallel(model: Block, mesh) -> nn.Module:
     """TP/SP plan of :class:`Block`; its input must be a DTensor sharded on the sequence dim."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_module
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor import Shard, distribute_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
     parallelize_module(model, mesh, {
         "norm_in": SequenceParallel(),
         "up": ColwiseParallel(input_layouts=Shard(1)),
         "down": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        # PowerNorm/UnifiedNorm take statistics over the whole batch and update buffers from them: they run on
-        # the gathered sequence, as local tensors (their DTensor inputs are refused).
-        "token_norm": PrepareModuleInputOutput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
-                                               use_local_input=True, output_layouts=Replicate(),
-                                               desired_output_layouts=Shard(1), use_local_output=False),
+        # PowerNorm/UnifiedNorm on the sharded sequence: statistics over the tokens of every rank.
+        "token_norm": SequenceParallel(),
     })
     # SequenceParallel hands a module its first input only; the fused-residual norms take two DTensors, so their
     # parameters are replicated by distribute_module.
@@ -173,7 +229,7 @@ def run_tensor_parallel(name: str, mesh, rank: int, world: int, compiled: bool =
 
     model = tensor_parallel(make_model(name), mesh)
     if placements is not None:
-        for norm in ("norm_in", "norm_mid", "norm_out"):
+        for norm in ("norm_in", "norm_mid", "token_norm", "norm_out"):
             getattr(model, norm).register_forward_hook(_record_placements(placements, norm))
     forward = torch.compile(model, fullgraph=True) if compiled else model
     return train(model, batches(name),
@@ -186,9 +242,10 @@ def run_batch_sharded_dtensor(name: str, mesh, rank: int, world: int) -> list[di
     from torch.distributed.tensor import DTensor, Shard, distribute_module
 
     model = distribute_module(make_model(name), mesh)
+    dim = BATCH_DIM.get(name, 0)
     return train(model, batches(name),
-                 lambda x: local_output(model(DTensor.from_local(x, mesh, [Shard(0)], run_check=False)), mesh, 0),
-                 local=lambda t: part(t, rank, world, 0))
+                 lambda x: local_output(model(DTensor.from_local(x, mesh, [Shard(dim)], run_check=False)), mesh, dim),
+                 local=lambda t: part(t, rank, world, dim))
 
 
 def run_fsdp(name: str, rank: int, world: int) -> list[dict]:
@@ -230,6 +287,26 @@ def sharded_channel_error(mesh, rank: int, world: int) -> str:
     return _error_of(lambda: norm(DTensor.from_local(x, mesh, [Shard(1)], run_check=False)))
 
 
+def local_shards_errors(mesh, rank: int, world: int) -> dict[str, str]:
+    """The layers that run DTensors on their local shards, on inputs sharded along a dim their statistics span:
+    PowerNorm and UnifiedNorm on the channels, SPDBatchNorm on a matrix dim; and PowerNorm synced over the ranks of a
+    replicated input (each would count the same tokens)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+
+    def error(layer: nn.Module, x: torch.Tensor, dim: int) -> str:
+        layer = distribute_module(layer, mesh)
+        return _error_of(lambda: layer(DTensor.from_local(part(x, rank, world, dim), mesh, [Shard(dim)],
+                                                          run_check=False)))
+
+    tokens = torch.randn(BATCH, SEQ, HIDDEN)
+    synced = normlayers.convert_sync(distribute_module(TOKEN_NORMS["power"](), mesh))  # over the world
+    replicated = DTensor.from_local(tokens, mesh, [Replicate()], run_check=False)
+    return {"synced over replicas": _error_of(lambda: synced(replicated)),
+            "PowerNorm": error(TOKEN_NORMS["power"](), tokens, 2),
+            "UnifiedNorm": error(TOKEN_NORMS["unified"](), tokens, 2),
+            "SPDBatchNorm": error(normlayers.SPDBatchNorm(SPD_SIZE), batches("spd")[0][0].float(), 1)}
+
+
 def main(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -243,12 +320,15 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
                 results[("tp", backend_name, name)] = run_tensor_parallel(name, mesh, rank, world,
                                                                           placements=placements)
                 results[("fsdp", backend_name, name)] = run_fsdp(name, rank, world)
+                results[("dtensor_batch", backend_name, name)] = run_batch_sharded_dtensor(name, mesh, rank, world)
             results[("fsdp", backend_name, "cnn")] = run_fsdp("cnn", rank, world)
-            results[("dtensor_batch", backend_name, "cnn")] = run_batch_sharded_dtensor("cnn", mesh, rank, world)
+            for name in LAYER_MODELS:
+                results[("dtensor_batch", backend_name, name)] = run_batch_sharded_dtensor(name, mesh, rank, world)
             results[("compiled_tp", backend_name, "none")] = run_tensor_parallel("none", mesh, rank, world,
                                                                                 compiled=True)
             results[("refused", backend_name)] = sharded_normalized_dim_error(mesh, rank, world)
             results[("refused_channel", backend_name)] = sharded_channel_error(mesh, rank, world)
+            results[("refused_local_shards", backend_name)] = local_shards_errors(mesh, rank, world)
     torch.save(results, out)
     dist.destroy_process_group()
 

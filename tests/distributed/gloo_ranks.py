@@ -4,6 +4,7 @@ ranks' results with one process on the concatenated batch."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import subprocess
@@ -27,11 +28,33 @@ def load_script(path: Path) -> ModuleType:
     return module
 
 
-def run_ranks(worker: Path, tmp: Path, world: int, timeout: float = 600) -> list[dict]:
+def run_ranks(worker: Path, tmp_path_factory: pytest.TempPathFactory, world: int, timeout: float = 600) -> list[dict]:
     """Run ``worker RANK WORLD INIT_FILE OUT`` as ``world`` processes; each saves its results to OUT with
-    ``torch.save``. Returns them by rank, or fails the test with the end of every worker's log."""
-    init_file = tmp / "rendezvous"
+    ``torch.save``. Returns them by rank, or fails the test with the end of every worker's log.
+
+    Once per test session, also under pytest-xdist (``-n auto``), where every worker that gets a test of the module
+    would run the module's fixture again: the workers share the base temp dir's parent, and the first to take the lock
+    runs the ranks while the others wait for its results."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    tmp = shared / f"{worker.stem}_ranks"
     outs = [tmp / f"rank{rank}.pt" for rank in range(world)]
+    with open(shared / f"{worker.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = tmp / "done"
+        if not done.exists():
+            tmp.mkdir(exist_ok=True)
+            _spawn(worker, tmp, outs, timeout)
+            done.touch()
+    return [torch.load(out, weights_only=False) for out in outs]
+
+
+def _spawn(worker: Path, tmp: Path, outs: list[Path], timeout: float) -> None:
+    """One run of ``worker`` as ``len(outs)`` rank processes, rank ``r`` saving to ``outs[r]``."""
+    init_file = tmp / "rendezvous"
+    init_file.unlink(missing_ok=True)
+    world = len(outs)
     processes = [subprocess.Popen([sys.executable, str(worker), str(rank), str(world), str(init_file), str(out)],
                                   env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for rank, out in enumerate(outs)]
@@ -45,7 +68,6 @@ def run_ranks(worker: Path, tmp: Path, world: int, timeout: float = 600) -> list
             pytest.fail(f"the distributed workers did not finish in {timeout} s")
     if any(p.returncode != 0 for p in processes):
         pytest.fail("a worker failed:\n" + "\n".join(log[-3000:] for log in logs))
-    return [torch.load(out, weights_only=False) for out in outs]
 
 
 def check_against_single_process(per_rank: list[list[dict]], expected: list[dict],

@@ -28,14 +28,17 @@ WORLD = 2
 _WORKER = Path(__file__).with_name("dtensor_worker.py")
 
 worker = ranks.load_script(_WORKER)
+_SEQUENCE_PARALLEL_NORMS = ("norm_in", "norm_mid", "token_norm", "norm_out")
 # (parallelism, model) -> the dim along which each rank holds its part of the inputs and outputs
 _CASES = {("tp", "power"): 1, ("tp", "unified"): 1, ("compiled_tp", "none"): 1,
-          ("fsdp", "power"): 0, ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0, ("dtensor_batch", "cnn"): 0}
+          ("dtensor_batch", "power"): 0, ("dtensor_batch", "unified"): 0, ("fsdp", "power"): 0,
+          ("fsdp", "unified"): 0, ("fsdp", "cnn"): 0,
+          **{("dtensor_batch", name): worker.BATCH_DIM.get(name, 0) for name in worker.LAYER_MODELS}}
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    return ranks.run_ranks(_WORKER, tmp_path_factory.mktemp("dtensor"), WORLD)
+    return ranks.run_ranks(_WORKER, tmp_path_factory, WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +78,26 @@ def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backe
 
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)
-def test_sequence_stays_sharded_through_the_row_norms(rank_results, backend_name):
+def test_local_shard_layers_refuse_a_sharded_statistic_dim_naming_layer_and_placement(rank_results, backend_name):
+    # PowerNorm/UnifiedNorm on sharded channels, SPDBatchNorm on a sharded matrix dim; and a sync group whose ranks
+    # hold the same (replicated) tokens.
+    for results in rank_results:
+        errors = dict(results[("refused_local_shards", backend_name)])
+        message = errors.pop("synced over replicas")
+        assert message.startswith("ValueError: PowerNorm: sync_stats=True") and "count them twice" in message, message
+        for layer, message in errors.items():
+            dim = 1 if layer == "SPDBatchNorm" else 2
+            assert message.startswith(f"ValueError: {layer}: ") and f"Shard(dim={dim})" in message, message
+            assert f"Replicate() dim {dim}" in message, message
+
+
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
+def test_sequence_stays_sharded_through_the_norms(rank_results, backend_name):
     # No gather inside the norms: their outputs keep the input's sequence sharding (the kernel path's rules keep the
-    # strided row sharding of the flattened (batch, seq) rows).
+    # strided row sharding of the flattened (batch, seq) rows; the token norms run on the local shards).
     for results in rank_results:
         assert results[("tp_placements", backend_name)] == {norm: "(Shard(dim=1),)"
-                                                            for norm in ("norm_in", "norm_mid", "norm_out")}
+                                                            for norm in _SEQUENCE_PARALLEL_NORMS}
 
 
 def test_cases_reach_the_paths_they_name(single_process):
@@ -90,6 +107,13 @@ def test_cases_reach_the_paths_they_name(single_process):
     module = worker.make_model("power")
     local = worker.train(module, worker.batches("power"), local=lambda t: worker.part(t, 0, WORLD, 0))
     assert not torch.allclose(local[-1]["buffer.token_norm.ema_gz"], power_steps[-1]["buffer.token_norm.ema_gz"])
+    for name, key in (("region", "y"), ("spd", "buffer.running_mean"), ("unified", "buffer.token_norm.running_var")):
+        # The batch-statistic layers run on DTensors through the layers' local-shard path: one shard's statistics
+        # are not the batch's.
+        local = worker.train(worker.make_model(name), worker.batches(name), local=lambda t: worker.part(t, 0, WORLD, 0))
+        expected = single_process[name][0][key]
+        expected = worker.part(expected, 0, WORLD, 0) if key == "y" else expected
+        assert not torch.allclose(local[0][key], expected), name
     cnn = single_process["cnn"]
     assert not torch.allclose(cnn[-1]["buffer.bcn.bn.running_mean"], cnn[0]["buffer.bcn.bn.running_mean"])
     assert not torch.allclose(cnn[-1]["param.evo.weight"], cnn[0]["param.evo.weight"])

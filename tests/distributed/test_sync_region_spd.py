@@ -30,7 +30,7 @@ worker = ranks.load_script(_WORKER)
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    return ranks.run_ranks(_WORKER, tmp_path_factory.mktemp("sync_region_spd"), WORLD)
+    return ranks.run_ranks(_WORKER, tmp_path_factory, WORLD)
 
 
 def _single_process(name: str) -> list[dict]:

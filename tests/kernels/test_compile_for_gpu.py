@@ -122,7 +122,8 @@ def compile_all_variants() -> int:
              "RSTD": f"*{stats}", "DH": f"*{data}", "PARTIALS": f"*{stats}", "COEF": f"*{stats}"},
             {"M": "i32", "N": "i32", "stride_h": "i64", "stride_dy": "i64", "stride_dres": "i64",
              "weight_offset": "fp32"},
-            {"NORM": norm, "HAS_DRESIDUAL": fused, **{k: v for k, v in flags.items() if k != "NORM"}},
+            {"NORM": norm, "HAS_DRESIDUAL": fused, **{k: v for k, v in flags.items() if k != "NORM"},
+             "HELD_N": 1 if single else 1024, "STREAM_N": 1 if single else 256},
         )
         count += 2
     # Channels-first norms: both layouts' unit strides as Triton specializes them (an integer argument equal to 1
@@ -189,6 +190,36 @@ def compile_all_variants() -> int:
                         "DSECOND": f"*{stats}", "DX": f"*{data}", "DCENTER": f"*{stats}"},
                        {**planes, **strides("x", "h", "dx")}, tile)
         count += 11
+        # RegionNorm's fused layer: every flag the launchers set (batch or instance statistics, the statistics
+        # finalized inside the elementwise pass or not, the official affine, with and without parameters).
+        params = {name: f"*{data}" for name in ("GAMMA_H", "BETA_H", "GAMMA_V", "BETA_V")}
+        compile_kernel(region_norm.region_stats_kernel, {"X": f"*{data}", "HOLE": "*u8", "PARTIALS": f"*{stats}"},
+                       {**planes, **strides("x", "h"), "cap": "fp32"}, tile)
+        count += 1
+        for batch, flag in product((True, False), (True, False)):
+            has = {name: flag for name in ("HAS_GAMMA_H", "HAS_BETA_H", "HAS_GAMMA_V", "HAS_BETA_V")}
+            compile_kernel(region_norm.region_finalize_kernel, {"PARTIALS": f"*{stats}", "STATS": f"*{stats}"},
+                           {"STAT_COUNT": "i32", "LOOP": "i32", "stride_loop": "i32", "eps": "fp32"},
+                           {"OFFICIAL_EPS": flag, "COMPUTE": tile["COMPUTE"], "BLOCK": region_norm.FINALIZE_BLOCK})
+            compile_kernel(region_norm.region_normalize_kernel,
+                           {"X": f"*{data}", "HOLE": "*u8", "STATS": f"*{stats}", **params, "Y": f"*{data}"},
+                           {**planes, "N": "i32", "eps": "fp32", **strides("x", "h", "y")},
+                           {"BATCH": batch, "OFFICIAL_AFFINE": flag, "FINALIZE": flag, "OFFICIAL_EPS": True, **has,
+                            **tile})
+            compile_kernel(region_norm.region_normalize_bwd_kernel,
+                           {"DY": f"*{data}", "X": f"*{data}", "HOLE": "*u8", "STATS": f"*{stats}",
+                            "SUMS": f"*{stats}"}, {**planes, **strides("dy", "x", "h")}, {"BATCH": batch, **tile})
+            compile_kernel(region_norm.region_finalize_bwd_kernel,
+                           {"SUMS": f"*{stats}", "STATS": f"*{stats}", "COEF": f"*{stats}",
+                            **{f"D{name}": f"*{data}" for name in params}}, {"N": "i32", "C": "i32"},
+                           {"BATCH": batch, "OFFICIAL_AFFINE": flag, **has, "COMPUTE": tile["COMPUTE"],
+                            "BLOCK": region_norm.FINALIZE_BLOCK})
+            compile_kernel(region_norm.region_dx_kernel,
+                           {"DY": f"*{data}", "X": f"*{data}", "HOLE": "*u8", "STATS": f"*{stats}",
+                            "COEF": f"*{stats}", "GAMMA_H": f"*{data}", "GAMMA_V": f"*{data}", "DX": f"*{data}"},
+                           {**planes, **strides("dy", "x", "h", "dx")},
+                           {"BATCH": batch, "HAS_GAMMA_H": flag, "HAS_GAMMA_V": flag, **tile})
+            count += 5
         coefficients = {name: f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE")}
         for mode in (evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV):
             compile_kernel(evo_norm.evo_plane_fwd_kernel,
@@ -239,7 +270,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 232 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 295 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":

@@ -158,3 +158,45 @@ def test_empty_planes():
     count, first, second = K.region_moments_fwd(x, hole, torch.zeros(2, 3, 2))
     assert not count.any() and not first.any() and not second.any()
     assert KC.plane_affine_fwd(x, *(torch.zeros(2, 3, 2) for _ in range(3)), hole_mask=hole).shape == x.shape
+
+
+def _region_moments64(x: torch.Tensor, hole: torch.Tensor, dims: tuple[int, ...]):
+    """Per region (hole, valid) ``(count, mean, biased var)`` over ``dims`` in fp64, by selection."""
+    x64, inside = x.double(), hole.expand(x.shape)
+    result = []
+    for region in (inside, ~inside):
+        count = region.sum(dims).double()
+        mean = torch.where(region, x64, 0.0).sum(dims) / count.clamp(min=1)
+        centred = x64 - (mean[..., None, None] if dims == (2, 3) else mean.view(1, -1, 1, 1))
+        var = torch.where(region, centred, 0.0).square().sum(dims) / count.clamp(min=1)
+        result.append((count, mean, var))
+    return result
+
+
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("max_block_hw", [None, 4])
+def test_fused_statistics_across_chunks_and_magnitudes(batch, layout, max_block_hw):
+    # Planes of very different magnitudes (1, 1e30, 1e-30), and within one plane a later chunk 1e25 times larger than
+    # the first (the running sums rescale by a power of two): region_stats + region_finalize give every region's
+    # count, mean and variance as fp64 does, where fp32 squares overflow and underflow.
+    x = make_input(3, 2, 3, 5, torch.float32, layout)
+    with torch.no_grad():
+        x[1] *= 1e30
+        x[2] *= 1e-30
+        x[0, 0, 2:] *= 1e25
+    hole = make_mask(3, 2, 3, 5, "random")
+    # eps = 1e-70 is 0 in fp32: rstd = 1/sqrt(var_s) exactly, which gives the variance back.
+    cap = 2.0 ** 126
+    stats = K.region_finalize(K.region_stats(x, hole, cap, max_block_hw=max_block_hw), batch=batch, eps=1e-70,
+                              official_eps=False)
+    expected = _region_moments64(x, hole, (0, 2, 3) if batch else (2, 3))
+    for region, (count, mean, var) in enumerate(expected):
+        got = stats[..., region, :].double()
+        scale = got[..., 1]
+        assert torch.equal(got[..., 0], count)
+        spread = var > 0  # relative comparisons: the magnitudes span 1e-30 … 1e30
+        std = var[spread].sqrt()
+        assert_close(((got[..., 2] / scale)[spread] - mean[spread]) / std, torch.zeros_like(std), dtype=torch.float32)
+        got_var = 1 / (got[..., 3] * scale).square()
+        assert_close(got_var[spread] / var[spread], torch.ones_like(std), dtype=torch.float32)

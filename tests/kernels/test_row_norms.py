@@ -19,7 +19,8 @@ KINDS = ["layer", "rms", "crms"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 # (rows, width, max_block_n): width 1, one row, odd widths, several tiles per program, several rows per program,
-# and rows wider than one block (the chunked loop, reached on small rows by a small max_block_n).
+# and rows wider than one block (the chunked loop, reached on small rows by a small max_block_n), also with several
+# row tiles per backward program and a last tile cut short (70 rows).
 SHAPES = [
     (5, 1, None),
     (1, 37, None),
@@ -28,6 +29,7 @@ SHAPES = [
     (33, 128, None),
     (3, 300, 64),
     (2, 1000, 256),
+    (70, 45, 16),
 ]
 
 

@@ -1,7 +1,8 @@
 """The RegionNorm custom ops (opcheck, fp64 gradcheck, torch.compile) and RN-B / RN-L on them against the reference.
 
-The Triton path builds the region statistics from two passes of per-plane region moments and small ``(N, C, 2)``
-torch ops (pooled over the batch for ``stats="batch"``), then one fused two-region affine pass; the reference
+The fused Triton path takes per-plane scaled region sums, finalizes the statistics in one small kernel (pooled over
+the batch for ``stats="batch"``) and applies them in one pass, with a hand-written three-kernel backward; the
+synced path composes region moments, small ``(N, C, 2)`` torch ops and a two-region affine pass. The reference
 computes the closed form directly (itself tested against the official algorithm in tests/reference). Agreement of
 outputs and of all gradients checks the algebra, the kernels and the gradient through the region statistics.
 """
@@ -58,6 +59,52 @@ def test_opcheck(layout, mask_channels):
     dy = torch.randn(x.shape, generator=gen)
     torch.library.opcheck(torch.ops.normlayers.region_affine_bwd.default,
                           (dy, x.detach(), hole, center.detach(), scale.detach()))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("mask_channels", [1, 3])
+@pytest.mark.parametrize("batch", [True, False])
+def test_opcheck_fused_ops(layout, mask_channels, batch):
+    x = _input((2, 3, 4, 5), dtype=torch.float32, layout=layout)
+    hole = _mask((2, mask_channels, 4, 5))
+    params = _params(3, torch.float32)
+    cap = ops.statistics_scale_cap(x, 1e-5, batch, True)
+    partials = ops.region_stats(x, hole, cap)
+    stats = ops.region_finalize(partials, batch, 1e-5, True)
+    torch.library.opcheck(torch.ops.normlayers.region_stats.default, (x, hole, cap))
+    torch.library.opcheck(torch.ops.normlayers.region_finalize.default, (partials, batch, 1e-5, True))
+    torch.library.opcheck(torch.ops.normlayers.region_normalize.default, (x, hole, stats, *params, batch, False))
+    torch.library.opcheck(torch.ops.normlayers.region_normalize.default,
+                          (x, hole, partials, *params, batch, True, True, 1e-5, True))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(torch.ops.normlayers.region_normalize_bwd.default,
+                          (dy, x, hole, stats, params[0], None, None, params[3], batch, False))
+
+
+@pytest.mark.parametrize("stats", ["batch", "instance"])
+@pytest.mark.parametrize("affine", ["masked", "official"])
+def test_gradcheck_fused_layer_fp64(stats, affine):
+    x = _input((2, 2, 3, 3)).requires_grad_()
+    hole = _mask((2, 1, 3, 3))
+    params = [p.requires_grad_() for p in _params(2)]
+    with normlayers.backend("triton"):
+        assert torch.autograd.gradcheck(lambda t, *p: F.region_norm(t, hole, *p, stats=stats, affine=affine),
+                                        (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("stats", ["batch", "instance"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (5, 3, 2, 3)])  # 8·N ≤ H·W: finalized in the pass; else not
+def test_inference_matches_reference(stats, shape):
+    # Without a backward the statistics may be finalized inside the elementwise pass (two launches): both ways match.
+    x = _input(shape, dtype=torch.float32)
+    hole = _mask((shape[0], 1, *shape[2:]))
+    params = _params(shape[1], torch.float32)
+    with torch.no_grad():
+        with normlayers.backend("reference"):
+            expected = F.region_norm(x, hole, *params, stats=stats)
+        with normlayers.backend("triton"):
+            actual = F.region_norm(x, hole, *params, stats=stats)
+    assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -457,8 +457,9 @@ def liger_available() -> bool:
 
 
 def liger_row_norm_traffic(op_name: str, width: int, dtype: torch.dtype = torch.bfloat16, *,
-                           sm_count: int = H100_SMS, rows: int = REFERENCE_ROWS) -> RowNormTraffic:
-    """The backward of Liger-Kernel's ``rms_norm`` / ``layer_norm`` (liger-kernel 0.8), counted like ours.
+                           sm_count: int = H100_SMS, rows: int = REFERENCE_ROWS) -> Optional[RowNormTraffic]:
+    """The backward of Liger-Kernel's ``rms_norm`` / ``layer_norm`` (liger-kernel 0.8), counted like ours; ``None``
+    for widths its launcher refuses (``calculate_settings`` raises above 65536 columns).
 
     Its backward kernel is launched directly, on the grid its launcher uses on a GPU (one program per SM; on CPU its
     launcher runs one program in all), with fp32 statistics as its forward stores them. Its host-side
@@ -471,7 +472,10 @@ def liger_row_norm_traffic(op_name: str, width: int, dtype: torch.dtype = torch.
     from liger_kernel.ops.utils import calculate_settings, torch_to_triton_dtype
 
     gen = torch.Generator().manual_seed(0)
-    block, warps = calculate_settings(width)
+    try:
+        block, warps = calculate_settings(width)
+    except RuntimeError:
+        return None
 
     def measure(m: int, programs: int) -> list[Traffic]:
         x = torch.randn(m, width, generator=gen).to(dtype)
@@ -687,7 +691,7 @@ def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTH
                        f"{bwd.logical:.2f} | {bwd.launches} | {bwd.programs} |")
                 if with_liger:
                     lb = liger_row_norm_traffic(op_name, width)
-                    row += f" {lb.unique:.2f} | {lb.logical:.2f} |"
+                    row += f" {lb.unique:.2f} | {lb.logical:.2f} |" if lb is not None else " - | - |"
                 lines.append(row)
         lines.append("")
     if "static" in sections:

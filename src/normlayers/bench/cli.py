@@ -22,6 +22,7 @@ import argparse
 import datetime
 import itertools
 import math
+import os
 import sys
 import textwrap
 import time
@@ -294,16 +295,27 @@ def _header(metadata: dict, unavailable: dict[str, str], not_applicable: list[st
         f"copy bandwidth: {metadata['copy_bandwidth_gbps']:.1f} GB/s "
         f"(dst.copy_(src), {metadata['copy_buffer_bytes'] // 2**20} MiB, read + write counted)",
         f"timer: {metadata['timer']}; warmup {metadata['warmup_ms']:g} ms, timed {metadata['rep_ms']:g} ms per call "
-        f"site; {metadata['torch_num_threads']} CPU threads",
+        f"site; {metadata['torch_num_threads']} CPU threads; load average {metadata['load_average_start']:g} at the "
+        f"start",
         f"accuracy vs fp64 reference: {RULE}",
         "speed-ups: torch time / provider time, only for results within the bound (torch counts even when it is not); "
-        "peak memory: CUDA only",
+        "peak memory: the most one call allocates beyond its inputs (CUDA allocator statistics; on CPU the profiler's "
+        "allocation events)",
     ]
     if unavailable:
         lines.append("unavailable providers: " + ", ".join(f"{n} ({r})" for n, r in unavailable.items()))
     if not_applicable:
         lines.append("not run, the op does not accept the dtype: " + ", ".join(not_applicable))
     return "\n".join(lines)
+
+
+def _load_average() -> float:
+    """The 1-minute load average (other processes competing for the cores: timings on a shared machine need it beside
+    them); 0 where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def _exit_code(results: Sequence[BenchResult]) -> int:
@@ -368,7 +380,8 @@ def _run(args: argparse.Namespace, plan: Plan, device: torch.device, old_documen
         "suite": plan.suite, "warmup_ms": plan.warmup_ms, "rep_ms": plan.rep_ms, "command": command,
         "providers": [p.name for p in plan.providers], "unavailable_providers": plan.unavailable,
         "accuracy_rule": RULE, "byte_models": byte_models, "not_applicable": plan.not_applicable,
-        "time_limit_s": args.time_limit, "cases_planned": len(plan.cases), "cases_not_run": [], "finished": False})
+        "time_limit_s": args.time_limit, "cases_planned": len(plan.cases), "cases_not_run": [], "finished": False,
+        "load_average_start": _load_average(), "load_average_max": _load_average()})
     _progress(show_progress, "")
     print(_header(metadata, plan.unavailable, plan.not_applicable), flush=True)
 
@@ -387,6 +400,7 @@ def _run(args: argparse.Namespace, plan: Plan, device: torch.device, old_documen
             print("\n" + format_case_table(case_results), flush=True)
             results += case_results
             metadata["wall_time_s"] = round(time.perf_counter() - started, 1)
+            metadata["load_average_max"] = max(metadata["load_average_max"], _load_average())
             _write_results(paths, metadata, results)
 
     metadata["wall_time_s"] = round(time.perf_counter() - started, 1)

@@ -51,7 +51,7 @@ class BenchResult:
     """One row of the results. ``status`` is ``ok``, ``WRONG`` (error above the bound: timed, but no speed-up
     reported), ``failed`` (raised; ``note`` says why) or ``unsupported`` (the provider has no such op).
     ``compile_s`` is the first call's time for providers that compile on it; ``peak_mem_mib`` the memory one call
-    allocates beyond its inputs (CUDA only)."""
+    allocates beyond its inputs (see :func:`~normlayers.bench.timing.peak_memory_bytes`)."""
 
     op: str
     family: str

@@ -13,7 +13,7 @@ from typing import Mapping
 __all__ = ["BUDGETS_MS", "SUITES", "Suite"]
 
 # (warmup, timed) milliseconds per call site, by device type: triton.testing.do_bench's defaults on CUDA; on CPU no
-# separate warmup, since torch.utils.benchmark.Timer runs two untimed calls before each timed one.
+# separate warmup beyond the three calls that estimate each call's time.
 BUDGETS_MS: Mapping[str, tuple[float, float]] = {"cuda": (25.0, 100.0), "cpu": (0.0, 20.0)}
 
 
@@ -62,8 +62,8 @@ SUITES: dict[str, Suite] = {
               ops=("region_norm", "learnable_region_norm"), modes=("fwd", "fwd_bwd"),
               dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)}),
         Suite("cpu", "the CPU tier against the best torch eager equivalent at ResNet "
-              "(8x256x14x14, 256x256x3x3), ViT-B (1576x768 = 8 images x 197 tokens) and LLM (512x4096) shapes; "
-              "under 5 minutes on 2 cores",
+              "(8x256x14x14, 256x256x3x3), ViT-B (1576x768 = 8 images x 197 tokens) and LLM (512x4096) shapes "
+              "(--threads 1 for the single-thread numbers; SPD batch norm has its own suite, spd)",
               ops=("layer_norm", "rms_norm", "add_rms_norm", "batch_channel_norm", "weight_standardize",
                    "evo_norm2d_b0", "evo_norm2d_s0"),
               modes=("fwd", "fwd_bwd"), dtypes={"cpu": ("fp32", "bf16"), "cuda": ("bf16",)},

@@ -1,4 +1,4 @@
-"""Timing: per-call times from CUDA events (L2 flushed before each call) or ``torch.utils.benchmark.Timer`` on CPU,
+"""Timing: per-call times from CUDA events (L2 flushed before each call) or the wall clock on CPU,
 summarized as median and p20/p80; the first call's time (compilation); peak memory; and the device's measured copy
 bandwidth (the practical roofline).
 
@@ -12,14 +12,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
-import torch.utils.benchmark
 
-__all__ = ["CpuTimer", "CudaEventTimer", "TimedCall", "Timer", "TimingStats", "first_call_seconds",
-           "interleaved_times", "make_timer", "measure", "measure_copy_bandwidth", "measure_interleaved",
-           "peak_memory_bytes"]
+__all__ = ["CudaEventTimer", "TimedCall", "Timer", "TimingStats", "WallClockTimer", "first_call_seconds",
+           "make_timer", "measure", "measure_copy_bandwidth", "measure_interleaved", "peak_memory_bytes"]
 
 MIN_REPS = 15
 MAX_REPS = 10_000
@@ -49,22 +47,6 @@ class Timer(Protocol):
     def times_ms(self, call: TimedCall, reps: int) -> list[float]: ...
 
 
-class CpuTimer:
-    """``torch.utils.benchmark.Timer`` at the process's thread count (its own default is one thread), one
-    ``timeit(number=1)`` per call so that every call's time is kept and ``setup`` runs untimed before it. Each
-    ``timeit`` first runs the statement twice untimed (torch's warmup), so a timed call costs three (the ``bwd``
-    call runs its own forward when the setup's has been used: see :func:`~normlayers.bench.runner.timed_call`).
-    Caches are not flushed: on CPU the numbers are a smoke test, not a roofline measurement."""
-
-    description = "torch.utils.benchmark.Timer, timeit(number=1) per call, no cache flush"
-
-    def times_ms(self, call: TimedCall, reps: int) -> list[float]:
-        timer = torch.utils.benchmark.Timer(stmt="run()", setup="prepare()",
-                                            globals={"run": call.run, "prepare": call.prepare},
-                                            num_threads=torch.get_num_threads())
-        return [timer.timeit(number=1).median * 1e3 for _ in range(reps)]
-
-
 class CudaEventTimer:
     """CUDA events around each call, with the L2 cache flushed (a 256 MiB memset) before each, outside the timed
     region; one synchronization at the end so host overhead overlaps as in a training step."""
@@ -87,9 +69,32 @@ class CudaEventTimer:
         return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
 
+class WallClockTimer:
+    """``time.perf_counter`` around each call (the device synchronized before and after), ``setup`` untimed: the
+    benchmark's CPU timer, and the examples' for whole models. Caches are not flushed: on CPU the numbers are a
+    smoke test, not a roofline measurement. (Not ``torch.utils.benchmark.Timer``: its ``timeit`` runs the statement
+    twice untimed before each timed call, tripling the cost of a run that keeps every call's time.)"""
+
+    description = "time.perf_counter per call, no cache flush"
+
+    def __init__(self, device: Union[torch.device, str] = "cpu") -> None:
+        self._device = torch.device(device)
+
+    def times_ms(self, call: TimedCall, reps: int) -> list[float]:
+        times = []
+        for _ in range(reps):
+            call.prepare()
+            _synchronize(self._device)
+            start = time.perf_counter()
+            call.run()
+            _synchronize(self._device)
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+
 def make_timer(device: torch.device) -> Timer:
     """The timer for ``device``."""
-    return CudaEventTimer(device) if device.type == "cuda" else CpuTimer()
+    return CudaEventTimer(device) if device.type == "cuda" else WallClockTimer(device)
 
 
 @dataclass(frozen=True)
@@ -124,43 +129,31 @@ def _stats(times_ms: list[float]) -> TimingStats:
     return TimingStats(_quantile(ordered, 0.5), _quantile(ordered, 0.2), _quantile(ordered, 0.8), len(ordered))
 
 
-def interleaved_times(calls: Mapping[str, Callable[[], object]], repeats: int,
-                      device: Union[torch.device, str] = "cpu", warmup: int = 1) -> dict[str, TimingStats]:
-    """Wall time of each of ``calls`` (ms per call, median and p20/p80 over ``repeats`` calls), for comparing whole
-    models in the examples. The calls take turns — ``warmup`` untimed rounds, then ``repeats`` timed ones — so that
-    a change in the machine's load hits all of them alike instead of whichever ran during it."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    device = torch.device(device)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_index in range(warmup + repeats):
-        for name, call in calls.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            call()
-            _synchronize(device)
-            if round_index >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: _stats(t) for name, t in times.items()}
+def measure_interleaved(calls: Sequence[TimedCall], timer: Timer, warmup_ms: float = 0.0, rep_ms: float = 0.0, *,
+                        rounds: Optional[int] = None, warmup_rounds: int = 0) -> list[TimingStats]:
+    """Time several calls in interleaved rounds (each round times every call once, in turn), so that a change of
+    machine load over the run hits them all alike and their ratios stay fair.
 
-
-def measure_interleaved(calls: Sequence[TimedCall], timer: Timer, warmup_ms: float, rep_ms: float
-                        ) -> list[TimingStats]:
-    """Time several calls of one case in interleaved rounds (each round times every call once, in turn), so that a
-    change of machine load over the run hits them all alike and their ratios stay fair. Each call is first estimated
-    and warmed up as in :func:`measure`; the number of rounds fits ``rep_ms`` to the slowest call, at least
-    ``MIN_REPS``."""
-    estimates = [max(sorted(timer.times_ms(call, ESTIMATE_REPS))[ESTIMATE_REPS // 2], 1e-4) for call in calls]
-    if warmup_ms > 0:
-        for call, estimate_ms in zip(calls, estimates):
-            timer.times_ms(call, math.ceil(warmup_ms / estimate_ms))
-    rounds = min(MAX_REPS, max(MIN_REPS, math.ceil(rep_ms / max(estimates, default=1.0))))
+    By budget (``rounds=None``, the benchmark's way): each call is first estimated and warmed up as in
+    :func:`measure`, and the number of rounds fits ``rep_ms`` to the slowest call, at least ``MIN_REPS``. By count
+    (the examples' way, for whole models): ``warmup_rounds`` untimed rounds, then exactly ``rounds`` timed ones."""
+    if rounds is not None:
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        for _ in range(warmup_rounds):
+            for call in calls:
+                timer.times_ms(call, 1)
+    else:
+        estimates = [max(sorted(timer.times_ms(call, ESTIMATE_REPS))[ESTIMATE_REPS // 2], 1e-4) for call in calls]
+        if warmup_ms > 0:
+            for call, estimate_ms in zip(calls, estimates):
+                timer.times_ms(call, math.ceil(warmup_ms / estimate_ms))
+        rounds = min(MAX_REPS, max(MIN_REPS, math.ceil(rep_ms / max(estimates, default=1.0))))
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
         for call, call_times in zip(calls, times):
             call_times.extend(timer.times_ms(call, 1))
-    return [TimingStats(_quantile(sorted(t), 0.5), _quantile(sorted(t), 0.2), _quantile(sorted(t), 0.8), rounds)
-            for t in times]
+    return [_stats(t) for t in times]
 
 
 def measure_copy_bandwidth(device: torch.device, timer: Timer, warmup_ms: float, rep_ms: float) -> tuple[float, int]:
@@ -189,14 +182,37 @@ def first_call_seconds(device: torch.device, call: Callable[[], object]) -> tupl
 
 def peak_memory_bytes(device: torch.device, call: TimedCall) -> Optional[int]:
     """The most memory one ``call.run()`` allocates on top of what is allocated before it (its inputs, and for
-    ``bwd`` the saved tensors of the setup's forward): ``torch.cuda.max_memory_allocated`` during the call minus
-    ``memory_allocated`` before. ``None`` on CPU, where torch keeps no allocator statistics."""
-    if device.type != "cuda":
-        return None
+    ``bwd`` the saved tensors of the setup's forward).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` during the call minus ``memory_allocated`` before. CPU, where torch's
+    allocator keeps no statistics: the running sum of the allocations and frees of tensor storage during the call,
+    as ``torch.profiler`` (``profile_memory=True``) records them, and its maximum. That counts exactly what the CUDA
+    number counts (the sizes requested from torch's allocator, not the process's resident memory, which the C
+    allocator's caching and page reuse blur); it reads the profiler's event tree (an experimental API), and returns
+    ``None`` where that is missing."""
     call.prepare()
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    call.run()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call.run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        call.run()
+    try:
+        roots = profiler.profiler.kineto_results.experimental_event_tree()
+    except AttributeError:
+        return None
+    changes: list[tuple[int, int]] = []
+    pending = list(roots)
+    while pending:
+        node = pending.pop()
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            changes.append((node.start_time_ns, node.extra_fields.alloc_size))
+        pending.extend(node.children)
+    allocated = peak = 0
+    for _, size in sorted(changes):
+        allocated += size
+        peak = max(peak, allocated)
+    return peak

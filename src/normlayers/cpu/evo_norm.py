@@ -1,7 +1,9 @@
 r"""CPU tier of EvoNorm (Liu et al., NeurIPS 2020; timm's ``timm/layers/evo_norm.py`` semantics): one
-closed-form ``autograd.Function`` per sub-family, each computing its statistics in one pass (``var_mean``,
-``vecdot``) and its output in one fused multiply-add, with the backward written out instead of autograd through a
-dozen elementwise ops.
+closed-form ``autograd.Function`` per sub-family, each computing its statistics in few passes (a two-pass
+:func:`~normlayers.cpu._common.var_mean`, ``vecdot``) and its output in one fused multiply-add, with the backward
+written out instead of autograd through a dozen elementwise ops. Each forward saves its statistics (B also the max
+``m``), so the first-order backward needs no second pass of statistics and works in place on its temporaries; a
+double backward (grad mode on inside the backward) recomputes everything from ``x`` with differentiable ops.
 
 **S** (``y = a(x) / d_g · γ + β``, ``d_g`` the group std or RMS over ``K = C/G·H·W`` values, ``t = dy·γ/d_g``):
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
+from normlayers.cpu._common import var_mean
 from normlayers.reference import evo_norm as _ref_evo
 
 __all__ = ["evo_norm_b", "evo_norm_s", "supports_s"]
@@ -60,7 +63,7 @@ def _group_stats(xf: Tensor, groups: int, rms: bool, eps: float) -> tuple[Tensor
     grouped = xf.reshape(xf.shape[0], groups, -1)
     if rms:
         return torch.rsqrt(torch.linalg.vecdot(grouped, grouped).unsqueeze(-1) / grouped.shape[-1] + eps), None
-    var, mean = torch.var_mean(grouped, dim=-1, correction=0, keepdim=True)
+    var, mean = var_mean(grouped, -1, keepdim=True)
     return torch.rsqrt(var + eps), mean
 
 
@@ -79,58 +82,101 @@ def _numerator(xf: Tensor, numerator: str, v: Optional[Tensor]) -> tuple[Tensor,
 
 
 class _EvoSFunction(torch.autograd.Function):
+    """Returns ``(y, 1/d_g, μ_g)`` per (sample, group); the last two (``μ_g`` a 0-d zero for the RMS) are saved for
+    the first-order backward and are not differentiable."""
+
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], groups: int,
-                numerator: str, rms: bool, eps: float) -> Tensor:
+                numerator: str, rms: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         dtype = compute_dtype(x.dtype)
         xf = x.to(dtype)
-        inv, _ = _group_stats(xf, groups, rms, eps)
+        inv, mean = _group_stats(xf, groups, rms, eps)
         scale = _per_channel(inv, x.shape[1])
         if weight is not None:
             scale = scale * _channel(weight, dtype)
         a, _ = _numerator(xf, numerator, _channel(v, dtype))
         y = a * scale if bias is None else torch.addcmul(_channel(bias, dtype), a, scale)
-        return y.to(x.dtype)
+        return y.to(x.dtype), inv, inv.new_zeros(()) if mean is None else mean
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x, weight, bias, v, groups, numerator, rms, eps = inputs
-        ctx.save_for_backward(x, weight, v)
+        _, inv, mean = output
+        ctx.mark_non_differentiable(inv, mean)
+        ctx.save_for_backward(x, weight, v, inv, mean)
         ctx.groups, ctx.numerator, ctx.rms, ctx.eps, ctx.has_bias = groups, numerator, rms, eps, bias is not None
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, v = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor, *unused: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        if torch.is_grad_enabled():
+            return _evo_s_backward_differentiable(ctx, grad)
+        x, weight, v, inv, mean = ctx.saved_tensors
         dtype = compute_dtype(x.dtype)
         xf, gf = x.to(dtype), grad.to(dtype)
         n, channels = x.shape[:2]
         groups = ctx.groups
-        inv, mean = _group_stats(xf, groups, ctx.rms, ctx.eps)
         v_c = _channel(v, dtype)
-        a, sig = _numerator(xf, ctx.numerator, v_c)
-        ga = (gf * a).sum(_HW, keepdim=True)  # Σ_hw dy·a, (N, C, 1, 1)
         inv_c = _per_channel(inv, channels)
         scale = inv_c if weight is None else inv_c * _channel(weight, dtype)
-        dweight = _grad_of(weight, (ga * inv_c).sum(_NHW)) if ctx.needs_input_grad[1] else None
         dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dv = None
+        if ctx.numerator == "identity":
+            ga = _plane_dot(gf, xf)  # Σ_hw dy·a, (N, C, 1, 1)
+            dx = gf * scale
+        else:
+            sig = (xf * v_c if ctx.numerator == "sigmoid_v" else xf).sigmoid()
+            a = xf * sig
+            ga = _plane_dot(gf, a)
+            t = gf * scale
+            # a'(x) = σ + u·x·σ(1 − σ) = σ + u·q with q = a·(1 − σ), u = v (S0) or 1 (SiLU); ∂a/∂v = x·q
+            tq = torch.addcmul(a, a, sig, value=-1).mul_(t)
+            if ctx.numerator == "sigmoid_v":
+                if ctx.needs_input_grad[3]:
+                    dv = _plane_dot(tq, xf).sum((0, 2, 3)).to(v.dtype)
+                dx = t.mul_(sig).addcmul_(tq, v_c)
+            else:
+                dx = t.mul_(sig).add_(tq)
+        dweight = _grad_of(weight, (ga * inv_c).sum(_NHW)) if ctx.needs_input_grad[1] else None
         # Σ over the group of t·a with t = dy·γ/d_g, times 1/(K·d_g²): the statistic's share of dx
         group_sum = (ga * scale).reshape(n, groups, -1).sum(-1, keepdim=True)
         coef = _per_channel(group_sum * inv.square() / (xf[0].numel() // groups), channels)
-        t = gf * scale
-        dv = None
-        if sig is None:
-            dx = t
-        else:
-            # a'(x) = σ + u·x·σ(1 − σ), u = v (S0) or 1 (SiLU); ∂a/∂v = x²·σ(1 − σ)
-            slope = xf * sig * (1 - sig)
-            if ctx.numerator == "sigmoid_v":
-                if ctx.needs_input_grad[3]:
-                    dv = (t * xf * slope).sum(_NHW).to(v.dtype)
-                slope = slope * v_c
-            dx = t * (sig + slope)
-        centred = xf if mean is None else xf - _per_channel(mean, channels)
-        dx = dx - coef * centred
+        centred = xf if ctx.rms else xf - _per_channel(mean, channels)  # x − μ first: no cancellation of coef·x
+        dx = dx.addcmul_(centred, coef, value=-1)
         return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
+
+
+def _evo_s_backward_differentiable(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The S backward recomputed from ``x`` with differentiable ops, for a double backward (the saved statistics hold
+    no graph)."""
+    x, weight, v, _, _ = ctx.saved_tensors
+    dtype = compute_dtype(x.dtype)
+    xf, gf = x.to(dtype), grad.to(dtype)
+    n, channels = x.shape[:2]
+    groups = ctx.groups
+    inv, mean = _group_stats(xf, groups, ctx.rms, ctx.eps)
+    v_c = _channel(v, dtype)
+    a, sig = _numerator(xf, ctx.numerator, v_c)
+    ga = (gf * a).sum(_HW, keepdim=True)
+    inv_c = _per_channel(inv, channels)
+    scale = inv_c if weight is None else inv_c * _channel(weight, dtype)
+    dweight = _grad_of(weight, (ga * inv_c).sum(_NHW)) if ctx.needs_input_grad[1] else None
+    dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    group_sum = (ga * scale).reshape(n, groups, -1).sum(-1, keepdim=True)
+    coef = _per_channel(group_sum * inv.square() / (xf[0].numel() // groups), channels)
+    t = gf * scale
+    dv = None
+    if sig is None:
+        dx = t
+    else:
+        slope = xf * sig * (1 - sig)
+        if ctx.numerator == "sigmoid_v":
+            if ctx.needs_input_grad[3]:
+                dv = (t * xf * slope).sum(_NHW).to(v.dtype)
+            slope = slope * v_c
+        dx = t * (sig + slope)
+    centred = xf if mean is None else xf - _per_channel(mean, channels)
+    dx = dx - coef * centred
+    return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
 
 
 def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], *,
@@ -143,7 +189,7 @@ def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
         numerator = "sigmoid_v"
     else:
         numerator = "silu" if _is_silu(activation) else "identity"
-    return _EvoSFunction.apply(x, weight, bias, v, groups, numerator, variant == "s2", eps)
+    return _EvoSFunction.apply(x, weight, bias, v, groups, numerator, variant == "s2", eps)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -151,82 +197,160 @@ def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _side_from_stat(xf: Tensor, variant: str, v_c: Optional[Tensor], stat: Tensor) -> Tensor:
+    """The right side of the max from the per-(sample, channel) statistic: ``v·x + s`` (B0), ``(x + 1)·q`` (B1),
+    ``q − x`` (B2); a fresh tensor."""
+    if variant == "b0":
+        return torch.addcmul(stat, xf, v_c)
+    return (xf + 1.0) * stat if variant == "b1" else stat - xf
+
+
 def _instance_side(xf: Tensor, variant: str, v_c: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(r, stat, mean)``: the right side of the max, the per-(sample, channel) statistic it uses (the instance std
-    for B0, the instance RMS for B1/B2) and, for B0, the instance mean (else a dummy)."""
+    for B0, the instance RMS for B1/B2) and, for B0, the instance mean (else an unused 0-d zero: a distinct tensor,
+    since the Function returns both and dynamo cannot trace one tensor returned twice)."""
     if variant == "b0":
-        var, mean = torch.var_mean(xf, dim=_HW, correction=0, keepdim=True)
+        var, mean = var_mean(xf, _HW, keepdim=True)
         stat = torch.sqrt(var + eps)
-        return torch.addcmul(stat, xf, v_c), stat, mean
-    plane = xf.reshape(xf.shape[0], xf.shape[1], -1)
-    stat = torch.sqrt(torch.linalg.vecdot(plane, plane).view(xf.shape[0], xf.shape[1], 1, 1) / plane.shape[-1] + eps)
-    return ((xf + 1.0) * stat if variant == "b1" else stat - xf), stat, stat
+    else:
+        plane = xf.reshape(xf.shape[0], xf.shape[1], -1)
+        stat = torch.sqrt(torch.linalg.vecdot(plane, plane).view(xf.shape[0], xf.shape[1], 1, 1) / plane.shape[-1]
+                          + eps)
+        mean = stat.new_zeros(())
+    return _side_from_stat(xf, variant, v_c, stat), stat, mean
+
+
+def _plane_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_hw a·b`` per (sample, channel), ``(N, C, 1, 1)``, without materializing ``a·b``."""
+    n, channels = a.shape[:2]
+    return torch.linalg.vecdot(a.reshape(n, channels, -1), b.reshape(n, channels, -1)).view(n, channels, 1, 1)
 
 
 class _EvoBFunction(torch.autograd.Function):
+    """Returns ``(y, m, stat, mean)``; the last three (the max and the instance side's statistics) are saved for the
+    first-order backward and are not differentiable."""
+
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], var: Tensor,
-                batch_mean: Optional[Tensor], variant: str, eps: float) -> Tensor:
+                batch_mean: Optional[Tensor], variant: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dtype = compute_dtype(x.dtype)
         xf = x.to(dtype)
         left = torch.sqrt(var.to(dtype) + eps).view(1, -1, 1, 1)
-        right, _, _ = _instance_side(xf, variant, _channel(v, dtype), eps)
-        y = xf / torch.maximum(left, right)
+        right, stat, inst_mean = _instance_side(xf, variant, _channel(v, dtype), eps)
+        m = right.clamp_min_(left)  # max(l, r), in place: r is a fresh temporary
+        y = xf / m
         if weight is not None:
-            y = y * _channel(weight, dtype)
-        if bias is not None:
-            y = y + _channel(bias, dtype)
-        return y.to(x.dtype)
+            y = y.mul_(_channel(weight, dtype)) if bias is None else torch.addcmul(_channel(bias, dtype), y,
+                                                                                 _channel(weight, dtype))
+        elif bias is not None:
+            y = y.add_(_channel(bias, dtype))
+        return y.to(x.dtype), m, stat, inst_mean
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x, weight, bias, v, var, batch_mean, variant, eps = inputs
-        ctx.save_for_backward(x, weight, v, var, batch_mean)
+        _, m, stat, inst_mean = output
+        ctx.mark_non_differentiable(m, stat, inst_mean)
+        ctx.save_for_backward(x, weight, v, var, batch_mean, m, stat, inst_mean)
         ctx.variant, ctx.eps, ctx.has_bias = variant, eps, bias is not None
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, v, var, batch_mean = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor, *unused: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        if torch.is_grad_enabled():
+            return _evo_b_backward_differentiable(ctx, grad)
+        x, weight, v, var, batch_mean, m, stat, inst_mean = ctx.saved_tensors
         dtype = compute_dtype(x.dtype)
         xf, gf = x.to(dtype), grad.to(dtype)
+        n, channels, height, width = xf.shape
+        hw = height * width
         v_c = _channel(v, dtype)
-        if batch_mean is not None and torch.is_grad_enabled():
-            # a double backward: the saved batch statistics hold no graph, so recompute them from x
-            var, batch_mean = torch.var_mean(xf, dim=_NHW, correction=0)
-        left = torch.sqrt(var.to(dtype) + ctx.eps).view(1, -1, 1, 1)
-        right, stat, inst_mean = _instance_side(xf, ctx.variant, v_c, ctx.eps)
-        inv_m = torch.maximum(left, right).reciprocal_()
-        normed = xf * inv_m
-        dweight = _grad_of(weight, (gf * normed).sum(_NHW)) if ctx.needs_input_grad[1] else None
+        e = gf / m
+        dweight = _grad_of(weight, _plane_dot(e, xf).sum((0, 2, 3))) if ctx.needs_input_grad[1] else None
         dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        gy = gf if weight is None else gf * _channel(weight, dtype)
-        dx = gy * inv_m
-        gm = -dx * normed  # ∂L/∂m
+        left = torch.sqrt(var.to(dtype) + ctx.eps).view(1, -1, 1, 1)
+        right = _side_from_stat(xf, ctx.variant, v_c, stat)
         # torch.maximum's rule: the larger side takes the gradient, each side half of it at a tie
-        to_left = (left > right).to(dtype) + 0.5 * (left == right).to(dtype)
-        g_left = gm * to_left
-        g_right = gm - g_left
-        if batch_mean is not None:  # training: l depends on x through the batch variance
-            count = xf.numel() // xf.shape[1]
-            coef = (g_left.sum(_NHW, keepdim=True) / (left * count))
-            dx = dx + coef * (xf - batch_mean.to(dtype).view(1, -1, 1, 1))
-        hw = xf.shape[2] * xf.shape[3]
+        to_right = torch.heaviside(right.sub_(left), right.new_full((), 0.5))
+        # ∂L/∂m = −dy·γ·x/m² = −γ·h; h_r = h on the right side's share
+        h = torch.mul(e, xf).div_(m)
+        h_sum = h.sum(_NHW, keepdim=True) if batch_mean is not None else None
+        h_right = h.mul_(to_right)
+        hr_plane = h_right.sum(_HW, keepdim=True)
+        gamma = None if weight is None else _channel(weight, dtype)
+
+        def times_gamma(t: Tensor) -> Tensor:
+            return t if gamma is None else t * gamma
+
+        # dx = γ·(e − ρ·h_r) + plane·(x − shift) + coef·(x − μ_c) with ρ = ∂r/∂x_j's per-element part; the centred
+        # terms are formed as x − μ first (a plane of nearly equal values would cancel in plane·x − plane·μ)
         dv = None
         if ctx.variant == "b0":
             # r = v·x + s, s the instance std: ∂r/∂x_j = v + (x_j − μ)/(H·W·s)
             if ctx.needs_input_grad[3]:
-                dv = (g_right * xf).sum(_NHW).to(v.dtype)
-            plane_coef = g_right.sum(_HW, keepdim=True) / (stat * hw)
-            dx = dx + g_right * v_c + plane_coef * (xf - inst_mean)
+                dv = (-times_gamma(_plane_dot(h_right, xf))).sum((0, 2, 3)).to(v.dtype)
+            plane = -times_gamma(hr_plane) / (stat * hw)
+            e = e.addcmul_(h_right, -v_c)
+            centred = xf - inst_mean
         elif ctx.variant == "b1":
             # r = (x + 1)·q, q the instance RMS: ∂r/∂x_j = q + Σ(x + 1)·x_j/(H·W·q)
-            plane_coef = (g_right * (xf + 1.0)).sum(_HW, keepdim=True) / (stat * hw)
-            dx = dx + g_right * stat + plane_coef * xf
+            plane = -times_gamma(_plane_dot(h_right, xf) + hr_plane) / (stat * hw)
+            e = e.addcmul_(h_right, -stat)
+            centred = xf
         else:
             # r = q − x: ∂r/∂x_j = −1 + x_j/(H·W·q)
-            plane_coef = g_right.sum(_HW, keepdim=True) / (stat * hw)
-            dx = dx - g_right + plane_coef * xf
+            plane = -times_gamma(hr_plane) / (stat * hw)
+            e = e.add_(h_right)
+            centred = xf
+        if batch_mean is not None:
+            # training: l depends on x through the batch variance; Σ ∂L/∂l = −γ·Σ(h − h_r)
+            count = xf.numel() // channels
+            coef = -times_gamma(h_sum - h_right.sum(_NHW, keepdim=True)) / (left * count)
+        dx = e if gamma is None else e.mul_(gamma)
+        dx = dx.addcmul_(centred, plane)
+        if batch_mean is not None:
+            dx = dx.addcmul_(xf - batch_mean.to(dtype).view(1, -1, 1, 1), coef)
         return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
+
+
+def _evo_b_backward_differentiable(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The B backward recomputed from ``x`` with differentiable ops, for a double backward (the saved max and
+    statistics hold no graph)."""
+    x, weight, v, var, batch_mean, _, _, _ = ctx.saved_tensors
+    dtype = compute_dtype(x.dtype)
+    xf, gf = x.to(dtype), grad.to(dtype)
+    v_c = _channel(v, dtype)
+    if batch_mean is not None:
+        var, batch_mean = var_mean(xf, _NHW)
+    left = torch.sqrt(var.to(dtype) + ctx.eps).view(1, -1, 1, 1)
+    right, stat, inst_mean = _instance_side(xf, ctx.variant, v_c, ctx.eps)
+    inv_m = torch.maximum(left, right).reciprocal()
+    normed = xf * inv_m
+    dweight = _grad_of(weight, (gf * normed).sum(_NHW)) if ctx.needs_input_grad[1] else None
+    dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    gy = gf if weight is None else gf * _channel(weight, dtype)
+    dx = gy * inv_m
+    gm = -dx * normed  # ∂L/∂m
+    to_left = (left > right).to(dtype) + 0.5 * (left == right).to(dtype)
+    g_left = gm * to_left
+    g_right = gm - g_left
+    if batch_mean is not None:  # training: l depends on x through the batch variance
+        count = xf.numel() // xf.shape[1]
+        coef = (g_left.sum(_NHW, keepdim=True) / (left * count))
+        dx = dx + coef * (xf - batch_mean.to(dtype).view(1, -1, 1, 1))
+    hw = xf.shape[2] * xf.shape[3]
+    dv = None
+    if ctx.variant == "b0":
+        if ctx.needs_input_grad[3]:
+            dv = (g_right * xf).sum(_NHW).to(v.dtype)
+        plane_coef = g_right.sum(_HW, keepdim=True) / (stat * hw)
+        dx = dx + g_right * v_c + plane_coef * (xf - inst_mean)
+    elif ctx.variant == "b1":
+        plane_coef = (g_right * (xf + 1.0)).sum(_HW, keepdim=True) / (stat * hw)
+        dx = dx + g_right * stat + plane_coef * xf
+    else:
+        plane_coef = g_right.sum(_HW, keepdim=True) / (stat * hw)
+        dx = dx - g_right + plane_coef * xf
+    return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
 
 
 def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
@@ -234,9 +358,9 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
     """As :func:`normlayers.reference.evo_norm.evo_norm_b` with ``apply_act=True`` and no synced statistics
     (``running_var`` updated in place in training by the reference's rule)."""
     if not training:
-        return _EvoBFunction.apply(x, weight, bias, v, running_var, None, variant, eps)
+        return _EvoBFunction.apply(x, weight, bias, v, running_var, None, variant, eps)[0]
     with torch.no_grad():
-        var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dim=_NHW, correction=0)
+        var, mean = var_mean(x.to(compute_dtype(x.dtype)), _NHW)
     if running_var is not None:
         _ref_evo.update_running_var_(running_var, var, x.numel() // x.shape[1], momentum)
-    return _EvoBFunction.apply(x, weight, bias, v, var, mean, variant, eps)
+    return _EvoBFunction.apply(x, weight, bias, v, var, mean, variant, eps)[0]

@@ -90,19 +90,60 @@ class _RowNormFunction(torch.autograd.Function):
         return (dz * scale).to(x.dtype), dweight, dbias, None, None, None, None
 
 
-# Below this magnitude a row's sum of squares cannot overflow fp32 ((2**50)²·n < 2**128 for rows of n < 2**28 values),
-# so ATen's native_layer_norm, which does not scale, gives the scaled closed form's answer to rounding.
-_NATIVE_MAX_ABS = 2.0 ** 50
+class _LowPrecisionLayerNorm(torch.autograd.Function):
+    """ATen's fused layer norm on bf16/fp16 ``x`` beside fp32 parameters: its forward computes the statistics and the
+    output in fp32 and rounds the output once (the reference's math; checked against fp64 in
+    tests/cpu/test_row_norms.py), with no fp32 copy of ``x``. Its reduced-precision backward sums the weight and bias
+    gradients with bf16 roundings (an error of 0.04 in a bias gradient of 12 rows), so the backward runs ATen's
+    fp32 kernel on upcast ``x`` and ``dy`` with the forward's fp32 statistics."""
+
+    @staticmethod
+    def forward(x: Tensor, shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.aten.native_layer_norm(x, shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, shape, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape, ctx.eps = shape, eps
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *unused: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        xf, gf = opmath(x), opmath(grad)
+        needed = [ctx.needs_input_grad[i] for i in (0, 2, 3)]  # x, weight, bias
+        if torch.is_grad_enabled():  # a double backward: the saved statistics hold no graph, so autograd from x
+            leaves = [t for t, need in zip((xf, weight, bias), needed) if need]
+            grads = iter(torch.autograd.grad(F.layer_norm(xf, ctx.shape, weight, bias, ctx.eps), leaves, gf,
+                                             create_graph=True))
+            dx, dweight, dbias = (next(grads) if need else None for need in needed)
+        else:
+            dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(gf, xf, ctx.shape, mean, rstd, weight,
+                                                                           bias, needed)
+        return None if dx is None else dx.to(x.dtype), None, dweight, dbias, None
 
 
-def _fits_native_layer_norm(h: Tensor, eps: float) -> bool:
-    """Whether ATen's fused ``native_layer_norm`` gives the scaled statistics' answer for ``h`` (eager only: one pass
-    of ``abs().amax()``; under ``torch.compile`` the closed form runs and inductor fuses it). With ``eps = 0`` a tiny
-    row's variance underflows unscaled, so only ``eps > 0`` qualifies; a NaN or inf input takes the closed form,
-    whose NaN pattern is the reference's."""
+def _native_layer_norm(h: Tensor, input_dtype: torch.dtype, shape: tuple[int, ...], weight: Optional[Tensor],
+                       bias: Optional[Tensor], eps: float) -> Optional[Tensor]:
+    """ATen's fused layer norm of ``h`` where it gives the scaled statistics' answer, else ``None`` (eager only; under
+    ``torch.compile`` the closed form runs and inductor fuses it).
+
+    Unscaled statistics differ from the scaled ones only where they overflow or underflow: with ``eps = 0`` a tiny
+    row's variance underflows (so only ``eps > 0`` qualifies), and a row whose squared deviations overflow gets an
+    infinite variance, i.e. ``rstd = 0`` — as does a NaN or inf row (``rstd`` NaN), whose NaN pattern the closed form
+    reproduces. So one check of the per-row ``rstd > 0`` after the call (M values, one host sync) replaces a pass of
+    ``abs().amax()`` over the input before it."""
     if torch.compiler.is_compiling() or eps <= 0 or h.numel() == 0:
-        return False
-    return bool(h.detach().abs().amax() < _NATIVE_MAX_ABS)
+        return None
+    weight, bias = params_like(h, weight, bias)
+    if h.dtype in LOW_PRECISION and input_dtype == h.dtype:  # the output is rounded to h's dtype
+        y, _, rstd = _LowPrecisionLayerNorm.apply(h, list(shape), weight, bias, eps)
+    else:  # e.g. fp32 input with a bf16 residual stream: the output stays fp32
+        y, _, rstd = torch.ops.aten.native_layer_norm(opmath(h), list(shape), weight, bias, eps)
+    return y.to(input_dtype) if bool((rstd > 0).all()) else None
 
 
 def _residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
@@ -118,12 +159,10 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     ``kind`` is ``"layer"``, ``"rms"`` or ``"crms"``. Arguments are assumed valid."""
     h = input if residual is None else _residual_add(input, residual, residual_dtype)
     # Width 1 takes the closed form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
-    if kind == "layer" and math.prod(shape) > 1 and _fits_native_layer_norm(h, eps):
-        # In fp32 for bf16/fp16: ATen's reduced-precision layer norm backward sums the weight and bias gradients
-        # with bf16 roundings (an error of 0.04 in a bias gradient of 12 rows), even beside fp32 parameters.
-        normed = opmath(h) if h.dtype in LOW_PRECISION else h
-        weight, bias = params_like(normed, weight, bias)
-        return F.layer_norm(normed, shape, weight, bias, eps).to(input.dtype), h if residual is not None else None
+    y = _native_layer_norm(h, input.dtype, shape, weight, bias, eps) if kind == "layer" and math.prod(shape) > 1 \
+        else None
+    if y is not None:
+        return y, h if residual is not None else None
     width = math.prod(shape)
     flat_weight = None if weight is None else weight.reshape(width)
     flat_bias = None if bias is None else bias.reshape(width)

@@ -16,7 +16,9 @@ from normlayers._checks import (
     check_same_device,
     is_real,
 )
-from normlayers.backends import use_triton
+from normlayers._dtensor import is_dtensor
+from normlayers.backends import tier
+from normlayers.cpu import region_norm as _cpu_region
 from normlayers.distributed import sync_group, sync_masked_moments
 from normlayers.functional._common import empty_batch_output
 from normlayers.ops import region_norm as _ops_region
@@ -107,13 +109,25 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] 
     eps, stats, eps_mode = check_region_options(eps, stats, eps_mode)
     affine = check_choice("affine", affine, REGION_AFFINES)
     sync = _region_sync(stats, sync_stats, process_group)
-    if use_triton(input):
-        hole = _ref_region.prepare_mask(mask, input.shape[2:])
-        return _ops_region.region_norm(input, hole, foreground_gamma, foreground_beta, background_gamma,
+    implementation = _implementation(input, sync)
+    if implementation == "cpu":
+        return _cpu_region.region_norm(input, mask, foreground_gamma, foreground_beta, background_gamma,
+                                       background_beta, eps=eps, stats=stats, eps_mode=eps_mode, affine=affine)
+    if implementation == "triton":
+        return _ops_region.region_norm(input, mask, foreground_gamma, foreground_beta, background_gamma,
                                        background_beta, eps=eps, stats=stats, eps_mode=eps_mode, affine=affine,
                                        sync=sync)
     return _ref_region.region_norm(input, mask, foreground_gamma, foreground_beta, background_gamma, background_beta,
                                    eps=eps, stats=stats, eps_mode=eps_mode, affine=affine, sync=sync)
+
+
+def _implementation(input: Tensor, sync: Optional[_ref_region.MaskedMomentSync]) -> str:
+    """``tier(input)``, except that synced statistics, DTensor inputs and inputs without values leave the CPU tier
+    for the reference (which gathers, shards and handles them)."""
+    implementation = tier(input)
+    if implementation == "cpu" and (sync is not None or is_dtensor(input) or input.numel() == 0):
+        return "reference"
+    return implementation
 
 
 def _region_sync(stats: str, sync_stats: bool, process_group: Optional[Any]
@@ -179,7 +193,12 @@ def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Ten
     if input.shape[2] == 0 or input.shape[3] == 0:
         # No pixel: nothing to normalize (the self-aware convs cannot even run on an empty map).
         return empty_batch_output(input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)
-    if use_triton(input):
+    implementation = _implementation(input, sync)
+    if implementation == "cpu":
+        return _cpu_region.learnable_region_norm(input, conv1_weight, gamma_weight, gamma_bias, beta_weight,
+                                                 beta_bias, threshold=float(threshold), eps=eps, stats=stats,
+                                                 eps_mode=eps_mode)
+    if implementation == "triton":
         return _ops_region.learnable_region_norm(input, conv1_weight, gamma_weight, gamma_bias, beta_weight,
                                                  beta_bias, threshold=float(threshold), eps=eps, stats=stats,
                                                  eps_mode=eps_mode, sync=sync)

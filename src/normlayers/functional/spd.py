@@ -18,6 +18,9 @@ from normlayers._checks import (
     check_unit_interval,
     is_real,
 )
+from normlayers._dtensor import is_dtensor, run_on_local_shards
+from normlayers.backends import tier
+from normlayers.cpu import spd as _cpu_spd
 from normlayers.distributed import all_reduce_sum, sync_group
 from normlayers.reference import spd_batch_norm as _ref_spd
 
@@ -156,14 +159,25 @@ def spd_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
 
     The per-channel layout is inferred from the state's shapes; statistics are detached, as in the authors' code.
     In eager mode the input is checked to be symmetric positive definite (one host sync; skipped under
-    ``torch.compile``). Runs the plain-PyTorch reference on every device and backend (there is no Triton path).
+    ``torch.compile``). There is no Triton path: backend ``"auto"`` runs the CPU tier on CPU tensors (without synced
+    statistics), everything else the plain-PyTorch reference.
     """
+    if is_dtensor(input):  # a batch-sharded DTensor: the statistics of every shard (docs/scaling_out.md)
+        return run_on_local_shards(
+            spd_batch_norm, "SPDBatchNorm", dict(input=input, running_mean=running_mean, running_var=running_var,
+                                                 weight=weight, metric=metric, shift=shift),
+            params=("weight", "metric", "shift"), shardable=lambda ndim: range(1), training=training,
+            sync_stats=sync_stats, process_group=process_group, momentum=momentum, eps=eps, theta=theta,
+            variance=variance, karcher_steps=karcher_steps, reference_roundtrip=reference_roundtrip,
+            compute_dtype=compute_dtype)
     group = sync_group(sync_stats, process_group, training)
     per_channel = _check_spd_batch_norm_args(input, running_mean, running_var, weight, metric, shift, training,
                                              momentum, eps, theta, variance, karcher_steps, compute_dtype,
                                              synced=group is not None)
-    return _ref_spd.spd_batch_norm(
-        input, running_mean, running_var, weight, metric, shift, training=training, momentum=float(momentum),
-        eps=float(eps), theta=float(theta), variance=variance, karcher_steps=int(karcher_steps),
-        reference_roundtrip=bool(reference_roundtrip), per_channel=per_channel, compute_dtype=compute_dtype,
-        sum_over_ranks=None if group is None else lambda t: all_reduce_sum(t, group))
+    options = dict(training=training, momentum=float(momentum), eps=float(eps), theta=float(theta), variance=variance,
+                   karcher_steps=int(karcher_steps), reference_roundtrip=bool(reference_roundtrip),
+                   per_channel=per_channel, compute_dtype=compute_dtype)
+    if group is None and tier(input, has_kernels=False) == "cpu":
+        return _cpu_spd.spd_batch_norm(input, running_mean, running_var, weight, metric, shift, **options)
+    return _ref_spd.spd_batch_norm(input, running_mean, running_var, weight, metric, shift, **options,
+                                   sum_over_ranks=None if group is None else lambda t: all_reduce_sum(t, group))

@@ -17,6 +17,7 @@ from normlayers._checks import (
     check_same_device,
     check_unit_interval,
 )
+from normlayers._dtensor import is_dtensor, run_on_local_shards
 from normlayers.backends import use_triton
 from normlayers.distributed import sync_group_name
 from normlayers.ops import token_stats as _ops_token
@@ -39,6 +40,11 @@ def _flat_2d_mask(input: Tensor, pad_mask: Optional[Tensor], official_shape: tup
     if input.dim() == 2 and isinstance(pad_mask, Tensor) and tuple(pad_mask.shape) == official_shape:
         return pad_mask.reshape(-1)
     return pad_mask
+
+
+def _token_dims(ndim: int) -> range:
+    """The dims of a ``(..., C)`` input that index tokens: a DTensor input may be sharded along these."""
+    return range(ndim - 1)
 
 
 def _check_token_norm_input(input: Tensor, pad_mask: Optional[Tensor], mask_shape: tuple[int, ...],
@@ -115,6 +121,15 @@ def power_norm(input: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor
             over the non-pad tokens of every rank, and the backward's mean for ``ema_gz`` over every rank's tokens
             (one all-reduce each; every rank must call, also with no tokens). Default: ``False``, ``None``.
     """
+    if is_dtensor(input):  # statistics over the tokens of every shard (docs/scaling_out.md)
+        return run_on_local_shards(
+            power_norm, "PowerNorm", dict(input=input, running_phi=running_phi, ema_gz=ema_gz, iters=iters,
+                                          weight=weight, bias=bias, pad_mask=pad_mask),
+            params=("weight", "bias"), shardable=_token_dims,
+            mask_dim=lambda d: 1 - d if input.dim() == 3 and not batch_first else d,
+            training=training, sync_stats=sync_stats, process_group=process_group, eps=eps, alpha_fwd=alpha_fwd,
+            alpha_bkw=alpha_bkw, warmup_iters=warmup_iters, group_num=group_num, batch_first=batch_first,
+            backward_denominator=backward_denominator)
     if input.dim() == 3:
         mask_shape = tuple(input.shape[:2]) if batch_first else (input.shape[1], input.shape[0])
     else:
@@ -173,6 +188,15 @@ def unified_norm(input: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: 
             backward's ``gz`` over every rank's tokens (one all-reduce each; every rank must call, also with no
             tokens), so the ring buffers and every decision are the global batch's. Default: ``False``, ``None``.
     """
+    if is_dtensor(input):  # statistics over the tokens of every shard (docs/scaling_out.md)
+        return run_on_local_shards(
+            unified_norm, "UnifiedNorm", dict(input=input, running_var=running_var, ema_gz=ema_gz,
+                                              buffer_x2=buffer_x2, buffer_gz=buffer_gz, iters=iters,
+                                              skip_counter=skip_counter, weight=weight, bias=bias, pad_mask=pad_mask),
+            params=("weight", "bias"), shardable=_token_dims,
+            mask_dim=lambda d: 1 if input.dim() == 2 and pad_mask.dim() == 2 else d,
+            training=training, sync_stats=sync_stats, process_group=process_group, eps=eps, momentum=momentum,
+            warmup_iters=warmup_iters, outlier_filtration=outlier_filtration, grad_compensation=grad_compensation)
     mask_shape = tuple(input.shape[:-1]) if input.dim() in (2, 3) else ()
     if input.dim() == 2:
         pad_mask = _flat_2d_mask(input, pad_mask, (1, input.shape[0]))

@@ -10,10 +10,12 @@ contiguous. Statistics and all arithmetic are fp32 (fp64 for fp64 inputs, so the
   (``SINGLE_BLOCK``); a wider row is walked twice in ``BLOCK_N`` chunks, the first pass combining per-chunk moments
   with Chan's formula (never ``E[x²] − E[x]²``), the second normalizing. Narrow rows get several rows per program.
 * Backward: a persistent grid of as many programs as the GPU keeps resident at once; each program walks row tiles,
-  writes dX, and keeps its dW/dB partial sums as fp32 row vectors in registers, written once to its row of a
-  ``(programs, 2N)`` buffer. Rows wider than a block take two passes: per-row coefficients first, then column chunks
-  with the program's rows inside, so a chunk's partial sums stay in registers too (no read-modify-write in memory).
-  One ``column_sum`` launch then adds the partial rows in a fixed order: deterministic, no atomics, two launches.
+  writes dX, and keeps its dW/dB partial sums in fp32 registers, written once to its row of a ``(programs, 2N)``
+  buffer. dX needs two sums over the whole row, so a row too wide for registers cannot be read only once: its first
+  ``HELD_N`` columns are (they wait in registers while the rest of the row is streamed for its share of the sums),
+  the rest is read a second time, column chunk by column chunk with the program's rows inside, so a chunk's partial
+  sums stay in registers too (no read-modify-write in memory). One ``column_sum`` launch then adds the partial rows
+  in a fixed order: deterministic, no atomics, two launches. docs/benchmarking.md gives the bytes this moves.
 
 Fused residual: the norm is applied to ``h = x + residual`` rounded to the residual-out dtype (what an unfused
 ``x + residual`` followed by the norm computes), and ``h`` is returned so pre-norm blocks can carry it on.
@@ -54,13 +56,19 @@ NORM_KINDS = {"layer": NORM_LAYER.value, "rms": NORM_RMS.value, "crms": NORM_CRM
 FWD_MAX_ROW_BYTES = 65536
 BWD_MAX_BLOCK_N = 8192
 CHUNK_N = 4096
-# The backward's tile for rows wider than BWD_MAX_BLOCK_N: several rows, so each weight chunk load serves them all.
-WIDE_BLOCK_M = 4
+# The backward's tiles for rows wider than BWD_MAX_BLOCK_N, whose first BWD_MAX_BLOCK_N columns are held one row at a
+# time: WIDE_BLOCK_M rows, so each weight chunk load serves them all; the second pass over the other columns takes
+# chunks of WIDE_BLOCK_N (8 bf16 per thread: 128-bit), the first WIDE_STREAM_N (4 per thread: a wider chunk spills in
+# the LayerNorm compile, whose held dW and dB take 16 of the 64 registers).
+WIDE_BLOCK_M = 8
 WIDE_BLOCK_N = 1024
+WIDE_STREAM_N = 512
 # Warps per SM the backward's registers leave room for (half of an H100's 64): the persistent grid fills them.
 BWD_RESIDENT_WARPS = 32
-# Target elements per program for narrow rows (several rows per program), and the most rows per program.
+# Target elements per program for narrow rows (several rows per program), and the most rows per program. The
+# backward's tile holds 8 values per thread of its 32 warps: 16 bytes of bf16, a 128-bit load.
 ROWS_TILE_ELEMENTS = 4096
+BWD_TILE_ELEMENTS = 8192
 MAX_BLOCK_M = 32
 
 
@@ -69,11 +77,12 @@ MAX_BLOCK_M = 32
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _block_shape(n: int, max_block_n: int) -> tuple[int, int, bool]:
-    """(BLOCK_M, BLOCK_N, SINGLE_BLOCK) for rows of width ``n`` when at most ``max_block_n`` fit in one block."""
+def _block_shape(n: int, max_block_n: int, tile_elements: int = ROWS_TILE_ELEMENTS) -> tuple[int, int, bool]:
+    """(BLOCK_M, BLOCK_N, SINGLE_BLOCK) for rows of width ``n`` when at most ``max_block_n`` fit in one block, about
+    ``tile_elements`` values per program."""
     block_n = next_power_of_2(n)
     if block_n <= max_block_n:
-        block_m = min(max(ROWS_TILE_ELEMENTS // block_n, 1), MAX_BLOCK_M)
+        block_m = min(max(tile_elements // block_n, 1), MAX_BLOCK_M)
         return block_m, block_n, True
     return 1, min(CHUNK_N, 1 << (max_block_n.bit_length() - 1)), False
 
@@ -277,18 +286,27 @@ def _store_input_grad(DH, DRES_OUT, xhat, g, rstd, a, b, rows, cols, mask, strid
 
 
 @triton.jit
+def _pick(values, i, BLOCK_M: tl.constexpr):
+    """Entry ``i`` of a ``(BLOCK_M,)`` per-row vector, as a ``(1,)`` tensor."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK_M) == i, values, 0.0), axis=0) + tl.zeros((1,), dtype=values.dtype)
+
+
+@triton.jit
 def row_norm_bwd_kernel(
     H, W, DY, DRES_OUT, MEAN, RSTD, DH, PARTIALS, COEF,
     M, N, stride_h, stride_dy, stride_dres, weight_offset,
     NORM: tl.constexpr, HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HELD_N: tl.constexpr,
+    STREAM_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     # Per row, with ĝ = dy ⊙ w and d the RMS divisor (N, or N + 1 for CRMSNorm; docs/row_norms.md):
     #   LayerNorm  dx = rstd·(ĝ − x̂·Σ(x̂ĝ)/N − Σĝ/N)
     #   RMSNorm    dx = rstd·(ĝ − x̂·Σ(x̂ĝ)/N)
     #   CRMSNorm   dx = rstd·(ĝ − (x̂ + rstd·Σx)·Σ(x̂ĝ)/(N + 1))
-    # dW and dB are column sums over rows; each program keeps them as fp32 row vectors and writes them once, to its
+    # dW and dB are column sums over rows; each program keeps them in fp32 registers and writes them once, to its
     # row of PARTIALS (dW in columns [0, N), dB in [N, 2N) when both exist); column_sum adds the rows in a fixed order.
+    # Over row tiles they are summed as (BLOCK_M, BLOCK_N) tiles: a thread holds one row's 8 columns of a tile, so
+    # that costs the registers of a row vector (8 per thread either way) and saves a cross-warp reduction per tile.
     weight_offset = tl.cast(weight_offset, COMPUTE)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -297,36 +315,72 @@ def row_norm_bwd_kernel(
     dw_row = PARTIALS + pid.to(tl.int64) * N * (2 if HAS_WEIGHT and HAS_BIAS else 1)
     db_row = dw_row + N if HAS_WEIGHT else dw_row
     if not SINGLE_BLOCK:
-        # Rows wider than a block. Pass 1, row by row: the per-row coefficients (a, b), into COEF.
-        for tile in range(pid, num_tiles, num_programs):
-            rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < M
-            mean, rstd = _load_row_stats(MEAN, RSTD, rows, row_mask, NORM, COMPUTE)
-            sum_xg = rstd * 0.0
-            sum_g = rstd * 0.0
-            sum_h = rstd * 0.0
-            for start in range(0, N, BLOCK_N):
-                chunk_cols = start + cols
-                mask = row_mask[:, None] & (chunk_cols < N)[None, :]
-                w = _load_weight(W, chunk_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, BLOCK_N)
-                h, xhat, dy, g = _load_grad_inputs(H, DY, w, rows, chunk_cols, mask, mean, rstd, stride_h, stride_dy,
-                                                   NORM, HAS_WEIGHT, COMPUTE)
-                sum_xg += tl.sum(xhat * g, axis=1)
-                sum_g += tl.sum(g, axis=1)
-                sum_h += tl.sum(h, axis=1)
-            a, b = _row_coefficients(sum_xg, sum_g, sum_h, rstd, N, NORM, COMPUTE)
-            tl.store(COEF + 2 * rows, a, mask=row_mask)
-            tl.store(COEF + 2 * rows + 1, b, mask=row_mask)
+        # Rows wider than a block. dx needs the row's sums Σx̂ĝ, Σĝ (Σh), so a row that does not fit in registers is
+        # read twice, except its first HELD_N columns: per tile of BLOCK_M rows, the columns past HELD_N are streamed
+        # once for their share of the sums; then each row's first HELD_N columns are loaded, complete the sums, and
+        # get their dx and dW/dB (kept in registers across the program's rows, with that part of the weight) at once.
+        # The row's coefficients (a, b) go to COEF, and the columns past HELD_N are finished by the loop below.
+        # HELD_N < N here, so the held columns need no column mask.
+        held_cols = tl.arange(0, HELD_N)
+        w_held = _load_weight(W, held_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, HELD_N)
+        dw_held = tl.zeros((HELD_N,), dtype=COMPUTE)
+        db_held = tl.zeros((HELD_N,), dtype=COMPUTE)
+        # One loop over this program's rows (a loop nest would keep more values live): the first row of each tile
+        # streams the tile's columns past HELD_N first.
+        sum_xg = tl.zeros((BLOCK_M,), dtype=COMPUTE)
+        sum_g = tl.zeros((BLOCK_M,), dtype=COMPUTE)
+        sum_h = tl.zeros((BLOCK_M,), dtype=COMPUTE)
+        for step in range(0, tl.cdiv(num_tiles - pid, num_programs) * BLOCK_M):
+            tile = pid + (step // BLOCK_M) * num_programs
+            i = step % BLOCK_M
+            if i == 0:
+                rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_mask = rows < M
+                mean, rstd = _load_row_stats(MEAN, RSTD, rows, row_mask, NORM, COMPUTE)
+                sum_xg = rstd * 0.0
+                sum_g = rstd * 0.0
+                sum_h = rstd * 0.0
+                for start in range(HELD_N, N, STREAM_N):
+                    chunk_cols = start + tl.arange(0, STREAM_N)
+                    mask = row_mask[:, None] & (chunk_cols < N)[None, :]
+                    w = _load_weight(W, chunk_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, STREAM_N)
+                    h, xhat, dy, g = _load_grad_inputs(H, DY, w, rows, chunk_cols, mask, mean, rstd, stride_h,
+                                                       stride_dy, NORM, HAS_WEIGHT, COMPUTE)
+                    sum_xg += tl.sum(xhat * g, axis=1)
+                    sum_g += tl.sum(g, axis=1)
+                    sum_h += tl.sum(h, axis=1)
+            row = tl.cast(tile, tl.int64) * BLOCK_M + i + tl.arange(0, 1)
+            row_mask_i = row < M
+            mask = tl.broadcast_to(row_mask_i[:, None], (1, HELD_N))
+            mean_i, rstd_i = _load_row_stats(MEAN, RSTD, row, row_mask_i, NORM, COMPUTE)
+            h, xhat, dy, g = _load_grad_inputs(H, DY, w_held, row, held_cols, mask, mean_i, rstd_i, stride_h,
+                                               stride_dy, NORM, HAS_WEIGHT, COMPUTE)
+            if HAS_WEIGHT:
+                dw_held += tl.sum(dy * xhat, axis=0)
+            if HAS_BIAS:
+                db_held += tl.sum(dy, axis=0)
+            a, b = _row_coefficients(tl.sum(xhat * g, axis=1) + _pick(sum_xg, i, BLOCK_M),
+                                     tl.sum(g, axis=1) + _pick(sum_g, i, BLOCK_M),
+                                     tl.sum(h, axis=1) + _pick(sum_h, i, BLOCK_M), rstd_i, N, NORM, COMPUTE)
+            _store_input_grad(DH, DRES_OUT, xhat, g, rstd_i, a, b, row, held_cols, mask, stride_dres, N,
+                              HAS_DRESIDUAL, COMPUTE)
+            tl.store(COEF + 2 * row, a, mask=row_mask_i)
+            tl.store(COEF + 2 * row + 1, b, mask=row_mask_i)
+        if HAS_WEIGHT:
+            tl.store(dw_row + held_cols, dw_held)
+        if HAS_BIAS:
+            tl.store(db_row + held_cols, db_held)
         tl.debug_barrier()  # the loop below reads the coefficients back, maybe in other threads
     # Column chunk by chunk, this program's rows inside: dh, and the chunk's dW/dB in registers, written once per
     # chunk (never read back). A row that fits a block is one chunk: a constant trip count, so no loop is compiled.
-    num_chunks = 1 if SINGLE_BLOCK else tl.cdiv(N, BLOCK_N)
+    first_col = 0 if SINGLE_BLOCK else HELD_N
+    num_chunks = 1 if SINGLE_BLOCK else tl.cdiv(N - HELD_N, BLOCK_N)
     for chunk in range(0, num_chunks):
-        chunk_cols = chunk * BLOCK_N + cols
+        chunk_cols = first_col + chunk * BLOCK_N + cols
         col_mask = chunk_cols < N
         w = _load_weight(W, chunk_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, BLOCK_N)
-        dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
-        db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+        dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
         for tile in range(pid, num_tiles, num_programs):
             rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = rows < M
@@ -334,6 +388,11 @@ def row_norm_bwd_kernel(
             mean, rstd = _load_row_stats(MEAN, RSTD, rows, row_mask, NORM, COMPUTE)
             h, xhat, dy, g = _load_grad_inputs(H, DY, w, rows, chunk_cols, mask, mean, rstd, stride_h, stride_dy,
                                                NORM, HAS_WEIGHT, COMPUTE)
+            # dW/dB first: dy is then dead while the row sums are reduced (fewer live registers).
+            if HAS_WEIGHT:
+                dw += dy * xhat
+            if HAS_BIAS:
+                db += dy
             if SINGLE_BLOCK:
                 a, b = _row_coefficients(tl.sum(xhat * g, axis=1), tl.sum(g, axis=1), tl.sum(h, axis=1), rstd, N,
                                          NORM, COMPUTE)
@@ -342,14 +401,10 @@ def row_norm_bwd_kernel(
                 b = tl.load(COEF + 2 * rows + 1, mask=row_mask, other=0.0)
             _store_input_grad(DH, DRES_OUT, xhat, g, rstd, a, b, rows, chunk_cols, mask, stride_dres, N,
                               HAS_DRESIDUAL, COMPUTE)
-            if HAS_WEIGHT:
-                dw += tl.sum(dy * xhat, axis=0)
-            if HAS_BIAS:
-                db += tl.sum(dy, axis=0)
         if HAS_WEIGHT:
-            tl.store(dw_row + chunk_cols, dw, mask=col_mask)
+            tl.store(dw_row + chunk_cols, tl.sum(dw, axis=0), mask=col_mask)
         if HAS_BIAS:
-            tl.store(db_row + chunk_cols, db, mask=col_mask)
+            tl.store(db_row + chunk_cols, tl.sum(db, axis=0), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -366,6 +421,8 @@ class LaunchPlan:
     single_block: bool
     num_warps: int
     programs: int
+    held_n: int = 1  # backward, rows wider than a block: the columns of each row read once (a power of two)
+    stream_n: int = 1  # backward, rows wider than a block: the chunk of the pass over the other columns
 
 
 def fwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
@@ -384,19 +441,23 @@ def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
     programs), never more than row tiles.
     ``sm_count`` and ``programs_per_sm`` let the audit emulate a GPU's grid under the interpreter.
 
-    Rows up to ``BWD_MAX_BLOCK_N`` wide are held in registers, several rows per program when narrow; wider rows are
-    walked in ``(WIDE_BLOCK_M, WIDE_BLOCK_N)`` tiles. One warp per 128 elements of a tile (4 values per thread per
-    tensor; 8 for rows of 8192), few enough registers for ``BWD_RESIDENT_WARPS`` resident warps per SM: the partials
-    are then sized to programs that are all resident at once (tests/bench/test_audit.py checks this against an sm_90
-    compile)."""
+    Rows up to ``BWD_MAX_BLOCK_N`` wide are held in registers, several rows per program when narrow
+    (``BWD_TILE_ELEMENTS`` values in all); wider rows hold their first ``BWD_MAX_BLOCK_N`` columns one row at a time
+    and walk the rest in ``(WIDE_BLOCK_M, WIDE_BLOCK_N)`` tiles. 32 warps, 8 values per thread per tensor (128-bit
+    bf16 loads), few enough registers for ``BWD_RESIDENT_WARPS`` resident warps per SM: the partials are then sized
+    to programs that are all resident at once (tests/bench/test_audit.py checks this against an sm_90 compile)."""
     cap = max_block_n if max_block_n is not None else BWD_MAX_BLOCK_N
-    block_m, block_n, single = _block_shape(max(n, 1), cap)
+    block_m, block_n, single = _block_shape(max(n, 1), cap, BWD_TILE_ELEMENTS)
+    held_n = stream_n = 1
     if not single:
-        block_m, block_n = WIDE_BLOCK_M, min(WIDE_BLOCK_N, block_n)
-    num_warps = num_warps_for(block_m * block_n * 2, device, max_warps=32)
+        held_n = 1 << (cap.bit_length() - 1)
+        block_m, block_n = WIDE_BLOCK_M, min(WIDE_BLOCK_N, held_n)
+        stream_n = min(WIDE_STREAM_N, held_n)
+    num_warps = num_warps_for(max(block_m * block_n, held_n) * 2, device, max_warps=32)
     per_sm = programs_per_sm if programs_per_sm is not None else max(BWD_RESIDENT_WARPS // num_warps, 1)
     programs = sm_count * per_sm if sm_count is not None else persistent_programs(device, per_sm)
-    return LaunchPlan(block_m, block_n, single, num_warps, max(min(programs, triton.cdiv(m, block_m)), 1))
+    return LaunchPlan(block_m, block_n, single, num_warps, max(min(programs, triton.cdiv(m, block_m)), 1), held_n,
+                      stream_n)
 
 
 def row_norm_fwd(
@@ -483,7 +544,7 @@ def row_norm_bwd(
             m, n, h.stride(0), dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0, weight_offset,
             NORM=NORM_KINDS[kind], HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=has_bias, COMPUTE=tl_compute_dtype(compute), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-            SINGLE_BLOCK=plan.single_block, num_warps=plan.num_warps,
+            HELD_N=plan.held_n, STREAM_N=plan.stream_n, SINGLE_BLOCK=plan.single_block, num_warps=plan.num_warps,
         )
     if params == 2:
         dweight, dbias = column_sum(partials, param_dtype, split=n)
@@ -524,7 +585,7 @@ def compile_specs(kind: str, n: int, dtype: torch.dtype) -> dict[str, tuple]:
                  "M": "i32", "N": "i32", "stride_h": "i64", "stride_dy": "i64", "stride_dres": "i64",
                  "weight_offset": "fp32"},
                 {"NORM": flags["NORM"], "HAS_DRESIDUAL": False, "HAS_WEIGHT": True, "HAS_BIAS": flags["HAS_BIAS"],
-                 "COMPUTE": flags["COMPUTE"], "BLOCK_M": bwd.block_m, "BLOCK_N": bwd.block_n,
-                 "SINGLE_BLOCK": bwd.single_block},
+                 "COMPUTE": flags["COMPUTE"], "BLOCK_M": bwd.block_m, "BLOCK_N": bwd.block_n, "HELD_N": bwd.held_n,
+                 "STREAM_N": bwd.stream_n, "SINGLE_BLOCK": bwd.single_block},
                 bwd.num_warps),
     }

@@ -1,18 +1,30 @@
-"""``torch.library`` custom ops for Region Normalization: ``normlayers::region_moments`` and ``region_affine``.
+"""``torch.library`` custom ops for Region Normalization.
 
-Both take ``x`` of shape ``(N, C, *spatial)`` in any memory format and a bool ``hole`` mask of shape
-``(N, 1 or C, *spatial)`` (already resized to ``x``'s spatial size); per-(plane, region) tensors are ``(N, C, 2)``,
-index 0 the hole region (mask ``True``) and index 1 the valid region.
+All take ``x`` of shape ``(N, C, *spatial)`` in any memory format and a ``hole`` mask of shape
+``(N, 1 or C, *spatial)`` (already resized to ``x``'s spatial size; any dtype, nonzero = hole); per-(plane, region)
+tensors have a trailing region dim of 2, index 0 the hole region and index 1 the valid region.
+
+**The fused layer** (:func:`region_norm`, three launches forward and three backward, ``kernels/region_norm.py``):
+
+* ``region_stats(x, hole, cap) -> partials (N, C, 2, 4)``: per plane and region ``[count, s, Σx·s, M2]``, with ``s``
+  a power of two (at most ``cap``) from the region's largest magnitude;
+* ``region_finalize(partials, batch, eps, official_eps) -> stats``: ``[count, s, mean_s, rstd]`` per channel and
+  region (``batch``, ``(C, 2, 4)``) or per plane and region (``(N, C, 2, 4)``);
+* ``region_normalize(x, hole, stats, γ_hole, β_hole, γ_valid, β_valid, batch, official_affine) -> y``, and its
+  backward ``region_normalize_bwd`` (``dx`` through the statistics, and the parameters' gradients).
+
+The first two are not differentiable on their own; :class:`_RegionNorm` (a :class:`torch.autograd.Function`)
+differentiates the whole layer with ``region_normalize_bwd``.
+
+**The composable pair** (synced statistics and DTensor inputs, whose statistics are combined between the ops):
 
 * ``region_moments(x, hole, center) -> (count, first, second)``: per plane and region the value count,
-  ``Σ (x − center)`` and ``Σ (x − center)²``, fp32 (fp64 for fp64 ``x``). Differentiable in ``x`` and ``center``; the
-  mask and the count carry no gradient.
+  ``Σ (x − center)`` and ``Σ (x − center)²``, ``(N, C, 2)`` each, fp32 (fp64 for fp64 ``x``). Differentiable in ``x``
+  and ``center``; the mask and the count carry no gradient.
 * ``region_affine(x, hole, center, scale, shift) -> y``: ``y = (x − center_r)·scale_r + shift_r`` with ``r`` the
   region of each value, in ``x``'s dtype and memory format. Differentiable in ``x`` and the coefficients.
 
-Each has Triton kernels forward and backward (``region_moments_bwd``, ``region_affine_bwd``) and is opaque to
-``torch.compile`` (``register_fake``). RegionNorm composes them with small ``(N, C, 2)`` torch ops that autograd
-differentiates: :func:`region_norm` and :func:`learnable_region_norm` below.
+Every op has Triton kernels and is opaque to ``torch.compile`` (``register_fake``).
 """
 
 from __future__ import annotations
@@ -23,12 +35,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlayers._autograd import differentiable_backward, wants_double_backward
+from normlayers._autograd import differentiable_backward, recomputed_backward, wants_double_backward
+from normlayers._dtensor import is_dtensor
 from normlayers._dtypes import compute_dtype
 from normlayers.reference import region_norm as _ref_region
 from normlayers.reference import row_norms as _ref_row
 
-__all__ = ["region_moments", "region_affine", "region_norm", "learnable_region_norm"]
+__all__ = ["region_stats", "region_finalize", "region_normalize", "region_normalize_bwd", "region_moments",
+           "region_affine", "region_norm", "learnable_region_norm"]
 
 
 def _region_kernels():
@@ -75,6 +89,9 @@ def _region_moments_bwd_fake(x, hole, center, dfirst, dsecond):
 def _region_moments_setup_context(ctx, inputs, output):
     x, hole, center = inputs
     ctx.save_for_backward(x, hole, center)
+    # An unused output's gradient stays None (the backward makes zeros like `center`): autograd would materialize it
+    # as a plain tensor, which DTensor refuses beside the DTensor gradients of the other outputs.
+    ctx.set_materialize_grads(False)
 
 
 def _regions(x: Tensor, hole: Tensor) -> Tensor:
@@ -173,11 +190,11 @@ def _region_pair(hole: Optional[Tensor], valid: Optional[Tensor], center: Tensor
                 (zeros if valid is None else valid.to(center.dtype))], dim=-1)
 
 
-def region_norm(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
+def _composed_region_norm(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
                 foreground_beta: Optional[Tensor], background_gamma: Optional[Tensor],
                 background_beta: Optional[Tensor], *, eps: float, stats: str, eps_mode: str,
                 affine: str, sync: Optional[_ref_region.MaskedMomentSync] = None) -> Tensor:
-    """RN through the Triton ops: two :func:`~normlayers.ops.region_norm.region_moments` passes (sums, then centred
+    """RN through the composable ops: two :func:`~normlayers.ops.region_norm.region_moments` passes (sums, then centred
     squares at the means), small ``(N, C, 2)`` torch ops for the statistics (pooled over the batch for
     ``stats="batch"``, then over the ranks by ``sync``), then one fused
     :func:`~normlayers.ops.region_norm.region_affine` pass. Autograd of the small ops links the backward kernels, so
@@ -220,6 +237,138 @@ def region_norm(input: Tensor, hole: Tensor, foreground_gamma: Optional[Tensor],
         shift = _region_pair(foreground_beta, background_beta, center)
     return region_affine(input, hole, center, scale.expand(n, channels, 2).contiguous(),
                              shift.expand(n, channels, 2).contiguous())
+
+
+@torch.library.custom_op("normlayers::region_stats", mutates_args=())
+def region_stats(x: Tensor, hole: Tensor, cap: float) -> Tensor:
+    """Per plane and region ``[count, s, Σx·s, Σ(x·s − mean)²]``, ``(N, C, 2, 4)``."""
+    return _region_kernels().region_stats(x, hole, cap)
+
+
+@region_stats.register_fake
+def _region_stats_fake(x, hole, cap):
+    return x.new_empty((*x.shape[:2], 2, 4), dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("normlayers::region_finalize", mutates_args=())
+def region_finalize(partials: Tensor, batch: bool, eps: float, official_eps: bool) -> Tensor:
+    """``[count, s, mean_s, rstd]`` per statistic and region from :func:`region_stats`' partials."""
+    return _region_kernels().region_finalize(partials, batch=batch, eps=eps, official_eps=official_eps)
+
+
+@region_finalize.register_fake
+def _region_finalize_fake(partials, batch, eps, official_eps):
+    return partials.new_empty(partials.shape[1:] if batch else partials.shape)
+
+
+@torch.library.custom_op("normlayers::region_normalize", mutates_args=())
+def region_normalize(x: Tensor, hole: Tensor, stats: Tensor, foreground_gamma: Optional[Tensor],
+                     foreground_beta: Optional[Tensor], background_gamma: Optional[Tensor],
+                     background_beta: Optional[Tensor], batch: bool, official_affine: bool, finalize: bool = False,
+                     eps: float = 0.0, official_eps: bool = False) -> Tensor:
+    """``y = (x·s_r − mean_r)·rstd_r·(1 + γ_r) + shift_r``, ``r`` the region of each value (foreground = hole). With
+    ``finalize``, ``stats`` are :func:`region_stats`' partials, finalized inside the pass with ``eps`` and
+    ``official_eps`` as :func:`region_finalize` would (one launch fewer where no backward needs the statistics)."""
+    return _region_kernels().region_normalize(
+        x, hole, stats, (foreground_gamma, foreground_beta, background_gamma, background_beta), batch=batch,
+        official_affine=official_affine, finalize=(eps, official_eps) if finalize else None)
+
+
+@region_normalize.register_fake
+def _region_normalize_fake(x, hole, stats, foreground_gamma, foreground_beta, background_gamma, background_beta,
+                           batch, official_affine, finalize=False, eps=0.0, official_eps=False):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normlayers::region_normalize_bwd", mutates_args=())
+def region_normalize_bwd(dy: Tensor, x: Tensor, hole: Tensor, stats: Tensor, foreground_gamma: Optional[Tensor],
+                         foreground_beta: Optional[Tensor], background_gamma: Optional[Tensor],
+                         background_beta: Optional[Tensor], batch: bool, official_affine: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dγ_hole, dβ_hole, dγ_valid, dβ_valid)`` of the layer (:func:`region_stats`, :func:`region_finalize` and
+    :func:`region_normalize`) at fixed counts; a parameter's gradient has its shape and dtype, empty for a missing
+    one."""
+    parameters = (foreground_gamma, foreground_beta, background_gamma, background_beta)
+    dx, *grads = _region_kernels().region_normalize_bwd(dy, x, hole, stats, parameters, batch=batch,
+                                                        official_affine=official_affine)
+    return (dx, *(stats.new_empty(0) if g is None else g for g in grads))
+
+
+@region_normalize_bwd.register_fake
+def _region_normalize_bwd_fake(dy, x, hole, stats, foreground_gamma, foreground_beta, background_gamma,
+                               background_beta, batch, official_affine):
+    return (torch.empty_like(x), *(stats.new_empty(0) if p is None else p.new_empty(p.shape)
+                                   for p in (foreground_gamma, foreground_beta, background_gamma, background_beta)))
+
+
+def statistics_scale_cap(input: Tensor, eps: float, batch: bool, official_eps: bool) -> float:
+    """The largest statistics scale (a power of two) for this call: ``ε_r·s²`` stays ≤ 1 for every region's effective
+    epsilon, at most ``ε·V`` with the official one (``V`` = the values per statistic)."""
+    values = math.prod(input.shape[2:]) * (input.shape[0] if batch else 1)
+    largest_eps = eps * max(values, 1) if official_eps else eps
+    return 2.0 ** _ref_row.scale_exponent_cap(largest_eps, compute_dtype(input.dtype))
+
+
+class _RegionNorm(torch.autograd.Function):
+    """RN-B of ``input`` with gradients for ``input`` and the four parameters (None where a parameter is None):
+    ``region_stats``, ``region_finalize``, ``region_normalize``; backward ``region_normalize_bwd``."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, foreground_gamma: Optional[Tensor], foreground_beta: Optional[Tensor],
+                background_gamma: Optional[Tensor], background_beta: Optional[Tensor], hole: Tensor, eps: float,
+                stats: str, eps_mode: str, affine: str) -> Tensor:
+        batch, official_eps = stats == "batch", eps_mode == "official"
+        partials = region_stats(input, hole, statistics_scale_cap(input, eps, batch, official_eps))
+        statistics = region_finalize(partials, batch, eps, official_eps)
+        parameters = (foreground_gamma, foreground_beta, background_gamma, background_beta)
+        ctx.save_for_backward(input, hole, statistics, *parameters)
+        ctx.options = (eps, stats, eps_mode, affine)
+        return region_normalize(input, hole, statistics, *parameters, batch, affine == "official")
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        input, hole, statistics, *parameters = ctx.saved_tensors
+        eps, stats, eps_mode, affine = ctx.options
+        if wants_double_backward():
+            # The reference recomputes the same statistics (no running buffers), so its gradient is the layer's.
+            def layer(x, *params):
+                return _ref_region.region_norm(x, hole, *params, eps=eps, stats=stats, eps_mode=eps_mode,
+                                               affine=affine)
+
+            return recomputed_backward(ctx, layer, (input, *parameters), dy)
+        dx, *grads = region_normalize_bwd(dy, input, hole, statistics, *parameters, stats == "batch",
+                                          affine == "official")
+        return (dx, *(g if p is not None else None for g, p in zip(grads, parameters))) + (None,) * 5
+
+
+def kernel_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """The hole mask as the kernels read it: ``mask`` itself (detached; nonzero = hole) when it has ``x``'s spatial
+    size, so that no conversion runs, else resized (:func:`normlayers.reference.region_norm.prepare_mask`)."""
+    if tuple(mask.shape[2:]) == tuple(size):
+        return mask.detach()
+    return _ref_region.prepare_mask(mask, size)
+
+
+def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor],
+                foreground_beta: Optional[Tensor], background_gamma: Optional[Tensor],
+                background_beta: Optional[Tensor], *, eps: float, stats: str, eps_mode: str,
+                affine: str, sync: Optional[_ref_region.MaskedMomentSync] = None) -> Tensor:
+    """RN through the Triton ops: fused (:class:`_RegionNorm`, three launches each way), or, with synced statistics
+    or a DTensor input, the composition of ``region_moments``, ``(N, C, 2)`` torch ops and ``region_affine``."""
+    hole = kernel_mask(mask, input.shape[2:])
+    if sync is not None or is_dtensor(input):
+        return _composed_region_norm(input, hole, foreground_gamma, foreground_beta, background_gamma,
+                                     background_beta, eps=eps, stats=stats, eps_mode=eps_mode, affine=affine,
+                                     sync=sync)
+    parameters = (foreground_gamma, foreground_beta, background_gamma, background_beta)
+    batch, official_eps = stats == "batch", eps_mode == "official"
+    needs_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *parameters))
+    if not needs_backward and _region_kernels().finalizes_inline(input.shape[0], math.prod(input.shape[2:]), batch):
+        partials = region_stats(input, hole, statistics_scale_cap(input, eps, batch, official_eps))
+        return region_normalize(input, hole, partials, *parameters, batch, affine == "official", True, eps,
+                                official_eps)
+    return _RegionNorm.apply(input, foreground_gamma, foreground_beta, background_gamma, background_beta, hole, eps,
+                             stats, eps_mode, affine)
 
 
 def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],

@@ -23,11 +23,13 @@ torch 2.13 only), let each op run on its local shards with no communication wher
   refused: a group spans several channels.
 * **Token ops** (``token_*``, ``channel_affine*``, ``power_norm_train``, ``unified_norm_train``, on token rows
   ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
-  Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
-  those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out").
-* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward)
-  refuse DTensors: they take the batch's statistics from their ``(N, C)`` inputs alone. BatchChannelNorm2d and
-  EvoNorm-B route DTensor inputs to their unfused compositions instead (next paragraph).
+  Sharded channels are refused. The layers themselves never pass DTensors to these ops: PowerNorm and UnifiedNorm
+  run DTensor inputs on the local shards with synced statistics (:func:`normlayers._dtensor.run_on_local_shards`),
+  so ``step_snapshot`` (their per-step copies) refuses DTensors.
+* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward;
+  RegionNorm's ``region_stats``, ``region_finalize``, ``region_normalize`` and ``region_normalize_bwd``) refuse
+  DTensors: they take the batch's statistics from their inputs alone. BatchChannelNorm2d, EvoNorm-B and RegionNorm
+  route DTensor inputs to their unfused compositions instead (next paragraph).
 
 Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
 with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
@@ -61,18 +63,7 @@ def _shard_dim(placement: Any) -> Optional[int]:
     return getattr(placement, "dim", None)
 
 
-def _row_shardings(spec: Any) -> list[Any]:
-    """The ways rows (dim 0) may be sharded: ``Shard(0)`` and the row placements ``spec`` has (a strided shard after
-    a sharded sequence dim was flattened into the rows)."""
-    shardings = [Shard(0)]
-    for placement in spec.placements:
-        if _shard_dim(placement) == 0 and placement not in shardings:
-            shardings.append(placement)
-    return shardings
-
-
-# Per op family: the dims of the data arguments that may be sharded and what sharding another dim would split; and
-# (_SHARDINGS) the shardings to offer, given the first data argument's spec.
+# Per op family: the dims of the data arguments that may be sharded and what sharding another dim would split.
 _DATA_DIMS: dict[str, tuple[tuple[int, ...], str]] = {
     "row": ((0,), "the normalized dims (flattened): a row's statistic would need values held by other ranks"),
     "plane": ((0, 1), "a spatial dim: a plane's statistics would need values held by other ranks"),
@@ -82,32 +73,26 @@ _DATA_DIMS: dict[str, tuple[tuple[int, ...], str]] = {
                     "rstd are kept flattened to (N, H·W)"),
     "sample_group": ((0,), "the channels: a group statistic spans several channels"),
 }
-_SHARDINGS: dict[str, Callable[[Any], list[Any]]] = {
-    "row": _row_shardings,
-    "plane": lambda spec: [Shard(0), Shard(1)],
-    "region": lambda spec: [Shard(0)],
-    "token": _row_shardings,
-    "pixel": lambda spec: [Shard(0)],
-    "sample_group": lambda spec: [Shard(0)],
-}
+# The families whose rows may come from flattened (batch, seq) dims.
+_FLATTENED_ROWS = ("row", "token")
+
+
+def _shardings(family: str, spec: Any) -> list[Any]:
+    """The shardings to offer, given the first data argument's spec: ``Shard(d)`` for each dim the family may shard;
+    for row families also the row placements ``spec`` has (a strided shard after a sharded sequence dim was
+    flattened into the rows)."""
+    shardings = [Shard(dim) for dim in _DATA_DIMS[family][0]]
+    if family in _FLATTENED_ROWS:
+        shardings += [p for p in spec.placements if _shard_dim(p) == 0 and p not in shardings]
+    return shardings
+
 
 # Per op: its family, and one letter per argument and per output: "d" a data tensor (placed like the sharding),
-# "r" replicated, "p" a sum over the sharded data (Partial on shards), "-" not a tensor.
+# "r" replicated, "p" a sum over the sharded data (Partial on shards), "-" not a tensor. The ops of _DATA_ONLY are
+# added at registration.
 _RULES: dict[str, tuple[str, str, str]] = {
     "row_norm_fwd": ("row", "ddrr----", "dddd"),  # (y, residual_out, mean, rstd): all per row
     "row_norm_bwd": ("row", "dddrdd---", "dpp"),  # (dh, dweight, dbias)
-    "plane_moments": ("plane", "d", "dd"),
-    "plane_moments_bwd": ("plane", "ddddd", "d"),
-    "plane_affine": ("plane", "dddd", "d"),
-    "plane_affine_bwd": ("plane", "dddd", "ddd"),
-    "plane_swish_affine": ("plane", "dddd", "d"),
-    "plane_swish_affine_bwd": ("plane", "dddd", "dddd"),
-    "plane_max_div_affine": ("plane", "dddddd", "d"),
-    "plane_max_div_affine_bwd": ("plane", "dddddd", "dddddd"),
-    "region_moments": ("region", "ddd", "ddd"),
-    "region_moments_bwd": ("region", "ddddd", "dd"),
-    "region_affine": ("region", "ddddd", "d"),
-    "region_affine_bwd": ("region", "ddddd", "ddd"),
     "token_square_sum": ("token", "dd", "p"),
     "token_grad_sums": ("token", "ddrr", "pd"),  # ((3, C) sums, dx)
     "channel_affine": ("token", "drr-", "d"),
@@ -118,6 +103,14 @@ _RULES: dict[str, tuple[str, str, str]] = {
     "channel_norm_bwd": ("pixel", "ddrdd--", "dpp"),  # (dx, dweight, dbias)
     "evo_norm_s_finalize": ("sample_group", "ddrrr----", "ddd"),  # (slope, scale, shift), (N, C) each
     "evo_norm_s_finalize_bwd": ("sample_group", "dddddrrr----", "ddppp"),  # (dplane_mean, dplane_var, dweight, ...)
+}
+
+# Per family, the ops whose every tensor (argument or output) is data placed like the sharding: statistics per plane
+# or per sample, nothing replicated or summed. Their letters come from the schema (see _data_only_roles).
+_DATA_ONLY: dict[str, tuple[str, ...]] = {
+    "plane": ("plane_moments", "plane_moments_bwd", "plane_affine", "plane_affine_bwd", "plane_swish_affine",
+              "plane_swish_affine_bwd", "plane_max_div_affine", "plane_max_div_affine_bwd"),
+    "region": ("region_moments", "region_moments_bwd", "region_affine", "region_affine_bwd"),
 }
 
 
@@ -148,7 +141,7 @@ def _make_rule(name: str, family: str, inputs: str, outputs: str) -> Callable[..
                         f"({meaning}); this op can be sharded only along dim(s) {list(allowed)}. Redistribute "
                         f"the layer's input (e.g. Replicate() on that mesh dim) before the layer.")
         strategies = []
-        for sharding in [Replicate(), *_SHARDINGS[family](data[0][1])]:
+        for sharding in [Replicate(), *_shardings(family, data[0][1])]:
             strategies.append(([_placement(role, sharding) for role in outputs],
                                [None if a is None else _placement(role, sharding)
                                 for role, a in zip(inputs, args)]))
@@ -158,32 +151,40 @@ def _make_rule(name: str, family: str, inputs: str, outputs: str) -> Callable[..
 
 
 def _refusal(name: str, layers: str, how: str) -> Callable[..., list]:
-    """A rule refusing every DTensor call of ``normlayers::{name}``, for ops of layers that update running buffers
-    from statistics over the whole batch, which the shards alone do not have."""
+    """A rule refusing every DTensor call of ``normlayers::{name}``, for ops that need statistics over the whole
+    batch, which the shards alone do not have."""
 
     def refuse(*args: Any) -> list:
         raise ValueError(
-            f"normlayers::{name}: {layers} do not take DTensor inputs here (they update running buffers from "
-            f"statistics over the whole batch); {how} (see the normlayers docs, 'Scaling out').")
+            f"normlayers::{name}: this op of {layers} does not take DTensors (its statistics would be the shard's, "
+            f"not the whole batch's); {how} (see the normlayers docs, 'Scaling out').")
 
     return refuse
 
 
-# The token layers (step_snapshot) take no DTensors at all; the fused batch-statistic finalize ops are never reached
-# with DTensors, whose layers take the unfused composition (DTensor reduces its per-plane statistics).
+# Ops never reached with DTensors: the token layers' step_snapshot (the layers run on local shards); the fused
+# batch-statistic ops, whose layers take the unfused composition (DTensor reduces its per-plane statistics).
 _REFUSED: dict[str, tuple[str, str]] = {
-    "step_snapshot": ("PowerNorm and UnifiedNorm", "under tensor/sequence parallelism give them the gathered sequence "
-                      "as a local tensor, e.g. parallelize them with PrepareModuleInput(input_layouts=Shard(1), "
-                      "desired_input_layouts=Replicate(), use_local_output=True)"),
+    "step_snapshot": ("PowerNorm and UnifiedNorm", "the layers (and normlayers.functional) run DTensor inputs on "
+                      "their local shards with synced statistics, so call the layer, not this op"),
     **{name: ("BatchChannelNorm2d and EvoNorm-B", "their layers route DTensor inputs to the unfused composition, so "
               "call the layer, not this op") for name in ("batch_channel_finalize", "batch_channel_finalize_bwd",
                                                          "evo_norm_b_finalize", "evo_norm_b_finalize_bwd")},
+    **{name: ("RegionNorm2d and LearnableRegionNorm2d", "their layers route DTensor inputs to the composition of "
+              "region_moments and region_affine, so call the layer, not this op")
+       for name in ("region_stats", "region_finalize", "region_normalize", "region_normalize_bwd")},
 }
 
 
 def _is_tensor_type(t: Any) -> bool:
     t = t.getElementType() if isinstance(t, torch.OptionalType) else t
     return isinstance(t, torch.TensorType) or (isinstance(t, torch.ListType) and _is_tensor_type(t.getElementType()))
+
+
+def _data_only_roles(name: str) -> tuple[str, str]:
+    """The letters of an op of _DATA_ONLY: "d" for every tensor argument and output, "-" for the others."""
+    schema = getattr(torch.ops.normlayers, name).default._schema
+    return "".join("d" if _is_tensor_type(a.type) else "-" for a in schema.arguments), "d" * len(schema.returns)
 
 
 def _register(name: str, rule: Callable[..., list]) -> None:
@@ -199,6 +200,7 @@ def _register(name: str, rule: Callable[..., list]) -> None:
                                                                                           needs_pytree=True)
 
 
+_RULES.update({name: (family, *_data_only_roles(name)) for family, names in _DATA_ONLY.items() for name in names})
 for _name, (_family, _inputs, _outputs) in _RULES.items():
     _register(_name, _make_rule(_name, _family, _inputs, _outputs))
 for _name, (_layers, _how) in _REFUSED.items():

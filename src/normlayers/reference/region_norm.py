@@ -35,6 +35,10 @@ dataset.py L86-90; the layer itself assumes binary masks), of shape ``(N, 1, H',
 ``(N, C, H', W')``; resized to the feature map's ``(H, W)`` by ``F.interpolate(mode="nearest")`` (rn.py L62). No
 gradient flows into the mask.
 
+The statistics of each region are taken of its values scaled by a power of two, with ``ε_r·s²`` (normalization is
+scale invariant; docs/reliability.md), so inputs whose squares overflow or underflow the dtype still normalize
+correctly; ordinary inputs give the same result, bit for bit.
+
 Written for reading, not speed. Arithmetic in fp32 (fp64 for fp64 input); the output is rounded once, to the input's
 dtype. Gradients come from autograd, so they are an independent check of the hand-written backward kernels. Argument
 checks live in :mod:`normlayers.functional`.
@@ -50,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.reference.row_norms import overflow_to_nan
+from normlayers.reference.row_norms import overflow_to_nan, power_of_two_scale
 
 __all__ = ["prepare_mask", "region_norm", "self_aware_affine", "learnable_region_norm"]
 
@@ -89,32 +93,42 @@ def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = No
     dims = (0, 2, 3) if stats == "batch" else (2, 3)
     values = math.prod([x.shape[d] for d in dims])
     # Each region selects its values (torch.where), never multiplies by a 0/1 weight: a NaN or inf in one region
-    # must not reach the other region's statistics or outputs (NaN·0 = NaN). Outside its region a value is replaced
-    # by the region's mean before any arithmetic, so that no gradient meets 0·NaN either.
+    # must not reach the other region's statistics or outputs (NaN·0 = NaN), nor any gradient (0·NaN).
+    # The statistics are those of the region's values scaled by a power of two (from the region's largest magnitude,
+    # :func:`normlayers.reference.row_norms.power_of_two_scale`), with the epsilon scaled by s²: exact for ordinary
+    # inputs, and right where the squares of the values would overflow or underflow (3e19, 1e30 in fp32).
+    largest_eps = eps * max(values, 1) if eps_mode == "official" else eps  # keeps every ε_r·s² ≤ 1
     regions = (hole, ~hole)
-    counts, means, variances = [], [], []
+    counts, means, variances, scales = [], [], [], []
     for inside in regions:
         count = inside.sum(dims, keepdim=True).to(opmath)
         safe_count = torch.where(count == 0, torch.ones_like(count), count)  # the official S[S==0] = 1
-        mean = torch.where(inside, xf, 0.0).sum(dims, keepdim=True) / safe_count
+        scale = (power_of_two_scale(torch.where(inside, xf, 0.0), dims, largest_eps) if xf.numel() else
+                 torch.ones_like(count))  # no value: nothing to scale (and no maximum to take)
+        scaled = torch.where(inside, xf, 0.0) * scale
+        mean = scaled.sum(dims, keepdim=True) / safe_count
+        centred = torch.where(inside, scaled - mean, 0.0)
         counts.append(count)
         means.append(mean)
-        # A variance that overflowed is NaN (overflow_to_nan), not inf: rsqrt(inf) would give silent zeros.
-        centred = torch.where(inside, xf, mean) - mean
-        variances.append(overflow_to_nan(torch.where(inside, centred.square(), 0.0).sum(dims, keepdim=True))
-                         / safe_count)
+        scales.append(scale)
+        variances.append(centred.square().sum(dims, keepdim=True) / safe_count)
     if sync is not None:
-        mean, var, count = sync(torch.stack(means), torch.stack(variances), torch.stack(counts))
+        # The ranks exchange unscaled moments (a variance beyond the dtype's range is NaN, never a silent 0 output).
+        mean, var, count = sync(torch.stack(means) / torch.stack(scales),
+                                overflow_to_nan(torch.stack(variances) / torch.stack(scales).square()),
+                                torch.stack(counts))
         means, variances, counts = list(mean.unbind(0)), list(var.unbind(0)), list(count.unbind(0))
+        scales = [torch.ones_like(m) for m in means]
         values = counts[0] + counts[1]  # the global N·H·W of each channel
     out = torch.zeros_like(xf)
     betas = []
-    for inside, count, mean, var, gamma, beta in zip(regions, counts, means, variances,
-                                                      (foreground_gamma, background_gamma),
-                                                      (foreground_beta, background_beta)):
+    for inside, count, mean, var, scale, gamma, beta in zip(regions, counts, means, variances, scales,
+                                                             (foreground_gamma, background_gamma),
+                                                             (foreground_beta, background_beta)):
         count = torch.where(count == 0, torch.ones_like(count), count)
         region_eps = eps * values / count if eps_mode == "official" else eps
-        normalized = (torch.where(inside, xf, mean) - mean) * torch.rsqrt(var + region_eps)
+        normalized = torch.where(inside, torch.where(inside, xf, 0.0) * scale - mean, 0.0) * torch.rsqrt(
+            var + region_eps * scale * scale)
         if gamma is not None:
             normalized = normalized * (1 + gamma.to(opmath).view(_PER_CHANNEL))
         if beta is not None:
@@ -151,12 +165,13 @@ def self_aware_affine(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gam
 def learnable_region_norm(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
                           beta_weight: Tensor, beta_bias: Optional[Tensor], *, threshold: float = 0.8,
                           eps: float = 1e-5, stats: str = "batch", eps_mode: str = "official",
-                          sync: Optional[MaskedMomentSync] = None) -> Tensor:
+                          sync: Optional[MaskedMomentSync] = None,
+                          normalize: Callable[..., Tensor] = region_norm) -> Tensor:
     """RN-L (official ``RN_L``, rn.py L97–130): regions from the thresholded self-aware map, RN without region affine,
     then the learned spatial affine ``r·(1 + gamma) + beta``; ``sync`` as :func:`region_norm`'s. Output: ``x``'s
-    dtype."""
+    dtype. ``normalize`` is the RN it runs (:func:`region_norm`; the CPU tier passes its own)."""
     s, gamma, beta = self_aware_affine(x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)
     # ">=" on the detached map: the mask carries no gradient, conv1 learns only through gamma and beta.
     regions = s.detach() >= threshold
-    r = region_norm(x.to(s.dtype), regions, eps=eps, stats=stats, eps_mode=eps_mode, sync=sync)
+    r = normalize(x.to(s.dtype), regions, eps=eps, stats=stats, eps_mode=eps_mode, sync=sync)
     return (r * (1 + gamma) + beta).to(x.dtype)

@@ -1,0 +1,139 @@
+r"""CPU tier of Region Normalization (RN-B and RN-L; Yu et al., AAAI 2020, the official ``rn.py`` of geekyutao/RN):
+one closed-form ``autograd.Function`` for the region statistics and the region affine, instead of autograd through
+the reference's two dozen elementwise ops.
+
+Per region ``r`` (hole, valid) and statistic group of ``S`` values (a channel over ``(N, H, W)`` with
+``stats="batch"``, a plane over ``(H, W)`` with ``"instance"``), the values scaled by a power of two ``s``
+(:func:`normlayers.reference.row_norms.power_of_two_scale` of the region's values, so that the statistics are right
+at fp32's range limits, as in the reference):
+
+.. math::
+    \hat x = (x s - \mu_s)\,\mathrm{rstd}, \quad \mathrm{rstd} = (\sigma^2_s + \epsilon_r s^2)^{-1/2}, \quad
+    y = \hat x\,(1 + \gamma_r) + \beta_r
+
+.. math::
+    \frac{\partial L}{\partial x} = s\,\mathrm{rstd}\,(1 + \gamma_r)\Big(dy - \tfrac{1}{S}\textstyle\sum_r dy
+    - \hat x\,\tfrac{1}{S}\sum_r dy\,\hat x\Big), \quad
+    \frac{\partial L}{\partial \gamma_r} = \textstyle\sum_r dy\,\hat x, \quad
+    \frac{\partial L}{\partial \beta_r} = \textstyle\sum_r dy
+
+(``ε_r`` depends on the counts only; with ``affine="official"`` each beta's gradient is ``Σ dy`` over every pixel).
+Each region's sums select its values (``torch.where``), never multiply by a 0/1 weight: a NaN in one region reaches
+nothing of the other, as in the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from normlayers._autograd import recomputed_backward, wants_double_backward
+from normlayers._dtypes import compute_dtype
+from normlayers.reference import region_norm as _ref_region
+from normlayers.reference.row_norms import power_of_two_scale
+
+__all__ = ["region_norm", "learnable_region_norm"]
+
+_PER_CHANNEL = (1, -1, 1, 1)
+
+
+def _region_sums(t: Tensor, inside: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """``(Σ over the hole, Σ over the valid region)`` of ``t`` over ``dims`` (kept), by selection."""
+    return (torch.where(inside, t, 0.0).sum(dims, keepdim=True),
+            torch.where(inside, 0.0, t).sum(dims, keepdim=True))
+
+
+def _gain(gamma: Optional[Tensor], dtype: torch.dtype) -> Tensor | float:
+    return 1.0 if gamma is None else 1 + gamma.to(dtype).view(_PER_CHANNEL)
+
+
+class _RegionNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, foreground_gamma: Optional[Tensor], foreground_beta: Optional[Tensor],
+                background_gamma: Optional[Tensor], background_beta: Optional[Tensor], hole: Tensor, eps: float,
+                stats: str, eps_mode: str, affine: str) -> Tensor:
+        dtype = compute_dtype(x.dtype)
+        xf = x.to(dtype)
+        dims = (0, 2, 3) if stats == "batch" else (2, 3)
+        values = math.prod([x.shape[d] for d in dims])
+        largest_eps = eps * max(values, 1) if eps_mode == "official" else eps  # as the reference: every ε_r·s² ≤ 1
+        scale_hole = power_of_two_scale(torch.where(hole, xf, 0.0), dims, largest_eps)
+        scale_valid = power_of_two_scale(torch.where(hole, 0.0, xf), dims, largest_eps)
+        xs = xf * torch.where(hole, scale_hole, scale_valid)
+        count_hole = hole.expand_as(xf).sum(dims, keepdim=True).to(dtype)
+        counts = (count_hole.clamp(min=1), (values - count_hole).clamp(min=1))  # the official S[S==0] = 1
+        sums = _region_sums(xs, hole, dims)
+        centred = xs - torch.where(hole, sums[0] / counts[0], sums[1] / counts[1])
+        squares = _region_sums(centred.square(), hole, dims)
+        rstds = []
+        for count, square, scale in zip(counts, squares, (scale_hole, scale_valid)):
+            region_eps = eps * values / count if eps_mode == "official" else eps
+            rstds.append(torch.rsqrt(square / count + region_eps * scale * scale))
+        xhat = centred * torch.where(hole, rstds[0], rstds[1])
+        gains = (_gain(foreground_gamma, dtype), _gain(background_gamma, dtype))
+        betas = [None if b is None else b.to(dtype).view(_PER_CHANNEL) for b in (foreground_beta, background_beta)]
+        y = xhat if foreground_gamma is None and background_gamma is None else xhat * torch.where(hole, *gains)
+        if affine == "official":  # both betas at every pixel (the official rn.py)
+            for beta in betas:
+                y = y if beta is None else y + beta
+        elif foreground_beta is not None or background_beta is not None:
+            y = y + torch.where(hole, *[0.0 if b is None else b for b in betas])
+        # For the backward: each region's count and its dx coefficient s·rstd·(1 + γ), per statistic.
+        per_region = torch.stack([*counts, scale_hole * rstds[0] * gains[0], scale_valid * rstds[1] * gains[1]])
+        ctx.save_for_backward(x, foreground_gamma, foreground_beta, background_gamma, background_beta, hole, xhat,
+                              per_region)
+        ctx.options = (eps, stats, eps_mode, affine)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor):
+        x, *parameters, hole, xhat, per_region = ctx.saved_tensors
+        eps, stats, eps_mode, affine = ctx.options
+        if wants_double_backward():
+            def layer(t: Tensor, *params: Optional[Tensor]) -> Tensor:
+                return _ref_region.region_norm(t, hole, *params, eps=eps, stats=stats, eps_mode=eps_mode,
+                                               affine=affine)
+
+            return recomputed_backward(ctx, layer, (x, *parameters), dy)
+        dyf = dy.to(xhat.dtype)
+        dims = (0, 2, 3) if stats == "batch" else (2, 3)
+        counts, coefficients = per_region[:2], per_region[2:]
+        dy_sums = _region_sums(dyf, hole, dims)
+        dy_xhat_sums = _region_sums(dyf * xhat, hole, dims)
+        mean_dy = torch.where(hole, dy_sums[0] / counts[0], dy_sums[1] / counts[1])
+        mean_dy_xhat = torch.where(hole, dy_xhat_sums[0] / counts[0], dy_xhat_sums[1] / counts[1])
+        dx = (dyf - mean_dy - xhat * mean_dy_xhat) * torch.where(hole, coefficients[0], coefficients[1])
+        dgamma_hole, dgamma_valid = [t.sum((0, 2, 3)) for t in dy_xhat_sums]
+        dbeta_hole, dbeta_valid = [t.sum((0, 2, 3)) for t in dy_sums]
+        if affine == "official":  # both betas at every pixel
+            dbeta_hole = dbeta_valid = dbeta_hole + dbeta_valid
+        grads = [g.to(p.dtype) if p is not None and need else None
+                 for p, g, need in zip(parameters, (dgamma_hole, dbeta_hole, dgamma_valid, dbeta_valid),
+                                       ctx.needs_input_grad[1:5])]
+        return (dx.to(x.dtype), *grads) + (None,) * 5
+
+
+def region_norm(x: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor] = None,
+                foreground_beta: Optional[Tensor] = None, background_gamma: Optional[Tensor] = None,
+                background_beta: Optional[Tensor] = None, *, eps: float = 1e-5, stats: str = "batch",
+                eps_mode: str = "official", affine: str = "masked", sync: None = None) -> Tensor:
+    """As :func:`normlayers.reference.region_norm.region_norm` without synced statistics (``sync`` must be
+    ``None``: :mod:`normlayers.functional` sends synced calls to the reference, which gathers them)."""
+    if sync is not None:
+        raise ValueError("the CPU tier of region_norm takes no synced statistics (the reference gathers them)")
+    hole = _ref_region.prepare_mask(mask, x.shape[2:])
+    return _RegionNormFunction.apply(x, foreground_gamma, foreground_beta, background_gamma, background_beta, hole,
+                                     eps, stats, eps_mode, affine)
+
+
+def learnable_region_norm(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
+                          beta_weight: Tensor, beta_bias: Optional[Tensor], *, threshold: float, eps: float,
+                          stats: str, eps_mode: str) -> Tensor:
+    """As :func:`normlayers.reference.region_norm.learnable_region_norm` without synced statistics: the reference's
+    self-aware affine (small convs, ATen's) around this tier's :func:`region_norm`."""
+    return _ref_region.learnable_region_norm(x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias,
+                                             threshold=threshold, eps=eps, stats=stats, eps_mode=eps_mode,
+                                             normalize=region_norm)
