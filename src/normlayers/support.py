@@ -90,6 +90,7 @@ LAYERS: dict[str, LayerEntry] = {e.name: e for e in (
     LayerEntry("CRMSNorm", "row_norms.md", lambda **kw: normlayers.CRMSNorm(15, **kw), lambda: _rows(15)),
     LayerEntry("LayerNorm2d", "channel_norms.md", lambda **kw: normlayers.LayerNorm2d(8, **kw), _nchw),
     LayerEntry("RMSNorm2d", "channel_norms.md", lambda **kw: normlayers.RMSNorm2d(8, **kw), _nchw),
+    LayerEntry("GroupNorm", "group_norm.md", lambda **kw: normlayers.GroupNorm(2, 8, act="silu", **kw), _nchw),
     LayerEntry("BatchChannelNorm2d", "batch_channel.md", lambda **kw: normlayers.BatchChannelNorm2d(8, 2, **kw),
                _nchw),
     LayerEntry("WSConv2d", "weight_std.md", lambda **kw: normlayers.WSConv2d(8, 4, 3, padding=1, **kw), _nchw),

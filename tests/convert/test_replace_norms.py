@@ -367,7 +367,7 @@ def test_cast_mode_is_checked():
 
 
 def test_default_mapping_is_same_math_only():
-    assert set(DEFAULT_MAPPING.values()) == {normlayers.LayerNorm, normlayers.RMSNorm}
+    assert set(DEFAULT_MAPPING.values()) == {normlayers.LayerNorm, normlayers.RMSNorm, normlayers.GroupNorm}
 
 
 class ToyRMSNorm(nn.Module):
@@ -579,7 +579,7 @@ class PlainLayernorm(nn.Module):
 
 
 def test_class_name_patterns_match_in_any_case_and_what_is_left_alone_is_reported():
-    model = nn.Sequential(ToyRmsNorm(8), PlainLayernorm(8), nn.GroupNorm(2, 8), nn.Linear(8, 8))
+    model = nn.Sequential(ToyRmsNorm(8), PlainLayernorm(8), nn.BatchNorm1d(8), nn.Linear(8, 8))
     plan = normlayers.plan_replacements(model)
     assert [(r.fqn, r.new_type, r.skipped) for r in plan] == [
         ("0", normlayers.RMSNorm, False), ("1", None, True), ("2", None, True)]  # the Linear is not norm-like

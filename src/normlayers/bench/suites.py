@@ -34,6 +34,7 @@ class Suite:
 
 _ROW_NORMS = ("layer_norm", "rms_norm", "crms_norm", "add_layer_norm", "add_rms_norm", "add_crms_norm")
 _EVO_NORMS = tuple(f"evo_norm2d_{v}" for v in ("b0", "b1", "b2", "s0", "s0a", "s1", "s1a", "s2", "s2a"))
+_GROUP_NORMS = ("group_norm", "group_norm_silu", "group_norm_cl", "group_norm_silu_cl")
 _HEADLINE_DTYPES = {"cuda": ("bf16",), "cpu": ("fp32",)}
 
 SUITES: dict[str, Suite] = {
@@ -52,6 +53,9 @@ SUITES: dict[str, Suite] = {
               dtypes=_HEADLINE_DTYPES),
         Suite("channel_norms", "LayerNorm2d and RMSNorm2d at ConvNeXt shapes, against timm's eager math",
               ops=("layer_norm2d", "rms_norm2d"), modes=("fwd", "bwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES),
+        Suite("group_norm", "GroupNorm and GroupNorm + SiLU at diffusion UNet/VAE shapes (2x320x64x64, "
+              "1x512x128x128, 8x1280x8x8), NCHW and channels-last, against F.group_norm (then F.silu) eager",
+              ops=_GROUP_NORMS, modes=("fwd", "bwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES),
         Suite("transformer_norms", "PowerNorm (T=512, B=32, C=1024 and T=2048, B=8, C=4096) and UnifiedNorm, with "
               "padding masks", ops=("power_norm", "unified_norm"), modes=("fwd", "fwd_bwd"), dtypes=_HEADLINE_DTYPES),
         Suite("region", "RegionNorm RN-B and RN-L at inpainting shapes (8x64x256x256, 8x256x64x64)",
@@ -70,8 +74,9 @@ SUITES: dict[str, Suite] = {
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("fp32",), "cpu": ("fp32",)}),
         Suite("gpu", "every op once, in bf16 and fp32, at one realistic shape per shape kind (row norms first): the "
               "first pass of tools/gpu_check.sh; on CPU, tiny shapes (its --dry-run)",
-              ops=(*_ROW_NORMS, "layer_norm2d", "rms_norm2d", "batch_channel_norm", *_EVO_NORMS, "region_norm",
-                   "learnable_region_norm", "power_norm", "unified_norm", "weight_standardize", "spd_batch_norm"),
+              ops=(*_ROW_NORMS, "layer_norm2d", "rms_norm2d", *_GROUP_NORMS, "batch_channel_norm", *_EVO_NORMS,
+                   "region_norm", "learnable_region_norm", "power_norm", "unified_norm", "weight_standardize",
+                   "spd_batch_norm"),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)},
               shapes={"cuda": {"rows": ("4096x4096",), "nchw": ("32x256x56x56",), "conv_weight": ("256x256x3x3",),
                                "tokens_tbc": ("512x32x1024",), "tokens_bnc": ("32x512x1024",), "spd": ("256x64",)},

@@ -1,12 +1,13 @@
 """Model surgery: swap norms (:func:`replace_norms`), convert Pre-LN transformers exactly to Pre-RMSNorm /
 Pre-CRMSNorm (:func:`prenorm_to_rmsnorm`, :func:`prenorm_to_crmsnorm`), fold eval-mode norms for inference
-(:func:`fold_norms`).
+(:func:`fold_norms`), fuse a GroupNorm and the activation after it (:func:`fuse_group_norm_act`).
 
 A package rather than a single ``convert.py``: the three parts share no code and together are over a
 thousand lines; ``normlayers.convert.<name>`` is the same public path either way.
 """
 
 from normlayers.convert.fold import fold_norms
+from normlayers.convert.fuse_act import fuse_group_norm_act
 from normlayers.convert.prenorm import (
     OutputRMSNorm,
     PreNormSpec,
@@ -31,6 +32,7 @@ __all__ = [
     "RecentredNorm",
     "Replacement",
     "fold_norms",
+    "fuse_group_norm_act",
     "plan_replacements",
     "prenorm_spec",
     "prenorm_to_crmsnorm",

@@ -20,7 +20,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from normlayers import nn as normlayers_nn
 from normlayers.backends import backend as normlayers_backend
 from normlayers.nn._adopt import adopt, factory_kwargs_of
+from normlayers.nn.group_norm import GroupNorm
 from normlayers.nn.row_norms import LayerNorm, RMSNorm
 
 __all__ = ["DEFAULT_MAPPING", "Replacement", "plan_replacements", "replace_norms", "restore_norms", "timm_mapping"]
@@ -46,6 +47,7 @@ MappingLike = Mapping[Union[type, str], Target]
 DEFAULT_MAPPING: dict[Union[type, str], Target] = {
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,
+    nn.GroupNorm: GroupNorm,
     "*RMSNorm": RMSNorm,
     "*LayerNorm": RMSNorm,
 }
@@ -60,6 +62,8 @@ _TIMM_TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
     "LayerNorm2d": ("LayerNorm2d", {}),
     "RmsNorm": ("RMSNorm", {"weight_offset": 0.0, "cast_mode": "torch"}),
     "RmsNorm2d": ("RMSNorm2d", {}),
+    # GroupNorm's from_module reads the *Act classes' activation module into `act`
+    **{name: ("GroupNorm", {}) for name in ("GroupNorm", "GroupNorm1", "GroupNormAct", "GroupNorm1Act")},
     "StdConv2d": ("WSConv2d", {}),
     "ScaledStdConv2d": ("ScaledWSConv2d", {}),
     **{f"EvoNorm2d{variant}": (f"EvoNorm2d{variant}", {})
@@ -86,9 +90,10 @@ def _timm_entries(timm_layers: Any) -> tuple[dict[type, Target], dict[type, str]
 
 def timm_mapping() -> dict[type, Target]:
     """The entries :func:`replace_norms` adds to :data:`DEFAULT_MAPPING` for timm's norm classes when timm is
-    imported: timm's ``LayerNorm``, ``RmsNorm``, ``LayerNorm2d``, ``RmsNorm2d``, the nine ``EvoNorm2d*``,
-    ``StdConv2d`` and ``ScaledStdConv2d`` → the normlayers class computing the same function (as far as this
-    version has one). Merge it into a mapping of your own to keep timm's swaps beside functional ones::
+    imported: timm's ``LayerNorm``, ``RmsNorm``, ``LayerNorm2d``, ``RmsNorm2d``, ``GroupNorm``, ``GroupNorm1``,
+    ``GroupNormAct``, ``GroupNorm1Act`` (their activation fused), the nine ``EvoNorm2d*``, ``StdConv2d`` and
+    ``ScaledStdConv2d`` → the normlayers class computing the same function (as far as this version has one).
+    Merge it into a mapping of your own to keep timm's swaps beside functional ones::
 
         >>> mapping = {**DEFAULT_MAPPING, **timm_mapping(), nn.BatchNorm2d: partial(BatchChannelNorm2d, num_groups=8)}
 
@@ -123,10 +128,12 @@ class Replacement:
 
 @dataclass(frozen=True)
 class _RestoreRecord:
-    """How to rebuild the module a same-math swap replaced: its class and its plain attributes."""
+    """How to rebuild the module a same-math swap replaced: its class, its plain attributes and its submodules
+    (timm's ``GroupNormAct`` calls its ``act`` and ``drop``)."""
 
     cls: type
     attributes: dict[str, Any]
+    children: dict[str, nn.Module] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,7 +349,7 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 def _restore_record(old: nn.Module) -> _RestoreRecord:
     attributes = {k: v for k, v in vars(old).items() if k not in _MODULE_INTERNALS}
-    return _RestoreRecord(type(old), attributes)
+    return _RestoreRecord(type(old), attributes, dict(old.named_children()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -361,7 +368,7 @@ def _probe_shapes(module: nn.Module) -> list[tuple[int, ...]]:
     if width is None and isinstance(weight, Tensor):
         width = tuple(weight.shape)
     shapes = [] if width is None else [(2, 3, *tuple(width))]
-    channels = getattr(module, "in_channels", None)
+    channels = getattr(module, "in_channels", getattr(module, "num_channels", None))
     if channels is None and width is not None and len(tuple(width)) == 1:
         channels = tuple(width)[0]
     if isinstance(channels, int):
@@ -572,13 +579,14 @@ def replace_norms(model: nn.Module, mapping: Optional[MappingLike] = None, *,
             ``FooRmsNorm``). A target is a class with the conversion protocol (``from_module(module, **kwargs)``;
             every normlayers class that converts has it, see docs/convert.md), a ``functools.partial`` of one binding
             keyword arguments, or a callable ``module -> new module``. Default: :data:`DEFAULT_MAPPING`, which swaps
-            only norms of identical math: ``nn.LayerNorm → LayerNorm``, ``nn.RMSNorm → RMSNorm``, and the Hugging
+            only norms of identical math: ``nn.LayerNorm → LayerNorm``, ``nn.RMSNorm → RMSNorm``,
+            ``nn.GroupNorm → GroupNorm``, and the Hugging
             Face ``*RMSNorm`` classes and RMS norms named ``*LayerNorm`` (T5's) → ``RMSNorm`` with their eps, and
             the ``1 + w`` offset and casting order found by probing the class; when timm is imported, also
             :func:`timm_mapping`'s entries (timm's ``LayerNorm``, ``RmsNorm``, ``LayerNorm2d``, ``RmsNorm2d``,
-            ``EvoNorm2d*``, ``StdConv2d``, ``ScaledStdConv2d`` → the normlayers class of the same function). Swaps
-            that change the function (``nn.BatchNorm2d → BatchChannelNorm2d``, ``nn.Conv2d → WSConv2d``) happen
-            only when the mapping asks; a given mapping replaces the default one.
+            ``GroupNorm*``, ``EvoNorm2d*``, ``StdConv2d``, ``ScaledStdConv2d`` → the normlayers class of the same
+            function). Swaps that change the function (``nn.BatchNorm2d → BatchChannelNorm2d``,
+            ``nn.Conv2d → WSConv2d``) happen only when the mapping asks; a given mapping replaces the default one.
         filter_fn (callable, optional): ``(module, fqn) -> bool``; only modules for which it is true are swapped.
         include, exclude (str or list of str, optional): fnmatch patterns on module names; a module is swapped when
             one of its names matches ``include`` (if given) and none matches ``exclude``.
@@ -660,7 +668,7 @@ def _restore_one(module: nn.Module) -> Optional[nn.Module]:
         adopt(old, module, {name: name for name in module._parameters if name not in record.attributes})
         for name, buffer in module.named_buffers(recurse=False):
             old.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
-        for name, child in module.named_children():  # (an EvoNorm's `act`, adopted from the source)
+        for name, child in {**record.children, **dict(module.named_children())}.items():  # (an EvoNorm's `act`)
             old.add_module(name, child)
         return old.train(module.training)
     to_torch = getattr(module, "to_torch", None)
@@ -677,7 +685,8 @@ def restore_norms(model: nn.Module) -> nn.Module:
     (or the new root if the root itself is restored). For exporting checkpoints that load without normlayers.
 
     * a module swapped by :func:`replace_norms` with the same math becomes an instance of the class it replaced
-      (``nn.LayerNorm``, ``nn.RMSNorm``, ``LlamaRMSNorm``, ``GemmaRMSNorm``, …), holding the same parameters;
+      (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, timm's ``GroupNormAct``, ``LlamaRMSNorm``,
+      ``GemmaRMSNorm``, …), holding the same parameters;
     * any other module with a ``to_torch()`` method becomes what it returns: ``LayerNorm``/``RMSNorm`` become
       ``nn.LayerNorm``/``nn.RMSNorm`` (an ``RMSNorm`` with ``weight_offset`` gets a new
       ``weight = weight + weight_offset``; ``cast_mode="llama"`` becomes torch's rounding), ``WSConv2d``/

@@ -19,6 +19,7 @@ from normlayers.functional.evo_norm import (
     evo_norm2d_s2,
     evo_norm2d_s2a,
 )
+from normlayers.functional.group_norm import group_norm
 from normlayers.functional.region_norms import learnable_region_norm, region_norm
 from normlayers.functional.row_norms import add_crms_norm, add_layer_norm, add_rms_norm, crms_norm, layer_norm, rms_norm
 from normlayers.functional.spd import spd_batch_norm
@@ -54,4 +55,5 @@ __all__ = [
     "learnable_region_norm",
     "power_norm",
     "unified_norm",
+    "group_norm",
 ]

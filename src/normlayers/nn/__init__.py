@@ -13,6 +13,7 @@ from normlayers.nn.evo_norm import (
     EvoNorm2dS2,
     EvoNorm2dS2a,
 )
+from normlayers.nn.group_norm import GroupNorm
 from normlayers.nn.power_norm import PowerNorm, reset_iters
 from normlayers.nn.region_norm import LearnableRegionNorm2d, RegionNorm2d
 from normlayers.nn.row_norms import CRMSNorm, LayerNorm, RMSNorm
@@ -32,6 +33,7 @@ __all__ = [
     "EvoNorm2dS1a",
     "EvoNorm2dS2",
     "EvoNorm2dS2a",
+    "GroupNorm",
     "LayerNorm",
     "LayerNorm2d",
     "LearnableRegionNorm2d",

@@ -21,6 +21,8 @@ torch 2.13 only), let each op run on its local shards with no communication wher
 * **EvoNorm-S statistics** (``evo_norm_s_finalize``/``_bwd``, per-plane ``(N, C)`` moments to per-sample group
   coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``. Sharded channels are
   refused: a group spans several channels.
+* **GroupNorm** (``group_norm_fwd``/``_bwd``, ``(N, C, *spatial)`` with ``(N, G)`` statistics): sharded on the batch
+  dim; weight and bias replicated, ``dweight``/``dbias`` ``Partial``. Sharded channels or spatial dims are refused.
 * **Token ops** (``token_square_sum``, ``token_grad_sums``, ``channel_affine*``, ``power_norm_train``,
   ``unified_norm_train``, on token rows ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel
   sums over rows come out ``Partial``. Sharded channels are refused. The layers themselves never pass DTensors to
@@ -54,7 +56,7 @@ from torch.distributed.tensor.experimental import register_sharding
 
 # The ops must be registered before their rules.
 from normlayers.ops import (  # noqa: F401
-    batch_channel, channel_norms, channel_stats, evo_norm, region_norm, row_norms, token_stats)
+    batch_channel, channel_norms, channel_stats, evo_norm, group_norm, region_norm, row_norms, token_stats)
 
 __all__: list[str] = []
 
@@ -104,6 +106,8 @@ _RULES: dict[str, tuple[str, str, str]] = {
     "channel_norm_bwd": ("pixel", "ddrdd--", "dpp"),  # (dx, dweight, dbias)
     "evo_norm_s_finalize": ("sample_group", "ddrrr----", "ddd"),  # (slope, scale, shift), (N, C) each
     "evo_norm_s_finalize_bwd": ("sample_group", "dddddrrr----", "ddppp"),  # (dplane_mean, dplane_var, dweight, ...)
+    "group_norm_fwd": ("sample_group", "drr---", "ddd"),  # (y, mean, rstd): mean/rstd (N, G)
+    "group_norm_bwd": ("sample_group", "ddrrdd--", "dpp"),  # (dx, dweight, dbias)
 }
 
 # Per family, the ops whose every tensor (argument or output) is data placed like the sharding: statistics per plane

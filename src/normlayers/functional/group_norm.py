@@ -1,0 +1,79 @@
+"""Functional Group Normalization with an optional fused activation (``F.group_norm`` followed by SiLU, GELU or ReLU,
+as every ResNet block of a diffusion UNet or VAE runs it)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normlayers._checks import check_channel_vectors, check_epsilon, check_float_tensor, check_positive_int
+from normlayers._dtypes import compute_dtype
+from normlayers.backends import tier
+from normlayers.cpu import group_norm as _cpu_group_norm
+from normlayers.functional._common import empty_batch_output
+from normlayers.ops import group_norm as _ops_group_norm
+from normlayers.reference import group_norm as _ref_group_norm
+
+__all__ = ["GROUP_NORM_ACTIVATIONS", "check_activation", "group_norm"]
+
+GROUP_NORM_ACTIVATIONS = tuple(_ref_group_norm.ACTIVATIONS)
+
+
+def check_activation(act: object) -> Optional[str]:
+    """``act``: ``None`` or one of :data:`GROUP_NORM_ACTIVATIONS`."""
+    if act is not None and (not isinstance(act, str) or act not in GROUP_NORM_ACTIVATIONS):
+        raise ValueError(f"act must be None or one of {GROUP_NORM_ACTIVATIONS}, got {act!r}")
+    return act
+
+
+def _check_group_norm_args(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                           eps: float, act: Optional[str]) -> float:
+    check_float_tensor("input", input)
+    if input.dim() < 2:
+        raise ValueError(f"input must be (N, C, *spatial) with at least 2 dims, got {input.dim()}-D input of shape "
+                         f"{list(input.shape)}")
+    check_positive_int("num_groups", num_groups)
+    channels = input.shape[1]
+    if channels % num_groups != 0:
+        raise ValueError(f"num_groups ({num_groups}) must divide the number of channels (input.shape[1] = "
+                         f"{channels}); input has shape {list(input.shape)}")
+    check_channel_vectors(input, {"weight": weight, "bias": bias})
+    check_activation(act)
+    return check_epsilon("eps", eps)
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, act: Optional[str] = None) -> Tensor:
+    r"""Group normalization of an ``(N, C, *spatial)`` input, followed by an optional activation.
+
+    .. math:: y = \mathrm{act}\left(\frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}}
+              \cdot \gamma_c + \beta_c\right)
+
+    Mean and biased variance over each (sample, group of ``C / num_groups`` consecutive channels)'s values (Wu & He,
+    2018, eq. 1), in fp32 (fp64 for fp64 input); the activation is applied before the one rounding to the input's
+    dtype. ``act=None`` is ``F.group_norm``; ``"silu"``, ``"gelu"`` (exact, erf) and ``"relu"`` fuse
+    ``F.silu(F.group_norm(...))`` and the like. On CUDA one Triton kernel chain reads NCHW and channels-last inputs
+    in place, forward and backward; under CUDA autocast it runs in fp32, as ``F.group_norm`` does. See
+    docs/group_norm.md.
+
+    Args:
+        input: ``(N, C, *spatial)``, any number of spatial dims (none included).
+        num_groups: ``G``, dividing ``C``.
+        weight, bias: ``(C,)`` or ``None``.
+        eps: added to the variance. Default: ``1e-5``.
+        act: ``None``, ``"silu"``, ``"gelu"`` or ``"relu"``. Default: ``None``.
+    """
+    eps = _check_group_norm_args(input, num_groups, weight, bias, eps, act)
+    if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        # torch's autocast runs group_norm in fp32: so do we.
+        input, weight, bias = (t.to(compute_dtype(t.dtype)) if t is not None else None for t in (input, weight, bias))
+    if input.numel() == 0:
+        return empty_batch_output(input, weight, bias)
+    implementation = tier(input)
+    if implementation == "triton":
+        return _ops_group_norm.group_norm(input, num_groups, weight, bias, eps, act)
+    if implementation == "cpu":
+        return _cpu_group_norm.group_norm(input, num_groups, weight, bias, eps, act)
+    return _ref_group_norm.group_norm(input, num_groups, weight, bias, eps, act)
