@@ -18,16 +18,17 @@ torch 2.13 only), let each op run on its local shards with no communication wher
   the batch dim; weight and bias replicated, ``dweight``/``dbias`` ``Partial``. Sharded channels are refused (a
   pixel's statistics span them), and so are sharded spatial dims (the per-pixel statistics are kept flattened to
   ``(N, H·W)``).
-* **EvoNorm-S statistics** (``evo_norm_s_finalize``/``_bwd``, per-plane ``(N, C)`` moments to per-sample group
-  coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``. Sharded channels are
-  refused: a group spans several channels.
+* **EvoNorm-S statistics** (``evo_norm_s_pass``, ``evo_norm_s_finalize_bwd``, per-plane ``(N, C)`` moments to
+  per-sample group coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``.
+  Sharded channels are refused: a group spans several channels.
 * **Token ops** (``token_*``, ``channel_affine*``, ``power_norm_train``, ``unified_norm_train``, on token rows
   ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel sums over rows come out ``Partial``.
   Sharded channels are refused. ``step_snapshot`` (PowerNorm's and UnifiedNorm's per-step copies) refuses DTensors:
   those layers update running buffers from the whole batch and run on local tensors (docs: "Scaling out").
-* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward)
-  refuse DTensors: they take the batch's statistics from their ``(N, C)`` inputs alone. BatchChannelNorm2d and
-  EvoNorm-B route DTensor inputs to their unfused compositions instead (next paragraph).
+* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize``, their backward, and
+  the eval passes ``batch_channel_eval``, ``evo_norm_b_eval``) refuse DTensors: they take the batch's statistics from
+  their ``(N, C)`` inputs alone. BatchChannelNorm2d and EvoNorm-B route DTensor inputs to their unfused compositions
+  instead (next paragraph).
 
 Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
 with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
@@ -116,7 +117,7 @@ _RULES: dict[str, tuple[str, str, str]] = {
     "unified_norm_train": ("token", "drrrrrrrr---", "d"),
     "channel_norm_fwd": ("pixel", "drr--", "ddd"),  # (y, mean, rstd): mean/rstd (N, H·W)
     "channel_norm_bwd": ("pixel", "ddrdd--", "dpp"),  # (dx, dweight, dbias)
-    "evo_norm_s_finalize": ("sample_group", "ddrrr----", "ddd"),  # (slope, scale, shift), (N, C) each
+    "evo_norm_s_pass": ("sample_group", "dddrrr-----", "ddd"),  # (y, slope, scale)
     "evo_norm_s_finalize_bwd": ("sample_group", "dddddrrr----", "ddppp"),  # (dplane_mean, dplane_var, dweight, ...)
 }
 
@@ -177,7 +178,8 @@ _REFUSED: dict[str, tuple[str, str]] = {
                       "desired_input_layouts=Replicate(), use_local_output=True)"),
     **{name: ("BatchChannelNorm2d and EvoNorm-B", "their layers route DTensor inputs to the unfused composition, so "
               "call the layer, not this op") for name in ("batch_channel_finalize", "batch_channel_finalize_bwd",
-                                                         "evo_norm_b_finalize", "evo_norm_b_finalize_bwd")},
+                                                         "batch_channel_eval", "evo_norm_b_finalize",
+                                                         "evo_norm_b_finalize_bwd", "evo_norm_b_eval")},
 }
 
 
