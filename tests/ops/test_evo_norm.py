@@ -276,7 +276,7 @@ def test_compile_fullgraph_forward_backward(name, device):
     assert_compiled_matches_eager(_module(name, 12, 3, device), _input((2, 12, 3, 4), device, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("name, op", [("B1", "plane_max_div_affine"), ("S0", "plane_swish_affine")])
+@pytest.mark.parametrize("name, op", [("B1", "evo_norm_b_eval"), ("S0", "evo_norm_s_pass")])
 def test_export_contains_the_fused_op(name, op, device):
     module = _module(name, 8, 2, device).eval()
     with normlayers.backend("triton"):

@@ -353,7 +353,7 @@ def batch_channel_eval_fwd(
     hw = x3.shape[2]
     if y.numel() == 0:
         return y, scale, shift, mean, var
-    block_p, block_hw = channel_tile(x3, max_block_hw)
+    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
     batch_channel_eval_fwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
         x3, plane_mean, plane_var, running_mean.contiguous(), running_var.contiguous(),
         optional_pointer(bn_weight, plane_mean), optional_pointer(bn_bias, plane_mean),
@@ -363,6 +363,6 @@ def batch_channel_eval_fwd(
         HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, STORE_COEFFICIENTS=store_coefficients,
         COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        BLOCK_CPG=next_power_of_2(channels // num_groups), num_warps=num_warps_for(block_p * block_hw, x.device),
+        BLOCK_CPG=next_power_of_2(channels // num_groups), num_warps=num_warps,
     )
     return y, scale, shift, mean, var

@@ -35,13 +35,13 @@ from normlayers.kernels.common import (
     centred_row_moments,
     chan_combine,
     PLANE_MAX_BLOCK_HW,
+    PLANE_MAX_BLOCK_P,
     PLANE_TILE_ELEMENTS,
     hole_planes,
     load_plane_values,
     next_power_of_2,
     num_warps_for,
     plane_strides,
-    plane_tile,
     tl_compute_dtype,
 )
 
@@ -62,18 +62,24 @@ def parameter_grad(parameter: Optional[torch.Tensor], like: torch.Tensor) -> tor
     return torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device)
 
 
-def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_HW) of the per-plane kernels for ``x3`` ``(N, C, HW)``: a program takes ``BLOCK_P`` channels of
-    one sample (:func:`channel_block`). Channels-last input (channel stride 1) gets a tile wide along C, so that its
-    loads are 128-bit along the contiguous channels and a warp reads whole 32-byte sectors; otherwise planes are rows
-    (:func:`~normlayers.kernels.common.plane_tile`, several small planes per program)."""
+def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *,
+                 reduction: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_HW, num_warps) of the per-plane kernels for ``x3`` ``(N, C, HW)``: a program takes ``BLOCK_P``
+    channels of one sample (:func:`channel_block`). Channels-last input (channel stride 1) gets a tile wide along C,
+    so that its loads are 128-bit along the contiguous channels and a warp reads whole 32-byte sectors; otherwise
+    planes are rows, several small planes per program. ``reduction``: the kernel keeps per-plane sums across its loop
+    over HW; it gets half the tile on half the warps (still 8 values per thread, one 128-bit bf16 load), since its
+    live temporaries spill past the 128 registers a thread of a 16-warp program may have."""
     _, channels, hw = x3.shape
+    elements = PLANE_TILE_ELEMENTS // 2 if reduction else PLANE_TILE_ELEMENTS
+    widest = 1 << ((max_block_hw if max_block_hw is not None else PLANE_MAX_BLOCK_HW).bit_length() - 1)
     if x3.stride(1) == 1 and channels > 1 and hw > 1:
-        cap = max_block_hw if max_block_hw is not None else PLANE_MAX_BLOCK_HW
         block_p = min(next_power_of_2(channels), CHANNELS_LAST_BLOCK_C)
-        block_hw = min(next_power_of_2(hw), max(PLANE_TILE_ELEMENTS // block_p, 1), 1 << (cap.bit_length() - 1))
-        return block_p, block_hw
-    return plane_tile(channels, hw, max_block_hw)
+        block_hw = min(next_power_of_2(hw), max(elements // block_p, 1), widest)
+    else:
+        block_hw = min(next_power_of_2(hw), widest)
+        block_p = min(max(elements // block_hw, 1), PLANE_MAX_BLOCK_P, next_power_of_2(channels))
+    return block_p, block_hw, num_warps_for(block_p * block_hw, x3.device)
 
 
 def channel_grid(x3: torch.Tensor, block_p: int) -> int:
@@ -348,11 +354,11 @@ def plane_moments_fwd(x: torch.Tensor, *, max_block_hw: Optional[int] = None) ->
         return mean, var
     if hw == 0:
         return mean.fill_(math.nan), var.fill_(math.nan)
-    block_p, block_hw = channel_tile(x3, max_block_hw)
+    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw, reduction=True)
     plane_moments_fwd_kernel[(channel_grid(x3, block_p),)](
         x3, mean, var, n * c, c, hw, *plane_strides(x3),
         COMPUTE=tl_compute_dtype(compute), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps_for(block_p * block_hw, x.device),
+        num_warps=num_warps,
     )
     return mean, var
 
@@ -369,14 +375,14 @@ def plane_moments_bwd(x: torch.Tensor, mean: torch.Tensor, dmean: Optional[torch
     n, c, hw = x3.shape
     if dx.numel() == 0:
         return dx
-    block_p, block_hw = channel_tile(x3, max_block_hw)
+    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
     plane_moments_bwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
         x3, mean.contiguous(), dmean.contiguous() if dmean is not None else mean,
         dvar.contiguous() if dvar is not None else mean, partial3, dx3, n * c, c, hw, *plane_strides(x3),
         *plane_strides(partial3), *plane_strides(dx3),
         HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None, HAS_DX_PARTIAL=dx_partial is not None,
         COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps_for(block_p * block_hw, x.device),
+        num_warps=num_warps,
     )
     return dx
 
@@ -395,12 +401,12 @@ def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
     if y.numel() == 0:
         return y
     hole3, hole_strides = hole_planes(hole_mask, x3)
-    block_p, block_hw = channel_tile(x3, max_block_hw)
+    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
     plane_affine_fwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
         x3, hole3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *plane_strides(x3),
         *hole_strides, *plane_strides(y3), REGIONS=1 if hole_mask is None else 2,
         COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps_for(block_p * block_hw, x.device),
+        num_warps=num_warps,
     )
     return y
 
@@ -421,11 +427,11 @@ def plane_affine_bwd(dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, sc
     if hw == 0:
         return dx, dscale.zero_(), dshift.zero_()
     hole3, hole_strides = hole_planes(hole_mask, x3)
-    block_p, block_hw = channel_tile(x3, max_block_hw)
+    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw, reduction=True)
     plane_affine_bwd_kernel[(channel_grid(x3, block_p),)](
         dy3, x3, hole3, center.contiguous(), scale.contiguous(), dx3, dscale, dshift, n * c, c, hw, *plane_strides(dy3),
         *plane_strides(x3), *hole_strides, *plane_strides(dx3), REGIONS=1 if hole_mask is None else 2,
         COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps_for(block_p * block_hw, x.device),
+        num_warps=num_warps,
     )
     return dx, dscale, dshift

@@ -449,13 +449,13 @@ def _launch_pass(x: torch.Tensor, mode: tl.constexpr, coefficients: list[torch.T
     if y.numel() == 0:
         return y
     coefficients = [t if t.numel() > 0 else statistics[0] for t in coefficients]  # unwritten ones: never read
-    block_p, block_hw = channel_tile(x3, max_block_hw)
+    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
     evo_plane_fwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
         x3, *coefficients, y3, *statistics, n * c, c, hw, c // groups, eps, *plane_strides(x3), *plane_strides(y3),
         MODE=mode.value, COEFFICIENTS=source.value, STATISTIC=statistic, VARIANT=variant, HAS_WEIGHT=has_weight,
         HAS_BIAS=has_bias, STORE_COEFFICIENTS=store, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)),
         BLOCK_P=block_p, BLOCK_HW=block_hw, BLOCK_CPG=next_power_of_2(c // groups),
-        num_warps=num_warps_for(block_p * block_hw, x.device),
+        num_warps=num_warps,
     )
     return y
 
@@ -526,13 +526,13 @@ def evo_plane_bwd(dy: torch.Tensor, x: torch.Tensor, mode: tl.constexpr, *, max_
     grads = {name: allocate((n, c), dtype=scale.dtype, device=x.device) for name in MODE_COEFFICIENTS[mode]}
     if n * c > 0 and hw > 0:
         unused = grads["scale"]
-        block_p, block_hw = channel_tile(x3, max_block_hw)
+        block_p, block_hw, num_warps = channel_tile(x3, max_block_hw, reduction=True)
         evo_plane_bwd_kernel[(channel_grid(x3, block_p),)](
             dy3, x3, left, slope, offset, scale, dx3, grads.get("left", unused), grads["slope"],
             grads.get("offset", unused), grads["scale"], grads["shift"], n * c, c, hw,
             *plane_strides(dy3), *plane_strides(x3), *plane_strides(dx3),
             MODE=mode.value, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-            num_warps=num_warps_for(block_p * block_hw, x.device),
+            num_warps=num_warps,
         )
     return (dx, *grads.values())
 
