@@ -12,6 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (README's `-n auto`) each worker is its own process: give each its share of the cores, so the
+# workers' ATen thread pools together do not oversubscribe the machine (a 2-core machine runs 2 one-thread workers).
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+
 
 def _round_bf16_like_the_gpu() -> None:
     """Make the Triton interpreter round float → bf16 casts to nearest-even, as compiled kernels do.

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import normlayers
-from normlayers.testing import NCHW_LAYOUTS, assert_close, assert_lowprec_close, nchw_input, run_training_steps
+from normlayers.testing import (NCHW_LAYOUTS, assert_close, assert_lowprec_close, assert_state_dict_loads_both_ways,
+                                nchw_input, run_training_steps)
 
 timm_layers = pytest.importorskip("timm.layers")
 
@@ -51,13 +52,7 @@ def _inputs(dtype, layout, steps=3):
 @pytest.mark.parametrize("affine", [True, False])
 def test_state_dict_loads_both_ways(kind, affine):
     ours, theirs = _pair(kind, affine=affine)
-    back = copy.deepcopy(theirs)
-    with torch.no_grad():
-        for p in back.parameters():
-            p.zero_()
-    back.load_state_dict(ours.state_dict(), strict=True)
-    for key, value in theirs.state_dict().items():
-        assert torch.equal(back.state_dict()[key], value), key
+    assert_state_dict_loads_both_ways(ours, theirs)
     assert (ours.normalized_shape, ours.eps, ours.elementwise_affine) == (
         tuple(theirs.normalized_shape), theirs.eps, theirs.elementwise_affine)
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import normlayers
-from normlayers.testing import assert_close, assert_lowprec_close, run_training_steps
+from normlayers.testing import (assert_close, assert_lowprec_close, assert_state_dict_loads_both_ways,
+                                run_training_steps)
 
 timm_layers = pytest.importorskip("timm.layers")
 
@@ -46,18 +47,6 @@ def _randomize_(module: torch.nn.Module) -> None:
         for name, b in module.named_buffers():
             if b.is_floating_point():
                 b.copy_(torch.rand_like(b) + 0.5)
-
-
-def _load_both_ways(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
-    """Load timm's state into ours strictly, then ours back into a fresh copy of timm's: same keys, shapes, values."""
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    back = copy.deepcopy(theirs)
-    with torch.no_grad():
-        for p in back.parameters():
-            p.zero_()
-    back.load_state_dict(ours.state_dict(), strict=True)
-    for key, value in theirs.state_dict().items():
-        assert torch.equal(back.state_dict()[key], value), key
 
 
 def _assert_same_steps(ours: torch.nn.Module, theirs: torch.nn.Module, xs: list[torch.Tensor], backend_name: str,
@@ -88,7 +77,7 @@ def test_evo_norm_matches_timm(variant: str, train: bool, backend_name: str) -> 
     theirs = getattr(timm_layers, name)(16, **kwargs)
     ours = getattr(normlayers, name)(16, **kwargs)
     _randomize_(theirs)
-    _load_both_ways(ours, theirs)
+    assert_state_dict_loads_both_ways(ours, theirs)
     assert ours.eps == theirs.eps
     xs = [torch.randn(2, 16, 5, 5) * 2 + 0.5 for _ in range(3)]
     _assert_same_steps(ours, theirs, xs, backend_name, train=train)
@@ -103,7 +92,7 @@ def test_std_conv2d_matches_timm(groups: int) -> None:
     theirs = timm_layers.StdConv2d(8, 6, 3, groups=groups, bias=True)
     ours = normlayers.WSConv2d(8, 6, 3, padding=_timm_padding(3), groups=groups, bias=True)
     _randomize_(theirs)
-    _load_both_ways(ours, theirs)
+    assert_state_dict_loads_both_ways(ours, theirs)
     assert ours.eps == theirs.eps
     xs = [torch.randn(2, 8, 7, 7) for _ in range(2)]
     for train in (True, False):
@@ -118,7 +107,7 @@ def test_scaled_std_conv2d_matches_timm(gamma: float) -> None:
     ours = normlayers.ScaledWSConv2d(8, 6, 3, padding=_timm_padding(3), gamma=theirs.scale * math.sqrt(fan_in),
                                      eps=theirs.eps)
     _randomize_(theirs)
-    _load_both_ways(ours, theirs)
+    assert_state_dict_loads_both_ways(ours, theirs)
     assert ours.scale == pytest.approx(theirs.scale, rel=1e-15)
     xs = [torch.randn(2, 8, 7, 7) for _ in range(2)]
     for train in (True, False):
@@ -130,7 +119,7 @@ def test_layer_norm_matches_timm(backend_name: str) -> None:
     theirs = timm_layers.LayerNorm(24)
     ours = normlayers.LayerNorm(24, eps=theirs.eps)
     _randomize_(theirs)
-    _load_both_ways(ours, theirs)
+    assert_state_dict_loads_both_ways(ours, theirs)
     xs = [torch.randn(3, 5, 24) for _ in range(2)]
     _assert_same_steps(ours, theirs, xs, backend_name, train=True)
 
@@ -140,7 +129,7 @@ def test_rms_norm_matches_timm(backend_name: str) -> None:
     theirs = timm_layers.RmsNorm(24)
     ours = normlayers.RMSNorm(24, eps=theirs.eps)
     _randomize_(theirs)
-    _load_both_ways(ours, theirs)
+    assert_state_dict_loads_both_ways(ours, theirs)
     xs = [torch.randn(3, 5, 24) for _ in range(2)]
     _assert_same_steps(ours, theirs, xs, backend_name, train=True)
 
@@ -153,7 +142,7 @@ def test_rms_norm_low_precision_vs_timm(backend_name: str, dtype: torch.dtype) -
     theirs = timm_layers.RmsNorm(64)
     _randomize_(theirs)
     ours = normlayers.RMSNorm(64, eps=theirs.eps)
-    _load_both_ways(ours, theirs)
+    assert_state_dict_loads_both_ways(ours, theirs)
     exact = copy.deepcopy(theirs).double()
     x = torch.randn(4, 7, 64)
     with normlayers.backend(backend_name):

@@ -11,7 +11,9 @@ from torch import Tensor, nn
 
 from normlayers import functional as F
 from normlayers._checks import check_epsilon, check_positive_int
+from normlayers.nn._adopt import adopt_same_names
 from normlayers.nn._scripting import NotScriptable
+from normlayers.nn.row_norms import ScaleOnlyNorm
 
 __all__ = ["LayerNorm2d", "RMSNorm2d"]
 
@@ -25,11 +27,9 @@ def _timm_layers() -> Any:
     return timm.layers
 
 
-def _adopt_parameters(new: nn.Module, module: nn.Module, names: tuple[str, ...]) -> nn.Module:
-    """Register ``module``'s very parameter objects of ``names`` on ``new`` (built on ``meta``; nothing is copied)."""
-    for name in names:
-        if getattr(new, name, None) is not None:
-            setattr(new, name, getattr(module, name))
+def _adopt_parameters(new: nn.Module, module: nn.Module) -> nn.Module:
+    """``new`` (built on ``meta``) holding ``module``'s very parameter objects, under the same names."""
+    adopt_same_names(new, module)
     return new
 
 
@@ -95,17 +95,17 @@ class LayerNorm2d(NotScriptable, nn.LayerNorm):
                 "bias": getattr(module, "bias", None) is not None, **kwargs}
         with torch.device("meta"):
             new = cls(_source_channels(cls, module), **args)
-        return _adopt_parameters(new, module, ("weight", "bias"))
+        return _adopt_parameters(new, module)
 
     def to_torch(self) -> nn.Module:
         """timm's ``LayerNorm2d`` of the same configuration holding this module's parameter objects (needs timm)."""
         with torch.device("meta"):
             plain = _timm_layers().LayerNorm2d(self.normalized_shape[0], self.eps, self.elementwise_affine,
                                                bias=self.bias is not None)
-        return _adopt_parameters(plain, self, ("weight", "bias"))
+        return _adopt_parameters(plain, self)
 
 
-class RMSNorm2d(NotScriptable):
+class RMSNorm2d(ScaleOnlyNorm):
     r"""RMS normalization over the channels of an ``(N, C, H, W)`` input, at each pixel.
 
     .. math:: y_{n,:,h,w} = \frac{x_{n,:,h,w}}{\sqrt{\mathrm{mean}_c(x_{n,:,h,w}^2) + \epsilon}} \cdot \gamma
@@ -131,28 +131,11 @@ class RMSNorm2d(NotScriptable):
         >>> y = norm(torch.randn(8, 64, 56, 56).to(memory_format=torch.channels_last))
     """
 
-    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
-    normalized_shape: tuple[int, ...]
     eps: float
-    elementwise_affine: bool
 
     def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True, *, device=None, dtype=None) -> None:
-        super().__init__()
-        self.normalized_shape = (check_positive_int("channels", channels),)
-        self.eps = check_epsilon("eps", eps)
-        self.elementwise_affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-
-    def extra_repr(self) -> str:
-        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
+        super().__init__((check_positive_int("channels", channels),), check_epsilon("eps", eps), affine,
+                         device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.rms_norm2d(input, self.weight, self.eps)
@@ -165,11 +148,11 @@ class RMSNorm2d(NotScriptable):
         args = {"eps": module.eps, "affine": getattr(module, "weight", None) is not None, **kwargs}
         with torch.device("meta"):
             new = cls(_source_channels(cls, module), **args)
-        return _adopt_parameters(new, module, ("weight",))
+        return _adopt_parameters(new, module)
 
     def to_torch(self) -> nn.Module:
         """timm's ``RmsNorm2d`` of the same configuration holding this module's ``weight`` object (needs timm). It
         computes in the input's dtype: the same function in fp32 and fp64, rounded differently in fp16/bf16."""
         with torch.device("meta"):
             plain = _timm_layers().RmsNorm2d(self.normalized_shape[0], self.eps, self.elementwise_affine)
-        return _adopt_parameters(plain, self, ("weight",))
+        return _adopt_parameters(plain, self)

@@ -241,7 +241,35 @@ class RMSNorm(NotScriptable, nn.RMSNorm):
         return plain.train(self.training)
 
 
-class CRMSNorm(NotScriptable):
+class ScaleOnlyNorm(NotScriptable):
+    """What the norms with only a ``weight`` (CRMSNorm, RMSNorm2d) share: a ``weight`` of ``normalized_shape``
+    (ones) when ``elementwise_affine``, torch's ``LayerNorm``-style attributes and ``extra_repr``."""
+
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    normalized_shape: tuple[int, ...]
+    elementwise_affine: bool
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: Optional[float], elementwise_affine: bool, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
+
+
+class CRMSNorm(ScaleOnlyNorm):
     r"""Compressed RMS normalization (Jiang et al., "Pre-RMSNorm and Pre-CRMSNorm Transformers", NeurIPS 2023).
 
     In a Pre-CRMSNorm Transformer the residual stream is zero-mean and stored compressed: only its first
@@ -269,30 +297,11 @@ class CRMSNorm(NotScriptable):
         >>> y = norm(torch.randn(4, 32, 767))
     """
 
-    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
-    normalized_shape: tuple[int, ...]
     eps: Optional[float]
-    elementwise_affine: bool
 
     def __init__(self, normalized_shape: ShapeLike, eps: Optional[float] = None, elementwise_affine: bool = True,
                  device=None, dtype=None) -> None:
-        super().__init__()
-        factory_kwargs = {"device": device, "dtype": dtype}
-        self.normalized_shape = as_shape(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-        else:
-            self.register_parameter("weight", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-
-    def extra_repr(self) -> str:
-        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
+        super().__init__(as_shape(normalized_shape), eps, elementwise_affine, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *,
                 residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:

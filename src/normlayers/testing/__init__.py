@@ -18,7 +18,8 @@ import torch
 from normlayers._checks import check_choice
 
 __all__ = ["NCHW_LAYOUTS", "PLANE_KERNEL_SHAPES", "TOLERANCES", "tolerance", "assert_close",
-           "assert_compiled_matches_eager", "assert_lowprec_close", "max_abs_error", "nchw_input", "run_training_steps"]
+           "assert_compiled_matches_eager", "assert_lowprec_close", "assert_state_dict_loads_both_ways",
+           "max_abs_error", "nchw_input", "run_training_steps"]
 
 # dtype -> (rtol, atol). Each entry widens torch.testing's default only with the reason written beside it.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -139,6 +140,21 @@ def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor) -> N
             assert_close(a, c)
         else:
             assert torch.equal(a, c)
+
+
+def assert_state_dict_loads_both_ways(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """``theirs``' state loads into ``ours`` strictly, and ``ours``' back into a zeroed copy of ``theirs`` strictly,
+    giving ``theirs``' every tensor exactly: the same keys, shapes and values both ways."""
+    import copy
+
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    back = copy.deepcopy(theirs)
+    with torch.no_grad():
+        for p in back.parameters():
+            p.zero_()
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
 
 
 def run_training_steps(module: torch.nn.Module, xs: list[torch.Tensor], backend_name: str
