@@ -168,7 +168,9 @@ def batch_channel_finalize_bwd_kernel(
         inv_std = tl.math.rsqrt(load_group_channels(VAR, g, CPG, 1.0, BLOCK_C, COMPUTE) + bn_eps)
         bn_weight = load_optional_group_channels(BN_WEIGHT, g, CPG, 1.0, HAS_BN_WEIGHT, BLOCK_C, COMPUTE)
         bn_bias = load_optional_group_channels(BN_BIAS, g, CPG, 0.0, HAS_BN_BIAS, BLOCK_C, COMPUTE)
-        weight = load_optional(WEIGHT, g, g < G, 1.0, HAS_WEIGHT, COMPUTE)
+        weight = tl.full((), 1.0, COMPUTE)
+        if HAS_WEIGHT:
+            weight = tl.load(WEIGHT + g).to(COMPUTE)
         a = inv_std * bn_weight
         da = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         du_mean_sum = tl.zeros((BLOCK_C,), dtype=COMPUTE)  # Σ_n ∂/∂u_mean: bn_bias's gradient
