@@ -59,16 +59,12 @@ def compile_finalize_kernels(compile_kernel) -> int:
                                      (evo_norm.GROUP_VARIANCE, evo_norm.NUMERATOR_SWISH),
                                      (evo_norm.GROUP_MEAN_SQUARE, evo_norm.NUMERATOR_SILU)):
             flags = {"STATISTIC": statistic, "NUMERATOR": numerator, "HAS_WEIGHT": True, "HAS_BIAS": True, **tile}
-            compile_kernel(evo_norm.evo_norm_s_finalize_fwd_kernel,
-                           {**planes, **parameters, "V": f"*{params}", "SLOPE": f"*{stats}", "SCALE": f"*{stats}",
-                            "SHIFT": f"*{stats}"},
-                           {**sizes, "eps": "fp32"}, flags)
             compile_kernel(evo_norm.evo_norm_s_finalize_bwd_kernel,
                            {"DSCALE": f"*{stats}", "DSHIFT": f"*{stats}", "DSLOPE": f"*{stats}", **planes,
                             "WEIGHT": f"*{params}", "DPLANE_MEAN": f"*{stats}", "DPLANE_VAR": f"*{stats}",
                             "DWEIGHT": f"*{params}", "DBIAS": f"*{params}", "DV": f"*{params}"},
                            {**sizes, "eps": "fp32"}, flags)
-            count += 2
+            count += 1
         for variant, training in ((evo_norm.VARIANT_B0, True), (evo_norm.VARIANT_B1, False),
                                   (evo_norm.VARIANT_B2, True)):
             has = {"VARIANT": variant, "HAS_WEIGHT": True, "HAS_BIAS": True, **tile}
@@ -91,7 +87,8 @@ def compile_all_variants() -> int:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from normlayers.kernels import channel_norms, channel_stats, common, evo_norm, region_norm, row_norms, token_stats
+    from normlayers.kernels import (
+        batch_channel, channel_norms, channel_stats, common, evo_norm, region_norm, row_norms, token_stats)
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -221,15 +218,44 @@ def compile_all_variants() -> int:
                            {"BATCH": batch, "HAS_GAMMA_H": flag, "HAS_GAMMA_V": flag, **tile})
             count += 5
         coefficients = {name: f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE")}
-        for mode in (evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV):
+        params = "fp64" if data == "fp64" else "bf16"
+        moments = {"PLANE_MEAN": f"*{stats}", "PLANE_VAR": f"*{stats}"}
+        parameters = {name: f"*{params}" for name in ("RUNNING_VAR", "WEIGHT", "BIAS", "V")}
+        # The fused pass: coefficients given (both modes), or computed in the pass (the S family, each numerator and
+        # statistic; the B family in eval, each variant), writing them for the backward or not.
+        passes = [(mode, evo_norm.COEFFICIENTS_GIVEN, 0, 0, False) for mode in (evo_norm.MODE_SWISH,
+                                                                               evo_norm.MODE_MAX_DIV)]
+        passes += [(evo_norm.MODE_IDENTITY if numerator == evo_norm.NUMERATOR_IDENTITY else evo_norm.MODE_SWISH,
+                    evo_norm.COEFFICIENTS_S, statistic, numerator, store)
+                   for statistic, numerator, store in ((evo_norm.GROUP_VARIANCE, evo_norm.NUMERATOR_IDENTITY, True),
+                                                       (evo_norm.GROUP_VARIANCE, evo_norm.NUMERATOR_SWISH, False),
+                                                       (evo_norm.GROUP_MEAN_SQUARE, evo_norm.NUMERATOR_SILU, True))]
+        passes += [(evo_norm.MODE_MAX_DIV, evo_norm.COEFFICIENTS_B_RUNNING, 0, variant, variant == evo_norm.VARIANT_B0)
+                   for variant in (evo_norm.VARIANT_B0, evo_norm.VARIANT_B1, evo_norm.VARIANT_B2)]
+        for mode, source, statistic, variant, store in passes:
             compile_kernel(evo_norm.evo_plane_fwd_kernel,
-                           {"X": f"*{data}", **coefficients, "SHIFT": f"*{stats}", "Y": f"*{data}"},
-                           {**planes, **strides("x", "y")}, {"MODE": mode, **tile})
+                           {"X": f"*{data}", **coefficients, "SHIFT": f"*{stats}", "Y": f"*{data}", **moments,
+                            **parameters},
+                           {**planes, "CPG": "i32", "eps": "fp32", **strides("x", "y")},
+                           {"MODE": mode, "COEFFICIENTS": source, "STATISTIC": statistic, "VARIANT": variant,
+                            "HAS_WEIGHT": True, "HAS_BIAS": True, "STORE_COEFFICIENTS": store, "BLOCK_CPG": 16,
+                            **tile})
+        count += len(passes)
+        for store in (True, False):
+            compile_kernel(batch_channel.batch_channel_eval_fwd_kernel,
+                           {"X": f"*{data}", **moments, "RUNNING_MEAN": f"*{params}", "RUNNING_VAR": f"*{params}",
+                            **{name: f"*{params}" for name in ("BN_WEIGHT", "BN_BIAS", "WEIGHT", "BIAS")},
+                            "Y": f"*{data}", **{name: f"*{stats}" for name in ("SCALE", "SHIFT", "MEAN", "VAR")}},
+                           {**planes, "CPG": "i32", "eps": "fp32", "bn_eps": "fp32", **strides("x", "y")},
+                           {**{f"HAS_{name}": store for name in ("BN_WEIGHT", "BN_BIAS", "WEIGHT", "BIAS")},
+                            "STORE_COEFFICIENTS": store, "BLOCK_CPG": 16, **tile})
+        count += 2
+        for mode in (evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV):
             compile_kernel(evo_norm.evo_plane_bwd_kernel,
                            {"DY": f"*{data}", "X": f"*{data}", **coefficients, "DX": f"*{data}",
                             **{f"D{name}": f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE", "SHIFT")}},
                            {**planes, **strides("dy", "x", "dx")}, {"MODE": mode, **tile})
-            count += 2
+            count += 1
     count += compile_finalize_kernels(compile_kernel)
     # Token statistics (PowerNorm, UnifiedNorm): every flag combination the launchers use, and the mixed dtypes of
     # PowerNorm's fp32 GroupScaling output u with fp16/bf16 activations (u -> bf16 y; bf16 dy with u -> fp32 du).
@@ -345,7 +371,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 295 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 391 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":

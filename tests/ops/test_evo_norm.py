@@ -65,16 +65,18 @@ def test_opcheck(layout, device):
 
 @pytest.mark.parametrize("numerator", ["NUMERATOR_IDENTITY", "NUMERATOR_SWISH", "NUMERATOR_SILU"])
 @pytest.mark.parametrize("statistic", ["GROUP_VARIANCE", "GROUP_MEAN_SQUARE"])
-def test_opcheck_s_finalize(statistic, numerator, device):
+def test_opcheck_s_pass_and_finalize_bwd(statistic, numerator, device):
     from normlayers.kernels import evo_norm as kernels
 
     gen = torch.Generator().manual_seed(8)
+    x = _input((3, 8, 2, 3), device)
     plane_mean = torch.randn(3, 8, generator=gen).to(device)
     plane_var = (torch.rand(3, 8, generator=gen) + 0.5).to(device)
     weight, bias, v = (torch.randn(8, generator=gen).to(device) for _ in range(3))
     options = (2, 1e-3, getattr(kernels, statistic), getattr(kernels, numerator))
-    torch.library.opcheck(torch.ops.normlayers.evo_norm_s_finalize.default,
-                          (plane_mean, plane_var, weight, bias, v, *options))
+    for store_coefficients in (True, False):
+        torch.library.opcheck(torch.ops.normlayers.evo_norm_s_pass.default,
+                              (x, plane_mean, plane_var, weight, bias, v, *options, store_coefficients))
     dslope, dscale, dshift = (torch.randn(3, 8, generator=gen).to(device) for _ in range(3))
     torch.library.opcheck(torch.ops.normlayers.evo_norm_s_finalize_bwd.default,
                           (dslope, dscale, dshift, plane_mean, plane_var, weight, bias, v, *options))
@@ -93,6 +95,12 @@ def test_opcheck_b_finalize(variant, training, device):
     mode = getattr(kernels, variant)
     torch.library.opcheck(torch.ops.normlayers.evo_norm_b_finalize.default,
                           (plane_mean, plane_var, running_var, weight, bias, v, training, mode, 0.1, 60, 1e-3))
+    if not training:
+        x = _input((3, 8, 2, 3), device)
+        for store_coefficients in (True, False):
+            torch.library.opcheck(torch.ops.normlayers.evo_norm_b_eval.default,
+                                  (x, plane_mean, plane_var, running_var, weight, bias, v, mode, 1e-3,
+                                   store_coefficients))
     var = (torch.rand(8, generator=gen) + 0.5).to(device)
     grads = [torch.randn(3, 8, generator=gen).to(device) for _ in range(5)]
     torch.library.opcheck(torch.ops.normlayers.evo_norm_b_finalize_bwd.default,
@@ -268,7 +276,7 @@ def test_compile_fullgraph_forward_backward(name, device):
     assert_compiled_matches_eager(_module(name, 12, 3, device), _input((2, 12, 3, 4), device, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("name, op", [("B1", "plane_max_div_affine"), ("S0", "plane_swish_affine")])
+@pytest.mark.parametrize("name, op", [("B1", "evo_norm_b_eval"), ("S0", "evo_norm_s_pass")])
 def test_export_contains_the_fused_op(name, op, device):
     module = _module(name, 8, 2, device).eval()
     with normlayers.backend("triton"):

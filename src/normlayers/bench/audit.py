@@ -19,7 +19,9 @@ Three measurements, each runnable on a machine without a GPU:
 * **Static quality** (:func:`static_quality`): each row-norm kernel variant compiled for sm_90 by Triton's own
   compiler in a subprocess (the interpreter must be off); registers and spill bytes from the ``ptxas -v`` that Triton
   ships, global load/store widths from ``cuobjdump -sass`` of the cubin (``LDG.E.128`` = 128-bit), and H100
-  occupancy (resident warps per SM ÷ 64) from registers, shared memory and ``num_warps``.
+  occupancy (resident warps per SM ÷ 64) from registers, shared memory and ``num_warps``. The per-plane kernels of
+  BatchChannelNorm2d and EvoNorm (:func:`plane_static_quality`) are compiled the same way, each launch captured from
+  its launcher at an audited shape and memory format and specialized as Triton's JIT would specialize it.
 
 ``normlayers-bench --audit`` prints all three; ``python -m normlayers.bench.audit --markdown`` writes the table that
 docs/benchmarking.md shows.
@@ -46,7 +48,8 @@ import torch
 __all__ = [
     "H100_SMS", "REFERENCE_ROWS", "LayerCase", "layer_cases", "LaunchCount", "count_launches", "Traffic",
     "count_traffic", "RowNormTraffic", "row_norm_traffic", "liger_row_norm_traffic", "KernelQuality", "static_quality",
-    "h100_resident_programs", "h100_occupancy", "report", "main",
+    "h100_resident_programs", "h100_occupancy", "PLANE_SHAPES", "PLANE_FORMATS", "plane_static_quality", "report",
+    "main",
 ]
 
 H100_SMS = 132
@@ -640,10 +643,121 @@ def static_quality(cases: Sequence[tuple[str, int, torch.dtype]]) -> list[dict[s
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Static quality of the per-plane kernels (BatchChannelNorm2d, EvoNorm), as their launchers specialize them
+# ----------------------------------------------------------------------------------------------------------------------
+
+# (N, C, H, W) of the per-plane audit: a 56×56 stage and a 7×7 one (odd planes), bf16, in both memory formats.
+PLANE_SHAPES = ((32, 256, 56, 56), (32, 2048, 7, 7))
+PLANE_FORMATS = ("contiguous", "channels_last")
+
+
+def _plane_launch_calls(x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """One call of each per-plane launcher (the big passes of BCN and EvoNorm, forward and backward) on ``x``."""
+    from normlayers.kernels import batch_channel as B, channel_stats as S, evo_norm as E
+
+    n, c = x.shape[:2]
+    per_plane = torch.rand(n, c) + 0.5
+    per_channel = torch.rand(c) + 0.5
+    calls = {
+        "plane_moments fwd": lambda: S.plane_moments_fwd(x),
+        "plane_moments bwd": lambda: S.plane_moments_bwd(x, per_plane, per_plane, per_plane, x),
+        "plane_affine fwd": lambda: S.plane_affine_fwd(x, per_plane, per_plane, per_plane),
+        "plane_affine bwd": lambda: S.plane_affine_bwd(x, x, per_plane, per_plane),
+        "bcn eval fwd": lambda: B.batch_channel_eval_fwd(
+            x, per_plane, per_plane, per_channel, per_channel, per_channel, per_channel, per_channel[:32],
+            per_channel[:32], eps=1e-5, bn_eps=1e-5, num_groups=32, store_coefficients=False),
+        "evo s0 fwd": lambda: E.evo_norm_s_fwd(x, per_plane, per_plane, per_channel, per_channel, per_channel,
+                                               groups=32, eps=1e-5, statistic=E.GROUP_VARIANCE,
+                                               numerator=E.NUMERATOR_SWISH, store_coefficients=True),
+        "evo max-div fwd": lambda: E.evo_plane_fwd(x, E.MODE_MAX_DIV, **{k: per_plane for k in E.MODE_COEFFICIENTS[
+            E.MODE_MAX_DIV]}),
+        "evo b0 eval fwd": lambda: E.evo_norm_b_eval_fwd(x, per_plane, per_plane, per_channel, per_channel,
+                                                         per_channel, per_channel, variant=E.VARIANT_B0, eps=1e-3,
+                                                         store_coefficients=False),
+    }
+    for mode in (E.MODE_SWISH, E.MODE_MAX_DIV):
+        names = E.MODE_COEFFICIENTS[mode]
+        label = "swish" if mode == E.MODE_SWISH else "max-div"
+        calls[f"evo {label} bwd"] = functools.partial(E.evo_plane_bwd, x, x, mode,
+                                                      **{k: per_plane for k in names if k != "shift"})
+    return calls
+
+
+def _compile_launch(fn, args: tuple, kwargs: dict) -> KernelQuality:
+    """Compile one captured launch for sm_90 with the specialization Triton's JIT gives those arguments (integers
+    equal to 1 become constants, multiples of 16 and 16-byte aligned pointers are marked so), as a launch on an H100
+    would be compiled."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=target, options=options.__dict__)
+    registers, spills = _ptxas_usage(compiled.asm["ptx"])
+    loads, stores = _sass_widths(compiled.asm["cubin"])
+    shared = compiled.metadata.shared
+    warps = compiled.metadata.num_warps
+    return KernelQuality(fn.__name__, warps, registers, spills, shared, loads, stores,
+                         h100_resident_programs(registers, shared, warps), h100_occupancy(registers, shared, warps))
+
+
+def _plane_static_worker(cases: list[tuple[list[int], str]], labels: Optional[list[str]] = None) -> list[dict]:
+    import triton.runtime.jit as jit
+
+    captured: list = []
+    original = jit.JITFunction.run
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        captured.append((self, args, kwargs))
+
+    results = []
+    jit.JITFunction.run = capture
+    try:
+        for shape, memory_format in cases:
+            x = torch.empty(shape, dtype=torch.bfloat16)
+            if memory_format == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            entry = {}
+            for label, call in _plane_launch_calls(x).items():
+                if labels is not None and label not in labels:
+                    continue
+                captured.clear()
+                call()
+                (fn, args, kwargs), = captured
+                entry[label] = asdict(_compile_launch(fn, args, kwargs))
+            results.append(entry)
+    finally:
+        jit.JITFunction.run = original
+    return results
+
+
+def plane_static_quality(cases: Sequence[tuple[tuple[int, ...], str]] = tuple(
+        (shape, fmt) for shape in PLANE_SHAPES for fmt in PLANE_FORMATS)) -> list[dict[str, KernelQuality]]:
+    """For each ``(shape, memory format)`` of a bf16 input: the sm_90 compile of every per-plane launch of BCN and
+    EvoNorm (labels of :func:`_plane_launch_calls`), specialized as the launchers would launch it. Runs the compiler
+    in a subprocess without ``TRITON_INTERPRET``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; from normlayers.bench.audit import _plane_static_worker; "
+            "print(json.dumps(_plane_static_worker(json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([[list(s), f] for s, f in cases])], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the sm_90 compile failed:\n{done.stderr[-4000:]}")
+    entries = json.loads(done.stdout.strip().splitlines()[-1])
+    return [{label: KernelQuality(**q) for label, q in entry.items()} for entry in entries]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------------------
 
-SECTIONS = ("launches", "bytes", "static")
+SECTIONS = ("launches", "bytes", "static", "planes")
 ROW_OPS = ("layer_norm", "rms_norm")
 
 
@@ -708,6 +822,22 @@ def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTH
                 lines.append(f"| {kind} | {width} | {phase} | {q.num_warps} | {q.registers} | {q.spill_bytes} | "
                              f"{q.shared_bytes} | {_widths(q.load_bits)} | {_widths(q.store_bits)} | "
                              f"{q.programs_per_sm} | {q.occupancy:.2f} |")
+        lines.append("")
+    if "planes" in sections:
+        lines += ["### Per-plane kernels, static quality (sm_90 compile)", "",
+                  "BatchChannelNorm2d's and EvoNorm's per-plane passes on bf16 input, each compiled as its launcher "
+                  "would launch it (Triton's own specialization of the arguments: strides of 1 become constants, "
+                  "multiples of 16 are marked aligned). Registers and spill bytes from `ptxas -v`; global access "
+                  "widths (bits) from `cuobjdump -sass`.", "",
+                  "| N×C×H×W | format | kernel | warps | registers | spill bytes | LDG bits | STG bits | occupancy |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        progress("planes: compiling for sm_90")
+        cases = [(shape, fmt) for shape in PLANE_SHAPES for fmt in PLANE_FORMATS]
+        for (shape, fmt), entry in zip(cases, plane_static_quality(cases)):
+            for label, q in entry.items():
+                lines.append(f"| {'×'.join(map(str, shape))} | {fmt} | {label} | {q.num_warps} | {q.registers} | "
+                             f"{q.spill_bytes} | {_widths(q.load_bits)} | {_widths(q.store_bits)} | "
+                             f"{q.occupancy:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -2,8 +2,10 @@
 
 BCN (Qiao et al., arXiv 1903.10520) is, per ``(sample n, channel c)`` plane, an affine map
 ``y = (x − plane_mean)·scale[n, c] + shift[n, c]`` whose coefficients follow exactly from the planes' moments
-(``kernels/channel_stats.py``'s ``plane_moments``). A layer call is three launches: ``plane_moments``, the finalize
-kernel below, ``plane_affine``. The finalize kernel does all the ``(N, C)``-sized math in one launch:
+(``kernels/channel_stats.py``'s ``plane_moments``). A training call is three launches: ``plane_moments``, the
+finalize kernel below, ``plane_affine``; in eval the same math on the running statistics needs no reduction over the
+batch and runs inside the affine pass (``batch_channel_eval_fwd_kernel``), two launches. The finalize kernel does all
+the ``(N, C)``-sized math in one launch:
 
 * the batch stage's per-channel statistics: the batch moments (equal counts: the mean of the planes' means, and the
   mean of their variances plus the variance of their means), or the running statistics (eval), or EstBN's estimates
@@ -31,16 +33,31 @@ import triton.language as tl
 
 from normlayers._dtypes import compute_dtype
 from normlayers.kernels.channel_stats import (
+    channel_block,
+    channel_grid,
+    channel_offsets,
+    channel_tile,
     group_batch_moments,
     group_tile,
     group_tiles,
-    load_group_planes,
     load_group_channels,
+    load_group_planes,
+    load_optional,
+    load_optional_group_channels,
     optional_pointer,
+    own_column,
     parameter_grad,
+    plane_group_tile,
     store_group_channels,
 )
-from normlayers.kernels.common import num_warps_for, tl_compute_dtype
+from normlayers.kernels.common import (
+    as_planes,
+    load_plane_values,
+    next_power_of_2,
+    num_warps_for,
+    plane_strides,
+    tl_compute_dtype,
+)
 
 # Which per-channel statistics normalize the batch stage (the kernels' STATISTICS constexpr).
 BATCH_STATISTICS = 0  # the batch's moments, with gradient (training, estimate=False)
@@ -54,10 +71,11 @@ ESTIMATED_STATISTICS = 2  # EstBN: the estimates moved towards the batch first (
 
 @triton.jit
 def _group_stage(plane_mean, plane_var, mask, mean, a, bn_bias, eps, CPG, COMPUTE: tl.constexpr):
-    """Per row of a tile: the batch stage's output moments per plane, their group combination, and
-    ``(u_mean − group_mean, rsqrt(group_var + eps))``."""
-    u_mean = (plane_mean - mean[None, :]) * a[None, :] + bn_bias[None, :]
-    u_var = tl.where(mask, plane_var * (a * a)[None, :], 0.0)
+    """Per row of a tile of one (sample, group)'s planes: the batch stage's output moments per plane, their group
+    combination, and ``(u_mean − group_mean, rsqrt(group_var + eps))``. The per-channel ``mean``, ``a`` and
+    ``bn_bias`` come broadcastable to the tile (a row ``[None, :]`` when every row is the same group)."""
+    u_mean = (plane_mean - mean) * a + bn_bias
+    u_var = tl.where(mask, plane_var * (a * a), 0.0)
     count = tl.cast(CPG, COMPUTE)
     group_mean = tl.sum(tl.where(mask, u_mean, 0.0), axis=1) / count
     centred = tl.where(mask, u_mean - group_mean[:, None], 0.0)
@@ -114,16 +132,14 @@ def batch_channel_finalize_fwd_kernel(
                 store_group_channels(RUNNING_VAR, g, CPG, var, BLOCK_C)
         store_group_channels(MEAN, g, CPG, mean, BLOCK_C)
         store_group_channels(VAR, g, CPG, var, BLOCK_C)
-        a = tl.math.rsqrt(var + bn_eps)
-        if HAS_BN_WEIGHT:
-            a *= load_group_channels(BN_WEIGHT, g, CPG, 0.0, BLOCK_C, COMPUTE)
-        bn_bias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
-        if HAS_BN_BIAS:
-            bn_bias = load_group_channels(BN_BIAS, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        a = tl.math.rsqrt(var + bn_eps) * load_optional_group_channels(BN_WEIGHT, g, CPG, 1.0, HAS_BN_WEIGHT,
+                                                                         BLOCK_C, COMPUTE)
+        bn_bias = load_optional_group_channels(BN_BIAS, g, CPG, 0.0, HAS_BN_BIAS, BLOCK_C, COMPUTE)
         for start in range(0, N, BLOCK_N):
             offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
                                                                      BLOCK_N, BLOCK_C)
-            centred, group_scale = _group_stage(plane_mean, plane_var, mask, mean, a, bn_bias, eps, CPG, COMPUTE)
+            centred, group_scale = _group_stage(plane_mean, plane_var, mask, mean[None, :], a[None, :],
+                                                bn_bias[None, :], eps, CPG, COMPUTE)
             if HAS_WEIGHT:
                 group_scale *= tl.load(WEIGHT + g).to(COMPUTE)
             shift = centred * group_scale[:, None]
@@ -150,12 +166,8 @@ def batch_channel_finalize_bwd_kernel(
     for g in range(tl.program_id(0), G, tl.num_programs(0)):
         mean = load_group_channels(MEAN, g, CPG, 0.0, BLOCK_C, COMPUTE)
         inv_std = tl.math.rsqrt(load_group_channels(VAR, g, CPG, 1.0, BLOCK_C, COMPUTE) + bn_eps)
-        bn_weight = tl.full((BLOCK_C,), 1.0, COMPUTE)
-        if HAS_BN_WEIGHT:
-            bn_weight = load_group_channels(BN_WEIGHT, g, CPG, 0.0, BLOCK_C, COMPUTE)
-        bn_bias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
-        if HAS_BN_BIAS:
-            bn_bias = load_group_channels(BN_BIAS, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        bn_weight = load_optional_group_channels(BN_WEIGHT, g, CPG, 1.0, HAS_BN_WEIGHT, BLOCK_C, COMPUTE)
+        bn_bias = load_optional_group_channels(BN_BIAS, g, CPG, 0.0, HAS_BN_BIAS, BLOCK_C, COMPUTE)
         weight = tl.full((), 1.0, COMPUTE)
         if HAS_WEIGHT:
             weight = tl.load(WEIGHT + g).to(COMPUTE)
@@ -169,7 +181,8 @@ def batch_channel_finalize_bwd_kernel(
                                                                      BLOCK_N, BLOCK_C)
             dscale = tl.load(DSCALE + offsets, mask=mask, other=0.0).to(COMPUTE)
             dshift = tl.load(DSHIFT + offsets, mask=mask, other=0.0).to(COMPUTE)
-            centred, s = _group_stage(plane_mean, plane_var, mask, mean, a, bn_bias, eps, CPG, COMPUTE)
+            centred, s = _group_stage(plane_mean, plane_var, mask, mean[None, :], a[None, :], bn_bias[None, :], eps,
+                                      CPG, COMPUTE)
             group_scale = s * weight
             dgroup_scale = tl.sum(dscale * a[None, :] + dshift * centred, axis=1)
             dweight += dgroup_scale * s
@@ -209,6 +222,48 @@ def batch_channel_finalize_bwd_kernel(
                 dplane_mean += (dmean[None, :] + 2.0 * dvar[None, :] * (plane_mean - mean[None, :])) / count
                 tl.store(DPLANE_MEAN + offsets, dplane_mean, mask=mask)
                 tl.store(DPLANE_VAR + offsets, dplane_var + (dvar / count)[None, :], mask=mask)
+
+
+@triton.jit
+def batch_channel_eval_fwd_kernel(
+    X, PLANE_MEAN, PLANE_VAR, RUNNING_MEAN, RUNNING_VAR, BN_WEIGHT, BN_BIAS, WEIGHT, BIAS, Y, SCALE, SHIFT, MEAN, VAR,
+    P, C, HW, CPG, eps, bn_eps, stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
+    HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_COEFFICIENTS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_CPG: tl.constexpr,
+):
+    # Eval (running statistics): the finalize math of each of this program's planes, from the moments of the planes
+    # of its (sample, group), then y = (x − plane_mean)·scale + shift. Grid: (plane blocks, HW chunks); with
+    # STORE_COEFFICIENTS the first chunk's programs also write scale/shift (and the statistics used, for the channels
+    # of sample 0) for the backward.
+    planes, plane_mask, n, c = channel_block(C, BLOCK_P)
+    offsets, mask = plane_group_tile(planes, plane_mask, CPG, BLOCK_CPG)
+    channels = offsets % C
+    mean = tl.load(RUNNING_MEAN + channels, mask=mask, other=0.0).to(COMPUTE)
+    var = tl.load(RUNNING_VAR + channels, mask=mask, other=1.0).to(COMPUTE)
+    a = tl.math.rsqrt(var + bn_eps) * load_optional(BN_WEIGHT, channels, mask, 1.0, HAS_BN_WEIGHT, COMPUTE)
+    bn_bias = load_optional(BN_BIAS, channels, mask, 0.0, HAS_BN_BIAS, COMPUTE)
+    plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
+    plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+    centred, group_scale = _group_stage(plane_mean, plane_var, mask, mean, a, bn_bias, eps, CPG, COMPUTE)
+    groups = (planes % C) // CPG
+    group_scale *= load_optional(WEIGHT, groups, plane_mask, 1.0, HAS_WEIGHT, COMPUTE)
+    scale = own_column(a, planes, CPG) * group_scale
+    shift = own_column(centred, planes, CPG) * group_scale + load_optional(BIAS, groups, plane_mask, 0.0, HAS_BIAS,
+                                                                            COMPUTE)
+    center = own_column(plane_mean, planes, CPG)
+    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    values = plane_mask[:, None] & (hw < HW)[None, :]
+    x = load_plane_values(X, channel_offsets(n, c, stride_xn, stride_xc), hw, stride_xhw, values, COMPUTE)
+    y_base = channel_offsets(n, c, stride_yn, stride_yc)
+    tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw,
+             (x - center[:, None]) * scale[:, None] + shift[:, None], mask=values)
+    if STORE_COEFFICIENTS:
+        if tl.program_id(1) == 0:
+            tl.store(SCALE + planes, scale, mask=plane_mask)
+            tl.store(SHIFT + planes, shift, mask=plane_mask)
+            tl.store(MEAN + planes, own_column(mean, planes, CPG), mask=plane_mask & (planes < C))
+            tl.store(VAR + planes, own_column(var, planes, CPG), mask=plane_mask & (planes < C))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,3 +335,36 @@ def batch_channel_finalize_bwd(
             num_warps=num_warps_for(block_n * block_c, plane_mean.device),
         )
     return (dplane_mean, dplane_var, *grads)
+
+
+def batch_channel_eval_fwd(
+    x: torch.Tensor, plane_mean: torch.Tensor, plane_var: torch.Tensor, running_mean: torch.Tensor,
+    running_var: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], *, eps: float, bn_eps: float, num_groups: int,
+    store_coefficients: bool, max_block_hw: Optional[int] = None,
+) -> tuple[torch.Tensor, ...]:
+    """BCN in eval on the running statistics, after ``plane_moments``, in one launch: ``(y, scale, shift, mean,
+    var)``, ``y`` like ``x``; with ``store_coefficients`` also the per-plane ``scale``/``shift`` ``(N, C)`` of
+    :func:`batch_channel_finalize_fwd` and the statistics used ``(C,)``, in the planes' dtype (what the backward
+    reads), else those four are empty."""
+    n, channels = plane_mean.shape
+    y = torch.empty_like(x)
+    stored = (plane_mean.shape, plane_mean.shape, (channels,), (channels,)) if store_coefficients else ((0,),) * 4
+    scale, shift, mean, var = (plane_mean.new_empty(shape) for shape in stored)
+    x3, y3 = as_planes(x), as_planes(y)
+    hw = x3.shape[2]
+    if y.numel() == 0:
+        return y, scale, shift, mean, var
+    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
+    batch_channel_eval_fwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
+        x3, plane_mean, plane_var, running_mean.contiguous(), running_var.contiguous(),
+        optional_pointer(bn_weight, plane_mean), optional_pointer(bn_bias, plane_mean),
+        optional_pointer(weight, plane_mean), optional_pointer(bias, plane_mean), y3,
+        *(t if store_coefficients else plane_mean for t in (scale, shift, mean, var)),
+        n * channels, channels, hw, channels // num_groups, eps, bn_eps, *plane_strides(x3), *plane_strides(y3),
+        HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, STORE_COEFFICIENTS=store_coefficients,
+        COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_P=block_p, BLOCK_HW=block_hw,
+        BLOCK_CPG=next_power_of_2(channels // num_groups), num_warps=num_warps,
+    )
+    return y, scale, shift, mean, var

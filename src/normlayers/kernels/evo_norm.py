@@ -2,17 +2,19 @@
 pass over ``(N, C, *spatial)`` tensors.
 
 EvoNorm's statistics are per-plane moments (``kernels/channel_stats.py``'s ``plane_moments``) combined over the batch
-(B family) or a group of channels (S family). One small finalize kernel per sub-family does that combination and
-writes the pass's ``(N, C)`` coefficients (the B one also updates the running variance in place); its backward
-kernel is the hand-derived gradient of that math, from the pass's per-plane coefficient gradients to the plane
-moments' and the parameters'. What is left is one elementwise pass that
-is *not* an affine map of ``x``, so ``plane_affine`` cannot do it; per ``(sample n, channel c)`` plane, with every
-coefficient an ``(N, C)`` tensor, ``y = f(x)·SCALE + SHIFT`` where ``f`` is chosen by the ``MODE`` constexpr:
+(B family) or a group of channels (S family). In B training a small finalize kernel does that combination, writes
+the pass's ``(N, C)`` coefficients and updates the running variance in place; where nothing reduces over the batch
+(the S family; the B family in eval, on the running variance) the pass computes each plane's coefficients itself
+(its ``COEFFICIENTS`` constexpr), one launch fewer. The finalize backward kernels are the hand-derived gradient of
+that math, from the pass's per-plane coefficient gradients to the plane moments' and the parameters'. The pass is
+*not* an affine map of ``x``, so ``plane_affine`` cannot do it; per ``(sample n, channel c)`` plane, with every
+coefficient an ``(N, C)`` value, ``y = f(x)·SCALE + SHIFT`` where ``f`` is chosen by the ``MODE`` constexpr:
 
 * ``MODE_SWISH`` (S0, and S1/S2 with SiLU): ``f(x) = x·sigmoid(SLOPE·x)``; the S family's ``1/group statistic``
   is folded into ``SCALE``.
 * ``MODE_MAX_DIV`` (B0/B1/B2): ``f(x) = x / max(LEFT, SLOPE·x + OFFSET)``; the right-hand side of every B variant is
   affine in ``x`` within a plane (B0: ``v·x + instance std``; B1: ``rms·x + rms``; B2: ``−x + rms``).
+* ``MODE_IDENTITY`` (the S family's identity numerator): ``f(x) = x``.
 
 The backward kernel owns its planes (deterministic, no atomics): it writes ``dx`` and the per-plane sums of the
 coefficients' gradients. At an exact tie ``LEFT == SLOPE·x + OFFSET`` the gradient of ``max`` goes half to each side,
@@ -32,23 +34,28 @@ import triton.language as tl
 
 from normlayers._dtypes import compute_dtype
 from normlayers.kernels.channel_stats import (
+    channel_block,
+    channel_grid,
+    channel_offsets,
+    channel_tile,
     group_batch_moments,
     group_tile,
     group_tiles,
     load_group_channels,
     load_group_planes,
+    load_optional,
+    load_optional_group_channels,
     optional_pointer,
     parameter_grad,
+    plane_group_tile,
     store_group_channels,
 )
 from normlayers.kernels.common import (
     as_planes,
     load_plane_values,
+    next_power_of_2,
     num_warps_for,
-    plane_block,
-    plane_offsets,
     plane_strides,
-    plane_tile,
     tl_compute_dtype,
 )
 
@@ -56,6 +63,14 @@ from normlayers.kernels.common import (
 # so that the kernels compare against the names; the launchers pass .value.
 MODE_SWISH: tl.constexpr = tl.constexpr(0)
 MODE_MAX_DIV: tl.constexpr = tl.constexpr(1)
+MODE_IDENTITY: tl.constexpr = tl.constexpr(2)  # f(x) = x: the S family's identity numerator (fused pass only)
+
+# Where the fused pass takes its coefficients from (its COEFFICIENTS constexpr): given as (N, C) tensors, or computed
+# per plane in the pass itself from the planes' moments (the finalize math of the S family, or of the B family on the
+# running variance, which needs no reduction over the batch).
+COEFFICIENTS_GIVEN: tl.constexpr = tl.constexpr(0)
+COEFFICIENTS_S: tl.constexpr = tl.constexpr(1)
+COEFFICIENTS_B_RUNNING: tl.constexpr = tl.constexpr(2)
 
 # The S family's group statistic (the S finalize kernels' STATISTIC constexpr).
 GROUP_VARIANCE = 0  # S0, S1: the biased variance over each sample's group of channels and H, W
@@ -78,6 +93,7 @@ B_CHANNELS_PER_PROGRAM = 32
 MODE_COEFFICIENTS = {
     MODE_SWISH: ("slope", "scale", "shift"),
     MODE_MAX_DIV: ("left", "slope", "offset", "scale", "shift"),
+    MODE_IDENTITY: ("scale", "shift"),
 }
 
 
@@ -93,29 +109,97 @@ def _sigmoid(t):
 
 
 @triton.jit
+def _s_plane_coefficients(PLANE_MEAN, PLANE_VAR, WEIGHT, BIAS, V, planes, plane_mask, C, CPG, eps,
+                          STATISTIC: tl.constexpr, NUMERATOR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_CPG: tl.constexpr):
+    """The S family's ``(slope, scale, shift)`` of each plane: ``scale = weight·rsqrt(statistic + eps)`` of its
+    (sample, group)'s planes' moments, ``shift = bias``, and the numerator's slope (``v``, or 1)."""
+    offsets, mask = plane_group_tile(planes, plane_mask, CPG, BLOCK_CPG)
+    plane_mean = tl.load(PLANE_MEAN + offsets, mask=mask, other=0.0)
+    plane_var = tl.load(PLANE_VAR + offsets, mask=mask, other=0.0)
+    _, inv_denominator = _group_statistic(plane_mean, plane_var, mask, eps, CPG, STATISTIC, COMPUTE)
+    channels = planes % C
+    scale = inv_denominator * load_optional(WEIGHT, channels, plane_mask, 1.0, HAS_WEIGHT, COMPUTE)
+    shift = load_optional(BIAS, channels, plane_mask, 0.0, HAS_BIAS, COMPUTE)
+    slope = load_optional(V, channels, plane_mask, 1.0, NUMERATOR == 1, COMPUTE)
+    return slope, scale, shift
+
+
+@triton.jit
+def _b_right_side(plane_mean, plane_var, v, eps, VARIANT: tl.constexpr):
+    """``(slope, offset)`` of the B family's right-hand side of the max, affine in ``x`` within a plane, from the
+    plane's moments (module constants ``VARIANT_B*``)."""
+    if VARIANT == 0:
+        return v + tl.zeros_like(plane_var), tl.sqrt(plane_var + eps)
+    rms = _plane_rms(plane_mean, plane_var, eps)
+    if VARIANT == 1:
+        return rms, rms
+    return tl.zeros_like(rms) - 1.0, rms
+
+
+@triton.jit
+def _b_running_coefficients(PLANE_MEAN, PLANE_VAR, RUNNING_VAR, WEIGHT, BIAS, V, planes, plane_mask, C, eps,
+                            VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            COMPUTE: tl.constexpr):
+    """The B family's ``(left, slope, offset, scale, shift)`` of each plane in eval: ``left`` from the running
+    variance of its channel, the right-hand side from its own moments, ``scale = weight``, ``shift = bias``."""
+    channels = planes % C
+    left = tl.sqrt(tl.load(RUNNING_VAR + channels, mask=plane_mask, other=1.0).to(COMPUTE) + eps)
+    plane_mean = tl.load(PLANE_MEAN + planes, mask=plane_mask, other=0.0)
+    plane_var = tl.load(PLANE_VAR + planes, mask=plane_mask, other=0.0)
+    v = load_optional(V, channels, plane_mask, 0.0, VARIANT == 0, COMPUTE)
+    slope, offset = _b_right_side(plane_mean, plane_var, v, eps, VARIANT)
+    scale = load_optional(WEIGHT, channels, plane_mask, 1.0, HAS_WEIGHT, COMPUTE)
+    return left, slope, offset, scale, load_optional(BIAS, channels, plane_mask, 0.0, HAS_BIAS, COMPUTE)
+
+
+@triton.jit
 def evo_plane_fwd_kernel(
-    X, LEFT, SLOPE, OFFSET, SCALE, SHIFT, Y, P, C, HW,
+    X, LEFT, SLOPE, OFFSET, SCALE, SHIFT, Y, PLANE_MEAN, PLANE_VAR, RUNNING_VAR, WEIGHT, BIAS, V, P, C, HW, CPG, eps,
     stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
-    MODE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    MODE: tl.constexpr, COEFFICIENTS: tl.constexpr, STATISTIC: tl.constexpr, VARIANT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_COEFFICIENTS: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
 ):
-    # Grid: (plane blocks, HW chunks).
-    planes, plane_mask = plane_block(P, BLOCK_P)
+    # Grid: (plane blocks, HW chunks). With COEFFICIENTS_GIVEN the coefficients are read from LEFT … SHIFT; otherwise
+    # each program computes its planes' from the moments (VARIANT: the S numerator, or the B variant) and, with
+    # STORE_COEFFICIENTS, the first chunk's programs write them (all but shift) for the backward.
+    planes, plane_mask, n, c = channel_block(C, BLOCK_P)
     hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = plane_mask[:, None] & (hw < HW)[None, :]
-    x_base = plane_offsets(planes, C, stride_xn, stride_xc)
+    x_base = channel_offsets(n, c, stride_xn, stride_xc)
     x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
-    slope = tl.load(SLOPE + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    shift = tl.load(SHIFT + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    if MODE == MODE_SWISH:
-        f = x * _sigmoid(slope * x)
+    if COEFFICIENTS == COEFFICIENTS_GIVEN:
+        slope = load_optional(SLOPE, planes, plane_mask, 0.0, MODE != MODE_IDENTITY, COMPUTE)
+        scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+        shift = tl.load(SHIFT + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+        left = load_optional(LEFT, planes, plane_mask, 1.0, MODE == MODE_MAX_DIV, COMPUTE)
+        offset = load_optional(OFFSET, planes, plane_mask, 0.0, MODE == MODE_MAX_DIV, COMPUTE)
+    elif COEFFICIENTS == COEFFICIENTS_S:
+        slope, scale, shift = _s_plane_coefficients(PLANE_MEAN, PLANE_VAR, WEIGHT, BIAS, V, planes, plane_mask, C,
+                                                    CPG, eps, STATISTIC, VARIANT, HAS_WEIGHT, HAS_BIAS, COMPUTE,
+                                                    BLOCK_CPG)
     else:
-        left = tl.load(LEFT + planes, mask=plane_mask, other=1.0).to(COMPUTE)[:, None]
-        offset = tl.load(OFFSET + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
+        left, slope, offset, scale, shift = _b_running_coefficients(PLANE_MEAN, PLANE_VAR, RUNNING_VAR, WEIGHT, BIAS,
+                                                                    V, planes, plane_mask, C, eps, VARIANT,
+                                                                    HAS_WEIGHT, HAS_BIAS, COMPUTE)
+    if MODE == MODE_SWISH:
+        f = x * _sigmoid(slope[:, None] * x)
+    elif MODE == MODE_MAX_DIV:
         # NaN-propagating, as torch.maximum: a NaN statistic (batch or running) makes the output NaN, never skipped.
-        f = x / tl.maximum(left, slope * x + offset, propagate_nan=tl.PropagateNan.ALL)
-    y_base = plane_offsets(planes, C, stride_yn, stride_yc)
-    tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw, f * scale + shift, mask=mask)
+        f = x / tl.maximum(left[:, None], slope[:, None] * x + offset[:, None], propagate_nan=tl.PropagateNan.ALL)
+    else:
+        f = x
+    y_base = channel_offsets(n, c, stride_yn, stride_yc)
+    tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw, f * scale[:, None] + shift[:, None], mask=mask)
+    if STORE_COEFFICIENTS:
+        if tl.program_id(1) == 0:
+            tl.store(SCALE + planes, scale, mask=plane_mask)
+            if MODE != MODE_IDENTITY:
+                tl.store(SLOPE + planes, slope, mask=plane_mask)
+            if MODE == MODE_MAX_DIV:
+                tl.store(LEFT + planes, left, mask=plane_mask)
+                tl.store(OFFSET + planes, offset, mask=plane_mask)
 
 
 @triton.jit
@@ -124,56 +208,57 @@ def evo_plane_bwd_kernel(
     stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw, stride_dxn, stride_dxc, stride_dxhw,
     MODE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    # Each program owns BLOCK_P planes and walks their HW values, keeping per-lane partial sums of the coefficient
-    # gradients (reduced once at the end). Masked lanes are zeroed with tl.where: a padded lane may divide by zero.
-    planes, plane_mask = plane_block(P, BLOCK_P)
+    # Each program owns BLOCK_P planes and walks their HW values, summing the coefficient gradients per plane chunk by
+    # chunk (per-lane accumulators, five of them, spilled registers at small planes). Masked lanes are zeroed with
+    # tl.where: a padded lane may divide by zero.
+    planes, plane_mask, n, c = channel_block(C, BLOCK_P)
     offsets = tl.arange(0, BLOCK_HW)
-    dy_base = plane_offsets(planes, C, stride_dyn, stride_dyc)
-    x_base = plane_offsets(planes, C, stride_xn, stride_xc)
-    dx_base = plane_offsets(planes, C, stride_dxn, stride_dxc)
+    dy_base = channel_offsets(n, c, stride_dyn, stride_dyc)
+    x_base = channel_offsets(n, c, stride_xn, stride_xc)
+    dx_base = channel_offsets(n, c, stride_dxn, stride_dxc)
     slope = tl.load(SLOPE + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
     scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
     if MODE == MODE_MAX_DIV:
         left = tl.load(LEFT + planes, mask=plane_mask, other=1.0).to(COMPUTE)[:, None]
         offset = tl.load(OFFSET + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    dleft = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
-    dslope = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
-    doffset = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
-    dscale = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
-    dshift = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
+    dleft = tl.zeros((BLOCK_P,), dtype=COMPUTE)
+    dslope = tl.zeros((BLOCK_P,), dtype=COMPUTE)
+    doffset = tl.zeros((BLOCK_P,), dtype=COMPUTE)
+    dscale = tl.zeros((BLOCK_P,), dtype=COMPUTE)
+    dshift = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     for start in range(0, HW, BLOCK_HW):
         hw = (start + offsets).to(tl.int64)
         mask = plane_mask[:, None] & (hw < HW)[None, :]
         dy = load_plane_values(DY, dy_base, hw, stride_dyhw, mask, COMPUTE)
         x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
         df = dy * scale
-        dshift += dy
+        dshift += tl.sum(dy, axis=1)
         if MODE == MODE_SWISH:
             s = _sigmoid(slope * x)
-            dscale += dy * x * s
+            dscale += tl.sum(dy * x * s, axis=1)
             # d/dt of t·sigmoid(t) splits into the sigmoid and its derivative s(1 − s), times the slope or x.
             d_inner = df * x * s * (1.0 - s)
             dx = df * s + d_inner * slope
-            dslope += d_inner * x
+            dslope += tl.sum(d_inner * x, axis=1)
         else:
             right = slope * x + offset
             denominator = tl.maximum(left, right, propagate_nan=tl.PropagateNan.ALL)
             f = x / denominator
-            dscale += tl.where(mask, dy * f, 0.0)
+            dscale += tl.sum(tl.where(mask, dy * f, 0.0), axis=1)
             d_denominator = tl.where(mask, -df * f / denominator, 0.0)
             left_share = tl.where(left > right, 1.0, tl.where(left == right, 0.5, 0.0))
             d_right = d_denominator * (1.0 - left_share)
-            dleft += d_denominator * left_share
-            dslope += d_right * x
-            doffset += d_right
+            dleft += tl.sum(d_denominator * left_share, axis=1)
+            dslope += tl.sum(d_right * x, axis=1)
+            doffset += tl.sum(d_right, axis=1)
             dx = df / denominator + d_right * slope
         tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dx, mask=mask)
-    tl.store(DSLOPE + planes, tl.sum(dslope, axis=1), mask=plane_mask)
-    tl.store(DSCALE + planes, tl.sum(dscale, axis=1), mask=plane_mask)
-    tl.store(DSHIFT + planes, tl.sum(dshift, axis=1), mask=plane_mask)
+    tl.store(DSLOPE + planes, dslope, mask=plane_mask)
+    tl.store(DSCALE + planes, dscale, mask=plane_mask)
+    tl.store(DSHIFT + planes, dshift, mask=plane_mask)
     if MODE == MODE_MAX_DIV:
-        tl.store(DLEFT + planes, tl.sum(dleft, axis=1), mask=plane_mask)
-        tl.store(DOFFSET + planes, tl.sum(doffset, axis=1), mask=plane_mask)
+        tl.store(DLEFT + planes, dleft, mask=plane_mask)
+        tl.store(DOFFSET + planes, doffset, mask=plane_mask)
 
 
 @triton.jit
@@ -190,38 +275,6 @@ def _group_statistic(plane_mean, plane_var, mask, eps, CPG, STATISTIC: tl.conste
 
 
 @triton.jit
-def evo_norm_s_finalize_fwd_kernel(
-    PLANE_MEAN, PLANE_VAR, WEIGHT, BIAS, V, SLOPE, SCALE, SHIFT, N, C, G, CPG, eps,
-    STATISTIC: tl.constexpr, NUMERATOR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # The S family's per-plane coefficients from the planes' moments: scale = weight·rsqrt(group statistic + eps),
-    # shift = bias, and the numerator's (module constants above). One program per group of channels.
-    for g in range(tl.program_id(0), G, tl.num_programs(0)):
-        weight = tl.full((BLOCK_C,), 1.0, COMPUTE)
-        if HAS_WEIGHT:
-            weight = load_group_channels(WEIGHT, g, CPG, 0.0, BLOCK_C, COMPUTE)
-        bias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
-        if HAS_BIAS:
-            bias = load_group_channels(BIAS, g, CPG, 0.0, BLOCK_C, COMPUTE)
-        slope = tl.full((BLOCK_C,), 1.0, COMPUTE)
-        if NUMERATOR == 1:
-            slope = load_group_channels(V, g, CPG, 0.0, BLOCK_C, COMPUTE)
-        for start in range(0, N, BLOCK_N):
-            offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
-                                                                     BLOCK_N, BLOCK_C)
-            _, inv_denominator = _group_statistic(plane_mean, plane_var, mask, eps, CPG, STATISTIC, COMPUTE)
-            scale = inv_denominator[:, None] * weight[None, :]
-            shift = tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE) + bias[None, :]
-            if NUMERATOR == 0:
-                shift += plane_mean * scale
-            else:
-                tl.store(SLOPE + offsets, tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE) + slope[None, :], mask=mask)
-            tl.store(SCALE + offsets, scale, mask=mask)
-            tl.store(SHIFT + offsets, shift, mask=mask)
-
-
-@triton.jit
 def evo_norm_s_finalize_bwd_kernel(
     DSCALE, DSHIFT, DSLOPE, PLANE_MEAN, PLANE_VAR, WEIGHT, DPLANE_MEAN, DPLANE_VAR, DWEIGHT, DBIAS, DV,
     N, C, G, CPG, eps,
@@ -234,9 +287,7 @@ def evo_norm_s_finalize_bwd_kernel(
     # cancel; its only gradient is through the statistic.
     K = tl.cast(CPG, COMPUTE)
     for g in range(tl.program_id(0), G, tl.num_programs(0)):
-        weight = tl.full((BLOCK_C,), 1.0, COMPUTE)
-        if HAS_WEIGHT:
-            weight = load_group_channels(WEIGHT, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        weight = load_optional_group_channels(WEIGHT, g, CPG, 1.0, HAS_WEIGHT, BLOCK_C, COMPUTE)
         dweight = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         dbias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         dv = tl.zeros((BLOCK_C,), dtype=COMPUTE)
@@ -293,27 +344,14 @@ def evo_norm_b_finalize_fwd_kernel(
             var = load_group_channels(RUNNING_VAR, g, CPG, 1.0, BLOCK_C, COMPUTE)
         store_group_channels(VAR, g, CPG, var, BLOCK_C)
         left = tl.sqrt(var + eps)
-        weight = tl.full((BLOCK_C,), 1.0, COMPUTE)
-        if HAS_WEIGHT:
-            weight = load_group_channels(WEIGHT, g, CPG, 0.0, BLOCK_C, COMPUTE)
-        bias = tl.zeros((BLOCK_C,), dtype=COMPUTE)
-        if HAS_BIAS:
-            bias = load_group_channels(BIAS, g, CPG, 0.0, BLOCK_C, COMPUTE)
-        if VARIANT == 0:
-            v = load_group_channels(V, g, CPG, 0.0, BLOCK_C, COMPUTE)
+        weight = load_optional_group_channels(WEIGHT, g, CPG, 1.0, HAS_WEIGHT, BLOCK_C, COMPUTE)
+        bias = load_optional_group_channels(BIAS, g, CPG, 0.0, HAS_BIAS, BLOCK_C, COMPUTE)
+        v = load_optional_group_channels(V, g, CPG, 0.0, VARIANT == 0, BLOCK_C, COMPUTE)
         for start in range(0, N, BLOCK_N):
             offsets, mask, plane_mean, plane_var = load_group_planes(PLANE_MEAN, PLANE_VAR, start, N, C, g, CPG,
                                                                      BLOCK_N, BLOCK_C)
             zeros = tl.zeros((BLOCK_N, BLOCK_C), dtype=COMPUTE)
-            if VARIANT == 0:
-                slope = zeros + v[None, :]
-                offset = tl.sqrt(plane_var + eps)
-            else:
-                offset = _plane_rms(plane_mean, plane_var, eps)
-                if VARIANT == 1:
-                    slope = offset
-                else:
-                    slope = zeros - 1.0
+            slope, offset = _b_right_side(plane_mean, plane_var, v[None, :], eps, VARIANT)
             tl.store(LEFT + offsets, zeros + left[None, :], mask=mask)
             tl.store(SLOPE + offsets, slope, mask=mask)
             tl.store(OFFSET + offsets, offset, mask=mask)
@@ -399,23 +437,79 @@ def _coefficients(mode: tl.constexpr, coefficients: dict[str, torch.Tensor],
     return [coefficients.get(name, coefficients["scale"]).contiguous() for name in pointers]
 
 
-def evo_plane_fwd(x: torch.Tensor, mode: tl.constexpr, *, max_block_hw: Optional[int] = None,
-                  **coefficients: torch.Tensor) -> torch.Tensor:
-    """``y = f(x)·scale + shift`` with ``f`` by ``mode`` (module docstring) and ``(N, C)`` coefficients given by name
-    (:data:`MODE_COEFFICIENTS`); arithmetic in fp32 (fp64 for fp64 ``x``), ``y`` like ``x`` (dtype, memory format)."""
-    left, slope, offset, scale, shift = _coefficients(mode, coefficients, _FWD_POINTERS)
+def _launch_pass(x: torch.Tensor, mode: tl.constexpr, coefficients: list[torch.Tensor], statistics: list[torch.Tensor],
+                 *, source: tl.constexpr, statistic: int = 0, variant: int = 0, has_weight: bool = False,
+                 has_bias: bool = False, store: bool = False, groups: int = 1, eps: float = 0.0,
+                 max_block_hw: Optional[int] = None) -> torch.Tensor:
+    """Launch :func:`evo_plane_fwd_kernel`: ``coefficients`` its (left, slope, offset, scale, shift) pointers,
+    ``statistics`` its (plane_mean, plane_var, running_var, weight, bias, v) pointers; returns ``y`` like ``x``."""
     y = torch.empty_like(x)
     x3, y3 = as_planes(x), as_planes(y)
     n, c, hw = x3.shape
     if y.numel() == 0:
         return y
-    block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
-    evo_plane_fwd_kernel[(triton.cdiv(n * c, block_p), triton.cdiv(hw, block_hw))](
-        x3, left, slope, offset, scale, shift, y3, n * c, c, hw, *plane_strides(x3), *plane_strides(y3),
-        MODE=mode.value, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps_for(block_p * block_hw, x.device),
+    coefficients = [t if t.numel() > 0 else statistics[0] for t in coefficients]  # unwritten ones: never read
+    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
+    evo_plane_fwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
+        x3, *coefficients, y3, *statistics, n * c, c, hw, c // groups, eps, *plane_strides(x3), *plane_strides(y3),
+        MODE=mode.value, COEFFICIENTS=source.value, STATISTIC=statistic, VARIANT=variant, HAS_WEIGHT=has_weight,
+        HAS_BIAS=has_bias, STORE_COEFFICIENTS=store, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)),
+        BLOCK_P=block_p, BLOCK_HW=block_hw, BLOCK_CPG=next_power_of_2(c // groups),
+        num_warps=num_warps,
     )
     return y
+
+
+def evo_plane_fwd(x: torch.Tensor, mode: tl.constexpr, *, max_block_hw: Optional[int] = None,
+                  **coefficients: torch.Tensor) -> torch.Tensor:
+    """``y = f(x)·scale + shift`` with ``f`` by ``mode`` (module docstring) and ``(N, C)`` coefficients given by name
+    (:data:`MODE_COEFFICIENTS`); arithmetic in fp32 (fp64 for fp64 ``x``), ``y`` like ``x`` (dtype, memory format)."""
+    pointers = _coefficients(mode, coefficients, _FWD_POINTERS)
+    scale = pointers[3]
+    return _launch_pass(x, mode, pointers, [scale] * 6, source=COEFFICIENTS_GIVEN, max_block_hw=max_block_hw)
+
+
+def _stored_coefficients(plane_mean: torch.Tensor, names: tuple[str, ...], store: bool) -> dict[str, torch.Tensor]:
+    """Buffers for the coefficients a fused pass writes for the backward: ``(N, C)`` each when ``store``, else
+    empty (never written)."""
+    return {name: torch.empty_like(plane_mean) if store else plane_mean.new_empty(0) for name in names}
+
+
+def evo_norm_s_fwd(x: torch.Tensor, plane_mean: torch.Tensor, plane_var: torch.Tensor, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], v: Optional[torch.Tensor], *, groups: int, eps: float, statistic: int,
+                   numerator: int, store_coefficients: bool, max_block_hw: Optional[int] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The S family after ``plane_moments``, in one launch: ``(y, slope, scale)``. Each plane's coefficients are
+    computed in the pass from its (sample, group)'s planes' moments: ``scale = weight·rsqrt(group statistic + eps)``,
+    ``shift = bias`` and the numerator's slope (:data:`NUMERATOR_SWISH`: ``v``; :data:`NUMERATOR_SILU`: 1; the
+    identity numerator has none). With ``store_coefficients`` ``slope``/``scale`` are those ``(N, C)`` coefficients
+    (the backward's; ``slope`` empty for the identity), else empty."""
+    mode = MODE_IDENTITY if numerator == NUMERATOR_IDENTITY else MODE_SWISH
+    stored = _stored_coefficients(plane_mean, MODE_COEFFICIENTS[mode][:-1], store_coefficients)
+    scale = stored["scale"]
+    y = _launch_pass(x, mode, [scale, stored.get("slope", scale), scale, scale, scale],
+                     [plane_mean, plane_var, plane_mean, optional_pointer(weight, plane_mean),
+                      optional_pointer(bias, plane_mean), optional_pointer(v, plane_mean)],
+                     source=COEFFICIENTS_S, statistic=statistic, variant=numerator, has_weight=weight is not None,
+                     has_bias=bias is not None, store=store_coefficients, groups=groups, eps=eps,
+                     max_block_hw=max_block_hw)
+    return y, stored.get("slope", plane_mean.new_empty(0)), scale
+
+
+def evo_norm_b_eval_fwd(x: torch.Tensor, plane_mean: torch.Tensor, plane_var: torch.Tensor, running_var: torch.Tensor,
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], v: Optional[torch.Tensor], *,
+                        variant: int, eps: float, store_coefficients: bool, max_block_hw: Optional[int] = None
+                        ) -> tuple[torch.Tensor, ...]:
+    """The B family in eval after ``plane_moments``, in one launch: ``(y, left, slope, offset, scale)``, the
+    coefficients those of :func:`evo_norm_b_finalize_fwd` on ``running_var`` (computed per plane in the pass) when
+    ``store_coefficients``, else empty."""
+    stored = _stored_coefficients(plane_mean, MODE_COEFFICIENTS[MODE_MAX_DIV][:-1], store_coefficients)
+    y = _launch_pass(x, MODE_MAX_DIV, [*stored.values(), stored["scale"]],
+                     [plane_mean, plane_var, running_var.contiguous(), optional_pointer(weight, plane_mean),
+                      optional_pointer(bias, plane_mean), optional_pointer(v, plane_mean)],
+                     source=COEFFICIENTS_B_RUNNING, variant=variant, has_weight=weight is not None,
+                     has_bias=bias is not None, store=store_coefficients, eps=eps, max_block_hw=max_block_hw)
+    return (y, *stored.values())
 
 
 def evo_plane_bwd(dy: torch.Tensor, x: torch.Tensor, mode: tl.constexpr, *, max_block_hw: Optional[int] = None,
@@ -432,36 +526,15 @@ def evo_plane_bwd(dy: torch.Tensor, x: torch.Tensor, mode: tl.constexpr, *, max_
     grads = {name: allocate((n, c), dtype=scale.dtype, device=x.device) for name in MODE_COEFFICIENTS[mode]}
     if n * c > 0 and hw > 0:
         unused = grads["scale"]
-        block_p, block_hw = plane_tile(n * c, hw, max_block_hw)
-        evo_plane_bwd_kernel[(triton.cdiv(n * c, block_p),)](
+        block_p, block_hw, num_warps = channel_tile(x3, max_block_hw, reduction=True)
+        evo_plane_bwd_kernel[(channel_grid(x3, block_p),)](
             dy3, x3, left, slope, offset, scale, dx3, grads.get("left", unused), grads["slope"],
             grads.get("offset", unused), grads["scale"], grads["shift"], n * c, c, hw,
             *plane_strides(dy3), *plane_strides(x3), *plane_strides(dx3),
             MODE=mode.value, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-            num_warps=num_warps_for(block_p * block_hw, x.device),
+            num_warps=num_warps,
         )
     return (dx, *grads.values())
-
-
-def evo_norm_s_finalize_fwd(plane_mean: torch.Tensor, plane_var: torch.Tensor, weight: Optional[torch.Tensor],
-                            bias: Optional[torch.Tensor], v: Optional[torch.Tensor], *, groups: int, eps: float,
-                            statistic: int, numerator: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(slope, scale, shift)``, each ``(N, C)`` in the planes' dtype, of the S family's elementwise pass from the
-    planes' moments (``slope`` is empty for :data:`NUMERATOR_IDENTITY`, whose pass is ``plane_affine`` centred at
-    ``plane_mean``)."""
-    n, channels = plane_mean.shape
-    scale, shift = torch.empty_like(plane_mean), torch.empty_like(plane_mean)
-    slope = plane_mean.new_empty(0) if numerator == NUMERATOR_IDENTITY else torch.empty_like(plane_mean)
-    if n * channels > 0:
-        block_n, block_c = group_tiles(n, channels // groups)
-        evo_norm_s_finalize_fwd_kernel[(groups,)](
-            plane_mean, plane_var, optional_pointer(weight, scale), optional_pointer(bias, scale),
-            optional_pointer(v, scale), slope, scale, shift, n, channels, groups, channels // groups, eps,
-            STATISTIC=statistic, NUMERATOR=numerator, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_N=block_n, BLOCK_C=block_c,
-            num_warps=num_warps_for(block_n * block_c, plane_mean.device),
-        )
-    return slope, scale, shift
 
 
 def evo_norm_s_finalize_bwd(dslope: Optional[torch.Tensor], dscale: torch.Tensor, dshift: torch.Tensor,

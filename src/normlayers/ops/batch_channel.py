@@ -1,8 +1,11 @@
-"""Batch-Channel Normalization on the per-plane kernels: three launches forward, three backward.
+"""Batch-Channel Normalization on the per-plane kernels: three launches forward in training, two in eval, three
+backward.
 
 Forward: ``normlayers::plane_moments`` (each plane's mean and variance), ``normlayers::batch_channel_finalize`` (all
 the ``(N, C)`` math in one kernel: the batch stage's statistics and running-buffer updates, the group combination,
-each plane's ``scale``/``shift``; ``kernels/batch_channel.py``), ``normlayers::plane_affine``. Backward:
+each plane's ``scale``/``shift``; ``kernels/batch_channel.py``), ``normlayers::plane_affine``. In eval the running
+statistics need no reduction over the batch, so ``normlayers::batch_channel_eval`` does each plane's finalize math
+inside the elementwise pass (from the moments of the planes of its sample's group). Backward:
 ``normlayers::plane_affine_bwd`` (``dx`` of the affine pass and each plane's ``dscale``/``dshift``),
 ``normlayers::batch_channel_finalize_bwd`` (the hand-derived gradient of the finalize math), and
 ``normlayers::plane_moments_bwd``, which adds the statistics' share of ``dx`` to the affine pass's.
@@ -33,7 +36,7 @@ from normlayers.ops.channel_stats import (
 )
 from normlayers.reference import batch_channel as _ref_batch_channel
 
-__all__ = ["batch_channel_norm", "batch_channel_finalize", "batch_channel_finalize_bwd"]
+__all__ = ["batch_channel_norm", "batch_channel_finalize", "batch_channel_finalize_bwd", "batch_channel_eval"]
 
 
 def _kernels():
@@ -92,6 +95,27 @@ def _batch_channel_finalize_bwd_fake(dscale, dshift, plane_mean, plane_var, mean
     return (torch.empty_like(plane_mean), torch.empty_like(plane_mean), *grads)
 
 
+@torch.library.custom_op("normlayers::batch_channel_eval", mutates_args=())
+def batch_channel_eval(input: Tensor, plane_mean: Tensor, plane_var: Tensor, running_mean: Tensor,
+                       running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                       weight: Optional[Tensor], bias: Optional[Tensor], eps: float, bn_eps: float, num_groups: int,
+                       store_coefficients: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """BCN in eval from the planes' moments, the finalize math done inside the elementwise pass: ``(y, scale, shift,
+    mean, var)`` with ``scale``/``shift``/``mean``/``var`` those of :func:`batch_channel_finalize` on the running
+    statistics when ``store_coefficients`` (the backward's), else empty."""
+    return _kernels().batch_channel_eval_fwd(input, plane_mean, plane_var, running_mean, running_var, bn_weight,
+                                             bn_bias, weight, bias, eps=eps, bn_eps=bn_eps, num_groups=num_groups,
+                                             store_coefficients=store_coefficients)
+
+
+@batch_channel_eval.register_fake
+def _batch_channel_eval_fake(input, plane_mean, plane_var, running_mean, running_var, bn_weight, bn_bias, weight,
+                             bias, eps, bn_eps, num_groups, store_coefficients):
+    channels = plane_mean.shape[1]
+    stored = (plane_mean.shape, plane_mean.shape, (channels,), (channels,)) if store_coefficients else ((0,),) * 4
+    return (torch.empty_like(input), *(plane_mean.new_empty(shape) for shape in stored))
+
+
 class _BatchChannelNorm(torch.autograd.Function):
     """BCN of ``input`` with gradients for ``input`` and the four parameters (None where a parameter is None)."""
 
@@ -102,14 +126,23 @@ class _BatchChannelNorm(torch.autograd.Function):
                 momentum: Optional[float], estimate_rate_value: float, eps: float, bn_eps: float,
                 num_groups: int) -> Tensor:
         plane_mean, plane_var = plane_moments(input)
-        count = input.shape[0] * math.prod(input.shape[2:])
-        scale, shift, mean, var = batch_channel_finalize(
-            plane_mean, plane_var, running_mean, running_var, num_batches_tracked, estimate_rate, bn_weight, bn_bias,
-            weight, bias, statistics, momentum, estimate_rate_value, count, eps, bn_eps, num_groups)
-        ctx.save_for_backward(input, plane_mean, plane_var, scale, mean, var, bn_weight, bn_bias, weight, bias)
         ctx.batch_gradient = statistics == _kernels().BATCH_STATISTICS
         ctx.epsilons, ctx.num_groups = (eps, bn_eps), num_groups
-        return plane_affine(input, plane_mean, scale, shift)
+        if statistics == _kernels().RUNNING_STATISTICS:
+            # Eval: nothing reduces over the batch, so the finalize math runs inside the elementwise pass (two
+            # launches); it writes the backward's coefficients only when a backward can follow.
+            needs_grad = any(ctx.needs_input_grad[:5])
+            output, scale, shift, mean, var = batch_channel_eval(
+                input, plane_mean, plane_var, running_mean, running_var, bn_weight, bn_bias, weight, bias, eps,
+                bn_eps, num_groups, needs_grad)
+        else:
+            count = input.shape[0] * math.prod(input.shape[2:])
+            scale, shift, mean, var = batch_channel_finalize(
+                plane_mean, plane_var, running_mean, running_var, num_batches_tracked, estimate_rate, bn_weight,
+                bn_bias, weight, bias, statistics, momentum, estimate_rate_value, count, eps, bn_eps, num_groups)
+            output = plane_affine(input, plane_mean, scale, shift)
+        ctx.save_for_backward(input, plane_mean, plane_var, scale, mean, var, bn_weight, bn_bias, weight, bias)
+        return output
 
     @staticmethod
     def backward(ctx, dy: Tensor):

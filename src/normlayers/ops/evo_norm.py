@@ -10,9 +10,11 @@ Both take ``x`` of shape ``(N, C, *spatial)`` in any memory format and ``(N, C)`
 Arithmetic in fp32 (fp64 for fp64 ``x``); ``y`` in ``x``'s dtype and memory format. Each is differentiable
 (``register_autograd``) through its backward op, which returns ``dx`` and every coefficient's gradient (``(N, C)``,
 in the coefficient's dtype), and opaque to ``torch.compile`` (``register_fake``). The coefficients come from
-``normlayers::plane_moments`` and one "finalize" op per sub-family (``evo_norm_b_finalize``, ``evo_norm_s_finalize``,
-with their backward ops): :func:`evo_norm_b` and :func:`evo_norm_s` below compose them into the layers, three launches
-each way.
+``normlayers::plane_moments`` and the sub-family's finalize math: for the B family in training a finalize op
+(``evo_norm_b_finalize``, which reduces over the batch and updates the running variance); where nothing reduces over
+the batch (the S family, the B family in eval) the fused pass computes each plane's coefficients itself
+(``evo_norm_s_pass``, ``evo_norm_b_eval``). :func:`evo_norm_b` and :func:`evo_norm_s` below compose them into the
+layers: three launches forward in B training, two otherwise; three backward.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from normlayers.ops.channel_stats import (
 )
 from normlayers.reference import evo_norm as _ref_evo
 
-__all__ = ["plane_swish_affine", "plane_max_div_affine", "evo_norm_b", "evo_norm_s"]
+__all__ = ["plane_swish_affine", "plane_max_div_affine", "evo_norm_b", "evo_norm_s", "evo_norm_s_pass",
+           "evo_norm_b_eval"]
 
 
 def _kernels():
@@ -161,21 +164,27 @@ def _affine_coefficients(weight: Optional[Tensor], bias: Optional[Tensor], scale
     return scale, shift
 
 
-@torch.library.custom_op("normlayers::evo_norm_s_finalize", mutates_args=())
-def evo_norm_s_finalize(plane_mean: Tensor, plane_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                        v: Optional[Tensor], groups: int, eps: float, statistic: int, numerator: int
-                        ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(slope, scale, shift)`` of the S family's elementwise pass from the planes' ``(N, C)`` moments:
-    ``scale = weight·rsqrt(group statistic + eps)`` and the numerator's coefficients (``kernels.evo_norm``'s
-    ``GROUP_*`` statistics and ``NUMERATOR_*`` constants; ``slope`` is empty for the identity numerator)."""
-    return _kernels().evo_norm_s_finalize_fwd(plane_mean, plane_var, weight, bias, v, groups=groups, eps=eps,
-                                              statistic=statistic, numerator=numerator)
+@torch.library.custom_op("normlayers::evo_norm_s_pass", mutates_args=())
+def evo_norm_s_pass(input: Tensor, plane_mean: Tensor, plane_var: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], v: Optional[Tensor], groups: int, eps: float, statistic: int,
+                    numerator: int, store_coefficients: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The S family's output from the planes' ``(N, C)`` moments, each plane's finalize math (``scale =
+    weight·rsqrt(group statistic + eps)``, ``shift = bias``, the numerator's slope; ``kernels.evo_norm``'s
+    ``GROUP_*`` statistics and ``NUMERATOR_*`` constants) done inside the elementwise pass: ``(y, slope, scale)``,
+    ``slope``/``scale`` the ``(N, C)`` coefficients when ``store_coefficients`` (``slope`` empty for the identity
+    numerator), else empty."""
+    return _kernels().evo_norm_s_fwd(input, plane_mean, plane_var, weight, bias, v, groups=groups, eps=eps,
+                                     statistic=statistic, numerator=numerator, store_coefficients=store_coefficients)
 
 
-@evo_norm_s_finalize.register_fake
-def _evo_norm_s_finalize_fake(plane_mean, plane_var, weight, bias, v, groups, eps, statistic, numerator):
-    slope = plane_mean.new_empty(0) if numerator == _kernels().NUMERATOR_IDENTITY else torch.empty_like(plane_mean)
-    return slope, torch.empty_like(plane_mean), torch.empty_like(plane_mean)
+@evo_norm_s_pass.register_fake
+def _evo_norm_s_pass_fake(input, plane_mean, plane_var, weight, bias, v, groups, eps, statistic, numerator,
+                          store_coefficients):
+    def stored(written: bool) -> Tensor:
+        return torch.empty_like(plane_mean) if written else plane_mean.new_empty(0)
+
+    has_slope = store_coefficients and numerator != _kernels().NUMERATOR_IDENTITY
+    return torch.empty_like(input), stored(has_slope), stored(store_coefficients)
 
 
 @torch.library.custom_op("normlayers::evo_norm_s_finalize_bwd", mutates_args=())
@@ -183,8 +192,9 @@ def evo_norm_s_finalize_bwd(dslope: Optional[Tensor], dscale: Tensor, dshift: Te
                             plane_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
                             groups: int, eps: float, statistic: int, numerator: int
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dplane_mean, dplane_var, dweight, dbias, dv)`` of :func:`evo_norm_s_finalize` followed by its elementwise
-    pass, from that pass's per-plane coefficient gradients; a parameter's gradient has its shape and dtype (empty for
+    """``(dplane_mean, dplane_var, dweight, dbias, dv)`` of :func:`evo_norm_s_pass`'s coefficients followed by its
+    elementwise pass (the identity numerator's as ``plane_affine`` centred at the plane mean), from that pass's
+    per-plane coefficient gradients; a parameter's gradient has its shape and dtype (empty for
     a missing parameter, and for ``v`` unless the numerator reads it)."""
     return _kernels().evo_norm_s_finalize_bwd(dslope, dscale, dshift, plane_mean, plane_var, weight, bias, v,
                                               groups=groups, eps=eps, statistic=statistic, numerator=numerator)
@@ -200,22 +210,21 @@ def _evo_norm_s_finalize_bwd_fake(dslope, dscale, dshift, plane_mean, plane_var,
 
 
 class _EvoNormS(torch.autograd.Function):
-    """An S-family layer whose numerator is the identity or ``x·sigmoid(slope·x)``: ``plane_moments``,
-    ``evo_norm_s_finalize``, then ``plane_affine`` (centred at the plane mean) or ``plane_swish_affine``; backward
-    the pass's backward, ``evo_norm_s_finalize_bwd``, and ``plane_moments_bwd`` adding the statistic's share of ``dx``.
+    """An S-family layer whose numerator is the identity or ``x·sigmoid(slope·x)``: ``plane_moments`` then
+    ``evo_norm_s_pass`` (the finalize math inside the elementwise pass: two launches); backward ``plane_affine_bwd``
+    (centred at the plane mean) or ``plane_swish_affine_bwd``, ``evo_norm_s_finalize_bwd``, and ``plane_moments_bwd``
+    adding the statistic's share of ``dx``.
     Gradients for ``input``, ``weight``, ``bias`` and ``v`` (None where one is None or unread)."""
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
                 groups: int, eps: float, statistic: int, numerator: int) -> Tensor:
         plane_mean, plane_var = plane_moments(input)
-        slope, scale, shift = evo_norm_s_finalize(plane_mean, plane_var, weight, bias, v, groups, eps, statistic,
-                                                  numerator)
+        output, slope, scale = evo_norm_s_pass(input, plane_mean, plane_var, weight, bias, v, groups, eps, statistic,
+                                               numerator, any(ctx.needs_input_grad[:4]))
         ctx.save_for_backward(input, plane_mean, plane_var, slope, scale, weight, bias, v)
         ctx.options = (groups, eps, statistic, numerator)
-        if numerator == _kernels().NUMERATOR_IDENTITY:
-            return plane_affine(input, plane_mean, scale, shift)
-        return plane_swish_affine(input, slope, scale, shift)
+        return output
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -285,6 +294,24 @@ def _evo_norm_b_finalize_bwd_fake(dleft, dslope, doffset, dscale, dshift, plane_
     return (torch.empty_like(plane_mean), torch.empty_like(plane_mean), *grads)
 
 
+@torch.library.custom_op("normlayers::evo_norm_b_eval", mutates_args=())
+def evo_norm_b_eval(input: Tensor, plane_mean: Tensor, plane_var: Tensor, running_var: Tensor,
+                    weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], variant: int, eps: float,
+                    store_coefficients: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The B family in eval from the planes' ``(N, C)`` moments, each plane's coefficients (those of
+    :func:`evo_norm_b_finalize` on ``running_var``) computed inside the elementwise pass: ``(y, left, slope, offset,
+    scale)``, the coefficients ``(N, C)`` when ``store_coefficients``, else empty."""
+    return _kernels().evo_norm_b_eval_fwd(input, plane_mean, plane_var, running_var, weight, bias, v, variant=variant,
+                                          eps=eps, store_coefficients=store_coefficients)
+
+
+@evo_norm_b_eval.register_fake
+def _evo_norm_b_eval_fake(input, plane_mean, plane_var, running_var, weight, bias, v, variant, eps,
+                          store_coefficients):
+    shape = plane_mean.shape if store_coefficients else (0,)
+    return (torch.empty_like(input), *(plane_mean.new_empty(shape) for _ in range(4)))
+
+
 class _EvoNormB(torch.autograd.Function):
     """A B-family layer: ``plane_moments``, ``evo_norm_b_finalize`` (which updates ``running_var`` in place, so it
     cannot carry ``register_autograd``), ``plane_max_div_affine``; backward that pass's backward,
@@ -295,11 +322,18 @@ class _EvoNormB(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, variant: int, momentum: float, eps: float) -> Tensor:
         plane_mean, plane_var = plane_moments(input)
+        ctx.options = (training, variant, eps)
+        if not training:
+            # Eval: the running variance needs no reduction over the batch, so each plane's coefficients are
+            # computed inside the elementwise pass (two launches), and written only when a backward can follow.
+            output, *coefficients = evo_norm_b_eval(input, plane_mean, plane_var, running_var, weight, bias, v,
+                                                    variant, eps, any(ctx.needs_input_grad[:4]))
+            ctx.save_for_backward(input, plane_mean, plane_var, running_var, *coefficients, weight, bias, v)
+            return output
         count = input.shape[0] * math.prod(input.shape[2:])
         *coefficients, var = evo_norm_b_finalize(plane_mean, plane_var, running_var, weight, bias, v, training,
                                                  variant, momentum, count, eps)
         ctx.save_for_backward(input, plane_mean, plane_var, var, *coefficients[:-1], weight, bias, v)
-        ctx.options = (training, variant, eps)
         return plane_max_div_affine(input, *coefficients)
 
     @staticmethod

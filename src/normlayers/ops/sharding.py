@@ -18,9 +18,9 @@ torch 2.13 only), let each op run on its local shards with no communication wher
   the batch dim; weight and bias replicated, ``dweight``/``dbias`` ``Partial``. Sharded channels are refused (a
   pixel's statistics span them), and so are sharded spatial dims (the per-pixel statistics are kept flattened to
   ``(N, H·W)``).
-* **EvoNorm-S statistics** (``evo_norm_s_finalize``/``_bwd``, per-plane ``(N, C)`` moments to per-sample group
-  coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``. Sharded channels are
-  refused: a group spans several channels.
+* **EvoNorm-S statistics** (``evo_norm_s_pass``, ``evo_norm_s_finalize_bwd``, per-plane ``(N, C)`` moments to
+  per-sample group coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``.
+  Sharded channels are refused: a group spans several channels.
 * **GroupNorm** (``group_norm_fwd``/``_bwd``, ``(N, C, *spatial)`` with ``(N, G)`` statistics): sharded on the batch
   dim; weight and bias replicated, ``dweight``/``dbias`` ``Partial``. Sharded channels or spatial dims are refused.
 * **Token ops** (``token_square_sum``, ``token_grad_sums``, ``channel_affine*``, ``power_norm_train``,
@@ -29,10 +29,11 @@ torch 2.13 only), let each op run on its local shards with no communication wher
   these ops: PowerNorm and UnifiedNorm run DTensor inputs on the local shards with synced statistics
   (:func:`normlayers._dtensor.run_on_local_shards`), so ``step_snapshot`` (their per-step copies) and their fused
   ops (``token_moments``, ``token_affine``, ``token_grad``, the finalize ops, ``unified_norm_dx``) refuse DTensors.
-* **Fused batch-statistic finalize ops** (``batch_channel_finalize``, ``evo_norm_b_finalize`` and their backward;
-  RegionNorm's ``region_stats``, ``region_finalize``, ``region_normalize`` and ``region_normalize_bwd``) refuse
-  DTensors: they take the batch's statistics from their inputs alone. BatchChannelNorm2d, EvoNorm-B and RegionNorm
-  route DTensor inputs to their unfused compositions instead (next paragraph).
+* **Fused batch-statistic ops** (``batch_channel_finalize``, ``evo_norm_b_finalize``, their backward, the eval
+  passes ``batch_channel_eval`` and ``evo_norm_b_eval``; RegionNorm's ``region_stats``, ``region_finalize``,
+  ``region_normalize`` and ``region_normalize_bwd``) refuse DTensors: they take the batch's statistics from their
+  inputs alone. BatchChannelNorm2d, EvoNorm-B and RegionNorm route DTensor inputs to their unfused compositions
+  instead (next paragraph).
 
 Batch statistics need no rule of their own: the compositions reduce ``Partial``/sharded per-plane or per-row values
 with ordinary torch ops, which DTensor reduces across the shard group, so a batch-statistic layer fed a DTensor
@@ -104,7 +105,7 @@ _RULES: dict[str, tuple[str, str, str]] = {
     "unified_norm_train": ("token", "drrrrrrrr---", "d"),
     "channel_norm_fwd": ("pixel", "drr--", "ddd"),  # (y, mean, rstd): mean/rstd (N, H·W)
     "channel_norm_bwd": ("pixel", "ddrdd--", "dpp"),  # (dx, dweight, dbias)
-    "evo_norm_s_finalize": ("sample_group", "ddrrr----", "ddd"),  # (slope, scale, shift), (N, C) each
+    "evo_norm_s_pass": ("sample_group", "dddrrr-----", "ddd"),  # (y, slope, scale)
     "evo_norm_s_finalize_bwd": ("sample_group", "dddddrrr----", "ddppp"),  # (dplane_mean, dplane_var, dweight, ...)
     "group_norm_fwd": ("sample_group", "drr---", "ddd"),  # (y, mean, rstd): mean/rstd (N, G)
     "group_norm_bwd": ("sample_group", "ddrrdd--", "dpp"),  # (dx, dweight, dbias)
@@ -172,7 +173,8 @@ def _refusal(name: str, layers: str, how: str) -> Callable[..., list]:
 _REFUSED: dict[str, tuple[str, str]] = {
     **{name: ("BatchChannelNorm2d and EvoNorm-B", "their layers route DTensor inputs to the unfused composition, so "
               "call the layer, not this op") for name in ("batch_channel_finalize", "batch_channel_finalize_bwd",
-                                                         "evo_norm_b_finalize", "evo_norm_b_finalize_bwd")},
+                                                         "batch_channel_eval", "evo_norm_b_finalize",
+                                                         "evo_norm_b_finalize_bwd", "evo_norm_b_eval")},
     **{name: ("RegionNorm2d and LearnableRegionNorm2d", "their layers route DTensor inputs to the composition of "
               "region_moments and region_affine, so call the layer, not this op")
        for name in ("region_stats", "region_finalize", "region_normalize", "region_normalize_bwd")},
