@@ -7,14 +7,17 @@ On a 1-D mesh of the two CPU ranks (``init_device_mesh("cpu", (2,))``), on both 
   under tensor + sequence parallelism: ``SequenceParallel`` norms, ``ColwiseParallel``/``RowwiseParallel`` MLP, the
   fused-residual norms on DTensors through ``distribute_module``, the token norm on the gathered sequence;
 * the same block under FSDP2 (``fully_shard``) with ``convert_sync``, each rank on its samples;
-* a CNN with BatchChannelNorm2d, EvoNorm2dB0, LayerNorm2d and EvoNorm2dS0 under FSDP2 with ``convert_sync``, and
-  replicated (``distribute_module``) on an input DTensor sharded on the batch dim (DTensor reduces the batch
-  statistics);
+* a CNN with BatchChannelNorm2d, EvoNorm2dB0, LayerNorm2d, EvoNorm2dS0 and GroupNorm (fused SiLU) under FSDP2 with
+  ``convert_sync``, and replicated (``distribute_module``) on an input DTensor sharded on the batch dim (DTensor
+  reduces the batch statistics);
+* the other layers of ``LAYER_MODELS`` (EvoNorm-S, GroupNorm on NCHW and channels-last shards, RegionNorm,
+  weight-standardized convs, SPDBatchNorm, time-major PowerNorm) alone on batch-sharded DTensors;
 * the tensor/sequence-parallel block (row norms only) compiled with ``torch.compile(fullgraph=True)``;
 
 and saves per step what the test compares with one process on the whole batch: outputs and input gradients (its part),
 full parameter gradients (under FSDP2 averaged over the ranks), parameters after the step and buffers. It also saves
-the errors of a norm whose normalized dim is sharded and of LayerNorm2d on sharded channels.
+the errors of a norm whose normalized dim is sharded, of LayerNorm2d on sharded channels and of GroupNorm on sharded
+channels or height (on the reference path, which runs them, whether the output equals the whole batch's).
 """
 
 from __future__ import annotations
@@ -66,9 +69,10 @@ class ConvNet(nn.Module):
         self.evo = normlayers.EvoNorm2dB0(CHANNELS)
         self.ln2d = normlayers.LayerNorm2d(CHANNELS)  # per-pixel statistics over the channels
         self.evo_s = normlayers.EvoNorm2dS0(CHANNELS, groups=2)  # per-sample group statistics
+        self.group_norm = normlayers.GroupNorm(2, CHANNELS, act="silu")  # no batch statistics: convert_sync skips it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.evo_s(self.ln2d(self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x)))))))
+        return self.group_norm(self.evo_s(self.ln2d(self.evo(self.conv2(torch.relu(self.bcn(self.conv1(x))))))))
 
 
 class EvoNormsS(nn.Module):
@@ -111,6 +115,19 @@ class MaskedPowerNorm(nn.Module):
         return self.token_norm(x, (x[..., 0] > 1.0).transpose(0, 1))
 
 
+class GroupNorms(nn.Module):
+    """GroupNorm on an NCHW input, then with a fused SiLU on the channels-last copy of its output (the kernels read
+    both layouts in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_nchw = normlayers.GroupNorm(2, CHANNELS)
+        self.norm_channels_last = normlayers.GroupNorm(2, CHANNELS, act="silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_channels_last(self.norm_nchw(x).contiguous(memory_format=torch.channels_last))
+
+
 def _weight_standardized() -> nn.Module:
     return nn.Sequential(normlayers.WSConv2d(3, CHANNELS, 3, padding=1),
                          normlayers.ScaledWSConv2d(CHANNELS, CHANNELS, 3, padding=1))
@@ -118,7 +135,7 @@ def _weight_standardized() -> nn.Module:
 
 # The layers run on batch-sharded DTensors alone (per-sample statistics, batch statistics and standardized weights).
 LAYER_MODELS: dict[str, Callable[[], nn.Module]] = {
-    "cnn": ConvNet, "evo_s": EvoNormsS, "region": RegionNorms, "ws": _weight_standardized,
+    "cnn": ConvNet, "evo_s": EvoNormsS, "group": GroupNorms, "region": RegionNorms, "ws": _weight_standardized,
     "spd": lambda: normlayers.SPDBatchNorm(SPD_SIZE, momentum=0.3, karcher_steps=2),
     "power_masked": MaskedPowerNorm,
 }
@@ -144,7 +161,8 @@ def batches(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(13)
     images, channels = (IMAGES, CHANNELS, SIZE, SIZE), (IMAGES, 3, SIZE, SIZE)
     shape, out_shape = {"cnn": (channels, images), "ws": (channels, images), "evo_s": (images, images),
-                        "region": (images, images), "spd": ((IMAGES, SPD_SIZE, SPD_SIZE),) * 2,
+                        "group": (images, images), "region": (images, images),
+                        "spd": ((IMAGES, SPD_SIZE, SPD_SIZE),) * 2,
                         "power_masked": ((SEQ, BATCH, HIDDEN),) * 2}.get(name, ((BATCH, SEQ, HIDDEN),) * 2)
     data = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5,
              torch.randn(out_shape, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
@@ -248,6 +266,19 @@ def run_batch_sharded_dtensor(name: str, mesh, rank: int, world: int) -> list[di
                  local=lambda t: part(t, rank, world, dim))
 
 
+def group_norm_input_layouts(mesh, rank: int, world: int) -> list[bool]:
+    """Whether each GroupNorm of :class:`GroupNorms` gets a channels-last local shard, on a batch-sharded DTensor."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_module
+
+    model = distribute_module(make_model("group"), mesh)
+    layouts = []
+    for norm in (model.norm_nchw, model.norm_channels_last):
+        norm.register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].to_local().is_contiguous(memory_format=torch.channels_last)))
+    model(DTensor.from_local(part(batches("group")[0][0], rank, world, 0), mesh, [Shard(0)], run_check=False))
+    return layouts
+
+
 def run_fsdp(name: str, rank: int, world: int) -> list[dict]:
     from torch.distributed.fsdp import fully_shard
 
@@ -278,13 +309,20 @@ def sharded_normalized_dim_error(mesh, rank: int, world: int) -> str:
     return _error_of(lambda: norm(part(torch.randn(BATCH, SEQ, HIDDEN), rank, world, 2)))
 
 
-def sharded_channel_error(mesh, rank: int, world: int) -> str:
-    """LayerNorm2d on an input sharded on the channel dim, which its per-pixel statistics span."""
+def sharded_error(make_norm: Callable[[], nn.Module], dim: int, mesh, rank: int, world: int) -> str:
+    """The error of the norm on an image batch sharded along ``dim``, a dim its statistics span; where it runs (the
+    reference path, torch ops that DTensor redistributes) "no error" only if its output equals the norm's on the
+    whole batch."""
     from torch.distributed.tensor import DTensor, Shard, distribute_module
 
-    norm = distribute_module(normlayers.LayerNorm2d(CHANNELS), mesh)
-    x = part(torch.randn(IMAGES, CHANNELS, SIZE, SIZE), rank, world, 1)
-    return _error_of(lambda: norm(DTensor.from_local(x, mesh, [Shard(1)], run_check=False)))
+    norm = distribute_module(make_norm(), mesh)
+    x = torch.randn(IMAGES, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+
+    def check() -> None:
+        y = norm(DTensor.from_local(part(x, rank, world, dim), mesh, [Shard(dim)], run_check=False))
+        torch.testing.assert_close(y.full_tensor(), make_norm()(x))
+
+    return _error_of(check)
 
 
 def local_shards_errors(mesh, rank: int, world: int) -> dict[str, str]:
@@ -324,10 +362,15 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
             results[("fsdp", backend_name, "cnn")] = run_fsdp("cnn", rank, world)
             for name in LAYER_MODELS:
                 results[("dtensor_batch", backend_name, name)] = run_batch_sharded_dtensor(name, mesh, rank, world)
+            results[("group_layouts", backend_name)] = group_norm_input_layouts(mesh, rank, world)
             results[("compiled_tp", backend_name, "none")] = run_tensor_parallel("none", mesh, rank, world,
                                                                                 compiled=True)
             results[("refused", backend_name)] = sharded_normalized_dim_error(mesh, rank, world)
-            results[("refused_channel", backend_name)] = sharded_channel_error(mesh, rank, world)
+            # LayerNorm2d (a pixel's statistics span the channels) and GroupNorm (a group's span channels and pixels)
+            for case, make_norm, dim in (("refused_channel", lambda: normlayers.LayerNorm2d(CHANNELS), 1),
+                                         ("refused_group_channel", lambda: normlayers.GroupNorm(2, CHANNELS), 1),
+                                         ("refused_group_spatial", lambda: normlayers.GroupNorm(2, CHANNELS), 2)):
+                results[(case, backend_name)] = sharded_error(make_norm, dim, mesh, rank, world)
             results[("refused_local_shards", backend_name)] = local_shards_errors(mesh, rank, world)
     torch.save(results, out)
     dist.destroy_process_group()

@@ -4,11 +4,12 @@ whole batch.
 One spawn of two ranks (``dtensor_worker.py``, a 1-D CPU mesh) runs on both backends — the Triton kernels through the
 interpreter, reaching the custom ops' sharding rules (``normlayers.ops.sharding``) — a pre-norm block (LayerNorm,
 RMSNorm and CRMSNorm with fused residuals, PowerNorm or UnifiedNorm) under ``SequenceParallel`` +
-``ColwiseParallel``/``RowwiseParallel`` and under ``fully_shard`` with ``convert_sync``, a CNN with BatchChannelNorm2d
-and EvoNorm2dB0 under ``fully_shard`` with ``convert_sync`` and replicated on a batch-sharded DTensor input, and the
-tensor-parallel block compiled with ``fullgraph=True``; three SGD steps each. Every step must equal the single-process
-run: outputs and input gradients part by part, the full parameter gradients (averaged over the ranks under FSDP2), the
-parameters after the step and every buffer.
+``ColwiseParallel``/``RowwiseParallel`` and under ``fully_shard`` with ``convert_sync``, a CNN with BatchChannelNorm2d,
+EvoNorm2dB0 and GroupNorm under ``fully_shard`` with ``convert_sync`` and replicated on a batch-sharded DTensor input,
+the other image and token layers (GroupNorm on NCHW and channels-last shards among them) on batch-sharded DTensors,
+and the tensor-parallel block compiled with ``fullgraph=True``; three SGD steps each. Every step must equal the
+single-process run: outputs and input gradients part by part, the full parameter gradients (averaged over the ranks
+under FSDP2), the parameters after the step and every buffer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 import gloo_ranks as ranks
+import normlayers
 from normlayers.testing import assert_close
 
 WORLD = 2
@@ -65,16 +67,20 @@ def test_parallel_training_equals_one_process(rank_results, single_process, para
 
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)
-@pytest.mark.parametrize(("case", "op"), [("refused", "row_norm_fwd"),  # RMSNorm, normalized (hidden) dim sharded
-                                          ("refused_channel", "channel_norm_fwd")])  # LayerNorm2d, channels sharded
-def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backend_name, case, op):
+@pytest.mark.parametrize(("case", "op", "dim"), [
+    ("refused", "row_norm_fwd", 1),  # RMSNorm, normalized (hidden) dim sharded
+    ("refused_channel", "channel_norm_fwd", 1),  # LayerNorm2d, channels sharded
+    ("refused_group_channel", "group_norm_fwd", 1),  # GroupNorm, channels sharded
+    ("refused_group_spatial", "group_norm_fwd", 2)])  # GroupNorm, height sharded
+def test_sharded_normalized_dim_is_refused_naming_op_and_dim(rank_results, backend_name, case, op, dim):
     for results in rank_results:
         message = results[(case, backend_name)]
         if backend_name == "triton":
-            assert f"normlayers::{op}" in message and "sharded along dim 1" in message, message
+            assert f"normlayers::{op}" in message and f"sharded along dim {dim}" in message, message
         else:
-            # The reference path is torch's own ops: DTensor gathers the normalized dim and gives the right values.
-            assert message == "no error"
+            # The reference path is torch's own ops: DTensor gathers the normalized dim and gives the right values
+            # (the image norms' cases check them against the whole batch).
+            assert message == "no error", message
 
 
 @pytest.mark.parametrize("backend_name", worker.BACKENDS)
@@ -98,6 +104,27 @@ def test_sequence_stays_sharded_through_the_norms(rank_results, backend_name):
     for results in rank_results:
         assert results[("tp_placements", backend_name)] == {norm: "(Shard(dim=1),)"
                                                             for norm in _SEQUENCE_PARALLEL_NORMS}
+
+
+@pytest.mark.parametrize("backend_name", worker.BACKENDS)
+def test_group_norm_shards_keep_their_memory_format(rank_results, backend_name):
+    # The GroupNorm case runs both layouts the kernels read: NCHW, then channels-last local shards.
+    for results in rank_results:
+        assert results[("group_layouts", backend_name)] == [False, True]
+
+
+def test_convert_sync_leaves_group_norm_as_it_is():
+    # GroupNorm has no batch statistics: the FSDP2 CNN's convert_sync turns on BatchChannelNorm2d's and EvoNorm-B's
+    # syncing only, and leaves the GroupNorm module, its configuration and its parameters untouched.
+    model = worker.make_model("cnn")
+    group_norm = model.group_norm
+    before = {key: value.clone() for key, value in group_norm.state_dict().items()}
+    assert not (model.bcn.sync_stats or model.evo.sync_stats)
+    normlayers.convert_sync(model)
+    assert model.bcn.sync_stats and model.evo.sync_stats
+    assert model.group_norm is group_norm and type(group_norm) is normlayers.GroupNorm
+    assert not hasattr(group_norm, "sync_stats") and (group_norm.num_groups, group_norm.act) == (2, "silu")
+    assert all(torch.equal(value, before[key]) for key, value in group_norm.state_dict().items())
 
 
 def test_cases_reach_the_paths_they_name(single_process):

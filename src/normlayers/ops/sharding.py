@@ -75,7 +75,8 @@ _DATA_DIMS: dict[str, tuple[tuple[int, ...], str]] = {
     "token": ((0,), "the channels: the layer's statistics are per channel over token rows, sharded rows only"),
     "pixel": ((0,), "a channel or spatial dim: a pixel's statistics are over all channels, and the per-pixel mean and "
                     "rstd are kept flattened to (N, H·W)"),
-    "sample_group": ((0,), "the channels: a group statistic spans several channels"),
+    "sample_group": ((0,), "a channel or spatial dim: a sample's group statistics span several channels and every "
+                           "spatial position"),
 }
 # The families whose rows may come from flattened (batch, seq) dims.
 _FLATTENED_ROWS = ("row", "token")
