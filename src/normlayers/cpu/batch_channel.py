@@ -95,7 +95,6 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
     return out
 
 
-
 def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and biased variance (fp32, ``(N, C)``) of each (sample, channel) plane of bf16/fp16 ``x``: the saved
     statistics of ATen's group norm with one channel per group beside an fp32 weight (the mixed-type path; the pure
