@@ -28,7 +28,8 @@ def _buffers(dtype):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
 def test_matches_reference(mode, dtype, layout):
     x = nchw_input(3, C, 5, 4, dtype, layout)
