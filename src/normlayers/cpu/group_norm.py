@@ -22,5 +22,5 @@ __all__ = ["group_norm"]
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                act: Optional[str]) -> Tensor:
     """``act(F.group_norm(input, num_groups, weight, bias, eps))`` in the compute dtype, in ``input``'s dtype."""
-    y = F.group_norm(opmath(input), num_groups, *params_like(input, weight, bias), eps)
-    return activation(y, act).to(input.dtype)
+    y = activation(F.group_norm(opmath(input), num_groups, *params_like(input, weight, bias), eps), act)
+    return y if y.dtype == input.dtype else y.to(input.dtype)
