@@ -142,9 +142,9 @@ def fuse_group_norm_act_traced(block: nn.Module, concrete_args: Optional[dict[st
     ``block`` itself when nothing is fused: no pattern found, or refused with a warning (untraceable forward, hooks on
     ``block``, a dropped parameter; see the module docstring for the per-norm refusals).
 
-    Example (a diffusers-style ResNet block; the SiLU also applied to ``temb`` is kept there)::
+    Example, ``block`` a diffusers-style ResNet block (``self.nonlinearity`` applied after ``norm1``, to ``temb`` and
+    after ``norm2``; the call on ``temb`` stays)::
 
-        >>> block.forward  # h = self.conv1(self.nonlinearity(self.norm1(x))) + ...(self.nonlinearity(temb)) ...
         >>> fused = normlayers.convert.fuse_group_norm_act_traced(block)
         >>> fused.norm1
         GroupNorm(32, 320, eps=1e-05, affine=True, act='silu')
