@@ -194,6 +194,7 @@ def test_bad_inputs_raise_naming_the_argument(backend):
         (lambda: NF.group_norm(x, 3, eps=-1.0), ValueError, "eps must be a finite non-negative number"),
         (lambda: NF.group_norm(torch.randn(6), 3), ValueError, "input must be"),
         (lambda: NF.group_norm(x.long(), 3), TypeError, "input must have a floating dtype"),
+        (lambda: NF.group_norm(torch.randn(1, 3, 1), 3), ValueError, "Expected more than 1 value per group"),
         (lambda: normlayers.GroupNorm(4, 6), ValueError, r"num_groups \(4\) must divide num_channels \(6\)"),
         (lambda: normlayers.GroupNorm(3, 6, act="swish"), ValueError, "act must be None or one of"),
     ]
