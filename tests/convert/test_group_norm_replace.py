@@ -242,3 +242,12 @@ def test_concrete_args_trace_the_path_without_temb():
     assert not [n for n in fused.graph.nodes if n.op == "call_module" and n.target == "nonlinearity"]
     assert sorted(fused.state_dict()) == sorted(block.state_dict())  # time_emb_proj kept, though not called
     assert_close(fused(x, None), block(x, None))
+
+
+def test_traced_fuse_after_replace_norms():
+    block = _randomize(ResnetBlock2D())
+    expected = _outputs_and_grads(block)
+    normlayers.replace_norms(block)  # normlayers.GroupNorm(act=None) is traced as a call, not into its forward
+    fused = fuse_group_norm_act_traced(block)
+    assert (fused.norm1.act, fused.norm2.act) == ("silu", "silu")
+    assert all(torch.equal(got, want) for got, want in zip(_outputs_and_grads(fused), expected))
