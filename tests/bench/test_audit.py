@@ -20,12 +20,14 @@ from normlayers.kernels import row_norms as K
 pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="the audit runs kernels in the Triton interpreter")
 
 ROW_NORMS = {"LayerNorm(4096)", "RMSNorm(4096)", "RMSNorm(4096) + residual"}
-COMPOSITES = ("BatchChannelNorm2d(64)", "EvoNorm2dS0(64)", "EvoNorm2dB0(64)", "RegionNorm2d(64)", "PowerNorm(768)",
+COMPOSITES = ("BatchChannelNorm2d(64)", "EvoNorm2dS0(64)", "EvoNorm2dB0(64)", "RegionNorm2d(64)",
+              "GroupNorm(32, 64, act='silu')", "GroupNorm(32, 64, act='silu'), channels-last", "PowerNorm(768)",
               "UnifiedNorm(768)")
 # Budgets per layer call, training mode unless named: (row norms, composite layers).
 BUDGETS = {"train fwd": (1, 3), "train bwd": (2, 4), "eval fwd": (1, 2)}
-# Every composite phase is within budget today (issue 16); a layer that goes over is listed here as a strict xfail.
-UNFUSED: set[tuple[str, str]] = set()
+# Composite phases over budget today: GroupNorm's eval forward is its training forward (per-sample statistics: split
+# reduction, finalize, normalize), 3 launches; folding the finalize into the normalize pass is left (issue 21).
+UNFUSED = {(layer, "eval fwd") for layer in COMPOSITES if layer.startswith("GroupNorm")}
 SYNCING: set[tuple[str, str]] = set()
 WIDTHS = (1024, 8192, 16384, 65536)  # audit.ROW_WIDTHS has the full set
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import normlayers
 import normlayers.functional as NF
-from normlayers.testing import nchw_input
+from normlayers.cpu import batch_channel as cpu_bcn
+from normlayers.testing import assert_close, assert_lowprec_close, nchw_input
 
 from .conftest import assert_cpu_tier_matches_reference
 
@@ -26,7 +28,8 @@ def _buffers(dtype):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
 def test_matches_reference(mode, dtype, layout):
     x = nchw_input(3, C, 5, 4, dtype, layout)
@@ -87,3 +90,51 @@ def test_compiles_fullgraph():
         results.append([*grads, *buffers])
     for a, c in zip(*results):
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
+def test_low_precision_inference_matches_reference(mode, dtype, layout, monkeypatch):
+    """With no gradient to compute, bf16/fp16 input runs the one-rounding route (per-plane moments, then one affine
+    pass): output and running buffers (fp32 and, as after module.to(dtype), the input's dtype) by the low-precision
+    rule against the fp64 reference. The input has a mean far from 0, where statistics rounded to bf16/fp16 or an
+    intermediate rounded between the stages would show."""
+    ran = []
+    monkeypatch.setattr(cpu_bcn, "_low_precision_forward", lambda *a, **k: ran.append(1) or fast_forward(*a, **k))
+    x = nchw_input(3, C, 5, 4, dtype, layout)
+    x = (3.0 + 2.0 * x.float()).to(dtype)
+    for buffer_dtype in (torch.float32, dtype):
+        results = {}
+        for name, backend, cast in (("auto", "auto", dtype), ("reference", "reference", dtype),
+                                    ("reference64", "reference", torch.float64)):
+            running_mean, running_var, tracked = (b.to(cast if name == "reference64" else buffer_dtype)
+                                                  if b.is_floating_point() else b for b in _buffers(torch.float32))
+            with normlayers.backend(backend), torch.no_grad():
+                y = NF.batch_channel_norm(x.to(cast), running_mean, running_var,
+                                          *(p.to(cast) for p in _params(torch.float32)),
+                                          training=mode.endswith("train"), num_groups=G,
+                                          estimate=mode.startswith("estimate"), estimate_rate=0.3,
+                                          num_batches_tracked=tracked)
+            results[name] = (y, running_mean, running_var, tracked)
+        ours, reference, reference64 = results["auto"], results["reference"], results["reference64"]
+        assert ours[0].dtype == dtype and ours[0].stride() == reference[0].stride()
+        assert_lowprec_close(ours[0], reference[0], reference64[0], msg="output")
+        for i in (1, 2):
+            if buffer_dtype == torch.float32:
+                assert_close(ours[i], reference[i], msg=f"buffer {i}")
+            else:
+                assert_lowprec_close(ours[i], reference[i], reference64[i], msg=f"buffer {i}")
+        assert torch.equal(ours[3], reference[3])
+    assert len(ran) == 2
+
+
+fast_forward = cpu_bcn._low_precision_forward
+
+
+def test_low_precision_training_keeps_fp32_path(monkeypatch):
+    """With a gradient to compute, bf16 input runs the fp32 path (its backward reads fp32 saved tensors)."""
+    monkeypatch.setattr(cpu_bcn, "_low_precision_forward", lambda *a, **k: pytest.fail("ran the no-grad route"))
+    x = torch.randn(2, C, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    NF.batch_channel_norm(x, None, None, training=True, num_groups=G).sum().backward()
+    assert x.grad is not None
