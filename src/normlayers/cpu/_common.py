@@ -14,7 +14,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def opmath(t: Tensor) -> Tensor:
     dtype = compute_dtype(t.dtype)
-    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a dispatch (~2 us on one CPU thread)
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a dispatch (0.8 us here)
 
 
 def params_like(input: Tensor, *params: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
