@@ -139,13 +139,16 @@ def test_other_activations_match_torch(act, backend):
         assert_close(a, e)
 
 
-@pytest.mark.parametrize("act", [None, "silu"])
+@pytest.mark.parametrize("act", [None, "silu", "relu"])
 def test_cpu_tier_is_torch_eager_bit_for_bit_in_fp32(act):
     """Backend auto on CPU runs F.group_norm and the activation: exactly what nn.GroupNorm + nn.SiLU computes."""
     module = _make(act)
     x = nchw_input(2, 6, 5, 5, torch.float32, "contiguous", scale=2.0)
     for a, e in zip(_step(module, x, "auto"), _step(_torch_pair(module, torch.float32), x, "reference")):
         assert torch.equal(a, e)
+    with torch.no_grad():  # without autograd the activation runs in place on the norm's output, not on the input
+        x_before = x.clone()
+        assert torch.equal(module(x), _torch_pair(module, torch.float32)(x)) and torch.equal(x, x_before)
 
 
 @pytest.mark.parametrize("spatial", [(), (7,), (2, 3, 4)])
@@ -191,6 +194,7 @@ def test_bad_inputs_raise_naming_the_argument(backend):
         (lambda: NF.group_norm(x, 3, eps=-1.0), ValueError, "eps must be a finite non-negative number"),
         (lambda: NF.group_norm(torch.randn(6), 3), ValueError, "input must be"),
         (lambda: NF.group_norm(x.long(), 3), TypeError, "input must have a floating dtype"),
+        (lambda: NF.group_norm(torch.randn(1, 3, 1), 3), ValueError, "Expected more than 1 value per group"),
         (lambda: normlayers.GroupNorm(4, 6), ValueError, r"num_groups \(4\) must divide num_channels \(6\)"),
         (lambda: normlayers.GroupNorm(3, 6, act="swish"), ValueError, "act must be None or one of"),
     ]

@@ -1,15 +1,18 @@
-"""CPU tier of Group Normalization: ATen's fused ``F.group_norm`` followed by the activation, eagerly.
+"""CPU tier of Group Normalization: ATen's fused ``group_norm`` followed by the activation, eagerly.
 
-For fp32 and fp64 input these are exactly the ops a model runs (``nn.GroupNorm`` then ``nn.SiLU``), so the CPU tier
-costs what eager PyTorch costs, bit for bit. fp16/bf16 input is normalized and activated in fp32 and rounded once, as
+For fp32 and fp64 input these are exactly the ops a model runs (``nn.GroupNorm`` then ``nn.SiLU``), bit for bit;
+without autograd the SiLU or ReLU is applied in place to the norm's fresh output (one output buffer where eager
+PyTorch allocates two). fp16/bf16 input is normalized and activated in fp32 and rounded once, as
 the reference and the kernels do (eager bf16 rounds the norm's output before the activation). Argument checks live in
 :mod:`normlayers.functional`.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -18,9 +21,15 @@ from normlayers.reference.group_norm import activation
 
 __all__ = ["group_norm"]
 
+_IN_PLACE_ACTIVATIONS = {"silu": partial(F.silu, inplace=True), "relu": F.relu_}
+
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                act: Optional[str]) -> Tensor:
     """``act(F.group_norm(input, num_groups, weight, bias, eps))`` in the compute dtype, in ``input``'s dtype."""
-    y = F.group_norm(opmath(input), num_groups, *params_like(input, weight, bias), eps)
-    return activation(y, act).to(input.dtype)
+    # torch.group_norm is F.group_norm without its Python-side checks, which normlayers.functional has made.
+    y = torch.group_norm(opmath(input), num_groups, *params_like(input, weight, bias), eps,
+                         torch.backends.cudnn.enabled)
+    # Outside autograd nothing else reads the norm's output: activate it in place, saving a buffer and its traffic.
+    y = _IN_PLACE_ACTIVATIONS[act](y) if act in _IN_PLACE_ACTIVATIONS and not y.requires_grad else activation(y, act)
+    return y if y.dtype == input.dtype else y.to(input.dtype)

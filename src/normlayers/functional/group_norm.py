@@ -39,6 +39,10 @@ def _check_group_norm_args(input: Tensor, num_groups: int, weight: Optional[Tens
     if channels % num_groups != 0:
         raise ValueError(f"num_groups ({num_groups}) must divide the number of channels (input.shape[1] = "
                          f"{channels}); input has shape {list(input.shape)}")
+    if input.numel() == num_groups:
+        # One value in every group (batch 1): F.group_norm refuses it, so every backend does.
+        raise ValueError(f"Expected more than 1 value per group, got input of shape {list(input.shape)} with "
+                         f"num_groups={num_groups}")
     check_channel_vectors(input, {"weight": weight, "bias": bias})
     check_activation(act)
     return check_epsilon("eps", eps)
