@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import normlayers.functional as NF
 from normlayers.cpu import evo_norm as cpu_evo
-from normlayers.testing import nchw_input
+from normlayers.testing import assert_lowprec_close, nchw_input
 
-from .conftest import assert_cpu_tier_matches_reference
+from .conftest import assert_cpu_tier_matches_reference, run_backend
 
 C = 8
 B_VARIANTS = ["b0", "b1", "b2"]
@@ -119,3 +119,21 @@ def test_compiles_fullgraph(variant):
         results.append([*torch.autograd.grad(fn(leaf, *buffers), [leaf, *params]), *buffers])
     for a, c in zip(*results):
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("case", ["b0-train", "b0-eval", "s0", "s1", "s0a"])
+def test_dx_of_near_constant_planes_far_from_zero(case):
+    """Planes of 100 ± 1e-3 in fp32: the mean's rounding (an ulp of 100, 8e-6) is not small next to x − E[x], and a
+    dx formed from x − mean alone is off by 1e-3 relative. The CPU tier's fp32 dx must be as close to the fp64
+    reference as the fp32 reference's is (which removes that rounding through the gradient of the mean)."""
+    variant, _, mode = case.partition("-")
+    gen = torch.Generator().manual_seed(5)
+    x = 100.0 + 1e-3 * torch.randn(4, C, 6, 6, generator=gen)
+    params = _params(variant, torch.float32)
+    buffers = [torch.full((C,), 1e-6)] if variant.startswith("b") else []  # eval: the instance side wins the max
+    fn = _call(variant, training=mode != "eval")
+    dx_ours = run_backend("auto", fn, [x, *params], buffers)[1]
+    dx_ref32 = run_backend("reference", fn, [x, *params], buffers)[1]
+    dx_ref64 = run_backend("reference", fn, [x.double(), *[p.double() for p in params]],
+                           [b.double() for b in buffers])[1]
+    assert_lowprec_close(dx_ours, dx_ref32, dx_ref64, atol=0.0)  # no atol: stricter than the table (dx is ~1e-2 for B0)

@@ -67,6 +67,15 @@ def _group_stats(xf: Tensor, groups: int, rms: bool, eps: float) -> tuple[Tensor
     return torch.rsqrt(var + eps), mean
 
 
+def _deviation(xf: Tensor, mean: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``x − E[x]`` over ``dims`` (``mean`` broadcast against ``xf``) to the rounding of ``x`` itself: ``x − mean`` less
+    its own mean, which is ``mean``'s rounding error. On a plane of nearly equal values far from zero (100 ± 1e-3)
+    that error is not small next to ``x − E[x]``, and the dx terms proportional to it would be off by 1e-3 relative;
+    the reference's autograd removes the same error through the gradient of the mean."""
+    centred = xf - mean
+    return centred.sub_(centred.mean(dims, keepdim=True))
+
+
 def _per_channel(per_group: Tensor, channels: int) -> Tensor:
     """``(N, G, 1)`` → ``(N, C, 1, 1)``, each group's value on each of its channels."""
     n, groups, _ = per_group.shape
@@ -140,7 +149,8 @@ class _EvoSFunction(torch.autograd.Function):
         # Σ over the group of t·a with t = dy·γ/d_g, times 1/(K·d_g²): the statistic's share of dx
         group_sum = (ga * scale).reshape(n, groups, -1).sum(-1, keepdim=True)
         coef = _per_channel(group_sum * inv.square() / (xf[0].numel() // groups), channels)
-        centred = xf if ctx.rms else xf - _per_channel(mean, channels)  # x − μ first: no cancellation of coef·x
+        # x − μ first (no cancellation of coef·x − coef·μ), and to x's own rounding
+        centred = xf if ctx.rms else _deviation(xf.reshape(n, groups, -1), mean, (-1,)).view(xf.shape)
         dx = dx.addcmul_(centred, coef, value=-1)
         return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
 
@@ -174,7 +184,7 @@ def _evo_s_backward_differentiable(ctx: Any, grad: Tensor) -> tuple[Optional[Ten
                 dv = (t * xf * slope).sum(_NHW).to(v.dtype)
             slope = slope * v_c
         dx = t * (sig + slope)
-    centred = xf if mean is None else xf - _per_channel(mean, channels)
+    centred = xf if mean is None else _deviation(xf.reshape(n, groups, -1), mean, (-1,)).view(xf.shape)
     dx = dx - coef * centred
     return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
 
@@ -290,7 +300,7 @@ class _EvoBFunction(torch.autograd.Function):
                 dv = (-times_gamma(_plane_dot(h_right, xf))).sum((0, 2, 3)).to(v.dtype)
             plane = -times_gamma(hr_plane) / (stat * hw)
             e = e.addcmul_(h_right, -v_c)
-            centred = xf - inst_mean
+            centred = _deviation(xf, inst_mean, _HW)
         elif ctx.variant == "b1":
             # r = (x + 1)·q, q the instance RMS: ∂r/∂x_j = q + Σ(x + 1)·x_j/(H·W·q)
             plane = -times_gamma(_plane_dot(h_right, xf) + hr_plane) / (stat * hw)
@@ -308,7 +318,7 @@ class _EvoBFunction(torch.autograd.Function):
         dx = e if gamma is None else e.mul_(gamma)
         dx = dx.addcmul_(centred, plane)
         if batch_mean is not None:
-            dx = dx.addcmul_(xf - batch_mean.to(dtype).view(1, -1, 1, 1), coef)
+            dx = dx.addcmul_(_deviation(xf, batch_mean.to(dtype).view(1, -1, 1, 1), _NHW), coef)
         return dx.to(x.dtype), dweight, dbias, dv, None, None, None, None
 
 
@@ -336,14 +346,14 @@ def _evo_b_backward_differentiable(ctx: Any, grad: Tensor) -> tuple[Optional[Ten
     if batch_mean is not None:  # training: l depends on x through the batch variance
         count = xf.numel() // xf.shape[1]
         coef = (g_left.sum(_NHW, keepdim=True) / (left * count))
-        dx = dx + coef * (xf - batch_mean.to(dtype).view(1, -1, 1, 1))
+        dx = dx + coef * _deviation(xf, batch_mean.to(dtype).view(1, -1, 1, 1), _NHW)
     hw = xf.shape[2] * xf.shape[3]
     dv = None
     if ctx.variant == "b0":
         if ctx.needs_input_grad[3]:
             dv = (g_right * xf).sum(_NHW).to(v.dtype)
         plane_coef = g_right.sum(_HW, keepdim=True) / (stat * hw)
-        dx = dx + g_right * v_c + plane_coef * (xf - inst_mean)
+        dx = dx + g_right * v_c + plane_coef * _deviation(xf, inst_mean, _HW)
     elif ctx.variant == "b1":
         plane_coef = (g_right * (xf + 1.0)).sum(_HW, keepdim=True) / (stat * hw)
         dx = dx + g_right * stat + plane_coef * xf
