@@ -18,8 +18,10 @@ at fp32's range limits, as in the reference):
     \frac{\partial L}{\partial \beta_r} = \textstyle\sum_r dy
 
 (``ε_r`` depends on the counts only; with ``affine="official"`` each beta's gradient is ``Σ dy`` over every pixel).
-Each region's sums select its values (``torch.where``), never multiply by a 0/1 weight: a NaN in one region reaches
-nothing of the other, as in the reference.
+A NaN in one region reaches nothing of the other, as in the reference: the forward weights each region by its 0/1
+mask (a multiply, 3x faster than ``torch.where`` on CPU) only after one check that every value and sum is finite;
+otherwise, under ``torch.compile`` (whose generated code fuses the selections) and in the backward, each region's
+sums select its values with ``torch.where``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor
 from normlayers._autograd import recomputed_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.reference import region_norm as _ref_region
-from normlayers.reference.row_norms import power_of_two_scale
+from normlayers.reference.row_norms import power_of_two_scale, power_of_two_scale_of_max
 
 __all__ = ["region_norm", "learnable_region_norm"]
 
@@ -50,6 +52,89 @@ def _gain(gamma: Optional[Tensor], dtype: torch.dtype) -> Tensor | float:
     return 1.0 if gamma is None else 1 + gamma.to(dtype).view(_PER_CHANNEL)
 
 
+def _max_abs(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``max |t|`` over ``dims`` (kept), without a temporary ``|t|``: ``max(amax, −amin)``."""
+    return torch.maximum(t.amax(dims, keepdim=True), t.amin(dims, keepdim=True).neg())
+
+
+def _sum_squares(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``Σ t²`` over ``dims`` (kept); a dot product along the contiguous planes where it can (no ``t²`` temporary)."""
+    if not t.is_contiguous():
+        return t.square().sum(dims, keepdim=True)
+    n, channels = t.shape[:2]
+    plane = torch.linalg.vecdot(t.view(n, channels, -1), t.view(n, channels, -1)).view(n, channels, 1, 1)
+    return plane.sum(0, keepdim=True) if 0 in dims else plane
+
+
+def _region_eps(eps: float, eps_mode: str, values: int, count: Tensor) -> Tensor | float:
+    return eps * values / count if eps_mode == "official" else eps
+
+
+def _normalize_selected(xf: Tensor, hole: Tensor, dims: tuple[int, ...], eps: float, eps_mode: str,
+                        largest_eps: float) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """``(x̂, counts, scales, rstds)``, each region's values chosen by ``torch.where``: the form for any input (a NaN
+    or inf stays in its region) and for ``torch.compile``, whose generated code fuses the selections."""
+    values = math.prod([xf.shape[d] for d in dims])
+    scale_hole = power_of_two_scale(torch.where(hole, xf, 0.0), dims, largest_eps)
+    scale_valid = power_of_two_scale(torch.where(hole, 0.0, xf), dims, largest_eps)
+    xs = xf * torch.where(hole, scale_hole, scale_valid)
+    count_hole = hole.expand_as(xf).sum(dims, keepdim=True).to(xf.dtype)
+    counts = [count_hole.clamp(min=1), (values - count_hole).clamp(min=1)]  # the official S[S==0] = 1
+    sums = _region_sums(xs, hole, dims)
+    centred = xs - torch.where(hole, sums[0] / counts[0], sums[1] / counts[1])
+    squares = _region_sums(centred.square(), hole, dims)
+    scales = [scale_hole, scale_valid]
+    rstds = [torch.rsqrt(square / count + _region_eps(eps, eps_mode, values, count) * scale * scale)
+             for count, square, scale in zip(counts, squares, scales)]
+    return centred * torch.where(hole, rstds[0], rstds[1]), counts, scales, rstds
+
+
+def _masked_parts(xf: Tensor, hole: Tensor, dims: tuple[int, ...], eps: float, eps_mode: str,
+                  largest_eps: float) -> Optional[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor],
+                                                        list[Tensor]]]:
+    """``(centred, weights, counts, scales, rstds)`` per region for finite ``x``, by 0/1 weights instead of
+    ``torch.where`` (which is 3x slower than a multiply on CPU): ``centred`` is the region's ``x·s − μ_s``, 0 elsewhere,
+    the very values of :func:`_normalize_selected`. ``None`` where a value or a region's sum is not finite (a weight
+    of 0 would spread a NaN to the other region: that input takes the selections), or a region's largest magnitude is
+    below ``2^−64`` (its sum, taken before the scaling here, could lose bits to subnormals)."""
+    inside = hole.to(xf.dtype)
+    hole_part = xf * inside
+    parts = [hole_part, xf - hole_part]  # exact: each pixel's value in its own region's part, 0 in the other's
+    largest = [_max_abs(part, dims) for part in parts]
+    sums = [part.sum(dims, keepdim=True) for part in parts]
+    magnitudes = torch.cat(largest)
+    if not bool(torch.isfinite(torch.cat(sums)).all() & ((magnitudes >= 2.0 ** -64) | (magnitudes == 0)).all()):
+        return None
+    values = math.prod([xf.shape[d] for d in dims])
+    count_hole = inside.sum(dims, keepdim=True).expand_as(sums[0])
+    counts = [count_hole.clamp(min=1), (values - count_hole).clamp(min=1)]  # the official S[S==0] = 1
+    weights = [inside, 1.0 - inside]
+    scales = [power_of_two_scale_of_max(m, largest_eps) for m in largest]
+    centred, rstds = [], []
+    for part, weight, total, count, scale in zip(parts, weights, sums, counts, scales):
+        # Σ(x·s) = s·Σx exactly for a power of two s (the sum is finite and far above the subnormals), so
+        # (x − Σx/S)·s is the selections' x·s − μ_s to the last bit
+        part = torch.addcmul(part, weight, total / count, value=-1.0).mul_(scale)
+        centred.append(part)
+        rstds.append(torch.rsqrt(_sum_squares(part, dims) / count
+                                 + _region_eps(eps, eps_mode, values, count) * scale * scale))
+    return centred, weights, counts, scales, rstds
+
+
+def _region_affine_by_weights(centred: list[Tensor], weights: list[Tensor], coefficients: list[Tensor],
+                              betas: list[Optional[Tensor]], affine: str) -> Tensor:
+    """``Σ_r centred_r·coefficient_r`` plus the region betas (each on its own region, or both everywhere with
+    ``affine="official"``)."""
+    y = torch.mul(centred[0], coefficients[0]).addcmul_(centred[1], coefficients[1])
+    if affine == "official":
+        offset = sum(b for b in betas if b is not None)
+        return y if isinstance(offset, int) else y.add_(offset)
+    for weight, beta in zip(weights, betas):
+        if beta is not None:
+            y = y.addcmul_(weight, beta)
+    return y
+
+
 class _RegionNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, foreground_gamma: Optional[Tensor], foreground_beta: Optional[Tensor],
@@ -60,29 +145,25 @@ class _RegionNormFunction(torch.autograd.Function):
         dims = (0, 2, 3) if stats == "batch" else (2, 3)
         values = math.prod([x.shape[d] for d in dims])
         largest_eps = eps * max(values, 1) if eps_mode == "official" else eps  # as the reference: every ε_r·s² ≤ 1
-        scale_hole = power_of_two_scale(torch.where(hole, xf, 0.0), dims, largest_eps)
-        scale_valid = power_of_two_scale(torch.where(hole, 0.0, xf), dims, largest_eps)
-        xs = xf * torch.where(hole, scale_hole, scale_valid)
-        count_hole = hole.expand_as(xf).sum(dims, keepdim=True).to(dtype)
-        counts = (count_hole.clamp(min=1), (values - count_hole).clamp(min=1))  # the official S[S==0] = 1
-        sums = _region_sums(xs, hole, dims)
-        centred = xs - torch.where(hole, sums[0] / counts[0], sums[1] / counts[1])
-        squares = _region_sums(centred.square(), hole, dims)
-        rstds = []
-        for count, square, scale in zip(counts, squares, (scale_hole, scale_valid)):
-            region_eps = eps * values / count if eps_mode == "official" else eps
-            rstds.append(torch.rsqrt(square / count + region_eps * scale * scale))
-        xhat = centred * torch.where(hole, rstds[0], rstds[1])
         gains = (_gain(foreground_gamma, dtype), _gain(background_gamma, dtype))
         betas = [None if b is None else b.to(dtype).view(_PER_CHANNEL) for b in (foreground_beta, background_beta)]
-        y = xhat if foreground_gamma is None and background_gamma is None else xhat * torch.where(hole, *gains)
-        if affine == "official":  # both betas at every pixel (the official rn.py)
-            for beta in betas:
-                y = y if beta is None else y + beta
-        elif foreground_beta is not None or background_beta is not None:
-            y = y + torch.where(hole, *[0.0 if b is None else b for b in betas])
+        parts = None if torch.compiler.is_compiling() or xf.numel() == 0 else _masked_parts(
+            xf, hole, dims, eps, eps_mode, largest_eps)
+        if parts is not None:
+            centred, weights, counts, scales, rstds = parts
+            y = _region_affine_by_weights(centred, weights, [r * g for r, g in zip(rstds, gains)], betas, affine)
+            xhat = torch.mul(centred[0], rstds[0]).addcmul_(centred[1], rstds[1]) if ctx.needs_input_grad[0] or \
+                any(ctx.needs_input_grad[1:5]) else None
+        else:
+            xhat, counts, scales, rstds = _normalize_selected(xf, hole, dims, eps, eps_mode, largest_eps)
+            y = xhat if foreground_gamma is None and background_gamma is None else xhat * torch.where(hole, *gains)
+            if affine == "official":  # both betas at every pixel (the official rn.py)
+                for beta in betas:
+                    y = y if beta is None else y + beta
+            elif foreground_beta is not None or background_beta is not None:
+                y = y + torch.where(hole, *[0.0 if b is None else b for b in betas])
         # For the backward: each region's count and its dx coefficient s·rstd·(1 + γ), per statistic.
-        per_region = torch.stack([*counts, scale_hole * rstds[0] * gains[0], scale_valid * rstds[1] * gains[1]])
+        per_region = torch.stack([*counts, scales[0] * rstds[0] * gains[0], scales[1] * rstds[1] * gains[1]])
         ctx.save_for_backward(x, foreground_gamma, foreground_beta, background_gamma, background_beta, hole, xhat,
                               per_region)
         ctx.options = (eps, stats, eps_mode, affine)
