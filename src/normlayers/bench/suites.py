@@ -62,13 +62,16 @@ SUITES: dict[str, Suite] = {
               ops=("region_norm", "learnable_region_norm"), modes=("fwd", "fwd_bwd"),
               dtypes={"cuda": ("bf16", "fp32"), "cpu": ("fp32",)}),
         Suite("cpu", "the CPU tier against the best torch eager equivalent at ResNet "
-              "(8x256x14x14, 256x256x3x3), ViT-B (1576x768 = 8 images x 197 tokens) and LLM (512x4096) shapes "
+              "(8x256x14x14, 256x256x3x3), ViT-B (1576x768 = 8 images x 197 tokens; PowerNorm and UnifiedNorm on "
+              "the same 8 sequences of 197 tokens) and LLM (512x4096) shapes; the ops with no torch op (RegionNorm, "
+              "PowerNorm, UnifiedNorm) against the eager reference, EvoNorm against timm's math in eager torch "
               "(--threads 1 for the single-thread numbers; SPD batch norm has its own suite, spd)",
               ops=("layer_norm", "rms_norm", "add_rms_norm", "batch_channel_norm", "weight_standardize",
-                   "evo_norm2d_b0", "evo_norm2d_s0"),
+                   "evo_norm2d_b0", "evo_norm2d_s0", "region_norm", "power_norm", "unified_norm"),
               modes=("fwd", "fwd_bwd"), dtypes={"cpu": ("fp32", "bf16"), "cuda": ("bf16",)},
               shapes={"cpu": {"rows": ("1576x768", "512x4096"), "nchw": ("8x256x14x14",),
-                              "conv_weight": ("256x256x3x3",)}},
+                              "conv_weight": ("256x256x3x3",), "tokens_tbc": ("197x8x768",),
+                              "tokens_bnc": ("8x197x768",)}},
               providers=("normlayers", "torch")),
         Suite("spd", "SPD batch normalization (GBW) on batches of SPD matrices", ops=("spd_batch_norm",),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("fp32",), "cpu": ("fp32",)}),

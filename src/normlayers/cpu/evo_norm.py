@@ -1,7 +1,6 @@
 r"""CPU tier of EvoNorm (Liu et al., NeurIPS 2020; timm's ``timm/layers/evo_norm.py`` semantics): one
-closed-form ``autograd.Function`` per sub-family, each computing its statistics in few passes (a two-pass
-:func:`~normlayers.cpu._common.var_mean`, ``vecdot``) and its output in one fused multiply-add, with the backward
-written out instead of autograd through a dozen elementwise ops. Each forward saves its statistics (B also the max
+closed-form ``autograd.Function`` per sub-family, each computing its statistics in few passes (the mean, then
+``vecdot`` of the deviations) and its output as one fresh tensor updated in place, with the backward written out instead of autograd through a dozen elementwise ops. Each forward saves its statistics (B also the max
 ``m``), so the first-order backward needs no second pass of statistics and works in place on its temporaries; a
 double backward (grad mode on inside the backward) recomputes everything from ``x`` with differentiable ops.
 
@@ -63,8 +62,9 @@ def _group_stats(xf: Tensor, groups: int, rms: bool, eps: float) -> tuple[Tensor
     grouped = xf.reshape(xf.shape[0], groups, -1)
     if rms:
         return torch.rsqrt(torch.linalg.vecdot(grouped, grouped).unsqueeze(-1) / grouped.shape[-1] + eps), None
-    var, mean = var_mean(grouped, -1, keepdim=True)
-    return torch.rsqrt(var + eps), mean
+    mean = grouped.mean(-1, keepdim=True)
+    centred = grouped - mean
+    return torch.rsqrt(torch.linalg.vecdot(centred, centred).unsqueeze(-1) / grouped.shape[-1] + eps), mean
 
 
 def _deviation(xf: Tensor, mean: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -103,8 +103,14 @@ class _EvoSFunction(torch.autograd.Function):
         scale = _per_channel(inv, x.shape[1])
         if weight is not None:
             scale = scale * _channel(weight, dtype)
-        a, _ = _numerator(xf, numerator, _channel(v, dtype))
-        y = a * scale if bias is None else torch.addcmul(_channel(bias, dtype), a, scale)
+        # One fresh tensor, then in place: on CPU a fresh activation-sized allocation costs as much as a pass
+        if numerator == "identity":
+            y = torch.mul(xf, scale)
+        else:
+            y = F.silu(xf) if numerator == "silu" else torch.mul(xf, _channel(v, dtype)).sigmoid_().mul_(xf)
+            y = y.mul_(scale)
+        if bias is not None:
+            y = y.add_(_channel(bias, dtype))
         return y.to(x.dtype), inv, inv.new_zeros(()) if mean is None else mean
 
     @staticmethod
@@ -211,21 +217,23 @@ def _side_from_stat(xf: Tensor, variant: str, v_c: Optional[Tensor], stat: Tenso
     """The right side of the max from the per-(sample, channel) statistic: ``v·x + s`` (B0), ``(x + 1)·q`` (B1),
     ``q − x`` (B2); a fresh tensor."""
     if variant == "b0":
-        return torch.addcmul(stat, xf, v_c)
-    return (xf + 1.0) * stat if variant == "b1" else stat - xf
+        return torch.mul(xf, v_c).add_(stat)  # not addcmul: its two broadcast operands make it slower on CPU
+    return torch.add(xf, 1.0).mul_(stat) if variant == "b1" else torch.sub(stat, xf)
 
 
 def _instance_side(xf: Tensor, variant: str, v_c: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(r, stat, mean)``: the right side of the max, the per-(sample, channel) statistic it uses (the instance std
     for B0, the instance RMS for B1/B2) and, for B0, the instance mean (else an unused 0-d zero: a distinct tensor,
     since the Function returns both and dynamo cannot trace one tensor returned twice)."""
+    plane = xf.reshape(xf.shape[0], xf.shape[1], -1)
     if variant == "b0":
-        var, mean = var_mean(xf, _HW, keepdim=True)
-        stat = torch.sqrt(var + eps)
+        mean = plane.mean(-1, keepdim=True)
+        centred = plane - mean
+        squares, mean = torch.linalg.vecdot(centred, centred), mean.unsqueeze(-1)
     else:
-        plane = xf.reshape(xf.shape[0], xf.shape[1], -1)
-        stat = torch.sqrt(torch.linalg.vecdot(plane, plane).view(xf.shape[0], xf.shape[1], 1, 1) / plane.shape[-1]
-                          + eps)
+        squares = torch.linalg.vecdot(plane, plane)
+    stat = torch.sqrt(squares.view(xf.shape[0], xf.shape[1], 1, 1) / plane.shape[-1] + eps)
+    if variant != "b0":
         mean = stat.new_zeros(())
     return _side_from_stat(xf, variant, v_c, stat), stat, mean
 
@@ -248,11 +256,10 @@ class _EvoBFunction(torch.autograd.Function):
         left = torch.sqrt(var.to(dtype) + eps).view(1, -1, 1, 1)
         right, stat, inst_mean = _instance_side(xf, variant, _channel(v, dtype), eps)
         m = right.clamp_min_(left)  # max(l, r), in place: r is a fresh temporary
-        y = xf / m
+        y = xf / m  # then in place: on CPU a fresh activation-sized allocation costs as much as a pass
         if weight is not None:
-            y = y.mul_(_channel(weight, dtype)) if bias is None else torch.addcmul(_channel(bias, dtype), y,
-                                                                                 _channel(weight, dtype))
-        elif bias is not None:
+            y = y.mul_(_channel(weight, dtype))
+        if bias is not None:
             y = y.add_(_channel(bias, dtype))
         return y.to(x.dtype), m, stat, inst_mean
 
