@@ -1,7 +1,8 @@
 r"""CPU tier of EvoNorm (Liu et al., NeurIPS 2020; timm's ``timm/layers/evo_norm.py`` semantics): one
 closed-form ``autograd.Function`` per sub-family, each computing its statistics in few passes (the mean, then
-``vecdot`` of the deviations) and its output as one fresh tensor updated in place, with the backward written out instead of autograd through a dozen elementwise ops. Each forward saves its statistics (B also the max
-``m``), so the first-order backward needs no second pass of statistics and works in place on its temporaries; a
+``vecdot`` of the deviations) and its output as one fresh tensor updated in place, with the backward written out
+instead of autograd through a dozen elementwise ops. Each forward saves its statistics (B also the max ``m``), so the
+first-order backward needs no second pass of statistics and works in place on its temporaries; a
 double backward (grad mode on inside the backward) recomputes everything from ``x`` with differentiable ops.
 
 **S** (``y = a(x) / d_g · γ + β``, ``d_g`` the group std or RMS over ``K = C/G·H·W`` values, ``t = dy·γ/d_g``):
