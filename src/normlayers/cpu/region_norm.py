@@ -114,8 +114,7 @@ def _masked_parts(xf: Tensor, hole: Tensor, dims: tuple[int, ...], eps: float, e
     for part, weight, total, count, scale in zip(parts, weights, sums, counts, scales):
         # Σ(x·s) = s·Σx exactly for a power of two s (the sum is finite and far above the subnormals), so
         # (x − Σx/S)·s is the selections' x·s − μ_s to the last bit
-        part = torch.addcmul(part, weight, total / count, value=-1.0).mul_(scale)
-        centred.append(part)
+        centred.append(part.addcmul_(weight, total / count, value=-1.0).mul_(scale))  # in place: fresh temporaries
         rstds.append(torch.rsqrt(_sum_squares(part, dims) / count
                                  + _region_eps(eps, eps_mode, values, count) * scale * scale))
     return centred, weights, counts, scales, rstds
@@ -124,8 +123,8 @@ def _masked_parts(xf: Tensor, hole: Tensor, dims: tuple[int, ...], eps: float, e
 def _region_affine_by_weights(centred: list[Tensor], weights: list[Tensor], coefficients: list[Tensor],
                               betas: list[Optional[Tensor]], affine: str) -> Tensor:
     """``Σ_r centred_r·coefficient_r`` plus the region betas (each on its own region, or both everywhere with
-    ``affine="official"``)."""
-    y = torch.mul(centred[0], coefficients[0]).addcmul_(centred[1], coefficients[1])
+    ``affine="official"``), in place in ``centred[0]``."""
+    y = centred[0].mul_(coefficients[0]).addcmul_(centred[1], coefficients[1])
     if affine == "official":
         offset = sum(b for b in betas if b is not None)
         return y if isinstance(offset, int) else y.add_(offset)
@@ -151,9 +150,9 @@ class _RegionNormFunction(torch.autograd.Function):
             xf, hole, dims, eps, eps_mode, largest_eps)
         if parts is not None:
             centred, weights, counts, scales, rstds = parts
+            xhat = torch.mul(centred[0], rstds[0]).addcmul_(centred[1], rstds[1]) if any(
+                ctx.needs_input_grad[:5]) else None
             y = _region_affine_by_weights(centred, weights, [r * g for r, g in zip(rstds, gains)], betas, affine)
-            xhat = torch.mul(centred[0], rstds[0]).addcmul_(centred[1], rstds[1]) if ctx.needs_input_grad[0] or \
-                any(ctx.needs_input_grad[1:5]) else None
         else:
             xhat, counts, scales, rstds = _normalize_selected(xf, hole, dims, eps, eps_mode, largest_eps)
             y = xhat if foreground_gamma is None and background_gamma is None else xhat * torch.where(hole, *gains)
