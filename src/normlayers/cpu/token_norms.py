@@ -41,18 +41,23 @@ def _column_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(0)
 
 
+def _group_scaled(rows: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """``(u, ρ)``: the group-scaled rows ``(R, G, C/G)`` and the factor ``ρ`` ``(R, G, 1)`` of each group."""
+    grouped = rows.reshape(rows.shape[0], groups, rows.shape[1] // groups)
+    eps = _ref_power.GROUP_SCALING_EPS
+    scale = power_of_two_scale_of_max(_max_abs(grouped, -1, keepdim=True), eps)
+    u = grouped * scale
+    mean_square = torch.linalg.vecdot(u, u).unsqueeze(-1) / grouped.shape[-1]
+    factor = scale / torch.sqrt(mean_square + eps * scale * scale)  # ρ, from the scaled group
+    return u.mul_(factor / scale), factor
+
+
 class _GroupScaling(torch.autograd.Function):
     """``GroupScaling`` of token rows ``(R, C)`` in ``G`` groups (``mask_powernorm.py`` L28–37)."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, groups: int) -> Tensor:
-        grouped = rows.reshape(rows.shape[0], groups, rows.shape[1] // groups)
-        eps = _ref_power.GROUP_SCALING_EPS
-        scale = power_of_two_scale_of_max(_max_abs(grouped, -1, keepdim=True), eps)
-        u = grouped * scale
-        mean_square = torch.linalg.vecdot(u, u).unsqueeze(-1) / grouped.shape[-1]
-        factor = scale / torch.sqrt(mean_square + eps * scale * scale)  # ρ, from the scaled group
-        u.mul_(factor / scale)
+        u, factor = _group_scaled(rows, groups)
         ctx.save_for_backward(rows, u, factor)
         ctx.groups = groups
         return u.view(rows.shape)
@@ -121,7 +126,12 @@ def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, we
                batch_first: bool = False, backward_denominator: str = "batch") -> Tensor:
     """:func:`normlayers.reference.power_norm.power_norm` (no synced statistics) on the CPU tier."""
     rows = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype))
-    u = _GroupScaling.apply(rows, group_num) if group_num is not None else rows
+    if group_num is None:
+        u = rows
+    elif torch.is_grad_enabled() and rows.requires_grad:
+        u = _GroupScaling.apply(rows, group_num)
+    else:  # no graph to record: the Function's own overhead is a tenth of a small call
+        u = _group_scaled(rows, group_num)[0].view(rows.shape)
     if training:
         _, valid = _ref_power.token_rows(x, pad_mask, time_major=not batch_first)
         iters.add_(1)
@@ -174,13 +184,13 @@ def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tens
                  pad_mask: Optional[Tensor] = None, *, training: bool, eps: float, momentum: float,
                  warmup_iters: int, outlier_filtration: bool, grad_compensation: bool = True) -> Tensor:
     """:func:`normlayers.reference.unified_norm.unified_norm` (no synced statistics) on the CPU tier."""
-    rows, valid = _ref_power.token_rows(x.to(compute_dtype(x.dtype)), pad_mask, time_major=False)
-    if training:
-        iters.add_(1)
-        (step,) = _ref_power.step_snapshot([iters])
-        y = _UnifiedNormStep.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter, step,
-                                   valid, eps, momentum, warmup_iters, outlier_filtration, grad_compensation)
-    else:
-        gain = torch.rsqrt(running_var.to(rows.dtype) + eps) * weight.to(rows.dtype)
-        y = torch.addcmul(bias.to(rows.dtype), rows, gain)
+    xf = x.to(compute_dtype(x.dtype))
+    if not training:  # a per-channel affine of every token, padding included
+        return torch.addcmul(bias.to(xf.dtype), xf, torch.rsqrt(running_var.to(xf.dtype) + eps)
+                             * weight.to(xf.dtype)).to(x.dtype)
+    rows, valid = _ref_power.token_rows(xf, pad_mask, time_major=False)
+    iters.add_(1)
+    (step,) = _ref_power.step_snapshot([iters])
+    y = _UnifiedNormStep.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter, step,
+                               valid, eps, momentum, warmup_iters, outlier_filtration, grad_compensation)
     return y.reshape(x.shape).to(x.dtype)
