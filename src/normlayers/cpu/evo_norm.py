@@ -209,7 +209,8 @@ def evo_norm_s(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
         numerator = "sigmoid_v"
     else:
         numerator = "silu" if _is_silu(activation) else "identity"
-    return _EvoSFunction.apply(x, weight, bias, v, groups, numerator, variant == "s2", eps)[0]
+    function = _EvoSFunction.apply if _records_graph(x, weight, bias, v) else _EvoSFunction.forward
+    return function(x, weight, bias, v, groups, numerator, variant == "s2", eps)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -248,6 +249,29 @@ def _plane_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a.reshape(n, channels, -1), b.reshape(n, channels, -1)).view(n, channels, 1, 1)
 
 
+def _evo_b_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], var: Tensor,
+                   variant: str, eps: float, keep_max: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, m, stat, mean)`` as :class:`_EvoBFunction` returns them; without ``keep_max`` (no backward to come)
+    ``y`` is written over ``m``."""
+    dtype = compute_dtype(x.dtype)
+    xf = x.to(dtype)
+    left = torch.sqrt(var.to(dtype) + eps).view(1, -1, 1, 1)
+    right, stat, inst_mean = _instance_side(xf, variant, _channel(v, dtype), eps)
+    m = right.clamp_min_(left)  # max(l, r), in place: r is a fresh temporary
+    # then in place: on CPU a fresh activation-sized allocation costs as much as a pass
+    y = torch.div(xf, m) if keep_max else torch.div(xf, m, out=m)
+    if weight is not None:
+        y = y.mul_(_channel(weight, dtype))
+    if bias is not None:
+        y = y.add_(_channel(bias, dtype))
+    return y.to(x.dtype), m, stat, inst_mean
+
+
+def _records_graph(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records this call (else a Function's forward runs bare: no saving, no apply overhead)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _EvoBFunction(torch.autograd.Function):
     """Returns ``(y, m, stat, mean)``; the last three (the max and the instance side's statistics) are saved for the
     first-order backward and are not differentiable."""
@@ -255,17 +279,7 @@ class _EvoBFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], var: Tensor,
                 batch_mean: Optional[Tensor], variant: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        dtype = compute_dtype(x.dtype)
-        xf = x.to(dtype)
-        left = torch.sqrt(var.to(dtype) + eps).view(1, -1, 1, 1)
-        right, stat, inst_mean = _instance_side(xf, variant, _channel(v, dtype), eps)
-        m = right.clamp_min_(left)  # max(l, r), in place: r is a fresh temporary
-        y = xf / m  # then in place: on CPU a fresh activation-sized allocation costs as much as a pass
-        if weight is not None:
-            y = y.mul_(_channel(weight, dtype))
-        if bias is not None:
-            y = y.add_(_channel(bias, dtype))
-        return y.to(x.dtype), m, stat, inst_mean
+        return _evo_b_forward(x, weight, bias, v, var, variant, eps, keep_max=True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -379,6 +393,8 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
     """As :func:`normlayers.reference.evo_norm.evo_norm_b` with ``apply_act=True`` and no synced statistics
     (``running_var`` updated in place in training by the reference's rule)."""
     if not training:
+        if not _records_graph(x, weight, bias, v):
+            return _evo_b_forward(x, weight, bias, v, running_var, variant, eps, keep_max=False)[0]
         return _EvoBFunction.apply(x, weight, bias, v, running_var, None, variant, eps)[0]
     with torch.no_grad():
         var, mean = var_mean(x.to(compute_dtype(x.dtype)), _NHW)
