@@ -58,15 +58,12 @@ def supports_s(variant: str, activation: Optional[Callable[[Tensor], Tensor]], a
     return not apply_act or variant == "s0" or activation is None or _is_silu(activation)
 
 
-def _group_stats(x: Tensor, groups: int, rms: bool, eps: float) -> tuple[Tensor, Optional[Tensor]]:
-    """``(1/d_g, μ_g)`` per (sample, group), each ``(N, G, 1)`` in ``x``'s opmath dtype (``μ_g = None`` for the
-    RMS); bf16/fp16 ``x`` is widened inside the mean and the subtraction, not copied first."""
-    dtype = compute_dtype(x.dtype)
-    grouped = x.reshape(x.shape[0], groups, -1)
+def _group_stats(xf: Tensor, groups: int, rms: bool, eps: float) -> tuple[Tensor, Optional[Tensor]]:
+    """``(1/d_g, μ_g)`` per (sample, group), each ``(N, G, 1)`` (``μ_g = None`` for the RMS)."""
+    grouped = xf.reshape(xf.shape[0], groups, -1)
     if rms:
-        grouped = grouped.to(dtype)
         return torch.rsqrt(torch.linalg.vecdot(grouped, grouped).unsqueeze(-1) / grouped.shape[-1] + eps), None
-    mean = grouped.mean(-1, keepdim=True, dtype=dtype)
+    mean = grouped.mean(-1, keepdim=True)
     centred = grouped - mean
     return torch.rsqrt(torch.linalg.vecdot(centred, centred).unsqueeze(-1) / grouped.shape[-1] + eps), mean
 
@@ -102,16 +99,16 @@ class _EvoSFunction(torch.autograd.Function):
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], groups: int,
                 numerator: str, rms: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         dtype = compute_dtype(x.dtype)
-        inv, mean = _group_stats(x, groups, rms, eps)
+        xf = x.to(dtype)
+        inv, mean = _group_stats(xf, groups, rms, eps)
         scale = _per_channel(inv, x.shape[1])
         if weight is not None:
             scale = scale * _channel(weight, dtype)
-        # One fresh tensor (bf16/fp16 x widened inside its first op), then in place: on CPU a fresh activation-sized
-        # allocation costs as much as a pass
+        # One fresh tensor, then in place: on CPU a fresh activation-sized allocation costs as much as a pass
         if numerator == "identity":
-            y = torch.mul(x, scale)
+            y = torch.mul(xf, scale)
         else:
-            y = F.silu(x.to(dtype)) if numerator == "silu" else torch.mul(x, _channel(v, dtype)).sigmoid_().mul_(x)
+            y = F.silu(xf) if numerator == "silu" else torch.mul(xf, _channel(v, dtype)).sigmoid_().mul_(xf)
             y = y.mul_(scale)
         if bias is not None:
             y = y.add_(_channel(bias, dtype))
