@@ -89,24 +89,23 @@ def _normalize_selected(xf: Tensor, hole: Tensor, dims: tuple[int, ...], eps: fl
     return centred * torch.where(hole, rstds[0], rstds[1]), counts, scales, rstds
 
 
-def _masked_parts(x: Tensor, dtype: torch.dtype, hole: Tensor, dims: tuple[int, ...], eps: float, eps_mode: str,
+def _masked_parts(xf: Tensor, hole: Tensor, dims: tuple[int, ...], eps: float, eps_mode: str,
                   largest_eps: float) -> Optional[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor],
                                                         list[Tensor]]]:
     """``(centred, weights, counts, scales, rstds)`` per region for finite ``x``, by 0/1 weights instead of
     ``torch.where`` (which is 3x slower than a multiply on CPU): ``centred`` is the region's ``x·s − μ_s``, 0 elsewhere,
     the very values of :func:`_normalize_selected`. ``None`` where a value or a region's sum is not finite (a weight
     of 0 would spread a NaN to the other region: that input takes the selections), or a region's largest magnitude is
-    below ``2^−64`` (its sum, taken before the scaling here, could lose bits to subnormals). The parts are in
-    ``dtype`` (bf16/fp16 ``x`` is widened inside the first multiply, not copied first)."""
-    inside = hole.to(dtype)
-    hole_part = x * inside
-    parts = [hole_part, x - hole_part]  # exact: each pixel's value in its own region's part, 0 in the other's
+    below ``2^−64`` (its sum, taken before the scaling here, could lose bits to subnormals)."""
+    inside = hole.to(xf.dtype)
+    hole_part = xf * inside
+    parts = [hole_part, xf - hole_part]  # exact: each pixel's value in its own region's part, 0 in the other's
     largest = [_max_abs(part, dims) for part in parts]
     sums = [part.sum(dims, keepdim=True) for part in parts]
     magnitudes = torch.cat(largest)
     if not bool(torch.isfinite(torch.cat(sums)).all() & ((magnitudes >= 2.0 ** -64) | (magnitudes == 0)).all()):
         return None
-    values = math.prod([x.shape[d] for d in dims])
+    values = math.prod([xf.shape[d] for d in dims])
     count_hole = inside.sum(dims, keepdim=True).expand_as(sums[0])
     counts = [count_hole.clamp(min=1), (values - count_hole).clamp(min=1)]  # the official S[S==0] = 1
     weights = [inside, 1.0 - inside]
@@ -141,20 +140,21 @@ class _RegionNormFunction(torch.autograd.Function):
                 background_gamma: Optional[Tensor], background_beta: Optional[Tensor], hole: Tensor, eps: float,
                 stats: str, eps_mode: str, affine: str) -> Tensor:
         dtype = compute_dtype(x.dtype)
+        xf = x.to(dtype)
         dims = (0, 2, 3) if stats == "batch" else (2, 3)
         values = math.prod([x.shape[d] for d in dims])
         largest_eps = eps * max(values, 1) if eps_mode == "official" else eps  # as the reference: every ε_r·s² ≤ 1
         gains = (_gain(foreground_gamma, dtype), _gain(background_gamma, dtype))
         betas = [None if b is None else b.to(dtype).view(_PER_CHANNEL) for b in (foreground_beta, background_beta)]
-        parts = None if torch.compiler.is_compiling() or x.numel() == 0 else _masked_parts(
-            x, dtype, hole, dims, eps, eps_mode, largest_eps)
+        parts = None if torch.compiler.is_compiling() or xf.numel() == 0 else _masked_parts(
+            xf, hole, dims, eps, eps_mode, largest_eps)
         if parts is not None:
             centred, weights, counts, scales, rstds = parts
             xhat = torch.mul(centred[0], rstds[0]).addcmul_(centred[1], rstds[1]) if any(
                 ctx.needs_input_grad[:5]) else None
             y = _region_affine_by_weights(centred, weights, [r * g for r, g in zip(rstds, gains)], betas, affine)
         else:
-            xhat, counts, scales, rstds = _normalize_selected(x.to(dtype), hole, dims, eps, eps_mode, largest_eps)
+            xhat, counts, scales, rstds = _normalize_selected(xf, hole, dims, eps, eps_mode, largest_eps)
             y = xhat if foreground_gamma is None and background_gamma is None else xhat * torch.where(hole, *gains)
             if affine == "official":  # both betas at every pixel (the official rn.py)
                 for beta in betas:

@@ -184,10 +184,11 @@ def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tens
                  pad_mask: Optional[Tensor] = None, *, training: bool, eps: float, momentum: float,
                  warmup_iters: int, outlier_filtration: bool, grad_compensation: bool = True) -> Tensor:
     """:func:`normlayers.reference.unified_norm.unified_norm` (no synced statistics) on the CPU tier."""
-    dtype = compute_dtype(x.dtype)
-    if not training:  # a per-channel affine of every token, padding included; bf16/fp16 x widened inside addcmul
-        return torch.addcmul(bias.to(dtype), x, torch.rsqrt(running_var.to(dtype) + eps) * weight.to(dtype)).to(x.dtype)
-    rows, valid = _ref_power.token_rows(x.to(dtype), pad_mask, time_major=False)
+    xf = x.to(compute_dtype(x.dtype))
+    if not training:  # a per-channel affine of every token, padding included
+        return torch.addcmul(bias.to(xf.dtype), xf, torch.rsqrt(running_var.to(xf.dtype) + eps)
+                             * weight.to(xf.dtype)).to(x.dtype)
+    rows, valid = _ref_power.token_rows(xf, pad_mask, time_major=False)
     iters.add_(1)
     (step,) = _ref_power.step_snapshot([iters])
     y = _UnifiedNormStep.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter, step,
