@@ -135,11 +135,11 @@ def test_row_norm_function_gradcheck_fp64(kind, weight_offset):
     b = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def fn(x, w, b):
-        return cpu_row._RowNormFunction.apply(x, w, b, 1e-5, weight_offset, kind, torch.float64)
+        return cpu_row._RowNormFunction.apply(x, None, w, b, 1e-5, weight_offset, kind, torch.float64)
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
-    assert torch.autograd.gradcheck(lambda x: cpu_row._RowNormFunction.apply(x, None, None, 1e-5, 0.0, kind,
+    assert torch.autograd.gradcheck(lambda x: cpu_row._RowNormFunction.apply(x, None, None, None, 1e-5, 0.0, kind,
                                                                             torch.float64), (x,))
 
 

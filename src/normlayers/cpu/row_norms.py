@@ -190,31 +190,39 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
 
 
 class _RowNormFunction(torch.autograd.Function):
-    """``y = ẑ·(w + offset) + b`` over the last dim of a 2-D ``x`` (module docstring). ``weight`` and ``bias`` may be
-    ``None``."""
+    """``y = ẑ·(w + offset) + b`` over the last dim of the 2-D rows ``h`` (module docstring), with ``h = x`` or, given
+    a ``residual`` of ``x``'s dtype, ``h = x + residual``, returned too: ``(y, h)``. Fused so that the backward adds the
+    gradient of ``h`` in place. ``residual``, ``weight`` and ``bias`` may be ``None``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                weight_offset: float, kind: str, out_dtype: torch.dtype) -> Tensor:
-        y, stats = _forward(x, weight, bias, eps, weight_offset, kind, out_dtype, training=True)
-        ctx.save_for_backward(x, weight, bias, stats.rstd, stats.mean, stats.row_sum, stats.scale)
-        ctx.eps, ctx.weight_offset, ctx.kind = eps, weight_offset, kind
-        return y
+    def forward(ctx: Any, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float, weight_offset: float, kind: str, out_dtype: torch.dtype) -> Any:
+        h = x if residual is None else x + residual  # ATen adds in opmath and rounds once, as the reference
+        y, stats = _forward(h, weight, bias, eps, weight_offset, kind, out_dtype, training=True)
+        ctx.save_for_backward(h, weight, bias, stats.rstd, stats.mean, stats.row_sum, stats.scale)
+        ctx.eps, ctx.weight_offset, ctx.kind, ctx.fused_add = eps, weight_offset, kind, residual is not None
+        ctx.set_materialize_grads(False)
+        return y if residual is None else (y, h)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, bias, rstd, mean, row_sum, scale = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        if torch.is_grad_enabled():  # a double backward: differentiate the reference, whose ops have derivatives
-            xf = opmath(x)
-            leaves = [t for t, need in zip((xf, weight, bias), needs) if need]
-            y = _reference_rows(ctx.kind, xf, weight, bias, ctx.eps, ctx.weight_offset)
+    def backward(ctx: Any, grad: Optional[Tensor], grad_h: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
+        h, weight, bias, rstd, mean, row_sum, scale = ctx.saved_tensors
+        needs = (any(ctx.needs_input_grad[:2]), *ctx.needs_input_grad[2:4])
+        if grad is None:
+            dh, dweight, dbias = None, None, None
+        elif torch.is_grad_enabled():  # a double backward: differentiate the reference, whose ops have derivatives
+            hf = opmath(h)
+            leaves = [t for t, need in zip((hf, weight, bias), needs) if need]
+            y = _reference_rows(ctx.kind, hf, weight, bias, ctx.eps, ctx.weight_offset)
             grads = iter(torch.autograd.grad(y, leaves, opmath(grad), create_graph=True))
-            dx, dweight, dbias = (next(grads) if need else None for need in needs)
-            dx = None if dx is None else dx.to(x.dtype)
+            dh, dweight, dbias = (next(grads) if need else None for need in needs)
+            dh = None if dh is None else dh.to(h.dtype)
         else:
-            dx, dweight, dbias = _backward(x, grad, weight, bias, _Stats(rstd, mean, row_sum, scale), ctx.kind, ctx.weight_offset, needs)
-        return dx, dweight, dbias, None, None, None, None
+            dh, dweight, dbias = _backward(h, grad, weight, bias, _Stats(rstd, mean, row_sum, scale), ctx.kind,
+                                           ctx.weight_offset, needs)
+        if grad_h is not None and needs[0]:
+            dh = grad_h if dh is None else (dh + grad_h if torch.is_grad_enabled() else dh.add_(grad_h))
+        return dh, dh if ctx.fused_add else None, dweight, dbias, None, None, None, None
 
 
 def _residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
@@ -228,21 +236,26 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
              weight_offset: float) -> tuple[Tensor, Optional[Tensor]]:
     """``(y, h)`` as :func:`normlayers.functional.add_layer_norm` and friends (``h = None`` without ``residual``);
     ``kind`` is ``"layer"``, ``"rms"`` or ``"crms"``. Arguments are assumed valid."""
-    h = input if residual is None else _residual_add(input, residual, residual_dtype)
     width = math.prod(shape)
-    rows = h.reshape(-1, width)
     flat_weight = None if weight is None else weight.reshape(width)
     flat_bias = None if bias is None else bias.reshape(width)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, residual, weight, bias))
+    fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
+    h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
     # fp32/fp64 LayerNorm: ATen's own autograd of its fused kernel, where trusted. Width 1 takes the closed form: there
     # x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
-    if kind == "layer" and width > 1 and h.dtype not in LOW_PRECISION and _unscaled_allowed(h, eps):
+    if kind == "layer" and not fused_add and width > 1 and h.dtype not in LOW_PRECISION and _unscaled_allowed(h, eps):
         y, _, rstd = torch.ops.aten.native_layer_norm(h, list(shape), *params_like(h, weight, bias), eps)
         if _trusted(rstd):
             return y.to(input.dtype), h if residual is not None else None
-    differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (rows, flat_weight, flat_bias))
+    rows = h.reshape(-1, width)
+    if fused_add:
+        y, h = _RowNormFunction.apply(rows, residual.reshape(-1, width), flat_weight, flat_bias, eps, weight_offset,
+                                      kind, input.dtype)
+        return y.reshape(input.shape), h.reshape(input.shape)
     if differentiable:
-        y = _RowNormFunction.apply(rows, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype)
+        y = _RowNormFunction.apply(rows, None, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype)
     else:  # inference: the same forward without the Function's overhead
         y = _forward(rows, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype, training=False)[0]
     return y.reshape(h.shape), h if residual is not None else None
