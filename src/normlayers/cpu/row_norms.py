@@ -115,7 +115,8 @@ def _normalize(x: Tensor, xf: Tensor, stats: _Stats, weight: Optional[Tensor], b
     return y.to(out_dtype)
 
 
-def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: _Stats, kind: str, weight_offset: float, needs: tuple[bool, bool, bool]
+def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: _Stats, kind: str,
+              weight_offset: float, needs: tuple[bool, bool, bool]
               ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(dx, dweight, dbias)`` of the first-order backward (module docstring), each in its input's dtype."""
     xf, gf = opmath(x), opmath(grad)
@@ -131,7 +132,7 @@ def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[
     if dx is not None and kind == "layer" and width == 1:  # x − E[x] is exactly 0: so is dx (ATen's is noise)
         dx.zero_()
     elif dx is not None and kind != "layer":
-        sum_gw = (gf.sum(-1, keepdim=True) if weight_f is None else (gf @ weight_f).unsqueeze(-1))
+        sum_gw = gf.sum(-1, keepdim=True) if weight_f is None else (gf @ weight_f).unsqueeze(-1)
         shift = stats.rstd * sum_gw / width
         if kind == "crms":
             gw = gf if weight_f is None else gf * weight_f
@@ -143,9 +144,6 @@ def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[
         dx = (dx.mul_(stats.scale) if stats.scale is not None else dx).to(x.dtype)
     return (dx, None if dweight is None else dweight.to(weight.dtype),
             None if dbias is None else dbias.to(bias.dtype))
-
-
-_REFERENCES = {"layer": _ref_row.layer_norm, "rms": _ref_row.rms_norm, "crms": _ref_row.crms_norm}
 
 
 def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -175,7 +173,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
                   for p in (weight, bias)]
         if weight_offset:
             params[0] = params[0] + weight_offset
-        y, mean, rstd = torch.ops.aten.native_layer_norm(rows, [rows.shape[-1]], *params, eps)
+        y, mean, rstd = torch.native_layer_norm(rows, [rows.shape[-1]], *params, eps)
         if _trusted(rstd):
             return y.to(out_dtype), _Stats(rstd, mean=mean)
     xf = opmath(x)
@@ -236,20 +234,21 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
              weight_offset: float) -> tuple[Tensor, Optional[Tensor]]:
     """``(y, h)`` as :func:`normlayers.functional.add_layer_norm` and friends (``h = None`` without ``residual``);
     ``kind`` is ``"layer"``, ``"rms"`` or ``"crms"``. Arguments are assumed valid."""
-    width = math.prod(shape)
-    flat_weight = None if weight is None else weight.reshape(width)
-    flat_bias = None if bias is None else bias.reshape(width)
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, residual, weight, bias))
     fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
     h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
     # fp32/fp64 LayerNorm: ATen's own autograd of its fused kernel, where trusted. Width 1 takes the closed form: there
     # x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
-    if kind == "layer" and not fused_add and width > 1 and h.dtype not in LOW_PRECISION and _unscaled_allowed(h, eps):
-        y, _, rstd = torch.ops.aten.native_layer_norm(h, list(shape), *params_like(h, weight, bias), eps)
+    native = kind == "layer" and not fused_add and h.dtype not in LOW_PRECISION and math.prod(shape) > 1
+    if native and _unscaled_allowed(h, eps):
+        y, _, rstd = torch.native_layer_norm(h, list(shape), *params_like(h, weight, bias), eps)
         if _trusted(rstd):
             return y.to(input.dtype), h if residual is not None else None
+    width = math.prod(shape)
     rows = h.reshape(-1, width)
+    flat_weight = None if weight is None else weight.reshape(width)
+    flat_bias = None if bias is None else bias.reshape(width)
     if fused_add:
         y, h = _RowNormFunction.apply(rows, residual.reshape(-1, width), flat_weight, flat_bias, eps, weight_offset,
                                       kind, input.dtype)
