@@ -53,6 +53,17 @@ def test_fused_residual_add_matches_reference(kind, dtype, residual_in_fp32):
     assert_cpu_tier_matches_reference(fn, [x, residual, w])
 
 
+@pytest.mark.parametrize("used", ["y", "h"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_fused_residual_add_with_one_output_used(kind, used):
+    """The fused Function's backward when only ``y`` or only ``h`` reaches the loss (the other gradient is None)."""
+    x, w, b = _inputs((6, 40), torch.float32, bias=kind == "layer")
+    residual = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    norm = {"layer": lambda x, r, w: NF.add_layer_norm(x, r, 40, w, b),
+            "rms": lambda x, r, w: NF.add_rms_norm(x, r, 40, w)}[kind]
+    assert_cpu_tier_matches_reference(lambda x, r, w: norm(x, r, w)[0 if used == "y" else 1] * 1.0, [x, residual, w])
+
+
 def test_layer_norm_width_one():
     """Width 1: x − E[x] is 0, so y = bias and dx = 0 exactly (the closed form centres the row before anything else)."""
     x, w, b = _inputs((5, 1), torch.float32, bias=True)
