@@ -127,8 +127,8 @@ def test_non_contiguous_rows():
 
 
 def test_auto_runs_native_layer_norm_or_the_closed_form_function():
-    """LayerNorm runs ATen's fused kernel where no row's statistics can overflow, the scaled closed form elsewhere;
-    RMSNorm and CRMSNorm always run the closed form."""
+    """fp32 LayerNorm runs ATen's fused kernel and its autograd where no row's statistics overflowed, the Function
+    (here its scaled closed form) elsewhere; RMSNorm and CRMSNorm always run the Function."""
     x = torch.randn(3, 8, requires_grad=True)
     assert type(NF.layer_norm(x, 8).grad_fn).__name__ == "NativeLayerNormBackward0"
     huge = (torch.randn(3, 8) * 1e30).requires_grad_()
