@@ -159,23 +159,35 @@ def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Option
     return y if bias is None else y + bias
 
 
+def _aten_layer_norm(x: Tensor, shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                     weight_offset: float, out_dtype: torch.dtype, fp32_stats: bool
+                     ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """``(y, mean, rstd)`` from ATen's fused LayerNorm forward where its unscaled statistics are trusted, else
+    ``None``. It reads bf16/fp16 rows as they are, computes in fp32 and rounds once. Parameters in the rows' own dtype
+    give the bits of fp32 ones (checked, bf16 and fp16) and run a faster kernel, but then it returns statistics rounded
+    to that dtype: not with ``fp32_stats`` (statistics for a backward)."""
+    if math.prod(shape) <= 1 or not _unscaled_allowed(x, eps):  # width 1: see row_norm
+        return None
+    rows = x if out_dtype == x.dtype else opmath(x)  # e.g. bf16 rows of an fp32 input's residual stream
+    own_dtype = not fp32_stats and not weight_offset
+    params = [p if p is None or (p.dtype == rows.dtype and own_dtype) else p.to(compute_dtype(rows.dtype))
+              for p in (weight, bias)]
+    if weight_offset:
+        params[0] = params[0] + weight_offset
+    y, mean, rstd = torch.native_layer_norm(rows, shape, *params, eps)
+    if not _trusted(rstd):
+        return None
+    return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
+
+
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, weight_offset: float,
-             kind: str, out_dtype: torch.dtype, training: bool) -> tuple[Tensor, _Stats]:
-    """``(y, statistics)`` of the 2-D rows ``x``: unscaled where trusted, else the scaled closed form. ``training``:
-    the statistics are kept for a backward, so in fp32."""
-    if kind == "layer" and x.shape[-1] > 1 and _unscaled_allowed(x, eps):
-        # ATen's fused forward reads bf16/fp16 rows as they are, computes in fp32 and rounds once. Parameters in x's
-        # own dtype give the bits of fp32 ones and run a faster kernel, but then it returns statistics rounded to x's
-        # dtype, so not for a backward.
-        rows = x if out_dtype == x.dtype else opmath(x)  # e.g. bf16 rows of an fp32 input's residual stream
-        own_dtype = not training and not weight_offset
-        params = [p if p is None or (p.dtype == rows.dtype and own_dtype) else p.to(compute_dtype(rows.dtype))
-                  for p in (weight, bias)]
-        if weight_offset:
-            params[0] = params[0] + weight_offset
-        y, mean, rstd = torch.native_layer_norm(rows, [rows.shape[-1]], *params, eps)
-        if _trusted(rstd):
-            return y.to(out_dtype), _Stats(rstd, mean=mean)
+             kind: str, out_dtype: torch.dtype) -> tuple[Tensor, _Stats]:
+    """``(y, statistics)`` of the 2-D rows ``x`` for a backward: unscaled where trusted, else the scaled closed
+    form."""
+    if kind == "layer":
+        result = _aten_layer_norm(x, [x.shape[-1]], weight, bias, eps, weight_offset, out_dtype, fp32_stats=True)
+        if result is not None:
+            return result[0], _Stats(result[2], mean=result[1])
     xf = opmath(x)
     stats = None
     if kind != "layer" and _unscaled_allowed(x, eps):
@@ -196,7 +208,7 @@ class _RowNormFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float, weight_offset: float, kind: str, out_dtype: torch.dtype) -> Any:
         h = x if residual is None else x + residual  # ATen adds in opmath and rounds once, as the reference
-        y, stats = _forward(h, weight, bias, eps, weight_offset, kind, out_dtype, training=True)
+        y, stats = _forward(h, weight, bias, eps, weight_offset, kind, out_dtype)
         ctx.save_for_backward(h, weight, bias, stats.rstd, stats.mean, stats.row_sum, stats.scale)
         ctx.eps, ctx.weight_offset, ctx.kind, ctx.fused_add = eps, weight_offset, kind, residual is not None
         ctx.set_materialize_grads(False)
@@ -238,13 +250,13 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
         t is not None and t.requires_grad for t in (input, residual, weight, bias))
     fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
     h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
-    # fp32/fp64 LayerNorm: ATen's own autograd of its fused kernel, where trusted. Width 1 takes the closed form: there
-    # x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
-    native = kind == "layer" and not fused_add and h.dtype not in LOW_PRECISION and math.prod(shape) > 1
-    if native and _unscaled_allowed(h, eps):
-        y, _, rstd = torch.native_layer_norm(h, list(shape), *params_like(h, weight, bias), eps)
-        if _trusted(rstd):
-            return y if y.dtype == input.dtype else y.to(input.dtype), h if residual is not None else None
+    # LayerNorm: ATen's fused kernel and, for fp32/fp64, its own autograd, where trusted. (bf16/fp16 rows with
+    # gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16.) Width 1 takes the closed
+    # form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
+    if kind == "layer" and not fused_add and not (differentiable and h.dtype in LOW_PRECISION):
+        result = _aten_layer_norm(h, list(shape), weight, bias, eps, weight_offset, input.dtype, fp32_stats=False)
+        if result is not None:
+            return result[0], h if residual is not None else None
     width = math.prod(shape)
     rows = h.reshape(-1, width)
     flat_weight = None if weight is None else weight.reshape(width)
@@ -256,5 +268,5 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     if differentiable:
         y = _RowNormFunction.apply(rows, None, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype)
     else:  # inference: the same forward without the Function's overhead
-        y = _forward(rows, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype, training=False)[0]
+        y = _forward(rows, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype)[0]
     return y.reshape(h.shape), h if residual is not None else None
