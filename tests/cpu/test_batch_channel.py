@@ -1,4 +1,5 @@
-"""The CPU tier of Batch-Channel Normalization (F.batch_norm + F.group_norm) against the reference."""
+"""The CPU tier of Batch-Channel Normalization (the fused statistics/affine passes and closed-form backward; the
+F.batch_norm + F.group_norm composite for channels-last input and under torch.compile) against the reference."""
 
 from __future__ import annotations
 
@@ -96,12 +97,12 @@ def test_compiles_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
 def test_low_precision_inference_matches_reference(mode, dtype, layout, monkeypatch):
-    """With no gradient to compute, bf16/fp16 input runs the one-rounding route (per-plane moments, then one affine
-    pass): output and running buffers (fp32 and, as after module.to(dtype), the input's dtype) by the low-precision
+    """With no gradient to compute, bf16/fp16 input runs the fused forward (per-plane moments, then one affine pass
+    from x, rounded once; channels-last input the composite in fp32): output and running buffers (fp32 and, as after module.to(dtype), the input's dtype) by the low-precision
     rule against the fp64 reference. The input has a mean far from 0, where statistics rounded to bf16/fp16 or an
     intermediate rounded between the stages would show."""
     ran = []
-    monkeypatch.setattr(cpu_bcn, "_low_precision_forward", lambda *a, **k: ran.append(1) or fast_forward(*a, **k))
+    monkeypatch.setattr(cpu_bcn, "_fused_forward", lambda *a, **k: ran.append(1) or fused_forward(*a, **k))
     x = nchw_input(3, C, 5, 4, dtype, layout)
     x = (3.0 + 2.0 * x.float()).to(dtype)
     for buffer_dtype in (torch.float32, dtype):
@@ -126,15 +127,28 @@ def test_low_precision_inference_matches_reference(mode, dtype, layout, monkeypa
             else:
                 assert_lowprec_close(ours[i], reference[i], reference64[i], msg=f"buffer {i}")
         assert torch.equal(ours[3], reference[3])
-    assert len(ran) == 2
+    assert len(ran) == (0 if layout == "channels_last" else 2)
 
 
-fast_forward = cpu_bcn._low_precision_forward
+fused_forward = cpu_bcn._fused_forward
 
 
-def test_low_precision_training_keeps_fp32_path(monkeypatch):
-    """With a gradient to compute, bf16 input runs the fp32 path (its backward reads fp32 saved tensors)."""
-    monkeypatch.setattr(cpu_bcn, "_low_precision_forward", lambda *a, **k: pytest.fail("ran the no-grad route"))
-    x = torch.randn(2, C, 3, 3, dtype=torch.bfloat16, requires_grad=True)
-    NF.batch_channel_norm(x, None, None, training=True, num_groups=G).sum().backward()
-    assert x.grad is not None
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_training_runs_the_fused_function(dtype):
+    """A contiguous input with a gradient to compute runs the fused autograd.Function (one statistics pass, one
+    affine pass), not autograd through the two ATen stages."""
+    x = torch.randn(2, C, 3, 3, dtype=dtype, requires_grad=True)
+    y = NF.batch_channel_norm(x, None, None, training=True, num_groups=G)
+    assert type(y.grad_fn).__name__ == "_BatchChannelNormFunctionBackward"
+
+
+def test_nan_plane_matches_reference():
+    """A NaN in one plane poisons its channel's batch statistics and so that group in every sample, as in the
+    reference; the other groups stay finite."""
+    x = torch.randn(3, C, 4, 4)
+    x[1, 2, 0, 0] = float("nan")
+    nan_masks = []
+    for backend in ("auto", "reference"):
+        with normlayers.backend(backend):
+            nan_masks.append(NF.batch_channel_norm(x, None, None, training=True, num_groups=G).isnan())
+    assert torch.equal(nan_masks[0], nan_masks[1]) and nan_masks[0].any() and not nan_masks[0].all()
