@@ -98,9 +98,9 @@ def test_compiles_fullgraph():
 @pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
 def test_low_precision_inference_matches_reference(mode, dtype, layout, monkeypatch):
     """With no gradient to compute, bf16/fp16 input runs the fused forward (per-plane moments, then one affine pass
-    from x, rounded once; channels-last input the composite in fp32): output and running buffers (fp32 and, as after module.to(dtype), the input's dtype) by the low-precision
-    rule against the fp64 reference. The input has a mean far from 0, where statistics rounded to bf16/fp16 or an
-    intermediate rounded between the stages would show."""
+    from x, rounded once; channels-last input the composite in fp32): output and running buffers (fp32 and, as after
+    module.to(dtype), the input's dtype) by the low-precision rule against the fp64 reference. The input has a mean
+    far from 0, where statistics rounded to bf16/fp16 or an intermediate rounded between the stages would show."""
     ran = []
     monkeypatch.setattr(cpu_bcn, "_fused_forward", lambda *a, **k: ran.append(1) or fused_forward(*a, **k))
     x = nchw_input(3, C, 5, 4, dtype, layout)
