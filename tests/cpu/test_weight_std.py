@@ -1,4 +1,5 @@
-"""The CPU tier of Weight Standardization (F.batch_norm over each filter's fan-in) against the reference."""
+"""The CPU tier of Weight Standardization (F.layer_norm over each filter's fan-in; F.batch_norm with a per-filter gain)
+against the reference."""
 
 from __future__ import annotations
 
@@ -43,10 +44,12 @@ def test_scaled_weight_standardize_matches_reference(with_gain, dtype):
 
 
 def test_dispatch():
-    """The eps-inside variants run the batch-norm form (its backward is ATen's); eps outside ("qiao") and a fan-in
-    of 1 run the reference."""
+    """The eps-inside variants run ATen's layer norm over the filters (batch norm with a per-filter gain), whose
+    backward is ATen's; eps outside ("qiao") and a fan-in of 1 run the reference."""
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    assert "BatchNorm" in type(NF.weight_standardize(w).grad_fn.next_functions[0][0]).__name__
+    assert "LayerNorm" in type(NF.weight_standardize(w).grad_fn.next_functions[0][0]).__name__
+    gain = torch.ones(4, 1, 1, 1, requires_grad=True)
+    assert "BatchNorm" in type(NF.scaled_weight_standardize(w, gain).grad_fn.next_functions[0][0]).__name__
     assert cpu_ws.supports(w, eps_inside=True)
     assert not cpu_ws.supports(w, eps_inside=False)
     assert not cpu_ws.supports(torch.randn(4, 1, 1, 1), eps_inside=True)
