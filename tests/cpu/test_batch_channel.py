@@ -9,7 +9,7 @@ import torch
 import normlayers
 import normlayers.functional as NF
 from normlayers.cpu import batch_channel as cpu_bcn
-from normlayers.testing import assert_close, assert_lowprec_close, nchw_input
+from normlayers.testing import assert_close, assert_lowprec_close, max_abs_error, nchw_input, tolerance
 
 from .conftest import assert_cpu_tier_matches_reference
 
@@ -75,22 +75,34 @@ def test_momentum_none_and_empty_batch():
 
 
 def test_compiles_fullgraph():
+    """Under torch.compile the composite is traced (fullgraph); eager runs the fused Function. Both against the fp64
+    reference, allowing twice the fp32 reference's own error per tensor (the low-precision rule, applied to fp32):
+    with this loss the batch-stage weight gradients are sums that cancel to ~1e-3 of their terms (the group stage
+    undoes most of a per-channel scale), so every fp32 ordering, the reference's too, is ~1e-5 off, torch.testing's
+    whole atol."""
     torch._dynamo.reset()
-    x = torch.randn(2, C, 4, 4)
-    bn_w, bn_b, w, b = (p.requires_grad_() for p in _params(torch.float32))
+    x = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(3))
 
-    def step(x, running_mean, running_var, tracked):
+    def step(x, bn_w, bn_b, w, b, running_mean, running_var, tracked):
         y = NF.batch_channel_norm(x, running_mean, running_var, bn_w, bn_b, w, b, training=True, num_groups=G,
                                   num_batches_tracked=tracked)
         return y.square().sum()
 
-    results = []
+    def results(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, *_params(torch.float32))]
+        buffers = [b.to(dtype) if b.is_floating_point() else b for b in _buffers(torch.float32)]
+        return [*torch.autograd.grad(fn(*leaves, *buffers), leaves), *buffers]
+
+    with normlayers.backend("reference"):
+        expected, reference32 = results(step, torch.float64), results(step, torch.float32)
+    rtol, atol = tolerance(torch.float32)
     for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        leaf, buffers = x.clone().requires_grad_(), _buffers(torch.float32)
-        grads = torch.autograd.grad(fn(leaf, *buffers), [leaf, bn_w, bn_b, w, b])
-        results.append([*grads, *buffers])
-    for a, c in zip(*results):
-        torch.testing.assert_close(a, c)
+        for i, (a, r, e) in enumerate(zip(results(fn, torch.float32), reference32, expected)):
+            if a.is_floating_point():
+                bound = 2 * max_abs_error(r, e) + atol + rtol * e.abs().max().item()
+                assert max_abs_error(a, e) <= bound, (i, max_abs_error(a, e), bound)
+            else:
+                assert torch.equal(a, e), i
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])

@@ -88,16 +88,15 @@ class _Config(NamedTuple):
         return self.training and not self.estimate
 
 
-def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean and biased variance (compute dtype, ``(N, C)``) of each (sample, channel) plane, with ATen's group norm
-    of one channel per group beside a compute-dtype weight (the mixed-type path for bf16/fp16: fp32 statistics);
-    also its output ``(x − m)·rstd`` (the buffer the output is written into) and ``rstd`` (``(N, C, 1, 1)``). ``eps``
-    is a tiny 1e-30, far below any variance that matters, so that a constant plane gives a finite rstd rather than
-    ``0·inf``."""
+def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and standard deviation (biased; compute dtype, ``(N, C)``) of each (sample, channel) plane, with ATen's
+    group norm of one channel per group (beside an fp32 weight for bf16/fp16: its mixed-type path, fp32 statistics);
+    also its output ``(x − m)·rstd``, the buffer the output is written into. ``eps`` is a tiny 1e-30, far below any
+    variance that matters, so that a constant plane gives a finite rstd rather than ``0·inf``."""
     n, c = x.shape[:2]
-    ones = torch.ones(c, dtype=compute_dtype(x.dtype), device=x.device)
+    ones = torch.ones(c, dtype=torch.float32, device=x.device) if x.dtype in LOW_PRECISION else None
     normalized, mean, rstd = torch.ops.aten.native_group_norm(x, ones, None, n, c, x.numel() // (n * c), c, 1e-30)
-    return mean.view(n, c), rstd.pow(-2).view(n, c), normalized, rstd.view(n, c, 1, 1)
+    return mean.view(n, c), rstd.reciprocal_().view(n, c), normalized
 
 
 def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -106,12 +105,12 @@ def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """The output, after the running updates, and the statistics and coefficients its backward reads."""
     bn_weight, bn_bias, weight, bias = params
     groups = config.num_groups
-    plane_mean, plane_var, normalized, plane_rstd = _plane_moments(x)
+    plane_mean, plane_std, normalized = _plane_moments(x)
     n, c = plane_mean.shape
     if config.training:
         batch_mean = plane_mean.mean(0)
         centred = plane_mean - batch_mean
-        batch_var = torch.addcmul(plane_var, centred, centred).mean(0)
+        batch_var = torch.addcmul(plane_std.square(), centred, centred).mean(0)
         if config.estimate:
             _ref_batch_channel.estimate_update_(running_mean, running_var, batch_mean, batch_var,
                                                 config.estimate_rate)
@@ -124,22 +123,21 @@ def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if not config.batch_stats:
         batch_mean, batch_var = running_mean.to(plane_mean.dtype), running_var.to(plane_mean.dtype)
         centred = plane_mean - batch_mean
-    scale = torch.rsqrt(batch_var + config.bn_eps)  # a_c = γ_c·scale_c
+    scale = (batch_var + config.bn_eps).rsqrt_()  # a_c = γ_c·scale_c
     a = scale if bn_weight is None else scale * bn_weight
-    u_mean = centred * a if bn_bias is None else torch.addcmul(bn_bias, centred, a)  # mu_nc
-    u_mean = u_mean.view(n, groups, -1)
+    u_mean = (centred * a if bn_bias is None else torch.addcmul(bn_bias, centred, a)).view(n, groups, -1)  # mu_nc
     u_dev = u_mean - u_mean.mean(-1, keepdim=True)  # mu_nc − M_ng
-    group_var = torch.addcmul((plane_var * a.square()).view(n, groups, -1), u_dev, u_dev).mean(-1, keepdim=True)
-    group_rstd = torch.rsqrt(group_var + config.eps)
+    u_std = (plane_std * a).view(n, groups, -1)  # the plane std of u
+    group_rstd = (u_std.square().addcmul_(u_dev, u_dev).mean(-1, keepdim=True) + config.eps).rsqrt_()
     w_rstd = group_rstd if weight is None else group_rstd * weight.reshape(1, groups, 1)
-    plane_scale = (w_rstd * a.view(groups, -1)).view(n, c, 1, 1)  # A
     plane_shift = w_rstd * u_dev if bias is None else torch.addcmul(bias.reshape(1, groups, 1), w_rstd, u_dev)
     plane_shift = plane_shift.view(n, c, 1, 1)  # B
     if x.dtype in LOW_PRECISION:
+        plane_scale = (w_rstd * a.view(groups, -1)).view(n, c, 1, 1)  # A
         y = _plane_affine(x, plane_scale, plane_shift - plane_scale * plane_mean.view(n, c, 1, 1), out=normalized)
-    else:
-        y = normalized.mul_(plane_scale / plane_rstd).add_(plane_shift)
-    return y, (plane_mean, plane_var, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd)
+    else:  # y = A·(x − m) + B = (A·std)·normalized + B
+        y = normalized.mul_((w_rstd * u_std).view(n, c, 1, 1)).add_(plane_shift)
+    return y, (plane_mean, plane_std, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd)
 
 
 def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -168,7 +166,7 @@ class _BatchChannelNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, plane_mean, plane_var, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd, *params = \
+        x, plane_mean, plane_std, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd, *params = \
             ctx.saved_tensors
         config, needs = ctx.config, ctx.needs_input_grad
         if torch.is_grad_enabled():  # a double backward: the saved statistics hold no graph, so autograd from x
@@ -192,7 +190,7 @@ class _BatchChannelNormFunction(torch.autograd.Function):
         q1 = -w_rstd * group_rstd * mean_dy_yhat * a_g
         s1_coef = -w_rstd * (mean_dy + group_rstd * u_dev * mean_dy_yhat)
         sum_du = (w_rstd * s1 + s1_coef * hw).view(n, c)  # Σ_hw du
-        sum_du_dev = (w_rstd * s2 + q1 * hw * plane_var.view(n, groups, -1)).view(n, c)  # Σ_hw du·(x − m)
+        sum_du_dev = (w_rstd * s2 + q1 * hw * plane_std.square().view(n, groups, -1)).view(n, c)  # Σ_hw du·(x − m)
         dbn_bias = sum_du.sum(0)
         dbn_weight_unscaled = torch.addcmul(sum_du_dev, centred, sum_du).sum(0)  # Σ du·(x − μ)
         q1, s1_coef = q1.reshape(n, c), s1_coef.reshape(n, c)
