@@ -164,3 +164,20 @@ def test_nan_plane_matches_reference():
         with normlayers.backend(backend):
             nan_masks.append(NF.batch_channel_norm(x, None, None, training=True, num_groups=G).isnan())
     assert torch.equal(nan_masks[0], nan_masks[1]) and nan_masks[0].any() and not nan_masks[0].all()
+
+
+def test_fp16_near_constant_channel_gradient_stays_finite():
+    """Two near-constant channels make the dy coefficient of dx (w·R·γ/σ per plane) larger than fp16's range; the
+    backward then runs its affine in fp32 (rounded once) rather than rounding that coefficient to fp16 (inf)."""
+    x = torch.randn(2, C, 3, 3, generator=torch.Generator().manual_seed(0))
+    x[:, :2] = 1.0 + 1e-4 * torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    dy = 1e-3 * torch.randn(2, C, 3, 3, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for name, backend, dtype in (("auto", "auto", torch.float16), ("reference", "reference", torch.float16),
+                                 ("reference64", "reference", torch.float64)):
+        leaf = x.half().to(dtype).requires_grad_()
+        with normlayers.backend(backend):
+            y = NF.batch_channel_norm(leaf, None, None, training=True, num_groups=G)
+            grads[name] = torch.autograd.grad(y, leaf, dy.to(dtype))[0]
+    assert grads["auto"].isfinite().all()
+    assert_lowprec_close(grads["auto"], grads["reference"], grads["reference64"])

@@ -202,8 +202,13 @@ class _BatchChannelNormFunction(torch.autograd.Function):
         dx = None
         if needs[0]:
             x_coef, shift = a * q1, a * s1_coef
-            dy_coef = (w_rstd * a_g).view(n, c, 1, 1).to(dy.dtype)
-            dx = _plane_affine(x, x_coef, shift - x_coef * plane_mean).addcmul_(dy, dy_coef)
+            dy_coef = (w_rstd * a_g).view(n, c, 1, 1)
+            if dy.dtype == torch.float16 and bool(dy_coef.abs().amax() > torch.finfo(torch.float16).max):
+                # a near-constant channel's coefficient would overflow in fp16: the whole affine in fp32, rounded once
+                dx = _plane_affine(x.float(), x_coef, shift - x_coef * plane_mean).addcmul_(dy.float(), dy_coef)
+                dx = dx.to(x.dtype)
+            else:
+                dx = _plane_affine(x, x_coef, shift - x_coef * plane_mean).addcmul_(dy, dy_coef.to(dy.dtype))
         grads = (scale * dbn_weight_unscaled, dbn_bias, dy_yhat.sum((0, 2)), s1.sum((0, 2)))
         return (dx, None, None, None, None, *(g.to(p.dtype).view(p.shape) if need else None
                                               for g, p, need in zip(grads, params, needs[5:])))
