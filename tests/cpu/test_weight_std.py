@@ -43,6 +43,17 @@ def test_scaled_weight_standardize_matches_reference(with_gain, dtype):
         assert_cpu_tier_matches_reference(lambda w: NF.scaled_weight_standardize(w, None, 1.7, eps=1e-5), [w])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_inference_is_the_training_forward(dtype):
+    """With no gradient to compute a bf16/fp16 weight goes through ATen's layer norm without the fp32 ones (its
+    reduced-precision forward computes in fp32 and rounds once too): the same output, bit for bit."""
+    w = (1.0 + 0.05 * torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(4))).to(dtype)
+    with torch.no_grad():
+        inference = NF.weight_standardize(w)
+    training = NF.weight_standardize(w.clone().requires_grad_())
+    assert torch.equal(inference, training.detach())
+
+
 def test_dispatch():
     """The eps-inside variants run ATen's layer norm over the filters (batch norm with a per-filter gain), whose
     backward is ATen's; eps outside ("qiao") and a fan-in of 1 run the reference."""

@@ -18,7 +18,8 @@ A bf16/fp16 weight goes in as it is, beside an fp32 norm weight (the constant sc
 mixed-type norms then compute the statistics, the output and the gradient in fp32 and round once (the fp64
 reference's error; checked in tests/cpu/test_weight_std.py). Without it the pure bf16 paths round along the way:
 ``F.batch_norm``'s statistics (0.072 against 0.016 on 256x2304 bf16 values near 1) and ``F.layer_norm``'s gradient
-(twice the one-rounding error).
+(twice the one-rounding error); ``F.layer_norm``'s bf16 forward is the mixed-type one bit for bit, so with no
+gradient to compute the ones are left out.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def weight_standardize(weight: Tensor, *, correction: int, eps: float, gain: Opt
     dtype = compute_dtype(weight.dtype)
     if gain is None:
         norm_weight = None
-        if constant_scale != 1.0 or weight.dtype != dtype:
+        needs_grad = weight.requires_grad and torch.is_grad_enabled()
+        if constant_scale != 1.0 or (weight.dtype != dtype and needs_grad):  # the bf16 forward is the same without it
             norm_weight = torch.full((fan_in,), constant_scale, dtype=dtype, device=weight.device)
         out = F.layer_norm(weight.reshape(filters, fan_in), (fan_in,), norm_weight, None, eps * ratio)
     else:
