@@ -233,6 +233,18 @@ def test_bf16_batch_channel_norm_backward_and_evo_state(tmp_path):
     assert evo_torch["note"] == "timm's EvoNorm in eager torch (no native op)"
 
 
+def test_torch_fp32_writes_the_running_statistics_back(tmp_path):
+    """bf16 BatchChannelNorm training: the torch_fp32 row updates fp32 copies of the bf16 running statistics and
+    stores them back, so its updated buffers are checked like every provider's (and it is within the bound, where the
+    plain bf16 call is not)."""
+    code, rows, _ = _run(tmp_path, "--op", "batch_channel_norm", "--shapes", "2x32x3x3", "--dtype", "bf16", "--mode",
+                         "fwd_bwd", "--providers", "normlayers,torch,torch_fp32")
+
+    assert code == 0
+    assert {r["provider"]: r["status"] for r in rows}["torch_fp32"] == "ok"
+    assert OPS["batch_channel_norm"].updated_args == (1, 2)
+
+
 def test_fused_add_and_crms_backward_are_checked(tmp_path):
     code, rows, _ = _run(tmp_path, "--op", "add_rms_norm", "crms_norm", "--shapes", "3x40", "--dtype", "bf16",
                          "--providers", "normlayers", "torch", "--mode", "bwd")

@@ -71,8 +71,9 @@ def _native(op: Op) -> OpFn:
 def _native_on_fp32(op: Op) -> OpFn:
     """torch's own ops on fp32 copies of the bf16/fp16 inputs (differentiable casts, so gradients are rounded once on
     the way back), every output rounded back to that dtype: the correct eager equivalent where torch's reduced-precision
-    kernels are not (its bf16 LayerNorm backward sums dW and dB in bf16). Only for ops with torch ops and for bf16/fp16
-    inputs (otherwise it is the torch provider)."""
+    kernels are not (its bf16 LayerNorm backward sums dW and dB in bf16). Buffers the op updates in place
+    (``Op.updated_args``) are written back. Only for ops with torch ops and for bf16/fp16 inputs (otherwise it is the
+    torch provider)."""
     if op.native is None:
         raise UnsupportedOp(f"{op.name} has no torch op (the torch provider runs the reference)")
     native = op.native
@@ -81,7 +82,12 @@ def _native_on_fp32(op: Op) -> OpFn:
         low = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in _LOW_PRECISION), None)
         if low is None:
             raise UnsupportedOp("no bf16/fp16 inputs: the same call as the torch provider")
-        outputs = native(*(a.float() if isinstance(a, torch.Tensor) and a.dtype == low else a for a in args))
+        upcast = [a.float() if isinstance(a, torch.Tensor) and a.dtype == low else a for a in args]
+        outputs = native(*upcast)
+        with torch.no_grad():  # running statistics updated on the fp32 copies: stored in their own dtype
+            for i in op.updated_args:
+                if upcast[i] is not args[i]:
+                    args[i].copy_(upcast[i])
         return tuple(o.to(low) for o in outputs) if isinstance(outputs, tuple) else outputs.to(low)
 
     return run
