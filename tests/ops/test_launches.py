@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
 
 TRAIN_FORWARD, TRAIN_BACKWARD, EVAL_FORWARD = 3, 4, 2
 
-def assert_launches_within_budget(module: torch.nn.Module, x: torch.Tensor, *extra) -> None:
+def assert_launches_within_budget(module: torch.nn.Module, x: torch.Tensor, *extra,
+                                  eval_budget: int = EVAL_FORWARD) -> None:
     """``module(x, *extra)`` on the triton backend: train forward, train backward and eval forward within the budgets,
     each with a Triton launch seen and no host sync. bf16 module and input: parameter gradients and outputs in bf16
     must come out of the kernels, not from casts."""
@@ -35,7 +36,7 @@ def assert_launches_within_budget(module: torch.nn.Module, x: torch.Tensor, *ext
         with torch.no_grad():
             evaluation = count_launches(lambda: module(x, *extra))
     for phase, count, budget in [("train fwd", forward, TRAIN_FORWARD), ("train bwd", backward, TRAIN_BACKWARD),
-                                 ("eval fwd", evaluation, EVAL_FORWARD)]:
+                                 ("eval fwd", evaluation, eval_budget)]:
         assert count.triton, f"{phase}: no Triton launch seen (is the interpreter on?)"
         assert count.launches <= budget, f"{phase}: {count.launches} launches: {count.triton} + {count.aten}"
         assert not count.syncs, f"{phase}: host syncs {count.syncs}"
@@ -71,6 +72,16 @@ def test_region_norm_launches_within_budget(name, mask_dtype):
     x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     mask = (torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(1)) > 0.5).to(mask_dtype)
     assert_launches_within_budget(module, x, mask)
+
+
+def test_learnable_region_norm_launches_within_budget():
+    # RN-L normalizes with the current batch's statistics in eval too (the official BatchNorm2d without running
+    # statistics), so eval is the training forward: three dependent reductions (the channel pooling complete around
+    # a pixel before its response map, every map value and input value of a statistic before the normalization),
+    # three launches.
+    module = normlayers.LearnableRegionNorm2d(16).to(torch.bfloat16)
+    x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert_launches_within_budget(module, x, eval_budget=TRAIN_FORWARD)
 
 
 @pytest.mark.parametrize("name", LAYERS)
