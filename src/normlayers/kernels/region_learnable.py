@@ -65,8 +65,8 @@ def _window_sum(MAP, base, h, w, pix, H, W, WEIGHT, K: tl.constexpr, FLIP: tl.co
     """``Σ_ij WEIGHT[i, j]·MAP[base + (h + i − k//2)·W + w + j − k//2]`` at each pixel (zero padding): the ``k × k``
     cross-correlation of conv2d, or with ``FLIP`` the kernel flipped, its transpose (the gradient of its input)."""
     acc = tl.zeros(h.shape, dtype=COMPUTE)
-    for i in tl.static_range(K):
-        for j in tl.static_range(K):
+    for i in range(K):  # (runtime loops: unrolled, the k² windows' loads would all be live at once and spill)
+        for j in range(K):
             hh = h + (i - K // 2)
             ww = w + (j - K // 2)
             inside = pix & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
@@ -83,8 +83,8 @@ def _window_sum(MAP, base, h, w, pix, H, W, WEIGHT, K: tl.constexpr, FLIP: tl.co
 def _store_correlations(dout, MAP, base, h, w, pix, H, W, ROW, K: tl.constexpr, COMPUTE: tl.constexpr):
     """``ROW[i·k + j] = Σ_tile dout·MAP[pixel + (i − k//2, j − k//2)]``: this tile's part of a conv weight's gradient
     (``dout`` zero outside ``pix``)."""
-    for i in tl.static_range(K):
-        for j in tl.static_range(K):
+    for i in range(K):
+        for j in range(K):
             hh = h + (i - K // 2)
             ww = w + (j - K // 2)
             inside = pix & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
@@ -272,13 +272,14 @@ def lrn_bwd_sums_kernel(
     n = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     HW = H * W
-    hw, pix, _, _ = _pixels(tile, H, W, BLOCK_HW)
+    hw, pix, _row, _column = _pixels(tile, H, W, BLOCK_HW)
     dgamma = tl.zeros((BLOCK_HW,), dtype=COMPUTE)
     dbeta = tl.zeros((BLOCK_HW,), dtype=COMPUTE)
     for start in range(0, C, BLOCK_C):
         channels = start + tl.arange(0, BLOCK_C).to(tl.int64)
         channel_mask = channels < C
-        mask, hole, _, dy, xhat, dr, _, _, _, _, _ = _normalized_tile(
+        # (distinct names for the unused results: the compiler types a loop-carried "_" once)
+        mask, hole, _x, dy, xhat, dr, _stat, _scale_h, _rstd_h, _scale_v, _rstd_v = _normalized_tile(
             X, DY, S + n * HW, STATS, GAIN + n * HW, n, channels, channel_mask, hw, pix, C, stride_xn, stride_xc,
             stride_xhw, stride_dyn, stride_dyc, stride_dyhw, THRESHOLD, BATCH, COMPUTE)
         dgamma += tl.sum(dy * xhat, axis=0)
@@ -390,10 +391,10 @@ def lrn_dx_kernel(
         n = (pid // (blocks * TILES)).to(tl.int64)
         block = (pid // TILES) % blocks
         HW = H * W
-        hw, pix, _, _ = _pixels(pid % TILES, H, W, BLOCK_HW)
+        hw, pix, _row, _column = _pixels(pid % TILES, H, W, BLOCK_HW)
         channels = block * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         channel_mask = channels < C
-        mask, hole, x, _, xhat, dr, stat, scale_h, rstd_h, scale_v, rstd_v = _normalized_tile(
+        mask, hole, x, _dy, xhat, dr, stat, scale_h, rstd_h, scale_v, rstd_v = _normalized_tile(
             X, DY, S + n * HW, STATS, GAIN + n * HW, n, channels, channel_mask, hw, pix, C, stride_xn, stride_xc,
             stride_xhw, stride_dyn, stride_dyc, stride_dyhw, THRESHOLD, BATCH, COMPUTE)
         dr_mean_h, dr_xhat_mean_h, dr_mean_v, dr_xhat_mean_v = _load_quad(COEF, stat, channel_mask, COMPUTE)
@@ -452,7 +453,7 @@ def learnable_region_norm_fwd(
     compute = tl_compute_dtype(opmath)
     k = conv1_weight.shape[-1]
     block_c, block_hw = lrn_tile(c, hw, max_block_hw, max_block_c)
-    warps = num_warps_for(block_c * block_hw, x.device)
+    warps = num_warps_for(2 * block_c * block_hw, x.device)  # one warp per 128 values, as region_tile's
     lrn_pool_kernel[(n, triton.cdiv(hw, block_hw))](
         x3, pool, c, hw, *plane_strides(x3), COMPUTE=compute, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
     lrn_stats_kernel[(n, triton.cdiv(c, block_c))](
@@ -484,7 +485,7 @@ def learnable_region_norm_bwd(
     compute = tl_compute_dtype(opmath)
     k = conv1_weight.shape[-1]
     block_c, block_hw = lrn_tile(c, hw, max_block_hw, max_block_c)
-    warps = num_warps_for(block_c * block_hw, x.device)
+    warps = num_warps_for(2 * block_c * block_hw, x.device)
     tiles = triton.cdiv(hw, block_hw)
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None
              for t in (conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)]
@@ -498,7 +499,7 @@ def learnable_region_norm_bwd(
     dpre = torch.empty((n, hw), dtype=opmath, device=x.device)
     wparts = torch.empty((n * tiles, 2 * k * k + 2), dtype=opmath, device=x.device)
     coefficients = stats.new_empty((*stats.shape[:-1], 2))
-    pixel_warps = num_warps_for(block_hw, x.device)
+    pixel_warps = num_warps_for(4 * block_hw, x.device)  # a few pixels per thread: the window sums are long
     lrn_bwd_maps_kernel[(n * tiles + triton.cdiv(c, FINALIZE_BLOCK),)](
         s, dmaps, _flat(gamma_weight), _flat(beta_weight), dpre, wparts, sums, stats, coefficients, n, c, height,
         width, tiles, K=k, BATCH=batch, COMPUTE=compute, BLOCK_HW=block_hw, BLOCK=FINALIZE_BLOCK,
