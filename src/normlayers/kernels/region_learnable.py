@@ -241,8 +241,9 @@ def lrn_normalize_kernel(
 def _normalized_tile(X, DY, S, STATS, GAIN, n, channels, channel_mask, hw, pix, C,
                      stride_xn, stride_xc, stride_xhw, stride_dyn, stride_dyc, stride_dyhw,
                      THRESHOLD: tl.constexpr, BATCH: tl.constexpr, COMPUTE: tl.constexpr):
-    """A backward tile (``S`` and ``GAIN`` at sample ``n``'s map): ``(mask, hole, x, dy, x̂ (0 outside mask), dr = dy·(1 + γ))`` and the per-channel ``(s, rstd)``
-    of both regions, the hole as ``(1, BLOCK_HW)`` flags."""
+    """A backward tile (``S`` and ``GAIN`` point at sample ``n``'s maps): ``(mask, hole, x, dy, x̂, dr, stat,
+    s_hole, rstd_hole, s_valid, rstd_valid)`` with ``x̂`` zero outside ``mask``, ``dr = dy·(1 + γ)``, the hole as
+    ``(1, BLOCK_HW)`` flags, and each channel's statistic index and per-region ``(s, rstd)``."""
     mask = channel_mask[:, None] & pix[None, :]
     stat = channels if BATCH else n * C + channels
     _, scale_h, mean_h, rstd_h = _load_quad(STATS, stat * 2, channel_mask, COMPUTE)
