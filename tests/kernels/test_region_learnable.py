@@ -16,7 +16,7 @@ import torch
 from normlayers.kernels import region_learnable as K
 from normlayers.ops.region_norm import statistics_scale_cap
 from normlayers.reference import region_norm as R
-from normlayers.testing import assert_close
+from normlayers.testing import assert_close, nchw_input
 
 NAMES = ["x", "conv1_weight", "gamma_weight", "gamma_bias", "beta_weight", "beta_bias"]
 
@@ -28,15 +28,8 @@ def _weights(k: int, *, bias: bool = True, seed: int = 6) -> list[Optional[torch
     return weights if bias else [weights[0], weights[1], None, weights[3], None]
 
 
-def _input(shape, dtype, layout, *, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    x = (torch.randn(n, c + 1, h, w, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
-    if layout == "channels_last":
-        return x[:, :c].contiguous(memory_format=torch.channels_last)
-    if layout == "channel_slice":
-        return x[:, 1:]
-    return x[:, :c].contiguous()
+def _input(shape, dtype, layout):
+    return nchw_input(*shape, dtype, layout, scale=2.0, plane_offset=0.5)
 
 
 def between_responses(x: torch.Tensor, weights) -> float:
