@@ -28,10 +28,7 @@ COMPOSITES = ("BatchChannelNorm2d(64)", "EvoNorm2dS0(64)", "EvoNorm2dB0(64)", "R
 BUDGETS = {"train fwd": (1, 3), "train bwd": (2, 4), "eval fwd": (1, 2)}
 # Composite phases over budget today: GroupNorm's eval forward is its training forward (per-sample statistics: split
 # reduction, finalize, normalize), 3 launches; folding the finalize into the normalize pass is left (issue 21).
-# LearnableRegionNorm2d's eval is its training forward too (batch statistics in eval, as the official code): pooling,
-# response map + region statistics, normalize are three dependent reductions (docs/region_norm.md).
-UNFUSED = {(layer, "eval fwd") for layer in COMPOSITES if layer.startswith("GroupNorm")} | {
-    ("LearnableRegionNorm2d(64)", "eval fwd")}
+UNFUSED = {(layer, "eval fwd") for layer in COMPOSITES if layer.startswith("GroupNorm")}
 SYNCING: set[tuple[str, str]] = set()
 WIDTHS = (1024, 8192, 16384, 65536)  # audit.ROW_WIDTHS has the full set
 

@@ -1,8 +1,9 @@
-"""RN-L's fused kernels (``kernels/region_learnable.py``, three launches forward, four backward) against the
+"""RN-L's fused kernels (``kernels/region_learnable.py``, two launches forward, four backward) against the
 plain-PyTorch reference, forward and every gradient (input, ``conv1``, ``γ``/``β`` conv weights and biases).
 
-The launchers run directly, so the multi-block loops (pixel blocks, channel blocks, several tiles of partials) are
-reached on small maps through ``max_block_hw`` / ``max_block_c``. The reference's gradients come from autograd of
+The launchers run directly, so the multi-block loops (pixel blocks, channel blocks, several row tiles with their
+conv halos, several tiles of partials) are reached on small maps through ``max_block_hw`` / ``max_block_c`` /
+``max_tile_rows``. The reference's gradients come from autograd of
 torch's own convs, ``torch.amax`` and the region statistics: an independent check of the hand-written backward.
 """
 
@@ -45,7 +46,7 @@ def between_responses(x: torch.Tensor, weights) -> float:
 
 
 def run_both(x, weights, *, threshold, stats="batch", eps_mode="official", max_block_hw=None, max_block_c=None,
-             seed=9):
+             max_tile_rows=None, seed=9):
     """``(ours, reference)``: each a list of the output and the gradients of ``NAMES`` (``None`` for a missing
     bias), for one random ``dy``."""
     batch = stats == "batch"
@@ -60,7 +61,7 @@ def run_both(x, weights, *, threshold, stats="batch", eps_mode="official", max_b
     y, pool, s, gain, statistics = K.learnable_region_norm_fwd(
         x, *params, threshold=threshold, eps=1e-5, batch=batch, official_eps=eps_mode == "official",
         cap=statistics_scale_cap(x, 1e-5, batch, eps_mode == "official"), max_block_hw=max_block_hw,
-        max_block_c=max_block_c)
+        max_block_c=max_block_c, max_tile_rows=max_tile_rows)
     ours = [y, *K.learnable_region_norm_bwd(dy, x, *params, pool, s, gain, statistics, threshold=threshold,
                                             batch=batch, max_block_hw=max_block_hw, max_block_c=max_block_c)]
     return ours, reference
@@ -76,21 +77,22 @@ def assert_all_close(ours, reference):
 
 
 CASES = [
-    # (shape, k, stats, eps_mode, max_block_hw, max_block_c)
-    ((2, 3, 5, 7), 3, "batch", "official", None, None),
-    ((2, 3, 5, 7), 3, "instance", "plain", None, None),
-    ((2, 3, 5, 4), 7, "batch", "official", 8, 2),  # several pixel and channel blocks, a 7x7 window on a 5x4 map
-    ((1, 5, 7, 3), 3, "instance", "official", 8, 2),  # one sample
-    ((3, 2, 1, 1), 3, "batch", "official", None, None),  # 1x1 maps: one pixel, the window's centre tap only
+    # (shape, k, stats, eps_mode, max_block_hw, max_block_c, max_tile_rows)
+    ((2, 3, 5, 7), 3, "batch", "official", None, None, None),
+    ((2, 3, 5, 7), 3, "instance", "plain", None, None, 2),  # row tiles of 2 rows, a last one of 1
+    # several pixel and channel blocks, a 7x7 window on a 5x4 map, one-row tiles (a halo of 3 rows either side)
+    ((2, 3, 5, 4), 7, "batch", "official", 8, 2, 1),
+    ((1, 5, 7, 3), 3, "instance", "official", 8, 2, 3),  # one sample
+    ((3, 2, 1, 1), 3, "batch", "official", None, None, None),  # 1x1 maps: one pixel, the window's centre tap only
 ]
 
 
-@pytest.mark.parametrize("shape,k,stats,eps_mode,max_block_hw,max_block_c", CASES)
-def test_matches_reference_fp64(shape, k, stats, eps_mode, max_block_hw, max_block_c):
+@pytest.mark.parametrize("shape,k,stats,eps_mode,max_block_hw,max_block_c,max_tile_rows", CASES)
+def test_matches_reference_fp64(shape, k, stats, eps_mode, max_block_hw, max_block_c, max_tile_rows):
     x = _input(shape, torch.float64, "contiguous")
     weights = _weights(k)
     ours, reference = run_both(x, weights, threshold=between_responses(x, weights), stats=stats, eps_mode=eps_mode,
-                               max_block_hw=max_block_hw, max_block_c=max_block_c)
+                               max_block_hw=max_block_hw, max_block_c=max_block_c, max_tile_rows=max_tile_rows)
     assert_all_close(ours, reference)
 
 
@@ -138,7 +140,7 @@ def test_deterministic():
     x = _input((2, 3, 4, 5), torch.float32, "contiguous")
     weights = _weights(3)
     threshold = between_responses(x, weights)
-    first, _ = run_both(x, weights, threshold=threshold, max_block_hw=8, max_block_c=2)
-    second, _ = run_both(x, weights, threshold=threshold, max_block_hw=8, max_block_c=2)
+    first, _ = run_both(x, weights, threshold=threshold, max_block_hw=8, max_block_c=2, max_tile_rows=2)
+    second, _ = run_both(x, weights, threshold=threshold, max_block_hw=8, max_block_c=2, max_tile_rows=2)
     for a, b in zip(first, second):
         assert torch.equal(a, b)

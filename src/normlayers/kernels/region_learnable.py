@@ -9,14 +9,18 @@ with ``RN`` the region normalization of :mod:`normlayers.kernels.region_norm` (`
 region affine, statistics of the power-of-two-scaled values). The convs have 2·k² + 2·k² + 2 parameters, so each
 kernel computes the few it needs in registers from the small ``(N, ·, H, W)`` maps around its pixels.
 
-**Forward, three launches**: ``lrn_pool`` (per pixel, over the channels: ``a``, ``m`` and how many channels reach
-``m``), ``lrn_stats`` (per sample and channel block, walking the pixels: ``S`` and the scaled per-plane region
-partials of :func:`normlayers.kernels.region_norm.region_stats`), ``lrn_normalize`` (per channel block and pixel
-tile: the statistics finalized from the partials, redundantly in each program, ``γ`` and ``β`` from ``S``, and
-``y``; it also writes the statistics and ``1 + γ`` for the backward). Eval runs the same three: RN-L normalizes with
-the current batch's statistics in eval too (the official ``BatchNorm2d(track_running_stats=False)``), and the three
-are dependent reductions (the channel pooling must be complete around a pixel before its ``S``, every ``S`` and
-``x`` of a statistic before the normalization).
+**Forward, two launches** (training and eval alike: RN-L normalizes with the current batch's statistics in eval
+too, the official ``BatchNorm2d(track_running_stats=False)``):
+
+* ``lrn_stats`` per sample and tile of whole rows, over all channels: ``a`` and ``m`` of its rows and of the
+  ``k // 2`` rows either side (the conv window's halo, pooled again rather than taken from the neighbouring tile:
+  at least ``4·(k // 2)`` rows per tile keep that under half a read of the rows), then ``S`` of its rows, then per
+  channel the scaled region partials of :func:`normlayers.kernels.region_norm.region_stats` over its rows (the
+  three steps read what the program wrote in the step before, ordered by a barrier); it also writes ``a``, ``m``
+  and how many channels reach ``m`` for the backward;
+* ``lrn_normalize`` per channel block and pixel block: the statistics finalized from the partials (Chan's
+  combination over the row tiles, and the samples with batch statistics; redundantly in each program), ``γ`` and
+  ``β`` from ``S``, and ``y``; it also writes the statistics and ``1 + γ`` for the backward.
 
 **Backward, four launches** (``g = 1 + γ``, ``x̂ = r``, ``dr = dy·g``):
 
@@ -58,6 +62,8 @@ from normlayers.kernels.region_norm import (
 # computed per pixel, once per tile, and broadcast over the tile's channels).
 LRN_TILE_ELEMENTS = 1024
 LRN_MAX_BLOCK_HW = 256
+# Pixels per row tile of lrn_stats (whole rows; see row_tile).
+LRN_ROW_TILE_PIXELS = 1024
 
 
 @triton.jit
@@ -116,15 +122,10 @@ def _pixels(tile, H, W, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
-def lrn_pool_kernel(
-    X, POOL, C, HW, stride_xn, stride_xc, stride_xhw,
-    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    # Grid (N, pixel blocks). POOL (N, 3, HW): the channel mean, the channel maximum (NaN if any value is NaN, as
-    # torch.amax) and how many channels reach the maximum.
-    n = tl.program_id(0).to(tl.int64)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    pix = hw < HW
+def _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_HW: tl.constexpr):
+    """At each pixel, over the channels in a fixed order: the mean, the maximum (NaN if any value is NaN, as
+    ``torch.amax``) and how many channels reach the maximum."""
     total = tl.zeros((BLOCK_HW,), dtype=COMPUTE)
     largest = tl.full((BLOCK_HW,), float("-inf"), COMPUTE)
     ties = tl.zeros((BLOCK_HW,), dtype=COMPUTE)
@@ -141,60 +142,83 @@ def lrn_pool_kernel(
         tile_ties = tl.sum((x == tile_max[None, :]).to(COMPUTE), axis=0)
         ties = tl.where(tile_max > largest, tile_ties, tl.where(tile_max == largest, ties + tile_ties, ties))
         largest = tl.where((tile_max > largest) | (tile_max != tile_max), tile_max, largest)
-    base = POOL + n * 3 * HW + hw
-    tl.store(base, total / C, mask=pix)
-    tl.store(base + HW, largest, mask=pix)
-    tl.store(base + 2 * HW, ties, mask=pix)
-
-
-@triton.jit
-def _response(POOL, W1, n, h, w, pix, H, W, K: tl.constexpr, COMPUTE: tl.constexpr):
-    """``S = sigmoid(conv1([mean, max]))`` at each pixel of sample ``n``."""
-    base = n * 3 * H * W
-    pre = (_window_sum(POOL, base, h, w, pix, H, W, W1, K, False, COMPUTE)
-           + _window_sum(POOL, base + H * W, h, w, pix, H, W, W1 + K * K, K, False, COMPUTE))
-    return 1.0 / (1.0 + tl.exp(-pre))
+    return total / C, largest, ties
 
 
 @triton.jit
 def lrn_stats_kernel(
-    X, POOL, W1, S, PARTIALS, C, H, W, stride_xn, stride_xc, stride_xhw, cap,
+    X, POOL, HALO, W1, S, PARTIALS, C, H, W, TILE_ROWS, stride_xn, stride_xc, stride_xhw, cap,
     THRESHOLD: tl.constexpr, K: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    # Grid (N, channel blocks), each walking the pixels: S (written by channel block 0) and, per plane of the block,
-    # region_stats' scaled partials [count, s, Σx·s, M2] with the region M = [S ≥ threshold] (the "hole").
-    cap = tl.cast(cap, COMPUTE)
+    # Grid (N, row tiles of TILE_ROWS rows); each program, over all channels:
+    # 1. the channel mean and maximum of its rows and k // 2 rows either side (the conv1 window's halo; a
+    #    neighbour's rows are pooled again rather than read from it) into its own HALO scratch, its own rows' mean,
+    #    maximum and ties into POOL (N, 3, HW) for the backward;
+    # 2. S = sigmoid(conv1([mean, max])) of its rows from HALO, into S;
+    # 3. per channel, region_stats' scaled partials [count, s, Σx·s, M2] of its rows with the region
+    #    M = [S ≥ threshold] (the "hole"), into PARTIALS (N, row tiles, C, 2, 4).
+    # Each step reads what this program's threads wrote in the step before: a barrier orders them.
     n = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    channels = block * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    channel_mask = channels < C
+    tile = tl.program_id(1)
+    tiles = tl.num_programs(1)
     HW = H * W
-    zero = tl.zeros((BLOCK_C,), dtype=COMPUTE)
-    max_h, count_h, total_h, m2_h = zero, zero, zero, zero
-    max_v, count_v, total_v, m2_v = zero, zero, zero, zero
-    scale_h = zero + cap  # an empty region's scale (power_of_two_scale of 0)
-    scale_v = zero + cap
-    for tile in range(0, tl.cdiv(HW, BLOCK_HW)):
-        hw, pix, h, w = _pixels(tile, H, W, BLOCK_HW)
-        s = _response(POOL, W1, n, h, w, pix, H, W, K, COMPUTE)
-        tl.store(S + n * HW + hw, s, mask=_where_also(pix, block == 0))
-        mask = channel_mask[:, None] & pix[None, :]
-        x = tl.load(X + n * stride_xn + channels[:, None] * stride_xc + hw[None, :] * stride_xhw, mask=mask,
-                    other=0.0).to(COMPUTE)
-        hole = mask & (s >= THRESHOLD)[None, :]
-        valid = mask & (s < THRESHOLD)[None, :]
-        max_h, scale_h, count_h, total_h, m2_h = _region_chunk_moments(x, hole, max_h, scale_h, count_h, total_h,
-                                                                       m2_h, cap, COMPUTE)
-        max_v, scale_v, count_v, total_v, m2_v = _region_chunk_moments(x, valid, max_v, scale_v, count_v, total_v,
-                                                                       m2_v, cap, COMPUTE)
-    planes = n * C + channels
-    _store_quad(PARTIALS, planes * 2, channel_mask, count_h, scale_h, total_h, m2_h)
-    _store_quad(PARTIALS, planes * 2 + 1, channel_mask, count_v, scale_v, total_v, m2_v)
+    first = tile * TILE_ROWS * W
+    last = tl.minimum(tile * TILE_ROWS + TILE_ROWS, H) * W
+    halo_first = tl.maximum(tile * TILE_ROWS - K // 2, 0) * W
+    halo_last = tl.minimum(tile * TILE_ROWS + TILE_ROWS + K // 2, H) * W
+    span = (TILE_ROWS + 2 * (K // 2)) * W
+    halo = HALO + (n * tiles + tile) * 2 * span - halo_first  # indexed by the pixel's flat index in the map
+    for start in range(halo_first, halo_last, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        pix = hw < halo_last
+        mean, largest, ties = _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE, BLOCK_C,
+                                            BLOCK_HW)
+        tl.store(halo + hw, mean, mask=pix)
+        tl.store(halo + span + hw, largest, mask=pix)
+        own = pix & (hw >= first) & (hw < last)
+        tl.store(POOL + n * 3 * HW + hw, mean, mask=own)
+        tl.store(POOL + n * 3 * HW + HW + hw, largest, mask=own)
+        tl.store(POOL + n * 3 * HW + 2 * HW + hw, ties, mask=own)
+    tl.debug_barrier()
+    for start in range(first, last, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        pix = hw < last
+        h = hw // W
+        w = hw % W
+        pre = (_window_sum(halo, 0, h, w, pix, H, W, W1, K, False, COMPUTE)
+               + _window_sum(halo + span, 0, h, w, pix, H, W, W1 + K * K, K, False, COMPUTE))
+        tl.store(S + n * HW + hw, 1.0 / (1.0 + tl.exp(-pre)), mask=pix)
+    tl.debug_barrier()
+    cap = tl.cast(cap, COMPUTE)
+    for block in range(0, C, BLOCK_C):
+        channels = block + tl.arange(0, BLOCK_C).to(tl.int64)
+        channel_mask = channels < C
+        zero = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+        max_h, count_h, total_h, m2_h = zero, zero, zero, zero
+        max_v, count_v, total_v, m2_v = zero, zero, zero, zero
+        scale_h = zero + cap  # an empty region's scale (power_of_two_scale of 0)
+        scale_v = zero + cap
+        for start in range(first, last, BLOCK_HW):
+            hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+            pix = hw < last
+            s = tl.load(S + n * HW + hw, mask=pix, other=0.0)
+            mask = channel_mask[:, None] & pix[None, :]
+            x = tl.load(X + n * stride_xn + channels[:, None] * stride_xc + hw[None, :] * stride_xhw, mask=mask,
+                        other=0.0).to(COMPUTE)
+            hole = mask & (s >= THRESHOLD)[None, :]
+            valid = mask & (s < THRESHOLD)[None, :]
+            max_h, scale_h, count_h, total_h, m2_h = _region_chunk_moments(x, hole, max_h, scale_h, count_h,
+                                                                           total_h, m2_h, cap, COMPUTE)
+            max_v, scale_v, count_v, total_v, m2_v = _region_chunk_moments(x, valid, max_v, scale_v, count_v,
+                                                                           total_v, m2_v, cap, COMPUTE)
+        rows = (n * tiles + tile) * C + channels
+        _store_quad(PARTIALS, rows * 2, channel_mask, count_h, scale_h, total_h, m2_h)
+        _store_quad(PARTIALS, rows * 2 + 1, channel_mask, count_v, scale_v, total_v, m2_v)
 
 
 @triton.jit
 def lrn_normalize_kernel(
-    X, S, PARTIALS, STATS, GAIN, WG, BG, WB, BB, Y, N, C, H, W, eps,
+    X, S, PARTIALS, STATS, GAIN, WG, BG, WB, BB, Y, N, C, H, W, STAT_TILES, eps,
     stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
     THRESHOLD: tl.constexpr, K: tl.constexpr, BATCH: tl.constexpr, OFFICIAL_EPS: tl.constexpr,
     HAS_BG: tl.constexpr, HAS_BB: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -210,8 +234,11 @@ def lrn_normalize_kernel(
     channels = block * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     channel_mask = channels < C
     stat = channels if BATCH else n * C + channels
+    # The partials of a statistic: rows (sample, row tile) of PARTIALS, C apart: every row (batch statistics) or
+    # the sample's STAT_TILES rows.
     count_h, scale_h, mean_h, rstd_h, count_v, scale_v, mean_v, rstd_v = _finalized(
-        PARTIALS, stat, channel_mask, N if BATCH else 1, C, tl.cast(eps, COMPUTE), OFFICIAL_EPS, COMPUTE)
+        PARTIALS, channels if BATCH else n * STAT_TILES * C + channels, channel_mask,
+        N * STAT_TILES if BATCH else STAT_TILES, C, tl.cast(eps, COMPUTE), OFFICIAL_EPS, COMPUTE)
     writes_stats = _where_also(channel_mask, tile == 0)
     if BATCH:
         writes_stats = _where_also(writes_stats, n == 0)
@@ -427,6 +454,14 @@ def lrn_tile(c: int, hw: int, max_block_hw: Optional[int] = None,
     return block_c, block_hw
 
 
+def row_tile(height: int, width: int, k: int, max_tile_rows: Optional[int] = None) -> int:
+    """Rows per program of ``lrn_stats``: about ``LRN_ROW_TILE_PIXELS`` pixels, and at least ``4·(k // 2)`` rows, so
+    that pooling the conv window's halo again costs at most half a read of the rows themselves (``max_tile_rows``
+    caps it: tests reach several row tiles on small maps)."""
+    rows = max(4 * (k // 2), triton.cdiv(LRN_ROW_TILE_PIXELS, max(width, 1)), 1)
+    return min(rows, height, max_tile_rows or height)
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
@@ -435,8 +470,9 @@ def learnable_region_norm_fwd(
     x: torch.Tensor, conv1_weight: torch.Tensor, gamma_weight: torch.Tensor, gamma_bias: Optional[torch.Tensor],
     beta_weight: torch.Tensor, beta_bias: Optional[torch.Tensor], *, threshold: float, eps: float, batch: bool,
     official_eps: bool, cap: float, max_block_hw: Optional[int] = None, max_block_c: Optional[int] = None,
+    max_tile_rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RN-L forward in three launches: ``(y, pool, s, gain, stats)``, ``y`` in ``x``'s dtype and memory format;
+    """RN-L forward in two launches: ``(y, pool, s, gain, stats)``, ``y`` in ``x``'s dtype and memory format;
     ``pool`` ``(N, 3, H, W)`` (channel mean, maximum, ties), ``s`` and ``gain = 1 + γ`` ``(N, 1, H, W)``, ``stats``
     ``[count, s, mean_s, rstd]`` per statistic and region, ``(C, 2, 4)`` (``batch``) or ``(N, C, 2, 4)``; all but
     ``y`` in fp32 (fp64 for fp64 ``x``). ``x`` must hold at least one value."""
@@ -449,20 +485,21 @@ def learnable_region_norm_fwd(
     pool = torch.empty((n, 3, height, width), dtype=opmath, device=x.device)
     s = torch.empty((n, 1, height, width), dtype=opmath, device=x.device)
     gain = torch.empty_like(s)
-    partials = torch.empty((n, c, 2, 4), dtype=opmath, device=x.device)
+    k = conv1_weight.shape[-1]
+    rows = row_tile(height, width, k, max_tile_rows)
+    tiles = triton.cdiv(height, rows)
+    halo = torch.empty((n * tiles, 2, (rows + 2 * (k // 2)) * width), dtype=opmath, device=x.device)
+    partials = torch.empty((n, tiles, c, 2, 4), dtype=opmath, device=x.device)
     stats = torch.empty((c, 2, 4) if batch else (n, c, 2, 4), dtype=opmath, device=x.device)
     compute = tl_compute_dtype(opmath)
-    k = conv1_weight.shape[-1]
     block_c, block_hw = lrn_tile(c, hw, max_block_hw, max_block_c)
     warps = num_warps_for(2 * block_c * block_hw, x.device)  # one warp per 128 values, as region_tile's
-    lrn_pool_kernel[(n, triton.cdiv(hw, block_hw))](
-        x3, pool, c, hw, *plane_strides(x3), COMPUTE=compute, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
-    lrn_stats_kernel[(n, triton.cdiv(c, block_c))](
-        x3, pool, _flat(conv1_weight), s, partials, c, height, width, *plane_strides(x3), cap,
+    lrn_stats_kernel[(n, tiles)](
+        x3, pool, halo, _flat(conv1_weight), s, partials, c, height, width, rows, *plane_strides(x3), cap,
         THRESHOLD=float(threshold), K=k, COMPUTE=compute, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
     lrn_normalize_kernel[(n * triton.cdiv(c, block_c), triton.cdiv(hw, block_hw))](
         x3, s, partials, stats, gain, _flat(gamma_weight), _flat(gamma_bias if gamma_bias is not None else s),
-        _flat(beta_weight), _flat(beta_bias if beta_bias is not None else s), y3, n, c, height, width, eps,
+        _flat(beta_weight), _flat(beta_bias if beta_bias is not None else s), y3, n, c, height, width, tiles, eps,
         *plane_strides(x3), *plane_strides(y3), THRESHOLD=float(threshold), K=k, BATCH=batch,
         OFFICIAL_EPS=official_eps, HAS_BG=gamma_bias is not None, HAS_BB=beta_bias is not None, COMPUTE=compute,
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)

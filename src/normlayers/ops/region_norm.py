@@ -16,7 +16,7 @@ tensors have a trailing region dim of 2, index 0 the hole region and index 1 the
 The first two are not differentiable on their own; :class:`_RegionNorm` (a :class:`torch.autograd.Function`)
 differentiates the whole layer with ``region_normalize_bwd``.
 
-**RN-L** (:func:`learnable_region_norm`, three launches forward and four backward,
+**RN-L** (:func:`learnable_region_norm`, two launches forward and four backward,
 ``kernels/region_learnable.py``): ``learnable_region_norm_fwd(x, conv1_weight, gamma_weight, gamma_bias, beta_weight,
 beta_bias, threshold, eps, batch, official_eps, cap) -> (y, pool, s, gain, stats)`` (the self-aware map, its regions,
 the region statistics and the spatial affine; the other outputs are what the backward reads) and its backward
@@ -389,7 +389,7 @@ def learnable_region_norm_fwd(x: Tensor, conv1_weight: Tensor, gamma_weight: Ten
                               beta_weight: Tensor, beta_bias: Optional[Tensor], threshold: float, eps: float,
                               batch: bool, official_eps: bool, cap: float
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """RN-L in three launches: ``(y, pool, s, gain, stats)``; ``pool`` ``(N, 3, H, W)`` (the channel mean, maximum and
+    """RN-L in two launches: ``(y, pool, s, gain, stats)``; ``pool`` ``(N, 3, H, W)`` (the channel mean, maximum and
     how many channels reach it), ``s`` and ``gain = 1 + γ`` ``(N, 1, H, W)``, ``stats`` ``[count, s, mean_s, rstd]``
     per statistic and region (``(C, 2, 4)`` with ``batch``, else ``(N, C, 2, 4)``), all but ``y`` in fp32 (fp64 for
     fp64 ``x``)."""
@@ -466,7 +466,7 @@ class _LearnableRegionNorm(torch.autograd.Function):
 def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
                           beta_weight: Tensor, beta_bias: Optional[Tensor], *, threshold: float, eps: float,
                           stats: str, eps_mode: str, sync: Optional[_ref_region.MaskedMomentSync] = None) -> Tensor:
-    """RN-L through the Triton ops: fused (:class:`_LearnableRegionNorm`, three launches forward, four backward), or,
+    """RN-L through the Triton ops: fused (:class:`_LearnableRegionNorm`, two launches forward, four backward), or,
     with synced statistics, a DTensor input or no value, the self-aware affine's convs as the reference's torch ops,
     :func:`region_norm` on the thresholded map (no gradient through the threshold) and the spatial affine."""
     if sync is None and not is_dtensor(input) and input.numel() > 0:
