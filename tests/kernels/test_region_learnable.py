@@ -46,7 +46,7 @@ def between_responses(x: torch.Tensor, weights) -> float:
 
 
 def run_both(x, weights, *, threshold, stats="batch", eps_mode="official", max_block_hw=None, max_block_c=None,
-             max_tile_rows=None, seed=9):
+             max_tile_rows=None, pool_separately=None, seed=9):
     """``(ours, reference)``: each a list of the output and the gradients of ``NAMES`` (``None`` for a missing
     bias), for one random ``dy``."""
     batch = stats == "batch"
@@ -61,7 +61,7 @@ def run_both(x, weights, *, threshold, stats="batch", eps_mode="official", max_b
     y, pool, s, gain, statistics = K.learnable_region_norm_fwd(
         x, *params, threshold=threshold, eps=1e-5, batch=batch, official_eps=eps_mode == "official",
         cap=statistics_scale_cap(x, 1e-5, batch, eps_mode == "official"), max_block_hw=max_block_hw,
-        max_block_c=max_block_c, max_tile_rows=max_tile_rows)
+        max_block_c=max_block_c, max_tile_rows=max_tile_rows, pool_separately=pool_separately)
     ours = [y, *K.learnable_region_norm_bwd(dy, x, *params, pool, s, gain, statistics, threshold=threshold,
                                             batch=batch, max_block_hw=max_block_hw, max_block_c=max_block_c)]
     return ours, reference
@@ -93,6 +93,16 @@ def test_matches_reference_fp64(shape, k, stats, eps_mode, max_block_hw, max_blo
     weights = _weights(k)
     ours, reference = run_both(x, weights, threshold=between_responses(x, weights), stats=stats, eps_mode=eps_mode,
                                max_block_hw=max_block_hw, max_block_c=max_block_c, max_tile_rows=max_tile_rows)
+    assert_all_close(ours, reference)
+
+
+@pytest.mark.parametrize("stats", ["batch", "instance"])
+def test_three_launch_forward_matches_reference_fp64(stats):
+    # The forward taken where the two-launch one's per-row-tile programs would be too few (pools_in_stats).
+    x = _input((2, 3, 5, 4), torch.float64, "contiguous")
+    weights = _weights(5)
+    ours, reference = run_both(x, weights, threshold=between_responses(x, weights), stats=stats, max_block_hw=8,
+                               max_block_c=2, pool_separately=True)
     assert_all_close(ours, reference)
 
 

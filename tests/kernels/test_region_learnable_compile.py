@@ -1,4 +1,4 @@
-"""RN-L's six kernels compiled for an H100 (sm_90) with Triton's real compiler, without a GPU, exactly as the
+"""RN-L's eight kernels compiled for an H100 (sm_90) with Triton's real compiler, without a GPU, exactly as the
 launchers launch them (the launches captured, not run, and compiled with the JIT's specialization by
 :mod:`normlayers.bench.audit`): inpainting-network shapes in both memory formats, bf16, and fp64 (gradcheck's dtype).
 Each compiles and spills nothing (registers and spills from ``ptxas -v``).
@@ -53,8 +53,9 @@ def compile_region_learnable_kernels() -> list[dict]:
             maps = [torch.empty((n, 3, h, w), dtype=opmath), torch.empty((n, 1, h, w), dtype=opmath),
                     torch.empty((n, 1, h, w), dtype=opmath), torch.empty((c, 2, 4), dtype=opmath)]
             captured.clear()
-            K.learnable_region_norm_fwd(x, *weights, threshold=0.8, eps=1e-5, batch=True, official_eps=True,
-                                        cap=2.0 ** 20)
+            for pool_separately in (False, True):  # the two-launch forward and the three-launch one
+                K.learnable_region_norm_fwd(x, *weights, threshold=0.8, eps=1e-5, batch=True, official_eps=True,
+                                            cap=2.0 ** 20, pool_separately=pool_separately)
             K.learnable_region_norm_bwd(x, x, *weights, *maps, threshold=0.8, batch=True)
             label = f"{n}x{c}x{h}x{w} k={k} {memory_format} {str(dtype).removeprefix('torch.')}"
             for fn, args, kwargs in captured:
@@ -70,7 +71,7 @@ def test_region_learnable_kernels_compile_for_sm90_without_spills():
     if done.returncode != 0:
         pytest.fail(f"an RN-L kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 6 * len(CASES)
+    assert len(results) == (2 + 3 + 4) * len(CASES)
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, spilled
 

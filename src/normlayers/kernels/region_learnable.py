@@ -22,6 +22,12 @@ too, the official ``BatchNorm2d(track_running_stats=False)``):
   combination over the row tiles, and the samples with batch statistics; redundantly in each program), ``γ`` and
   ``β`` from ``S``, and ``y``; it also writes the statistics and ``1 + γ`` for the backward.
 
+``lrn_stats`` has one program per sample and row tile, each over all channels: few for a small batch of large
+maps. Where those few programs would each read many values (:func:`pools_in_stats`), the forward takes three
+launches instead, with many more programs: ``lrn_pool`` (per pixel block) writes the pooled maps, and
+``lrn_plane_stats`` (per sample and channel block, walking the pixels) computes ``S`` from them and the partials of
+whole planes.
+
 **Backward, four launches** (``g = 1 + γ``, ``x̂ = r``, ``dr = dy·g``):
 
 * ``lrn_bwd_sums`` per sample and pixel tile, over the channels: the maps ``dγ = Σ_c dy·x̂`` and ``dβ = Σ_c dy``
@@ -48,7 +54,14 @@ import triton
 import triton.language as tl
 
 from normlayers._dtypes import compute_dtype
-from normlayers.kernels.common import as_planes, next_power_of_2, num_warps_for, plane_strides, tl_compute_dtype
+from normlayers.kernels.common import (
+    as_planes,
+    next_power_of_2,
+    num_warps_for,
+    persistent_programs,
+    plane_strides,
+    tl_compute_dtype,
+)
 from normlayers.kernels.region_norm import (
     FINALIZE_BLOCK,
     _finalized,
@@ -64,6 +77,11 @@ LRN_TILE_ELEMENTS = 1024
 LRN_MAX_BLOCK_HW = 256
 # Pixels per row tile of lrn_stats (whole rows; see row_tile).
 LRN_ROW_TILE_PIXELS = 1024
+# Values of x per lrn_stats program below which the two-launch forward is taken even on a GPU it does not fill (see
+# pools_in_stats): an estimate, not a measurement (no GPU was at hand): one program reads its values about 2.4 times
+# (its rows, their halo, the partials pass), 64K bf16 values ≈ 300 KB, a few µs at one SM's share of an H100's
+# bandwidth, about one launch.
+LRN_VALUES_PER_STATS_PROGRAM = 65536
 
 
 @triton.jit
@@ -146,6 +164,51 @@ def _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE: t
 
 
 @triton.jit
+def _response(MAP, base, plane_stride, h, w, pix, H, W, W1, K: tl.constexpr, COMPUTE: tl.constexpr):
+    """``S = sigmoid(conv1([mean, max]))`` at each pixel, the mean map at ``MAP + base`` and the max map
+    ``plane_stride`` after it (both indexed by the pixel's flat index in the map)."""
+    pre = (_window_sum(MAP, base, h, w, pix, H, W, W1, K, False, COMPUTE)
+           + _window_sum(MAP, base + plane_stride, h, w, pix, H, W, W1 + K * K, K, False, COMPUTE))
+    return 1.0 / (1.0 + tl.exp(-pre))
+
+
+@triton.jit
+def _region_partials(X, POOL, W1, S, PARTIALS, row, n, channels, channel_mask, first, last, C, H, W,
+                     stride_xn, stride_xc, stride_xhw, cap, writes_s, THRESHOLD: tl.constexpr, K: tl.constexpr,
+                     RESPONSE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """region_stats' scaled partials ``[count, s, Σx·s, M2]`` of sample ``n``'s pixels ``[first, last)`` for each
+    channel of the block, with the regions ``M = [S ≥ threshold]`` (the "hole"), into partial row ``row``
+    (``PARTIALS[row, channel, region]``). ``S`` is read, or with ``RESPONSE`` computed here from ``POOL`` (and
+    written where ``writes_s``)."""
+    HW = H * W
+    zero = tl.zeros((BLOCK_C,), dtype=COMPUTE)
+    max_h, count_h, total_h, m2_h = zero, zero, zero, zero
+    max_v, count_v, total_v, m2_v = zero, zero, zero, zero
+    scale_h = zero + cap  # an empty region's scale (power_of_two_scale of 0)
+    scale_v = zero + cap
+    for start in range(first, last, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        pix = hw < last
+        if RESPONSE:
+            s = _response(POOL, n * 3 * HW, HW, hw // W, hw % W, pix, H, W, W1, K, COMPUTE)
+            tl.store(S + n * HW + hw, s, mask=_where_also(pix, writes_s))
+        else:
+            s = tl.load(S + n * HW + hw, mask=pix, other=0.0)
+        mask = channel_mask[:, None] & pix[None, :]
+        x = tl.load(X + n * stride_xn + channels[:, None] * stride_xc + hw[None, :] * stride_xhw, mask=mask,
+                    other=0.0).to(COMPUTE)
+        hole = mask & (s >= THRESHOLD)[None, :]
+        valid = mask & (s < THRESHOLD)[None, :]
+        max_h, scale_h, count_h, total_h, m2_h = _region_chunk_moments(x, hole, max_h, scale_h, count_h, total_h,
+                                                                       m2_h, cap, COMPUTE)
+        max_v, scale_v, count_v, total_v, m2_v = _region_chunk_moments(x, valid, max_v, scale_v, count_v, total_v,
+                                                                       m2_v, cap, COMPUTE)
+    rows = row * C + channels
+    _store_quad(PARTIALS, rows * 2, channel_mask, count_h, scale_h, total_h, m2_h)
+    _store_quad(PARTIALS, rows * 2 + 1, channel_mask, count_v, scale_v, total_v, m2_v)
+
+
+@triton.jit
 def lrn_stats_kernel(
     X, POOL, HALO, W1, S, PARTIALS, C, H, W, TILE_ROWS, stride_xn, stride_xc, stride_xhw, cap,
     THRESHOLD: tl.constexpr, K: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -155,8 +218,7 @@ def lrn_stats_kernel(
     #    neighbour's rows are pooled again rather than read from it) into its own HALO scratch, its own rows' mean,
     #    maximum and ties into POOL (N, 3, HW) for the backward;
     # 2. S = sigmoid(conv1([mean, max])) of its rows from HALO, into S;
-    # 3. per channel, region_stats' scaled partials [count, s, Σx·s, M2] of its rows with the region
-    #    M = [S ≥ threshold] (the "hole"), into PARTIALS (N, row tiles, C, 2, 4).
+    # 3. the region partials of its rows, per channel, into PARTIALS (N, row tiles, C, 2, 4).
     # Each step reads what this program's threads wrote in the step before: a barrier orders them.
     n = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -183,37 +245,44 @@ def lrn_stats_kernel(
     for start in range(first, last, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
         pix = hw < last
-        h = hw // W
-        w = hw % W
-        pre = (_window_sum(halo, 0, h, w, pix, H, W, W1, K, False, COMPUTE)
-               + _window_sum(halo + span, 0, h, w, pix, H, W, W1 + K * K, K, False, COMPUTE))
-        tl.store(S + n * HW + hw, 1.0 / (1.0 + tl.exp(-pre)), mask=pix)
+        tl.store(S + n * HW + hw, _response(halo, 0, span, hw // W, hw % W, pix, H, W, W1, K, COMPUTE), mask=pix)
     tl.debug_barrier()
-    cap = tl.cast(cap, COMPUTE)
     for block in range(0, C, BLOCK_C):
         channels = block + tl.arange(0, BLOCK_C).to(tl.int64)
-        channel_mask = channels < C
-        zero = tl.zeros((BLOCK_C,), dtype=COMPUTE)
-        max_h, count_h, total_h, m2_h = zero, zero, zero, zero
-        max_v, count_v, total_v, m2_v = zero, zero, zero, zero
-        scale_h = zero + cap  # an empty region's scale (power_of_two_scale of 0)
-        scale_v = zero + cap
-        for start in range(first, last, BLOCK_HW):
-            hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
-            pix = hw < last
-            s = tl.load(S + n * HW + hw, mask=pix, other=0.0)
-            mask = channel_mask[:, None] & pix[None, :]
-            x = tl.load(X + n * stride_xn + channels[:, None] * stride_xc + hw[None, :] * stride_xhw, mask=mask,
-                        other=0.0).to(COMPUTE)
-            hole = mask & (s >= THRESHOLD)[None, :]
-            valid = mask & (s < THRESHOLD)[None, :]
-            max_h, scale_h, count_h, total_h, m2_h = _region_chunk_moments(x, hole, max_h, scale_h, count_h,
-                                                                           total_h, m2_h, cap, COMPUTE)
-            max_v, scale_v, count_v, total_v, m2_v = _region_chunk_moments(x, valid, max_v, scale_v, count_v,
-                                                                           total_v, m2_v, cap, COMPUTE)
-        rows = (n * tiles + tile) * C + channels
-        _store_quad(PARTIALS, rows * 2, channel_mask, count_h, scale_h, total_h, m2_h)
-        _store_quad(PARTIALS, rows * 2 + 1, channel_mask, count_v, scale_v, total_v, m2_v)
+        _region_partials(X, POOL, W1, S, PARTIALS, n * tiles + tile, n, channels, channels < C, first, last, C, H, W,
+                         stride_xn, stride_xc, stride_xhw, tl.cast(cap, COMPUTE), False, THRESHOLD, K, False,
+                         COMPUTE, BLOCK_C, BLOCK_HW)
+
+
+@triton.jit
+def lrn_pool_kernel(
+    X, POOL, C, HW, stride_xn, stride_xc, stride_xhw,
+    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # The three-launch forward's first (grid (N, pixel blocks)): POOL (N, 3, HW) = the channel mean, maximum, ties.
+    n = tl.program_id(0).to(tl.int64)
+    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    pix = hw < HW
+    mean, largest, ties = _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE, BLOCK_C,
+                                        BLOCK_HW)
+    tl.store(POOL + n * 3 * HW + hw, mean, mask=pix)
+    tl.store(POOL + n * 3 * HW + HW + hw, largest, mask=pix)
+    tl.store(POOL + n * 3 * HW + 2 * HW + hw, ties, mask=pix)
+
+
+@triton.jit
+def lrn_plane_stats_kernel(
+    X, POOL, W1, S, PARTIALS, C, H, W, stride_xn, stride_xc, stride_xhw, cap,
+    THRESHOLD: tl.constexpr, K: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # The three-launch forward's second (grid (N, channel blocks), each walking the sample's pixels): S computed
+    # from POOL (written by channel block 0) and the region partials of whole planes (one row tile per sample).
+    n = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    channels = block * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    _region_partials(X, POOL, W1, S, PARTIALS, n, n, channels, channels < C, 0, H * W, C, H, W, stride_xn,
+                     stride_xc, stride_xhw, tl.cast(cap, COMPUTE), block == 0, THRESHOLD, K, True, COMPUTE, BLOCK_C,
+                     BLOCK_HW)
 
 
 @triton.jit
@@ -454,6 +523,14 @@ def lrn_tile(c: int, hw: int, max_block_hw: Optional[int] = None,
     return block_c, block_hw
 
 
+def pools_in_stats(programs: int, values: int, device: torch.device) -> bool:
+    """Whether the forward takes two launches, ``lrn_stats`` pooling the channels itself with one program per sample
+    and row tile, rather than three (``lrn_pool`` per pixel block, ``lrn_plane_stats`` per channel block, both with
+    many more programs): when those ``programs`` fill the GPU (one per SM), or each has at most
+    ``LRN_VALUES_PER_STATS_PROGRAM`` values to read, so that fewer programs cost less than the launch saved."""
+    return programs >= persistent_programs(device, 1) or values <= LRN_VALUES_PER_STATS_PROGRAM * programs
+
+
 def row_tile(height: int, width: int, k: int, max_tile_rows: Optional[int] = None) -> int:
     """Rows per program of ``lrn_stats``: about ``LRN_ROW_TILE_PIXELS`` pixels, and at least ``4·(k // 2)`` rows, so
     that pooling the conv window's halo again costs at most half a read of the rows themselves (``max_tile_rows``
@@ -470,12 +547,13 @@ def learnable_region_norm_fwd(
     x: torch.Tensor, conv1_weight: torch.Tensor, gamma_weight: torch.Tensor, gamma_bias: Optional[torch.Tensor],
     beta_weight: torch.Tensor, beta_bias: Optional[torch.Tensor], *, threshold: float, eps: float, batch: bool,
     official_eps: bool, cap: float, max_block_hw: Optional[int] = None, max_block_c: Optional[int] = None,
-    max_tile_rows: Optional[int] = None,
+    max_tile_rows: Optional[int] = None, pool_separately: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RN-L forward in two launches: ``(y, pool, s, gain, stats)``, ``y`` in ``x``'s dtype and memory format;
-    ``pool`` ``(N, 3, H, W)`` (channel mean, maximum, ties), ``s`` and ``gain = 1 + γ`` ``(N, 1, H, W)``, ``stats``
-    ``[count, s, mean_s, rstd]`` per statistic and region, ``(C, 2, 4)`` (``batch``) or ``(N, C, 2, 4)``; all but
-    ``y`` in fp32 (fp64 for fp64 ``x``). ``x`` must hold at least one value."""
+    """RN-L forward in two launches (three with ``pool_separately``; ``None``: :func:`pools_in_stats` decides):
+    ``(y, pool, s, gain, stats)``, ``y`` in ``x``'s dtype and memory format; ``pool`` ``(N, 3, H, W)`` (channel
+    mean, maximum, ties), ``s`` and ``gain = 1 + γ`` ``(N, 1, H, W)``, ``stats`` ``[count, s, mean_s, rstd]`` per
+    statistic and region, ``(C, 2, 4)`` (``batch``) or ``(N, C, 2, 4)``; all but ``y`` in fp32 (fp64 for fp64
+    ``x``). ``x`` must hold at least one value; ``max_*`` as :func:`lrn_tile`'s and :func:`row_tile`'s."""
     n, c, height, width = x.shape
     hw = height * width
     x3 = as_planes(x)
@@ -488,18 +566,29 @@ def learnable_region_norm_fwd(
     k = conv1_weight.shape[-1]
     rows = row_tile(height, width, k, max_tile_rows)
     tiles = triton.cdiv(height, rows)
-    halo = torch.empty((n * tiles, 2, (rows + 2 * (k // 2)) * width), dtype=opmath, device=x.device)
-    partials = torch.empty((n, tiles, c, 2, 4), dtype=opmath, device=x.device)
+    if pool_separately is None:
+        pool_separately = not pools_in_stats(n * tiles, x.numel(), x.device)
+    stat_tiles = 1 if pool_separately else tiles
+    partials = torch.empty((n, stat_tiles, c, 2, 4), dtype=opmath, device=x.device)
     stats = torch.empty((c, 2, 4) if batch else (n, c, 2, 4), dtype=opmath, device=x.device)
     compute = tl_compute_dtype(opmath)
     block_c, block_hw = lrn_tile(c, hw, max_block_hw, max_block_c)
     warps = num_warps_for(2 * block_c * block_hw, x.device)  # one warp per 128 values, as region_tile's
-    lrn_stats_kernel[(n, tiles)](
-        x3, pool, halo, _flat(conv1_weight), s, partials, c, height, width, rows, *plane_strides(x3), cap,
-        THRESHOLD=float(threshold), K=k, COMPUTE=compute, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
+    if pool_separately:
+        lrn_pool_kernel[(n, triton.cdiv(hw, block_hw))](
+            x3, pool, c, hw, *plane_strides(x3), COMPUTE=compute, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            num_warps=warps)
+        lrn_plane_stats_kernel[(n, triton.cdiv(c, block_c))](
+            x3, pool, _flat(conv1_weight), s, partials, c, height, width, *plane_strides(x3), cap,
+            THRESHOLD=float(threshold), K=k, COMPUTE=compute, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
+    else:
+        halo = torch.empty((n * tiles, 2, (rows + 2 * (k // 2)) * width), dtype=opmath, device=x.device)
+        lrn_stats_kernel[(n, tiles)](
+            x3, pool, halo, _flat(conv1_weight), s, partials, c, height, width, rows, *plane_strides(x3), cap,
+            THRESHOLD=float(threshold), K=k, COMPUTE=compute, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
     lrn_normalize_kernel[(n * triton.cdiv(c, block_c), triton.cdiv(hw, block_hw))](
         x3, s, partials, stats, gain, _flat(gamma_weight), _flat(gamma_bias if gamma_bias is not None else s),
-        _flat(beta_weight), _flat(beta_bias if beta_bias is not None else s), y3, n, c, height, width, tiles, eps,
+        _flat(beta_weight), _flat(beta_bias if beta_bias is not None else s), y3, n, c, height, width, stat_tiles, eps,
         *plane_strides(x3), *plane_strides(y3), THRESHOLD=float(threshold), K=k, BATCH=batch,
         OFFICIAL_EPS=official_eps, HAS_BG=gamma_bias is not None, HAS_BB=beta_bias is not None, COMPUTE=compute,
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
