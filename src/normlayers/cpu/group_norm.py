@@ -24,10 +24,11 @@ __all__ = ["group_norm"]
 _IN_PLACE_ACTIVATIONS = {"silu": partial(F.silu, inplace=True), "relu": F.relu_}
 
 
-def _native(input: Tensor, *params: Optional[Tensor]) -> bool:
+def _native(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
     """Whether ATen's group_norm takes these as they are: fp32/fp64 input, parameters of its dtype."""
     dtype = input.dtype
-    return (dtype is torch.float32 or dtype is torch.float64) and all(p is None or p.dtype is dtype for p in params)
+    return ((dtype is torch.float32 or dtype is torch.float64) and (weight is None or weight.dtype is dtype)
+            and (bias is None or bias.dtype is dtype))
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,

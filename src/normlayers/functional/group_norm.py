@@ -20,6 +20,7 @@ from normlayers.reference import group_norm as _ref_group_norm
 __all__ = ["GROUP_NORM_ACTIVATIONS", "check_activation", "group_norm"]
 
 GROUP_NORM_ACTIVATIONS = tuple(_ref_group_norm.ACTIVATIONS)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # (a hashed lookup: 70 ns against 170 ns for the tuple)
 
 
 def check_activation(act: object) -> Optional[str]:
@@ -35,13 +36,21 @@ def _is_plain_valid_call(input: object, num_groups: object, weight: object, bias
     model's call passes, tested in about 1 µs. It passes only calls that :func:`_check_group_norm_args` passes too.
     (The full checks build shapes, devices and messages: on CPU, ~5 µs per call, which measured as ~40 µs on a
     2×320×32×32 call that follows them, against ``F.group_norm`` (fp32, one thread, interleaved medians).)"""
-    if not (isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES and input.dim() >= 2 and type(num_groups) is int
-            and num_groups > 0 and input.shape[1] % num_groups == 0 and input.numel() != num_groups
-            and type(eps) is float and 0.0 <= eps < math.inf
-            and (act is None or (type(act) is str and act in GROUP_NORM_ACTIVATIONS))):
+    if not (isinstance(input, Tensor) and input.dtype in _FLOAT_DTYPE_SET and input.dim() >= 2):
         return False
-    return all(t is None or (isinstance(t, Tensor) and t.dtype in FLOAT_DTYPES and t.shape == (input.shape[1],)
-                             and t.device == input.device) for t in (weight, bias))
+    if weight is None and bias is None:
+        shape = device = None
+    else:
+        shape, device = (input.shape[1],), input.device
+    return (type(num_groups) is int and num_groups > 0 and input.shape[1] % num_groups == 0
+            and input.numel() != num_groups and type(eps) is float and 0.0 <= eps < math.inf
+            and (act is None or (type(act) is str and act in GROUP_NORM_ACTIVATIONS))
+            and _is_plain_channel_vector(weight, shape, device) and _is_plain_channel_vector(bias, shape, device))
+
+
+def _is_plain_channel_vector(t: object, shape: tuple[int], device: torch.device) -> bool:
+    return t is None or (isinstance(t, Tensor) and t.dtype in _FLOAT_DTYPE_SET and t.shape == shape
+                         and t.device == device)
 
 
 def _check_group_norm_args(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
