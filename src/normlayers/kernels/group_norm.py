@@ -437,8 +437,8 @@ def _strides(t3: torch.Tensor) -> tuple[int, int, int]:
 
 def groups_per_tile(block_c: int, cpg: int, groups: int) -> int:
     """The most groups an elementwise tile of ``block_c`` channels (starting at a multiple of ``block_c``) meets."""
-    if block_c % cpg == 0 or cpg % block_c == 0:
-        return max(block_c // cpg, 1)
+    if block_c % cpg == 0 or cpg % block_c == 0:  # tiles aligned to groups, or inside one
+        return min(max(block_c // cpg, 1), groups)
     return min((block_c - 1) // cpg + 2, groups)
 
 
