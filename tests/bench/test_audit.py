@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="the audit run
 
 ROW_NORMS = {"LayerNorm(4096)", "RMSNorm(4096)", "RMSNorm(4096) + residual"}
 COMPOSITES = ("BatchChannelNorm2d(64)", "EvoNorm2dS0(64)", "EvoNorm2dB0(64)", "RegionNorm2d(64)",
-              "GroupNorm(32, 64, act='silu')", "GroupNorm(32, 64, act='silu'), channels-last", "PowerNorm(768)",
+              "LearnableRegionNorm2d(64)", "GroupNorm(32, 64, act='silu')",
+              "GroupNorm(32, 64, act='silu'), channels-last", "PowerNorm(768)",
               "UnifiedNorm(768)")
 # Budgets per layer call, training mode unless named: (row norms, composite layers).
 BUDGETS = {"train fwd": (1, 3), "train bwd": (2, 4), "eval fwd": (1, 2)}

@@ -74,6 +74,13 @@ def test_region_norm_launches_within_budget(name, mask_dtype):
     assert_launches_within_budget(module, x, mask)
 
 
+def test_learnable_region_norm_launches_within_budget():
+    # RN-L uses the current batch's statistics in eval too: eval is the training forward, two launches.
+    module = normlayers.LearnableRegionNorm2d(16).to(torch.bfloat16)
+    x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert_launches_within_budget(module, x)
+
+
 @pytest.mark.parametrize("name", LAYERS)
 def test_launches_per_call_within_budget(name):
     module = LAYERS[name]().to(torch.bfloat16)

@@ -258,13 +258,36 @@ def _rn_l_weights(k=3, seed=6):
     return [torch.randn(s, generator=gen, dtype=torch.float64) * 0.5 for s in shapes]
 
 
+def _between_responses(x, weights):
+    """A threshold halfway between the two middle values of the map: no value at the threshold itself, where the
+    fused kernels' last-bit differences from torch's convs could put a pixel in the other region."""
+    with torch.no_grad():
+        s, _, _ = normlayers.reference.region_norm.self_aware_affine(x, *weights)
+    values = s.flatten().sort().values
+    return float((values[values.numel() // 2 - 1] + values[values.numel() // 2]) / 2)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.parametrize("biases", [True, False])
+def test_opcheck_learnable_ops(batch, biases):
+    x = _input((2, 3, 4, 5), dtype=torch.float32, layout="channels_last")
+    weights = [w.float() for w in _rn_l_weights()]
+    if not biases:
+        weights[2] = weights[4] = None
+    threshold = _between_responses(x, weights)
+    args = (x, *weights, threshold, 1e-5, batch, True, ops.statistics_scale_cap(x, 1e-5, batch, True))
+    torch.library.opcheck(torch.ops.normlayers.learnable_region_norm_fwd.default, args)
+    _, pool, s, gain, stats = ops.learnable_region_norm_fwd(*args)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(torch.ops.normlayers.learnable_region_norm_bwd.default,
+                          (dy, x, *weights, pool, s, gain, stats, threshold, batch))
+
+
 @pytest.mark.parametrize("stats", ["batch", "instance"])
 def test_learnable_region_norm_triton_matches_reference(stats):
     x = _input((2, 3, 6, 5))
     weights = _rn_l_weights()
-    with torch.no_grad():
-        s, _, _ = normlayers.reference.region_norm.self_aware_affine(x, *weights)
-    threshold = s.median().item()
+    threshold = _between_responses(x, weights)
     (ref, ref_grads), (ours, our_grads) = _both_backends(
         lambda t, *w: F.learnable_region_norm(t, *w, threshold=threshold, stats=stats), [x, *weights])
     assert_close(ours, ref)

@@ -218,6 +218,8 @@ def layer_cases() -> tuple[LayerCase, ...]:
         LayerCase("EvoNorm2dS0(64)", lambda d: normlayers.EvoNorm2dS0(64, dtype=d), lambda d: (image(d),)),
         LayerCase("EvoNorm2dB0(64)", lambda d: normlayers.EvoNorm2dB0(64, dtype=d), lambda d: (image(d),)),
         LayerCase("RegionNorm2d(64)", lambda d: normlayers.RegionNorm2d(64, dtype=d), region_inputs),
+        LayerCase("LearnableRegionNorm2d(64)", lambda d: normlayers.LearnableRegionNorm2d(64, dtype=d),
+                  lambda d: (image(d),)),
         LayerCase("GroupNorm(32, 64, act='silu')", lambda d: normlayers.GroupNorm(32, 64, act="silu", dtype=d),
                   lambda d: (image(d),)),
         LayerCase("GroupNorm(32, 64, act='silu'), channels-last",

@@ -186,6 +186,9 @@ class LearnableRegionNorm2d(NotScriptable):
     ``RN`` is :class:`RegionNorm2d`'s normalization with ``M = 1`` as the "hole" region. No gradient flows through
     the threshold: ``conv1`` learns through ``γ`` and ``β`` only, as in the official code. The convs are ``k × k``,
     keep the spatial size, and map 2 → 1, 1 → 1, 1 → 1 channels; ``γ`` and ``β`` broadcast over channels.
+    The layer has no buffers and uses the current input's statistics in eval too. On CUDA it runs fused: two Triton
+    kernels forward (the channel pooling, response map and region statistics; the normalization with the spatial
+    affine; the convs computed inside the kernels) and four backward (docs/region_norm.md).
 
     Args:
         num_features (int): ``C``, the channels of the input.

@@ -16,6 +16,12 @@ tensors have a trailing region dim of 2, index 0 the hole region and index 1 the
 The first two are not differentiable on their own; :class:`_RegionNorm` (a :class:`torch.autograd.Function`)
 differentiates the whole layer with ``region_normalize_bwd``.
 
+**RN-L** (:func:`learnable_region_norm`, two launches forward and four backward,
+``kernels/region_learnable.py``): ``learnable_region_norm_fwd(x, conv1_weight, gamma_weight, gamma_bias, beta_weight,
+beta_bias, threshold, eps, batch, official_eps, cap) -> (y, pool, s, gain, stats)`` (the self-aware map, its regions,
+the region statistics and the spatial affine; the other outputs are what the backward reads) and its backward
+``learnable_region_norm_bwd``, differentiated as one layer by :class:`_LearnableRegionNorm`.
+
 **The composable pair** (synced statistics and DTensor inputs, whose statistics are combined between the ops):
 
 * ``region_moments(x, hole, center) -> (count, first, second)``: per plane and region the value count,
@@ -42,7 +48,8 @@ from normlayers.reference import region_norm as _ref_region
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["region_stats", "region_finalize", "region_normalize", "region_normalize_bwd", "region_moments",
-           "region_affine", "region_norm", "learnable_region_norm"]
+           "region_affine", "region_norm", "learnable_region_norm_fwd", "learnable_region_norm_bwd",
+           "learnable_region_norm"]
 
 
 def _region_kernels():
@@ -371,11 +378,100 @@ def region_norm(input: Tensor, mask: Tensor, foreground_gamma: Optional[Tensor],
                              stats, eps_mode, affine)
 
 
+def _learnable_kernels():
+    from normlayers.kernels import region_learnable
+
+    return region_learnable
+
+
+@torch.library.custom_op("normlayers::learnable_region_norm_fwd", mutates_args=())
+def learnable_region_norm_fwd(x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
+                              beta_weight: Tensor, beta_bias: Optional[Tensor], threshold: float, eps: float,
+                              batch: bool, official_eps: bool, cap: float
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """RN-L in two launches: ``(y, pool, s, gain, stats)``; ``pool`` ``(N, 3, H, W)`` (the channel mean, maximum and
+    how many channels reach it), ``s`` and ``gain = 1 + γ`` ``(N, 1, H, W)``, ``stats`` ``[count, s, mean_s, rstd]``
+    per statistic and region (``(C, 2, 4)`` with ``batch``, else ``(N, C, 2, 4)``), all but ``y`` in fp32 (fp64 for
+    fp64 ``x``)."""
+    return _learnable_kernels().learnable_region_norm_fwd(
+        x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, threshold=threshold, eps=eps,
+        batch=batch, official_eps=official_eps, cap=cap)
+
+
+@learnable_region_norm_fwd.register_fake
+def _learnable_region_norm_fwd_fake(x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, threshold,
+                                    eps, batch, official_eps, cap):
+    n, c, height, width = x.shape
+    opmath = compute_dtype(x.dtype)
+    s = x.new_empty((n, 1, height, width), dtype=opmath)
+    return (torch.empty_like(x), x.new_empty((n, 3, height, width), dtype=opmath), s, torch.empty_like(s),
+            x.new_empty((c, 2, 4) if batch else (n, c, 2, 4), dtype=opmath))
+
+
+@torch.library.custom_op("normlayers::learnable_region_norm_bwd", mutates_args=())
+def learnable_region_norm_bwd(dy: Tensor, x: Tensor, conv1_weight: Tensor, gamma_weight: Tensor,
+                              gamma_bias: Optional[Tensor], beta_weight: Tensor, beta_bias: Optional[Tensor],
+                              pool: Tensor, s: Tensor, gain: Tensor, stats: Tensor, threshold: float, batch: bool
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dconv1_weight, dgamma_weight, dgamma_bias, dbeta_weight, dbeta_bias)`` of
+    :func:`learnable_region_norm_fwd` in four launches, each like its input (empty for a missing bias)."""
+    grads = _learnable_kernels().learnable_region_norm_bwd(
+        dy, x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, pool, s, gain, stats,
+        threshold=threshold, batch=batch)
+    return tuple(stats.new_empty(0) if g is None else g for g in grads)
+
+
+@learnable_region_norm_bwd.register_fake
+def _learnable_region_norm_bwd_fake(dy, x, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, pool, s,
+                                    gain, stats, threshold, batch):
+    return (torch.empty_like(x), *(stats.new_empty(0) if t is None else t.new_empty(t.shape)
+                                   for t in (conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)))
+
+
+class _LearnableRegionNorm(torch.autograd.Function):
+    """RN-L with gradients for ``input`` and the five conv parameters (None where a bias is None):
+    ``learnable_region_norm_fwd``; backward ``learnable_region_norm_bwd``."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
+                beta_weight: Tensor, beta_bias: Optional[Tensor], threshold: float, eps: float, stats: str,
+                eps_mode: str) -> Tensor:
+        batch, official_eps = stats == "batch", eps_mode == "official"
+        y, pool, s, gain, statistics = learnable_region_norm_fwd(
+            input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, threshold, eps, batch,
+            official_eps, statistics_scale_cap(input, eps, batch, official_eps))
+        ctx.save_for_backward(input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, pool, s, gain,
+                              statistics)
+        ctx.options = (threshold, eps, stats, eps_mode)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias, pool, s, gain, statistics = (
+            ctx.saved_tensors)
+        threshold, eps, stats, eps_mode = ctx.options
+        weights = (conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)
+        if wants_double_backward():
+            # The reference recomputes the same map, regions and statistics (no running buffers).
+            def layer(x, *params):
+                return _ref_region.learnable_region_norm(x, *params, threshold=threshold, eps=eps, stats=stats,
+                                                         eps_mode=eps_mode)
+
+            return recomputed_backward(ctx, layer, (input, *weights), dy)
+        dx, *grads = learnable_region_norm_bwd(dy, input, *weights, pool, s, gain, statistics, threshold,
+                                               stats == "batch")
+        return (dx, *(g if w is not None else None for g, w in zip(grads, weights))) + (None,) * 4
+
+
 def learnable_region_norm(input: Tensor, conv1_weight: Tensor, gamma_weight: Tensor, gamma_bias: Optional[Tensor],
                           beta_weight: Tensor, beta_bias: Optional[Tensor], *, threshold: float, eps: float,
                           stats: str, eps_mode: str, sync: Optional[_ref_region.MaskedMomentSync] = None) -> Tensor:
-    """RN-L through the Triton ops: the self-aware affine's small convs as the reference's torch ops, then
+    """RN-L through the Triton ops: fused (:class:`_LearnableRegionNorm`, two launches forward, four backward), or,
+    with synced statistics, a DTensor input or no value, the self-aware affine's convs as the reference's torch ops,
     :func:`region_norm` on the thresholded map (no gradient through the threshold) and the spatial affine."""
+    if sync is None and not is_dtensor(input) and input.numel() > 0:
+        return _LearnableRegionNorm.apply(input, conv1_weight, gamma_weight, gamma_bias, beta_weight, beta_bias,
+                                          threshold, eps, stats, eps_mode)
     s, gamma, beta = _ref_region.self_aware_affine(input, conv1_weight, gamma_weight, gamma_bias, beta_weight,
                                                    beta_bias)
     r = region_norm(input, s.detach() >= threshold, None, None, None, None, eps=eps, stats=stats, eps_mode=eps_mode,

@@ -180,7 +180,8 @@ _REFUSED: dict[str, tuple[str, str]] = {
                                                          "evo_norm_b_finalize_bwd", "evo_norm_b_eval")},
     **{name: ("RegionNorm2d and LearnableRegionNorm2d", "their layers route DTensor inputs to the composition of "
               "region_moments and region_affine, so call the layer, not this op")
-       for name in ("region_stats", "region_finalize", "region_normalize", "region_normalize_bwd")},
+       for name in ("region_stats", "region_finalize", "region_normalize", "region_normalize_bwd",
+                    "learnable_region_norm_fwd", "learnable_region_norm_bwd")},
     **{name: ("PowerNorm and UnifiedNorm", "the layers (and normlayers.functional) run DTensor inputs on their "
               "local shards with synced statistics, so call the layer, not this op")
        for name in ("step_snapshot", "token_moments", "power_norm_finalize", "unified_norm_finalize", "token_affine",
