@@ -26,9 +26,8 @@ COMPOSITES = ("BatchChannelNorm2d(64)", "EvoNorm2dS0(64)", "EvoNorm2dB0(64)", "R
               "UnifiedNorm(768)")
 # Budgets per layer call, training mode unless named: (row norms, composite layers).
 BUDGETS = {"train fwd": (1, 3), "train bwd": (2, 4), "eval fwd": (1, 2)}
-# Composite phases over budget today: GroupNorm's eval forward is its training forward (per-sample statistics: split
-# reduction, finalize, normalize), 3 launches; folding the finalize into the normalize pass is left (issue 21).
-UNFUSED = {(layer, "eval fwd") for layer in COMPOSITES if layer.startswith("GroupNorm")}
+# Composite phases over budget today: none.
+UNFUSED: set[tuple[str, str]] = set()
 SYNCING: set[tuple[str, str]] = set()
 WIDTHS = (1024, 8192, 16384, 65536)  # audit.ROW_WIDTHS has the full set
 

@@ -72,22 +72,26 @@ def autograd_result(x, num_groups, weight, bias, dz, act, dtype):
 
 
 def check(x, num_groups, weight, bias, dz, act, hw_splits=None, max_block_hw=None):
+    """The forward (with statistics, and without: the no-grad path), the backward, against fp64 autograd."""
     plan = dict(hw_splits=hw_splits, max_block_hw=max_block_hw)
     z, mean, rstd = K.group_norm_fwd(x, num_groups, weight, bias, EPS, act, **plan)
+    z_no_grad = K.group_norm_fwd(x, num_groups, weight, bias, EPS, act, statistics=False, **plan)[0]
     dx, dw, db = K.group_norm_bwd(dz, x, weight, bias, mean, rstd, num_groups, act, **plan)
-    assert z.dtype == dx.dtype == x.dtype
-    assert z.stride() == dx.stride() == torch.empty_like(x).stride()  # the input's memory format is kept
+    assert z.dtype == z_no_grad.dtype == dx.dtype == x.dtype
+    # the input's memory format is kept
+    assert z.stride() == z_no_grad.stride() == dx.stride() == torch.empty_like(x).stride()
     assert mean.shape == rstd.shape == (x.shape[0], num_groups)
-    ours = (z, dx, dw if weight is not None else None, db if bias is not None else None)
-    truth = autograd_result(x, num_groups, weight, bias, dz, act, torch.float64)
-    names = ("z", "dx", "dweight", "dbias")
+    ours = (z, z_no_grad, dx, dw if weight is not None else None, db if bias is not None else None)
+    z_true, *grads_true = autograd_result(x, num_groups, weight, bias, dz, act, torch.float64)
+    truth = (z_true, z_true, *grads_true)
+    names = ("z", "z without statistics", "dx", "dweight", "dbias")
     if x.dtype in (torch.float32, torch.float64):
         for name, a, e in zip(names, ours, truth):
             if e is not None:
                 assert_close(a, e, msg=f"act={act} {name}")
         return
-    lowprec = autograd_result(x, num_groups, weight, bias, dz, act, x.dtype)
-    for name, a, t, e in zip(names, ours, lowprec, truth):
+    z_low, *grads_low = autograd_result(x, num_groups, weight, bias, dz, act, x.dtype)
+    for name, a, t, e in zip(names, ours, (z_low, z_low, *grads_low), truth):
         if e is not None:
             assert_lowprec_close(a, t, e, msg=f"act={act} {name}")
 
@@ -169,6 +173,32 @@ def test_large_groups_spread_over_the_gpu(hw_contiguous, monkeypatch):
     assert plan.hw_splits * plan.hw_per_split >= 64 * 64 > (plan.hw_splits - 1) * plan.hw_per_split
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_no_grad_forward_finalizes_in_the_normalize_pass_at_benchmark_shapes(layout, monkeypatch):
+    """Without statistics (no backward follows) the normalize pass finalizes the statistics itself at every
+    UNet/VAE shape of the benchmark suite, on an H100's 132 SMs: two launches."""
+    from normlayers.bench.ops import OPS  # (first: the op modules import it)
+    from normlayers.bench.cnn_ops import GROUPS
+
+    monkeypatch.setattr(K, "persistent_programs", lambda device, per_sm: 132 * per_sm)
+    for n, c, h, w in OPS["group_norm_silu"].default_shapes["cuda"]:
+        cpg, contiguous = c // GROUPS, layout == "contiguous"
+        plan = K.reduce_plan(n * GROUPS, cpg, h * w, contiguous, torch.device("cuda"))
+        tile = K.elementwise_tile(c, h * w, contiguous)
+        assert K.finalizes_inline(plan, tile, K.groups_per_tile(tile[0], cpg, GROUPS)), (n, c, h, w)
+
+
+def test_no_grad_forward_keeps_the_finalize_kernel_when_tiles_meet_many_groups():
+    # One channel per group, channels-last, 2x2 planes split in two: a 128-channel tile of 4 pixels would re-read
+    # 128 groups' partials per program, so the finalize kernel runs and its statistics come back.
+    x, weight, bias, dz = make_case(2, 128, (2, 2), torch.float32, "channels_last")
+    plan = dict(statistics=False, hw_splits=2, max_block_hw=2)
+    y, mean, rstd = K.group_norm_fwd(x, 128, weight, bias, EPS, "silu", **plan)
+    assert mean is not None and rstd is not None
+    assert_close(y, autograd_result(x, 128, weight, bias, dz, "silu", torch.float64)[0])
+    assert K.group_norm_fwd(x, 8, weight, bias, EPS, "silu", **plan)[1] is None  # 16 groups per tile
+
+
 def test_empty_inputs():
     x = torch.empty(0, 4, 3, 3)
     weight = torch.ones(4)
@@ -179,3 +209,5 @@ def test_empty_inputs():
     y, mean, _ = K.group_norm_fwd(torch.empty(2, 4, 0), 2, None, None, EPS, None)
     assert y.shape == (2, 4, 0) and bool(mean.isnan().all())
     assert math.isnan(mean[0, 0].item())
+    y, mean, _ = K.group_norm_fwd(x, 2, weight, None, EPS, "silu", statistics=False)
+    assert y.shape == x.shape and mean is None

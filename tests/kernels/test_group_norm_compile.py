@@ -1,5 +1,6 @@
-"""GroupNorm's six kernels compiled for an H100 (sm_90) with Triton's real compiler, without a GPU, in the block
-configurations the launchers use for UNet shapes, both layouts, bf16 (and fp64, gradcheck's dtype): each compiles,
+"""GroupNorm's six kernels (seven variants: the normalize pass with and without its own finalize) compiled for an
+H100 (sm_90) with Triton's real compiler, without a GPU, in the block configurations the launchers use for UNet
+shapes, both layouts, bf16 (and fp64, gradcheck's dtype): each compiles,
 the bf16 ones spill nothing and access global memory 128 bits at a time (registers and spills from ptxas, access
 widths from the SASS, with :mod:`normlayers.bench.audit`'s parsers).
 
@@ -56,6 +57,9 @@ def compile_group_norm_kernels() -> list[dict]:
         label = f"{n}x{c}x{hw} {'nchw' if contiguous else 'cl'} {data}"
         reduce_warps = K.num_warps_for(plan.block_c * plan.block_hw, torch.device("cpu"))
         apply_warps = K.num_warps_for(block_c * block_hw, torch.device("cpu"))
+        # the no-grad pass that finalizes its tile's groups itself: as many as a tile meets, all of the partials
+        block_g = K.next_power_of_2(K.groups_per_tile(block_c, cpg, 32))
+        block_s = min(K.next_power_of_2(plan.splits), K.FINALIZE_SPLITS)
         kernels = {
             "moments": (K.group_norm_moments_kernel,
                         {"X": f"*{data}", "PARTIALS": f"*{stats}", "G": "i32", "CPG": "i32", "HW": "i32",
@@ -66,11 +70,14 @@ def compile_group_norm_kernels() -> list[dict]:
                          {"PARTIALS": f"*{stats}", "MEAN": f"*{stats}", "RSTD": f"*{stats}", "NG": "i32",
                           "SPLITS": "i32", "eps": "fp32"},
                          {"COMPUTE": compute, "BLOCK_R": K.FINALIZE_ROWS, "BLOCK_S": K.FINALIZE_SPLITS}, 4),
-            "apply+silu": (K.group_norm_apply_kernel,
-                           {"X": f"*{data}", "W": f"*{data}", "B": f"*{data}", "MEAN": f"*{stats}",
-                            "RSTD": f"*{stats}", "Y": f"*{data}", **sizes, **strides},
-                           {"HAS_WEIGHT": True, "HAS_BIAS": True, "ACT": 1, "COMPUTE": compute, "BLOCK_C": block_c,
-                            "BLOCK_HW": block_hw}, apply_warps),
+            **{name: (K.group_norm_apply_kernel,
+                      {"X": f"*{data}", "W": f"*{data}", "B": f"*{data}", "MEAN": f"*{stats}",
+                       "RSTD": f"*{stats}", "Y": f"*{data}", **sizes, "NG": "i32", "SPLITS": "i32", "eps": "fp32",
+                       **strides},
+                      {"HAS_WEIGHT": True, "HAS_BIAS": True, "ACT": 1, "FINALIZE": finalize, "COMPUTE": compute,
+                       "BLOCK_C": block_c, "BLOCK_HW": block_hw, "BLOCK_G": block_g, "BLOCK_S": block_s},
+                      apply_warps)
+               for name, finalize in (("apply+silu", False), ("apply+silu finalizing", True))},
             "bwd_reduce+silu": (K.group_norm_bwd_reduce_kernel,
                                 {"X": f"*{data}", "DZ": f"*{data}", "W": f"*{data}", "B": f"*{data}",
                                  "MEAN": f"*{stats}", "RSTD": f"*{stats}", "PARTIALS": f"*{stats}",
@@ -108,7 +115,7 @@ def test_group_norm_kernels_compile_for_sm90_without_spills():
     if done.returncode != 0:
         pytest.fail(f"a GroupNorm kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 4 * 6
+    assert len(results) == 4 * 7
     low_precision = [r for r in results if "bf16" in r["case"]]
     # fp64 (gradcheck's dtype) may spill: its backward reduction holds twice the bytes per value (192 B measured).
     assert not [r for r in low_precision if r["spill_bytes"]]

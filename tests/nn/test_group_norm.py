@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 
 import pytest
 import torch
@@ -192,6 +193,11 @@ def test_bad_inputs_raise_naming_the_argument(backend):
         (lambda: NF.group_norm(x, 3, torch.ones(5)), ValueError, r"weight must have shape \(C,\) = \(6,\)"),
         (lambda: NF.group_norm(x, 3, None, torch.ones(6, 1)), ValueError, r"bias must have shape \(C,\)"),
         (lambda: NF.group_norm(x, 3, eps=-1.0), ValueError, "eps must be a finite non-negative number"),
+        (lambda: NF.group_norm(x, 3, eps=math.nan), ValueError, "eps must be a finite non-negative number"),
+        (lambda: NF.group_norm(x, 3, eps=math.inf), ValueError, "eps must be a finite non-negative number"),
+        (lambda: NF.group_norm(x, True), ValueError, "num_groups must be a positive int"),
+        (lambda: NF.group_norm(x, 3, torch.ones(6, dtype=torch.long)), TypeError, "weight must have a floating"),
+        (lambda: NF.group_norm(x, 3, None, torch.ones(6, device="meta")), ValueError, "bias is on meta"),
         (lambda: NF.group_norm(torch.randn(6), 3), ValueError, "input must be"),
         (lambda: NF.group_norm(x.long(), 3), TypeError, "input must have a floating dtype"),
         (lambda: NF.group_norm(torch.randn(1, 3, 1), 3), ValueError, "Expected more than 1 value per group"),

@@ -1,5 +1,6 @@
 """GroupNorm's custom ops: opcheck, fp64 gradcheck and double backward, torch.compile(fullgraph=True), torch.export,
-and launches per layer call (≤ 3 forward, ≤ 4 backward, no host sync) under the Triton interpreter."""
+and launches per layer call (≤ 3 forward, ≤ 4 backward, ≤ 2 forward without autograd, no host sync) under the Triton
+interpreter."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def test_opcheck(layout, act, device):
     x = nchw_input(2, 6, 3, 4, torch.float32, layout, device, plane_offset=1.0).requires_grad_()
     weight, bias = (p.to(device) for p in _params(6))
     torch.library.opcheck(torch.ops.normlayers.group_norm_fwd.default, (x, weight, bias, 3, 1e-5, act))
+    torch.library.opcheck(torch.ops.normlayers.group_norm_inference.default,
+                          (x.detach(), weight.detach(), bias.detach(), 3, 1e-5, act))
     _, mean, rstd = ops.group_norm_fwd(x.detach(), weight.detach(), bias.detach(), 3, 1e-5, act)
     dy = nchw_input(2, 6, 3, 4, torch.float32, "contiguous", device, seed=2)
     torch.library.opcheck(torch.ops.normlayers.group_norm_bwd.default,
@@ -86,7 +89,11 @@ def test_launches_per_call_within_budget(layout, act, affine):
         y = module(x)
         dy = torch.randn_like(y)
         backward = count_call_launches(lambda: y.backward(dy))
-    for phase, count, budget in [("fwd", forward, 3), ("bwd", backward, 4 if affine else 3)]:
+        module.eval()
+        with torch.no_grad():
+            evaluation = count_call_launches(lambda: module(x))
+    for phase, count, budget in [("fwd", forward, 3), ("bwd", backward, 4 if affine else 3),
+                                 ("eval fwd", evaluation, 2)]:
         assert count.triton, f"{phase}: no Triton launch seen (is the interpreter on?)"
         assert count.launches <= budget, f"{phase}: {count.launches} launches: {count.triton} + {count.aten}"
         assert not count.syncs, f"{phase}: host syncs {count.syncs}"

@@ -53,6 +53,7 @@ LAYERS = {
     "EvoNorm2dB0": lambda: normlayers.EvoNorm2dB0(16),
     "EvoNorm2dB1": lambda: normlayers.EvoNorm2dB1(16),
     "EvoNorm2dB2": lambda: normlayers.EvoNorm2dB2(16),
+    "GroupNorm-silu": lambda: normlayers.GroupNorm(4, 16, act="silu"),
 }
 
 

@@ -3,13 +3,14 @@ as every ResNet block of a diffusion UNet or VAE runs it)."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from normlayers._checks import check_channel_vectors, check_epsilon, check_float_tensor, check_positive_int
-from normlayers._dtypes import compute_dtype
+from normlayers._dtypes import FLOAT_DTYPES, compute_dtype
 from normlayers.backends import tier
 from normlayers.cpu import group_norm as _cpu_group_norm
 from normlayers.functional._common import empty_batch_output
@@ -19,6 +20,7 @@ from normlayers.reference import group_norm as _ref_group_norm
 __all__ = ["GROUP_NORM_ACTIVATIONS", "check_activation", "group_norm"]
 
 GROUP_NORM_ACTIVATIONS = tuple(_ref_group_norm.ACTIVATIONS)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # (a hashed lookup: 70 ns against 170 ns for the tuple)
 
 
 def check_activation(act: object) -> Optional[str]:
@@ -28,8 +30,33 @@ def check_activation(act: object) -> Optional[str]:
     return act
 
 
+def _is_plain_valid_call(input: object, num_groups: object, weight: object, bias: object, eps: object,
+                         act: object) -> bool:
+    """Whether the arguments are valid in their plain form (tensors, an ``int``, a ``float`` eps): what every
+    model's call passes, tested in under 2 µs. It passes only calls that :func:`_check_group_norm_args` passes too.
+    (The full checks cost ~5 µs per call on CPU; with them a 2×320×32×32 fp32 call measured 35–50 µs slower than
+    ``F.group_norm``, one thread, interleaved medians of the thread's CPU time, more than the checks' own time.)"""
+    if not (isinstance(input, Tensor) and input.dtype in _FLOAT_DTYPE_SET and input.dim() >= 2):
+        return False
+    if weight is None and bias is None:
+        shape = device = None
+    else:
+        shape, device = (input.shape[1],), input.device
+    return (type(num_groups) is int and num_groups > 0 and input.shape[1] % num_groups == 0
+            and input.numel() != num_groups and type(eps) is float and 0.0 <= eps < math.inf
+            and (act is None or (type(act) is str and act in GROUP_NORM_ACTIVATIONS))
+            and _is_plain_channel_vector(weight, shape, device) and _is_plain_channel_vector(bias, shape, device))
+
+
+def _is_plain_channel_vector(t: object, shape: tuple[int], device: torch.device) -> bool:
+    return t is None or (isinstance(t, Tensor) and t.dtype in _FLOAT_DTYPE_SET and t.shape == shape
+                         and t.device == device)
+
+
 def _check_group_norm_args(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                            eps: float, act: Optional[str]) -> float:
+    if _is_plain_valid_call(input, num_groups, weight, bias, eps, act):
+        return eps
     check_float_tensor("input", input)
     if input.dim() < 2:
         raise ValueError(f"input must be (N, C, *spatial) with at least 2 dims, got {input.dim()}-D input of shape "
@@ -70,7 +97,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         act: ``None``, ``"silu"``, ``"gelu"`` or ``"relu"``. Default: ``None``.
     """
     eps = _check_group_norm_args(input, num_groups, weight, bias, eps, act)
-    if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+    if input.is_cuda and torch.is_autocast_enabled("cuda"):
         # torch's autocast runs group_norm in fp32: so do we.
         input, weight, bias = (t.to(compute_dtype(t.dtype)) if t is not None else None for t in (input, weight, bias))
     if input.numel() == 0:

@@ -1,4 +1,5 @@
-"""Triton kernels for Group Normalization with a fused activation: three launches forward, four backward.
+"""Triton kernels for Group Normalization with a fused activation: three launches forward (two when no backward
+follows), four backward.
 
 An ``(N, C, *spatial)`` input is read in place as ``(N, C, HW)`` (:func:`~normlayers.kernels.common.as_planes`: a
 view for NCHW, channels-last and channel slices). Group ``g`` of sample ``n`` holds ``CPG = C / G`` channels × ``HW``
@@ -10,7 +11,10 @@ values, so a wide group (a VAE's 1×512×64×64 has 32 groups of 65536 values) i
 * ``group_norm_finalize_kernel``: each group's mean and ``rstd`` from its partials, combined exactly
   (``M2 = Σ M2ᵢ + Σ nᵢ(meanᵢ − mean)²``) in a fixed order.
 * ``group_norm_apply_kernel``: ``act((x − mean)·rstd·γ + β)`` elementwise over ``(channel block, HW block)`` tiles
-  that cross group boundaries (a channels-last tile reads whole rows of channels).
+  that cross group boundaries (a channels-last tile reads whole rows of channels). When no gradient is needed
+  (evaluation, ``torch.no_grad``) it finalizes inside the normalize pass instead: each program combines the partials
+  of its tile's groups itself, as the finalize kernel would (its formula over the same partials), a cheap redundant
+  finalize that saves the launch (:func:`finalizes_inline`).
 
 Backward, with ``ŷ = (x − mean)·rstd``, ``y = ŷγ + β``, ``g = dz·act'(y)`` (``y`` and the activation recomputed from
 the saved per-group mean and ``rstd``: nothing of the input's size is saved besides the input):
@@ -231,12 +235,11 @@ def _sum_splits(PLANE_A, PLANE_B, rows, row_mask, SPLITS, COMPUTE: tl.constexpr,
 
 
 @triton.jit
-def group_norm_finalize_kernel(
-    PARTIALS, MEAN, RSTD, NG, SPLITS, eps,
-    COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    eps = tl.cast(eps, COMPUTE)
-    rows, row_mask, plane = _finalize_rows(NG, SPLITS, BLOCK_R)
+def _group_statistics(PARTIALS, rows, row_mask, NG, SPLITS, eps, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
+    """``(mean, rstd)`` of the groups ``rows`` (of ``N·G``) from the moments kernel's ``(3, N·G, SPLITS)``
+    partials, combined exactly in a fixed order: ``M2 = Σ M2ᵢ + Σ nᵢ(meanᵢ − mean)²``."""
+    plane = NG.to(tl.int64) * SPLITS
     total, count = _sum_splits(PARTIALS, PARTIALS + 2 * plane, rows, row_mask, SPLITS, COMPUTE, BLOCK_R, BLOCK_S)
     count = tl.where(row_mask, count, 1.0)  # (rows past N·G: no 0/0)
     mean = total / count
@@ -247,8 +250,18 @@ def group_norm_finalize_kernel(
         n_i = tl.load(PARTIALS + 2 * plane + cells, mask=mask, other=1.0)
         d = tl.where(mask, s_i / n_i - mean[:, None], 0.0)
         m2 += tl.sum(tl.load(PARTIALS + plane + cells, mask=mask, other=0.0) + n_i * d * d, axis=1)
+    return mean, tl.math.rsqrt(m2 / count + tl.cast(eps, COMPUTE))
+
+
+@triton.jit
+def group_norm_finalize_kernel(
+    PARTIALS, MEAN, RSTD, NG, SPLITS, eps,
+    COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    rows, row_mask, _ = _finalize_rows(NG, SPLITS, BLOCK_R)
+    mean, rstd = _group_statistics(PARTIALS, rows, row_mask, NG, SPLITS, eps, COMPUTE, BLOCK_R, BLOCK_S)
     tl.store(MEAN + rows, mean, mask=row_mask)
-    tl.store(RSTD + rows, tl.math.rsqrt(m2 / count + eps), mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -280,26 +293,58 @@ def _channel_params(W, B, chans, chan_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: 
 
 
 @triton.jit
+def _tile_values(X, W, B, n, chans, chan_mask, hw, mask, stride_xn, stride_xc, stride_xhw,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
+    """An elementwise tile's channels' weight and bias and its ``x`` values, in ``COMPUTE``."""
+    w, b = _channel_params(W, B, chans, chan_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+    x = tl.load(X + n * stride_xn + _offsets(chans, hw, stride_xc, stride_xhw), mask=mask, other=0.0).to(COMPUTE)
+    return w, b, x
+
+
+@triton.jit
 def _load_tile(X, W, B, MEAN, RSTD, n, chans, chan_mask, hw, mask, G, CPG, stride_xn, stride_xc, stride_xhw,
                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
-    """An elementwise tile's per-channel group index into the ``(N, G)`` statistics, its channels' mean, rstd,
-    weight and bias, and its ``x`` values, in ``COMPUTE``."""
+    """An elementwise tile's per-channel group index into the ``(N, G)`` statistics, its channels' mean and rstd,
+    and :func:`_tile_values`."""
     stats = n * G + chans // CPG
     mean = tl.load(MEAN + stats, mask=chan_mask, other=0.0)
     rstd = tl.load(RSTD + stats, mask=chan_mask, other=0.0)
-    w, b = _channel_params(W, B, chans, chan_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    x = tl.load(X + n * stride_xn + _offsets(chans, hw, stride_xc, stride_xhw), mask=mask, other=0.0).to(COMPUTE)
+    w, b, x = _tile_values(X, W, B, n, chans, chan_mask, hw, mask, stride_xn, stride_xc, stride_xhw, HAS_WEIGHT,
+                           HAS_BIAS, COMPUTE)
     return stats, mean, rstd, w, b, x
 
 
 @triton.jit
+def _finalized_tile_statistics(PARTIALS, n, chans, G, CPG, NG, SPLITS, eps, COMPUTE: tl.constexpr,
+                               BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Each channel's group mean and ``rstd`` for an elementwise tile, finalized from the moments kernel's partials
+    (what :func:`group_norm_finalize_kernel` computes): the ``BLOCK_G`` groups from the tile's
+    first channel's on, each channel then picking its group's."""
+    first = tl.min(chans, axis=0) // CPG
+    groups = first + tl.arange(0, BLOCK_G)
+    mean, rstd = _group_statistics(PARTIALS, n * G + groups, groups < G, NG, SPLITS, eps, COMPUTE, BLOCK_G, BLOCK_S)
+    slot = tl.minimum(chans // CPG - first, BLOCK_G - 1)  # (channels past C: any slot, their lanes are masked)
+    return tl.gather(mean, slot, axis=0), tl.gather(rstd, slot, axis=0)
+
+
+@triton.jit
 def group_norm_apply_kernel(
-    X, W, B, MEAN, RSTD, Y, C, G, CPG, HW, stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    X, W, B, MEAN, RSTD, Y, C, G, CPG, HW, NG, SPLITS, eps,
+    stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FINALIZE: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
+    # With FINALIZE, MEAN holds the moments kernel's partials (RSTD is unused) and each program finalizes the
+    # statistics of its tile's groups itself (NG, SPLITS, eps are read only then): one launch fewer where nothing
+    # needs the statistics afterwards (no backward).
     n, chans, chan_mask, hw, mask = _elementwise_tile(C, HW, BLOCK_C, BLOCK_HW)
-    stats, mean, rstd, w, b, x = _load_tile(X, W, B, MEAN, RSTD, n, chans, chan_mask, hw, mask, G, CPG, stride_xn,
+    if FINALIZE:
+        mean, rstd = _finalized_tile_statistics(MEAN, n, chans, G, CPG, NG, SPLITS, eps, COMPUTE, BLOCK_G, BLOCK_S)
+        w, b, x = _tile_values(X, W, B, n, chans, chan_mask, hw, mask, stride_xn, stride_xc, stride_xhw, HAS_WEIGHT,
+                               HAS_BIAS, COMPUTE)
+    else:
+        _, mean, rstd, w, b, x = _load_tile(X, W, B, MEAN, RSTD, n, chans, chan_mask, hw, mask, G, CPG, stride_xn,
                                             stride_xc, stride_xhw, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     # Centred first: (x − mean)·(rstd·γ) keeps the result accurate when a group's mean dwarfs its spread.
     y = (x - mean[:, None]) * (rstd * w)[:, None] + b[:, None]
@@ -390,19 +435,38 @@ def _strides(t3: torch.Tensor) -> tuple[int, int, int]:
     return t3.stride(0), t3.stride(1), t3.stride(2)
 
 
+def groups_per_tile(block_c: int, cpg: int, groups: int) -> int:
+    """The most groups an elementwise tile of ``block_c`` channels (starting at a multiple of ``block_c``) meets."""
+    if block_c % cpg == 0 or cpg % block_c == 0:  # tiles aligned to groups, or inside one
+        return min(max(block_c // cpg, 1), groups)
+    return min((block_c - 1) // cpg + 2, groups)
+
+
+def finalizes_inline(plan: ReducePlan, tile: tuple[int, int], groups: int) -> bool:
+    """Whether a call that needs no backward lets the normalize pass finalize the statistics itself (two launches,
+    not three). Each program then reads its tile's ``groups``' partials, three per split per group: allowed while
+    that is no more than a program of the finalize kernel reads (:data:`FINALIZE_ROWS` groups) or under half a load
+    per value of the tile. A rule of thumb, not timed on a GPU: the partials are a few kB that every program
+    re-reads from cache, against a launch saved. Met at every shape of the benchmark suite."""
+    redundant = 3 * plan.splits * next_power_of_2(groups)
+    return redundant <= max(3 * plan.splits * FINALIZE_ROWS, tile[0] * tile[1] // 2)
+
+
 def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   eps: float, act: Optional[str], *, hw_splits: Optional[int] = None,
-                   max_block_hw: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   eps: float, act: Optional[str], *, statistics: bool = True, hw_splits: Optional[int] = None,
+                   max_block_hw: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                 Optional[torch.Tensor]]:
     """``act(group_norm(x))`` for ``x`` ``(N, C, *spatial)``. Returns ``(y, mean, rstd)``: ``y`` like
     ``torch.empty_like(x)`` (the input's memory format when it is dense) in ``x.dtype``, ``mean`` and ``rstd``
-    ``(N, G)`` in the compute dtype. ``hw_splits``/``max_block_hw``: see :func:`reduce_plan`."""
+    ``(N, G)`` in the compute dtype. Without ``statistics`` (nothing will run the backward) the normalize pass may
+    finalize the statistics itself (:func:`finalizes_inline`): two launches, and ``mean``/``rstd`` are ``None``.
+    ``hw_splits``/``max_block_hw``: see :func:`reduce_plan`."""
     n, c = x.shape[:2]
     compute = compute_dtype(x.dtype)
     y = torch.empty_like(x)
-    mean = torch.empty((n, num_groups), dtype=compute, device=x.device)
-    rstd = torch.empty((n, num_groups), dtype=compute, device=x.device)
     if y.numel() == 0:
-        return y, mean.fill_(math.nan), rstd.fill_(math.nan)
+        stats = torch.full((n, num_groups), math.nan, dtype=compute, device=x.device)
+        return (y, stats, stats.clone()) if statistics else (y, None, None)
     x3, y3 = as_planes(x), as_planes(y)
     hw = x3.shape[2]
     cpg = c // num_groups
@@ -416,18 +480,26 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
         COMPUTE=tl_compute, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
         num_warps=num_warps_for(plan.block_c * plan.block_hw, x.device),
     )
-    group_norm_finalize_kernel[(triton.cdiv(n * num_groups, FINALIZE_ROWS),)](
-        partials, mean, rstd, n * num_groups, plan.splits, eps,
-        COMPUTE=tl_compute, BLOCK_R=FINALIZE_ROWS, BLOCK_S=min(next_power_of_2(plan.splits), FINALIZE_SPLITS),
-        num_warps=4,
-    )
     block_c, block_hw = elementwise_tile(c, hw, contiguous_hw)
+    tile_groups = groups_per_tile(block_c, cpg, num_groups)
+    block_s = min(next_power_of_2(plan.splits), FINALIZE_SPLITS)
+    finalize = not statistics and finalizes_inline(plan, (block_c, block_hw), tile_groups)
+    if finalize:
+        mean = rstd = None
+    else:
+        mean = torch.empty((n, num_groups), dtype=compute, device=x.device)
+        rstd = torch.empty((n, num_groups), dtype=compute, device=x.device)
+        group_norm_finalize_kernel[(triton.cdiv(n * num_groups, FINALIZE_ROWS),)](
+            partials, mean, rstd, n * num_groups, plan.splits, eps,
+            COMPUTE=tl_compute, BLOCK_R=FINALIZE_ROWS, BLOCK_S=block_s, num_warps=4,
+        )
     group_norm_apply_kernel[(n * triton.cdiv(c, block_c) * triton.cdiv(hw, block_hw),)](
-        x3, weight.contiguous() if weight is not None else x3, bias.contiguous() if bias is not None else x3, mean,
-        rstd, y3,
-        c, num_groups, cpg, hw, *_strides(x3), *_strides(y3),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[act], COMPUTE=tl_compute,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps_for(block_c * block_hw, x.device),
+        x3, weight.contiguous() if weight is not None else x3, bias.contiguous() if bias is not None else x3,
+        partials if finalize else mean, partials if finalize else rstd, y3,
+        c, num_groups, cpg, hw, n * num_groups, plan.splits, eps, *_strides(x3), *_strides(y3),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[act], FINALIZE=finalize,
+        COMPUTE=tl_compute, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_G=next_power_of_2(tile_groups),
+        BLOCK_S=block_s, num_warps=num_warps_for(block_c * block_hw, x.device),
     )
     return y, mean, rstd
 

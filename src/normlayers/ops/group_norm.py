@@ -1,5 +1,7 @@
 """``torch.library`` custom ops for Group Normalization with a fused activation: ``normlayers::group_norm_fwd`` /
-``_bwd`` (three Triton launches forward, four backward; :mod:`normlayers.kernels.group_norm`).
+``_bwd`` (three Triton launches forward, four backward; :mod:`normlayers.kernels.group_norm`), and
+``normlayers::group_norm_inference``, the forward of a call that needs no backward (evaluation, ``torch.no_grad``):
+two launches, the normalize pass finalizing the statistics itself, none returned.
 
 The ops take the ``(N, C, *spatial)`` input as it is (NCHW, channels-last or a channel slice; no layout copy); the
 outputs have the input's memory format when it is dense (``torch.empty_like``), in the kernels and in
@@ -18,7 +20,7 @@ from normlayers._autograd import differentiable_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.reference import group_norm as _ref_group_norm
 
-__all__ = ["group_norm", "group_norm_fwd", "group_norm_bwd"]
+__all__ = ["group_norm", "group_norm_fwd", "group_norm_bwd", "group_norm_inference"]
 
 
 def _kernels():
@@ -39,6 +41,18 @@ def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 def _group_norm_fwd_fake(x, weight, bias, num_groups, eps, act):
     stats = x.new_empty((x.shape[0], num_groups), dtype=compute_dtype(x.dtype))
     return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("normlayers::group_norm_inference", mutates_args=())
+def group_norm_inference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
+                         act: Optional[str]) -> Tensor:
+    """``y = act(group_norm(x))`` without the statistics (no autograd: for calls that need no backward)."""
+    return _kernels().group_norm_fwd(x, num_groups, weight, bias, eps, act, statistics=False)[0]
+
+
+@group_norm_inference.register_fake
+def _group_norm_inference_fake(x, weight, bias, num_groups, eps, act):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("normlayers::group_norm_bwd", mutates_args=())
@@ -83,6 +97,8 @@ group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                act: Optional[str]) -> Tensor:
-    """Run Group Normalization (+ ``act``) through the Triton op; arguments are assumed validated
-    (``normlayers.functional`` does that)."""
-    return group_norm_fwd(x, weight, bias, num_groups, float(eps), act)[0]
+    """Run Group Normalization (+ ``act``) through the Triton ops (:func:`group_norm_inference` when no gradient is
+    needed); arguments are assumed validated (``normlayers.functional`` does that)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return group_norm_fwd(x, weight, bias, num_groups, float(eps), act)[0]
+    return group_norm_inference(x, weight, bias, num_groups, float(eps), act)

@@ -21,8 +21,9 @@ torch 2.13 only), let each op run on its local shards with no communication wher
 * **EvoNorm-S statistics** (``evo_norm_s_pass``, ``evo_norm_s_finalize_bwd``, per-plane ``(N, C)`` moments to
   per-sample group coefficients): sharded on the batch dim; parameters replicated, their gradients ``Partial``.
   Sharded channels are refused: a group spans several channels.
-* **GroupNorm** (``group_norm_fwd``/``_bwd``, ``(N, C, *spatial)`` with ``(N, G)`` statistics): sharded on the batch
-  dim; weight and bias replicated, ``dweight``/``dbias`` ``Partial``. Sharded channels or spatial dims are refused.
+* **GroupNorm** (``group_norm_fwd``/``_bwd``/``_inference``, ``(N, C, *spatial)`` with ``(N, G)`` statistics):
+  sharded on the batch dim; weight and bias replicated, ``dweight``/``dbias`` ``Partial``. Sharded channels or
+  spatial dims are refused.
 * **Token ops** (``token_square_sum``, ``token_grad_sums``, ``channel_affine*``, ``power_norm_train``,
   ``unified_norm_train``, on token rows ``(R, C)``): the rows may be sharded (batch or sequence); the per-channel
   sums over rows come out ``Partial``. Sharded channels are refused. The layers themselves never pass DTensors to
@@ -110,6 +111,7 @@ _RULES: dict[str, tuple[str, str, str]] = {
     "evo_norm_s_finalize_bwd": ("sample_group", "dddddrrr----", "ddppp"),  # (dplane_mean, dplane_var, dweight, ...)
     "group_norm_fwd": ("sample_group", "drr---", "ddd"),  # (y, mean, rstd): mean/rstd (N, G)
     "group_norm_bwd": ("sample_group", "ddrrdd--", "dpp"),  # (dx, dweight, dbias)
+    "group_norm_inference": ("sample_group", "drr---", "d"),
 }
 
 # Per family, the ops whose every tensor (argument or output) is data placed like the sharding: statistics per plane
