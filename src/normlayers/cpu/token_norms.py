@@ -26,9 +26,29 @@ from normlayers._autograd import differentiable_backward, refuse_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.reference import power_norm as _ref_power
 from normlayers.reference import unified_norm as _ref_unified
-from normlayers.reference.row_norms import power_of_two_scale_of_max
+from normlayers.reference.power_norm import Step
+from normlayers.reference.row_norms import scale_exponent_cap, _max_scale_exponent
 
 __all__ = ["power_norm", "unified_norm"]
+
+
+
+def _step_of(iters: Tensor) -> Step:
+    """This step's number after ``iters += 1``: an int in eager (the decisions from it are Python branches, see
+    :data:`normlayers.reference.power_norm.Step`); under ``torch.compile`` a ``(1,)`` tensor through the opaque
+    ``step_snapshot``, so that the backward sees this step's value and not the updated buffer's."""
+    iters.add_(1)
+    if torch.compiler.is_compiling():
+        return _ref_power.step_snapshot([iters])[0]
+    return int(iters)
+
+
+def _power_of_two_scale_of_max(max_abs: Tensor, eps: float) -> Tensor:
+    """:func:`normlayers.reference.row_norms.power_of_two_scale_of_max` in four ops: ``mantissa / max`` is NaN
+    exactly where that is 1 (a zero, infinite or NaN maximum), and ``inf`` only where it clamps to the cap."""
+    mantissa, _ = torch.frexp(max_abs)
+    scale = torch.div(mantissa, max_abs).nan_to_num_(1.0)
+    return scale.clamp_(2.0 ** -_max_scale_exponent(max_abs.dtype), 2.0 ** scale_exponent_cap(eps, max_abs.dtype))
 
 
 def _max_abs(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
@@ -45,7 +65,7 @@ def _group_scaled(rows: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """``(u, ρ)``: the group-scaled rows ``(R, G, C/G)`` and the factor ``ρ`` ``(R, G, 1)`` of each group."""
     grouped = rows.reshape(rows.shape[0], groups, rows.shape[1] // groups)
     eps = _ref_power.GROUP_SCALING_EPS
-    scale = power_of_two_scale_of_max(_max_abs(grouped, -1, keepdim=True), eps)
+    scale = _power_of_two_scale_of_max(_max_abs(grouped, -1, keepdim=True), eps)
     u = grouped * scale
     mean_square = torch.linalg.vecdot(u, u).unsqueeze(-1) / grouped.shape[-1]
     factor = scale / torch.sqrt(mean_square + eps * scale * scale)  # ρ, from the scaled group
@@ -80,7 +100,7 @@ def _channel_mean_square(u: Tensor, valid: Optional[Tensor], eps: float) -> tupl
     if u.shape[0] == 0:
         total, scale = selected.sum(0), None
     else:
-        scale = power_of_two_scale_of_max(_max_abs(selected, 0), eps)
+        scale = _power_of_two_scale_of_max(_max_abs(selected, 0), eps)
         total = (selected * scale).square_().sum(0)
     q, count = _ref_power.mean_over_valid(total, u.shape[0], valid)
     return q, scale, count
@@ -91,7 +111,7 @@ class _PowerNormStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_phi: Tensor,
-                ema_gz: Tensor, t: Tensor, valid: Optional[Tensor], eps: float, alpha_fwd: float, alpha_bkw: float,
+                ema_gz: Tensor, t: Step, valid: Optional[Tensor], eps: float, alpha_fwd: float, alpha_bkw: float,
                 warmup_iters: int, backward_denominator: str) -> Tensor:
         q, q_scale, count = _channel_mean_square(u, valid, eps)
         scale, grad_scale = _ref_power.power_norm_statistics_(q, q_scale, count, running_phi, t, eps=eps,
@@ -134,9 +154,7 @@ def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, we
         u = _group_scaled(rows, group_num)[0].view(rows.shape)
     if training:
         _, valid = _ref_power.token_rows(x, pad_mask, time_major=not batch_first)
-        iters.add_(1)
-        (step,) = _ref_power.step_snapshot([iters])
-        y = _PowerNormStep.apply(u, weight, bias, running_phi.view(-1), ema_gz.view(-1), step, valid, eps,
+        y = _PowerNormStep.apply(u, weight, bias, running_phi.view(-1), ema_gz.view(-1), _step_of(iters), valid, eps,
                                  alpha_fwd, alpha_bkw, warmup_iters, backward_denominator)
     else:
         gain = torch.rsqrt(running_phi.reshape(-1).to(u.dtype) + eps)
@@ -151,14 +169,16 @@ class _UnifiedNormStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_var: Tensor, ema_gz: Tensor,
-                buffer_x2: Tensor, buffer_gz: Tensor, skip_counter: Tensor, t: Tensor, valid: Optional[Tensor],
+                buffer_x2: Tensor, buffer_gz: Tensor, skip_counter: Tensor, t: Step, valid: Optional[Tensor],
                 eps: float, momentum: float, warmup_iters: int, outlier_filtration: bool,
                 grad_compensation: bool) -> Tensor:
         q, q_scale, count = _channel_mean_square(x, valid, eps)
         inv_std, r, skip = _ref_unified.unified_norm_statistics_(
             q, q_scale, count, running_var, buffer_x2, skip_counter, t, eps=eps, momentum=momentum,
             warmup_iters=warmup_iters, outlier_filtration=outlier_filtration, grad_compensation=grad_compensation)
-        ctx.save_for_backward(x, weight, inv_std, r, t, skip)
+        # t and skip are tensors under torch.compile (saved), Python values in eager (kept on ctx)
+        ctx.save_for_backward(x, weight, inv_std, r, *(v for v in (t, skip) if isinstance(v, Tensor)))
+        ctx.step_values = [None if isinstance(v, Tensor) else v for v in (t, skip)]
         ctx.ema_gz, ctx.buffer_gz, ctx.momentum, ctx.warmup_iters = ema_gz, buffer_gz, momentum, warmup_iters
         return torch.addcmul(bias.to(x.dtype), x, inv_std * weight.to(x.dtype))
 
@@ -166,7 +186,9 @@ class _UnifiedNormStep(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         refuse_double_backward("UnifiedNorm's training backward (the method's own, which updates ema_gz and "
                                "buffer_gz)")
-        x, weight, inv_std, r, t, skip = ctx.saved_tensors
+        x, weight, inv_std, r, *saved = ctx.saved_tensors
+        saved_step = iter(saved)
+        t, skip = (next(saved_step) if v is None else v for v in ctx.step_values)
         dy = dy.to(x.dtype)
         wr = weight.to(x.dtype) * r
         z = x * inv_std
@@ -189,8 +211,7 @@ def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tens
         return torch.addcmul(bias.to(xf.dtype), xf, torch.rsqrt(running_var.to(xf.dtype) + eps)
                              * weight.to(xf.dtype)).to(x.dtype)
     rows, valid = _ref_power.token_rows(xf, pad_mask, time_major=False)
-    iters.add_(1)
-    (step,) = _ref_power.step_snapshot([iters])
-    y = _UnifiedNormStep.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter, step,
+    y = _UnifiedNormStep.apply(rows, weight, bias, running_var, ema_gz, buffer_x2, buffer_gz, skip_counter,
+                               _step_of(iters),
                                valid, eps, momentum, warmup_iters, outlier_filtration, grad_compensation)
     return y.reshape(x.shape).to(x.dtype)

@@ -28,7 +28,7 @@ dtype. Argument checks live in :mod:`normlayers.functional`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ from normlayers.reference.row_norms import overflow_to_nan, power_of_two_scale
 
 __all__ = ["power_norm", "group_scaling", "token_rows", "mean_over_valid", "mean_over_rows", "power_norm_statistics_",
            "masked_square_mean", "unscaled_statistic",
-           "step_snapshot", "GROUP_SCALING_EPS"]
+           "step_snapshot", "snapshot", "select", "Step", "Decision", "GROUP_SCALING_EPS"]
 
 # GroupScaling1D's epsilon in the official code (mask_powernorm.py L20), independent of the layer's eps.
 GROUP_SCALING_EPS = 1e-5
@@ -89,6 +89,31 @@ def step_snapshot(tensors: list[Tensor]) -> list[Tensor]:
 @step_snapshot.register_fake
 def _step_snapshot_fake(tensors):
     return [torch.empty_like(t) for t in tensors]
+
+
+# The step number ``t`` and the decisions taken from it: device tensors here (every decision a ``torch.where``, no host
+# read), or Python values, which the CPU tier passes in eager (a CPU tensor's value is at hand there, and a branch
+# costs nothing where a dozen small ops cost more than a small layer's arithmetic).
+Step = Union[int, Tensor]
+Decision = Union[bool, Tensor]
+_Selected = TypeVar("_Selected", Tensor, tuple[Tensor, ...])
+
+
+def select(decision: Decision, if_true: Callable[[], _Selected], if_false: Callable[[], _Selected]) -> _Selected:
+    """``torch.where(decision, if_true(), if_false())`` (elementwise for tuples); for a Python ``decision`` only the
+    chosen side is computed."""
+    if isinstance(decision, bool):
+        return if_true() if decision else if_false()
+    chosen, other = if_true(), if_false()
+    if isinstance(chosen, Tensor):
+        return torch.where(decision, chosen, other)
+    return tuple(torch.where(decision, a, b) for a, b in zip(chosen, other))
+
+
+def snapshot(t: Step, tensors: list[Tensor]) -> list[Tensor]:
+    """:func:`step_snapshot` of a step's values where the step is a device tensor (it may be compiled); with a Python
+    step (the CPU tier in eager) the values are fresh tensors already."""
+    return tensors if isinstance(t, int) else step_snapshot(tensors)
 
 
 def _sum_over_ranks(total: Tensor, count: Tensor, sync_group: str) -> tuple[Tensor, Tensor]:
@@ -169,20 +194,20 @@ def unscaled_statistic(q: Tensor, scale: Optional[Tensor], count: Optional[Tenso
 
 @torch.no_grad()
 def power_norm_statistics_(q: Tensor, scale: Optional[Tensor], count: Optional[Tensor], running_phi: Tensor,
-                           t: Tensor, *, eps: float, alpha_fwd: float, warmup_iters: int,
+                           t: Step, *, eps: float, alpha_fwd: float, warmup_iters: int,
                            backward_denominator: str) -> tuple[Tensor, Tensor]:
     """One training step's statistics (``mask_powernorm.py`` L56–70) from :func:`masked_square_mean`'s ``(q·s², s,
     count)``: returns ``(rsqrt(d + eps), the backward's 1/sqrt(denominator))`` and updates ``running_phi`` (flat
     ``(C,)`` view of the buffer) in place. ``t`` is the step as a ``(1,)`` tensor, so the warm-up decisions are
-    ``torch.where`` on device, not Python branches."""
+    ``torch.where`` on device, not Python branches (or an int: see :data:`Step`)."""
     phi = running_phi.to(q.dtype, copy=True)  # the value before this step: running_phi is overwritten below
     q, batch_scale, batch_std = unscaled_statistic(q, scale, count, phi, eps)  # no valid token: keep φ
-    tf = t.to(q.dtype)
-    forward_scale = torch.where(t <= warmup_iters, batch_scale, torch.rsqrt(phi + eps))
-    cumulative = torch.where(t < warmup_iters, phi * (tf - 1) / tf + q / tf, phi)
+    tf = t if isinstance(t, int) else t.to(q.dtype)
+    forward_scale = select(t <= warmup_iters, lambda: batch_scale, lambda: torch.rsqrt(phi + eps))
+    cumulative = select(t < warmup_iters, lambda: phi * (tf - 1) / tf + q / tf, lambda: phi)
     running_phi.copy_(alpha_fwd * cumulative + (1 - alpha_fwd) * q)
     grad_std = batch_std if backward_denominator == "batch" else torch.sqrt(phi + eps)
-    forward_scale, grad_scale = step_snapshot([forward_scale, 1.0 / grad_std])
+    forward_scale, grad_scale = snapshot(t, [forward_scale, 1.0 / grad_std])
     return forward_scale, grad_scale
 
 

@@ -48,7 +48,11 @@ from normlayers._autograd import refuse_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.reference.power_norm import (
     masked_square_mean,
+    Decision,
+    Step,
     mean_over_rows,
+    select,
+    snapshot,
     step_snapshot,
     token_rows,
     unscaled_statistic,
@@ -60,9 +64,12 @@ __all__ = ["unified_norm", "unified_norm_statistics_", "unified_norm_backward_st
 R_CLAMP_START = 1000
 
 
-def _ring_write_(buffer: Tensor, slot: Tensor, value: Tensor) -> None:
-    """``buffer[slot] = value`` for a ``(1,)`` device index ``slot`` (no host read of the index)."""
-    buffer.index_copy_(0, slot, value.to(buffer.dtype).unsqueeze(0))
+def _ring_write_(buffer: Tensor, t: Step, value: Tensor) -> None:
+    """``buffer[t % M] = value``; for a device step ``t`` with a device index (no host read of it)."""
+    if isinstance(t, int):
+        buffer[t % buffer.shape[0]].copy_(value)
+    else:
+        buffer.index_copy_(0, torch.remainder(t, buffer.shape[0]), value.to(buffer.dtype).unsqueeze(0))
 
 
 def _unbiased_variance(values: Tensor) -> Tensor:
@@ -71,58 +78,71 @@ def _unbiased_variance(values: Tensor) -> Tensor:
     return centred.square().sum() / (values.numel() - 1)
 
 
+def _is_outlier_step(window_values: Tensor, pooled_var: Tensor, t: Step, warmup_iters: int) -> Decision:
+    """After warm-up, any channel's arithmetic minus geometric mean over the window above ``pooled_var·M`` (L43–52)."""
+    if isinstance(t, int) and t < warmup_iters:
+        return False
+    arithmetic = window_values.mean(0)
+    geometric = torch.exp(torch.log(window_values).mean(0))
+    spread = ((arithmetic - geometric) > pooled_var * window_values.shape[0]).any()
+    return bool(spread) if isinstance(t, int) else (t >= warmup_iters) & spread
+
+
 @torch.no_grad()
 def unified_norm_statistics_(q: Tensor, scale: Optional[Tensor], count: Optional[Tensor], running_var: Tensor,
-                             buffer_x2: Tensor, skip_counter: Tensor, t: Tensor, *, eps: float, momentum: float,
+                             buffer_x2: Tensor, skip_counter: Tensor, t: Step, *, eps: float, momentum: float,
                              warmup_iters: int, outlier_filtration: bool,
-                             grad_compensation: bool) -> tuple[Tensor, Tensor, Tensor]:
+                             grad_compensation: bool) -> tuple[Tensor, Tensor, Decision]:
     """One training step's forward statistics (official L27–73) from :func:`masked_square_mean`'s ``(q·s², s,
-    count)``: returns ``(inv_std, r, skip)`` — ``1/sqrt(var + eps)`` and ``r`` per channel, ``skip`` a ``(1,)`` bool —
-    and updates ``buffer_x2``, ``skip_counter`` and ``running_var`` in place."""
+    count)``: returns ``(inv_std, r, skip)`` — ``1/sqrt(var + eps)`` and ``r`` per channel, ``skip`` a ``(1,)`` bool
+    (a bool for an int ``t``, see :data:`normlayers.reference.power_norm.Step`) — and updates ``buffer_x2``,
+    ``skip_counter`` and ``running_var`` in place."""
     window = buffer_x2.shape[0]
     running = running_var.to(q.dtype, copy=True)  # the value before this step: running_var is overwritten below
     q, batch_inv_std, batch_std = unscaled_statistic(q, scale, count, running, eps)  # no valid token: keep running
-    slot = torch.remainder(t, window)
     # One scalar over the whole previous window, before q is written (official L41); unbiased, as torch.var.
     pooled_var = _unbiased_variance(torch.sqrt(buffer_x2.to(q.dtype))) if outlier_filtration else None
-    _ring_write_(buffer_x2, slot, q)
-    skip = torch.full_like(t, window <= 1, dtype=torch.bool)
+    _ring_write_(buffer_x2, t, q)
+    skip = window <= 1 if isinstance(t, int) else torch.full_like(t, window <= 1, dtype=torch.bool)
     if outlier_filtration:
-        window_values = buffer_x2.to(q.dtype)
-        arithmetic = window_values.mean(0)
-        geometric = torch.exp(torch.log(window_values).mean(0))
-        outlier = (t >= warmup_iters) & ((arithmetic - geometric) > pooled_var * window).any()
-        _ring_write_(buffer_x2, slot, torch.where(outlier, running, q))
-        skip_counter.add_(outlier.to(skip_counter.dtype))
-        skip = skip | outlier
-    geometric = torch.exp(torch.log(buffer_x2.to(q.dtype)).mean(0))
+        outlier = _is_outlier_step(buffer_x2.to(q.dtype), pooled_var, t, warmup_iters)
+        if outlier is not False:
+            _ring_write_(buffer_x2, t, select(outlier, lambda: running, lambda: q))
+            skip_counter.add_(outlier if isinstance(outlier, bool) else outlier.to(skip_counter.dtype))
+            skip = skip | outlier
+
+    def window_statistic() -> tuple[Tensor, Tensor, Tensor]:  # (var, 1/sqrt(var + eps), sqrt(var + eps))
+        geometric = torch.exp(torch.log(buffer_x2.to(q.dtype)).mean(0))
+        return geometric, torch.rsqrt(geometric + eps), torch.sqrt(geometric + eps)
+
     use_batch = (t <= window) | (t < warmup_iters) | skip
-    var = torch.where(use_batch, q, geometric)
-    inv_std = torch.where(use_batch, batch_inv_std, torch.rsqrt(geometric + eps))
+    var, inv_std, std = select(use_batch, lambda: (q, batch_inv_std, batch_std), window_statistic)
     if grad_compensation:
-        r = torch.where(use_batch, batch_std, torch.sqrt(geometric + eps)) / torch.sqrt(running + eps)
-        r = torch.where((t <= max(R_CLAMP_START, warmup_iters)) | skip, torch.ones_like(r), r.clamp(0.2, 5.0))
+        r = select((t <= max(R_CLAMP_START, warmup_iters)) | skip, lambda: torch.ones_like(var),
+                   lambda: (std / torch.sqrt(running + eps)).clamp(0.2, 5.0))
     else:
         r = torch.ones_like(var)
-    inv_std, r, skip = step_snapshot([inv_std, r, skip])
+    if isinstance(skip, Tensor):
+        inv_std, r, skip = snapshot(t, [inv_std, r, skip])
+    else:
+        inv_std, r = snapshot(t, [inv_std, r])
     running_var.copy_(momentum * running + (1 - momentum) * var)
     return inv_std, r, skip
 
 
 @torch.no_grad()
-def unified_norm_backward_statistics_(gz: Tensor, ema_gz: Tensor, buffer_gz: Tensor, t: Tensor, skip: Tensor, *,
+def unified_norm_backward_statistics_(gz: Tensor, ema_gz: Tensor, buffer_gz: Tensor, t: Step, skip: Decision, *,
                                       momentum: float, warmup_iters: int) -> Tensor:
     """The backward's smoothing (official L76–110): from this step's ``gz`` (per channel), update ``buffer_gz`` and
     ``ema_gz`` in place and return the ``c`` of ``dx = (g − c·z)/sqrt(var + eps)``."""
     window = buffer_gz.shape[0]
-    slot = torch.remainder(t, window)
     old = ema_gz.to(gz.dtype, copy=True)
-    _ring_write_(buffer_gz, slot, torch.where(skip, old, gz))
+    _ring_write_(buffer_gz, t, select(skip, lambda: old, lambda: gz))
     use_batch = (t <= window) | (t < warmup_iters) | skip
-    mean_gz = torch.where(use_batch, gz, buffer_gz.to(gz.dtype).mean(0))
+    mean_gz = select(use_batch, lambda: gz, lambda: buffer_gz.to(gz.dtype).mean(0))
     new = momentum * old + (1 - momentum) * mean_gz
     ema_gz.copy_(new)
-    return torch.where(skip, gz, new)
+    return select(skip, lambda: gz, lambda: new)
 
 
 class _UnifiedNormFunction(torch.autograd.Function):
