@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import normlayers.functional as NF
+from normlayers.reference import power_norm as _ref_power
+from normlayers.reference import unified_norm as _ref_unified
 from normlayers.testing import assert_close
 
 from .conftest import assert_cpu_tier_matches_reference
@@ -147,3 +149,35 @@ def test_compiles_fullgraph(name, training):
         results.append([*torch.autograd.grad(fn(leaf, *buffers), [leaf, weight, bias]), *buffers])
     for a, c in zip(*results):
         assert_close(a, c) if a.is_floating_point() else torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("outlier_filtration", [False, True])
+def test_step_decisions_as_python_values_match_device_ones(outlier_filtration):
+    """The CPU tier passes the step as an int in eager (Python branches); under torch.compile as a tensor
+    (torch.where): the reference's statistics give the same bits either way, across warm-up, window, outlier and
+    clamped steps, forward and backward."""
+    gen = torch.Generator().manual_seed(5)
+    results = {}
+    for as_tensor in (False, True):
+        running_var, ema_gz, buffer_x2, buffer_gz = torch.ones(C), torch.zeros(C), torch.ones(3, C), torch.zeros(2, C)
+        power_phi, skip_counter, outputs = torch.ones(C), torch.tensor([0]), []
+        for t in [1, 2, 3, 4, 5, 6, 1500, 1501]:
+            gen.manual_seed(t)
+            q = (1 + 0.05 * torch.rand(C, generator=gen)) * (40.0 if t % 3 == 0 else 1.0)  # every third: outlier
+            scale = torch.full((C,), 0.5)  # q is passed as q·s², as from masked_square_mean
+            q = q * scale * scale
+            step = torch.tensor([t]) if as_tensor else t
+            inv_std, r, skip = _ref_unified.unified_norm_statistics_(
+                q, scale, None, running_var, buffer_x2, skip_counter, step, eps=1e-5, momentum=0.8, warmup_iters=2,
+                outlier_filtration=outlier_filtration, grad_compensation=True)
+            c = _ref_unified.unified_norm_backward_statistics_(q - 0.5, ema_gz, buffer_gz, step, skip, momentum=0.8,
+                                                                warmup_iters=2)
+            forward_scale, grad_scale = _ref_power.power_norm_statistics_(
+                q, scale, None, power_phi, step, eps=1e-5, alpha_fwd=0.8, warmup_iters=4, backward_denominator="batch")
+            outputs += [inv_std, r, torch.as_tensor(skip).reshape(1), c, forward_scale, grad_scale, running_var.clone(),
+                        buffer_x2.clone(), buffer_gz.clone(), ema_gz.clone(), power_phi.clone(), skip_counter.clone()]
+        results[as_tensor] = outputs
+    if outlier_filtration:  # both kinds of step were taken after warm-up
+        assert 0 < int(skip_counter) < 7
+    for python_value, device_value in zip(results[False], results[True]):
+        assert torch.equal(python_value, device_value)
