@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import normlayers
 import normlayers.functional as NF
 from normlayers.reference import power_norm as _ref_power
 from normlayers.reference import unified_norm as _ref_unified
@@ -181,3 +182,15 @@ def test_step_decisions_as_python_values_match_device_ones(outlier_filtration):
         assert 0 < int(skip_counter) < 7
     for python_value, device_value in zip(results[False], results[True]):
         assert torch.equal(python_value, device_value)
+
+
+def test_training_under_fake_tensor_mode():
+    """The eager CPU tier reads the step number on the host; under a fake-tensor mode (shape propagation, as in
+    export tooling) it has no value to read and must take the device path instead."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    modules = [normlayers.PowerNorm(C), normlayers.UnifiedNorm(C)]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(5, 3, C)
+        for module in modules:
+            assert module(x).shape == x.shape

@@ -21,24 +21,25 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from normlayers._autograd import differentiable_backward, refuse_double_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
 from normlayers.reference import power_norm as _ref_power
 from normlayers.reference import unified_norm as _ref_unified
 from normlayers.reference.power_norm import Step
-from normlayers.reference.row_norms import scale_exponent_cap, _max_scale_exponent
+from normlayers.reference.row_norms import _max_scale_exponent, scale_exponent_cap
 
 __all__ = ["power_norm", "unified_norm"]
-
 
 
 def _step_of(iters: Tensor) -> Step:
     """This step's number after ``iters += 1``: an int in eager (the decisions from it are Python branches, see
     :data:`normlayers.reference.power_norm.Step`); under ``torch.compile`` a ``(1,)`` tensor through the opaque
-    ``step_snapshot``, so that the backward sees this step's value and not the updated buffer's."""
+    ``step_snapshot``, so that the backward sees this step's value and not the updated buffer's; likewise where the
+    value is not at hand (a tensor subclass or a dispatch mode, e.g. fake tensors)."""
     iters.add_(1)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(iters) is not Tensor or _get_current_dispatch_mode() is not None:
         return _ref_power.step_snapshot([iters])[0]
     return int(iters)
 

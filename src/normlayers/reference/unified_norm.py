@@ -29,9 +29,10 @@ Backward (L76–110)::
     dweight  = Σ dy·r·z;   dbias = Σ dy
 
 Eval (L190–194): ``y = weight·x / sqrt(running_var + eps) + bias``. Every decision is a ``torch.where`` on device (no
-``.item()``, no data-dependent Python branch). ``grad_compensation=False`` fixes ``r = 1`` (docs/power_unified.md; the
-official code always applies it). The departures from the official code, both where it would compute 0/0 = NaN: a step
-without any non-pad token uses ``q = running_var``; an empty batch has ``gz = 0``.
+``.item()``, no data-dependent Python branch), or a Python branch where the CPU tier passes the step as an int.
+``grad_compensation=False`` fixes ``r = 1`` (docs/power_unified.md; the official code always applies it). The
+departures from the official code, both where it would compute 0/0 = NaN: a step without any non-pad token uses
+``q = running_var``; an empty batch has ``gz = 0``.
 
 Arithmetic is in fp32 (fp64 for fp64 inputs); the output is rounded once, to the input's dtype; buffers keep their
 dtype. Argument checks live in :mod:`normlayers.functional`.
