@@ -45,9 +45,10 @@ from normlayers.kernels.common import (
     tl_compute_dtype,
 )
 
-# Values (lanes) of a flat tile, at most: one segmented scan per per-plane sum and a gather per per-plane coefficient
-# go through shared memory, so a flat tile is smaller than a row tile. A starting point, not tuned on a GPU.
-FLAT_TILE_ELEMENTS = 1024
+# Values (lanes) and planes of a flat tile, at most: each per-plane sum selects every value once per plane of the tile
+# (:func:`plane_sum`), so a flat tile is smaller than a row tile. Starting points, not tuned on a GPU.
+FLAT_TILE_ELEMENTS = 512
+FLAT_MAX_BLOCK_P = 16
 
 # Channels per program of a channels-last launch (:func:`channel_tile`): 64 bf16 values are 128 contiguous bytes, four
 # sectors, read by 8 threads with 128-bit loads. A starting point, not tuned on a GPU.
@@ -70,7 +71,8 @@ class PlaneTile(NamedTuple):
     """How a per-plane kernel covers its planes: ``BLOCK_P`` channels of one sample per program, and either rows of
     ``BLOCK_HW`` values per plane (``flat`` false) or, for contiguous small planes, the block's ``BLOCK_P·HW`` values
     as one flat span of ``BLOCK_HW`` lanes (``flat``; ``align``: the span starts at a multiple of ``align``
-    elements, 16 bytes)."""
+    elements, 16 bytes). A flat tile's per-plane sums are one-hot selects (:func:`plane_sum`) and its per-plane
+    coefficients gathers (:func:`spread`)."""
 
     block_p: int
     block_hw: int
@@ -105,7 +107,7 @@ def _flat_block_p(tensors: Sequence[torch.Tensor], elements: int) -> int:
     fit = elements // hw
     if fit < fewest:
         return 0
-    return max(min(1 << (fit.bit_length() - 1), next_power_of_2(channels), PLANE_MAX_BLOCK_P), fewest)
+    return max(min(1 << (fit.bit_length() - 1), next_power_of_2(channels), FLAT_MAX_BLOCK_P), fewest)
 
 
 def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *, reduction: bool = False,
@@ -220,19 +222,12 @@ def spread(per_plane, lane, FLAT: tl.constexpr):
 
 
 @triton.jit
-def _segment_add(a, a_lane, b, b_lane):
-    # Segmented sum over lanes sorted by plane: a plane's running sum restarts where its values begin.
-    return tl.where(a_lane == b_lane, a + b, b), b_lane
-
-
-@triton.jit
 def plane_sum(values, lane, HW, FLAT: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-plane sums ``(BLOCK_P,)`` of a :func:`value_tile`'s values (zero outside its mask): along each row, or, for
-    a flat tile, a segmented scan read at each plane's last value (fixed order: deterministic)."""
+    a flat tile, of the values whose ``lane`` is each plane (a one-hot select, then the same tree sum as a row's)."""
     if FLAT:
-        running, _ = tl.associative_scan((values, lane), 0, _segment_add)
-        last = tl.minimum((tl.arange(0, BLOCK_P) + 1) * HW, values.shape[0]) - 1
-        sums = tl.gather(running, last, 0)
+        own = lane[None, :] == tl.arange(0, BLOCK_P)[:, None]
+        sums = tl.sum(tl.where(own, values[None, :], 0.0), axis=1)
     else:
         sums = tl.sum(values, axis=1)
     return sums
