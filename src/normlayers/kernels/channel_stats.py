@@ -340,9 +340,9 @@ def plane_moments_fwd_kernel(
     if not FLAT:
         x_base = channel_offsets(n, c, stride_n, stride_c)
         for start in range(BLOCK_HW, HW, BLOCK_HW):
-            hw = start + tl.arange(0, BLOCK_HW)
+            hw = (start + tl.arange(0, BLOCK_HW)).to(tl.int64)
             mask = plane_mask[:, None] & (hw < HW)[None, :]
-            x = load_plane_values(X, x_base, hw.to(tl.int64), stride_hw, mask, COMPUTE)
+            x = load_plane_values(X, x_base, hw, stride_hw, mask, COMPUTE)
             n_a = tl.cast(start, COMPUTE)
             n_b = tl.cast(tl.minimum(HW - start, BLOCK_HW), COMPUTE)
             s_b, m2_b = centred_row_moments(x, mask, n_b)
