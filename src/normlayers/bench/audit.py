@@ -15,7 +15,9 @@ Three measurements, each runnable on a machine without a GPU:
   if every re-read hits a cache), summed over launches, divided by the op's byte model
   (:func:`normlayers.bench.ops.traffic`). Bytes are affine in the row count ``M`` once a persistent grid is full, so
   two small ``M`` give the line, evaluated at :data:`REFERENCE_ROWS`. The backward runs on the grid an H100 would
-  get (:data:`H100_SMS` SMs times the programs per SM its compiled kernel can keep resident).
+  get (:data:`H100_SMS` SMs times the programs per SM its compiled kernel can keep resident). The same counter gives
+  *sector use* (:func:`sector_use`): per ``tl.load``/``tl.store`` call of a program, its distinct bytes ÷ the bytes
+  of the distinct 32-byte sectors they lie in, bytes-weighted (the per-plane table, :func:`plane_sector_use`).
 * **Static quality** (:func:`static_quality`): each row-norm kernel variant compiled for sm_90 by Triton's own
   compiler in a subprocess (the interpreter must be off); registers and spill bytes from the ``ptxas -v`` that Triton
   ships, global load/store widths from ``cuobjdump -sass`` of the cubin (``LDG.E.128`` = 128-bit), and H100
