@@ -43,6 +43,7 @@ from normlayers.kernels.channel_stats import (
     load_group_planes,
     load_optional,
     load_optional_group_channels,
+    load_values,
     optional_pointer,
     own_column,
     parameter_grad,
@@ -255,8 +256,7 @@ def batch_channel_eval_fwd_kernel(
     center = own_column(plane_mean, planes, CPG)
     hw, values, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW,
                                   FLAT, ALIGN)
-    x = tl.load(X + value_offsets(n, c, hw, C, stride_xn, stride_xc, stride_xhw, FLAT, ALIGN), mask=values,
-                other=0.0).to(COMPUTE)
+    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, values, COMPUTE, FLAT, ALIGN)
     tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN),
              (x - spread(center, lane, FLAT)) * spread(scale, lane, FLAT) + spread(shift, lane, FLAT), mask=values)
     if STORE_COEFFICIENTS:

@@ -211,6 +211,14 @@ def value_offsets(n, c, positions, C, stride_n, stride_c, stride_hw, FLAT: tl.co
 
 
 @triton.jit
+def load_values(PTR, n, c, hw, C, stride_n, stride_c, stride_hw, mask, COMPUTE: tl.constexpr, FLAT: tl.constexpr,
+                ALIGN: tl.constexpr):
+    """A :func:`value_tile`'s values in a tensor of these strides (zero outside ``mask``), in ``COMPUTE``."""
+    offsets = value_offsets(n, c, hw, C, stride_n, stride_c, stride_hw, FLAT, ALIGN)
+    return tl.load(PTR + offsets, mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
 def spread(per_plane, lane, FLAT: tl.constexpr):
     """A ``(BLOCK_P,)`` per-plane value at each value of a :func:`value_tile` (broadcast along a row, or gathered by
     ``lane``)."""
@@ -329,8 +337,7 @@ def plane_moments_fwd_kernel(
 ):
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
     hw, mask, lane = value_tile(C, HW, 0, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
-    x = tl.load(X + value_offsets(n, c, hw, C, stride_n, stride_c, stride_hw, FLAT, ALIGN), mask=mask,
-                other=0.0).to(COMPUTE)
+    x = load_values(X, n, c, hw, C, stride_n, stride_c, stride_hw, mask, COMPUTE, FLAT, ALIGN)
     count = tl.cast(tl.minimum(HW, BLOCK_HW), COMPUTE)
     s = plane_sum(x, lane, HW, FLAT, BLOCK_P)
     centred = tl.where(mask, x - spread(s / count, lane, FLAT), 0.0)
@@ -367,13 +374,11 @@ def plane_moments_bwd_kernel(
     count = tl.cast(HW, COMPUTE)
     dx = tl.zeros(mask.shape, dtype=COMPUTE)
     if HAS_DX_PARTIAL:
-        dx += tl.load(DX_PARTIAL + value_offsets(n, c, hw, C, stride_pn, stride_pc, stride_phw, FLAT, ALIGN),
-                      mask=mask, other=0.0).to(COMPUTE)
+        dx += load_values(DX_PARTIAL, n, c, hw, C, stride_pn, stride_pc, stride_phw, mask, COMPUTE, FLAT, ALIGN)
     if HAS_DMEAN:
         dx += spread(tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count, lane, FLAT)
     if HAS_DVAR:
-        x = tl.load(X + value_offsets(n, c, hw, C, stride_xn, stride_xc, stride_xhw, FLAT, ALIGN), mask=mask,
-                    other=0.0).to(COMPUTE)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
         mean = tl.load(MEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE)
         dvar = tl.load(DVAR + planes, mask=plane_mask, other=0.0).to(COMPUTE)
         dx += (x - spread(mean, lane, FLAT)) * spread(2.0 * dvar / count, lane, FLAT)
@@ -393,8 +398,7 @@ def plane_affine_fwd_kernel(
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
     hw, mask, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW, FLAT,
                                 ALIGN)
-    x = tl.load(X + value_offsets(n, c, hw, C, stride_xn, stride_xc, stride_xhw, FLAT, ALIGN), mask=mask,
-                other=0.0).to(COMPUTE)
+    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
     a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     b = tl.load(B + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
@@ -435,10 +439,8 @@ def plane_affine_bwd_kernel(
         db_valid = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     for start in range(0, HW, BLOCK_HW):  # once for a flat tile (BLOCK_HW ≥ HW)
         hw, mask, lane = value_tile(C, HW, start, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
-        dy = tl.load(DY + value_offsets(n, c, hw, C, stride_dyn, stride_dyc, stride_dyhw, FLAT, ALIGN), mask=mask,
-                     other=0.0).to(COMPUTE)
-        x = tl.load(X + value_offsets(n, c, hw, C, stride_xn, stride_xc, stride_xhw, FLAT, ALIGN), mask=mask,
-                    other=0.0).to(COMPUTE)
+        dy = load_values(DY, n, c, hw, C, stride_dyn, stride_dyc, stride_dyhw, mask, COMPUTE, FLAT, ALIGN)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
         dx_offsets = value_offsets(n, c, hw, C, stride_dxn, stride_dxc, stride_dxhw, FLAT, ALIGN)
         if REGIONS == 2:
             hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0

@@ -44,6 +44,7 @@ from normlayers.kernels.channel_stats import (
     load_group_planes,
     load_optional,
     load_optional_group_channels,
+    load_values,
     optional_pointer,
     parameter_grad,
     plane_group_tile,
@@ -169,8 +170,7 @@ def evo_plane_fwd_kernel(
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
     hw, mask, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW, FLAT,
                                 ALIGN)
-    x = tl.load(X + value_offsets(n, c, hw, C, stride_xn, stride_xc, stride_xhw, FLAT, ALIGN), mask=mask,
-                other=0.0).to(COMPUTE)
+    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
     if COEFFICIENTS == COEFFICIENTS_GIVEN:
         slope = load_optional(SLOPE, planes, plane_mask, 0.0, MODE != MODE_IDENTITY, COMPUTE)
         scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)
@@ -228,10 +228,8 @@ def evo_plane_bwd_kernel(
     dshift = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     for start in range(0, HW, BLOCK_HW):  # once for a flat tile (BLOCK_HW ≥ HW)
         hw, mask, lane = value_tile(C, HW, start, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
-        dy = tl.load(DY + value_offsets(n, c, hw, C, stride_dyn, stride_dyc, stride_dyhw, FLAT, ALIGN), mask=mask,
-                     other=0.0).to(COMPUTE)
-        x = tl.load(X + value_offsets(n, c, hw, C, stride_xn, stride_xc, stride_xhw, FLAT, ALIGN), mask=mask,
-                    other=0.0).to(COMPUTE)
+        dy = load_values(DY, n, c, hw, C, stride_dyn, stride_dyc, stride_dyhw, mask, COMPUTE, FLAT, ALIGN)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
         lane_slope = spread(slope, lane, FLAT)
         df = dy * spread(scale, lane, FLAT)
         dshift += plane_sum(dy, lane, HW, FLAT, BLOCK_P)
