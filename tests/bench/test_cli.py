@@ -233,6 +233,18 @@ def test_bf16_batch_channel_norm_backward_and_evo_state(tmp_path):
     assert evo_torch["note"] == "timm's EvoNorm in eager torch (no native op)"
 
 
+def test_torch_fp32_writes_the_running_statistics_back(tmp_path):
+    """bf16 BatchChannelNorm training: the torch_fp32 row updates fp32 copies of the bf16 running statistics and
+    stores them back, so its updated buffers are checked like every provider's (and it is within the bound, where the
+    plain bf16 call is not)."""
+    code, rows, _ = _run(tmp_path, "--op", "batch_channel_norm", "--shapes", "2x32x3x3", "--dtype", "bf16", "--mode",
+                         "fwd_bwd", "--providers", "normlayers,torch,torch_fp32")
+
+    assert code == 0
+    assert {r["provider"]: r["status"] for r in rows}["torch_fp32"] == "ok"
+    assert OPS["batch_channel_norm"].updated_args == (1, 2)
+
+
 def test_fused_add_and_crms_backward_are_checked(tmp_path):
     code, rows, _ = _run(tmp_path, "--op", "add_rms_norm", "crms_norm", "--shapes", "3x40", "--dtype", "bf16",
                          "--providers", "normlayers", "torch", "--mode", "bwd")
@@ -555,3 +567,31 @@ def test_python_dash_m_entry_point(tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert "providers:" in done.stdout
+
+
+def test_speedups_divide_the_quickest_correct_torch_equivalent():
+    """bf16 LayerNorm: torch's plain call is out of tolerance (its bf16 backward sums dW/dB in bf16), the same call on
+    fp32 copies is not; the speed-ups divide the torch_fp32 time. In fp32, torch_fp32 is the torch call: not run."""
+    from normlayers.bench.runner import _add_speedups
+
+    def result(provider, status, ms):
+        return BenchResult("layer_norm", "row_norms", "bf16", "fwd_bwd", "4x64", provider, status, median_ms=ms)
+
+    results = [result("normlayers", "ok", 1.0), result("torch", "WRONG", 0.5), result("torch_fp32", "ok", 2.0)]
+    _add_speedups(results)
+    assert [r.speedup_vs_torch for r in results] == [2.0, None, 1.0]
+    results = [result("normlayers", "ok", 1.0), result("torch", "ok", 0.5), result("torch_fp32", "ok", 2.0)]
+    _add_speedups(results)
+    assert [r.speedup_vs_torch for r in results] == [0.5, 1.0, 0.25]
+    results = [result("normlayers", "ok", 1.0), result("torch", "WRONG", 0.5)]  # no correct one: the plain call
+    _add_speedups(results)
+    assert results[0].speedup_vs_torch == 0.5
+
+    op = OPS["layer_norm"]
+    run = PROVIDERS["torch_fp32"].build(op)
+    inputs = op.inputs((4, 64), torch.bfloat16, torch.device("cpu"), training=True)
+    y = run(*inputs.args)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, op.native(*(a.float() if isinstance(a, torch.Tensor) else a for a in inputs.args)).bfloat16())
+    with pytest.raises(UnsupportedOp):
+        run(*op.inputs((4, 64), torch.float32, torch.device("cpu"), training=False).args)

@@ -14,8 +14,9 @@ def test_the_calls_take_turns_and_the_warmup_is_not_counted():
     calls = [TimedCall(lambda: order.append("a")),
              TimedCall(lambda: order.append("b"), setup=lambda: order.append("s"))]
     stats = measure_interleaved(calls, WallClockTimer(), rounds=3, warmup_rounds=2)
-    # two untimed rounds, then three timed ones, each round running every call once (b's setup before each b)
-    assert order == ["a", "s", "b"] * 5
+    # two untimed rounds, then three timed ones, each round running every call once (b's setup before each b) and
+    # starting one call further on (so that no call always follows the same one)
+    assert order == ["a", "s", "b"] * 3 + ["s", "b", "a"] + ["a", "s", "b"]
     assert [s.reps for s in stats] == [3, 3]
     for s in stats:
         assert s.p20_ms <= s.median_ms <= s.p80_ms

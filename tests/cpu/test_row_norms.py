@@ -53,6 +53,17 @@ def test_fused_residual_add_matches_reference(kind, dtype, residual_in_fp32):
     assert_cpu_tier_matches_reference(fn, [x, residual, w])
 
 
+@pytest.mark.parametrize("used", ["y", "h"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_fused_residual_add_with_one_output_used(kind, used):
+    """The fused Function's backward when only ``y`` or only ``h`` reaches the loss (the other gradient is None)."""
+    x, w, b = _inputs((6, 40), torch.float32, bias=kind == "layer")
+    residual = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    norm = {"layer": lambda x, r, w: NF.add_layer_norm(x, r, 40, w, b),
+            "rms": lambda x, r, w: NF.add_rms_norm(x, r, 40, w)}[kind]
+    assert_cpu_tier_matches_reference(lambda x, r, w: norm(x, r, w)[0 if used == "y" else 1] * 1.0, [x, residual, w])
+
+
 def test_layer_norm_width_one():
     """Width 1: x − E[x] is 0, so y = bias and dx = 0 exactly (the closed form centres the row before anything else)."""
     x, w, b = _inputs((5, 1), torch.float32, bias=True)
@@ -85,7 +96,7 @@ def test_low_precision_layer_norm_runs_aten_forward_and_fp32_backward(dtype):
     fn = lambda x, w, b: NF.layer_norm(x, 96, w, b)  # noqa: E731
     assert_cpu_tier_matches_reference(fn, [x, w32, b32])
     y = fn(x.requires_grad_(), w32, b32)
-    assert type(y.grad_fn).__name__ == "_LowPrecisionLayerNormBackward"
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_RowNormFunctionBackward"  # a view of its output
     # bf16 parameters are cast to fp32 first (the ATen "mixed type" path), as the reference computes
     assert_cpu_tier_matches_reference(fn, [x.detach(), w32.to(dtype), b32.to(dtype)])
 
@@ -116,8 +127,8 @@ def test_non_contiguous_rows():
 
 
 def test_auto_runs_native_layer_norm_or_the_closed_form_function():
-    """LayerNorm runs ATen's fused kernel where no row's statistics can overflow, the scaled closed form elsewhere;
-    RMSNorm and CRMSNorm always run the closed form."""
+    """fp32 LayerNorm runs ATen's fused kernel and its autograd where no row's statistics overflowed, the Function
+    (here its scaled closed form) elsewhere; RMSNorm and CRMSNorm always run the Function."""
     x = torch.randn(3, 8, requires_grad=True)
     assert type(NF.layer_norm(x, 8).grad_fn).__name__ == "NativeLayerNormBackward0"
     huge = (torch.randn(3, 8) * 1e30).requires_grad_()
@@ -135,11 +146,11 @@ def test_row_norm_function_gradcheck_fp64(kind, weight_offset):
     b = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def fn(x, w, b):
-        return cpu_row._RowNormFunction.apply(x, w, b, 1e-5, weight_offset, kind, torch.float64)
+        return cpu_row._RowNormFunction.apply(x, None, w, b, 1e-5, weight_offset, kind, torch.float64)
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
-    assert torch.autograd.gradcheck(lambda x: cpu_row._RowNormFunction.apply(x, None, None, 1e-5, 0.0, kind,
+    assert torch.autograd.gradcheck(lambda x: cpu_row._RowNormFunction.apply(x, None, None, None, 1e-5, 0.0, kind,
                                                                             torch.float64), (x,))
 
 

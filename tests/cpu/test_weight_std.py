@@ -1,4 +1,5 @@
-"""The CPU tier of Weight Standardization (F.batch_norm over each filter's fan-in) against the reference."""
+"""The CPU tier of Weight Standardization (F.layer_norm over each filter's fan-in; F.batch_norm with a per-filter gain)
+against the reference."""
 
 from __future__ import annotations
 
@@ -42,11 +43,24 @@ def test_scaled_weight_standardize_matches_reference(with_gain, dtype):
         assert_cpu_tier_matches_reference(lambda w: NF.scaled_weight_standardize(w, None, 1.7, eps=1e-5), [w])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_inference_is_the_training_forward(dtype):
+    """With no gradient to compute a bf16/fp16 weight goes through ATen's layer norm without the fp32 ones (its
+    reduced-precision forward computes in fp32 and rounds once too): the same output, bit for bit."""
+    w = (1.0 + 0.05 * torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(4))).to(dtype)
+    with torch.no_grad():
+        inference = NF.weight_standardize(w)
+    training = NF.weight_standardize(w.clone().requires_grad_())
+    assert torch.equal(inference, training.detach())
+
+
 def test_dispatch():
-    """The eps-inside variants run the batch-norm form (its backward is ATen's); eps outside ("qiao") and a fan-in
-    of 1 run the reference."""
+    """The eps-inside variants run ATen's layer norm over the filters (batch norm with a per-filter gain), whose
+    backward is ATen's; eps outside ("qiao") and a fan-in of 1 run the reference."""
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    assert "BatchNorm" in type(NF.weight_standardize(w).grad_fn.next_functions[0][0]).__name__
+    assert "LayerNorm" in type(NF.weight_standardize(w).grad_fn.next_functions[0][0]).__name__
+    gain = torch.ones(4, 1, 1, 1, requires_grad=True)
+    assert "BatchNorm" in type(NF.scaled_weight_standardize(w, gain).grad_fn.next_functions[0][0]).__name__
     assert cpu_ws.supports(w, eps_inside=True)
     assert not cpu_ws.supports(w, eps_inside=False)
     assert not cpu_ws.supports(torch.randn(4, 1, 1, 1), eps_inside=True)

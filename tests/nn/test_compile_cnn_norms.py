@@ -1,11 +1,14 @@
-"""torch.compile(fullgraph=True) of the CNN norms (reference tier on CPU): same outputs and gradients as eager."""
+"""torch.compile(fullgraph=True) of the CNN norms on CPU: same outputs and gradients as eager."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 import normlayers
+from normlayers.testing import max_abs_error, tolerance
 
 EVO_NORMS = ("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a",
              "EvoNorm2dS2", "EvoNorm2dS2a")
@@ -45,6 +48,18 @@ def test_compile_fullgraph_matches_eager(name, training):
     compiled_module = MODULES[name]().train(training)
     compiled_module.load_state_dict(eager.state_dict())
     x = torch.randn(2, 12, 5, 4)
+    if name.startswith("BatchChannelNorm2d"):
+        # On CPU eager BCN runs the CPU tier's fused Function and the trace its F.batch_norm + F.group_norm composite:
+        # different roundings of the batch-stage weight gradient, a sum that cancels to ~1e-3 of its terms. Both
+        # against fp64, within twice the fp32 reference's own error (the low-precision rule) plus the fp32 tolerance.
+        reference = [copy.deepcopy(eager) for _ in range(2)]
+        with normlayers.backend("reference"):
+            expected, reference32 = _step(reference[0].double(), x.double()), _step(reference[1], x)
+        rtol, atol = tolerance(torch.float32)
+        for results in (_step(eager, x), _step(torch.compile(compiled_module, fullgraph=True, backend="aot_eager"), x)):
+            for a, r, e in zip(results, reference32, expected):
+                assert max_abs_error(a, e) <= 2 * max_abs_error(r, e) + atol + rtol * e.abs().max().item()
+        return
     expected = _step(eager, x)
     actual = _step(torch.compile(compiled_module, fullgraph=True, backend="aot_eager"), x)
     assert len(actual) == len(expected)

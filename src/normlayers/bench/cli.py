@@ -298,7 +298,8 @@ def _header(metadata: dict, unavailable: dict[str, str], not_applicable: list[st
         f"site; {metadata['torch_num_threads']} CPU threads; load average {metadata['load_average_start']:g} at the "
         f"start",
         f"accuracy vs fp64 reference: {RULE}",
-        "speed-ups: torch time / provider time, only for results within the bound (torch counts even when it is not); "
+        "speed-ups: torch time / provider time, only for results within the bound; the torch time is the quicker of "
+        "the torch and torch_fp32 rows within the bound, else torch's; "
         "peak memory: the most one call allocates beyond its inputs (CUDA allocator statistics; on CPU the profiler's "
         "allocation events)",
     ]

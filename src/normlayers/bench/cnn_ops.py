@@ -118,7 +118,7 @@ BATCH_CHANNEL_NORM = Op(
     make_inputs=_bcn_inputs, output_names=("y",), reference=_bcn_reference,
     normlayers=normlayers.functional.batch_channel_norm, native=_bcn_torch,
     native_note="F.batch_norm + F.group_norm (two passes, rounded in between)",
-    forward_traffic=_bcn_forward, backward_traffic=_bcn_backward,
+    forward_traffic=_bcn_forward, backward_traffic=_bcn_backward, updated_args=(1, 2),
     extra_sizes=_group_count, check_shape=_groups_divide,
 )
 

@@ -224,6 +224,9 @@ class Op:
     backward_traffic: Callable[[], list[Transfer]]
     native: Optional[OpFn] = None  # torch's own ops; None: the torch provider runs the eager reference
     native_note: str = ""  # what the torch provider's row should say (e.g. "unfused add")
+    # positions in the arguments of buffers the op updates in place (running statistics): the torch_fp32 provider
+    # writes its fp32 copies of them back
+    updated_args: tuple[int, ...] = ()
     has_kernels: bool = True  # False: normlayers runs plain PyTorch on every device
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the op accepts
     peers: Mapping[str, Callable[[], OpFn]] = field(default_factory=dict)  # provider name -> builder

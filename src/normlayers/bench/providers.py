@@ -18,6 +18,8 @@ from normlayers.bench.ops import Op, OpFn
 
 __all__ = ["PEERS", "PROVIDERS", "Provider", "UnsupportedOp"]
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 
 class UnsupportedOp(Exception):
     """The provider has no implementation of this op."""
@@ -66,6 +68,31 @@ def _native(op: Op) -> OpFn:
     return op.native if op.native is not None else op.reference
 
 
+def _native_on_fp32(op: Op) -> OpFn:
+    """torch's own ops on fp32 copies of the bf16/fp16 inputs (differentiable casts, so gradients are rounded once on
+    the way back), every output rounded back to that dtype: the correct eager equivalent where torch's reduced-precision
+    kernels are not (its bf16 LayerNorm backward sums dW and dB in bf16). Buffers the op updates in place
+    (``Op.updated_args``) are written back. Only for ops with torch ops and for bf16/fp16 inputs (otherwise it is the
+    torch provider)."""
+    if op.native is None:
+        raise UnsupportedOp(f"{op.name} has no torch op (the torch provider runs the reference)")
+    native = op.native
+
+    def run(*args: object):
+        low = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in _LOW_PRECISION), None)
+        if low is None:
+            raise UnsupportedOp("no bf16/fp16 inputs: the same call as the torch provider")
+        upcast = [a.float() if isinstance(a, torch.Tensor) and a.dtype == low else a for a in args]
+        outputs = native(*upcast)
+        with torch.no_grad():  # running statistics updated on the fp32 copies: stored in their own dtype
+            for i in op.updated_args:
+                if upcast[i] is not args[i]:
+                    args[i].copy_(upcast[i])
+        return tuple(o.to(low) for o in outputs) if isinstance(outputs, tuple) else outputs.to(low)
+
+    return run
+
+
 def _compiled_reference(op: Op) -> OpFn:
     # A fresh Dynamo cache for every case: otherwise, after the recompile limit (8 shapes/dtypes/modes of the same
     # code), torch.compile silently falls back to eager and the "torch_compile" numbers would be eager numbers.
@@ -96,6 +123,8 @@ PROVIDERS: dict[str, Provider] = {
                  _normlayers_note, compiles=_runs_kernels),
         Provider("torch", "torch's own ops eager (F.layer_norm, F.rms_norm, F.batch_norm + F.group_norm, ...), "
                           "else the eager reference", _native, lambda op, device: op.native_note),
+        Provider("torch_fp32", "torch's own ops eager on fp32 copies of bf16/fp16 inputs, outputs rounded back",
+                 _native_on_fp32, lambda op, device: op.native_note),
         Provider("reference", "normlayers' eager reference (plain PyTorch, written for reading)",
                  lambda op: op.reference),
         Provider("torch_compile", "torch.compile(reference), default mode, static shapes", _compiled_reference,

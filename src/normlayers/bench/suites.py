@@ -69,7 +69,7 @@ SUITES: dict[str, Suite] = {
               modes=("fwd", "fwd_bwd"), dtypes={"cpu": ("fp32", "bf16"), "cuda": ("bf16",)},
               shapes={"cpu": {"rows": ("1576x768", "512x4096"), "nchw": ("8x256x14x14",),
                               "conv_weight": ("256x256x3x3",)}},
-              providers=("normlayers", "torch")),
+              providers=("normlayers", "torch", "torch_fp32")),
         Suite("spd", "SPD batch normalization (GBW) on batches of SPD matrices", ops=("spd_batch_norm",),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("fp32",), "cpu": ("fp32",)}),
         Suite("gpu", "every op once, in bf16 and fp32, at one realistic shape per shape kind (row norms first): the "

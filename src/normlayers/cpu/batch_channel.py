@@ -1,35 +1,45 @@
-"""CPU tier of Batch-Channel Normalization: the batch stage on ATen's ``F.batch_norm`` and the channel stage on
-``F.group_norm``, both run in fp32 (fp64 for fp64 input) so that the output is rounded once, as in the reference.
+"""CPU tier of Batch-Channel Normalization (Qiao et al., "Micro-Batch Training with Batch-Channel Normalization and
+Weight Standardization", arXiv 1903.10520, Sec. 4): one statistics pass and one affine pass forward, one reduction
+pass and one affine pass backward, for every dtype, with the per-channel and per-group algebra on ``(N, C)``
+statistics in between.
 
-The batch stage is exactly ``F.batch_norm``'s math (biased variance to normalize, the unbiased one into the running
-variance, the same ``momentum`` rule); EstBN's update (``estimate=True``) is the reference's, after which the batch
-stage is ``F.batch_norm`` in eval mode on the updated estimates. The group affine (one value per group) is the
-per-channel affine of ``F.group_norm`` with each value repeated over its group's channels.
+Both stages are per-channel affine maps of ``x`` whose statistics follow from the per-(sample, channel) mean ``m``
+and biased variance ``v`` of ``x`` (law of total variance over equal-sized parts: no cancellation):
 
-bf16/fp16 input with no gradient to compute (inference; eager mode) takes another route, with no fp32 copy of the
-activation and one rounding (chaining ATen's reduced-precision ``F.batch_norm`` and ``F.group_norm`` would round
-the intermediate and double the reference's error). Both stages are per-channel affine maps of ``x`` whose
-statistics follow from the per-(sample, channel) mean ``m`` and biased variance ``v`` of ``x`` (law of total
-variance over equal-sized parts: no cancellation):
+    batch:  μ_c = mean_n m_nc,  σ²_c = mean_n (v_nc + (m_nc − μ_c)²)   (or the running statistics)
+            u = a_c·(x − μ_c) + β_c,   a_c = γ_c / sqrt(σ²_c + bn_eps)
+    group:  mu_nc = a_c·(m_nc − μ_c) + β_c (the plane mean of u),  M_ng = mean_{c∈g} mu_nc,
+            V_ng = mean_{c∈g} (a_c²·v_nc + (mu_nc − M_ng)²),  R_ng = 1 / sqrt(V_ng + eps)
 
-    batch:  μ_c = mean_n m_nc,  σ²_c = mean_n (v_nc + (m_nc − μ_c)²);  u = a_c·x + b_c
-    group:  μ_ng = mean_{c∈g} (a_c·m_nc + b_c),  σ²_ng = mean_{c∈g} (a_c²·v_nc + (a_c·m_nc + b_c − μ_ng)²)
+so ``y = A_nc·(x − m_nc) + B_nc`` with ``A = w_g·R_ng·a_c`` and ``B = w_g·R_ng·(mu_nc − M_ng) + b_g``. ``m`` and ``v``
+come from ATen's group norm with one channel per group (fp32 statistics of bf16/fp16 values, its mixed-type path).
+Its normalized output ``Y = (x − m)·rstd`` becomes the output buffer: fp32/fp64 ``y = (A/rstd)·Y + B`` in place;
+bf16/fp16 ``y = A·x + (B − A·m)`` from ``x`` by ATen's eval batch norm over the ``N·C`` planes with fp32 ``A``, ``B``
+(computed in fp32, rounded once, as the reference).
 
-so ``y = A_nc·x + B_nc``. ``m`` and ``v`` come from ATen's mixed-type group norm with one channel per group (fp32
-statistics of bf16 values), ``y`` from its eval batch norm over the ``N·C`` planes with fp32 ``A``, ``B`` (computed
-in fp32, rounded once). With a gradient to compute the fp32 path above runs.
+The backward needs per plane only ``s1 = Σ dy`` and ``s2 = Σ dy·(x − m)`` (one pass of ATen's
+``native_batch_norm_backward`` without ``grad_input``): with ``ŷ = R·(u − M)`` and ``K = (C/G)·H·W`` values per
+group, the group stage gives ``du = w·R·(dy − (Σ_g dy + ŷ·Σ_g dy·ŷ)/K) = P1·dy + Q1·(x − m) + S1`` per plane
+(``Σ_hw dy·ŷ = R·(a·s2 + (mu − M)·s1)``), the batch stage ``dx = a·(du − mean(du) − x̂·mean(du·x̂))`` (batch
+statistics; ``dx = a·du`` with running ones), whose sums over ``(N, H, W)`` follow from ``s1``, ``s2`` and ``v``. So
+``dx = P·dy + Q·x + S``: ``Q·x + S`` by the same eval batch norm (fp32 coefficients, rounded once), then ``+ P·dy``.
+The parameter gradients are sums of those per-plane quantities.
+
+Under ``torch.compile`` (where inductor fuses the composite itself) and for a tensor that is not NCHW-contiguous
+(channels-last: the plane views need contiguous planes), ``F.batch_norm`` then ``F.group_norm`` run in the compute
+dtype (:func:`_composite`); so does a double backward, from ``x``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import LOW_PRECISION, params_like
+from normlayers.cpu._common import LOW_PRECISION
 from normlayers.reference import batch_channel as _ref_batch_channel
 
 __all__ = ["batch_channel_norm", "supports"]
@@ -41,18 +51,8 @@ def supports(momentum: Optional[float], sync: object) -> bool:
     return sync is None and momentum is not None
 
 
-def _runs_low_precision_forward(x: Tensor, training: bool, *params: Optional[Tensor]) -> bool:
-    """bf16/fp16 input in eager mode with no gradient to compute (inference, or a no-grad statistics pass), and more
-    than one value per channel in training (else ``F.batch_norm``'s error). With a gradient the fp32 path runs: a
-    backward on fp32 saved tensors beats this forward plus one that first rebuilds them (measured in
-    docs/backend.md)."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    return (x.dtype in LOW_PRECISION and not needs_grad and not torch.compiler.is_compiling()
-            and (not training or x.numel() > x.shape[1]))
-
-
 def _in(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -61,88 +61,211 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
                        bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
                        num_batches_tracked: Optional[Tensor]) -> Tensor:
     """As :func:`normlayers.reference.batch_channel.batch_channel_norm`, for a call :func:`supports` accepts."""
-    if _runs_low_precision_forward(x, training, bn_weight, bn_bias, weight, bias):
-        out = _low_precision_forward(x, running_mean, running_var, bn_weight, bn_bias, weight, bias,
-                                     training=training, momentum=momentum, eps=eps, num_groups=num_groups,
-                                     bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
-                                     num_batches_tracked=num_batches_tracked)
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
-    dtype = compute_dtype(x.dtype)
-    xf = x.to(dtype)
-    if estimate:
-        if training:
-            with torch.no_grad():
-                var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
-            _ref_batch_channel.estimate_update_(running_mean, running_var, mean, var, estimate_rate)
-        stats, batch_stats = (running_mean.to(dtype), running_var.to(dtype)), False
-    else:
-        stats, batch_stats = (_in(running_mean, dtype), _in(running_var, dtype)), training
-        if training and num_batches_tracked is not None:
+    config = _Config(training, estimate, momentum, estimate_rate, num_groups, eps, bn_eps)
+    if torch.compiler.is_compiling() or not x.is_contiguous():
+        return _composite(x, running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, weight, bias,
+                          config=config)
+    params = tuple(_in(p, compute_dtype(x.dtype)) for p in (bn_weight, bn_bias, weight, bias))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return _BatchChannelNormFunction.apply(x, running_mean, running_var, num_batches_tracked, config, *params)
+    return _fused_forward(x, running_mean, running_var, num_batches_tracked, params, config)[0]
+
+
+class _Config(NamedTuple):
+    """The non-tensor arguments (and ``estimate_rate``, which may be a tensor buffer)."""
+
+    training: bool
+    estimate: bool
+    momentum: float
+    estimate_rate: Union[float, Tensor]
+    num_groups: int
+    eps: float
+    bn_eps: float
+
+    @property
+    def batch_stats(self) -> bool:
+        """Whether the batch stage normalizes with the batch's statistics (else with the running ones, constants)."""
+        return self.training and not self.estimate
+
+
+def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and standard deviation (biased; compute dtype, ``(N, C)``) of each (sample, channel) plane, with ATen's
+    group norm of one channel per group (beside an fp32 weight for bf16/fp16: its mixed-type path, fp32 statistics);
+    also its output ``(x − m)·rstd``, the buffer the output is written into. ``eps`` is a tiny 1e-30, far below any
+    variance that matters, so that a constant plane gives a finite rstd rather than ``0·inf``."""
+    n, c = x.shape[:2]
+    ones = torch.ones(c, dtype=torch.float32, device=x.device) if x.dtype in LOW_PRECISION else None
+    normalized, mean, rstd = torch.ops.aten.native_group_norm(x, ones, None, n, c, x.numel() // (n * c), c, 1e-30)
+    return mean.view(n, c), rstd.reciprocal_().view(n, c), normalized
+
+
+def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], params: tuple[Optional[Tensor], ...],
+                   config: _Config) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The output, after the running updates, and the statistics and coefficients its backward reads."""
+    bn_weight, bn_bias, weight, bias = params
+    groups = config.num_groups
+    plane_mean, plane_std, normalized = _plane_moments(x)
+    n, c = plane_mean.shape
+    if config.training:
+        batch_mean = plane_mean.mean(0)
+        centred = plane_mean - batch_mean
+        batch_var = torch.addcmul(plane_std.square(), centred, centred).mean(0)
+        if config.estimate:
+            _ref_batch_channel.estimate_update_(running_mean, running_var, batch_mean, batch_var,
+                                                config.estimate_rate)
+        elif running_mean is not None:
+            _ref_batch_channel.update_batch_running_stats_(running_mean, running_var, num_batches_tracked,
+                                                           batch_mean, batch_var, count=x.numel() // c,
+                                                           momentum=config.momentum)
+        elif num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-    u = F.batch_norm(xf, *stats, _in(bn_weight, dtype), _in(bn_bias, dtype), batch_stats, momentum, bn_eps)
-    if batch_stats and running_mean is not None and running_mean.dtype != dtype:
-        with torch.no_grad():  # F.batch_norm updated the opmath copies: store them in the buffers' own dtype
-            running_mean.copy_(stats[0])
-            running_var.copy_(stats[1])
-    channels_per_group = x.shape[1] // num_groups
-    group_weight, group_bias = (None if t is None else t.to(dtype).reshape(num_groups).repeat_interleave(
-        channels_per_group) for t in (weight, bias))
-    out = F.group_norm(u, num_groups, group_weight, group_bias, eps).to(x.dtype)
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
+    if not config.batch_stats:
+        batch_mean, batch_var = running_mean.to(plane_mean.dtype), running_var.to(plane_mean.dtype)
+        centred = plane_mean - batch_mean
+    scale = (batch_var + config.bn_eps).rsqrt_()  # a_c = γ_c·scale_c
+    a = scale if bn_weight is None else scale * bn_weight
+    u_mean = (centred * a if bn_bias is None else torch.addcmul(bn_bias, centred, a)).view(n, groups, -1)  # mu_nc
+    u_dev = u_mean - u_mean.mean(-1, keepdim=True)  # mu_nc − M_ng
+    u_std = (plane_std * a).view(n, groups, -1)  # the plane std of u
+    group_rstd = (u_std.square().addcmul_(u_dev, u_dev).mean(-1, keepdim=True) + config.eps).rsqrt_()
+    w_rstd = group_rstd if weight is None else group_rstd * weight.reshape(1, groups, 1)
+    plane_shift = w_rstd * u_dev if bias is None else torch.addcmul(bias.reshape(1, groups, 1), w_rstd, u_dev)
+    plane_shift = plane_shift.view(n, c, 1, 1)  # B
+    if x.dtype in LOW_PRECISION:
+        plane_scale = (w_rstd * a.view(groups, -1)).view(n, c, 1, 1)  # A
+        y = _plane_affine(x, plane_scale, plane_shift - plane_scale * plane_mean.view(n, c, 1, 1), out=normalized)
+    else:  # y = A·(x − m) + B = (A·std)·normalized + B
+        y = normalized.mul_((w_rstd * u_std).view(n, c, 1, 1)).add_(plane_shift)
+    return y, (plane_mean, plane_std, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd)
+
+
+def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``scale·x + shift`` with one (compute-dtype) coefficient pair per (sample, channel) plane, by ATen's eval batch
+    norm over the ``N·C`` planes: for bf16/fp16 ``x`` computed in fp32 and rounded once."""
+    planes = x.view(1, scale.numel(), -1)
+    zeros, ones = torch.zeros_like(scale.view(-1)), torch.ones_like(scale.view(-1))
+    if out is None:
+        return F.batch_norm(planes, zeros, ones, scale.view(-1), shift.view(-1), False, 0.0, 0.0).view(x.shape)
+    torch.ops.aten.native_batch_norm.out(planes, scale.view(-1), shift.view(-1), zeros, ones, False, 0.0, 0.0,
+                                         out=out.view(planes.shape), save_mean=scale.new_empty(0),
+                                         save_invstd=scale.new_empty(0))
     return out
 
 
-def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance (fp32, ``(N, C)``) of each (sample, channel) plane of bf16/fp16 ``x``: the saved
-    statistics of ATen's group norm with one channel per group beside an fp32 weight (the mixed-type path; the pure
-    bf16 one rounds its statistics). ``eps = 0``, so ``v = rstd⁻²`` (a constant plane: ``rstd = inf``, ``v = 0``); the
-    normalized output is dropped."""
-    n, c = x.shape[:2]
-    ones = torch.ones(c, dtype=torch.float32, device=x.device)
-    _, mean, rstd = torch.ops.aten.native_group_norm(x, ones, None, n, c, x.numel() // max(n * c, 1), c, 0.0)
-    return mean.view(n, c), rstd.view(n, c).pow(-2)
+class _BatchChannelNormFunction(torch.autograd.Function):
+    """The fused forward and closed-form backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], config: _Config, *params: Optional[Tensor]) -> Tensor:
+        y, saved = _fused_forward(x, running_mean, running_var, num_batches_tracked, params, config)
+        ctx.save_for_backward(x, *saved, *params)
+        ctx.config = config
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, plane_mean, plane_std, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd, *params = \
+            ctx.saved_tensors
+        config, needs = ctx.config, ctx.needs_input_grad
+        if torch.is_grad_enabled():  # a double backward: the saved statistics hold no graph, so autograd from x
+            return _differentiable_backward(x, dy, batch_mean, batch_var, params, config, needs)
+        groups = config.num_groups
+        n, c, h, w = x.shape
+        hw, planes = h * w, n * c
+        dy = dy.contiguous()
+        ones = plane_mean.new_ones(planes)
+        # s1 = Σ dy, s2 = Σ dy·(x − m) per plane: ATen's batch-norm backward over the N·C planes, reductions only
+        _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
+            dy.view(1, planes, hw), x.view(1, planes, hw), ones, None, None, plane_mean.view(-1), ones, True, 0.0,
+            [False, True, True])
+        s1, s2 = s1.view(n, groups, -1), s2.view(n, groups, -1)
+        a_g = a.view(groups, -1)
+        dy_yhat = group_rstd * (a_g * s2 + u_dev * s1)  # Σ_hw dy·ŷ per plane
+        count = (c // groups) * hw
+        mean_dy = s1.sum(-1, keepdim=True) / count
+        mean_dy_yhat = dy_yhat.sum(-1, keepdim=True) / count
+        # du = w_rstd·dy + q1·(x − m) + s1_coef per plane
+        q1 = -w_rstd * group_rstd * mean_dy_yhat * a_g
+        s1_coef = -w_rstd * (mean_dy + group_rstd * u_dev * mean_dy_yhat)
+        sum_du = (w_rstd * s1 + s1_coef * hw).view(n, c)  # Σ_hw du
+        sum_du_dev = (w_rstd * s2 + q1 * hw * plane_std.square().view(n, groups, -1)).view(n, c)  # Σ_hw du·(x − m)
+        dbn_bias = sum_du.sum(0)
+        dbn_weight_unscaled = torch.addcmul(sum_du_dev, centred, sum_du).sum(0)  # Σ du·(x − μ)
+        q1, s1_coef = q1.reshape(n, c), s1_coef.reshape(n, c)
+        if config.batch_stats:  # dx = a·(du − mean(du) − x̂·mean(du·x̂))
+            total = n * hw
+            k = scale.square() * dbn_weight_unscaled / total
+            q1 = q1 - k
+            s1_coef = s1_coef - dbn_bias / total - k * centred
+        dx = None
+        if needs[0]:
+            x_coef, shift = a * q1, a * s1_coef
+            dy_coef = (w_rstd * a_g).view(n, c, 1, 1)
+            if dy.dtype == torch.float16 and bool(dy_coef.abs().amax() > torch.finfo(torch.float16).max):
+                # a near-constant channel's coefficient would overflow in fp16: the whole affine in fp32, rounded once
+                dx = _plane_affine(x.float(), x_coef, shift - x_coef * plane_mean).addcmul_(dy.float(), dy_coef)
+                dx = dx.to(x.dtype)
+            else:
+                dx = _plane_affine(x, x_coef, shift - x_coef * plane_mean).addcmul_(dy, dy_coef.to(dy.dtype))
+        grads = (scale * dbn_weight_unscaled, dbn_bias, dy_yhat.sum((0, 2)), s1.sum((0, 2)))
+        return (dx, None, None, None, None, *(g.to(p.dtype).view(p.shape) if need else None
+                                              for g, p, need in zip(grads, params, needs[5:])))
 
 
-def _low_precision_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], weight: Optional[Tensor],
-                           bias: Optional[Tensor], *, training: bool, momentum: float, eps: float, num_groups: int,
-                           bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
-                           num_batches_tracked: Optional[Tensor]) -> Tensor:
-    """The bf16/fp16 route of the module docstring (no autograd graph); running buffers updated as the reference
-    does (in fp32, stored in their own dtype)."""
-    n, c = x.shape[:2]
-    x = x.contiguous()
-    plane_mean, plane_var = _plane_moments(x)
-    batch_mean = plane_mean.mean(0)
-    batch_var = (plane_var + (plane_mean - batch_mean).square()).mean(0)
-    if training and estimate:
-        _ref_batch_channel.estimate_update_(running_mean, running_var, batch_mean, batch_var, estimate_rate)
-    elif training and running_mean is not None:
-        _ref_batch_channel.update_batch_running_stats_(running_mean, running_var, num_batches_tracked, batch_mean,
-                                                       batch_var, count=x.numel() // c, momentum=momentum)
-    elif training and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if not training or estimate:
-        batch_mean, batch_var = running_mean.float(), running_var.float()
-    bn_weight, bn_bias, weight, bias = params_like(x, bn_weight, bn_bias, weight, bias)
-    scale = torch.rsqrt(batch_var + bn_eps)  # u = scale·x + shift, per channel
-    if bn_weight is not None:
-        scale = scale * bn_weight
-    shift = -batch_mean * scale if bn_bias is None else bn_bias - batch_mean * scale
-    u_mean = (plane_mean * scale + shift).view(n, num_groups, -1)
-    u_var = (plane_var * scale.square()).view(n, num_groups, -1)
-    group_mean = u_mean.mean(-1, keepdim=True)
-    group_scale = torch.rsqrt((u_var + (u_mean - group_mean).square()).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        group_scale = group_scale * weight.view(1, num_groups, 1)
-    plane_scale = (group_scale * scale.view(num_groups, -1)).reshape(n * c)
-    plane_shift = group_scale * (shift.view(num_groups, -1) - group_mean)
-    if bias is not None:
-        plane_shift = plane_shift + bias.view(1, num_groups, 1)
-    # y = plane_scale·x + plane_shift as ATen's eval batch norm over the N·C planes: in fp32, rounded once
-    zeros, ones = torch.zeros_like(plane_scale), torch.ones_like(plane_scale)
-    return F.batch_norm(x.view(1, n * c, -1), zeros, ones, plane_scale, plane_shift.reshape(n * c), False, 0.0,
-                        0.0).view(x.shape)
+def _differentiable_backward(x: Tensor, dy: Tensor, batch_mean: Tensor, batch_var: Tensor,
+                             params: list[Optional[Tensor]], config: _Config,
+                             needs: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
+    """The gradients by autograd through ``F.batch_norm`` and ``F.group_norm`` from ``x`` (with the batch statistics,
+    no running update; or the running ones the forward used, as constants), for a double backward."""
+    bn_weight, bn_bias, weight, bias = params
+    leaves = [t for t, need in zip((x, *params), needs[:1] + needs[5:]) if need]
+    with torch.enable_grad():
+        y = _stages(x.to(batch_mean.dtype), None if config.batch_stats else batch_mean,
+                    None if config.batch_stats else batch_var, bn_weight, bn_bias, weight, bias,
+                    batch_stats=config.batch_stats, momentum=0.0, config=config)
+        grads = iter(torch.autograd.grad(y, leaves, dy.to(y.dtype), create_graph=True))
+    return tuple(None if i in (1, 2, 3, 4) or not need else next(grads).to(t.dtype)
+                 for i, (t, need) in enumerate(zip((x, None, None, None, None, *params), needs)))
+
+
+def _stages(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
+            bn_bias: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], *, batch_stats: bool,
+            momentum: float, config: _Config) -> Tensor:
+    """``F.batch_norm`` then ``F.group_norm`` (the group affine, one value per group, as the per-channel affine of
+    ``F.group_norm`` with each value repeated over its group's channels), in ``x``'s dtype."""
+    u = F.batch_norm(x, mean, var, bn_weight, bn_bias, batch_stats, momentum, config.bn_eps)
+    channels_per_group = x.shape[1] // config.num_groups
+    group_weight, group_bias = (None if t is None else t.reshape(config.num_groups).repeat_interleave(
+        channels_per_group) for t in (weight, bias))
+    return F.group_norm(u, config.num_groups, group_weight, group_bias, config.eps)
+
+
+def _composite(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               num_batches_tracked: Optional[Tensor], *params: Optional[Tensor], config: _Config) -> Tensor:
+    """:func:`_stages` in the compute dtype (the output rounded once): the batch stage is exactly ``F.batch_norm``'s
+    math (biased variance to normalize, the unbiased one into the running variance, the same ``momentum`` rule);
+    EstBN's update (``estimate=True``) is the reference's, after which the batch stage is ``F.batch_norm`` in eval
+    mode on the updated estimates."""
+    dtype = compute_dtype(x.dtype)
+    xf = x.to(dtype)
+    if config.estimate:
+        if config.training:
+            with torch.no_grad():
+                var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+            _ref_batch_channel.estimate_update_(running_mean, running_var, mean, var, config.estimate_rate)
+        stats = (running_mean.to(dtype), running_var.to(dtype))
+    else:
+        stats = (_in(running_mean, dtype), _in(running_var, dtype))
+        if config.training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    out = _stages(xf, *stats, *(_in(p, dtype) for p in params), batch_stats=config.batch_stats,
+                  momentum=config.momentum, config=config).to(x.dtype)
+    if config.batch_stats and running_mean is not None and running_mean.dtype != dtype:
+        with torch.no_grad():  # F.batch_norm updated the opmath copies: store them in the buffers' own dtype
+            running_mean.copy_(stats[0])
+            running_var.copy_(stats[1])
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out

@@ -1,18 +1,37 @@
-"""CPU tier of the row norms: LayerNorm, RMSNorm and CRMSNorm as one closed-form ``autograd.Function``, and the
-fused residual add.
+"""CPU tier of the row norms: LayerNorm, RMSNorm and CRMSNorm, plain or after a fused residual add.
 
-torch's own ``F.rms_norm`` is no fused kernel on CPU (it runs ``pow``, ``mean``, ``rsqrt`` and two multiplies, and
-autograd through them), and ATen's ``native_layer_norm`` takes a single ``eps`` for all rows, where the statistics
-here are those of each row scaled by a power of two ``s`` with ``eps·s²`` (as the reference and the kernels:
-:func:`normlayers.reference.row_norms.power_of_two_scale`, docs/reliability.md). So every kind gets the closed form
-on the scaled row ``z = s·x``: with ``r = rsqrt(σ² + eps·s²)`` per row and ``gw = dy·w``,
+On CPU every fresh ``M×N`` tensor costs about as much as a pass over the rows (its pages are faulted in on first
+touch), so the tier is written around the number of fresh tensors and passes, with torch's fused reductions and ATen's
+fused layer-norm kernels where they compute our math:
 
-    LayerNorm:  ẑ = (z − mean z)·r,    dx = s·r·(gw − mean(gw) − ẑ·mean(gw·ẑ))
-    RMSNorm:    dx = s·(r·gw − r³·(Σ gw·z)/d·(z + c))
+* statistics: ``torch.linalg.vector_norm`` (one vectorized pass, no temporary; ``torch.square().mean()`` takes a
+  temporary and two) for the RMS kinds, ``native_layer_norm`` for LayerNorm;
+* the output: one fresh tensor, the rest in place (and for bf16/fp16 one rounding, as the reference);
+* the backward: ATen's fused ``native_layer_norm_backward`` with the forward's statistics (``mean = 0`` for the RMS
+  kinds, whose backward differs from LayerNorm's only by a per-row constant, and for CRMSNorm a term in ``x``, added
+  in place).
 
-where RMSNorm has ``σ² = Σz²/n``, ``d = n``, ``c = 0`` and CRMSNorm (the compressed vector ``x′`` of width
-``n = d − 1``, Jiang et al., NeurIPS 2023) ``σ² = (Σz′² + (Σz′)²)/d``, ``c = Σz′``; ``dw = Σ_rows dy·ẑ``,
-``db = Σ_rows dy``.
+**Statistics.** The reference takes the statistics of each row scaled by a power of two ``s`` with ``eps·s²``
+(:func:`normlayers.reference.row_norms.power_of_two_scale`, docs/reliability.md), which differs from the unscaled
+statistics only where these overflow or underflow. An overflow shows in the per-row result (``rstd = 0``; NaN or
+inf in a row gives ``rstd`` NaN or 0), and an underflow cannot matter while ``eps ≥ 2^-60`` (the lost ``x²`` terms are
+below ``2^-149`` each, and ``rstd ≤ 2^30`` keeps the backward's ``rstd³`` finite). So eagerly, with such an ``eps``,
+the statistics are taken unscaled and one check of ``min(rstd) > 0`` (``M`` values, one host sync) decides: when it
+fails, the scaled closed form runs instead, with the same formulas on ``z = s·x``. Under ``torch.compile`` the scaled
+closed form always runs (no host sync in the graph) and inductor fuses it.
+
+**Backward** (``r = rstd``, ``gw = dy·(w + offset)``, ``n`` the width; ATen's LayerNorm backward with ``mean = μ``
+is ``dx_LN = r·(gw − mean(gw) − x̂·mean(gw·x̂))`` with ``x̂ = (x − μ)·r``):
+
+    LayerNorm:  dx = dx_LN(μ = mean x)
+    RMSNorm:    dx = dx_LN(μ = 0) + r·Σgw/n
+    CRMSNorm:   dx = dx_LN(μ = 0) + r·Σgw/n + r³·(Σgw·x)·(x/(n·d) − c/d)
+
+where CRMSNorm (the compressed vector ``x′`` of width ``n = d − 1``, Jiang et al., NeurIPS 2023) has
+``σ² = (Σx′² + (Σx′)²)/d`` and ``c = Σx′``; ``dw = Σ_rows dy·x̂`` and ``db = Σ_rows dy`` come from the same ATen call
+(it sums them in fp32 when given fp32 rows; with bf16 rows it sums them with bf16 roundings, so bf16/fp16 rows are
+upcast for the backward). For the scaled closed form ``x`` is ``z = s·x`` and ``dx = s·dz``. A double backward
+(``create_graph=True``) differentiates the reference instead.
 """
 
 from __future__ import annotations
@@ -21,7 +40,6 @@ import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
@@ -30,120 +48,191 @@ from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm"]
 
+# Below this eps the unscaled statistics are not used (module docstring): rstd ≤ 2^30, so rstd³ stays finite.
+_MIN_UNSCALED_EPS = 2.0 ** -60
 
-def _scaled_stats(xf: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``(z, r, s, c)`` per row of the 2-D ``xf``: the scaled row ``z = s·x`` (centred for LayerNorm), ``r`` and ``s``
-    as ``(M, 1)``, and ``c = Σz`` for CRMSNorm (else ``None``)."""
+
+def _unscaled_allowed(rows: Tensor, eps: float) -> bool:
+    return not torch.compiler.is_compiling() and eps >= _MIN_UNSCALED_EPS and rows.numel() > 0
+
+
+def _rms_stats(rows: Tensor, kind: str, eps: Any) -> tuple[Tensor, Optional[Tensor]]:
+    """``(rstd, row_sum)`` as ``(M, 1)`` of the opmath rows (``row_sum = Σx`` for CRMSNorm, else ``None``); ``eps`` is
+    a float or, scaled, an ``(M, 1)`` tensor."""
+    mean_square = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_()
+    row_sum = None
+    width = rows.shape[-1]
+    if kind == "crms":
+        row_sum = rows.sum(-1, keepdim=True)
+        mean_square.add_(row_sum.square())
+        width += 1
+    return mean_square.div_(width).add_(eps).rsqrt_(), row_sum
+
+
+def _trusted(rstd: Tensor) -> bool:
+    """Whether unscaled statistics give the scaled ones' answer in every row (see the module docstring)."""
+    return rstd.min().item() > 0  # False for a NaN. min: the cheapest check measured right after a big op
+
+
+class _Stats:
+    """Per-row statistics, ``(M, 1)``: ``rstd``; ``mean`` (LayerNorm), ``row_sum`` (CRMSNorm) and the power-of-two
+    ``scale`` of the closed form, else ``None``."""
+
+    __slots__ = ("rstd", "mean", "row_sum", "scale")
+
+    def __init__(self, rstd: Tensor, mean: Optional[Tensor] = None, row_sum: Optional[Tensor] = None,
+                 scale: Optional[Tensor] = None) -> None:
+        self.rstd, self.mean, self.row_sum, self.scale = rstd, mean, row_sum, scale
+
+
+def _scaled_stats(xf: Tensor, kind: str, eps: float) -> _Stats:
+    """The closed form's statistics of the rows scaled by a power of two (the reference's)."""
     scale = _ref_row.power_of_two_scale(xf, (-1,), eps)
     z = xf * scale
     eps_s = eps * scale * scale
     if kind == "layer":
-        z = z - z.mean(-1, keepdim=True)
-        return z, torch.rsqrt(z.square().mean(-1, keepdim=True) + eps_s), scale, None
-    if kind == "rms":  # mean of squares, the op order of torch's, timm's and Hugging Face's RMSNorms: bit for bit
-        return z, torch.rsqrt(z.square().mean(-1, keepdim=True) + eps_s), scale, None
-    sum_sq = torch.linalg.vecdot(z, z).unsqueeze(-1)
-    row_sum = z.sum(-1, keepdim=True)
-    return z, torch.rsqrt((sum_sq + row_sum.square()) / (z.shape[-1] + 1) + eps_s), scale, row_sum
+        mean = z.mean(-1, keepdim=True)
+        centred = z.sub_(mean)
+        return _Stats(torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps_s), mean=mean, scale=scale)
+    rstd, row_sum = _rms_stats(z, kind, eps_s)
+    return _Stats(rstd, row_sum=row_sum, scale=scale)
+
+
+def _normalize(x: Tensor, xf: Tensor, stats: _Stats, weight: Optional[Tensor], bias: Optional[Tensor],
+               weight_offset: float, out_dtype: torch.dtype) -> Tensor:
+    """``y = ẑ·(w + offset) + b`` from the statistics, in one fresh opmath tensor (``xf`` itself where it is a fresh
+    upcast of ``x``), rounded once to ``out_dtype``."""
+    fresh = xf is not x
+    y = xf
+    for op, factor in ((torch.mul, stats.scale), (torch.sub, stats.mean), (torch.mul, stats.rstd)):
+        if factor is not None:
+            y = op(y, factor, out=y) if fresh else op(y, factor)
+            fresh = True
+    if weight is not None:
+        y = y.mul_(weight + weight_offset if weight_offset else weight)
+    if bias is not None:
+        y = y.add_(bias)
+    return y.to(out_dtype)
+
+
+def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: _Stats, kind: str,
+              weight_offset: float, needs: tuple[bool, bool, bool]
+              ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(dx, dweight, dbias)`` of the first-order backward (module docstring), each in its input's dtype."""
+    xf, gf = opmath(x), opmath(grad)
+    if stats.scale is not None:
+        xf = xf * stats.scale
+    weight_f, bias_f = params_like(xf, weight, bias)
+    if weight_f is not None and weight_offset:
+        weight_f = weight_f + weight_offset
+    width = xf.shape[-1]
+    mean = stats.mean if stats.mean is not None else torch.zeros_like(stats.rstd)
+    dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+        gf, xf, [width], mean, stats.rstd, weight_f, bias_f, [needs[0], needs[1], needs[2]])
+    if dx is not None and kind == "layer" and width == 1:  # x − E[x] is exactly 0: so is dx (ATen's is noise)
+        dx.zero_()
+    elif dx is not None and kind != "layer":
+        sum_gw = gf.sum(-1, keepdim=True) if weight_f is None else (gf @ weight_f).unsqueeze(-1)
+        shift = stats.rstd * sum_gw / width
+        if kind == "crms":
+            gw = gf if weight_f is None else gf * weight_f
+            coef = torch.linalg.vecdot(gw, xf).unsqueeze(-1).mul_(stats.rstd).mul_(stats.rstd).mul_(stats.rstd)
+            dx.addcmul_(xf, coef, value=1.0 / (width * (width + 1)))
+            shift = shift - coef * stats.row_sum / (width + 1)
+        dx.add_(shift)
+    if dx is not None:
+        dx = (dx.mul_(stats.scale) if stats.scale is not None else dx).to(x.dtype)
+    return (dx, None if dweight is None else dweight.to(weight.dtype),
+            None if dbias is None else dbias.to(bias.dtype))
+
+
+def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    weight_offset: float) -> Tensor:
+    """The reference's output (opmath) for the 2-D rows ``x``: what a double backward differentiates."""
+    shape, out_dtype = (x.shape[-1],), compute_dtype(x.dtype)
+    if kind == "layer":
+        return _ref_row.layer_norm(x, shape, weight, bias, eps, out_dtype=out_dtype)
+    if kind == "rms":
+        y = _ref_row.rms_norm(x, shape, weight, eps, weight_offset=weight_offset, out_dtype=out_dtype)
+    else:
+        y = _ref_row.crms_norm(x, shape, weight, eps, out_dtype=out_dtype)
+    return y if bias is None else y + bias
+
+
+def _aten_layer_norm(x: Tensor, shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                     weight_offset: float, out_dtype: torch.dtype, fp32_stats: bool
+                     ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """``(y, mean, rstd)`` from ATen's fused LayerNorm forward where its unscaled statistics are trusted, else
+    ``None``. It reads bf16/fp16 rows as they are, computes in fp32 and rounds once. Parameters in the rows' own dtype
+    give the bits of fp32 ones (checked, bf16 and fp16) and run a faster kernel, but then it returns statistics rounded
+    to that dtype: not with ``fp32_stats`` (statistics for a backward)."""
+    if math.prod(shape) <= 1 or not _unscaled_allowed(x, eps):  # width 1: see row_norm
+        return None
+    rows = x if out_dtype == x.dtype else opmath(x)  # e.g. bf16 rows of an fp32 input's residual stream
+    own_dtype = not fp32_stats and not weight_offset
+    params = [p if p is None or (p.dtype == rows.dtype and own_dtype) else p.to(compute_dtype(rows.dtype))
+              for p in (weight, bias)]
+    if weight_offset:
+        params[0] = params[0] + weight_offset
+    y, mean, rstd = torch.native_layer_norm(rows, shape, *params, eps)
+    if not _trusted(rstd):
+        return None
+    return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
+
+
+def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, weight_offset: float,
+             kind: str, out_dtype: torch.dtype) -> tuple[Tensor, _Stats]:
+    """``(y, statistics)`` of the 2-D rows ``x`` for a backward: unscaled where trusted, else the scaled closed
+    form."""
+    if kind == "layer":
+        result = _aten_layer_norm(x, [x.shape[-1]], weight, bias, eps, weight_offset, out_dtype, fp32_stats=True)
+        if result is not None:
+            return result[0], _Stats(result[2], mean=result[1])
+    xf = opmath(x)
+    stats = None
+    if kind != "layer" and _unscaled_allowed(x, eps):
+        rstd, row_sum = _rms_stats(xf, kind, eps)
+        stats = _Stats(rstd, row_sum=row_sum) if _trusted(rstd) else None
+    if stats is None:
+        stats = _scaled_stats(xf, kind, eps)
+    weight_f, bias_f = params_like(xf, weight, bias)
+    return _normalize(x, xf, stats, weight_f, bias_f, weight_offset, out_dtype), stats
 
 
 class _RowNormFunction(torch.autograd.Function):
-    """``y = ẑ·(w + offset) + b`` over the last dim of a 2-D ``x``, computed in ``x``'s opmath dtype; see the module
-    docstring for the backward. ``weight`` and ``bias`` may be ``None``."""
+    """``y = ẑ·(w + offset) + b`` over the last dim of the 2-D rows ``h`` (module docstring), with ``h = x`` or, given
+    a ``residual`` of ``x``'s dtype, ``h = x + residual``, returned too: ``(y, h)``. Fused so that the backward adds the
+    gradient of ``h`` in place. ``residual``, ``weight`` and ``bias`` may be ``None``."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, weight_offset: float,
-                kind: str, out_dtype: torch.dtype) -> Tensor:
-        z, rstd, _, _ = _scaled_stats(opmath(x), kind, eps)
-        y = z * rstd
-        if weight is not None:
-            y = y.mul_(weight.to(y.dtype) + weight_offset) if weight_offset else y.mul_(weight.to(y.dtype))
-        if bias is not None:
-            y = y.add_(bias.to(y.dtype))
-        return y.to(out_dtype)
+    def forward(ctx: Any, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float, weight_offset: float, kind: str, out_dtype: torch.dtype) -> Any:
+        h = x if residual is None else x + residual  # ATen adds in opmath and rounds once, as the reference
+        y, stats = _forward(h, weight, bias, eps, weight_offset, kind, out_dtype)
+        ctx.save_for_backward(h, weight, bias, stats.rstd, stats.mean, stats.row_sum, stats.scale)
+        ctx.eps, ctx.weight_offset, ctx.kind, ctx.fused_add = eps, weight_offset, kind, residual is not None
+        ctx.set_materialize_grads(False)
+        return y if residual is None else (y, h)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, eps, weight_offset, kind, _ = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.eps, ctx.weight_offset, ctx.kind, ctx.bias_dtype = eps, weight_offset, kind, getattr(bias, "dtype", None)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight = ctx.saved_tensors
-        gf = grad.to(compute_dtype(x.dtype))
-        z, rstd, scale, row_sum = _scaled_stats(opmath(x), ctx.kind, ctx.eps)  # recomputed: saves (M, 1) buffers
-        xhat = z * rstd
-        gw = gf if weight is None else gf * (weight.to(gf.dtype) + ctx.weight_offset)
-        # out of place: in a double backward these ops are themselves differentiated
-        if ctx.kind == "layer":
-            dz = rstd * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+    def backward(ctx: Any, grad: Optional[Tensor], grad_h: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
+        h, weight, bias, rstd, mean, row_sum, scale = ctx.saved_tensors
+        needs = (any(ctx.needs_input_grad[:2]), *ctx.needs_input_grad[2:4])
+        if grad is None:
+            dh, dweight, dbias = None, None, None
+        elif torch.is_grad_enabled():  # a double backward: differentiate the reference, whose ops have derivatives
+            hf = opmath(h)
+            leaves = [t for t, need in zip((hf, weight, bias), needs) if need]
+            y = _reference_rows(ctx.kind, hf, weight, bias, ctx.eps, ctx.weight_offset)
+            grads = iter(torch.autograd.grad(y, leaves, opmath(grad), create_graph=True))
+            dh, dweight, dbias = (next(grads) if need else None for need in needs)
+            dh = None if dh is None else dh.to(h.dtype)
         else:
-            width = z.shape[-1] + (1 if row_sum is not None else 0)
-            coef = rstd.pow(3) * torch.linalg.vecdot(gw, z).unsqueeze(-1) / width
-            dz = gw * rstd - (z if row_sum is None else z + row_sum) * coef
-        dweight = dbias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            dweight = (gf * xhat).sum(0).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            dbias = gf.sum(0).to(ctx.bias_dtype)
-        return (dz * scale).to(x.dtype), dweight, dbias, None, None, None, None
-
-
-class _LowPrecisionLayerNorm(torch.autograd.Function):
-    """ATen's fused layer norm on bf16/fp16 ``x`` beside fp32 parameters: its forward computes the statistics and the
-    output in fp32 and rounds the output once (the reference's math; checked against fp64 in
-    tests/cpu/test_row_norms.py), with no fp32 copy of ``x``. Its reduced-precision backward sums the weight and bias
-    gradients with bf16 roundings (an error of 0.04 in a bias gradient of 12 rows), so the backward runs ATen's
-    fp32 kernel on upcast ``x`` and ``dy`` with the forward's fp32 statistics."""
-
-    @staticmethod
-    def forward(x: Tensor, shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.ops.aten.native_layer_norm(x, shape, weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, shape, weight, bias, eps = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.shape, ctx.eps = shape, eps
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor, *unused: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        xf, gf = opmath(x), opmath(grad)
-        needed = [ctx.needs_input_grad[i] for i in (0, 2, 3)]  # x, weight, bias
-        if torch.is_grad_enabled():  # a double backward: the saved statistics hold no graph, so autograd from x
-            leaves = [t for t, need in zip((xf, weight, bias), needed) if need]
-            grads = iter(torch.autograd.grad(F.layer_norm(xf, ctx.shape, weight, bias, ctx.eps), leaves, gf,
-                                             create_graph=True))
-            dx, dweight, dbias = (next(grads) if need else None for need in needed)
-        else:
-            dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(gf, xf, ctx.shape, mean, rstd, weight,
-                                                                           bias, needed)
-        return None if dx is None else dx.to(x.dtype), None, dweight, dbias, None
-
-
-def _native_layer_norm(h: Tensor, input_dtype: torch.dtype, shape: tuple[int, ...], weight: Optional[Tensor],
-                       bias: Optional[Tensor], eps: float) -> Optional[Tensor]:
-    """ATen's fused layer norm of ``h`` where it gives the scaled statistics' answer, else ``None`` (eager only; under
-    ``torch.compile`` the closed form runs and inductor fuses it).
-
-    Unscaled statistics differ from the scaled ones only where they overflow or underflow: with ``eps = 0`` a tiny
-    row's variance underflows (so only ``eps > 0`` qualifies), and a row whose squared deviations overflow gets an
-    infinite variance, i.e. ``rstd = 0`` — as does a NaN or inf row (``rstd`` NaN), whose NaN pattern the closed form
-    reproduces. So one check of the per-row ``rstd > 0`` after the call (M values, one host sync) replaces a pass of
-    ``abs().amax()`` over the input before it."""
-    if torch.compiler.is_compiling() or eps <= 0 or h.numel() == 0:
-        return None
-    weight, bias = params_like(h, weight, bias)
-    if h.dtype in LOW_PRECISION and input_dtype == h.dtype:  # the output is rounded to h's dtype
-        y, _, rstd = _LowPrecisionLayerNorm.apply(h, list(shape), weight, bias, eps)
-    else:  # e.g. fp32 input with a bf16 residual stream: the output stays fp32
-        y, _, rstd = torch.ops.aten.native_layer_norm(opmath(h), list(shape), weight, bias, eps)
-    return y.to(input_dtype) if bool((rstd > 0).all()) else None
+            dh, dweight, dbias = _backward(h, grad, weight, bias, _Stats(rstd, mean, row_sum, scale), ctx.kind,
+                                           ctx.weight_offset, needs)
+        if grad_h is not None and needs[0]:
+            dh = grad_h if dh is None else (dh + grad_h if torch.is_grad_enabled() else dh.add_(grad_h))
+        return dh, dh if ctx.fused_add else None, dweight, dbias, None, None, None, None
 
 
 def _residual_add(x: Tensor, residual: Tensor, residual_dtype: torch.dtype) -> Tensor:
@@ -157,15 +246,27 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
              weight_offset: float) -> tuple[Tensor, Optional[Tensor]]:
     """``(y, h)`` as :func:`normlayers.functional.add_layer_norm` and friends (``h = None`` without ``residual``);
     ``kind`` is ``"layer"``, ``"rms"`` or ``"crms"``. Arguments are assumed valid."""
-    h = input if residual is None else _residual_add(input, residual, residual_dtype)
-    # Width 1 takes the closed form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
-    y = _native_layer_norm(h, input.dtype, shape, weight, bias, eps) if kind == "layer" and math.prod(shape) > 1 \
-        else None
-    if y is not None:
-        return y, h if residual is not None else None
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, residual, weight, bias))
+    fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
+    h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
+    # LayerNorm: ATen's fused kernel and, for fp32/fp64, its own autograd, where trusted. (bf16/fp16 rows with
+    # gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16.) Width 1 takes the closed
+    # form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
+    if kind == "layer" and not fused_add and not (differentiable and h.dtype in LOW_PRECISION):
+        result = _aten_layer_norm(h, list(shape), weight, bias, eps, weight_offset, input.dtype, fp32_stats=False)
+        if result is not None:
+            return result[0], h if residual is not None else None
     width = math.prod(shape)
+    rows = h.reshape(-1, width)
     flat_weight = None if weight is None else weight.reshape(width)
     flat_bias = None if bias is None else bias.reshape(width)
-    y = _RowNormFunction.apply(h.reshape(-1, width), flat_weight, flat_bias, eps, weight_offset, kind,
-                               input.dtype).reshape(h.shape)
-    return y, h if residual is not None else None
+    if fused_add:
+        y, h = _RowNormFunction.apply(rows, residual.reshape(-1, width), flat_weight, flat_bias, eps, weight_offset,
+                                      kind, input.dtype)
+        return y.reshape(input.shape), h.reshape(input.shape)
+    if differentiable:
+        y = _RowNormFunction.apply(rows, None, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype)
+    else:  # inference: the same forward without the Function's overhead
+        y = _forward(rows, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype)[0]
+    return y.reshape(h.shape), h if residual is not None else None

@@ -1,14 +1,25 @@
-"""CPU tier of Weight Standardization: the weight transform as one ATen ``F.batch_norm`` over each filter's fan-in
-(timm's ``StdConv2d`` trick: the weight viewed as a batch of one, ``O`` channels of ``I`` values each), whose
-fused forward and backward replace the reference's half-dozen passes.
+"""CPU tier of Weight Standardization (Qiao et al., arXiv 1903.10520, Eq. 5; Scaled WS: Brock et al., arXiv
+2101.08692, Eq. 4): each output filter standardized over its fan-in ``I`` by one fused ATen norm.
 
-``F.batch_norm`` normalizes with the biased variance and ``eps`` inside the square root. The unbiased variants fit
-too: with ``σ²_u = σ²·I/(I − 1)``,
+Without a per-filter gain the weight, viewed as ``O`` rows of ``I`` values, goes through ``F.layer_norm`` over the rows
+(``native_layer_norm`` and its backward: a vectorized pass per row, about half the time of timm's ``StdConv2d``
+trick, ``F.batch_norm`` over the weight viewed as a batch of one, on this tier's CPUs). With a gain (Scaled WS) the
+per-filter factor is ``F.batch_norm``'s per-channel weight, timm's ``ScaledStdConv2d`` exactly.
+
+Both normalize with the biased variance and ``eps`` inside the square root. The unbiased variants fit too: with
+``σ²_u = σ²·I/(I − 1)``,
 
     (W − μ) / sqrt(σ²_u + eps) = sqrt((I − 1)/I) · (W − μ) / sqrt(σ² + eps·(I − 1)/I),
 
-so the factor becomes part of the per-filter scale (with Scaled WS's ``gain·γ/sqrt(I)``). Eps *outside* the square
-root (variant ``"qiao"``) has no such form and runs the reference.
+so the factor becomes a constant scale (with Scaled WS's ``gain·γ/sqrt(I)``). Eps *outside* the square root (variant
+``"qiao"``) has no such form and runs the reference.
+
+A bf16/fp16 weight goes in as it is, beside an fp32 norm weight (the constant scale, ones without one): ATen's
+mixed-type norms then compute the statistics, the output and the gradient in fp32 and round once (the fp64
+reference's error; checked in tests/cpu/test_weight_std.py). Without it the pure bf16 paths round along the way:
+``F.batch_norm``'s statistics (0.072 against 0.016 on 256x2304 bf16 values near 1) and ``F.layer_norm``'s gradient
+(twice the one-rounding error); ``F.layer_norm``'s bf16 forward is the mixed-type one bit for bit, so with no
+gradient to compute the ones are left out.
 """
 
 from __future__ import annotations
@@ -36,20 +47,16 @@ def weight_standardize(weight: Tensor, *, correction: int, eps: float, gain: Opt
     """As :func:`normlayers.reference.weight_std.weight_standardize` with ``eps_inside=True``."""
     filters, fan_in = weight.shape[0], weight[0].numel()
     ratio = (fan_in - correction) / fan_in
-    per_filter_scale = scale * math.sqrt(ratio)
+    constant_scale = scale * math.sqrt(ratio)
     dtype = compute_dtype(weight.dtype)
-    if gain is not None:
-        bn_weight = gain.to(dtype).reshape(filters) * per_filter_scale
-    elif per_filter_scale != 1.0:
-        bn_weight = torch.full((filters,), per_filter_scale, dtype=dtype, device=weight.device)
+    if gain is None:
+        norm_weight = None
+        needs_grad = weight.requires_grad and torch.is_grad_enabled()
+        if constant_scale != 1.0 or (weight.dtype != dtype and needs_grad):  # the bf16 forward is the same without it
+            norm_weight = torch.full((fan_in,), constant_scale, dtype=dtype, device=weight.device)
+        out = F.layer_norm(weight.reshape(filters, fan_in), (fan_in,), norm_weight, None, eps * ratio)
     else:
-        bn_weight = None
-    # A bf16/fp16 weight goes in as it is, beside an fp32 ``bn_weight``: ATen's mixed-type batch norm computes the
-    # statistics and the output in fp32 and rounds once (the fp64 reference's error exactly, checked in
-    # tests/cpu/test_weight_std.py), and its backward sums the per-filter gain gradient in fp32. Without a weight it
-    # takes the pure bf16 path, whose rounded statistics give 4-5x the error (0.072 against 0.016 on 256x2304 bf16
-    # values near 1), hence fp32 ones.
-    if bn_weight is None and weight.dtype != dtype:
-        bn_weight = torch.ones(filters, dtype=dtype, device=weight.device)
-    out = F.batch_norm(weight.reshape(1, filters, fan_in), None, None, bn_weight, None, True, 0.0, eps * ratio)
+        per_filter_scale = gain.to(dtype).reshape(filters) * constant_scale
+        out = F.batch_norm(weight.reshape(1, filters, fan_in), None, None, per_filter_scale, None, True, 0.0,
+                           eps * ratio)
     return out.reshape(weight.shape)
