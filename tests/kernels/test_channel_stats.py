@@ -17,7 +17,10 @@ from normlayers.testing import NCHW_LAYOUTS, PLANE_KERNEL_SHAPES, assert_close, 
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
-SHAPES = list(PLANE_KERNEL_SHAPES)
+# Contiguous 7×7 planes take the flat tile: blocks of planes read as one 16-byte aligned span, per-plane sums by a
+# segmented scan (here two blocks per sample for 2-byte types, the second partial).
+FLAT_SHAPES = [(2, 24, 7, 7, None)]
+SHAPES = list(PLANE_KERNEL_SHAPES) + FLAT_SHAPES
 LAYOUTS = list(NCHW_LAYOUTS)
 
 
@@ -114,6 +117,24 @@ def test_plane_affine_forward_backward(n, c, h, w, max_block_hw, layout, dtype, 
     # dscale and dshift are fp32 sums of products of (exact) low-precision values: fp32 tolerance.
     assert_close(dscale, ref64[2], msg="dscale")
     assert_close(dshift, ref64[3], msg="dshift")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flat_tile_only_where_every_span_starts_aligned(dtype):
+    x = make_input(2, 24, 7, 7, dtype, "contiguous", "cpu")
+    tile = K.channel_tile(K.as_planes(x))
+    assert tile.flat and tile.align * x.element_size() == 16 and tile.block_p * 49 % tile.align == 0
+    assert tile.block_p * 49 <= tile.block_hw
+    # A slice of 24 of 26 channels: its sample stride (26·49 values) must be on the 16-byte grid too (fp64 only).
+    sliced = make_input(2, 24, 7, 7, dtype, "channel_slice", "cpu")
+    assert K.channel_tile(K.as_planes(sliced)).flat == (26 * 49 % tile.align == 0)
+    # Not for planes of a channels-last input, an output in another layout, a capped chunk (tests of the chunked
+    # loop), or a kernel without a flat variant.
+    last = x.contiguous(memory_format=torch.channels_last)
+    assert not K.channel_tile(K.as_planes(last)).flat
+    assert not K.channel_tile(K.as_planes(x), others=(K.as_planes(last),)).flat
+    assert not K.channel_tile(K.as_planes(x), 64).flat
+    assert not K.channel_tile(K.as_planes(x), flat=False).flat
 
 
 def test_wide_plane_keeps_the_centred_variance(device):

@@ -158,26 +158,32 @@ def compile_all_variants() -> int:
     for data in ("bf16", "fp32", "fp64"):
         stats = "fp64" if data == "fp64" else "fp32"
         tile = {"COMPUTE": tl.float64 if data == "fp64" else tl.float32, "BLOCK_P": 4, "BLOCK_HW": 256}
-        compile_kernel(channel_stats.plane_moments_fwd_kernel,
-                       {"X": f"*{data}", "MEAN": f"*{stats}", "VAR": f"*{stats}"},
-                       {**planes, "stride_n": "i64", "stride_c": "i64", "stride_hw": "i64"}, tile)
+        # The per-plane kernels of channel_stats, EvoNorm and BCN take a rows tile or (FLAT) a flat one, whose span
+        # starts at a multiple of ALIGN values (16 bytes).
+        rows = {**tile, "FLAT": False, "ALIGN": 1}
+        flat = {**tile, "FLAT": True, "ALIGN": {"bf16": 8, "fp32": 4, "fp64": 2}[data]}
+        for plane_tile in (rows, flat):
+            compile_kernel(channel_stats.plane_moments_fwd_kernel,
+                           {"X": f"*{data}", "MEAN": f"*{stats}", "VAR": f"*{stats}"},
+                           {**planes, "stride_n": "i64", "stride_c": "i64", "stride_hw": "i64"}, plane_tile)
         for has_dmean, has_dvar, has_partial in ((True, True, False), (True, False, False), (False, True, False),
                                                  (True, True, True)):
             compile_kernel(channel_stats.plane_moments_bwd_kernel,
                            {"X": f"*{data}", "MEAN": f"*{stats}", "DMEAN": f"*{stats}", "DVAR": f"*{stats}",
                             "DX_PARTIAL": f"*{data}", "DX": f"*{data}"},
                            {**planes, **strides("x", "p", "dx")},
-                           {"HAS_DMEAN": has_dmean, "HAS_DVAR": has_dvar, "HAS_DX_PARTIAL": has_partial, **tile})
-        for regions in (1, 2):  # 2: RegionNorm's two-region variant, reading a uint8 hole mask
+                           {"HAS_DMEAN": has_dmean, "HAS_DVAR": has_dvar, "HAS_DX_PARTIAL": has_partial,
+                            **(flat if has_partial else rows)})
+        for regions, plane_tile in ((1, rows), (1, flat), (2, rows)):  # 2: RegionNorm's two regions, uint8 holes
             hole = "*u8" if regions == 2 else f"*{data}"
             compile_kernel(channel_stats.plane_affine_fwd_kernel,
                            {"X": f"*{data}", "HOLE": hole, "M": f"*{stats}", "A": f"*{stats}", "B": f"*{stats}",
                             "Y": f"*{data}"},
-                           {**planes, **strides("x", "h", "y")}, {"REGIONS": regions, **tile})
+                           {**planes, **strides("x", "h", "y")}, {"REGIONS": regions, **plane_tile})
             compile_kernel(channel_stats.plane_affine_bwd_kernel,
                            {"DY": f"*{data}", "X": f"*{data}", "HOLE": hole, "M": f"*{stats}", "A": f"*{stats}",
                             "DX": f"*{data}", "DA": f"*{stats}", "DB": f"*{stats}"},
-                           {**planes, **strides("dy", "x", "h", "dx")}, {"REGIONS": regions, **tile})
+                           {**planes, **strides("dy", "x", "h", "dx")}, {"REGIONS": regions, **plane_tile})
         compile_kernel(region_norm.region_moments_fwd_kernel,
                        {"X": f"*{data}", "HOLE": "*u8", "CENTER": f"*{stats}", "COUNT": f"*{stats}",
                         "FIRST": f"*{stats}", "SECOND": f"*{stats}"},
@@ -186,7 +192,7 @@ def compile_all_variants() -> int:
                        {"X": f"*{data}", "HOLE": "*u8", "CENTER": f"*{stats}", "DFIRST": f"*{stats}",
                         "DSECOND": f"*{stats}", "DX": f"*{data}", "DCENTER": f"*{stats}"},
                        {**planes, **strides("x", "h", "dx")}, tile)
-        count += 11
+        count += 14
         # RegionNorm's fused layer: every flag the launchers set (batch or instance statistics, the statistics
         # finalized inside the elementwise pass or not, the official affine, with and without parameters).
         params = {name: f"*{data}" for name in ("GAMMA_H", "BETA_H", "GAMMA_V", "BETA_V")}
@@ -232,14 +238,14 @@ def compile_all_variants() -> int:
                                                        (evo_norm.GROUP_MEAN_SQUARE, evo_norm.NUMERATOR_SILU, True))]
         passes += [(evo_norm.MODE_MAX_DIV, evo_norm.COEFFICIENTS_B_RUNNING, 0, variant, variant == evo_norm.VARIANT_B0)
                    for variant in (evo_norm.VARIANT_B0, evo_norm.VARIANT_B1, evo_norm.VARIANT_B2)]
-        for mode, source, statistic, variant, store in passes:
+        for index, (mode, source, statistic, variant, store) in enumerate(passes):
             compile_kernel(evo_norm.evo_plane_fwd_kernel,
                            {"X": f"*{data}", **coefficients, "SHIFT": f"*{stats}", "Y": f"*{data}", **moments,
                             **parameters},
                            {**planes, "CPG": "i32", "eps": "fp32", **strides("x", "y")},
                            {"MODE": mode, "COEFFICIENTS": source, "STATISTIC": statistic, "VARIANT": variant,
                             "HAS_WEIGHT": True, "HAS_BIAS": True, "STORE_COEFFICIENTS": store, "BLOCK_CPG": 16,
-                            **tile})
+                            **(flat if index % 2 else rows)})
         count += len(passes)
         for store in (True, False):
             compile_kernel(batch_channel.batch_channel_eval_fwd_kernel,
@@ -248,13 +254,13 @@ def compile_all_variants() -> int:
                             "Y": f"*{data}", **{name: f"*{stats}" for name in ("SCALE", "SHIFT", "MEAN", "VAR")}},
                            {**planes, "CPG": "i32", "eps": "fp32", "bn_eps": "fp32", **strides("x", "y")},
                            {**{f"HAS_{name}": store for name in ("BN_WEIGHT", "BN_BIAS", "WEIGHT", "BIAS")},
-                            "STORE_COEFFICIENTS": store, "BLOCK_CPG": 16, **tile})
+                            "STORE_COEFFICIENTS": store, "BLOCK_CPG": 16, **(rows if store else flat)})
         count += 2
-        for mode in (evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV):
+        for mode, plane_tile in product((evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV), (rows, flat)):
             compile_kernel(evo_norm.evo_plane_bwd_kernel,
                            {"DY": f"*{data}", "X": f"*{data}", **coefficients, "DX": f"*{data}",
                             **{f"D{name}": f"*{stats}" for name in ("LEFT", "SLOPE", "OFFSET", "SCALE", "SHIFT")}},
-                           {**planes, **strides("dy", "x", "dx")}, {"MODE": mode, **tile})
+                           {**planes, **strides("dy", "x", "dx")}, {"MODE": mode, **plane_tile})
             count += 1
     count += compile_finalize_kernels(compile_kernel)
     # Token statistics (PowerNorm, UnifiedNorm): every flag combination the launchers use, and the mixed dtypes of
@@ -371,7 +377,7 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"a kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    assert done.stdout.strip().endswith("compiled 391 kernels"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("compiled 406 kernels"), done.stdout[-2000:]
 
 
 if __name__ == "__main__":

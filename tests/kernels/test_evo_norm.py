@@ -15,7 +15,8 @@ from normlayers.testing import NCHW_LAYOUTS, PLANE_KERNEL_SHAPES, assert_close, 
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
-SHAPES = list(PLANE_KERNEL_SHAPES)
+# Contiguous 7×7 planes: the flat tile (tests/kernels/test_channel_stats.py).
+SHAPES = list(PLANE_KERNEL_SHAPES) + [(2, 24, 7, 7, None)]
 LAYOUTS = list(NCHW_LAYOUTS)
 
 

@@ -15,7 +15,9 @@ Three measurements, each runnable on a machine without a GPU:
   if every re-read hits a cache), summed over launches, divided by the op's byte model
   (:func:`normlayers.bench.ops.traffic`). Bytes are affine in the row count ``M`` once a persistent grid is full, so
   two small ``M`` give the line, evaluated at :data:`REFERENCE_ROWS`. The backward runs on the grid an H100 would
-  get (:data:`H100_SMS` SMs times the programs per SM its compiled kernel can keep resident).
+  get (:data:`H100_SMS` SMs times the programs per SM its compiled kernel can keep resident). The same counter gives
+  *sector use* (:func:`sector_use`): per ``tl.load``/``tl.store`` call of a program, its distinct bytes ÷ the bytes
+  of the distinct 32-byte sectors they lie in, bytes-weighted (the per-plane table, :func:`plane_sector_use`).
 * **Static quality** (:func:`static_quality`): each row-norm kernel variant compiled for sm_90 by Triton's own
   compiler in a subprocess (the interpreter must be off); registers and spill bytes from the ``ptxas -v`` that Triton
   ships, global load/store widths from ``cuobjdump -sass`` of the cubin (``LDG.E.128`` = 128-bit), and H100
@@ -47,9 +49,9 @@ import torch
 
 __all__ = [
     "H100_SMS", "REFERENCE_ROWS", "LayerCase", "layer_cases", "LaunchCount", "count_launches", "Traffic",
-    "count_traffic", "RowNormTraffic", "row_norm_traffic", "liger_row_norm_traffic", "KernelQuality", "static_quality",
-    "h100_resident_programs", "h100_occupancy", "PLANE_SHAPES", "PLANE_FORMATS", "plane_static_quality", "report",
-    "main",
+    "count_traffic", "sector_use", "RowNormTraffic", "row_norm_traffic", "liger_row_norm_traffic", "KernelQuality",
+    "static_quality", "h100_resident_programs", "h100_occupancy", "PLANE_SHAPES", "PLANE_FORMATS",
+    "plane_static_quality", "plane_sector_use", "report", "main",
 ]
 
 H100_SMS = 132
@@ -277,13 +279,30 @@ def count_launches(case: LayerCase, dtype: torch.dtype = torch.bfloat16) -> dict
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# Bytes of a DRAM/L2 sector, the unit a global access is served in.
+SECTOR_BYTES = 32
+
+
 @dataclass
 class Traffic:
-    """Bytes of the mask-true lanes of one launch's loads and stores."""
+    """Bytes of the mask-true lanes of one launch's loads and stores, and the 32-byte sectors each access touches."""
 
     kernel: str
     logical: int = 0
     unique: int = 0
+    requested: int = 0  # distinct bytes of each tl.load/tl.store call of each program, summed over calls
+    sectors: int = 0  # distinct 32-byte sectors of each call of each program, summed over calls
+
+    @property
+    def sector_use(self) -> float:
+        """Requested bytes ÷ bytes of the sectors they lie in (1.0 when no access touches a sector partly)."""
+        return self.requested / (SECTOR_BYTES * self.sectors) if self.sectors else 1.0
+
+
+def sector_use(launches: Sequence[Traffic]) -> float:
+    """Bytes-weighted sector use of several launches (one op's kernels)."""
+    sectors = sum(t.sectors for t in launches)
+    return sum(t.requested for t in launches) / (SECTOR_BYTES * sectors) if sectors else 1.0
 
 
 class _TrafficRecorder:
@@ -307,7 +326,13 @@ class _TrafficRecorder:
 
         addresses = np.asarray(pointers)
         lanes = addresses[np.broadcast_to(np.asarray(mask, dtype=bool), addresses.shape)].astype(np.uint64).ravel()
-        self.launches[-1].logical += lanes.size * element_size
+        launch = self.launches[-1]
+        launch.logical += lanes.size * element_size
+        # One call of one program: its distinct bytes against the distinct sectors holding them (an element never
+        # straddles a sector: Triton's accesses are aligned to their element size).
+        distinct = np.unique(lanes)
+        launch.requested += distinct.size * element_size
+        launch.sectors += np.unique(distinct // SECTOR_BYTES).size
         owner = np.searchsorted(self._bases, lanes, side="right") - 1
         for index in np.unique(owner):
             offsets = (lanes[owner == index] - self._bases[index]).astype(np.int64)
@@ -690,6 +715,37 @@ def _plane_launch_calls(x: torch.Tensor) -> dict[str, Callable[[], object]]:
     return calls
 
 
+# The interpreter counts the sectors of the per-plane passes on the first SECTOR_SAMPLES samples and SECTOR_CHANNELS
+# channels of each audited shape: a program's accesses depend on N only through the sample stride, which two samples
+# include, and on C only below 64 channels (the widest channel block of a tile).
+SECTOR_SAMPLES = 2
+SECTOR_CHANNELS = 64
+# The dtypes of the sector-use columns.
+SECTOR_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def plane_sector_use(shape: tuple[int, ...], memory_format: str, dtype: torch.dtype) -> dict[str, float]:
+    """Sector use (requested bytes ÷ bytes of the 32-byte sectors touched, per ``tl.load``/``tl.store`` call of a
+    program, bytes-weighted over the launch) of every per-plane launch of :func:`_plane_launch_calls`, counted in the
+    interpreter on the first :data:`SECTOR_SAMPLES` samples and :data:`SECTOR_CHANNELS` channels of an
+    ``(N, C, H, W)`` input of ``dtype``.
+
+    Counted per call of a whole program, not per warp instruction: which lanes share an instruction is the compiler's
+    choice, so a tile whose warps read interleaved parts of the same sectors counts as fully used. The access widths
+    of :func:`plane_static_quality` are the per-instruction side."""
+    n, c, h, w = shape
+    x = torch.randn(min(n, SECTOR_SAMPLES), min(c, SECTOR_CHANNELS), h, w,
+                    generator=torch.Generator().manual_seed(0)).to(dtype)
+    if memory_format == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    used = {}
+    for label, call in _plane_launch_calls(x).items():
+        with count_traffic() as launches:
+            call()
+        used[label] = sector_use(launches)
+    return used
+
+
 def _compile_launch(fn, args: tuple, kwargs: dict) -> KernelQuality:
     """Compile one captured launch for sm_90 with the specialization Triton's JIT gives those arguments (integers
     equal to 1 become constants, multiples of 16 and 16-byte aligned pointers are marked so), as a launch on an H100
@@ -835,16 +891,21 @@ def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTH
                   "BatchChannelNorm2d's and EvoNorm's per-plane passes on bf16 input, each compiled as its launcher "
                   "would launch it (Triton's own specialization of the arguments: strides of 1 become constants, "
                   "multiples of 16 are marked aligned). Registers and spill bytes from `ptxas -v`; global access "
-                  "widths (bits) from `cuobjdump -sass`.", "",
-                  "| N×C×H×W | format | kernel | warps | registers | spill bytes | LDG bits | STG bits | occupancy |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "widths (bits) from `cuobjdump -sass`. Sector use: bytes each `tl.load`/`tl.store` of a program "
+                  "requests ÷ bytes of the 32-byte sectors they lie in, bytes-weighted over the launch, counted in "
+                  f"the interpreter on {SECTOR_SAMPLES} samples × {SECTOR_CHANNELS} channels, for bf16 and fp32 input; "
+                  "per program, not per warp instruction (the widths are that side).", "",
+                  "| N×C×H×W | format | kernel | warps | registers | spill bytes | LDG bits | STG bits | occupancy | "
+                  "sector use bf16 | sector use fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         progress("planes: compiling for sm_90")
         cases = [(shape, fmt) for shape in PLANE_SHAPES for fmt in PLANE_FORMATS]
         for (shape, fmt), entry in zip(cases, plane_static_quality(cases)):
+            progress(f"planes: sector use {shape} {fmt}")
+            used = [plane_sector_use(shape, fmt, dtype) for dtype in SECTOR_DTYPES]
             for label, q in entry.items():
                 lines.append(f"| {'×'.join(map(str, shape))} | {fmt} | {label} | {q.num_warps} | {q.registers} | "
                              f"{q.spill_bytes} | {_widths(q.load_bits)} | {_widths(q.store_bits)} | "
-                             f"{q.occupancy:.2f} |")
+                             f"{q.occupancy:.2f} | " + " | ".join(f"{u[label]:.2f}" for u in used) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -35,7 +35,6 @@ from normlayers._dtypes import compute_dtype
 from normlayers.kernels.channel_stats import (
     channel_block,
     channel_grid,
-    channel_offsets,
     channel_tile,
     group_batch_moments,
     group_tile,
@@ -44,15 +43,18 @@ from normlayers.kernels.channel_stats import (
     load_group_planes,
     load_optional,
     load_optional_group_channels,
+    load_values,
     optional_pointer,
     own_column,
     parameter_grad,
     plane_group_tile,
+    spread,
     store_group_channels,
+    value_offsets,
+    value_tile,
 )
 from normlayers.kernels.common import (
     as_planes,
-    load_plane_values,
     next_power_of_2,
     num_warps_for,
     plane_strides,
@@ -230,7 +232,7 @@ def batch_channel_eval_fwd_kernel(
     P, C, HW, CPG, eps, bn_eps, stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
     HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_COEFFICIENTS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
-    BLOCK_CPG: tl.constexpr,
+    FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_CPG: tl.constexpr,
 ):
     # Eval (running statistics): the finalize math of each of this program's planes, from the moments of the planes
     # of its (sample, group), then y = (x − plane_mean)·scale + shift. Grid: (plane blocks, HW chunks); with
@@ -252,12 +254,11 @@ def batch_channel_eval_fwd_kernel(
     shift = own_column(centred, planes, CPG) * group_scale + load_optional(BIAS, groups, plane_mask, 0.0, HAS_BIAS,
                                                                             COMPUTE)
     center = own_column(plane_mean, planes, CPG)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    values = plane_mask[:, None] & (hw < HW)[None, :]
-    x = load_plane_values(X, channel_offsets(n, c, stride_xn, stride_xc), hw, stride_xhw, values, COMPUTE)
-    y_base = channel_offsets(n, c, stride_yn, stride_yc)
-    tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw,
-             (x - center[:, None]) * scale[:, None] + shift[:, None], mask=values)
+    hw, values, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW,
+                                  FLAT, ALIGN)
+    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, values, COMPUTE, FLAT, ALIGN)
+    tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN),
+             (x - spread(center, lane, FLAT)) * spread(scale, lane, FLAT) + spread(shift, lane, FLAT), mask=values)
     if STORE_COEFFICIENTS:
         if tl.program_id(1) == 0:
             tl.store(SCALE + planes, scale, mask=plane_mask)
@@ -355,8 +356,8 @@ def batch_channel_eval_fwd(
     hw = x3.shape[2]
     if y.numel() == 0:
         return y, scale, shift, mean, var
-    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
-    batch_channel_eval_fwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
+    tile = channel_tile(x3, max_block_hw, others=(y3,))
+    batch_channel_eval_fwd_kernel[(channel_grid(x3, tile.block_p), tile.chunks(hw))](
         x3, plane_mean, plane_var, running_mean.contiguous(), running_var.contiguous(),
         optional_pointer(bn_weight, plane_mean), optional_pointer(bn_bias, plane_mean),
         optional_pointer(weight, plane_mean), optional_pointer(bias, plane_mean), y3,
@@ -364,7 +365,7 @@ def batch_channel_eval_fwd(
         n * channels, channels, hw, channels // num_groups, eps, bn_eps, *plane_strides(x3), *plane_strides(y3),
         HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, STORE_COEFFICIENTS=store_coefficients,
-        COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        BLOCK_CPG=next_power_of_2(channels // num_groups), num_warps=num_warps,
+        COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_CPG=next_power_of_2(channels // num_groups),
+        **tile.constexprs(),
     )
     return y, scale, shift, mean, var

@@ -23,7 +23,7 @@ statistics are fp32 (fp64 for fp64 inputs, so the ops can be ``gradcheck``-ed); 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -45,6 +45,11 @@ from normlayers.kernels.common import (
     tl_compute_dtype,
 )
 
+# Values (lanes) and planes of a flat tile, at most: each per-plane sum selects every value once per plane of the tile
+# (:func:`plane_sum`), so a flat tile is smaller than a row tile. Starting points, not tuned on a GPU.
+FLAT_TILE_ELEMENTS = 512
+FLAT_MAX_BLOCK_P = 16
+
 # Channels per program of a channels-last launch (:func:`channel_tile`): 64 bf16 values are 128 contiguous bytes, four
 # sectors, read by 8 threads with 128-bit loads. A starting point, not tuned on a GPU.
 CHANNELS_LAST_BLOCK_C = 64
@@ -62,24 +67,75 @@ def parameter_grad(parameter: Optional[torch.Tensor], like: torch.Tensor) -> tor
     return torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device)
 
 
-def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *,
-                 reduction: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_HW, num_warps) of the per-plane kernels for ``x3`` ``(N, C, HW)``: a program takes ``BLOCK_P``
-    channels of one sample (:func:`channel_block`). Channels-last input (channel stride 1) gets a tile wide along C,
-    so that its loads are 128-bit along the contiguous channels and a warp reads whole 32-byte sectors; otherwise
-    planes are rows, several small planes per program. ``reduction``: the kernel keeps per-plane sums across its loop
-    over HW; it gets half the tile on half the warps (still 8 values per thread, one 128-bit bf16 load), since its
-    live temporaries spill past the 128 registers a thread of a 16-warp program may have."""
+class PlaneTile(NamedTuple):
+    """How a per-plane kernel covers its planes: ``BLOCK_P`` channels of one sample per program, and either rows of
+    ``BLOCK_HW`` values per plane (``flat`` false) or, for contiguous small planes, the block's ``BLOCK_P·HW`` values
+    as one flat span of ``BLOCK_HW`` lanes (``flat``; ``align``: the span starts at a multiple of ``align``
+    elements, 16 bytes). A flat tile's per-plane sums are one-hot selects (:func:`plane_sum`) and its per-plane
+    coefficients gathers (:func:`spread`)."""
+
+    block_p: int
+    block_hw: int
+    num_warps: int
+    flat: bool = False
+    align: int = 1
+
+    def chunks(self, hw: int) -> int:
+        """Programs along grid axis 1 of an elementwise pass (one per ``BLOCK_HW`` chunk of a plane)."""
+        return 1 if self.flat else triton.cdiv(hw, self.block_hw)
+
+    def constexprs(self) -> dict:
+        """The kernels' tile arguments."""
+        return dict(BLOCK_P=self.block_p, BLOCK_HW=self.block_hw, FLAT=self.flat, ALIGN=self.align,
+                    num_warps=self.num_warps)
+
+
+def _flat_block_p(tensors: Sequence[torch.Tensor], elements: int) -> int:
+    """Planes per program of a flat tile over ``tensors`` (``(N, C, HW)`` each, one launch's), or 0 where a flat tile
+    does not apply. It applies where each sample's planes are one contiguous run in every tensor
+    (strides ``(·, HW, 1)``) and the rows of a row tile would start at offsets the compiler cannot prove 16-byte
+    aligned (``HW`` not a multiple of 16): then a block of ``BLOCK_P`` planes whose ``BLOCK_P·HW`` values are a
+    multiple of 16 bytes starts aligned, and so does every block and sample (``C·HW`` and the sample strides are such
+    multiples too), so every load of the span is 128-bit."""
+    _, channels, hw = tensors[0].shape
+    align = 16 // tensors[0].element_size()
+    contiguous = all(t.stride(1) == hw and (t.stride(2) == 1 or hw == 1) and t.stride(0) % align == 0
+                     for t in tensors)
+    if not contiguous or hw == 0 or hw % 16 == 0 or channels * hw % align:
+        return 0
+    fewest = align // math.gcd(hw, align)  # planes whose values fill whole 16-byte vectors (a power of two)
+    fit = elements // hw
+    if fit < fewest:
+        return 0
+    return max(min(1 << (fit.bit_length() - 1), next_power_of_2(channels), FLAT_MAX_BLOCK_P), fewest)
+
+
+def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *, reduction: bool = False,
+                 others: Sequence[torch.Tensor] = (), flat: bool = True) -> PlaneTile:
+    """The :class:`PlaneTile` of the per-plane kernels for ``x3`` ``(N, C, HW)`` (and ``others``, the launch's other
+    tensors shaped like it): a program takes ``BLOCK_P`` channels of one sample (:func:`channel_block`).
+    Channels-last input (channel stride 1) gets a tile wide along C, so that its loads are 128-bit along the
+    contiguous channels and a warp reads whole 32-byte sectors; contiguous small planes a flat tile
+    (:func:`_flat_block_p`), read with 128-bit loads along the planes; otherwise planes are rows, several small planes
+    per program. ``reduction``: the kernel keeps per-plane sums across its loop over HW; it gets half the tile on half
+    the warps (still 8 values per thread, one 128-bit bf16 load), since its live temporaries spill past the 128
+    registers a thread of a 16-warp program may have. ``max_block_hw`` (tests) caps the chunk of a plane a program
+    holds, to reach the chunked loop on small planes; it rules out the flat tile, as does ``flat=False`` (a kernel
+    variant without one: RegionNorm's two-region passes)."""
     _, channels, hw = x3.shape
     elements = PLANE_TILE_ELEMENTS // 2 if reduction else PLANE_TILE_ELEMENTS
     widest = 1 << ((max_block_hw if max_block_hw is not None else PLANE_MAX_BLOCK_HW).bit_length() - 1)
+    flat_p = _flat_block_p((x3, *others), FLAT_TILE_ELEMENTS) if flat and max_block_hw is None else 0
+    if flat_p:
+        block_hw = next_power_of_2(flat_p * hw)
+        return PlaneTile(flat_p, block_hw, num_warps_for(block_hw, x3.device), True, 16 // x3.element_size())
     if x3.stride(1) == 1 and channels > 1 and hw > 1:
         block_p = min(next_power_of_2(channels), CHANNELS_LAST_BLOCK_C)
         block_hw = min(next_power_of_2(hw), max(elements // block_p, 1), widest)
     else:
         block_hw = min(next_power_of_2(hw), widest)
         block_p = min(max(elements // block_hw, 1), PLANE_MAX_BLOCK_P, next_power_of_2(channels))
-    return block_p, block_hw, num_warps_for(block_p * block_hw, x3.device)
+    return PlaneTile(block_p, block_hw, num_warps_for(block_p * block_hw, x3.device))
 
 
 def channel_grid(x3: torch.Tensor, block_p: int) -> int:
@@ -100,15 +156,89 @@ def group_tiles(n: int, channels_per_group: int) -> tuple[int, int]:
 
 
 @triton.jit
-def channel_block(C, BLOCK_P: tl.constexpr):
-    """This program's ``BLOCK_P`` planes: channels ``c0 … c0 + BLOCK_P − 1`` of one sample ``n`` (grid axis 0 walks the
-    channel blocks of sample 0, then of sample 1, ...). Returns the flat plane indices ``n·C + c`` (int64), which
-    exist, and ``(n, c)`` for :func:`channel_offsets`: with ``c`` an ``arange`` the compiler sees the channels'
-    contiguity, so channels-last loads vectorize along C."""
+def block_start(C, BLOCK_P: tl.constexpr):
+    """``(n, c0)``: this program's sample and first channel (grid axis 0 walks the channel blocks of sample 0, then of
+    sample 1, ...)."""
     blocks = tl.cdiv(C, BLOCK_P)
-    n = tl.program_id(0) // blocks
-    c = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return tl.program_id(0) // blocks, (tl.program_id(0) % blocks) * BLOCK_P
+
+
+@triton.jit
+def channel_block(C, BLOCK_P: tl.constexpr):
+    """This program's ``BLOCK_P`` planes: channels ``c0 … c0 + BLOCK_P − 1`` of one sample ``n``. Returns the flat
+    plane indices ``n·C + c`` (int64), which exist, and ``(n, c)`` for :func:`channel_offsets`: with ``c`` an
+    ``arange`` the compiler sees the channels' contiguity, so channels-last loads vectorize along C."""
+    n, c0 = block_start(C, BLOCK_P)
+    c = c0 + tl.arange(0, BLOCK_P)
     return n.to(tl.int64) * C + c, c < C, n, c
+
+
+@triton.jit
+def value_tile(C, HW, start, plane_mask, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """The values of this program's planes it takes at once (a :class:`PlaneTile`): ``(positions, mask, lane)``.
+
+    Rows: ``positions`` are the spatial positions ``start … start + BLOCK_HW − 1`` and ``mask`` is
+    ``(BLOCK_P, BLOCK_HW)``. Flat: ``positions`` index the block's span of ``BLOCK_P·HW`` contiguous values (``start``
+    is unused: a plane fits), ``mask`` is 1-D and ``lane`` is each value's plane within the block, for
+    :func:`spread` and :func:`plane_sum`. The span's length is a multiple of ``ALIGN`` (the launcher's guarantee), so
+    the mask is constant over each aligned vector and the loads stay 128-bit."""
+    # One return for both branches, whose types differ: Triton checks every return statement of a function.
+    if FLAT:
+        positions = tl.arange(0, BLOCK_HW)
+        _, c0 = block_start(C, BLOCK_P)
+        count = tl.multiple_of(tl.minimum(C - c0, BLOCK_P) * HW, ALIGN)
+        mask = positions < count
+        lane = tl.minimum(positions // HW, BLOCK_P - 1)
+    else:
+        positions = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        mask = plane_mask[:, None] & (positions < HW)[None, :]
+        lane = positions
+    return positions, mask, lane
+
+
+@triton.jit
+def value_offsets(n, c, positions, C, stride_n, stride_c, stride_hw, FLAT: tl.constexpr, ALIGN: tl.constexpr):
+    """Offsets of a :func:`value_tile`'s values in a tensor of these strides: each plane's first value plus
+    ``positions·stride_hw`` (rows), or the block's first value, a multiple of ``ALIGN``, plus ``positions`` (flat:
+    the launcher checked ``stride_c == HW`` and ``stride_hw == 1``)."""
+    if FLAT:
+        _, c0 = block_start(C, c.shape[0])
+        offsets = tl.multiple_of(n.to(tl.int64) * stride_n + c0.to(tl.int64) * stride_c, ALIGN) + positions
+    else:
+        offsets = channel_offsets(n, c, stride_n, stride_c)[:, None] + positions[None, :] * stride_hw
+    return offsets
+
+
+@triton.jit
+def load_values(PTR, n, c, hw, C, stride_n, stride_c, stride_hw, mask, COMPUTE: tl.constexpr, FLAT: tl.constexpr,
+                ALIGN: tl.constexpr):
+    """A :func:`value_tile`'s values in a tensor of these strides (zero outside ``mask``), in ``COMPUTE``."""
+    offsets = value_offsets(n, c, hw, C, stride_n, stride_c, stride_hw, FLAT, ALIGN)
+    return tl.load(PTR + offsets, mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def spread(per_plane, lane, FLAT: tl.constexpr):
+    """A ``(BLOCK_P,)`` per-plane value at each value of a :func:`value_tile` (broadcast along a row, or gathered by
+    ``lane``)."""
+    if FLAT:
+        values = tl.gather(per_plane, lane, 0)
+    else:
+        values = per_plane[:, None]
+    return values
+
+
+@triton.jit
+def plane_sum(values, lane, HW, FLAT: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per-plane sums ``(BLOCK_P,)`` of a :func:`value_tile`'s values (zero outside its mask): along each row, or, for
+    a flat tile, of the values whose ``lane`` is each plane (a one-hot select, then the same tree sum as a row's)."""
+    if FLAT:
+        own = lane[None, :] == tl.arange(0, BLOCK_P)[:, None]
+        sums = tl.sum(tl.where(own, values[None, :], 0.0), axis=1)
+    else:
+        sums = tl.sum(values, axis=1)
+    return sums
 
 
 @triton.jit
@@ -203,27 +333,30 @@ def group_batch_moments(PLANE_MEAN, PLANE_VAR, N, C, g, CPG, COMPUTE: tl.constex
 @triton.jit
 def plane_moments_fwd_kernel(
     X, MEAN, VAR, P, C, HW, stride_n, stride_c, stride_hw,
-    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr,
 ):
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    base = channel_offsets(n, c, stride_n, stride_c)
-    offsets = tl.arange(0, BLOCK_HW)
-    mask = plane_mask[:, None] & (offsets < HW)[None, :]
-    x = tl.load(X + base[:, None] + offsets.to(tl.int64)[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
-    s, m2 = centred_row_moments(x, mask, tl.cast(tl.minimum(HW, BLOCK_HW), COMPUTE))
-    # Later chunks: `start` values precede each (the first chunk is full when there is a second), which is all Chan's
-    # combination needs.
-    for start in range(BLOCK_HW, HW, BLOCK_HW):
-        hw = start + offsets
-        mask = plane_mask[:, None] & (hw < HW)[None, :]
-        x = tl.load(X + base[:, None] + hw.to(tl.int64)[None, :] * stride_hw, mask=mask, other=0.0).to(COMPUTE)
-        n_a = tl.cast(start, COMPUTE)
-        n_b = tl.cast(tl.minimum(HW - start, BLOCK_HW), COMPUTE)
-        s_b, m2_b = centred_row_moments(x, mask, n_b)
-        s, m2 = chan_combine(s, m2, n_a, s_b, m2_b, n_b)
-    count = tl.cast(HW, COMPUTE)
-    tl.store(MEAN + planes, s / count, mask=plane_mask)
-    tl.store(VAR + planes, m2 / count, mask=plane_mask)
+    hw, mask, lane = value_tile(C, HW, 0, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
+    x = load_values(X, n, c, hw, C, stride_n, stride_c, stride_hw, mask, COMPUTE, FLAT, ALIGN)
+    count = tl.cast(tl.minimum(HW, BLOCK_HW), COMPUTE)
+    s = plane_sum(x, lane, HW, FLAT, BLOCK_P)
+    centred = tl.where(mask, x - spread(s / count, lane, FLAT), 0.0)
+    m2 = plane_sum(centred * centred, lane, HW, FLAT, BLOCK_P)
+    # Later chunks (rows only; a flat tile holds whole planes): `start` values precede each (the first chunk is full
+    # when there is a second), which is all Chan's combination needs.
+    if not FLAT:
+        x_base = channel_offsets(n, c, stride_n, stride_c)
+        for start in range(BLOCK_HW, HW, BLOCK_HW):
+            hw = (start + tl.arange(0, BLOCK_HW)).to(tl.int64)
+            mask = plane_mask[:, None] & (hw < HW)[None, :]
+            x = load_plane_values(X, x_base, hw, stride_hw, mask, COMPUTE)
+            n_a = tl.cast(start, COMPUTE)
+            n_b = tl.cast(tl.minimum(HW - start, BLOCK_HW), COMPUTE)
+            s_b, m2_b = centred_row_moments(x, mask, n_b)
+            s, m2 = chan_combine(s, m2, n_a, s_b, m2_b, n_b)
+    total = tl.cast(HW, COMPUTE)
+    tl.store(MEAN + planes, s / total, mask=plane_mask)
+    tl.store(VAR + planes, m2 / total, mask=plane_mask)
 
 
 @triton.jit
@@ -231,47 +364,45 @@ def plane_moments_bwd_kernel(
     X, MEAN, DMEAN, DVAR, DX_PARTIAL, DX, P, C, HW,
     stride_xn, stride_xc, stride_xhw, stride_pn, stride_pc, stride_phw, stride_dxn, stride_dxc, stride_dxhw,
     HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr, HAS_DX_PARTIAL: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # Grid: (plane blocks, HW chunks). dx = dx_partial + dmean/HW + dvar·2(x − mean)/HW: with HAS_DX_PARTIAL the
     # gradient reaching x by another path (a composite's elementwise pass) is added here, not by a separate launch.
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    hw = (tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW))
-    mask = plane_mask[:, None] & (hw < HW)[None, :]
+    hw, mask, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW, FLAT,
+                                ALIGN)
     count = tl.cast(HW, COMPUTE)
-    dx = tl.zeros((BLOCK_P, BLOCK_HW), dtype=COMPUTE)
+    dx = tl.zeros(mask.shape, dtype=COMPUTE)
     if HAS_DX_PARTIAL:
-        dx += load_plane_values(DX_PARTIAL, channel_offsets(n, c, stride_pn, stride_pc), hw, stride_phw, mask,
-                                COMPUTE)
+        dx += load_values(DX_PARTIAL, n, c, hw, C, stride_pn, stride_pc, stride_phw, mask, COMPUTE, FLAT, ALIGN)
     if HAS_DMEAN:
-        dx += (tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count)[:, None]
+        dx += spread(tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count, lane, FLAT)
     if HAS_DVAR:
-        x_base = channel_offsets(n, c, stride_xn, stride_xc)
-        x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
         mean = tl.load(MEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE)
         dvar = tl.load(DVAR + planes, mask=plane_mask, other=0.0).to(COMPUTE)
-        dx += (x - mean[:, None]) * (2.0 * dvar / count)[:, None]
-    dx_base = channel_offsets(n, c, stride_dxn, stride_dxc)
-    tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dx, mask=mask)
+        dx += (x - spread(mean, lane, FLAT)) * spread(2.0 * dvar / count, lane, FLAT)
+    tl.store(DX + value_offsets(n, c, hw, C, stride_dxn, stride_dxc, stride_dxhw, FLAT, ALIGN), dx, mask=mask)
 
 
 @triton.jit
 def plane_affine_fwd_kernel(
     X, HOLE, M, A, B, Y, P, C, HW,
     stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw, stride_yn, stride_yc, stride_yhw,
-    REGIONS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    REGIONS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     # Grid: (plane blocks, HW chunks). y = (x − M[plane])·A[plane] + B[plane]. With REGIONS == 2 (RegionNorm) the
-    # coefficients are (P, 2), region 0 where HOLE is nonzero and region 1 elsewhere; HOLE is ignored otherwise.
+    # coefficients are (P, 2), region 0 where HOLE is nonzero and region 1 elsewhere; HOLE is ignored otherwise (and
+    # the tile is rows: the launcher gives a hole mask no flat tile).
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask = plane_mask[:, None] & (hw < HW)[None, :]
-    x_base = channel_offsets(n, c, stride_xn, stride_xc)
-    x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
+    hw, mask, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW, FLAT,
+                                ALIGN)
+    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
     a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     b = tl.load(B + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
-    y = (x - center[:, None]) * a[:, None] + b[:, None]
+    y = (x - spread(center, lane, FLAT)) * spread(a, lane, FLAT) + spread(b, lane, FLAT)
     if REGIONS == 2:
         hole_base = channel_offsets(n, c, stride_hn, stride_hc)
         hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
@@ -279,8 +410,7 @@ def plane_affine_fwd_kernel(
         b_valid = tl.load(B + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         center_valid = tl.load(M + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         y = tl.where(hole, y, (x - center_valid[:, None]) * a_valid[:, None] + b_valid[:, None])
-    y_base = channel_offsets(n, c, stride_yn, stride_yc)
-    tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw, y, mask=mask)
+    tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN), y, mask=mask)
 
 
 @triton.jit
@@ -288,15 +418,13 @@ def plane_affine_bwd_kernel(
     DY, X, HOLE, M, A, DX, DA, DB, P, C, HW,
     stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw,
     stride_dxn, stride_dxc, stride_dxhw,
-    REGIONS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    REGIONS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    # Each program owns BLOCK_P planes and walks their HW values: dx = dy·A, dA = Σ dy·(x − M), dB = Σ dy. With
-    # REGIONS == 2, each sum runs over its region's values only and dx takes the region's A.
+    # Each program owns BLOCK_P planes and walks their HW values (a flat tile holds them whole): dx = dy·A,
+    # dA = Σ dy·(x − M), dB = Σ dy. With REGIONS == 2 (rows only), each sum runs over its region's values only and dx
+    # takes the region's A.
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    offsets = tl.arange(0, BLOCK_HW)
-    dy_base = channel_offsets(n, c, stride_dyn, stride_dyc)
-    x_base = channel_offsets(n, c, stride_xn, stride_xc)
-    dx_base = channel_offsets(n, c, stride_dxn, stride_dxc)
     a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     # Per-plane sums, each chunk's reduced as it comes: per-lane (BLOCK_P, BLOCK_HW) accumulators would cost a
@@ -309,15 +437,14 @@ def plane_affine_bwd_kernel(
         center_valid = tl.load(M + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         da_valid = tl.zeros((BLOCK_P,), dtype=COMPUTE)
         db_valid = tl.zeros((BLOCK_P,), dtype=COMPUTE)
-    for start in range(0, HW, BLOCK_HW):
-        hw = (start + offsets).to(tl.int64)
-        mask = plane_mask[:, None] & (hw < HW)[None, :]
-        dy = load_plane_values(DY, dy_base, hw, stride_dyhw, mask, COMPUTE)
-        x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
+    for start in range(0, HW, BLOCK_HW):  # once for a flat tile (BLOCK_HW ≥ HW)
+        hw, mask, lane = value_tile(C, HW, start, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
+        dy = load_values(DY, n, c, hw, C, stride_dyn, stride_dyc, stride_dyhw, mask, COMPUTE, FLAT, ALIGN)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
+        dx_offsets = value_offsets(n, c, hw, C, stride_dxn, stride_dxc, stride_dxhw, FLAT, ALIGN)
         if REGIONS == 2:
             hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
-            tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw,
-                     dy * tl.where(hole, a[:, None], a_valid[:, None]), mask=mask)
+            tl.store(DX + dx_offsets, dy * tl.where(hole, a[:, None], a_valid[:, None]), mask=mask)
             # Select, never multiply by a 0/1 mask: a NaN in one region must not reach the other's sums.
             valid = mask & (hole == 0)
             da_valid += tl.sum(tl.where(valid, dy * (x - center_valid[:, None]), 0.0), axis=1)
@@ -325,9 +452,9 @@ def plane_affine_bwd_kernel(
             da += tl.sum(tl.where(hole, dy * (x - center[:, None]), 0.0), axis=1)
             db += tl.sum(tl.where(hole, dy, 0.0), axis=1)
         else:
-            tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dy * a[:, None], mask=mask)
-            da += tl.sum(dy * tl.where(mask, x - center[:, None], 0.0), axis=1)
-            db += tl.sum(dy, axis=1)
+            tl.store(DX + dx_offsets, dy * spread(a, lane, FLAT), mask=mask)
+            da += plane_sum(dy * tl.where(mask, x - spread(center, lane, FLAT), 0.0), lane, HW, FLAT, BLOCK_P)
+            db += plane_sum(dy, lane, HW, FLAT, BLOCK_P)
     tl.store(DA + planes * REGIONS, da, mask=plane_mask)
     tl.store(DB + planes * REGIONS, db, mask=plane_mask)
     if REGIONS == 2:
@@ -354,11 +481,9 @@ def plane_moments_fwd(x: torch.Tensor, *, max_block_hw: Optional[int] = None) ->
         return mean, var
     if hw == 0:
         return mean.fill_(math.nan), var.fill_(math.nan)
-    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw, reduction=True)
-    plane_moments_fwd_kernel[(channel_grid(x3, block_p),)](
-        x3, mean, var, n * c, c, hw, *plane_strides(x3),
-        COMPUTE=tl_compute_dtype(compute), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps,
+    tile = channel_tile(x3, max_block_hw, reduction=True)
+    plane_moments_fwd_kernel[(channel_grid(x3, tile.block_p),)](
+        x3, mean, var, n * c, c, hw, *plane_strides(x3), COMPUTE=tl_compute_dtype(compute), **tile.constexprs(),
     )
     return mean, var
 
@@ -375,14 +500,13 @@ def plane_moments_bwd(x: torch.Tensor, mean: torch.Tensor, dmean: Optional[torch
     n, c, hw = x3.shape
     if dx.numel() == 0:
         return dx
-    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
-    plane_moments_bwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
+    tile = channel_tile(x3, max_block_hw, others=(partial3, dx3))
+    plane_moments_bwd_kernel[(channel_grid(x3, tile.block_p), tile.chunks(hw))](
         x3, mean.contiguous(), dmean.contiguous() if dmean is not None else mean,
         dvar.contiguous() if dvar is not None else mean, partial3, dx3, n * c, c, hw, *plane_strides(x3),
         *plane_strides(partial3), *plane_strides(dx3),
         HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None, HAS_DX_PARTIAL=dx_partial is not None,
-        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps,
+        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), **tile.constexprs(),
     )
     return dx
 
@@ -401,12 +525,11 @@ def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
     if y.numel() == 0:
         return y
     hole3, hole_strides = hole_planes(hole_mask, x3)
-    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
-    plane_affine_fwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
+    tile = channel_tile(x3, max_block_hw, others=(y3,), flat=hole_mask is None)
+    plane_affine_fwd_kernel[(channel_grid(x3, tile.block_p), tile.chunks(hw))](
         x3, hole3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *plane_strides(x3),
         *hole_strides, *plane_strides(y3), REGIONS=1 if hole_mask is None else 2,
-        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps,
+        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), **tile.constexprs(),
     )
     return y
 
@@ -427,11 +550,10 @@ def plane_affine_bwd(dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, sc
     if hw == 0:
         return dx, dscale.zero_(), dshift.zero_()
     hole3, hole_strides = hole_planes(hole_mask, x3)
-    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw, reduction=True)
-    plane_affine_bwd_kernel[(channel_grid(x3, block_p),)](
+    tile = channel_tile(x3, max_block_hw, reduction=True, others=(dy3, dx3), flat=hole_mask is None)
+    plane_affine_bwd_kernel[(channel_grid(x3, tile.block_p),)](
         dy3, x3, hole3, center.contiguous(), scale.contiguous(), dx3, dscale, dshift, n * c, c, hw, *plane_strides(dy3),
         *plane_strides(x3), *hole_strides, *plane_strides(dx3), REGIONS=1 if hole_mask is None else 2,
-        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=num_warps,
+        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), **tile.constexprs(),
     )
     return dx, dscale, dshift

@@ -36,7 +36,6 @@ from normlayers._dtypes import compute_dtype
 from normlayers.kernels.channel_stats import (
     channel_block,
     channel_grid,
-    channel_offsets,
     channel_tile,
     group_batch_moments,
     group_tile,
@@ -45,14 +44,18 @@ from normlayers.kernels.channel_stats import (
     load_group_planes,
     load_optional,
     load_optional_group_channels,
+    load_values,
     optional_pointer,
     parameter_grad,
     plane_group_tile,
+    plane_sum,
+    spread,
     store_group_channels,
+    value_offsets,
+    value_tile,
 )
 from normlayers.kernels.common import (
     as_planes,
-    load_plane_values,
     next_power_of_2,
     num_warps_for,
     plane_strides,
@@ -159,16 +162,15 @@ def evo_plane_fwd_kernel(
     stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
     MODE: tl.constexpr, COEFFICIENTS: tl.constexpr, STATISTIC: tl.constexpr, VARIANT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_COEFFICIENTS: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_CPG: tl.constexpr,
 ):
     # Grid: (plane blocks, HW chunks). With COEFFICIENTS_GIVEN the coefficients are read from LEFT … SHIFT; otherwise
     # each program computes its planes' from the moments (VARIANT: the S numerator, or the B variant) and, with
     # STORE_COEFFICIENTS, the first chunk's programs write them (all but shift) for the backward.
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask = plane_mask[:, None] & (hw < HW)[None, :]
-    x_base = channel_offsets(n, c, stride_xn, stride_xc)
-    x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
+    hw, mask, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW, FLAT,
+                                ALIGN)
+    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
     if COEFFICIENTS == COEFFICIENTS_GIVEN:
         slope = load_optional(SLOPE, planes, plane_mask, 0.0, MODE != MODE_IDENTITY, COMPUTE)
         scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)
@@ -184,14 +186,15 @@ def evo_plane_fwd_kernel(
                                                                     V, planes, plane_mask, C, eps, VARIANT,
                                                                     HAS_WEIGHT, HAS_BIAS, COMPUTE)
     if MODE == MODE_SWISH:
-        f = x * _sigmoid(slope[:, None] * x)
+        f = x * _sigmoid(spread(slope, lane, FLAT) * x)
     elif MODE == MODE_MAX_DIV:
         # NaN-propagating, as torch.maximum: a NaN statistic (batch or running) makes the output NaN, never skipped.
-        f = x / tl.maximum(left[:, None], slope[:, None] * x + offset[:, None], propagate_nan=tl.PropagateNan.ALL)
+        f = x / tl.maximum(spread(left, lane, FLAT), spread(slope, lane, FLAT) * x + spread(offset, lane, FLAT),
+                           propagate_nan=tl.PropagateNan.ALL)
     else:
         f = x
-    y_base = channel_offsets(n, c, stride_yn, stride_yc)
-    tl.store(Y + y_base[:, None] + hw[None, :] * stride_yhw, f * scale[:, None] + shift[:, None], mask=mask)
+    tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN),
+             f * spread(scale, lane, FLAT) + spread(shift, lane, FLAT), mask=mask)
     if STORE_COEFFICIENTS:
         if tl.program_id(1) == 0:
             tl.store(SCALE + planes, scale, mask=plane_mask)
@@ -206,53 +209,51 @@ def evo_plane_fwd_kernel(
 def evo_plane_bwd_kernel(
     DY, X, LEFT, SLOPE, OFFSET, SCALE, DX, DLEFT, DSLOPE, DOFFSET, DSCALE, DSHIFT, P, C, HW,
     stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw, stride_dxn, stride_dxc, stride_dxhw,
-    MODE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    MODE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    # Each program owns BLOCK_P planes and walks their HW values, summing the coefficient gradients per plane chunk by
-    # chunk (per-lane accumulators, five of them, spilled registers at small planes). Masked lanes are zeroed with
-    # tl.where: a padded lane may divide by zero.
+    # Each program owns BLOCK_P planes and walks their HW values (a flat tile holds them whole), summing the
+    # coefficient gradients per plane chunk by chunk (per-lane accumulators, five of them, spilled registers at small
+    # planes). Masked lanes are zeroed with tl.where: a padded lane may divide by zero.
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    offsets = tl.arange(0, BLOCK_HW)
-    dy_base = channel_offsets(n, c, stride_dyn, stride_dyc)
-    x_base = channel_offsets(n, c, stride_xn, stride_xc)
-    dx_base = channel_offsets(n, c, stride_dxn, stride_dxc)
-    slope = tl.load(SLOPE + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
-    scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
+    slope = tl.load(SLOPE + planes, mask=plane_mask, other=0.0).to(COMPUTE)
+    scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)
     if MODE == MODE_MAX_DIV:
-        left = tl.load(LEFT + planes, mask=plane_mask, other=1.0).to(COMPUTE)[:, None]
-        offset = tl.load(OFFSET + planes, mask=plane_mask, other=0.0).to(COMPUTE)[:, None]
+        left = tl.load(LEFT + planes, mask=plane_mask, other=1.0).to(COMPUTE)
+        offset = tl.load(OFFSET + planes, mask=plane_mask, other=0.0).to(COMPUTE)
     dleft = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     dslope = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     doffset = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     dscale = tl.zeros((BLOCK_P,), dtype=COMPUTE)
     dshift = tl.zeros((BLOCK_P,), dtype=COMPUTE)
-    for start in range(0, HW, BLOCK_HW):
-        hw = (start + offsets).to(tl.int64)
-        mask = plane_mask[:, None] & (hw < HW)[None, :]
-        dy = load_plane_values(DY, dy_base, hw, stride_dyhw, mask, COMPUTE)
-        x = load_plane_values(X, x_base, hw, stride_xhw, mask, COMPUTE)
-        df = dy * scale
-        dshift += tl.sum(dy, axis=1)
+    for start in range(0, HW, BLOCK_HW):  # once for a flat tile (BLOCK_HW ≥ HW)
+        hw, mask, lane = value_tile(C, HW, start, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
+        dy = load_values(DY, n, c, hw, C, stride_dyn, stride_dyc, stride_dyhw, mask, COMPUTE, FLAT, ALIGN)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
+        lane_slope = spread(slope, lane, FLAT)
+        df = dy * spread(scale, lane, FLAT)
+        dshift += plane_sum(dy, lane, HW, FLAT, BLOCK_P)
         if MODE == MODE_SWISH:
-            s = _sigmoid(slope * x)
-            dscale += tl.sum(dy * x * s, axis=1)
+            s = _sigmoid(lane_slope * x)
+            dscale += plane_sum(dy * x * s, lane, HW, FLAT, BLOCK_P)
             # d/dt of t·sigmoid(t) splits into the sigmoid and its derivative s(1 − s), times the slope or x.
             d_inner = df * x * s * (1.0 - s)
-            dx = df * s + d_inner * slope
-            dslope += tl.sum(d_inner * x, axis=1)
+            dx = df * s + d_inner * lane_slope
+            dslope += plane_sum(d_inner * x, lane, HW, FLAT, BLOCK_P)
         else:
-            right = slope * x + offset
-            denominator = tl.maximum(left, right, propagate_nan=tl.PropagateNan.ALL)
+            lane_left = spread(left, lane, FLAT)
+            right = lane_slope * x + spread(offset, lane, FLAT)
+            denominator = tl.maximum(lane_left, right, propagate_nan=tl.PropagateNan.ALL)
             f = x / denominator
-            dscale += tl.sum(tl.where(mask, dy * f, 0.0), axis=1)
+            dscale += plane_sum(tl.where(mask, dy * f, 0.0), lane, HW, FLAT, BLOCK_P)
             d_denominator = tl.where(mask, -df * f / denominator, 0.0)
-            left_share = tl.where(left > right, 1.0, tl.where(left == right, 0.5, 0.0))
+            left_share = tl.where(lane_left > right, 1.0, tl.where(lane_left == right, 0.5, 0.0))
             d_right = d_denominator * (1.0 - left_share)
-            dleft += tl.sum(d_denominator * left_share, axis=1)
-            dslope += tl.sum(d_right * x, axis=1)
-            doffset += tl.sum(d_right, axis=1)
-            dx = df / denominator + d_right * slope
-        tl.store(DX + dx_base[:, None] + hw[None, :] * stride_dxhw, dx, mask=mask)
+            dleft += plane_sum(d_denominator * left_share, lane, HW, FLAT, BLOCK_P)
+            dslope += plane_sum(d_right * x, lane, HW, FLAT, BLOCK_P)
+            doffset += plane_sum(d_right, lane, HW, FLAT, BLOCK_P)
+            dx = df / denominator + d_right * lane_slope
+        tl.store(DX + value_offsets(n, c, hw, C, stride_dxn, stride_dxc, stride_dxhw, FLAT, ALIGN), dx, mask=mask)
     tl.store(DSLOPE + planes, dslope, mask=plane_mask)
     tl.store(DSCALE + planes, dscale, mask=plane_mask)
     tl.store(DSHIFT + planes, dshift, mask=plane_mask)
@@ -449,13 +450,12 @@ def _launch_pass(x: torch.Tensor, mode: tl.constexpr, coefficients: list[torch.T
     if y.numel() == 0:
         return y
     coefficients = [t if t.numel() > 0 else statistics[0] for t in coefficients]  # unwritten ones: never read
-    block_p, block_hw, num_warps = channel_tile(x3, max_block_hw)
-    evo_plane_fwd_kernel[(channel_grid(x3, block_p), triton.cdiv(hw, block_hw))](
+    tile = channel_tile(x3, max_block_hw, others=(y3,))
+    evo_plane_fwd_kernel[(channel_grid(x3, tile.block_p), tile.chunks(hw))](
         x3, *coefficients, y3, *statistics, n * c, c, hw, c // groups, eps, *plane_strides(x3), *plane_strides(y3),
         MODE=mode.value, COEFFICIENTS=source.value, STATISTIC=statistic, VARIANT=variant, HAS_WEIGHT=has_weight,
         HAS_BIAS=has_bias, STORE_COEFFICIENTS=store, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)),
-        BLOCK_P=block_p, BLOCK_HW=block_hw, BLOCK_CPG=next_power_of_2(c // groups),
-        num_warps=num_warps,
+        BLOCK_CPG=next_power_of_2(c // groups), **tile.constexprs(),
     )
     return y
 
@@ -526,13 +526,12 @@ def evo_plane_bwd(dy: torch.Tensor, x: torch.Tensor, mode: tl.constexpr, *, max_
     grads = {name: allocate((n, c), dtype=scale.dtype, device=x.device) for name in MODE_COEFFICIENTS[mode]}
     if n * c > 0 and hw > 0:
         unused = grads["scale"]
-        block_p, block_hw, num_warps = channel_tile(x3, max_block_hw, reduction=True)
-        evo_plane_bwd_kernel[(channel_grid(x3, block_p),)](
+        tile = channel_tile(x3, max_block_hw, reduction=True, others=(dy3, dx3))
+        evo_plane_bwd_kernel[(channel_grid(x3, tile.block_p),)](
             dy3, x3, left, slope, offset, scale, dx3, grads.get("left", unused), grads["slope"],
             grads.get("offset", unused), grads["scale"], grads["shift"], n * c, c, hw,
             *plane_strides(dy3), *plane_strides(x3), *plane_strides(dx3),
-            MODE=mode.value, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), BLOCK_P=block_p, BLOCK_HW=block_hw,
-            num_warps=num_warps,
+            MODE=mode.value, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), **tile.constexprs(),
         )
     return (dx, *grads.values())
 
