@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -209,6 +210,10 @@ def unified_norm(x: Tensor, running_var: Tensor, ema_gz: Tensor, buffer_x2: Tens
     """:func:`normlayers.reference.unified_norm.unified_norm` (no synced statistics) on the CPU tier."""
     xf = x.to(compute_dtype(x.dtype))
     if not training:  # a per-channel affine of every token, padding included
+        if xf is not x:  # bf16/fp16: ATen's batch_norm computes in fp32 without an fp32 copy of x (half the time)
+            rows = x.reshape(-1, x.shape[-1])
+            var, gain, shift = (t.to(xf.dtype) for t in (running_var, weight, bias))  # all of one dtype
+            return F.batch_norm(rows, torch.zeros_like(var), var, gain, shift, False, 0.0, eps).view(x.shape)
         return torch.addcmul(bias.to(xf.dtype), xf, torch.rsqrt(running_var.to(xf.dtype) + eps)
                              * weight.to(xf.dtype)).to(x.dtype)
     rows, valid = _ref_power.token_rows(xf, pad_mask, time_major=False)
