@@ -9,11 +9,7 @@ The compile runs in a subprocess: this test session has the Triton interpreter s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-import pytest
 
 # (N, C, H, W, kernel size, memory format, dtype): a 64×64 stage of the official k = 7, a small 7×7 map with k = 3,
 # channels-last, and fp64.
@@ -29,20 +25,12 @@ def compile_region_learnable_kernels() -> list[dict]:
     from dataclasses import asdict
 
     import torch
-    import triton.runtime.jit as jit
 
-    from normlayers.bench.audit import _compile_launch
+    from normlayers.bench.audit import _compile_launch, captured_launches
     from normlayers.kernels import region_learnable as K
 
-    captured: list = []
-    original = jit.JITFunction.run
-
-    def capture(self, *args, grid, warmup, **kwargs):
-        captured.append((self, args, kwargs))
-
     results = []
-    jit.JITFunction.run = capture
-    try:
+    with captured_launches() as captured:
         for n, c, h, w, k, memory_format, dtype in CASES:
             dtype = getattr(torch, dtype)
             x = torch.empty((n, c, h, w), dtype=dtype)
@@ -60,17 +48,13 @@ def compile_region_learnable_kernels() -> list[dict]:
             label = f"{n}x{c}x{h}x{w} k={k} {memory_format} {str(dtype).removeprefix('torch.')}"
             for fn, args, kwargs in captured:
                 results.append({"case": label, **asdict(_compile_launch(fn, args, kwargs))})
-    finally:
-        jit.JITFunction.run = original
     return results
 
 
 def test_region_learnable_kernels_compile_for_sm90_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        pytest.fail(f"an RN-L kernel failed to compile for sm_90:\n{done.stderr[-4000:]}")
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    from normlayers.bench.audit import json_from_compile_subprocess
+
+    results = json_from_compile_subprocess([__file__], timeout=900)
     assert len(results) == (2 + 3 + 4) * len(CASES)
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, spilled

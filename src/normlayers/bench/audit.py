@@ -43,7 +43,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -656,14 +656,9 @@ def _static_worker(cases: list[tuple[str, int, str]]) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def _static_cached(cases: tuple[tuple[str, int, str], ...]) -> tuple[dict, ...]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; from normlayers.bench.audit import _static_worker; "
             "print(json.dumps(_static_worker(json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    if done.returncode != 0:
-        raise RuntimeError(f"the sm_90 compile failed:\n{done.stderr[-4000:]}")
-    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+    return tuple(json_from_compile_subprocess(["-c", code, json.dumps(cases)], timeout=900))
 
 
 def static_quality(cases: Sequence[tuple[str, int, torch.dtype]]) -> list[dict[str, KernelQuality]]:
@@ -770,7 +765,10 @@ def _compile_launch(fn, args: tuple, kwargs: dict) -> KernelQuality:
                          h100_resident_programs(registers, shared, warps), h100_occupancy(registers, shared, warps))
 
 
-def _plane_static_worker(cases: list[tuple[list[int], str]], labels: Optional[list[str]] = None) -> list[dict]:
+@contextlib.contextmanager
+def captured_launches() -> Iterator[list]:
+    """Inside the block every ``@triton.jit`` launch is recorded as ``(kernel, args, kwargs)`` instead of run: a
+    launcher called on empty tensors yields its launches exactly as specialized, for :func:`_compile_launch`."""
     import triton.runtime.jit as jit
 
     captured: list = []
@@ -779,9 +777,26 @@ def _plane_static_worker(cases: list[tuple[list[int], str]], labels: Optional[li
     def capture(self, *args, grid, warmup, **kwargs):
         captured.append((self, args, kwargs))
 
-    results = []
     jit.JITFunction.run = capture
     try:
+        yield captured
+    finally:
+        jit.JITFunction.run = original
+
+
+def json_from_compile_subprocess(argv: list[str], timeout: float) -> Any:
+    """Run ``python *argv`` without ``TRITON_INTERPRET`` (the sm_90 compiles need Triton's real compiler, and a test
+    session has the interpreter on) and return the JSON on the last line of its output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"the sm_90 compile failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _plane_static_worker(cases: list[tuple[list[int], str]], labels: Optional[list[str]] = None) -> list[dict]:
+    results = []
+    with captured_launches() as captured:
         for shape, memory_format in cases:
             x = torch.empty(shape, dtype=torch.bfloat16)
             if memory_format == "channels_last":
@@ -795,8 +810,6 @@ def _plane_static_worker(cases: list[tuple[list[int], str]], labels: Optional[li
                 (fn, args, kwargs), = captured
                 entry[label] = asdict(_compile_launch(fn, args, kwargs))
             results.append(entry)
-    finally:
-        jit.JITFunction.run = original
     return results
 
 
@@ -805,14 +818,9 @@ def plane_static_quality(cases: Sequence[tuple[tuple[int, ...], str]] = tuple(
     """For each ``(shape, memory format)`` of a bf16 input: the sm_90 compile of every per-plane launch of BCN and
     EvoNorm (labels of :func:`_plane_launch_calls`), specialized as the launchers would launch it. Runs the compiler
     in a subprocess without ``TRITON_INTERPRET``."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; from normlayers.bench.audit import _plane_static_worker; "
             "print(json.dumps(_plane_static_worker(json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps([[list(s), f] for s, f in cases])], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"the sm_90 compile failed:\n{done.stderr[-4000:]}")
-    entries = json.loads(done.stdout.strip().splitlines()[-1])
+    entries = json_from_compile_subprocess(["-c", code, json.dumps([[list(s), f] for s, f in cases])], timeout=1800)
     return [{label: KernelQuality(**q) for label, q in entry.items()} for entry in entries]
 
 
