@@ -4,8 +4,9 @@ On CPU every fresh ``M×N`` tensor costs about as much as a pass over the rows (
 touch), so the tier is written around the number of fresh tensors and passes, with torch's fused reductions and ATen's
 fused layer-norm kernels where they compute our math:
 
-* statistics: ``torch.linalg.vector_norm`` (one vectorized pass, no temporary; ``torch.square().mean()`` takes a
-  temporary and two) for the RMS kinds, ``native_layer_norm`` for LayerNorm;
+* statistics: RMSNorm the mean of the squares (torch's and Hugging Face's op order, so a swap is bit for bit; the
+  squares go into the output's buffer, overwritten next), CRMSNorm ``torch.linalg.vector_norm`` (one vectorized
+  pass, no temporary), LayerNorm ``native_layer_norm``;
 * the output: one fresh tensor, the rest in place (and for bf16/fp16 one rounding, as the reference);
 * the backward: ATen's fused ``native_layer_norm_backward`` with the forward's statistics (``mean = 0`` for the RMS
   kinds, whose backward differs from LayerNorm's only by a per-row constant, and for CRMSNorm a term in ``x``, added
@@ -56,17 +57,19 @@ def _unscaled_allowed(rows: Tensor, eps: float) -> bool:
     return not torch.compiler.is_compiling() and eps >= _MIN_UNSCALED_EPS and rows.numel() > 0
 
 
-def _rms_stats(rows: Tensor, kind: str, eps: Any) -> tuple[Tensor, Optional[Tensor]]:
+def _rms_stats(rows: Tensor, kind: str, eps: Any, scratch: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """``(rstd, row_sum)`` as ``(M, 1)`` of the opmath rows (``row_sum = Σx`` for CRMSNorm, else ``None``); ``eps`` is
-    a float or, scaled, an ``(M, 1)`` tensor."""
+    a float or, scaled, an ``(M, 1)`` tensor. RMSNorm squares into ``scratch`` (a buffer of the rows' shape the caller
+    overwrites next, e.g. its output) or a temporary."""
+    if kind == "rms":
+        # mean of the squares, the op order of torch's F.rms_norm and Hugging Face's LlamaRMSNorm: swapping theirs for
+        # ours is bit for bit (tests/examples/test_transformer_examples.py); vector_norm rounds differently
+        squares = rows.square() if scratch is None else torch.square(rows, out=scratch)
+        return squares.mean(-1, keepdim=True).add_(eps).rsqrt_(), None
     mean_square = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_()
-    row_sum = None
-    width = rows.shape[-1]
-    if kind == "crms":
-        row_sum = rows.sum(-1, keepdim=True)
-        mean_square.add_(row_sum.square())
-        width += 1
-    return mean_square.div_(width).add_(eps).rsqrt_(), row_sum
+    row_sum = rows.sum(-1, keepdim=True)
+    mean_square.add_(row_sum.square())
+    return mean_square.div_(rows.shape[-1] + 1).add_(eps).rsqrt_(), row_sum
 
 
 def _trusted(rstd: Tensor) -> bool:
@@ -99,14 +102,14 @@ def _scaled_stats(xf: Tensor, kind: str, eps: float) -> _Stats:
 
 
 def _normalize(x: Tensor, xf: Tensor, stats: _Stats, weight: Optional[Tensor], bias: Optional[Tensor],
-               weight_offset: float, out_dtype: torch.dtype) -> Tensor:
+               weight_offset: float, out_dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
     """``y = ẑ·(w + offset) + b`` from the statistics, in one fresh opmath tensor (``xf`` itself where it is a fresh
-    upcast of ``x``), rounded once to ``out_dtype``."""
+    upcast of ``x``, else ``out`` if given), rounded once to ``out_dtype``."""
     fresh = xf is not x
     y = xf
     for op, factor in ((torch.mul, stats.scale), (torch.sub, stats.mean), (torch.mul, stats.rstd)):
         if factor is not None:
-            y = op(y, factor, out=y) if fresh else op(y, factor)
+            y = op(y, factor, out=y if fresh else out) if fresh or out is not None else op(y, factor)
             fresh = True
     if weight is not None:
         y = y.mul_(weight + weight_offset if weight_offset else weight)
@@ -189,14 +192,16 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
         if result is not None:
             return result[0], _Stats(result[2], mean=result[1])
     xf = opmath(x)
+    # the output's buffer, squared into first where x is its own opmath rows (a fresh upcast is normalized in place)
+    out = torch.empty_like(xf) if xf is x and kind == "rms" else None
     stats = None
     if kind != "layer" and _unscaled_allowed(x, eps):
-        rstd, row_sum = _rms_stats(xf, kind, eps)
+        rstd, row_sum = _rms_stats(xf, kind, eps, scratch=out)
         stats = _Stats(rstd, row_sum=row_sum) if _trusted(rstd) else None
     if stats is None:
         stats = _scaled_stats(xf, kind, eps)
     weight_f, bias_f = params_like(xf, weight, bias)
-    return _normalize(x, xf, stats, weight_f, bias_f, weight_offset, out_dtype), stats
+    return _normalize(x, xf, stats, weight_f, bias_f, weight_offset, out_dtype, out=out), stats
 
 
 class _RowNormFunction(torch.autograd.Function):
