@@ -105,12 +105,12 @@ def _normalize(x: Tensor, xf: Tensor, stats: _Stats, weight: Optional[Tensor], b
                weight_offset: float, out_dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
     """``y = ẑ·(w + offset) + b`` from the statistics, in one fresh opmath tensor (``xf`` itself where it is a fresh
     upcast of ``x``, else ``out`` if given), rounded once to ``out_dtype``."""
-    fresh = xf is not x
+    target = xf if xf is not x else out  # where the first op may write; after it, its own result
     y = xf
     for op, factor in ((torch.mul, stats.scale), (torch.sub, stats.mean), (torch.mul, stats.rstd)):
         if factor is not None:
-            y = op(y, factor, out=y if fresh else out) if fresh or out is not None else op(y, factor)
-            fresh = True
+            y = op(y, factor) if target is None else op(y, factor, out=target)
+            target = y
     if weight is not None:
         y = y.mul_(weight + weight_offset if weight_offset else weight)
     if bias is not None:
