@@ -18,8 +18,9 @@ statistics only where these overflow or underflow. An overflow shows in the per-
 inf in a row gives ``rstd`` NaN or 0), and an underflow cannot matter while ``eps ≥ 2^-60`` (the lost ``x²`` terms are
 below ``2^-149`` each, and ``rstd ≤ 2^30`` keeps the backward's ``rstd³`` finite). So eagerly, with such an ``eps``,
 the statistics are taken unscaled and one check that every ``rstd`` is positive and finite (``M`` values, read from
-their raw bytes: see ``_trusted``) decides: when it fails, the scaled closed form runs instead, with the same formulas on ``z = s·x``. Under ``torch.compile`` the scaled
-closed form always runs (no host sync in the graph) and inductor fuses it.
+their raw bytes: see ``_trusted``) decides: when it fails, the scaled closed form runs instead, with the same
+formulas on ``z = s·x``. Under ``torch.compile`` the scaled closed form always runs (no host sync in the graph) and
+inductor fuses it.
 
 **Backward** (``r = rstd``, ``gw = dy·(w + offset)``, ``n`` the width; ATen's LayerNorm backward with ``mean = μ``
 is ``dx_LN = r·(gw − mean(gw) − x̂·mean(gw·x̂))`` with ``x̂ = (x − μ)·r``):
@@ -40,7 +41,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -184,7 +185,7 @@ def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Option
     return y if bias is None else y + bias
 
 
-def _aten_layer_norm(x: Tensor, shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                      weight_offset: float, out_dtype: torch.dtype, fp32_stats: bool
                      ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """``(y, mean, rstd)`` from ATen's fused LayerNorm forward where its unscaled statistics are trusted, else
@@ -210,10 +211,10 @@ def _aten_layer_norm(x: Tensor, shape: list[int], weight: Optional[Tensor], bias
 
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, weight_offset: float,
              kind: str, out_dtype: torch.dtype) -> tuple[Tensor, _Stats]:
-    """``(y, statistics)`` of the rows ``x`` (over the last dim) for a backward: unscaled where trusted, else the scaled closed
-    form."""
+    """``(y, statistics)`` of the rows ``x`` (over the last dim) for a backward: unscaled where trusted, else the
+    scaled closed form."""
     if kind == "layer":
-        result = _aten_layer_norm(x, [x.shape[-1]], weight, bias, eps, weight_offset, out_dtype, fp32_stats=True)
+        result = _aten_layer_norm(x, (x.shape[-1],), weight, bias, eps, weight_offset, out_dtype, fp32_stats=True)
         if result is not None:
             return result[0], _Stats(result[2], mean=result[1])
     xf = opmath(x)
@@ -284,7 +285,7 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     # gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16.) Width 1 takes the closed
     # form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
     if kind == "layer" and not fused_add and not (differentiable and h.dtype in LOW_PRECISION):
-        result = _aten_layer_norm(h, list(shape), weight, bias, eps, weight_offset, input.dtype, fp32_stats=False)
+        result = _aten_layer_norm(h, shape, weight, bias, eps, weight_offset, input.dtype, fp32_stats=False)
         if result is not None:
             return result[0], h if residual is not None else None
     if len(shape) == 1:  # the rows as they are: every step works over the last dim (and a view op costs a dispatch)
