@@ -124,6 +124,12 @@ def test_non_contiguous_rows():
     x = torch.randn(8, 64)[:, ::2]
     assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 32, w), [x, torch.rand(32)])
     assert_cpu_tier_matches_reference(lambda x, w: NF.layer_norm(x, 32, w), [x, torch.rand(32)])
+    # rows over the last dim of a strided 3-D tensor and of a 1-D one, normalized as they are (not reshaped to 2-D)
+    x3 = torch.randn(4, 16, 3).transpose(1, 2)
+    assert_cpu_tier_matches_reference(lambda x, r, w: NF.add_crms_norm(x, r, 16, w), [x3, torch.randn(4, 3, 16),
+                                                                                   torch.rand(16)])
+    assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 16, w), [x3.bfloat16(), torch.rand(16)])
+    assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 16, w), [torch.randn(16), torch.rand(16)])
 
 
 def test_auto_runs_native_layer_norm_or_the_closed_form_function():
