@@ -89,8 +89,8 @@ def _inference_stages(x: Tensor, running_mean: Tensor, running_var: Tensor, *par
     """fp32/fp64 inference: ATen's eval batch norm, then its group norm (the per-group affine spread over the group's
     channels), called below their functional wrappers; a gradient, if any, is autograd's through the two. With
     constant batch-stage statistics the two stages are two passes, as the fused forward's statistics and affine
-    passes are, without its ``(N, C)`` algebra (some twenty small ops, 0.1 ms on this tier's CPUs). fp32 ``u`` loses
-    nothing the tolerances see; bf16/fp16 would round it, so they run the fused forward."""
+    passes are, without its ``(N, C)`` algebra (some twenty small ops). fp32 ``u`` loses nothing the tolerances see;
+    bf16/fp16 would round it, so they run the fused forward."""
     dtype = x.dtype
     bn_weight, bn_bias, weight, bias = (_in(p, dtype) for p in params)
     n, c = x.shape[:2]
