@@ -94,7 +94,7 @@ def _window_sum(MAP, base, h, w, pix, H, W, WEIGHT, K: tl.constexpr, FLIP: tl.co
             hh = h + (i - K // 2)
             ww = w + (j - K // 2)
             inside = pix & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            value = tl.load(MAP + base + hh * W + ww, mask=inside, other=0.0).to(COMPUTE)
+            value = tl.load(MAP + base + (hh * W + ww), mask=inside, other=0.0).to(COMPUTE)
             if FLIP:
                 weight = tl.load(WEIGHT + (K - 1 - i) * K + (K - 1 - j)).to(COMPUTE)
             else:
@@ -112,7 +112,7 @@ def _store_correlations(dout, MAP, base, h, w, pix, H, W, ROW, K: tl.constexpr, 
             hh = h + (i - K // 2)
             ww = w + (j - K // 2)
             inside = pix & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            value = tl.load(MAP + base + hh * W + ww, mask=inside, other=0.0).to(COMPUTE)
+            value = tl.load(MAP + base + (hh * W + ww), mask=inside, other=0.0).to(COMPUTE)
             tl.store(ROW + i * K + j, tl.sum(dout * value, axis=0))
 
 
@@ -134,8 +134,10 @@ def _where_also(mask, flag):
 
 @triton.jit
 def _pixels(tile, H, W, BLOCK_HW: tl.constexpr):
-    """Pixel block ``tile`` of a ``H × W`` plane: flat indices, which exist, row and column."""
-    hw = tl.arange(0, BLOCK_HW).to(tl.int64) + tile * BLOCK_HW
+    """Pixel block ``tile`` of a ``H × W`` plane: flat indices, which exist, row and column (int32, as every index
+    within a plane: only the per-sample and per-channel offsets need 64 bits, and 64-bit row/column arithmetic
+    doubles the registers of the conv windows)."""
+    hw = tl.arange(0, BLOCK_HW) + tile * BLOCK_HW
     return hw, hw < H * W, hw // W, hw % W
 
 
@@ -187,7 +189,7 @@ def _region_partials(X, POOL, W1, S, PARTIALS, row, n, channels, channel_mask, f
     scale_h = zero + cap  # an empty region's scale (power_of_two_scale of 0)
     scale_v = zero + cap
     for start in range(first, last, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        hw = start + tl.arange(0, BLOCK_HW)
         pix = hw < last
         if RESPONSE:
             s = _response(POOL, n * 3 * HW, HW, hw // W, hw % W, pix, H, W, W1, K, COMPUTE)
@@ -231,7 +233,7 @@ def lrn_stats_kernel(
     span = (TILE_ROWS + 2 * (K // 2)) * W
     halo = HALO + (n * tiles + tile) * 2 * span - halo_first  # indexed by the pixel's flat index in the map
     for start in range(halo_first, halo_last, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        hw = start + tl.arange(0, BLOCK_HW)
         pix = hw < halo_last
         mean, largest, ties = _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE, BLOCK_C,
                                             BLOCK_HW)
@@ -243,7 +245,7 @@ def lrn_stats_kernel(
         tl.store(POOL + n * 3 * HW + 2 * HW + hw, ties, mask=own)
     tl.debug_barrier()
     for start in range(first, last, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        hw = start + tl.arange(0, BLOCK_HW)
         pix = hw < last
         tl.store(S + n * HW + hw, _response(halo, 0, span, hw // W, hw % W, pix, H, W, W1, K, COMPUTE), mask=pix)
     tl.debug_barrier()
@@ -261,7 +263,7 @@ def lrn_pool_kernel(
 ):
     # The three-launch forward's first (grid (N, pixel blocks)): POOL (N, 3, HW) = the channel mean, maximum, ties.
     n = tl.program_id(0).to(tl.int64)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     pix = hw < HW
     mean, largest, ties = _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE, BLOCK_C,
                                         BLOCK_HW)
