@@ -19,9 +19,10 @@ Three measurements, each runnable on a machine without a GPU:
   *sector use* (:func:`sector_use`): per ``tl.load``/``tl.store`` call of a program, its distinct bytes ÷ the bytes
   of the distinct 32-byte sectors they lie in, bytes-weighted (the per-plane table, :func:`plane_sector_use`).
 * **Static quality** (:func:`static_quality`): each row-norm kernel variant compiled for sm_90 by Triton's own
-  compiler in a subprocess (the interpreter must be off); registers and spill bytes from the ``ptxas -v`` that Triton
-  ships, global load/store widths from ``cuobjdump -sass`` of the cubin (``LDG.E.128`` = 128-bit), and H100
-  occupancy (resident warps per SM ÷ 64) from registers, shared memory and ``num_warps``. The per-plane kernels of
+  compiler in a subprocess (the interpreter must be off); registers and spill bytes from ``ptxas -v`` as that Triton
+  version runs it (its bundled ptxas, its flags), global load/store widths from ``cuobjdump -sass`` of the cubin
+  (``LDG.E.128`` = 128-bit), and H100 occupancy (resident warps per SM ÷ 64) from registers, shared memory and
+  ``num_warps``. The per-plane kernels of
   BatchChannelNorm2d and EvoNorm (:func:`plane_static_quality`) are compiled the same way, each launch captured from
   its launcher at an audited shape and memory format and specialized as Triton's JIT would specialize it.
 

@@ -85,22 +85,26 @@ LRN_VALUES_PER_STATS_PROGRAM = 65536
 
 
 @triton.jit
-def _window_sum(MAP, base, h, w, pix, H, W, WEIGHT, K: tl.constexpr, FLIP: tl.constexpr, COMPUTE: tl.constexpr):
-    """``Σ_ij WEIGHT[i, j]·MAP[base + (h + i − k//2)·W + w + j − k//2]`` at each pixel (zero padding): the ``k × k``
-    cross-correlation of conv2d, or with ``FLIP`` the kernel flipped, its transpose (the gradient of its input)."""
-    acc = tl.zeros(h.shape, dtype=COMPUTE)
+def _window_sums(MAP, base_a, base_b, h, w, pix, H, W, WEIGHT_A, WEIGHT_B, K: tl.constexpr, FLIP: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+    """Two ``k × k`` window sums at each pixel (zero padding), ``Σ_ij WEIGHT_A[i, j]·MAP[base_a + (h + i − k//2)·W
+    + w + j − k//2]`` and the same with ``WEIGHT_B`` and ``base_b``: the cross-correlations of conv2d, or with
+    ``FLIP`` the kernels flipped, their transposes (the gradient of the input). Every use pairs two windows over the
+    same pixels, so each tap's bounds and offsets are computed once for both."""
+    acc_a = tl.zeros(h.shape, dtype=COMPUTE)
+    acc_b = tl.zeros(h.shape, dtype=COMPUTE)
     for i in range(K):  # (runtime loops: unrolled, the k² windows' loads would all be live at once and spill)
         for j in range(K):
             hh = h + (i - K // 2)
             ww = w + (j - K // 2)
             inside = pix & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            value = tl.load(MAP + base + (hh * W + ww), mask=inside, other=0.0).to(COMPUTE)
-            if FLIP:
-                weight = tl.load(WEIGHT + (K - 1 - i) * K + (K - 1 - j)).to(COMPUTE)
-            else:
-                weight = tl.load(WEIGHT + i * K + j).to(COMPUTE)
-            acc += weight * value
-    return acc
+            offset = hh * W + ww
+            tap = (K - 1 - i) * K + (K - 1 - j) if FLIP else i * K + j
+            acc_a += tl.load(WEIGHT_A + tap).to(COMPUTE) * tl.load(MAP + base_a + offset, mask=inside,
+                                                                    other=0.0).to(COMPUTE)
+            acc_b += tl.load(WEIGHT_B + tap).to(COMPUTE) * tl.load(MAP + base_b + offset, mask=inside,
+                                                                    other=0.0).to(COMPUTE)
+    return acc_a, acc_b
 
 
 @triton.jit
@@ -169,8 +173,9 @@ def _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE: t
 def _response(MAP, base, plane_stride, h, w, pix, H, W, W1, K: tl.constexpr, COMPUTE: tl.constexpr):
     """``S = sigmoid(conv1([mean, max]))`` at each pixel, the mean map at ``MAP + base`` and the max map
     ``plane_stride`` after it (both indexed by the pixel's flat index in the map)."""
-    pre = (_window_sum(MAP, base, h, w, pix, H, W, W1, K, False, COMPUTE)
-           + _window_sum(MAP, base + plane_stride, h, w, pix, H, W, W1 + K * K, K, False, COMPUTE))
+    pre_mean, pre_max = _window_sums(MAP, base, base + plane_stride, h, w, pix, H, W, W1, W1 + K * K, K, False,
+                                     COMPUTE)
+    pre = pre_mean + pre_max
     return 1.0 / (1.0 + tl.exp(-pre))
 
 
@@ -318,8 +323,7 @@ def lrn_normalize_kernel(
     hw, pix, h, w = _pixels(tile, H, W, BLOCK_HW)
     HW = H * W
     s = tl.load(S + n * HW + hw, mask=pix, other=0.0)
-    gamma = _window_sum(S, n * HW, h, w, pix, H, W, WG, K, False, COMPUTE)
-    beta = _window_sum(S, n * HW, h, w, pix, H, W, WB, K, False, COMPUTE)
+    gamma, beta = _window_sums(S, n * HW, n * HW, h, w, pix, H, W, WG, WB, K, False, COMPUTE)
     if HAS_BG:
         gamma += tl.load(BG).to(COMPUTE)
     if HAS_BB:
@@ -406,8 +410,8 @@ def lrn_bwd_maps_kernel(
         n = (pid // TILES).to(tl.int64)
         hw, pix, h, w = _pixels(pid % TILES, H, W, BLOCK_HW)
         maps = n * 2 * HW
-        ds = (_window_sum(DMAPS, maps, h, w, pix, H, W, WG, K, True, COMPUTE)
-              + _window_sum(DMAPS, maps + HW, h, w, pix, H, W, WB, K, True, COMPUTE))
+        ds_gamma, ds_beta = _window_sums(DMAPS, maps, maps + HW, h, w, pix, H, W, WG, WB, K, True, COMPUTE)
+        ds = ds_gamma + ds_beta
         s = tl.load(S + n * HW + hw, mask=pix, other=0.0)
         tl.store(DPRE + n * HW + hw, ds * s * (1.0 - s), mask=pix)
         dgamma = tl.load(DMAPS + maps + hw, mask=pix, other=0.0)
@@ -456,10 +460,9 @@ def lrn_bwd_pool_kernel(
     if pid < N * TILES:
         n = (pid // TILES).to(tl.int64)
         hw, pix, h, w = _pixels(pid % TILES, H, W, BLOCK_HW)
-        tl.store(DPOOL + n * 2 * HW + hw, _window_sum(DPRE, n * HW, h, w, pix, H, W, W1, K, True, COMPUTE),
-                 mask=pix)
-        tl.store(DPOOL + n * 2 * HW + HW + hw,
-                 _window_sum(DPRE, n * HW, h, w, pix, H, W, W1 + K * K, K, True, COMPUTE), mask=pix)
+        dmean, dmax = _window_sums(DPRE, n * HW, n * HW, h, w, pix, H, W, W1, W1 + K * K, K, True, COMPUTE)
+        tl.store(DPOOL + n * 2 * HW + hw, dmean, mask=pix)
+        tl.store(DPOOL + n * 2 * HW + HW + hw, dmax, mask=pix)
         dpre = tl.load(DPRE + n * HW + hw, mask=pix, other=0.0)
         row = W1PARTS + pid.to(tl.int64) * (2 * K * K)
         _store_correlations(dpre, POOL, n * 3 * HW, h, w, pix, H, W, row, K, COMPUTE)
