@@ -22,9 +22,9 @@ Three measurements, each runnable on a machine without a GPU:
   compiler in a subprocess (the interpreter must be off); registers and spill bytes from ``ptxas -v`` as that Triton
   version runs it (its bundled ptxas, its flags), global load/store widths from ``cuobjdump -sass`` of the cubin
   (``LDG.E.128`` = 128-bit), and H100 occupancy (resident warps per SM ÷ 64) from registers, shared memory and
-  ``num_warps``. The per-plane kernels of
-  BatchChannelNorm2d and EvoNorm (:func:`plane_static_quality`) are compiled the same way, each launch captured from
-  its launcher at an audited shape and memory format and specialized as Triton's JIT would specialize it.
+  ``num_warps``. The per-plane kernels of BatchChannelNorm2d and EvoNorm (:func:`plane_static_quality`) are compiled
+  the same way, each launch captured from its launcher at an audited shape and memory format and specialized as
+  Triton's JIT would specialize it.
 
 ``normlayers-bench --audit`` prints all three; ``python -m normlayers.bench.audit --markdown`` writes the table that
 docs/benchmarking.md shows.
