@@ -16,7 +16,8 @@ import normlayers
 from normlayers import functional as F
 from normlayers.ops import batch_channel as ops_bcn
 from normlayers.ops import channel_stats as ops
-from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close, run_training_steps
+from normlayers.testing import (FAST_GRADCHECK, assert_close, assert_compiled_matches_eager, assert_lowprec_close,
+                                run_training_steps)
 
 
 def _input(shape, device, *, dtype=torch.float64, layout="contiguous", seed=0):
@@ -98,7 +99,7 @@ def test_opcheck_batch_channel_finalize(statistics, device):
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_gradcheck_batch_channel_norm_parameters_absent_fp64(momentum, device):
     # Every parameter optional: the kernels' "no parameter" branches, with and without the cumulative rate (which
-    # runs the finalize kernel as one program).
+    # runs the finalize kernel as one program). Fast gradchecks here and below (see FAST_GRADCHECK).
     gen = torch.Generator().manual_seed(7)
     x = _input((3, 6, 2, 3), device).requires_grad_()
     running_mean = torch.randn(6, generator=gen, dtype=torch.float64).to(device)
@@ -109,7 +110,7 @@ def test_gradcheck_batch_channel_norm_parameters_absent_fp64(momentum, device):
                                     num_groups=3, num_batches_tracked=torch.tensor(1, device=device))
 
     with normlayers.backend("triton"):
-        assert torch.autograd.gradcheck(fn, (x,))
+        assert torch.autograd.gradcheck(fn, (x,), **FAST_GRADCHECK)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -119,10 +120,10 @@ def test_gradcheck_plane_ops_fp64(layout, device):
     center, scale, shift = (torch.randn(2, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
                             for _ in range(3))
     # Both outputs of plane_moments, and each alone (the backward's "one gradient is None" branches).
-    assert torch.autograd.gradcheck(lambda t: ops.plane_moments(t), (x,))
-    assert torch.autograd.gradcheck(lambda t: ops.plane_moments(t)[0], (x,))
-    assert torch.autograd.gradcheck(lambda t: ops.plane_moments(t)[1], (x,))
-    assert torch.autograd.gradcheck(ops.plane_affine, (x, center, scale, shift))
+    assert torch.autograd.gradcheck(lambda t: ops.plane_moments(t), (x,), **FAST_GRADCHECK)
+    assert torch.autograd.gradcheck(lambda t: ops.plane_moments(t)[0], (x,), **FAST_GRADCHECK)
+    assert torch.autograd.gradcheck(lambda t: ops.plane_moments(t)[1], (x,), **FAST_GRADCHECK)
+    assert torch.autograd.gradcheck(ops.plane_affine, (x, center, scale, shift), **FAST_GRADCHECK)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval", "estimate"])
@@ -143,7 +144,7 @@ def test_gradcheck_batch_channel_norm_fp64(mode, device):
                                     estimate_rate=0.0)
 
     with normlayers.backend("triton"):
-        assert torch.autograd.gradcheck(fn, (x, *params))
+        assert torch.autograd.gradcheck(fn, (x, *params), **FAST_GRADCHECK)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from torch import nn
 import normlayers
 from normlayers import functional as F
 from normlayers.ops import evo_norm as ops
-from normlayers.testing import assert_close, assert_compiled_matches_eager, assert_lowprec_close, run_training_steps
+from normlayers.testing import (FAST_GRADCHECK, assert_close, assert_compiled_matches_eager, assert_lowprec_close,
+                                run_training_steps)
 
 CLASSES = {
     "B0": normlayers.EvoNorm2dB0, "B1": normlayers.EvoNorm2dB1, "B2": normlayers.EvoNorm2dB2,
@@ -109,10 +110,12 @@ def test_opcheck_b_finalize(variant, training, device):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck_ops_fp64(layout, device):
+    # Fast gradchecks here and below: see FAST_GRADCHECK (the full ones took half of CI's time under the interpreter)
     x = _input((2, 3, 2, 3), device, layout=layout).requires_grad_()
     left, slope, offset, scale, shift = _plane_coefficients(2, 3, device)
-    assert torch.autograd.gradcheck(ops.plane_swish_affine, (x, slope, scale, shift))
-    assert torch.autograd.gradcheck(ops.plane_max_div_affine, (x, left, slope, offset, scale, shift))
+    assert torch.autograd.gradcheck(ops.plane_swish_affine, (x, slope, scale, shift), **FAST_GRADCHECK)
+    assert torch.autograd.gradcheck(ops.plane_max_div_affine, (x, left, slope, offset, scale, shift),
+                                    **FAST_GRADCHECK)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,7 +257,7 @@ def test_gradcheck_functional_fp64(name, training, device):
     params = [(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
               for _ in range(3 if name in ("B0", "S0", "S0a") else 2)]
     with normlayers.backend("triton"):
-        assert torch.autograd.gradcheck(_functional(name, training), (x, *params))
+        assert torch.autograd.gradcheck(_functional(name, training), (x, *params), **FAST_GRADCHECK)
 
 
 @pytest.mark.parametrize("fn", [functools.partial(F.evo_norm2d_s1, activation=None),
@@ -268,7 +271,7 @@ def test_gradcheck_s_numerators_fp64(fn, device):
     weight, bias = ((torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
                     for _ in range(2))
     with normlayers.backend("triton"):
-        assert torch.autograd.gradcheck(lambda x, w, b: fn(x, 2, w, b), (x, weight, bias))
+        assert torch.autograd.gradcheck(lambda x, w, b: fn(x, 2, w, b), (x, weight, bias), **FAST_GRADCHECK)
 
 
 @pytest.mark.parametrize("name", ["B0", "B2", "S0", "S1", "S2a"])

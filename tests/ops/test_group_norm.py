@@ -10,7 +10,7 @@ import torch
 import normlayers
 from normlayers.bench.audit import count_call_launches
 from normlayers.ops import group_norm as ops
-from normlayers.testing import assert_close, assert_compiled_matches_eager, nchw_input
+from normlayers.testing import FAST_GRADCHECK, assert_close, assert_compiled_matches_eager, nchw_input
 
 LAYOUTS = ("contiguous", "channels_last", "channel_slice")
 
@@ -41,15 +41,15 @@ def test_opcheck(layout, act, device):
 def test_gradcheck_fp64(layout, act, device):
     x = nchw_input(1, 4, 2, 3, torch.float64, layout, device, plane_offset=1.0).requires_grad_()
     weight, bias = (p.to(device) for p in _params(4, torch.float64))
-    # fast_mode: one random projection of the Jacobian (the full one takes minutes under the interpreter)
-    assert torch.autograd.gradcheck(ops.group_norm, (x, 2, weight, bias, 1e-5, act), fast_mode=True)
+    # FAST_GRADCHECK: the full Jacobian takes minutes under the interpreter
+    assert torch.autograd.gradcheck(ops.group_norm, (x, 2, weight, bias, 1e-5, act), **FAST_GRADCHECK)
 
 
 def test_double_backward_fp64(device):
     """create_graph=True takes autograd of the reference formula (a gradient penalty works through the op)."""
     x = nchw_input(1, 4, 2, 2, torch.float64, "channels_last", device, plane_offset=1.0).requires_grad_()
     weight, bias = (p.to(device) for p in _params(4, torch.float64))
-    assert torch.autograd.gradgradcheck(ops.group_norm, (x, 2, weight, bias, 1e-5, "silu"), fast_mode=True)
+    assert torch.autograd.gradgradcheck(ops.group_norm, (x, 2, weight, bias, 1e-5, "silu"), **FAST_GRADCHECK)
 
 
 @pytest.mark.parametrize("act", [None, "silu"])

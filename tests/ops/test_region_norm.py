@@ -15,7 +15,7 @@ import torch
 import normlayers
 from normlayers import functional as F
 from normlayers.ops import region_norm as ops
-from normlayers.testing import assert_close, assert_lowprec_close
+from normlayers.testing import FAST_GRADCHECK, assert_close, assert_lowprec_close
 
 
 def _input(shape, *, dtype=torch.float64, layout="contiguous", seed=0):
@@ -89,7 +89,7 @@ def test_gradcheck_fused_layer_fp64(stats, affine):
     params = [p.requires_grad_() for p in _params(2)]
     with normlayers.backend("triton"):
         assert torch.autograd.gradcheck(lambda t, *p: F.region_norm(t, hole, *p, stats=stats, affine=affine),
-                                        (x, *params), fast_mode=True)
+                                        (x, *params), **FAST_GRADCHECK)
 
 
 @pytest.mark.parametrize("stats", ["batch", "instance"])
@@ -114,14 +114,14 @@ def test_gradcheck_region_ops_fp64(layout):
     gen = torch.Generator().manual_seed(4)
     center, scale, shift = (torch.randn(2, 2, 2, generator=gen, dtype=torch.float64).requires_grad_()
                             for _ in range(3))
-    # The differentiable outputs together and alone (the backward's "a gradient is None" branches). fast_mode: each
-    # interpreter launch is slow, and a random projection of the Jacobian still fails on any wrong entry.
+    # The differentiable outputs together and alone (the backward's "a gradient is None" branches), as fast
+    # gradchecks (FAST_GRADCHECK: each interpreter launch is slow).
     checks = [lambda t, c: ops.region_moments(t, hole, c)[1:], lambda t, c: ops.region_moments(t, hole, c)[1],
               lambda t, c: ops.region_moments(t, hole, c)[2]]
     for fn in checks:
-        assert torch.autograd.gradcheck(fn, (x, center), fast_mode=True)
+        assert torch.autograd.gradcheck(fn, (x, center), **FAST_GRADCHECK)
     assert torch.autograd.gradcheck(lambda t, c, a, b: ops.region_affine(t, hole, c, a, b), (x, center, scale, shift),
-                                    fast_mode=True)
+                                    **FAST_GRADCHECK)
 
 
 def _both_backends(fn, leaves):
