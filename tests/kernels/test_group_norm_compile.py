@@ -27,8 +27,9 @@ def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int) -> dict
                if kind.startswith("*") or kind in ("i32", "i64")}
     source = triton.compiler.ASTSource(fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
                                        attrs=aligned, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    registers, spills = _ptxas_usage(compiled.asm["ptx"])
+    options = {"num_warps": num_warps}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    registers, spills = _ptxas_usage(compiled.asm["ptx"], options)
     loads, stores = _sass_widths(compiled.asm["cubin"])
     return {"registers": registers, "spill_bytes": spills, "loads": loads, "stores": stores}
 

@@ -19,11 +19,12 @@ Three measurements, each runnable on a machine without a GPU:
   *sector use* (:func:`sector_use`): per ``tl.load``/``tl.store`` call of a program, its distinct bytes ÷ the bytes
   of the distinct 32-byte sectors they lie in, bytes-weighted (the per-plane table, :func:`plane_sector_use`).
 * **Static quality** (:func:`static_quality`): each row-norm kernel variant compiled for sm_90 by Triton's own
-  compiler in a subprocess (the interpreter must be off); registers and spill bytes from the ``ptxas -v`` that Triton
-  ships, global load/store widths from ``cuobjdump -sass`` of the cubin (``LDG.E.128`` = 128-bit), and H100
-  occupancy (resident warps per SM ÷ 64) from registers, shared memory and ``num_warps``. The per-plane kernels of
-  BatchChannelNorm2d and EvoNorm (:func:`plane_static_quality`) are compiled the same way, each launch captured from
-  its launcher at an audited shape and memory format and specialized as Triton's JIT would specialize it.
+  compiler in a subprocess (the interpreter must be off); registers and spill bytes from ``ptxas -v`` as that Triton
+  version runs it (its bundled ptxas, its flags), global load/store widths from ``cuobjdump -sass`` of the cubin
+  (``LDG.E.128`` = 128-bit), and H100 occupancy (resident warps per SM ÷ 64) from registers, shared memory and
+  ``num_warps``. The per-plane kernels of BatchChannelNorm2d and EvoNorm (:func:`plane_static_quality`) are compiled
+  the same way, each launch captured from its launcher at an audited shape and memory format and specialized as
+  Triton's JIT would specialize it.
 
 ``normlayers-bench --audit`` prints all three; ``python -m normlayers.bench.audit --markdown`` writes the table that
 docs/benchmarking.md shows.
@@ -580,17 +581,23 @@ def h100_occupancy(registers: int, shared_bytes: int, num_warps: int) -> float:
     return h100_resident_programs(registers, shared_bytes, num_warps) * num_warps / H100_MAX_WARPS
 
 
-def _ptxas_usage(ptx: str) -> tuple[int, int]:
-    """(registers, spill bytes) that ``ptxas -v`` reports for the kernel in ``ptx``: the ptxas Triton ships and
-    runs for sm_90, with the flags Triton passes it."""
-    from triton.backends.nvidia.compiler import get_ptxas
+def _ptxas_usage(ptx: str, options: Optional[dict] = None) -> tuple[int, int]:
+    """(registers, spill bytes) that ``ptxas -v`` reports for the kernel in ``ptx`` when the installed Triton
+    assembles it for sm_90 with the compile ``options``: Triton's own ptxas step runs again, with its bundled ptxas
+    and the flags that version passes (Triton 3.8 and later add ``--regAllocOptLevel=2``, 3.6 does not, and the
+    register allocation differs), and its log is read."""
+    import io
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.ptx"
-        path.write_text(ptx)
-        done = subprocess.run([get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(path),
-                               "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True, check=True)
-    report = done.stdout + done.stderr
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    report = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(report):
+        knobs.nvidia.dump_ptxas_log = True  # make_cubin prints ptxas' log
+        backend.make_cubin(ptx, {}, backend.parse_options(dict(options or {})), 90)
+    report = report.getvalue()
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     return registers, int(spills.group(1)) + int(spills.group(2))
@@ -631,8 +638,9 @@ def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int) -> Kern
                if kind.startswith("*") or kind in ("i32", "i64")}
     source = triton.compiler.ASTSource(fn=fn, signature=full, attrs=aligned,
                                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    registers, spills = _ptxas_usage(compiled.asm["ptx"])
+    options = {"num_warps": num_warps}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    registers, spills = _ptxas_usage(compiled.asm["ptx"], options)
     loads, stores = _sass_widths(compiled.asm["cubin"])
     shared = compiled.metadata.shared
     return KernelQuality(fn.__name__, num_warps, registers, spills, shared, loads, stores,
@@ -757,7 +765,7 @@ def _compile_launch(fn, args: tuple, kwargs: dict) -> KernelQuality:
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=target, options=options.__dict__)
-    registers, spills = _ptxas_usage(compiled.asm["ptx"])
+    registers, spills = _ptxas_usage(compiled.asm["ptx"], options.__dict__)
     loads, stores = _sass_widths(compiled.asm["cubin"])
     shared = compiled.metadata.shared
     warps = compiled.metadata.num_warps

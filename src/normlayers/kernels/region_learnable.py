@@ -85,22 +85,26 @@ LRN_VALUES_PER_STATS_PROGRAM = 65536
 
 
 @triton.jit
-def _window_sum(MAP, base, h, w, pix, H, W, WEIGHT, K: tl.constexpr, FLIP: tl.constexpr, COMPUTE: tl.constexpr):
-    """``Σ_ij WEIGHT[i, j]·MAP[base + (h + i − k//2)·W + w + j − k//2]`` at each pixel (zero padding): the ``k × k``
-    cross-correlation of conv2d, or with ``FLIP`` the kernel flipped, its transpose (the gradient of its input)."""
-    acc = tl.zeros(h.shape, dtype=COMPUTE)
+def _window_sums(MAP, base_a, base_b, h, w, pix, H, W, WEIGHT_A, WEIGHT_B, K: tl.constexpr, FLIP: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+    """Two ``k × k`` window sums at each pixel (zero padding), ``Σ_ij WEIGHT_A[i, j]·MAP[base_a + (h + i − k//2)·W
+    + w + j − k//2]`` and the same with ``WEIGHT_B`` and ``base_b``: the cross-correlations of conv2d, or with
+    ``FLIP`` the kernels flipped, their transposes (the gradient of the input). Every use pairs two windows over the
+    same pixels, so each tap's bounds and offsets are computed once for both."""
+    acc_a = tl.zeros(h.shape, dtype=COMPUTE)
+    acc_b = tl.zeros(h.shape, dtype=COMPUTE)
     for i in range(K):  # (runtime loops: unrolled, the k² windows' loads would all be live at once and spill)
         for j in range(K):
             hh = h + (i - K // 2)
             ww = w + (j - K // 2)
             inside = pix & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            value = tl.load(MAP + base + hh * W + ww, mask=inside, other=0.0).to(COMPUTE)
-            if FLIP:
-                weight = tl.load(WEIGHT + (K - 1 - i) * K + (K - 1 - j)).to(COMPUTE)
-            else:
-                weight = tl.load(WEIGHT + i * K + j).to(COMPUTE)
-            acc += weight * value
-    return acc
+            offset = hh * W + ww
+            tap = (K - 1 - i) * K + (K - 1 - j) if FLIP else i * K + j
+            acc_a += tl.load(WEIGHT_A + tap).to(COMPUTE) * tl.load(MAP + base_a + offset, mask=inside,
+                                                                    other=0.0).to(COMPUTE)
+            acc_b += tl.load(WEIGHT_B + tap).to(COMPUTE) * tl.load(MAP + base_b + offset, mask=inside,
+                                                                    other=0.0).to(COMPUTE)
+    return acc_a, acc_b
 
 
 @triton.jit
@@ -112,7 +116,7 @@ def _store_correlations(dout, MAP, base, h, w, pix, H, W, ROW, K: tl.constexpr, 
             hh = h + (i - K // 2)
             ww = w + (j - K // 2)
             inside = pix & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            value = tl.load(MAP + base + hh * W + ww, mask=inside, other=0.0).to(COMPUTE)
+            value = tl.load(MAP + base + (hh * W + ww), mask=inside, other=0.0).to(COMPUTE)
             tl.store(ROW + i * K + j, tl.sum(dout * value, axis=0))
 
 
@@ -134,8 +138,10 @@ def _where_also(mask, flag):
 
 @triton.jit
 def _pixels(tile, H, W, BLOCK_HW: tl.constexpr):
-    """Pixel block ``tile`` of a ``H × W`` plane: flat indices, which exist, row and column."""
-    hw = tl.arange(0, BLOCK_HW).to(tl.int64) + tile * BLOCK_HW
+    """Pixel block ``tile`` of a ``H × W`` plane: flat indices, which exist, row and column (int32, as every index
+    within a plane: only the per-sample and per-channel offsets need 64 bits, and 64-bit row/column arithmetic
+    doubles the registers of the conv windows)."""
+    hw = tl.arange(0, BLOCK_HW) + tile * BLOCK_HW
     return hw, hw < H * W, hw // W, hw % W
 
 
@@ -167,8 +173,9 @@ def _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE: t
 def _response(MAP, base, plane_stride, h, w, pix, H, W, W1, K: tl.constexpr, COMPUTE: tl.constexpr):
     """``S = sigmoid(conv1([mean, max]))`` at each pixel, the mean map at ``MAP + base`` and the max map
     ``plane_stride`` after it (both indexed by the pixel's flat index in the map)."""
-    pre = (_window_sum(MAP, base, h, w, pix, H, W, W1, K, False, COMPUTE)
-           + _window_sum(MAP, base + plane_stride, h, w, pix, H, W, W1 + K * K, K, False, COMPUTE))
+    pre_mean, pre_max = _window_sums(MAP, base, base + plane_stride, h, w, pix, H, W, W1, W1 + K * K, K, False,
+                                     COMPUTE)
+    pre = pre_mean + pre_max
     return 1.0 / (1.0 + tl.exp(-pre))
 
 
@@ -187,7 +194,7 @@ def _region_partials(X, POOL, W1, S, PARTIALS, row, n, channels, channel_mask, f
     scale_h = zero + cap  # an empty region's scale (power_of_two_scale of 0)
     scale_v = zero + cap
     for start in range(first, last, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        hw = start + tl.arange(0, BLOCK_HW)
         pix = hw < last
         if RESPONSE:
             s = _response(POOL, n * 3 * HW, HW, hw // W, hw % W, pix, H, W, W1, K, COMPUTE)
@@ -231,7 +238,7 @@ def lrn_stats_kernel(
     span = (TILE_ROWS + 2 * (K // 2)) * W
     halo = HALO + (n * tiles + tile) * 2 * span - halo_first  # indexed by the pixel's flat index in the map
     for start in range(halo_first, halo_last, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        hw = start + tl.arange(0, BLOCK_HW)
         pix = hw < halo_last
         mean, largest, ties = _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE, BLOCK_C,
                                             BLOCK_HW)
@@ -243,7 +250,7 @@ def lrn_stats_kernel(
         tl.store(POOL + n * 3 * HW + 2 * HW + hw, ties, mask=own)
     tl.debug_barrier()
     for start in range(first, last, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
+        hw = start + tl.arange(0, BLOCK_HW)
         pix = hw < last
         tl.store(S + n * HW + hw, _response(halo, 0, span, hw // W, hw % W, pix, H, W, W1, K, COMPUTE), mask=pix)
     tl.debug_barrier()
@@ -261,7 +268,7 @@ def lrn_pool_kernel(
 ):
     # The three-launch forward's first (grid (N, pixel blocks)): POOL (N, 3, HW) = the channel mean, maximum, ties.
     n = tl.program_id(0).to(tl.int64)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     pix = hw < HW
     mean, largest, ties = _channel_pool(X, n, hw, pix, C, stride_xn, stride_xc, stride_xhw, COMPUTE, BLOCK_C,
                                         BLOCK_HW)
@@ -316,8 +323,7 @@ def lrn_normalize_kernel(
     hw, pix, h, w = _pixels(tile, H, W, BLOCK_HW)
     HW = H * W
     s = tl.load(S + n * HW + hw, mask=pix, other=0.0)
-    gamma = _window_sum(S, n * HW, h, w, pix, H, W, WG, K, False, COMPUTE)
-    beta = _window_sum(S, n * HW, h, w, pix, H, W, WB, K, False, COMPUTE)
+    gamma, beta = _window_sums(S, n * HW, n * HW, h, w, pix, H, W, WG, WB, K, False, COMPUTE)
     if HAS_BG:
         gamma += tl.load(BG).to(COMPUTE)
     if HAS_BB:
@@ -404,8 +410,8 @@ def lrn_bwd_maps_kernel(
         n = (pid // TILES).to(tl.int64)
         hw, pix, h, w = _pixels(pid % TILES, H, W, BLOCK_HW)
         maps = n * 2 * HW
-        ds = (_window_sum(DMAPS, maps, h, w, pix, H, W, WG, K, True, COMPUTE)
-              + _window_sum(DMAPS, maps + HW, h, w, pix, H, W, WB, K, True, COMPUTE))
+        ds_gamma, ds_beta = _window_sums(DMAPS, maps, maps + HW, h, w, pix, H, W, WG, WB, K, True, COMPUTE)
+        ds = ds_gamma + ds_beta
         s = tl.load(S + n * HW + hw, mask=pix, other=0.0)
         tl.store(DPRE + n * HW + hw, ds * s * (1.0 - s), mask=pix)
         dgamma = tl.load(DMAPS + maps + hw, mask=pix, other=0.0)
@@ -454,10 +460,9 @@ def lrn_bwd_pool_kernel(
     if pid < N * TILES:
         n = (pid // TILES).to(tl.int64)
         hw, pix, h, w = _pixels(pid % TILES, H, W, BLOCK_HW)
-        tl.store(DPOOL + n * 2 * HW + hw, _window_sum(DPRE, n * HW, h, w, pix, H, W, W1, K, True, COMPUTE),
-                 mask=pix)
-        tl.store(DPOOL + n * 2 * HW + HW + hw,
-                 _window_sum(DPRE, n * HW, h, w, pix, H, W, W1 + K * K, K, True, COMPUTE), mask=pix)
+        dmean, dmax = _window_sums(DPRE, n * HW, n * HW, h, w, pix, H, W, W1, W1 + K * K, K, True, COMPUTE)
+        tl.store(DPOOL + n * 2 * HW + hw, dmean, mask=pix)
+        tl.store(DPOOL + n * 2 * HW + HW + hw, dmax, mask=pix)
         dpre = tl.load(DPRE + n * HW + hw, mask=pix, other=0.0)
         row = W1PARTS + pid.to(tl.int64) * (2 * K * K)
         _store_correlations(dpre, POOL, n * 3 * HW, h, w, pix, H, W, row, K, COMPUTE)

@@ -234,11 +234,13 @@ def _load_weight(W, cols, N, weight_offset, HAS_WEIGHT: tl.constexpr, COMPUTE: t
 @triton.jit
 def _load_grad_inputs(H, DY, w, rows, cols, mask, mean, rstd, stride_h, stride_dy, NORM: tl.constexpr,
                       HAS_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr):
-    """(h, x̂, dy, ĝ = dy ⊙ w) of one tile, zero outside ``mask``."""
+    """(h, x̂, dy, ĝ = dy ⊙ w) of one tile, zero outside ``mask`` except LayerNorm's x̂ (``−mean·rstd`` there):
+    every use multiplies it by dy or ĝ, zero there, or stores it masked. Not masking it saves the registers of a
+    per-value select (Triton 3.6's backward spilled 32 B at rows wider than a block without this)."""
     h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     if NORM == NORM_LAYER:
-        xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = (h - mean[:, None]) * rstd[:, None]
     else:
         xhat = h * rstd[:, None]
     if HAS_WEIGHT:
