@@ -34,13 +34,19 @@ from normlayers.reference.row_norms import _max_scale_exponent, scale_exponent_c
 __all__ = ["power_norm", "unified_norm"]
 
 
+def _host_values_readable(t: Tensor) -> bool:
+    """Whether eager code may read ``t``'s values on the host: not under ``torch.compile``, not a tensor subclass,
+    not under a dispatch mode (e.g. fake tensors, which have no values)."""
+    return not torch.compiler.is_compiling() and type(t) is Tensor and _get_current_dispatch_mode() is None
+
+
 def _step_of(iters: Tensor) -> Step:
     """This step's number after ``iters += 1``: an int in eager (the decisions from it are Python branches, see
     :data:`normlayers.reference.power_norm.Step`); under ``torch.compile`` a ``(1,)`` tensor through the opaque
     ``step_snapshot``, so that the backward sees this step's value and not the updated buffer's; likewise where the
     value is not at hand (a tensor subclass or a dispatch mode, e.g. fake tensors)."""
     iters.add_(1)
-    if torch.compiler.is_compiling() or type(iters) is not Tensor or _get_current_dispatch_mode() is not None:
+    if not _host_values_readable(iters):
         return _ref_power.step_snapshot([iters])[0]
     return int(iters)
 
@@ -63,15 +69,31 @@ def _column_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(0)
 
 
-def _group_scaled(rows: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """``(u, ρ)``: the group-scaled rows ``(R, G, C/G)`` and the factor ``ρ`` ``(R, G, 1)`` of each group."""
-    grouped = rows.reshape(rows.shape[0], groups, rows.shape[1] // groups)
-    eps = _ref_power.GROUP_SCALING_EPS
+def _group_factor(grouped: Tensor) -> Tensor:
+    """GroupScaling's ``ρ = 1/sqrt(mean(x²) + eps)`` ``(R, G, 1)`` of the groups ``(R, G, S)``.
+
+    The reference takes ``mean(x²)`` of each group scaled by a power of two ``s`` (with ``eps·s²``), which differs
+    from the unscaled statistic only where that overflows or underflows. With this fixed ``eps`` an underflow cannot
+    matter (the lost ``x²`` terms are below ``2^-149`` each against ``eps = 1e-5``), and an overflow, like a NaN or
+    an infinity in the group, shows as ``ρ = 0`` or NaN. So eagerly the statistic is taken unscaled, one vectorized
+    ``vector_norm`` pass with no temporary, and one check of ``min(ρ) > 0`` (one host sync) decides; when it fails,
+    and under ``torch.compile`` (no host sync in the graph; inductor fuses the scaled form), the scaled form runs."""
+    eps, size = _ref_power.GROUP_SCALING_EPS, grouped.shape[-1]
+    if grouped.numel() > 0 and _host_values_readable(grouped):
+        factor = torch.linalg.vector_norm(grouped, dim=-1, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
+        if factor.min() > 0:  # False for a NaN
+            return factor
     scale = _power_of_two_scale_of_max(_max_abs(grouped, -1, keepdim=True), eps)
-    u = grouped * scale
-    mean_square = torch.linalg.vecdot(u, u).unsqueeze(-1) / grouped.shape[-1]
-    factor = scale / torch.sqrt(mean_square + eps * scale * scale)  # ρ, from the scaled group
-    return u.mul_(factor / scale), factor
+    mean_square = torch.linalg.vector_norm(grouped * scale, dim=-1, keepdim=True).square_() / size
+    return scale / torch.sqrt(mean_square + eps * scale * scale)  # ρ, from the scaled group
+
+
+def _group_scaled(rows: Tensor, groups: int, in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """``(u, ρ)``: the group-scaled rows ``(R, G, C/G)`` (written over ``rows`` if ``in_place``) and the factor
+    ``ρ`` ``(R, G, 1)`` of each group."""
+    grouped = rows.reshape(rows.shape[0], groups, rows.shape[1] // groups)
+    factor = _group_factor(grouped)
+    return (grouped.mul_(factor) if in_place else grouped * factor), factor
 
 
 class _GroupScaling(torch.autograd.Function):
@@ -91,8 +113,9 @@ class _GroupScaling(torch.autograd.Function):
             (dx,) = differentiable_backward(lambda r: _ref_power.group_scaling(r, ctx.groups), (rows,), (du,), (True,))
             return dx, None
         du = du.reshape(u.shape)
-        mean_duu = torch.linalg.vecdot(du, u).unsqueeze(-1) / u.shape[-1]
-        return (torch.addcmul(du, u, mean_duu, value=-1.0).mul_(factor).view(rows.shape)), None
+        dx = torch.mul(du, u)  # du·u, summed per group, then overwritten by dx
+        mean_duu = dx.sum(-1, keepdim=True).div_(u.shape[-1])
+        return torch.addcmul(du, u, mean_duu, value=-1.0, out=dx).mul_(factor).view(rows.shape), None
 
 
 def _channel_mean_square(u: Tensor, valid: Optional[Tensor], eps: float) -> tuple[Tensor, Optional[Tensor],
@@ -147,13 +170,16 @@ def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, we
                alpha_fwd: float, alpha_bkw: float, warmup_iters: int, group_num: Optional[int],
                batch_first: bool = False, backward_denominator: str = "batch") -> Tensor:
     """:func:`normlayers.reference.power_norm.power_norm` (no synced statistics) on the CPU tier."""
-    rows = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
+    rows = xf.reshape(-1, x.shape[-1])
+    graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    own_rows = xf is not x and not graph  # rows of our own, no graph: overwritten in place (fewer fresh tensors)
     if group_num is None:
         u = rows
-    elif torch.is_grad_enabled() and rows.requires_grad:
+    elif graph:
         u = _GroupScaling.apply(rows, group_num)
-    else:  # no graph to record: the Function's own overhead is a tenth of a small call
-        u = _group_scaled(rows, group_num)[0].view(rows.shape)
+    else:
+        u, own_rows = _group_scaled(rows, group_num, in_place=own_rows)[0].view(rows.shape), True
     if training:
         _, valid = _ref_power.token_rows(x, pad_mask, time_major=not batch_first)
         y = _PowerNormStep.apply(u, weight, bias, running_phi.view(-1), ema_gz.view(-1), _step_of(iters), valid, eps,
@@ -162,7 +188,10 @@ def power_norm(x: Tensor, running_phi: Tensor, ema_gz: Tensor, iters: Tensor, we
         gain = torch.rsqrt(running_phi.reshape(-1).to(u.dtype) + eps)
         if weight is not None:
             gain = gain * weight.to(gain.dtype)
-        y = u * gain if bias is None else torch.addcmul(bias.to(u.dtype), u, gain)
+        if own_rows:  # in place: two passes, no fresh tensor
+            y = u.mul_(gain) if bias is None else u.mul_(gain).add_(bias.to(u.dtype))
+        else:
+            y = u * gain if bias is None else torch.addcmul(bias.to(u.dtype), u, gain)
     return y.reshape(x.shape).to(x.dtype)
 
 
