@@ -33,6 +33,10 @@ from normlayers.reference.row_norms import _max_scale_exponent, scale_exponent_c
 
 __all__ = ["power_norm", "unified_norm"]
 
+# Below this eps the unscaled statistics over the tokens are not used (see _channel_mean_square): the lost x² terms
+# of an underflow (each below 2^-149) are then negligible beside eps, as for the row norms (normlayers.cpu.row_norms).
+_MIN_UNSCALED_EPS = 2.0 ** -60
+
 
 def _host_values_readable(t: Tensor) -> bool:
     """Whether eager code may read ``t``'s values on the host: not under ``torch.compile``, not a tensor subclass,
@@ -62,11 +66,6 @@ def _power_of_two_scale_of_max(max_abs: Tensor, eps: float) -> Tensor:
 def _max_abs(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
     """``max |t|`` along ``dim`` (NaN where one is NaN), without a temporary ``|t|``: ``max(amax, −amin)``."""
     return torch.maximum(t.amax(dim, keepdim), t.amin(dim, keepdim).neg())
-
-
-def _column_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ_rows a·b`` per column of ``(R, C)`` tensors (``vecdot`` along rows is several times slower on CPU)."""
-    return (a * b).sum(0)
 
 
 def _group_factor(grouped: Tensor) -> Tensor:
@@ -118,13 +117,28 @@ class _GroupScaling(torch.autograd.Function):
         return torch.addcmul(du, u, mean_duu, value=-1.0, out=dx).mul_(factor).view(rows.shape), None
 
 
+def _checked_column_square_sum(t: Tensor) -> Optional[Tensor]:
+    """Eagerly, ``Σ_rows t²`` per column of ``(R, C)`` ``t`` from one vectorized ``vector_norm`` pass with no
+    temporary, where it is finite in every column (checked: one host sync); ``None`` where it overflowed (or a value
+    is not finite), and under ``torch.compile``: the caller's scaled form then, which inductor fuses."""
+    if t.shape[0] == 0 or not _host_values_readable(t):
+        return None
+    total = torch.linalg.vector_norm(t, dim=0).square_()
+    return total if bool(torch.isfinite(total).all()) else None
+
+
 def _channel_mean_square(u: Tensor, valid: Optional[Tensor], eps: float) -> tuple[Tensor, Optional[Tensor],
                                                                                   Optional[Tensor]]:
-    """:func:`normlayers.reference.power_norm.masked_square_mean`: ``(q·s², s, count)``, with ``vecdot``."""
+    """:func:`normlayers.reference.power_norm.masked_square_mean`: ``(q·s², s, count)``. As for GroupScaling's
+    factor (:func:`_group_factor`), eagerly the sum of squares is taken unscaled (``s = None``, which the reference's
+    statistics accept: its synced form), one ``vector_norm`` pass, where that is exact: with ``eps ≥ 2^-60`` an
+    underflow cannot matter, and an overflow shows as a non-finite sum, checked (one host sync). Otherwise, and under
+    ``torch.compile``, the reference's scaled form."""
     selected = u if valid is None else torch.where(valid[:, None], u, 0.0)  # select: a NaN in a pad must not leak
+    total, scale = _checked_column_square_sum(selected) if eps >= _MIN_UNSCALED_EPS else None, None
     if u.shape[0] == 0:
-        total, scale = selected.sum(0), None
-    else:
+        total = selected.sum(0)
+    elif total is None:
         scale = _power_of_two_scale_of_max(_max_abs(selected, 0), eps)
         total = (selected * scale).square_().sum(0)
     q, count = _ref_power.mean_over_valid(total, u.shape[0], valid)
@@ -154,12 +168,15 @@ class _PowerNormStep(torch.autograd.Function):
         dy = dy.to(u.dtype)
         w = torch.ones_like(scale) if weight is None else weight.to(scale.dtype)
         k = (1 - ctx.alpha_bkw) * ctx.ema_gz.to(scale.dtype)
-        z = u * scale
-        sum_dyz = _column_dot(dy, z)
+        du = torch.mul(dy, u)  # dy·u, summed per channel, then overwritten by du
+        sum_dyz = du.sum(0).mul_(scale)  # Σ dy·z, z = u·scale
         with torch.no_grad():
             # mean over all rows of (g − k·z)·z, g = dy·w (0 for no rows)
-            ctx.ema_gz.add_((w * sum_dyz - k * _column_dot(z, z)) / max(u.shape[0], 1))
-        du = torch.addcmul(dy * (w * grad_scale), z, k * grad_scale, value=-1.0)
+            sum_uu = _checked_column_square_sum(u)
+            sum_zz = (u * scale).square_().sum(0) if sum_uu is None else sum_uu.mul_(scale * scale)
+            ctx.ema_gz.add_((w * sum_dyz - k * sum_zz) / max(u.shape[0], 1))
+        # du = (g − k·z)·grad_scale = (dy·w − u·(k·scale))·grad_scale (scale·grad_scale may underflow)
+        torch.mul(dy, w, out=du).addcmul_(u, k * scale, value=-1.0).mul_(grad_scale)
         dweight = None if weight is None else sum_dyz.to(weight.dtype)
         dbias = None if ctx.bias_dtype is None else dy.sum(0).to(ctx.bias_dtype)
         return (du, dweight, dbias) + (None,) * 9
@@ -222,13 +239,13 @@ class _UnifiedNormStep(torch.autograd.Function):
         t, skip = (next(saved_step) if v is None else v for v in ctx.step_values)
         dy = dy.to(x.dtype)
         wr = weight.to(x.dtype) * r
-        z = x * inv_std
-        sum_dyz = _column_dot(dy, z)
+        dx = torch.mul(dy, x)  # dy·x, summed per channel, then overwritten by dx
+        sum_dyz = dx.sum(0).mul_(inv_std)  # Σ dy·z, z = x·inv_std
         gz = wr * sum_dyz / max(x.shape[0], 1)  # mean over all rows of g·z, g = dy·w·r (0 for no rows)
         c = _ref_unified.unified_norm_backward_statistics_(gz, ctx.ema_gz, ctx.buffer_gz, t, skip,
                                                            momentum=ctx.momentum, warmup_iters=ctx.warmup_iters)
-        # dx = (g − c·z)·inv_std = dy·(w·r·inv_std) − z·(c·inv_std)
-        dx = torch.addcmul(dy * (wr * inv_std), z, c * inv_std, value=-1.0)
+        # dx = (g − c·z)·inv_std = (dy·(w·r) − x·(c·inv_std))·inv_std (inv_std² may underflow)
+        torch.mul(dy, wr, out=dx).addcmul_(x, c * inv_std, value=-1.0).mul_(inv_std)
         return (dx, (r * sum_dyz).to(weight.dtype), dy.sum(0).to(weight.dtype)) + (None,) * 12
 
 
