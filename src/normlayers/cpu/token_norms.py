@@ -2,17 +2,23 @@ r"""CPU tier of PowerNorm (Shen et al., ICML 2020) and Unified Normalization (Ya
 reference's math (:mod:`normlayers.reference.power_norm`, :mod:`normlayers.reference.unified_norm`, whose on-device
 per-channel steps it shares) with each layer's backward written out and few passes over the tokens.
 
-**GroupScaling** (``u = x·ρ`` per group of ``S`` channels, ``ρ = 1/sqrt(mean(x²) + eps)``, taken of the group scaled
-by a power of two) is its own :class:`torch.autograd.Function`:
+**GroupScaling** (``u = x·ρ`` per group of ``S`` channels, ``ρ = 1/sqrt(mean(x²) + eps)``) is its own
+:class:`torch.autograd.Function`:
 
 .. math:: \frac{\partial L}{\partial x} = \rho\,\Big(\frac{\partial L}{\partial u} - u\,\frac{1}{S}\sum_{group}
     \frac{\partial L}{\partial u}\,u\Big)
 
 **Training steps** (``z = u·scale``): PowerNorm's approximate backward ``du = (dy·γ − k·z)·grad_scale`` with
-``k = (1 − α_bkw)·ema_gz`` is ``dy·(γ·grad_scale) − u·(k·scale·grad_scale)``, one fused multiply-add, and
-``ema_gz += (γ·Σdy·z − k·Σz²) / R``; UnifiedNorm's ``dx = (dy·γ·r − c·z)·inv_std`` likewise. The per-channel sums
-are ``vecdot`` over the tokens. The statistic over the tokens is scaled by a power of two per channel, as the
-reference's (docs/reliability.md).
+``k = (1 − α_bkw)·ema_gz`` is ``(dy·γ − u·(k·scale))·grad_scale``, a multiply-add and a multiply in the buffer
+that first held ``dy·u`` (summed per channel for ``Σdy·z``), and ``ema_gz += (γ·Σdy·z − k·Σz²) / R``; UnifiedNorm's
+``dx = (dy·γ·r − c·z)·inv_std`` likewise.
+
+**Statistics.** The reference takes every mean of squares (GroupScaling's over a group, the training step's over
+the tokens) of values scaled by a power of two (docs/reliability.md), which differs from the unscaled statistic
+only where that overflows or underflows. Eagerly the unscaled one is taken, one vectorized ``vector_norm`` pass with
+no temporary, and checked (one host sync): an overflow shows as a zero ``ρ`` or a non-finite sum, and then the
+scaled form runs; an underflow cannot matter beside ``eps ≥ 2^-60``. Under ``torch.compile`` the scaled form always
+runs (no host sync in the graph; inductor fuses it).
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from normlayers.reference.row_norms import _max_scale_exponent, scale_exponent_c
 
 __all__ = ["power_norm", "unified_norm"]
 
-# Below this eps the unscaled statistics over the tokens are not used (see _channel_mean_square): the lost x² terms
-# of an underflow (each below 2^-149) are then negligible beside eps, as for the row norms (normlayers.cpu.row_norms).
+# Below this eps the unscaled statistics are not used (module docstring): the x² terms an underflow loses (each below
+# 2^-149) are negligible beside it, as for the row norms (normlayers.cpu.row_norms). GroupScaling's eps is 1e-5.
 _MIN_UNSCALED_EPS = 2.0 ** -60
 
 
@@ -69,14 +75,9 @@ def _max_abs(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
 
 
 def _group_factor(grouped: Tensor) -> Tensor:
-    """GroupScaling's ``ρ = 1/sqrt(mean(x²) + eps)`` ``(R, G, 1)`` of the groups ``(R, G, S)``.
-
-    The reference takes ``mean(x²)`` of each group scaled by a power of two ``s`` (with ``eps·s²``), which differs
-    from the unscaled statistic only where that overflows or underflows. With this fixed ``eps`` an underflow cannot
-    matter (the lost ``x²`` terms are below ``2^-149`` each against ``eps = 1e-5``), and an overflow, like a NaN or
-    an infinity in the group, shows as ``ρ = 0`` or NaN. So eagerly the statistic is taken unscaled, one vectorized
-    ``vector_norm`` pass with no temporary, and one check of ``min(ρ) > 0`` (one host sync) decides; when it fails,
-    and under ``torch.compile`` (no host sync in the graph; inductor fuses the scaled form), the scaled form runs."""
+    """GroupScaling's ``ρ = 1/sqrt(mean(x²) + eps)`` ``(R, G, 1)`` of the groups ``(R, G, S)``: eagerly unscaled,
+    checked by ``min(ρ) > 0`` (an overflow, a NaN or an infinity in a group gives 0 or NaN; module docstring), else
+    the reference's scaled form."""
     eps, size = _ref_power.GROUP_SCALING_EPS, grouped.shape[-1]
     if grouped.numel() > 0 and _host_values_readable(grouped):
         factor = torch.linalg.vector_norm(grouped, dim=-1, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
