@@ -283,10 +283,7 @@ class _EvoBFunction(torch.autograd.Function):
         x, weight, bias, v, var, batch_mean, variant, eps = inputs
         _, m, stat, inst_mean = output
         ctx.mark_non_differentiable(m, stat, inst_mean)
-        # Under torch.compile the backward recomputes m in its fused loop: saved, it is an fp32 activation written and
-        # read once more (bf16 training steps took 1.6x the compiled reference's time); eagerly it is already there.
-        saved_max = None if torch.compiler.is_compiling() else m
-        ctx.save_for_backward(x, weight, v, var, batch_mean, saved_max, stat, inst_mean)
+        ctx.save_for_backward(x, weight, v, var, batch_mean, m, stat, inst_mean)
         ctx.variant, ctx.eps, ctx.has_bias = variant, eps, bias is not None
 
     @staticmethod
@@ -299,13 +296,11 @@ class _EvoBFunction(torch.autograd.Function):
         n, channels, height, width = xf.shape
         hw = height * width
         v_c = _channel(v, dtype)
-        left = torch.sqrt(var.to(dtype) + ctx.eps).view(1, -1, 1, 1)
-        right = _side_from_stat(xf, ctx.variant, v_c, stat)
-        if m is None:
-            m = torch.maximum(right, left)
         e = gf / m
         dweight = _grad_of(weight, _plane_dot(e, xf).sum((0, 2, 3))) if ctx.needs_input_grad[1] else None
         dbias = gf.sum(_NHW).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        left = torch.sqrt(var.to(dtype) + ctx.eps).view(1, -1, 1, 1)
+        right = _side_from_stat(xf, ctx.variant, v_c, stat)
         # torch.maximum's rule: the larger side takes the gradient, each side half of it at a tie
         to_right = torch.heaviside(right.sub_(left), right.new_full((), 0.5))
         # ∂L/∂m = −dy·γ·x/m² = −γ·h; h_r = h on the right side's share
@@ -394,6 +389,11 @@ def evo_norm_b(x: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor
                v: Optional[Tensor], *, variant: str, training: bool, momentum: float, eps: float) -> Tensor:
     """As :func:`normlayers.reference.evo_norm.evo_norm_b` with ``apply_act=True`` and no synced statistics
     (``running_var`` updated in place in training by the reference's rule)."""
+    if torch.compiler.is_compiling():
+        # inductor fuses the reference's autograd into fewer activation-sized temporaries than this Function's
+        # backward (bf16 training steps at 8x256x14x14 took 1.3-1.6x the compiled reference's time through it)
+        return _ref_evo.evo_norm_b(x, running_var, weight, bias, v, variant=variant, training=training,
+                                   momentum=momentum, eps=eps, apply_act=True)
     if not training:
         if not _records_graph(x, weight, bias, v):
             return _evo_b_forward(x, weight, bias, v, running_var, variant, eps, keep_max=False)[0]

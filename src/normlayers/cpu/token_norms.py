@@ -137,7 +137,8 @@ def _channel_mean_square(u: Tensor, valid: Optional[Tensor], eps: float) -> tupl
     factor (:func:`_group_factor`), the sum of squares is taken unscaled (``s = None``, which the reference's
     statistics accept: its synced form) where that is exact (module docstring), else the reference's scaled form."""
     selected = u if valid is None else torch.where(valid[:, None], u, 0.0)  # select: a NaN in a pad must not leak
-    total, scale = _checked_column_square_sum(selected) if eps >= _MIN_UNSCALED_EPS else None, None
+    total = _checked_column_square_sum(selected) if eps >= _MIN_UNSCALED_EPS else None
+    scale = None
     if u.shape[0] == 0:
         total = selected.sum(0)
     elif total is None:
