@@ -96,7 +96,7 @@ def test_low_precision_layer_norm_runs_aten_forward_and_fp32_backward(dtype):
     fn = lambda x, w, b: NF.layer_norm(x, 96, w, b)  # noqa: E731
     assert_cpu_tier_matches_reference(fn, [x, w32, b32])
     y = fn(x.requires_grad_(), w32, b32)
-    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_RowNormFunctionBackward"  # a view of its output
+    assert type(y.grad_fn).__name__ == "_RowNormFunctionBackward"
     # bf16 parameters are cast to fp32 first (the ATen "mixed type" path), as the reference computes
     assert_cpu_tier_matches_reference(fn, [x.detach(), w32.to(dtype), b32.to(dtype)])
 
@@ -124,6 +124,12 @@ def test_non_contiguous_rows():
     x = torch.randn(8, 64)[:, ::2]
     assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 32, w), [x, torch.rand(32)])
     assert_cpu_tier_matches_reference(lambda x, w: NF.layer_norm(x, 32, w), [x, torch.rand(32)])
+    # rows over the last dim of a strided 3-D tensor and of a 1-D one, normalized as they are (not reshaped to 2-D)
+    x3 = torch.randn(4, 16, 3).transpose(1, 2)
+    assert_cpu_tier_matches_reference(lambda x, r, w: NF.add_crms_norm(x, r, 16, w), [x3, torch.randn(4, 3, 16),
+                                                                                   torch.rand(16)])
+    assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 16, w), [x3.bfloat16(), torch.rand(16)])
+    assert_cpu_tier_matches_reference(lambda x, w: NF.rms_norm(x, 16, w), [torch.randn(16), torch.rand(16)])
 
 
 def test_auto_runs_native_layer_norm_or_the_closed_form_function():
@@ -133,8 +139,43 @@ def test_auto_runs_native_layer_norm_or_the_closed_form_function():
     assert type(NF.layer_norm(x, 8).grad_fn).__name__ == "NativeLayerNormBackward0"
     huge = (torch.randn(3, 8) * 1e30).requires_grad_()
     for fn, inp in ((NF.layer_norm, huge), (NF.rms_norm, x), (NF.crms_norm, x)):
-        grad_fn = fn(inp, 8).grad_fn  # a view of the Function's 2-D output
-        assert type(grad_fn.next_functions[0][0]).__name__ == "_RowNormFunctionBackward"
+        assert type(fn(inp, 8).grad_fn).__name__ == "_RowNormFunctionBackward"
+
+
+_UNTRUSTED_BITS = {  # a zero, -0.0, a negative, +inf, NaNs (torch's, x86's default -NaN, one with a payload)
+    torch.float32: (0, 0x80000000, 0xBF800000, 0x7F800000, 0x7FC00000, 0xFFC00000, 0x7F800001),
+    torch.float64: (0, 1 << 63, 0xBFF0 << 48, 0x7FF0 << 48, 0x7FF8 << 48, 0xFFF8 << 48, (0x7FF0 << 48) + 1),
+    torch.bfloat16: (0, 0x8000, 0xBF80, 0x7F80, 0x7FC0, 0xFFC0, 0x7F81),
+    torch.float16: (0, 0x8000, 0xBC00, 0x7C00, 0x7E00, 0xFE00, 0x7C01),
+}
+_BITS_DTYPE = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+               torch.float16: torch.int16}
+
+
+@pytest.mark.parametrize("dtype", list(_UNTRUSTED_BITS), ids=str)
+def test_trust_check_rejects_every_zero_negative_or_non_finite_rstd(dtype):
+    """The trust check reads the statistics' raw bytes: every rstd of trusted statistics passes, and one zero,
+    negative, infinite or NaN value anywhere fails it, in every dtype it sees (and its fallback through torch)."""
+    low, high = (-64, 30) if dtype != torch.float16 else (-14, 15)  # fp16 holds a narrower range
+    gen = torch.Generator().manual_seed(1)
+    rstd = torch.exp2(torch.empty(37, 1, dtype=torch.float64).uniform_(low, high, generator=gen)).to(dtype)
+    rstd[0], rstd[-1] = 2.0 ** low, 2.0 ** high
+    assert cpu_row._trusted(rstd)
+    for bits in _UNTRUSTED_BITS[dtype]:
+        for row in (0, 17, 36):
+            bad = rstd.clone()
+            bad.view(_BITS_DTYPE[dtype])[row] = bits - (1 << 8 * dtype.itemsize if bits >> (8 * dtype.itemsize - 1)
+                                                        else 0)  # as a signed integer
+            assert not cpu_row._trusted(bad), (hex(bits), row)
+
+
+def test_trust_check_of_statistics_without_storage():
+    """Under a torch.func transform the statistics are wrappers without storage: the check reads them through torch."""
+    x = torch.randn(3, 8)
+    grad = torch.func.grad(lambda x: NF.layer_norm(x, 8).square().sum())(x)
+    leaf = x.clone().requires_grad_()
+    NF.layer_norm(leaf, 8).square().sum().backward()
+    torch.testing.assert_close(grad, leaf.grad)
 
 
 @pytest.mark.parametrize("weight_offset", [0.0, 1.0])

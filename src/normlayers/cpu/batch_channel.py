@@ -25,6 +25,10 @@ statistics; ``dx = a·du`` with running ones), whose sums over ``(N, H, W)`` fol
 ``dx = P·dy + Q·x + S``: ``Q·x + S`` by the same eval batch norm (fp32 coefficients, rounded once), then ``+ P·dy``.
 The parameter gradients are sums of those per-plane quantities.
 
+fp32/fp64 eval with BatchNorm's running statistics runs ATen's two stages directly (:func:`_inference_stages`): with
+constant batch-stage statistics they take two passes too, and none of the small ops. (EstBN keeps the fused path in
+eval, so that its frozen estimates give bit for bit the training output.)
+
 Under ``torch.compile`` (where inductor fuses the composite itself) and for a tensor that is not NCHW-contiguous
 (channels-last: the plane views need contiguous planes), ``F.batch_norm`` then ``F.group_norm`` run in the compute
 dtype (:func:`_composite`); so does a double backward, from ``x``.
@@ -65,10 +69,38 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
     if torch.compiler.is_compiling() or not x.is_contiguous():
         return _composite(x, running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, weight, bias,
                           config=config)
-    params = tuple(_in(p, compute_dtype(x.dtype)) for p in (bn_weight, bn_bias, weight, bias))
+    if not training and not estimate and x.dtype not in LOW_PRECISION:
+        return _inference_stages(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, config=config)
+    params = _params_for(x, bn_weight, bn_bias, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return _BatchChannelNormFunction.apply(x, running_mean, running_var, num_batches_tracked, config, *params)
     return _fused_forward(x, running_mean, running_var, num_batches_tracked, params, config)[0]
+
+
+def _params_for(x: Tensor, *params: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """The parameters the fused path reads: in the compute dtype, or as they are when in ``x``'s (bf16/fp16 beside
+    the fp32 statistics: type promotion computes in fp32, exactly, without a cast per parameter and call)."""
+    dtype = compute_dtype(x.dtype)
+    return tuple(p if p is None or p.dtype in (x.dtype, dtype) else p.to(dtype) for p in params)
+
+
+def _inference_stages(x: Tensor, running_mean: Tensor, running_var: Tensor, *params: Optional[Tensor],
+                      config: _Config) -> Tensor:
+    """fp32/fp64 inference: ATen's eval batch norm, then its group norm (the per-group affine spread over the group's
+    channels), called below their functional wrappers; a gradient, if any, is autograd's through the two. With
+    constant batch-stage statistics the two stages are two passes, as the fused forward's statistics and affine
+    passes are, without its ``(N, C)`` algebra (some twenty small ops). fp32 ``u`` loses nothing the tolerances see;
+    bf16/fp16 would round it, so they run the fused forward."""
+    dtype = x.dtype
+    bn_weight, bn_bias, weight, bias = (_in(p, dtype) for p in params)
+    n, c = x.shape[:2]
+    groups = config.num_groups
+    u = torch.ops.aten._native_batch_norm_legit_no_training(x, bn_weight, bn_bias, _in(running_mean, dtype),
+                                                            _in(running_var, dtype), 0.0, config.bn_eps)[0]
+    group_weight, group_bias = (None if t is None else t.reshape(groups).repeat_interleave(c // groups)
+                                for t in (weight, bias))
+    return torch.ops.aten.native_group_norm(u, group_weight, group_bias, n, c, x.numel() // (n * c), groups,
+                                            config.eps)[0]
 
 
 class _Config(NamedTuple):
@@ -114,6 +146,13 @@ def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if config.estimate:
             _ref_batch_channel.estimate_update_(running_mean, running_var, batch_mean, batch_var,
                                                 config.estimate_rate)
+        elif running_mean is not None and running_mean.dtype == running_var.dtype == batch_mean.dtype:
+            # F.batch_norm's update, one lerp per buffer (the reference's form costs five small ops each)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            count = x.numel() // c
+            running_mean.lerp_(batch_mean, config.momentum)
+            running_var.lerp_(batch_var * (count / (count - 1)), config.momentum)
         elif running_mean is not None:
             _ref_batch_channel.update_batch_running_stats_(running_mean, running_var, num_batches_tracked,
                                                            batch_mean, batch_var, count=x.numel() // c,
@@ -121,7 +160,7 @@ def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         elif num_batches_tracked is not None:
             num_batches_tracked.add_(1)
     if not config.batch_stats:
-        batch_mean, batch_var = running_mean.to(plane_mean.dtype), running_var.to(plane_mean.dtype)
+        batch_mean, batch_var = _in(running_mean, plane_mean.dtype), _in(running_var, plane_mean.dtype)
         centred = plane_mean - batch_mean
     scale = (batch_var + config.bn_eps).rsqrt_()  # a_c = γ_c·scale_c
     a = scale if bn_weight is None else scale * bn_weight
@@ -134,22 +173,25 @@ def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     plane_shift = plane_shift.view(n, c, 1, 1)  # B
     if x.dtype in LOW_PRECISION:
         plane_scale = (w_rstd * a.view(groups, -1)).view(n, c, 1, 1)  # A
-        y = _plane_affine(x, plane_scale, plane_shift - plane_scale * plane_mean.view(n, c, 1, 1), out=normalized)
+        y = _plane_affine(x, plane_scale, plane_shift, plane_mean, out=normalized)
     else:  # y = A·(x − m) + B = (A·std)·normalized + B
         y = normalized.mul_((w_rstd * u_std).view(n, c, 1, 1)).add_(plane_shift)
     return y, (plane_mean, plane_std, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd)
 
 
-def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``scale·x + shift`` with one (compute-dtype) coefficient pair per (sample, channel) plane, by ATen's eval batch
-    norm over the ``N·C`` planes: for bf16/fp16 ``x`` computed in fp32 and rounded once."""
+def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``scale·(x − mean) + shift`` with one (compute-dtype) coefficient triple per (sample, channel) plane, by ATen's
+    eval batch norm over the ``N·C`` planes (variance 1, eps 0: it applies ``scale·x + (shift − mean·scale)``, the
+    constant computed in fp32, then for bf16/fp16 ``x`` rounded once)."""
+    scale, shift, mean = scale.view(-1), shift.view(-1), mean.view(-1)
     planes = x.view(1, scale.numel(), -1)
-    zeros, ones = torch.zeros_like(scale.view(-1)), torch.ones_like(scale.view(-1))
+    ones = torch.ones_like(mean)
     if out is None:
-        return F.batch_norm(planes, zeros, ones, scale.view(-1), shift.view(-1), False, 0.0, 0.0).view(x.shape)
-    torch.ops.aten.native_batch_norm.out(planes, scale.view(-1), shift.view(-1), zeros, ones, False, 0.0, 0.0,
-                                         out=out.view(planes.shape), save_mean=scale.new_empty(0),
-                                         save_invstd=scale.new_empty(0))
+        return torch.ops.aten._native_batch_norm_legit_no_training(planes, scale, shift, mean, ones, 0.0,
+                                                                   0.0)[0].view(x.shape)
+    unused = ones[:0]  # the statistics outputs, empty in eval
+    torch.ops.aten.native_batch_norm.out(planes, scale, shift, mean, ones, False, 0.0, 0.0, out=out.view(planes.shape),
+                                         save_mean=unused, save_invstd=unused)
     return out
 
 
@@ -182,35 +224,36 @@ class _BatchChannelNormFunction(torch.autograd.Function):
             [False, True, True])
         s1, s2 = s1.view(n, groups, -1), s2.view(n, groups, -1)
         a_g = a.view(groups, -1)
-        dy_yhat = group_rstd * (a_g * s2 + u_dev * s1)  # Σ_hw dy·ŷ per plane
+        dy_yhat = torch.addcmul(a_g * s2, u_dev, s1).mul_(group_rstd)  # Σ_hw dy·ŷ per plane
         count = (c // groups) * hw
-        mean_dy = s1.sum(-1, keepdim=True) / count
-        mean_dy_yhat = dy_yhat.sum(-1, keepdim=True) / count
-        # du = w_rstd·dy + q1·(x − m) + s1_coef per plane
-        q1 = -w_rstd * group_rstd * mean_dy_yhat * a_g
-        s1_coef = -w_rstd * (mean_dy + group_rstd * u_dev * mean_dy_yhat)
-        sum_du = (w_rstd * s1 + s1_coef * hw).view(n, c)  # Σ_hw du
-        sum_du_dev = (w_rstd * s2 + q1 * hw * plane_std.square().view(n, groups, -1)).view(n, c)  # Σ_hw du·(x − m)
+        # du = w_rstd·dy + q1·(x − m) + s1_coef per plane, with t = w_rstd·R·mean_g(dy·ŷ) and mean_g(dy) per group:
+        # q1 = −t·a, s1_coef = −(w_rstd·mean_g(dy) + t·(mu − M))
+        t = (w_rstd * group_rstd).mul_(dy_yhat.sum(-1, keepdim=True)).div_(count)
+        q1 = torch.mul(t, a_g).neg_()
+        s1_coef = torch.addcmul(w_rstd * s1.sum(-1, keepdim=True).div_(count), t, u_dev).neg_()
+        sum_du = torch.add(w_rstd * s1, s1_coef, alpha=hw).view(n, c)  # Σ_hw du
+        # Σ_hw du·(x − m)
+        sum_du_dev = torch.addcmul(w_rstd * s2, q1, plane_std.square().view(n, groups, -1), value=hw).view(n, c)
         dbn_bias = sum_du.sum(0)
         dbn_weight_unscaled = torch.addcmul(sum_du_dev, centred, sum_du).sum(0)  # Σ du·(x − μ)
-        q1, s1_coef = q1.reshape(n, c), s1_coef.reshape(n, c)
+        q1, s1_coef = q1.view(n, c), s1_coef.view(n, c)
         if config.batch_stats:  # dx = a·(du − mean(du) − x̂·mean(du·x̂))
             total = n * hw
-            k = scale.square() * dbn_weight_unscaled / total
+            k = scale.square().mul_(dbn_weight_unscaled).div_(total)
             q1 = q1 - k
-            s1_coef = s1_coef - dbn_bias / total - k * centred
+            s1_coef = s1_coef - torch.addcmul(dbn_bias / total, k, centred)
         dx = None
         if needs[0]:
             x_coef, shift = a * q1, a * s1_coef
             dy_coef = (w_rstd * a_g).view(n, c, 1, 1)
             if dy.dtype == torch.float16 and bool(dy_coef.abs().amax() > torch.finfo(torch.float16).max):
                 # a near-constant channel's coefficient would overflow in fp16: the whole affine in fp32, rounded once
-                dx = _plane_affine(x.float(), x_coef, shift - x_coef * plane_mean).addcmul_(dy.float(), dy_coef)
+                dx = _plane_affine(x.float(), x_coef, shift, plane_mean).addcmul_(dy.float(), dy_coef)
                 dx = dx.to(x.dtype)
             else:
-                dx = _plane_affine(x, x_coef, shift - x_coef * plane_mean).addcmul_(dy, dy_coef.to(dy.dtype))
+                dx = _plane_affine(x, x_coef, shift, plane_mean).addcmul_(dy, _in(dy_coef, dy.dtype))
         grads = (scale * dbn_weight_unscaled, dbn_bias, dy_yhat.sum((0, 2)), s1.sum((0, 2)))
-        return (dx, None, None, None, None, *(g.to(p.dtype).view(p.shape) if need else None
+        return (dx, None, None, None, None, *(_in(g, p.dtype).view(p.shape) if need else None
                                               for g, p, need in zip(grads, params, needs[5:])))
 
 
@@ -219,9 +262,9 @@ def _differentiable_backward(x: Tensor, dy: Tensor, batch_mean: Tensor, batch_va
                              needs: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
     """The gradients by autograd through ``F.batch_norm`` and ``F.group_norm`` from ``x`` (with the batch statistics,
     no running update; or the running ones the forward used, as constants), for a double backward."""
-    bn_weight, bn_bias, weight, bias = params
     leaves = [t for t, need in zip((x, *params), needs[:1] + needs[5:]) if need]
     with torch.enable_grad():
+        bn_weight, bn_bias, weight, bias = (_in(p, batch_mean.dtype) for p in params)
         y = _stages(x.to(batch_mean.dtype), None if config.batch_stats else batch_mean,
                     None if config.batch_stats else batch_var, bn_weight, bn_bias, weight, bias,
                     batch_stats=config.batch_stats, momentum=0.0, config=config)

@@ -17,9 +17,10 @@ fused layer-norm kernels where they compute our math:
 statistics only where these overflow or underflow. An overflow shows in the per-row result (``rstd = 0``; NaN or
 inf in a row gives ``rstd`` NaN or 0), and an underflow cannot matter while ``eps ≥ 2^-60`` (the lost ``x²`` terms are
 below ``2^-149`` each, and ``rstd ≤ 2^30`` keeps the backward's ``rstd³`` finite). So eagerly, with such an ``eps``,
-the statistics are taken unscaled and one check of ``min(rstd) > 0`` (``M`` values, one host sync) decides: when it
-fails, the scaled closed form runs instead, with the same formulas on ``z = s·x``. Under ``torch.compile`` the scaled
-closed form always runs (no host sync in the graph) and inductor fuses it.
+the statistics are taken unscaled and one check that every ``rstd`` is positive and finite (``M`` values, read from
+their raw bytes: see ``_trusted``) decides: when it fails, the scaled closed form runs instead, with the same
+formulas on ``z = s·x``. Under ``torch.compile`` the scaled closed form always runs (no host sync in the graph) and
+inductor fuses it.
 
 **Backward** (``r = rstd``, ``gw = dy·(w + offset)``, ``n`` the width; ATen's LayerNorm backward with ``mean = μ``
 is ``dx_LN = r·(gw − mean(gw) − x̂·mean(gw·x̂))`` with ``x̂ = (x − μ)·r``):
@@ -37,8 +38,10 @@ upcast for the backward). For the scaled closed form ``x`` is ``z = s·x`` and `
 
 from __future__ import annotations
 
+import ctypes
 import math
-from typing import Any, Optional
+import sys
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -57,29 +60,50 @@ def _unscaled_allowed(rows: Tensor, eps: float) -> bool:
     return not torch.compiler.is_compiling() and eps >= _MIN_UNSCALED_EPS and rows.numel() > 0
 
 
-def _rms_stats(rows: Tensor, kind: str, eps: Any, scratch: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """``(rstd, row_sum)`` as ``(M, 1)`` of the opmath rows (``row_sum = Σx`` for CRMSNorm, else ``None``); ``eps`` is
-    a float or, scaled, an ``(M, 1)`` tensor. RMSNorm squares into ``scratch`` (a buffer of the rows' shape the caller
-    overwrites next, e.g. its output) or a temporary."""
+def _rms_stats(rows: Tensor, kind: str, eps: Any) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(rstd, row_sum, squares)``: ``rstd`` and ``row_sum`` (``Σx`` for CRMSNorm, else ``None``) as ``(M, 1)`` of the
+    opmath rows, and for RMSNorm the fresh tensor of their squares, a buffer of the rows' shape the caller may
+    overwrite (e.g. with its output); ``eps`` is a float or, scaled, an ``(M, 1)`` tensor."""
     if kind == "rms":
         # mean of the squares, the op order of torch's F.rms_norm and Hugging Face's LlamaRMSNorm: swapping theirs for
         # ours is bit for bit (tests/examples/test_transformer_examples.py); vector_norm rounds differently
-        squares = rows.square() if scratch is None else torch.square(rows, out=scratch)
-        return squares.mean(-1, keepdim=True).add_(eps).rsqrt_(), None
+        squares = rows.square()
+        return squares.mean(-1, keepdim=True).add_(eps).rsqrt_(), None, squares
     mean_square = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_()
     row_sum = rows.sum(-1, keepdim=True)
     mean_square.add_(row_sum.square())
-    return mean_square.div_(rows.shape[-1] + 1).add_(eps).rsqrt_(), row_sum
+    return mean_square.div_(rows.shape[-1] + 1).add_(eps).rsqrt_(), row_sum, None
+
+
+# The last byte in memory (little-endian: sign and leading exponent bits) of a positive, finite, non-zero float of any
+# width: 0x00 is a zero or a tiny value, 0x7C-0x7F an inf or NaN (fp16: exponent 11111; wider: its top bits), 0x80 and
+# up the negatives and -0.0. Every rstd of trusted statistics is in [2^-64, 2^30] (eps ≥ 2^-60 and var ≤ fp32's max;
+# fp64's is wider still), whose last byte is 0x1F-0x4E (fp32/bf16) or 0x1F-0x41 (fp64): accepted. (fp16 statistics,
+# of an fp16 inference call, can round to 0 or inf: refused, and the fp32 statistics decide.)
+_POSITIVE_FINITE_TOP_BYTES = bytes(range(0x01, 0x7C))
+_READ_RAW_BYTES = sys.byteorder == "little"
 
 
 def _trusted(rstd: Tensor) -> bool:
-    """Whether unscaled statistics give the scaled ones' answer in every row (see the module docstring)."""
-    return rstd.min().item() > 0  # False for a NaN. min: the cheapest check measured right after a big op
+    """Whether unscaled statistics give the scaled ones' answer in every row: every ``rstd`` positive and finite (see
+    the module docstring). ``rstd`` is a fresh contiguous tensor, one value per row.
+
+    Right after the big kernel every cache holds its data, and the code that runs next pays for that: ``min().item()``
+    (a reduction and a read) cost 35 µs there against 2 µs before it (1576×768 fp32, one thread), 7% of the kernel.
+    The top bytes of the statistics' raw memory, read without a dispatcher op, decide in 18 µs."""
+    if _READ_RAW_BYTES and type(rstd) is Tensor:  # a FakeTensor's data_ptr() is not its data
+        try:
+            raw = ctypes.string_at(rstd.data_ptr(), rstd.nbytes)
+        except RuntimeError:  # no storage (a tensor of a torch.func transform): its values through torch
+            return rstd.min().item() > 0
+        size = rstd.itemsize
+        return not raw[size - 1::size].translate(None, _POSITIVE_FINITE_TOP_BYTES)
+    return rstd.min().item() > 0  # False for a NaN
 
 
 class _Stats:
-    """Per-row statistics, ``(M, 1)``: ``rstd``; ``mean`` (LayerNorm), ``row_sum`` (CRMSNorm) and the power-of-two
-    ``scale`` of the closed form, else ``None``."""
+    """Per-row statistics, of the rows' shape with a last dim of 1: ``rstd``; ``mean`` (LayerNorm), ``row_sum``
+    (CRMSNorm) and the power-of-two ``scale`` of the closed form, else ``None``."""
 
     __slots__ = ("rstd", "mean", "row_sum", "scale")
 
@@ -97,7 +121,7 @@ def _scaled_stats(xf: Tensor, kind: str, eps: float) -> _Stats:
         mean = z.mean(-1, keepdim=True)
         centred = z.sub_(mean)
         return _Stats(torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps_s), mean=mean, scale=scale)
-    rstd, row_sum = _rms_stats(z, kind, eps_s)
+    rstd, row_sum, _ = _rms_stats(z, kind, eps_s)
     return _Stats(rstd, row_sum=row_sum, scale=scale)
 
 
@@ -115,7 +139,7 @@ def _normalize(x: Tensor, xf: Tensor, stats: _Stats, weight: Optional[Tensor], b
         y = y.mul_(weight + weight_offset if weight_offset else weight)
     if bias is not None:
         y = y.add_(bias)
-    return y.to(out_dtype)
+    return y if y.dtype is out_dtype else y.to(out_dtype)
 
 
 def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: _Stats, kind: str,
@@ -151,7 +175,7 @@ def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[
 
 def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                     weight_offset: float) -> Tensor:
-    """The reference's output (opmath) for the 2-D rows ``x``: what a double backward differentiates."""
+    """The reference's output (opmath) for the rows ``x`` (over the last dim): what a double backward differentiates."""
     shape, out_dtype = (x.shape[-1],), compute_dtype(x.dtype)
     if kind == "layer":
         return _ref_row.layer_norm(x, shape, weight, bias, eps, out_dtype=out_dtype)
@@ -162,7 +186,7 @@ def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Option
     return y if bias is None else y + bias
 
 
-def _aten_layer_norm(x: Tensor, shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                      weight_offset: float, out_dtype: torch.dtype, fp32_stats: bool
                      ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """``(y, mean, rstd)`` from ATen's fused LayerNorm forward where its unscaled statistics are trusted, else
@@ -171,13 +195,16 @@ def _aten_layer_norm(x: Tensor, shape: list[int], weight: Optional[Tensor], bias
     to that dtype: not with ``fp32_stats`` (statistics for a backward)."""
     if math.prod(shape) <= 1 or not _unscaled_allowed(x, eps):  # width 1: see row_norm
         return None
-    rows = x if out_dtype == x.dtype else opmath(x)  # e.g. bf16 rows of an fp32 input's residual stream
-    own_dtype = not fp32_stats and not weight_offset
-    params = [p if p is None or (p.dtype == rows.dtype and own_dtype) else p.to(compute_dtype(rows.dtype))
-              for p in (weight, bias)]
+    rows = x if out_dtype is x.dtype else opmath(x)  # e.g. bf16 rows of an fp32 input's residual stream
+    # kept: parameters of the compute dtype, or of the rows' own where allowed; others cast to the compute dtype
+    kept = (compute_dtype(rows.dtype), rows.dtype if not fp32_stats and not weight_offset else None)
+    if weight is not None and weight.dtype not in kept:
+        weight = weight.to(kept[0])
+    if bias is not None and bias.dtype not in kept:
+        bias = bias.to(kept[0])
     if weight_offset:
-        params[0] = params[0] + weight_offset
-    y, mean, rstd = torch.native_layer_norm(rows, shape, *params, eps)
+        weight = weight + weight_offset
+    y, mean, rstd = torch.native_layer_norm(rows, shape, weight, bias, eps)
     if not _trusted(rstd):
         return None
     return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
@@ -185,18 +212,17 @@ def _aten_layer_norm(x: Tensor, shape: list[int], weight: Optional[Tensor], bias
 
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, weight_offset: float,
              kind: str, out_dtype: torch.dtype) -> tuple[Tensor, _Stats]:
-    """``(y, statistics)`` of the 2-D rows ``x`` for a backward: unscaled where trusted, else the scaled closed
-    form."""
+    """``(y, statistics)`` of the rows ``x`` (over the last dim) for a backward: unscaled where trusted, else the
+    scaled closed form."""
     if kind == "layer":
-        result = _aten_layer_norm(x, [x.shape[-1]], weight, bias, eps, weight_offset, out_dtype, fp32_stats=True)
+        result = _aten_layer_norm(x, (x.shape[-1],), weight, bias, eps, weight_offset, out_dtype, fp32_stats=True)
         if result is not None:
             return result[0], _Stats(result[2], mean=result[1])
     xf = opmath(x)
-    # the output's buffer, squared into first where x is its own opmath rows (a fresh upcast is normalized in place)
-    out = torch.empty_like(xf) if xf is x and kind == "rms" else None
-    stats = None
+    stats = out = None
     if kind != "layer" and _unscaled_allowed(x, eps):
-        rstd, row_sum = _rms_stats(xf, kind, eps, scratch=out)
+        rstd, row_sum, squares = _rms_stats(xf, kind, eps)
+        out = squares if xf is x else None  # the output's buffer (a fresh upcast of x is normalized in place)
         stats = _Stats(rstd, row_sum=row_sum) if _trusted(rstd) else None
     if stats is None:
         stats = _scaled_stats(xf, kind, eps)
@@ -205,7 +231,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
 
 
 class _RowNormFunction(torch.autograd.Function):
-    """``y = ẑ·(w + offset) + b`` over the last dim of the 2-D rows ``h`` (module docstring), with ``h = x`` or, given
+    """``y = ẑ·(w + offset) + b`` over the last dim of the rows ``h`` (module docstring), with ``h = x`` or, given
     a ``residual`` of ``x``'s dtype, ``h = x + residual``, returned too: ``(y, h)``. Fused so that the backward adds the
     gradient of ``h`` in place. ``residual``, ``weight`` and ``bias`` may be ``None``."""
 
@@ -251,27 +277,32 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
              weight_offset: float) -> tuple[Tensor, Optional[Tensor]]:
     """``(y, h)`` as :func:`normlayers.functional.add_layer_norm` and friends (``h = None`` without ``residual``);
     ``kind`` is ``"layer"``, ``"rms"`` or ``"crms"``. Arguments are assumed valid."""
-    differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, residual, weight, bias))
+    differentiable = torch.is_grad_enabled() and (  # (no generator: this runs on every call)
+        input.requires_grad or (residual is not None and residual.requires_grad)
+        or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
     fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
     h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
     # LayerNorm: ATen's fused kernel and, for fp32/fp64, its own autograd, where trusted. (bf16/fp16 rows with
     # gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16.) Width 1 takes the closed
     # form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
     if kind == "layer" and not fused_add and not (differentiable and h.dtype in LOW_PRECISION):
-        result = _aten_layer_norm(h, list(shape), weight, bias, eps, weight_offset, input.dtype, fp32_stats=False)
+        result = _aten_layer_norm(h, shape, weight, bias, eps, weight_offset, input.dtype, fp32_stats=False)
         if result is not None:
             return result[0], h if residual is not None else None
-    width = math.prod(shape)
-    rows = h.reshape(-1, width)
-    flat_weight = None if weight is None else weight.reshape(width)
-    flat_bias = None if bias is None else bias.reshape(width)
+    if len(shape) == 1:  # the rows as they are: every step works over the last dim (and a view op costs a dispatch)
+        rows, residual_rows, flat_weight, flat_bias = h, residual, weight, bias
+    else:
+        width = math.prod(shape)
+        rows = h.reshape(-1, width)
+        residual_rows = None if residual is None else residual.reshape(-1, width)
+        flat_weight = None if weight is None else weight.reshape(width)
+        flat_bias = None if bias is None else bias.reshape(width)
     if fused_add:
-        y, h = _RowNormFunction.apply(rows, residual.reshape(-1, width), flat_weight, flat_bias, eps, weight_offset,
-                                      kind, input.dtype)
-        return y.reshape(input.shape), h.reshape(input.shape)
+        y, h = _RowNormFunction.apply(rows, residual_rows, flat_weight, flat_bias, eps, weight_offset, kind,
+                                      input.dtype)
+        return (y, h) if rows is input else (y.reshape(input.shape), h.reshape(input.shape))
     if differentiable:
         y = _RowNormFunction.apply(rows, None, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype)
     else:  # inference: the same forward without the Function's overhead
         y = _forward(rows, flat_weight, flat_bias, eps, weight_offset, kind, input.dtype)[0]
-    return y.reshape(h.shape), h if residual is not None else None
+    return y if rows is h else y.reshape(h.shape), h if residual is not None else None

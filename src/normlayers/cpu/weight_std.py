@@ -1,10 +1,11 @@
 """CPU tier of Weight Standardization (Qiao et al., arXiv 1903.10520, Eq. 5; Scaled WS: Brock et al., arXiv
 2101.08692, Eq. 4): each output filter standardized over its fan-in ``I`` by one fused ATen norm.
 
-Without a per-filter gain the weight, viewed as ``O`` rows of ``I`` values, goes through ``F.layer_norm`` over the rows
-(``native_layer_norm`` and its backward: a vectorized pass per row, about half the time of timm's ``StdConv2d``
-trick, ``F.batch_norm`` over the weight viewed as a batch of one, on this tier's CPUs). With a gain (Scaled WS) the
-per-filter factor is ``F.batch_norm``'s per-channel weight, timm's ``ScaledStdConv2d`` exactly.
+Without a per-filter gain the weight, viewed as ``O`` rows of ``I`` values, goes through ATen's layer norm over the
+rows (``native_layer_norm``, called below ``F.layer_norm``'s wrapper, and its backward: a vectorized pass per row,
+about half the time of timm's ``StdConv2d`` trick, ``F.batch_norm`` over the weight viewed as a batch of one, on this
+tier's CPUs). With a gain (Scaled WS) the per-filter factor is ``F.batch_norm``'s per-channel weight, timm's
+``ScaledStdConv2d`` exactly.
 
 Both normalize with the biased variance and ``eps`` inside the square root. The unbiased variants fit too: with
 ``σ²_u = σ²·I/(I − 1)``,
@@ -39,13 +40,14 @@ __all__ = ["supports", "weight_standardize"]
 def supports(weight: Tensor, eps_inside: bool) -> bool:
     """Eps inside the square root, at least one filter, and more than one value per filter (``F.batch_norm`` refuses
     a single one in training; the reference standardizes it to 0, and returns a weight without filters as it is)."""
-    return eps_inside and weight.shape[0] > 0 and weight[0].numel() > 1
+    return eps_inside and weight.shape[0] > 0 and weight.numel() > weight.shape[0]
 
 
 def weight_standardize(weight: Tensor, *, correction: int, eps: float, gain: Optional[Tensor] = None,
                        scale: float = 1.0) -> Tensor:
     """As :func:`normlayers.reference.weight_std.weight_standardize` with ``eps_inside=True``."""
-    filters, fan_in = weight.shape[0], weight[0].numel()
+    filters = weight.shape[0]
+    fan_in = weight.numel() // filters  # not weight[0].numel(): an indexing op per call
     ratio = (fan_in - correction) / fan_in
     constant_scale = scale * math.sqrt(ratio)
     dtype = compute_dtype(weight.dtype)
@@ -54,7 +56,8 @@ def weight_standardize(weight: Tensor, *, correction: int, eps: float, gain: Opt
         needs_grad = weight.requires_grad and torch.is_grad_enabled()
         if constant_scale != 1.0 or (weight.dtype != dtype and needs_grad):  # the bf16 forward is the same without it
             norm_weight = torch.full((fan_in,), constant_scale, dtype=dtype, device=weight.device)
-        out = F.layer_norm(weight.reshape(filters, fan_in), (fan_in,), norm_weight, None, eps * ratio)
+        out = torch.ops.aten.native_layer_norm(weight.reshape(filters, fan_in), (fan_in,), norm_weight, None,
+                                               eps * ratio)[0]
     else:
         per_filter_scale = gain.to(dtype).reshape(filters) * constant_scale
         out = F.batch_norm(weight.reshape(1, filters, fan_in), None, None, per_filter_scale, None, True, 0.0,

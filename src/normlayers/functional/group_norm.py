@@ -9,8 +9,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlayers._checks import check_channel_vectors, check_epsilon, check_float_tensor, check_positive_int
-from normlayers._dtypes import FLOAT_DTYPES, compute_dtype
+from normlayers._checks import (
+    FLOAT_DTYPE_SET,
+    check_channel_vectors,
+    check_epsilon,
+    check_float_tensor,
+    check_positive_int,
+    is_plain_float_tensor,
+)
+from normlayers._dtypes import compute_dtype
 from normlayers.backends import tier
 from normlayers.cpu import group_norm as _cpu_group_norm
 from normlayers.functional._common import empty_batch_output
@@ -20,7 +27,6 @@ from normlayers.reference import group_norm as _ref_group_norm
 __all__ = ["GROUP_NORM_ACTIVATIONS", "check_activation", "group_norm"]
 
 GROUP_NORM_ACTIVATIONS = tuple(_ref_group_norm.ACTIVATIONS)
-_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # (a hashed lookup: 70 ns against 170 ns for the tuple)
 
 
 def check_activation(act: object) -> Optional[str]:
@@ -36,21 +42,14 @@ def _is_plain_valid_call(input: object, num_groups: object, weight: object, bias
     model's call passes, tested in under 2 µs. It passes only calls that :func:`_check_group_norm_args` passes too.
     (The full checks cost ~5 µs per call on CPU; with them a 2×320×32×32 fp32 call measured 35–50 µs slower than
     ``F.group_norm``, one thread, interleaved medians of the thread's CPU time, more than the checks' own time.)"""
-    if not (isinstance(input, Tensor) and input.dtype in _FLOAT_DTYPE_SET and input.dim() >= 2):
+    if not (isinstance(input, Tensor) and input.dtype in FLOAT_DTYPE_SET and input.dim() >= 2):
         return False
-    if weight is None and bias is None:
-        shape = device = None
-    else:
-        shape, device = (input.shape[1],), input.device
-    return (type(num_groups) is int and num_groups > 0 and input.shape[1] % num_groups == 0
+    shape, device = (input.shape[1],), input.device
+    return (type(num_groups) is int and num_groups > 0 and shape[0] % num_groups == 0
             and input.numel() != num_groups and type(eps) is float and 0.0 <= eps < math.inf
             and (act is None or (type(act) is str and act in GROUP_NORM_ACTIVATIONS))
-            and _is_plain_channel_vector(weight, shape, device) and _is_plain_channel_vector(bias, shape, device))
-
-
-def _is_plain_channel_vector(t: object, shape: tuple[int], device: torch.device) -> bool:
-    return t is None or (isinstance(t, Tensor) and t.dtype in _FLOAT_DTYPE_SET and t.shape == shape
-                         and t.device == device)
+            and (weight is None or is_plain_float_tensor(weight, shape, device))
+            and (bias is None or is_plain_float_tensor(bias, shape, device)))
 
 
 def _check_group_norm_args(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from normlayers._checks import ShapeLike, as_shape, check_epsilon, check_float_tensor, check_real, check_same_device
+from normlayers._checks import (
+    FLOAT_DTYPE_SET,
+    ShapeLike,
+    as_shape,
+    check_epsilon,
+    check_float_tensor,
+    check_real,
+    check_same_device,
+    is_plain_float_tensor,
+)
 from normlayers._dtypes import compute_dtype
 from normlayers.backends import tier
 from normlayers.cpu import row_norms as _cpu_row
@@ -25,6 +35,8 @@ def _check_row_norm_args(
     eps: float,
     residual: Optional[Tensor] = None,
 ) -> tuple[int, ...]:
+    if _is_plain_row_norm_call(input, normalized_shape, weight, bias, eps, residual):
+        return normalized_shape
     check_float_tensor("input", input)
     shape = as_shape(normalized_shape)
     if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
@@ -47,6 +59,21 @@ def _check_row_norm_args(
     return shape
 
 
+def _is_plain_row_norm_call(input: object, normalized_shape: object, weight: object, bias: object, eps: object,
+                            residual: object) -> bool:
+    """Whether the arguments are valid in the plain form every model's call passes (tensors, a one-int tuple, a
+    ``float`` eps): it passes only calls that the full checks of :func:`_check_row_norm_args` pass too, in about a
+    microsecond of their eight."""
+    if not (isinstance(input, Tensor) and input.dtype in FLOAT_DTYPE_SET and type(normalized_shape) is tuple
+            and len(normalized_shape) == 1 and type(normalized_shape[0]) is int and input.dim() > 0
+            and input.shape[-1] == normalized_shape[0] and type(eps) is float and 0.0 <= eps < math.inf):
+        return False
+    device = input.device
+    return ((weight is None or is_plain_float_tensor(weight, normalized_shape, device))
+            and (bias is None or is_plain_float_tensor(bias, normalized_shape, device))
+            and (residual is None or is_plain_float_tensor(residual, input.shape, device)))
+
+
 def _resolve_rms_eps(eps: Optional[float], dtype: torch.dtype) -> float:
     """``eps=None`` means the machine epsilon of the computation dtype: fp32's for fp16/bf16/fp32 inputs, fp64's for
     fp64, as ``torch.nn.functional.rms_norm`` documents (pytorch/pytorch#159317)."""
@@ -62,7 +89,7 @@ _RMS_AUTOCASTS_TO_FP32 = torch.torch_version.TorchVersion(torch.__version__) >= 
 
 
 def _autocasts_to_fp32(kind: str, input: Tensor) -> bool:
-    if input.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+    if not input.is_cuda or not torch.is_autocast_enabled("cuda"):
         return False
     return kind == "layer" or _RMS_AUTOCASTS_TO_FP32
 
