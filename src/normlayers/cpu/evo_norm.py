@@ -232,7 +232,7 @@ def _side_from_stat(xf: Tensor, variant: str, v_c: Optional[Tensor], stat: Tenso
 def _instance_side(xf: Tensor, variant: str, v_c: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(r, stat, mean)``: the right side of the max, the per-(sample, channel) statistic it uses (the instance std
     for B0, the instance RMS for B1/B2) and, for B0, the instance mean (else an unused 0-d zero: a distinct tensor,
-    since the Function returns both, and autograd wants distinct outputs)."""
+    as the Function returns both)."""
     plane = xf.reshape(xf.shape[0], xf.shape[1], -1)
     if variant == "b0":
         mean = plane.mean(-1, keepdim=True)
