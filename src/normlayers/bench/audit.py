@@ -792,6 +792,18 @@ def captured_launches() -> Iterator[list]:
         jit.JITFunction.run = original
 
 
+def launch_specialization(fn, args: tuple, kwargs: dict) -> str:
+    """What Triton's JIT compiles a captured launch for on an H100 (the kernel, each argument's specialization, the
+    options): two launches with the same value run one binary, so :func:`_compile_launch` need compile it once."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
+    _, specialization, options = binder(*args, **kwargs)
+    return f"{fn.__name__} {specialization} {sorted(options.items())}"
+
+
 def json_from_compile_subprocess(argv: list[str], timeout: float) -> Any:
     """Run ``python *argv`` without ``TRITON_INTERPRET`` (the sm_90 compiles need Triton's real compiler, and a test
     session has the interpreter on) and return the JSON on the last line of its output."""
