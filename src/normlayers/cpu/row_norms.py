@@ -91,7 +91,8 @@ def _trusted(rstd: Tensor) -> bool:
     Right after the big kernel every cache holds its data, and the code that runs next pays for that: ``min().item()``
     (a reduction and a read) cost 35 µs there against 2 µs before it (1576×768 fp32, one thread), 7% of the kernel.
     The top bytes of the statistics' raw memory, read without a dispatcher op, decide in 18 µs."""
-    if _READ_RAW_BYTES and type(rstd) is Tensor:  # a FakeTensor's data_ptr() is not its data
+    # a FakeTensor's data_ptr() is not its data; the bytes are read as one dense run
+    if _READ_RAW_BYTES and type(rstd) is Tensor and rstd.is_contiguous():
         try:
             raw = ctypes.string_at(rstd.data_ptr(), rstd.nbytes)
         except RuntimeError:  # no storage (a tensor of a torch.func transform): its values through torch
