@@ -105,10 +105,8 @@ def tier(x: torch.Tensor, *, has_kernels: bool = True) -> str:
     """The implementation that runs a call whose main input is ``x``: ``"triton"`` (see :func:`use_triton`),
     ``"cpu"`` (backend ``"auto"`` on a CPU tensor) or ``"reference"``. An op with no Triton kernel
     (``has_kernels=False``) runs the reference where it would run them."""
-    if _current == "auto" and x.is_cpu:  # the CPU tier's every call: decided without the calls below
+    if _current == "auto" and x.is_cpu:  # first: the CPU tier's every call, decided without use_triton
         return "cpu"
     if has_kernels and use_triton(x):
         return "triton"
-    if _current == "auto" and x.is_cpu:
-        return "cpu"
     return "reference"

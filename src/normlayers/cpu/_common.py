@@ -1,4 +1,4 @@
-"""Dtype rules the CPU-tier families share."""
+"""Dtype rules and numeric thresholds the CPU-tier families share."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from torch import Tensor
 from normlayers._dtypes import compute_dtype
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Below this eps a family does not take its statistics unscaled (the reference takes them of values scaled by a power
+# of two, docs/reliability.md): from it up, the x² terms an underflow loses (each below 2^-149) are negligible beside
+# eps, and 1/sqrt(· + eps) ≤ 2^30, so its cube stays finite in fp32.
+MIN_UNSCALED_EPS = 2.0 ** -60
 
 
 def opmath(t: Tensor) -> Tensor:

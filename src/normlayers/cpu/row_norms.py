@@ -47,17 +47,14 @@ import torch
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import LOW_PRECISION, opmath, params_like
+from normlayers.cpu._common import LOW_PRECISION, MIN_UNSCALED_EPS, opmath, params_like
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm"]
 
-# Below this eps the unscaled statistics are not used (module docstring): rstd ≤ 2^30, so rstd³ stays finite.
-_MIN_UNSCALED_EPS = 2.0 ** -60
-
 
 def _unscaled_allowed(rows: Tensor, eps: float) -> bool:
-    return not torch.compiler.is_compiling() and eps >= _MIN_UNSCALED_EPS and rows.numel() > 0
+    return not torch.compiler.is_compiling() and eps >= MIN_UNSCALED_EPS and rows.numel() > 0
 
 
 def _rms_stats(rows: Tensor, kind: str, eps: Any) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:

@@ -36,16 +36,13 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from normlayers._autograd import differentiable_backward, refuse_double_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
+from normlayers.cpu._common import MIN_UNSCALED_EPS
 from normlayers.reference import power_norm as _ref_power
 from normlayers.reference import unified_norm as _ref_unified
 from normlayers.reference.power_norm import Step
 from normlayers.reference.row_norms import _max_scale_exponent, scale_exponent_cap
 
 __all__ = ["power_norm", "unified_norm"]
-
-# Below this eps the unscaled statistics are not used (module docstring): the x² terms an underflow loses (each below
-# 2^-149) are negligible beside it, as for the row norms (normlayers.cpu.row_norms). GroupScaling's eps is 1e-5.
-_MIN_UNSCALED_EPS = 2.0 ** -60
 
 
 def _host_values_readable(t: Tensor) -> bool:
@@ -137,7 +134,7 @@ def _channel_mean_square(u: Tensor, valid: Optional[Tensor], eps: float) -> tupl
     factor (:func:`_group_factor`), the sum of squares is taken unscaled (``s = None``, which the reference's
     statistics accept: its synced form) where that is exact (module docstring), else the reference's scaled form."""
     selected = u if valid is None else torch.where(valid[:, None], u, 0.0)  # select: a NaN in a pad must not leak
-    total = _checked_column_square_sum(selected) if eps >= _MIN_UNSCALED_EPS else None
+    total = _checked_column_square_sum(selected) if eps >= MIN_UNSCALED_EPS else None
     scale = None
     if u.shape[0] == 0:
         total = selected.sum(0)
