@@ -10,8 +10,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from normlayers.backends import interpreter_enabled
 from normlayers.bench import audit
@@ -157,36 +160,87 @@ def test_plane_kernels_read_the_input_with_128_bit_loads(shape, memory_format):
     assert all(max(q.load_bits) == 128 for q in compiled.values()), {k: q.load_bits for k, q in compiled.items()}
 
 
-# Sector use of every per-plane pass: bf16 at every audited shape; fp32 (twice the bytes per value, the same tiles)
-# at 7×7 only, where the flat tile's blocks differ by dtype, as the 56×56 runs take ~15 s each in the interpreter.
+# Sector use per warp instruction of every per-plane pass: bf16 at every audited shape; fp32 (twice the bytes per
+# value, other tiles at 7×7) at 7×7 only, as the 56×56 runs take ~30 s each in the interpreter.
 SECTOR_CASES = [pytest.param(shape, fmt, dtype, marks=pytest.mark.slow if shape[2] * shape[3] > 1024 else ())
                 for shape in audit.PLANE_SHAPES for fmt in audit.PLANE_FORMATS for dtype in audit.SECTOR_DTYPES
                 if dtype == torch.bfloat16 or shape[2] * shape[3] <= 1024]
 
 
+@functools.lru_cache(maxsize=None)
+def plane_sector_use(shape, memory_format, dtype) -> dict[str, audit.SectorUse]:
+    return audit.plane_sector_use(shape, memory_format, dtype)
+
+
 @pytest.mark.parametrize("shape,memory_format,dtype", SECTOR_CASES, ids=str)
 def test_plane_kernels_use_whole_sectors(shape, memory_format, dtype):
-    # Counted per load/store call of a program (audit.plane_sector_use); the 128-bit widths above are the per-warp
-    # instruction side.
-    used = audit.plane_sector_use(shape, memory_format, dtype)
-    assert all(u >= 0.90 for u in used.values()), used
+    used = plane_sector_use(shape, memory_format, dtype)
+    assert all(u.warp_instruction >= 0.90 for u in used.values()), used
 
 
-def test_sector_use_counts_partly_used_sectors():
-    # Reading every other bf16 value of a row uses half of each sector; a row read whole uses all of it.
-    import triton
-    import triton.language as tl
+# Probes of the per-warp-instruction count: module-level kernels, as audit.launch_accesses compiles them by importing
+# this file in a subprocess (the launcher below is what it calls).
+PROBE_WARPS = 4
 
-    @triton.jit
-    def copy(X, Y, STEP: tl.constexpr):
-        offsets = tl.arange(0, 64) * STEP
-        tl.store(Y + offsets, tl.load(X + offsets))
 
-    x = torch.zeros(128, dtype=torch.bfloat16)
-    for step, expected in ((1, 1.0), (2, 0.5)):
-        with audit.count_traffic() as launches:
-            copy[(1,)](x, torch.empty_like(x), STEP=step)
-        assert audit.sector_use(launches) == expected
+@triton.jit
+def _contiguous_copy(X, Y, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(Y + offsets, tl.load(X + offsets))
+
+
+@triton.jit
+def _transposed_gather(X, Y, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # Element i reads X[i % ROWS, i // ROWS] of a row-major (ROWS, COLS) X: neighbouring elements walk down a column.
+    i = tl.arange(0, ROWS * COLS)
+    values = tl.load(X + (i % ROWS) * COLS + i // ROWS)
+    tl.store(Y + i, values)
+
+
+def sector_probes() -> dict[str, functools.partial]:
+    x = torch.zeros(1024, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    return {"contiguous": functools.partial(_contiguous_copy[(1,)], x, y, BLOCK=1024, num_warps=PROBE_WARPS),
+            "transposed": functools.partial(_transposed_gather[(1,)], x, y, ROWS=8, COLS=16, num_warps=PROBE_WARPS)}
+
+
+def _use(addresses: np.ndarray, instructions: np.ndarray) -> float:
+    """Ground truth: distinct bytes ÷ bytes of distinct 32-byte sectors, summed over the rows of ``instructions``
+    (element indices of ``addresses``, bf16)."""
+    requested = sum(2 * np.unique(addresses[row]).size for row in instructions)
+    return requested / sum(32 * np.unique(addresses[row] // 32).size for row in instructions)
+
+
+def test_sector_use_per_warp_instruction_against_hand_counted_layouts():
+    # A 128-bit copy uses whole sectors in every warp instruction. A transposed gather reads every byte of its
+    # sectors over the program, but each warp instruction takes 4 bf16 values (8 bytes) of each of 8 sectors: a
+    # quarter. The truth is counted here from the addresses and the layout each kernel is expected to get.
+    compiled = audit.launch_accesses(__file__, "sector_probes", [])
+    probes = sector_probes()
+    x = probes["contiguous"].args[0]
+    base = x.data_ptr()
+    warps, lanes = np.arange(PROBE_WARPS)[:, None, None], np.arange(32)[None, :, None]
+    # Contiguous: 1024 values on 4 warps × 32 lanes, 8 consecutive values per lane, one 128-bit load each.
+    copy_rows = ((warps * 32 + lanes) * 8 + np.arange(8)[None, None, :]).reshape(PROBE_WARPS, 256)
+    copy_addresses = base + 2 * np.arange(1024)
+    # Transposed: 128 values on 128 threads, one value per 16-bit load (no two neighbours are adjacent in memory),
+    # lane l of warp w holding element 32·w + l.
+    gather_rows = (warps * 32 + lanes).reshape(PROBE_WARPS, 32)
+    i = np.arange(128)
+    gather_addresses = base + 2 * ((i % 8) * 16 + i // 8)
+    expected = {"contiguous": (_use(copy_addresses, copy_rows), 8),
+                "transposed": (_use(gather_addresses, gather_rows), 1)}
+    assert expected["contiguous"][0] == 1.0 and expected["transposed"][0] == 0.25
+    for label, (truth, vector) in expected.items():
+        # Only the load's compiled op is given, so only the load is counted per warp instruction (the store counts as
+        # not issued); per program both are counted, and both use every byte of their sectors.
+        loads = [a for a in compiled[label] if a.kind == "load"]
+        assert [a.vector for a in loads] == [vector], label
+        with audit.count_traffic(loads) as launches:
+            probes[label]()
+        assert launches[0].not_issued == 2 * (1024 if label == "contiguous" else 128)
+        assert audit.sector_use(launches, "warp instruction") == pytest.approx(truth, rel=1e-12), label
+        assert audit.sector_use(launches, "program") == 1.0, label
 
 
 def test_h100_occupancy_rule():

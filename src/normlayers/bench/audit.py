@@ -48,6 +48,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from normlayers.bench import warp_sectors
+from normlayers.bench.warp_sectors import SECTOR_BYTES, CompiledAccess
+
 __all__ = [
     "H100_SMS", "REFERENCE_ROWS", "LayerCase", "layer_cases", "LaunchCount", "count_launches", "Traffic",
     "count_traffic", "sector_use", "RowNormTraffic", "row_norm_traffic", "liger_row_norm_traffic", "KernelQuality",
@@ -91,7 +94,7 @@ def _instrumented_interpreter() -> Iterator[None]:
     def run(self, *args, grid, warmup, **kwargs):
         if warmup:
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-        with record_function(TRITON_RANGE + self.fn.__name__), _current_launch(self.fn.__name__, args, kwargs):
+        with record_function(TRITON_RANGE + self.fn.__name__), _current_launch(self.fn, args, kwargs):
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
@@ -280,54 +283,81 @@ def count_launches(case: LayerCase, dtype: torch.dtype = torch.bfloat16) -> dict
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# Bytes of a DRAM/L2 sector, the unit a global access is served in.
-SECTOR_BYTES = 32
-
-
 @dataclass
 class Traffic:
-    """Bytes of the mask-true lanes of one launch's loads and stores, and the 32-byte sectors each access touches."""
+    """Bytes of the mask-true lanes of one launch's loads and stores, and the 32-byte sectors they touch, counted two
+    ways: per ``tl.load``/``tl.store`` call of a whole program (``requested``/``sectors``), and per warp instruction
+    (``warp_requested``/``warp_sectors``, counted only where :func:`count_traffic` has the compiled layouts)."""
 
     kernel: str
     logical: int = 0
     unique: int = 0
     requested: int = 0  # distinct bytes of each tl.load/tl.store call of each program, summed over calls
     sectors: int = 0  # distinct 32-byte sectors of each call of each program, summed over calls
+    warp_requested: int = 0  # distinct bytes of the active lanes of each warp instruction, summed over instructions
+    warp_sectors: int = 0  # distinct 32-byte sectors of each warp instruction, summed over instructions
+    # Logical bytes of the interpreted loads/stores the compiled kernel does not issue (the compiler removed them as
+    # dead: a load whose value no output uses), which count nothing per warp instruction.
+    not_issued: int = 0
 
-    @property
-    def sector_use(self) -> float:
-        """Requested bytes ÷ bytes of the sectors they lie in (1.0 when no access touches a sector partly)."""
-        return self.requested / (SECTOR_BYTES * self.sectors) if self.sectors else 1.0
+
+SECTOR_USE_UNITS = ("warp instruction", "program")
 
 
-def sector_use(launches: Sequence[Traffic]) -> float:
-    """Bytes-weighted sector use of several launches (one op's kernels)."""
-    sectors = sum(t.sectors for t in launches)
-    return sum(t.requested for t in launches) / (SECTOR_BYTES * sectors) if sectors else 1.0
+def sector_use(launches: Sequence[Traffic], per: str = "warp instruction") -> float:
+    """Bytes-weighted sector use of several launches (one op's kernels): requested bytes ÷ bytes of the 32-byte
+    sectors they lie in, counted ``per`` warp instruction (what a GPU fetches for each instruction: lanes of one warp
+    instruction that share a sector share its fetch, other instructions fetch it again) or per ``tl.load``/``tl.store``
+    call of a whole program (the tile's footprint, which is what the GPU fetches only where every re-fetch of a
+    sector hits a cache). 1.0 when nothing is counted."""
+    if per not in SECTOR_USE_UNITS:
+        raise ValueError(f"per: expected one of {SECTOR_USE_UNITS}, got {per!r}")
+    warp = per == "warp instruction"
+    requested = sum(t.warp_requested if warp else t.requested for t in launches)
+    sectors = sum(t.warp_sectors if warp else t.sectors for t in launches)
+    return requested / (SECTOR_BYTES * sectors) if sectors else 1.0
 
 
 class _TrafficRecorder:
-    """Per launch: logical bytes, and a byte map of each tensor argument marking the bytes touched (unique bytes)."""
+    """Per launch: logical bytes, a byte map of each tensor argument marking the bytes touched (unique bytes), sectors
+    per program call and, given the compiled ``accesses``, per warp instruction."""
 
-    def __init__(self) -> None:
+    def __init__(self, accesses: Sequence[CompiledAccess]) -> None:
+        import triton
+
         self.launches: list[Traffic] = []
         self._bases = None  # sorted start addresses of the launch's tensor arguments
         self._touched: list = []  # one bool array per argument storage, a flag per byte
+        self._accesses = warp_sectors.issued_per_call(accesses)
+        self._kernel: Optional[Callable] = None
+        self._not_the_kernel = (str(Path(triton.__file__).parent), __file__, warp_sectors.__file__)
 
-    def begin(self, kernel: str, tensors: Sequence[torch.Tensor]) -> None:
+    def begin(self, kernel: Callable, tensors: Sequence[torch.Tensor]) -> None:
         import numpy as np
 
-        self.launches.append(Traffic(kernel))
+        self._kernel = kernel
+        self.launches.append(Traffic(kernel.__name__))
         spans = sorted({(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors})
         self._bases = np.array([start for start, _ in spans], dtype=np.uint64)
         self._touched = [np.zeros(size, dtype=bool) for _, size in spans]
 
-    def access(self, pointers, mask, element_size: int) -> None:
+    def access(self, kind: str, pointers, mask, element_size: int) -> None:
         import numpy as np
 
         addresses = np.asarray(pointers)
-        lanes = addresses[np.broadcast_to(np.asarray(mask, dtype=bool), addresses.shape)].astype(np.uint64).ravel()
+        mask = np.broadcast_to(np.asarray(mask, dtype=bool), addresses.shape)
+        lanes = addresses[mask].astype(np.uint64).ravel()
         launch = self.launches[-1]
+        if self._accesses:
+            site = warp_sectors.interpreter_site(self._kernel.__name__, self._kernel.__code__.co_filename,
+                                                 self._not_the_kernel)
+            issued = self._accesses.get((kind, site), [])
+            if not issued:
+                launch.not_issued += lanes.size * element_size
+            for compiled in issued:
+                requested, sectors = warp_sectors.warp_sectors(compiled, addresses, mask)
+                launch.warp_requested += requested
+                launch.warp_sectors += sectors
         launch.logical += lanes.size * element_size
         # One call of one program: its distinct bytes against the distinct sectors holding them (an element never
         # straddles a sector: Triton's accesses are aligned to their element size).
@@ -349,7 +379,7 @@ _recorder: Optional[_TrafficRecorder] = None
 
 
 @contextlib.contextmanager
-def _current_launch(kernel: str, args: Sequence, kwargs: dict) -> Iterator[None]:
+def _current_launch(kernel: Callable, args: Sequence, kwargs: dict) -> Iterator[None]:
     if _recorder is None:
         yield
         return
@@ -361,14 +391,19 @@ def _current_launch(kernel: str, args: Sequence, kwargs: dict) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def count_traffic() -> Iterator[list[Traffic]]:
-    """Count the bytes every interpreted Triton launch in the block loads and stores; yields the list it fills."""
+def count_traffic(accesses: Sequence[CompiledAccess] = ()) -> Iterator[list[Traffic]]:
+    """Count the bytes every interpreted Triton launch in the block loads and stores; yields the list it fills.
+
+    With ``accesses`` (:func:`launch_accesses`: the global loads and stores of the compiled kernels the block
+    launches) each load and store is also split into the warp instructions its compiled op issues and counted per
+    instruction (:func:`normlayers.bench.warp_sectors.warp_sectors`); an access the compiled kernels lack (removed
+    as dead code) counts as ``not_issued``."""
     from triton.runtime import interpreter
 
     global _recorder
     builder = interpreter.InterpreterBuilder
     load, store = builder.create_masked_load, builder.create_masked_store
-    recorder = _TrafficRecorder()
+    recorder = _TrafficRecorder(accesses)
 
     def element_size(ptrs) -> int:
         return ptrs.get_element_ty().primitive_bitwidth // 8
@@ -376,11 +411,11 @@ def count_traffic() -> Iterator[list[Traffic]]:
     # The cache arguments after (ptrs, mask, other) / (ptrs, value, mask) differ between Triton versions (3.8: cache
     # modifier and eviction policy; 3.9: one cache policy): passed on as they come.
     def create_masked_load(self, ptrs, mask, other, *cache_args):
-        recorder.access(ptrs.data, mask.data, element_size(ptrs))
+        recorder.access("load", ptrs.data, mask.data, element_size(ptrs))
         return load(self, ptrs, mask, other, *cache_args)
 
     def create_masked_store(self, ptrs, value, mask, *cache_args):
-        recorder.access(ptrs.data, mask.data, element_size(ptrs))
+        recorder.access("store", ptrs.data, mask.data, element_size(ptrs))
         return store(self, ptrs, value, mask, *cache_args)
 
     builder.create_masked_load, builder.create_masked_store = create_masked_load, create_masked_store
@@ -727,32 +762,84 @@ SECTOR_CHANNELS = 64
 SECTOR_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def plane_sector_use(shape: tuple[int, ...], memory_format: str, dtype: torch.dtype) -> dict[str, float]:
-    """Sector use (requested bytes ÷ bytes of the 32-byte sectors touched, per ``tl.load``/``tl.store`` call of a
-    program, bytes-weighted over the launch) of every per-plane launch of :func:`_plane_launch_calls`, counted in the
-    interpreter on the first :data:`SECTOR_SAMPLES` samples and :data:`SECTOR_CHANNELS` channels of an
-    ``(N, C, H, W)`` input of ``dtype``.
+@dataclass(frozen=True)
+class SectorUse:
+    """Sector use of one launch (:func:`sector_use`), per warp instruction and per program call."""
 
-    Counted per call of a whole program, not per warp instruction: which lanes share an instruction is the compiler's
-    choice, so a tile whose warps read interleaved parts of the same sectors counts as fully used. The access widths
-    of :func:`plane_static_quality` are the per-instruction side."""
+    warp_instruction: float
+    program: float
+
+
+def _sector_sample(shape: tuple[int, ...], memory_format: str, dtype_name: str, values: bool) -> torch.Tensor:
+    """The input the sector use is counted on: the first :data:`SECTOR_SAMPLES` samples and :data:`SECTOR_CHANNELS`
+    channels of an ``(N, C, H, W)`` input, random (``values``) or left empty (for the compile: only its shape,
+    strides and alignment count)."""
     n, c, h, w = shape
-    x = torch.randn(min(n, SECTOR_SAMPLES), min(c, SECTOR_CHANNELS), h, w,
-                    generator=torch.Generator().manual_seed(0)).to(dtype)
-    if memory_format == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    size = (min(n, SECTOR_SAMPLES), min(c, SECTOR_CHANNELS), h, w)
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(size, generator=torch.Generator().manual_seed(0)).to(dtype) if values else torch.empty(size,
+                                                                                                        dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else x
+
+
+def _plane_sector_launches(shape: list[int], memory_format: str, dtype_name: str) -> dict[str, Callable[[], object]]:
+    return _plane_launch_calls(_sector_sample(tuple(shape), memory_format, dtype_name, values=False))
+
+
+def plane_sector_use(shape: tuple[int, ...], memory_format: str, dtype: torch.dtype) -> dict[str, SectorUse]:
+    """Sector use of every per-plane launch of :func:`_plane_launch_calls`, counted in the interpreter on the first
+    :data:`SECTOR_SAMPLES` samples and :data:`SECTOR_CHANNELS` channels of an ``(N, C, H, W)`` input of ``dtype``,
+    bytes-weighted over the launch: per warp instruction of the sm_90 compile of that very launch
+    (:func:`launch_accesses`), and per ``tl.load``/``tl.store`` call of a whole program for comparison."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    compiled = launch_accesses(__name__, "_plane_sector_launches", [list(shape), memory_format, dtype_name])
     used = {}
-    for label, call in _plane_launch_calls(x).items():
-        with count_traffic() as launches:
+    for label, call in _plane_launch_calls(_sector_sample(shape, memory_format, dtype_name, values=True)).items():
+        with count_traffic(compiled[label]) as launches:
             call()
-        used[label] = sector_use(launches)
+        used[label] = SectorUse(sector_use(launches, "warp instruction"), sector_use(launches, "program"))
     return used
 
 
-def _compile_launch(fn, args: tuple, kwargs: dict) -> KernelQuality:
-    """Compile one captured launch for sm_90 with the specialization Triton's JIT gives those arguments (integers
-    equal to 1 become constants, multiples of 16 and 16-byte aligned pointers are marked so), as a launch on an H100
-    would be compiled."""
+def _access_worker(source: str, launcher: str, args: list) -> dict[str, list[dict]]:
+    import importlib
+    import importlib.util
+
+    if source.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(source).stem, source)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    accesses = {}
+    with captured_launches() as captured:
+        for label, call in getattr(module, launcher)(*args).items():
+            captured.clear()
+            call()
+            (fn, launch_args, kwargs), = captured
+            compiled, _options = _compile_captured(fn, launch_args, kwargs)
+            accesses[label] = [asdict(a) for a in warp_sectors.compiled_accesses(compiled.asm["ttgir"],
+                                                                                 compiled.asm["llir"])]
+    return accesses
+
+
+def launch_accesses(source: str, launcher: str, args: list) -> dict[str, list[CompiledAccess]]:
+    """The global loads and stores (:class:`~normlayers.bench.warp_sectors.CompiledAccess`) of the sm_90 compile of
+    each launch of ``launcher(*args)``: a function in module ``source`` (a module name, or a ``.py`` file) returning
+    ``{label: call}``, each call launching one ``@triton.jit`` kernel, compiled as :func:`_compile_captured` compiles
+    it. ``args`` are JSON values. Runs the compiler in a subprocess without ``TRITON_INTERPRET``; the interpreter
+    run that :func:`count_traffic` measures must launch the same kernels with the same specialization (shapes,
+    strides, alignment)."""
+    code = ("import json, sys; from normlayers.bench.audit import _access_worker; "
+            "print(json.dumps(_access_worker(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))))")
+    entries = json_from_compile_subprocess(["-c", code, source, launcher, json.dumps(args)], timeout=900)
+    return {label: [CompiledAccess.from_json(a) for a in accesses] for label, accesses in entries.items()}
+
+
+def _compile_captured(fn, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """(compiled kernel, options) of one captured launch, compiled for sm_90 with the specialization Triton's JIT
+    gives those arguments (integers equal to 1 become constants, multiples of 16 and 16-byte aligned pointers are
+    marked so), as a launch on an H100 would be compiled."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
@@ -764,7 +851,12 @@ def _compile_launch(fn, args: tuple, kwargs: dict) -> KernelQuality:
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=target, options=options.__dict__)
+    return triton.compile(source, target=target, options=options.__dict__), options
+
+
+def _compile_launch(fn, args: tuple, kwargs: dict) -> KernelQuality:
+    """The :class:`KernelQuality` of one captured launch compiled as :func:`_compile_captured` compiles it."""
+    compiled, options = _compile_captured(fn, args, kwargs)
     registers, spills = _ptxas_usage(compiled.asm["ptx"], options.__dict__)
     loads, stores = _sass_widths(compiled.asm["cubin"])
     shared = compiled.metadata.shared
