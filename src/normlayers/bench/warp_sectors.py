@@ -56,8 +56,7 @@ class CompiledAccess:
     @classmethod
     def from_json(cls, entry: dict) -> "CompiledAccess":
         return cls(entry["kind"], tuple(tuple(frame) for frame in entry["site"]), tuple(entry["columns"]),
-                   tuple(entry["shape"]),
-                   entry["element_bytes"], entry["vector"],
+                   tuple(entry["shape"]), entry["element_bytes"], entry["vector"],
                    *(tuple(tuple(b) for b in entry[name]) for name in ("registers", "lanes", "warps")))
 
     @cached_property
@@ -69,17 +68,19 @@ class CompiledAccess:
         coords = _coordinates(self.registers, self.lanes, self.warps, len(self.shape))  # (W, L, R, rank)
         flat = (np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), self.shape) if self.shape
                 else np.zeros(coords.shape[:3], dtype=np.int64))
-        w, l, r = flat.shape
-        if r % self.vector:
-            raise ValueError(f"{self.site}: {r} registers per thread do not split into {self.vector}-element vectors")
-        elements = flat.reshape(w, l, r // self.vector, self.vector).transpose(0, 2, 1, 3).reshape(-1, l * self.vector)
-        issued = np.ones(elements.shape, dtype=bool)
+        warps, lanes, registers = flat.shape
+        if registers % self.vector:
+            raise ValueError(f"{self.site}: {registers} registers per thread are not {self.vector}-element vectors")
+
+        def by_instruction(per_register: np.ndarray) -> np.ndarray:
+            slots = per_register.reshape(warps, lanes, registers // self.vector, self.vector)
+            return slots.transpose(0, 2, 1, 3).reshape(-1, lanes * self.vector)
+
+        issued = np.ones(flat.shape, dtype=bool)
         if self.kind == "store":
-            order = flat.reshape(-1)
-            first = np.zeros(order.size, dtype=bool)
-            first[np.unique(order, return_index=True)[1]] = True
-            issued = first.reshape(w, l, r // self.vector, self.vector).transpose(0, 2, 1, 3).reshape(elements.shape)
-        return elements, issued
+            issued = np.zeros(flat.size, dtype=bool)
+            issued[np.unique(flat.reshape(-1), return_index=True)[1]] = True
+        return by_instruction(flat), by_instruction(issued)
 
 
 def _coordinates(registers: Bases, lanes: Bases, warps: Bases, rank: int) -> np.ndarray:
@@ -282,8 +283,8 @@ def _blocked_bases(size_per_thread: list[int], threads: list[int], warps: list[i
 
 
 class _LocationParser:
-    """Frames ``(file name, line, column)``, innermost first, of MLIR locations: ``"file":line:col``, ``callsite(callee at caller)``, ``"name"(loc)``, ``#alias``,
-    ``fused[...]`` (its first part), ``unknown``."""
+    """Frames ``(file name, line, column)``, innermost first, of MLIR locations: ``"file":line:col``,
+    ``callsite(callee at caller)``, ``"name"(loc)``, ``#alias``, ``fused[...]`` (its first part), ``unknown``."""
 
     def __init__(self, aliases: dict[str, str]) -> None:
         self._aliases = aliases
