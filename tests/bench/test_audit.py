@@ -247,41 +247,40 @@ def sector_probes() -> dict[str, functools.partial]:
             "transposed": functools.partial(_transposed_gather[(1,)], x, y, ROWS=8, COLS=16, num_warps=PROBE_WARPS)}
 
 
-def _use(addresses: np.ndarray, instructions: np.ndarray) -> float:
-    """Ground truth: distinct bytes ÷ bytes of distinct 32-byte sectors, summed over the rows of ``instructions``
-    (element indices of ``addresses``, bf16)."""
-    requested = sum(2 * np.unique(addresses[row]).size for row in instructions)
-    return requested / sum(32 * np.unique(addresses[row] // 32).size for row in instructions)
+def _counts(addresses: np.ndarray, instructions: np.ndarray) -> np.ndarray:
+    """Ground truth: (distinct bytes, bytes of the distinct 32-byte sectors), summed over the rows of
+    ``instructions`` (element indices of ``addresses``, bf16)."""
+    return np.array([(2 * np.unique(addresses[row]).size, 32 * np.unique(addresses[row] // 32).size)
+                     for row in instructions]).sum(axis=0)
 
 
 def test_sector_use_per_warp_instruction_against_hand_counted_layouts():
     # A 128-bit copy uses whole sectors in every warp instruction. A transposed gather reads every byte of its
-    # sectors over the program, but each warp instruction takes 4 bf16 values (8 bytes) of each of 8 sectors: a
-    # quarter. The truth is counted here from the addresses and the layout each kernel is expected to get.
+    # sectors over the program, but each of its load instructions takes 4 bf16 values (8 bytes) of each of 8 sectors;
+    # its store writes 64 contiguous bytes per warp. The truth is counted here from the addresses and the layout each
+    # kernel is expected to get.
     compiled = audit.launch_accesses(__file__, "sector_probes", [])
     probes = sector_probes()
-    x = probes["contiguous"].args[0]
-    base = x.data_ptr()
+    x, y = probes["contiguous"].args
     warps, lanes = np.arange(PROBE_WARPS)[:, None, None], np.arange(32)[None, :, None]
-    # Contiguous: 1024 values on 4 warps × 32 lanes, 8 consecutive values per lane, one 128-bit load each.
+    # Contiguous: 1024 values on 4 warps × 32 lanes, 8 consecutive values per lane, one 128-bit access each.
     copy_rows = ((warps * 32 + lanes) * 8 + np.arange(8)[None, None, :]).reshape(PROBE_WARPS, 256)
-    copy_addresses = base + 2 * np.arange(1024)
-    # Transposed: 128 values on 128 threads, one value per 16-bit load (no two neighbours are adjacent in memory),
-    # lane l of warp w holding element 32·w + l.
+    copy = _counts(x.data_ptr() + 2 * np.arange(1024), copy_rows) + _counts(y.data_ptr() + 2 * np.arange(1024),
+                                                                              copy_rows)
+    # Transposed: 128 values on 128 threads, one value per 16-bit access (no two neighbours are adjacent in memory
+    # for the load), lane l of warp w holding element 32·w + l.
     gather_rows = (warps * 32 + lanes).reshape(PROBE_WARPS, 32)
     i = np.arange(128)
-    gather_addresses = base + 2 * ((i % 8) * 16 + i // 8)
-    expected = {"contiguous": (_use(copy_addresses, copy_rows), 8),
-                "transposed": (_use(gather_addresses, gather_rows), 1)}
-    assert expected["contiguous"][0] == 1.0 and expected["transposed"][0] == 0.25
-    for label, (truth, vector) in expected.items():
-        # Only the load's compiled op is given, so only the load is counted per warp instruction (the store counts as
-        # not issued); per program both are counted, and both use every byte of their sectors.
-        loads = [a for a in compiled[label] if a.kind == "load"]
-        assert [a.vector for a in loads] == [vector], label
-        with audit.count_traffic(loads) as launches:
+    gather_load = _counts(x.data_ptr() + 2 * ((i % 8) * 16 + i // 8), gather_rows)
+    gather = gather_load + _counts(y.data_ptr() + 2 * i, gather_rows)
+    assert gather_load[0] / gather_load[1] == 0.25
+    expected = {"contiguous": (copy[0] / copy[1], 8), "transposed": (gather[0] / gather[1], 1)}
+    assert expected["contiguous"][0] == 1.0 and expected["transposed"][0] == 0.4
+    for label, (truth, load_vector) in expected.items():
+        assert [a.vector for a in compiled[label] if a.kind == "load"] == [load_vector], label
+        with audit.count_traffic(compiled[label]) as launches:
             probes[label]()
-        assert launches[0].not_issued == 2 * (1024 if label == "contiguous" else 128)
+        assert launches[0].not_issued == 0
         assert audit.sector_use(launches, "warp instruction") == pytest.approx(truth, rel=1e-12), label
         assert audit.sector_use(launches, "program") == 1.0, label
 

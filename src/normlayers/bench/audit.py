@@ -354,6 +354,9 @@ class _TrafficRecorder:
             site = warp_sectors.interpreter_site(self._kernel.__name__, self._kernel.__code__.co_filename,
                                                  self._not_the_kernel)
             issued = self._accesses.get((kind, site), [])
+            if not issued and kind == "store":  # the compiler removes dead loads, never a store
+                raise LookupError(f"{self._kernel.__name__}: the interpreter ran a store at {site} that the compiled "
+                                  f"kernel does not have (it has {sorted(self._accesses)})")
             if not issued:
                 launch.not_issued += lanes.size * element_size
             for compiled in issued:
@@ -799,6 +802,8 @@ def plane_sector_use(shape: tuple[int, ...], memory_format: str, dtype: torch.dt
     for label, call in _plane_launch_calls(_sector_sample(shape, memory_format, dtype_name, values=True)).items():
         with count_traffic(compiled[label]) as launches:
             call()
+        if not all(t.warp_sectors for t in launches):
+            raise RuntimeError(f"{label}: no load or store matched the compiled kernel's")
         used[label] = SectorUse(sector_use(launches, "warp instruction"), sector_use(launches, "program"))
     return used
 
