@@ -330,7 +330,7 @@ class _TrafficRecorder:
         self.launches: list[Traffic] = []
         self._bases = None  # sorted start addresses of the launch's tensor arguments
         self._touched: list = []  # one bool array per argument storage, a flag per byte
-        self._accesses = warp_sectors.issued_per_call(accesses)
+        self._accesses = warp_sectors.SiteIndex(accesses)
         self._kernel: Optional[Callable] = None
         self._not_the_kernel = (str(Path(triton.__file__).parent), __file__, warp_sectors.__file__)
 
@@ -351,12 +351,12 @@ class _TrafficRecorder:
         lanes = addresses[mask].astype(np.uint64).ravel()
         launch = self.launches[-1]
         if self._accesses:
-            site = warp_sectors.interpreter_site(self._kernel.__name__, self._kernel.__code__.co_filename,
+            call = warp_sectors.interpreter_site(self._kernel.__name__, self._kernel.__code__.co_filename,
                                                  self._not_the_kernel)
-            issued = self._accesses.get((kind, site), [])
+            issued = self._accesses.issued(kind, call)
             if not issued and kind == "store":  # the compiler removes dead loads, never a store
-                raise LookupError(f"{self._kernel.__name__}: the interpreter ran a store at {site} that the compiled "
-                                  f"kernel does not have (it has {sorted(self._accesses)})")
+                raise LookupError(f"{self._kernel.__name__}: the interpreter ran a store at {call} that the compiled "
+                                  "kernel does not have")
             if not issued:
                 launch.not_issued += lanes.size * element_size
             for compiled in issued:

@@ -1,18 +1,18 @@
 """Which lanes of a compiled Triton kernel share a global memory instruction, read from the compiler's own output, so
 that an access the interpreter runs can be split into the warp instructions a GPU would issue for it.
 
-A compiled kernel's final TTGIR gives every ``tt.load`` / ``tt.store`` the distributed layout of its pointer tensor
-(``#ttg.blocked``, ``#ttg.slice`` of one, or ``#ttg.linear``): which element each register of each lane of each warp
-holds. Its LLVM IR gives the width of the PTX instructions each of those ops became (``ld.global.v4.b32`` = 128 bits),
-which the layout alone does not fix (the compiler narrows a vector where it cannot prove alignment). A warp instruction
-is then one vector slot (``vector`` consecutive registers of a thread) of all 32 lanes of one warp; :func:`warp_sectors`
-counts, per such instruction, the bytes its active lanes request and the 32-byte sectors they touch.
+A compiled kernel's final TTGIR gives every ``tt.load`` / ``tt.store`` the distributed layout of its pointer tensor:
+which element each register of each lane of each warp holds (``#ttg.blocked``, or a ``#ttg.slice`` of one, which is
+what Triton 3.6 and 3.9 give the kernels audited here; another layout is refused). Its LLVM IR gives the width of the
+PTX instructions each of those ops became (``ld.global.v4.b32`` = 128 bits), which the layout alone does not fix (the
+compiler narrows a vector where it cannot prove alignment). A warp instruction is then one vector slot (``vector``
+consecutive registers of a thread) of all 32 lanes of one warp; :func:`warp_sectors` counts, per such instruction, the
+bytes its active lanes request and the 32-byte sectors they touch.
 
 Ops are named by their *site*: the ``(file name, line)`` of the ``tl.load`` / ``tl.store`` call, then of each call it
 was inlined through, innermost first, as both the TTGIR locations and the interpreter's Python frames give it
-(:func:`interpreter_site`). Columns are not compared: Triton versions number them differently (3.6 from the dedented
-function, 3.9 from the file). Two ops of one kind at one site must compile alike (shape, layout, width), else
-:func:`compiled_accesses` refuses them, as the interpreter could not tell which one it runs.
+(:func:`interpreter_site`). Columns are compared only among the compiled ops (:func:`issued_per_call`): Triton
+versions number them differently from Python (3.6 from the dedented function, 3.9 from the file).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -148,7 +148,7 @@ def compiled_accesses(ttgir: str, llir: str) -> list[CompiledAccess]:
         else:  # a scalar pointer: every lane of every warp moves the one element
             shape, element, layout = (), pointer.group(5), None
         bases = (_linear_bases(layout, shape, layouts) if layout is not None
-                 else ((), ((),) * 5, ((),) * (num_warps.bit_length() - 1)))
+                 else ((), ((),) * (WARP_LANES.bit_length() - 1), ((),) * (num_warps.bit_length() - 1)))
         ops.setdefault((op.group(1).removeprefix("tt."), frames), []).append((shape, _element_bits(element), bases))
     widths = _instruction_bits(llir)
     accesses = []
@@ -237,24 +237,7 @@ def _linear_bases(layout: str, shape: tuple[int, ...], aliases: dict[str, str]) 
             return tuple(b[:dim] + b[dim + 1:] for b in bases)
 
         return tuple(b for b in drop(registers) if any(b)), drop(lanes), drop(warps)
-    if layout.startswith("#ttg.linear<"):
-        def named(name: str) -> Bases:
-            start = body.index(name + " = [") + len(name) + 3
-            listed = body[start:_closing_bracket(body, start) + 1]
-            return tuple(tuple(int(v) for v in basis.split(",")) for basis in re.findall(r"\[([\d, ]+)\]", listed))
-
-        return named("register"), named("lane"), named("warp")
     raise NotImplementedError(f"layout {layout} is not modelled")
-
-
-def _closing_bracket(text: str, start: int) -> int:
-    """Index of the ``]`` that closes the ``[`` at ``start``."""
-    depth = 0
-    for at in range(start, len(text)):
-        depth += {"[": 1, "]": -1}.get(text[at], 0)
-        if depth == 0:
-            return at
-    raise ValueError(f"unbalanced brackets in {text!r}")
 
 
 def _blocked_bases(size_per_thread: list[int], threads: list[int], warps: list[int], order: list[int],
@@ -308,8 +291,12 @@ class _LocationParser:
             return callee + caller, at + 1  # ")"
         if text.startswith("fused", at):
             start = text.index("[", at)
-            first, _ = self._parse(text, start + 1)
-            return first, _closing_bracket(text, start) + 1
+            first, at = self._parse(text, start + 1)
+            depth = 1
+            while depth:
+                depth += {"[": 1, "]": -1}.get(text[at], 0)
+                at += 1
+            return first, at
         if text.startswith("unknown", at):
             return (), at + len("unknown")
         if text.startswith('"', at):
@@ -362,17 +349,58 @@ def _instruction_bits(llir: str) -> dict[tuple[str, tuple], dict[int, int]]:
     return counts
 
 
-def interpreter_site(kernel: str, kernel_file: str, skip: Sequence[str]) -> Site:
-    """The site of the interpreted ``tl.load`` / ``tl.store`` now running: the Python frames from its call out to
-    the frame of the launched kernel (``kernel`` defined in ``kernel_file``), leaving out the frames of the files
-    and folders in ``skip`` (Triton's own, the audit's)."""
+CallLines = tuple[tuple[str, int, int], ...]
+
+
+def interpreter_site(kernel: str, kernel_file: str, skip: Sequence[str]) -> CallLines:
+    """Where the interpreted ``tl.load`` / ``tl.store`` now running is: per Python frame from its call out to the
+    frame of the launched kernel (``kernel`` defined in ``kernel_file``), leaving out the frames of the files and
+    folders in ``skip`` (Triton's own, the audit's), the file name and the first and last line of the call that frame
+    is in (a call may span lines, and Triton versions place its op on different ones: 3.9 on the first, 3.6 on the
+    line of the last argument it visited)."""
     frames = []
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         if not code.co_filename.startswith(tuple(skip)):
-            frames.append((Path(code.co_filename).name, frame.f_lineno))
+            first, last = _call_lines(code, frame.f_lasti)
+            frames.append((Path(code.co_filename).name, first, last))
             if code.co_name == kernel and code.co_filename == kernel_file:
                 return tuple(frames)
         frame = frame.f_back
     raise RuntimeError(f"no frame of kernel {kernel} on the stack")
+
+
+@lru_cache(maxsize=None)
+def _positions(code) -> list:
+    return list(code.co_positions())
+
+
+def _call_lines(code, offset: int) -> tuple[int, int]:
+    first, last, _, _ = _positions(code)[offset // 2]
+    return first, last if last is not None else first
+
+
+class SiteIndex:
+    """The compiled ops (:func:`issued_per_call`) each interpreted call stands for, found by its
+    :func:`interpreter_site`: the ops whose site has, frame by frame, the same file and a line within the call's
+    lines. Where several sites fit, the one on the first lines of the calls is taken; several fitting and none of
+    them on the first lines is an error."""
+
+    def __init__(self, accesses: Sequence[CompiledAccess]) -> None:
+        self._issued = issued_per_call(accesses)
+        self._found: dict[tuple[str, CallLines], list[CompiledAccess]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._issued)
+
+    def issued(self, kind: str, call: CallLines) -> list[CompiledAccess]:
+        """The ops ``call`` issues; none where the compiled kernel has no such op (a load it removed as dead)."""
+        if (kind, call) not in self._found:
+            fits = [site for k, site in self._issued if k == kind and len(site) == len(call)
+                    and all(f == cf and first <= line <= last for (f, line), (cf, first, last) in zip(site, call))]
+            exact = [site for site in fits if all(line == first for (_, line), (_, first, _) in zip(site, call))]
+            if len(fits) > 1 and len(exact) != 1:
+                raise ValueError(f"the {kind} at {call} fits compiled ops at {fits}: the audit cannot tell which")
+            self._found[(kind, call)] = self._issued[(kind, (exact or fits)[0])] if fits else []
+        return self._found[(kind, call)]
