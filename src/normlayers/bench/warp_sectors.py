@@ -68,6 +68,8 @@ class CompiledAccess:
         coords = _coordinates(self.registers, self.lanes, self.warps, len(self.shape))  # (W, L, R, rank)
         flat = (np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), self.shape) if self.shape
                 else np.zeros(coords.shape[:3], dtype=np.int64))
+        if np.unique(flat).size != int(np.prod(self.shape)):
+            raise ValueError(f"{self.site}: the layout does not cover the {self.shape} tile")
         warps, lanes, registers = flat.shape
         if registers % self.vector:
             raise ValueError(f"{self.site}: {registers} registers per thread are not {self.vector}-element vectors")
