@@ -130,7 +130,8 @@ def compiled_accesses(ttgir: str, llir: str) -> list[CompiledAccess]:
     The width of an op's instructions is read from the LLVM IR at its site; where copies of one call share a site
     and their widths differ, each copy gets the widest width its layout's contiguous registers can hold, and the
     instruction count of every width must then match the LLVM IR's (registers ÷ vector per copy), else this
-    raises."""
+    raises. Registers that hold copies (a tensor narrower than the layout's ``sizePerThread``) are issued by some
+    Triton versions (3.6) and not by others (3.9): they count as instructions where the LLVM IR's count says so."""
     layouts = dict(re.findall(r"^#([\w.]+) = (#ttg\.\w+<.*>)\s*$", ttgir, flags=re.M))
     locations = _LocationParser(dict(re.findall(r"^#(loc\d*) = loc\((.*)\)\s*$", ttgir, flags=re.M)))
     num_warps = int(re.search(r'"ttg\.num-warps" = (\d+)', ttgir).group(1))
@@ -156,19 +157,26 @@ def compiled_accesses(ttgir: str, llir: str) -> list[CompiledAccess]:
     accesses = []
     for (kind, frames), copies in ops.items():
         found = widths.get((kind, frames), {})
-        vectors = []
-        for shape, bits, bases in copies:
-            fits = [w for w in found if w // bits <= _contiguous_registers(bases[0], len(shape))] or [0]
-            vectors.append(max(max(fits) // bits, 1))
-        counted: dict[int, int] = {}
-        for (shape, bits, bases), vector in zip(copies, vectors):
-            counted[vector * bits] = counted.get(vector * bits, 0) + (1 << len(bases[0])) // vector
-        if counted != found:
+        implied = []
+        for issues_copies in (False, True):
+            ops_here = [(shape, bits, (registers if issues_copies else tuple(b for b in registers if any(b)),
+                                       lanes, warps)) for shape, bits, (registers, lanes, warps) in copies]
+            vectors = []
+            for shape, bits, bases in ops_here:
+                fits = [w for w in found if w // bits <= _contiguous_registers(bases[0], len(shape))] or [0]
+                vectors.append(max(max(fits) // bits, 1))
+            counted: dict[int, int] = {}
+            for (shape, bits, bases), vector in zip(ops_here, vectors):
+                counted[vector * bits] = counted.get(vector * bits, 0) + (1 << len(bases[0])) // vector
+            if counted == found:
+                break
+            implied.append(counted)
+        else:
             raise ValueError(f"{kind} at {frames}: the LLVM IR holds {found} instructions of each width (bits), the "
-                             f"layouts imply {counted}")
+                             f"layouts imply {implied[0]} (or {implied[1]} with the registers that hold copies)")
         site, columns = tuple(f[:2] for f in frames), tuple(f[2] for f in frames)
         accesses += [CompiledAccess(kind, site, columns, shape, bits // 8, vector, *bases)
-                     for (shape, bits, bases), vector in zip(copies, vectors)]
+                     for (shape, bits, bases), vector in zip(ops_here, vectors)]
     return accesses
 
 
@@ -221,7 +229,7 @@ def _linear_bases(layout: str, shape: tuple[int, ...], aliases: dict[str, str]) 
     builds them: a blocked layout's registers along its ``sizePerThread`` (fastest dim first), then its lanes and
     warps, each along ``order``; where the tensor is larger than the layout's tile the extra elements are more
     registers, where it is smaller the bases past it are zero (copies). A slice drops its dim from its parent's
-    layout over the shape with that dim of size 1, and the registers that became copies."""
+    layout over the shape with that dim of size 1 (its registers along that dim become copies)."""
     while layout.startswith("#") and layout[1:] in aliases:
         layout = aliases[layout[1:]]
     body = layout[layout.index("<") + 1:layout.rindex(">")]
@@ -238,7 +246,7 @@ def _linear_bases(layout: str, shape: tuple[int, ...], aliases: dict[str, str]) 
         def drop(bases: Bases) -> Bases:
             return tuple(b[:dim] + b[dim + 1:] for b in bases)
 
-        return tuple(b for b in drop(registers) if any(b)), drop(lanes), drop(warps)
+        return drop(registers), drop(lanes), drop(warps)
     raise NotImplementedError(f"layout {layout} is not modelled")
 
 
@@ -264,7 +272,7 @@ def _blocked_bases(size_per_thread: list[int], threads: list[int], warps: list[i
     warp_bases = along(warps, tile)
     tile = [t * w for t, w in zip(tile, warps)]
     registers += along([max(s // t, 1) for s, t in zip(shape, tile)], tile)
-    return tuple(b for b in registers if any(b)), tuple(lanes), tuple(warp_bases)
+    return tuple(registers), tuple(lanes), tuple(warp_bases)
 
 
 class _LocationParser:
