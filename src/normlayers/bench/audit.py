@@ -57,7 +57,7 @@ __all__ = [
     "H100_SMS", "REFERENCE_ROWS", "LayerCase", "layer_cases", "LaunchCount", "count_launches", "Traffic",
     "count_traffic", "sector_use", "RowNormTraffic", "row_norm_traffic", "liger_row_norm_traffic", "KernelQuality",
     "static_quality", "h100_resident_programs", "h100_occupancy", "PLANE_SHAPES", "PLANE_FORMATS",
-    "plane_static_quality", "plane_sector_use", "report", "main",
+    "plane_static_quality", "SectorUse", "plane_sector_use", "launch_accesses", "report", "main",
 ]
 
 H100_SMS = 132
@@ -797,7 +797,9 @@ def plane_sector_use(shape: tuple[int, ...], memory_format: str, dtype: torch.dt
     bytes-weighted over the launch: per warp instruction of the sm_90 compile of that very launch
     (:func:`launch_accesses`), and per ``tl.load``/``tl.store`` call of a whole program for comparison."""
     dtype_name = str(dtype).removeprefix("torch.")
-    compiled = launch_accesses(__name__, "_plane_sector_launches", [list(shape), memory_format, dtype_name])
+    # By module name: run as ``python -m normlayers.bench.audit`` this module is ``__main__``.
+    compiled = launch_accesses("normlayers.bench.audit", "_plane_sector_launches",
+                               [list(shape), memory_format, dtype_name])
     used = {}
     for label, call in _plane_launch_calls(_sector_sample(shape, memory_format, dtype_name, values=True)).items():
         with count_traffic(compiled[label]) as launches:
