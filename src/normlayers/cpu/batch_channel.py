@@ -101,19 +101,33 @@ def _inference_stages(x: Tensor, running_mean: Tensor, running_var: Tensor, *par
     u = torch._native_batch_norm_legit_no_training(x, bn_weight, bn_bias, _in(running_mean, dtype),
                                                    _in(running_var, dtype), 0.0, bn_eps)[0]
     if weight is not None or bias is not None:  # one value per channel: the group's, by index
-        # cached for plain tensors only: a subclass (e.g. a FakeTensor) may carry a mode its index must not outlive
-        index = (_group_of_channel if type(x) is Tensor else _group_of_channel.__wrapped__)(c, num_groups, x.device)
+        index = _constant(_group_of_channel, x, c, num_groups, x.device)
         weight, bias = (None if t is None else t.reshape(num_groups).index_select(0, index) for t in (weight, bias))
     return torch.native_group_norm(u, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)[0]
 
 
+def _constant(make: Any, x: Tensor, *key: Any) -> Tensor:
+    """``make(*key)``, one of the constant tensors below, which ATen calls only read: cached for a plain ``x`` (a
+    subclass, e.g. a FakeTensor, may carry a mode its constants must not outlive), a normal tensor even when first made
+    under ``torch.inference_mode`` (an inference tensor cannot be saved for a backward)."""
+    if type(x) is not Tensor:
+        return make.__wrapped__(*key)
+    with torch.inference_mode(False):
+        return make(*key)
+
+
 @functools.lru_cache(maxsize=64)
 def _group_of_channel(channels: int, groups: int, device: torch.device) -> Tensor:
-    """The group index of each channel, ``(C,)`` int64 on ``device``: with ``index_select`` it spreads a per-group
-    affine over the channels in one op (``repeat_interleave`` takes several, 3-4x the time here). A normal tensor
-    even when first made under ``torch.inference_mode`` (an inference tensor cannot be saved for a backward)."""
-    with torch.inference_mode(False):
-        return torch.arange(channels, device=device).div_(channels // groups, rounding_mode="floor")
+    """The group index of each channel, ``(C,)`` int64: with ``index_select`` it spreads a per-group affine over the
+    channels in one op (``repeat_interleave`` takes several, 3-4x the time here)."""
+    return torch.arange(channels, device=device).div_(channels // groups, rounding_mode="floor")
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ones vector, an ATen norm's unit weight or variance (a fresh one per call cost a fill and, on this tier's
+    CPUs, an allocation as slow as a few small ops)."""
+    return torch.ones(numel, dtype=dtype, device=device)
 
 
 class _Config(NamedTuple):
@@ -139,7 +153,7 @@ def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     also its output ``(x − m)·rstd``, the buffer the output is written into. ``eps`` is a tiny 1e-30, far below any
     variance that matters, so that a constant plane gives a finite rstd rather than ``0·inf``."""
     n, c = x.shape[:2]
-    ones = torch.ones(c, dtype=torch.float32, device=x.device) if x.dtype in LOW_PRECISION else None
+    ones = _constant(_ones, x, c, torch.float32, x.device) if x.dtype in LOW_PRECISION else None
     normalized, mean, rstd = torch.native_group_norm(x, ones, None, n, c, x.numel() // (n * c), c, 1e-30)
     return mean.view(n, c), rstd.reciprocal_().view(n, c), normalized
 
@@ -180,15 +194,14 @@ def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     u_mean = (centred * a if bn_bias is None else torch.addcmul(bn_bias, centred, a)).view(n, groups, -1)  # mu_nc
     u_dev = u_mean - u_mean.mean(-1, keepdim=True)  # mu_nc − M_ng
     u_std = (plane_std * a).view(n, groups, -1)  # the plane std of u
-    group_rstd = (u_std.square().addcmul_(u_dev, u_dev).mean(-1, keepdim=True) + config.eps).rsqrt_()
+    group_rstd = torch.addcmul(u_std.square(), u_dev, u_dev).mean(-1, keepdim=True).add_(config.eps).rsqrt_()
     w_rstd = group_rstd if weight is None else group_rstd * weight.reshape(1, groups, 1)
-    plane_shift = w_rstd * u_dev if bias is None else torch.addcmul(bias.reshape(1, groups, 1), w_rstd, u_dev)
-    plane_shift = plane_shift.view(n, c, 1, 1)  # B
+    plane_shift = w_rstd * u_dev if bias is None else torch.addcmul(bias.reshape(1, groups, 1), w_rstd, u_dev)  # B
     if x.dtype in LOW_PRECISION:
-        plane_scale = (w_rstd * a.view(groups, -1)).view(n, c, 1, 1)  # A
+        plane_scale = w_rstd * a.view(groups, -1)  # A
         y = _plane_affine(x, plane_scale, plane_shift, plane_mean, out=normalized)
     else:  # y = A·(x − m) + B = (A·std)·normalized + B
-        y = normalized.mul_((w_rstd * u_std).view(n, c, 1, 1)).add_(plane_shift)
+        y = normalized.mul_((w_rstd * u_std).view(n, c, 1, 1)).add_(plane_shift.view(n, c, 1, 1))
     return y, (plane_mean, plane_std, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd)
 
 
@@ -198,10 +211,10 @@ def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, out: Op
     constant computed in fp32, then for bf16/fp16 ``x`` rounded once)."""
     scale, shift, mean = scale.view(-1), shift.view(-1), mean.view(-1)
     planes = x.view(1, scale.numel(), -1)
-    ones = torch.ones_like(mean)
+    ones = _constant(_ones, x, mean.numel(), mean.dtype, mean.device)
     if out is None:
         return torch._native_batch_norm_legit_no_training(planes, scale, shift, mean, ones, 0.0, 0.0)[0].view(x.shape)
-    unused = ones[:0]  # the statistics outputs, empty in eval
+    unused = mean.new_empty(0)  # the statistics outputs, empty in eval
     torch.native_batch_norm(planes, scale, shift, mean, ones, False, 0.0, 0.0,
                             out=(out.view(planes.shape), unused, unused))
     return out
@@ -229,7 +242,7 @@ class _BatchChannelNormFunction(torch.autograd.Function):
         n, c, h, w = x.shape
         hw, planes = h * w, n * c
         dy = dy.contiguous()
-        ones = plane_mean.new_ones(planes)
+        ones = _constant(_ones, x, planes, plane_mean.dtype, x.device)
         # s1 = Σ dy, s2 = Σ dy·(x − m) per plane: ATen's batch-norm backward over the N·C planes, reductions only
         _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
             dy.view(1, planes, hw), x.view(1, planes, hw), ones, None, None, plane_mean.view(-1), ones, True, 0.0,
