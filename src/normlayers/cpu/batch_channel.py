@@ -108,26 +108,25 @@ def _inference_stages(x: Tensor, running_mean: Tensor, running_var: Tensor, *par
 
 def _constant(make: Any, x: Tensor, *key: Any) -> Tensor:
     """``make(*key)``, one of the constant tensors below, which ATen calls only read: cached for a plain ``x`` (a
-    subclass, e.g. a FakeTensor, may carry a mode its constants must not outlive), a normal tensor even when first made
+    subclass, e.g. a FakeTensor, may carry a mode its constants must not outlive). Each is made as a normal tensor even
     under ``torch.inference_mode`` (an inference tensor cannot be saved for a backward)."""
-    if type(x) is not Tensor:
-        return make.__wrapped__(*key)
-    with torch.inference_mode(False):
-        return make(*key)
+    return make(*key) if type(x) is Tensor else make.__wrapped__(*key)
 
 
 @functools.lru_cache(maxsize=64)
 def _group_of_channel(channels: int, groups: int, device: torch.device) -> Tensor:
     """The group index of each channel, ``(C,)`` int64: with ``index_select`` it spreads a per-group affine over the
     channels in one op (``repeat_interleave`` takes several, 3-4x the time here)."""
-    return torch.arange(channels, device=device).div_(channels // groups, rounding_mode="floor")
+    with torch.inference_mode(False):
+        return torch.arange(channels, device=device).div_(channels // groups, rounding_mode="floor")
 
 
 @functools.lru_cache(maxsize=64)
 def _ones(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A ones vector, an ATen norm's unit weight or variance (a fresh one per call cost a fill and, on this tier's
     CPUs, an allocation as slow as a few small ops)."""
-    return torch.ones(numel, dtype=dtype, device=device)
+    with torch.inference_mode(False):
+        return torch.ones(numel, dtype=dtype, device=device)
 
 
 class _Config(NamedTuple):
