@@ -46,8 +46,9 @@ def var_mean(x: Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False) -
 # The last byte in memory (little-endian: sign and leading exponent bits) of a positive, finite, non-zero float of any
 # width: 0x00 is a zero or a tiny value, 0x7C-0x7F an inf or NaN (fp16: exponent 11111; wider: its top bits), 0x80 and
 # up the negatives and -0.0. Every rstd of trusted statistics is in [2^-64, 2^30] (eps ≥ 2^-60 and var ≤ fp32's max;
-# fp64's is wider still), whose last byte is 0x1F-0x4E (fp32/bf16) or 0x1F-0x41 (fp64): accepted. (fp16 statistics,
-# of an fp16 inference call, can round to 0 or inf: refused, and the fp32 statistics decide.)
+# fp64's is wider still), whose last byte is 0x1F-0x4E (fp32/bf16) or 0x1F-0x41 (fp64): accepted; so is GroupScaling's
+# ρ in [2^-64, eps^-1/2]. (fp16 statistics, of an fp16 inference call, can round to 0 or inf: refused, and the fp32
+# statistics decide.)
 _POSITIVE_FINITE_TOP_BYTES = bytes(range(0x01, 0x7C))
 _READ_RAW_BYTES = sys.byteorder == "little"
 

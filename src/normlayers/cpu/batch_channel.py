@@ -96,7 +96,7 @@ def _inference_stages(x: Tensor, running_mean: Tensor, running_var: Tensor, *par
     bf16/fp16 would round it, so they run the fused forward. (This is the CPU tier's most frequent call, in every
     CNN's inference: each op here is one that ``F.batch_norm`` then ``F.group_norm`` run too, or cheaper.)"""
     dtype = x.dtype
-    bn_weight, bn_bias, weight, bias = (p if p is None or p.dtype == dtype else p.to(dtype) for p in params)
+    bn_weight, bn_bias, weight, bias = (_in(p, dtype) for p in params)
     n, c = x.shape[:2]
     u = torch._native_batch_norm_legit_no_training(x, bn_weight, bn_bias, _in(running_mean, dtype),
                                                    _in(running_var, dtype), 0.0, bn_eps)[0]
@@ -116,7 +116,7 @@ def _constant(make: Any, x: Tensor, *key: Any) -> Tensor:
 @functools.lru_cache(maxsize=64)
 def _group_of_channel(channels: int, groups: int, device: torch.device) -> Tensor:
     """The group index of each channel, ``(C,)`` int64: with ``index_select`` it spreads a per-group affine over the
-    channels in one op (``repeat_interleave`` takes several, 3-4x the time here)."""
+    channels in one op (``repeat_interleave`` takes several, about 3x the time here)."""
     with torch.inference_mode(False):
         return torch.arange(channels, device=device).div_(channels // groups, rounding_mode="floor")
 
