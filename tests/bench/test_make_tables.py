@@ -47,6 +47,29 @@ def test_tables_are_generated_between_the_markers(tmp_path, results_dir, tiny_ru
         assert row.endswith(f"| {results[(op, 'normlayers')]['speedup_vs_torch']:.2f}x |")
 
 
+def test_a_ratio_column_compares_two_providers(tmp_path, results_dir, tiny_run):
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- bench-table: ops=rms_norm,layer_norm mode=fwd device=cpu ratio=torch/normlayers -->\n"
+                   "<!-- /bench-table -->\n")
+    make_tables.main(["--results", str(results_dir), str(doc)])
+
+    text = doc.read_text()
+    assert "| torch ÷ normlayers (time) |" in text
+    results = {(r["op"], r["provider"]): r for r in tiny_run[2]["results"]}
+    for op in ("rms_norm", "layer_norm"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {op} |"))
+        expected = results[(op, "torch")]["median_ms"] / results[(op, "normlayers")]["median_ms"]
+        assert row.endswith(f"| {expected:.2f} |")
+
+
+def test_a_ratio_needs_two_providers(tmp_path, results_dir, capsys):
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- bench-table: ratio=torch -->\n<!-- /bench-table -->\n")
+    with pytest.raises(SystemExit):
+        make_tables.main(["--results", str(results_dir), str(doc)])
+    assert "expected ratio=A/B" in capsys.readouterr().err
+
+
 def test_check_passes_when_up_to_date_and_fails_after_a_hand_edit(tmp_path, results_dir, capsys):
     doc = tmp_path / "README.md"
     doc.write_text(CPU_MARKER)
