@@ -8,10 +8,11 @@ what it shows::
     <!-- /bench-table -->
 
 Keys (all optional): ``ops`` (comma-separated), ``dtype``, ``mode``, ``providers`` (comma-separated columns, default
-every provider in the file), ``device`` (``cuda``, the default, or ``cpu``) and ``ratio`` (``A/B``: the last column is
-provider A's median time ÷ provider B's instead of normlayers' speed-up over torch). For every device that has a run
-with matching rows, the newest such result file gives one table: a row per (op, shape), a column per provider with the
-median time and the achieved GB/s, and the comparison column. When no file matches, the block says so.
+every provider in the file; a run without them does not count), ``device`` (``cuda``, the default, or ``cpu``) and
+``ratio`` (``A/B``: the last column is provider A's median time ÷ provider B's instead of normlayers' speed-up over
+torch). For every device that has a run with matching rows, the newest such result file gives one table: a row per
+(op, shape), a column per provider with the median time and the achieved GB/s, and the comparison column.
+When no file matches, the block says so.
 
 Usage::
 
@@ -62,7 +63,11 @@ def load_runs(results_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def _matches(row: dict, filters: dict[str, str]) -> bool:
+    # ops and providers select rows too, so a run of other providers on the same ops (the cpu_compile suite beside
+    # the cpu suite) is not taken for the newest run of a table
     if "ops" in filters and row["op"] not in filters["ops"].split(","):
+        return False
+    if "providers" in filters and row["provider"] not in filters["providers"].split(","):
         return False
     return all(row[key] == filters[key] for key in ("dtype", "mode") if key in filters)
 
