@@ -48,6 +48,7 @@ from normlayers.kernels.channel_stats import (
     own_column,
     parameter_grad,
     plane_group_tile,
+    program_span,
     spread,
     store_group_channels,
     value_offsets,
@@ -232,10 +233,11 @@ def batch_channel_eval_fwd_kernel(
     P, C, HW, CPG, eps, bn_eps, stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
     HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_COEFFICIENTS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
-    FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_CPG: tl.constexpr,
+    FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_CPG: tl.constexpr, STEPS: tl.constexpr,
 ):
     # Eval (running statistics): the finalize math of each of this program's planes, from the moments of the planes
-    # of its (sample, group), then y = (x − plane_mean)·scale + shift. Grid: (plane blocks, HW chunks); with
+    # of its (sample, group), then y = (x − plane_mean)·scale + shift. Grid: (plane blocks, spans of STEPS HW
+    # chunks); with
     # STORE_COEFFICIENTS the first chunk's programs also write scale/shift (and the statistics used, for the channels
     # of sample 0) for the backward.
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
@@ -254,11 +256,13 @@ def batch_channel_eval_fwd_kernel(
     shift = own_column(centred, planes, CPG) * group_scale + load_optional(BIAS, groups, plane_mask, 0.0, HAS_BIAS,
                                                                             COMPUTE)
     center = own_column(plane_mean, planes, CPG)
-    hw, values, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW,
-                                  FLAT, ALIGN)
-    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, values, COMPUTE, FLAT, ALIGN)
-    tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN),
-             (x - spread(center, lane, FLAT)) * spread(scale, lane, FLAT) + spread(shift, lane, FLAT), mask=values)
+    first, end = program_span(HW, BLOCK_HW, STEPS)
+    for start in range(first, end, BLOCK_HW):
+        hw, values, lane = value_tile(C, HW, start, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, values, COMPUTE, FLAT, ALIGN)
+        tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN),
+                 (x - spread(center, lane, FLAT)) * spread(scale, lane, FLAT) + spread(shift, lane, FLAT),
+                 mask=values)
     if STORE_COEFFICIENTS:
         if tl.program_id(1) == 0:
             tl.store(SCALE + planes, scale, mask=plane_mask)
@@ -356,7 +360,7 @@ def batch_channel_eval_fwd(
     hw = x3.shape[2]
     if y.numel() == 0:
         return y, scale, shift, mean, var
-    tile = channel_tile(x3, max_block_hw, others=(y3,))
+    tile = channel_tile(x3, max_block_hw, others=(y3,), group_block=next_power_of_2(channels // num_groups))
     batch_channel_eval_fwd_kernel[(channel_grid(x3, tile.block_p), tile.chunks(hw))](
         x3, plane_mean, plane_var, running_mean.contiguous(), running_var.contiguous(),
         optional_pointer(bn_weight, plane_mean), optional_pointer(bn_bias, plane_mean),
@@ -366,6 +370,6 @@ def batch_channel_eval_fwd(
         HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, STORE_COEFFICIENTS=store_coefficients,
         COMPUTE=tl_compute_dtype(plane_mean.dtype), BLOCK_CPG=next_power_of_2(channels // num_groups),
-        **tile.constexprs(),
+        STEPS=tile.steps(hw), **tile.constexprs(),
     )
     return y, scale, shift, mean, var

@@ -53,6 +53,17 @@ FLAT_MAX_BLOCK_P = 16
 # Channels per program of a channels-last launch (:func:`channel_tile`): 64 bf16 values are 128 contiguous bytes, four
 # sectors, read by 8 threads with 128-bit loads. A starting point, not tuned on a GPU.
 CHANNELS_LAST_BLOCK_C = 64
+# Spatial positions each warp of a channels-last program walks, at least where the plane has them: every warp loads
+# all of the block's per-plane coefficients (fp32, the tile's channel layout: 8 channels a thread, so each 128-bit
+# load uses half of each sector it touches), which at 5 coefficients and 24 positions of 64 bf16 channels (x read, y
+# written) are ~10% of the warp's sectors. Fewer positions a warp means fewer warps a program, not smaller loads.
+CHANNELS_LAST_WARP_POSITIONS = 24
+# Chunks of BLOCK_HW values an elementwise pass's program walks, at most, with its coefficients loaded once: the
+# coefficient loads are repeated by each program (and warp) of a plane, so walking several chunks makes them a small
+# share of the traffic. Starting point, not tuned on a GPU.
+PLANE_MAX_STEPS = 8
+PLANE_MIN_STEPS = 4
+GROUP_TILE_VALUES_PER_WARP = 512
 
 
 def optional_pointer(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
@@ -80,9 +91,15 @@ class PlaneTile(NamedTuple):
     flat: bool = False
     align: int = 1
 
+    def steps(self, hw: int) -> int:
+        """``BLOCK_HW`` chunks of a plane each program of an elementwise pass walks (its ``STEPS``): as many as
+        :data:`PLANE_MAX_STEPS` allows, spread evenly over the programs of a plane."""
+        chunks = 1 if self.flat else triton.cdiv(hw, self.block_hw)
+        return triton.cdiv(chunks, triton.cdiv(chunks, PLANE_MAX_STEPS))
+
     def chunks(self, hw: int) -> int:
-        """Programs along grid axis 1 of an elementwise pass (one per ``BLOCK_HW`` chunk of a plane)."""
-        return 1 if self.flat else triton.cdiv(hw, self.block_hw)
+        """Programs along grid axis 1 of an elementwise pass (one per :meth:`steps` chunks of a plane)."""
+        return 1 if self.flat else triton.cdiv(hw, self.block_hw * self.steps(hw))
 
     def constexprs(self) -> dict:
         """The kernels' tile arguments."""
@@ -111,7 +128,7 @@ def _flat_block_p(tensors: Sequence[torch.Tensor], elements: int) -> int:
 
 
 def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *, reduction: bool = False,
-                 others: Sequence[torch.Tensor] = (), flat: bool = True) -> PlaneTile:
+                 others: Sequence[torch.Tensor] = (), flat: bool = True, group_block: int = 0) -> PlaneTile:
     """The :class:`PlaneTile` of the per-plane kernels for ``x3`` ``(N, C, HW)`` (and ``others``, the launch's other
     tensors shaped like it): a program takes ``BLOCK_P`` channels of one sample (:func:`channel_block`).
     Channels-last input (channel stride 1) gets a tile wide along C, so that its loads are 128-bit along the
@@ -131,9 +148,18 @@ def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *, reduct
         return PlaneTile(flat_p, block_hw, num_warps_for(block_hw, x3.device), True, 16 // x3.element_size())
     if x3.stride(1) == 1 and channels > 1 and hw > 1:
         block_p = min(next_power_of_2(channels), CHANNELS_LAST_BLOCK_C)
+        # A tile's warps are along HW (a warp's threads span the channel block); small planes get fewer of them,
+        # each walking more positions (:data:`CHANNELS_LAST_WARP_POSITIONS`), with as many values a thread.
+        warps = max(min(elements // 256, hw // CHANNELS_LAST_WARP_POSITIONS), 1)
+        if not reduction:
+            warps = min(warps, max(block_p // 32, 1))
+        warps = max(warps, min(block_p * group_block // GROUP_TILE_VALUES_PER_WARP, elements // 256))
+        elements = min(elements, 256 << (warps.bit_length() - 1))
         block_hw = min(next_power_of_2(hw), max(elements // block_p, 1), widest)
     else:
         block_hw = min(next_power_of_2(hw), widest)
+        if not reduction:
+            block_hw = min(block_hw, max(1 << ((hw // PLANE_MIN_STEPS).bit_length() - 1), 256))
         block_p = min(max(elements // block_hw, 1), PLANE_MAX_BLOCK_P, next_power_of_2(channels))
     return PlaneTile(block_p, block_hw, num_warps_for(block_p * block_hw, x3.device))
 
@@ -171,6 +197,14 @@ def channel_block(C, BLOCK_P: tl.constexpr):
     n, c0 = block_start(C, BLOCK_P)
     c = c0 + tl.arange(0, BLOCK_P)
     return n.to(tl.int64) * C + c, c < C, n, c
+
+
+@triton.jit
+def program_span(HW, BLOCK_HW: tl.constexpr, STEPS: tl.constexpr):
+    """``(first, end)``: the positions of its planes an elementwise pass's program walks, ``STEPS`` chunks of
+    ``BLOCK_HW`` from grid axis 1's ``first`` (a flat tile's one chunk holds its planes whole)."""
+    first = tl.program_id(1) * (BLOCK_HW * STEPS)
+    return first, tl.minimum(first + BLOCK_HW * STEPS, HW)
 
 
 @triton.jit
@@ -365,24 +399,30 @@ def plane_moments_bwd_kernel(
     stride_xn, stride_xc, stride_xhw, stride_pn, stride_pc, stride_phw, stride_dxn, stride_dxc, stride_dxhw,
     HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr, HAS_DX_PARTIAL: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
-    # Grid: (plane blocks, HW chunks). dx = dx_partial + dmean/HW + dvar·2(x − mean)/HW: with HAS_DX_PARTIAL the
-    # gradient reaching x by another path (a composite's elementwise pass) is added here, not by a separate launch.
+    # Grid: (plane blocks, spans of STEPS HW chunks). dx = dx_partial + dmean/HW + dvar·2(x − mean)/HW: with
+    # HAS_DX_PARTIAL the gradient reaching x by another path (a composite's elementwise pass) is added here, not by a
+    # separate launch.
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    hw, mask, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW, FLAT,
-                                ALIGN)
     count = tl.cast(HW, COMPUTE)
-    dx = tl.zeros(mask.shape, dtype=COMPUTE)
-    if HAS_DX_PARTIAL:
-        dx += load_values(DX_PARTIAL, n, c, hw, C, stride_pn, stride_pc, stride_phw, mask, COMPUTE, FLAT, ALIGN)
     if HAS_DMEAN:
-        dx += spread(tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count, lane, FLAT)
+        dmean = tl.load(DMEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count
     if HAS_DVAR:
-        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
         mean = tl.load(MEAN + planes, mask=plane_mask, other=0.0).to(COMPUTE)
-        dvar = tl.load(DVAR + planes, mask=plane_mask, other=0.0).to(COMPUTE)
-        dx += (x - spread(mean, lane, FLAT)) * spread(2.0 * dvar / count, lane, FLAT)
-    tl.store(DX + value_offsets(n, c, hw, C, stride_dxn, stride_dxc, stride_dxhw, FLAT, ALIGN), dx, mask=mask)
+        dvar = 2.0 * tl.load(DVAR + planes, mask=plane_mask, other=0.0).to(COMPUTE) / count
+    first, end = program_span(HW, BLOCK_HW, STEPS)
+    for start in range(first, end, BLOCK_HW):
+        hw, mask, lane = value_tile(C, HW, start, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
+        dx = tl.zeros(mask.shape, dtype=COMPUTE)
+        if HAS_DX_PARTIAL:
+            dx += load_values(DX_PARTIAL, n, c, hw, C, stride_pn, stride_pc, stride_phw, mask, COMPUTE, FLAT, ALIGN)
+        if HAS_DMEAN:
+            dx += spread(dmean, lane, FLAT)
+        if HAS_DVAR:
+            x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
+            dx += (x - spread(mean, lane, FLAT)) * spread(dvar, lane, FLAT)
+        tl.store(DX + value_offsets(n, c, hw, C, stride_dxn, stride_dxc, stride_dxhw, FLAT, ALIGN), dx, mask=mask)
 
 
 @triton.jit
@@ -390,27 +430,29 @@ def plane_affine_fwd_kernel(
     X, HOLE, M, A, B, Y, P, C, HW,
     stride_xn, stride_xc, stride_xhw, stride_hn, stride_hc, stride_hhw, stride_yn, stride_yc, stride_yhw,
     REGIONS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, STEPS: tl.constexpr,
 ):
-    # Grid: (plane blocks, HW chunks). y = (x − M[plane])·A[plane] + B[plane]. With REGIONS == 2 (RegionNorm) the
-    # coefficients are (P, 2), region 0 where HOLE is nonzero and region 1 elsewhere; HOLE is ignored otherwise (and
-    # the tile is rows: the launcher gives a hole mask no flat tile).
+    # Grid: (plane blocks, spans of STEPS HW chunks). y = (x − M[plane])·A[plane] + B[plane]. With REGIONS == 2
+    # (RegionNorm) the coefficients are (P, 2), region 0 where HOLE is nonzero and region 1 elsewhere; HOLE is ignored
+    # otherwise (and the tile is rows: the launcher gives a hole mask no flat tile).
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    hw, mask, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW, FLAT,
-                                ALIGN)
-    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
     a = tl.load(A + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     b = tl.load(B + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
     center = tl.load(M + planes * REGIONS, mask=plane_mask, other=0.0).to(COMPUTE)
-    y = (x - spread(center, lane, FLAT)) * spread(a, lane, FLAT) + spread(b, lane, FLAT)
     if REGIONS == 2:
         hole_base = channel_offsets(n, c, stride_hn, stride_hc)
-        hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
         a_valid = tl.load(A + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         b_valid = tl.load(B + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
         center_valid = tl.load(M + planes * 2 + 1, mask=plane_mask, other=0.0).to(COMPUTE)
-        y = tl.where(hole, y, (x - center_valid[:, None]) * a_valid[:, None] + b_valid[:, None])
-    tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN), y, mask=mask)
+    first, end = program_span(HW, BLOCK_HW, STEPS)
+    for start in range(first, end, BLOCK_HW):
+        hw, mask, lane = value_tile(C, HW, start, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
+        y = (x - spread(center, lane, FLAT)) * spread(a, lane, FLAT) + spread(b, lane, FLAT)
+        if REGIONS == 2:
+            hole = tl.load(HOLE + hole_base[:, None] + hw[None, :] * stride_hhw, mask=mask, other=0) != 0
+            y = tl.where(hole, y, (x - center_valid[:, None]) * a_valid[:, None] + b_valid[:, None])
+        tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN), y, mask=mask)
 
 
 @triton.jit
@@ -506,7 +548,7 @@ def plane_moments_bwd(x: torch.Tensor, mean: torch.Tensor, dmean: Optional[torch
         dvar.contiguous() if dvar is not None else mean, partial3, dx3, n * c, c, hw, *plane_strides(x3),
         *plane_strides(partial3), *plane_strides(dx3),
         HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None, HAS_DX_PARTIAL=dx_partial is not None,
-        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), **tile.constexprs(),
+        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), STEPS=tile.steps(hw), **tile.constexprs(),
     )
     return dx
 
@@ -529,7 +571,7 @@ def plane_affine_fwd(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
     plane_affine_fwd_kernel[(channel_grid(x3, tile.block_p), tile.chunks(hw))](
         x3, hole3, center.contiguous(), scale.contiguous(), shift.contiguous(), y3, n * c, c, hw, *plane_strides(x3),
         *hole_strides, *plane_strides(y3), REGIONS=1 if hole_mask is None else 2,
-        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), **tile.constexprs(),
+        COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)), STEPS=tile.steps(hw), **tile.constexprs(),
     )
     return y
 

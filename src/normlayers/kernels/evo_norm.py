@@ -49,6 +49,7 @@ from normlayers.kernels.channel_stats import (
     parameter_grad,
     plane_group_tile,
     plane_sum,
+    program_span,
     spread,
     store_group_channels,
     value_offsets,
@@ -163,14 +164,12 @@ def evo_plane_fwd_kernel(
     MODE: tl.constexpr, COEFFICIENTS: tl.constexpr, STATISTIC: tl.constexpr, VARIANT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_COEFFICIENTS: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_CPG: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
-    # Grid: (plane blocks, HW chunks). With COEFFICIENTS_GIVEN the coefficients are read from LEFT … SHIFT; otherwise
-    # each program computes its planes' from the moments (VARIANT: the S numerator, or the B variant) and, with
-    # STORE_COEFFICIENTS, the first chunk's programs write them (all but shift) for the backward.
+    # Grid: (plane blocks, spans of STEPS HW chunks). With COEFFICIENTS_GIVEN the coefficients are read from LEFT …
+    # SHIFT; otherwise each program computes its planes' from the moments (VARIANT: the S numerator, or the B variant)
+    # and, with STORE_COEFFICIENTS, the first span's programs write them (all but shift) for the backward.
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
-    hw, mask, lane = value_tile(C, HW, tl.program_id(1).to(tl.int64) * BLOCK_HW, plane_mask, BLOCK_P, BLOCK_HW, FLAT,
-                                ALIGN)
-    x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
     if COEFFICIENTS == COEFFICIENTS_GIVEN:
         slope = load_optional(SLOPE, planes, plane_mask, 0.0, MODE != MODE_IDENTITY, COMPUTE)
         scale = tl.load(SCALE + planes, mask=plane_mask, other=0.0).to(COMPUTE)
@@ -185,16 +184,21 @@ def evo_plane_fwd_kernel(
         left, slope, offset, scale, shift = _b_running_coefficients(PLANE_MEAN, PLANE_VAR, RUNNING_VAR, WEIGHT, BIAS,
                                                                     V, planes, plane_mask, C, eps, VARIANT,
                                                                     HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    if MODE == MODE_SWISH:
-        f = x * _sigmoid(spread(slope, lane, FLAT) * x)
-    elif MODE == MODE_MAX_DIV:
-        # NaN-propagating, as torch.maximum: a NaN statistic (batch or running) makes the output NaN, never skipped.
-        f = x / tl.maximum(spread(left, lane, FLAT), spread(slope, lane, FLAT) * x + spread(offset, lane, FLAT),
-                           propagate_nan=tl.PropagateNan.ALL)
-    else:
-        f = x
-    tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN),
-             f * spread(scale, lane, FLAT) + spread(shift, lane, FLAT), mask=mask)
+    first, end = program_span(HW, BLOCK_HW, STEPS)
+    for start in range(first, end, BLOCK_HW):
+        hw, mask, lane = value_tile(C, HW, start, plane_mask, BLOCK_P, BLOCK_HW, FLAT, ALIGN)
+        x = load_values(X, n, c, hw, C, stride_xn, stride_xc, stride_xhw, mask, COMPUTE, FLAT, ALIGN)
+        if MODE == MODE_SWISH:
+            f = x * _sigmoid(spread(slope, lane, FLAT) * x)
+        elif MODE == MODE_MAX_DIV:
+            # NaN-propagating, as torch.maximum: a NaN statistic (batch or running) makes the output NaN, never
+            # skipped.
+            f = x / tl.maximum(spread(left, lane, FLAT), spread(slope, lane, FLAT) * x + spread(offset, lane, FLAT),
+                               propagate_nan=tl.PropagateNan.ALL)
+        else:
+            f = x
+        tl.store(Y + value_offsets(n, c, hw, C, stride_yn, stride_yc, stride_yhw, FLAT, ALIGN),
+                 f * spread(scale, lane, FLAT) + spread(shift, lane, FLAT), mask=mask)
     if STORE_COEFFICIENTS:
         if tl.program_id(1) == 0:
             tl.store(SCALE + planes, scale, mask=plane_mask)
@@ -450,12 +454,13 @@ def _launch_pass(x: torch.Tensor, mode: tl.constexpr, coefficients: list[torch.T
     if y.numel() == 0:
         return y
     coefficients = [t if t.numel() > 0 else statistics[0] for t in coefficients]  # unwritten ones: never read
-    tile = channel_tile(x3, max_block_hw, others=(y3,))
+    tile = channel_tile(x3, max_block_hw, others=(y3,),
+                        group_block=0 if source == COEFFICIENTS_GIVEN else next_power_of_2(c // groups))
     evo_plane_fwd_kernel[(channel_grid(x3, tile.block_p), tile.chunks(hw))](
         x3, *coefficients, y3, *statistics, n * c, c, hw, c // groups, eps, *plane_strides(x3), *plane_strides(y3),
         MODE=mode.value, COEFFICIENTS=source.value, STATISTIC=statistic, VARIANT=variant, HAS_WEIGHT=has_weight,
         HAS_BIAS=has_bias, STORE_COEFFICIENTS=store, COMPUTE=tl_compute_dtype(compute_dtype(x.dtype)),
-        BLOCK_CPG=next_power_of_2(c // groups), **tile.constexprs(),
+        BLOCK_CPG=next_power_of_2(c // groups), STEPS=tile.steps(hw), **tile.constexprs(),
     )
     return y
 
