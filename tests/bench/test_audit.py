@@ -165,48 +165,10 @@ def test_plane_kernels_read_the_input_with_128_bit_loads(shape, memory_format):
 SECTOR_CASES = [(shape, fmt, dtype) for shape in audit.PLANE_SHAPES for fmt in audit.PLANE_FORMATS
                 for dtype in audit.SECTOR_DTYPES if dtype == torch.bfloat16 or shape[2] * shape[3] <= 1024]
 PLANE_LABELS = tuple(audit._plane_launch_calls(torch.empty(1, 2, 1, 1)))
-# Below 0.90 per warp instruction today (Triton 3.9), with the measured value and the cause the per-access counts
-# show; the tile's own x/dy/y accesses use whole sectors in every case. Channels-last: each per-plane coefficient
-# (fp32, one per channel of the 64-channel block) is loaded by every warp in the tile's channel slice layout, 8
-# channels per thread as two 128-bit loads, so each instruction takes 16 bytes of each of 8 sectors (0.50); BCN's
-# eval pass gathers its per-channel parameters by `planes % C` as 32-bit loads (bf16: 0.25, fp32: 0.50).
-# Contiguous 56×56: a tile of 2 planes × 2048 values loads each plane's coefficients in every one of its 16 warps,
-# 4 bytes of a sector per instruction (0.125).
-COEFFICIENTS_CL = "per-plane fp32 coefficients loaded by every warp, half a sector per instruction"
-GATHERED_CL = COEFFICIENTS_CL + ", per-channel parameters gathered 32 bits at a time"
-GATHERED = "per-channel parameters gathered 32 bits at a time by every warp"
-COEFFICIENTS_ROWS = "each warp loads its 2 planes' fp32 coefficients, 4 bytes of a sector per instruction"
-BF16, FP32 = torch.bfloat16, torch.float32
-WIDE, SMALL = audit.PLANE_SHAPES
-PARTIAL_SECTORS = {
-    (WIDE, "contiguous", BF16, "bcn eval fwd"): (0.654, COEFFICIENTS_ROWS),
-    (WIDE, "contiguous", BF16, "evo s0 fwd"): (0.742, COEFFICIENTS_ROWS),
-    (WIDE, "contiguous", BF16, "evo max-div fwd"): (0.852, COEFFICIENTS_ROWS),
-    (WIDE, "contiguous", BF16, "evo b0 eval fwd"): (0.852, COEFFICIENTS_ROWS),
-    (WIDE, "channels_last", BF16, "plane_moments bwd"): (0.750, COEFFICIENTS_CL),
-    (WIDE, "channels_last", BF16, "plane_affine fwd"): (0.700, COEFFICIENTS_CL),
-    (WIDE, "channels_last", BF16, "bcn eval fwd"): (0.556, GATHERED_CL),
-    (WIDE, "channels_last", BF16, "evo s0 fwd"): (0.739, COEFFICIENTS_CL),
-    (WIDE, "channels_last", BF16, "evo max-div fwd"): (0.643, COEFFICIENTS_CL),
-    (WIDE, "channels_last", BF16, "evo b0 eval fwd"): (0.643, COEFFICIENTS_CL),
-    (SMALL, "channels_last", BF16, "plane_moments bwd"): (0.717, COEFFICIENTS_CL),
-    (SMALL, "channels_last", BF16, "plane_affine fwd"): (0.669, COEFFICIENTS_CL),
-    (SMALL, "channels_last", BF16, "plane_affine bwd"): (0.851, COEFFICIENTS_CL),
-    (SMALL, "channels_last", BF16, "bcn eval fwd"): (0.522, GATHERED_CL),
-    (SMALL, "channels_last", BF16, "evo s0 fwd"): (0.719, COEFFICIENTS_CL),
-    (SMALL, "channels_last", BF16, "evo max-div fwd"): (0.617, COEFFICIENTS_CL),
-    (SMALL, "channels_last", BF16, "evo b0 eval fwd"): (0.617, COEFFICIENTS_CL),
-    (SMALL, "channels_last", BF16, "evo swish bwd"): (0.853, COEFFICIENTS_CL),
-    (SMALL, "channels_last", BF16, "evo max-div bwd"): (0.775, COEFFICIENTS_CL),
-    (SMALL, "channels_last", FP32, "bcn eval fwd"): (0.828, GATHERED),
-}
 
 
 def _sector_param(shape, memory_format, dtype, label):
     marks = [pytest.mark.slow] if shape[2] * shape[3] > 1024 else []
-    if (shape, memory_format, dtype, label) in PARTIAL_SECTORS:
-        measured, cause = PARTIAL_SECTORS[(shape, memory_format, dtype, label)]
-        marks.append(pytest.mark.xfail(strict=True, reason=f"issue 16: {measured:.2f} per warp instruction: {cause}"))
     return pytest.param(shape, memory_format, dtype, label, marks=marks)
 
 

@@ -159,7 +159,7 @@ def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *, reduct
     else:
         block_hw = min(next_power_of_2(hw), widest)
         if not reduction:
-            block_hw = min(block_hw, max(1 << ((hw // PLANE_MIN_STEPS).bit_length() - 1), 256))
+            block_hw = min(block_hw, max(1 << (max(hw // PLANE_MIN_STEPS, 1).bit_length() - 1), 256))
         block_p = min(max(elements // block_hw, 1), PLANE_MAX_BLOCK_P, next_power_of_2(channels))
     return PlaneTile(block_p, block_hw, num_warps_for(block_p * block_hw, x3.device))
 

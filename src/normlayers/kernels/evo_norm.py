@@ -455,7 +455,7 @@ def _launch_pass(x: torch.Tensor, mode: tl.constexpr, coefficients: list[torch.T
         return y
     coefficients = [t if t.numel() > 0 else statistics[0] for t in coefficients]  # unwritten ones: never read
     tile = channel_tile(x3, max_block_hw, others=(y3,),
-                        group_block=0 if source == COEFFICIENTS_GIVEN else next_power_of_2(c // groups))
+                        group_block=next_power_of_2(c // groups) if source == COEFFICIENTS_S else 0)
     evo_plane_fwd_kernel[(channel_grid(x3, tile.block_p), tile.chunks(hw))](
         x3, *coefficients, y3, *statistics, n * c, c, hw, c // groups, eps, *plane_strides(x3), *plane_strides(y3),
         MODE=mode.value, COEFFICIENTS=source.value, STATISTIC=statistic, VARIANT=variant, HAS_WEIGHT=has_weight,
