@@ -53,16 +53,20 @@ FLAT_MAX_BLOCK_P = 16
 # Channels per program of a channels-last launch (:func:`channel_tile`): 64 bf16 values are 128 contiguous bytes, four
 # sectors, read by 8 threads with 128-bit loads. A starting point, not tuned on a GPU.
 CHANNELS_LAST_BLOCK_C = 64
-# Spatial positions each warp of a channels-last program walks, at least where the plane has them: every warp loads
-# all of the block's per-plane coefficients (fp32, the tile's channel layout: 8 channels a thread, so each 128-bit
-# load uses half of each sector it touches), which at 5 coefficients and 24 positions of 64 bf16 channels (x read, y
-# written) are ~10% of the warp's sectors. Fewer positions a warp means fewer warps a program, not smaller loads.
-CHANNELS_LAST_WARP_POSITIONS = 24
-# Chunks of BLOCK_HW values an elementwise pass's program walks, at most, with its coefficients loaded once: the
-# coefficient loads are repeated by each program (and warp) of a plane, so walking several chunks makes them a small
-# share of the traffic. Starting point, not tuned on a GPU.
+# The small loads of the per-plane passes (a program's coefficients or statistics) are repeated by each warp and
+# each program of a plane, so they are made few against the x/dy/y tiles (:func:`channel_tile`; the audit counts
+# sector use per warp instruction, bytes-weighted). Starting points, measured with the audit, not tuned on a GPU:
+# - Chunks of ``BLOCK_HW`` values an elementwise pass's program walks, at most, with its coefficients loaded once;
+#   and a row tile cuts a plane in at least PLANE_MIN_STEPS chunks, so that each warp walks several.
 PLANE_MAX_STEPS = 8
 PLANE_MIN_STEPS = 4
+# - Positions of the plane each warp of a channels-last reduction walks, at least, where the plane has them: its
+#   per-plane loads are in the tile's channel layout (8 fp32 a thread, half of each sector per 128-bit load), ~10%
+#   of a warp's sectors at 5 coefficients and 24 positions of 64 bf16 channels. Small planes get fewer warps.
+CHANNELS_LAST_WARP_POSITIONS = 24
+# - A channels-last program that computes its planes' coefficients from a (plane × group) tile of statistics (BCN
+#   eval, EvoNorm-S) keeps a warp per this many of them: more values a thread spill (255 registers, 2.7 KB of
+#   spills for BCN eval at 2048 channels, 64 a group, on 2 warps).
 GROUP_TILE_VALUES_PER_WARP = 512
 
 
@@ -138,7 +142,16 @@ def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *, reduct
     the warps (still 8 values per thread, one 128-bit bf16 load), since its live temporaries spill past the 128
     registers a thread of a 16-warp program may have. ``max_block_hw`` (tests) caps the chunk of a plane a program
     holds, to reach the chunked loop on small planes; it rules out the flat tile, as does ``flat=False`` (a kernel
-    variant without one: RegionNorm's two-region passes)."""
+    variant without one: RegionNorm's two-region passes).
+
+    The per-plane loads are kept a small share of the traffic (the constants above): an elementwise pass walks up to
+    :data:`PLANE_MAX_STEPS` chunks a program (:meth:`PlaneTile.steps`), a row tile is at most a quarter of the plane,
+    and a channels-last elementwise tile runs on one warp per 32 channels, so that each per-plane vector has a value
+    for every thread: Triton 3.9 then loads it in a layout of its own (one fp32 a lane, a warp on 128 contiguous
+    bytes: whole sectors) and converts it to the tile's (``ttg.convert_layout``), where a vector with fewer values
+    than threads is loaded again by every warp in the tile's layout (8 fp32 a thread, two 128-bit loads each using
+    half of each sector). ``group_block``: the group tile's width (BLOCK_CPG) of a pass that computes its coefficients
+    (:data:`GROUP_TILE_VALUES_PER_WARP`)."""
     _, channels, hw = x3.shape
     elements = PLANE_TILE_ELEMENTS // 2 if reduction else PLANE_TILE_ELEMENTS
     widest = 1 << ((max_block_hw if max_block_hw is not None else PLANE_MAX_BLOCK_HW).bit_length() - 1)
@@ -148,8 +161,7 @@ def channel_tile(x3: torch.Tensor, max_block_hw: Optional[int] = None, *, reduct
         return PlaneTile(flat_p, block_hw, num_warps_for(block_hw, x3.device), True, 16 // x3.element_size())
     if x3.stride(1) == 1 and channels > 1 and hw > 1:
         block_p = min(next_power_of_2(channels), CHANNELS_LAST_BLOCK_C)
-        # A tile's warps are along HW (a warp's threads span the channel block); small planes get fewer of them,
-        # each walking more positions (:data:`CHANNELS_LAST_WARP_POSITIONS`), with as many values a thread.
+        # A tile's warps are along HW (a warp's threads span the channel block), 8 values a thread however many.
         warps = max(min(elements // 256, hw // CHANNELS_LAST_WARP_POSITIONS), 1)
         if not reduction:
             warps = min(warps, max(block_p // 32, 1))
