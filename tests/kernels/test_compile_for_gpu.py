@@ -162,6 +162,11 @@ def compile_all_variants() -> int:
         # starts at a multiple of ALIGN values (16 bytes).
         rows = {**tile, "FLAT": False, "ALIGN": 1}
         flat = {**tile, "FLAT": True, "ALIGN": {"bf16": 8, "fp32": 4, "fp64": 2}[data]}
+
+        def elementwise(plane_tile):
+            # An elementwise pass's program walks STEPS chunks of its planes (a flat tile's one chunk holds them).
+            return {**plane_tile, "STEPS": 1 if plane_tile["FLAT"] else 4}
+
         for plane_tile in (rows, flat):
             compile_kernel(channel_stats.plane_moments_fwd_kernel,
                            {"X": f"*{data}", "MEAN": f"*{stats}", "VAR": f"*{stats}"},
@@ -173,13 +178,13 @@ def compile_all_variants() -> int:
                             "DX_PARTIAL": f"*{data}", "DX": f"*{data}"},
                            {**planes, **strides("x", "p", "dx")},
                            {"HAS_DMEAN": has_dmean, "HAS_DVAR": has_dvar, "HAS_DX_PARTIAL": has_partial,
-                            **(flat if has_partial else rows)})
+                            **elementwise(flat if has_partial else rows)})
         for regions, plane_tile in ((1, rows), (1, flat), (2, rows)):  # 2: RegionNorm's two regions, uint8 holes
             hole = "*u8" if regions == 2 else f"*{data}"
             compile_kernel(channel_stats.plane_affine_fwd_kernel,
                            {"X": f"*{data}", "HOLE": hole, "M": f"*{stats}", "A": f"*{stats}", "B": f"*{stats}",
                             "Y": f"*{data}"},
-                           {**planes, **strides("x", "h", "y")}, {"REGIONS": regions, **plane_tile})
+                           {**planes, **strides("x", "h", "y")}, {"REGIONS": regions, **elementwise(plane_tile)})
             compile_kernel(channel_stats.plane_affine_bwd_kernel,
                            {"DY": f"*{data}", "X": f"*{data}", "HOLE": hole, "M": f"*{stats}", "A": f"*{stats}",
                             "DX": f"*{data}", "DA": f"*{stats}", "DB": f"*{stats}"},
@@ -245,7 +250,7 @@ def compile_all_variants() -> int:
                            {**planes, "CPG": "i32", "eps": "fp32", **strides("x", "y")},
                            {"MODE": mode, "COEFFICIENTS": source, "STATISTIC": statistic, "VARIANT": variant,
                             "HAS_WEIGHT": True, "HAS_BIAS": True, "STORE_COEFFICIENTS": store, "BLOCK_CPG": 16,
-                            **(flat if index % 2 else rows)})
+                            **elementwise(flat if index % 2 else rows)})
         count += len(passes)
         for store in (True, False):
             compile_kernel(batch_channel.batch_channel_eval_fwd_kernel,
@@ -254,7 +259,7 @@ def compile_all_variants() -> int:
                             "Y": f"*{data}", **{name: f"*{stats}" for name in ("SCALE", "SHIFT", "MEAN", "VAR")}},
                            {**planes, "CPG": "i32", "eps": "fp32", "bn_eps": "fp32", **strides("x", "y")},
                            {**{f"HAS_{name}": store for name in ("BN_WEIGHT", "BN_BIAS", "WEIGHT", "BIAS")},
-                            "STORE_COEFFICIENTS": store, "BLOCK_CPG": 16, **(rows if store else flat)})
+                            "STORE_COEFFICIENTS": store, "BLOCK_CPG": 16, **elementwise(rows if store else flat)})
         count += 2
         for mode, plane_tile in product((evo_norm.MODE_SWISH, evo_norm.MODE_MAX_DIV), (rows, flat)):
             compile_kernel(evo_norm.evo_plane_bwd_kernel,
