@@ -12,10 +12,12 @@ contiguous. Statistics and all arithmetic are fp32 (fp64 for fp64 inputs, so the
 * Backward: a persistent grid of as many programs as the GPU keeps resident at once; each program walks row tiles,
   writes dX, and keeps its dW/dB partial sums in fp32 registers, written once to its row of a ``(programs, 2N)``
   buffer. dX needs two sums over the whole row, so a row too wide for registers cannot be read only once: its first
-  ``HELD_N`` columns are (they wait in registers while the rest of the row is streamed for its share of the sums),
-  the rest is read a second time, column chunk by column chunk with the program's rows inside, so a chunk's partial
-  sums stay in registers too (no read-modify-write in memory). One ``column_sum`` launch then adds the partial rows
-  in a fixed order: deterministic, no atomics, two launches. docs/benchmarking.md gives the bytes this moves.
+  ``HELD_N`` columns are (the rest of the row is streamed first for its share of the sums; the held columns then
+  complete them and wait, bf16 in its own 16 bits, for their dX), the rest is read a second time, column chunk by
+  column chunk with the program's rows inside, so a chunk's partial sums stay in registers too (no read-modify-write
+  in memory). ``HELD_N`` is sized by the registers a held column costs (16K columns for bf16 RMSNorm, 8K otherwise),
+  and a row no wider than it is read once. One ``column_sum`` launch then adds the partial rows in a fixed order:
+  deterministic, no atomics, two launches. docs/benchmarking.md gives the bytes this moves.
 
 Fused residual: the norm is applied to ``h = x + residual`` rounded to the residual-out dtype (what an unfused
 ``x + residual`` followed by the norm computes), and ``h`` is returned so pre-norm blocks can carry it on.
@@ -59,14 +61,13 @@ CHUNK_N = 4096
 # The backward's tiles for rows wider than BWD_MAX_BLOCK_N. Their first held_n columns are held one row at a time,
 # as many as fit WIDE_HELD_BYTES of a program's registers (40 of the 64 of each of 1024 threads) at the bytes a held
 # column costs: x and dy waiting in the input dtype, the weight, and the fp32 dW (and dB) sums over the program's rows
-# (bf16: 16K columns for RMSNorm, 8K for LayerNorm; see bwd_launch_plan). The rest is streamed in WIDE_BLOCK_M rows,
-# so each weight chunk load serves them all, in chunks of WIDE_STREAM_N, and finished in chunks of WIDE_BLOCK_N; both
-# are 4 values per thread (wider chunks spill in Triton 3.6's LayerNorm compile, whose held dW and dB take 16 of the
-# 64 registers).
-WIDE_BLOCK_M = 8
+# (bf16: 16K columns for RMSNorm, 8K for LayerNorm; see bwd_launch_plan). The rest is streamed for the row sums in
+# tiles of WIDE_BLOCK_M rows, so each weight chunk load serves 16 rows, and WIDE_STREAM_N columns, then finished in
+# tiles of WIDE_BLOCK_N columns: 4 values per thread each (wider tiles spill in the Triton 3.6 or 3.9 compile).
+WIDE_BLOCK_M = 16
 WIDE_HELD_BYTES = 163840
-WIDE_BLOCK_N = 512
-WIDE_STREAM_N = 512
+WIDE_BLOCK_N = 256
+WIDE_STREAM_N = 256
 # Warps per SM the backward's registers leave room for (half of an H100's 64): the persistent grid fills them.
 BWD_RESIDENT_WARPS = 32
 # Target elements per program for narrow rows (several rows per program), and the most rows per program. The
