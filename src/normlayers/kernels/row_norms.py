@@ -524,8 +524,8 @@ def fwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
 
 
 def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *, params: int = 2,
-                    max_block_n: Optional[int] = None, sm_count: Optional[int] = None,
-                    programs_per_sm: Optional[int] = None) -> LaunchPlan:
+                    weight_dtype: Optional[torch.dtype] = None, max_block_n: Optional[int] = None,
+                    sm_count: Optional[int] = None, programs_per_sm: Optional[int] = None) -> LaunchPlan:
     """The backward's persistent grid: ``programs_per_sm`` programs on each of ``sm_count`` SMs (by default the
     device's SMs and as many programs as fill ``BWD_RESIDENT_WARPS`` warps per SM; on CPU without ``sm_count``, a few
     programs), never more than row tiles.
@@ -535,17 +535,19 @@ def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
     (``BWD_TILE_ELEMENTS`` values in all); wider rows hold their first ``held_n`` columns one row at a time and walk
     the rest in ``(WIDE_BLOCK_M, WIDE_BLOCK_N)`` tiles. ``held_n`` is the largest power of two whose columns fit
     ``WIDE_HELD_BYTES``, each column costing x and dy as they wait (bf16 in its own 2 bytes, widened exactly for each
-    use; other dtypes in the compute dtype, as the compiler merges their two widenings), the weight, and one fp32 sum
-    per parameter gradient (``params``: 2 for LayerNorm's dW and dB); it may exceed ``n``, holding the whole row.
+    use; other dtypes in the compute dtype, as the compiler merges their two widenings), the weight (a 16-bit
+    ``weight_dtype``, by default ``dtype``, in its 2 bytes, another in the compute dtype), and one fp32 sum per
+    parameter gradient (``params``: 2 for LayerNorm's dW and dB); it may exceed ``n``, holding the whole row.
     32 warps, few enough registers for ``BWD_RESIDENT_WARPS`` resident warps per SM: the partials are then sized to
     programs that are all resident at once (tests/bench/test_audit.py checks this against an sm_90 compile)."""
     cap = max_block_n if max_block_n is not None else BWD_MAX_BLOCK_N
     block_m, block_n, single = _block_shape(max(n, 1), cap, BWD_TILE_ELEMENTS)
     held_n = stream_n = 1
     if not single:
-        size = torch.empty((), dtype=dtype).element_size()
         compute_size = torch.empty((), dtype=compute_dtype(dtype)).element_size()
-        column_bytes = 2 * (size if dtype == torch.bfloat16 else compute_size) + size + params * compute_size
+        value_bytes = 2 if dtype == torch.bfloat16 else compute_size
+        weight_bytes = 2 if torch.empty((), dtype=weight_dtype or dtype).element_size() == 2 else compute_size
+        column_bytes = 2 * value_bytes + weight_bytes + params * compute_size
         held_n = 1 << ((WIDE_HELD_BYTES // column_bytes).bit_length() - 1)
         held_n = min(held_n, next_power_of_2(n) if max_block_n is None else 1 << (cap.bit_length() - 1))
         block_m, block_n = WIDE_BLOCK_M, min(WIDE_BLOCK_N, held_n)
@@ -628,8 +630,8 @@ def row_norm_bwd(
     dh = torch.empty((m, n), dtype=h.dtype, device=h.device)
     param_dtype = weight.dtype if weight is not None else h.dtype
     params = (weight is not None) + has_bias
-    plan = bwd_launch_plan(m, n, h.dtype, h.device, params=params, max_block_n=max_block_n, sm_count=sm_count,
-                           programs_per_sm=programs_per_sm)
+    plan = bwd_launch_plan(m, n, h.dtype, h.device, params=params, weight_dtype=param_dtype, max_block_n=max_block_n,
+                           sm_count=sm_count, programs_per_sm=programs_per_sm)
     # Every program writes its whole partial row (dW then dB), so the buffer needs no zero-fill unless nothing runs.
     partials = (torch.empty if m > 0 else torch.zeros)((plan.programs, params * n), dtype=compute, device=h.device)
     coefficients = torch.empty((0 if plan.single_block else m, 2), dtype=compute, device=h.device)
