@@ -79,10 +79,10 @@ class BenchPass:
     by_default: bool = True  # False: only when --passes names it (a second call)
 
     def provider_args(self) -> tuple[str, ...]:
-        from normlayers.bench.providers import PROVIDERS
+        from normlayers.bench.providers import DEFAULT_PROVIDERS
 
-        return ("--providers", ",".join(name for name in PROVIDERS if name not in self.without)) if self.without \
-            else ()
+        return ("--providers", ",".join(name for name in DEFAULT_PROVIDERS if name not in self.without)) \
+            if self.without else ()
 
 
 BENCH_PASSES = (

@@ -265,6 +265,20 @@ def test_torch_compile_backward_is_timed_with_its_compile_time(tmp_path):
     assert float(row["compile_s"]) > 0 and float(row["median_ms"]) > 0
 
 
+def test_compiled_normlayers_runs_only_when_named(tmp_path):
+    (tmp_path / "default").mkdir(), (tmp_path / "named").mkdir()
+    code, rows, _ = _run(tmp_path / "default", "--op", "evo_norm2d_s0", "--shapes", "2x32x3x3", "--dtype", "fp32",
+                         "--mode", "fwd_bwd")
+    assert code == 0 and "normlayers_compile" not in {r["provider"] for r in rows}
+
+    code, rows, _ = _run(tmp_path / "named", "--op", "evo_norm2d_s0", "--shapes", "2x32x3x3", "--dtype", "fp32",
+                         "--mode", "fwd_bwd", "--providers", "normlayers_compile")
+    assert code == 0
+    (row,) = rows
+    assert row["status"] == "ok", row["note"]
+    assert float(row["compile_s"]) > 0 and row["note"] == "backend 'auto': cpu tier"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Providers: wrong, failing, unsupported, unavailable
 # ----------------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,44 @@ def test_tables_are_generated_between_the_markers(tmp_path, results_dir, tiny_ru
         assert row.endswith(f"| {results[(op, 'normlayers')]['speedup_vs_torch']:.2f}x |")
 
 
+def test_a_ratio_column_compares_two_providers(tmp_path, results_dir, tiny_run):
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- bench-table: ops=rms_norm,layer_norm mode=fwd device=cpu ratio=torch/normlayers -->\n"
+                   "<!-- /bench-table -->\n")
+    make_tables.main(["--results", str(results_dir), str(doc)])
+
+    text = doc.read_text()
+    assert "| torch ÷ normlayers (time) |" in text
+    results = {(r["op"], r["provider"]): r for r in tiny_run[2]["results"]}
+    for op in ("rms_norm", "layer_norm"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {op} |"))
+        expected = results[(op, "torch")]["median_ms"] / results[(op, "normlayers")]["median_ms"]
+        assert row.endswith(f"| {expected:.2f} |")
+
+
+def test_a_newer_run_of_other_providers_does_not_hide_the_table(tmp_path, results_dir, tiny_run):
+    other = json.loads(json.dumps(tiny_run[2]))
+    other["metadata"]["date"] = "2999-01-01T00:00:00+00:00"
+    for r in other["results"]:
+        r["provider"], r["median_ms"] = "torch_compile", 12345.0
+    (results_dir / "2999-01-01_cpu_custom.json").write_text(json.dumps(other))
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- bench-table: ops=rms_norm mode=fwd device=cpu providers=normlayers,torch -->\n"
+                   "<!-- /bench-table -->\n")
+    make_tables.main(["--results", str(results_dir), str(doc)])
+
+    text = doc.read_text()
+    assert "2026-11-24_cpu_custom.json" in text and "1.23e+04 ms" not in text
+
+
+def test_a_ratio_needs_two_providers(tmp_path, results_dir, capsys):
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- bench-table: ratio=torch -->\n<!-- /bench-table -->\n")
+    with pytest.raises(SystemExit):
+        make_tables.main(["--results", str(results_dir), str(doc)])
+    assert "expected ratio=A/B" in capsys.readouterr().err
+
+
 def test_check_passes_when_up_to_date_and_fails_after_a_hand_edit(tmp_path, results_dir, capsys):
     doc = tmp_path / "README.md"
     doc.write_text(CPU_MARKER)

@@ -181,3 +181,29 @@ def test_fp16_near_constant_channel_gradient_stays_finite():
             grads[name] = torch.autograd.grad(y, leaf, dy.to(dtype))[0]
     assert grads["auto"].isfinite().all()
     assert_lowprec_close(grads["auto"], grads["reference"], grads["reference64"])
+
+
+def test_plain_call_fast_path_accepts_only_valid_calls():
+    """The functional's plain-call test (which skips the full checks) holds for a module's plain call, and for none
+    that the full checks refuse: each of those still raises its error."""
+    from normlayers.functional import batch_channel as F_bcn
+
+    x = torch.randn(2, C, 3, 3)
+    running_mean, running_var, tracked = _buffers(torch.float32)
+    valid = dict(input=x, running_mean=running_mean, running_var=running_var, bn_weight=torch.ones(C),
+                 bn_bias=torch.zeros(C), weight=torch.ones(1, G, 1), bias=torch.zeros(G), training=True, momentum=0.1,
+                 eps=1e-5, bn_eps=1e-5, num_groups=G, estimate=False, estimate_rate=0.0, num_batches_tracked=tracked)
+    assert F_bcn._is_plain_batch_channel_call(**valid)
+    assert F_bcn._is_plain_batch_channel_call(**{**valid, "estimate": True, "estimate_rate": torch.tensor(0.5)})
+    invalid = [dict(input=x.int()), dict(input=x[0]), dict(num_groups=3), dict(num_groups=0), dict(num_groups=2.0),
+               dict(running_mean=torch.zeros(C + 1)), dict(running_var=None), dict(running_mean=None, running_var=None,
+               training=False), dict(bn_weight=torch.ones(C, 1)), dict(bn_bias=torch.zeros(C, dtype=torch.int32)),
+               dict(weight=torch.ones(G + 1)), dict(bias=torch.zeros(G).int()), dict(momentum=1.5),
+               dict(eps=0.0), dict(bn_eps=float("nan")), dict(estimate_rate=-0.1), dict(estimate_rate=torch.ones(2)),
+               dict(num_batches_tracked=torch.tensor(1.0)), dict(input=torch.randn(1, C, 1, 1)),
+               dict(running_mean=torch.zeros(C, requires_grad=True))]
+    for change in invalid:
+        args = {**valid, **change}
+        assert not F_bcn._is_plain_batch_channel_call(**args), change
+        with pytest.raises((ValueError, TypeError)):
+            NF.batch_channel_norm(args.pop("input"), args.pop("running_mean"), args.pop("running_var"), **args)

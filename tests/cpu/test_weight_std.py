@@ -80,3 +80,23 @@ def test_ws_conv2d_compiles_fullgraph():
         results.append(torch.autograd.grad(fn(*leaves), leaves))
     for a, c in zip(*results):
         torch.testing.assert_close(a, c)
+
+
+def test_plain_call_fast_path_accepts_only_valid_calls():
+    """The functional's plain-call test (which skips the full checks) holds for the plain calls, and for none that
+    the full checks refuse: each of those still raises its error."""
+    from normlayers.functional import weight_std as F_ws
+
+    weight = torch.randn(4, 3, 3, 3)
+    assert F_ws._is_plain_ws_call(weight, None, 0) and F_ws._is_plain_ws_call(weight, 1e-5, 1)
+    for (w, eps, correction), error in (((torch.randn(4), 1e-5, 0), ValueError),
+                                        ((torch.randn(4, 1), 1e-5, 1), ValueError),
+                                        ((weight, 0.0, 0), ValueError), ((weight, float("inf"), 0), ValueError),
+                                        ((weight, float("nan"), 0), ValueError), ((weight, -1e-5, 0), ValueError),
+                                        ((weight.int(), 1e-5, 0), TypeError), (([1.0], 1e-5, 0), TypeError)):
+        assert not F_ws._is_plain_ws_call(w, eps, correction)
+        with pytest.raises(error):
+            NF.weight_standardize(w, eps, variant="qiao_bcn" if correction else "timm")
+    for variant in ("tim", ["timm"]):
+        with pytest.raises(ValueError, match="variant"):
+            NF.weight_standardize(weight, variant=variant)

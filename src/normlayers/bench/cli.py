@@ -38,7 +38,7 @@ from normlayers.bench.audit import add_arguments as add_audit_arguments, run_aud
 from normlayers.bench.compare import compare, format_comparison, load_document, regressions
 from normlayers.bench.ops import MODES, OPS, Op, Shape, traffic_formula
 from normlayers.bench.plot import PLOT_METRICS, matplotlib_missing, plot_results
-from normlayers.bench.providers import PROVIDERS, Provider
+from normlayers.bench.providers import DEFAULT_PROVIDERS, PROVIDERS, Provider
 from normlayers.bench.report import collect_metadata, device_name, format_case_table, free_paths, output_stem, \
     write_csv, write_json
 from normlayers.bench.runner import BenchResult, Case, RunSettings, run_case
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="shapes in each op's form, e.g. 4096x8192 (MxN rows) or 8x256x56x56 (NxCxHxW); "
                            "every shape must fit every selected op")
     grid.add_argument("--providers", nargs="+", metavar="PROVIDER",
-                      help=f"from: {', '.join(PROVIDERS)} (default: all that can run here)")
+                      help=f"from: {', '.join(PROVIDERS)} (default: all that can run here except "
+                           f"{', '.join(n for n in PROVIDERS if n not in DEFAULT_PROVIDERS)})")
     grid.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                       help="auto: CUDA when available, else CPU")
     grid.add_argument("--threads", type=int, metavar="N",
@@ -205,8 +206,9 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, device: tor
         if reason is not None:
             parser.error(f"--dtype: {reason}")
     modes = _checked(parser, "--mode", _names(args.mode) or list(suite.modes), MODES, "mode")
-    provider_names = _checked(parser, "--providers", _names(args.providers) or list(suite.providers or PROVIDERS),
-                              list(PROVIDERS), "provider")
+    provider_names = _checked(parser, "--providers",
+                              _names(args.providers) or list(suite.providers or DEFAULT_PROVIDERS), list(PROVIDERS),
+                              "provider")
     shape_texts = _names(args.shapes)
     # --op without --suite: each op at its own default shapes (the default suite's shapes may not be of its kind).
     shape_suite = suite if args.op is None or args.suite is not None else None

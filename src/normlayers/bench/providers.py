@@ -16,7 +16,7 @@ import torch
 from normlayers.backends import backend, tier, use_triton
 from normlayers.bench.ops import Op, OpFn
 
-__all__ = ["PEERS", "PROVIDERS", "Provider", "UnsupportedOp"]
+__all__ = ["DEFAULT_PROVIDERS", "PEERS", "PROVIDERS", "Provider", "UnsupportedOp"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -32,7 +32,8 @@ class Provider:
     ``build(op)`` returns the function to time; ``note(op, device)`` says which code path that is, when the name
     alone does not; ``compiles(op, device)`` says whether its first call compiles (``torch.compile``, a Triton JIT),
     whose time is then reported as ``compile_s``. ``package`` names the importable module of an optional peer library
-    (``None`` for the built-in providers, which are always offered).
+    (``None`` for the built-in providers, which are always offered). ``by_default`` says whether a run that names no
+    providers runs it (a provider that only answers one question, at a cost in compile time, is run when named).
     """
 
     name: str
@@ -41,6 +42,7 @@ class Provider:
     note: Callable[[Op, torch.device], str] = lambda op, device: ""
     compiles: Callable[[Op, torch.device], bool] = lambda op, device: False
     package: Optional[str] = None
+    by_default: bool = True
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """Why this provider cannot run on ``device``, or ``None`` when it can."""
@@ -93,11 +95,11 @@ def _native_on_fp32(op: Op) -> OpFn:
     return run
 
 
-def _compiled_reference(op: Op) -> OpFn:
+def _compiled(fn: OpFn) -> OpFn:
     # A fresh Dynamo cache for every case: otherwise, after the recompile limit (8 shapes/dtypes/modes of the same
-    # code), torch.compile silently falls back to eager and the "torch_compile" numbers would be eager numbers.
+    # code), torch.compile silently falls back to eager and the compiled numbers would be eager numbers.
     torch.compiler.reset()
-    return torch.compile(op.reference, dynamic=False)
+    return torch.compile(fn, dynamic=False)
 
 
 def _peer(name: str) -> Callable[[Op], OpFn]:
@@ -127,9 +129,16 @@ PROVIDERS: dict[str, Provider] = {
                  _native_on_fp32, lambda op, device: op.native_note),
         Provider("reference", "normlayers' eager reference (plain PyTorch, written for reading)",
                  lambda op: op.reference),
-        Provider("torch_compile", "torch.compile(reference), default mode, static shapes", _compiled_reference,
-                 compiles=lambda op, device: True),
+        Provider("torch_compile", "torch.compile(reference), default mode, static shapes",
+                 lambda op: _compiled(op.reference), compiles=lambda op, device: True),
+        Provider("normlayers_compile", "torch.compile(normlayers.functional under backend 'auto'), default mode, "
+                 "static shapes: what a user who compiles the model gets (run when named)",
+                 lambda op: _compiled(op.normlayers), _normlayers_note, compiles=lambda op, device: True,
+                 by_default=False),
         *(Provider(name, description, _peer(name), package=package)
           for name, (package, description) in PEERS.items()),
     )
 }
+
+# What a run that names no providers runs.
+DEFAULT_PROVIDERS: tuple[str, ...] = tuple(name for name, p in PROVIDERS.items() if p.by_default)

@@ -73,6 +73,12 @@ SUITES: dict[str, Suite] = {
                               "conv_weight": ("256x256x3x3",), "tokens_tbc": ("197x8x768",),
                               "tokens_bnc": ("8x197x768",)}},
               providers=("normlayers", "torch", "torch_fp32")),
+        Suite("cpu_compile", "the composites (no torch op) under torch.compile on CPU: torch.compile of "
+              "normlayers.functional against torch.compile of the plain reference, at the cpu suite's shapes",
+              ops=("evo_norm2d_b0", "evo_norm2d_s0", "region_norm", "power_norm", "unified_norm"),
+              modes=("fwd", "fwd_bwd"), dtypes={"cpu": ("fp32", "bf16"), "cuda": ("bf16",)},
+              shapes={"cpu": {"nchw": ("8x256x14x14",), "tokens_tbc": ("197x8x768",), "tokens_bnc": ("8x197x768",)}},
+              providers=("normlayers_compile", "torch_compile")),
         Suite("spd", "SPD batch normalization (GBW) on batches of SPD matrices", ops=("spd_batch_norm",),
               modes=("fwd", "fwd_bwd"), dtypes={"cuda": ("fp32",), "cpu": ("fp32",)}),
         Suite("gpu", "every op once, in bf16 and fp32, at one realistic shape per shape kind (row norms first): the "

@@ -36,6 +36,7 @@ dtype (:func:`_composite`); so does a double backward, from ``x``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -65,12 +66,14 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
                        bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
                        num_batches_tracked: Optional[Tensor]) -> Tensor:
     """As :func:`normlayers.reference.batch_channel.batch_channel_norm`, for a call :func:`supports` accepts."""
+    compiling = torch.compiler.is_compiling()
+    if not training and not estimate and x.dtype not in LOW_PRECISION and not compiling and x.is_contiguous():
+        return _inference_stages(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, num_groups=num_groups,
+                                 eps=eps, bn_eps=bn_eps)
     config = _Config(training, estimate, momentum, estimate_rate, num_groups, eps, bn_eps)
-    if torch.compiler.is_compiling() or not x.is_contiguous():
+    if compiling or not x.is_contiguous():
         return _composite(x, running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, weight, bias,
                           config=config)
-    if not training and not estimate and x.dtype not in LOW_PRECISION:
-        return _inference_stages(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, config=config)
     params = _params_for(x, bn_weight, bn_bias, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return _BatchChannelNormFunction.apply(x, running_mean, running_var, num_batches_tracked, config, *params)
@@ -85,22 +88,45 @@ def _params_for(x: Tensor, *params: Optional[Tensor]) -> tuple[Optional[Tensor],
 
 
 def _inference_stages(x: Tensor, running_mean: Tensor, running_var: Tensor, *params: Optional[Tensor],
-                      config: _Config) -> Tensor:
+                      num_groups: int, eps: float, bn_eps: float) -> Tensor:
     """fp32/fp64 inference: ATen's eval batch norm, then its group norm (the per-group affine spread over the group's
     channels), called below their functional wrappers; a gradient, if any, is autograd's through the two. With
     constant batch-stage statistics the two stages are two passes, as the fused forward's statistics and affine
     passes are, without its ``(N, C)`` algebra (some twenty small ops). fp32 ``u`` loses nothing the tolerances see;
-    bf16/fp16 would round it, so they run the fused forward."""
+    bf16/fp16 would round it, so they run the fused forward. (This is the CPU tier's most frequent call, in every
+    CNN's inference: each op here is one that ``F.batch_norm`` then ``F.group_norm`` run too, or cheaper.)"""
     dtype = x.dtype
     bn_weight, bn_bias, weight, bias = (_in(p, dtype) for p in params)
     n, c = x.shape[:2]
-    groups = config.num_groups
-    u = torch.ops.aten._native_batch_norm_legit_no_training(x, bn_weight, bn_bias, _in(running_mean, dtype),
-                                                            _in(running_var, dtype), 0.0, config.bn_eps)[0]
-    group_weight, group_bias = (None if t is None else t.reshape(groups).repeat_interleave(c // groups)
-                                for t in (weight, bias))
-    return torch.ops.aten.native_group_norm(u, group_weight, group_bias, n, c, x.numel() // (n * c), groups,
-                                            config.eps)[0]
+    u = torch._native_batch_norm_legit_no_training(x, bn_weight, bn_bias, _in(running_mean, dtype),
+                                                   _in(running_var, dtype), 0.0, bn_eps)[0]
+    if weight is not None or bias is not None:  # one value per channel: the group's, by index
+        index = _constant(_group_of_channel, x, c, num_groups, x.device)
+        weight, bias = (None if t is None else t.reshape(num_groups).index_select(0, index) for t in (weight, bias))
+    return torch.native_group_norm(u, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)[0]
+
+
+def _constant(make: Any, x: Tensor, *key: Any) -> Tensor:
+    """``make(*key)``, one of the constant tensors below, which ATen calls only read: cached for a plain ``x`` (a
+    subclass, e.g. a FakeTensor, may carry a mode its constants must not outlive). Each is made as a normal tensor even
+    under ``torch.inference_mode`` (an inference tensor cannot be saved for a backward)."""
+    return make(*key) if type(x) is Tensor else make.__wrapped__(*key)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_of_channel(channels: int, groups: int, device: torch.device) -> Tensor:
+    """The group index of each channel, ``(C,)`` int64: with ``index_select`` it spreads a per-group affine over the
+    channels in one op (``repeat_interleave`` takes several, about 3x the time here)."""
+    with torch.inference_mode(False):
+        return torch.arange(channels, device=device).div_(channels // groups, rounding_mode="floor")
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ones vector, an ATen norm's unit weight or variance (a fresh one per call cost a fill and, on this tier's
+    CPUs, an allocation as slow as a few small ops)."""
+    with torch.inference_mode(False):
+        return torch.ones(numel, dtype=dtype, device=device)
 
 
 class _Config(NamedTuple):
@@ -126,8 +152,8 @@ def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     also its output ``(x − m)·rstd``, the buffer the output is written into. ``eps`` is a tiny 1e-30, far below any
     variance that matters, so that a constant plane gives a finite rstd rather than ``0·inf``."""
     n, c = x.shape[:2]
-    ones = torch.ones(c, dtype=torch.float32, device=x.device) if x.dtype in LOW_PRECISION else None
-    normalized, mean, rstd = torch.ops.aten.native_group_norm(x, ones, None, n, c, x.numel() // (n * c), c, 1e-30)
+    ones = _constant(_ones, x, c, torch.float32, x.device) if x.dtype in LOW_PRECISION else None
+    normalized, mean, rstd = torch.native_group_norm(x, ones, None, n, c, x.numel() // (n * c), c, 1e-30)
     return mean.view(n, c), rstd.reciprocal_().view(n, c), normalized
 
 
@@ -167,15 +193,14 @@ def _fused_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     u_mean = (centred * a if bn_bias is None else torch.addcmul(bn_bias, centred, a)).view(n, groups, -1)  # mu_nc
     u_dev = u_mean - u_mean.mean(-1, keepdim=True)  # mu_nc − M_ng
     u_std = (plane_std * a).view(n, groups, -1)  # the plane std of u
-    group_rstd = (u_std.square().addcmul_(u_dev, u_dev).mean(-1, keepdim=True) + config.eps).rsqrt_()
+    group_rstd = torch.addcmul(u_std.square(), u_dev, u_dev).mean(-1, keepdim=True).add_(config.eps).rsqrt_()
     w_rstd = group_rstd if weight is None else group_rstd * weight.reshape(1, groups, 1)
-    plane_shift = w_rstd * u_dev if bias is None else torch.addcmul(bias.reshape(1, groups, 1), w_rstd, u_dev)
-    plane_shift = plane_shift.view(n, c, 1, 1)  # B
+    plane_shift = w_rstd * u_dev if bias is None else torch.addcmul(bias.reshape(1, groups, 1), w_rstd, u_dev)  # B
     if x.dtype in LOW_PRECISION:
-        plane_scale = (w_rstd * a.view(groups, -1)).view(n, c, 1, 1)  # A
+        plane_scale = w_rstd * a.view(groups, -1)  # A
         y = _plane_affine(x, plane_scale, plane_shift, plane_mean, out=normalized)
     else:  # y = A·(x − m) + B = (A·std)·normalized + B
-        y = normalized.mul_((w_rstd * u_std).view(n, c, 1, 1)).add_(plane_shift)
+        y = normalized.mul_((w_rstd * u_std).view(n, c, 1, 1)).add_(plane_shift.view(n, c, 1, 1))
     return y, (plane_mean, plane_std, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd)
 
 
@@ -185,13 +210,12 @@ def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, out: Op
     constant computed in fp32, then for bf16/fp16 ``x`` rounded once)."""
     scale, shift, mean = scale.view(-1), shift.view(-1), mean.view(-1)
     planes = x.view(1, scale.numel(), -1)
-    ones = torch.ones_like(mean)
+    ones = _constant(_ones, x, mean.numel(), mean.dtype, mean.device)
     if out is None:
-        return torch.ops.aten._native_batch_norm_legit_no_training(planes, scale, shift, mean, ones, 0.0,
-                                                                   0.0)[0].view(x.shape)
-    unused = ones[:0]  # the statistics outputs, empty in eval
-    torch.ops.aten.native_batch_norm.out(planes, scale, shift, mean, ones, False, 0.0, 0.0, out=out.view(planes.shape),
-                                         save_mean=unused, save_invstd=unused)
+        return torch._native_batch_norm_legit_no_training(planes, scale, shift, mean, ones, 0.0, 0.0)[0].view(x.shape)
+    unused = mean.new_empty(0)  # the statistics outputs, empty in eval
+    torch.native_batch_norm(planes, scale, shift, mean, ones, False, 0.0, 0.0,
+                            out=(out.view(planes.shape), unused, unused))
     return out
 
 
@@ -217,7 +241,7 @@ class _BatchChannelNormFunction(torch.autograd.Function):
         n, c, h, w = x.shape
         hw, planes = h * w, n * c
         dy = dy.contiguous()
-        ones = plane_mean.new_ones(planes)
+        ones = _constant(_ones, x, planes, plane_mean.dtype, x.device)
         # s1 = Σ dy, s2 = Σ dy·(x − m) per plane: ATen's batch-norm backward over the N·C planes, reductions only
         _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
             dy.view(1, planes, hw), x.view(1, planes, hw), ones, None, None, plane_mean.view(-1), ones, True, 0.0,

@@ -18,9 +18,9 @@ statistics only where these overflow or underflow. An overflow shows in the per-
 inf in a row gives ``rstd`` NaN or 0), and an underflow cannot matter while ``eps ≥ 2^-60`` (the lost ``x²`` terms are
 below ``2^-149`` each, and ``rstd ≤ 2^30`` keeps the backward's ``rstd³`` finite). So eagerly, with such an ``eps``,
 the statistics are taken unscaled and one check that every ``rstd`` is positive and finite (``M`` values, read from
-their raw bytes: see ``_trusted``) decides: when it fails, the scaled closed form runs instead, with the same
-formulas on ``z = s·x``. Under ``torch.compile`` the scaled closed form always runs (no host sync in the graph) and
-inductor fuses it.
+their raw bytes: :func:`normlayers.cpu._common.all_positive_finite`) decides: when it fails, the scaled closed form
+runs instead, with the same formulas on ``z = s·x``. Under ``torch.compile`` the scaled closed form always runs (no
+host sync in the graph) and inductor fuses it.
 
 **Backward** (``r = rstd``, ``gw = dy·(w + offset)``, ``n`` the width; ATen's LayerNorm backward with ``mean = μ``
 is ``dx_LN = r·(gw − mean(gw) − x̂·mean(gw·x̂))`` with ``x̂ = (x − μ)·r``):
@@ -38,16 +38,14 @@ upcast for the backward). For the scaled closed form ``x`` is ``z = s·x`` and `
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import LOW_PRECISION, MIN_UNSCALED_EPS, opmath, params_like
+from normlayers.cpu._common import LOW_PRECISION, MIN_UNSCALED_EPS, all_positive_finite, opmath, params_like
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm"]
@@ -70,33 +68,6 @@ def _rms_stats(rows: Tensor, kind: str, eps: Any) -> tuple[Tensor, Optional[Tens
     row_sum = rows.sum(-1, keepdim=True)
     mean_square.add_(row_sum.square())
     return mean_square.div_(rows.shape[-1] + 1).add_(eps).rsqrt_(), row_sum, None
-
-
-# The last byte in memory (little-endian: sign and leading exponent bits) of a positive, finite, non-zero float of any
-# width: 0x00 is a zero or a tiny value, 0x7C-0x7F an inf or NaN (fp16: exponent 11111; wider: its top bits), 0x80 and
-# up the negatives and -0.0. Every rstd of trusted statistics is in [2^-64, 2^30] (eps ≥ 2^-60 and var ≤ fp32's max;
-# fp64's is wider still), whose last byte is 0x1F-0x4E (fp32/bf16) or 0x1F-0x41 (fp64): accepted. (fp16 statistics,
-# of an fp16 inference call, can round to 0 or inf: refused, and the fp32 statistics decide.)
-_POSITIVE_FINITE_TOP_BYTES = bytes(range(0x01, 0x7C))
-_READ_RAW_BYTES = sys.byteorder == "little"
-
-
-def _trusted(rstd: Tensor) -> bool:
-    """Whether unscaled statistics give the scaled ones' answer in every row: every ``rstd`` positive and finite (see
-    the module docstring). ``rstd`` is a fresh contiguous tensor, one value per row.
-
-    Right after the big kernel every cache holds its data, and the code that runs next pays for that: ``min().item()``
-    (a reduction and a read) cost 35 µs there against 2 µs before it (1576×768 fp32, one thread), 7% of the kernel.
-    The top bytes of the statistics' raw memory, read without a dispatcher op, decide in 18 µs."""
-    # a FakeTensor's data_ptr() is not its data; the bytes are read as one dense run
-    if _READ_RAW_BYTES and type(rstd) is Tensor and rstd.is_contiguous():
-        try:
-            raw = ctypes.string_at(rstd.data_ptr(), rstd.nbytes)
-        except RuntimeError:  # no storage (a tensor of a torch.func transform): its values through torch
-            return rstd.min().item() > 0
-        size = rstd.itemsize
-        return not raw[size - 1::size].translate(None, _POSITIVE_FINITE_TOP_BYTES)
-    return rstd.min().item() > 0  # False for a NaN
 
 
 class _Stats:
@@ -203,7 +174,7 @@ def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], 
     if weight_offset:
         weight = weight + weight_offset
     y, mean, rstd = torch.native_layer_norm(rows, shape, weight, bias, eps)
-    if not _trusted(rstd):
+    if not all_positive_finite(rstd):
         return None
     return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
 
@@ -221,7 +192,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     if kind != "layer" and _unscaled_allowed(x, eps):
         rstd, row_sum, squares = _rms_stats(xf, kind, eps)
         out = squares if xf is x else None  # the output's buffer (a fresh upcast of x is normalized in place)
-        stats = _Stats(rstd, row_sum=row_sum) if _trusted(rstd) else None
+        stats = _Stats(rstd, row_sum=row_sum) if all_positive_finite(rstd) else None
     if stats is None:
         stats = _scaled_stats(xf, kind, eps)
     weight_f, bias_f = params_like(xf, weight, bias)

@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from normlayers._autograd import differentiable_backward, refuse_double_backward, wants_double_backward
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import MIN_UNSCALED_EPS
+from normlayers.cpu._common import MIN_UNSCALED_EPS, all_positive_finite
 from normlayers.reference import power_norm as _ref_power
 from normlayers.reference import unified_norm as _ref_unified
 from normlayers.reference.power_norm import Step
@@ -76,12 +76,12 @@ def _max_abs(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
 
 def _group_factor(grouped: Tensor) -> Tensor:
     """GroupScaling's ``ρ = 1/sqrt(mean(x²) + eps)`` ``(R, G, 1)`` of the groups ``(R, G, S)``: eagerly unscaled,
-    checked by ``min(ρ) > 0`` (an overflow, a NaN or an infinity in a group gives 0 or NaN; module docstring), else
-    the reference's scaled form."""
+    checked by :func:`normlayers.cpu._common.all_positive_finite` (an overflow, a NaN or an infinity in a group gives
+    0 or NaN; module docstring), else the reference's scaled form."""
     eps, size = _ref_power.GROUP_SCALING_EPS, grouped.shape[-1]
     if grouped.numel() > 0 and _host_values_readable(grouped):
         factor = torch.linalg.vector_norm(grouped, dim=-1, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
-        if factor.min() > 0:  # False for a NaN
+        if all_positive_finite(factor):
             return factor
     scale = _power_of_two_scale_of_max(_max_abs(grouped, -1, keepdim=True), eps)
     mean_square = torch.linalg.vector_norm(grouped * scale, dim=-1, keepdim=True).square_() / size
