@@ -128,9 +128,12 @@ def test_forward_backward_shapes_dtypes(kind, m, n, max_block_n, dtype, device):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_wider_than_the_default_caps(kind, dtype, device):
-    # 40000 elements exceed the forward's 64 KiB register cap in fp32 and bf16, and the backward's block cap.
-    case = make_case(kind, 2, 40000, dtype, device)
+@pytest.mark.parametrize("width", [9000, 40000])
+def test_rows_wider_than_the_default_caps(kind, dtype, width, device):
+    # Both exceed the backward's block cap. 40000 elements exceed the forward's 64 KiB register cap in fp32 and bf16
+    # too, and have held, streamed and re-read columns in the backward; 9000 are held whole by the RMS norms' bf16
+    # backward (and partly by the others).
+    case = make_case(kind, 2, width, dtype, device)
     case["max_block_n"] = None
     check_against_references(kind, case, dtype)
 

@@ -12,10 +12,12 @@ contiguous. Statistics and all arithmetic are fp32 (fp64 for fp64 inputs, so the
 * Backward: a persistent grid of as many programs as the GPU keeps resident at once; each program walks row tiles,
   writes dX, and keeps its dW/dB partial sums in fp32 registers, written once to its row of a ``(programs, 2N)``
   buffer. dX needs two sums over the whole row, so a row too wide for registers cannot be read only once: its first
-  ``HELD_N`` columns are (they wait in registers while the rest of the row is streamed for its share of the sums),
-  the rest is read a second time, column chunk by column chunk with the program's rows inside, so a chunk's partial
-  sums stay in registers too (no read-modify-write in memory). One ``column_sum`` launch then adds the partial rows
-  in a fixed order: deterministic, no atomics, two launches. docs/benchmarking.md gives the bytes this moves.
+  ``HELD_N`` columns are (the rest of the row is streamed first for its share of the sums; the held columns then
+  complete them and wait, bf16 in its own 16 bits, for their dX), the rest is read a second time, column chunk by
+  column chunk with the program's rows inside, so a chunk's partial sums stay in registers too (no read-modify-write
+  in memory). ``HELD_N`` is sized by the registers a held column costs (16K columns for bf16 RMSNorm, 8K otherwise),
+  and a row no wider than it is read once. One ``column_sum`` launch then adds the partial rows in a fixed order:
+  deterministic, no atomics, two launches. docs/benchmarking.md gives the bytes this moves.
 
 Fused residual: the norm is applied to ``h = x + residual`` rounded to the residual-out dtype (what an unfused
 ``x + residual`` followed by the norm computes), and ``h`` is returned so pre-norm blocks can carry it on.
@@ -56,13 +58,16 @@ NORM_KINDS = {"layer": NORM_LAYER.value, "rms": NORM_RMS.value, "crms": NORM_CRM
 FWD_MAX_ROW_BYTES = 65536
 BWD_MAX_BLOCK_N = 8192
 CHUNK_N = 4096
-# The backward's tiles for rows wider than BWD_MAX_BLOCK_N, whose first BWD_MAX_BLOCK_N columns are held one row at a
-# time: WIDE_BLOCK_M rows, so each weight chunk load serves them all; the second pass over the other columns takes
-# chunks of WIDE_BLOCK_N (8 bf16 per thread: 128-bit), the first WIDE_STREAM_N (4 per thread: a wider chunk spills in
-# the LayerNorm compile, whose held dW and dB take 16 of the 64 registers).
-WIDE_BLOCK_M = 8
-WIDE_BLOCK_N = 1024
-WIDE_STREAM_N = 512
+# The backward's tiles for rows wider than BWD_MAX_BLOCK_N. Their first held_n columns are held one row at a time,
+# as many as fit WIDE_HELD_BYTES of a program's registers (40 of the 64 of each of 1024 threads) at the bytes a held
+# column costs: x and dy waiting in the input dtype, the weight, and the fp32 dW (and dB) sums over the program's rows
+# (bf16: 16K columns for RMSNorm, 8K for LayerNorm; see bwd_launch_plan). The rest is streamed for the row sums in
+# tiles of WIDE_BLOCK_M rows, so each weight chunk load serves 16 rows, and WIDE_STREAM_N columns, then finished in
+# tiles of WIDE_BLOCK_N columns: 4 values per thread each (wider tiles spill in the Triton 3.6 or 3.9 compile).
+WIDE_BLOCK_M = 16
+WIDE_HELD_BYTES = 163840
+WIDE_BLOCK_N = 256
+WIDE_STREAM_N = 256
 # Warps per SM the backward's registers leave room for (half of an H100's 64): the persistent grid fills them.
 BWD_RESIDENT_WARPS = 32
 # Target elements per program for narrow rows (several rows per program), and the most rows per program. The
@@ -232,6 +237,21 @@ def _load_weight(W, cols, N, weight_offset, HAS_WEIGHT: tl.constexpr, COMPUTE: t
 
 
 @triton.jit
+def _grad_terms(h, dy, w, mean, rstd, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """(x̂, ĝ = dy ⊙ w) of a tile of ``h`` and ``dy`` already in the compute dtype; ``w`` is a ``(1, BLOCK_N)``
+    row."""
+    if NORM == NORM_LAYER:
+        xhat = (h - mean[:, None]) * rstd[:, None]
+    else:
+        xhat = h * rstd[:, None]
+    if HAS_WEIGHT:
+        g = dy * w
+    else:
+        g = dy
+    return xhat, g
+
+
+@triton.jit
 def _load_grad_inputs(H, DY, w, rows, cols, mask, mean, rstd, stride_h, stride_dy, NORM: tl.constexpr,
                       HAS_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr):
     """(h, x̂, dy, ĝ = dy ⊙ w) of one tile, zero outside ``mask`` except LayerNorm's x̂ (``−mean·rstd`` there):
@@ -239,15 +259,70 @@ def _load_grad_inputs(H, DY, w, rows, cols, mask, mean, rstd, stride_h, stride_d
     per-value select (Triton 3.6's backward spilled 32 B at rows wider than a block without this)."""
     h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    if NORM == NORM_LAYER:
-        xhat = (h - mean[:, None]) * rstd[:, None]
-    else:
-        xhat = h * rstd[:, None]
-    if HAS_WEIGHT:
-        g = dy * w[None, :]
-    else:
-        g = dy
+    xhat, g = _grad_terms(h, dy, w[None, :], mean, rstd, NORM, HAS_WEIGHT)
     return h, xhat, dy, g
+
+
+@triton.jit
+def _hold_weight(W, cols, col_mask, weight_offset, HAS_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr,
+                 HELD_N: tl.constexpr):
+    """The weight of the held columns ``cols`` (a ``(1, HELD_N)`` row) as the backward keeps it in registers: a 16-bit
+    weight as pairs packed in 32-bit words (``(1, HELD_N / 2)``, half the registers of fp32), another as the scale
+    ``w + weight_offset`` in the compute dtype. :func:`_held_weight_terms` reads it back."""
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0)
+        if W.dtype.element_ty.primitive_bitwidth == 16:
+            held = _pack_pairs(w, HELD_N)
+        else:
+            held = w.to(COMPUTE) + weight_offset
+    else:
+        held = tl.zeros((1, HELD_N), dtype=COMPUTE)
+    return held
+
+
+@triton.jit
+def _held_weight_terms(W, held, row_mask, weight_offset, HAS_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr,
+                       HELD_N: tl.constexpr):
+    """(held, scale for the row sums, scale for dx) of one row's turn, from :func:`_hold_weight`'s ``held``.
+
+    Packed pairs are unpacked twice, once per use (see :func:`_widen`), and zeroed once the row is past ``M``: rows
+    only grow along a program's loop, so no stored row changes, and the packed words become a value of the loop,
+    which the compiler cannot unpack once before it (it would: the unpacking is loop-invariant, and two fp32 copies
+    take four times the registers of the pairs)."""
+    if HAS_WEIGHT and W.dtype.element_ty.primitive_bitwidth == 16:
+        held = tl.where(row_mask[:, None], held, 0)
+        w_sums = _unpack_pairs(held, W.dtype.element_ty, HELD_N).to(COMPUTE) + weight_offset
+        w_dx = _widen(_unpack_pairs(held, W.dtype.element_ty, HELD_N), COMPUTE) + weight_offset
+    else:
+        w_sums = held
+        w_dx = held
+    return held, w_sums, w_dx
+
+
+@triton.jit
+def _pack_pairs(v, B: tl.constexpr):
+    """A ``(1, B)`` row of 16-bit values as ``(1, B / 2)`` 32-bit words, value ``2j`` in the low half of word ``j``."""
+    low, high = tl.split(tl.reshape(v.to(tl.uint16, bitcast=True), (1, B // 2, 2)))
+    return low.to(tl.uint32) | (high.to(tl.uint32) << 16)
+
+
+@triton.jit
+def _unpack_pairs(words, DTYPE: tl.constexpr, B: tl.constexpr):
+    """The inverse of :func:`_pack_pairs`: a ``(1, B)`` row of ``DTYPE`` values."""
+    low = (words & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+    high = (words >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
+    return tl.reshape(tl.join(low, high), (1, B))
+
+
+@triton.jit
+def _widen(v, COMPUTE: tl.constexpr):
+    """``v.to(COMPUTE)``, computed for bf16 by integer ops (exact: a bf16 is the top half of its fp32). The held
+    columns are widened twice, for the row sums and again for dx; were both ``.to()``, the compiler would merge them
+    and keep the fp32 copy alive across the row sums' reduction, twice the registers of the 16-bit values."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(COMPUTE)
+    else:
+        return v.to(COMPUTE)
 
 
 @triton.jit
@@ -322,11 +397,13 @@ def row_norm_bwd_kernel(
         # once for their share of the sums; then each row's first HELD_N columns are loaded, complete the sums, and
         # get their dx and dW/dB (kept in registers across the program's rows, with that part of the weight) at once.
         # The row's coefficients (a, b) go to COEF, and the columns past HELD_N are finished by the loop below.
-        # HELD_N < N here, so the held columns need no column mask.
-        held_cols = tl.arange(0, HELD_N)
-        w_held = _load_weight(W, held_cols, N, weight_offset, HAS_WEIGHT, COMPUTE, HELD_N)
-        dw_held = tl.zeros((HELD_N,), dtype=COMPUTE)
-        db_held = tl.zeros((HELD_N,), dtype=COMPUTE)
+        # The held columns are masked: HELD_N may exceed N (the whole row is then held: nothing is streamed or left).
+        # Their weight and dW/dB sums are (1, HELD_N) rows in the layout of a row of x, so nothing is converted.
+        held_cols = tl.arange(0, HELD_N)[None, :]
+        held_col_mask = held_cols < N
+        w_held = _hold_weight(W, held_cols, held_col_mask, weight_offset, HAS_WEIGHT, COMPUTE, HELD_N)
+        dw_held = tl.zeros((1, HELD_N), dtype=COMPUTE)
+        db_held = tl.zeros((1, HELD_N), dtype=COMPUTE)
         # One loop over this program's rows (a loop nest would keep more values live): the first row of each tile
         # streams the tile's columns past HELD_N first.
         sum_xg = tl.zeros((BLOCK_M,), dtype=COMPUTE)
@@ -353,25 +430,35 @@ def row_norm_bwd_kernel(
                     sum_h += tl.sum(h, axis=1)
             row = tl.cast(tile, tl.int64) * BLOCK_M + i + tl.arange(0, 1)
             row_mask_i = row < M
-            mask = tl.broadcast_to(row_mask_i[:, None], (1, HELD_N))
+            mask = row_mask_i[:, None] & held_col_mask
             mean_i, rstd_i = _load_row_stats(MEAN, RSTD, row, row_mask_i, NORM, COMPUTE)
-            h, xhat, dy, g = _load_grad_inputs(H, DY, w_held, row, held_cols, mask, mean_i, rstd_i, stride_h,
-                                               stride_dy, NORM, HAS_WEIGHT, COMPUTE)
+            # The held columns wait in the input dtype while the row sums are reduced, and are widened again for dx
+            # (the same values and arithmetic as a second load, without its traffic); _widen keeps the compiler from
+            # merging the two widenings into one fp32 copy, which would double their registers.
+            h_raw = tl.load(H + row[:, None] * stride_h + held_cols, mask=mask, other=0.0)
+            dy_raw = tl.load(DY + row[:, None] * stride_dy + held_cols, mask=mask, other=0.0)
+            w_held, w_sums, w_dx = _held_weight_terms(W, w_held, row_mask_i, weight_offset, HAS_WEIGHT, COMPUTE,
+                                                      HELD_N)
+            h = h_raw.to(COMPUTE)
+            dy = dy_raw.to(COMPUTE)
+            xhat, g = _grad_terms(h, dy, w_sums, mean_i, rstd_i, NORM, HAS_WEIGHT)
             if HAS_WEIGHT:
-                dw_held += tl.sum(dy * xhat, axis=0)
+                dw_held += dy * xhat
             if HAS_BIAS:
-                db_held += tl.sum(dy, axis=0)
+                db_held += dy
             a, b = _row_coefficients(tl.sum(xhat * g, axis=1) + _pick(sum_xg, i, BLOCK_M),
                                      tl.sum(g, axis=1) + _pick(sum_g, i, BLOCK_M),
                                      tl.sum(h, axis=1) + _pick(sum_h, i, BLOCK_M), rstd_i, N, NORM, COMPUTE)
-            _store_input_grad(DH, DRES_OUT, xhat, g, rstd_i, a, b, row, held_cols, mask, stride_dres, N,
+            xhat, g = _grad_terms(_widen(h_raw, COMPUTE), _widen(dy_raw, COMPUTE), w_dx, mean_i, rstd_i, NORM,
+                                  HAS_WEIGHT)
+            _store_input_grad(DH, DRES_OUT, xhat, g, rstd_i, a, b, row, tl.arange(0, HELD_N), mask, stride_dres, N,
                               HAS_DRESIDUAL, COMPUTE)
             tl.store(COEF + 2 * row, a, mask=row_mask_i)
             tl.store(COEF + 2 * row + 1, b, mask=row_mask_i)
         if HAS_WEIGHT:
-            tl.store(dw_row + held_cols, dw_held)
+            tl.store(dw_row + held_cols, dw_held, mask=held_col_mask)
         if HAS_BIAS:
-            tl.store(db_row + held_cols, db_held)
+            tl.store(db_row + held_cols, db_held, mask=held_col_mask)
         tl.debug_barrier()  # the loop below reads the coefficients back, maybe in other threads
     # Column chunk by chunk, this program's rows inside: dh, and the chunk's dW/dB in registers, written once per
     # chunk (never read back). A row that fits a block is one chunk: a constant trip count, so no loop is compiled.
@@ -436,7 +523,8 @@ def fwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
     return LaunchPlan(block_m, block_n, single, num_warps_for(block_m * block_n, device), triton.cdiv(m, block_m))
 
 
-def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *, max_block_n: Optional[int] = None,
+def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *, params: int = 2,
+                    weight_dtype: Optional[torch.dtype] = None, max_block_n: Optional[int] = None,
                     sm_count: Optional[int] = None, programs_per_sm: Optional[int] = None) -> LaunchPlan:
     """The backward's persistent grid: ``programs_per_sm`` programs on each of ``sm_count`` SMs (by default the
     device's SMs and as many programs as fill ``BWD_RESIDENT_WARPS`` warps per SM; on CPU without ``sm_count``, a few
@@ -444,15 +532,24 @@ def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
     ``sm_count`` and ``programs_per_sm`` let the audit emulate a GPU's grid under the interpreter.
 
     Rows up to ``BWD_MAX_BLOCK_N`` wide are held in registers, several rows per program when narrow
-    (``BWD_TILE_ELEMENTS`` values in all); wider rows hold their first ``BWD_MAX_BLOCK_N`` columns one row at a time
-    and walk the rest in ``(WIDE_BLOCK_M, WIDE_BLOCK_N)`` tiles. 32 warps, 8 values per thread per tensor (128-bit
-    bf16 loads), few enough registers for ``BWD_RESIDENT_WARPS`` resident warps per SM: the partials are then sized
-    to programs that are all resident at once (tests/bench/test_audit.py checks this against an sm_90 compile)."""
+    (``BWD_TILE_ELEMENTS`` values in all); wider rows hold their first ``held_n`` columns one row at a time and walk
+    the rest in ``(WIDE_BLOCK_M, WIDE_BLOCK_N)`` tiles. ``held_n`` is the largest power of two whose columns fit
+    ``WIDE_HELD_BYTES``, each column costing x and dy as they wait (bf16 in its own 2 bytes, widened exactly for each
+    use; other dtypes in the compute dtype, as the compiler merges their two widenings), the weight (a 16-bit
+    ``weight_dtype``, by default ``dtype``, in its 2 bytes, another in the compute dtype), and one fp32 sum per
+    parameter gradient (``params``: 2 for LayerNorm's dW and dB); it may exceed ``n``, holding the whole row.
+    32 warps, few enough registers for ``BWD_RESIDENT_WARPS`` resident warps per SM: the partials are then sized to
+    programs that are all resident at once (tests/bench/test_audit.py checks this against an sm_90 compile)."""
     cap = max_block_n if max_block_n is not None else BWD_MAX_BLOCK_N
     block_m, block_n, single = _block_shape(max(n, 1), cap, BWD_TILE_ELEMENTS)
     held_n = stream_n = 1
     if not single:
-        held_n = 1 << (cap.bit_length() - 1)
+        compute_size = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        value_bytes = 2 if dtype == torch.bfloat16 else compute_size
+        weight_bytes = 2 if torch.empty((), dtype=weight_dtype or dtype).element_size() == 2 else compute_size
+        column_bytes = 2 * value_bytes + weight_bytes + params * compute_size
+        held_n = 1 << ((WIDE_HELD_BYTES // column_bytes).bit_length() - 1)
+        held_n = min(held_n, next_power_of_2(n) if max_block_n is None else 1 << (cap.bit_length() - 1))
         block_m, block_n = WIDE_BLOCK_M, min(WIDE_BLOCK_N, held_n)
         stream_n = min(WIDE_STREAM_N, held_n)
     num_warps = num_warps_for(max(block_m * block_n, held_n) * 2, device, max_warps=32)
@@ -533,8 +630,8 @@ def row_norm_bwd(
     dh = torch.empty((m, n), dtype=h.dtype, device=h.device)
     param_dtype = weight.dtype if weight is not None else h.dtype
     params = (weight is not None) + has_bias
-    plan = bwd_launch_plan(m, n, h.dtype, h.device, max_block_n=max_block_n, sm_count=sm_count,
-                           programs_per_sm=programs_per_sm)
+    plan = bwd_launch_plan(m, n, h.dtype, h.device, params=params, weight_dtype=param_dtype, max_block_n=max_block_n,
+                           sm_count=sm_count, programs_per_sm=programs_per_sm)
     # Every program writes its whole partial row (dW then dB), so the buffer needs no zero-fill unless nothing runs.
     partials = (torch.empty if m > 0 else torch.zeros)((plan.programs, params * n), dtype=compute, device=h.device)
     coefficients = torch.empty((0 if plan.single_block else m, 2), dtype=compute, device=h.device)
@@ -569,7 +666,7 @@ def compile_specs(kind: str, n: int, dtype: torch.dtype) -> dict[str, tuple]:
     data = _TRITON_TYPES[dtype]
     stats = "fp64" if dtype == torch.float64 else "fp32"
     fwd = fwd_launch_plan(1 << 20, n, dtype, torch.device("cpu"))
-    bwd = bwd_launch_plan(1 << 20, n, dtype, torch.device("cpu"))
+    bwd = bwd_launch_plan(1 << 20, n, dtype, torch.device("cpu"), params=2 if kind == "layer" else 1)
     flags = {"NORM": NORM_KINDS[kind], "HAS_WEIGHT": True, "HAS_BIAS": kind == "layer",
              "COMPUTE": tl_compute_dtype(compute_dtype(dtype))}
     return {
