@@ -726,8 +726,13 @@ PLANE_SHAPES = ((32, 256, 56, 56), (32, 2048, 7, 7))
 PLANE_FORMATS = ("contiguous", "channels_last")
 
 
-def _plane_launch_calls(x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """One call of each per-plane launcher (the big passes of BCN and EvoNorm, forward and backward) on ``x``."""
+# The group count of the grouped per-plane passes (BCN's channel stage, EvoNorm-S) at the audited shapes.
+PLANE_GROUPS = 32
+
+
+def _plane_launch_calls(x: torch.Tensor, groups: int = PLANE_GROUPS) -> dict[str, Callable[[], object]]:
+    """One call of each per-plane launcher (the big passes of BCN and EvoNorm, forward and backward) on ``x``, the
+    grouped ones with ``groups`` groups."""
     from normlayers.kernels import batch_channel as B, channel_stats as S, evo_norm as E
 
     n, c = x.shape[:2]
@@ -739,10 +744,10 @@ def _plane_launch_calls(x: torch.Tensor) -> dict[str, Callable[[], object]]:
         "plane_affine fwd": lambda: S.plane_affine_fwd(x, per_plane, per_plane, per_plane),
         "plane_affine bwd": lambda: S.plane_affine_bwd(x, x, per_plane, per_plane),
         "bcn eval fwd": lambda: B.batch_channel_eval_fwd(
-            x, per_plane, per_plane, per_channel, per_channel, per_channel, per_channel, per_channel[:32],
-            per_channel[:32], eps=1e-5, bn_eps=1e-5, num_groups=32, store_coefficients=False),
+            x, per_plane, per_plane, per_channel, per_channel, per_channel, per_channel, per_channel[:groups],
+            per_channel[:groups], eps=1e-5, bn_eps=1e-5, num_groups=groups, store_coefficients=False),
         "evo s0 fwd": lambda: E.evo_norm_s_fwd(x, per_plane, per_plane, per_channel, per_channel, per_channel,
-                                               groups=32, eps=1e-5, statistic=E.GROUP_VARIANCE,
+                                               groups=groups, eps=1e-5, statistic=E.GROUP_VARIANCE,
                                                numerator=E.NUMERATOR_SWISH, store_coefficients=True),
         "evo max-div fwd": lambda: E.evo_plane_fwd(x, E.MODE_MAX_DIV, **{k: per_plane for k in E.MODE_COEFFICIENTS[
             E.MODE_MAX_DIV]}),
@@ -760,7 +765,8 @@ def _plane_launch_calls(x: torch.Tensor) -> dict[str, Callable[[], object]]:
 
 # The interpreter counts the sectors of the per-plane passes on the first SECTOR_SAMPLES samples and SECTOR_CHANNELS
 # channels of each audited shape: a program's accesses depend on N only through the sample stride, which two samples
-# include, and on C only below 64 channels (the widest channel block of a tile).
+# include, and on C only below 64 channels (the widest channel block of a tile) and through the channels per group,
+# which the sample keeps (_sector_groups).
 SECTOR_SAMPLES = 2
 SECTOR_CHANNELS = 64
 # The dtypes of the sector-use columns.
@@ -787,8 +793,16 @@ def _sector_sample(shape: tuple[int, ...], memory_format: str, dtype_name: str, 
     return x.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else x
 
 
+def _sector_groups(shape: tuple[int, ...]) -> int:
+    """Groups of the sector sample's channels that keep the audited shape's channels per group (a group's tile, and
+    so its loads, depends on its size: 8 channels at 256, 64 at 2048)."""
+    group_size = max(shape[1] // PLANE_GROUPS, 1)
+    return max(min(shape[1], SECTOR_CHANNELS) // group_size, 1)
+
+
 def _plane_sector_launches(shape: list[int], memory_format: str, dtype_name: str) -> dict[str, Callable[[], object]]:
-    return _plane_launch_calls(_sector_sample(tuple(shape), memory_format, dtype_name, values=False))
+    return _plane_launch_calls(_sector_sample(tuple(shape), memory_format, dtype_name, values=False),
+                               _sector_groups(tuple(shape)))
 
 
 def plane_sector_use(shape: tuple[int, ...], memory_format: str, dtype: torch.dtype) -> dict[str, SectorUse]:
@@ -801,7 +815,8 @@ def plane_sector_use(shape: tuple[int, ...], memory_format: str, dtype: torch.dt
     compiled = launch_accesses("normlayers.bench.audit", "_plane_sector_launches",
                                [list(shape), memory_format, dtype_name])
     used = {}
-    for label, call in _plane_launch_calls(_sector_sample(shape, memory_format, dtype_name, values=True)).items():
+    sample = _sector_sample(shape, memory_format, dtype_name, values=True)
+    for label, call in _plane_launch_calls(sample, _sector_groups(shape)).items():
         with count_traffic(compiled[label]) as launches:
             call()
         if not all(t.warp_sectors for t in launches):
