@@ -237,9 +237,8 @@ def batch_channel_eval_fwd_kernel(
 ):
     # Eval (running statistics): the finalize math of each of this program's planes, from the moments of the planes
     # of its (sample, group), then y = (x − plane_mean)·scale + shift. Grid: (plane blocks, spans of STEPS HW
-    # chunks); with
-    # STORE_COEFFICIENTS the first chunk's programs also write scale/shift (and the statistics used, for the channels
-    # of sample 0) for the backward.
+    # chunks); with STORE_COEFFICIENTS the first span's programs also write scale/shift (and the statistics used, for
+    # the channels of sample 0) for the backward.
     planes, plane_mask, n, c = channel_block(C, BLOCK_P)
     offsets, mask = plane_group_tile(planes, plane_mask, CPG, BLOCK_CPG)
     channels = offsets % C

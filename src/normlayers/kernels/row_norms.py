@@ -544,9 +544,9 @@ def bwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
     block_m, block_n, single = _block_shape(max(n, 1), cap, BWD_TILE_ELEMENTS)
     held_n = stream_n = 1
     if not single:
-        compute_size = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        compute_size = compute_dtype(dtype).itemsize
         value_bytes = 2 if dtype == torch.bfloat16 else compute_size
-        weight_bytes = 2 if torch.empty((), dtype=weight_dtype or dtype).element_size() == 2 else compute_size
+        weight_bytes = 2 if (weight_dtype or dtype).itemsize == 2 else compute_size
         column_bytes = 2 * value_bytes + weight_bytes + params * compute_size
         held_n = 1 << ((WIDE_HELD_BYTES // column_bytes).bit_length() - 1)
         held_n = min(held_n, next_power_of_2(n) if max_block_n is None else 1 << (cap.bit_length() - 1))
