@@ -518,7 +518,7 @@ def fwd_launch_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
                     max_block_n: Optional[int] = None) -> LaunchPlan:
     """One program per ``BLOCK_M`` rows; ``max_block_n`` overrides the widest single block (tests use it to reach the
     chunked path on small rows)."""
-    cap = max_block_n if max_block_n is not None else FWD_MAX_ROW_BYTES // torch.empty((), dtype=dtype).element_size()
+    cap = max_block_n if max_block_n is not None else FWD_MAX_ROW_BYTES // dtype.itemsize
     block_m, block_n, single = _block_shape(max(n, 1), cap)
     return LaunchPlan(block_m, block_n, single, num_warps_for(block_m * block_n, device), triton.cdiv(m, block_m))
 
