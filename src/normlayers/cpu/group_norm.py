@@ -86,18 +86,20 @@ def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tupl
     head = runs * _RUN_LENGTH
     dy_rows, x_rows = (t.movedim(1, -1).reshape(n, positions, c) for t in (dy, x))  # (N, positions, C) views
 
-    def per_column(stat: Tensor, copies: int) -> Tensor:  # (N, G) -> (N, copies · C): each channel's, `copies` times
+    statistics = torch.stack((mean, rstd))
+
+    def per_column(copies: int) -> Tensor:  # (2, N, G) -> (2, N, copies · C): each channel's, `copies` times
         # (contiguous: batch norm reads its statistics as dense vectors, and the expanded view has zero strides)
-        return stat[:, None, :, None].expand(n, copies, num_groups, c // num_groups).contiguous().view(n, copies * c)
+        return (statistics[:, :, None, :, None].expand(2, n, copies, num_groups, c // num_groups).contiguous()
+                .view(2, n, copies * c))
 
     blocks = [(slice(0, head), _RUN_LENGTH, runs)] if runs else []
     if head < positions:
         blocks.append((slice(head, positions), positions - head, 1))
-    blocks = [(rows, length, copies, per_column(mean, copies), per_column(rstd, copies))
-              for rows, length, copies in blocks]
+    blocks = [(rows, length, copies, per_column(copies)) for rows, length, copies in blocks]
     xhat_sums, dy_sums = [], []  # per sample and block: (copies · C,) partial sums
     for sample in range(n):
-        for rows, length, copies, column_mean, column_rstd in blocks:
+        for rows, length, copies, (column_mean, column_rstd) in blocks:
             _, xhat_sum, dy_sum = torch.ops.aten.native_batch_norm_backward(
                 dy_rows[sample, rows].view(length, copies * c), x_rows[sample, rows].view(length, copies * c),
                 None, None, None, column_mean[sample], column_rstd[sample], True, 0.0, [False, True, True])
@@ -117,23 +119,19 @@ def _input_grad(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, r
     from the accurate sums: ``C + A·dy`` is written, then ``B·x`` added in place."""
     n, c = x.shape[:2]
     num_groups = mean.shape[1]
-    channels_per_group = c // num_groups
     sums = torch.stack((xhat_sums, dy_sums))  # (2, N, C)
     if weight is not None:
         sums = sums * weight
-    # E[g·x̂], E[g] per (sample, group): the group's channel sums over its C/G · positions values
-    group_means = sums.view(2, n, num_groups, channels_per_group).sum(3).div_(x.numel() // (n * num_groups))
-    x_coef = -rstd * rstd * group_means[0]
-    shift = -x_coef * mean - rstd * group_means[1]
-    per_channel_shape = (n, c) + (1,) * (x.dim() - 2)
-
-    def per_channel(t: Tensor) -> Tensor:  # (N, G) -> (N, C, 1, …): each channel's group value
-        return t[:, :, None].expand(n, num_groups, channels_per_group).reshape(per_channel_shape)
-
-    dy_coef = per_channel(rstd)
+    # E[g·x̂], E[g] per (sample, group): the sums of its channels over its C/G · positions values
+    mean_g_xhat, mean_g = sums.view(2, n, num_groups, -1).sum(3).div_(x.numel() // (n * num_groups))
+    x_coef = -rstd * rstd * mean_g_xhat
+    shift = -x_coef * mean - rstd * mean_g
+    # (3, N, G) -> 3 × (N, C, 1, …): each channel's group values
+    dy_coef, shift, x_coef = (torch.stack((rstd, shift, x_coef)).repeat_interleave(c // num_groups, 2)
+                              .view(3, n, c, *([1] * (x.dim() - 2))))
     if weight is not None:
-        dy_coef = dy_coef * weight.view(c, *per_channel_shape[2:])
-    return torch.addcmul(per_channel(shift), dy_coef, dy).addcmul_(per_channel(x_coef), x)
+        dy_coef = dy_coef * weight.view(c, *([1] * (x.dim() - 2)))
+    return torch.addcmul(shift, dy_coef, dy).addcmul_(x_coef, x)
 
 
 class _ChannelsLastGroupNormFunction(torch.autograd.Function):
