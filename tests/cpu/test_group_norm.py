@@ -179,3 +179,34 @@ def test_offset_channels_last_input_of_other_dtypes_within_the_bound(dtype):
     bounds = error_bounds(baseline, expected, dtype)
     for name, bound in bounds.items():
         assert max_abs_error(ours[name], expected[name]) <= bound, name
+
+
+@pytest.mark.parametrize("bn_offset", [5.0, 100.0])
+def test_batch_channel_norm_channels_last_group_stage_of_offset_batch_output(bn_offset):
+    """BatchChannelNorm's channels-last composite runs the group stage on the batch stage's output ``u``, which carries
+    the per-channel ``bn_bias`` (here ``bn_offset`` + small differences): through the CPU tier's group norm its output
+    and gradients stay within the fp32 bound (through ``F.group_norm`` the output was 1.6e-4 from fp64 at an offset
+    of 5 and 4.2e-2 at 100, against bounds of 2.0e-5 and 5.2e-5)."""
+    generator = torch.Generator().manual_seed(2)
+    c, groups = 64, 32
+    x = torch.randn(2, c, 32, 32, generator=generator, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    bn_bias = bn_offset + 0.1 * torch.randn(c, generator=generator, dtype=torch.float64)
+    tensors = [x, 1 + 0.1 * torch.randn(c, generator=generator, dtype=torch.float64), bn_bias,
+               1 + 0.1 * torch.randn(groups, generator=generator, dtype=torch.float64),
+               0.1 * torch.randn(groups, generator=generator, dtype=torch.float64)]
+    buffers = [torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)]
+
+    def fn(x, bn_weight, bn_bias, weight, bias, running_mean, running_var):
+        return NF.batch_channel_norm(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=True,
+                                     num_groups=groups)
+
+    def run(backend, dtype):
+        return run_backend(backend, fn, [t.to(dtype) for t in tensors], [b.to(dtype) for b in buffers])
+
+    names = ("y", "dx", "dbn_weight", "dbn_bias", "dweight", "dbias")
+    ours, baseline, expected = (dict(zip(names, run(backend, dtype))) for backend, dtype in
+                                (("auto", torch.float32), ("reference", torch.float32),
+                                 ("reference", torch.float64)))
+    for name, bound in error_bounds(baseline, expected, torch.float32).items():
+        assert max_abs_error(ours[name], expected[name]) <= bound, name
