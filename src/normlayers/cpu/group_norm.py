@@ -237,34 +237,32 @@ def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     return mean + offset, rstd
 
 
-def _channels_last_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                           eps: float) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """ATen's forward of a channels-last ``x``, redone by :func:`_accurate_group_norm_` where its statistics are not
-    trusted (:func:`_max_trusted_product`; NaN statistics give a NaN output either way): ``(y, mean, rstd,
-    trusted)``."""
+def _aten_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """ATen's group norm of a channels-last ``x`` (recorded by autograd where its inputs require grad), and whether
+    its statistics are trusted (:func:`_max_trusted_product`; NaN statistics give a NaN output either way):
+    ``(y, mean, rstd, trusted)``."""
     n, c = x.shape[:2]
     max_product = _max_trusted_product(x, num_groups)
     y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)
-    trusted = _max_abs_product(mean, rstd) <= max_product
-    if not trusted:
-        mean, rstd = _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
-    return y, mean, rstd, trusted
+    return y, mean, rstd, _max_abs_product(mean, rstd) <= max_product
 
 
 class _ChannelsLastGroupNormFunction(torch.autograd.Function):
-    """A channels-last input under autograd: the forward of :func:`_channels_last_forward`; the backward ATen's
-    (``native_group_norm_backward``, what autograd of ``torch.group_norm`` runs) where that forward trusted ATen's
-    statistics and the parameter gradients are not summed in long runs (:func:`_needs_accurate_param_grads`), else
-    from per-(sample, channel) sums in short runs (:func:`_per_channel_sums`): ``dweight``, ``dbias`` and ``dx``
-    (:func:`_input_grad`), from the forward's statistics."""
+    """A channels-last input under autograd whose forward statistics are not trusted or whose parameter gradients
+    ATen would sum in long runs (:func:`_needs_accurate_param_grads`): the forward is ATen's (given, detached:
+    ``aten``), redone by :func:`_accurate_group_norm_` where untrusted; the backward from per-(sample, channel) sums
+    in short runs (:func:`_per_channel_sums`): ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the
+    forward's statistics."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                accurate_param_grads: bool) -> Tensor:
-        y, mean, rstd, trusted = _channels_last_forward(x, num_groups, weight, bias, eps)
+                aten: tuple[Tensor, Tensor, Tensor, bool]) -> Tensor:
+        y, mean, rstd, trusted = aten
+        if not trusted:
+            mean, rstd = _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.eps = num_groups, eps
-        ctx.aten_backward = trusted and not accurate_param_grads
         return y
 
     @staticmethod
@@ -279,12 +277,6 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
             return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
                     next(grads) if needs_dbias else None, None, None)
         dy = dy.contiguous(memory_format=_CHANNELS_LAST_FORMATS[x.dim()])
-        if ctx.aten_backward:
-            n, c = x.shape[:2]
-            dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
-                dy, x, mean, rstd, weight, n, c, x.numel() // (n * c), ctx.num_groups,
-                [needs_dx, needs_dweight, needs_dbias])
-            return dx, None, dweight, dbias, None, None
         xhat_sums, dy_sums = _per_channel_sums(dy, x, mean, rstd)
         dx = _input_grad(dy, x, weight, mean, rstd, xhat_sums, dy_sums) if needs_dx else None
         return (dx, None, xhat_sums.sum(0) if needs_dweight else None, dy_sums.sum(0) if needs_dbias else None,
@@ -301,11 +293,14 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     # last argument, cudnn_enabled, is deprecated and unused by ATen: F.group_norm's read of the flag is skipped).
     if not _is_channels_last(x) or torch.compiler.is_compiling():  # (inductor compiles its own statistics)
         y = torch.group_norm(x, num_groups, weight, bias, eps, True)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        y = _ChannelsLastGroupNormFunction.apply(x, num_groups, weight, bias, eps,
-                                                 _needs_accurate_param_grads(x, weight, bias))
     else:
-        y = _channels_last_forward(x, num_groups, weight, bias, eps)[0]
+        y, mean, rstd, trusted = _aten_forward(x, num_groups, weight, bias, eps)
+        if y.requires_grad and not (trusted and not _needs_accurate_param_grads(x, weight, bias)):
+            # ATen's autograd graph is dropped; the Function's forward starts from its (detached) results
+            y = _ChannelsLastGroupNormFunction.apply(x, num_groups, weight, bias, eps,
+                                                     (y.detach(), mean.detach(), rstd.detach(), trusted))
+        elif not trusted:
+            _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
     if act in _IN_PLACE_ACTIVATIONS and not y.requires_grad:
         # Outside autograd nothing else reads the norm's output: activate it in place, saving a buffer and its
         # traffic.
