@@ -7,6 +7,7 @@ import torch
 
 from normlayers import functional as NF
 from normlayers.bench.accuracy import error_bounds, max_abs_error
+from normlayers.cpu import group_norm as cpu_group_norm
 from normlayers.reference import group_norm as ref
 
 from .conftest import run_backend
@@ -46,18 +47,60 @@ def test_channels_last_parameter_gradients_within_half_the_bench_bound(act, shap
 
 @pytest.mark.parametrize("shape", [(2, 64, 32, 64), (2, 64, 45, 50), (1, 64, 3, 30, 30)],
                          ids=["2048", "2250", "3d-2700"])
-@pytest.mark.parametrize("requires_grad", [(True, False, True), (False, True, False)])
+@pytest.mark.parametrize("requires_grad", [(True, False, True), (False, True, False), (True, None, True)],
+                         ids=["dx-dbias", "dweight", "no-weight"])
 def test_channels_last_gradients_of_any_subset_match_the_reference(requires_grad, shape):
     """The closed-form backward returns exactly the gradients asked for, each matching autograd of the reference, on
-    planes of 2048 or more (the accurate path): a whole number of runs, a last shorter run, channels_last_3d."""
+    planes of 2048 or more (the accurate path): a whole number of runs, a last shorter run, channels_last_3d, no
+    weight (``dx`` without the per-channel scale); ``dx`` in the input's memory format."""
     x, weight, bias = _inputs(shape, torch.float64)
-    leaves = [t.requires_grad_(need) for t, need in zip((x, weight, bias), requires_grad)]
+    weight = None if requires_grad[1] is None else weight
+    leaves = [t.requires_grad_(bool(need)) for t, need in zip((x, weight, bias), requires_grad) if t is not None]
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     wanted = [t for t in leaves if t.requires_grad]
     ours = torch.autograd.grad(NF.group_norm(x, 32, weight, bias, 1e-5, "silu"), wanted, dy)
     expected = torch.autograd.grad(ref.group_norm(x, 32, weight, bias, 1e-5, "silu"), wanted, dy)
     for a, e in zip(ours, expected):
         torch.testing.assert_close(a, e)
+    if x.requires_grad:
+        memory_format = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        assert ours[0].is_contiguous(memory_format=memory_format)
+
+
+def _input_grad_closed_form(x, dy, weight, mean, rstd, dtype):
+    """Group norm's ``dx = r·(g − E[g] − x̂·E[g·x̂])``, ``g = γ·dy``, ``x̂ = (x − μ)·r``, from the given ``(N, G)``
+    statistics, evaluated in ``dtype`` (centred first, means by torch's reductions)."""
+    n, c = x.shape[:2]
+
+    def per_channel(stat):
+        return stat.to(dtype).repeat_interleave(c // mean.shape[1], 1)[:, :, None, None]
+
+    def group_mean(t):
+        return per_channel(t.reshape(n, mean.shape[1], -1).mean(-1))
+
+    x_hat = (x.to(dtype) - per_channel(mean)) * per_channel(rstd)
+    scaled_dy = weight.to(dtype)[:, None, None] * dy.to(dtype)
+    return per_channel(rstd) * (scaled_dy - group_mean(scaled_dy) - x_hat * group_mean(scaled_dy * x_hat))
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("shape", [(1, 64, 64, 64), (2, 64, 45, 50)], ids=["64x64", "2x45x50"])
+def test_channels_last_input_gradient_from_given_statistics_within_twice_the_reference(shape, offset):
+    """``dx`` of the accurate path from the same fp32 statistics as the closed form it is checked against (fp64), at
+    most twice as far off as that closed form evaluated in fp32, inputs centred or offset by 100 standard deviations.
+    ATen's backward from those statistics is 20× further off at the offset (its sums are of ``dy·x``, the mean taken
+    off afterwards; ours centre ``x`` first). The end-to-end tests cannot offset the input: ATen's channels-last
+    forward, which both paths share, loses its statistics there."""
+    x, weight, _ = _inputs(shape)
+    x = (x + offset).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=torch.channels_last)
+    n, c = x.shape[:2]
+    _, mean, rstd = torch.native_group_norm(x, weight, None, n, c, x.shape[2] * x.shape[3], 32, 1e-5)
+    ours = cpu_group_norm._input_grad(dy, x, weight, mean, rstd,
+                                      *cpu_group_norm._per_channel_sums(dy, x, mean, rstd))
+    expected = _input_grad_closed_form(x, dy, weight, mean, rstd, torch.float64)
+    baseline = _input_grad_closed_form(x, dy, weight, mean, rstd, torch.float32)
+    assert max_abs_error(ours, expected) <= 2 * max_abs_error(baseline, expected)
 
 
 def test_channels_last_double_backward():

@@ -6,13 +6,14 @@ PyTorch allocates two). fp16/bf16 input is normalized and activated in fp32 and 
 the reference and the kernels do (eager bf16 rounds the norm's output before the activation). Argument checks live in
 :mod:`normlayers.functional`.
 
-One exception to "ATen's ops": the weight and bias gradients of a channels-last input with planes of 2048 values or
-more. There ATen's backward (aten/src/ATen/native/cpu/group_norm_kernel.cpp,
+One exception to "ATen's ops": the backward of a channels-last input with planes of 2048 values or more, when the
+weight or bias gradient is asked for. There ATen's backward (aten/src/ATen/native/cpu/group_norm_kernel.cpp,
 ``GroupNormBackwardKernelImplChannelsLastInternal``) splits the ``N·H·W`` rows among the threads and each thread adds
 its rows one after another into per-(sample, channel) sums, so on one thread every sum is a run of ``H·W`` fp32
 additions: at 1×512×64×64 its ``dweight`` is 8× further from the fp64 value than the reference's (2.6e-4 against
-3.2e-5), more than the twice-the-reference rule allows. :class:`_ChannelsLastGroupNormFunction` keeps ATen's forward
-and its ``dx`` and sums ``dweight`` and ``dbias`` in runs of 256 positions (:func:`_param_grads`).
+3.2e-5), more than the twice-the-reference rule allows. :class:`_ChannelsLastGroupNormFunction` keeps ATen's forward,
+sums in runs of 256 positions (:func:`_per_channel_sums`) and computes ``dweight``, ``dbias`` and ``dx``
+(:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx`` pair) from those sums.
 """
 
 from __future__ import annotations
@@ -60,22 +61,24 @@ def _needs_accurate_param_grads(x: Tensor, weight: Optional[Tensor], bias: Optio
             and x.is_contiguous(memory_format=memory_format))
 
 
-# Spatial positions per partial sum of the parameter gradients: ATen's batch-norm backward adds the rows of its input
-# one after another per column, so each partial sum is a run of at most 256 fp32 additions (dweight at 1×512×64×64,
-# the benchmark's inputs: 6.7e-5 from fp64, against 3.3e-4 for ATen's group norm and 3.2e-5 for the fp32 reference).
+# Spatial positions per partial sum of the per-(sample, channel) sums: ATen's batch-norm backward adds the rows of its
+# input one after another per column, so each partial sum is a run of at most 256 fp32 additions (dweight at
+# 1×512×64×64, the benchmark's inputs: 6.7e-5 from fp64, against 3.3e-4 for ATen's group norm and 3.2e-5 for the fp32
+# reference; with other inputs of that shape runs of 1024 gave 1.5e-4, 256 6.6e-5, 128 6.4e-5 at 0.05 ms more).
 _RUN_LENGTH = 256
 
 
-def _param_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Σ dy·x̂, Σ dy)`` per channel of channels-last ``dy`` and ``x``, with ``x̂ = (x − mean)·rstd`` from the
-    ``(N, G)`` group statistics, each sum split into runs of at most :data:`_RUN_LENGTH` positions.
+def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ dy·x̂, Σ dy)`` per (sample, channel), two ``(N, C)`` tensors, of channels-last ``dy`` and ``x``, with
+    ``x̂ = (x − mean)·rstd`` from the ``(N, G)`` group statistics, each sum split into runs of at most
+    :data:`_RUN_LENGTH` positions.
 
     A sample's first ``runs · 256`` positions, ``(positions, C)`` rows with the channels innermost, are viewed as a
     ``(256, runs · C)`` matrix (row ``i`` holds positions ``i · runs`` to ``i · runs + runs − 1``), whose column
     ``(r, c)`` holds channel ``c`` at positions ``r, r + runs, …``: one call of ATen's batch-norm backward
     (reductions only, no temporary) sums every column, each a run of 256; the last ``positions mod 256`` positions
-    are one more run. One or two calls per sample, whatever the plane size; the partial sums are then added by
-    torch's (cascade) sum."""
+    are one more run. One or two calls per sample, whatever the plane size; the ``runs`` partial sums of a channel
+    are then added by torch's sum."""
     n, c = x.shape[:2]
     num_groups = mean.shape[1]
     positions = x.numel() // (n * c)
@@ -83,27 +86,57 @@ def _param_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Ten
     head = runs * _RUN_LENGTH
     dy_rows, x_rows = (t.movedim(1, -1).reshape(n, positions, c) for t in (dy, x))  # (N, positions, C) views
 
-    def per_column(stat: Tensor, copies: int) -> Tensor:  # (N, G) -> (N, copies · C): each channel's, `copies` times
+    statistics = torch.stack((mean, rstd))
+
+    def per_column(copies: int) -> Tensor:  # (2, N, G) -> (2, N, copies · C): each channel's, `copies` times
         # (contiguous: batch norm reads its statistics as dense vectors, and the expanded view has zero strides)
-        return stat[:, None, :, None].expand(n, copies, num_groups, c // num_groups).contiguous().view(n, copies * c)
+        return (statistics[:, :, None, :, None].expand(2, n, copies, num_groups, c // num_groups).contiguous()
+                .view(2, n, copies * c))
 
     blocks = [(slice(0, head), _RUN_LENGTH, runs)] if runs else []
     if head < positions:
         blocks.append((slice(head, positions), positions - head, 1))
-    weight_sums, bias_sums = [], []
-    for rows, length, copies in blocks:
-        column_mean, column_rstd = per_column(mean, copies), per_column(rstd, copies)
-        for sample in range(n):
-            _, weight_sum, bias_sum = torch.ops.aten.native_batch_norm_backward(
+    blocks = [(rows, length, copies, per_column(copies)) for rows, length, copies in blocks]
+    xhat_sums, dy_sums = [], []  # per sample and block: (copies · C,) partial sums
+    for sample in range(n):
+        for rows, length, copies, (column_mean, column_rstd) in blocks:
+            _, xhat_sum, dy_sum = torch.ops.aten.native_batch_norm_backward(
                 dy_rows[sample, rows].view(length, copies * c), x_rows[sample, rows].view(length, copies * c),
                 None, None, None, column_mean[sample], column_rstd[sample], True, 0.0, [False, True, True])
-            weight_sums.append(weight_sum)
-            bias_sums.append(bias_sum)
-    return torch.cat(weight_sums).view(-1, c).sum(0), torch.cat(bias_sums).view(-1, c).sum(0)
+            xhat_sums.append(xhat_sum)
+            dy_sums.append(dy_sum)
+    return torch.cat(xhat_sums).view(n, -1, c).sum(1), torch.cat(dy_sums).view(n, -1, c).sum(1)
+
+
+def _input_grad(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, xhat_sums: Tensor,
+                dy_sums: Tensor) -> Tensor:
+    """Group norm's ``dx`` from the per-(sample, channel) sums of :func:`_per_channel_sums`, in two elementwise ATen
+    passes over the input's memory format.
+
+    With ``x̂ = (x − μ)·r`` and ``g = γ·dy`` (Wu & He, 2018, eq. 1 differentiated), ``dx = r·(g − E[g] − x̂·E[g·x̂])``,
+    the means over the (sample, group): ``dx = A·dy + B·x + C`` with ``A = r·γ`` per (sample, channel) and
+    ``B = −r²·E[g·x̂]``, ``C = −B·μ − r·E[g]`` per (sample, group) — the closed form ATen's kernel evaluates too, here
+    from the accurate sums: ``C + A·dy`` is written, then ``B·x`` added in place."""
+    n, c = x.shape[:2]
+    num_groups = mean.shape[1]
+    sums = torch.stack((xhat_sums, dy_sums))  # (2, N, C)
+    if weight is not None:
+        sums = sums * weight
+    # E[g·x̂], E[g] per (sample, group): the sums of its channels over its C/G · positions values
+    mean_g_xhat, mean_g = sums.view(2, n, num_groups, -1).sum(3).div_(x.numel() // (n * num_groups))
+    x_coef = -rstd * rstd * mean_g_xhat
+    shift = -x_coef * mean - rstd * mean_g
+    # (3, N, G) -> 3 × (N, C, 1, …): each channel's group values
+    dy_coef, shift, x_coef = (torch.stack((rstd, shift, x_coef)).repeat_interleave(c // num_groups, 2)
+                              .view(3, n, c, *([1] * (x.dim() - 2))))
+    if weight is not None:
+        dy_coef = dy_coef * weight.view(c, *([1] * (x.dim() - 2)))
+    return torch.addcmul(shift, dy_coef, dy).addcmul_(x_coef, x)
 
 
 class _ChannelsLastGroupNormFunction(torch.autograd.Function):
-    """ATen's forward and ``dx``; ``dweight``, ``dbias`` summed in short runs (:func:`_param_grads`)."""
+    """ATen's forward; the backward from per-(sample, channel) sums in short runs (:func:`_per_channel_sums`):
+    ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -125,16 +158,11 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True))
             return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
                     next(grads) if needs_dbias else None, None)
-        n, c = x.shape[:2]
         dy = dy.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-        dx = None
-        if needs_dx:  # dx only: with dX requested ATen's long-run path is memory safe (it skips dX when not)
-            dx = torch.ops.aten.native_group_norm_backward(dy, x, mean, rstd, weight, n, c, math.prod(x.shape[2:]),
-                                                           ctx.num_groups, [True, False, False])[0]
-        dweight = dbias = None
-        if needs_dweight or needs_dbias:
-            dweight, dbias = _param_grads(dy, x, mean, rstd)
-        return dx, None, dweight if needs_dweight else None, dbias if needs_dbias else None, None
+        xhat_sums, dy_sums = _per_channel_sums(dy, x, mean, rstd)
+        dx = _input_grad(dy, x, weight, mean, rstd, xhat_sums, dy_sums) if needs_dx else None
+        return (dx, None, xhat_sums.sum(0) if needs_dweight else None, dy_sums.sum(0) if needs_dbias else None,
+                None)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
