@@ -154,10 +154,11 @@ def test_training_runs_the_fused_function(dtype):
     assert type(y.grad_fn).__name__ == "_BatchChannelNormFunctionBackward"
 
 
-def test_nan_plane_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nan_plane_matches_reference(dtype):
     """A NaN in one plane poisons its channel's batch statistics and so that group in every sample, as in the
-    reference; the other groups stay finite."""
-    x = torch.randn(3, C, 4, 4)
+    reference; the other groups stay finite (bf16: through the low-precision statistics)."""
+    x = torch.randn(3, C, 4, 4).to(dtype)
     x[1, 2, 0, 0] = float("nan")
     nan_masks = []
     for backend in ("auto", "reference"):
@@ -207,3 +208,73 @@ def test_plain_call_fast_path_accepts_only_valid_calls():
         assert not F_bcn._is_plain_batch_channel_call(**args), change
         with pytest.raises((ValueError, TypeError)):
             NF.batch_channel_norm(args.pop("input"), args.pop("running_mean"), args.pop("running_var"), **args)
+
+
+def _moments64(x):
+    """The fp64 mean and biased variance of each (sample, channel) plane, ``(N, C)``."""
+    planes = x.double().flatten(2)
+    return planes.mean(-1), planes.var(-1, correction=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("hw", [(5, 4), (14, 14), (56, 56)])
+def test_raw_plane_moments_within_their_bound(dtype, hw):
+    """The raw-moment statistics, where trusted, are within the bound :func:`_raw_moments_limit` states: the variance
+    within u/8 (u the dtype's unit roundoff) of the fp64 one, the mean within that of the spread. The planes' offsets
+    go up to just below the limit, where the cancellation is largest; an all-zero plane is trusted (variance 0)."""
+    h, w = hw
+    limit = cpu_bcn._raw_moments_limit(h * w, dtype)
+    assert limit > 0
+    x = torch.randn(4, 6, h, w, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), correction=0, keepdim=True)  # mean 0, variance 1
+    x = (x + torch.linspace(0, (0.95 * limit) ** 0.5, 24, dtype=torch.float64).view(4, 6, 1, 1)).to(dtype)
+    x[0, 0] = 0
+    moments = cpu_bcn._raw_plane_moments(x)
+    assert moments is not None
+    mean, var = moments
+    mean64, var64 = _moments64(x)
+    roundoff = torch.finfo(dtype).eps / 2
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (4, 6)
+    assert ((var.double() - var64).abs() <= roundoff / 8 * var64).all()
+    assert ((mean.double() - mean64).abs() <= roundoff / 8 * var64.sqrt() + 1e-30).all()
+    assert var[0, 0] == 0 and mean[0, 0] == 0
+
+
+@pytest.mark.parametrize("dtype, case", [(dtype, case) for dtype in (torch.bfloat16, torch.float16)
+                                         for case in ("offset", "nan", "inf", "overflow")
+                                         if (dtype, case) != (torch.float16, "overflow")],
+                         ids=["bf16-offset", "bf16-nan", "bf16-inf", "bf16-overflow", "fp16-offset", "fp16-nan",
+                              "fp16-inf"])
+def test_raw_plane_moments_refused(dtype, case):
+    """One plane the raw moments cannot give to the bound (mean²/var past the limit), a NaN, an inf, or a plane whose
+    Σ x² overflows fp32 (bf16 only: fp16 values square to at most 4.3e9): the raw moments are refused."""
+    x = torch.randn(2, 4, 5, 4, generator=torch.Generator().manual_seed(6)).to(dtype)
+    assert cpu_bcn._raw_plane_moments(x) is not None
+    limit = cpu_bcn._raw_moments_limit(20, dtype)
+    plane = torch.randn(5, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    plane = (plane - plane.mean()) / plane.std(correction=0)
+    x[1, 2] = {"offset": plane + 1.1 * limit ** 0.5, "nan": plane.masked_fill(plane > 1, float("nan")),
+               "inf": plane.masked_fill(plane > 1, float("inf")), "overflow": plane * 1e20}[case].to(dtype)
+    assert cpu_bcn._raw_plane_moments(x) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_low_precision_statistics_route(dtype, mode, offset, monkeypatch):
+    """bf16/fp16: the forward takes its per-plane statistics from the raw moments when they are trusted (planes
+    centred near 0) and from the two-pass group norm when they are not (planes at 30 ± 1, mean²/var ~900); both
+    routes by the low-precision rule against the fp64 reference, output and (training) every gradient."""
+    taken = []
+    monkeypatch.setattr(cpu_bcn, "_plane_moments", lambda x: taken.append("two-pass") or plane_moments(x))
+    x = (offset + nchw_input(3, C, 6, 6, torch.float32)).to(dtype)
+
+    def fn(x, bn_w, bn_b, w, b, running_mean, running_var, tracked):
+        return NF.batch_channel_norm(x, running_mean, running_var, bn_w, bn_b, w, b, training=mode == "train",
+                                     num_groups=G, num_batches_tracked=tracked)
+
+    assert_cpu_tier_matches_reference(fn, [x, *_params(dtype)], _buffers(torch.float32))
+    assert taken == ([] if offset == 0 else ["two-pass"])
+
+
+plane_moments = cpu_bcn._plane_moments
