@@ -68,20 +68,44 @@ def _needs_accurate_param_grads(x: Tensor, weight: Optional[Tensor], bias: Optio
 _RUN_LENGTH = 256
 
 
-def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Σ dy·x̂, Σ dy)`` per (sample, channel), two ``(N, C)`` tensors, of channels-last ``dy`` and ``x``, with
-    ``x̂ = (x − mean)·rstd`` from the ``(N, G)`` group statistics, each sum split into runs of at most
-    :data:`_RUN_LENGTH` positions.
+def _batch_norm_sums(dy: Tensor, x: Tensor, column_mean: Tensor, column_rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ dy·x̂, Σ dy)`` per column (batch-norm channel) of ``dy`` and ``x``, ``x̂`` from the given per-column
+    statistics: ATen's batch-norm backward, reductions only (no temporary; it centres ``x`` before the products)."""
+    _, xhat_sums, dy_sums = torch.ops.aten.native_batch_norm_backward(
+        dy, x, None, None, None, column_mean, column_rstd, True, 0.0, [False, True, True])
+    return xhat_sums, dy_sums
 
-    A sample's first ``runs · 256`` positions, ``(positions, C)`` rows with the channels innermost, are viewed as a
-    ``(256, runs · C)`` matrix (row ``i`` holds positions ``i · runs`` to ``i · runs + runs − 1``), whose column
-    ``(r, c)`` holds channel ``c`` at positions ``r, r + runs, …``: one call of ATen's batch-norm backward
-    (reductions only, no temporary) sums every column, each a run of 256; the last ``positions mod 256`` positions
-    are one more run. One or two calls per sample, whatever the plane size; the ``runs`` partial sums of a channel
-    are then added by torch's sum."""
+
+def _plane_run_length(positions: int) -> int:
+    """Positions per partial sum of an NCHW plane: the largest divisor of ``positions`` not above
+    :data:`_RUN_LENGTH` (so that the runs are a view), or the whole plane where that divisor is below 32 (a plane
+    size such as a prime: runs that short would make one batch-norm channel of every few values)."""
+    run = max(d for d in range(1, min(positions, _RUN_LENGTH) + 1) if positions % d == 0)
+    return run if run >= 32 or run == positions else positions
+
+
+def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ dy·x̂, Σ dy)`` per (sample, channel), two ``(N, C)`` tensors, of ``dy`` and ``x`` in the same memory format
+    (channels-last, or contiguous NCHW), with ``x̂ = (x − mean)·rstd`` from the ``(N, G)`` group statistics, each sum
+    split into runs of at most :data:`_RUN_LENGTH` positions, the partial sums of a channel then added by torch's sum.
+
+    Channels-last: a sample's first ``runs · 256`` positions, ``(positions, C)`` rows with the channels innermost, are
+    viewed as a ``(256, runs · C)`` matrix (row ``i`` holds positions ``i · runs`` to ``i · runs + runs − 1``), whose
+    column ``(r, c)`` holds channel ``c`` at positions ``r, r + runs, …``: one call of :func:`_batch_norm_sums` sums
+    every column, each a run of 256; the last ``positions mod 256`` positions are one more run. One or two calls per
+    sample, whatever the plane size.
+
+    NCHW: the planes, split into runs of :func:`_plane_run_length` consecutive positions, are the channels of one
+    ``(1, N·C·runs, run)`` view, each run with its group's statistics: one call."""
     n, c = x.shape[:2]
     num_groups = mean.shape[1]
     positions = x.numel() // (n * c)
+    if not _is_channels_last(x):
+        run = _plane_run_length(positions)
+        column_mean, column_rstd = (t.repeat_interleave(c // num_groups * (positions // run), 1).view(-1)
+                                    for t in (mean, rstd))
+        xhat_sums, dy_sums = _batch_norm_sums(dy.view(1, -1, run), x.view(1, -1, run), column_mean, column_rstd)
+        return xhat_sums.view(n, c, -1).sum(2), dy_sums.view(n, c, -1).sum(2)
     runs = positions // _RUN_LENGTH
     head = runs * _RUN_LENGTH
     dy_rows, x_rows = (t.movedim(1, -1).reshape(n, positions, c) for t in (dy, x))  # (N, positions, C) views
@@ -100,9 +124,9 @@ def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tupl
     xhat_sums, dy_sums = [], []  # per sample and block: (copies · C,) partial sums
     for sample in range(n):
         for rows, length, copies, (column_mean, column_rstd) in blocks:
-            _, xhat_sum, dy_sum = torch.ops.aten.native_batch_norm_backward(
-                dy_rows[sample, rows].view(length, copies * c), x_rows[sample, rows].view(length, copies * c),
-                None, None, None, column_mean[sample], column_rstd[sample], True, 0.0, [False, True, True])
+            xhat_sum, dy_sum = _batch_norm_sums(dy_rows[sample, rows].view(length, copies * c),
+                                                x_rows[sample, rows].view(length, copies * c), column_mean[sample],
+                                                column_rstd[sample])
             xhat_sums.append(xhat_sum)
             dy_sums.append(dy_sum)
     return torch.cat(xhat_sums).view(n, -1, c).sum(1), torch.cat(dy_sums).view(n, -1, c).sum(1)
@@ -215,6 +239,28 @@ def _group_moments(centred: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     return group_mean, group_var
 
 
+def _per_channel(x: Tensor, statistic: Tensor) -> Tensor:
+    """A ``(N, G)`` group statistic of ``x`` as ``(N, C, 1, …)``: each channel's group's value."""
+    n, c = x.shape[:2]
+    return statistic.repeat_interleave(c // statistic.shape[1], 1).view(n, c, *([1] * (x.dim() - 2)))
+
+
+# Above this max |mean·rstd| the NCHW backward centres x first (:func:`_centred`): the saved fp32 group mean is itself
+# rounded, by up to half an ulp of the mean, and every sum Σ dy·(x − mean) carries that rounding times Σ dy. Measured
+# (fp32, one thread, docs/group_norm.md's shapes), dweight in units of the bound without / with centring: offset 1
+# 0.06-0.14 / 0.06-0.12, 5 0.18-0.37 / 0.09-0.13, 20 0.42-0.66 / 0.16-0.23, 1000 0.60-1.08 / 0.25-0.35.
+_CENTRED_BACKWARD_PRODUCT = 4.0
+
+
+def _centred(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``x − mean`` (each group's rounded mean; exact where ``x`` is within a factor 2 of it: Sterbenz) and the
+    ``(N, G)`` group means of that difference (small: torch's fp32 mean of centred values), whose sum with ``mean``
+    is the group's mean without the rounding of ``mean``."""
+    n = x.shape[0]
+    centred = x - _per_channel(x, mean)
+    return centred, centred.view(n, mean.shape[1], -1).mean(2)
+
+
 def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                           y: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """Overwrite ``y`` (ATen's output buffer, channels-last) with the group norm of ``x`` from accurate statistics,
@@ -224,12 +270,9 @@ def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     ``y = x − mean`` first (exact where ``x`` is within a factor 2 of the mean: Sterbenz), so the moments of
     :func:`_group_moments` and the affine map ``y = A·y + B`` are of centred values: no term of the size of the
     mean is rounded, whatever the offset. Three passes over ``y`` and two reads of it for the moments."""
-    n, c = x.shape[:2]
+    c = x.shape[1]
     spatial = [1] * (x.dim() - 2)
-
-    def per_channel(t: Tensor) -> Tensor:  # (N, G) -> (N, C, 1, …)
-        return t.repeat_interleave(c // num_groups, 1).view(n, c, *spatial)
-
+    per_channel = partial(_per_channel, x)
     centred = torch.sub(x, per_channel(mean), out=y)
     offset, var = _group_moments(centred, num_groups)
     rstd = var.add_(eps).rsqrt_()
@@ -243,23 +286,42 @@ def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     return mean + offset, rstd
 
 
+# ATen's NCHW backward (``GroupNormBackwardKernelImplInternal``) sums ``Σ dy·x`` and ``Σ dy`` over each plane and
+# takes ``dweight`` as ``Σ_n (Σ dy·x − mean·Σ dy)·rstd`` (and ``dx`` from the same sums): the subtraction cancels when
+# a group's mean is large against its spread, and the rounding of ``Σ dy·x`` grows with the plane. Measured
+# (docs/group_norm.md; fp32, one thread, input N(0, 1) + offset), its ``dweight`` error in units of the bound is
+# about 0.005·sqrt(k·H·W) above its error at offset 0, k = (mean·rstd)². ATen's backward is kept where
+# sqrt(k·H·W) ≤ 20, i.e. max |mean·rstd| ≤ 20 / sqrt(H·W); fp64 (tolerance 1e-7, 2²⁹ finer rounding) 2²⁰ times that.
+_TRUSTED_GRADIENT_SPREAD = {torch.float32: 20.0, torch.float64: 20.0 * 2.0 ** 20}
+
+
+def _max_trusted_gradient_product(x: Tensor) -> float:
+    """The largest ``max |mean·rstd|`` of ATen's NCHW statistics of ``x`` for which its backward is kept
+    (:data:`_TRUSTED_GRADIENT_SPREAD`)."""
+    n, c = x.shape[:2]
+    return _TRUSTED_GRADIENT_SPREAD[x.dtype] / math.sqrt(x.numel() // (n * c))
+
+
 def _aten_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                   eps: float) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """ATen's group norm of a channels-last ``x`` (recorded by autograd where its inputs require grad), and whether
-    its statistics are trusted (:func:`_max_trusted_product`; NaN statistics give a NaN output either way):
-    ``(y, mean, rstd, trusted)``."""
+    """ATen's group norm of ``x`` (recorded by autograd where its inputs require grad), and whether its statistics
+    are trusted (NaN statistics give a NaN output either way): ``(y, mean, rstd, trusted)``. Channels-last: trusted
+    for ATen's forward (:func:`_max_trusted_product`); NCHW, whose forward statistics are two-pass: for ATen's
+    backward (:func:`_max_trusted_gradient_product`)."""
     n, c = x.shape[:2]
-    max_product = _max_trusted_product(x, num_groups)
+    max_product = (_max_trusted_product(x, num_groups) if _is_channels_last(x) else
+                   _max_trusted_gradient_product(x))
     y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)
     return y, mean, rstd, _max_abs_product(mean, rstd) <= max_product
 
 
-class _ChannelsLastGroupNormFunction(torch.autograd.Function):
-    """A channels-last input under autograd whose forward statistics are not trusted or whose parameter gradients
-    ATen would sum in long runs (:func:`_needs_accurate_param_grads`): the forward is ATen's (given, detached:
-    ``aten``), redone by :func:`_accurate_group_norm_` where untrusted; the backward from per-(sample, channel) sums
-    in short runs (:func:`_per_channel_sums`): ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the
-    forward's statistics."""
+class _GroupNormFunction(torch.autograd.Function):
+    """An input under autograd whose ATen backward is not trusted: channels-last input whose forward statistics are
+    not trusted or whose parameter gradients ATen would sum in long runs (:func:`_needs_accurate_param_grads`), NCHW
+    input whose backward would cancel (:func:`_max_trusted_gradient_product`). The forward is ATen's (given,
+    detached: ``aten``, with whether its statistics are trusted), redone by :func:`_accurate_group_norm_` where
+    untrusted; the backward from centred per-(sample, channel) sums in short runs (:func:`_per_channel_sums`):
+    ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the forward's statistics."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -282,11 +344,20 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True))
             return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
                     next(grads) if needs_dbias else None, None, None)
-        dy = dy.contiguous(memory_format=_CHANNELS_LAST_FORMATS[x.dim()])
+        dy = dy.contiguous(memory_format=_CHANNELS_LAST_FORMATS[x.dim()] if _is_channels_last(x) else
+                           torch.contiguous_format)
+        if not _is_channels_last(x) and _max_abs_product(mean, rstd) > _CENTRED_BACKWARD_PRODUCT:
+            x, mean = _centred(x, mean)  # the sums and dx of x − mean about its exact group mean
         xhat_sums, dy_sums = _per_channel_sums(dy, x, mean, rstd)
         dx = _input_grad(dy, x, weight, mean, rstd, xhat_sums, dy_sums) if needs_dx else None
         return (dx, None, xhat_sums.sum(0) if needs_dweight else None, dy_sums.sum(0) if needs_dbias else None,
                 None, None)
+
+
+def _records_graph(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether autograd records the norm of ``x``: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -297,15 +368,17 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
     # torch.group_norm is F.group_norm without its Python-side checks, which normlayers.functional has made (its
     # last argument, cudnn_enabled, is deprecated and unused by ATen: F.group_norm's read of the flag is skipped).
-    if not _is_channels_last(x) or torch.compiler.is_compiling():  # (inductor compiles its own statistics)
-        y = torch.group_norm(x, num_groups, weight, bias, eps, True)
+    channels_last = _is_channels_last(x)
+    # NCHW: ATen's forward unchecked (two-pass statistics), its backward checked (contiguous input under autograd)
+    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and _records_graph(x, weight, bias))):
+        y = torch.group_norm(x, num_groups, weight, bias, eps, True)  # (inductor compiles its own statistics)
     else:
         y, mean, rstd, trusted = _aten_forward(x, num_groups, weight, bias, eps)
-        if y.requires_grad and not (trusted and not _needs_accurate_param_grads(x, weight, bias)):
+        if y.requires_grad and not (trusted and not (channels_last and _needs_accurate_param_grads(x, weight, bias))):
             # ATen's autograd graph is dropped; the Function's forward starts from its (detached) results
-            y = _ChannelsLastGroupNormFunction.apply(x, num_groups, weight, bias, eps,
-                                                     (y.detach(), mean.detach(), rstd.detach(), trusted))
-        elif not trusted:
+            y = _GroupNormFunction.apply(x, num_groups, weight, bias, eps,
+                                         (y.detach(), mean.detach(), rstd.detach(), trusted or not channels_last))
+        elif not trusted:  # (channels-last)
             _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
     if act in _IN_PLACE_ACTIVATIONS and not y.requires_grad:
         # Outside autograd nothing else reads the norm's output: activate it in place, saving a buffer and its
