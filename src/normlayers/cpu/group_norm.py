@@ -68,44 +68,20 @@ def _needs_accurate_param_grads(x: Tensor, weight: Optional[Tensor], bias: Optio
 _RUN_LENGTH = 256
 
 
-def _batch_norm_sums(dy: Tensor, x: Tensor, column_mean: Tensor, column_rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Σ dy·x̂, Σ dy)`` per column (batch-norm channel) of ``dy`` and ``x``, ``x̂`` from the given per-column
-    statistics: ATen's batch-norm backward, reductions only (no temporary; it centres ``x`` before the products)."""
-    _, xhat_sums, dy_sums = torch.ops.aten.native_batch_norm_backward(
-        dy, x, None, None, None, column_mean, column_rstd, True, 0.0, [False, True, True])
-    return xhat_sums, dy_sums
-
-
-def _plane_run_length(positions: int) -> int:
-    """Positions per partial sum of an NCHW plane: the largest divisor of ``positions`` not above
-    :data:`_RUN_LENGTH` (so that the runs are a view), or the whole plane where that divisor is below 32 (a plane
-    size such as a prime: runs that short would make one batch-norm channel of every few values)."""
-    run = max(d for d in range(1, min(positions, _RUN_LENGTH) + 1) if positions % d == 0)
-    return run if run >= 32 or run == positions else positions
-
-
 def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Σ dy·x̂, Σ dy)`` per (sample, channel), two ``(N, C)`` tensors, of ``dy`` and ``x`` in the same memory format
-    (channels-last, or contiguous NCHW), with ``x̂ = (x − mean)·rstd`` from the ``(N, G)`` group statistics, each sum
-    split into runs of at most :data:`_RUN_LENGTH` positions, the partial sums of a channel then added by torch's sum.
+    """``(Σ dy·x̂, Σ dy)`` per (sample, channel), two ``(N, C)`` tensors, of channels-last ``dy`` and ``x``, with
+    ``x̂ = (x − mean)·rstd`` from the ``(N, G)`` group statistics, each sum split into runs of at most
+    :data:`_RUN_LENGTH` positions.
 
-    Channels-last: a sample's first ``runs · 256`` positions, ``(positions, C)`` rows with the channels innermost, are
-    viewed as a ``(256, runs · C)`` matrix (row ``i`` holds positions ``i · runs`` to ``i · runs + runs − 1``), whose
-    column ``(r, c)`` holds channel ``c`` at positions ``r, r + runs, …``: one call of :func:`_batch_norm_sums` sums
-    every column, each a run of 256; the last ``positions mod 256`` positions are one more run. One or two calls per
-    sample, whatever the plane size.
-
-    NCHW: the planes, split into runs of :func:`_plane_run_length` consecutive positions, are the channels of one
-    ``(1, N·C·runs, run)`` view, each run with its group's statistics: one call."""
+    A sample's first ``runs · 256`` positions, ``(positions, C)`` rows with the channels innermost, are viewed as a
+    ``(256, runs · C)`` matrix (row ``i`` holds positions ``i · runs`` to ``i · runs + runs − 1``), whose column
+    ``(r, c)`` holds channel ``c`` at positions ``r, r + runs, …``: one call of ATen's batch-norm backward
+    (reductions only, no temporary) sums every column, each a run of 256; the last ``positions mod 256`` positions
+    are one more run. One or two calls per sample, whatever the plane size; the ``runs`` partial sums of a channel
+    are then added by torch's sum."""
     n, c = x.shape[:2]
     num_groups = mean.shape[1]
     positions = x.numel() // (n * c)
-    if not _is_channels_last(x):
-        run = _plane_run_length(positions)
-        column_mean, column_rstd = (t.repeat_interleave(c // num_groups * (positions // run), 1).view(-1)
-                                    for t in (mean, rstd))
-        xhat_sums, dy_sums = _batch_norm_sums(dy.view(1, -1, run), x.view(1, -1, run), column_mean, column_rstd)
-        return xhat_sums.view(n, c, -1).sum(2), dy_sums.view(n, c, -1).sum(2)
     runs = positions // _RUN_LENGTH
     head = runs * _RUN_LENGTH
     dy_rows, x_rows = (t.movedim(1, -1).reshape(n, positions, c) for t in (dy, x))  # (N, positions, C) views
@@ -124,9 +100,9 @@ def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tupl
     xhat_sums, dy_sums = [], []  # per sample and block: (copies · C,) partial sums
     for sample in range(n):
         for rows, length, copies, (column_mean, column_rstd) in blocks:
-            xhat_sum, dy_sum = _batch_norm_sums(dy_rows[sample, rows].view(length, copies * c),
-                                                x_rows[sample, rows].view(length, copies * c), column_mean[sample],
-                                                column_rstd[sample])
+            _, xhat_sum, dy_sum = torch.ops.aten.native_batch_norm_backward(
+                dy_rows[sample, rows].view(length, copies * c), x_rows[sample, rows].view(length, copies * c),
+                None, None, None, column_mean[sample], column_rstd[sample], True, 0.0, [False, True, True])
             xhat_sums.append(xhat_sum)
             dy_sums.append(dy_sum)
     return torch.cat(xhat_sums).view(n, -1, c).sum(1), torch.cat(dy_sums).view(n, -1, c).sum(1)
@@ -245,17 +221,10 @@ def _per_channel(x: Tensor, statistic: Tensor) -> Tensor:
     return statistic.repeat_interleave(c // statistic.shape[1], 1).view(n, c, *([1] * (x.dim() - 2)))
 
 
-# Above this max |mean·rstd| the NCHW backward centres x first (:func:`_centred`): the saved fp32 group mean is itself
-# rounded, by up to half an ulp of the mean, and every sum Σ dy·(x − mean) carries that rounding times Σ dy. Measured
-# (fp32, one thread, docs/group_norm.md's shapes), dweight in units of the bound without / with centring: offset 1
-# 0.06-0.14 / 0.06-0.12, 5 0.18-0.37 / 0.09-0.13, 20 0.42-0.66 / 0.16-0.23, 1000 0.60-1.08 / 0.25-0.35.
-_CENTRED_BACKWARD_PRODUCT = 4.0
-
-
 def _centred(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """``x − mean`` (each group's rounded mean; exact where ``x`` is within a factor 2 of it: Sterbenz) and the
     ``(N, G)`` group means of that difference (small: torch's fp32 mean of centred values), whose sum with ``mean``
-    is the group's mean without the rounding of ``mean``."""
+    is the group's mean without the rounding of ``mean``: the input of a group norm backward that sees no offset."""
     n = x.shape[0]
     centred = x - _per_channel(x, mean)
     return centred, centred.view(n, mean.shape[1], -1).mean(2)
@@ -316,12 +285,14 @@ def _aten_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Op
 
 
 class _GroupNormFunction(torch.autograd.Function):
-    """An input under autograd whose ATen backward is not trusted: channels-last input whose forward statistics are
-    not trusted or whose parameter gradients ATen would sum in long runs (:func:`_needs_accurate_param_grads`), NCHW
-    input whose backward would cancel (:func:`_max_trusted_gradient_product`). The forward is ATen's (given,
-    detached: ``aten``, with whether its statistics are trusted), redone by :func:`_accurate_group_norm_` where
-    untrusted; the backward from centred per-(sample, channel) sums in short runs (:func:`_per_channel_sums`):
-    ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the forward's statistics."""
+    """An input under autograd whose ATen backward is not trusted. The forward is ATen's (given, detached: ``aten``,
+    with whether its statistics are trusted), redone by :func:`_accurate_group_norm_` where untrusted.
+
+    Channels-last input whose forward statistics are not trusted or whose parameter gradients ATen would sum in long
+    runs (:func:`_needs_accurate_param_grads`): the backward from per-(sample, channel) sums in short runs
+    (:func:`_per_channel_sums`), ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the forward's
+    statistics. Contiguous NCHW input whose backward would cancel (:func:`_max_trusted_gradient_product`): ATen's
+    backward of the centred input (:func:`_centred`), one more elementwise pass and a reduction."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -344,10 +315,17 @@ class _GroupNormFunction(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True))
             return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
                     next(grads) if needs_dbias else None, None, None)
-        dy = dy.contiguous(memory_format=_CHANNELS_LAST_FORMATS[x.dim()] if _is_channels_last(x) else
-                           torch.contiguous_format)
-        if not _is_channels_last(x) and _max_abs_product(mean, rstd) > _CENTRED_BACKWARD_PRODUCT:
-            x, mean = _centred(x, mean)  # the sums and dx of x − mean about its exact group mean
+        if not _is_channels_last(x):  # ATen's backward of x − mean about its exact group mean: nothing cancels
+            n, c = x.shape[:2]
+            centred, offset = _centred(x, mean)
+            dy = dy.contiguous()
+            dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
+                dy, centred, offset, rstd, weight, n, c, x.numel() // (n * c), ctx.num_groups,
+                [needs_dx, needs_dweight, needs_dbias and weight is not None])
+            if needs_dbias and weight is None:  # (ATen's backward fails when asked for it without a weight)
+                dbias = dy.sum([0, *range(2, dy.dim())])
+            return dx, None, dweight, dbias, None, None
+        dy = dy.contiguous(memory_format=_CHANNELS_LAST_FORMATS[x.dim()])
         xhat_sums, dy_sums = _per_channel_sums(dy, x, mean, rstd)
         dx = _input_grad(dy, x, weight, mean, rstd, xhat_sums, dy_sums) if needs_dx else None
         return (dx, None, xhat_sums.sum(0) if needs_dweight else None, dy_sums.sum(0) if needs_dbias else None,
