@@ -6,7 +6,7 @@ PyTorch allocates two). fp16/bf16 input is normalized and activated in fp32 and 
 the reference and the kernels do (eager bf16 rounds the norm's output before the activation). Argument checks live in
 :mod:`normlayers.functional`.
 
-Two exceptions to "ATen's ops", both for channels-last input. First, the forward where ATen's statistics are not
+Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
 trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]²
 from fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
 (:func:`_max_trusted_product`) and, where they fail, :func:`_accurate_group_norm_` recomputes the output from centred
@@ -15,9 +15,13 @@ for (or of any untrusted forward). There ATen's backward (aten/src/ATen/native/c
 ``GroupNormBackwardKernelImplChannelsLastInternal``) splits the ``N·H·W`` rows among the threads and each thread adds
 its rows one after another into per-(sample, channel) sums, so on one thread every sum is a run of ``H·W`` fp32
 additions: at 1×512×64×64 its ``dweight`` is 8× further from the fp64 value than the reference's (2.6e-4 against
-3.2e-5), more than the twice-the-reference rule allows. :class:`_ChannelsLastGroupNormFunction` keeps the forward,
+3.2e-5), more than the twice-the-reference rule allows. :class:`_GroupNormFunction` keeps the forward,
 sums in runs of 256 positions (:func:`_per_channel_sums`) and computes ``dweight``, ``dbias`` and ``dx``
-(:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx`` pair) from those sums.
+(:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx`` pair) from those sums. Third, the
+backward of contiguous NCHW input whose group means are large against its spread: ATen's NCHW backward
+(``GroupNormBackwardKernelImplInternal``) takes ``Σ dy·x − mean·Σ dy``, which cancels; the forward's statistics are
+checked (:func:`_max_trusted_gradient_product`) and, where they fail, :class:`_GroupNormFunction` runs ATen's backward
+on the input centred about its exact group mean (:func:`_centred`).
 """
 
 from __future__ import annotations
@@ -259,8 +263,11 @@ def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], 
 # takes ``dweight`` as ``Σ_n (Σ dy·x − mean·Σ dy)·rstd`` (and ``dx`` from the same sums): the subtraction cancels when
 # a group's mean is large against its spread, and the rounding of ``Σ dy·x`` grows with the plane. Measured
 # (docs/group_norm.md; fp32, one thread, input N(0, 1) + offset), its ``dweight`` error in units of the bound is
-# about 0.005·sqrt(k·H·W) above its error at offset 0, k = (mean·rstd)². ATen's backward is kept where
-# sqrt(k·H·W) ≤ 20, i.e. max |mean·rstd| ≤ 20 / sqrt(H·W); fp64 (tolerance 1e-7, 2²⁹ finer rounding) 2²⁰ times that.
+# about 0.005·sqrt(k·H·W) above its error at offset 0 (0.06-0.36 on 8×1280×8×8 to 1×512×64×64, 0.69 at
+# 1×512×128×128), k = (mean·rstd)²: over the bound from sqrt(k·H·W) ≈ 130. ATen's backward is kept where
+# sqrt(k·H·W) ≤ 20, i.e. max |mean·rstd| ≤ 20 / sqrt(H·W) (the worst offset case measured there 0.16 of the bound).
+# fp64 (tolerance 1e-7): 2²⁰ times that; at 1×64×64×64 ATen's fp64 dweight is 0.065 of the tolerance from the fp64
+# reference at sqrt(k·H·W) = 6.5e7 (offset 10⁶), 0.61 at 6.5e8.
 _TRUSTED_GRADIENT_SPREAD = {torch.float32: 20.0, torch.float64: 20.0 * 2.0 ** 20}
 
 
