@@ -70,6 +70,12 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
                        bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
                        num_batches_tracked: Optional[Tensor]) -> Tensor:
     """As :func:`normlayers.reference.batch_channel.batch_channel_norm`, for a call :func:`supports` accepts."""
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) and \
+            torch.is_grad_enabled():  # a gradient for the running statistics (eval): ATen's norms refuse one
+        return _ref_batch_channel.batch_channel_norm(
+            x, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
+            eps=eps, num_groups=num_groups, bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
+            num_batches_tracked=num_batches_tracked, sync=None)
     compiling = torch.compiler.is_compiling()
     if not training and not estimate and x.dtype not in LOW_PRECISION and not compiling and x.is_contiguous():
         return _inference_stages(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, num_groups=num_groups,
@@ -83,17 +89,12 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
     return _fused_forward(x, running_mean, running_var, num_batches_tracked, params, config)[0]
 
 
-def _host_readable(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                   *params: Optional[Tensor]) -> bool:
+def _host_readable(*tensors: Optional[Tensor]) -> bool:
     """Whether the fused path, whose ``(N, C)`` algebra reads the statistics and parameters on the host (numpy
-    arrays), runs the call: plain CPU tensors with storage (not a FakeTensor or another subclass, nor a tensor of a
-    ``torch.func`` transform), and no running statistics that autograd would differentiate (the fused path's
-    gradients are the closed form's, for ``x`` and the parameters only)."""
-    if torch.is_grad_enabled() and running_mean is not None and (running_mean.requires_grad
-                                                                 or running_var.requires_grad):
-        return False
+    arrays), may run the call: plain CPU tensors with storage, not a FakeTensor or another subclass, nor a tensor of
+    a ``torch.func`` transform."""
     return torch._C._functorch.peek_interpreter_stack() is None and all(
-        t is None or type(t) in _HOST_TYPES for t in (x, running_mean, running_var, *params))
+        t is None or type(t) in _HOST_TYPES for t in tensors)
 
 
 _HOST_TYPES = (Tensor, torch.nn.Parameter)
