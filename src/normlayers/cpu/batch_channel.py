@@ -34,8 +34,9 @@ eval, so that its frozen estimates give bit for bit the training output.)
 The ``(N, C)`` algebra between the passes, forward and backward, runs in numpy on the host, in the compute dtype
 (fp32 beside bf16/fp16, fp64 for fp64): ATen's statistics are read as numpy views of their memory, the parameters
 and running statistics copied in one ``torch.cat`` (:func:`_host_copies`), and the coefficients handed back to the
-kernels by ``torch.from_numpy``, without copies; the running statistics are updated by torch ops in place. Some thirty
-small torch ops cost 1-3 µs of dispatch each, numpy's a third to a half of that.
+kernels by ``torch.from_numpy``, without copies; the running statistics are updated by torch ops in place. Each of
+some thirty small ops costs about half as much in numpy as in torch (``(8, 256)`` fp32, warm caches: 0.4 against
+0.8 µs for a product, 0.7 against 1.4 µs for a reciprocal square root), and the per-tensor casts go.
 
 Under ``torch.compile`` (where inductor fuses the composite itself), for a tensor that is not NCHW-contiguous
 (channels-last: the plane views need contiguous planes) and for tensors with no memory to read on the host (a
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import LOW_PRECISION, all_positive_finite
+from normlayers.cpu._common import LOW_PRECISION
 from normlayers.reference import batch_channel as _ref_batch_channel
 
 __all__ = ["batch_channel_norm", "supports"]
@@ -193,9 +194,9 @@ def _raw_moments_limit(plane_size: int, dtype: torch.dtype) -> float:
     return roundoff / (32 * (plane_size / 8 + 64) * 2.0 ** -24) - 0.5
 
 
-# The range of ``var − mean²/limit + 2^-100`` that :func:`_raw_plane_moments` trusts: positive and not tiny (an exact
-# zero, an all-zero plane's, sits at 2^-100), and below 2^121, far from fp32's overflow (each Σ x² that got there
-# would have lost the variance).
+# The range of ``var − mean²/limit + 2^-100`` in which :func:`_raw_plane_moments` trusts a plane: positive and not
+# tiny (an exact zero, an all-zero plane's, sits at 2^-100), finite and below 2^121 (a NaN fails both comparisons):
+# the fp32 range that normlayers.cpu._common.all_positive_finite accepts.
 _TRUSTED_CHECK_RANGE = (2.0 ** -125, 2.0 ** 121)
 
 
@@ -217,8 +218,8 @@ def _raw_plane_moments(x: Tensor) -> Optional[tuple[np.ndarray, np.ndarray]]:
     values = x.view(1, planes, plane_size)
     zero, one = _constant(_unit_statistics, x, x.device)
     weight = _constant(_ones, x, planes, torch.float32, x.device)
-    _, sum_sq, total = torch.ops.aten.native_group_norm_backward.default(values, values, zero, one, weight, 1, planes,
-                                                                 plane_size, 1, [False, True, True])
+    _, sum_sq, total = torch.ops.aten.native_group_norm_backward.default(
+        values, values, zero, one, weight, 1, planes, plane_size, 1, [False, True, True])
     mean, var = total.numpy(), sum_sq.numpy()
     mean /= plane_size
     var /= plane_size
@@ -267,8 +268,8 @@ def _tensor(array: np.ndarray, *shape: int) -> Tensor:
 
 
 def _mean(a: np.ndarray, axis: int) -> np.ndarray:
-    """``a``'s mean over ``axis`` (its sum divided by the count, as ``Tensor.mean``): ``np.add.reduce`` directly, at a
-    quarter of ``ndarray.mean``'s Python-level cost here."""
+    """``a``'s mean over ``axis`` (its sum divided by the count, as ``Tensor.mean``): ``np.add.reduce`` directly
+    (0.9 µs against 3.1 µs for ``ndarray.mean``, whose Python wrapper dominates at ``(8, 256)``)."""
     return np.divide(np.add.reduce(a, axis), a.shape[axis])
 
 
