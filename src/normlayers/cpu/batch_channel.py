@@ -356,7 +356,7 @@ def _plane_affine(x: Tensor, scale: np.ndarray, shift: np.ndarray, mean: np.ndar
     ones = _constant(_ones, x, planes, mean.dtype, mean.device)
     if out is None:  # made before the kernel: a view of the kernel's output after it costs 7 µs, on cold caches
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    unused = mean.new_empty(0)  # the statistics outputs, empty in eval
+    unused = _constant(_ones, x, 0, mean.dtype, mean.device)  # the statistics outputs, left empty in eval
     torch.native_batch_norm(values, scale, shift, mean, ones, False, 0.0, 0.0,
                             out=(out.view(values.shape), unused, unused))
     return out
