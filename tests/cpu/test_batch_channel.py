@@ -315,8 +315,8 @@ def test_eval_double_backward_reads_the_forward_statistics():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_fake_tensors_run_the_composite(training):
-    """A FakeTensor has no values to read on the host: the composite runs (shape and dtype only)."""
+def test_fake_tensors_run_the_reference(training):
+    """A FakeTensor has no values to read on the host: the reference runs (shape and dtype only)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -327,8 +327,9 @@ def test_fake_tensors_run_the_composite(training):
     assert y.shape == x.shape and y.dtype == torch.bfloat16
 
 
-def test_vmap_runs_the_composite():
-    """Under ``torch.func.vmap`` the tensors are wrapped (no storage to read): the composite runs, and each sample's
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_vmap_runs_the_reference(training):
+    """Under ``torch.func.vmap`` the tensors are wrapped (no storage to read): the reference runs, and each sample's
     output matches a plain call's by the low-precision rule."""
     x = nchw_input(4, C, 3, 3, torch.float32).view(2, 2, C, 3, 3).to(torch.bfloat16)
     running_mean, running_var, _ = _buffers(torch.float32)
@@ -336,7 +337,8 @@ def test_vmap_runs_the_composite():
 
     def call(sample, backend="auto"):
         with normlayers.backend(backend):
-            return NF.batch_channel_norm(sample, running_mean, running_var, *params, num_groups=G)
+            return NF.batch_channel_norm(sample, None if training else running_mean,
+                                         None if training else running_var, *params, training=training, num_groups=G)
 
     mapped = torch.func.vmap(call)(x)
     for i in range(2):

@@ -38,11 +38,11 @@ kernels by ``torch.from_numpy``, without copies; the running statistics are upda
 some thirty small ops costs about half as much in numpy as in torch (``(8, 256)`` fp32, warm caches: 0.4 against
 0.8 µs for a product, 0.7 against 1.4 µs for a reciprocal square root), and the per-tensor casts go.
 
-Under ``torch.compile`` (where inductor fuses the composite itself), for a tensor that is not NCHW-contiguous
-(channels-last: the plane views need contiguous planes) and for tensors with no memory to read on the host (a
-FakeTensor or another subclass, a ``torch.func`` transform's), ``F.batch_norm`` then ``F.group_norm`` run in the
-compute dtype (:func:`_composite`); so does a double backward, from ``x``. A gradient for the running statistics
-(eval), which ATen's norms refuse, runs the reference.
+Under ``torch.compile`` (where inductor fuses the composite itself) and for a tensor that is not NCHW-contiguous
+(channels-last: the plane views need contiguous planes), ``F.batch_norm`` then the CPU tier's group norm run in the
+compute dtype (:func:`_composite`); so does a double backward, from ``x``. Outside ``torch.compile``, tensors with no
+memory to read on the host (a FakeTensor or another subclass, a ``torch.func`` transform's) and a gradient for the
+running statistics (eval; ATen's norms refuse one) run the reference.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
 from normlayers.cpu._common import LOW_PRECISION
+from normlayers.cpu.group_norm import group_norm as _cpu_group_norm
 from normlayers.reference import batch_channel as _ref_batch_channel
 
 __all__ = ["batch_channel_norm", "supports"]
@@ -78,19 +79,20 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
                        bn_eps: float, estimate: bool, estimate_rate: Union[float, Tensor],
                        num_batches_tracked: Optional[Tensor]) -> Tensor:
     """As :func:`normlayers.reference.batch_channel.batch_channel_norm`, for a call :func:`supports` accepts."""
-    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) and \
-            torch.is_grad_enabled():  # a gradient for the running statistics (eval): ATen's norms refuse one
-        return _ref_batch_channel.batch_channel_norm(
-            x, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, momentum=momentum,
-            eps=eps, num_groups=num_groups, bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
-            num_batches_tracked=num_batches_tracked, sync=None)
     compiling = torch.compiler.is_compiling()
+    params = (bn_weight, bn_bias, weight, bias)
+    if (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
+            and torch.is_grad_enabled()) or not (compiling or _host_readable(x, running_mean, running_var, *params)):
+        # a gradient for the running statistics (eval; ATen's norms refuse one), or tensors with no memory to read
+        return _ref_batch_channel.batch_channel_norm(
+            x, running_mean, running_var, *params, training=training, momentum=momentum, eps=eps,
+            num_groups=num_groups, bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
+            num_batches_tracked=num_batches_tracked, sync=None)
     if not training and not estimate and x.dtype not in LOW_PRECISION and not compiling and x.is_contiguous():
         return _inference_stages(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, num_groups=num_groups,
                                  eps=eps, bn_eps=bn_eps)
     config = _Config(training, estimate, momentum, estimate_rate, num_groups, eps, bn_eps)
-    params = (bn_weight, bn_bias, weight, bias)
-    if compiling or not x.is_contiguous() or not _host_readable(x, running_mean, running_var, *params):
+    if compiling or not x.is_contiguous():
         return _composite(x, running_mean, running_var, num_batches_tracked, *params, config=config)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return _BatchChannelNormFunction.apply(x, running_mean, running_var, num_batches_tracked, config, *params)
@@ -98,9 +100,9 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
 
 
 def _host_readable(*tensors: Optional[Tensor]) -> bool:
-    """Whether the fused path, whose ``(N, C)`` algebra reads the statistics and parameters on the host (numpy
-    arrays), may run the call: plain CPU tensors with storage, not a FakeTensor or another subclass, nor a tensor of
-    a ``torch.func`` transform."""
+    """Whether this tier, whose fused path reads the statistics and parameters on the host (numpy arrays), runs the
+    call: plain CPU tensors with storage, not a FakeTensor or another subclass, nor a tensor of a ``torch.func``
+    transform."""
     return torch._C._functorch.peek_interpreter_stack() is None and all(
         t is None or type(t) in _HOST_TYPES for t in tensors)
 
@@ -448,13 +450,15 @@ def _differentiable_backward(x: Tensor, dy: Tensor, batch_mean: Tensor, batch_va
 def _stages(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
             bn_bias: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], *, batch_stats: bool,
             momentum: float, config: _Config) -> Tensor:
-    """``F.batch_norm`` then ``F.group_norm`` (the group affine, one value per group, as the per-channel affine of
-    ``F.group_norm`` with each value repeated over its group's channels), in ``x``'s dtype."""
+    """``F.batch_norm`` then the CPU tier's group norm (the group affine, one value per group, as its per-channel
+    affine with each value repeated over its group's channels), in ``x``'s dtype."""
     u = F.batch_norm(x, mean, var, bn_weight, bn_bias, batch_stats, momentum, config.bn_eps)
     channels_per_group = x.shape[1] // config.num_groups
     group_weight, group_bias = (None if t is None else t.reshape(config.num_groups).repeat_interleave(
         channels_per_group) for t in (weight, bias))
-    return F.group_norm(u, config.num_groups, group_weight, group_bias, config.eps)
+    # not F.group_norm: u carries the β_c offsets, against which ATen's channels-last variance cancels (bn_bias = 5:
+    # 9.9e-5 from fp64 at 2×64×32×32, the fp32 reference 1.4e-6); the CPU tier checks its statistics
+    return _cpu_group_norm(u, config.num_groups, group_weight, group_bias, config.eps, None)
 
 
 def _composite(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -6,19 +6,25 @@ PyTorch allocates two). fp16/bf16 input is normalized and activated in fp32 and 
 the reference and the kernels do (eager bf16 rounds the norm's output before the activation). Argument checks live in
 :mod:`normlayers.functional`.
 
-One exception to "ATen's ops": the backward of a channels-last input with planes of 2048 values or more, when the
-weight or bias gradient is asked for. There ATen's backward (aten/src/ATen/native/cpu/group_norm_kernel.cpp,
+Two exceptions to "ATen's ops", both for channels-last input. First, the forward where ATen's statistics are not
+trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]²
+from fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
+(:func:`_max_trusted_product`) and, where they fail, :func:`_accurate_group_norm_` recomputes the output from centred
+two-pass moments. Second, the backward of planes of 2048 values or more, when the weight or bias gradient is asked
+for (or of any untrusted forward). There ATen's backward (aten/src/ATen/native/cpu/group_norm_kernel.cpp,
 ``GroupNormBackwardKernelImplChannelsLastInternal``) splits the ``N·H·W`` rows among the threads and each thread adds
 its rows one after another into per-(sample, channel) sums, so on one thread every sum is a run of ``H·W`` fp32
 additions: at 1×512×64×64 its ``dweight`` is 8× further from the fp64 value than the reference's (2.6e-4 against
-3.2e-5), more than the twice-the-reference rule allows. :class:`_ChannelsLastGroupNormFunction` keeps ATen's forward,
+3.2e-5), more than the twice-the-reference rule allows. :class:`_ChannelsLastGroupNormFunction` keeps the forward,
 sums in runs of 256 positions (:func:`_per_channel_sums`) and computes ``dweight``, ``dbias`` and ``dx``
 (:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx`` pair) from those sums.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from functools import partial
 from typing import Any, Optional
 
@@ -49,16 +55,10 @@ _CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _needs_accurate_param_grads(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Whether autograd will ask ATen's channels-last backward for ``dweight``/``dbias`` summed in long runs."""
-    # Cheapest first: an NCHW input, or a call outside autograd, is answered by the first test (0.1 µs). (The plane
-    # size is read from the shape: x[0, 0] on an input that requires grad records two selects, 2 µs.)
-    if x.is_contiguous() or not torch.is_grad_enabled():
-        return False
-    if not ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
-        return False
-    memory_format = _CHANNELS_LAST_FORMATS.get(x.dim())
-    return (memory_format is not None and math.prod(x.shape[2:]) >= _SEQUENTIAL_PLANE_SIZE
-            and x.is_contiguous(memory_format=memory_format))
+    """Whether autograd would ask ATen's backward of the channels-last ``x`` for ``dweight``/``dbias`` summed in long
+    runs. (The plane size is read from the shape: x[0, 0] on an input that requires grad records two selects, 2 µs.)"""
+    return (((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
+            and math.prod(x.shape[2:]) >= _SEQUENTIAL_PLANE_SIZE)
 
 
 # Spatial positions per partial sum of the per-(sample, channel) sums: ATen's batch-norm backward adds the rows of its
@@ -134,15 +134,139 @@ def _input_grad(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, r
     return torch.addcmul(shift, dy_coef, dy).addcmul_(x_coef, x)
 
 
+# ATen's channels-last forward (``GroupNormKernelImplChannelsLastInternal``) takes each (sample, group)'s variance as
+# E[x²] − E[x]² from fp32 sums, the sums of a plane's positions added one after another: its relative error in the
+# variance grows with k = mean²/(var + eps) (the cancellation) and with the run length. Fitted to its measured output
+# errors (fp32, one thread; 1×512×64×64, 2×320×32×32, 1×64×64×64, 8×1280×8×8, 1×128×128×128, inputs N(0, 1) + shift,
+# docs/group_norm.md), the error relative to the fp32 bound of the tests (2× the reference's + the fp32 tolerance)
+# follows (1 + k)·(8 + sqrt(H·W·G/C)): at most 0.37 of the bound where that product is ≤ 64 (up to 0.83 from 68 to
+# 146, over the bound at 179 and from 237 up); checked after the fit at 1×512×128×128 (0.21 at k = 0, 0.53 at
+# k = 0.25: product 50, the worst trusted case measured) and 2×64×16×16×16 (0.16 at k = 0, 0.47 at 1.07: untrusted).
+# Two threads gave the same or smaller errors. Above _TRUSTED_SPREAD the accurate path recomputes the statistics.
+_TRUSTED_SPREAD = 64.0
+# fp64 (ATen's same kernel in fp64; the tests' fp64 tolerance is 1e-7): measured at 1×64×64×64, the product 5.3e7
+# (k = 1e6) gave 1.1e-8 from the exact result, 5.3e9 (k = 1e8) 1.2e-6.
+_DTYPE_SPREAD = {torch.float32: _TRUSTED_SPREAD, torch.float64: 2.0 ** 26}
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """Whether ATen's group norm reads ``x`` as channels-last (4-D or 5-D, not also NCHW-contiguous)."""
+    memory_format = _CHANNELS_LAST_FORMATS.get(x.dim())
+    return memory_format is not None and not x.is_contiguous() and x.is_contiguous(memory_format=memory_format)
+
+
+def _max_abs_product(mean: Tensor, rstd: Tensor) -> float:
+    """``max |mean| · max rstd`` (at least ``max |mean·rstd|``) of ATen's fresh, contiguous ``(N, G)`` statistics.
+    Right after the big kernel every cache holds its data and whatever runs next pays for that: at 2×320×32×32
+    ``float((mean * rstd).abs().max())`` cost the call 29-37 µs, ``max |mean·rstd|`` of the values read from raw memory
+    (as :func:`normlayers.cpu._common.all_positive_finite` reads its own) 18-27 µs, this 10-13 µs (medians of 201-301
+    interleaved calls, load average 0.2-0.8)."""
+    if _READ_RAW_BYTES and type(mean) is Tensor and type(rstd) is Tensor:
+        try:
+            means = memoryview(ctypes.string_at(mean.data_ptr(), mean.nbytes)).cast(_TYPECODES[mean.dtype])
+            rstds = memoryview(ctypes.string_at(rstd.data_ptr(), rstd.nbytes)).cast(_TYPECODES[rstd.dtype])
+        except RuntimeError:  # no storage (a tensor of a torch.func transform): its values through torch
+            pass
+        else:
+            return max(max(means), -min(means)) * max(rstds)
+    return float(mean.abs().max() * rstd.max())
+
+
+_READ_RAW_BYTES = sys.byteorder == "little"
+_TYPECODES = {torch.float32: "f", torch.float64: "d"}
+
+
+def _max_trusted_product(x: Tensor, num_groups: int) -> float:
+    """The largest ``max |mean·rstd|`` of ATen's channels-last statistics of ``x`` that :data:`_TRUSTED_SPREAD`
+    trusts: ``(1 + k)·(8 + sqrt(H·W·G/C)) ≤ 64``, ``k = (mean·rstd)²``, solved for ``sqrt(k)`` (computed before the
+    kernel, while the interpreter's caches are warm)."""
+    n, c = x.shape[:2]
+    run_spread = 8.0 + math.sqrt(x.numel() // (n * c) * num_groups / c)
+    return math.sqrt(max(_DTYPE_SPREAD[x.dtype] / run_spread - 1.0, 0.0))
+
+
+def _group_moments(centred: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance, ``(N, G)``, of each (sample, group) of a channels-last tensor, from two-pass
+    per-column moments: a sample's first ``runs · 256`` positions, viewed as a ``(256, runs · C)`` matrix as in
+    :func:`_per_channel_sums`, and its last ``positions mod 256`` as ``(rest, C)``, go through ATen's batch-norm
+    statistics (``batch_norm_update_stats``: the column means, then the mean squared deviations from them, runs of at
+    most 256 additions), and the parts of a group combine by the law of total variance (equal-weighted parts of their
+    counts: no cancellation)."""
+    n, c = centred.shape[:2]
+    positions = centred.numel() // (n * c)
+    runs = positions // _RUN_LENGTH
+    head = runs * _RUN_LENGTH
+    rows = centred.movedim(1, -1).reshape(n, positions, c)  # (N, positions, C) view
+    blocks = ([(slice(0, head), (_RUN_LENGTH, runs * c))] if runs else []) + (
+        [(slice(head, positions), (positions - head, c))] if head < positions else [])
+    means, variances = [], []
+    for sample in range(n):
+        for block, shape in blocks:
+            mean, var = torch.batch_norm_update_stats(rows[sample, block].view(shape), None, None, 0.0)
+            means.append(mean)
+            variances.append(var)
+    # (N, parts, G, C/G), each part's count ÷ the group's
+    weights = centred.new_tensor([_RUN_LENGTH] * runs + [positions - head] * (head < positions))
+    weights = weights.div_(positions * (c // num_groups)).view(1, -1, 1, 1)
+    means, variances = (torch.cat(t).view(n, -1, num_groups, c // num_groups) for t in (means, variances))
+    group_mean = (means * weights).sum((1, 3))
+    deviations = means - group_mean[:, None, :, None]
+    group_var = (torch.addcmul(variances, deviations, deviations) * weights).sum((1, 3))
+    return group_mean, group_var
+
+
+def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                          y: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Overwrite ``y`` (ATen's output buffer, channels-last) with the group norm of ``x`` from accurate statistics,
+    given ATen's group ``mean`` (off by a few ulps at most: a sum, without the variance's cancellation); return the
+    ``(N, G)`` mean and rstd.
+
+    ``y = x − mean`` first (exact where ``x`` is within a factor 2 of the mean: Sterbenz), so the moments of
+    :func:`_group_moments` and the affine map ``y = A·y + B`` are of centred values: no term of the size of the
+    mean is rounded, whatever the offset. Three passes over ``y`` and two reads of it for the moments."""
+    n, c = x.shape[:2]
+    spatial = [1] * (x.dim() - 2)
+
+    def per_channel(t: Tensor) -> Tensor:  # (N, G) -> (N, C, 1, …)
+        return t.repeat_interleave(c // num_groups, 1).view(n, c, *spatial)
+
+    centred = torch.sub(x, per_channel(mean), out=y)
+    offset, var = _group_moments(centred, num_groups)
+    rstd = var.add_(eps).rsqrt_()
+    scale = per_channel(rstd)
+    if weight is not None:
+        scale = scale * weight.view(c, *spatial)
+    shift = -scale * per_channel(offset)
+    if bias is not None:
+        shift = shift.add_(bias.view(c, *spatial))
+    torch.addcmul(shift, centred, scale, out=centred)
+    return mean + offset, rstd
+
+
+def _aten_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """ATen's group norm of a channels-last ``x`` (recorded by autograd where its inputs require grad), and whether
+    its statistics are trusted (:func:`_max_trusted_product`; NaN statistics give a NaN output either way):
+    ``(y, mean, rstd, trusted)``."""
+    n, c = x.shape[:2]
+    max_product = _max_trusted_product(x, num_groups)
+    y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)
+    return y, mean, rstd, _max_abs_product(mean, rstd) <= max_product
+
+
 class _ChannelsLastGroupNormFunction(torch.autograd.Function):
-    """ATen's forward; the backward from per-(sample, channel) sums in short runs (:func:`_per_channel_sums`):
-    ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`)."""
+    """A channels-last input under autograd whose forward statistics are not trusted or whose parameter gradients
+    ATen would sum in long runs (:func:`_needs_accurate_param_grads`): the forward is ATen's (given, detached:
+    ``aten``), redone by :func:`_accurate_group_norm_` where untrusted; the backward from per-(sample, channel) sums
+    in short runs (:func:`_per_channel_sums`): ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the
+    forward's statistics."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float) -> Tensor:
-        n, c = x.shape[:2]
-        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), num_groups, eps)
+    def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                aten: tuple[Tensor, Tensor, Tensor, bool]) -> Tensor:
+        y, mean, rstd, trusted = aten
+        if not trusted:
+            mean, rstd = _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.eps = num_groups, eps
         return y
@@ -150,19 +274,19 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        needs_dx, _, needs_dweight, needs_dbias, _ = ctx.needs_input_grad
+        needs_dx, _, needs_dweight, needs_dbias, _, _ = ctx.needs_input_grad
         if torch.is_grad_enabled():  # a double backward: the saved statistics hold no graph, so autograd from x
             leaves = [t for t, need in zip((x, weight, bias), (needs_dx, needs_dweight, needs_dbias)) if need]
             with torch.enable_grad():
                 y = torch.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, True)
                 grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True))
             return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
-                    next(grads) if needs_dbias else None, None)
-        dy = dy.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+                    next(grads) if needs_dbias else None, None, None)
+        dy = dy.contiguous(memory_format=_CHANNELS_LAST_FORMATS[x.dim()])
         xhat_sums, dy_sums = _per_channel_sums(dy, x, mean, rstd)
         dx = _input_grad(dy, x, weight, mean, rstd, xhat_sums, dy_sums) if needs_dx else None
         return (dx, None, xhat_sums.sum(0) if needs_dweight else None, dy_sums.sum(0) if needs_dbias else None,
-                None)
+                None, None)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -173,10 +297,16 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
     # torch.group_norm is F.group_norm without its Python-side checks, which normlayers.functional has made (its
     # last argument, cudnn_enabled, is deprecated and unused by ATen: F.group_norm's read of the flag is skipped).
-    if _needs_accurate_param_grads(x, weight, bias):
-        y = _ChannelsLastGroupNormFunction.apply(x, num_groups, weight, bias, eps)
-    else:
+    if not _is_channels_last(x) or torch.compiler.is_compiling():  # (inductor compiles its own statistics)
         y = torch.group_norm(x, num_groups, weight, bias, eps, True)
+    else:
+        y, mean, rstd, trusted = _aten_forward(x, num_groups, weight, bias, eps)
+        if y.requires_grad and not (trusted and not _needs_accurate_param_grads(x, weight, bias)):
+            # ATen's autograd graph is dropped; the Function's forward starts from its (detached) results
+            y = _ChannelsLastGroupNormFunction.apply(x, num_groups, weight, bias, eps,
+                                                     (y.detach(), mean.detach(), rstd.detach(), trusted))
+        elif not trusted:
+            _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
     if act in _IN_PLACE_ACTIVATIONS and not y.requires_grad:
         # Outside autograd nothing else reads the norm's output: activate it in place, saving a buffer and its
         # traffic.
