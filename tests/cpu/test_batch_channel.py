@@ -231,7 +231,7 @@ def test_raw_plane_moments_within_their_bound(dtype, hw):
     x[0, 0] = 0
     moments = cpu_bcn._raw_plane_moments(x)
     assert moments is not None
-    mean, var = moments
+    mean, var = (torch.from_numpy(m) for m in moments)  # host arrays
     mean64, var64 = _moments64(x)
     roundoff = torch.finfo(dtype).eps / 2
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (4, 6)
@@ -278,3 +278,81 @@ def test_low_precision_statistics_route(dtype, mode, offset, monkeypatch):
 
 
 plane_moments = cpu_bcn._plane_moments
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_training_updates_the_buffers_in_place(dtype, monkeypatch):
+    """The fused path's statistics algebra runs on the host; its batch statistics reach the buffers themselves (same
+    memory, version counters moved, as F.batch_norm's update), at the reference's values."""
+    monkeypatch.setattr(cpu_bcn, "_composite", lambda *args, **kwargs: pytest.fail("the composite ran"))
+    x = nchw_input(3, C, 4, 4, torch.float32).to(dtype)
+    buffers, expected = _buffers(torch.float32), _buffers(torch.float32)
+    pointers, versions = [t.data_ptr() for t in buffers], [t._version for t in buffers]
+    for backend, (running_mean, running_var, tracked) in (("auto", buffers), ("reference", expected)):
+        with normlayers.backend(backend):
+            NF.batch_channel_norm(x, running_mean, running_var, *_params(dtype), training=True, num_groups=G,
+                                  num_batches_tracked=tracked)
+    assert [t.data_ptr() for t in buffers] == pointers
+    assert all(t._version > version for t, version in zip(buffers, versions))
+    for ours, reference in zip(buffers[:2], expected[:2]):
+        assert_close(ours, reference)
+    assert torch.equal(buffers[2], expected[2])
+
+
+def test_eval_double_backward_reads_the_forward_statistics():
+    """In eval the batch stage's statistics are the running buffers: the fused forward keeps copies of them, so an
+    update of the buffers between the forward and a (double) backward, e.g. another training call, does not reach
+    the gradients."""
+    x = nchw_input(2, C, 3, 3, torch.float32).to(torch.bfloat16).requires_grad_()
+    running_mean, running_var, _ = _buffers(torch.float32)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+    y = NF.batch_channel_norm(x, running_mean, running_var, *_params(torch.bfloat16), num_groups=G)
+    first = torch.autograd.grad(y, x, dy, create_graph=True, retain_graph=True)[0]
+    running_mean.add_(1.0)
+    running_var.mul_(4.0)
+    second = torch.autograd.grad(y, x, dy, create_graph=True)[0]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fake_tensors_run_the_reference(training):
+    """A FakeTensor has no values to read on the host: the reference runs (shape and dtype only)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, C, 3, 3, dtype=torch.bfloat16)
+        running_mean, running_var = torch.zeros(C), torch.ones(C)
+        y = NF.batch_channel_norm(x, running_mean, running_var, *_params(torch.bfloat16), training=training,
+                                  num_groups=G)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_vmap_runs_the_reference(training):
+    """Under ``torch.func.vmap`` the tensors are wrapped (no storage to read): the reference runs, and each sample's
+    output matches a plain call's by the low-precision rule."""
+    x = nchw_input(4, C, 3, 3, torch.float32).view(2, 2, C, 3, 3).to(torch.bfloat16)
+    running_mean, running_var, _ = _buffers(torch.float32)
+    params = _params(torch.bfloat16)
+
+    def call(sample, backend="auto"):
+        with normlayers.backend(backend):
+            return NF.batch_channel_norm(sample, None if training else running_mean,
+                                         None if training else running_var, *params, training=training, num_groups=G)
+
+    mapped = torch.func.vmap(call)(x)
+    for i in range(2):
+        assert_lowprec_close(mapped[i], call(x[i]), call(x[i].double(), "reference"))
+
+
+def test_eval_gradient_of_running_statistics_matches_reference():
+    """A gradient for the running statistics (eval; ATen's norms refuse one) comes from the reference's autograd."""
+    x = nchw_input(2, C, 3, 3, torch.float32).to(torch.bfloat16)
+    grads = {}
+    for backend in ("auto", "reference"):
+        running_mean, running_var = (t.requires_grad_() for t in _buffers(torch.float32)[:2])
+        with normlayers.backend(backend):
+            y = NF.batch_channel_norm(x, running_mean, running_var, *_params(torch.bfloat16), num_groups=G)
+        grads[backend] = torch.autograd.grad(y.float().square().sum(), (running_mean, running_var))
+    for ours, reference in zip(grads["auto"], grads["reference"]):
+        assert torch.equal(ours, reference)
