@@ -92,6 +92,16 @@ def test_nchw_accurate_backward_of_any_subset_matches_the_reference(requires_gra
                                         fast_mode=True)
 
 
+def test_nchw_offset_input_under_torch_func_grad_is_atens():
+    """Under ``torch.func.grad`` (wrapped tensors, no storage: the autograd.Function cannot take them) NCHW input offset
+    by 5 keeps ATen's backward: the gradient of ``F.group_norm``, bit for bit."""
+    x, weight, bias = _inputs((2, 64, 12, 10))
+    x = (x + 5).contiguous()
+    ours = torch.func.grad(lambda t: NF.group_norm(t, 32, weight, bias, 1e-5, None).pow(2).sum())(x)
+    expected = torch.func.grad(lambda t: torch.nn.functional.group_norm(t, 32, weight, bias, 1e-5).pow(2).sum())(x)
+    assert torch.equal(ours, expected)
+
+
 def _input_grad_closed_form(x, dy, weight, mean, rstd, dtype):
     """Group norm's ``dx = r·(g − E[g] − x̂·E[g·x̂])``, ``g = γ·dy``, ``x̂ = (x − μ)·r``, from the given ``(N, G)``
     statistics, evaluated in ``dtype`` (centred first, means by torch's reductions)."""

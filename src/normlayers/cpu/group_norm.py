@@ -339,6 +339,16 @@ class _GroupNormFunction(torch.autograd.Function):
                 None, None)
 
 
+def _has_storage(x: Tensor) -> bool:
+    """Whether ``x`` has storage: not a tensor of a ``torch.func`` transform (which :class:`_GroupNormFunction`, an
+    autograd.Function without ``setup_context``, cannot take: NCHW input there keeps ATen's backward unchecked)."""
+    try:
+        x.data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _records_graph(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
     """Whether autograd records the norm of ``x``: grad mode on and an input that requires grad."""
     return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
@@ -355,7 +365,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     # last argument, cudnn_enabled, is deprecated and unused by ATen: F.group_norm's read of the flag is skipped).
     channels_last = _is_channels_last(x)
     # NCHW: ATen's forward unchecked (two-pass statistics), its backward checked (contiguous input under autograd)
-    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and _records_graph(x, weight, bias))):
+    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and _records_graph(x, weight, bias)
+                                                               and _has_storage(x))):
         y = torch.group_norm(x, num_groups, weight, bias, eps, True)  # (inductor compiles its own statistics)
     else:
         y, mean, rstd, trusted = _aten_forward(x, num_groups, weight, bias, eps)
