@@ -6,7 +6,7 @@ PyTorch allocates two). fp16/bf16 input is normalized and activated in fp32 and 
 the reference and the kernels do (eager bf16 rounds the norm's output before the activation). Argument checks live in
 :mod:`normlayers.functional`.
 
-Two exceptions to "ATen's ops", both for channels-last input. First, the forward where ATen's statistics are not
+Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
 trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]²
 from fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
 (:func:`_max_trusted_product`) and, where they fail, :func:`_accurate_group_norm_` recomputes the output from centred
@@ -15,9 +15,13 @@ for (or of any untrusted forward). There ATen's backward (aten/src/ATen/native/c
 ``GroupNormBackwardKernelImplChannelsLastInternal``) splits the ``N·H·W`` rows among the threads and each thread adds
 its rows one after another into per-(sample, channel) sums, so on one thread every sum is a run of ``H·W`` fp32
 additions: at 1×512×64×64 its ``dweight`` is 8× further from the fp64 value than the reference's (2.6e-4 against
-3.2e-5), more than the twice-the-reference rule allows. :class:`_ChannelsLastGroupNormFunction` keeps the forward,
+3.2e-5), more than the twice-the-reference rule allows. :class:`_GroupNormFunction` keeps the forward,
 sums in runs of 256 positions (:func:`_per_channel_sums`) and computes ``dweight``, ``dbias`` and ``dx``
-(:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx`` pair) from those sums.
+(:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx`` pair) from those sums. Third, the
+backward of contiguous NCHW input whose group means are large against its spread: ATen's NCHW backward
+(``GroupNormBackwardKernelImplInternal``) takes ``Σ dy·x − mean·Σ dy``, which cancels; the forward's statistics are
+checked (:func:`_max_trusted_gradient_product`) and, where they fail, :class:`_GroupNormFunction` runs ATen's backward
+on the input centred about its exact group mean (:func:`_centred`).
 """
 
 from __future__ import annotations
@@ -215,6 +219,21 @@ def _group_moments(centred: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     return group_mean, group_var
 
 
+def _per_channel(x: Tensor, statistic: Tensor) -> Tensor:
+    """A ``(N, G)`` group statistic of ``x`` as ``(N, C, 1, …)``: each channel's group's value."""
+    n, c = x.shape[:2]
+    return statistic.repeat_interleave(c // statistic.shape[1], 1).view(n, c, *([1] * (x.dim() - 2)))
+
+
+def _centred(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``x − mean`` (each group's rounded mean; exact where ``x`` is within a factor 2 of it: Sterbenz) and the
+    ``(N, G)`` group means of that difference (small: torch's fp32 mean of centred values), whose sum with ``mean``
+    is the group's mean without the rounding of ``mean``: the input of a group norm backward that sees no offset."""
+    n = x.shape[0]
+    centred = x - _per_channel(x, mean)
+    return centred, centred.view(n, mean.shape[1], -1).mean(2)
+
+
 def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                           y: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """Overwrite ``y`` (ATen's output buffer, channels-last) with the group norm of ``x`` from accurate statistics,
@@ -224,12 +243,9 @@ def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     ``y = x − mean`` first (exact where ``x`` is within a factor 2 of the mean: Sterbenz), so the moments of
     :func:`_group_moments` and the affine map ``y = A·y + B`` are of centred values: no term of the size of the
     mean is rounded, whatever the offset. Three passes over ``y`` and two reads of it for the moments."""
-    n, c = x.shape[:2]
+    c = x.shape[1]
     spatial = [1] * (x.dim() - 2)
-
-    def per_channel(t: Tensor) -> Tensor:  # (N, G) -> (N, C, 1, …)
-        return t.repeat_interleave(c // num_groups, 1).view(n, c, *spatial)
-
+    per_channel = partial(_per_channel, x)
     centred = torch.sub(x, per_channel(mean), out=y)
     offset, var = _group_moments(centred, num_groups)
     rstd = var.add_(eps).rsqrt_()
@@ -243,23 +259,47 @@ def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     return mean + offset, rstd
 
 
+# ATen's NCHW backward (``GroupNormBackwardKernelImplInternal``) sums ``Σ dy·x`` and ``Σ dy`` over each plane and
+# takes ``dweight`` as ``Σ_n (Σ dy·x − mean·Σ dy)·rstd`` (and ``dx`` from the same sums): the subtraction cancels when
+# a group's mean is large against its spread, and the rounding of ``Σ dy·x`` grows with the plane. Measured
+# (docs/group_norm.md; fp32, one thread, input N(0, 1) + offset), its ``dweight`` error in units of the bound is
+# about 0.005·sqrt(k·H·W) above its error at offset 0 (0.06-0.36 on 8×1280×8×8 to 1×512×64×64, 0.69 at
+# 1×512×128×128), k = (mean·rstd)²: over the bound from sqrt(k·H·W) ≈ 130. ATen's backward is kept where
+# sqrt(k·H·W) ≤ 20, i.e. max |mean·rstd| ≤ 20 / sqrt(H·W) (the worst offset case measured there 0.16 of the bound).
+# fp64 (tolerance 1e-7): 2²⁰ times that; at 1×64×64×64 ATen's fp64 dweight is 0.065 of the tolerance from the fp64
+# reference at sqrt(k·H·W) = 6.5e7 (offset 10⁶), 0.61 at 6.5e8.
+_TRUSTED_GRADIENT_SPREAD = {torch.float32: 20.0, torch.float64: 20.0 * 2.0 ** 20}
+
+
+def _max_trusted_gradient_product(x: Tensor) -> float:
+    """The largest ``max |mean·rstd|`` of ATen's NCHW statistics of ``x`` for which its backward is kept
+    (:data:`_TRUSTED_GRADIENT_SPREAD`)."""
+    n, c = x.shape[:2]
+    return _TRUSTED_GRADIENT_SPREAD[x.dtype] / math.sqrt(x.numel() // (n * c))
+
+
 def _aten_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                   eps: float) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """ATen's group norm of a channels-last ``x`` (recorded by autograd where its inputs require grad), and whether
-    its statistics are trusted (:func:`_max_trusted_product`; NaN statistics give a NaN output either way):
-    ``(y, mean, rstd, trusted)``."""
+    """ATen's group norm of ``x`` (recorded by autograd where its inputs require grad), and whether its statistics
+    are trusted (NaN statistics give a NaN output either way): ``(y, mean, rstd, trusted)``. Channels-last: trusted
+    for ATen's forward (:func:`_max_trusted_product`); NCHW, whose forward statistics are two-pass: for ATen's
+    backward (:func:`_max_trusted_gradient_product`)."""
     n, c = x.shape[:2]
-    max_product = _max_trusted_product(x, num_groups)
+    max_product = (_max_trusted_product(x, num_groups) if _is_channels_last(x) else
+                   _max_trusted_gradient_product(x))
     y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)
     return y, mean, rstd, _max_abs_product(mean, rstd) <= max_product
 
 
-class _ChannelsLastGroupNormFunction(torch.autograd.Function):
-    """A channels-last input under autograd whose forward statistics are not trusted or whose parameter gradients
-    ATen would sum in long runs (:func:`_needs_accurate_param_grads`): the forward is ATen's (given, detached:
-    ``aten``), redone by :func:`_accurate_group_norm_` where untrusted; the backward from per-(sample, channel) sums
-    in short runs (:func:`_per_channel_sums`): ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the
-    forward's statistics."""
+class _GroupNormFunction(torch.autograd.Function):
+    """An input under autograd whose ATen backward is not trusted. The forward is ATen's (given, detached: ``aten``,
+    with whether its statistics are trusted), redone by :func:`_accurate_group_norm_` where untrusted.
+
+    Channels-last input whose forward statistics are not trusted or whose parameter gradients ATen would sum in long
+    runs (:func:`_needs_accurate_param_grads`): the backward from per-(sample, channel) sums in short runs
+    (:func:`_per_channel_sums`), ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the forward's
+    statistics. Contiguous NCHW input whose backward would cancel (:func:`_max_trusted_gradient_product`): ATen's
+    backward of the centred input (:func:`_centred`), one more elementwise pass and a reduction."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -282,11 +322,37 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True))
             return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
                     next(grads) if needs_dbias else None, None, None)
+        if not _is_channels_last(x):  # ATen's backward of x − mean about its exact group mean: nothing cancels
+            n, c = x.shape[:2]
+            centred, offset = _centred(x, mean)
+            dy = dy.contiguous()
+            dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
+                dy, centred, offset, rstd, weight, n, c, x.numel() // (n * c), ctx.num_groups,
+                [needs_dx, needs_dweight, needs_dbias and weight is not None])
+            if needs_dbias and weight is None:  # (ATen's backward fails when asked for it without a weight)
+                dbias = dy.sum([0, *range(2, dy.dim())])
+            return dx, None, dweight, dbias, None, None
         dy = dy.contiguous(memory_format=_CHANNELS_LAST_FORMATS[x.dim()])
         xhat_sums, dy_sums = _per_channel_sums(dy, x, mean, rstd)
         dx = _input_grad(dy, x, weight, mean, rstd, xhat_sums, dy_sums) if needs_dx else None
         return (dx, None, xhat_sums.sum(0) if needs_dweight else None, dy_sums.sum(0) if needs_dbias else None,
                 None, None)
+
+
+def _has_storage(x: Tensor) -> bool:
+    """Whether ``x`` has storage: not a tensor of a ``torch.func`` transform (which :class:`_GroupNormFunction`, an
+    autograd.Function without ``setup_context``, cannot take: NCHW input there keeps ATen's backward unchecked)."""
+    try:
+        x.data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _records_graph(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether autograd records the norm of ``x``: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -297,15 +363,18 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
     # torch.group_norm is F.group_norm without its Python-side checks, which normlayers.functional has made (its
     # last argument, cudnn_enabled, is deprecated and unused by ATen: F.group_norm's read of the flag is skipped).
-    if not _is_channels_last(x) or torch.compiler.is_compiling():  # (inductor compiles its own statistics)
-        y = torch.group_norm(x, num_groups, weight, bias, eps, True)
+    channels_last = _is_channels_last(x)
+    # NCHW: ATen's forward unchecked (two-pass statistics), its backward checked (contiguous input under autograd)
+    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and _records_graph(x, weight, bias)
+                                                               and _has_storage(x))):
+        y = torch.group_norm(x, num_groups, weight, bias, eps, True)  # (inductor compiles its own statistics)
     else:
         y, mean, rstd, trusted = _aten_forward(x, num_groups, weight, bias, eps)
-        if y.requires_grad and not (trusted and not _needs_accurate_param_grads(x, weight, bias)):
+        if y.requires_grad and not (trusted and not (channels_last and _needs_accurate_param_grads(x, weight, bias))):
             # ATen's autograd graph is dropped; the Function's forward starts from its (detached) results
-            y = _ChannelsLastGroupNormFunction.apply(x, num_groups, weight, bias, eps,
-                                                     (y.detach(), mean.detach(), rstd.detach(), trusted))
-        elif not trusted:
+            y = _GroupNormFunction.apply(x, num_groups, weight, bias, eps,
+                                         (y.detach(), mean.detach(), rstd.detach(), trusted or not channels_last))
+        elif not trusted:  # (channels-last)
             _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
     if act in _IN_PLACE_ACTIVATIONS and not y.requires_grad:
         # Outside autograd nothing else reads the norm's output: activate it in place, saving a buffer and its
