@@ -192,14 +192,20 @@ def _offset_errors(shape, offset, layout, act):
     return ours, expected, error_bounds(baseline, expected, torch.float32)
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 64, 64), (2, 64, 12, 10), (1, 64, 3, 30, 30)], ids=["64x64", "12x10", "3d"])
-def test_nchw_gradients_of_input_offset_by_1000_within_the_bound(shape):
-    """NCHW input offset by 1000 standard deviations: ``dx``, ``dweight`` and ``dbias`` within the fp32 bound (ATen's
-    backward: ``dweight`` 2.3-12× over it, ``dx`` 1.3-3.7×; ours without centring ``x`` about its exact group mean
-    first, from the rounded fp32 mean, ``dweight`` 1.08× on the 3-D input)."""
-    ours, expected, bounds = _offset_errors(shape, 1000.0, "contiguous", None)
-    for name in ("dx", "dweight", "dbias"):
-        assert max_abs_error(ours[name], expected[name]) <= bounds[name], name
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("shape", [(4, 64, 6, 6), (4, 64, 8, 8), (2, 64, 12, 10), (1, 64, 3, 30, 30), (1, 64, 64, 64)],
+                         ids=["4x6x6", "4x8x8", "12x10", "3d", "64x64"])
+def test_input_offset_by_1000_within_the_bound(shape, layout):
+    """Input offset by 1000 standard deviations: the output (training and inference) and ``dx``, ``dweight``,
+    ``dbias`` within the fp32 bound. NCHW: ATen's forward writes ``x·scale + shift``, both terms of the size of
+    ``mean·rstd``: 0.82-1.14 of the bound here (1.14 on 4×64×6×6), and its rstd fed ``dx`` at 1.31 on 4×64×8×8 before
+    the CPU tier recomputed both from the centred input; ATen's backward has ``dweight`` 2.3-12× over the bound,
+    ``dx`` 1.3-3.7×, and ours without centring ``x`` about its exact group mean first, from the rounded fp32 mean,
+    ``dweight`` 1.08× on the 3-D input. Channels-last: the backward runs from the recomputed statistics, its saved
+    mean rounded (measured at most 0.49 of the bound, ``dweight``)."""
+    ours, expected, bounds = _offset_errors(shape, 1000.0, layout, None)
+    for name, bound in bounds.items():
+        assert max_abs_error(ours[name], expected[name]) <= bound, name
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
