@@ -92,13 +92,19 @@ def test_nchw_accurate_backward_of_any_subset_matches_the_reference(requires_gra
                                         fast_mode=True)
 
 
-def test_nchw_offset_input_under_torch_func_grad_is_atens():
+def test_nchw_offset_input_under_torch_func_is_atens():
     """Under ``torch.func.grad`` (wrapped tensors, no storage: the autograd.Function cannot take them) NCHW input offset
-    by 5 keeps ATen's backward: the gradient of ``F.group_norm``, bit for bit."""
+    by 5 keeps ATen's backward: the gradient of ``F.group_norm``, bit for bit; under ``torch.func.vmap`` (whose
+    statistics cannot be read as numbers) input offset by 1000 keeps ATen's forward."""
     x, weight, bias = _inputs((2, 64, 12, 10))
     x = (x + 5).contiguous()
     ours = torch.func.grad(lambda t: NF.group_norm(t, 32, weight, bias, 1e-5, None).pow(2).sum())(x)
     expected = torch.func.grad(lambda t: torch.nn.functional.group_norm(t, 32, weight, bias, 1e-5).pow(2).sum())(x)
+    assert torch.equal(ours, expected)
+    batch = torch.stack((x, x)) + 995
+    with torch.no_grad():
+        ours = torch.func.vmap(lambda t: NF.group_norm(t, 32, weight, bias, 1e-5, None))(batch)
+        expected = torch.func.vmap(lambda t: torch.nn.functional.group_norm(t, 32, weight, bias, 1e-5))(batch)
     assert torch.equal(ours, expected)
 
 

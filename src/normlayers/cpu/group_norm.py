@@ -10,8 +10,10 @@ Three exceptions to "ATen's ops", two for channels-last input. First, the forwar
 trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]²
 from fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
 (:func:`_max_trusted_product`) and, where they fail, :func:`_accurate_group_norm` recomputes the output from centred
-two-pass moments. Second, the backward of planes of 2048 values or more, when the weight or bias gradient is asked
-for (or of any untrusted forward). There ATen's backward (aten/src/ATen/native/cpu/group_norm_kernel.cpp,
+two-pass moments. Its NCHW kernel's statistics are two-pass, but it writes ``x·scale + shift``, which rounds at the
+scale of ``mean·rstd``: where that is huge (:data:`_TRUSTED_AFFINE_PRODUCT`), :func:`_accurate_group_norm` runs it on
+the input centred about its group means. Second, the backward of planes of 2048 values or more, when the weight or
+bias gradient is asked for (or of any untrusted forward). There ATen's backward (aten/src/ATen/native/cpu/group_norm_kernel.cpp,
 ``GroupNormBackwardKernelImplChannelsLastInternal``) splits the ``N·H·W`` rows among the threads and each thread adds
 its rows one after another into per-(sample, channel) sums, so on one thread every sum is a run of ``H·W`` fp32
 additions: at 1×512×64×64 its ``dweight`` is 8× further from the fp64 value than the reference's (2.6e-4 against
@@ -319,7 +321,8 @@ class _GroupNormFunction(torch.autograd.Function):
     runs (:func:`_needs_accurate_param_grads`): the backward from per-(sample, channel) sums in short runs
     (:func:`_per_channel_sums`), ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the forward's
     statistics. Contiguous NCHW input whose backward would cancel (:func:`_max_trusted_gradient_product`): ATen's
-    backward of the centred input (:func:`_centred`), one more elementwise pass and a reduction."""
+    backward of the centred input (:func:`_centred`, about the group means the forward saved), one more elementwise
+    pass and a reduction."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -361,19 +364,14 @@ class _GroupNormFunction(torch.autograd.Function):
 
 
 def _has_storage(x: Tensor) -> bool:
-    """Whether ``x`` has storage: not a tensor of a ``torch.func`` transform (which :class:`_GroupNormFunction`, an
-    autograd.Function without ``setup_context``, cannot take: NCHW input there keeps ATen's backward unchecked)."""
+    """Whether ``x`` has storage: not a tensor of a ``torch.func`` transform (whose statistics ``vmap`` cannot read as
+    numbers, and which :class:`_GroupNormFunction`, an autograd.Function without ``setup_context``, cannot take: NCHW
+    input there runs ATen's forward and backward unchecked)."""
     try:
         x.data_ptr()
     except RuntimeError:
         return False
     return True
-
-
-def _records_graph(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Whether autograd records the norm of ``x``: grad mode on and an input that requires grad."""
-    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -385,9 +383,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     # torch.group_norm is F.group_norm without its Python-side checks, which normlayers.functional has made (its
     # last argument, cudnn_enabled, is deprecated and unused by ATen: F.group_norm's read of the flag is skipped).
     channels_last = _is_channels_last(x)
-    # NCHW: checked where contiguous (its output; its backward under autograd, except of torch.func tensors)
-    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and not (
-            _records_graph(x, weight, bias) and not _has_storage(x)))):
+    # NCHW: checked where contiguous (its output; its backward under autograd), except tensors of torch.func transforms
+    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and _has_storage(x))):
         y = torch.group_norm(x, num_groups, weight, bias, eps, True)  # (inductor compiles its own statistics)
     else:
         y, mean, rstd, forward_trusted, backward_trusted = _aten_forward(x, num_groups, weight, bias, eps)
