@@ -18,9 +18,9 @@ bias gradient is asked for (or of any untrusted forward). There ATen's backward
 ``N·H·W`` rows among the threads and each thread adds its rows one after another into per-(sample, channel) sums, so
 on one thread every sum is a run of ``H·W`` fp32 additions: at 1×512×64×64 its ``dweight`` is 8× further from the
 fp64 value than the reference's (2.6e-4 against 3.2e-5), more than the twice-the-reference rule allows.
-:class:`_GroupNormFunction` keeps the forward, sums in runs of 256 positions (:func:`_per_channel_sums`) and computes ``dweight``, ``dbias`` and ``dx``
-(:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx`` pair) from those sums. Third, the
-backward of contiguous NCHW input whose group means are large against its spread: ATen's NCHW backward
+:class:`_GroupNormFunction` keeps the forward, sums in runs of 256 positions (:func:`_per_channel_sums`) and
+computes ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`, two elementwise passes that replace ATen's
+sums-then-``dx`` pair) from those sums. Third, the backward of contiguous NCHW input whose group means are large against its spread: ATen's NCHW backward
 (``GroupNormBackwardKernelImplInternal``) takes ``Σ dy·x − mean·Σ dy``, which cancels; the forward's statistics are
 checked (:func:`_max_trusted_gradient_product`) and, where they fail, :class:`_GroupNormFunction` runs ATen's backward
 on the input centred about its exact group mean (:func:`_centred`).
