@@ -7,23 +7,23 @@ the reference and the kernels do (eager bf16 rounds the norm's output before the
 :mod:`normlayers.functional`.
 
 Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
-trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]²
-from fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
+trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]² from
+fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
 (:func:`_max_trusted_product`) and, where they fail, :func:`_accurate_group_norm` recomputes the output from centred
 two-pass moments. Its NCHW kernel's statistics are two-pass, but it writes ``x·scale + shift``, which rounds at the
 scale of ``mean·rstd``: where that is huge (:data:`_TRUSTED_AFFINE_PRODUCT`), :func:`_accurate_group_norm` runs it on
-the input centred about its group means. Second, the backward of planes of 2048 values or more, when the weight or
-bias gradient is asked for (or of any untrusted forward). There ATen's backward
+the input centred about its group means. Second, the backward of planes of 2048 values or more, when the weight or bias
+gradient is asked for (or of any untrusted forward). There ATen's backward
 (aten/src/ATen/native/cpu/group_norm_kernel.cpp, ``GroupNormBackwardKernelImplChannelsLastInternal``) splits the
-``N·H·W`` rows among the threads and each thread adds its rows one after another into per-(sample, channel) sums, so
-on one thread every sum is a run of ``H·W`` fp32 additions: at 1×512×64×64 its ``dweight`` is 8× further from the
-fp64 value than the reference's (2.6e-4 against 3.2e-5), more than the twice-the-reference rule allows.
-:class:`_GroupNormFunction` keeps the forward, sums in runs of 256 positions (:func:`_per_channel_sums`) and
-computes ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`, two elementwise passes that replace ATen's
-sums-then-``dx`` pair) from those sums. Third, the backward of contiguous NCHW input whose group means are large against its spread: ATen's NCHW backward
-(``GroupNormBackwardKernelImplInternal``) takes ``Σ dy·x − mean·Σ dy``, which cancels; the forward's statistics are
-checked (:func:`_max_trusted_gradient_product`) and, where they fail, :class:`_GroupNormFunction` runs ATen's backward
-on the input centred about its exact group mean (:func:`_centred`).
+``N·H·W`` rows among the threads and each thread adds its rows one after another into per-(sample, channel) sums, so on
+one thread every sum is a run of ``H·W`` fp32 additions: at 1×512×64×64 its ``dweight`` is 8× further from the fp64
+value than the reference's (2.6e-4 against 3.2e-5), more than the twice-the-reference rule allows.
+:class:`_GroupNormFunction` keeps the forward, sums in runs of 256 positions (:func:`_per_channel_sums`) and computes
+``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx``
+pair) from those sums. Third, the backward of contiguous NCHW input whose group means are large against its spread:
+ATen's NCHW backward (``GroupNormBackwardKernelImplInternal``) takes ``Σ dy·x − mean·Σ dy``, which cancels; the
+forward's statistics are checked (:func:`_max_trusted_gradient_product`) and, where they fail,
+:class:`_GroupNormFunction` runs ATen's backward on the input centred about its exact group mean (:func:`_centred`).
 """
 
 from __future__ import annotations
