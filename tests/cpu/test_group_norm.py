@@ -71,9 +71,11 @@ def test_channels_last_gradients_of_any_subset_match_the_reference(requires_grad
 @pytest.mark.parametrize("requires_grad", [(True, False, True), (False, True, False), (True, None, True)],
                          ids=["dx-dbias", "dweight", "no-weight"])
 def test_nchw_accurate_backward_of_any_subset_matches_the_reference(requires_grad, monkeypatch):
-    """NCHW input through the accurate backward (forced: no statistics trusted; fp64, offset 3) returns exactly the
-    gradients asked for, each matching autograd of the reference, 3-D input included; double backward too."""
+    """NCHW input through the accurate forward and backward (forced: no statistics trusted; fp64, offset 3) returns
+    the reference's output, training and inference, and exactly the gradients asked for, each matching autograd of the
+    reference, 3-D input included; double backward too."""
     monkeypatch.setitem(cpu_group_norm._TRUSTED_GRADIENT_SPREAD, torch.float64, 0.0)
+    monkeypatch.setitem(cpu_group_norm._TRUSTED_AFFINE_PRODUCT, torch.float64, 0.0)
     for shape in [(2, 64, 12, 10), (1, 64, 3, 5, 6)]:
         x, weight, bias = _inputs(shape, torch.float64)
         x = (x + 3).contiguous()
@@ -83,9 +85,12 @@ def test_nchw_accurate_backward_of_any_subset_matches_the_reference(requires_gra
         wanted = [t for t in leaves if t.requires_grad]
         y = NF.group_norm(x, 32, weight, bias, 1e-5, "silu")
         assert "_GroupNormFunction" in type(y.grad_fn.next_functions[0][0]).__name__ + type(y.grad_fn).__name__
+        y_expected = ref.group_norm(x, 32, weight, bias, 1e-5, "silu")
         ours = torch.autograd.grad(y, wanted, dy)
-        expected = torch.autograd.grad(ref.group_norm(x, 32, weight, bias, 1e-5, "silu"), wanted, dy)
-        for a, e in zip(ours, expected):
+        expected = torch.autograd.grad(y_expected, wanted, dy)
+        with torch.no_grad():
+            y_no_grad = NF.group_norm(x, 32, weight, bias, 1e-5, "silu")
+        for a, e in zip((y, y_no_grad, *ours), (y_expected, y_expected, *expected)):
             torch.testing.assert_close(a, e)
     assert torch.autograd.gradgradcheck(lambda *a: NF.group_norm(a[0], 1, *a[1:], 1e-5, "silu"),
                                         [t.detach().requires_grad_() for t in _inputs((1, 2, 4, 6), torch.float64)],
