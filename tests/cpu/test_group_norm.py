@@ -70,7 +70,7 @@ def test_channels_last_gradients_of_any_subset_match_the_reference(requires_grad
 
 @pytest.mark.parametrize("requires_grad", [(True, False, True), (False, True, False), (True, None, True)],
                          ids=["dx-dbias", "dweight", "no-weight"])
-def test_nchw_accurate_backward_of_any_subset_matches_the_reference(requires_grad, monkeypatch):
+def test_nchw_accurate_path_of_any_subset_matches_the_reference(requires_grad, monkeypatch):
     """NCHW input through the accurate forward and backward (forced: no statistics trusted; fp64, offset 3) returns
     the reference's output, training and inference, and exactly the gradients asked for, each matching autograd of the
     reference, 3-D input included; double backward too."""
