@@ -7,21 +7,23 @@ the reference and the kernels do (eager bf16 rounds the norm's output before the
 :mod:`normlayers.functional`.
 
 Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
-trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]²
-from fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
-(:func:`_max_trusted_product`) and, where they fail, :func:`_accurate_group_norm_` recomputes the output from centred
-two-pass moments. Second, the backward of planes of 2048 values or more, when the weight or bias gradient is asked
-for (or of any untrusted forward). There ATen's backward (aten/src/ATen/native/cpu/group_norm_kernel.cpp,
-``GroupNormBackwardKernelImplChannelsLastInternal``) splits the ``N·H·W`` rows among the threads and each thread adds
-its rows one after another into per-(sample, channel) sums, so on one thread every sum is a run of ``H·W`` fp32
-additions: at 1×512×64×64 its ``dweight`` is 8× further from the fp64 value than the reference's (2.6e-4 against
-3.2e-5), more than the twice-the-reference rule allows. :class:`_GroupNormFunction` keeps the forward,
-sums in runs of 256 positions (:func:`_per_channel_sums`) and computes ``dweight``, ``dbias`` and ``dx``
-(:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx`` pair) from those sums. Third, the
-backward of contiguous NCHW input whose group means are large against its spread: ATen's NCHW backward
-(``GroupNormBackwardKernelImplInternal``) takes ``Σ dy·x − mean·Σ dy``, which cancels; the forward's statistics are
-checked (:func:`_max_trusted_gradient_product`) and, where they fail, :class:`_GroupNormFunction` runs ATen's backward
-on the input centred about its exact group mean (:func:`_centred`).
+trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]² from
+fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
+(:func:`_max_trusted_product`) and, where they fail, :func:`_accurate_group_norm` recomputes the output from centred
+two-pass moments. Its NCHW kernel's statistics are two-pass, but it writes ``x·scale + shift``, which rounds at the
+scale of ``mean·rstd``: where that is huge (:data:`_TRUSTED_AFFINE_PRODUCT`), :func:`_accurate_group_norm` runs it on
+the input centred about its group means. Second, the backward of planes of 2048 values or more, when the weight or bias
+gradient is asked for (or of any untrusted forward). There ATen's backward
+(aten/src/ATen/native/cpu/group_norm_kernel.cpp, ``GroupNormBackwardKernelImplChannelsLastInternal``) splits the
+``N·H·W`` rows among the threads and each thread adds its rows one after another into per-(sample, channel) sums, so on
+one thread every sum is a run of ``H·W`` fp32 additions: at 1×512×64×64 its ``dweight`` is 8× further from the fp64
+value than the reference's (2.6e-4 against 3.2e-5), more than the twice-the-reference rule allows.
+:class:`_GroupNormFunction` keeps the forward, sums in runs of 256 positions (:func:`_per_channel_sums`) and computes
+``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`, two elementwise passes that replace ATen's sums-then-``dx``
+pair) from those sums. Third, the backward of contiguous NCHW input whose group means are large against its spread:
+ATen's NCHW backward (``GroupNormBackwardKernelImplInternal``) takes ``Σ dy·x − mean·Σ dy``, which cancels; the
+forward's statistics are checked (:func:`_max_trusted_gradient_product`) and, where they fail,
+:class:`_GroupNormFunction` runs ATen's backward on the input centred about its exact group mean (:func:`_centred`).
 """
 
 from __future__ import annotations
@@ -225,28 +227,32 @@ def _per_channel(x: Tensor, statistic: Tensor) -> Tensor:
     return statistic.repeat_interleave(c // statistic.shape[1], 1).view(n, c, *([1] * (x.dim() - 2)))
 
 
-def _centred(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
-    """``x − mean`` (each group's rounded mean; exact where ``x`` is within a factor 2 of it: Sterbenz) and the
-    ``(N, G)`` group means of that difference (small: torch's fp32 mean of centred values), whose sum with ``mean``
-    is the group's mean without the rounding of ``mean``: the input of a group norm backward that sees no offset."""
-    n = x.shape[0]
-    centred = x - _per_channel(x, mean)
-    return centred, centred.view(n, mean.shape[1], -1).mean(2)
+def _centred(x: Tensor, mean: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``x − mean`` (into ``out`` if given), each group's rounded ``(N, G)`` mean taken off (exact where ``x`` is within
+    a factor 2 of it: Sterbenz): an input with the group norm of ``x`` whose group means are small against its
+    spread."""
+    return torch.sub(x, _per_channel(x, mean), out=out)
 
 
-def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                          y: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
-    """Overwrite ``y`` (ATen's output buffer, channels-last) with the group norm of ``x`` from accurate statistics,
-    given ATen's group ``mean`` (off by a few ulps at most: a sum, without the variance's cancellation); return the
-    ``(N, G)`` mean and rstd.
+def _accurate_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                         y: Tensor, mean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The group norm of ``x`` with no term of the size of its group means rounded, given ATen's output ``y`` and
+    group ``mean`` (off by a few ulps at most: a sum, without the variance's cancellation): ``(y, mean, rstd)``, the
+    ``(N, G)`` statistics of ``x``.
 
-    ``y = x − mean`` first (exact where ``x`` is within a factor 2 of the mean: Sterbenz), so the moments of
-    :func:`_group_moments` and the affine map ``y = A·y + B`` are of centred values: no term of the size of the
-    mean is rounded, whatever the offset. Three passes over ``y`` and two reads of it for the moments."""
-    c = x.shape[1]
+    ``x`` is centred about ``mean`` first (:func:`_centred`). NCHW: ATen's forward of the centred input (two-pass
+    statistics of small values; its ``x·scale + shift`` rounds at their scale, not the mean's), one more pass and a
+    new output. Channels-last (ATen's statistics are E[x²] − E[x]²): ``y`` is overwritten, ``y = x − mean`` there,
+    the moments of :func:`_group_moments` and the affine map ``y = A·y + B`` of those centred values; three passes
+    over ``y`` and two reads of it for the moments."""
+    n, c = x.shape[:2]
+    if not _is_channels_last(x):
+        y, offset, rstd = torch.native_group_norm(_centred(x, mean), weight, bias, n, c, x.numel() // (n * c),
+                                                  num_groups, eps)
+        return y, mean + offset, rstd
     spatial = [1] * (x.dim() - 2)
     per_channel = partial(_per_channel, x)
-    centred = torch.sub(x, per_channel(mean), out=y)
+    centred = _centred(x, mean, out=y)
     offset, var = _group_moments(centred, num_groups)
     rstd = var.add_(eps).rsqrt_()
     scale = per_channel(rstd)
@@ -256,7 +262,7 @@ def _accurate_group_norm_(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     if bias is not None:
         shift = shift.add_(bias.view(c, *spatial))
     torch.addcmul(shift, centred, scale, out=centred)
-    return mean + offset, rstd
+    return y, mean + offset, rstd
 
 
 # ATen's NCHW backward (``GroupNormBackwardKernelImplInternal``) sums ``Σ dy·x`` and ``Σ dy`` over each plane and
@@ -278,35 +284,52 @@ def _max_trusted_gradient_product(x: Tensor) -> float:
     return _TRUSTED_GRADIENT_SPREAD[x.dtype] / math.sqrt(x.numel() // (n * c))
 
 
+# ATen's NCHW forward takes two-pass statistics but writes ``y = x·scale + shift`` (``scale = γ·rstd``,
+# ``shift = β − mean·scale``): both terms are of the size of ``mean·rstd`` and round at that scale. Measured (fp32,
+# one thread, input N(0, 1) + offset; 2×320×32×32, 8×1280×8×8, 2×64×12×10, 4×64×8×8, three inputs each), its output
+# error in units of the bound is 0.12-0.16 at max |mean·rstd| 10-12, 0.21-0.30 at 31-35, 0.31-0.44 at 51-59,
+# 0.47-0.62 at 102-118, 0.69-0.97 at 306-355, 0.85-1.35 at 1021-1182 (the fp32 reference's mean rounds at the
+# offset's scale too, so the ratio levels off near 1). ATen's output is kept where max |mean·rstd| ≤ 64; above it
+# is recomputed from the centred input (:func:`_accurate_group_norm`). fp64: 2²⁰ times that (0.15-0.29 of the fp64
+# bound at 1.1-1.2e8, 1.3-1.9 at 1.1-1.2e9). Above every NCHW backward threshold: such an input is recomputed
+# under autograd by :class:`_GroupNormFunction`.
+_TRUSTED_AFFINE_PRODUCT = {torch.float32: 64.0, torch.float64: 64.0 * 2.0 ** 20}
+
+
 def _aten_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                  eps: float) -> tuple[Tensor, Tensor, Tensor, bool]:
+                  eps: float) -> tuple[Tensor, Tensor, Tensor, bool, bool]:
     """ATen's group norm of ``x`` (recorded by autograd where its inputs require grad), and whether its statistics
-    are trusted (NaN statistics give a NaN output either way): ``(y, mean, rstd, trusted)``. Channels-last: trusted
-    for ATen's forward (:func:`_max_trusted_product`); NCHW, whose forward statistics are two-pass: for ATen's
-    backward (:func:`_max_trusted_gradient_product`)."""
+    are trusted for its output and for its backward (NaN statistics give a NaN output either way):
+    ``(y, mean, rstd, forward_trusted, backward_trusted)``. Channels-last: both by :func:`_max_trusted_product`; NCHW,
+    whose forward statistics are two-pass: its output by :data:`_TRUSTED_AFFINE_PRODUCT`, its backward by
+    :func:`_max_trusted_gradient_product`."""
     n, c = x.shape[:2]
-    max_product = (_max_trusted_product(x, num_groups) if _is_channels_last(x) else
-                   _max_trusted_gradient_product(x))
+    if _is_channels_last(x):
+        max_forward_product = max_backward_product = _max_trusted_product(x, num_groups)
+    else:
+        max_forward_product, max_backward_product = _TRUSTED_AFFINE_PRODUCT[x.dtype], _max_trusted_gradient_product(x)
     y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)
-    return y, mean, rstd, _max_abs_product(mean, rstd) <= max_product
+    product = _max_abs_product(mean, rstd)
+    return y, mean, rstd, product <= max_forward_product, product <= max_backward_product
 
 
 class _GroupNormFunction(torch.autograd.Function):
     """An input under autograd whose ATen backward is not trusted. The forward is ATen's (given, detached: ``aten``,
-    with whether its statistics are trusted), redone by :func:`_accurate_group_norm_` where untrusted.
+    with whether its statistics are trusted), redone by :func:`_accurate_group_norm` where untrusted.
 
     Channels-last input whose forward statistics are not trusted or whose parameter gradients ATen would sum in long
     runs (:func:`_needs_accurate_param_grads`): the backward from per-(sample, channel) sums in short runs
     (:func:`_per_channel_sums`), ``dweight``, ``dbias`` and ``dx`` (:func:`_input_grad`), from the forward's
     statistics. Contiguous NCHW input whose backward would cancel (:func:`_max_trusted_gradient_product`): ATen's
-    backward of the centred input (:func:`_centred`), one more elementwise pass and a reduction."""
+    backward of the centred input (:func:`_centred`, about the group means the forward saved), one more elementwise
+    pass and a reduction."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                 aten: tuple[Tensor, Tensor, Tensor, bool]) -> Tensor:
         y, mean, rstd, trusted = aten
         if not trusted:
-            mean, rstd = _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
+            y, mean, rstd = _accurate_group_norm(x, num_groups, weight, bias, eps, y, mean)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.eps = num_groups, eps
         return y
@@ -324,7 +347,8 @@ class _GroupNormFunction(torch.autograd.Function):
                     next(grads) if needs_dbias else None, None, None)
         if not _is_channels_last(x):  # ATen's backward of x − mean about its exact group mean: nothing cancels
             n, c = x.shape[:2]
-            centred, offset = _centred(x, mean)
+            centred = _centred(x, mean)  # and its group means: with ``mean``, x's without the rounding of ``mean``
+            offset = centred.view(n, ctx.num_groups, -1).mean(2)
             dy = dy.contiguous()
             dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
                 dy, centred, offset, rstd, weight, n, c, x.numel() // (n * c), ctx.num_groups,
@@ -340,19 +364,14 @@ class _GroupNormFunction(torch.autograd.Function):
 
 
 def _has_storage(x: Tensor) -> bool:
-    """Whether ``x`` has storage: not a tensor of a ``torch.func`` transform (which :class:`_GroupNormFunction`, an
-    autograd.Function without ``setup_context``, cannot take: NCHW input there keeps ATen's backward unchecked)."""
+    """Whether ``x`` has storage: not a tensor of a ``torch.func`` transform (whose statistics ``vmap`` cannot read as
+    numbers, and which :class:`_GroupNormFunction`, an autograd.Function without ``setup_context``, cannot take: NCHW
+    input there runs ATen's forward and backward unchecked)."""
     try:
         x.data_ptr()
     except RuntimeError:
         return False
     return True
-
-
-def _records_graph(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Whether autograd records the norm of ``x``: grad mode on and an input that requires grad."""
-    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -364,18 +383,18 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     # torch.group_norm is F.group_norm without its Python-side checks, which normlayers.functional has made (its
     # last argument, cudnn_enabled, is deprecated and unused by ATen: F.group_norm's read of the flag is skipped).
     channels_last = _is_channels_last(x)
-    # NCHW: ATen's forward unchecked (two-pass statistics), its backward checked (contiguous input under autograd)
-    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and _records_graph(x, weight, bias)
-                                                               and _has_storage(x))):
+    # NCHW: checked where contiguous (its output; its backward under autograd), except tensors of torch.func transforms
+    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and _has_storage(x))):
         y = torch.group_norm(x, num_groups, weight, bias, eps, True)  # (inductor compiles its own statistics)
     else:
-        y, mean, rstd, trusted = _aten_forward(x, num_groups, weight, bias, eps)
-        if y.requires_grad and not (trusted and not (channels_last and _needs_accurate_param_grads(x, weight, bias))):
+        y, mean, rstd, forward_trusted, backward_trusted = _aten_forward(x, num_groups, weight, bias, eps)
+        if y.requires_grad and not (backward_trusted and not (channels_last and
+                                                              _needs_accurate_param_grads(x, weight, bias))):
             # ATen's autograd graph is dropped; the Function's forward starts from its (detached) results
             y = _GroupNormFunction.apply(x, num_groups, weight, bias, eps,
-                                         (y.detach(), mean.detach(), rstd.detach(), trusted or not channels_last))
-        elif not trusted:  # (channels-last)
-            _accurate_group_norm_(x, num_groups, weight, bias, eps, y, mean)
+                                         (y.detach(), mean.detach(), rstd.detach(), forward_trusted))
+        elif not forward_trusted:  # (outside autograd: an untrusted backward is one of an untrusted forward)
+            y = _accurate_group_norm(x, num_groups, weight, bias, eps, y, mean)[0]
     if act in _IN_PLACE_ACTIVATIONS and not y.requires_grad:
         # Outside autograd nothing else reads the norm's output: activate it in place, saving a buffer and its
         # traffic.
