@@ -10,8 +10,8 @@ size of ``mean·2⁻²⁴``) and ``g = γ·dy``:
 
     dx = rstd·(g − mean(g) − x̂·mean(g·x̂)),    dγ = Σ dy·x̂,    dβ = Σ dy
 
-and below it calls ATen's fused backward (the same speed as ``F.layer_norm``'s). Double backward takes autograd of
-``F.layer_norm`` (:func:`normlayers._autograd.recomputed_backward`).
+and the forward writes ``y = x̂·γ + β``; below it ATen's forward and fused backward run as they are. Double backward
+takes autograd of ``F.layer_norm`` (:func:`normlayers._autograd.recomputed_backward`).
 """
 
 from __future__ import annotations
@@ -26,37 +26,32 @@ from normlayers._autograd import recomputed_backward, wants_double_backward
 
 __all__ = ["OFFSET_LIMIT", "layer_norm_last_dim"]
 
-# max|mean·rstd| above which ATen's backward is not used: its dx error grows with it, 1.1-1.4x the bound at 100 on rows
-# of 32-36 values (0.64x on 64), and a centred backward is a few ATen passes instead of one.
+# max|mean·rstd| above which ATen's forward and backward are not used: their error grows with it (dx 1.1-1.4x the bound
+# at 100 on rows of 32-36 values, 0.64x on 64), and the centred forms are a few ATen passes instead of one.
 OFFSET_LIMIT = 16.0
 
 
 class _LayerNormLastDim(torch.autograd.Function):
-    """``F.layer_norm(x, (D,), weight, bias, eps)``; backward in the module docstring."""
+    """``F.layer_norm(x, (D,), weight, bias, eps)`` of rows far from zero, centred (module docstring)."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, ...]:
-        return _forward(x, weight, bias, eps)
+    def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                eps: float) -> Tensor:
+        return _centred_forward(x, weight, bias, mean, rstd)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, ...]) -> None:
-        x, weight, bias, eps = inputs
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias, mean, rstd, eps = inputs
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.eps = eps
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor, _dmean: Optional[Tensor],
-                 _drstd: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if wants_double_backward():
             return recomputed_backward(ctx, lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, ctx.eps),
                                        (x, weight, bias), dy)
         needs = ctx.needs_input_grad
-        if not _far_from_zero(mean, rstd):
-            mask = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
-            return (*torch.ops.aten.native_layer_norm_backward(dy, x, x.shape[-1:], mean, rstd, weight, bias, mask),
-                    None)
         xhat = _centred(x, mean).mul_(rstd)
         rows = tuple(range(x.dim() - 1))
         dweight = (dy * xhat).sum(rows) if weight is not None and needs[1] else None
@@ -66,11 +61,7 @@ class _LayerNormLastDim(torch.autograd.Function):
             g = dy * weight if weight is not None else dy
             dx = g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)
             dx.mul_(rstd)
-        return dx, dweight, dbias, None
-
-
-def _far_from_zero(mean: Tensor, rstd: Tensor) -> bool:
-    return mean.numel() > 0 and float((mean * rstd).abs().max()) > OFFSET_LIMIT
+        return dx, dweight, dbias, None, None, None
 
 
 def _centred(x: Tensor, mean: Tensor) -> Tensor:
@@ -80,30 +71,31 @@ def _centred(x: Tensor, mean: Tensor) -> Tensor:
     return centred.sub_(centred.mean(-1, keepdim=True))
 
 
-def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``native_layer_norm``'s ``(y, mean, rstd)``; ``y`` recomputed centred far from zero, where ATen's
-    ``x·rstd − mean·rstd`` (two terms of the size of ``mean·rstd``) leaves their difference's rounding in ``y``."""
-    y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
-    if _far_from_zero(mean, rstd):
-        y = _centred(x, mean).mul_(rstd)
-        if weight is not None:
-            y.mul_(weight)
-        if bias is not None:
-            y.add_(bias)
-    return y, mean, rstd
+def _centred_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor) -> Tensor:
+    """``y`` from the centred rows, where ATen's ``x·rstd − mean·rstd`` (two terms of the size of ``mean·rstd``)
+    leaves their difference's rounding in ``y``."""
+    y = _centred(x, mean).mul_(rstd)
+    if weight is not None:
+        y.mul_(weight)
+    if bias is not None:
+        y.add_(bias)
+    return y
 
 
 def layer_norm_last_dim(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """``F.layer_norm`` over ``x``'s last dimension, centred far from zero (:func:`_forward`, and
-    :class:`_LayerNormLastDim` when a gradient will be asked for) where ``x``, ``weight`` and ``bias`` are fp32 or
-    fp64 of one dtype (ATen's mixed-type norm, e.g. a bf16 ``x`` with an fp32 ``weight``, keeps its own backward) and
-    plain tensors, outside ``torch.compile`` and ``torch.func`` transforms (whose backward cannot read
-    ``max|mean·rstd|`` as a number)."""
-    tensors = [t for t in (x, weight, bias) if t is not None]  # fp32/fp64 only: the recomputation runs in x's dtype
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """``F.layer_norm`` over ``x``'s last dimension: ATen's ``native_layer_norm`` and its backward, or, where
+    ``max|mean·rstd| > OFFSET_LIMIT``, the centred forms (:class:`_LayerNormLastDim`). Those need ``x``, ``weight`` and
+    ``bias`` fp32 or fp64 of one dtype (ATen's mixed-type norm, e.g. a bf16 ``x`` with an fp32 ``weight``, computes in
+    fp32 already) and plain tensors, outside ``torch.compile`` and ``torch.func`` transforms (``max|mean·rstd|`` is
+    read as a number)."""
+    tensors = [t for t in (x, weight, bias) if t is not None]
     plain = (x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
              and torch._C._functorch.peek_interpreter_stack() is None
              and all(type(t) in (Tensor, torch.nn.Parameter) and t.dtype == x.dtype for t in tensors))
     if not plain:
         return torch.layer_norm(x, x.shape[-1:], weight, bias, eps, False)
-    return _LayerNormLastDim.apply(x, weight, bias, eps)[0] if wants_grad else _forward(x, weight, bias, eps)[0]
+    y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+    mean, rstd = mean.detach(), rstd.detach()
+    if mean.numel() == 0 or not float((mean * rstd).abs().max()) > OFFSET_LIMIT:
+        return y
+    return _LayerNormLastDim.apply(x, weight, bias, mean, rstd, eps)
