@@ -1,5 +1,6 @@
 """CPU tier of the channels-first norms: LayerNorm2d on ATen's fused ``native_layer_norm`` over the channels-last view
-(timm's own math), RMSNorm2d as one closed-form ``autograd.Function`` reducing over ``dim=1`` in place.
+(timm's own math; centred for pixels far from zero, :mod:`normlayers.cpu._centred_layer_norm`), RMSNorm2d as one
+closed-form ``autograd.Function`` reducing over ``dim=1`` in place.
 
 RMSNorm2d's backward, with ``r = rsqrt(mean_c(x²) + eps)`` per pixel, ``x̂ = x·r`` and ``g = dy·w``:
 
@@ -15,10 +16,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
+from normlayers.cpu._centred_layer_norm import layer_norm_last_dim
 
 __all__ = ["layer_norm2d", "rms_norm2d"]
 
@@ -33,7 +34,7 @@ def layer_norm2d(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     none of a channels-last one). fp16/bf16 input is normalized in fp32, parameters included: ATen's CPU backward
     accumulates the gradients of bf16 parameters in bf16, which loses them over many pixels."""
     rows = input.permute(0, 2, 3, 1).to(compute_dtype(input.dtype), memory_format=torch.contiguous_format)
-    y = F.layer_norm(rows, input.shape[1:2], *_in_compute_dtype(input, weight, bias), eps)
+    y = layer_norm_last_dim(rows, *_in_compute_dtype(input, weight, bias), eps)
     return y.to(input.dtype).permute(0, 3, 1, 2)
 
 

@@ -2,7 +2,8 @@
 2101.08692, Eq. 4): each output filter standardized over its fan-in ``I`` by one fused ATen norm.
 
 Without a per-filter gain the weight, viewed as ``O`` rows of ``I`` values, goes through ATen's layer norm over the
-rows (``torch.layer_norm``, the C++ binding below ``F.layer_norm``'s wrapper, and its backward: a vectorized pass
+rows (``torch.layer_norm``, the C++ binding below ``F.layer_norm``'s wrapper, and its backward, centred for filters
+far from zero by :mod:`normlayers.cpu._centred_layer_norm`: a vectorized pass
 per row, about half the time of timm's ``StdConv2d`` trick, ``F.batch_norm`` over the weight viewed as a batch of one,
 in fp32 on this tier's CPUs; ``torch.ops.aten.native_layer_norm`` is the same kernel behind ~2 µs more of Python
 dispatch per call). With a gain (Scaled WS) the per-filter factor is ``F.batch_norm``'s per-channel weight, timm's
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
+from normlayers.cpu._centred_layer_norm import layer_norm_last_dim
 
 __all__ = ["supports", "weight_standardize"]
 
@@ -57,7 +59,7 @@ def weight_standardize(weight: Tensor, *, correction: int, eps: float, gain: Opt
         needs_grad = weight.requires_grad and torch.is_grad_enabled()
         if constant_scale != 1.0 or (weight.dtype != dtype and needs_grad):  # the bf16 forward is the same without it
             norm_weight = torch.full((fan_in,), constant_scale, dtype=dtype, device=weight.device)
-        out = torch.layer_norm(weight.reshape(filters, fan_in), (fan_in,), norm_weight, None, eps * ratio, False)
+        out = layer_norm_last_dim(weight.reshape(filters, fan_in), norm_weight, None, eps * ratio)
     else:
         per_filter_scale = gain.to(dtype).reshape(filters) * constant_scale
         out = F.batch_norm(weight.reshape(1, filters, fan_in), None, None, per_filter_scale, None, True, 0.0,
