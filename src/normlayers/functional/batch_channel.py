@@ -36,10 +36,6 @@ def _check_batch_channel_args(input: Tensor, running_mean: Optional[Tensor], run
                               training: bool, momentum: Optional[float], eps: float, bn_eps: float, num_groups: int,
                               estimate: bool, estimate_rate: Union[float, Tensor],
                               num_batches_tracked: Optional[Tensor], *, local_batch: bool) -> None:
-    if local_batch and _is_plain_batch_channel_call(input, running_mean, running_var, bn_weight, bn_bias, weight, bias,
-                                                    training, momentum, eps, bn_eps, num_groups, estimate,
-                                                    estimate_rate, num_batches_tracked):
-        return
     per_channel = {"running_mean": running_mean, "running_var": running_var, "bn_weight": bn_weight,
                    "bn_bias": bn_bias}
     per_group = {"weight": weight, "bias": bias}
@@ -180,10 +176,13 @@ def batch_channel_norm(input: Tensor, running_mean: Optional[Tensor], running_va
     An input with no values (``N = 0``) gives an empty output and changes no statistic; ``num_batches_tracked`` still
     counts it in training, as ``nn.BatchNorm2d`` does.
     """
-    sync = moment_sync(sync_stats, process_group, training)
-    _check_batch_channel_args(input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training, momentum,
-                              eps, bn_eps, num_groups, estimate, estimate_rate, num_batches_tracked,
-                              local_batch=sync is None)
+    sync = moment_sync(sync_stats, process_group, training) if sync_stats else None  # no sync: no call
+    if not (sync is None and _is_plain_batch_channel_call(
+            input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training, momentum, eps, bn_eps,
+            num_groups, estimate, estimate_rate, num_batches_tracked)):
+        _check_batch_channel_args(input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training,
+                                  momentum, eps, bn_eps, num_groups, estimate, estimate_rate, num_batches_tracked,
+                                  local_batch=sync is None)
     if input.numel() == 0 and sync is None:
         if training and not estimate and num_batches_tracked is not None:
             num_batches_tracked.add_(1)  # nn.BatchNorm2d counts an empty batch too (and updates nothing else)
