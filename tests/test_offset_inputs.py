@@ -125,6 +125,11 @@ KNOWN_OVER_BOUND: dict[tuple[str, str, float], str] = {
     ("region_norm", "reference", 100.0): "dbackground_gamma 7.80e-5 > 7.73e-5 (1.01x the best tier's 2x + tol)",
 }
 
+# Of those, the ones within a few percent of the bound at seed 0 (and on either side of it over seeds): a strict xfail
+# there would flip with a summation order (another thread count, another CPU), so they are not strict; the reason still
+# shows in the report, and a pass shows as XPASS.
+BORDERLINE = {("evo_norm_b2", "auto", 100.0), ("region_norm", "reference", 100.0)}
+
 OFFSETS = (5.0, 100.0, 1000.0)
 
 
@@ -133,7 +138,8 @@ def _params():
         for offset in OFFSETS:
             for backend in BACKENDS:
                 reason = KNOWN_OVER_BOUND.get((name, backend, offset))
-                marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+                strict = (name, backend, offset) not in BORDERLINE
+                marks = [pytest.mark.xfail(strict=strict, reason=reason)] if reason else []
                 yield pytest.param(name, backend, offset, marks=marks, id=f"{name}-{backend}-{offset:g}")
 
 
