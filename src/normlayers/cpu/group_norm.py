@@ -12,7 +12,9 @@ fp32 sums, which cancels when a group's mean is large against its spread; the re
 (:func:`_max_trusted_product`) and, where they fail, :func:`_accurate_group_norm` recomputes the output from centred
 two-pass moments. Its NCHW kernel's statistics are two-pass, but it writes ``x·scale + shift``, which rounds at the
 scale of ``mean·rstd``: where that is huge (:data:`_TRUSTED_AFFINE_PRODUCT`), :func:`_accurate_group_norm` runs it on
-the input centred about its group means. Second, the backward of planes of 2048 values or more, when the weight or bias
+the input centred about its group means — in calls under autograd, which read the statistics anyway; an NCHW inference
+call returns ATen's output unchecked (within 1.5× the bound up to offsets of ~1000 standard deviations, where the check
+would cost 8-12% of every call). Second, the backward of planes of 2048 values or more, when the weight or bias
 gradient is asked for (or of any untrusted forward). There ATen's backward
 (aten/src/ATen/native/cpu/group_norm_kernel.cpp, ``GroupNormBackwardKernelImplChannelsLastInternal``) splits the
 ``N·H·W`` rows among the threads and each thread adds its rows one after another into per-(sample, channel) sums, so on
@@ -383,8 +385,14 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     # torch.group_norm is F.group_norm without its Python-side checks, which normlayers.functional has made (its
     # last argument, cudnn_enabled, is deprecated and unused by ATen: F.group_norm's read of the flag is skipped).
     channels_last = _is_channels_last(x)
-    # NCHW: checked where contiguous (its output; its backward under autograd), except tensors of torch.func transforms
-    if torch.compiler.is_compiling() or not (channels_last or (x.is_contiguous() and _has_storage(x))):
+    # NCHW: checked where contiguous and under autograd (its backward, and then its output), except tensors of
+    # torch.func transforms. An inference call is ATen's as it is: its output is within the bound up to
+    # max|mean·rstd| ≈ 350 (0.85-1.35 of it at ~1000), and the check, reading the statistics right after the kernel,
+    # cost 8-12% of the call there (docs/group_norm.md, "Inputs offset from zero").
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                                  or (bias is not None and bias.requires_grad))
+    if torch.compiler.is_compiling() or not (
+            channels_last or (differentiable and x.is_contiguous() and _has_storage(x))):
         y = torch.group_norm(x, num_groups, weight, bias, eps, True)  # (inductor compiles its own statistics)
     else:
         y, mean, rstd, forward_trusted, backward_trusted = _aten_forward(x, num_groups, weight, bias, eps)
