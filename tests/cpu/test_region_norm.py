@@ -50,9 +50,12 @@ def test_layouts_and_masks(layout, mask):
 @pytest.mark.parametrize("stats", ["batch", "instance"])
 def test_learnable_region_norm_matches_reference(stats):
     layer = normlayers.LearnableRegionNorm2d(C, threshold=0.5, kernel_size=3)
+    # seeded: drawn from the global generator, the weights depended on the tests run before in the worker (an unseeded
+    # draw once put the CPU tier 1.5e-5 from the reference, 1.5x fp32's atol; seeds 0-29 are all within it)
+    generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in layer.parameters():
-            p.normal_(0, 0.3)
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     sa = layer.sa
     weights = [sa.conv1.weight, sa.gamma_conv.weight, sa.gamma_conv.bias, sa.beta_conv.weight, sa.beta_conv.bias]
     x = nchw_input(2, C, 6, 5, torch.float32, seed=4)
