@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._autograd import recomputed_backward, wants_double_backward
+from normlayers.cpu._common import host_readable
 
 __all__ = ["OFFSET_LIMIT", "layer_norm_last_dim"]
 
@@ -88,10 +89,9 @@ def layer_norm_last_dim(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     ``bias`` fp32 or fp64 of one dtype (ATen's mixed-type norm, e.g. a bf16 ``x`` with an fp32 ``weight``, computes in
     fp32 already) and plain tensors, outside ``torch.compile`` and ``torch.func`` transforms (``max|mean·rstd|`` is
     read as a number)."""
-    tensors = [t for t in (x, weight, bias) if t is not None]
     plain = (x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-             and torch._C._functorch.peek_interpreter_stack() is None
-             and all(type(t) in (Tensor, torch.nn.Parameter) and t.dtype == x.dtype for t in tensors))
+             and host_readable(x, weight, bias)
+             and all(t is None or t.dtype == x.dtype for t in (weight, bias)))
     if not plain:
         return torch.layer_norm(x, x.shape[-1:], weight, bias, eps, False)
     y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)

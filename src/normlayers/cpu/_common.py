@@ -53,6 +53,30 @@ _POSITIVE_FINITE_TOP_BYTES = bytes(range(0x01, 0x7C))
 _READ_RAW_BYTES = sys.byteorder == "little"
 
 
+def host_readable(*tensors: Optional[Tensor]) -> bool:
+    """Whether a path that reads statistics or parameters as numbers on the host may take these tensors: plain CPU
+    tensors or parameters with storage, not a FakeTensor or another subclass, nor a tensor of a ``torch.func``
+    transform (``None`` entries are skipped)."""
+    return torch._C._functorch.peek_interpreter_stack() is None and all(
+        t is None or type(t) in _HOST_TYPES for t in tensors)
+
+
+_HOST_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def raw_bytes(t: Tensor) -> Optional[bytes]:
+    """The raw memory of a plain, contiguous tensor (fresh statistics), read without a dispatcher op, or ``None``: on a
+    big-endian host, for a subclass (a FakeTensor's ``data_ptr()`` is not its data) or a tensor without storage (of a
+    ``torch.func`` transform). Right after a big kernel whatever runs next finds cold caches, and this read costs the
+    least there (:func:`all_positive_finite`)."""
+    if not (_READ_RAW_BYTES and type(t) is Tensor and t.is_contiguous()):
+        return None
+    try:
+        return ctypes.string_at(t.data_ptr(), t.nbytes)
+    except RuntimeError:
+        return None
+
+
 def all_positive_finite(factors: Tensor) -> bool:
     """Whether every value of ``factors`` (per-row ``rstd``, per-group scaling factors: a fresh contiguous tensor of
     statistics) is positive and finite, and not tiny (below ``2^-125`` in fp32): the check that unscaled statistics
@@ -61,12 +85,8 @@ def all_positive_finite(factors: Tensor) -> bool:
     Right after the big kernel every cache holds its data, and the code that runs next pays for that: ``min().item()``
     (a reduction and a read) cost 35 µs there against 2 µs before it (1576×768 fp32, one thread), 7% of the kernel.
     The top bytes of the statistics' raw memory, read without a dispatcher op, decide in 18 µs."""
-    # a FakeTensor's data_ptr() is not its data; the bytes are read as one dense run
-    if _READ_RAW_BYTES and type(factors) is Tensor and factors.is_contiguous():
-        try:
-            raw = ctypes.string_at(factors.data_ptr(), factors.nbytes)
-        except RuntimeError:  # no storage (a tensor of a torch.func transform): its values through torch
-            return factors.min().item() > 0
-        size = factors.itemsize
-        return not raw[size - 1::size].translate(None, _POSITIVE_FINITE_TOP_BYTES)
-    return factors.min().item() > 0  # False for a NaN
+    raw = raw_bytes(factors)
+    if raw is None:
+        return factors.min().item() > 0  # False for a NaN
+    size = factors.itemsize
+    return not raw[size - 1::size].translate(None, _POSITIVE_FINITE_TOP_BYTES)

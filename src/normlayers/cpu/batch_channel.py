@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import LOW_PRECISION
+from normlayers.cpu._common import LOW_PRECISION, host_readable
 from normlayers.cpu.group_norm import group_norm as _cpu_group_norm
 from normlayers.reference import batch_channel as _ref_batch_channel
 
@@ -83,7 +83,7 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
     compiling = torch.compiler.is_compiling()
     params = (bn_weight, bn_bias, weight, bias)
     if (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
-            and torch.is_grad_enabled()) or not (compiling or _host_readable(x, running_mean, running_var, *params)):
+            and torch.is_grad_enabled()) or not (compiling or host_readable(x, running_mean, running_var, *params)):
         # a gradient for the running statistics (eval; ATen's norms refuse one), or tensors with no memory to read
         return _ref_batch_channel.batch_channel_norm(
             x, running_mean, running_var, *params, training=training, momentum=momentum, eps=eps,
@@ -98,17 +98,6 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return _BatchChannelNormFunction.apply(x, running_mean, running_var, num_batches_tracked, config, *params)
     return _fused_forward(x, running_mean, running_var, num_batches_tracked, params, config)[0]
-
-
-def _host_readable(*tensors: Optional[Tensor]) -> bool:
-    """Whether this tier, whose fused path reads the statistics and parameters on the host (numpy arrays), runs the
-    call: plain CPU tensors with storage, not a FakeTensor or another subclass, nor a tensor of a ``torch.func``
-    transform."""
-    return torch._C._functorch.peek_interpreter_stack() is None and all(
-        t is None or type(t) in _HOST_TYPES for t in tensors)
-
-
-_HOST_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _inference_stages(x: Tensor, running_mean: Tensor, running_var: Tensor, *params: Optional[Tensor],

@@ -30,9 +30,7 @@ forward's statistics are checked (:func:`_max_trusted_gradient_product`) and, wh
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from functools import partial
 from typing import Any, Optional
 
@@ -40,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.cpu._common import opmath, params_like
+from normlayers.cpu._common import opmath, params_like, raw_bytes
 from normlayers.reference.group_norm import activation
 
 __all__ = ["group_norm"]
@@ -76,6 +74,16 @@ def _needs_accurate_param_grads(x: Tensor, weight: Optional[Tensor], bias: Optio
 _RUN_LENGTH = 256
 
 
+def _run_blocks(positions: int) -> list[tuple[slice, int, int]]:
+    """A sample's ``positions`` split for summing in runs of at most :data:`_RUN_LENGTH`: ``(rows, length, copies)``,
+    the first ``copies · 256`` positions viewed as ``length = 256`` rows of ``copies`` position blocks (each column a
+    run of 256), then the last ``positions mod 256`` as one run (``copies = 1``)."""
+    runs = positions // _RUN_LENGTH
+    head = runs * _RUN_LENGTH
+    return ([(slice(0, head), _RUN_LENGTH, runs)] if runs else []) + (
+        [(slice(head, positions), positions - head, 1)] if head < positions else [])
+
+
 def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """``(Σ dy·x̂, Σ dy)`` per (sample, channel), two ``(N, C)`` tensors, of channels-last ``dy`` and ``x``, with
     ``x̂ = (x − mean)·rstd`` from the ``(N, G)`` group statistics, each sum split into runs of at most
@@ -90,8 +98,6 @@ def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tupl
     n, c = x.shape[:2]
     num_groups = mean.shape[1]
     positions = x.numel() // (n * c)
-    runs = positions // _RUN_LENGTH
-    head = runs * _RUN_LENGTH
     dy_rows, x_rows = (t.movedim(1, -1).reshape(n, positions, c) for t in (dy, x))  # (N, positions, C) views
 
     statistics = torch.stack((mean, rstd))
@@ -101,10 +107,7 @@ def _per_channel_sums(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tupl
         return (statistics[:, :, None, :, None].expand(2, n, copies, num_groups, c // num_groups).contiguous()
                 .view(2, n, copies * c))
 
-    blocks = [(slice(0, head), _RUN_LENGTH, runs)] if runs else []
-    if head < positions:
-        blocks.append((slice(head, positions), positions - head, 1))
-    blocks = [(rows, length, copies, per_column(copies)) for rows, length, copies in blocks]
+    blocks = [(rows, length, copies, per_column(copies)) for rows, length, copies in _run_blocks(positions)]
     xhat_sums, dy_sums = [], []  # per sample and block: (copies · C,) partial sums
     for sample in range(n):
         for rows, length, copies, (column_mean, column_rstd) in blocks:
@@ -169,18 +172,13 @@ def _max_abs_product(mean: Tensor, rstd: Tensor) -> float:
     ``float((mean * rstd).abs().max())`` cost the call 29-37 µs, ``max |mean·rstd|`` of the values read from raw memory
     (as :func:`normlayers.cpu._common.all_positive_finite` reads its own) 18-27 µs, this 10-13 µs (medians of 201-301
     interleaved calls, load average 0.2-0.8)."""
-    if _READ_RAW_BYTES and type(mean) is Tensor and type(rstd) is Tensor:
-        try:
-            means = memoryview(ctypes.string_at(mean.data_ptr(), mean.nbytes)).cast(_TYPECODES[mean.dtype])
-            rstds = memoryview(ctypes.string_at(rstd.data_ptr(), rstd.nbytes)).cast(_TYPECODES[rstd.dtype])
-        except RuntimeError:  # no storage (a tensor of a torch.func transform): its values through torch
-            pass
-        else:
-            return max(max(means), -min(means)) * max(rstds)
-    return float(mean.abs().max() * rstd.max())
+    raw_means, raw_rstds = raw_bytes(mean), raw_bytes(rstd)
+    if raw_means is None or raw_rstds is None:  # (a subclass, or no storage): its values through torch
+        return float(mean.abs().max() * rstd.max())
+    means = memoryview(raw_means).cast(_TYPECODES[mean.dtype])
+    return max(max(means), -min(means)) * max(memoryview(raw_rstds).cast(_TYPECODES[rstd.dtype]))
 
 
-_READ_RAW_BYTES = sys.byteorder == "little"
 _TYPECODES = {torch.float32: "f", torch.float64: "d"}
 
 
@@ -202,19 +200,16 @@ def _group_moments(centred: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     counts: no cancellation)."""
     n, c = centred.shape[:2]
     positions = centred.numel() // (n * c)
-    runs = positions // _RUN_LENGTH
-    head = runs * _RUN_LENGTH
     rows = centred.movedim(1, -1).reshape(n, positions, c)  # (N, positions, C) view
-    blocks = ([(slice(0, head), (_RUN_LENGTH, runs * c))] if runs else []) + (
-        [(slice(head, positions), (positions - head, c))] if head < positions else [])
+    blocks = _run_blocks(positions)
     means, variances = [], []
     for sample in range(n):
-        for block, shape in blocks:
-            mean, var = torch.batch_norm_update_stats(rows[sample, block].view(shape), None, None, 0.0)
+        for block, length, copies in blocks:
+            mean, var = torch.batch_norm_update_stats(rows[sample, block].view(length, copies * c), None, None, 0.0)
             means.append(mean)
             variances.append(var)
     # (N, parts, G, C/G), each part's count ÷ the group's
-    weights = centred.new_tensor([_RUN_LENGTH] * runs + [positions - head] * (head < positions))
+    weights = centred.new_tensor([length for _, length, copies in blocks for _ in range(copies)])
     weights = weights.div_(positions * (c // num_groups)).view(1, -1, 1, 1)
     means, variances = (torch.cat(t).view(n, -1, num_groups, c // num_groups) for t in (means, variances))
     group_mean = (means * weights).sum((1, 3))
