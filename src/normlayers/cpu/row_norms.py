@@ -38,6 +38,7 @@ upcast for the backward). For the scaled closed form ``x`` is ``z = s·x`` and `
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any, Optional, Sequence
 
@@ -45,7 +46,15 @@ import torch
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu._common import LOW_PRECISION, MIN_UNSCALED_EPS, all_positive_finite, opmath, params_like
+from normlayers.cpu import _native
+from normlayers.cpu._common import (
+    LOW_PRECISION,
+    MIN_UNSCALED_EPS,
+    all_positive_finite,
+    host_readable,
+    opmath,
+    params_like,
+)
 from normlayers.reference import row_norms as _ref_row
 
 __all__ = ["row_norm"]
@@ -155,13 +164,51 @@ def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Option
     return y if bias is None else y + bias
 
 
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the C kernels' dtype flag
+
+
+def _layer_norm_kernel() -> Any:
+    return _native.function("row_norms", "layer_norm_fwd", ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int)
+
+
+def _native_layer_norm_usable(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether the compiled LayerNorm (``csrc/row_norms.c``) takes these rows over the last dim: fp32 or bf16 rows,
+    contiguous, parameters contiguous and all of one dtype (fp32 or the rows'), plain tensors (:mod:`._native`)."""
+    if rows.dtype not in _NATIVE_DTYPES or not rows.is_contiguous() or not host_readable(rows, weight, bias):
+        return False
+    dtypes = {p.dtype for p in (weight, bias) if p is not None}
+    return (len(dtypes) <= 1 and dtypes <= {torch.float32, rows.dtype}
+            and all(p is None or p.is_contiguous() for p in (weight, bias)))
+
+
+def _native_layer_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                       ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """``(y, mean, rstd)`` as ``native_layer_norm`` gives them (fp32 statistics of shape ``rows.shape[:-1] + (1,)``)
+    from the compiled kernel, or ``None`` where it is unavailable or a row's ``rstd`` is not positive and finite."""
+    kernel = _layer_norm_kernel()
+    if kernel is None:
+        return None
+    param = weight if weight is not None else bias
+    y = torch.empty_like(rows)
+    mean = torch.empty((*rows.shape[:-1], 1), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    width = rows.shape[-1]
+    bad = kernel(rows.data_ptr(), _NATIVE_DTYPES[rows.dtype], _native.ptr(weight), _native.ptr(bias),
+                 param is not None and param.dtype == torch.bfloat16, y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                 rows.numel() // width, width, eps, _native.threads())
+    return None if bad else (y, mean, rstd)
+
+
 def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                     weight_offset: float, out_dtype: torch.dtype, fp32_stats: bool
+                     weight_offset: float, out_dtype: torch.dtype, fp32_stats: bool, native: bool
                      ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """``(y, mean, rstd)`` from ATen's fused LayerNorm forward where its unscaled statistics are trusted, else
-    ``None``. It reads bf16/fp16 rows as they are, computes in fp32 and rounds once. Parameters in the rows' own dtype
-    give the bits of fp32 ones (checked, bf16 and fp16) and run a faster kernel, but then it returns statistics rounded
-    to that dtype: not with ``fp32_stats`` (statistics for a backward)."""
+    """``(y, mean, rstd)`` from the compiled LayerNorm (with ``native``: a result without an autograd graph) or ATen's
+    fused LayerNorm forward, where its unscaled statistics are trusted, else ``None``. ATen reads bf16/fp16 rows as
+    they are, computes in fp32 and rounds once. Parameters in the rows' own dtype give the bits of fp32 ones (checked,
+    bf16 and fp16) and run a faster kernel, but then it returns statistics rounded to that dtype: not with
+    ``fp32_stats`` (statistics for a backward)."""
     if math.prod(shape) <= 1 or not _unscaled_allowed(x, eps):  # width 1: see row_norm
         return None
     rows = x if out_dtype is x.dtype else opmath(x)  # e.g. bf16 rows of an fp32 input's residual stream
@@ -173,6 +220,12 @@ def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], 
         bias = bias.to(kept[0])
     if weight_offset:
         weight = weight + weight_offset
+    if native and len(shape) == 1 and _native_layer_norm_usable(rows, weight, bias) and _layer_norm_kernel():
+        result = _native_layer_norm(rows, weight, bias, eps)
+        if result is None:
+            return None
+        y, mean, rstd = result
+        return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
     y, mean, rstd = torch.native_layer_norm(rows, shape, weight, bias, eps)
     if not all_positive_finite(rstd):
         return None
@@ -184,7 +237,8 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     """``(y, statistics)`` of the rows ``x`` (over the last dim) for a backward: unscaled where trusted, else the
     scaled closed form."""
     if kind == "layer":
-        result = _aten_layer_norm(x, (x.shape[-1],), weight, bias, eps, weight_offset, out_dtype, fp32_stats=True)
+        result = _aten_layer_norm(x, (x.shape[-1],), weight, bias, eps, weight_offset, out_dtype, fp32_stats=True,
+                                  native=True)
         if result is not None:
             return result[0], _Stats(result[2], mean=result[1])
     xf = opmath(x)
@@ -251,11 +305,13 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
         or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
     fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
     h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
-    # LayerNorm: ATen's fused kernel and, for fp32/fp64, its own autograd, where trusted. (bf16/fp16 rows with
-    # gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16.) Width 1 takes the closed
-    # form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
+    # LayerNorm: the compiled kernel, else ATen's fused kernel and, for fp32/fp64, its own autograd, where trusted.
+    # (bf16/fp16 rows with gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16. The
+    # compiled forward's output has no autograd graph, so it runs for inference and inside the Function.) Width 1
+    # takes the closed form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
     if kind == "layer" and not fused_add and not (differentiable and h.dtype in LOW_PRECISION):
-        result = _aten_layer_norm(h, shape, weight, bias, eps, weight_offset, input.dtype, fp32_stats=False)
+        result = _aten_layer_norm(h, shape, weight, bias, eps, weight_offset, input.dtype, fp32_stats=False,
+                                  native=not differentiable)
         if result is not None:
             return result[0], h if residual is not None else None
     if len(shape) == 1:  # the rows as they are: every step works over the last dim (and a view op costs a dispatch)

@@ -1,0 +1,86 @@
+/* Shared helpers of normlayers' compiled CPU kernels (docs/backend.md, "Compiled CPU kernels").
+ *
+ * Portable C11 with GCC/Clang vector extensions: compiled with -march=native they become the host's widest vectors
+ * (AVX-512 here, AVX2 or NEON elsewhere), with no intrinsics to port. Tensors arrive as raw pointers of contiguous
+ * memory; fp32 and bf16 data are read through the same vf loads (bf16 widened to fp32 exactly) and written rounded
+ * once, to nearest even, as ATen rounds. Statistics are fp32 values summed in fp32 vector lanes over blocks of
+ * NL_BLOCK elements, the block sums added in fp64, so a long row loses no more than a block's worth of rounding. */
+#ifndef NORMLAYERS_COMMON_H
+#define NORMLAYERS_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#define NL_VL 16
+#define NL_BLOCK 1024
+typedef float vf __attribute__((vector_size(NL_VL * sizeof(float))));
+typedef uint32_t vu __attribute__((vector_size(NL_VL * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(NL_VL * sizeof(uint16_t))));
+
+static inline vf nl_splat(float v) { return v - (vf){0}; }
+
+static inline float nl_hsum(vf v) {
+    float s = 0.f;
+    for (int i = 0; i < NL_VL; ++i) s += v[i];
+    return s;
+}
+
+static inline float nl_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t nl_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return (uint16_t)((u >> 16) | 0x40); /* a NaN stays a (quiet) NaN */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* NL_VL values at element offset j of fp32 (bf16 = 0) or bf16 (bf16 = 1) memory, as fp32. */
+static inline vf nl_load(const void* p, int bf16, int64_t j) {
+    vf v;
+    if (bf16) {
+        vh h;
+        memcpy(&h, (const uint16_t*)p + j, sizeof h);
+        vu u = __builtin_convertvector(h, vu) << 16;
+        memcpy(&v, &u, sizeof v);
+    } else {
+        memcpy(&v, (const float*)p + j, sizeof v);
+    }
+    return v;
+}
+
+static inline float nl_load1(const void* p, int bf16, int64_t j) {
+    return bf16 ? nl_bf16_to_f32(((const uint16_t*)p)[j]) : ((const float*)p)[j];
+}
+
+static inline void nl_store(void* p, int bf16, int64_t j, vf v) {
+    if (bf16) {
+        vu u;
+        memcpy(&u, &v, sizeof u);
+        vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        vu quiet = (u >> 16) | 0x40u;
+        vu is_nan = (vu)(v != v); /* all ones in a NaN's lane */
+        vh h = __builtin_convertvector((quiet & is_nan) | (rounded & ~is_nan), vh);
+        memcpy((uint16_t*)p + j, &h, sizeof h);
+    } else {
+        memcpy((float*)p + j, &v, sizeof v);
+    }
+}
+
+static inline void nl_store1(void* p, int bf16, int64_t j, float v) {
+    if (bf16)
+        ((uint16_t*)p)[j] = nl_f32_to_bf16(v);
+    else
+        ((float*)p)[j] = v;
+}
+
+/* The [lo, hi) share of n items for thread t of nt. */
+static inline int64_t nl_share(int64_t n, int t, int nt) { return n * t / nt; }
+
+#endif
