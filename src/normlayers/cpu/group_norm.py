@@ -30,6 +30,7 @@ forward's statistics are checked (:func:`_max_trusted_gradient_product`) and, wh
 
 from __future__ import annotations
 
+import ctypes
 import math
 from functools import partial
 from typing import Any, Optional
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.cpu._common import opmath, params_like, raw_bytes
+from normlayers.cpu import _native as _compiled
+from normlayers.cpu._common import host_readable, opmath, params_like, raw_bytes
 from normlayers.reference.group_norm import activation
 
 __all__ = ["group_norm"]
@@ -371,9 +373,128 @@ def _has_storage(x: Tensor) -> bool:
     return True
 
 
+# The compiled channels-last kernels (csrc/group_norm_channels_last.c): the activations they fuse, by their code (GELU
+# runs after the kernel, on its fp32 output), and the dtypes they read and write.
+_COMPILED_ACTIVATIONS = {None: 0, "silu": 1, "relu": 2}
+_COMPILED_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _channels_last_kernels() -> tuple[Any, Any]:
+    """The compiled forward and backward of channels-last input, or ``(None, None)`` without them."""
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    forward = _compiled.function("group_norm_channels_last", "group_norm_cl_fwd", ctypes.c_int, pointer, pointer,
+                                 ctypes.c_int, pointer, pointer, pointer, pointer, size, size, size, size,
+                                 ctypes.c_double, ctypes.c_int, ctypes.c_int)
+    backward = _compiled.function("group_norm_channels_last", "group_norm_cl_bwd", ctypes.c_int, pointer, pointer,
+                                  pointer, ctypes.c_int, pointer, pointer, pointer, pointer, pointer, pointer, size,
+                                  size, size, size, ctypes.c_int, ctypes.c_int)
+    return forward, backward
+
+
+def _channels_innermost(x: Tensor) -> Optional[Tensor]:
+    """``x`` as a contiguous ``(N, *spatial, C)`` view where its channels are innermost and dense and it is not also
+    NCHW-contiguous (channels_last, channels_last_3d, or a 1-D ``(N, L, C)`` transposed), else ``None``."""
+    if x.dim() < 3 or x.is_contiguous():
+        return None
+    rows = x.movedim(1, -1)
+    return rows if rows.is_contiguous() else None
+
+
+def _fp32_param(p: Optional[Tensor]) -> Optional[Tensor]:
+    return None if p is None else p.detach().to(torch.float32).contiguous()
+
+
+def _channels_last_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                           act: Optional[str]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """``(y, mean, rstd)`` of the compiled forward, ``act`` fused, statistics ``(N, G)`` in fp64, ``y`` in ``x``'s
+    dtype and memory format; ``None`` where the kernel is unavailable or could not allocate its scratch memory."""
+    kernel = _channels_last_kernels()[0]
+    rows = _channels_innermost(x)
+    if kernel is None or rows is None:
+        return None
+    n, c = x.shape[:2]
+    y_rows = torch.empty_like(rows)
+    mean, rstd = torch.empty((2, n, num_groups), dtype=torch.float64)
+    weight, bias = _fp32_param(weight), _fp32_param(bias)
+    failed = kernel(rows.data_ptr(), y_rows.data_ptr(), _COMPILED_DTYPES[x.dtype], _compiled.ptr(weight),
+                    _compiled.ptr(bias), mean.data_ptr(), rstd.data_ptr(), n, rows.numel() // (n * c), c, num_groups,
+                    eps, _COMPILED_ACTIVATIONS[act], _compiled.threads())
+    return None if failed else (y_rows.movedim(-1, 1), mean, rstd)
+
+
+def _composite_grads(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                     act: Optional[str], dy: Tensor, needs: tuple[bool, bool, bool]) -> list[Optional[Tensor]]:
+    """``[dx, dweight, dbias]`` (``None`` where not in ``needs``) by autograd of ATen's group norm and the activation,
+    graphs kept when grad mode is on: a double backward (the saved statistics hold no graph)."""
+    leaves = [t for t, need in zip((x, weight, bias), needs) if need]
+    with torch.enable_grad():
+        y = activation(torch.group_norm(opmath(x), num_groups, *params_like(x, weight, bias), eps, True), act)
+        grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=torch.is_grad_enabled()))
+    return [next(grads) if need else None for need in needs]
+
+
+class _ChannelsLastGroupNormFunction(torch.autograd.Function):
+    """Channels-last fp32/bf16 input under autograd, by the compiled kernels: a forward that saves the ``(N, G)``
+    fp64 statistics beside the input, and a backward that recomputes the activation's input from them (nothing else
+    of the input's size is saved)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                act: Optional[str], forward: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        y, mean, rstd = forward
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
+        kernel = _channels_last_kernels()[1]
+        if kernel is not None and not torch.is_grad_enabled():
+            rows = _channels_innermost(x)
+            dy_rows = dy.to(x.dtype).movedim(1, -1).contiguous()
+            dx_rows = torch.empty_like(rows) if needs[0] else None
+            dweight, dbias = (torch.empty(x.shape[1], dtype=torch.float32) if need else None for need in needs[1:])
+            n, c = x.shape[:2]
+            failed = kernel(dy_rows.data_ptr(), rows.data_ptr(), _compiled.ptr(dx_rows), _COMPILED_DTYPES[x.dtype],
+                            _compiled.ptr(_fp32_param(weight)), _compiled.ptr(_fp32_param(bias)), mean.data_ptr(),
+                            rstd.data_ptr(), _compiled.ptr(dweight), _compiled.ptr(dbias), n,
+                            rows.numel() // (n * c), c, ctx.num_groups, _COMPILED_ACTIVATIONS[ctx.act],
+                            _compiled.threads())
+            if not failed:
+                return (None if dx_rows is None else dx_rows.movedim(-1, 1), None,
+                        None if dweight is None else dweight.to(weight.dtype),
+                        None if dbias is None else dbias.to(bias.dtype), None, None, None)
+        dx, dweight, dbias = _composite_grads(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act, dy, needs)
+        return dx, None, dweight, dbias, None, None, None
+
+
+def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                            eps: float, act: Optional[str]) -> Optional[Tensor]:
+    """The group norm of channels-last fp32/bf16 ``input`` by the compiled kernels (the activation fused, GELU after
+    them on fp32), or ``None`` where they do not take it: another dtype or layout, ``torch.compile``, a tensor
+    subclass or a ``torch.func`` transform, bf16 with GELU (which would round twice), no kernels."""
+    if (input.dtype not in _COMPILED_DTYPES or torch.compiler.is_compiling() or _channels_innermost(input) is None
+            or not host_readable(input, weight, bias) or (act == "gelu" and input.dtype is not torch.float32)):
+        return None
+    fused = act if act in _COMPILED_ACTIVATIONS else None
+    forward = _channels_last_forward(input, num_groups, weight, bias, eps, fused)
+    if forward is None:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        y = _ChannelsLastGroupNormFunction.apply(input, num_groups, weight, bias, eps, fused, forward)
+    else:
+        y = forward[0]
+    return y if fused == act else activation(y, act)
+
+
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                act: Optional[str]) -> Tensor:
     """``act(F.group_norm(input, num_groups, weight, bias, eps))`` in the compute dtype, in ``input``'s dtype."""
+    compiled = _compiled_channels_last(input, num_groups, weight, bias, eps, act)
+    if compiled is not None:
+        return compiled
     x = input
     if not _native(input, weight, bias):  # low-precision input or parameters of another dtype: the compute dtype
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
