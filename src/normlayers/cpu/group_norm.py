@@ -377,49 +377,44 @@ def _has_storage(x: Tensor) -> bool:
 # runs after the kernel, on its fp32 output), and the dtypes they read and write.
 _COMPILED_ACTIVATIONS = {None: 0, "silu": 1, "relu": 2}
 _COMPILED_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
 
 
-def _channels_last_kernels() -> tuple[Any, Any]:
-    """The compiled forward and backward of channels-last input, or ``(None, None)`` without them."""
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    forward = _compiled.function("group_norm_channels_last", "group_norm_cl_fwd", ctypes.c_int, pointer, pointer,
-                                 ctypes.c_int, pointer, pointer, pointer, pointer, size, size, size, size,
-                                 ctypes.c_double, ctypes.c_int, ctypes.c_int)
-    backward = _compiled.function("group_norm_channels_last", "group_norm_cl_bwd", ctypes.c_int, pointer, pointer,
-                                  pointer, ctypes.c_int, pointer, pointer, pointer, pointer, pointer, pointer, size,
-                                  size, size, size, ctypes.c_int, ctypes.c_int)
-    return forward, backward
+def _forward_kernel() -> Any:
+    return _compiled.function("group_norm_channels_last", "group_norm_cl_fwd", ctypes.c_int, _POINTER, _POINTER,
+                              ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _SIZE, _SIZE, _SIZE, _SIZE,
+                              ctypes.c_double, ctypes.c_int, ctypes.c_int)
 
 
-def _channels_innermost(x: Tensor) -> Optional[Tensor]:
-    """``x`` as a contiguous ``(N, *spatial, C)`` view where its channels are innermost and dense and it is not also
-    NCHW-contiguous (channels_last, channels_last_3d, or a 1-D ``(N, L, C)`` transposed), else ``None``."""
-    if x.dim() < 3 or x.is_contiguous():
+def _backward_kernel() -> Any:
+    return _compiled.function("group_norm_channels_last", "group_norm_cl_bwd", ctypes.c_int, _POINTER, _POINTER,
+                              _POINTER, ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER,
+                              _SIZE, _SIZE, _SIZE, _SIZE, ctypes.c_int, ctypes.c_int)
+
+
+def _kernel_param(p: Optional[Tensor]) -> Optional[Tensor]:
+    """A weight or bias as the kernels read it: ``C`` contiguous fp32 values (``p`` itself where it is)."""
+    if p is None or (p.dtype is torch.float32 and p.is_contiguous()):
+        return p
+    return p.detach().to(torch.float32).contiguous()
+
+
+def _channels_last_forward(rows: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                           eps: float, act: Optional[str]) -> Optional[tuple[Tensor, Tensor]]:
+    """``(y, statistics)`` of the compiled forward of the contiguous ``(N, *spatial, C)`` view ``rows`` of the input,
+    ``act`` fused: ``y`` in the input's dtype and memory format (``(N, C, *spatial)``), ``statistics`` the mean and
+    rstd, ``(2, N, G)`` in fp64; ``None`` where the kernel is unavailable or could not allocate its scratch memory."""
+    kernel = _forward_kernel()
+    if kernel is None:
         return None
-    rows = x.movedim(1, -1)
-    return rows if rows.is_contiguous() else None
-
-
-def _fp32_param(p: Optional[Tensor]) -> Optional[Tensor]:
-    return None if p is None else p.detach().to(torch.float32).contiguous()
-
-
-def _channels_last_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                           act: Optional[str]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """``(y, mean, rstd)`` of the compiled forward, ``act`` fused, statistics ``(N, G)`` in fp64, ``y`` in ``x``'s
-    dtype and memory format; ``None`` where the kernel is unavailable or could not allocate its scratch memory."""
-    kernel = _channels_last_kernels()[0]
-    rows = _channels_innermost(x)
-    if kernel is None or rows is None:
-        return None
-    n, c = x.shape[:2]
+    n, c = rows.shape[0], rows.shape[-1]
     y_rows = torch.empty_like(rows)
-    mean, rstd = torch.empty((2, n, num_groups), dtype=torch.float64)
-    weight, bias = _fp32_param(weight), _fp32_param(bias)
-    failed = kernel(rows.data_ptr(), y_rows.data_ptr(), _COMPILED_DTYPES[x.dtype], _compiled.ptr(weight),
-                    _compiled.ptr(bias), mean.data_ptr(), rstd.data_ptr(), n, rows.numel() // (n * c), c, num_groups,
-                    eps, _COMPILED_ACTIVATIONS[act], _compiled.threads())
-    return None if failed else (y_rows.movedim(-1, 1), mean, rstd)
+    statistics = torch.empty((2, n, num_groups), dtype=torch.float64)
+    weight, bias = _kernel_param(weight), _kernel_param(bias)
+    failed = kernel(rows.data_ptr(), y_rows.data_ptr(), _COMPILED_DTYPES[rows.dtype], _compiled.ptr(weight),
+                    _compiled.ptr(bias), statistics.data_ptr(), statistics.data_ptr() + n * num_groups * 8, n,
+                    rows.numel() // (n * c), c, num_groups, eps, _COMPILED_ACTIVATIONS[act], _compiled.threads())
+    return None if failed else (y_rows.movedim(-1, 1), statistics)
 
 
 def _composite_grads(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -434,32 +429,32 @@ def _composite_grads(x: Tensor, num_groups: int, weight: Optional[Tensor], bias:
 
 
 class _ChannelsLastGroupNormFunction(torch.autograd.Function):
-    """Channels-last fp32/bf16 input under autograd, by the compiled kernels: a forward that saves the ``(N, G)``
-    fp64 statistics beside the input, and a backward that recomputes the activation's input from them (nothing else
-    of the input's size is saved)."""
+    """Channels-last fp32/bf16 input under autograd, by the compiled kernels: the forward (given: ``forward``, the
+    compiled forward's ``(y, statistics)``) saves the fp64 statistics beside the input, and the backward recomputes
+    the activation's input from them (nothing else of the input's size is saved)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                act: Optional[str], forward: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        y, mean, rstd = forward
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+                act: Optional[str], forward: tuple[Tensor, Tensor]) -> Tensor:
+        y, statistics = forward
+        ctx.save_for_backward(x, weight, bias, statistics)
         ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
-        kernel = _channels_last_kernels()[1]
+        x, weight, bias, statistics = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        kernel = _backward_kernel()
         if kernel is not None and not torch.is_grad_enabled():
-            rows = _channels_innermost(x)
+            rows = x.movedim(1, -1)
             dy_rows = dy.to(x.dtype).movedim(1, -1).contiguous()
             dx_rows = torch.empty_like(rows) if needs[0] else None
             dweight, dbias = (torch.empty(x.shape[1], dtype=torch.float32) if need else None for need in needs[1:])
             n, c = x.shape[:2]
             failed = kernel(dy_rows.data_ptr(), rows.data_ptr(), _compiled.ptr(dx_rows), _COMPILED_DTYPES[x.dtype],
-                            _compiled.ptr(_fp32_param(weight)), _compiled.ptr(_fp32_param(bias)), mean.data_ptr(),
-                            rstd.data_ptr(), _compiled.ptr(dweight), _compiled.ptr(dbias), n,
+                            _compiled.ptr(_kernel_param(weight)), _compiled.ptr(_kernel_param(bias)),
+                            statistics.data_ptr(), statistics[1].data_ptr(), _compiled.ptr(dweight), _compiled.ptr(dbias), n,
                             rows.numel() // (n * c), c, ctx.num_groups, _COMPILED_ACTIVATIONS[ctx.act],
                             _compiled.threads())
             if not failed:
@@ -472,17 +467,23 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
 
 def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                             eps: float, act: Optional[str]) -> Optional[Tensor]:
-    """The group norm of channels-last fp32/bf16 ``input`` by the compiled kernels (the activation fused, GELU after
-    them on fp32), or ``None`` where they do not take it: another dtype or layout, ``torch.compile``, a tensor
-    subclass or a ``torch.func`` transform, bf16 with GELU (which would round twice), no kernels."""
-    if (input.dtype not in _COMPILED_DTYPES or torch.compiler.is_compiling() or _channels_innermost(input) is None
-            or not host_readable(input, weight, bias) or (act == "gelu" and input.dtype is not torch.float32)):
+    """The group norm of fp32/bf16 ``input`` whose channels are innermost and dense (channels_last,
+    channels_last_3d, a transposed ``(N, L, C)``; not also NCHW-contiguous) by the compiled kernels, the activation
+    fused (GELU after them, on fp32), or ``None`` where they do not take it: another dtype or layout,
+    ``torch.compile``, a tensor subclass or a ``torch.func`` transform, bf16 with GELU (which would round twice), no
+    kernels."""
+    if (input.dtype not in _COMPILED_DTYPES or input.dim() < 3 or input.is_contiguous()
+            or (act == "gelu" and input.dtype is not torch.float32) or torch.compiler.is_compiling()):
+        return None
+    rows = input.movedim(1, -1)
+    if not rows.is_contiguous() or not host_readable(input, weight, bias):
         return None
     fused = act if act in _COMPILED_ACTIVATIONS else None
-    forward = _channels_last_forward(input, num_groups, weight, bias, eps, fused)
+    forward = _channels_last_forward(rows, num_groups, weight, bias, eps, fused)
     if forward is None:
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
         y = _ChannelsLastGroupNormFunction.apply(input, num_groups, weight, bias, eps, fused, forward)
     else:
         y = forward[0]

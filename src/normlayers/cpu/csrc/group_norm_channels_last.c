@@ -2,12 +2,13 @@
  *     y = act(z),  z = (x − μ)·r·γ_c + β_c,  r = 1/sqrt(σ² + eps),  μ, σ² over each (sample, group)'s C/G·P values,
  * of an (N, P, C) contiguous array (P the spatial positions, the channels innermost), fp32 or bf16 in memory.
  *
- * Forward: one read pass for the statistics and one output pass. The statistics are two-pass per block of GN_RUN
- * positions while the block sits in cache (the block's group means, then the squared deviations from them and their
- * residual sums), the blocks combined in fp64 by the law of total variance: never E[x²] − E[x]², so a group whose
+ * Forward: one read pass for the statistics and one output pass. The statistics are two-pass per channel over each
+ * block of GN_RUN positions while it sits in cache (the channel's block mean, then the squared deviations from it and
+ * their residual sum), the channels and blocks of a group combined in fp64 by the law of total variance: never E[x²] − E[x]², so a group whose
  * mean is large against its spread keeps its accuracy. The mean is kept in fp64 and taken off in two fp32 parts
  * (its fp32 rounding, then the rest), so no term of the size of the mean is rounded. The output pass walks the same
- * blocks backwards, finding the last ones read still in cache.
+ * blocks backwards, finding the last ones read still in cache. Each block is walked in tiles of up to TILE·16
+ * channels, whose accumulators and coefficients stay in registers.
  *
  * Backward: one read pass of (dy, x) for the per-(sample, channel) sums Σg and Σg·x̂ (g = dy·act'(z), z recomputed
  * from x and the saved statistics), in fp32 runs of GN_RUN positions added in fp64 in a fixed order (deterministic
@@ -18,7 +19,15 @@
 
 #include "common.h"
 
+/* a·b + c in one rounding where the host has FMA (the flags of cpu/_native.py give -std=c11, which turns it off) */
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
 #define GN_RUN 128 /* positions per block: fp32 runs of at most 128 additions per channel */
+#define TILE 4     /* vectors of channels per tile */
 
 enum { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2 };
 
@@ -27,20 +36,21 @@ typedef int32_t vi __attribute__((vector_size(NL_VL * sizeof(int32_t))));
 static inline vf select_vf(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
 /* e^x, Cephes' expf polynomial (about 1 ulp), NaN kept; x clamped to [−87.3, 88.3] (0 and inf are not reached: the
- * callers divide by 1 + e^x, where the clamp changes no result beyond 1e-36). */
+ * callers divide by 1 + e^x, where the clamp changes no result by more than 1e-36). */
 static inline vf exp_vf(vf x) {
+    const float magic = 12582912.0f; /* 1.5·2^23: adding it rounds to an integer, kept in the low mantissa bits */
     x = select_vf(x > 88.3f, nl_splat(88.3f), x);
     x = select_vf(x < -87.3f, nl_splat(-87.3f), x);
-    const vf fx = x * 1.44269504088896341f + 0.5f;
-    vi n = __builtin_convertvector(fx, vi);
-    n += (vi)(__builtin_convertvector(n, vf) > fx); /* truncation to floor: −1 where it rounded up */
-    const vf nf = __builtin_convertvector(n, vf);
-    x = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+    const vf k = x * 1.44269504088896341f + magic;
+    const vf n = k - magic;
+    x = x - n * 0.693359375f - n * -2.12194440e-4f;
     const vf p = ((((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
                     + 1.6666665459e-1f) * x + 5.0000001201e-1f) * x * x + x + 1.0f);
-    const vu scale = (vu)(n + 127) << 23;
+    vu bits;
+    memcpy(&bits, &k, sizeof bits);
+    bits = (bits + 127u) << 23; /* 2^n */
     vf two_n;
-    memcpy(&two_n, &scale, sizeof two_n);
+    memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;
 }
 
@@ -61,7 +71,7 @@ static inline __attribute__((always_inline)) vf activation_grad(vf dy, vf z, int
 }
 
 /* NL_VL values at element offset j, only the first `count` of them from memory (the rest 0): a row's last part. */
-static inline vf load_part(const void* p, int bf16, int64_t j, int64_t count) {
+static __attribute__((noinline)) vf load_part(const void* p, int bf16, int64_t j, int64_t count) {
     float part[NL_VL] = {0};
     for (int64_t i = 0; i < count; ++i) part[i] = nl_load1(p, bf16, j + i);
     vf v;
@@ -69,7 +79,7 @@ static inline vf load_part(const void* p, int bf16, int64_t j, int64_t count) {
     return v;
 }
 
-static inline void store_part(void* p, int bf16, int64_t j, int64_t count, vf v) {
+static __attribute__((noinline)) void store_part(void* p, int bf16, int64_t j, int64_t count, vf v) {
     for (int64_t i = 0; i < count; ++i) nl_store1(p, bf16, j + i, v[i]);
 }
 
@@ -84,6 +94,20 @@ static inline __attribute__((always_inline)) void store_at(void* p, int bf16, in
         store_part(p, bf16, j, count, v);
 }
 
+/* Rows a tile walk prefetches ahead: a row of C channels is C·4 bytes apart from the next, beyond the hardware
+ * prefetchers' reach (their strides stop at 2 KiB or at a page) where C is large. */
+#define PREFETCH_ROWS 6
+
+/* (as integers: the rows ahead may lie past the array, where a prefetch is harmless but a pointer is undefined) */
+static inline void prefetch_at(const void* p, int bf16, int64_t j) {
+    __builtin_prefetch((const void*)((uintptr_t)p + (uintptr_t)(j * (bf16 ? 2 : 4))));
+}
+
+/* an output's line, fetched for writing ahead of its store */
+static inline void prefetch_for_store(void* p, int bf16, int64_t j) {
+    __builtin_prefetch((const void*)((uintptr_t)p + (uintptr_t)(j * (bf16 ? 2 : 4))), 1);
+}
+
 static inline vf vec_at(const float* a, int64_t j) {
     vf v;
     memcpy(&v, a + j, sizeof v);
@@ -96,59 +120,110 @@ static inline int64_t padded(int64_t c) { return (c + NL_VL - 1) / NL_VL * NL_VL
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* The per-channel (stride-C rows) sums of rows [p0, p1) of sample data `x` into acc (Cp lanes, zeroed first). */
-static inline __attribute__((always_inline)) void column_sums(const void* x, int bf16, int64_t base, int64_t p0,
-                                                              int64_t p1, int64_t C, float* acc) {
-    const int64_t Cp = padded(C);
-    memset(acc, 0, Cp * sizeof(float));
-    for (int64_t p = p0; p < p1; ++p)
-        for (int64_t j = 0; j < C; j += NL_VL)
-            set_vec(acc, j, vec_at(acc, j) + load_at(x, bf16, base + p * C + j, min64(NL_VL, C - j)));
-}
-
-/* One block's (mean, M2) per group of rows [p0, p1): block means, then deviations from them (two reads of the block,
- * the second from cache), the residual sum of the deviations correcting both. */
-static inline __attribute__((always_inline)) void block_moments(
-        const void* x, int bf16, int64_t base, int64_t p0, int64_t p1, int64_t C, int64_t G, float* acc,
-        float* centre, float* acc2, double* out) {
-    const int64_t Cp = padded(C), D = C / G;
-    const double count = (double)((p1 - p0) * D);
-    column_sums(x, bf16, base, p0, p1, C, acc);
-    memset(centre, 0, Cp * sizeof(float));
-    for (int64_t g = 0; g < G; ++g) {
-        double s = 0.0;
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) s += acc[c];
-        const float m = (float)(s / count);
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) centre[c] = m;
-    }
-    memset(acc, 0, Cp * sizeof(float));
-    memset(acc2, 0, Cp * sizeof(float));
-    for (int64_t p = p0; p < p1; ++p)
-        for (int64_t j = 0; j < C; j += NL_VL) {
-            const vf d = load_at(x, bf16, base + p * C + j, min64(NL_VL, C - j)) - vec_at(centre, j);
-            set_vec(acc, j, vec_at(acc, j) + d);
-            set_vec(acc2, j, vec_at(acc2, j) + d * d); /* padded lanes: 0 − 0 */
-        }
-    for (int64_t g = 0; g < G; ++g) {
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-            s1 += acc[c];
-            s2 += acc2[c];
-        }
-        out[2 * g] = centre[g * D] + s1 / count;
-        out[2 * g + 1] = s2 - s1 * s1 / count;
-    }
-}
-
-/* The blocks of all samples, (n, block) in order: thread t of nt takes blocks [lo, hi). */
+/* Where the blocks are: (sample, block) in order, GN_RUN positions each (the last of a sample shorter), each row of C
+ * channels walked in tiles of TILE vectors (the last tile of `last_tile` vectors, its last vector of `last_lanes`). */
 typedef struct {
-    int64_t P, C, G, blocks_per_sample;
+    int64_t P, C, G, blocks_per_sample, tiles, last_tile, last_lanes;
 } Layout;
+
+static Layout layout(int64_t P, int64_t C, int64_t G) {
+    const int64_t vectors = (C + NL_VL - 1) / NL_VL, tiles = (vectors + TILE - 1) / TILE;
+    return (Layout){P, C, G, (P + GN_RUN - 1) / GN_RUN, tiles, vectors - TILE * (tiles - 1),
+                    C - NL_VL * (vectors - 1)};
+}
 
 static inline void block_rows(const Layout* L, int64_t k, int64_t* n, int64_t* p0, int64_t* p1) {
     *n = k / L->blocks_per_sample;
     *p0 = k % L->blocks_per_sample * GN_RUN;
     *p1 = min64(*p0 + GN_RUN, L->P);
+}
+
+/* Calls `call` with NQ, the tile's vector count, and PARTIAL, whether its last vector is a row's partial last one, as
+ * constants: its loops unroll, its accumulators stay in registers, and only a partial tile pays for a row's end. */
+#define WITH_TILE(L, tile, call)                                                      \
+    do {                                                                              \
+        const int last_tile_ = (tile) == (L)->tiles - 1;                              \
+        const int64_t vectors_ = last_tile_ ? (L)->last_tile : TILE;                  \
+        if (last_tile_ && (L)->last_lanes < NL_VL) {                                  \
+            enum { PARTIAL = 1 };                                                     \
+            WITH_VECTORS_(vectors_, call);                                            \
+        } else {                                                                      \
+            enum { PARTIAL = 0 };                                                     \
+            WITH_VECTORS_(vectors_, call);                                            \
+        }                                                                             \
+    } while (0)
+#define WITH_VECTORS_(vectors, call)                              \
+    switch (vectors) {                                            \
+    case 1: { enum { NQ = 1 }; call; } break;                     \
+    case 2: { enum { NQ = 2 }; call; } break;                     \
+    case 3: { enum { NQ = 3 }; call; } break;                     \
+    default: { enum { NQ = TILE }; call; } break;                 \
+    }
+
+/* Calls `call` with BF16 and ACT as constants, so each of the six variants is compiled on its own. */
+#define WITH_CONSTANT_FLAGS(bf16, act, call)                                       \
+    do {                                                                           \
+        if (bf16) {                                                                \
+            if ((act) == ACT_SILU) { enum { BF16 = 1, ACT = ACT_SILU }; call; }    \
+            else if ((act) == ACT_RELU) { enum { BF16 = 1, ACT = ACT_RELU }; call; } \
+            else { enum { BF16 = 1, ACT = ACT_NONE }; call; }                      \
+        } else {                                                                   \
+            if ((act) == ACT_SILU) { enum { BF16 = 0, ACT = ACT_SILU }; call; }    \
+            else if ((act) == ACT_RELU) { enum { BF16 = 0, ACT = ACT_RELU }; call; } \
+            else { enum { BF16 = 0, ACT = ACT_NONE }; call; }                      \
+        }                                                                          \
+    } while (0)
+
+/* The lanes of a tile's vector q: 16, or fewer in a partial tile's last vector. */
+static inline int64_t tile_lanes(const Layout* L, int partial, int q, int nq) {
+    return partial && q == nq - 1 ? L->last_lanes : NL_VL;
+}
+
+/* Per channel of tile `tile` over rows [p0, p1) at `base`: the block mean (fp64) and the sum of squared deviations
+ * from it, two reads of the tile (the second from L1) with the residual sum of the deviations correcting both. */
+static inline __attribute__((always_inline)) void tile_moments(
+        const void* x, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile, int nq, int partial,
+        double* mean, float* m2) {
+    const int64_t C = L->C, j0 = tile * TILE * NL_VL;
+    vf s[TILE] = {0}, m[TILE], s1[TILE] = {0}, s2[TILE] = {0};
+    for (int64_t p = p0; p < p1; ++p)
+        for (int q = 0; q < nq; ++q) {
+            prefetch_at(x, bf16, base + (p + PREFETCH_ROWS) * C + j0 + q * NL_VL);
+            s[q] += load_at(x, bf16, base + p * C + j0 + q * NL_VL, tile_lanes(L, partial, q, nq));
+        }
+    const float inverse = 1.0f / (float)(p1 - p0);
+    for (int q = 0; q < nq; ++q) m[q] = s[q] * inverse;
+    for (int64_t p = p0; p < p1; ++p)
+        for (int q = 0; q < nq; ++q) {
+            const vf d = load_at(x, bf16, base + p * C + j0 + q * NL_VL, tile_lanes(L, partial, q, nq)) - m[q];
+            s1[q] += d;
+            s2[q] += d * d; /* lanes past C: 0 − 0 */
+        }
+    for (int q = 0; q < nq; ++q) {
+        set_vec(m2, j0 + q * NL_VL, s2[q] - s1[q] * s1[q] * inverse);
+        for (int i = 0; i < NL_VL; ++i) mean[j0 + q * NL_VL + i] = (double)m[q][i] + (double)s1[q][i] * inverse;
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_output(
+        const void* x, void* y, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile, int nq, int partial,
+        const float* mean_hi, const float* mean_lo, const float* scale, const float* shift, int act) {
+    const int64_t C = L->C, j0 = tile * TILE * NL_VL;
+    vf hi[TILE], lo[TILE], a[TILE], b[TILE];
+    for (int q = 0; q < nq; ++q) {
+        hi[q] = vec_at(mean_hi, j0 + q * NL_VL);
+        lo[q] = vec_at(mean_lo, j0 + q * NL_VL);
+        a[q] = vec_at(scale, j0 + q * NL_VL);
+        b[q] = vec_at(shift, j0 + q * NL_VL);
+    }
+    for (int64_t p = p0; p < p1; ++p)
+        for (int q = 0; q < nq; ++q) {
+            const int64_t at = base + p * C + j0 + q * NL_VL, lanes = tile_lanes(L, partial, q, nq);
+            prefetch_at(x, bf16, at + PREFETCH_ROWS * C);
+            prefetch_for_store(y, bf16, at + PREFETCH_ROWS * C);
+            const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
+            store_at(y, bf16, at, lanes, activation(d * a[q] + b[q], act));
+        }
 }
 
 /* Per (sample, channel): the mean's fp32 part and its remainder, and the group's scale r·γ_c (fp32). */
@@ -163,76 +238,50 @@ static void channel_coefficients(const Layout* L, int64_t n, int64_t g, double m
     }
 }
 
-static inline __attribute__((always_inline)) void forward_output(
-        const void* x, void* y, int bf16, const Layout* L, int64_t lo, int64_t hi, const float* mean_hi,
-        const float* mean_lo, const float* scale, const float* shift, int act) {
-    const int64_t C = L->C, Cp = padded(C);
-    for (int64_t k = hi - 1; k >= lo; --k) {
-        int64_t n, p0, p1;
-        block_rows(L, k, &n, &p0, &p1);
-        const int64_t base = n * L->P * C;
-        for (int64_t p = p0; p < p1; ++p)
-            for (int64_t j = 0; j < C; j += NL_VL) {
-                const int64_t count = min64(NL_VL, C - j), at = base + p * C + j;
-                const vf d = load_at(x, bf16, at, count) - vec_at(mean_hi, n * Cp + j) - vec_at(mean_lo, n * Cp + j);
-                store_at(y, bf16, at, count, activation(d * vec_at(scale, n * Cp + j) + vec_at(shift, j), act));
-            }
-    }
-}
-
-/* Calls `fn(..., bf16, ..., act)` with both flags as constants, so each of the six variants is compiled on its own. */
-#define WITH_CONSTANT_FLAGS(bf16, act, call)                                       \
-    do {                                                                           \
-        if (bf16) {                                                                \
-            if ((act) == ACT_SILU) { enum { BF16 = 1, ACT = ACT_SILU }; call; }    \
-            else if ((act) == ACT_RELU) { enum { BF16 = 1, ACT = ACT_RELU }; call; } \
-            else { enum { BF16 = 1, ACT = ACT_NONE }; call; }                      \
-        } else {                                                                   \
-            if ((act) == ACT_SILU) { enum { BF16 = 0, ACT = ACT_SILU }; call; }    \
-            else if ((act) == ACT_RELU) { enum { BF16 = 0, ACT = ACT_RELU }; call; } \
-            else { enum { BF16 = 0, ACT = ACT_NONE }; call; }                      \
-        }                                                                          \
-    } while (0)
-
 /* x, y: (N, P, C) contiguous, fp32 (bf16 = 0) or bf16 (1); w, b: C fp32 values or NULL; mean, rstd: (N, G) fp64
  * out. act: 0 none, 1 SiLU, 2 ReLU. Returns 0, or −1 where scratch memory could not be allocated (nothing written). */
 int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const float* b, double* mean, double* rstd,
                       int64_t N, int64_t P, int64_t C, int64_t G, double eps, int act, int threads) {
-    const Layout L = {P, C, G, (P + GN_RUN - 1) / GN_RUN};
+    const Layout L = layout(P, C, G);
     const int64_t blocks = N * L.blocks_per_sample, Cp = padded(C), D = C / G;
-    double* moments = malloc(sizeof(double) * 2 * G * blocks);
-    float* coefficients = calloc((3 * N + 1 + 3 * (int64_t)threads) * Cp, sizeof(float));
-    if (!moments || !coefficients) {
-        free(moments);
+    double* block_means = malloc(sizeof(double) * Cp * blocks);
+    float* block_m2 = malloc(sizeof(float) * Cp * blocks);
+    float* coefficients = calloc((3 * N + 1) * Cp, sizeof(float));
+    if (!block_means || !block_m2 || !coefficients) {
+        free(block_means);
+        free(block_m2);
         free(coefficients);
         return -1;
     }
     float *mean_hi = coefficients, *mean_lo = mean_hi + N * Cp, *scale = mean_lo + N * Cp, *shift = scale + N * Cp;
-    float* sums = shift + Cp; /* 3 · Cp per thread */
     for (int64_t c = 0; c < C; ++c) shift[c] = b ? b[c] : 0.0f;
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t lo = nl_share(blocks, t, nt), hi = nl_share(blocks, t + 1, nt);
-        float* acc = sums + 3 * Cp * t;
         for (int64_t k = lo; k < hi; ++k) {
             int64_t n, p0, p1;
             block_rows(&L, k, &n, &p0, &p1);
-            WITH_CONSTANT_FLAGS(bf16, ACT_NONE, block_moments(x, BF16, n * P * C, p0, p1, C, G, acc, acc + Cp,
-                                                               acc + 2 * Cp, moments + 2 * G * k));
+            for (int64_t tile = 0; tile < L.tiles; ++tile)
+                WITH_CONSTANT_FLAGS(bf16, ACT_NONE, WITH_TILE(&L, tile, tile_moments(
+                    x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, block_means + Cp * k, block_m2 + Cp * k)));
         }
 #pragma omp barrier
         const int64_t groups_lo = nl_share(N * G, t, nt), groups_hi = nl_share(N * G, t + 1, nt);
         for (int64_t i = groups_lo; i < groups_hi; ++i) {
-            const int64_t n = i / G, g = i % G;
-            const double* m = moments + 2 * G * n * L.blocks_per_sample + 2 * g;
-            double total = 0.0, m2 = 0.0; /* the law of total variance over the blocks, weighted by their rows */
-            for (int64_t k = 0; k < L.blocks_per_sample; ++k)
-                total += (double)(min64((k + 1) * GN_RUN, P) - k * GN_RUN) * m[2 * G * k];
-            const double mu = total / (double)P;
-            for (int64_t k = 0; k < L.blocks_per_sample; ++k) {
-                const double delta = m[2 * G * k] - mu;
-                m2 += m[2 * G * k + 1] + (double)((min64((k + 1) * GN_RUN, P) - k * GN_RUN) * D) * delta * delta;
+            const int64_t n = i / G, g = i % G, first = n * L.blocks_per_sample;
+            double total = 0.0, m2 = 0.0; /* the law of total variance over the channels and blocks */
+            for (int64_t k = first; k < first + L.blocks_per_sample; ++k) {
+                const double rows = (double)(min64((k - first + 1) * GN_RUN, P) - (k - first) * GN_RUN);
+                for (int64_t c = g * D; c < (g + 1) * D; ++c) total += rows * block_means[Cp * k + c];
+            }
+            const double mu = total / (double)(P * D);
+            for (int64_t k = first; k < first + L.blocks_per_sample; ++k) {
+                const double rows = (double)(min64((k - first + 1) * GN_RUN, P) - (k - first) * GN_RUN);
+                for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+                    const double delta = block_means[Cp * k + c] - mu;
+                    m2 += block_m2[Cp * k + c] + rows * delta * delta;
+                }
             }
             const double var = m2 > 0.0 ? m2 / (double)(P * D) : m2 == m2 ? 0.0 : m2; /* NaN kept */
             const double r = 1.0 / sqrt(var + eps);
@@ -241,49 +290,76 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
             channel_coefficients(&L, n, g, mu, r, w, mean_hi, mean_lo, scale);
         }
 #pragma omp barrier
-        WITH_CONSTANT_FLAGS(bf16, act, forward_output(x, y, BF16, &L, lo, hi, mean_hi, mean_lo, scale, shift, ACT));
+        for (int64_t k = hi - 1; k >= lo; --k) { /* backwards: the blocks read last are in cache */
+            int64_t n, p0, p1;
+            block_rows(&L, k, &n, &p0, &p1);
+            for (int64_t tile = 0; tile < L.tiles; ++tile)
+                WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_output(
+                    x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp, scale + n * Cp,
+                    shift, ACT)));
+        }
     }
-    free(moments);
+    free(block_means);
+    free(block_m2);
     free(coefficients);
     return 0;
 }
 
-/* Rows [p0, p1) of a sample: per channel, Σg and Σg·x̂ (fp32 runs) into sums (2·Cp), g = dy·act'(z) recomputed. */
-static inline __attribute__((always_inline)) void block_grad_sums(
-        const void* dy, const void* x, int bf16, int64_t base, int64_t p0, int64_t p1, int64_t C,
-        const float* mean_hi, const float* mean_lo, const float* rstd, const float* scale, const float* shift,
+/* Per channel of tile `tile` over rows [p0, p1): Σg and Σg·x̂ (fp32 runs) into sums at j0 and Cp + j0, g = dy·act'(z)
+ * with z recomputed from x. */
+static inline __attribute__((always_inline)) void tile_grad_sums(
+        const void* dy, const void* x, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile,
+        int nq, int partial, const float* mean_hi, const float* mean_lo, const float* rstd, const float* scale, const float* shift,
         int act, float* sums) {
-    const int64_t Cp = padded(C);
-    memset(sums, 0, 2 * Cp * sizeof(float));
+    const int64_t C = L->C, Cp = padded(C), j0 = tile * TILE * NL_VL;
+    vf hi[TILE], lo[TILE], r[TILE], a[TILE], b[TILE], g_sum[TILE] = {0}, g_xhat_sum[TILE] = {0};
+    for (int q = 0; q < nq; ++q) {
+        hi[q] = vec_at(mean_hi, j0 + q * NL_VL);
+        lo[q] = vec_at(mean_lo, j0 + q * NL_VL);
+        r[q] = vec_at(rstd, j0 + q * NL_VL);
+        a[q] = vec_at(scale, j0 + q * NL_VL);
+        b[q] = vec_at(shift, j0 + q * NL_VL);
+    }
     for (int64_t p = p0; p < p1; ++p)
-        for (int64_t j = 0; j < C; j += NL_VL) {
-            const int64_t count = min64(NL_VL, C - j), at = base + p * C + j;
-            const vf d = load_at(x, bf16, at, count) - vec_at(mean_hi, j) - vec_at(mean_lo, j);
-            const vf g = activation_grad(load_at(dy, bf16, at, count), d * vec_at(scale, j) + vec_at(shift, j), act);
-            set_vec(sums, j, vec_at(sums, j) + g);
-            set_vec(sums, Cp + j, vec_at(sums, Cp + j) + g * (d * vec_at(rstd, j)));
+        for (int q = 0; q < nq; ++q) {
+            const int64_t at = base + p * C + j0 + q * NL_VL, lanes = tile_lanes(L, partial, q, nq);
+            prefetch_at(x, bf16, at + PREFETCH_ROWS * C);
+            prefetch_at(dy, bf16, at + PREFETCH_ROWS * C);
+            const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
+            const vf g = activation_grad(load_at(dy, bf16, at, lanes), d * a[q] + b[q], act);
+            g_sum[q] += g;
+            g_xhat_sum[q] += g * (d * r[q]);
         }
+    for (int q = 0; q < nq; ++q) {
+        set_vec(sums, j0 + q * NL_VL, g_sum[q]);
+        set_vec(sums, Cp + j0 + q * NL_VL, g_xhat_sum[q]);
+    }
 }
 
-static inline __attribute__((always_inline)) void input_grad(
-        const void* dy, const void* x, void* dx, int bf16, const Layout* L, int64_t lo, int64_t hi,
-        const float* mean_hi, const float* mean_lo, const float* scale, const float* shift, const float* x_scale,
-        const float* constant, int act) {
-    const int64_t C = L->C, Cp = padded(C);
-    for (int64_t k = hi - 1; k >= lo; --k) {
-        int64_t n, p0, p1;
-        block_rows(L, k, &n, &p0, &p1);
-        const int64_t base = n * L->P * C, c0 = n * Cp;
-        for (int64_t p = p0; p < p1; ++p)
-            for (int64_t j = 0; j < C; j += NL_VL) {
-                const int64_t count = min64(NL_VL, C - j), at = base + p * C + j;
-                const vf d = load_at(x, bf16, at, count) - vec_at(mean_hi, c0 + j) - vec_at(mean_lo, c0 + j);
-                const vf g = activation_grad(load_at(dy, bf16, at, count),
-                                             d * vec_at(scale, c0 + j) + vec_at(shift, j), act);
-                store_at(dx, bf16, at, count,
-                         g * vec_at(scale, c0 + j) + d * vec_at(x_scale, c0 + j) + vec_at(constant, c0 + j));
-            }
+static inline __attribute__((always_inline)) void tile_input_grad(
+        const void* dy, const void* x, void* dx, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1,
+        int64_t tile, int nq, int partial, const float* mean_hi, const float* mean_lo, const float* scale, const float* shift,
+        const float* x_scale, const float* constant, int act) {
+    const int64_t C = L->C, j0 = tile * TILE * NL_VL;
+    vf hi[TILE], lo[TILE], a[TILE], b[TILE], k[TILE], l[TILE];
+    for (int q = 0; q < nq; ++q) {
+        hi[q] = vec_at(mean_hi, j0 + q * NL_VL);
+        lo[q] = vec_at(mean_lo, j0 + q * NL_VL);
+        a[q] = vec_at(scale, j0 + q * NL_VL);
+        b[q] = vec_at(shift, j0 + q * NL_VL);
+        k[q] = vec_at(x_scale, j0 + q * NL_VL);
+        l[q] = vec_at(constant, j0 + q * NL_VL);
     }
+    for (int64_t p = p0; p < p1; ++p)
+        for (int q = 0; q < nq; ++q) {
+            const int64_t at = base + p * C + j0 + q * NL_VL, lanes = tile_lanes(L, partial, q, nq);
+            prefetch_at(x, bf16, at + PREFETCH_ROWS * C);
+            prefetch_at(dy, bf16, at + PREFETCH_ROWS * C);
+            prefetch_for_store(dx, bf16, at + PREFETCH_ROWS * C);
+            const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
+            const vf g = activation_grad(load_at(dy, bf16, at, lanes), d * a[q] + b[q], act);
+            store_at(dx, bf16, at, lanes, g * a[q] + d * k[q] + l[q]);
+        }
 }
 
 /* dy, x, dx (NULL: not wanted): (N, P, C) contiguous, fp32 or bf16; w, b: C fp32 values or NULL; mean, rstd: the
@@ -292,7 +368,7 @@ static inline __attribute__((always_inline)) void input_grad(
 int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const float* w, const float* b,
                       const double* mean, const double* rstd, float* dweight, float* dbias, int64_t N, int64_t P,
                       int64_t C, int64_t G, int act, int threads) {
-    const Layout L = {P, C, G, (P + GN_RUN - 1) / GN_RUN};
+    const Layout L = layout(P, C, G);
     const int64_t blocks = N * L.blocks_per_sample, Cp = padded(C), D = C / G;
     float* block_sums = malloc(sizeof(float) * 2 * Cp * blocks);
     double* channel_sums = malloc(sizeof(double) * 2 * N * Cp);
@@ -304,8 +380,7 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
         return -1;
     }
     float *mean_hi = coefficients, *mean_lo = mean_hi + N * Cp, *rstd_c = mean_lo + N * Cp, *scale = rstd_c + N * Cp;
-    float *x_scale = scale + N * Cp, *constant = x_scale + N * Cp;
-    float* shift = constant + N * Cp;
+    float *x_scale = scale + N * Cp, *constant = x_scale + N * Cp, *shift = constant + N * Cp;
     for (int64_t c = 0; c < C; ++c) shift[c] = b ? b[c] : 0.0f;
     for (int64_t i = 0; i < N * G; ++i) {
         const int64_t n = i / G, g = i % G;
@@ -319,9 +394,10 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
         for (int64_t k = lo; k < hi; ++k) {
             int64_t n, p0, p1;
             block_rows(&L, k, &n, &p0, &p1);
-            WITH_CONSTANT_FLAGS(bf16, act, block_grad_sums(dy, x, BF16, n * P * C, p0, p1, C, mean_hi + n * Cp,
-                                                            mean_lo + n * Cp, rstd_c + n * Cp, scale + n * Cp, shift,
-                                                            ACT, block_sums + 2 * Cp * k));
+            for (int64_t tile = 0; tile < L.tiles; ++tile)
+                WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_grad_sums(
+                    dy, x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
+                    rstd_c + n * Cp, scale + n * Cp, shift, ACT, block_sums + 2 * Cp * k)));
         }
 #pragma omp barrier
         /* per (sample, channel): the blocks' sums in order, in fp64 */
@@ -367,8 +443,14 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
         }
 #pragma omp barrier
         if (dx)
-            WITH_CONSTANT_FLAGS(bf16, act, input_grad(dy, x, dx, BF16, &L, lo, hi, mean_hi, mean_lo, scale, shift,
-                                                      x_scale, constant, ACT));
+            for (int64_t k = hi - 1; k >= lo; --k) { /* backwards: the blocks read last are in cache */
+                int64_t n, p0, p1;
+                block_rows(&L, k, &n, &p0, &p1);
+                for (int64_t tile = 0; tile < L.tiles; ++tile)
+                    WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_input_grad(
+                        dy, x, dx, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
+                        scale + n * Cp, shift, x_scale + n * Cp, constant + n * Cp, ACT)));
+            }
     }
     free(block_sums);
     free(channel_sums);
