@@ -399,22 +399,31 @@ def _kernel_param(p: Optional[Tensor]) -> Optional[Tensor]:
     return p.detach().to(torch.float32).contiguous()
 
 
-def _channels_last_forward(rows: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                           eps: float, act: Optional[str]) -> Optional[tuple[Tensor, Tensor]]:
-    """``(y, statistics)`` of the compiled forward of the contiguous ``(N, *spatial, C)`` view ``rows`` of the input,
-    ``act`` fused: ``y`` in the input's dtype and memory format (``(N, C, *spatial)``), ``statistics`` the mean and
-    rstd, ``(2, N, G)`` in fp64; ``None`` where the kernel is unavailable or could not allocate its scratch memory."""
+def _channels_last_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                           act: Optional[str]) -> Optional[tuple[Tensor, Tensor]]:
+    """``(y, statistics)`` of the compiled forward of ``x`` (channels innermost and dense: :func:`_channels_innermost`),
+    ``act`` fused: ``y`` in ``x``'s dtype and memory format, ``statistics`` the mean and rstd, ``(2, N, G)`` in fp64;
+    ``None`` where the kernel is unavailable or could not allocate its scratch memory."""
     kernel = _forward_kernel()
     if kernel is None:
         return None
-    n, c = rows.shape[0], rows.shape[-1]
-    y_rows = torch.empty_like(rows)
+    n, c = x.shape[:2]
+    y = torch.empty_like(x)  # (x's strides: it is dense)
     statistics = torch.empty((2, n, num_groups), dtype=torch.float64)
     weight, bias = _kernel_param(weight), _kernel_param(bias)
-    failed = kernel(rows.data_ptr(), y_rows.data_ptr(), _COMPILED_DTYPES[rows.dtype], _compiled.ptr(weight),
-                    _compiled.ptr(bias), statistics.data_ptr(), statistics.data_ptr() + n * num_groups * 8, n,
-                    rows.numel() // (n * c), c, num_groups, eps, _COMPILED_ACTIVATIONS[act], _compiled.threads())
-    return None if failed else (y_rows.movedim(-1, 1), statistics)
+    failed = kernel(x.data_ptr(), y.data_ptr(), _COMPILED_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
+                    statistics.data_ptr(), statistics.data_ptr() + n * num_groups * 8, n, x.numel() // (n * c), c,
+                    num_groups, eps, _COMPILED_ACTIVATIONS[act], _compiled.threads())
+    return None if failed else (y, statistics)
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """Whether ``x``'s channels are innermost and dense, and it is not also NCHW-contiguous: channels_last,
+    channels_last_3d, or a transposed ``(N, L, C)`` (its ``(N, *spatial, C)`` view is contiguous)."""
+    if x.dim() < 3 or x.is_contiguous():
+        return False
+    memory_format = _CHANNELS_LAST_FORMATS.get(x.dim())
+    return x.is_contiguous(memory_format=memory_format) if memory_format else x.movedim(1, -1).is_contiguous()
 
 
 def _composite_grads(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -447,18 +456,17 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         kernel = _backward_kernel()
         if kernel is not None and not torch.is_grad_enabled():
-            rows = x.movedim(1, -1)
-            dy_rows = dy.to(x.dtype).movedim(1, -1).contiguous()
-            dx_rows = torch.empty_like(rows) if needs[0] else None
+            dy = dy.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)  # (a view where it has x's layout)
+            dx = torch.empty_like(x) if needs[0] else None
             dweight, dbias = (torch.empty(x.shape[1], dtype=torch.float32) if need else None for need in needs[1:])
             n, c = x.shape[:2]
-            failed = kernel(dy_rows.data_ptr(), rows.data_ptr(), _compiled.ptr(dx_rows), _COMPILED_DTYPES[x.dtype],
+            failed = kernel(dy.data_ptr(), x.data_ptr(), _compiled.ptr(dx), _COMPILED_DTYPES[x.dtype],
                             _compiled.ptr(_kernel_param(weight)), _compiled.ptr(_kernel_param(bias)),
                             statistics.data_ptr(), statistics[1].data_ptr(), _compiled.ptr(dweight), _compiled.ptr(dbias), n,
-                            rows.numel() // (n * c), c, ctx.num_groups, _COMPILED_ACTIVATIONS[ctx.act],
+                            x.numel() // (n * c), c, ctx.num_groups, _COMPILED_ACTIVATIONS[ctx.act],
                             _compiled.threads())
             if not failed:
-                return (None if dx_rows is None else dx_rows.movedim(-1, 1), None,
+                return (dx, None,
                         None if dweight is None else dweight.to(weight.dtype),
                         None if dbias is None else dbias.to(bias.dtype), None, None, None)
         dx, dweight, dbias = _composite_grads(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act, dy, needs)
@@ -472,14 +480,12 @@ def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Ten
     fused (GELU after them, on fp32), or ``None`` where they do not take it: another dtype or layout,
     ``torch.compile``, a tensor subclass or a ``torch.func`` transform, bf16 with GELU (which would round twice), no
     kernels."""
-    if (input.dtype not in _COMPILED_DTYPES or input.dim() < 3 or input.is_contiguous()
-            or (act == "gelu" and input.dtype is not torch.float32) or torch.compiler.is_compiling()):
-        return None
-    rows = input.movedim(1, -1)
-    if not rows.is_contiguous() or not host_readable(input, weight, bias):
+    if (input.dtype not in _COMPILED_DTYPES or not _channels_innermost(input)
+            or (act == "gelu" and input.dtype is not torch.float32) or torch.compiler.is_compiling()
+            or not host_readable(input, weight, bias)):
         return None
     fused = act if act in _COMPILED_ACTIVATIONS else None
-    forward = _channels_last_forward(rows, num_groups, weight, bias, eps, fused)
+    forward = _channels_last_forward(input, num_groups, weight, bias, eps, fused)
     if forward is None:
         return None
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
