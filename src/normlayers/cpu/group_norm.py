@@ -410,7 +410,7 @@ def _channels_last_forward(x: Tensor, num_groups: int, weight: Optional[Tensor],
     n, c = x.shape[:2]
     y = torch.empty_like(x)  # (x's strides: it is dense)
     statistics = torch.empty((2, n, num_groups), dtype=torch.float64)
-    weight, bias = _kernel_param(weight), _kernel_param(bias)
+    weight, bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
     failed = kernel(x.data_ptr(), y.data_ptr(), _COMPILED_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
                     statistics.data_ptr(), statistics.data_ptr() + n * num_groups * 8, n, x.numel() // (n * c), c,
                     num_groups, eps, _COMPILED_ACTIVATIONS[act], _compiled.threads())
@@ -460,8 +460,9 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
             dx = torch.empty_like(x) if needs[0] else None
             dweight, dbias = (torch.empty(x.shape[1], dtype=torch.float32) if need else None for need in needs[1:])
             n, c = x.shape[:2]
+            kernel_weight, kernel_bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
             failed = kernel(dy.data_ptr(), x.data_ptr(), _compiled.ptr(dx), _COMPILED_DTYPES[x.dtype],
-                            _compiled.ptr(_kernel_param(weight)), _compiled.ptr(_kernel_param(bias)),
+                            _compiled.ptr(kernel_weight), _compiled.ptr(kernel_bias),
                             statistics.data_ptr(), statistics[1].data_ptr(), _compiled.ptr(dweight), _compiled.ptr(dbias), n,
                             x.numel() // (n * c), c, ctx.num_groups, _COMPILED_ACTIVATIONS[ctx.act],
                             _compiled.threads())
