@@ -229,6 +229,29 @@ static inline __attribute__((always_inline)) void tile_output(
         }
 }
 
+/* Whole samples per thread, each read, finalized and written before the next (the second read from L2, no barriers),
+ * where every thread gets a sample (and the samples split evenly or are many) and a sample's `footprint` bytes (what its
+ * passes read and write) fit in half of a 2 MiB L2; else the blocks of all samples are shared out, with barriers
+ * between the passes. The results do not depend on it (the same blocks, summed in the same order). */
+static int whole_samples(int64_t N, int64_t footprint, int threads) {
+    return N > 1 && N >= threads && (N % threads == 0 || N >= 4 * threads) && footprint <= (1 << 20);
+}
+
+/* A thread's blocks [lo, hi) and (sample, group)s [groups_lo, groups_hi) in one round: sample `round` in whole-sample
+ * mode, else its share of everything. */
+typedef struct {
+    int64_t lo, hi, groups_lo, groups_hi, samples_lo, samples_hi;
+} Share;
+
+static Share shares(const Layout* L, int64_t N, int per_sample, int64_t round, int t, int nt) {
+    if (per_sample)
+        return (Share){round * L->blocks_per_sample, (round + 1) * L->blocks_per_sample, round * L->G,
+                       (round + 1) * L->G, round, round + 1};
+    const int64_t blocks = N * L->blocks_per_sample;
+    return (Share){nl_share(blocks, t, nt), nl_share(blocks, t + 1, nt), nl_share(N * L->G, t, nt),
+                   nl_share(N * L->G, t + 1, nt), nl_share(N, t, nt), nl_share(N, t + 1, nt)};
+}
+
 /* Per (sample, channel): the mean's fp32 part and its remainder, and the group's scale r·γ_c (fp32). */
 static void channel_coefficients(const Layout* L, int64_t n, int64_t g, double mean, double r, const float* w,
                                  float* mean_hi, float* mean_lo, float* scale) {
@@ -258,20 +281,24 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
     }
     float *mean_hi = coefficients, *mean_lo = mean_hi + N * Cp, *scale = mean_lo + N * Cp, *shift = scale + N * Cp;
     for (int64_t c = 0; c < C; ++c) shift[c] = b ? b[c] : 0.0f;
+    const int per_sample = whole_samples(N, P * C * (bf16 ? 2 : 4) * 2, threads);
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t lo = nl_share(blocks, t, nt), hi = nl_share(blocks, t + 1, nt);
-        for (int64_t k = lo; k < hi; ++k) {
+        for (int64_t round = per_sample ? nl_share(N, t, nt) : 0; round < (per_sample ? nl_share(N, t + 1, nt) : 1);
+             ++round) {
+        const Share share = shares(&L, N, per_sample, round, t, nt);
+        for (int64_t k = share.lo; k < share.hi; ++k) {
             int64_t n, p0, p1;
             block_rows(&L, k, &n, &p0, &p1);
             for (int64_t tile = 0; tile < L.tiles; ++tile)
                 WITH_CONSTANT_FLAGS(bf16, ACT_NONE, WITH_TILE(&L, tile, tile_moments(
                     x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, block_means + Cp * k, block_m2 + Cp * k)));
         }
+        if (!per_sample) {
 #pragma omp barrier
-        const int64_t groups_lo = nl_share(N * G, t, nt), groups_hi = nl_share(N * G, t + 1, nt);
-        for (int64_t i = groups_lo; i < groups_hi; ++i) {
+        }
+        for (int64_t i = share.groups_lo; i < share.groups_hi; ++i) {
             const int64_t n = i / G, g = i % G, first = n * L.blocks_per_sample;
             double total = 0.0, m2 = 0.0; /* the law of total variance over the channels and blocks */
             for (int64_t k = first; k < first + L.blocks_per_sample; ++k) {
@@ -292,14 +319,17 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
             rstd[i] = r;
             channel_coefficients(&L, n, g, mu, r, w, mean_hi, mean_lo, scale);
         }
+        if (!per_sample) {
 #pragma omp barrier
-        for (int64_t k = hi - 1; k >= lo; --k) { /* backwards: the blocks read last are in cache */
+        }
+        for (int64_t k = share.hi - 1; k >= share.lo; --k) { /* backwards: the blocks read last are in cache */
             int64_t n, p0, p1;
             block_rows(&L, k, &n, &p0, &p1);
             for (int64_t tile = 0; tile < L.tiles; ++tile)
                 WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_output(
                     x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp, scale + n * Cp,
                     shift, ACT)));
+        }
         }
     }
     free(block_means);
@@ -390,11 +420,14 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
         channel_coefficients(&L, n, g, mean[i], rstd[i], w, mean_hi, mean_lo, scale);
         for (int64_t c = g * D; c < (g + 1) * D; ++c) rstd_c[n * Cp + c] = (float)rstd[i];
     }
+    const int per_sample = whole_samples(N, P * C * (bf16 ? 2 : 4) * 3, threads);
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t lo = nl_share(blocks, t, nt), hi = nl_share(blocks, t + 1, nt);
-        for (int64_t k = lo; k < hi; ++k) {
+        for (int64_t round = per_sample ? nl_share(N, t, nt) : 0; round < (per_sample ? nl_share(N, t + 1, nt) : 1);
+             ++round) {
+        const Share share = shares(&L, N, per_sample, round, t, nt);
+        for (int64_t k = share.lo; k < share.hi; ++k) {
             int64_t n, p0, p1;
             block_rows(&L, k, &n, &p0, &p1);
             for (int64_t tile = 0; tile < L.tiles; ++tile)
@@ -402,10 +435,11 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
                     dy, x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
                     rstd_c + n * Cp, scale + n * Cp, shift, ACT, block_sums + 2 * Cp * k)));
         }
+        if (!per_sample) {
 #pragma omp barrier
+        }
         /* per (sample, channel): the blocks' sums in order, in fp64 */
-        const int64_t columns_lo = nl_share(N * C, t, nt), columns_hi = nl_share(N * C, t + 1, nt);
-        for (int64_t i = columns_lo; i < columns_hi; ++i) {
+        for (int64_t i = share.samples_lo * C; i < share.samples_hi * C; ++i) {
             const int64_t n = i / C, c = i % C;
             const float* s = block_sums + 2 * Cp * n * L.blocks_per_sample + c;
             double g_sum = 0.0, g_xhat_sum = 0.0;
@@ -416,9 +450,10 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
             channel_sums[2 * n * Cp + c] = g_sum;
             channel_sums[2 * n * Cp + Cp + c] = g_xhat_sum;
         }
+        if (!per_sample) {
 #pragma omp barrier
-        const int64_t groups_lo = nl_share(N * G, t, nt), groups_hi = nl_share(N * G, t + 1, nt);
-        for (int64_t i = groups_lo; i < groups_hi; ++i) {
+        }
+        for (int64_t i = share.groups_lo; i < share.groups_hi; ++i) {
             const int64_t n = i / G, g = i % G;
             double mean_g = 0.0, mean_g_xhat = 0.0; /* E[γ·g], E[γ·g·x̂] over the group */
             for (int64_t c = g * D; c < (g + 1) * D; ++c) {
@@ -434,19 +469,11 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
                 constant[n * Cp + c] = (float)(-r * mean_g);
             }
         }
-        const int64_t channels_lo = nl_share(C, t, nt), channels_hi = nl_share(C, t + 1, nt);
-        for (int64_t c = channels_lo; c < channels_hi; ++c) {
-            double g_sum = 0.0, g_xhat_sum = 0.0;
-            for (int64_t n = 0; n < N; ++n) {
-                g_sum += channel_sums[2 * n * Cp + c];
-                g_xhat_sum += channel_sums[2 * n * Cp + Cp + c];
-            }
-            if (dbias) dbias[c] = (float)g_sum;
-            if (dweight) dweight[c] = (float)g_xhat_sum;
-        }
+        if (!per_sample) {
 #pragma omp barrier
+        }
         if (dx)
-            for (int64_t k = hi - 1; k >= lo; --k) { /* backwards: the blocks read last are in cache */
+            for (int64_t k = share.hi - 1; k >= share.lo; --k) { /* backwards: the blocks read last are in cache */
                 int64_t n, p0, p1;
                 block_rows(&L, k, &n, &p0, &p1);
                 for (int64_t tile = 0; tile < L.tiles; ++tile)
@@ -454,6 +481,16 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
                         dy, x, dx, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
                         scale + n * Cp, shift, x_scale + n * Cp, constant + n * Cp, ACT)));
             }
+        }
+    }
+    for (int64_t c = 0; c < C; ++c) { /* dγ, dβ: the samples' sums in order */
+        double g_sum = 0.0, g_xhat_sum = 0.0;
+        for (int64_t n = 0; n < N; ++n) {
+            g_sum += channel_sums[2 * n * Cp + c];
+            g_xhat_sum += channel_sums[2 * n * Cp + Cp + c];
+        }
+        if (dbias) dbias[c] = (float)g_sum;
+        if (dweight) dweight[c] = (float)g_xhat_sum;
     }
     free(block_sums);
     free(channel_sums);
