@@ -68,7 +68,7 @@ def test_output_and_gradients_within_the_bound(case, act, dtype):
     over = {name: f"{e:.3g} > {b:.3g}" for name, (e, b) in errors.items() if not e <= b}
     assert not over, over
     x = _inputs(shape, dtype=dtype)[0]
-    compiled = not (act == "gelu" and dtype is torch.bfloat16)  # (else the ATen path: GELU of a bf16 output rounds twice)
+    compiled = not (act == "gelu" and dtype is torch.bfloat16)  # (else ATen's path: GELU of bf16 output rounds twice)
     for name in ("y", "dx"):
         assert ours[name].dtype == dtype and (ours[name].stride() == x.stride() or not compiled), name
 

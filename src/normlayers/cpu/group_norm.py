@@ -463,7 +463,8 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
             kernel_weight, kernel_bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
             failed = kernel(dy.data_ptr(), x.data_ptr(), _compiled.ptr(dx), _COMPILED_DTYPES[x.dtype],
                             _compiled.ptr(kernel_weight), _compiled.ptr(kernel_bias),
-                            statistics.data_ptr(), statistics[1].data_ptr(), _compiled.ptr(dweight), _compiled.ptr(dbias), n,
+                            statistics.data_ptr(), statistics[1].data_ptr(), _compiled.ptr(dweight),
+                            _compiled.ptr(dbias), n,
                             x.numel() // (n * c), c, ctx.num_groups, _COMPILED_ACTIVATIONS[ctx.act],
                             _compiled.threads())
             if not failed:

@@ -4,11 +4,12 @@
  *
  * Forward: one read pass for the statistics and one output pass. The statistics are two-pass per channel over each
  * block of GN_RUN positions while it sits in cache (the channel's block mean, then the squared deviations from it and
- * their residual sum), the channels and blocks of a group combined in fp64 by the law of total variance: never E[x²] − E[x]², so a group whose
- * mean is large against its spread keeps its accuracy. The mean is kept in fp64 and taken off in two fp32 parts
- * (its fp32 rounding, then the rest), so no term of the size of the mean is rounded. The output pass walks the same
- * blocks backwards, finding the last ones read still in cache. Each block is walked in tiles of up to TILE·16
- * channels, whose accumulators and coefficients stay in registers.
+ * their residual sum), the channels and blocks of a group combined in fp64 by the law of total variance: never
+ * E[x²] − E[x]², so a group whose mean is large against its spread keeps its accuracy. The mean is kept in fp64 and
+ * taken off in two fp32 parts (its fp32 rounding, then the rest), so no term of the size of the mean is rounded. The
+ * output pass walks the same blocks backwards, finding the last ones read still in cache; where a sample fits in L2
+ * a thread reads, finalizes and writes one whole sample after another (whole_samples). Each block is walked in tiles
+ * of up to TILE·16 channels, whose accumulators and coefficients stay in registers.
  *
  * Backward: one read pass of (dy, x) for the per-(sample, channel) sums Σg and Σg·x̂ (g = dy·act'(z), z recomputed
  * from x and the saved statistics), in fp32 runs of GN_RUN positions added in fp64 in a fixed order (deterministic
@@ -96,7 +97,8 @@ static inline __attribute__((always_inline)) void store_at(void* p, int bf16, in
 
 /* How far ahead a tile walk prefetches: about PREFETCH_BYTES, at least PREFETCH_ROWS rows. A tile's rows are C·4
  * bytes apart, beyond the hardware prefetchers' reach (their strides stop at 2 KiB or at a page) where C is large;
- * measured at 1×512×64×64 under autograd (inputs out of cache), 24 KiB ahead took 10% off both kernels against 6 rows. */
+ * measured at 1×512×64×64 under autograd (inputs out of cache), 24 KiB ahead took 10% off both kernels against 6
+ * rows. */
 #define PREFETCH_ROWS 6
 #define PREFETCH_BYTES 24576
 
@@ -185,8 +187,8 @@ static inline int64_t tile_lanes(const Layout* L, int partial, int q, int nq) {
 /* Per channel of tile `tile` over rows [p0, p1) at `base`: the block mean (fp64) and the sum of squared deviations
  * from it, two reads of the tile (the second from L1) with the residual sum of the deviations correcting both. */
 static inline __attribute__((always_inline)) void tile_moments(
-        const void* x, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile, int nq, int partial,
-        double* mean, float* m2) {
+        const void* x, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile, int nq,
+        int partial, double* mean, float* m2) {
     const int64_t C = L->C, j0 = tile * TILE * NL_VL;
     vf s[TILE] = {0}, m[TILE], s1[TILE] = {0}, s2[TILE] = {0};
     for (int64_t p = p0; p < p1; ++p)
@@ -209,8 +211,8 @@ static inline __attribute__((always_inline)) void tile_moments(
 }
 
 static inline __attribute__((always_inline)) void tile_output(
-        const void* x, void* y, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile, int nq, int partial,
-        const float* mean_hi, const float* mean_lo, const float* scale, const float* shift, int act) {
+        const void* x, void* y, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile, int nq,
+        int partial, const float* mean_hi, const float* mean_lo, const float* scale, const float* shift, int act) {
     const int64_t C = L->C, j0 = tile * TILE * NL_VL;
     vf hi[TILE], lo[TILE], a[TILE], b[TILE];
     for (int q = 0; q < nq; ++q) {
@@ -229,10 +231,11 @@ static inline __attribute__((always_inline)) void tile_output(
         }
 }
 
-/* Whole samples per thread, each read, finalized and written before the next (the second read from L2, no barriers),
- * where every thread gets a sample (and the samples split evenly or are many) and a sample's `footprint` bytes (what its
- * passes read and write) fit in half of a 2 MiB L2; else the blocks of all samples are shared out, with barriers
- * between the passes. The results do not depend on it (the same blocks, summed in the same order). */
+/* Whole samples per thread, each read, finalized and written before the next (the second read from L2, no
+ * barriers), where every thread gets a sample (and the samples split evenly or are many) and a sample's `footprint`
+ * bytes (what its passes read and write) fit in half of a 2 MiB L2; else the blocks of all samples are shared
+ * out, with barriers between the passes. The results do not depend on it (the same blocks, summed in the same
+ * order). */
 static int whole_samples(int64_t N, int64_t footprint, int threads) {
     return N > 1 && N >= threads && (N % threads == 0 || N >= 4 * threads) && footprint <= (1 << 20);
 }
@@ -287,49 +290,49 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int64_t round = per_sample ? nl_share(N, t, nt) : 0; round < (per_sample ? nl_share(N, t + 1, nt) : 1);
              ++round) {
-        const Share share = shares(&L, N, per_sample, round, t, nt);
-        for (int64_t k = share.lo; k < share.hi; ++k) {
-            int64_t n, p0, p1;
-            block_rows(&L, k, &n, &p0, &p1);
-            for (int64_t tile = 0; tile < L.tiles; ++tile)
-                WITH_CONSTANT_FLAGS(bf16, ACT_NONE, WITH_TILE(&L, tile, tile_moments(
-                    x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, block_means + Cp * k, block_m2 + Cp * k)));
-        }
-        if (!per_sample) {
-#pragma omp barrier
-        }
-        for (int64_t i = share.groups_lo; i < share.groups_hi; ++i) {
-            const int64_t n = i / G, g = i % G, first = n * L.blocks_per_sample;
-            double total = 0.0, m2 = 0.0; /* the law of total variance over the channels and blocks */
-            for (int64_t k = first; k < first + L.blocks_per_sample; ++k) {
-                const double rows = (double)(min64((k - first + 1) * GN_RUN, P) - (k - first) * GN_RUN);
-                for (int64_t c = g * D; c < (g + 1) * D; ++c) total += rows * block_means[Cp * k + c];
+            const Share share = shares(&L, N, per_sample, round, t, nt);
+            for (int64_t k = share.lo; k < share.hi; ++k) {
+                int64_t n, p0, p1;
+                block_rows(&L, k, &n, &p0, &p1);
+                for (int64_t tile = 0; tile < L.tiles; ++tile)
+                    WITH_CONSTANT_FLAGS(bf16, ACT_NONE, WITH_TILE(&L, tile, tile_moments(
+                        x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, block_means + Cp * k, block_m2 + Cp * k)));
             }
-            const double mu = total / (double)(P * D);
-            for (int64_t k = first; k < first + L.blocks_per_sample; ++k) {
-                const double rows = (double)(min64((k - first + 1) * GN_RUN, P) - (k - first) * GN_RUN);
-                for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-                    const double delta = block_means[Cp * k + c] - mu;
-                    m2 += block_m2[Cp * k + c] + rows * delta * delta;
+            if (!per_sample) {
+#pragma omp barrier
+            }
+            for (int64_t i = share.groups_lo; i < share.groups_hi; ++i) {
+                const int64_t n = i / G, g = i % G, first = n * L.blocks_per_sample;
+                double total = 0.0, m2 = 0.0; /* the law of total variance over the channels and blocks */
+                for (int64_t k = first; k < first + L.blocks_per_sample; ++k) {
+                    const double rows = (double)(min64((k - first + 1) * GN_RUN, P) - (k - first) * GN_RUN);
+                    for (int64_t c = g * D; c < (g + 1) * D; ++c) total += rows * block_means[Cp * k + c];
                 }
+                const double mu = total / (double)(P * D);
+                for (int64_t k = first; k < first + L.blocks_per_sample; ++k) {
+                    const double rows = (double)(min64((k - first + 1) * GN_RUN, P) - (k - first) * GN_RUN);
+                    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+                        const double delta = block_means[Cp * k + c] - mu;
+                        m2 += block_m2[Cp * k + c] + rows * delta * delta;
+                    }
+                }
+                const double var = m2 > 0.0 ? m2 / (double)(P * D) : m2 == m2 ? 0.0 : m2; /* NaN kept */
+                const double r = 1.0 / sqrt(var + eps);
+                mean[i] = mu;
+                rstd[i] = r;
+                channel_coefficients(&L, n, g, mu, r, w, mean_hi, mean_lo, scale);
             }
-            const double var = m2 > 0.0 ? m2 / (double)(P * D) : m2 == m2 ? 0.0 : m2; /* NaN kept */
-            const double r = 1.0 / sqrt(var + eps);
-            mean[i] = mu;
-            rstd[i] = r;
-            channel_coefficients(&L, n, g, mu, r, w, mean_hi, mean_lo, scale);
-        }
-        if (!per_sample) {
+            if (!per_sample) {
 #pragma omp barrier
-        }
-        for (int64_t k = share.hi - 1; k >= share.lo; --k) { /* backwards: the blocks read last are in cache */
-            int64_t n, p0, p1;
-            block_rows(&L, k, &n, &p0, &p1);
-            for (int64_t tile = 0; tile < L.tiles; ++tile)
-                WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_output(
-                    x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp, scale + n * Cp,
-                    shift, ACT)));
-        }
+            }
+            for (int64_t k = share.hi - 1; k >= share.lo; --k) { /* backwards: the blocks read last are in cache */
+                int64_t n, p0, p1;
+                block_rows(&L, k, &n, &p0, &p1);
+                for (int64_t tile = 0; tile < L.tiles; ++tile)
+                    WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_output(
+                        x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
+                        scale + n * Cp, shift, ACT)));
+            }
         }
     }
     free(block_means);
@@ -342,8 +345,8 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
  * with z recomputed from x. */
 static inline __attribute__((always_inline)) void tile_grad_sums(
         const void* dy, const void* x, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile,
-        int nq, int partial, const float* mean_hi, const float* mean_lo, const float* rstd, const float* scale, const float* shift,
-        int act, float* sums) {
+        int nq, int partial, const float* mean_hi, const float* mean_lo, const float* rstd, const float* scale,
+        const float* shift, int act, float* sums) {
     const int64_t C = L->C, Cp = padded(C), j0 = tile * TILE * NL_VL;
     vf hi[TILE], lo[TILE], r[TILE], a[TILE], b[TILE], g_sum[TILE] = {0}, g_xhat_sum[TILE] = {0};
     for (int q = 0; q < nq; ++q) {
@@ -371,8 +374,8 @@ static inline __attribute__((always_inline)) void tile_grad_sums(
 
 static inline __attribute__((always_inline)) void tile_input_grad(
         const void* dy, const void* x, void* dx, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1,
-        int64_t tile, int nq, int partial, const float* mean_hi, const float* mean_lo, const float* scale, const float* shift,
-        const float* x_scale, const float* constant, int act) {
+        int64_t tile, int nq, int partial, const float* mean_hi, const float* mean_lo, const float* scale,
+        const float* shift, const float* x_scale, const float* constant, int act) {
     const int64_t C = L->C, j0 = tile * TILE * NL_VL;
     vf hi[TILE], lo[TILE], a[TILE], b[TILE], k[TILE], l[TILE];
     for (int q = 0; q < nq; ++q) {
@@ -426,61 +429,61 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int64_t round = per_sample ? nl_share(N, t, nt) : 0; round < (per_sample ? nl_share(N, t + 1, nt) : 1);
              ++round) {
-        const Share share = shares(&L, N, per_sample, round, t, nt);
-        for (int64_t k = share.lo; k < share.hi; ++k) {
-            int64_t n, p0, p1;
-            block_rows(&L, k, &n, &p0, &p1);
-            for (int64_t tile = 0; tile < L.tiles; ++tile)
-                WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_grad_sums(
-                    dy, x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
-                    rstd_c + n * Cp, scale + n * Cp, shift, ACT, block_sums + 2 * Cp * k)));
-        }
-        if (!per_sample) {
-#pragma omp barrier
-        }
-        /* per (sample, channel): the blocks' sums in order, in fp64 */
-        for (int64_t i = share.samples_lo * C; i < share.samples_hi * C; ++i) {
-            const int64_t n = i / C, c = i % C;
-            const float* s = block_sums + 2 * Cp * n * L.blocks_per_sample + c;
-            double g_sum = 0.0, g_xhat_sum = 0.0;
-            for (int64_t k = 0; k < L.blocks_per_sample; ++k) {
-                g_sum += s[2 * Cp * k];
-                g_xhat_sum += s[2 * Cp * k + Cp];
-            }
-            channel_sums[2 * n * Cp + c] = g_sum;
-            channel_sums[2 * n * Cp + Cp + c] = g_xhat_sum;
-        }
-        if (!per_sample) {
-#pragma omp barrier
-        }
-        for (int64_t i = share.groups_lo; i < share.groups_hi; ++i) {
-            const int64_t n = i / G, g = i % G;
-            double mean_g = 0.0, mean_g_xhat = 0.0; /* E[γ·g], E[γ·g·x̂] over the group */
-            for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-                const double gamma = w ? w[c] : 1.0;
-                mean_g += gamma * channel_sums[2 * n * Cp + c];
-                mean_g_xhat += gamma * channel_sums[2 * n * Cp + Cp + c];
-            }
-            mean_g /= (double)(P * D);
-            mean_g_xhat /= (double)(P * D);
-            const double r = rstd[i];
-            for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-                x_scale[n * Cp + c] = (float)(-r * r * mean_g_xhat);
-                constant[n * Cp + c] = (float)(-r * mean_g);
-            }
-        }
-        if (!per_sample) {
-#pragma omp barrier
-        }
-        if (dx)
-            for (int64_t k = share.hi - 1; k >= share.lo; --k) { /* backwards: the blocks read last are in cache */
+            const Share share = shares(&L, N, per_sample, round, t, nt);
+            for (int64_t k = share.lo; k < share.hi; ++k) {
                 int64_t n, p0, p1;
                 block_rows(&L, k, &n, &p0, &p1);
                 for (int64_t tile = 0; tile < L.tiles; ++tile)
-                    WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_input_grad(
-                        dy, x, dx, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
-                        scale + n * Cp, shift, x_scale + n * Cp, constant + n * Cp, ACT)));
+                    WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_grad_sums(
+                        dy, x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
+                        rstd_c + n * Cp, scale + n * Cp, shift, ACT, block_sums + 2 * Cp * k)));
             }
+            if (!per_sample) {
+#pragma omp barrier
+            }
+            /* per (sample, channel): the blocks' sums in order, in fp64 */
+            for (int64_t i = share.samples_lo * C; i < share.samples_hi * C; ++i) {
+                const int64_t n = i / C, c = i % C;
+                const float* s = block_sums + 2 * Cp * n * L.blocks_per_sample + c;
+                double g_sum = 0.0, g_xhat_sum = 0.0;
+                for (int64_t k = 0; k < L.blocks_per_sample; ++k) {
+                    g_sum += s[2 * Cp * k];
+                    g_xhat_sum += s[2 * Cp * k + Cp];
+                }
+                channel_sums[2 * n * Cp + c] = g_sum;
+                channel_sums[2 * n * Cp + Cp + c] = g_xhat_sum;
+            }
+            if (!per_sample) {
+#pragma omp barrier
+            }
+            for (int64_t i = share.groups_lo; i < share.groups_hi; ++i) {
+                const int64_t n = i / G, g = i % G;
+                double mean_g = 0.0, mean_g_xhat = 0.0; /* E[γ·g], E[γ·g·x̂] over the group */
+                for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+                    const double gamma = w ? w[c] : 1.0;
+                    mean_g += gamma * channel_sums[2 * n * Cp + c];
+                    mean_g_xhat += gamma * channel_sums[2 * n * Cp + Cp + c];
+                }
+                mean_g /= (double)(P * D);
+                mean_g_xhat /= (double)(P * D);
+                const double r = rstd[i];
+                for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+                    x_scale[n * Cp + c] = (float)(-r * r * mean_g_xhat);
+                    constant[n * Cp + c] = (float)(-r * mean_g);
+                }
+            }
+            if (!per_sample) {
+#pragma omp barrier
+            }
+            if (dx)
+                for (int64_t k = share.hi - 1; k >= share.lo; --k) { /* backwards: the blocks read last are in cache */
+                    int64_t n, p0, p1;
+                    block_rows(&L, k, &n, &p0, &p1);
+                    for (int64_t tile = 0; tile < L.tiles; ++tile)
+                        WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_input_grad(
+                            dy, x, dx, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp,
+                            mean_lo + n * Cp, scale + n * Cp, shift, x_scale + n * Cp, constant + n * Cp, ACT)));
+                }
         }
     }
     for (int64_t c = 0; c < C; ++c) { /* dγ, dβ: the samples' sums in order */
