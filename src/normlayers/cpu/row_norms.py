@@ -167,48 +167,49 @@ def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Option
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the C kernels' dtype flag
 
 
-def _layer_norm_kernel() -> Any:
-    return _native.function("row_norms", "layer_norm_fwd", ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int)
+_LAYER_NORM_SIGNATURE = (ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_float, ctypes.c_int)
 
 
-def _native_layer_norm_usable(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Whether the compiled LayerNorm (``csrc/row_norms.c``) takes these rows over the last dim: fp32 or bf16 rows,
-    contiguous, parameters contiguous and all of one dtype (fp32 or the rows'), plain tensors (:mod:`._native`)."""
-    if rows.dtype not in _NATIVE_DTYPES or not rows.is_contiguous() or not host_readable(rows, weight, bias):
-        return False
-    dtypes = {p.dtype for p in (weight, bias) if p is not None}
-    return (len(dtypes) <= 1 and dtypes <= {torch.float32, rows.dtype}
-            and all(p is None or p.is_contiguous() for p in (weight, bias)))
-
-
-def _native_layer_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-                       ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """``(y, mean, rstd)`` as ``native_layer_norm`` gives them (fp32 statistics of shape ``rows.shape[:-1] + (1,)``)
-    from the compiled kernel, or ``None`` where it is unavailable or a row's ``rstd`` is not positive and finite."""
-    kernel = _layer_norm_kernel()
-    if kernel is None:
+def _native_layer_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, stats: bool
+                       ) -> Optional[tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
+    """``(y, mean, rstd)`` as ``native_layer_norm`` gives them (fp32 statistics of shape ``rows.shape[:-1] + (1,)``,
+    or ``None`` without ``stats``) from the compiled kernel (``csrc/row_norms.c``: one read of the rows, its trust
+    check counted in it), or ``None`` where it does not take these tensors (fp32 or bf16 rows, contiguous; parameters
+    contiguous, of one dtype, fp32 or the rows'; plain tensors: :mod:`._native`) or is unavailable; ``(None, None,
+    None)`` where a row's ``rstd`` is not positive and finite."""
+    kernel = _native.function("row_norms", "layer_norm_fwd", *_LAYER_NORM_SIGNATURE)
+    if kernel is None or rows.dtype not in _NATIVE_DTYPES or not rows.is_contiguous() or not host_readable(
+            rows, weight, bias):
         return None
     param = weight if weight is not None else bias
+    if param is not None and (param.dtype not in (torch.float32, rows.dtype) or not param.is_contiguous() or (
+            weight is not None and bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
+        return None
     y = torch.empty_like(rows)
-    mean = torch.empty((*rows.shape[:-1], 1), dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    mean = rstd = None
+    if stats:
+        mean = torch.empty((*rows.shape[:-1], 1), dtype=torch.float32)
+        rstd = torch.empty_like(mean)
     width = rows.shape[-1]
-    bad = kernel(rows.data_ptr(), _NATIVE_DTYPES[rows.dtype], _native.ptr(weight), _native.ptr(bias),
-                 param is not None and param.dtype == torch.bfloat16, y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                 rows.numel() // width, width, eps, _native.threads())
-    return None if bad else (y, mean, rstd)
+    bad = kernel(rows.data_ptr(), _NATIVE_DTYPES[rows.dtype], None if weight is None else weight.data_ptr(),
+                 None if bias is None else bias.data_ptr(), param is not None and param.dtype == torch.bfloat16,
+                 y.data_ptr(), None if mean is None else mean.data_ptr(), None if rstd is None else rstd.data_ptr(),
+                 rows.numel() // width, width, eps, torch.get_num_threads())
+    if bad < 0:  # no memory for the bf16 parameters' fp32 copy
+        return None
+    return (None, None, None) if bad else (y, mean, rstd)
 
 
 def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                      weight_offset: float, out_dtype: torch.dtype, fp32_stats: bool, native: bool
                      ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """``(y, mean, rstd)`` from the compiled LayerNorm (with ``native``: a result without an autograd graph) or ATen's
-    fused LayerNorm forward, where its unscaled statistics are trusted, else ``None``. ATen reads bf16/fp16 rows as
-    they are, computes in fp32 and rounds once. Parameters in the rows' own dtype give the bits of fp32 ones (checked,
-    bf16 and fp16) and run a faster kernel, but then it returns statistics rounded to that dtype: not with
-    ``fp32_stats`` (statistics for a backward)."""
+    """``(y, mean, rstd)`` from the compiled LayerNorm (with ``native``: a result without an autograd graph, and
+    without ``fp32_stats`` without the statistics) or ATen's fused LayerNorm forward, where the unscaled statistics
+    are trusted, else ``None``. ATen reads bf16/fp16 rows as they are, computes in fp32 and rounds once. Parameters in
+    the rows' own dtype give the bits of fp32 ones (checked, bf16 and fp16) and run a faster kernel, but then it
+    returns statistics rounded to that dtype: not with ``fp32_stats`` (statistics for a backward)."""
     if math.prod(shape) <= 1 or not _unscaled_allowed(x, eps):  # width 1: see row_norm
         return None
     rows = x if out_dtype is x.dtype else opmath(x)  # e.g. bf16 rows of an fp32 input's residual stream
@@ -218,13 +219,15 @@ def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], 
         weight = weight.to(kept[0])
     if bias is not None and bias.dtype not in kept:
         bias = bias.to(kept[0])
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:  # ATen takes one parameter dtype
+        weight, bias = weight.to(kept[0]), bias.to(kept[0])
     if weight_offset:
         weight = weight + weight_offset
-    if native and len(shape) == 1 and _native_layer_norm_usable(rows, weight, bias) and _layer_norm_kernel():
-        result = _native_layer_norm(rows, weight, bias, eps)
-        if result is None:
-            return None
+    result = _native_layer_norm(rows, weight, bias, eps, fp32_stats) if native and len(shape) == 1 else None
+    if result is not None:
         y, mean, rstd = result
+        if y is None:  # untrusted statistics
+            return None
         return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
     y, mean, rstd = torch.native_layer_norm(rows, shape, weight, bias, eps)
     if not all_positive_finite(rstd):
