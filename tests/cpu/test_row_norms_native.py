@@ -1,5 +1,5 @@
-"""The compiled LayerNorm forward (csrc/row_norms.c) that the CPU tier runs for inference and inside its Function:
-against the fp64 reference at edge shapes and dtypes, its trust check, and the ATen path it falls back to."""
+"""The compiled LayerNorm (csrc/row_norms.c) that the CPU tier runs for inference and, forward and backward, inside its
+Function: against the fp64 reference at edge shapes and dtypes, its trust check, and the ATen path it falls back to."""
 
 from __future__ import annotations
 
@@ -139,3 +139,69 @@ def test_parameters_of_two_dtypes(kernels, monkeypatch):
     with torch.no_grad():
         y = NF.layer_norm(x, (24,), w, b)
     _check(y, x, w, b.float())
+
+
+@pytest.fixture
+def backward_calls(monkeypatch):
+    calls = []
+    original = cpu_row._native_layer_norm_backward
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(cpu_row, "_native_layer_norm_backward", spy)
+    return calls
+
+
+def _grads(x, w, b, dy, backend):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    it = iter(leaves)
+    xl, wl, bl = next(it), (next(it) if w is not None else None), (next(it) if b is not None else None)
+    with normlayers.backend(backend):
+        y = NF.layer_norm(xl, (x.shape[-1],), wl, bl)
+    return (y.detach(), *torch.autograd.grad(y, leaves, dy))
+
+
+@pytest.mark.parametrize("params", ["both", "weight", "bias", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_training_matches_reference(shape, dtype, params, kernel_calls, backward_calls):
+    """Output and every gradient against fp64, within the bench's rule (twice the reference's own error in the
+    input's dtype, plus the dtype's atol; the weight and bias gradients are sums over all rows)."""
+    gen = torch.Generator().manual_seed(7)
+    n = shape[-1]
+    x = (torch.randn(shape, generator=gen) * 2 - 1).to(dtype)
+    w = (1 + 0.2 * torch.randn(n, generator=gen)).to(dtype) if params in ("both", "weight") else None
+    b = (0.5 * torch.randn(n, generator=gen)).to(dtype) if params in ("both", "bias") else None
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    ours = _grads(x, w, b, dy, "auto")
+    low = _grads(x, w, b, dy, "reference")
+    exact = _grads(x.double(), None if w is None else w.double(), None if b is None else b.double(), dy.double(),
+                   "reference")
+    assert kernel_calls == [True] and backward_calls == [True]
+    for i, (a, lo, ex) in enumerate(zip(ours, low, exact)):
+        assert a.dtype == lo.dtype, i
+        assert_lowprec_close(a, lo, ex, msg=f"result {i}")
+
+
+def test_gradient_subsets_and_a_strided_gradient(backward_calls):
+    """Only the gradients asked for are computed; a gradient that is not contiguous (here: of ``y.sum()``, expanded)
+    takes ATen's backward, with the same values."""
+    gen = torch.Generator().manual_seed(8)
+    x, w, b = torch.randn(9, 50, generator=gen), torch.randn(50, generator=gen), torch.randn(50, generator=gen)
+    for wanted in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
+        leaves = [t.clone().requires_grad_(need) for t, need in zip((x, w, b), wanted)]
+        y = NF.layer_norm(leaves[0], (50,), leaves[1], leaves[2])
+        y.backward(torch.randn(9, 50, generator=gen))
+        assert [t.grad is not None for t in leaves] == list(wanted)
+    assert all(backward_calls)
+    backward_calls.clear()
+    xl = x.clone().requires_grad_()
+    NF.layer_norm(xl, (50,), w, b).sum().backward()
+    assert backward_calls == [False]
+    xr = x.clone().requires_grad_()
+    with normlayers.backend("reference"):
+        NF.layer_norm(xr, (50,), w, b).sum().backward()
+    assert_close(xl.grad, xr.grad)

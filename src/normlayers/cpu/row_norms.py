@@ -124,6 +124,10 @@ def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[
               weight_offset: float, needs: tuple[bool, bool, bool]
               ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(dx, dweight, dbias)`` of the first-order backward (module docstring), each in its input's dtype."""
+    if kind == "layer" and stats.scale is None and x.shape[-1] > 1:
+        result = _native_layer_norm_backward(x, grad, weight, bias, stats, needs)
+        if result is not None:
+            return result
     xf, gf = opmath(x), opmath(grad)
     if stats.scale is not None:
         xf = xf * stats.scale
@@ -200,6 +204,42 @@ def _native_layer_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Te
     if bad < 0:  # no memory for the bf16 parameters' fp32 copy
         return None
     return (None, None, None) if bad else (y, mean, rstd)
+
+
+_LAYER_NORM_BACKWARD_SIGNATURE = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int)
+
+
+def _native_layer_norm_available() -> bool:
+    return _native.function("row_norms", "layer_norm_fwd", *_LAYER_NORM_SIGNATURE) is not None
+
+
+def _native_layer_norm_backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                stats: _Stats, needs: tuple[bool, bool, bool]
+                                ) -> Optional[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
+    """LayerNorm's ``(dx, dweight, dbias)`` from the compiled kernel (``csrc/row_norms.c``: one read of ``x`` and
+    ``dy``, the parameters' gradients summed in the same pass), or ``None`` where it does not take these tensors
+    (fp32 or bf16 ``x`` and ``dy`` of one dtype, contiguous; fp32 statistics; plain tensors) or is unavailable."""
+    kernel = _native.function("row_norms", "layer_norm_bwd", *_LAYER_NORM_BACKWARD_SIGNATURE)
+    mean, rstd = stats.mean, stats.rstd
+    if (kernel is None or x.dtype not in _NATIVE_DTYPES or grad.dtype != x.dtype or mean is None
+            or not (x.is_contiguous() and grad.is_contiguous() and mean.is_contiguous() and rstd.is_contiguous())
+            or mean.dtype != torch.float32 or rstd.dtype != torch.float32
+            or not host_readable(x, grad, weight, mean, rstd)):
+        return None
+    width = x.shape[-1]
+    weight_f = None if weight is None else weight.to(torch.float32).contiguous()
+    dx = torch.empty_like(x) if needs[0] else None
+    dweight = torch.empty(width, dtype=torch.float32) if needs[1] else None
+    dbias = torch.empty(width, dtype=torch.float32) if needs[2] and bias is not None else None
+    status = kernel(x.data_ptr(), grad.data_ptr(), _NATIVE_DTYPES[x.dtype], _native.ptr(weight_f), mean.data_ptr(),
+                    rstd.data_ptr(), _native.ptr(dx), _native.ptr(dweight), _native.ptr(dbias), x.numel() // width,
+                    width, torch.get_num_threads())
+    if status != 0:
+        return None
+    return (dx, None if dweight is None else dweight.to(weight.dtype),
+            None if dbias is None else dbias.to(bias.dtype))
 
 
 def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -309,10 +349,13 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
     h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
     # LayerNorm: the compiled kernel, else ATen's fused kernel and, for fp32/fp64, its own autograd, where trusted.
-    # (bf16/fp16 rows with gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16. The
-    # compiled forward's output has no autograd graph, so it runs for inference and inside the Function.) Width 1
-    # takes the closed form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
-    if kind == "layer" and not fused_add and not (differentiable and h.dtype in LOW_PRECISION):
+    # (bf16/fp16 rows with gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16; so
+    # do the rows the compiled kernels take, whose forward runs there and whose backward reads x and dy once, where
+    # ATen's reads them again for dW and dB.) Width 1 takes the closed form: there x − E[x] is exactly 0, and ATen's
+    # backward leaves rounding noise in dx.
+    if kind == "layer" and not fused_add and not (differentiable and (
+            h.dtype in LOW_PRECISION or (h.dtype in _NATIVE_DTYPES and _native_layer_norm_available()
+                                         and host_readable(h, weight, bias)))):
         result = _aten_layer_norm(h, shape, weight, bias, eps, weight_offset, input.dtype, fp32_stats=False,
                                   native=not differentiable)
         if result is not None:

@@ -8,6 +8,9 @@
 
 #include <stdlib.h>
 
+/* rows per fp32 block of the weight and bias gradients' column sums (then added in fp64) */
+#define ROW_BLOCK 64
+
 /* Σ (x − shift)² over a row, in blocks of NL_BLOCK, the block sums added in fp64. */
 static inline __attribute__((always_inline)) double row_squares(const void* x, int x_bf16, int64_t off, int64_t N,
                                                                 float shift) {
@@ -131,4 +134,101 @@ int64_t layer_norm_fwd(const void* x, int x_bf16, const void* w, const void* b, 
     free(w_owned);
     free(b_owned);
     return bad;
+}
+
+/* The LayerNorm backward of the rows [lo, hi) with fp32 statistics (x̂ = (x − mean)·rstd, gw = dy·w, n = N):
+ *     dx = rstd·(gw − mean(gw) − x̂·mean(gw·x̂)),   dw += Σ_rows dy·x̂,   db += Σ_rows dy,
+ * one read of the row from memory (the second pass finds it in L1), dw and db summed into this thread's column
+ * accumulators: fp32 over a block of rows, then into fp64, so the sums over many rows lose no more than a block's
+ * rounding and the result does not depend on the thread count beyond that. */
+static inline __attribute__((always_inline)) void layer_norm_bwd_rows(
+        const void* x, const void* dy, int bf16, const float* w, const float* mean, const float* rstd, void* dx,
+        int64_t lo, int64_t hi, int64_t N, float* dw_block, float* db_block, double* dw_acc, double* db_acc) {
+    for (int64_t block = lo; block < hi; block += ROW_BLOCK) {
+        const int64_t block_end = block + ROW_BLOCK < hi ? block + ROW_BLOCK : hi;
+        if (dw_block) memset(dw_block, 0, (size_t)N * sizeof(float));
+        if (db_block) memset(db_block, 0, (size_t)N * sizeof(float));
+        for (int64_t i = block; i < block_end; ++i) {
+            const int64_t off = i * N;
+            const float m = mean[i], r = rstd[i];
+            const vf m_v = nl_splat(m), r_v = nl_splat(r);
+            vf a0 = {0}, c0 = {0};
+            float a = 0.f, c = 0.f;
+            int64_t j = 0;
+            for (; j + NL_VL <= N; j += NL_VL) {
+                __builtin_prefetch((const char*)x + (off + N + j) * (bf16 ? 2 : 4));
+                __builtin_prefetch((const char*)dy + (off + N + j) * (bf16 ? 2 : 4));
+                const vf xh = (nl_load(x, bf16, off + j) - m_v) * r_v, g = nl_load(dy, bf16, off + j);
+                const vf gw = w ? g * nl_load(w, 0, j) : g;
+                a0 += gw * xh;
+                c0 += gw;
+                if (dw_block) nl_store(dw_block, 0, j, nl_load(dw_block, 0, j) + g * xh);
+                if (db_block) nl_store(db_block, 0, j, nl_load(db_block, 0, j) + g);
+            }
+            a = nl_hsum(a0);
+            c = nl_hsum(c0);
+            for (; j < N; ++j) {
+                const float xh = (nl_load1(x, bf16, off + j) - m) * r, g = nl_load1(dy, bf16, off + j);
+                const float gw = w ? g * w[j] : g;
+                a += gw * xh;
+                c += gw;
+                if (dw_block) dw_block[j] += g * xh;
+                if (db_block) db_block[j] += g;
+            }
+            if (!dx) continue;
+            const float a_n = a / (float)N, c_n = c / (float)N;
+            const vf a_v = nl_splat(a_n), c_v = nl_splat(c_n);
+            for (j = 0; j + NL_VL <= N; j += NL_VL) {
+                const vf xh = (nl_load(x, bf16, off + j) - m_v) * r_v, g = nl_load(dy, bf16, off + j);
+                const vf gw = w ? g * nl_load(w, 0, j) : g;
+                nl_store(dx, bf16, off + j, r_v * (gw - c_v - xh * a_v));
+            }
+            for (; j < N; ++j) {
+                const float xh = (nl_load1(x, bf16, off + j) - m) * r, g = nl_load1(dy, bf16, off + j);
+                const float gw = w ? g * w[j] : g;
+                nl_store1(dx, bf16, off + j, r * (gw - c_n - xh * a_n));
+            }
+        }
+        for (int64_t j = 0; dw_block && j < N; ++j) dw_acc[j] += dw_block[j];
+        for (int64_t j = 0; db_block && j < N; ++j) db_acc[j] += db_block[j];
+    }
+}
+
+/* x, dy and dx (dx may be NULL): fp32 (bf16 = 0) or bf16 (1); w: fp32 or NULL; mean, rstd: M fp32 values; dw, db
+ * (either may be NULL): N fp32 sums over the rows. Returns 0, or -1 where the accumulators' memory was not
+ * available. */
+int layer_norm_bwd(const void* x, const void* dy, int bf16, const float* w, const float* mean, const float* rstd,
+                   void* dx, float* dw, float* db, int64_t M, int64_t N, int threads) {
+    const int nt = threads > 1 && M > 1 ? (threads < M ? threads : (int)M) : 1;
+    const int need = (dw != NULL) + (db != NULL);
+    /* per thread: fp32 block sums and fp64 totals for dw and db */
+    char* scratch = need ? calloc((size_t)nt * need * (size_t)N, sizeof(float) + sizeof(double)) : NULL;
+    if (need && !scratch) return -1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int t = omp_get_thread_num();
+        const int64_t lo = nl_share(M, t, nt), hi = nl_share(M, t + 1, nt);
+        double* acc = (double*)scratch + (size_t)t * need * N;
+        float* block = (float*)((double*)scratch + (size_t)nt * need * N) + (size_t)t * need * N;
+        float* dw_block = dw ? block : NULL;
+        float* db_block = db ? block + (dw ? N : 0) : NULL;
+        double* dw_acc = dw ? acc : NULL;
+        double* db_acc = db ? acc + (dw ? N : 0) : NULL;
+        if (bf16)
+            layer_norm_bwd_rows(x, dy, 1, w, mean, rstd, dx, lo, hi, N, dw_block, db_block, dw_acc, db_acc);
+        else
+            layer_norm_bwd_rows(x, dy, 0, w, mean, rstd, dx, lo, hi, N, dw_block, db_block, dw_acc, db_acc);
+    }
+    for (int64_t j = 0; j < N && need; ++j) {
+        double sw = 0.0, sb = 0.0;
+        for (int t = 0; t < nt; ++t) {
+            const double* acc = (double*)scratch + (size_t)t * need * N;
+            if (dw) sw += acc[j];
+            if (db) sb += acc[(dw ? N : 0) + j];
+        }
+        if (dw) dw[j] = (float)sw;
+        if (db) db[j] = (float)sb;
+    }
+    free(scratch);
+    return 0;
 }
