@@ -91,9 +91,10 @@ def layer_norm_last_dim(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     ``bias`` fp32 or fp64 of one dtype (ATen's mixed-type norm, e.g. a bf16 ``x`` with an fp32 ``weight``, computes in
     fp32 already) and plain tensors, outside ``torch.compile`` and ``torch.func`` transforms (``max|mean·rstd|`` is
     read as a number)."""
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        # inference: the compiled kernel where it takes these tensors; it centres every row (csrc/row_norms.c)
-        result = row_norms._native_layer_norm(x, weight, bias, eps, False) if not torch.compiler.is_compiling() else None
+    inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+    if inference and not torch.compiler.is_compiling():
+        # the compiled kernel where it takes these tensors; it centres every row (csrc/row_norms.c)
+        result = row_norms._native_layer_norm(x, weight, bias, eps, False)
         if result is not None and result[0] is not None:
             return result[0]
     plain = (x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
