@@ -255,6 +255,22 @@ static Share shares(const Layout* L, int64_t N, int per_sample, int64_t round, i
                    nl_share(N * L->G, t + 1, nt), nl_share(N, t, nt), nl_share(N, t + 1, nt)};
 }
 
+/* Runs `call` for every tile of the thread's blocks in `share`, forwards or (backwards = 1: the blocks read last are
+ * still in cache) backwards, with the block's sample n, rows [p0, p1) and index k. */
+#define FOR_EACH_TILE(L, share, backwards, call)                                              \
+    for (int64_t step_ = 0; step_ < (share).hi - (share).lo; ++step_) {                       \
+        const int64_t k = (backwards) ? (share).hi - 1 - step_ : (share).lo + step_;          \
+        int64_t n, p0, p1;                                                                    \
+        block_rows(L, k, &n, &p0, &p1);                                                       \
+        for (int64_t tile = 0; tile < (L)->tiles; ++tile) call;                               \
+    }
+
+/* A thread's rounds [first, end): its samples in whole-sample mode, else one (its share of all the blocks). */
+static inline void rounds(int per_sample, int64_t N, int t, int nt, int64_t* first, int64_t* end) {
+    *first = per_sample ? nl_share(N, t, nt) : 0;
+    *end = per_sample ? nl_share(N, t + 1, nt) : 1;
+}
+
 /* Per (sample, channel): the mean's fp32 part and its remainder, and the group's scale r·γ_c (fp32). */
 static void channel_coefficients(const Layout* L, int64_t n, int64_t g, double mean, double r, const float* w,
                                  float* mean_hi, float* mean_lo, float* scale) {
@@ -288,16 +304,12 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        for (int64_t round = per_sample ? nl_share(N, t, nt) : 0; round < (per_sample ? nl_share(N, t + 1, nt) : 1);
-             ++round) {
+        int64_t first, end;
+        rounds(per_sample, N, t, nt, &first, &end);
+        for (int64_t round = first; round < end; ++round) {
             const Share share = shares(&L, N, per_sample, round, t, nt);
-            for (int64_t k = share.lo; k < share.hi; ++k) {
-                int64_t n, p0, p1;
-                block_rows(&L, k, &n, &p0, &p1);
-                for (int64_t tile = 0; tile < L.tiles; ++tile)
-                    WITH_CONSTANT_FLAGS(bf16, ACT_NONE, WITH_TILE(&L, tile, tile_moments(
-                        x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, block_means + Cp * k, block_m2 + Cp * k)));
-            }
+            FOR_EACH_TILE(&L, share, 0, WITH_CONSTANT_FLAGS(bf16, ACT_NONE, WITH_TILE(&L, tile, tile_moments(
+                x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, block_means + Cp * k, block_m2 + Cp * k))));
             if (!per_sample) {
 #pragma omp barrier
             }
@@ -325,14 +337,9 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
             if (!per_sample) {
 #pragma omp barrier
             }
-            for (int64_t k = share.hi - 1; k >= share.lo; --k) { /* backwards: the blocks read last are in cache */
-                int64_t n, p0, p1;
-                block_rows(&L, k, &n, &p0, &p1);
-                for (int64_t tile = 0; tile < L.tiles; ++tile)
-                    WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_output(
-                        x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
-                        scale + n * Cp, shift, ACT)));
-            }
+            FOR_EACH_TILE(&L, share, 1, WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_output(
+                x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
+                scale + n * Cp, shift, ACT))));
         }
     }
     free(block_means);
@@ -341,60 +348,47 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
     return 0;
 }
 
-/* Per channel of tile `tile` over rows [p0, p1): Σg and Σg·x̂ (fp32 runs) into sums at j0 and Cp + j0, g = dy·act'(z)
- * with z recomputed from x. */
-static inline __attribute__((always_inline)) void tile_grad_sums(
-        const void* dy, const void* x, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile,
-        int nq, int partial, const float* mean_hi, const float* mean_lo, const float* rstd, const float* scale,
-        const float* shift, int act, float* sums) {
-    const int64_t C = L->C, Cp = padded(C), j0 = tile * TILE * NL_VL;
-    vf hi[TILE], lo[TILE], r[TILE], a[TILE], b[TILE], g_sum[TILE] = {0}, g_xhat_sum[TILE] = {0};
-    for (int q = 0; q < nq; ++q) {
-        hi[q] = vec_at(mean_hi, j0 + q * NL_VL);
-        lo[q] = vec_at(mean_lo, j0 + q * NL_VL);
-        r[q] = vec_at(rstd, j0 + q * NL_VL);
-        a[q] = vec_at(scale, j0 + q * NL_VL);
-        b[q] = vec_at(shift, j0 + q * NL_VL);
-    }
-    for (int64_t p = p0; p < p1; ++p)
-        for (int q = 0; q < nq; ++q) {
-            const int64_t at = base + p * C + j0 + q * NL_VL, lanes = tile_lanes(L, partial, q, nq);
-            prefetch_at(x, bf16, at + L->ahead);
-            prefetch_at(dy, bf16, at + L->ahead);
-            const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
-            const vf g = activation_grad(load_at(dy, bf16, at, lanes), d * a[q] + b[q], act);
-            g_sum[q] += g;
-            g_xhat_sum[q] += g * (d * r[q]);
-        }
-    for (int q = 0; q < nq; ++q) {
-        set_vec(sums, j0 + q * NL_VL, g_sum[q]);
-        set_vec(sums, Cp + j0 + q * NL_VL, g_xhat_sum[q]);
-    }
-}
-
-static inline __attribute__((always_inline)) void tile_input_grad(
+/* One backward pass over tile `tile` of rows [p0, p1), g = dy·act'(z) with z recomputed from x: the sums pass
+ * (input_grad = 0) puts Σg and Σg·x̂ per channel (fp32 runs) into sums at j0 and Cp + j0; the dx pass (1) writes
+ * dx = r·γ·g + K·(x − μ) + L. */
+static inline __attribute__((always_inline)) void tile_backward(
         const void* dy, const void* x, void* dx, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1,
-        int64_t tile, int nq, int partial, const float* mean_hi, const float* mean_lo, const float* scale,
-        const float* shift, const float* x_scale, const float* constant, int act) {
-    const int64_t C = L->C, j0 = tile * TILE * NL_VL;
-    vf hi[TILE], lo[TILE], a[TILE], b[TILE], k[TILE], l[TILE];
+        int64_t tile, int nq, int partial, const float* mean_hi, const float* mean_lo, const float* rstd,
+        const float* scale, const float* shift, const float* x_scale, const float* constant, int act, int input_grad,
+        float* sums) {
+    const int64_t C = L->C, Cp = padded(C), j0 = tile * TILE * NL_VL;
+    vf hi[TILE], lo[TILE], r[TILE], a[TILE], b[TILE], k[TILE], l[TILE], g_sum[TILE] = {0}, g_xhat_sum[TILE] = {0};
     for (int q = 0; q < nq; ++q) {
         hi[q] = vec_at(mean_hi, j0 + q * NL_VL);
         lo[q] = vec_at(mean_lo, j0 + q * NL_VL);
         a[q] = vec_at(scale, j0 + q * NL_VL);
         b[q] = vec_at(shift, j0 + q * NL_VL);
-        k[q] = vec_at(x_scale, j0 + q * NL_VL);
-        l[q] = vec_at(constant, j0 + q * NL_VL);
+        if (input_grad) {
+            k[q] = vec_at(x_scale, j0 + q * NL_VL);
+            l[q] = vec_at(constant, j0 + q * NL_VL);
+        } else {
+            r[q] = vec_at(rstd, j0 + q * NL_VL);
+        }
     }
     for (int64_t p = p0; p < p1; ++p)
         for (int q = 0; q < nq; ++q) {
             const int64_t at = base + p * C + j0 + q * NL_VL, lanes = tile_lanes(L, partial, q, nq);
             prefetch_at(x, bf16, at + L->ahead);
             prefetch_at(dy, bf16, at + L->ahead);
-            prefetch_for_store(dx, bf16, at + L->ahead);
+            if (input_grad) prefetch_for_store(dx, bf16, at + L->ahead);
             const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
             const vf g = activation_grad(load_at(dy, bf16, at, lanes), d * a[q] + b[q], act);
-            store_at(dx, bf16, at, lanes, g * a[q] + d * k[q] + l[q]);
+            if (input_grad) {
+                store_at(dx, bf16, at, lanes, g * a[q] + d * k[q] + l[q]);
+            } else {
+                g_sum[q] += g;
+                g_xhat_sum[q] += g * (d * r[q]);
+            }
+        }
+    if (!input_grad)
+        for (int q = 0; q < nq; ++q) {
+            set_vec(sums, j0 + q * NL_VL, g_sum[q]);
+            set_vec(sums, Cp + j0 + q * NL_VL, g_xhat_sum[q]);
         }
 }
 
@@ -427,17 +421,13 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        for (int64_t round = per_sample ? nl_share(N, t, nt) : 0; round < (per_sample ? nl_share(N, t + 1, nt) : 1);
-             ++round) {
+        int64_t first, end;
+        rounds(per_sample, N, t, nt, &first, &end);
+        for (int64_t round = first; round < end; ++round) {
             const Share share = shares(&L, N, per_sample, round, t, nt);
-            for (int64_t k = share.lo; k < share.hi; ++k) {
-                int64_t n, p0, p1;
-                block_rows(&L, k, &n, &p0, &p1);
-                for (int64_t tile = 0; tile < L.tiles; ++tile)
-                    WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_grad_sums(
-                        dy, x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
-                        rstd_c + n * Cp, scale + n * Cp, shift, ACT, block_sums + 2 * Cp * k)));
-            }
+            FOR_EACH_TILE(&L, share, 0, WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_backward(
+                dy, x, NULL, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
+                rstd_c + n * Cp, scale + n * Cp, shift, NULL, NULL, ACT, 0, block_sums + 2 * Cp * k))));
             if (!per_sample) {
 #pragma omp barrier
             }
@@ -476,14 +466,9 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
 #pragma omp barrier
             }
             if (dx)
-                for (int64_t k = share.hi - 1; k >= share.lo; --k) { /* backwards: the blocks read last are in cache */
-                    int64_t n, p0, p1;
-                    block_rows(&L, k, &n, &p0, &p1);
-                    for (int64_t tile = 0; tile < L.tiles; ++tile)
-                        WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_input_grad(
-                            dy, x, dx, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp,
-                            mean_lo + n * Cp, scale + n * Cp, shift, x_scale + n * Cp, constant + n * Cp, ACT)));
-                }
+                FOR_EACH_TILE(&L, share, 1, WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_backward(
+                    dy, x, dx, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
+                    NULL, scale + n * Cp, shift, x_scale + n * Cp, constant + n * Cp, ACT, 1, NULL))));
         }
     }
     for (int64_t c = 0; c < C; ++c) { /* dγ, dβ: the samples' sums in order */
