@@ -7,7 +7,7 @@
  * their residual sum), the channels and blocks of a group combined in fp64 by the law of total variance: never
  * E[x²] − E[x]², so a group whose mean is large against its spread keeps its accuracy. The mean is kept in fp64 and
  * taken off in two fp32 parts (its fp32 rounding, then the rest), so no term of the size of the mean is rounded. The
- * output pass walks the same blocks backwards, finding the last ones read still in cache; where a sample fits in L2
+ * output pass walks the same blocks backwards, finding the last ones read still in cache; where samples are small
  * a thread reads, finalizes and writes one whole sample after another (whole_samples). Each block is walked in tiles
  * of up to TILE·16 channels, whose accumulators and coefficients stay in registers.
  *
