@@ -178,3 +178,17 @@ def test_a_failed_allocation_falls_back_to_aten(monkeypatch):
     x, weight, bias = _inputs((2, 64, 8, 8))
     y = NF.group_norm(x, 32, weight, bias, 1e-5, None)
     torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 32, weight, bias, 1e-5))
+
+
+def test_torch_func_and_compile_take_the_aten_path():
+    """``torch.func.grad`` (wrapped tensors: no memory to hand to C) and ``torch.compile(fullgraph=True)`` (inductor
+    compiles its own) run without the kernel and give eager's gradient and output."""
+    x, weight, bias = _inputs((2, 64, 6, 6))
+
+    def eager(t):
+        return torch.nn.functional.silu(torch.nn.functional.group_norm(t, 32, weight, bias, 1e-5))
+
+    ours = torch.func.grad(lambda t: NF.group_norm(t, 32, weight, bias, 1e-5, "silu").square().sum())(x)
+    torch.testing.assert_close(ours, torch.func.grad(lambda t: eager(t).square().sum())(x))
+    compiled = torch.compile(lambda t: NF.group_norm(t, 32, weight, bias, 1e-5, "silu"), fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager(x))
