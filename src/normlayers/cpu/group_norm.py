@@ -399,6 +399,11 @@ def _kernel_param(p: Optional[Tensor]) -> Optional[Tensor]:
     return p.detach().to(torch.float32).contiguous()
 
 
+def _param_grad(grad: Optional[Tensor], param: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernel's fp32 gradient of a weight or bias, in the parameter's dtype."""
+    return grad if grad is None or param.dtype is torch.float32 else grad.to(param.dtype)
+
+
 def _channels_last_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                            act: Optional[str]) -> Optional[tuple[Tensor, Tensor]]:
     """``(y, statistics)`` of the compiled forward of ``x`` (channels innermost and dense: :func:`_channels_innermost`),
@@ -456,21 +461,19 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         kernel = _backward_kernel()
         if kernel is not None and not torch.is_grad_enabled():
-            dy = dy.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)  # (a view where it has x's layout)
+            if dy.dtype is not x.dtype or dy.stride() != x.stride():  # (else as it is: x's layout)
+                dy = dy.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
             dx = torch.empty_like(x) if needs[0] else None
             dweight, dbias = (torch.empty(x.shape[1], dtype=torch.float32) if need else None for need in needs[1:])
             n, c = x.shape[:2]
             kernel_weight, kernel_bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
             failed = kernel(dy.data_ptr(), x.data_ptr(), _compiled.ptr(dx), _COMPILED_DTYPES[x.dtype],
-                            _compiled.ptr(kernel_weight), _compiled.ptr(kernel_bias),
-                            statistics.data_ptr(), statistics[1].data_ptr(), _compiled.ptr(dweight),
-                            _compiled.ptr(dbias), n,
-                            x.numel() // (n * c), c, ctx.num_groups, _COMPILED_ACTIVATIONS[ctx.act],
-                            _compiled.threads())
+                            _compiled.ptr(kernel_weight), _compiled.ptr(kernel_bias), statistics.data_ptr(),
+                            statistics.data_ptr() + n * ctx.num_groups * 8, _compiled.ptr(dweight),
+                            _compiled.ptr(dbias), n, x.numel() // (n * c), c, ctx.num_groups,
+                            _COMPILED_ACTIVATIONS[ctx.act], _compiled.threads())
             if not failed:
-                return (dx, None,
-                        None if dweight is None else dweight.to(weight.dtype),
-                        None if dbias is None else dbias.to(bias.dtype), None, None, None)
+                return (dx, None, _param_grad(dweight, weight), _param_grad(dbias, bias), None, None, None)
         dx, dweight, dbias = _composite_grads(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act, dy, needs)
         return dx, None, dweight, dbias, None, None, None
 
