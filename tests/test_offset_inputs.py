@@ -121,6 +121,9 @@ KNOWN_OVER_BOUND: dict[tuple[str, str, float], str] = {
     ("layer_norm2d", "reference", 100.0): "dw 1.63e-4, 4.4x the CPU tier's 2x + tol: the reference's x − mean "
                                           "carries the fp32 mean's rounding, the tiers centre it off",
     ("layer_norm2d", "reference", 1000.0): "y 1.4x, dx 3.4x, dw 19x (7.0e-4 vs 3.6e-5): as at 100",
+    ("batch_channel", "reference", 100.0): "y 1.3x, dx 1.3x, dweight 8.1x, dbn.weight 5.4x the CPU tier's 2x + tol: "
+                                           "the compiled kernel centres each plane in fp64, the reference's fp32 "
+                                           "batch stage carries the rounding of u (within the bound of the ATen path)",
     ("batch_channel", "reference", 1000.0): "dbn.weight 1.19e-3 > 6.88e-4 (1.7x the CPU tier's 2x + tol)",
     ("region_norm", "reference", 100.0): "dbackground_gamma 7.80e-5 > 7.73e-5 (1.01x the best tier's 2x + tol)",
 }
@@ -128,7 +131,10 @@ KNOWN_OVER_BOUND: dict[tuple[str, str, float], str] = {
 # Of those, the ones within a few percent of the bound at seed 0 (and on either side of it over seeds): a strict xfail
 # there would flip with a summation order (another thread count, another CPU), so they are not strict; the reason still
 # shows in the report, and a pass shows as XPASS.
-BORDERLINE = {("evo_norm_b2", "auto", 100.0), ("region_norm", "reference", 100.0)}
+# BCN's reference at 100 is over the bound of the compiled CPU kernel only: not strict where the kernels are unavailable
+# (NORMLAYERS_CPU_KERNELS=0, no compiler), where the CPU tier's ATen path sets a bound the reference meets.
+BORDERLINE = {("evo_norm_b2", "auto", 100.0), ("region_norm", "reference", 100.0),
+              ("batch_channel", "reference", 100.0)}
 
 OFFSETS = (5.0, 100.0, 1000.0)
 

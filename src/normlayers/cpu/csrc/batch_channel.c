@@ -254,8 +254,10 @@ static inline __attribute__((always_inline)) void block_output(const void* x, co
     st.w_rstd[block] = w_rstd;
     for (int64_t k = 0; k < cg; ++k) {
         const int64_t p = p0 + k;
-        plane_affine(x, bf16, y, p * hw, hw, (float)st.plane_mean[p], (float)(w_rstd * st.a[c0 + k]),
-                     (float)(w_rstd * st.u_dev[p] + b));
+        const float m = (float)st.plane_mean[p]; /* the mean's rounding, m − pm, is taken off in the shift */
+        const double scale = w_rstd * st.a[c0 + k];
+        plane_affine(x, bf16, y, p * hw, hw, m, (float)scale,
+                     (float)(w_rstd * st.u_dev[p] + b - scale * (st.plane_mean[p] - (double)m)));
     }
 }
 
@@ -378,8 +380,12 @@ static inline __attribute__((always_inline)) void backward_share(
     const int64_t planes = n * c, blocks = n * groups, cg = c / groups;
     const double count = (double)(cg * hw), total = (double)(n * hw);
     const int64_t plo = nl_share(planes, t, nt), phi = nl_share(planes, t + 1, nt);
-    for (int64_t p = plo; p < phi; ++p)
-        plane_grad_sums(x, dy, bf16, p * hw, hw, (float)st.plane_mean[p], &sc.s1[p], &sc.s2[p]);
+    for (int64_t p = plo; p < phi; ++p) {
+        /* s2 about the fp32 mean m, then about the fp64 one: Σ dy·(x − pm) = Σ dy·(x − m) − (pm − m)·Σ dy */
+        const float m = (float)st.plane_mean[p];
+        plane_grad_sums(x, dy, bf16, p * hw, hw, m, &sc.s1[p], &sc.s2[p]);
+        sc.s2[p] -= (st.plane_mean[p] - (double)m) * sc.s1[p];
+    }
 #pragma omp barrier
     for (int64_t b = nl_share(blocks, t, nt); b < nl_share(blocks, t + 1, nt); ++b) {
         const int64_t c0 = (b % groups) * cg, p0 = (b / groups) * c + c0;
@@ -427,9 +433,10 @@ static inline __attribute__((always_inline)) void backward_share(
 #pragma omp barrier
     for (int64_t p = plo; p < phi; ++p) {
         const int64_t ch = p % c, b = (p / c) * groups + ch / cg;
-        const double a = st.a[ch], centred = st.plane_mean[p] - st.batch_mean[ch];
-        plane_dx(x, dy, dx, bf16, p * hw, hw, (float)st.plane_mean[p], (float)(st.w_rstd[b] * a),
-                 (float)(a * (sc.q[p] - sc.k[ch])), (float)(a * (sc.r[p] - sc.shift[ch] - sc.k[ch] * centred)));
+        const double a = st.a[ch], centred = st.plane_mean[p] - st.batch_mean[ch], x_coef = a * (sc.q[p] - sc.k[ch]);
+        const float m = (float)st.plane_mean[p];
+        plane_dx(x, dy, dx, bf16, p * hw, hw, m, (float)(st.w_rstd[b] * a), (float)x_coef,
+                 (float)(a * (sc.r[p] - sc.shift[ch] - sc.k[ch] * centred) - x_coef * (st.plane_mean[p] - (double)m)));
     }
 }
 

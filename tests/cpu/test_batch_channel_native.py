@@ -1,0 +1,169 @@
+"""The compiled BatchChannelNorm kernels (normlayers/cpu/csrc/batch_channel.c) against the reference: edge shapes
+(planes of one value, shorter than a vector, longer than a summation block), every mode, fp32 and bf16, inputs far
+from zero, NaN, and the same bits on one and two threads. Skipped where the kernels cannot run (no compiler, or
+NORMLAYERS_CPU_KERNELS=0: then tests/cpu/test_batch_channel.py covers the ATen path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normlayers
+import normlayers.functional as NF
+from normlayers.cpu import batch_channel as cpu_bcn
+from normlayers.testing import max_abs_error, nchw_input, tolerance
+
+from .conftest import run_backend
+
+pytestmark = pytest.mark.skipif(cpu_bcn._native_kernels() is None, reason="the compiled kernels are unavailable")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _params(c, g, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(shift + 0.1 * torch.randn(n, generator=gen)).to(dtype) for shift, n in ((1, c), (0, c), (1, g), (0, g))]
+
+
+def _buffers(c, dtype, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return [(0.1 * torch.randn(c, generator=gen)).to(dtype), (1 + 0.1 * torch.rand(c, generator=gen)).to(dtype),
+            torch.tensor(3)]
+
+
+def _call(mode, groups):
+    def fn(x, bn_w, bn_b, w, b, running_mean, running_var, tracked):
+        return NF.batch_channel_norm(x, running_mean, running_var, bn_w, bn_b, w, b, training=mode.endswith("train"),
+                                     num_groups=groups, estimate=mode.startswith("estimate"), estimate_rate=0.3,
+                                     num_batches_tracked=tracked)
+    return fn
+
+
+def _assert_within_reference_bound(fn, tensors, buffers):
+    """Output, every gradient and the buffers after the call within the benchmark's bound against the fp64 reference:
+    twice the reference's own error in the input's dtype, plus the tolerance table's atol (and, fp32, its rtol of the
+    largest value). Not the fp32 reference's tolerance around its own values: where its sums cancel (the batch-stage
+    parameter gradients at a few values per channel) the kernel's fp64 algebra is the closer of the two."""
+    ours = run_backend("auto", fn, tensors, buffers)
+    reference = run_backend("reference", fn, tensors, buffers)
+    reference64 = run_backend("reference", fn, [t.double() if t.is_floating_point() else t for t in tensors],
+                              [b.double() if b.is_floating_point() else b for b in buffers])
+    for i, (a, r, e) in enumerate(zip(ours, reference, reference64)):
+        assert (a is None) == (r is None), i
+        if a is None:
+            continue
+        assert a.dtype == r.dtype and a.shape == r.shape, i
+        if not a.is_floating_point():
+            assert torch.equal(a, r), i
+            continue
+        rtol, atol = tolerance(a.dtype)
+        bound = 2 * max_abs_error(r, e) + atol + (rtol * e.abs().max().item() if a.dtype == torch.float32 else 0.0)
+        assert max_abs_error(a, e) <= bound, (i, max_abs_error(a, e), bound)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The names of the compiled entry points each call ran."""
+    calls = []
+    for name in ("_native_forward", "_native_backward"):
+        original = getattr(cpu_bcn, name)
+        monkeypatch.setattr(cpu_bcn, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+# (N, C, H, W, G): planes of 1, 15 (all scalar), 16 (vectors only), 17 and 35 (a masked last vector), 2500 values
+# (three summation blocks); one sample; one group; one channel per group
+SHAPES = [(3, 8, 1, 1, 4), (2, 6, 3, 5, 3), (2, 8, 4, 4, 4), (3, 4, 1, 17, 2), (2, 8, 5, 7, 4), (2, 4, 50, 50, 2),
+          (1, 8, 3, 5, 2), (2, 8, 3, 3, 1), (2, 6, 3, 3, 6)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
+def test_matches_reference(mode, shape, dtype, kernel_calls):
+    """Output, every gradient and the buffers (fp32 and, as after module.to(dtype), the input's dtype) against the
+    reference, through the compiled forward and backward."""
+    n, c, h, w, g = shape
+    if mode == "train" and n * h * w == 1:
+        pytest.skip("one value per channel: batch statistics are refused")
+    x = nchw_input(n, c, h, w, torch.float32, plane_offset=2.0).to(dtype)
+    for buffer_dtype in {torch.float32, dtype}:
+        _assert_within_reference_bound(_call(mode, g), [x, *_params(c, g, dtype)], _buffers(c, buffer_dtype))
+    assert kernel_calls.count("_native_backward") >= 1 and "_native_forward" in kernel_calls
+
+
+@pytest.mark.parametrize("offset", [30.0, 1e3])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_planes_far_from_zero_within_the_reference_bound(mode, offset):
+    """Planes at ``offset ± 1``: the centred plane moments keep the output and every gradient within twice the fp32
+    reference's own error against the fp64 reference, plus the fp32 tolerance (the benchmark's bound)."""
+    n, c, h, w, g = 2, 8, 6, 6, 4
+    x = (offset + nchw_input(n, c, h, w, torch.float64)).float()
+    buffers = _buffers(c, torch.float32)
+    buffers[0] += offset  # eval: running statistics near the data's, as after training on it
+    _assert_within_reference_bound(_call(mode, g), [x, *_params(c, g, torch.float32)], buffers)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_non_finite_value_spreads_as_in_the_reference(training, value, dtype):
+    """A NaN or inf in one plane: training, its channel's batch statistics, so its group in every sample; eval, its
+    own (sample, group) block only. The non-finite outputs are where the reference has them."""
+    x = nchw_input(3, 8, 4, 4, torch.float32).to(dtype)
+    x[1, 2, 0, 0] = value
+    running_mean, running_var, _ = _buffers(8, torch.float32)
+    finite = []
+    for backend in ("auto", "reference"):
+        with normlayers.backend(backend):
+            y = NF.batch_channel_norm(x, running_mean.clone(), running_var.clone(), *_params(8, 4, dtype),
+                                      training=training, num_groups=4)
+        finite.append(y.isfinite())
+    assert torch.equal(finite[0], finite[1]) and not finite[0].all() and finite[0].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_same_bits_on_one_and_two_threads(mode, dtype):
+    """Threads split planes, channels and (sample, group) blocks, never a sum: the results do not depend on their
+    number."""
+    x = nchw_input(4, 16, 9, 9, torch.float32).to(dtype)
+    tensors, buffers = [x, *_params(16, 4, dtype)], _buffers(16, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(run_backend("auto", _call(mode, 4), tensors, buffers))
+    finally:
+        torch.set_num_threads(threads)
+    for i, (one, two) in enumerate(zip(*results)):
+        assert torch.equal(one, two), i
+
+
+def test_mixed_parameter_and_input_dtypes(kernel_calls):
+    """bf16 input with fp32 parameters and buffers (a module kept in fp32 under a bf16 activation), fp32 input with
+    bf16 parameters: each small tensor is read in its own dtype and its gradient written in it."""
+    x = nchw_input(2, 8, 5, 5, torch.float32)
+    _assert_within_reference_bound(_call("train", 4), [x.bfloat16(), *_params(8, 4, torch.float32)],
+                                   _buffers(8, torch.float32))
+    _assert_within_reference_bound(_call("train", 4), [x, *_params(8, 4, torch.bfloat16)], _buffers(8, torch.bfloat16))
+    assert kernel_calls.count("_native_backward") == 2
+
+
+def test_buffers_updated_in_place_under_inference_mode():
+    """Under torch.inference_mode the kernel updates normal buffers in place (their version counters move) and
+    inference-mode buffers too (they have no version counter)."""
+    x = nchw_input(2, 8, 3, 3, torch.float32)
+    expected = _buffers(8, torch.float32)
+    with normlayers.backend("reference"):
+        NF.batch_channel_norm(x, *expected[:2], training=True, num_groups=4, num_batches_tracked=expected[2])
+    buffers = _buffers(8, torch.float32)
+    with torch.inference_mode():
+        inference_buffers = _buffers(8, torch.float32)
+        for running_mean, running_var, tracked in (buffers, inference_buffers):
+            NF.batch_channel_norm(x, running_mean, running_var, training=True, num_groups=4,
+                                  num_batches_tracked=tracked)
+    for updated in (buffers, inference_buffers):
+        for ours, reference in zip(updated, expected):
+            torch.testing.assert_close(ours, reference)
