@@ -84,13 +84,16 @@ static inline double small_at(const void* p, int small_bf16, int which, int64_t 
     return p ? (double)nl_load1(p, (small_bf16 >> which) & 1, i) : absent;
 }
 
-/* The mean and M2 (sum of squared deviations) of len values at x + off, fp64. A plane of at least NL_VL values ends
- * with a vector load that overlaps the loop's last one (last_lanes), a shorter one is read value by value. */
+/* The mean and biased variance of len values at x + off, fp64 (inv_last: 1 / the values of the last summation block,
+ * the caller's, so that a short plane's few values pay no division). A plane of at least NL_VL values ends with a
+ * vector load that overlaps the loop's last one (last_lanes), a shorter one is read value by value. */
 static inline __attribute__((always_inline)) void plane_moments(const void* x, const int bf16, int64_t off,
-                                                                int64_t len, double* mean_out, double* m2_out) {
+                                                                int64_t len, double inv_last, double* mean_out,
+                                                                double* var_out) {
     double mean = 0.0, m2 = 0.0;
     for (int64_t start = 0; start < len; start += NL_BLOCK) {
         const int64_t end = start + NL_BLOCK < len ? start + NL_BLOCK : len, count = end - start;
+        const double inv_count = end == len ? inv_last : 1.0 / NL_BLOCK;
         vf s0 = {0}, s1 = {0};
         int64_t j = start;
         for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
@@ -104,7 +107,7 @@ static inline __attribute__((always_inline)) void plane_moments(const void* x, c
         float s = tree_hsum(s0 + s1);
         if (!vector_tail)
             for (int64_t i = j; i < end; ++i) s += nl_load1(x, bf16, off + i);
-        const float shift = s / (float)count;
+        const float shift = s * (float)inv_count; /* any value near the mean: the centred sums correct it */
         const vf shift_v = nl_splat(shift);
         vf d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
         for (j = start; j < body; j += 2 * NL_VL) {
@@ -132,8 +135,8 @@ static inline __attribute__((always_inline)) void plane_moments(const void* x, c
                 d += v;
                 q += v * v;
             }
-        const double block_mean = (double)shift + (double)d / (double)count;
-        const double block_m2 = (double)q - (double)d * (double)d / (double)count;
+        const double block_mean = (double)shift + (double)d * inv_count;
+        const double block_m2 = (double)q - (double)d * (double)d * inv_count;
         if (start == 0) {
             mean = block_mean;
             m2 = block_m2;
@@ -144,7 +147,13 @@ static inline __attribute__((always_inline)) void plane_moments(const void* x, c
         }
     }
     *mean_out = mean;
-    *m2_out = m2 > 0.0 ? m2 : 0.0 * m2; /* rounding may leave a constant plane's M2 a hair below 0; NaN stays */
+    /* rounding may leave a constant plane's M2 a hair below 0; a NaN stays */
+    *var_out = (m2 > 0.0 ? m2 : 0.0 * m2) / (double)len;
+}
+
+/* 1 / the values of the last summation block of a plane of len values, for plane_moments. */
+static inline double last_block_reciprocal(int64_t len) {
+    return 1.0 / (double)(len % NL_BLOCK ? len % NL_BLOCK : NL_BLOCK);
 }
 
 /* The statistics the forward keeps for its backward, fp64, in one buffer of bcn_workspace_size(n, c, groups) values:
@@ -227,12 +236,10 @@ static inline __attribute__((always_inline)) void block_output(const void* x, co
                          int64_t groups, int moments, const void* bn_bias, const void* weight, const void* bias,
                          int small_bf16, double eps, Stats st) {
     const int64_t c0 = g * cg, p0 = s * c + c0, block = s * groups + g;
-    if (moments)
-        for (int64_t p = p0; p < p0 + cg; ++p) {
-            double m2;
-            plane_moments(x, bf16, p * hw, hw, &st.plane_mean[p], &m2);
-            st.plane_var[p] = m2 / (double)hw;
-        }
+    if (moments) {
+        const double inv_last = last_block_reciprocal(hw);
+        for (int64_t p = p0; p < p0 + cg; ++p) plane_moments(x, bf16, p * hw, hw, inv_last, &st.plane_mean[p], &st.plane_var[p]);
+    }
     double total = 0.0;
     for (int64_t k = 0; k < cg; ++k) {
         const int64_t ch = c0 + k;
@@ -268,11 +275,9 @@ static inline __attribute__((always_inline)) void forward_share(
         void* running_var, int small_bf16, int mode, double momentum, double eps, double bn_eps, Stats st, int t,
         int nt) {
     if (mode != MODE_FROZEN) {
-        for (int64_t p = nl_share(n * c, t, nt); p < nl_share(n * c, t + 1, nt); ++p) {
-            double m2;
-            plane_moments(x, bf16, p * hw, hw, &st.plane_mean[p], &m2);
-            st.plane_var[p] = m2 / (double)hw;
-        }
+        const double inv_last = last_block_reciprocal(hw);
+        for (int64_t p = nl_share(n * c, t, nt); p < nl_share(n * c, t + 1, nt); ++p)
+            plane_moments(x, bf16, p * hw, hw, inv_last, &st.plane_mean[p], &st.plane_var[p]);
 #pragma omp barrier
     }
     channel_stage(nl_share(c, t, nt), nl_share(c, t + 1, nt), n, c, hw, mode, momentum, bn_eps, bn_weight,
