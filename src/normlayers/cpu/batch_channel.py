@@ -116,19 +116,25 @@ def _native_small_bf16(x: Tensor, running_mean: Optional[Tensor], running_var: O
     """Where the compiled kernels take the call (fp32 or bf16 contiguous tensors, plain: the caller checked, a
     non-empty ``x``, the kernels built): the bits of the small tensors that are bf16 (bit ``i`` for the ``i``-th of
     ``bn_weight, bn_bias, weight, bias, running_mean, running_var``); else ``None``."""
-    if x.dtype not in _NATIVE_DTYPES or x.numel() == 0:
+    if x.dtype not in _NATIVE_DTYPES or not x.numel() or _native_kernels() is None:
         return None
     small_bf16 = 0
     for i, t in enumerate((*params, running_mean, running_var)):
         if t is not None:
-            if t.dtype not in _NATIVE_DTYPES or not t.is_contiguous():
+            bf16 = _NATIVE_DTYPES.get(t.dtype)
+            if bf16 is None or not t.is_contiguous():
                 return None
-            small_bf16 |= _NATIVE_DTYPES[t.dtype] << i
-    return small_bf16 if _native_kernels() is not None else None
+            small_bf16 |= bf16 << i
+    return small_bf16
 
 
 def _native_kernels() -> Optional[tuple[Any, Any, Any]]:
     """``(workspace_size, forward, backward)`` of ``csrc/batch_channel.c``, or ``None`` without them."""
+    return _loaded_kernels() if _native.enabled() else None
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_kernels() -> Optional[tuple[Any, Any, Any]]:
     i64, ptr, i32, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     kernels = (_native.function("batch_channel", "bcn_workspace_size", i64, i64, i64, i64),
                _native.function("batch_channel", "bcn_forward", None, ptr, i32, ptr, i64, i64, i64, i64, ptr, ptr,

@@ -288,23 +288,35 @@ static inline __attribute__((always_inline)) void forward_share(
                      weight, bias, small_bf16, eps, st);
 }
 
+/* Thread t of nt's share of the forward, in x's dtype. */
+static void forward_thread(const void* x, int x_bf16, void* y, int64_t n, int64_t c, int64_t hw, int64_t groups,
+                           const void* bn_weight, const void* bn_bias, const void* weight, const void* bias,
+                           void* running_mean, void* running_var, int small_bf16, int mode, double momentum,
+                           double eps, double bn_eps, Stats st, int t, int nt) {
+    if (x_bf16)
+        forward_share(x, 1, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
+                      small_bf16, mode, momentum, eps, bn_eps, st, t, nt);
+    else
+        forward_share(x, 0, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
+                      small_bf16, mode, momentum, eps, bn_eps, st, t, nt);
+}
+
 /* The forward: y (x's dtype) and the statistics in ws; with MODE_BATCH/MODE_ESTIMATE the running statistics (if
- * any) updated in place. */
+ * any) updated in place. One thread runs outside a parallel region (its barriers are then no-ops): opening even a
+ * one-thread team costs a few microseconds, the whole kernel's time at small sizes. */
 void bcn_forward(const void* x, int x_bf16, void* y, int64_t n, int64_t c, int64_t hw, int64_t groups,
                  const void* bn_weight, const void* bn_bias, const void* weight, const void* bias, void* running_mean,
                  void* running_var, int small_bf16, int mode, double momentum, double eps, double bn_eps, double* ws,
                  int threads) {
     const Stats st = stats_at(ws, n, c, groups);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        if (x_bf16)
-            forward_share(x, 1, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
-                          small_bf16, mode, momentum, eps, bn_eps, st, t, nt);
-        else
-            forward_share(x, 0, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
-                          small_bf16, mode, momentum, eps, bn_eps, st, t, nt);
+    if (threads <= 1) {
+        forward_thread(x, x_bf16, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
+                       small_bf16, mode, momentum, eps, bn_eps, st, 0, 1);
+        return;
     }
+#pragma omp parallel num_threads(threads)
+    forward_thread(x, x_bf16, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
+                   small_bf16, mode, momentum, eps, bn_eps, st, omp_get_thread_num(), omp_get_num_threads());
 }
 
 /* Σ dy and Σ dy·(x − m) over the len values of a plane (fp32 lanes per block, fp64 across blocks; the tail as in
@@ -445,7 +457,18 @@ static inline __attribute__((always_inline)) void backward_share(
     }
 }
 
-/* Returns 0, or -1 where the scratch memory could not be allocated. */
+static void backward_thread(const void* x, const void* dy, void* dx, int bf16, int64_t n, int64_t c, int64_t hw,
+                            int64_t groups, int batch_stats, Stats st, Scratch sc, void* dbn_weight, void* dbn_bias,
+                            void* dweight, void* dbias, int small_bf16, int t, int nt) {
+    if (bf16)
+        backward_share(x, dy, dx, 1, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
+                       small_bf16, t, nt);
+    else
+        backward_share(x, dy, dx, 0, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
+                       small_bf16, t, nt);
+}
+
+/* Returns 0, or -1 where the scratch memory could not be allocated (threads: as bcn_forward's). */
 int bcn_backward(const void* x, const void* dy, void* dx, int bf16, int64_t n, int64_t c, int64_t hw, int64_t groups,
                  int batch_stats, const double* ws, void* dbn_weight, void* dbn_bias, void* dweight, void* dbias,
                  int small_bf16, int threads) {
@@ -458,15 +481,13 @@ int bcn_backward(const void* x, const void* dy, void* dx, int bf16, int64_t n, i
                         mem + 6 * planes, mem + 6 * planes + c, mem + 6 * planes + 2 * c,
                         mem + 6 * planes + 2 * c + blocks};
     const Stats st = stats_at((double*)ws, n, c, groups);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        if (bf16)
-            backward_share(x, dy, dx, 1, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
-                           small_bf16, t, nt);
-        else
-            backward_share(x, dy, dx, 0, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
-                           small_bf16, t, nt);
+    if (threads <= 1) {
+        backward_thread(x, dy, dx, bf16, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
+                        small_bf16, 0, 1);
+    } else {
+#pragma omp parallel num_threads(threads)
+        backward_thread(x, dy, dx, bf16, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
+                        small_bf16, omp_get_thread_num(), omp_get_num_threads());
     }
     free(mem);
     return 0;
