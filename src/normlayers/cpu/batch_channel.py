@@ -19,6 +19,14 @@ where a bound on their rounding holds (:func:`_raw_moments_limit`; else that gro
 fp32), then ``y = A·x + (B − A·m)`` from ``x`` by ATen's eval batch norm over the ``N·C`` planes with fp32 ``A``,
 ``B`` (computed in fp32, rounded once, as the reference).
 
+Where the compiled kernels run (:mod:`normlayers.cpu._native`; fp32 or bf16 contiguous ``x``, fp32 or bf16 small
+tensors; ``csrc/batch_channel.c``), one C call does all of it: the plane moments in one read of ``x`` (each plane
+centred on its own mean in fp32 lanes while it sits in L1, the blocks of 1024 values combined in fp64: no
+cancellation to bound, so no trust check and no second route), the ``(N, C)`` algebra and the running updates in fp64,
+and ``y`` in one more pass; with constant batch-stage statistics (eval, EstBN) each (sample, group) block's moments and
+output in turn, its second read from cache. Its backward is the closed form below, the two passes of ``x`` and ``dy``
+in C too. Elsewhere (fp16, fp64, no compiler, ``NORMLAYERS_CPU_KERNELS=0``) the ATen route of this docstring runs.
+
 The backward needs per plane only ``s1 = Σ dy`` and ``s2 = Σ dy·(x − m)`` (one pass of ATen's
 ``native_batch_norm_backward`` without ``grad_input``): with ``ŷ = R·(u − M)`` and ``K = (C/G)·H·W`` values per
 group, the group stage gives ``du = w·R·(dy − (Σ_g dy + ŷ·Σ_g dy·ŷ)/K) = P1·dy + Q1·(x − m) + S1`` per plane
@@ -27,9 +35,9 @@ statistics; ``dx = a·du`` with running ones), whose sums over ``(N, H, W)`` fol
 ``dx = P·dy + Q·x + S``: ``Q·x + S`` by the same eval batch norm (fp32 coefficients, rounded once), then ``+ P·dy``.
 The parameter gradients are sums of those per-plane quantities.
 
-fp32/fp64 eval with BatchNorm's running statistics runs ATen's two stages directly (:func:`_inference_stages`): with
-constant batch-stage statistics they take two passes too, and none of the small ops. (EstBN keeps the fused path in
-eval, so that its frozen estimates give bit for bit the training output.)
+fp32/fp64 eval with BatchNorm's running statistics, where the compiled kernel does not run, takes ATen's two stages
+directly (:func:`_inference_stages`): with constant batch-stage statistics they take two passes too, and none of the
+small ops. (EstBN keeps the fused path in eval, so that its frozen estimates give bit for bit the training output.)
 
 The ``(N, C)`` algebra between the passes, forward and backward, runs in numpy on the host, in the compute dtype
 (fp32 beside bf16/fp16, fp64 for fp64): ATen's statistics are read as numpy views of their memory, the parameters

@@ -24,10 +24,15 @@ typedef int32_t vi __attribute__((vector_size(NL_VL * sizeof(int32_t))));
 _Static_assert(NL_VL == 16, "tree_hsum and LANE are written for 16 lanes");
 static const vi LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-/* The sum of the lanes as a tree of register shuffles: 4 dependent adds, where common.h's nl_hsum chains 16 (with
- * planes of a few hundred values, a reduction's latency is a visible share of a plane's time). */
+/* The sum of the lanes as a tree of register shuffles: 4 dependent adds where common.h's nl_hsum chains 16, and no
+ * trip through memory (a vector stored whole and read back by halves stalls store forwarding). Three per plane. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define NL_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
 static inline float tree_hsum(vf v) {
-#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+#ifdef NL_HAS_SHUFFLEVECTOR
     vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
@@ -217,28 +222,33 @@ static void channel_stage(int64_t lo, int64_t hi, int64_t n, int64_t c, int64_t 
     }
 }
 
-/* y = A·(x − m) + B over the len values at x + off, fp32 arithmetic, rounded once; the last NL_VL values of a plane
- * of at least NL_VL written by one more vector store (rewriting a few of the loop's values, with the same bits). */
+/* y = A·(x − m) + B over the len values at x + off, fp32 arithmetic, rounded once; the last vector of a plane of at
+ * least NL_VL values ends at its end (rewriting a few of the previous one's values, with the same bits). */
 static inline __attribute__((always_inline)) void plane_affine(const void* x, const int bf16, void* y, int64_t off,
                                                                int64_t len, float m, float scale, float shift) {
     const vf m_v = nl_splat(m), a_v = nl_splat(scale), b_v = nl_splat(shift);
-    int64_t j = 0;
-    for (; j + NL_VL <= len; j += NL_VL) store_values(y, bf16, off + j, (load_values(x, bf16, off + j) - m_v) * a_v + b_v);
-    if (j < len && len >= NL_VL)
-        store_values(y, bf16, off + len - NL_VL, (load_values(x, bf16, off + len - NL_VL) - m_v) * a_v + b_v);
-    else
-        for (; j < len; ++j) nl_store1(y, bf16, off + j, (nl_load1(x, bf16, off + j) - m) * scale + shift);
+    if (len < NL_VL) {
+        for (int64_t j = off; j < off + len; ++j) nl_store1(y, bf16, j, (nl_load1(x, bf16, j) - m) * scale + shift);
+        return;
+    }
+    for (int64_t j = 0; j < len; j += NL_VL) {
+        const int64_t at = off + (j + NL_VL <= len ? j : len - NL_VL);
+        store_values(y, bf16, at, (load_values(x, bf16, at) - m_v) * a_v + b_v);
+    }
 }
 
 /* Block (sample s, group g): its group statistics and output planes, y = A·(x − m) + B with A = w_g·R·a_c and
- * B = w_g·R·u_dev + b_g; with `moments`, first the block's plane moments (eval: the block's planes are all it reads). */
-static inline __attribute__((always_inline)) void block_output(const void* x, const int bf16, void* y, int64_t s, int64_t g, int64_t c, int64_t cg, int64_t hw,
-                         int64_t groups, int moments, const void* bn_bias, const void* weight, const void* bias,
-                         int small_bf16, double eps, Stats st) {
+ * B = w_g·R·u_dev + b_g; with `moments`, first the block's plane moments (eval: the block's planes are all it
+ * reads). */
+static inline __attribute__((always_inline)) void block_output(
+        const void* x, const int bf16, void* y, int64_t s, int64_t g, int64_t c, int64_t cg, int64_t hw,
+        int64_t groups, int moments, const void* bn_bias, const void* weight, const void* bias, int small_bf16,
+        double eps, Stats st) {
     const int64_t c0 = g * cg, p0 = s * c + c0, block = s * groups + g;
     if (moments) {
         const double inv_last = last_block_reciprocal(hw);
-        for (int64_t p = p0; p < p0 + cg; ++p) plane_moments(x, bf16, p * hw, hw, inv_last, &st.plane_mean[p], &st.plane_var[p]);
+        for (int64_t p = p0; p < p0 + cg; ++p)
+            plane_moments(x, bf16, p * hw, hw, inv_last, &st.plane_mean[p], &st.plane_var[p]);
     }
     double total = 0.0;
     for (int64_t k = 0; k < cg; ++k) {
@@ -368,16 +378,14 @@ static inline __attribute__((always_inline)) void plane_dx(const void* x, const 
                                                            int64_t off, int64_t len, float m, float dy_coef,
                                                            float x_coef, float constant) {
     const vf dy_v = nl_splat(dy_coef), x_v = nl_splat(x_coef), c_v = nl_splat(constant), m_v = nl_splat(m);
-    int64_t j = 0;
-    for (; j + NL_VL <= len; j += NL_VL)
-        store_values(dx, bf16, off + j, load_values(dy, bf16, off + j) * dy_v + (load_values(x, bf16, off + j) - m_v) * x_v + c_v);
-    if (j < len && len >= NL_VL) {
-        j = len - NL_VL;
-        store_values(dx, bf16, off + j, load_values(dy, bf16, off + j) * dy_v + (load_values(x, bf16, off + j) - m_v) * x_v + c_v);
-    } else {
-        for (; j < len; ++j)
-            nl_store1(dx, bf16, off + j,
-                      nl_load1(dy, bf16, off + j) * dy_coef + (nl_load1(x, bf16, off + j) - m) * x_coef + constant);
+    if (len < NL_VL) {
+        for (int64_t j = off; j < off + len; ++j)
+            nl_store1(dx, bf16, j, nl_load1(dy, bf16, j) * dy_coef + (nl_load1(x, bf16, j) - m) * x_coef + constant);
+        return;
+    }
+    for (int64_t j = 0; j < len; j += NL_VL) {
+        const int64_t at = off + (j + NL_VL <= len ? j : len - NL_VL);
+        store_values(dx, bf16, at, load_values(dy, bf16, at) * dy_v + (load_values(x, bf16, at) - m_v) * x_v + c_v);
     }
 }
 
