@@ -8,6 +8,7 @@ import torch
 
 import normlayers
 import normlayers.functional as NF
+from normlayers.cpu import _native
 from normlayers.cpu import batch_channel as cpu_bcn
 from normlayers.testing import assert_close, assert_lowprec_close, max_abs_error, nchw_input, tolerance
 
@@ -268,7 +269,7 @@ def test_low_precision_statistics_route(dtype, mode, offset, monkeypatch):
     moments when they are trusted (planes centred near 0) and from the two-pass group norm when they are not (planes
     at 30 ± 1, mean²/var ~900); both routes by the low-precision rule against the fp64 reference, output and
     (training) every gradient."""
-    monkeypatch.setenv("NORMLAYERS_CPU_KERNELS", "0")
+    monkeypatch.setattr(_native, "_ENABLED", False)  # as NORMLAYERS_CPU_KERNELS=0 at import
     taken = []
     monkeypatch.setattr(cpu_bcn, "_plane_moments", lambda x: taken.append("two-pass") or plane_moments(x))
     x = (offset + nchw_input(3, C, 6, 6, torch.float32)).to(dtype)
