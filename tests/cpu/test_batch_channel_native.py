@@ -92,16 +92,38 @@ def test_matches_reference(mode, shape, dtype, kernel_calls):
     assert kernel_calls.count("_native_backward") >= 1 and "_native_forward" in kernel_calls
 
 
+@pytest.mark.parametrize("order", ["random", "sorted"])
 @pytest.mark.parametrize("offset", [30.0, 1e3])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_planes_far_from_zero_within_the_reference_bound(mode, offset):
-    """Planes at ``offset ± 1``: the centred plane moments keep the output and every gradient within twice the fp32
-    reference's own error against the fp64 reference, plus the fp32 tolerance (the benchmark's bound)."""
+def test_planes_far_from_zero_within_the_reference_bound(mode, offset, order):
+    """Planes at ``offset ± 1``: the plane moments (about the mean of a plane's first values; sorted planes, whose
+    first values are their smallest, summed again about the mean) keep the output and every gradient within twice the
+    fp32 reference's own error against the fp64 reference, plus the fp32 tolerance (the benchmark's bound)."""
     n, c, h, w, g = 2, 8, 6, 6, 4
     x = (offset + nchw_input(n, c, h, w, torch.float64)).float()
+    if order == "sorted":
+        x = x.flatten(2).sort(-1).values.view(x.shape)
     buffers = _buffers(c, torch.float32)
     buffers[0] += offset  # eval: running statistics near the data's, as after training on it
     _assert_within_reference_bound(_call(mode, g), [x, *_params(c, g, torch.float32)], buffers)
+
+
+@pytest.mark.parametrize("head", [4.0, 64.0])
+def test_plane_variance_where_the_first_values_are_far_from_the_mean(head):
+    """A plane of 1024 values at 100 ± 1 whose first 16 sit ``head`` higher: the sums about those first values
+    cancel (mean²/M2 up to ~64 here), so the block is summed again about its mean. The variance (one sample: the
+    batch variance is the plane's) stays within 8 fp32 roundoffs of the fp64 one, the two-pass form's accuracy (without
+    the second sum: 1.3e-6 and 6.2e-6, 21 and 103 roundoffs)."""
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, :, 0, :16] += head
+    x = (x + 100).float()
+    config = cpu_bcn._Config(True, False, 0.1, 0.0, 2, 1e-5, 1e-5)
+    params = (None, None, None, None)
+    _, statistics = cpu_bcn._native_forward(x, None, None, None, params, config,
+                                            cpu_bcn._native_small_bf16(x, None, None, params))
+    var = cpu_bcn._native_batch_statistics(statistics, x, config)[1].double()
+    var64 = x.double().var((0, 2, 3), correction=0)
+    assert ((var - var64).abs() <= 8 * 2.0 ** -24 * var64).all(), ((var - var64) / var64).abs().max()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])

@@ -20,9 +20,9 @@ fp32), then ``y = A·x + (B − A·m)`` from ``x`` by ATen's eval batch norm ove
 ``B`` (computed in fp32, rounded once, as the reference).
 
 Where the compiled kernels run (:mod:`normlayers.cpu._native`; fp32 or bf16 contiguous ``x``, fp32 or bf16 small
-tensors; ``csrc/batch_channel.c``), one C call does all of it: the plane moments in one read of ``x`` (each plane
-centred on its own mean in fp32 lanes while it sits in L1, the blocks of 1024 values combined in fp64: no
-cancellation to bound, so no trust check and no second route), the ``(N, C)`` algebra and the running updates in fp64,
+tensors; ``csrc/batch_channel.c``), one C call does all of it: the plane moments in one read of ``x`` (fp32 sums
+about the mean of a block's first values, again about its mean from L1 where those were far from it; blocks of 1024
+values combined in fp64: no trust check and no second route), the ``(N, C)`` algebra and the running updates in fp64,
 and ``y`` in one more pass; with constant batch-stage statistics (eval, EstBN) each (sample, group) block's moments and
 output in turn, its second read from cache. Its backward is the closed form below, the two passes of ``x`` and ``dy``
 in C too. Elsewhere (fp16, fp64, no compiler, ``NORMLAYERS_CPU_KERNELS=0``) the ATen route of this docstring runs.

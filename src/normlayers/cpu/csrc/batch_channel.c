@@ -7,10 +7,10 @@
  * dx = P·dy + Q·(x − m) + S. With constant batch-stage statistics (eval) each (sample, group) block needs only its
  * own planes, so the forward runs block by block: its second read hits L1/L2.
  *
- * Plane moments are accurate: blocks of NL_BLOCK values, each summed twice while in L1 (its mean, then the centred
- * sums Σd and Σd² with the compensated M2 = Σd² − (Σd)²/n), the blocks combined in fp64 (Chan, Golub and LeVeque,
- * 1979). The (N, C) algebra runs in fp64; the passes over memory in fp32 lanes, bf16 values widened exactly and the
- * outputs rounded once.
+ * Plane moments are accurate (plane_moments): blocks of NL_BLOCK values, each summed about a value near its mean
+ * (Σd and Σd², M2 = Σd² − (Σd)²/n; again about its mean, from L1, where that value was not near enough), the blocks
+ * combined in fp64 (Chan, Golub and LeVeque, 1979). The (N, C) algebra runs in fp64; the passes over memory in fp32
+ * lanes, bf16 values widened exactly and the outputs rounded once.
  *
  * Parameters and running statistics: fp32 or bf16 (bit i of `small_bf16` set: the i-th of bn_weight, bn_bias, weight,
  * bias, running_mean, running_var is bf16), contiguous, any of them NULL. */
@@ -89,9 +89,51 @@ static inline double small_at(const void* p, int small_bf16, int which, int64_t 
     return p ? (double)nl_load1(p, (small_bf16 >> which) & 1, i) : absent;
 }
 
+/* Σ (x − shift) and Σ (x − shift)² over the values [start, end) at x + off, fp32 lanes. A plane of at least NL_VL
+ * values (len) ends with a vector load that overlaps the loop's last one (last_lanes), a shorter one is read value by
+ * value. */
+static inline __attribute__((always_inline)) void shifted_sums(const void* x, const int bf16, int64_t off,
+                                                               int64_t start, int64_t end, int64_t len, float shift,
+                                                               float* d_out, float* q_out) {
+    const vf shift_v = nl_splat(shift);
+    vf d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
+    int64_t j = start;
+    for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
+        const vf u = load_values(x, bf16, off + j) - shift_v, v = load_values(x, bf16, off + j + NL_VL) - shift_v;
+        d0 += u;
+        d1 += v;
+        q0 += u * u;
+        q1 += v * v;
+    }
+    if (j + NL_VL <= end) {
+        const vf u = load_values(x, bf16, off + j) - shift_v;
+        d0 += u;
+        q0 += u * u;
+        j += NL_VL;
+    }
+    const int vector_tail = j < end && len >= NL_VL;
+    if (vector_tail) {
+        const vf v = last_lanes(load_values(x, bf16, off + end - NL_VL) - shift_v, end - j);
+        d1 += v;
+        q1 += v * v;
+    }
+    float d = tree_hsum(d0 + d1), q = tree_hsum(q0 + q1);
+    if (!vector_tail)
+        for (; j < end; ++j) {
+            const float v = nl_load1(x, bf16, off + j) - shift;
+            d += v;
+            q += v * v;
+        }
+    *d_out = d;
+    *q_out = q;
+}
+
 /* The mean and biased variance of len values at x + off, fp64 (inv_last: 1 / the values of the last summation block,
- * the caller's, so that a short plane's few values pay no division). A plane of at least NL_VL values ends with a
- * vector load that overlaps the loop's last one (last_lanes), a shorter one is read value by value. */
+ * the caller's, so that a short plane's few values pay no division). Each block of NL_BLOCK values is read once for
+ * its sums about k, the mean of its first NL_VL values: M2 = Σd² − (Σd)²/n, whose rounding is at most about twice
+ * that of the sums about the block's own mean while (mean − k)² ≤ M2/n (Σd² = M2 + n·(mean − k)² ≤ 2·M2), and k is
+ * near the mean but for a sorted or trended plane; where it is not, the block (in L1) is summed again about its
+ * mean. The blocks are combined in fp64 (Chan, Golub and LeVeque, 1979). */
 static inline __attribute__((always_inline)) void plane_moments(const void* x, const int bf16, int64_t off,
                                                                 int64_t len, double inv_last, double* mean_out,
                                                                 double* var_out) {
@@ -99,49 +141,23 @@ static inline __attribute__((always_inline)) void plane_moments(const void* x, c
     for (int64_t start = 0; start < len; start += NL_BLOCK) {
         const int64_t end = start + NL_BLOCK < len ? start + NL_BLOCK : len, count = end - start;
         const double inv_count = end == len ? inv_last : 1.0 / NL_BLOCK;
-        vf s0 = {0}, s1 = {0};
-        int64_t j = start;
-        for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
-            s0 += load_values(x, bf16, off + j);
-            s1 += load_values(x, bf16, off + j + NL_VL);
+        float shift;
+        if (count >= NL_VL) {
+            shift = tree_hsum(load_values(x, bf16, off + start)) * (1.0f / NL_VL);
+        } else {
+            shift = 0.0f;
+            for (int64_t j = start; j < end; ++j) shift += nl_load1(x, bf16, off + j);
+            shift *= (float)inv_count;
         }
-        const int64_t body = j;
-        if (j + NL_VL <= end) s0 += load_values(x, bf16, off + j), j += NL_VL;
-        const int vector_tail = j < end && len >= NL_VL;
-        if (vector_tail) s1 += last_lanes(load_values(x, bf16, off + end - NL_VL), end - j);
-        float s = tree_hsum(s0 + s1);
-        if (!vector_tail)
-            for (int64_t i = j; i < end; ++i) s += nl_load1(x, bf16, off + i);
-        const float shift = s * (float)inv_count; /* any value near the mean: the centred sums correct it */
-        const vf shift_v = nl_splat(shift);
-        vf d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
-        for (j = start; j < body; j += 2 * NL_VL) {
-            const vf u = load_values(x, bf16, off + j) - shift_v, v = load_values(x, bf16, off + j + NL_VL) - shift_v;
-            d0 += u;
-            d1 += v;
-            q0 += u * u;
-            q1 += v * v;
+        float d, q;
+        shifted_sums(x, bf16, off, start, end, len, shift, &d, &q);
+        double block_m2 = (double)q - (double)d * (double)d * inv_count;
+        if (!(2.0 * (double)d * (double)d * inv_count <= (double)q)) { /* (mean − k)² > M2/n, or a NaN: again */
+            shift += (float)((double)d * inv_count);
+            shifted_sums(x, bf16, off, start, end, len, shift, &d, &q);
+            block_m2 = (double)q - (double)d * (double)d * inv_count;
         }
-        if (j + NL_VL <= end) {
-            const vf u = load_values(x, bf16, off + j) - shift_v;
-            d0 += u;
-            q0 += u * u;
-            j += NL_VL;
-        }
-        if (vector_tail) {
-            const vf v = last_lanes(load_values(x, bf16, off + end - NL_VL) - shift_v, end - j);
-            d1 += v;
-            q1 += v * v;
-        }
-        float d = tree_hsum(d0 + d1), q = tree_hsum(q0 + q1);
-        if (!vector_tail)
-            for (int64_t i = j; i < end; ++i) {
-                const float v = nl_load1(x, bf16, off + i) - shift;
-                d += v;
-                q += v * v;
-            }
         const double block_mean = (double)shift + (double)d * inv_count;
-        const double block_m2 = (double)q - (double)d * (double)d * inv_count;
         if (start == 0) {
             mean = block_mean;
             m2 = block_m2;
