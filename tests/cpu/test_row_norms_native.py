@@ -205,3 +205,19 @@ def test_gradient_subsets_and_a_strided_gradient(backward_calls):
     with normlayers.backend("reference"):
         NF.layer_norm(xr, (50,), w, b).sum().backward()
     assert_close(xl.grad, xr.grad)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_standardization_inference(dtype, offset, kernel_calls):
+    """Weight Standardization's forward without a gradient runs the same kernel over the filters (its fan-in rows);
+    filters far from zero stay within the bound (the kernel centres every row)."""
+    gen = torch.Generator().manual_seed(9)
+    weight = (offset + torch.randn(16, 8, 3, 3, generator=gen)).to(dtype)
+    with torch.no_grad():
+        ours = NF.weight_standardize(weight)
+        assert kernel_calls == [True]
+        with normlayers.backend("reference"):
+            low = NF.weight_standardize(weight)
+            exact = NF.weight_standardize(weight.double())
+    assert_lowprec_close(ours, low, exact)

@@ -53,6 +53,7 @@ def enabled() -> bool:
 
 
 def threads() -> int:
+    """The threads a kernel runs on: torch's (``torch.set_num_threads``)."""
     return torch.get_num_threads()
 
 

@@ -200,7 +200,7 @@ def _native_layer_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Te
     bad = kernel(rows.data_ptr(), _NATIVE_DTYPES[rows.dtype], None if weight is None else weight.data_ptr(),
                  None if bias is None else bias.data_ptr(), param is not None and param.dtype == torch.bfloat16,
                  y.data_ptr(), None if mean is None else mean.data_ptr(), None if rstd is None else rstd.data_ptr(),
-                 rows.numel() // width, width, eps, torch.get_num_threads())
+                 rows.numel() // width, width, eps, _native.threads())
     if bad < 0:  # no memory for the bf16 parameters' fp32 copy
         return None
     return (None, None, None) if bad else (y, mean, rstd)
@@ -235,7 +235,7 @@ def _native_layer_norm_backward(x: Tensor, grad: Tensor, weight: Optional[Tensor
     dbias = torch.empty(width, dtype=torch.float32) if needs[2] and bias is not None else None
     status = kernel(x.data_ptr(), grad.data_ptr(), _NATIVE_DTYPES[x.dtype], _native.ptr(weight_f), mean.data_ptr(),
                     rstd.data_ptr(), _native.ptr(dx), _native.ptr(dweight), _native.ptr(dbias), x.numel() // width,
-                    width, torch.get_num_threads())
+                    width, _native.threads())
     if status != 0:
         return None
     return (dx, None if dweight is None else dweight.to(weight.dtype),

@@ -78,20 +78,22 @@ static inline __attribute__((always_inline)) int layer_norm_row(
         mean_out[row] = mean;
         rstd_out[row] = rstd;
     }
-    /* y = x·rstd − mean·rstd, then ·w + b: ATen's order, so fp32 results match torch's to an ulp or two */
-    const float shift = -mean * rstd;
-    const vf rstd_v = nl_splat(rstd), shift_v = nl_splat(shift);
+    /* y = ((x − mean) − rounding)·rstd·w + b: x − mean is exact for values within 2× of the mean, and the fp32 mean's
+     * rounding (of the size of mean·2⁻²⁴) comes off, so a row far from zero loses nothing; ATen's x·rstd − mean·rstd
+     * keeps the rounding of two terms of the size of mean·rstd (docs/reliability.md, "Inputs offset from zero") */
+    const float rounding = (float)((double)mean - (k + offset));
+    const vf mean_v = nl_splat(mean), rounding_v = nl_splat(rounding), rstd_v = nl_splat(rstd);
     int64_t j = 0;
     for (; j + NL_VL <= N; j += NL_VL) {
         /* the next row's line at this column: ATen's kernel waits for each row's first lines, this one ~4% less */
         __builtin_prefetch((const char*)x + (off + N + j) * (x_bf16 ? 2 : 4));
-        vf v = nl_load(x, x_bf16, off + j) * rstd_v + shift_v;
+        vf v = (nl_load(x, x_bf16, off + j) - mean_v - rounding_v) * rstd_v;
         if (w) v *= nl_load(w, 0, j);
         if (b) v += nl_load(b, 0, j);
         nl_store(y, x_bf16, off + j, v);
     }
     for (; j < N; ++j) {
-        float v = nl_load1(x, x_bf16, off + j) * rstd + shift;
+        float v = (nl_load1(x, x_bf16, off + j) - mean - rounding) * rstd;
         if (w) v *= w[j];
         if (b) v += b[j];
         nl_store1(y, x_bf16, off + j, v);
