@@ -148,14 +148,15 @@ def test_non_finite_value_spreads_as_in_the_reference(training, value, dtype):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_same_bits_on_one_and_two_threads(mode, dtype):
     """Threads split planes, channels and (sample, group) blocks, never a sum: the results do not depend on their
-    number."""
-    x = nchw_input(4, 16, 9, 9, torch.float32).to(dtype)
+    number (the input large enough for two threads' shares)."""
+    x = nchw_input(4, 16, 33, 33, torch.float32).to(dtype)
     tensors, buffers = [x, *_params(16, 4, dtype)], _buffers(16, torch.float32)
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
+            assert cpu_bcn._native_threads(x) == count
             results.append(run_backend("auto", _call(mode, 4), tensors, buffers))
     finally:
         torch.set_num_threads(threads)

@@ -116,6 +116,9 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
 
 # The compiled kernels (csrc/batch_channel.c) read fp32 (0) and bf16 (1) memory.
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# Values per thread below which another thread costs more than it saves (ATen's at::internal::GRAIN_SIZE): a team's
+# start and the kernel's barriers take microseconds.
+_GRAIN = 32768
 _MODE_FROZEN, _MODE_BATCH, _MODE_ESTIMATE = 0, 1, 2  # the batch stage's statistics: given, the batch's, EstBN's
 
 
@@ -171,7 +174,7 @@ def _native_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
     statistics = torch.empty(workspace_size(n, c, groups), dtype=torch.float64)
     forward(x.data_ptr(), _NATIVE_DTYPES[x.dtype], y.data_ptr(), n, c, x.numel() // (n * c), groups,
             *(_native.ptr(t) for t in (*params, running_mean, running_var)), small_bf16, mode, rate, config.eps,
-            config.bn_eps, statistics.data_ptr(), _native.threads())
+            config.bn_eps, statistics.data_ptr(), _native_threads(x))
     if mode != _MODE_FROZEN and running_mean is not None:
         # written in place by the kernel: their version counters move, as with F.batch_norm's update
         for buffer in (running_mean, running_var):
@@ -180,6 +183,11 @@ def _native_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if mode == _MODE_BATCH and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return y, statistics
+
+
+def _native_threads(x: Tensor) -> int:
+    """The threads a kernel call on ``x`` runs on: torch's, at most one per :data:`_GRAIN` values."""
+    return max(1, min(_native.threads(), x.numel() // _GRAIN))
 
 
 def _native_batch_statistics(statistics: Tensor, x: Tensor, config: _Config) -> tuple[Tensor, Tensor]:
@@ -203,7 +211,7 @@ def _native_backward(x: Tensor, dy: Tensor, statistics: Tensor, params: list[Opt
     grads = [torch.empty_like(p) if need else None for p, need in zip(params, needs[6:])]
     status = backward(x.data_ptr(), dy.data_ptr(), _native.ptr(dx), _NATIVE_DTYPES[x.dtype], n, c, x.numel() // (n * c),
                       config.num_groups, config.batch_stats, statistics.data_ptr(), *(_native.ptr(g) for g in grads),
-                      small_bf16, _native.threads())
+                      small_bf16, _native_threads(x))
     if status:
         raise MemoryError("normlayers: the compiled BatchChannelNorm backward could not allocate its scratch memory")
     return (dx, None, None, None, None, None, *grads)
