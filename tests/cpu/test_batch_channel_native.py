@@ -92,6 +92,45 @@ def test_matches_reference(mode, shape, dtype, kernel_calls):
     assert kernel_calls.count("_native_backward") >= 1 and "_native_forward" in kernel_calls
 
 
+# (N, C, H, W, G) for channels-last: C under one vector (all channels one by one), 40 (two vectors and 8), 16 (vectors
+# only); planes of 1, 12 and 81 rows (under NL_VL, two row blocks), 2500 (forty)
+CHANNELS_LAST_SHAPES = [(3, 8, 1, 1, 4), (2, 40, 3, 4, 8), (2, 16, 9, 9, 4), (1, 6, 9, 9, 3), (2, 16, 50, 50, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
+def test_channels_last_without_gradient(mode, shape, dtype, kernel_calls):
+    """Channels-last input with no gradient to compute (inference) runs the compiled forward on its NHWC memory:
+    output (channels-last) and buffers within the bound of :func:`_assert_within_reference_bound`; with a gradient,
+    the composite."""
+    n, c, h, w, g = shape
+    if mode == "train" and n * h * w == 1:
+        pytest.skip("one value per channel: batch statistics are refused")
+    x = nchw_input(n, c, h, w, torch.float32, "channels_last", plane_offset=2.0).to(dtype)
+    fn = _call(mode, g)
+    tensors, buffers = [x, *_params(c, g, dtype)], _buffers(c, torch.float32)
+    results = {}
+    for name, backend, cast in (("ours", "auto", dtype), ("reference", "reference", dtype),
+                                ("reference64", "reference", torch.float64)):
+        copies = [b.to(cast) if b.is_floating_point() and name == "reference64" else b.clone() for b in buffers]
+        with normlayers.backend(backend), torch.no_grad():
+            y = fn(*(t.to(cast) for t in tensors), *copies)
+        results[name] = [y, *copies]
+    assert results["ours"][0].is_contiguous(memory_format=torch.channels_last)
+    for i, (a, r, e) in enumerate(zip(*results.values())):
+        if not a.is_floating_point():
+            assert torch.equal(a, r), i
+            continue
+        rtol, atol = tolerance(a.dtype)
+        bound = 2 * max_abs_error(r, e) + atol + (rtol * e.abs().max().item() if a.dtype == torch.float32 else 0.0)
+        assert max_abs_error(a, e) <= bound, (i, max_abs_error(a, e), bound)
+    assert kernel_calls == ["_native_forward"]
+    if not x.is_contiguous():  # (planes of one value are NCHW-contiguous too: the NCHW route, with its backward)
+        y = fn(x.clone().requires_grad_(), *_params(c, g, dtype), *_buffers(c, torch.float32))
+        assert kernel_calls == ["_native_forward"] and y.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("order", ["random", "sorted"])
 @pytest.mark.parametrize("offset", [30.0, 1e3])
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -108,8 +147,9 @@ def test_planes_far_from_zero_within_the_reference_bound(mode, offset, order):
     _assert_within_reference_bound(_call(mode, g), [x, *_params(c, g, torch.float32)], buffers)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("head", [4.0, 64.0])
-def test_plane_variance_where_the_first_values_are_far_from_the_mean(head):
+def test_plane_variance_where_the_first_values_are_far_from_the_mean(head, layout):
     """A plane of 1024 values at 100 ± 1 whose first 16 sit ``head`` higher: the sums about those first values
     cancel (mean²/M2 up to ~64 here), so the block is summed again about its mean. The variance (one sample: the
     batch variance is the plane's) stays within 8 fp32 roundoffs of the fp64 one, the two-pass form's accuracy (without
@@ -117,6 +157,8 @@ def test_plane_variance_where_the_first_values_are_far_from_the_mean(head):
     x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x[:, :, 0, :16] += head
     x = (x + 100).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     config = cpu_bcn._Config(True, False, 0.1, 0.0, 2, 1e-5, 1e-5)
     params = (None, None, None, None)
     _, statistics = cpu_bcn._native_forward(x, None, None, None, params, config,

@@ -100,13 +100,19 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
             num_groups=num_groups, bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
             num_batches_tracked=num_batches_tracked, sync=None)
     config = _Config(training, estimate, momentum, estimate_rate, num_groups, eps, bn_eps)
-    if compiling or not x.is_contiguous():
+    if compiling:
         return _composite(x, running_mean, running_var, num_batches_tracked, *params, config=config)
     small_bf16 = _native_small_bf16(x, running_mean, running_var, params)
+    gradient = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    if not x.is_contiguous():
+        # channels-last: the compiled forward where no gradient is needed (its backward reads NCHW), else the composite
+        if small_bf16 is not None and not gradient and x.is_contiguous(memory_format=torch.channels_last):
+            return _native_forward(x, running_mean, running_var, num_batches_tracked, params, config, small_bf16)[0]
+        return _composite(x, running_mean, running_var, num_batches_tracked, *params, config=config)
     if small_bf16 is None and not training and not estimate and x.dtype not in LOW_PRECISION:
         return _inference_stages(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, num_groups=num_groups,
                                  eps=eps, bn_eps=bn_eps)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+    if gradient:
         return _BatchChannelNormFunction.apply(x, running_mean, running_var, num_batches_tracked, config, small_bf16,
                                                *params)
     if small_bf16 is not None:
@@ -148,8 +154,8 @@ def _native_kernels() -> Optional[tuple[Any, Any, Any]]:
 def _loaded_kernels() -> Optional[tuple[Any, Any, Any]]:
     i64, ptr, i32, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     kernels = (_native.function("batch_channel", "bcn_workspace_size", i64, i64, i64, i64),
-               _native.function("batch_channel", "bcn_forward", None, ptr, i32, ptr, i64, i64, i64, i64, ptr, ptr,
-                                ptr, ptr, ptr, ptr, i32, i32, f64, f64, f64, ptr, i32),
+               _native.function("batch_channel", "bcn_forward", i32, ptr, i32, i32, ptr, i64, i64, i64, i64, ptr,
+                                ptr, ptr, ptr, ptr, ptr, i32, i32, f64, f64, f64, ptr, i32),
                _native.function("batch_channel", "bcn_backward", i32, ptr, ptr, ptr, i32, i64, i64, i64, i64, i32,
                                 ptr, ptr, ptr, ptr, ptr, i32, i32))
     return None if None in kernels else kernels
@@ -160,7 +166,7 @@ def _native_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
                     small_bf16: int) -> tuple[Tensor, Tensor]:
     """The output, after the running updates, and the kernel's fp64 statistics (its backward's input): the compiled
     forward, one read of ``x`` for the plane moments and one that writes ``y`` (with constant batch-stage
-    statistics, block by block: the second read from cache)."""
+    statistics, block by block: the second read from cache). ``x`` is NCHW- or channels-last-contiguous, ``y`` too."""
     workspace_size, forward, _ = _native_kernels()
     n, c = x.shape[:2]
     groups = config.num_groups
@@ -170,11 +176,14 @@ def _native_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
         mode, rate = _MODE_ESTIMATE, float(config.estimate_rate)
     else:
         mode, rate = _MODE_BATCH, config.momentum
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    channels_last = not x.is_contiguous()
+    y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     statistics = torch.empty(workspace_size(n, c, groups), dtype=torch.float64)
-    forward(x.data_ptr(), _NATIVE_DTYPES[x.dtype], y.data_ptr(), n, c, x.numel() // (n * c), groups,
-            *(_native.ptr(t) for t in (*params, running_mean, running_var)), small_bf16, mode, rate, config.eps,
-            config.bn_eps, statistics.data_ptr(), _native_threads(x))
+    status = forward(x.data_ptr(), _NATIVE_DTYPES[x.dtype], channels_last, y.data_ptr(), n, c, x.numel() // (n * c),
+                     groups, *(_native.ptr(t) for t in (*params, running_mean, running_var)), small_bf16, mode, rate,
+                     config.eps, config.bn_eps, statistics.data_ptr(), _native_threads(x))
+    if status:
+        raise MemoryError("normlayers: the compiled BatchChannelNorm forward could not allocate its scratch memory")
     if mode != _MODE_FROZEN and running_mean is not None:
         # written in place by the kernel: their version counters move, as with F.batch_norm's update
         for buffer in (running_mean, running_var):

@@ -253,19 +253,13 @@ static inline __attribute__((always_inline)) void plane_affine(const void* x, co
     }
 }
 
-/* Block (sample s, group g): its group statistics and output planes, y = A·(x − m) + B with A = w_g·R·a_c and
- * B = w_g·R·u_dev + b_g; with `moments`, first the block's plane moments (eval: the block's planes are all it
- * reads). */
-static inline __attribute__((always_inline)) void block_output(
-        const void* x, const int bf16, void* y, int64_t s, int64_t g, int64_t c, int64_t cg, int64_t hw,
-        int64_t groups, int moments, const void* bn_bias, const void* weight, const void* bias, int small_bf16,
-        double eps, Stats st) {
+/* Block (sample s, group g) of the group stage, from the plane moments: R and w_g·R into st, and the output's affine
+ * coefficients of each of its cg planes, y = scale·(x − m) + shift (A = w_g·R·a_c, B = w_g·R·u_dev + b_g), with m the
+ * fp32 plane mean and the rounding m − pm taken off in the shift; into m, scale and shift at 0..cg−1. */
+static void block_coefficients(int64_t s, int64_t g, int64_t c, int64_t cg, int64_t groups, const void* bn_bias,
+                               const void* weight, const void* bias, int small_bf16, double eps, Stats st, float* m,
+                               float* scale, float* shift) {
     const int64_t c0 = g * cg, p0 = s * c + c0, block = s * groups + g;
-    if (moments) {
-        const double inv_last = last_block_reciprocal(hw);
-        for (int64_t p = p0; p < p0 + cg; ++p)
-            plane_moments(x, bf16, p * hw, hw, inv_last, &st.plane_mean[p], &st.plane_var[p]);
-    }
     double total = 0.0;
     for (int64_t k = 0; k < cg; ++k) {
         const int64_t ch = c0 + k;
@@ -287,62 +281,205 @@ static inline __attribute__((always_inline)) void block_output(
     st.w_rstd[block] = w_rstd;
     for (int64_t k = 0; k < cg; ++k) {
         const int64_t p = p0 + k;
-        const float m = (float)st.plane_mean[p]; /* the mean's rounding, m − pm, is taken off in the shift */
-        const double scale = w_rstd * st.a[c0 + k];
-        plane_affine(x, bf16, y, p * hw, hw, m, (float)scale,
-                     (float)(w_rstd * st.u_dev[p] + b - scale * (st.plane_mean[p] - (double)m)));
+        const double a = w_rstd * st.a[c0 + k];
+        m[k] = (float)st.plane_mean[p];
+        scale[k] = (float)a;
+        shift[k] = (float)(w_rstd * st.u_dev[p] + b - a * (st.plane_mean[p] - (double)m[k]));
     }
 }
 
-/* One thread's share of the forward (bf16: a constant where it is inlined, so each dtype gets its own loops). */
-static inline __attribute__((always_inline)) void forward_share(
-        const void* x, const int bf16, void* y, int64_t n, int64_t c, int64_t hw, int64_t groups,
-        const void* bn_weight, const void* bn_bias, const void* weight, const void* bias, void* running_mean,
-        void* running_var, int small_bf16, int mode, double momentum, double eps, double bn_eps, Stats st, int t,
-        int nt) {
-    if (mode != MODE_FROZEN) {
+/* NCHW block (s, g): with `moments` first its plane moments (eval: the block's planes are all it reads), then its
+ * coefficients (coef: 3·cg floats of scratch) and output planes. */
+static inline __attribute__((always_inline)) void block_output(
+        const void* x, const int bf16, void* y, int64_t s, int64_t g, int64_t c, int64_t cg, int64_t hw,
+        int64_t groups, int moments, const void* bn_bias, const void* weight, const void* bias, int small_bf16,
+        double eps, Stats st, float* coef) {
+    const int64_t p0 = s * c + g * cg;
+    if (moments) {
         const double inv_last = last_block_reciprocal(hw);
-        for (int64_t p = nl_share(n * c, t, nt); p < nl_share(n * c, t + 1, nt); ++p)
+        for (int64_t p = p0; p < p0 + cg; ++p)
             plane_moments(x, bf16, p * hw, hw, inv_last, &st.plane_mean[p], &st.plane_var[p]);
+    }
+    float *m = coef, *scale = coef + cg, *shift = coef + 2 * cg;
+    block_coefficients(s, g, c, cg, groups, bn_bias, weight, bias, small_bf16, eps, st, m, scale, shift);
+    for (int64_t k = 0; k < cg; ++k) plane_affine(x, bf16, y, (p0 + k) * hw, hw, m[k], scale[k], shift[k]);
+}
+
+/* Channels-last (NHWC) rows: sample s is hw rows of c channels, a vector of NL_VL channels at a time (the last
+ * c mod NL_VL one by one). Each channel's sums run down its column, one value a row, so rows are summed in blocks of
+ * NHWC_ROWS (not NL_BLOCK) before the fp64 combination: a column's fp32 sum then has as few terms as a plane's lane. */
+#define NHWC_ROWS 64
+
+/* The plane moments of NHWC sample s (its c channels over its hw rows) into st, as plane_moments for a plane: each
+ * block of rows summed about the mean of its first NL_VL rows, again about its mean (that channel's column alone)
+ * where that was not near, the blocks combined in fp64. acc: 3·c floats of scratch. */
+static inline __attribute__((always_inline)) void sample_moments_nhwc(const void* x, const int bf16, int64_t s,
+                                                                      int64_t c, int64_t hw, Stats st, float* acc) {
+    const int64_t base = s * hw * c, vc = c - c % NL_VL;
+    float *shift = acc, *d = acc + c, *q = acc + 2 * c;
+    double *mean = st.plane_mean + s * c, *m2 = st.plane_var + s * c; /* M2 until the end */
+    for (int64_t start = 0; start < hw; start += NHWC_ROWS) {
+        const int64_t end = start + NHWC_ROWS < hw ? start + NHWC_ROWS : hw, count = end - start;
+        const int64_t head = count < NL_VL ? count : NL_VL;
+        const double inv_count = 1.0 / (double)count;
+        int64_t ch = 0;
+        for (; ch < vc; ch += NL_VL) { /* a column of NL_VL channels at a time, its sums in registers */
+            vf sh = {0};
+            for (int64_t r = start; r < start + head; ++r) sh += load_values(x, bf16, base + r * c + ch);
+            sh *= nl_splat(1.0f / (float)head);
+            vf d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
+            int64_t r = start;
+            for (; r + 1 < end; r += 2) {
+                const vf u = load_values(x, bf16, base + r * c + ch) - sh;
+                const vf v = load_values(x, bf16, base + (r + 1) * c + ch) - sh;
+                d0 += u;
+                d1 += v;
+                q0 += u * u;
+                q1 += v * v;
+            }
+            if (r < end) {
+                const vf u = load_values(x, bf16, base + r * c + ch) - sh;
+                d0 += u;
+                q0 += u * u;
+            }
+            d0 += d1;
+            q0 += q1;
+            memcpy(shift + ch, &sh, sizeof sh);
+            memcpy(d + ch, &d0, sizeof d0);
+            memcpy(q + ch, &q0, sizeof q0);
+        }
+        for (; ch < c; ++ch) {
+            float sh = 0.0f, dd = 0.0f, qq = 0.0f;
+            for (int64_t r = start; r < start + head; ++r) sh += nl_load1(x, bf16, base + r * c + ch);
+            sh *= 1.0f / (float)head;
+            for (int64_t r = start; r < end; ++r) {
+                const float v = nl_load1(x, bf16, base + r * c + ch) - sh;
+                dd += v;
+                qq += v * v;
+            }
+            shift[ch] = sh;
+            d[ch] = dd;
+            q[ch] = qq;
+        }
+        for (int64_t ch = 0; ch < c; ++ch) {
+            float sh = shift[ch], dd = d[ch], qq = q[ch];
+            if (!(2.0 * (double)dd * (double)dd * inv_count <= (double)qq)) { /* as plane_moments */
+                sh += (float)((double)dd * inv_count);
+                dd = qq = 0.0f;
+                for (int64_t r = start; r < end; ++r) {
+                    const float v = nl_load1(x, bf16, base + r * c + ch) - sh;
+                    dd += v;
+                    qq += v * v;
+                }
+            }
+            const double block_mean = (double)sh + (double)dd * inv_count;
+            const double block_m2 = (double)qq - (double)dd * (double)dd * inv_count;
+            if (start == 0) {
+                mean[ch] = block_mean;
+                m2[ch] = block_m2;
+            } else {
+                const double delta = block_mean - mean[ch], total = (double)end;
+                mean[ch] += delta * (double)count / total;
+                m2[ch] += block_m2 + delta * delta * (double)start * (double)count / total;
+            }
+        }
+    }
+    for (int64_t ch = 0; ch < c; ++ch) m2[ch] = (m2[ch] > 0.0 ? m2[ch] : 0.0 * m2[ch]) / (double)hw;
+}
+
+/* NHWC sample s: with `moments` first its moments, then every group's coefficients and the sample's output rows.
+ * coef: 3·c floats of scratch. */
+static inline __attribute__((always_inline)) void sample_output_nhwc(
+        const void* x, const int bf16, void* y, int64_t s, int64_t c, int64_t hw, int64_t groups, int moments,
+        const void* bn_bias, const void* weight, const void* bias, int small_bf16, double eps, Stats st, float* acc,
+        float* coef) {
+    if (moments) sample_moments_nhwc(x, bf16, s, c, hw, st, acc);
+    const int64_t cg = c / groups, base = s * hw * c, vc = c - c % NL_VL;
+    float *m = coef, *scale = coef + c, *shift = coef + 2 * c;
+    for (int64_t g = 0; g < groups; ++g)
+        block_coefficients(s, g, c, cg, groups, bn_bias, weight, bias, small_bf16, eps, st, m + g * cg,
+                           scale + g * cg, shift + g * cg);
+    for (int64_t r = 0; r < hw; ++r) {
+        const int64_t row = base + r * c;
+        int64_t ch = 0;
+        for (; ch < vc; ch += NL_VL)
+            store_values(y, bf16, row + ch,
+                         (load_values(x, bf16, row + ch) - nl_load(m, 0, ch)) * nl_load(scale, 0, ch) +
+                             nl_load(shift, 0, ch));
+        for (; ch < c; ++ch)
+            nl_store1(y, bf16, row + ch, (nl_load1(x, bf16, row + ch) - m[ch]) * scale[ch] + shift[ch]);
+    }
+}
+
+/* One thread's share of the forward (bf16: a constant where it is inlined, so each dtype gets its own loops);
+ * scratch: this thread's 6·c floats. NCHW work is shared by planes and (sample, group) blocks, NHWC by samples. */
+static inline __attribute__((always_inline)) void forward_share(
+        const void* x, const int bf16, int channels_last, void* y, int64_t n, int64_t c, int64_t hw, int64_t groups,
+        const void* bn_weight, const void* bn_bias, const void* weight, const void* bias, void* running_mean,
+        void* running_var, int small_bf16, int mode, double momentum, double eps, double bn_eps, Stats st,
+        float* scratch, int t, int nt) {
+    const int64_t slo = nl_share(n, t, nt), shi = nl_share(n, t + 1, nt);
+    if (mode != MODE_FROZEN) {
+        if (channels_last) {
+            for (int64_t s = slo; s < shi; ++s) sample_moments_nhwc(x, bf16, s, c, hw, st, scratch);
+        } else {
+            const double inv_last = last_block_reciprocal(hw);
+            for (int64_t p = nl_share(n * c, t, nt); p < nl_share(n * c, t + 1, nt); ++p)
+                plane_moments(x, bf16, p * hw, hw, inv_last, &st.plane_mean[p], &st.plane_var[p]);
+        }
 #pragma omp barrier
     }
     channel_stage(nl_share(c, t, nt), nl_share(c, t + 1, nt), n, c, hw, mode, momentum, bn_eps, bn_weight,
                   running_mean, running_var, small_bf16, st);
 #pragma omp barrier
-    for (int64_t b = nl_share(n * groups, t, nt); b < nl_share(n * groups, t + 1, nt); ++b)
-        block_output(x, bf16, y, b / groups, b % groups, c, c / groups, hw, groups, mode == MODE_FROZEN, bn_bias,
-                     weight, bias, small_bf16, eps, st);
+    if (channels_last) {
+        for (int64_t s = slo; s < shi; ++s)
+            sample_output_nhwc(x, bf16, y, s, c, hw, groups, mode == MODE_FROZEN, bn_bias, weight, bias, small_bf16,
+                               eps, st, scratch, scratch + 3 * c);
+    } else {
+        for (int64_t b = nl_share(n * groups, t, nt); b < nl_share(n * groups, t + 1, nt); ++b)
+            block_output(x, bf16, y, b / groups, b % groups, c, c / groups, hw, groups, mode == MODE_FROZEN, bn_bias,
+                         weight, bias, small_bf16, eps, st, scratch);
+    }
 }
 
 /* Thread t of nt's share of the forward, in x's dtype. */
-static void forward_thread(const void* x, int x_bf16, void* y, int64_t n, int64_t c, int64_t hw, int64_t groups,
-                           const void* bn_weight, const void* bn_bias, const void* weight, const void* bias,
-                           void* running_mean, void* running_var, int small_bf16, int mode, double momentum,
-                           double eps, double bn_eps, Stats st, int t, int nt) {
+static void forward_thread(const void* x, int x_bf16, int channels_last, void* y, int64_t n, int64_t c, int64_t hw,
+                           int64_t groups, const void* bn_weight, const void* bn_bias, const void* weight,
+                           const void* bias, void* running_mean, void* running_var, int small_bf16, int mode,
+                           double momentum, double eps, double bn_eps, Stats st, float* scratch, int t, int nt) {
+    float* mine = scratch + (size_t)t * 6 * (size_t)c;
     if (x_bf16)
-        forward_share(x, 1, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
-                      small_bf16, mode, momentum, eps, bn_eps, st, t, nt);
+        forward_share(x, 1, channels_last, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean,
+                      running_var, small_bf16, mode, momentum, eps, bn_eps, st, mine, t, nt);
     else
-        forward_share(x, 0, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
-                      small_bf16, mode, momentum, eps, bn_eps, st, t, nt);
+        forward_share(x, 0, channels_last, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean,
+                      running_var, small_bf16, mode, momentum, eps, bn_eps, st, mine, t, nt);
 }
 
-/* The forward: y (x's dtype) and the statistics in ws; with MODE_BATCH/MODE_ESTIMATE the running statistics (if
- * any) updated in place. One thread runs outside a parallel region (its barriers are then no-ops): opening even a
- * one-thread team costs a few microseconds, the whole kernel's time at small sizes. */
-void bcn_forward(const void* x, int x_bf16, void* y, int64_t n, int64_t c, int64_t hw, int64_t groups,
-                 const void* bn_weight, const void* bn_bias, const void* weight, const void* bias, void* running_mean,
-                 void* running_var, int small_bf16, int mode, double momentum, double eps, double bn_eps, double* ws,
-                 int threads) {
+/* The forward of NCHW (channels_last = 0) or NHWC (1) contiguous x: y (x's layout and dtype) and the statistics in
+ * ws; with MODE_BATCH/MODE_ESTIMATE the running statistics (if any) updated in place. One thread runs outside a
+ * parallel region (its barriers are then no-ops): opening even a one-thread team costs a few microseconds, the whole
+ * kernel's time at small sizes. Returns 0, or -1 where the scratch memory could not be allocated. */
+int bcn_forward(const void* x, int x_bf16, int channels_last, void* y, int64_t n, int64_t c, int64_t hw,
+                int64_t groups, const void* bn_weight, const void* bn_bias, const void* weight, const void* bias,
+                void* running_mean, void* running_var, int small_bf16, int mode, double momentum, double eps,
+                double bn_eps, double* ws, int threads) {
     const Stats st = stats_at(ws, n, c, groups);
-    if (threads <= 1) {
-        forward_thread(x, x_bf16, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
-                       small_bf16, mode, momentum, eps, bn_eps, st, 0, 1);
-        return;
+    const int team = threads > 1 ? threads : 1;
+    float* scratch = malloc(sizeof(float) * 6 * (size_t)c * (size_t)team);
+    if (!scratch) return -1;
+    if (team == 1) {
+        forward_thread(x, x_bf16, channels_last, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean,
+                       running_var, small_bf16, mode, momentum, eps, bn_eps, st, scratch, 0, 1);
+    } else {
+#pragma omp parallel num_threads(team)
+        forward_thread(x, x_bf16, channels_last, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean,
+                       running_var, small_bf16, mode, momentum, eps, bn_eps, st, scratch, omp_get_thread_num(),
+                       omp_get_num_threads());
     }
-#pragma omp parallel num_threads(threads)
-    forward_thread(x, x_bf16, y, n, c, hw, groups, bn_weight, bn_bias, weight, bias, running_mean, running_var,
-                   small_bf16, mode, momentum, eps, bn_eps, st, omp_get_thread_num(), omp_get_num_threads());
+    free(scratch);
+    return 0;
 }
 
 /* Σ dy and Σ dy·(x − m) over the len values of a plane (fp32 lanes per block, fp64 across blocks; the tail as in
