@@ -48,7 +48,8 @@ some thirty small ops costs about half as much in numpy as in torch (``(8, 256)`
 
 Under ``torch.compile`` (where inductor fuses the composite itself) and for a tensor that is not NCHW-contiguous
 (channels-last: the plane views need contiguous planes), ``F.batch_norm`` then the CPU tier's group norm run in the
-compute dtype (:func:`_composite`); so does a double backward, from ``x``. Outside ``torch.compile``, tensors with no
+compute dtype (:func:`_composite`); so does a double backward, from ``x``. Channels-last input with no gradient to
+compute (inference) runs the compiled forward on its NHWC memory instead, where the kernels run. Outside ``torch.compile``, tensors with no
 memory to read on the host (a FakeTensor or another subclass, a ``torch.func`` transform's) and a gradient for the
 running statistics (eval; ATen's norms refuse one) run the reference.
 """

@@ -5,7 +5,8 @@
  * plane moments and once more to write y = A_nc·(x − m_nc) + B_nc, where F.batch_norm then F.group_norm take four
  * passes and a fresh u; the backward reads x and dy once for Σ dy and Σ dy·(x − m) per plane and once more to write
  * dx = P·dy + Q·(x − m) + S. With constant batch-stage statistics (eval) each (sample, group) block needs only its
- * own planes, so the forward runs block by block: its second read hits L1/L2.
+ * own planes, so the forward runs block by block: its second read hits L1/L2. Channels-last (NHWC) x has a forward
+ * of its own (sample by sample, NL_VL channels a vector), for inference: the backward reads NCHW.
  *
  * Plane moments are accurate (plane_moments): blocks of NL_BLOCK values, each summed about a value near its mean
  * (Σd and Σd², M2 = Σd² − (Σd)²/n; again about its mean, from L1, where that value was not near enough), the blocks
