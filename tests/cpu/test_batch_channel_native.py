@@ -104,10 +104,10 @@ CHANNELS_LAST_SHAPES = [(3, 8, 1, 1, 4), (2, 40, 3, 4, 8), (2, 16, 9, 9, 4), (1,
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
-def test_channels_last_without_gradient(mode, shape, dtype, kernel_calls):
-    """Channels-last input with no gradient to compute (inference) runs the compiled forward on its NHWC memory:
-    output (channels-last) and buffers within the bound of :func:`_assert_within_reference_bound`; with a gradient,
-    the composite."""
+def test_channels_last(mode, shape, dtype, kernel_calls):
+    """Channels-last input runs the compiled forward and backward on its NHWC memory: without a gradient (inference)
+    the output (channels-last) and buffers, with one every gradient too (``dx`` channels-last), within the bound of
+    :func:`_assert_within_reference_bound`."""
     n, c, h, w, g = shape
     if mode == "train" and n * h * w == 1:
         pytest.skip("one value per channel: batch statistics are refused")
@@ -124,9 +124,12 @@ def test_channels_last_without_gradient(mode, shape, dtype, kernel_calls):
     assert results["ours"][0].is_contiguous(memory_format=torch.channels_last)
     _assert_results_within_bound(*results.values())
     assert kernel_calls == ["_native_forward"]
-    if not x.is_contiguous():  # (planes of one value are NCHW-contiguous too: the NCHW route, with its backward)
-        y = fn(x.clone().requires_grad_(), *_params(c, g, dtype), *_buffers(c, torch.float32))
-        assert kernel_calls == ["_native_forward"] and y.is_contiguous(memory_format=torch.channels_last)
+    _assert_within_reference_bound(fn, tensors, buffers)
+    assert kernel_calls == ["_native_forward", "_native_forward", "_native_backward"]
+    leaf = x.clone().requires_grad_()
+    y = fn(leaf, *_params(c, g, dtype), *_buffers(c, torch.float32))
+    (dx,) = torch.autograd.grad(y, leaf, torch.randn(y.shape, dtype=dtype))  # an NCHW dy
+    assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("order", ["random", "sorted"])

@@ -48,8 +48,8 @@ some thirty small ops costs about half as much in numpy as in torch (``(8, 256)`
 
 Under ``torch.compile`` (where inductor fuses the composite itself) and for a tensor that is not NCHW-contiguous
 (channels-last: the plane views need contiguous planes), ``F.batch_norm`` then the CPU tier's group norm run in the
-compute dtype (:func:`_composite`); so does a double backward, from ``x``. Channels-last input with no gradient to
-compute (inference) runs the compiled forward on its NHWC memory instead, where the kernels run. Outside ``torch.compile``, tensors with no
+compute dtype (:func:`_composite`); so does a double backward, from ``x``. Channels-last input runs the compiled
+forward and backward on its NHWC memory instead, where the kernels run. Outside ``torch.compile``, tensors with no
 memory to read on the host (a FakeTensor or another subclass, a ``torch.func`` transform's) and a gradient for the
 running statistics (eval; ATen's norms refuse one) run the reference.
 """
@@ -105,10 +105,7 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
         return _composite(x, running_mean, running_var, num_batches_tracked, *params, config=config)
     small_bf16 = _native_small_bf16(x, running_mean, running_var, params)
     gradient = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    if not x.is_contiguous():
-        # channels-last: the compiled forward where no gradient is needed (its backward reads NCHW), else the composite
-        if small_bf16 is not None and not gradient and x.is_contiguous(memory_format=torch.channels_last):
-            return _native_forward(x, running_mean, running_var, num_batches_tracked, params, config, small_bf16)[0]
+    if not x.is_contiguous() and (small_bf16 is None or not x.is_contiguous(memory_format=torch.channels_last)):
         return _composite(x, running_mean, running_var, num_batches_tracked, *params, config=config)
     if small_bf16 is None and not training and not estimate and x.dtype not in LOW_PRECISION:
         return _inference_stages(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, num_groups=num_groups,
@@ -157,8 +154,8 @@ def _loaded_kernels() -> Optional[tuple[Any, Any, Any]]:
     kernels = (_native.function("batch_channel", "bcn_workspace_size", i64, i64, i64, i64),
                _native.function("batch_channel", "bcn_forward", i32, ptr, i32, i32, ptr, i64, i64, i64, i64, ptr,
                                 ptr, ptr, ptr, ptr, ptr, i32, i32, f64, f64, f64, ptr, i32),
-               _native.function("batch_channel", "bcn_backward", i32, ptr, ptr, ptr, i32, i64, i64, i64, i64, i32,
-                                ptr, ptr, ptr, ptr, ptr, i32, i32))
+               _native.function("batch_channel", "bcn_backward", i32, ptr, ptr, ptr, i32, i32, i64, i64, i64, i64,
+                                i32, ptr, ptr, ptr, ptr, ptr, i32, i32))
     return None if None in kernels else kernels
 
 
@@ -211,17 +208,19 @@ def _native_batch_statistics(statistics: Tensor, x: Tensor, config: _Config) -> 
 
 def _native_backward(x: Tensor, dy: Tensor, statistics: Tensor, params: list[Optional[Tensor]], config: _Config,
                      small_bf16: int, needs: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
-    """The compiled backward from the compiled forward's statistics: one read of ``x`` and ``dy`` for the per-plane
-    sums, one that writes ``dx``; the parameter gradients in the parameters' dtypes."""
+    """The compiled backward from the compiled forward's statistics: one read of ``x`` and ``dy`` (in ``x``'s layout)
+    for the per-plane sums, one that writes ``dx``; the parameter gradients in the parameters' dtypes."""
     backward = _native_kernels()[2]
-    if dy.dtype != x.dtype or not dy.is_contiguous():
-        dy = dy.to(dtype=x.dtype, memory_format=torch.contiguous_format)
+    channels_last = not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if dy.dtype != x.dtype or not dy.is_contiguous(memory_format=layout):
+        dy = dy.to(dtype=x.dtype, memory_format=layout)
     n, c = x.shape[:2]
-    dx = torch.empty_like(x) if needs[0] else None
+    dx = torch.empty_like(x, memory_format=layout) if needs[0] else None
     grads = [torch.empty_like(p) if need else None for p, need in zip(params, needs[6:])]
-    status = backward(x.data_ptr(), dy.data_ptr(), _native.ptr(dx), _NATIVE_DTYPES[x.dtype], n, c, x.numel() // (n * c),
-                      config.num_groups, config.batch_stats, statistics.data_ptr(), *(_native.ptr(g) for g in grads),
-                      small_bf16, _native_threads(x))
+    status = backward(x.data_ptr(), dy.data_ptr(), _native.ptr(dx), _NATIVE_DTYPES[x.dtype], channels_last, n, c,
+                      x.numel() // (n * c), config.num_groups, config.batch_stats, statistics.data_ptr(),
+                      *(_native.ptr(g) for g in grads), small_bf16, _native_threads(x))
     if status:
         raise MemoryError("normlayers: the compiled BatchChannelNorm backward could not allocate its scratch memory")
     return (dx, None, None, None, None, None, *grads)

@@ -5,8 +5,8 @@
  * plane moments and once more to write y = A_nc·(x − m_nc) + B_nc, where F.batch_norm then F.group_norm take four
  * passes and a fresh u; the backward reads x and dy once for Σ dy and Σ dy·(x − m) per plane and once more to write
  * dx = P·dy + Q·(x − m) + S. With constant batch-stage statistics (eval) each (sample, group) block needs only its
- * own planes, so the forward runs block by block: its second read hits L1/L2. Channels-last (NHWC) x has a forward
- * of its own (sample by sample, NL_VL channels a vector), for inference: the backward reads NCHW.
+ * own planes, so the forward runs block by block: its second read hits L1/L2. Channels-last (NHWC) x has passes of
+ * its own (sample by sample, NL_VL channels a vector) around the same (N, C) algebra.
  *
  * Plane moments are accurate (plane_moments): blocks of NL_BLOCK values, each summed about a value near its mean
  * (Σd and Σd², M2 = Σd² − (Σd)²/n; again about its mean, from L1, where that value was not near enough), the blocks
@@ -552,19 +552,106 @@ typedef struct {
     double *s1, *s2, *q, *r, *sum_du, *sum_du_dev, *k, *shift, *block_dyyhat, *block_dy;
 } Scratch;
 
+/* Plane p's dx = P·dy + Q·(x − m) + S: coef = {m (the fp32 plane mean), P, Q, S (the rounding of m taken off)}. */
+static inline void dx_coefficients(int64_t p, int64_t c, int64_t groups, Stats st, Scratch sc, float* coef) {
+    const int64_t ch = p % c, b = (p / c) * groups + ch / (c / groups);
+    const double a = st.a[ch], centred = st.plane_mean[p] - st.batch_mean[ch], x_coef = a * (sc.q[p] - sc.k[ch]);
+    const float m = (float)st.plane_mean[p];
+    coef[0] = m;
+    coef[1] = (float)(st.w_rstd[b] * a);
+    coef[2] = (float)x_coef;
+    coef[3] = (float)(a * (sc.r[p] - sc.shift[ch] - sc.k[ch] * centred) - x_coef * (st.plane_mean[p] - (double)m));
+}
+
+/* NHWC sample s: Σ dy and Σ dy·(x − m) of each channel's column (m its fp32 plane mean), rows in blocks of
+ * NHWC_ROWS combined in fp64, into sc. acc: 3·c floats of scratch. */
+static inline __attribute__((always_inline)) void sample_grad_sums_nhwc(const void* x, const void* dy, const int bf16,
+                                                                        int64_t s, int64_t c, int64_t hw, Stats st,
+                                                                        Scratch sc, float* acc) {
+    const int64_t base = s * hw * c, vc = c - c % NL_VL;
+    float *m = acc, *a1 = acc + c, *a2 = acc + 2 * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+        m[ch] = (float)st.plane_mean[s * c + ch];
+        sc.s1[s * c + ch] = sc.s2[s * c + ch] = 0.0;
+    }
+    for (int64_t start = 0; start < hw; start += NHWC_ROWS) {
+        const int64_t end = start + NHWC_ROWS < hw ? start + NHWC_ROWS : hw;
+        int64_t ch = 0;
+        for (; ch < vc; ch += NL_VL) {
+            const vf m_v = nl_load(m, 0, ch);
+            vf g_sum = {0}, gx_sum = {0};
+            for (int64_t r = start; r < end; ++r) {
+                const vf g = load_values(dy, bf16, base + r * c + ch);
+                g_sum += g;
+                gx_sum += g * (load_values(x, bf16, base + r * c + ch) - m_v);
+            }
+            memcpy(a1 + ch, &g_sum, sizeof g_sum);
+            memcpy(a2 + ch, &gx_sum, sizeof gx_sum);
+        }
+        for (; ch < c; ++ch) {
+            float g_sum = 0.0f, gx_sum = 0.0f;
+            for (int64_t r = start; r < end; ++r) {
+                const float g = nl_load1(dy, bf16, base + r * c + ch);
+                g_sum += g;
+                gx_sum += g * (nl_load1(x, bf16, base + r * c + ch) - m[ch]);
+            }
+            a1[ch] = g_sum;
+            a2[ch] = gx_sum;
+        }
+        for (ch = 0; ch < c; ++ch) {
+            sc.s1[s * c + ch] += a1[ch];
+            sc.s2[s * c + ch] += a2[ch];
+        }
+    }
+}
+
+/* NHWC sample s: dx row by row, each channel's coefficients (dx_coefficients) from scratch: 4·c floats. */
+static inline __attribute__((always_inline)) void sample_dx_nhwc(const void* x, const void* dy, void* dx,
+                                                                 const int bf16, int64_t s, int64_t c, int64_t hw,
+                                                                 int64_t groups, Stats st, Scratch sc, float* acc) {
+    const int64_t base = s * hw * c, vc = c - c % NL_VL;
+    float *m = acc, *dy_coef = acc + c, *x_coef = acc + 2 * c, *constant = acc + 3 * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+        float coef[4];
+        dx_coefficients(s * c + ch, c, groups, st, sc, coef);
+        m[ch] = coef[0];
+        dy_coef[ch] = coef[1];
+        x_coef[ch] = coef[2];
+        constant[ch] = coef[3];
+    }
+    for (int64_t r = 0; r < hw; ++r) {
+        const int64_t row = base + r * c;
+        int64_t ch = 0;
+        for (; ch < vc; ch += NL_VL)
+            store_values(dx, bf16, row + ch,
+                         load_values(dy, bf16, row + ch) * nl_load(dy_coef, 0, ch) +
+                             (load_values(x, bf16, row + ch) - nl_load(m, 0, ch)) * nl_load(x_coef, 0, ch) +
+                             nl_load(constant, 0, ch));
+        for (; ch < c; ++ch)
+            nl_store1(dx, bf16, row + ch, nl_load1(dy, bf16, row + ch) * dy_coef[ch] +
+                                              (nl_load1(x, bf16, row + ch) - m[ch]) * x_coef[ch] + constant[ch]);
+    }
+}
+
+/* One thread's share of the backward (bf16 a constant where inlined; scratch: this thread's 4·c floats): NCHW work
+ * shared by planes, NHWC by samples, the (N, C) algebra by blocks and channels. */
 static inline __attribute__((always_inline)) void backward_share(
-        const void* x, const void* dy, void* dx, const int bf16, int64_t n, int64_t c, int64_t hw, int64_t groups,
-        int batch_stats, Stats st, Scratch sc, void* dbn_weight, void* dbn_bias, void* dweight, void* dbias,
-        int small_bf16, int t, int nt) {
+        const void* x, const void* dy, void* dx, const int bf16, int channels_last, int64_t n, int64_t c, int64_t hw,
+        int64_t groups, int batch_stats, Stats st, Scratch sc, void* dbn_weight, void* dbn_bias, void* dweight,
+        void* dbias, int small_bf16, float* scratch, int t, int nt) {
     const int64_t planes = n * c, blocks = n * groups, cg = c / groups;
     const double count = (double)(cg * hw), total = (double)(n * hw);
     const int64_t plo = nl_share(planes, t, nt), phi = nl_share(planes, t + 1, nt);
-    for (int64_t p = plo; p < phi; ++p) {
-        /* s2 about the fp32 mean m, then about the fp64 one: Σ dy·(x − pm) = Σ dy·(x − m) − (pm − m)·Σ dy */
-        const float m = (float)st.plane_mean[p];
-        plane_grad_sums(x, dy, bf16, p * hw, hw, m, &sc.s1[p], &sc.s2[p]);
-        sc.s2[p] -= (st.plane_mean[p] - (double)m) * sc.s1[p];
+    const int64_t slo = nl_share(n, t, nt), shi = nl_share(n, t + 1, nt);
+    if (channels_last) {
+        for (int64_t s = slo; s < shi; ++s) sample_grad_sums_nhwc(x, dy, bf16, s, c, hw, st, sc, scratch);
+    } else {
+        for (int64_t p = plo; p < phi; ++p)
+            plane_grad_sums(x, dy, bf16, p * hw, hw, (float)st.plane_mean[p], &sc.s1[p], &sc.s2[p]);
     }
+    for (int64_t p = channels_last ? slo * c : plo; p < (channels_last ? shi * c : phi); ++p)
+        /* s2 about the fp32 mean m, then about the fp64 one: Σ dy·(x − pm) = Σ dy·(x − m) − (pm − m)·Σ dy */
+        sc.s2[p] -= (st.plane_mean[p] - (double)(float)st.plane_mean[p]) * sc.s1[p];
 #pragma omp barrier
     for (int64_t b = nl_share(blocks, t, nt); b < nl_share(blocks, t + 1, nt); ++b) {
         const int64_t c0 = (b % groups) * cg, p0 = (b / groups) * c + c0;
@@ -610,46 +697,54 @@ static inline __attribute__((always_inline)) void backward_share(
         }
     if (!dx) return;
 #pragma omp barrier
+    if (channels_last) {
+        for (int64_t s = slo; s < shi; ++s) sample_dx_nhwc(x, dy, dx, bf16, s, c, hw, groups, st, sc, scratch);
+        return;
+    }
     for (int64_t p = plo; p < phi; ++p) {
-        const int64_t ch = p % c, b = (p / c) * groups + ch / cg;
-        const double a = st.a[ch], centred = st.plane_mean[p] - st.batch_mean[ch], x_coef = a * (sc.q[p] - sc.k[ch]);
-        const float m = (float)st.plane_mean[p];
-        plane_dx(x, dy, dx, bf16, p * hw, hw, m, (float)(st.w_rstd[b] * a), (float)x_coef,
-                 (float)(a * (sc.r[p] - sc.shift[ch] - sc.k[ch] * centred) - x_coef * (st.plane_mean[p] - (double)m)));
+        float coef[4];
+        dx_coefficients(p, c, groups, st, sc, coef);
+        plane_dx(x, dy, dx, bf16, p * hw, hw, coef[0], coef[1], coef[2], coef[3]);
     }
 }
 
-static void backward_thread(const void* x, const void* dy, void* dx, int bf16, int64_t n, int64_t c, int64_t hw,
-                            int64_t groups, int batch_stats, Stats st, Scratch sc, void* dbn_weight, void* dbn_bias,
-                            void* dweight, void* dbias, int small_bf16, int t, int nt) {
+static void backward_thread(const void* x, const void* dy, void* dx, int bf16, int channels_last, int64_t n,
+                            int64_t c, int64_t hw, int64_t groups, int batch_stats, Stats st, Scratch sc,
+                            void* dbn_weight, void* dbn_bias, void* dweight, void* dbias, int small_bf16,
+                            float* scratch, int t, int nt) {
+    float* mine = scratch + (size_t)t * 4 * (size_t)c;
     if (bf16)
-        backward_share(x, dy, dx, 1, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
-                       small_bf16, t, nt);
+        backward_share(x, dy, dx, 1, channels_last, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias,
+                       dweight, dbias, small_bf16, mine, t, nt);
     else
-        backward_share(x, dy, dx, 0, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
-                       small_bf16, t, nt);
+        backward_share(x, dy, dx, 0, channels_last, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias,
+                       dweight, dbias, small_bf16, mine, t, nt);
 }
 
-/* Returns 0, or -1 where the scratch memory could not be allocated (threads: as bcn_forward's). */
-int bcn_backward(const void* x, const void* dy, void* dx, int bf16, int64_t n, int64_t c, int64_t hw, int64_t groups,
-                 int batch_stats, const double* ws, void* dbn_weight, void* dbn_bias, void* dweight, void* dbias,
-                 int small_bf16, int threads) {
+/* x, dy and dx: one dtype and one layout, NCHW (channels_last = 0) or NHWC (1). Returns 0, or -1 where the scratch
+ * memory could not be allocated (threads: as bcn_forward's). */
+int bcn_backward(const void* x, const void* dy, void* dx, int bf16, int channels_last, int64_t n, int64_t c,
+                 int64_t hw, int64_t groups, int batch_stats, const double* ws, void* dbn_weight, void* dbn_bias,
+                 void* dweight, void* dbias, int small_bf16, int threads) {
     const int64_t planes = n * c, blocks = n * groups;
+    const int team = threads > 1 ? threads : 1;
     /* per plane s1, s2, q (the x − m coefficient of du), r (its constant), Σ du, Σ du·(x − m); per channel k and
-     * shift (the batch stage's terms of dx); per block Σ dy·ŷ and Σ dy */
-    double* mem = malloc(sizeof(double) * (size_t)(6 * planes + 2 * c + 2 * blocks));
+     * shift (the batch stage's terms of dx); per block Σ dy·ŷ and Σ dy; then each thread's 4·c floats */
+    const size_t doubles = (size_t)(6 * planes + 2 * c + 2 * blocks);
+    double* mem = malloc(sizeof(double) * doubles + sizeof(float) * 4 * (size_t)c * (size_t)team);
     if (!mem) return -1;
     const Scratch sc = {mem, mem + planes, mem + 2 * planes, mem + 3 * planes, mem + 4 * planes, mem + 5 * planes,
                         mem + 6 * planes, mem + 6 * planes + c, mem + 6 * planes + 2 * c,
                         mem + 6 * planes + 2 * c + blocks};
+    float* scratch = (float*)(mem + doubles);
     const Stats st = stats_at((double*)ws, n, c, groups);
-    if (threads <= 1) {
-        backward_thread(x, dy, dx, bf16, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
-                        small_bf16, 0, 1);
+    if (team == 1) {
+        backward_thread(x, dy, dx, bf16, channels_last, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias,
+                        dweight, dbias, small_bf16, scratch, 0, 1);
     } else {
-#pragma omp parallel num_threads(threads)
-        backward_thread(x, dy, dx, bf16, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias, dweight, dbias,
-                        small_bf16, omp_get_thread_num(), omp_get_num_threads());
+#pragma omp parallel num_threads(team)
+        backward_thread(x, dy, dx, bf16, channels_last, n, c, hw, groups, batch_stats, st, sc, dbn_weight, dbn_bias,
+                        dweight, dbias, small_bf16, scratch, omp_get_thread_num(), omp_get_num_threads());
     }
     free(mem);
     return 0;
