@@ -207,6 +207,23 @@ def test_same_bits_on_one_and_two_threads(mode, dtype):
         assert torch.equal(one, two), i
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_expanded_output_gradient(dtype, layout, kernel_calls):
+    """``y.sum()``'s gradient is one value expanded over ``y`` (every stride 0): the backward reads it as a dense
+    tensor of ones."""
+    x = nchw_input(2, 8, 5, 5, torch.float32, layout).to(dtype)
+    grads = []
+    for backend in ("auto", "reference"):
+        leaf = x.clone().requires_grad_()
+        with normlayers.backend(backend):
+            y = NF.batch_channel_norm(leaf, None, None, *_params(8, 4, dtype), training=True, num_groups=4)
+            grads.append(torch.autograd.grad(y.float().sum() if dtype == torch.float32 else y.sum(), leaf)[0])
+    assert grads[0].isfinite().all()
+    torch.testing.assert_close(grads[0].float(), grads[1].float(), atol=tolerance(dtype)[1], rtol=0.0)
+    assert kernel_calls == ["_native_forward", "_native_backward"]
+
+
 def test_mixed_parameter_and_input_dtypes(kernel_calls):
     """bf16 input with fp32 parameters and buffers (a module kept in fp32 under a bf16 activation), fp32 input with
     bf16 parameters: each small tensor is read in its own dtype and its gradient written in it."""

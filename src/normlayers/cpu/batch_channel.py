@@ -213,8 +213,8 @@ def _native_backward(x: Tensor, dy: Tensor, statistics: Tensor, params: list[Opt
     backward = _native_kernels()[2]
     channels_last = not x.is_contiguous()
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    if dy.dtype != x.dtype or not dy.is_contiguous(memory_format=layout):
-        dy = dy.to(dtype=x.dtype, memory_format=layout)
+    # contiguous(), not to(memory_format=): to() may hand back an expanded gradient (y.sum()'s) as it is
+    dy = _in(dy, x.dtype).contiguous(memory_format=layout)
     n, c = x.shape[:2]
     dx = torch.empty_like(x, memory_format=layout) if needs[0] else None
     grads = [torch.empty_like(p) if need else None for p, need in zip(params, needs[6:])]
