@@ -129,6 +129,11 @@ if _native.load("row_norms") is not None:  # the CPU tier's compiled LayerNorm b
     KNOWN_OVER_BOUND[("layer_norm", "reference", 1000.0)] = (
         "dw 6.15e-4 > 5.10e-4 (1.2x the CPU tier's 2x + tol), dx 1.03x: the compiled backward sums dw over blocks "
         "of 64 rows into fp64, the reference over all rows at once")
+if _native.load("batch_channel") is not None:  # the CPU tier's compiled BCN, more accurate than the reference
+    KNOWN_OVER_BOUND[("batch_channel", "reference", 100.0)] = (
+        "y 1.3x, dx 1.3x, dweight 8.1x, dbn.weight 5.4x the CPU tier's 2x + tol: the compiled kernel centres each "
+        "plane and runs the (N, C) algebra in fp64, the reference's fp32 batch stage carries the rounding of u")
+    KNOWN_OVER_BOUND[("batch_channel", "reference", 1000.0)] = "y 12x, dx 9.3x, dweight 53x, dbn.weight 43x: as at 100"
 
 # Of those, the ones within a few percent of the bound at seed 0 (and on either side of it over seeds): a strict xfail
 # there would flip with a summation order (another thread count, another CPU), so they are not strict; the reason still

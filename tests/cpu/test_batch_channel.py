@@ -8,6 +8,7 @@ import torch
 
 import normlayers
 import normlayers.functional as NF
+from normlayers.cpu import _native
 from normlayers.cpu import batch_channel as cpu_bcn
 from normlayers.testing import assert_close, assert_lowprec_close, max_abs_error, nchw_input, tolerance
 
@@ -110,11 +111,13 @@ def test_compiles_fullgraph():
 @pytest.mark.parametrize("mode", ["train", "eval", "estimate_train", "estimate_eval"])
 def test_low_precision_inference_matches_reference(mode, dtype, layout, monkeypatch):
     """With no gradient to compute, bf16/fp16 input runs the fused forward (per-plane moments, then one affine pass
-    from x, rounded once; channels-last input the composite in fp32): output and running buffers (fp32 and, as after
-    module.to(dtype), the input's dtype) by the low-precision rule against the fp64 reference. The input has a mean
-    far from 0, where statistics rounded to bf16/fp16 or an intermediate rounded between the stages would show."""
+    from x, rounded once; channels-last input the compiled kernel where it runs, else the composite in fp32): output
+    and running buffers (fp32 and, as after module.to(dtype), the input's dtype) by the low-precision rule against the
+    fp64 reference. The input has a mean far from 0, where statistics rounded to bf16/fp16 or an intermediate rounded
+    between the stages would show."""
     ran = []
-    monkeypatch.setattr(cpu_bcn, "_fused_forward", lambda *a, **k: ran.append(1) or fused_forward(*a, **k))
+    monkeypatch.setattr(cpu_bcn, "_fused_forward", lambda *a, **k: ran.append("numpy") or fused_forward(*a, **k))
+    monkeypatch.setattr(cpu_bcn, "_native_forward", lambda *a, **k: ran.append("C") or native_forward(*a, **k))
     x = nchw_input(3, C, 5, 4, dtype, layout)
     x = (3.0 + 2.0 * x.float()).to(dtype)
     for buffer_dtype in (torch.float32, dtype):
@@ -139,10 +142,11 @@ def test_low_precision_inference_matches_reference(mode, dtype, layout, monkeypa
             else:
                 assert_lowprec_close(ours[i], reference[i], reference64[i], msg=f"buffer {i}")
         assert torch.equal(ours[3], reference[3])
-    assert len(ran) == (0 if layout == "channels_last" else 2)
+    fused = "C" if dtype == torch.bfloat16 and cpu_bcn._native_kernels() is not None else "numpy"
+    assert ran == ([] if layout == "channels_last" and fused == "numpy" else [fused, fused])
 
 
-fused_forward = cpu_bcn._fused_forward
+fused_forward, native_forward = cpu_bcn._fused_forward, cpu_bcn._native_forward
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -262,9 +266,11 @@ def test_raw_plane_moments_refused(dtype, case):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("offset", [0.0, 30.0])
 def test_low_precision_statistics_route(dtype, mode, offset, monkeypatch):
-    """bf16/fp16: the forward takes its per-plane statistics from the raw moments when they are trusted (planes
-    centred near 0) and from the two-pass group norm when they are not (planes at 30 ± 1, mean²/var ~900); both
-    routes by the low-precision rule against the fp64 reference, output and (training) every gradient."""
+    """bf16/fp16 on the ATen path (no compiled kernels): the forward takes its per-plane statistics from the raw
+    moments when they are trusted (planes centred near 0) and from the two-pass group norm when they are not (planes
+    at 30 ± 1, mean²/var ~900); both routes by the low-precision rule against the fp64 reference, output and
+    (training) every gradient."""
+    monkeypatch.setattr(_native, "_ENABLED", False)  # as NORMLAYERS_CPU_KERNELS=0 at import
     taken = []
     monkeypatch.setattr(cpu_bcn, "_plane_moments", lambda x: taken.append("two-pass") or plane_moments(x))
     x = (offset + nchw_input(3, C, 6, 6, torch.float32)).to(dtype)

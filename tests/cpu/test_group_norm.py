@@ -9,6 +9,7 @@ import normlayers
 from normlayers import functional as NF
 from normlayers.bench.accuracy import error_bounds, max_abs_error
 from normlayers.cpu import _native
+from normlayers.cpu import batch_channel as cpu_batch_channel
 from normlayers.cpu import group_norm as cpu_group_norm
 from normlayers.reference import group_norm as ref
 
@@ -250,11 +251,13 @@ _ONE_THREAD_OVER_BOUND = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize("bn_offset", [5.0, pytest.param(100.0, marks=_ONE_THREAD_OVER_BOUND)])
-def test_batch_channel_norm_channels_last_group_stage_of_offset_batch_output(bn_offset):
+def test_batch_channel_norm_channels_last_group_stage_of_offset_batch_output(bn_offset, monkeypatch):
     """BatchChannelNorm's channels-last composite runs the group stage on the batch stage's output ``u``, which carries
     the per-channel ``bn_bias`` (here ``bn_offset`` + small differences): through the CPU tier's group norm its output
     and gradients stay within the fp32 bound (through ``F.group_norm`` the output was 1.6e-4 from fp64 at an offset
-    of 5 and 4.2e-2 at 100, against bounds of 2.0e-5 and 5.2e-5)."""
+    of 5 and 4.2e-2 at 100, against bounds of 2.0e-5 and 5.2e-5). The composite runs where BCN's compiled kernels do
+    not, so they are left out here."""
+    monkeypatch.setattr(cpu_batch_channel, "_native_kernels", lambda: None)
     generator = torch.Generator().manual_seed(2)
     c, groups = 64, 32
     x = torch.randn(2, c, 32, 32, generator=generator, dtype=torch.float64).contiguous(

@@ -19,6 +19,14 @@ where a bound on their rounding holds (:func:`_raw_moments_limit`; else that gro
 fp32), then ``y = A·x + (B − A·m)`` from ``x`` by ATen's eval batch norm over the ``N·C`` planes with fp32 ``A``,
 ``B`` (computed in fp32, rounded once, as the reference).
 
+Where the compiled kernels run (:mod:`normlayers.cpu._native`; fp32 or bf16 contiguous ``x``, fp32 or bf16 small
+tensors; ``csrc/batch_channel.c``), one C call does all of it: the plane moments in one read of ``x`` (fp32 sums
+about the mean of a block's first values, again about its mean from L1 where those were far from it; blocks of 1024
+values combined in fp64: no trust check and no second route), the ``(N, C)`` algebra and the running updates in fp64,
+and ``y`` in one more pass; with constant batch-stage statistics (eval, EstBN) each (sample, group) block's moments and
+output in turn, its second read from cache. Its backward is the closed form below, the two passes of ``x`` and ``dy``
+in C too. Elsewhere (fp16, fp64, no compiler, ``NORMLAYERS_CPU_KERNELS=0``) the ATen route of this docstring runs.
+
 The backward needs per plane only ``s1 = Σ dy`` and ``s2 = Σ dy·(x − m)`` (one pass of ATen's
 ``native_batch_norm_backward`` without ``grad_input``): with ``ŷ = R·(u − M)`` and ``K = (C/G)·H·W`` values per
 group, the group stage gives ``du = w·R·(dy − (Σ_g dy + ŷ·Σ_g dy·ŷ)/K) = P1·dy + Q1·(x − m) + S1`` per plane
@@ -27,9 +35,9 @@ statistics; ``dx = a·du`` with running ones), whose sums over ``(N, H, W)`` fol
 ``dx = P·dy + Q·x + S``: ``Q·x + S`` by the same eval batch norm (fp32 coefficients, rounded once), then ``+ P·dy``.
 The parameter gradients are sums of those per-plane quantities.
 
-fp32/fp64 eval with BatchNorm's running statistics runs ATen's two stages directly (:func:`_inference_stages`): with
-constant batch-stage statistics they take two passes too, and none of the small ops. (EstBN keeps the fused path in
-eval, so that its frozen estimates give bit for bit the training output.)
+fp32/fp64 eval with BatchNorm's running statistics, where the compiled kernel does not run, takes ATen's two stages
+directly (:func:`_inference_stages`): with constant batch-stage statistics they take two passes too, and none of the
+small ops. (EstBN keeps the fused path in eval, so that its frozen estimates give bit for bit the training output.)
 
 The ``(N, C)`` algebra between the passes, forward and backward, runs in numpy on the host, in the compute dtype
 (fp32 beside bf16/fp16, fp64 for fp64): ATen's statistics are read as numpy views of their memory, the parameters
@@ -40,13 +48,15 @@ some thirty small ops costs about half as much in numpy as in torch (``(8, 256)`
 
 Under ``torch.compile`` (where inductor fuses the composite itself) and for a tensor that is not NCHW-contiguous
 (channels-last: the plane views need contiguous planes), ``F.batch_norm`` then the CPU tier's group norm run in the
-compute dtype (:func:`_composite`); so does a double backward, from ``x``. Outside ``torch.compile``, tensors with no
+compute dtype (:func:`_composite`); so does a double backward, from ``x``. Channels-last input runs the compiled
+forward and backward on its NHWC memory instead, where the kernels run. Outside ``torch.compile``, tensors with no
 memory to read on the host (a FakeTensor or another subclass, a ``torch.func`` transform's) and a gradient for the
 running statistics (eval; ATen's norms refuse one) run the reference.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from typing import Any, NamedTuple, Optional, Union
 
@@ -56,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
+from normlayers.cpu import _native
 from normlayers.cpu._common import LOW_PRECISION, host_readable
 from normlayers.cpu.group_norm import group_norm as _cpu_group_norm
 from normlayers.reference import batch_channel as _ref_batch_channel
@@ -89,15 +100,130 @@ def batch_channel_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
             x, running_mean, running_var, *params, training=training, momentum=momentum, eps=eps,
             num_groups=num_groups, bn_eps=bn_eps, estimate=estimate, estimate_rate=estimate_rate,
             num_batches_tracked=num_batches_tracked, sync=None)
-    if not training and not estimate and x.dtype not in LOW_PRECISION and not compiling and x.is_contiguous():
+    config = _Config(training, estimate, momentum, estimate_rate, num_groups, eps, bn_eps)
+    if compiling:
+        return _composite(x, running_mean, running_var, num_batches_tracked, *params, config=config)
+    small_bf16 = _native_small_bf16(x, running_mean, running_var, params)
+    gradient = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    if not x.is_contiguous() and (small_bf16 is None or not x.is_contiguous(memory_format=torch.channels_last)):
+        return _composite(x, running_mean, running_var, num_batches_tracked, *params, config=config)
+    if small_bf16 is None and not training and not estimate and x.dtype not in LOW_PRECISION:
         return _inference_stages(x, running_mean, running_var, bn_weight, bn_bias, weight, bias, num_groups=num_groups,
                                  eps=eps, bn_eps=bn_eps)
-    config = _Config(training, estimate, momentum, estimate_rate, num_groups, eps, bn_eps)
-    if compiling or not x.is_contiguous():
-        return _composite(x, running_mean, running_var, num_batches_tracked, *params, config=config)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
-        return _BatchChannelNormFunction.apply(x, running_mean, running_var, num_batches_tracked, config, *params)
+    if gradient:
+        return _BatchChannelNormFunction.apply(x, running_mean, running_var, num_batches_tracked, config, small_bf16,
+                                               *params)
+    if small_bf16 is not None:
+        return _native_forward(x, running_mean, running_var, num_batches_tracked, params, config, small_bf16)[0]
     return _fused_forward(x, running_mean, running_var, num_batches_tracked, params, config)[0]
+
+
+# The compiled kernels (csrc/batch_channel.c) read fp32 (0) and bf16 (1) memory.
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# Values per thread below which another thread costs more than it saves (ATen's at::internal::GRAIN_SIZE): a team's
+# start and the kernel's barriers take microseconds.
+_GRAIN = 32768
+_MODE_FROZEN, _MODE_BATCH, _MODE_ESTIMATE = 0, 1, 2  # the batch stage's statistics: given, the batch's, EstBN's
+
+
+def _native_small_bf16(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       params: tuple[Optional[Tensor], ...]) -> Optional[int]:
+    """Where the compiled kernels take the call (fp32 or bf16 contiguous tensors, plain: the caller checked, a
+    non-empty ``x``, the kernels built): the bits of the small tensors that are bf16 (bit ``i`` for the ``i``-th of
+    ``bn_weight, bn_bias, weight, bias, running_mean, running_var``); else ``None``."""
+    if x.dtype not in _NATIVE_DTYPES or not x.numel() or _native_kernels() is None:
+        return None
+    small_bf16 = 0
+    for i, t in enumerate((*params, running_mean, running_var)):
+        if t is not None:
+            bf16 = _NATIVE_DTYPES.get(t.dtype)
+            if bf16 is None or not t.is_contiguous():
+                return None
+            small_bf16 |= bf16 << i
+    return small_bf16
+
+
+def _native_kernels() -> Optional[tuple[Any, Any, Any]]:
+    """``(workspace_size, forward, backward)`` of ``csrc/batch_channel.c``, or ``None`` without them."""
+    return _loaded_kernels() if _native.enabled() else None
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_kernels() -> Optional[tuple[Any, Any, Any]]:
+    i64, ptr, i32, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    kernels = (_native.function("batch_channel", "bcn_workspace_size", i64, i64, i64, i64),
+               _native.function("batch_channel", "bcn_forward", i32, ptr, i32, i32, ptr, i64, i64, i64, i64, ptr,
+                                ptr, ptr, ptr, ptr, ptr, i32, i32, f64, f64, f64, ptr, i32),
+               _native.function("batch_channel", "bcn_backward", i32, ptr, ptr, ptr, i32, i32, i64, i64, i64, i64,
+                                i32, ptr, ptr, ptr, ptr, ptr, i32, i32))
+    return None if None in kernels else kernels
+
+
+def _native_forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    num_batches_tracked: Optional[Tensor], params: tuple[Optional[Tensor], ...], config: _Config,
+                    small_bf16: int) -> tuple[Tensor, Tensor]:
+    """The output, after the running updates, and the kernel's fp64 statistics (its backward's input): the compiled
+    forward, one read of ``x`` for the plane moments and one that writes ``y`` (with constant batch-stage
+    statistics, block by block: the second read from cache). ``x`` is NCHW- or channels-last-contiguous, ``y`` too."""
+    workspace_size, forward, _ = _native_kernels()
+    n, c = x.shape[:2]
+    groups = config.num_groups
+    if not config.training:
+        mode, rate = _MODE_FROZEN, 0.0
+    elif config.estimate:
+        mode, rate = _MODE_ESTIMATE, float(config.estimate_rate)
+    else:
+        mode, rate = _MODE_BATCH, config.momentum
+    channels_last = not x.is_contiguous()
+    y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    statistics = torch.empty(workspace_size(n, c, groups), dtype=torch.float64)
+    status = forward(x.data_ptr(), _NATIVE_DTYPES[x.dtype], channels_last, y.data_ptr(), n, c, x.numel() // (n * c),
+                     groups, *(_native.ptr(t) for t in (*params, running_mean, running_var)), small_bf16, mode, rate,
+                     config.eps, config.bn_eps, statistics.data_ptr(), _native_threads(x))
+    if status:
+        raise MemoryError("normlayers: the compiled BatchChannelNorm forward could not allocate its scratch memory")
+    if mode != _MODE_FROZEN and running_mean is not None:
+        # written in place by the kernel: their version counters move, as with F.batch_norm's update
+        for buffer in (running_mean, running_var):
+            if not buffer.is_inference():
+                torch.autograd.graph.increment_version(buffer)
+    if mode == _MODE_BATCH and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return y, statistics
+
+
+def _native_threads(x: Tensor) -> int:
+    """The threads a kernel call on ``x`` runs on: torch's, at most one per :data:`_GRAIN` values."""
+    return max(1, min(_native.threads(), x.numel() // _GRAIN))
+
+
+def _native_batch_statistics(statistics: Tensor, x: Tensor, config: _Config) -> tuple[Tensor, Tensor]:
+    """The batch stage's ``(mean, var)`` the compiled forward normalized with, in the compute dtype: its workspace
+    holds them after the per-plane mean, variance and group deviation (``csrc/batch_channel.c``, ``Stats``)."""
+    n, c = x.shape[:2]
+    start = 3 * n * c
+    dtype = compute_dtype(x.dtype)
+    return statistics[start:start + c].to(dtype), statistics[start + c:start + 2 * c].to(dtype)
+
+
+def _native_backward(x: Tensor, dy: Tensor, statistics: Tensor, params: list[Optional[Tensor]], config: _Config,
+                     small_bf16: int, needs: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
+    """The compiled backward from the compiled forward's statistics: one read of ``x`` and ``dy`` (in ``x``'s layout)
+    for the per-plane sums, one that writes ``dx``; the parameter gradients in the parameters' dtypes."""
+    backward = _native_kernels()[2]
+    channels_last = not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    # contiguous(), not to(memory_format=): to() may hand back an expanded gradient (y.sum()'s) as it is
+    dy = _in(dy, x.dtype).contiguous(memory_format=layout)
+    n, c = x.shape[:2]
+    dx = torch.empty_like(x, memory_format=layout) if needs[0] else None
+    grads = [torch.empty_like(p) if need else None for p, need in zip(params, needs[6:])]
+    status = backward(x.data_ptr(), dy.data_ptr(), _native.ptr(dx), _NATIVE_DTYPES[x.dtype], channels_last, n, c,
+                      x.numel() // (n * c), config.num_groups, config.batch_stats, statistics.data_ptr(),
+                      *(_native.ptr(g) for g in grads), small_bf16, _native_threads(x))
+    if status:
+        raise MemoryError("normlayers: the compiled BatchChannelNorm backward could not allocate its scratch memory")
+    return (dx, None, None, None, None, None, *grads)
 
 
 def _inference_stages(x: Tensor, running_mean: Tensor, running_var: Tensor, *params: Optional[Tensor],
@@ -360,18 +486,28 @@ class _BatchChannelNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                num_batches_tracked: Optional[Tensor], config: _Config, *params: Optional[Tensor]) -> Tensor:
-        y, statistics = _fused_forward(x, running_mean, running_var, num_batches_tracked, params, config)
+                num_batches_tracked: Optional[Tensor], config: _Config, small_bf16: Optional[int],
+                *params: Optional[Tensor]) -> Tensor:
+        if small_bf16 is None:
+            y, statistics = _fused_forward(x, running_mean, running_var, num_batches_tracked, params, config)
+        else:
+            y, statistics = _native_forward(x, running_mean, running_var, num_batches_tracked, params, config,
+                                            small_bf16)
         ctx.save_for_backward(x, *params)
-        ctx.statistics = statistics  # fresh host arrays, no graph: nothing for autograd to check
-        ctx.config = config
+        ctx.statistics = statistics  # fresh host arrays (or the kernel's fp64 tensor), no graph: nothing to check
+        ctx.config, ctx.small_bf16 = config, small_bf16
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         x, *params = ctx.saved_tensors
-        plane_mean, plane_var, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd = ctx.statistics
         config, needs = ctx.config, ctx.needs_input_grad
+        if ctx.small_bf16 is not None:
+            if torch.is_grad_enabled():
+                batch_mean, batch_var = _native_batch_statistics(ctx.statistics, x, config)
+                return _differentiable_backward(x, dy, batch_mean, batch_var, params, config, needs)
+            return _native_backward(x, dy, ctx.statistics, params, config, ctx.small_bf16, needs)
+        plane_mean, plane_var, batch_mean, batch_var, centred, a, scale, u_dev, group_rstd, w_rstd = ctx.statistics
         if torch.is_grad_enabled():  # a double backward: the saved statistics hold no graph, so autograd from x
             return _differentiable_backward(x, dy, torch.from_numpy(batch_mean), torch.from_numpy(batch_var), params,
                                             config, needs)
@@ -417,8 +553,8 @@ class _BatchChannelNormFunction(torch.autograd.Function):
                 dx = _plane_affine(x, x_coef, shift, plane_mean).addcmul_(dy, _in(_tensor(dy_coef, n, c, 1, 1),
                                                                                   dy.dtype))
         grads = (scale * dbn_weight_unscaled, dbn_bias, np.add.reduce(dy_yhat, (0, 2)), np.add.reduce(s1, (0, 2)))
-        return (dx, None, None, None, None, *(_in(_tensor(g, *p.shape), p.dtype) if need else None
-                                              for g, p, need in zip(grads, params, needs[5:])))
+        return (dx, None, None, None, None, None, *(_in(_tensor(g, *p.shape), p.dtype) if need else None
+                                                    for g, p, need in zip(grads, params, needs[6:])))
 
 
 def _differentiable_backward(x: Tensor, dy: Tensor, batch_mean: Tensor, batch_var: Tensor,
@@ -426,15 +562,15 @@ def _differentiable_backward(x: Tensor, dy: Tensor, batch_mean: Tensor, batch_va
                              needs: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
     """The gradients by autograd through ``F.batch_norm`` and ``F.group_norm`` from ``x`` (with the batch statistics,
     no running update; or the running ones the forward used, as constants), for a double backward."""
-    leaves = [t for t, need in zip((x, *params), needs[:1] + needs[5:]) if need]
+    leaves = [t for t, need in zip((x, *params), needs[:1] + needs[6:]) if need]
     with torch.enable_grad():
         bn_weight, bn_bias, weight, bias = (_in(p, batch_mean.dtype) for p in params)
         y = _stages(x.to(batch_mean.dtype), None if config.batch_stats else batch_mean,
                     None if config.batch_stats else batch_var, bn_weight, bn_bias, weight, bias,
                     batch_stats=config.batch_stats, momentum=0.0, config=config)
         grads = iter(torch.autograd.grad(y, leaves, dy.to(y.dtype), create_graph=True))
-    return tuple(None if i in (1, 2, 3, 4) or not need else next(grads).to(t.dtype)
-                 for i, (t, need) in enumerate(zip((x, None, None, None, None, *params), needs)))
+    return tuple(None if i in (1, 2, 3, 4, 5) or not need else next(grads).to(t.dtype)
+                 for i, (t, need) in enumerate(zip((x, None, None, None, None, None, *params), needs)))
 
 
 def _stages(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
