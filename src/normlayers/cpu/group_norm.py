@@ -30,6 +30,7 @@ forward's statistics are checked (:func:`_max_trusted_gradient_product`) and, wh
 
 from __future__ import annotations
 
+import ctypes
 import math
 from functools import partial
 from typing import Any, Optional
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.cpu._common import opmath, params_like, raw_bytes
+from normlayers.cpu import _native as _compiled  # (``_native`` below: whether ATen takes the dtypes)
+from normlayers.cpu._common import host_readable, opmath, params_like, raw_bytes
 from normlayers.reference.group_norm import activation
 
 __all__ = ["group_norm"]
@@ -371,9 +373,113 @@ def _has_storage(x: Tensor) -> bool:
     return True
 
 
+# The compiled NCHW kernel (csrc/group_norm_nchw.c): its dtype flags and activation codes.
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_KERNEL_ACTIVATIONS = {None: 0, "silu": 1, "relu": 2}
+
+
+def _nchw_forward_kernel() -> Any:
+    return _compiled.function("group_norm_nchw", "group_norm_nchw_fwd", None, ctypes.c_void_p, ctypes.c_int,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                            ctypes.c_float, ctypes.c_int, ctypes.c_int)
+
+
+def _nchw_backward_kernel() -> Any:
+    return _compiled.function("group_norm_nchw", "group_norm_nchw_bwd", None, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int)
+
+
+def _nchw_kernel_takes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str]) -> bool:
+    """Whether the compiled NCHW kernel runs this call: contiguous fp32 or bf16 input, an activation it fuses,
+    contiguous parameters of one dtype (fp32 or the input's), plain tensors outside ``torch.compile``, and the kernel
+    built."""
+    if not (x.dtype in _KERNEL_DTYPES and act in _KERNEL_ACTIVATIONS and x.is_contiguous()):
+        return False
+    dtypes = {p.dtype for p in (weight, bias) if p is not None}
+    return (len(dtypes) <= 1 and dtypes <= {torch.float32, x.dtype}
+            and all(p is None or p.is_contiguous() for p in (weight, bias))
+            and not torch.compiler.is_compiling() and host_readable(x, weight, bias)
+            and _nchw_forward_kernel() is not None)
+
+
+def _nchw_kernel_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                         act: Optional[str], statistics: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(y, mean, rstd)`` of the compiled kernel, the ``(N, G)`` fp32 statistics only with ``statistics``."""
+    n, c = x.shape[:2]
+    param = weight if weight is not None else bias
+    y = torch.empty_like(x)
+    mean = rstd = None
+    if statistics:
+        mean, rstd = torch.empty((2, n, num_groups), dtype=torch.float32)
+    _nchw_forward_kernel()(x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
+                           param is not None and param.dtype is torch.bfloat16, y.data_ptr(), _compiled.ptr(mean),
+                           _compiled.ptr(rstd), n, c, x.numel() // (n * c), num_groups, eps, _KERNEL_ACTIVATIONS[act],
+                           _compiled.threads())
+    return y, mean, rstd
+
+
+class _NCHWKernelFunction(torch.autograd.Function):
+    """Contiguous NCHW input under autograd through the compiled kernel: the forward saves the input and the
+    ``(N, G)`` statistics (not the pre-activation), the backward recomputes the activation's derivative from them and
+    returns the gradients asked for (``dweight``/``dbias`` in the parameters' dtype)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                act: Optional[str]) -> Tensor:
+        y, mean, rstd = _nchw_kernel_forward(x, num_groups, weight, bias, eps, act, statistics=True)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        needs_dx, _, needs_dweight, needs_dbias, _, _ = ctx.needs_input_grad
+        if torch.is_grad_enabled() or not host_readable(dy):
+            # a double backward (the saved statistics hold no graph) or a gradient the kernel cannot read: autograd
+            # of ATen's ops from x
+            leaves = [t for t, need in zip((x, weight, bias), (needs_dx, needs_dweight, needs_dbias)) if need]
+            with torch.enable_grad():
+                y = activation(torch.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, True), ctx.act)
+                grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=torch.is_grad_enabled()))
+            return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
+                    next(grads) if needs_dbias else None, None, None)
+        n, c = x.shape[:2]
+        dy = dy.contiguous()
+        param = weight if weight is not None else bias
+        dx = torch.empty_like(x) if needs_dx else None
+        dweight, dbias = (torch.empty(c, dtype=torch.float32) if need else None
+                          for need in (needs_dweight, needs_dbias))
+        sums = torch.empty((n, c, 2), dtype=torch.float64)
+        _nchw_backward_kernel()(dy.data_ptr(), x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight),
+                                _compiled.ptr(bias), param is not None and param.dtype is torch.bfloat16,
+                                mean.data_ptr(), rstd.data_ptr(), _compiled.ptr(dx), _compiled.ptr(dweight),
+                                _compiled.ptr(dbias), sums.data_ptr(), n, c, x.numel() // (n * c), ctx.num_groups,
+                                _KERNEL_ACTIVATIONS[ctx.act], _compiled.threads())
+        if dweight is not None and dweight.dtype is not weight.dtype:
+            dweight = dweight.to(weight.dtype)
+        if dbias is not None and dbias.dtype is not bias.dtype:
+            dbias = dbias.to(bias.dtype)
+        return dx, None, dweight, dbias, None, None
+
+
+def _nchw_kernel_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                            eps: float, act: Optional[str]) -> Tensor:
+    """The compiled kernel's group norm of contiguous NCHW ``x`` (:func:`_nchw_kernel_takes`), through
+    :class:`_NCHWKernelFunction` where autograd records."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _NCHWKernelFunction.apply(x, num_groups, weight, bias, eps, act)
+    return _nchw_kernel_forward(x, num_groups, weight, bias, eps, act, statistics=False)[0]
+
+
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                act: Optional[str]) -> Tensor:
     """``act(F.group_norm(input, num_groups, weight, bias, eps))`` in the compute dtype, in ``input``'s dtype."""
+    if _nchw_kernel_takes(input, weight, bias, act):
+        return _nchw_kernel_group_norm(input, num_groups, weight, bias, eps, act)
     x = input
     if not _native(input, weight, bias):  # low-precision input or parameters of another dtype: the compute dtype
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
