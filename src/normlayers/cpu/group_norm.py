@@ -395,30 +395,31 @@ def _nchw_backward_kernel() -> Any:
 def _nchw_kernel_takes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str]) -> bool:
     """Whether the compiled NCHW kernel runs this call: contiguous fp32 or bf16 input, an activation it fuses,
     contiguous parameters of one dtype (fp32 or the input's), plain tensors outside ``torch.compile``, and the kernel
-    built."""
-    if not (x.dtype in _KERNEL_DTYPES and act in _KERNEL_ACTIVATIONS and x.is_contiguous()):
+    built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)"""
+    if not (act in _KERNEL_ACTIVATIONS and x.dtype in _KERNEL_DTYPES and x.is_contiguous()):
         return False
-    dtypes = {p.dtype for p in (weight, bias) if p is not None}
-    return (len(dtypes) <= 1 and dtypes <= {torch.float32, x.dtype}
-            and all(p is None or p.is_contiguous() for p in (weight, bias))
-            and not torch.compiler.is_compiling() and host_readable(x, weight, bias)
-            and _nchw_forward_kernel() is not None)
+    param = weight if weight is not None else bias
+    if param is not None and not (
+            (param.dtype is torch.float32 or param.dtype is x.dtype) and (weight is None or weight.is_contiguous())
+            and (bias is None or (bias.dtype is param.dtype and bias.is_contiguous()))):
+        return False
+    return not torch.compiler.is_compiling() and host_readable(x, weight, bias) and _nchw_forward_kernel() is not None
 
 
 def _nchw_kernel_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                         act: Optional[str], statistics: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """``(y, mean, rstd)`` of the compiled kernel, the ``(N, G)`` fp32 statistics only with ``statistics``."""
+                         act: Optional[str], statistics: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``(y, statistics)`` of the compiled kernel: with ``statistics``, a ``(2, N, G)`` fp32 tensor of the mean and
+    the rstd, else ``None``."""
     n, c = x.shape[:2]
     param = weight if weight is not None else bias
     y = torch.empty_like(x)
-    mean = rstd = None
-    if statistics:
-        mean, rstd = torch.empty((2, n, num_groups), dtype=torch.float32)
+    stats = torch.empty((2, n, num_groups), dtype=torch.float32) if statistics else None
+    mean = None if stats is None else stats.data_ptr()
     _nchw_forward_kernel()(x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
-                           param is not None and param.dtype is torch.bfloat16, y.data_ptr(), _compiled.ptr(mean),
-                           _compiled.ptr(rstd), n, c, x.numel() // (n * c), num_groups, eps, _KERNEL_ACTIVATIONS[act],
-                           _compiled.threads())
-    return y, mean, rstd
+                           param is not None and param.dtype is torch.bfloat16, y.data_ptr(), mean,
+                           None if mean is None else mean + 4 * n * num_groups, n, c, x.numel() // (n * c),
+                           num_groups, eps, _KERNEL_ACTIVATIONS[act], _compiled.threads())
+    return y, stats
 
 
 class _NCHWKernelFunction(torch.autograd.Function):
@@ -429,14 +430,14 @@ class _NCHWKernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                 act: Optional[str]) -> Tensor:
-        y, mean, rstd = _nchw_kernel_forward(x, num_groups, weight, bias, eps, act, statistics=True)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        y, stats = _nchw_kernel_forward(x, num_groups, weight, bias, eps, act, statistics=True)
+        ctx.save_for_backward(x, weight, bias, stats)
         ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, stats = ctx.saved_tensors
         needs_dx, _, needs_dweight, needs_dbias, _, _ = ctx.needs_input_grad
         if torch.is_grad_enabled() or not host_readable(dy):
             # a double backward (the saved statistics hold no graph) or a gradient the kernel cannot read: autograd
@@ -451,12 +452,13 @@ class _NCHWKernelFunction(torch.autograd.Function):
         dy = dy.contiguous()
         param = weight if weight is not None else bias
         dx = torch.empty_like(x) if needs_dx else None
-        dweight, dbias = (torch.empty(c, dtype=torch.float32) if need else None
-                          for need in (needs_dweight, needs_dbias))
+        dweight = torch.empty(c, dtype=torch.float32) if needs_dweight else None
+        dbias = torch.empty(c, dtype=torch.float32) if needs_dbias else None
         sums = torch.empty((n, c, 2), dtype=torch.float64)
+        mean = stats.data_ptr()
         _nchw_backward_kernel()(dy.data_ptr(), x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight),
-                                _compiled.ptr(bias), param is not None and param.dtype is torch.bfloat16,
-                                mean.data_ptr(), rstd.data_ptr(), _compiled.ptr(dx), _compiled.ptr(dweight),
+                                _compiled.ptr(bias), param is not None and param.dtype is torch.bfloat16, mean,
+                                mean + 4 * n * ctx.num_groups, _compiled.ptr(dx), _compiled.ptr(dweight),
                                 _compiled.ptr(dbias), sums.data_ptr(), n, c, x.numel() // (n * c), ctx.num_groups,
                                 _KERNEL_ACTIVATIONS[ctx.act], _compiled.threads())
         if dweight is not None and dweight.dtype is not weight.dtype:
