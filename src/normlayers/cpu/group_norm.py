@@ -394,13 +394,12 @@ def _nchw_backward_kernel() -> Any:
 
 def _nchw_kernel_takes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str]) -> bool:
     """Whether the compiled NCHW kernel runs this call: contiguous fp32 or bf16 input, an activation it fuses,
-    contiguous parameters of one dtype (fp32 or the input's), plain tensors outside ``torch.compile``, and the kernel
-    built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)"""
+    contiguous parameters of one dtype (fp32 or bf16), plain tensors outside ``torch.compile``, and the kernel built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)"""
     if not (act in _KERNEL_ACTIVATIONS and x.dtype in _KERNEL_DTYPES and x.is_contiguous()):
         return False
     param = weight if weight is not None else bias
     if param is not None and not (
-            (param.dtype is torch.float32 or param.dtype is x.dtype) and (weight is None or weight.is_contiguous())
+            param.dtype in _KERNEL_DTYPES and (weight is None or weight.is_contiguous())
             and (bias is None or (bias.dtype is param.dtype and bias.is_contiguous()))):
         return False
     return not torch.compiler.is_compiling() and host_readable(x, weight, bias) and _nchw_forward_kernel() is not None
