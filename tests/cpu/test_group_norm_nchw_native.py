@@ -83,13 +83,13 @@ def test_the_kernel_runs_where_it_takes_the_call(act, dtype):
 @needs_kernel
 def test_channels_last_and_other_dtypes_do_not_take_the_kernel():
     x, weight, bias = _tensors((2, 64, 4, 4))
-    assert not cpu_group_norm._nchw_kernel_takes(x.contiguous(memory_format=torch.channels_last), weight, bias, None)
-    assert not cpu_group_norm._nchw_kernel_takes(x.double(), weight.double(), bias.double(), None)
-    assert not cpu_group_norm._nchw_kernel_takes(x.half(), weight, bias, None)
-    assert not cpu_group_norm._nchw_kernel_takes(x, weight, bias, "gelu")
-    assert not cpu_group_norm._nchw_kernel_takes(x, weight.bfloat16(), bias, None)  # parameters of two dtypes
-    assert not cpu_group_norm._nchw_kernel_takes(x[:, :, :, :2], weight, bias, None)  # not contiguous
-    assert cpu_group_norm._nchw_kernel_takes(x, weight.bfloat16(), bias.bfloat16(), "silu")
+    assert not cpu_group_norm._nchw_kernel_for(x.contiguous(memory_format=torch.channels_last), weight, bias, None)
+    assert not cpu_group_norm._nchw_kernel_for(x.double(), weight.double(), bias.double(), None)
+    assert not cpu_group_norm._nchw_kernel_for(x.half(), weight, bias, None)
+    assert not cpu_group_norm._nchw_kernel_for(x, weight, bias, "gelu")
+    assert not cpu_group_norm._nchw_kernel_for(x, weight.bfloat16(), bias, None)  # parameters of two dtypes
+    assert not cpu_group_norm._nchw_kernel_for(x[:, :, :, :2], weight, bias, None)  # not contiguous
+    assert cpu_group_norm._nchw_kernel_for(x, weight.bfloat16(), bias.bfloat16(), "silu")
 
 
 # torch's own group norm backward fails asking for dbias without a weight ("tensor does not have a device",

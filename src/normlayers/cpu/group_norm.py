@@ -392,32 +392,35 @@ def _nchw_backward_kernel() -> Any:
                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int)
 
 
-def _nchw_kernel_takes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str]) -> bool:
-    """Whether the compiled NCHW kernel runs this call: contiguous fp32 or bf16 input, an activation it fuses,
-    contiguous parameters of one dtype (fp32 or bf16), plain tensors outside ``torch.compile``, and the kernel built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)"""
+def _nchw_kernel_for(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str]) -> Any:
+    """The compiled NCHW forward if it runs this call, else ``None``: contiguous fp32 or bf16 input, an activation it
+    fuses, contiguous parameters of one dtype (fp32 or bf16), plain tensors outside ``torch.compile``, and the kernel
+    built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)"""
     if not (act in _KERNEL_ACTIVATIONS and x.dtype in _KERNEL_DTYPES and x.is_contiguous()):
-        return False
+        return None
     param = weight if weight is not None else bias
     if param is not None and not (
             param.dtype in _KERNEL_DTYPES and (weight is None or weight.is_contiguous())
             and (bias is None or (bias.dtype is param.dtype and bias.is_contiguous()))):
-        return False
-    return not torch.compiler.is_compiling() and host_readable(x, weight, bias) and _nchw_forward_kernel() is not None
+        return None
+    if torch.compiler.is_compiling() or not host_readable(x, weight, bias):
+        return None
+    return _nchw_forward_kernel()
 
 
-def _nchw_kernel_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                         act: Optional[str], statistics: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """``(y, statistics)`` of the compiled kernel: with ``statistics``, a ``(2, N, G)`` fp32 tensor of the mean and
-    the rstd, else ``None``."""
+def _nchw_kernel_forward(kernel: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float, act: Optional[str], statistics: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``(y, statistics)`` of the compiled forward ``kernel``: with ``statistics``, a ``(2, N, G)`` fp32 tensor of
+    the mean and the rstd, else ``None``."""
     n, c = x.shape[:2]
     param = weight if weight is not None else bias
     y = torch.empty_like(x)
     stats = torch.empty((2, n, num_groups), dtype=torch.float32) if statistics else None
     mean = None if stats is None else stats.data_ptr()
-    _nchw_forward_kernel()(x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
-                           param is not None and param.dtype is torch.bfloat16, y.data_ptr(), mean,
-                           None if mean is None else mean + 4 * n * num_groups, n, c, x.numel() // (n * c),
-                           num_groups, eps, _KERNEL_ACTIVATIONS[act], _compiled.threads())
+    kernel(x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
+           param is not None and param.dtype is torch.bfloat16, y.data_ptr(), mean,
+           None if mean is None else mean + 4 * n * num_groups, n, c, x.numel() // (n * c), num_groups, eps,
+           _KERNEL_ACTIVATIONS[act], _compiled.threads())
     return y, stats
 
 
@@ -428,8 +431,8 @@ class _NCHWKernelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                act: Optional[str]) -> Tensor:
-        y, stats = _nchw_kernel_forward(x, num_groups, weight, bias, eps, act, statistics=True)
+                act: Optional[str], kernel: Any) -> Tensor:
+        y, stats = _nchw_kernel_forward(kernel, x, num_groups, weight, bias, eps, act, statistics=True)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
         return y
@@ -437,7 +440,7 @@ class _NCHWKernelFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, bias, stats = ctx.saved_tensors
-        needs_dx, _, needs_dweight, needs_dbias, _, _ = ctx.needs_input_grad
+        needs_dx, _, needs_dweight, needs_dbias, _, _, _ = ctx.needs_input_grad
         if torch.is_grad_enabled() or not host_readable(dy):
             # a double backward (the saved statistics hold no graph) or a gradient the kernel cannot read: autograd
             # of ATen's ops from x
@@ -446,7 +449,7 @@ class _NCHWKernelFunction(torch.autograd.Function):
                 y = activation(torch.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, True), ctx.act)
                 grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=torch.is_grad_enabled()))
             return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
-                    next(grads) if needs_dbias else None, None, None)
+                    next(grads) if needs_dbias else None, None, None, None)
         n, c = x.shape[:2]
         dy = dy.contiguous()
         param = weight if weight is not None else bias
@@ -464,23 +467,25 @@ class _NCHWKernelFunction(torch.autograd.Function):
             dweight = dweight.to(weight.dtype)
         if dbias is not None and dbias.dtype is not bias.dtype:
             dbias = dbias.to(bias.dtype)
-        return dx, None, dweight, dbias, None, None
+        return dx, None, dweight, dbias, None, None, None
 
 
-def _nchw_kernel_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                            eps: float, act: Optional[str]) -> Tensor:
-    """The compiled kernel's group norm of contiguous NCHW ``x`` (:func:`_nchw_kernel_takes`), through
-    :class:`_NCHWKernelFunction` where autograd records."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _NCHWKernelFunction.apply(x, num_groups, weight, bias, eps, act)
-    return _nchw_kernel_forward(x, num_groups, weight, bias, eps, act, statistics=False)[0]
+def _nchw_kernel_group_norm(kernel: Any, x: Tensor, num_groups: int, weight: Optional[Tensor],
+                            bias: Optional[Tensor], eps: float, act: Optional[str]) -> Tensor:
+    """The group norm of contiguous NCHW ``x`` by the compiled forward ``kernel`` (:func:`_nchw_kernel_for`),
+    through :class:`_NCHWKernelFunction` where autograd records."""
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _NCHWKernelFunction.apply(x, num_groups, weight, bias, eps, act, kernel)
+    return _nchw_kernel_forward(kernel, x, num_groups, weight, bias, eps, act, statistics=False)[0]
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                act: Optional[str]) -> Tensor:
     """``act(F.group_norm(input, num_groups, weight, bias, eps))`` in the compute dtype, in ``input``'s dtype."""
-    if _nchw_kernel_takes(input, weight, bias, act):
-        return _nchw_kernel_group_norm(input, num_groups, weight, bias, eps, act)
+    kernel = _nchw_kernel_for(input, weight, bias, act)
+    if kernel is not None:
+        return _nchw_kernel_group_norm(kernel, input, num_groups, weight, bias, eps, act)
     x = input
     if not _native(input, weight, bias):  # low-precision input or parameters of another dtype: the compute dtype
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
