@@ -392,11 +392,18 @@ def _nchw_backward_kernel() -> Any:
                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int)
 
 
-def _nchw_kernel_for(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str]) -> Any:
+def _nchw_kernel_for(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str],
+                     differentiable: bool) -> Any:
     """The compiled NCHW forward if it runs this call, else ``None``: contiguous fp32 or bf16 input, an activation it
     fuses, contiguous parameters of one dtype (fp32 or bf16), plain tensors outside ``torch.compile``, and the kernel
-    built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)"""
+    built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)
+
+    Not an fp32 inference call without an activation: there ATen's forward alone reads and writes as little, and the
+    kernel measured no faster (docs/group_norm.md); it wins where it fuses the activation, the conversions of bf16,
+    or the backward's passes."""
     if not (act in _KERNEL_ACTIVATIONS and x.dtype in _KERNEL_DTYPES and x.is_contiguous()):
+        return None
+    if act is None and x.dtype is torch.float32 and not differentiable:
         return None
     param = weight if weight is not None else bias
     if param is not None and not (
@@ -453,10 +460,10 @@ class _NCHWKernelFunction(torch.autograd.Function):
         n, c = x.shape[:2]
         dy = dy.contiguous()
         param = weight if weight is not None else bias
-        dx = torch.empty_like(x) if needs_dx else None
+        sums = torch.empty((n, c, 2), dtype=torch.float64)
         dweight = torch.empty(c, dtype=torch.float32) if needs_dweight else None
         dbias = torch.empty(c, dtype=torch.float32) if needs_dbias else None
-        sums = torch.empty((n, c, 2), dtype=torch.float64)
+        dx = torch.empty_like(x) if needs_dx else None
         mean = stats.data_ptr()
         _nchw_backward_kernel()(dy.data_ptr(), x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight),
                                 _compiled.ptr(bias), param is not None and param.dtype is torch.bfloat16, mean,
@@ -470,22 +477,22 @@ class _NCHWKernelFunction(torch.autograd.Function):
         return dx, None, dweight, dbias, None, None, None
 
 
-def _nchw_kernel_group_norm(kernel: Any, x: Tensor, num_groups: int, weight: Optional[Tensor],
-                            bias: Optional[Tensor], eps: float, act: Optional[str]) -> Tensor:
-    """The group norm of contiguous NCHW ``x`` by the compiled forward ``kernel`` (:func:`_nchw_kernel_for`),
-    through :class:`_NCHWKernelFunction` where autograd records."""
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        return _NCHWKernelFunction.apply(x, num_groups, weight, bias, eps, act, kernel)
-    return _nchw_kernel_forward(kernel, x, num_groups, weight, bias, eps, act, statistics=False)[0]
+def _differentiable(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether autograd records a call on these."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                act: Optional[str]) -> Tensor:
     """``act(F.group_norm(input, num_groups, weight, bias, eps))`` in the compute dtype, in ``input``'s dtype."""
-    kernel = _nchw_kernel_for(input, weight, bias, act)
+    differentiable = _differentiable(input, weight, bias)
+    kernel = _nchw_kernel_for(input, weight, bias, act, differentiable)
+    if kernel is not None and differentiable:
+        return _NCHWKernelFunction.apply(input, num_groups, weight, bias, eps, act, kernel)
     if kernel is not None:
-        return _nchw_kernel_group_norm(kernel, input, num_groups, weight, bias, eps, act)
+        return _nchw_kernel_forward(kernel, input, num_groups, weight, bias, eps, act, statistics=False)[0]
     x = input
     if not _native(input, weight, bias):  # low-precision input or parameters of another dtype: the compute dtype
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
@@ -496,8 +503,6 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     # torch.func transforms. An inference call is ATen's as it is: its output is within the bound up to
     # max|mean·rstd| ≈ 350 (0.85-1.35 of it at ~1000), and the check, reading the statistics right after the kernel,
     # cost 8-12% of the call there (docs/group_norm.md, "Inputs offset from zero").
-    differentiable = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                                  or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling() or not (
             channels_last or (differentiable and x.is_contiguous() and _has_storage(x))):
         y = torch.group_norm(x, num_groups, weight, bias, eps, True)  # (inductor compiles its own statistics)
