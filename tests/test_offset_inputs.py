@@ -21,6 +21,7 @@ from torch.func import functional_call
 import normlayers
 import normlayers.functional as NF
 from normlayers.bench.accuracy import error_bounds, max_abs_error
+from normlayers.cpu import _native
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -124,6 +125,10 @@ KNOWN_OVER_BOUND: dict[tuple[str, str, float], str] = {
     ("batch_channel", "reference", 1000.0): "dbn.weight 1.19e-3 > 6.88e-4 (1.7x the CPU tier's 2x + tol)",
     ("region_norm", "reference", 100.0): "dbackground_gamma 7.80e-5 > 7.73e-5 (1.01x the best tier's 2x + tol)",
 }
+if _native.load("row_norms") is not None:  # the CPU tier's compiled LayerNorm backward, more accurate than both
+    KNOWN_OVER_BOUND[("layer_norm", "reference", 1000.0)] = (
+        "dw 6.15e-4 > 5.10e-4 (1.2x the CPU tier's 2x + tol), dx 1.03x: the compiled backward sums dw over blocks "
+        "of 64 rows into fp64, the reference over all rows at once")
 
 # Of those, the ones within a few percent of the bound at seed 0 (and on either side of it over seeds): a strict xfail
 # there would flip with a summation order (another thread count, another CPU), so they are not strict; the reason still

@@ -11,8 +11,9 @@ from normlayers.cpu import _native
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """An empty cache directory and no library loaded in this process yet."""
+    """An empty cache directory, no library loaded in this process yet, the kernels on (whatever the environment)."""
     monkeypatch.setenv("NORMLAYERS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_ENABLED", True)
     monkeypatch.setattr(_native, "_LIBRARIES", {})
     monkeypatch.setattr(_native, "_FUNCTIONS", {})
     return tmp_path
@@ -36,7 +37,7 @@ def test_every_source_builds_and_is_cached(fresh, name, recwarn):
 
 
 def test_disabled_by_the_environment(fresh, monkeypatch):
-    monkeypatch.setenv("NORMLAYERS_CPU_KERNELS", "0")
+    monkeypatch.setattr(_native, "_ENABLED", False)  # as NORMLAYERS_CPU_KERNELS=0 at import
     assert _native.load(SOURCES[0]) is None
     assert _native.function(SOURCES[0], "anything", None) is None
     assert not list(fresh.iterdir())

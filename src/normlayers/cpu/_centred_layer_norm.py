@@ -24,6 +24,7 @@ from torch import Tensor
 
 from normlayers._autograd import recomputed_backward, wants_double_backward
 from normlayers.cpu._common import host_readable
+from normlayers.cpu import row_norms
 
 __all__ = ["OFFSET_LIMIT", "layer_norm_last_dim"]
 
@@ -84,11 +85,18 @@ def _centred_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 
 
 def layer_norm_last_dim(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """``F.layer_norm`` over ``x``'s last dimension: ATen's ``native_layer_norm`` and its backward, or, where
+    """``F.layer_norm`` over ``x``'s last dimension: for inference the compiled kernel where it takes the tensors
+    (:func:`normlayers.cpu.row_norms._native_layer_norm`), else ATen's ``native_layer_norm`` and its backward, or, where
     ``max|mean·rstd| > OFFSET_LIMIT``, the centred forms (:class:`_LayerNormLastDim`). Those need ``x``, ``weight`` and
     ``bias`` fp32 or fp64 of one dtype (ATen's mixed-type norm, e.g. a bf16 ``x`` with an fp32 ``weight``, computes in
     fp32 already) and plain tensors, outside ``torch.compile`` and ``torch.func`` transforms (``max|mean·rstd|`` is
     read as a number)."""
+    inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+    if inference and not torch.compiler.is_compiling():
+        # the compiled kernel where it takes these tensors; it centres every row (csrc/row_norms.c)
+        result = row_norms._native_layer_norm(x, weight, bias, eps, False)
+        if result is not None and result[0] is not None:
+            return result[0]
     plain = (x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
              and host_readable(x, weight, bias)
              and all(t is None or t.dtype == x.dtype for t in (weight, bias)))

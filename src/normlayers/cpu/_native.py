@@ -11,9 +11,9 @@ The library is cached under ``$NORMLAYERS_CACHE_DIR`` (default ``$XDG_CACHE_HOME
 ``~/.cache/normlayers``), keyed by the source, the flags, the compiler's version and the CPU's feature flags (a shared
 home directory on machines of another CPU gets its own build). Compiling a file takes about a second, once.
 
-Without a compiler, or with ``NORMLAYERS_CPU_KERNELS=0``, :func:`load` returns ``None`` and the tier runs its ATen path
-(the same math, a little slower); a failed compile says so once in a warning. Under ``torch.compile``, for FakeTensors,
-tensor subclasses and ``torch.func`` transforms the ATen path runs too: a kernel reads raw memory
+Without a compiler, or with ``NORMLAYERS_CPU_KERNELS=0`` at import, :func:`load` returns ``None`` and the tier runs
+its ATen path (the same math, a little slower); a failed compile says so once in a warning. Under ``torch.compile``,
+for FakeTensors, tensor subclasses and ``torch.func`` transforms the ATen path runs too: a kernel reads raw memory
 (:func:`normlayers.cpu._common.host_readable`).
 """
 
@@ -40,15 +40,20 @@ _CSRC = Path(__file__).with_name("csrc")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-fno-math-errno")
 _LOCK = threading.Lock()
 _LIBRARIES: dict[str, Optional[ctypes.CDLL]] = {}
-_FUNCTIONS: dict[tuple[str, str], Optional[Any]] = {}
+_FUNCTIONS: dict[tuple[Any, ...], Optional[Any]] = {}
+
+
+# read once: a call into the environment costs a microsecond, and these kernels save only a few
+_ENABLED = os.environ.get("NORMLAYERS_CPU_KERNELS", "1") != "0"
 
 
 def enabled() -> bool:
-    """Whether the compiled kernels may run (``NORMLAYERS_CPU_KERNELS`` is not ``0``)."""
-    return os.environ.get("NORMLAYERS_CPU_KERNELS", "1") != "0"
+    """Whether the compiled kernels may run: ``NORMLAYERS_CPU_KERNELS`` was not ``0`` when normlayers was imported."""
+    return _ENABLED
 
 
 def threads() -> int:
+    """The threads a kernel runs on: torch's (``torch.set_num_threads``)."""
     return torch.get_num_threads()
 
 
@@ -120,7 +125,7 @@ def _build(name: str) -> ctypes.CDLL:
 def load(name: str) -> Optional[ctypes.CDLL]:
     """The compiled library of ``cpu/csrc/<name>.c`` (built on the first call, then cached on disk and here), or
     ``None`` where the kernels are disabled or cannot be built (then the caller runs its ATen path)."""
-    if not enabled():
+    if not _ENABLED:
         return None
     try:
         return _LIBRARIES[name]
@@ -138,10 +143,10 @@ def load(name: str) -> Optional[ctypes.CDLL]:
 
 
 def function(library: str, name: str, restype: Any, *argtypes: Any) -> Optional[Any]:
-    """The C function ``name`` of :func:`load`'s ``library`` with its ctypes signature set (cached), or ``None``."""
-    if not enabled():
+    """The C function ``name`` of :func:`load`'s ``library`` with this ctypes signature (cached), or ``None``."""
+    if not _ENABLED:
         return None
-    key = (library, name)
+    key = (library, name, restype, argtypes)
     try:
         return _FUNCTIONS[key]
     except KeyError:
@@ -149,7 +154,7 @@ def function(library: str, name: str, restype: Any, *argtypes: Any) -> Optional[
     lib = load(library)
     fn = None
     if lib is not None:
-        fn = getattr(lib, name)
+        fn = lib[name]  # a function object of its own: another signature for the same symbol does not change it
         fn.restype, fn.argtypes = restype, argtypes
     _FUNCTIONS[key] = fn
     return fn

@@ -124,6 +124,10 @@ def _backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[
               weight_offset: float, needs: tuple[bool, bool, bool]
               ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(dx, dweight, dbias)`` of the first-order backward (module docstring), each in its input's dtype."""
+    if kind == "layer" and stats.scale is None and x.shape[-1] > 1:
+        result = _native_layer_norm_backward(x, grad, weight, bias, stats, needs)
+        if result is not None:
+            return result
     xf, gf = opmath(x), opmath(grad)
     if stats.scale is not None:
         xf = xf * stats.scale
@@ -167,48 +171,85 @@ def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Option
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the C kernels' dtype flag
 
 
-def _layer_norm_kernel() -> Any:
-    return _native.function("row_norms", "layer_norm_fwd", ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int)
+_LAYER_NORM_SIGNATURE = (ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_float, ctypes.c_int)
 
 
-def _native_layer_norm_usable(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Whether the compiled LayerNorm (``csrc/row_norms.c``) takes these rows over the last dim: fp32 or bf16 rows,
-    contiguous, parameters contiguous and all of one dtype (fp32 or the rows'), plain tensors (:mod:`._native`)."""
-    if rows.dtype not in _NATIVE_DTYPES or not rows.is_contiguous() or not host_readable(rows, weight, bias):
-        return False
-    dtypes = {p.dtype for p in (weight, bias) if p is not None}
-    return (len(dtypes) <= 1 and dtypes <= {torch.float32, rows.dtype}
-            and all(p is None or p.is_contiguous() for p in (weight, bias)))
-
-
-def _native_layer_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-                       ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """``(y, mean, rstd)`` as ``native_layer_norm`` gives them (fp32 statistics of shape ``rows.shape[:-1] + (1,)``)
-    from the compiled kernel, or ``None`` where it is unavailable or a row's ``rstd`` is not positive and finite."""
-    kernel = _layer_norm_kernel()
-    if kernel is None:
+def _native_layer_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, stats: bool
+                       ) -> Optional[tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
+    """``(y, mean, rstd)`` as ``native_layer_norm`` gives them (fp32 statistics of shape ``rows.shape[:-1] + (1,)``,
+    or ``None`` without ``stats``) from the compiled kernel (``csrc/row_norms.c``: one read of the rows, its trust
+    check counted in it), or ``None`` where it does not take these tensors (fp32 or bf16 rows, contiguous; parameters
+    contiguous, of one dtype, fp32 or the rows'; plain tensors: :mod:`._native`) or is unavailable; ``(None, None,
+    None)`` where a row's ``rstd`` is not positive and finite."""
+    kernel = _native.function("row_norms", "layer_norm_fwd", *_LAYER_NORM_SIGNATURE)
+    if kernel is None or rows.dtype not in _NATIVE_DTYPES or not rows.is_contiguous() or not host_readable(
+            rows, weight, bias):
         return None
     param = weight if weight is not None else bias
+    if param is not None and (param.dtype not in (torch.float32, rows.dtype) or not param.is_contiguous() or (
+            weight is not None and bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
+        return None
     y = torch.empty_like(rows)
-    mean = torch.empty((*rows.shape[:-1], 1), dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    mean = rstd = None
+    if stats:
+        mean = torch.empty((*rows.shape[:-1], 1), dtype=torch.float32)
+        rstd = torch.empty_like(mean)
     width = rows.shape[-1]
-    bad = kernel(rows.data_ptr(), _NATIVE_DTYPES[rows.dtype], _native.ptr(weight), _native.ptr(bias),
-                 param is not None and param.dtype == torch.bfloat16, y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+    bad = kernel(rows.data_ptr(), _NATIVE_DTYPES[rows.dtype], None if weight is None else weight.data_ptr(),
+                 None if bias is None else bias.data_ptr(), param is not None and param.dtype == torch.bfloat16,
+                 y.data_ptr(), None if mean is None else mean.data_ptr(), None if rstd is None else rstd.data_ptr(),
                  rows.numel() // width, width, eps, _native.threads())
-    return None if bad else (y, mean, rstd)
+    if bad < 0:  # no memory for the bf16 parameters' fp32 copy
+        return None
+    return (None, None, None) if bad else (y, mean, rstd)
+
+
+_LAYER_NORM_BACKWARD_SIGNATURE = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int)
+
+
+def _native_layer_norm_available() -> bool:
+    return _native.function("row_norms", "layer_norm_fwd", *_LAYER_NORM_SIGNATURE) is not None
+
+
+def _native_layer_norm_backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                stats: _Stats, needs: tuple[bool, bool, bool]
+                                ) -> Optional[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
+    """LayerNorm's ``(dx, dweight, dbias)`` from the compiled kernel (``csrc/row_norms.c``: one read of ``x`` and
+    ``dy``, the parameters' gradients summed in the same pass), or ``None`` where it does not take these tensors
+    (fp32 or bf16 ``x`` and ``dy`` of one dtype, contiguous; fp32 statistics; plain tensors) or is unavailable."""
+    kernel = _native.function("row_norms", "layer_norm_bwd", *_LAYER_NORM_BACKWARD_SIGNATURE)
+    mean, rstd = stats.mean, stats.rstd
+    if (kernel is None or x.dtype not in _NATIVE_DTYPES or grad.dtype != x.dtype or mean is None
+            or not (x.is_contiguous() and grad.is_contiguous() and mean.is_contiguous() and rstd.is_contiguous())
+            or mean.dtype != torch.float32 or rstd.dtype != torch.float32
+            or not host_readable(x, grad, weight, mean, rstd)):
+        return None
+    width = x.shape[-1]
+    weight_f = None if weight is None else weight.to(torch.float32).contiguous()
+    dx = torch.empty_like(x) if needs[0] else None
+    dweight = torch.empty(width, dtype=torch.float32) if needs[1] else None
+    dbias = torch.empty(width, dtype=torch.float32) if needs[2] and bias is not None else None
+    status = kernel(x.data_ptr(), grad.data_ptr(), _NATIVE_DTYPES[x.dtype], _native.ptr(weight_f), mean.data_ptr(),
+                    rstd.data_ptr(), _native.ptr(dx), _native.ptr(dweight), _native.ptr(dbias), x.numel() // width,
+                    width, _native.threads())
+    if status != 0:
+        return None
+    return (dx, None if dweight is None else dweight.to(weight.dtype),
+            None if dbias is None else dbias.to(bias.dtype))
 
 
 def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                      weight_offset: float, out_dtype: torch.dtype, fp32_stats: bool, native: bool
                      ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """``(y, mean, rstd)`` from the compiled LayerNorm (with ``native``: a result without an autograd graph) or ATen's
-    fused LayerNorm forward, where its unscaled statistics are trusted, else ``None``. ATen reads bf16/fp16 rows as
-    they are, computes in fp32 and rounds once. Parameters in the rows' own dtype give the bits of fp32 ones (checked,
-    bf16 and fp16) and run a faster kernel, but then it returns statistics rounded to that dtype: not with
-    ``fp32_stats`` (statistics for a backward)."""
+    """``(y, mean, rstd)`` from the compiled LayerNorm (with ``native``: a result without an autograd graph, and
+    without ``fp32_stats`` without the statistics) or ATen's fused LayerNorm forward, where the unscaled statistics
+    are trusted, else ``None``. ATen reads bf16/fp16 rows as they are, computes in fp32 and rounds once. Parameters in
+    the rows' own dtype give the bits of fp32 ones (checked, bf16 and fp16) and run a faster kernel, but then it
+    returns statistics rounded to that dtype: not with ``fp32_stats`` (statistics for a backward)."""
     if math.prod(shape) <= 1 or not _unscaled_allowed(x, eps):  # width 1: see row_norm
         return None
     rows = x if out_dtype is x.dtype else opmath(x)  # e.g. bf16 rows of an fp32 input's residual stream
@@ -218,13 +259,15 @@ def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], 
         weight = weight.to(kept[0])
     if bias is not None and bias.dtype not in kept:
         bias = bias.to(kept[0])
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:  # ATen takes one parameter dtype
+        weight, bias = weight.to(kept[0]), bias.to(kept[0])
     if weight_offset:
         weight = weight + weight_offset
-    if native and len(shape) == 1 and _native_layer_norm_usable(rows, weight, bias) and _layer_norm_kernel():
-        result = _native_layer_norm(rows, weight, bias, eps)
-        if result is None:
-            return None
+    result = _native_layer_norm(rows, weight, bias, eps, fp32_stats) if native and len(shape) == 1 else None
+    if result is not None:
         y, mean, rstd = result
+        if y is None:  # untrusted statistics
+            return None
         return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
     y, mean, rstd = torch.native_layer_norm(rows, shape, weight, bias, eps)
     if not all_positive_finite(rstd):
@@ -306,10 +349,13 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
     h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
     # LayerNorm: the compiled kernel, else ATen's fused kernel and, for fp32/fp64, its own autograd, where trusted.
-    # (bf16/fp16 rows with gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16. The
-    # compiled forward's output has no autograd graph, so it runs for inference and inside the Function.) Width 1
-    # takes the closed form: there x − E[x] is exactly 0, and ATen's backward leaves rounding noise in dx.
-    if kind == "layer" and not fused_add and not (differentiable and h.dtype in LOW_PRECISION):
+    # (bf16/fp16 rows with gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16; so
+    # do the rows the compiled kernels take, whose forward runs there and whose backward reads x and dy once, where
+    # ATen's reads them again for dW and dB.) Width 1 takes the closed form: there x − E[x] is exactly 0, and ATen's
+    # backward leaves rounding noise in dx.
+    if kind == "layer" and not fused_add and not (differentiable and (
+            h.dtype in LOW_PRECISION or (h.dtype in _NATIVE_DTYPES and _native_layer_norm_available()
+                                         and host_readable(h, weight, bias)))):
         result = _aten_layer_norm(h, shape, weight, bias, eps, weight_offset, input.dtype, fp32_stats=False,
                                   native=not differentiable)
         if result is not None:
