@@ -4,10 +4,11 @@
  * μ, σ² the mean and biased variance of each (sample, group)'s C/G·HW values, which lie contiguous in memory.
  *
  * Forward, per (sample, group): the statistics from blocks of NL_BLOCK values, each read twice while it sits in L1
- * (its mean, then its centred squares) and merged in fp64 (Chan, Golub & LeVeque, 1979: no cancellation whatever the
- * offset), then one pass that writes act((x − μ)·scale_c + β_c) while the group is still in L2. ATen's forward plus an
- * eager activation takes one more read and write of the output; ATen's x·scale + shift also rounds at the scale of
- * μ·r, the centred form here does not.
+ * (its mean, then the sum and the squares of its deviations: the corrected two-pass form) and merged in fp64 by the
+ * pairwise update (both from Chan, Golub & LeVeque, 1983, "Algorithms for computing the sample variance": no
+ * cancellation whatever the offset), then one pass that writes act((x − μ)·scale_c + β_c) while the group is still in
+ * L2. ATen's forward plus an eager activation takes one more read and write of the output; ATen's x·scale + shift
+ * also rounds at the scale of μ·r, the centred form here does not.
  * Backward, per (sample, group): one read of (dy, x) for the per-(sample, channel) sums Σg and Σg·(x − μ), with
  * g = dy·act'(z) recomputed from x and the saved statistics, then one pass writing
  *     dx = r·γ_c·g − r²·E[γg·(x − μ)]·(x − μ) − r·E[γg]
@@ -164,8 +165,8 @@ static inline __attribute__((always_inline)) void moments(const void* p, int bf1
             dsum += d;
             q += d * d;
         }
-        /* the corrected two-pass moments of the block (Chan, Golub & LeVeque, 1983, eq. 1.7): its mean block_mean +
-         * Σd/n and its squares Σd² − (Σd)²/n, then Chan et al.'s pairwise update of (count, mean, m2) by them */
+        /* the corrected two-pass moments of the block (Chan, Golub & LeVeque, 1983): its mean block_mean +
+         * Σd/n and its squares Σd² − (Σd)²/n, then their pairwise update of (count, mean, m2) by them */
         const double correction = (double)dsum / block, block_m2 = (double)q - (double)dsum * correction;
         const double total = count + block, delta = (double)block_mean + correction - mean;
         mean += delta * (block / total);
@@ -194,7 +195,8 @@ static inline __attribute__((always_inline)) void forward_group(
     const int64_t c0 = (ng % G) * channels;
     const vf mean_v = nl_splat(mean);
     for (int64_t c = 0; c < channels; ++c) {
-        const float scale = w ? rstd * nl_load1(w, p_bf16, c0 + c) : rstd, shift = b ? nl_load1(b, p_bf16, c0 + c) : 0.f;
+        const float scale = w ? rstd * nl_load1(w, p_bf16, c0 + c) : rstd;
+        const float shift = b ? nl_load1(b, p_bf16, c0 + c) : 0.f;
         const vf scale_v = nl_splat(scale), shift_v = nl_splat(shift);
         const int64_t row = off + c * HW;
         int64_t j = 0;
@@ -202,7 +204,8 @@ static inline __attribute__((always_inline)) void forward_group(
             if (next) __builtin_prefetch(next + (c * HW + j) * (x_bf16 ? 2 : 4), 0, 2);
             nl_store(y, x_bf16, row + j, act_vf((nl_load(x, x_bf16, row + j) - mean_v) * scale_v + shift_v, act));
         }
-        for (; j < HW; ++j) nl_store1(y, x_bf16, row + j, act1((nl_load1(x, x_bf16, row + j) - mean) * scale + shift, act));
+        for (; j < HW; ++j)
+            nl_store1(y, x_bf16, row + j, act1((nl_load1(x, x_bf16, row + j) - mean) * scale + shift, act));
     }
 }
 
@@ -215,10 +218,12 @@ void group_norm_nchw_fwd(const void* x, int x_bf16, const void* w, const void* b
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t lo = nl_share(groups, t, nt), hi = nl_share(groups, t + 1, nt);
-#define NL_FORWARD(XB, PB, ACT) \
-    for (int64_t i = lo; i < hi; ++i) forward_group(x, XB, w, b, PB, y, mean, rstd, i, G, channels, HW, eps, ACT, i + 1 < hi)
-#define NL_FORWARD_ACTS(XB, PB)                        \
-    if (act == ACT_SILU) NL_FORWARD(XB, PB, ACT_SILU); \
+/* one loop per (dtypes, activation): each a constant inside forward_group */
+#define NL_FORWARD(XB, PB, ACT)       \
+    for (int64_t i = lo; i < hi; ++i) \
+    forward_group(x, XB, w, b, PB, y, mean, rstd, i, G, channels, HW, eps, ACT, i + 1 < hi)
+#define NL_FORWARD_ACTS(XB, PB)                             \
+    if (act == ACT_SILU) NL_FORWARD(XB, PB, ACT_SILU);      \
     else if (act == ACT_RELU) NL_FORWARD(XB, PB, ACT_RELU); \
     else NL_FORWARD(XB, PB, ACT_NONE)
         if (x_bf16 && p_bf16) NL_FORWARD_ACTS(1, 1);
@@ -343,11 +348,11 @@ void group_norm_nchw_bwd(const void* dy, const void* x, int bf16, const void* w,
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t lo = nl_share(groups, t, nt), hi = nl_share(groups, t + 1, nt);
-#define NL_BACKWARD(XB, PB, ACT)                                                                                   \
-    for (int64_t i = lo; i < hi; ++i)                                                                              \
+#define NL_BACKWARD(XB, PB, ACT)      \
+    for (int64_t i = lo; i < hi; ++i) \
     backward_group(dy, x, XB, w, b, PB, mean, rstd, dx, sums, i, G, channels, HW, ACT)
-#define NL_BACKWARD_ACTS(XB, PB)                         \
-    if (act == ACT_SILU) NL_BACKWARD(XB, PB, ACT_SILU);  \
+#define NL_BACKWARD_ACTS(XB, PB)                             \
+    if (act == ACT_SILU) NL_BACKWARD(XB, PB, ACT_SILU);      \
     else if (act == ACT_RELU) NL_BACKWARD(XB, PB, ACT_RELU); \
     else NL_BACKWARD(XB, PB, ACT_NONE)
         if (bf16 && p_bf16) NL_BACKWARD_ACTS(1, 1);
