@@ -6,6 +6,12 @@ PyTorch allocates two). fp16/bf16 input is normalized and activated in fp32 and 
 the reference and the kernels do (eager bf16 rounds the norm's output before the activation). Argument checks live in
 :mod:`normlayers.functional`.
 
+Contiguous NCHW fp32/bf16 input with no activation, SiLU or ReLU runs a compiled kernel instead
+(``csrc/group_norm_nchw.c``, :func:`_nchw_kernel_for`): centred statistics and the activation in one read and one
+write, the backward from one read of ``(dy, x)`` and one ``dx`` pass (:class:`_NCHWKernelFunction`); not fp32
+inference without an activation, where ATen's forward measured as fast. What follows is the ATen path of every other
+call.
+
 Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
 trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]² from
 fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
