@@ -39,7 +39,7 @@ def test_replace_norms_swaps_group_norm_by_default_and_restores():
     normlayers.replace_norms(model)
     assert [type(model[i]) for i in (1, 4, 6)] == [normlayers.GroupNorm] * 3
     assert model[1].weight is weight and list(model.state_dict()) == keys and model[1].act is None
-    # backend auto on CPU: the same math within fp32 rounding (its compiled NCHW kernel centres its sums; ATen's does not)
+    # backend auto on CPU: the same math within fp32 rounding (its compiled NCHW kernel centres its sums, ATen's not)
     assert_close(model(x), expected)
     restored = normlayers.restore_norms(model)
     assert [type(restored[i]) for i in (1, 4, 6)] == [nn.GroupNorm] * 3 and restored[1].weight is weight

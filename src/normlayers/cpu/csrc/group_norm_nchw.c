@@ -209,6 +209,21 @@ static inline __attribute__((always_inline)) void forward_group(
     }
 }
 
+/* LOOP(XB, PB, ACT) with the dtype flags and the activation as constants: one specialized loop per combination. */
+#define NL_DISPATCH_ACT(LOOP, XB, PB, act)                  \
+    do {                                                    \
+        if ((act) == ACT_SILU) LOOP(XB, PB, ACT_SILU);      \
+        else if ((act) == ACT_RELU) LOOP(XB, PB, ACT_RELU); \
+        else LOOP(XB, PB, ACT_NONE);                        \
+    } while (0)
+#define NL_DISPATCH(LOOP, x_bf16, p_bf16, act)                      \
+    do {                                                            \
+        if ((x_bf16) && (p_bf16)) NL_DISPATCH_ACT(LOOP, 1, 1, act); \
+        else if (x_bf16) NL_DISPATCH_ACT(LOOP, 1, 0, act);          \
+        else if (p_bf16) NL_DISPATCH_ACT(LOOP, 0, 1, act);          \
+        else NL_DISPATCH_ACT(LOOP, 0, 0, act);                      \
+    } while (0)
+
 /* x and y: fp32 (x_bf16 = 0) or bf16 (1), N·C·HW contiguous values; w and b (either may be NULL): C values, fp32
  * (p_bf16 = 0) or bf16 (1); mean and rstd: N·G fp32 values, written unless NULL. act: ACT_*. */
 void group_norm_nchw_fwd(const void* x, int x_bf16, const void* w, const void* b, int p_bf16, void* y, float* mean,
@@ -218,19 +233,10 @@ void group_norm_nchw_fwd(const void* x, int x_bf16, const void* w, const void* b
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t lo = nl_share(groups, t, nt), hi = nl_share(groups, t + 1, nt);
-/* one loop per (dtypes, activation): each a constant inside forward_group */
 #define NL_FORWARD(XB, PB, ACT)       \
     for (int64_t i = lo; i < hi; ++i) \
     forward_group(x, XB, w, b, PB, y, mean, rstd, i, G, channels, HW, eps, ACT, i + 1 < hi)
-#define NL_FORWARD_ACTS(XB, PB)                             \
-    if (act == ACT_SILU) NL_FORWARD(XB, PB, ACT_SILU);      \
-    else if (act == ACT_RELU) NL_FORWARD(XB, PB, ACT_RELU); \
-    else NL_FORWARD(XB, PB, ACT_NONE)
-        if (x_bf16 && p_bf16) NL_FORWARD_ACTS(1, 1);
-        else if (x_bf16) NL_FORWARD_ACTS(1, 0);
-        else if (p_bf16) NL_FORWARD_ACTS(0, 1);
-        else NL_FORWARD_ACTS(0, 0);
-#undef NL_FORWARD_ACTS
+        NL_DISPATCH(NL_FORWARD, x_bf16, p_bf16, act);
 #undef NL_FORWARD
     }
 }
@@ -351,15 +357,7 @@ void group_norm_nchw_bwd(const void* dy, const void* x, int bf16, const void* w,
 #define NL_BACKWARD(XB, PB, ACT)      \
     for (int64_t i = lo; i < hi; ++i) \
     backward_group(dy, x, XB, w, b, PB, mean, rstd, dx, sums, i, G, channels, HW, ACT)
-#define NL_BACKWARD_ACTS(XB, PB)                             \
-    if (act == ACT_SILU) NL_BACKWARD(XB, PB, ACT_SILU);      \
-    else if (act == ACT_RELU) NL_BACKWARD(XB, PB, ACT_RELU); \
-    else NL_BACKWARD(XB, PB, ACT_NONE)
-        if (bf16 && p_bf16) NL_BACKWARD_ACTS(1, 1);
-        else if (bf16) NL_BACKWARD_ACTS(1, 0);
-        else if (p_bf16) NL_BACKWARD_ACTS(0, 1);
-        else NL_BACKWARD_ACTS(0, 0);
-#undef NL_BACKWARD_ACTS
+        NL_DISPATCH(NL_BACKWARD, bf16, p_bf16, act);
 #undef NL_BACKWARD
         if (dweight || dbias) {
 #pragma omp barrier
