@@ -39,7 +39,8 @@ def test_replace_norms_swaps_group_norm_by_default_and_restores():
     normlayers.replace_norms(model)
     assert [type(model[i]) for i in (1, 4, 6)] == [normlayers.GroupNorm] * 3
     assert model[1].weight is weight and list(model.state_dict()) == keys and model[1].act is None
-    assert torch.equal(model(x), expected)  # backend auto on CPU: ATen's group_norm, the same ops
+    # backend auto on CPU: the same math within fp32 rounding (its compiled NCHW kernel centres its sums, ATen's not)
+    assert_close(model(x), expected)
     restored = normlayers.restore_norms(model)
     assert [type(restored[i]) for i in (1, 4, 6)] == [nn.GroupNorm] * 3 and restored[1].weight is weight
     assert torch.equal(restored(x), expected)
@@ -148,8 +149,10 @@ def test_resnet_block_fused_with_temb_silu_kept():
     assert sorted(fused.state_dict()) == sorted(keys)
     silu_calls = [n for n in fused.graph.nodes if n.op == "call_module" and n.target == "nonlinearity"]
     assert [n.args[0].target for n in silu_calls] == ["temb"]  # only the time embedding's SiLU call is left
-    # fp32 on backend auto (CPU tier): the same ATen ops as the block, so bit for bit.
-    assert all(torch.equal(got, want) for got, want in zip(_outputs_and_grads(fused), expected))
+    # fp32 on backend auto (CPU tier): the same math within fp32 rounding. Its compiled NCHW kernel adds the parameter
+    # gradients, sums of hundreds of O(1) terms, in another order than ATen's: 2.5e-6 relative apart here, so rtol 1e-5.
+    for got, want in zip(_outputs_and_grads(fused), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # The reference and the Triton kernels (interpreted) sum in another order, and the parameter gradients here are
     # sums of hundreds of O(1) terms: compared in fp64, where that order does not show, the rewrite itself is checked.
     expected64 = _outputs_and_grads(block.double(), torch.float64)
@@ -250,4 +253,5 @@ def test_traced_fuse_after_replace_norms():
     normlayers.replace_norms(block)  # normlayers.GroupNorm(act=None) is traced as a call, not into its forward
     fused = fuse_group_norm_act_traced(block)
     assert (fused.norm1.act, fused.norm2.act) == ("silu", "silu")
-    assert all(torch.equal(got, want) for got, want in zip(_outputs_and_grads(fused), expected))
+    for got, want in zip(_outputs_and_grads(fused), expected):  # as in test_resnet_block_fused_with_temb_silu_kept
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

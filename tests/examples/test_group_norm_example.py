@@ -23,8 +23,6 @@ def test_group_norm_unet_quick(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["swapped"] == result["fused"] == 3  # two per block, one at the head
     for row in result["rows"]:
-        if row["backend"] == "auto" and not torch.cuda.is_available():
-            assert row["max_abs_diff_y"] == row["max_abs_diff_dx"] == 0.0, row
-        else:
-            assert row["max_abs_diff_y"] <= tolerance(torch.float32)[1], row
-            assert row["max_abs_diff_dx"] <= tolerance(torch.float32)[1], row
+        # every backend within fp32 rounding (on CPU the compiled NCHW kernel sums in another order than ATen's)
+        assert row["max_abs_diff_y"] <= tolerance(torch.float32)[1], row
+        assert row["max_abs_diff_dx"] <= tolerance(torch.float32)[1], row

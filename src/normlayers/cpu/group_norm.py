@@ -6,6 +6,15 @@ PyTorch allocates two). fp16/bf16 input is normalized and activated in fp32 and 
 the reference and the kernels do (eager bf16 rounds the norm's output before the activation). Argument checks live in
 :mod:`normlayers.functional`.
 
+Contiguous NCHW fp32/bf16 input with no activation, SiLU or ReLU runs a compiled kernel instead
+(``csrc/group_norm_nchw.c``, :func:`_nchw_kernel_for`): centred statistics and the activation in one read and one
+write, the backward from one read of ``(dy, x)`` and one ``dx`` pass (:class:`_NCHWKernelFunction`); not fp32
+inference without an activation, where ATen's forward measured as fast. fp32/bf16 input whose channels are innermost
+(channels_last, channels_last_3d, a transposed ``(N, L, C)``) runs ``csrc/group_norm_channels_last.c``
+(:func:`_compiled_channels_last`): accurate statistics (two-pass per channel and block, combined in fp64) and the
+activation in one read and one write, the backward from one read of ``(dy, x)`` and one ``dx`` pass
+(:class:`_ChannelsLastGroupNormFunction`). What follows is the ATen path of every other call.
+
 Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
 trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]² from
 fp32 sums, which cancels when a group's mean is large against its spread; the returned mean and rstd are checked
@@ -39,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers.cpu import _native as _compiled
+from normlayers.cpu import _native as _compiled  # (``_native`` below: whether ATen takes the dtypes)
 from normlayers.cpu._common import host_readable, opmath, params_like, raw_bytes
 from normlayers.reference.group_norm import activation
 
@@ -373,10 +382,118 @@ def _has_storage(x: Tensor) -> bool:
     return True
 
 
-# The compiled channels-last kernels (csrc/group_norm_channels_last.c): the activations they fuse, by their code (GELU
-# runs after the kernel, on its fp32 output), and the dtypes they read and write.
-_COMPILED_ACTIVATIONS = {None: 0, "silu": 1, "relu": 2}
-_COMPILED_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# The compiled NCHW kernel (csrc/group_norm_nchw.c): its dtype flags and activation codes.
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_KERNEL_ACTIVATIONS = {None: 0, "silu": 1, "relu": 2}
+
+
+def _nchw_forward_kernel() -> Any:
+    return _compiled.function("group_norm_nchw", "group_norm_nchw_fwd", None, ctypes.c_void_p, ctypes.c_int,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                            ctypes.c_float, ctypes.c_int, ctypes.c_int)
+
+
+def _nchw_backward_kernel() -> Any:
+    return _compiled.function("group_norm_nchw", "group_norm_nchw_bwd", None, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int)
+
+
+def _nchw_kernel_for(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str],
+                     differentiable: bool) -> Any:
+    """The compiled NCHW forward if it runs this call, else ``None``: contiguous fp32 or bf16 input, an activation it
+    fuses, contiguous parameters of one dtype (fp32 or bf16), plain tensors outside ``torch.compile``, and the kernel
+    built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)
+
+    Not an fp32 inference call without an activation: there ATen's forward alone reads and writes as little, and the
+    kernel measured no faster (docs/group_norm.md); it wins where it fuses the activation, the conversions of bf16,
+    or the backward's passes."""
+    if not (act in _KERNEL_ACTIVATIONS and x.dtype in _KERNEL_DTYPES and x.is_contiguous()):
+        return None
+    if act is None and x.dtype is torch.float32 and not differentiable:
+        return None
+    param = weight if weight is not None else bias
+    if param is not None and not (
+            param.dtype in _KERNEL_DTYPES and (weight is None or weight.is_contiguous())
+            and (bias is None or (bias.dtype is param.dtype and bias.is_contiguous()))):
+        return None
+    if torch.compiler.is_compiling() or not host_readable(x, weight, bias):
+        return None
+    return _nchw_forward_kernel()
+
+
+def _nchw_kernel_forward(kernel: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float, act: Optional[str], statistics: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``(y, statistics)`` of the compiled forward ``kernel``: with ``statistics``, a ``(2, N, G)`` fp32 tensor of
+    the mean and the rstd, else ``None``."""
+    n, c = x.shape[:2]
+    param = weight if weight is not None else bias
+    y = torch.empty_like(x)
+    stats = torch.empty((2, n, num_groups), dtype=torch.float32) if statistics else None
+    mean = None if stats is None else stats.data_ptr()
+    kernel(x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
+           param is not None and param.dtype is torch.bfloat16, y.data_ptr(), mean,
+           None if mean is None else mean + 4 * n * num_groups, n, c, x.numel() // (n * c), num_groups, eps,
+           _KERNEL_ACTIVATIONS[act], _compiled.threads())
+    return y, stats
+
+
+class _NCHWKernelFunction(torch.autograd.Function):
+    """Contiguous NCHW input under autograd through the compiled kernel: the forward saves the input and the
+    ``(N, G)`` statistics (not the pre-activation), the backward recomputes the activation's derivative from them and
+    returns the gradients asked for (``dweight``/``dbias`` in the parameters' dtype)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                act: Optional[str], kernel: Any) -> Tensor:
+        y, stats = _nchw_kernel_forward(kernel, x, num_groups, weight, bias, eps, act, statistics=True)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, bias, stats = ctx.saved_tensors
+        needs_dx, _, needs_dweight, needs_dbias, _, _, _ = ctx.needs_input_grad
+        if torch.is_grad_enabled() or not host_readable(dy):
+            # a double backward (the saved statistics hold no graph) or a gradient the kernel cannot read: autograd
+            # of ATen's ops from x
+            leaves = [t for t, need in zip((x, weight, bias), (needs_dx, needs_dweight, needs_dbias)) if need]
+            with torch.enable_grad():
+                y = activation(torch.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, True), ctx.act)
+                grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=torch.is_grad_enabled()))
+            return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
+                    next(grads) if needs_dbias else None, None, None, None)
+        n, c = x.shape[:2]
+        dy = dy.contiguous()
+        param = weight if weight is not None else bias
+        sums = torch.empty((n, c, 2), dtype=torch.float64)
+        dweight = torch.empty(c, dtype=torch.float32) if needs_dweight else None
+        dbias = torch.empty(c, dtype=torch.float32) if needs_dbias else None
+        dx = torch.empty_like(x) if needs_dx else None
+        mean = stats.data_ptr()
+        _nchw_backward_kernel()(dy.data_ptr(), x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight),
+                                _compiled.ptr(bias), param is not None and param.dtype is torch.bfloat16, mean,
+                                mean + 4 * n * ctx.num_groups, _compiled.ptr(dx), _compiled.ptr(dweight),
+                                _compiled.ptr(dbias), sums.data_ptr(), n, c, x.numel() // (n * c), ctx.num_groups,
+                                _KERNEL_ACTIVATIONS[ctx.act], _compiled.threads())
+        if dweight is not None and dweight.dtype is not weight.dtype:
+            dweight = dweight.to(weight.dtype)
+        if dbias is not None and dbias.dtype is not bias.dtype:
+            dbias = dbias.to(bias.dtype)
+        return dx, None, dweight, dbias, None, None, None
+
+
+def _differentiable(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether autograd records a call on these."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
+# The compiled channels-last kernels (csrc/group_norm_channels_last.c) take the NCHW kernel's dtype flags and
+# activation codes (GELU runs after them, on their fp32 output).
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -416,9 +533,9 @@ def _channels_last_forward(x: Tensor, num_groups: int, weight: Optional[Tensor],
     y = torch.empty_like(x)  # (x's strides: it is dense)
     statistics = torch.empty((2, n, num_groups), dtype=torch.float64)
     weight, bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
-    failed = kernel(x.data_ptr(), y.data_ptr(), _COMPILED_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
+    failed = kernel(x.data_ptr(), y.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
                     statistics.data_ptr(), statistics.data_ptr() + n * num_groups * 8, n, x.numel() // (n * c), c,
-                    num_groups, eps, _COMPILED_ACTIVATIONS[act], _compiled.threads())
+                    num_groups, eps, _KERNEL_ACTIVATIONS[act], _compiled.threads())
     return None if failed else (y, statistics)
 
 
@@ -467,11 +584,11 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
             dweight, dbias = (torch.empty(x.shape[1], dtype=torch.float32) if need else None for need in needs[1:])
             n, c = x.shape[:2]
             kernel_weight, kernel_bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
-            failed = kernel(dy.data_ptr(), x.data_ptr(), _compiled.ptr(dx), _COMPILED_DTYPES[x.dtype],
+            failed = kernel(dy.data_ptr(), x.data_ptr(), _compiled.ptr(dx), _KERNEL_DTYPES[x.dtype],
                             _compiled.ptr(kernel_weight), _compiled.ptr(kernel_bias), statistics.data_ptr(),
                             statistics.data_ptr() + n * ctx.num_groups * 8, _compiled.ptr(dweight),
                             _compiled.ptr(dbias), n, x.numel() // (n * c), c, ctx.num_groups,
-                            _COMPILED_ACTIVATIONS[ctx.act], _compiled.threads())
+                            _KERNEL_ACTIVATIONS[ctx.act], _compiled.threads())
             if not failed:
                 return (dx, None, _param_grad(dweight, weight), _param_grad(dbias, bias), None, None, None)
         dx, dweight, dbias = _composite_grads(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act, dy, needs)
@@ -485,16 +602,15 @@ def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Ten
     fused (GELU after them, on fp32), or ``None`` where they do not take it: another dtype or layout,
     ``torch.compile``, a tensor subclass or a ``torch.func`` transform, bf16 with GELU (which would round twice), no
     kernels."""
-    if (input.dtype not in _COMPILED_DTYPES or (act == "gelu" and input.dtype is not torch.float32)
+    if (input.dtype not in _KERNEL_DTYPES or (act == "gelu" and input.dtype is not torch.float32)
             or torch.compiler.is_compiling() or not host_readable(input, weight, bias)  # (first: vmap's tensors
             or not _channels_innermost(input)):                                          # refuse the layout query)
         return None
-    fused = act if act in _COMPILED_ACTIVATIONS else None
+    fused = act if act in _KERNEL_ACTIVATIONS else None
     forward = _channels_last_forward(input, num_groups, weight, bias, eps, fused)
     if forward is None:
         return None
-    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
+    if _differentiable(input, weight, bias):
         y = _ChannelsLastGroupNormFunction.apply(input, num_groups, weight, bias, eps, fused, forward)
     else:
         y = forward[0]
@@ -507,6 +623,12 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     compiled = _compiled_channels_last(input, num_groups, weight, bias, eps, act)
     if compiled is not None:
         return compiled
+    differentiable = _differentiable(input, weight, bias)
+    kernel = _nchw_kernel_for(input, weight, bias, act, differentiable)
+    if kernel is not None and differentiable:
+        return _NCHWKernelFunction.apply(input, num_groups, weight, bias, eps, act, kernel)
+    if kernel is not None:
+        return _nchw_kernel_forward(kernel, input, num_groups, weight, bias, eps, act, statistics=False)[0]
     x = input
     if not _native(input, weight, bias):  # low-precision input or parameters of another dtype: the compute dtype
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
@@ -517,8 +639,6 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     # torch.func transforms. An inference call is ATen's as it is: its output is within the bound up to
     # max|mean·rstd| ≈ 350 (0.85-1.35 of it at ~1000), and the check, reading the statistics right after the kernel,
     # cost 8-12% of the call there (docs/group_norm.md, "Inputs offset from zero").
-    differentiable = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                                  or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling() or not (
             channels_last or (differentiable and x.is_contiguous() and _has_storage(x))):
         y = torch.group_norm(x, num_groups, weight, bias, eps, True)  # (inductor compiles its own statistics)
