@@ -14,6 +14,7 @@ from torch import nn
 
 import normlayers
 from normlayers import functional as NF
+from normlayers.cpu import _native
 from normlayers.cpu import group_norm as cpu_group_norm
 from normlayers.reference import group_norm as ref
 from normlayers.testing import NCHW_LAYOUTS, assert_close, assert_lowprec_close, nchw_input
@@ -146,9 +147,9 @@ def test_other_activations_match_torch(act, backend):
 @pytest.mark.parametrize("act", [None, "silu", "relu"])
 def test_cpu_tier_is_torch_eager_bit_for_bit_in_fp32(act, layout):
     """Backend auto on CPU runs F.group_norm and the activation: exactly what nn.GroupNorm + nn.SiLU computes. Where
-    the compiled NCHW kernel takes the call (contiguous input: training, and inference with an activation;
-    docs/group_norm.md) it is the same math within fp32 rounding instead: its statistics and sums are centred and
-    merged in fp64, ATen's are not."""
+    a compiled kernel takes the call (contiguous input: training, and inference with an activation; channels-last
+    input: every call; docs/group_norm.md) it is the same math within fp32 rounding instead: its statistics and sums
+    are centred and merged in fp64, ATen's are not."""
     module = _make(act)
     x = nchw_input(2, 6, 5, 5, torch.float32, layout, scale=2.0)
 
@@ -158,12 +159,13 @@ def test_cpu_tier_is_torch_eager_bit_for_bit_in_fp32(act, layout):
         else:
             assert torch.equal(a, e)
 
+    channels_last_kernel = layout == "channels_last" and _native.load("group_norm_channels_last") is not None
     kernel_for = partial(cpu_group_norm._nchw_kernel_for, x, module.weight, module.bias, act)
     for a, e in zip(_step(module, x, "auto"), _step(_torch_pair(module, torch.float32), x, "reference")):
-        check(a, e, kernel_for(True) is not None)
+        check(a, e, kernel_for(True) is not None or channels_last_kernel)
     with torch.no_grad():  # without autograd the activation runs in place on the norm's output, not on the input
         x_before = x.clone()
-        check(module(x), _torch_pair(module, torch.float32)(x), kernel_for(False) is not None)
+        check(module(x), _torch_pair(module, torch.float32)(x), kernel_for(False) is not None or channels_last_kernel)
         assert torch.equal(x, x_before)
 
 
