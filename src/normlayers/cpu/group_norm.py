@@ -577,7 +577,7 @@ class _ChannelsLastGroupNormFunction(torch.autograd.Function):
         x, weight, bias, statistics = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         kernel = _backward_kernel()
-        if kernel is not None and not torch.is_grad_enabled():
+        if kernel is not None and not torch.is_grad_enabled() and host_readable(dy):
             if dy.dtype is not x.dtype or dy.stride() != x.stride():  # (else as it is: x's layout)
                 dy = dy.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
             dx = torch.empty_like(x) if needs[0] else None
