@@ -602,9 +602,10 @@ def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Ten
     fused (GELU after them, on fp32), or ``None`` where they do not take it: another dtype or layout,
     ``torch.compile``, a tensor subclass or a ``torch.func`` transform, bf16 with GELU (which would round twice), no
     kernels."""
-    if (input.dtype not in _KERNEL_DTYPES or (act == "gelu" and input.dtype is not torch.float32)
-            or torch.compiler.is_compiling() or not host_readable(input, weight, bias)  # (first: vmap's tensors
-            or not _channels_innermost(input)):                                          # refuse the layout query)
+    if (input.dtype not in _KERNEL_DTYPES or input.is_contiguous()  # (first: NCHW calls leave at once)
+            or (act == "gelu" and input.dtype is not torch.float32) or torch.compiler.is_compiling()
+            or not host_readable(input, weight, bias)  # (before the layout query, which vmap's tensors refuse)
+            or not _channels_innermost(input)):
         return None
     fused = act if act in _KERNEL_ACTIVATIONS else None
     forward = _channels_last_forward(input, num_groups, weight, bias, eps, fused)
