@@ -522,21 +522,22 @@ def _param_grad(grad: Optional[Tensor], param: Optional[Tensor]) -> Optional[Ten
 
 
 def _channels_last_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                           act: Optional[str]) -> Optional[tuple[Tensor, Tensor]]:
+                           act: Optional[str], statistics: bool) -> Optional[tuple[Tensor, Optional[Tensor]]]:
     """``(y, statistics)`` of the compiled forward of ``x`` (channels innermost and dense: :func:`_channels_innermost`),
-    ``act`` fused: ``y`` in ``x``'s dtype and memory format, ``statistics`` the mean and rstd, ``(2, N, G)`` in fp64;
-    ``None`` where the kernel is unavailable or could not allocate its scratch memory."""
+    ``act`` fused: ``y`` in ``x``'s dtype and memory format; with ``statistics``, the mean and rstd as ``(2, N, G)``
+    fp64, else ``None``. ``None`` where the kernel is unavailable or could not allocate its scratch memory."""
     kernel = _forward_kernel()
     if kernel is None:
         return None
     n, c = x.shape[:2]
     y = torch.empty_like(x)  # (x's strides: it is dense)
-    statistics = torch.empty((2, n, num_groups), dtype=torch.float64)
+    stats = torch.empty((2, n, num_groups), dtype=torch.float64) if statistics else None
+    mean = None if stats is None else stats.data_ptr()
     weight, bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
     failed = kernel(x.data_ptr(), y.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight), _compiled.ptr(bias),
-                    statistics.data_ptr(), statistics.data_ptr() + n * num_groups * 8, n, x.numel() // (n * c), c,
+                    mean, None if mean is None else mean + n * num_groups * 8, n, x.numel() // (n * c), c,
                     num_groups, eps, _KERNEL_ACTIVATIONS[act], _compiled.threads())
-    return None if failed else (y, statistics)
+    return None if failed else (y, stats)
 
 
 def _channels_innermost(x: Tensor) -> bool:
@@ -608,10 +609,11 @@ def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Ten
             or not _channels_innermost(input)):
         return None
     fused = act if act in _KERNEL_ACTIVATIONS else None
-    forward = _channels_last_forward(input, num_groups, weight, bias, eps, fused)
+    differentiable = _differentiable(input, weight, bias)
+    forward = _channels_last_forward(input, num_groups, weight, bias, eps, fused, statistics=differentiable)
     if forward is None:
         return None
-    if _differentiable(input, weight, bias):
+    if differentiable:
         y = _ChannelsLastGroupNormFunction.apply(input, num_groups, weight, bias, eps, fused, forward)
     else:
         y = forward[0]

@@ -285,7 +285,7 @@ static void channel_coefficients(const Layout* L, int64_t n, int64_t g, double m
 }
 
 /* x, y: (N, P, C) contiguous, fp32 (bf16 = 0) or bf16 (1); w, b: C fp32 values or NULL; mean, rstd: (N, G) fp64
- * out. act: 0 none, 1 SiLU, 2 ReLU. Returns 0, or −1 where scratch memory could not be allocated (nothing written). */
+ * out, or NULL (not kept). act: 0 none, 1 SiLU, 2 ReLU. Returns 0, or −1 where scratch memory could not be allocated (nothing written). */
 int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const float* b, double* mean, double* rstd,
                       int64_t N, int64_t P, int64_t C, int64_t G, double eps, int act, int threads) {
     const Layout L = layout(P, C, G);
@@ -331,8 +331,10 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
                 }
                 const double var = m2 > 0.0 ? m2 / (double)(P * D) : m2 == m2 ? 0.0 : m2; /* NaN kept */
                 const double r = 1.0 / sqrt(var + eps);
-                mean[i] = mu;
-                rstd[i] = r;
+                if (mean) {
+                    mean[i] = mu;
+                    rstd[i] = r;
+                }
                 channel_coefficients(&L, n, g, mu, r, w, mean_hi, mean_lo, scale);
             }
             if (!per_sample) {
