@@ -14,13 +14,6 @@
  *     dx = r·γ_c·g − r²·E[γg·(x − μ)]·(x − μ) − r·E[γg]
  * (the means over the group). dweight and dbias are the sums over the samples of the per-(sample, channel) sums, added
  * in a fixed order: deterministic. */
-/* -std=c11 (the build's flag) makes GCC contract no a·b + c into an FMA (ISO C mode implies -ffp-contract=off):
- * contracted, the polynomial and the affine maps below run in half the instructions, each rounded once. */
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT ON
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=fast")
-#endif
 #include "common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
