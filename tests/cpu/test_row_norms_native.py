@@ -17,19 +17,24 @@ pytestmark = pytest.mark.skipif(_native.load("row_norms") is None,
                                 reason="the compiled CPU kernels are off or unavailable here")
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """How many calls reached the compiled kernel and returned its result."""
+def _spy(monkeypatch, name, taken):
+    """Patch ``cpu_row.<name>`` to record, per call, whether ``taken(result)`` (the kernel's result was used)."""
     calls = []
-    original = cpu_row._native_layer_norm
+    original = getattr(cpu_row, name)
 
     def spy(*args, **kwargs):
         result = original(*args, **kwargs)
-        calls.append(result is not None and result[0] is not None)
+        calls.append(taken(result))
         return result
 
-    monkeypatch.setattr(cpu_row, "_native_layer_norm", spy)
+    monkeypatch.setattr(cpu_row, name, spy)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many forward calls reached the compiled kernel and returned its result."""
+    return _spy(monkeypatch, "_native_layer_norm", lambda result: result is not None and result[0] is not None)
 
 
 def _reference(x, w, b, eps=1e-5):
@@ -143,16 +148,7 @@ def test_parameters_of_two_dtypes(kernels, monkeypatch):
 
 @pytest.fixture
 def backward_calls(monkeypatch):
-    calls = []
-    original = cpu_row._native_layer_norm_backward
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        calls.append(result is not None)
-        return result
-
-    monkeypatch.setattr(cpu_row, "_native_layer_norm_backward", spy)
-    return calls
+    return _spy(monkeypatch, "_native_layer_norm_backward", lambda result: result is not None)
 
 
 def _grads(x, w, b, dy, backend):

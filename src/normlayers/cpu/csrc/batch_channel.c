@@ -19,29 +19,7 @@
 
 #include "common.h"
 
-typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(NL_VL * sizeof(int32_t))));
-_Static_assert(NL_VL == 16, "tree_hsum and LANE are written for 16 lanes");
 static const vi LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-/* The sum of the lanes as a tree of register shuffles: 4 dependent adds where common.h's nl_hsum chains 16, and no
- * trip through memory (a vector stored whole and read back by halves stalls store forwarding). Three per plane. */
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define NL_HAS_SHUFFLEVECTOR 1
-#endif
-#endif
-static inline float tree_hsum(vf v) {
-#ifdef NL_HAS_SHUFFLEVECTOR
-    vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    return (q[0] + q[2]) + (q[1] + q[3]);
-#else
-    return nl_hsum(v);
-#endif
-}
 
 /* v with its lanes below NL_VL − rem zeroed: the last rem values of a row read by a load that ends at its end (the
  * others were counted by the vector loop), instead of a scalar tail. */
@@ -49,39 +27,6 @@ static inline vf last_lanes(vf v, int64_t rem) {
     const vi keep = LANE >= (vi){0} + (int32_t)(NL_VL - rem);
     return (vf)((vi)v & keep);
 }
-
-/* Loads and stores of the passes over x, dy, y and dx: common.h's, except where the compiler targets AVX-512, whose
- * one-instruction widening (vpmovzxwd) and, with AVX512-BF16, rounding (vcvtneps2bf16: to nearest even, NaN kept
- * quiet; like every AVX512-BF16 conversion it flushes fp32 subnormals, |v| < 2^-126, to zero) GCC's generic vectors
- * do not reach (they split these conversions into 256-bit halves: about 1.7x this file's bf16 time). */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-static inline vf load_values(const void* p, const int bf16, int64_t j) {
-    if (!bf16) return nl_load(p, 0, j);
-    __m256i h;
-    memcpy(&h, (const uint16_t*)p + j, sizeof h);
-    const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-    vf v;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-#else
-#define load_values nl_load
-#endif
-#if defined(__AVX512BF16__)
-static inline void store_values(void* p, const int bf16, int64_t j, vf v) {
-    if (!bf16) {
-        nl_store(p, 0, j, v);
-        return;
-    }
-    __m512 f;
-    memcpy(&f, &v, sizeof f);
-    const __m256bh h = _mm512_cvtneps_pbh(f);
-    memcpy((uint16_t*)p + j, &h, sizeof h);
-}
-#else
-#define store_values nl_store
-#endif
 
 enum { BN_WEIGHT, BN_BIAS, WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR };
 enum { MODE_FROZEN, MODE_BATCH, MODE_ESTIMATE }; /* batch stage: given statistics, the batch's, EstBN's updated ones */
@@ -100,25 +45,25 @@ static inline __attribute__((always_inline)) void shifted_sums(const void* x, co
     vf d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
     int64_t j = start;
     for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
-        const vf u = load_values(x, bf16, off + j) - shift_v, v = load_values(x, bf16, off + j + NL_VL) - shift_v;
+        const vf u = nl_load(x, bf16, off + j) - shift_v, v = nl_load(x, bf16, off + j + NL_VL) - shift_v;
         d0 += u;
         d1 += v;
         q0 += u * u;
         q1 += v * v;
     }
     if (j + NL_VL <= end) {
-        const vf u = load_values(x, bf16, off + j) - shift_v;
+        const vf u = nl_load(x, bf16, off + j) - shift_v;
         d0 += u;
         q0 += u * u;
         j += NL_VL;
     }
     const int vector_tail = j < end && len >= NL_VL;
     if (vector_tail) {
-        const vf v = last_lanes(load_values(x, bf16, off + end - NL_VL) - shift_v, end - j);
+        const vf v = last_lanes(nl_load(x, bf16, off + end - NL_VL) - shift_v, end - j);
         d1 += v;
         q1 += v * v;
     }
-    float d = tree_hsum(d0 + d1), q = tree_hsum(q0 + q1);
+    float d = nl_hsum(d0 + d1), q = nl_hsum(q0 + q1);
     if (!vector_tail)
         for (; j < end; ++j) {
             const float v = nl_load1(x, bf16, off + j) - shift;
@@ -144,7 +89,7 @@ static inline __attribute__((always_inline)) void plane_moments(const void* x, c
         const double inv_count = end == len ? inv_last : 1.0 / NL_BLOCK;
         float shift;
         if (count >= NL_VL) {
-            shift = tree_hsum(load_values(x, bf16, off + start)) * (1.0f / NL_VL);
+            shift = nl_hsum(nl_load(x, bf16, off + start)) * (1.0f / NL_VL);
         } else {
             shift = 0.0f;
             for (int64_t j = start; j < end; ++j) shift += nl_load1(x, bf16, off + j);
@@ -250,7 +195,7 @@ static inline __attribute__((always_inline)) void plane_affine(const void* x, co
     }
     for (int64_t j = 0; j < len; j += NL_VL) {
         const int64_t at = off + (j + NL_VL <= len ? j : len - NL_VL);
-        store_values(y, bf16, at, (load_values(x, bf16, at) - m_v) * a_v + b_v);
+        nl_store(y, bf16, at, (nl_load(x, bf16, at) - m_v) * a_v + b_v);
     }
 }
 
@@ -326,20 +271,20 @@ static inline __attribute__((always_inline)) void sample_moments_nhwc(const void
         int64_t ch = 0;
         for (; ch < vc; ch += NL_VL) { /* a column of NL_VL channels at a time, its sums in registers */
             vf sh = {0};
-            for (int64_t r = start; r < start + head; ++r) sh += load_values(x, bf16, base + r * c + ch);
+            for (int64_t r = start; r < start + head; ++r) sh += nl_load(x, bf16, base + r * c + ch);
             sh *= nl_splat(1.0f / (float)head);
             vf d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
             int64_t r = start;
             for (; r + 1 < end; r += 2) {
-                const vf u = load_values(x, bf16, base + r * c + ch) - sh;
-                const vf v = load_values(x, bf16, base + (r + 1) * c + ch) - sh;
+                const vf u = nl_load(x, bf16, base + r * c + ch) - sh;
+                const vf v = nl_load(x, bf16, base + (r + 1) * c + ch) - sh;
                 d0 += u;
                 d1 += v;
                 q0 += u * u;
                 q1 += v * v;
             }
             if (r < end) {
-                const vf u = load_values(x, bf16, base + r * c + ch) - sh;
+                const vf u = nl_load(x, bf16, base + r * c + ch) - sh;
                 d0 += u;
                 q0 += u * u;
             }
@@ -404,8 +349,8 @@ static inline __attribute__((always_inline)) void sample_output_nhwc(
         const int64_t row = base + r * c;
         int64_t ch = 0;
         for (; ch < vc; ch += NL_VL)
-            store_values(y, bf16, row + ch,
-                         (load_values(x, bf16, row + ch) - nl_load(m, 0, ch)) * nl_load(scale, 0, ch) +
+            nl_store(y, bf16, row + ch,
+                         (nl_load(x, bf16, row + ch) - nl_load(m, 0, ch)) * nl_load(scale, 0, ch) +
                              nl_load(shift, 0, ch));
         for (; ch < c; ++ch)
             nl_store1(y, bf16, row + ch, (nl_load1(x, bf16, row + ch) - m[ch]) * scale[ch] + shift[ch]);
@@ -495,25 +440,25 @@ static inline __attribute__((always_inline)) void plane_grad_sums(const void* x,
         vf a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
         int64_t j = start;
         for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
-            const vf g0 = load_values(dy, bf16, off + j), g1 = load_values(dy, bf16, off + j + NL_VL);
+            const vf g0 = nl_load(dy, bf16, off + j), g1 = nl_load(dy, bf16, off + j + NL_VL);
             a0 += g0;
             a1 += g1;
-            b0 += g0 * (load_values(x, bf16, off + j) - m_v);
-            b1 += g1 * (load_values(x, bf16, off + j + NL_VL) - m_v);
+            b0 += g0 * (nl_load(x, bf16, off + j) - m_v);
+            b1 += g1 * (nl_load(x, bf16, off + j + NL_VL) - m_v);
         }
         if (j + NL_VL <= end) {
-            const vf g0 = load_values(dy, bf16, off + j);
+            const vf g0 = nl_load(dy, bf16, off + j);
             a0 += g0;
-            b0 += g0 * (load_values(x, bf16, off + j) - m_v);
+            b0 += g0 * (nl_load(x, bf16, off + j) - m_v);
             j += NL_VL;
         }
         const int vector_tail = j < end && len >= NL_VL;
         if (vector_tail) {
-            const vf g1 = last_lanes(load_values(dy, bf16, off + end - NL_VL), end - j);
+            const vf g1 = last_lanes(nl_load(dy, bf16, off + end - NL_VL), end - j);
             a1 += g1;
-            b1 += g1 * (load_values(x, bf16, off + end - NL_VL) - m_v);
+            b1 += g1 * (nl_load(x, bf16, off + end - NL_VL) - m_v);
         }
-        float sa = tree_hsum(a0 + a1), sb = tree_hsum(b0 + b1);
+        float sa = nl_hsum(a0 + a1), sb = nl_hsum(b0 + b1);
         if (!vector_tail)
             for (; j < end; ++j) {
                 const float g = nl_load1(dy, bf16, off + j);
@@ -539,7 +484,7 @@ static inline __attribute__((always_inline)) void plane_dx(const void* x, const 
     }
     for (int64_t j = 0; j < len; j += NL_VL) {
         const int64_t at = off + (j + NL_VL <= len ? j : len - NL_VL);
-        store_values(dx, bf16, at, load_values(dy, bf16, at) * dy_v + (load_values(x, bf16, at) - m_v) * x_v + c_v);
+        nl_store(dx, bf16, at, nl_load(dy, bf16, at) * dy_v + (nl_load(x, bf16, at) - m_v) * x_v + c_v);
     }
 }
 
@@ -581,9 +526,9 @@ static inline __attribute__((always_inline)) void sample_grad_sums_nhwc(const vo
             const vf m_v = nl_load(m, 0, ch);
             vf g_sum = {0}, gx_sum = {0};
             for (int64_t r = start; r < end; ++r) {
-                const vf g = load_values(dy, bf16, base + r * c + ch);
+                const vf g = nl_load(dy, bf16, base + r * c + ch);
                 g_sum += g;
-                gx_sum += g * (load_values(x, bf16, base + r * c + ch) - m_v);
+                gx_sum += g * (nl_load(x, bf16, base + r * c + ch) - m_v);
             }
             memcpy(a1 + ch, &g_sum, sizeof g_sum);
             memcpy(a2 + ch, &gx_sum, sizeof gx_sum);
@@ -623,9 +568,9 @@ static inline __attribute__((always_inline)) void sample_dx_nhwc(const void* x, 
         const int64_t row = base + r * c;
         int64_t ch = 0;
         for (; ch < vc; ch += NL_VL)
-            store_values(dx, bf16, row + ch,
-                         load_values(dy, bf16, row + ch) * nl_load(dy_coef, 0, ch) +
-                             (load_values(x, bf16, row + ch) - nl_load(m, 0, ch)) * nl_load(x_coef, 0, ch) +
+            nl_store(dx, bf16, row + ch,
+                         nl_load(dy, bf16, row + ch) * nl_load(dy_coef, 0, ch) +
+                             (nl_load(x, bf16, row + ch) - nl_load(m, 0, ch)) * nl_load(x_coef, 0, ch) +
                              nl_load(constant, 0, ch));
         for (; ch < c; ++ch)
             nl_store1(dx, bf16, row + ch, nl_load1(dy, bf16, row + ch) * dy_coef[ch] +

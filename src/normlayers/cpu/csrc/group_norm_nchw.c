@@ -14,19 +14,7 @@
  *     dx = r·γ_c·g − r²·E[γg·(x − μ)]·(x − μ) − r·E[γg]
  * (the means over the group). dweight and dbias are the sums over the samples of the per-(sample, channel) sums, added
  * in a fixed order: deterministic. */
-/* -std=c11 (the build's flag) makes GCC contract no a·b + c into an FMA (ISO C mode implies -ffp-contract=off):
- * contracted, the polynomial and the affine maps below run in half the instructions, each rounded once. */
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT ON
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=fast")
-#endif
 #include "common.h"
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-typedef int32_t vi __attribute__((vector_size(NL_VL * sizeof(int32_t))));
 
 enum { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2 };
 
@@ -35,20 +23,6 @@ enum { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2 };
 #define PARALLEL_MIN 32768
 
 static inline vf select_vf(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
-
-/* nl_store, with AVX512-BF16's conversion where there is one: round to nearest even and a NaN kept quiet, as
- * nl_store, in one instruction for its six (fp32 subnormals, below 1.2e-38, become zeros). A bf16 forward measured
- * 0.77-0.79× the time of nl_store's (one thread, 2×320×32×32 and 1×512×64×64, with and without SiLU). */
-static inline void store_vf(void* p, int bf16, int64_t j, vf v) {
-#if defined(__AVX512BF16__) && NL_VL == 16
-    if (bf16) {
-        const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
-        memcpy((uint16_t*)p + j, &h, sizeof h);
-        return;
-    }
-#endif
-    nl_store(p, bf16, j, v);
-}
 
 /* e^x: x = n·ln 2 + r, |r| ≤ ln 2 / 2, e^r from the degree-6 polynomial of Cephes' expf (Moshier, 1984), times 2^n:
  * within 2 ulp. AVX-512 scales by 2^n in one instruction (0 below −104, inf above 88.7, a NaN kept); elsewhere x is
@@ -117,24 +91,6 @@ static inline __attribute__((always_inline)) float act_grad1(float z, float dy, 
     return act_grad_vf(nl_splat(z), nl_splat(dy), act)[0];
 }
 
-typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
-_Static_assert(NL_VL == 16, "hsum assumes 16 lanes");
-
-/* The sum of a vector's lanes as a tree of halves: 5 dependent additions where nl_hsum's chain takes 16 (it ran as
- * long as the block's sums themselves at short rows). */
-static inline float hsum(vf v) {
-    vf8 lo, hi;
-    memcpy(&lo, &v, sizeof lo);
-    memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
-    lo += hi;
-    vf4 a, b;
-    memcpy(&a, &lo, sizeof a);
-    memcpy(&b, (const char*)&lo + sizeof a, sizeof b);
-    a += b;
-    return (a[0] + a[2]) + (a[1] + a[3]);
-}
-
 /* Mean and biased variance of the n values at p (offset off), in fp64. */
 static inline __attribute__((always_inline)) void moments(const void* p, int bf16, int64_t off, int64_t n,
                                                           double* mean_out, double* var_out) {
@@ -151,7 +107,7 @@ static inline __attribute__((always_inline)) void moments(const void* p, int bf1
             s3 += nl_load(p, bf16, off + j + 3 * NL_VL);
         }
         for (; j + NL_VL <= end; j += NL_VL) s0 += nl_load(p, bf16, off + j);
-        float s = hsum((s0 + s1) + (s2 + s3));
+        float s = nl_hsum((s0 + s1) + (s2 + s3));
         for (; j < end; ++j) s += nl_load1(p, bf16, off + j);
         const float block = (float)(end - start);
         const float block_mean = s / block; /* off by the rounding of s (a large offset's ulps): corrected below */
@@ -177,7 +133,7 @@ static inline __attribute__((always_inline)) void moments(const void* p, int bf1
             d0s += d;
             s0 += d * d;
         }
-        float dsum = hsum((d0s + d1s) + (d2s + d3s)), q = hsum((s0 + s1) + (s2 + s3));
+        float dsum = nl_hsum((d0s + d1s) + (d2s + d3s)), q = nl_hsum((s0 + s1) + (s2 + s3));
         for (; j < end; ++j) {
             const float d = nl_load1(p, bf16, off + j) - block_mean;
             dsum += d;
@@ -220,7 +176,7 @@ static inline __attribute__((always_inline)) void forward_group(
         int64_t j = 0;
         for (; j + NL_VL <= HW; j += NL_VL) {
             if (next) __builtin_prefetch(next + (c * HW + j) * (x_bf16 ? 2 : 4), 0, 2);
-            store_vf(y, x_bf16, row + j, act_vf((nl_load(x, x_bf16, row + j) - mean_v) * scale_v + shift_v, act));
+            nl_store(y, x_bf16, row + j, act_vf((nl_load(x, x_bf16, row + j) - mean_v) * scale_v + shift_v, act));
         }
         for (; j < HW; ++j)
             nl_store1(y, x_bf16, row + j, act1((nl_load1(x, x_bf16, row + j) - mean) * scale + shift, act));
@@ -297,7 +253,7 @@ static inline __attribute__((always_inline)) void row_sums(const void* dy, const
             a0 += g0;
             ax0 += g0 * d0;
         }
-        float s = hsum(a0 + a1), sx = hsum(ax0 + ax1);
+        float s = nl_hsum(a0 + a1), sx = nl_hsum(ax0 + ax1);
         for (; j < end; ++j) {
             const float d = nl_load1(x, bf16, row + j) - mean;
             const float g = act_grad1(d * scale + shift, nl_load1(dy, bf16, row + j), act);
@@ -351,7 +307,7 @@ static inline __attribute__((always_inline)) void backward_group(
             } else {
                 g = grad_at(dy, x, bf16, row + j, mean_v, scale_v, shift_v, act, &d);
             }
-            store_vf(dx, bf16, row + j, g * scale_v + (d * x_coef_v + constant_v));
+            nl_store(dx, bf16, row + j, g * scale_v + (d * x_coef_v + constant_v));
         }
         for (; j < HW; ++j) {
             const float d = nl_load1(x, bf16, row + j) - mean;
