@@ -20,19 +20,10 @@
 
 #include "common.h"
 
-/* a·b + c in one rounding where the host has FMA (the flags of cpu/_native.py give -std=c11, which turns it off) */
-#if defined(__clang__)
-#pragma clang fp contract(fast)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=fast")
-#endif
-
 #define GN_RUN 128 /* positions per block: fp32 runs of at most 128 additions per channel */
 #define TILE 4     /* vectors of channels per tile (WITH_TILE has a case for each count up to it) */
 
 enum { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2 };
-
-typedef int32_t vi __attribute__((vector_size(NL_VL * sizeof(int32_t))));
 
 static inline vf select_vf(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
