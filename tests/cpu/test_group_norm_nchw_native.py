@@ -234,3 +234,26 @@ def test_expanded_output_gradient_and_double_backward():
     second_ref = torch.autograd.grad(dx_ref.pow(2).sum(), (x, weight, bias))
     for a, e in zip(second, second_ref):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)  # third-order terms of fp32 rounding differences
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_silu_of_large_pre_activations(layout):
+    """SiLU where the normalized values reach ±1e4 (a large weight): e^−z overflows for z below −88, and the kernels'
+    sigmoid must still give σ ≈ 0 there (it gave NaN, forward and backward, before its input was held at −87)."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 8, 4, 4, generator=generator)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = torch.full((8,), 60.0), torch.zeros(8)
+    weight[0] = 1e4
+    dy = torch.randn(2, 8, 4, 4, generator=generator)
+    ours = x.clone().requires_grad_()
+    y = NF.group_norm(ours, 2, weight, bias, act="silu")
+    y.backward(dy)
+    exact = x.double().requires_grad_()
+    y64 = torch.nn.functional.silu(torch.nn.functional.group_norm(exact, 2, weight.double(), bias.double()))
+    y64.backward(dy.double())
+    assert torch.isfinite(y).all() and torch.isfinite(ours.grad).all()
+    # relative to the values' size (1e4·x̂): fp32 rounding of the normalized values times the weight
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-5, atol=1e-5 * y64.abs().max().item())
+    torch.testing.assert_close(ours.grad.double(), exact.grad, rtol=1e-4, atol=1e-4 * exact.grad.abs().max().item())

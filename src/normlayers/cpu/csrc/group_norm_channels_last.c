@@ -18,49 +18,11 @@
  * against the eight of ATen's activation backward plus its group-norm backward. */
 #include <stdlib.h>
 
+#include "activations.h"
 #include "common.h"
 
 #define GN_RUN 128 /* positions per block: fp32 runs of at most 128 additions per channel */
 #define TILE 4     /* vectors of channels per tile (WITH_TILE has a case for each count up to it) */
-
-enum { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2 };
-
-static inline vf select_vf(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
-
-/* e^x, Cephes' expf polynomial (about 1 ulp), NaN kept; x clamped to [−87.3, 88.3] (0 and inf are not reached: the
- * callers divide by 1 + e^x, where the clamp changes no result by more than 1e-36). */
-static inline vf exp_vf(vf x) {
-    const float magic = 12582912.0f; /* 1.5·2^23: adding it rounds to an integer, kept in the low mantissa bits */
-    x = select_vf(x > 88.3f, nl_splat(88.3f), x);
-    x = select_vf(x < -87.3f, nl_splat(-87.3f), x);
-    const vf k = x * 1.44269504088896341f + magic;
-    const vf n = k - magic;
-    x = x - n * 0.693359375f - n * -2.12194440e-4f;
-    const vf p = ((((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
-                    + 1.6666665459e-1f) * x + 5.0000001201e-1f) * x * x + x + 1.0f);
-    vu bits;
-    memcpy(&bits, &k, sizeof bits);
-    bits = (bits + 127u) << 23; /* 2^n */
-    vf two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
-}
-
-static inline __attribute__((always_inline)) vf activation(vf z, int act) {
-    if (act == ACT_SILU) return z / (1.0f + exp_vf(-z));
-    if (act == ACT_RELU) return select_vf(z < 0.0f, nl_splat(0.0f), z); /* NaN kept */
-    return z;
-}
-
-/* dy·act'(z): SiLU's s·(1 + z·(1 − s)), s = sigmoid(z) (torch's silu_backward); ReLU's dy where z > 0 or NaN. */
-static inline __attribute__((always_inline)) vf activation_grad(vf dy, vf z, int act) {
-    if (act == ACT_SILU) {
-        const vf s = 1.0f / (1.0f + exp_vf(-z));
-        return dy * (s * (1.0f + z * (1.0f - s)));
-    }
-    if (act == ACT_RELU) return select_vf(z <= 0.0f, nl_splat(0.0f), dy);
-    return dy;
-}
 
 /* NL_VL values at element offset j, only the first `count` of them from memory (the rest 0): a row's last part. */
 static __attribute__((noinline)) vf load_part(const void* p, int bf16, int64_t j, int64_t count) {
@@ -218,7 +180,7 @@ static inline __attribute__((always_inline)) void tile_output(
             prefetch_at(x, bf16, at + L->ahead);
             prefetch_for_store(y, bf16, at + L->ahead);
             const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
-            store_at(y, bf16, at, lanes, activation(d * a[q] + b[q], act));
+            store_at(y, bf16, at, lanes, act_vf(d * a[q] + b[q], act));
         }
 }
 
@@ -371,7 +333,7 @@ static inline __attribute__((always_inline)) void tile_backward(
             prefetch_at(dy, bf16, at + L->ahead);
             if (input_grad) prefetch_for_store(dx, bf16, at + L->ahead);
             const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
-            const vf g = activation_grad(load_at(dy, bf16, at, lanes), d * a[q] + b[q], act);
+            const vf g = act_grad_vf(d * a[q] + b[q], load_at(dy, bf16, at, lanes), act);
             if (input_grad) {
                 store_at(dx, bf16, at, lanes, g * a[q] + d * k[q] + l[q]);
             } else {
