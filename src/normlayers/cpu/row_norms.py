@@ -203,10 +203,11 @@ def _native_row_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         mean = torch.empty((*rows.shape[:-1], 1), dtype=torch.float32)
         rstd = torch.empty_like(mean)
     width = rows.shape[-1]
-    bad = kernel(rows.data_ptr(), _native.ptr(residual), _native.ptr(h), _NATIVE_DTYPES[rows.dtype],
-                 _native.ptr(weight), _native.ptr(bias), param is not None and param.dtype == torch.bfloat16,
-                 y.data_ptr(), _native.ptr(mean), _native.ptr(rstd), rows.numel() // width, width, eps,
-                 kind == "rms", _native.threads())
+    bad = kernel(rows.data_ptr(), None if residual is None else residual.data_ptr(),
+                 None if h is None else h.data_ptr(), _NATIVE_DTYPES[rows.dtype],
+                 None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(), param is not None and param.dtype is torch.bfloat16,
+                 y.data_ptr(), None if mean is None else mean.data_ptr(), None if rstd is None else rstd.data_ptr(),
+                 rows.numel() // width, width, eps, kind == "rms", torch.get_num_threads())
     if bad < 0:  # no memory for the bf16 parameters' fp32 copy
         return None
     return (None, None, None, h) if bad else (y, mean, rstd, h)
@@ -235,17 +236,24 @@ def _native_layer_norm_backward(x: Tensor, grad: Tensor, weight: Optional[Tensor
             or not host_readable(x, grad, weight, mean, rstd)):
         return None
     width = x.shape[-1]
-    weight_f = None if weight is None else weight.to(torch.float32).contiguous()
+    weight_f = weight
+    if weight is not None and not (weight.dtype is torch.float32 and weight.is_contiguous()):
+        weight_f = weight.to(torch.float32).contiguous()
     dx = torch.empty_like(x) if needs[0] else None
     dweight = torch.empty(width, dtype=torch.float32) if needs[1] else None
     dbias = torch.empty(width, dtype=torch.float32) if needs[2] and bias is not None else None
-    status = kernel(x.data_ptr(), grad.data_ptr(), _NATIVE_DTYPES[x.dtype], _native.ptr(weight_f), mean.data_ptr(),
-                    rstd.data_ptr(), _native.ptr(dx), _native.ptr(dweight), _native.ptr(dbias), x.numel() // width,
-                    width, _native.threads())
+    status = kernel(x.data_ptr(), grad.data_ptr(), _NATIVE_DTYPES[x.dtype],
+                    None if weight_f is None else weight_f.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                    None if dx is None else dx.data_ptr(), None if dweight is None else dweight.data_ptr(),
+                    None if dbias is None else dbias.data_ptr(), x.numel() // width, width, torch.get_num_threads())
     if status != 0:
         return None
-    return (dx, None if dweight is None else dweight.to(weight.dtype),
-            None if dbias is None else dbias.to(bias.dtype))
+    # (a no-op .to() still costs a dispatch)
+    if dweight is not None and weight.dtype is not torch.float32:
+        dweight = dweight.to(weight.dtype)
+    if dbias is not None and bias.dtype is not torch.float32:
+        dbias = dbias.to(bias.dtype)
+    return dx, dweight, dbias
 
 
 def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
