@@ -206,7 +206,8 @@ def _native_row_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     bad = kernel(rows.data_ptr(), None if residual is None else residual.data_ptr(),
                  None if h is None else h.data_ptr(), _NATIVE_DTYPES[rows.dtype],
                  None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                 param is not None and param.dtype is torch.bfloat16, y.data_ptr(), None if mean is None else mean.data_ptr(), None if rstd is None else rstd.data_ptr(),
+                 param is not None and param.dtype is torch.bfloat16, y.data_ptr(),
+                 None if mean is None else mean.data_ptr(), None if rstd is None else rstd.data_ptr(),
                  rows.numel() // width, width, eps, kind == "rms", torch.get_num_threads())
     if bad < 0:  # no memory for the bf16 parameters' fp32 copy
         return None
