@@ -318,10 +318,6 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
                                   native=True)
         if result is not None:
             return result[0], _Stats(result[2], mean=result[1])
-    elif kind == "rms" and x.dtype == out_dtype and _unscaled_allowed(x, eps):
-        result = _native_row_norm(x, _offset_weight(weight, weight_offset), bias, eps, True, kind="rms")
-        if result is not None and result[0] is not None:
-            return result[0], _Stats(result[2])
     xf = opmath(x)
     stats = out = None
     if kind != "layer" and _unscaled_allowed(x, eps):
