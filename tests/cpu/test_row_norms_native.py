@@ -34,7 +34,7 @@ def _spy(monkeypatch, name, taken):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """How many forward calls reached the compiled kernel and returned its result."""
-    return _spy(monkeypatch, "_native_layer_norm", lambda result: result is not None and result[0] is not None)
+    return _spy(monkeypatch, "_native_row_norm", lambda result: result is not None and result[0] is not None)
 
 
 def _reference(x, w, b, eps=1e-5):
@@ -217,3 +217,60 @@ def test_weight_standardization_inference(dtype, offset, kernel_calls):
             low = NF.weight_standardize(weight)
             exact = NF.weight_standardize(weight.double())
     assert_lowprec_close(ours, low, exact)
+
+
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm_inference_matches_reference(shape, dtype, weight_offset, kernel_calls):
+    """RMSNorm through the same kernel (no mean taken off; a Gemma-style ``w + 1`` widened to fp32 first)."""
+    gen = torch.Generator().manual_seed(10)
+    n = shape[-1]
+    x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
+    w = (0.2 * torch.randn(n, generator=gen)).to(dtype)
+    with torch.no_grad():
+        y = NF.rms_norm(x, (n,), w, eps=1e-6, weight_offset=weight_offset)
+    assert kernel_calls == [True]
+    low = ref_row.rms_norm(x, (n,), w, 1e-6, weight_offset=weight_offset, out_dtype=dtype)
+    exact = ref_row.rms_norm(x.double(), (n,), w.double(), 1e-6, weight_offset=weight_offset)
+    assert_lowprec_close(y, low, exact)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 33), (2, 3, 1031)], ids=str)
+def test_fused_add_inference(shape, dtype, kind, kernel_calls):
+    """``add_layer_norm`` / ``add_rms_norm`` without gradients: ``h = x + residual`` (rounded once to the dtype) and
+    the norm of that stored ``h``, from one pass of the kernel."""
+    gen = torch.Generator().manual_seed(12)
+    n = shape[-1]
+    x, r = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    w = (1 + 0.2 * torch.randn(n, generator=gen)).to(dtype)
+    with torch.no_grad():
+        if kind == "layer":
+            y, h = NF.add_layer_norm(x, r, (n,), w, w)
+        else:
+            y, h = NF.add_rms_norm(x, r, (n,), w)
+    assert kernel_calls == [True]
+    expected_h = (x.float() + r.float()).to(dtype)  # added in fp32, rounded once
+    assert torch.equal(h, expected_h)
+    if kind == "layer":
+        low = ref_row.layer_norm(h, (n,), w, w, 1e-5, out_dtype=dtype)
+        exact = ref_row.layer_norm(h.double(), (n,), w.double(), w.double(), 1e-5)
+    else:
+        eps = torch.finfo(torch.float32).eps
+        low = ref_row.rms_norm(h, (n,), w, eps, out_dtype=dtype)
+        exact = ref_row.rms_norm(h.double(), (n,), w.double(), eps)
+    assert_lowprec_close(y, low, exact)
+
+
+def test_rms_rows_that_overflow_take_the_scaled_path(kernel_calls):
+    """A row whose mean square overflows fp32 (rstd = 0 in the kernel) is normalized through the scaled statistics."""
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(13))
+    x[1] *= 1e25
+    with torch.no_grad():
+        y = NF.rms_norm(x, (40,))
+        with normlayers.backend("reference"):
+            expected = NF.rms_norm(x, (40,))
+    assert kernel_calls[0] is False
+    assert_close(y, expected)

@@ -86,7 +86,7 @@ def _centred_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 
 def layer_norm_last_dim(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """``F.layer_norm`` over ``x``'s last dimension: for inference the compiled kernel where it takes the tensors
-    (:func:`normlayers.cpu.row_norms._native_layer_norm`), else ATen's ``native_layer_norm`` and its backward, or, where
+    (:func:`normlayers.cpu.row_norms._native_row_norm`), else ATen's ``native_layer_norm`` and its backward, or, where
     ``max|mean·rstd| > OFFSET_LIMIT``, the centred forms (:class:`_LayerNormLastDim`). Those need ``x``, ``weight`` and
     ``bias`` fp32 or fp64 of one dtype (ATen's mixed-type norm, e.g. a bf16 ``x`` with an fp32 ``weight``, computes in
     fp32 already) and plain tensors, outside ``torch.compile`` and ``torch.func`` transforms (``max|mean·rstd|`` is
@@ -94,7 +94,7 @@ def layer_norm_last_dim(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
     if inference and not torch.compiler.is_compiling():
         # the compiled kernel where it takes these tensors; it centres every row (csrc/row_norms.c)
-        result = row_norms._native_layer_norm(x, weight, bias, eps, False)
+        result = row_norms._native_row_norm(x, weight, bias, eps, False)
         if result is not None and result[0] is not None:
             return result[0]
     plain = (x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()

@@ -57,8 +57,12 @@ def host_readable(*tensors: Optional[Tensor]) -> bool:
     """Whether a path that reads statistics or parameters as numbers on the host may take these tensors: plain CPU
     tensors or parameters with storage, not a FakeTensor or another subclass, nor a tensor of a ``torch.func``
     transform (``None`` entries are skipped)."""
-    return torch._C._functorch.peek_interpreter_stack() is None and all(
-        t is None or type(t) in _HOST_TYPES for t in tensors)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    for t in tensors:  # a loop, not all() over a generator: this runs on every call of the compiled kernels
+        if t is not None and type(t) not in _HOST_TYPES:
+            return False
+    return True
 
 
 _HOST_TYPES = (Tensor, torch.nn.Parameter)

@@ -171,39 +171,47 @@ def _reference_rows(kind: str, x: Tensor, weight: Optional[Tensor], bias: Option
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the C kernels' dtype flag
 
 
-_LAYER_NORM_SIGNATURE = (ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_float, ctypes.c_int)
+_ROW_NORM_SIGNATURE = (ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int)
 
 
-def _native_layer_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, stats: bool
-                       ) -> Optional[tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
-    """``(y, mean, rstd)`` as ``native_layer_norm`` gives them (fp32 statistics of shape ``rows.shape[:-1] + (1,)``,
-    or ``None`` without ``stats``) from the compiled kernel (``csrc/row_norms.c``: one read of the rows, its trust
-    check counted in it), or ``None`` where it does not take these tensors (fp32 or bf16 rows, contiguous; parameters
-    contiguous, of one dtype, fp32 or the rows'; plain tensors: :mod:`._native`) or is unavailable; ``(None, None,
-    None)`` where a row's ``rstd`` is not positive and finite."""
-    kernel = _native.function("row_norms", "layer_norm_fwd", *_LAYER_NORM_SIGNATURE)
+def _native_row_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, stats: bool,
+                     kind: str = "layer", residual: Optional[Tensor] = None
+                     ) -> Optional[tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
+    """``(y, mean, rstd, h)`` of LayerNorm (``kind="layer"``, statistics as ``native_layer_norm`` gives them: fp32, of
+    shape ``rows.shape[:-1] + (1,)``, or ``None`` without ``stats``) or RMSNorm (``"rms"``, a zero mean) over the last
+    dim, from the compiled kernel (``csrc/row_norms.c``: one read of the rows, its trust check counted in it); with a
+    ``residual`` of the rows' dtype and shape, of ``h = rows + residual``, written in the same pass (else ``h`` is
+    ``None``). ``None`` where it does not take these tensors (fp32 or bf16 rows, contiguous; parameters contiguous, of
+    one dtype, fp32 or the rows'; plain tensors: :mod:`._native`) or is unavailable; ``y`` is ``None`` where a row's
+    ``rstd`` is not positive and finite."""
+    kernel = _native.function("row_norms", "row_norm_fwd", *_ROW_NORM_SIGNATURE)
     if kernel is None or rows.dtype not in _NATIVE_DTYPES or not rows.is_contiguous() or not host_readable(
-            rows, weight, bias):
+            rows, weight, bias, residual):
         return None
     param = weight if weight is not None else bias
     if param is not None and (param.dtype not in (torch.float32, rows.dtype) or not param.is_contiguous() or (
             weight is not None and bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
         return None
+    if residual is not None and (residual.dtype != rows.dtype or not residual.is_contiguous()):
+        return None
     y = torch.empty_like(rows)
+    h = None if residual is None else torch.empty_like(rows)
     mean = rstd = None
     if stats:
         mean = torch.empty((*rows.shape[:-1], 1), dtype=torch.float32)
         rstd = torch.empty_like(mean)
     width = rows.shape[-1]
-    bad = kernel(rows.data_ptr(), _NATIVE_DTYPES[rows.dtype], None if weight is None else weight.data_ptr(),
-                 None if bias is None else bias.data_ptr(), param is not None and param.dtype == torch.bfloat16,
-                 y.data_ptr(), None if mean is None else mean.data_ptr(), None if rstd is None else rstd.data_ptr(),
-                 rows.numel() // width, width, eps, _native.threads())
+    bad = kernel(rows.data_ptr(), None if residual is None else residual.data_ptr(),
+                 None if h is None else h.data_ptr(), _NATIVE_DTYPES[rows.dtype],
+                 None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                 param is not None and param.dtype is torch.bfloat16, y.data_ptr(),
+                 None if mean is None else mean.data_ptr(), None if rstd is None else rstd.data_ptr(),
+                 rows.numel() // width, width, eps, kind == "rms", torch.get_num_threads())
     if bad < 0:  # no memory for the bf16 parameters' fp32 copy
         return None
-    return (None, None, None) if bad else (y, mean, rstd)
+    return (None, None, None, h) if bad else (y, mean, rstd, h)
 
 
 _LAYER_NORM_BACKWARD_SIGNATURE = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
@@ -212,7 +220,7 @@ _LAYER_NORM_BACKWARD_SIGNATURE = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p
 
 
 def _native_layer_norm_available() -> bool:
-    return _native.function("row_norms", "layer_norm_fwd", *_LAYER_NORM_SIGNATURE) is not None
+    return _native.function("row_norms", "row_norm_fwd", *_ROW_NORM_SIGNATURE) is not None
 
 
 def _native_layer_norm_backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -229,17 +237,24 @@ def _native_layer_norm_backward(x: Tensor, grad: Tensor, weight: Optional[Tensor
             or not host_readable(x, grad, weight, mean, rstd)):
         return None
     width = x.shape[-1]
-    weight_f = None if weight is None else weight.to(torch.float32).contiguous()
+    weight_f = weight
+    if weight is not None and not (weight.dtype is torch.float32 and weight.is_contiguous()):
+        weight_f = weight.to(torch.float32).contiguous()
     dx = torch.empty_like(x) if needs[0] else None
     dweight = torch.empty(width, dtype=torch.float32) if needs[1] else None
     dbias = torch.empty(width, dtype=torch.float32) if needs[2] and bias is not None else None
-    status = kernel(x.data_ptr(), grad.data_ptr(), _NATIVE_DTYPES[x.dtype], _native.ptr(weight_f), mean.data_ptr(),
-                    rstd.data_ptr(), _native.ptr(dx), _native.ptr(dweight), _native.ptr(dbias), x.numel() // width,
-                    width, _native.threads())
+    status = kernel(x.data_ptr(), grad.data_ptr(), _NATIVE_DTYPES[x.dtype],
+                    None if weight_f is None else weight_f.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                    None if dx is None else dx.data_ptr(), None if dweight is None else dweight.data_ptr(),
+                    None if dbias is None else dbias.data_ptr(), x.numel() // width, width, torch.get_num_threads())
     if status != 0:
         return None
-    return (dx, None if dweight is None else dweight.to(weight.dtype),
-            None if dbias is None else dbias.to(bias.dtype))
+    # (a no-op .to() still costs a dispatch)
+    if dweight is not None and weight.dtype is not torch.float32:
+        dweight = dweight.to(weight.dtype)
+    if dbias is not None and bias.dtype is not torch.float32:
+        dbias = dbias.to(bias.dtype)
+    return dx, dweight, dbias
 
 
 def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -263,9 +278,9 @@ def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], 
         weight, bias = weight.to(kept[0]), bias.to(kept[0])
     if weight_offset:
         weight = weight + weight_offset
-    result = _native_layer_norm(rows, weight, bias, eps, fp32_stats) if native and len(shape) == 1 else None
+    result = _native_row_norm(rows, weight, bias, eps, fp32_stats) if native and len(shape) == 1 else None
     if result is not None:
-        y, mean, rstd = result
+        y, mean, rstd, _ = result
         if y is None:  # untrusted statistics
             return None
         return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
@@ -273,6 +288,25 @@ def _aten_layer_norm(x: Tensor, shape: Sequence[int], weight: Optional[Tensor], 
     if not all_positive_finite(rstd):
         return None
     return y if y.dtype == out_dtype else y.to(out_dtype), mean, rstd
+
+
+def _offset_weight(weight: Optional[Tensor], weight_offset: float) -> Optional[Tensor]:
+    """``w + offset`` in fp32 (the reference's), or the weight itself without an offset."""
+    return weight.to(torch.float32) + weight_offset if weight is not None and weight_offset else weight
+
+
+def _native_fused_add(kind: str, x: Tensor, residual: Tensor, shape: tuple[int, ...], weight: Optional[Tensor],
+                      bias: Optional[Tensor], eps: float, weight_offset: float) -> Optional[tuple[Tensor, Tensor]]:
+    """``(y, h)`` of an inference call of ``add_layer_norm`` or ``add_rms_norm`` (``x``, ``residual`` and ``h`` of one
+    dtype) from one compiled pass that writes ``h`` and normalizes it from cache, or ``None`` (then the caller adds
+    and normalizes as usual)."""
+    if kind == "crms" or len(shape) != 1 or not _unscaled_allowed(x, eps):
+        return None
+    result = _native_row_norm(x, _offset_weight(weight, weight_offset), bias, eps, False, kind=kind,
+                              residual=residual)
+    if result is None or result[0] is None:
+        return None
+    return result[0], result[3]
 
 
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, weight_offset: float,
@@ -284,6 +318,10 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
                                   native=True)
         if result is not None:
             return result[0], _Stats(result[2], mean=result[1])
+    elif kind == "rms" and x.dtype == out_dtype and _unscaled_allowed(x, eps):
+        result = _native_row_norm(x, _offset_weight(weight, weight_offset), bias, eps, True, kind="rms")
+        if result is not None and result[0] is not None:
+            return result[0], _Stats(result[2])
     xf = opmath(x)
     stats = out = None
     if kind != "layer" and _unscaled_allowed(x, eps):
@@ -346,7 +384,12 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
     differentiable = torch.is_grad_enabled() and (  # (no generator: this runs on every call)
         input.requires_grad or (residual is not None and residual.requires_grad)
         or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
-    fused_add = residual is not None and input.dtype == residual.dtype == residual_dtype and differentiable
+    same_dtype = residual is not None and input.dtype == residual.dtype == residual_dtype
+    fused_add = same_dtype and differentiable
+    if same_dtype and not differentiable:
+        result = _native_fused_add(kind, input, residual, shape, weight, bias, eps, weight_offset)
+        if result is not None:
+            return result
     h = input if residual is None or fused_add else _residual_add(input, residual, residual_dtype)
     # LayerNorm: the compiled kernel, else ATen's fused kernel and, for fp32/fp64, its own autograd, where trusted.
     # (bf16/fp16 rows with gradients take the Function: ATen's reduced-precision backward sums dW and dB in bf16; so

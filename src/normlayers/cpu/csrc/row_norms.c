@@ -35,16 +35,28 @@ static inline __attribute__((always_inline)) double row_squares(const void* x, i
     return total;
 }
 
-static inline __attribute__((always_inline)) int layer_norm_row(
+/* h = x + residual over a row, added in fp32 and rounded once to the rows' dtype (ATen's add). */
+static inline __attribute__((always_inline)) void residual_row(const void* x, const void* residual, void* h,
+                                                               int x_bf16, int64_t off, int64_t N) {
+    int64_t j = 0;
+    for (; j + NL_VL <= N; j += NL_VL)
+        nl_store(h, x_bf16, off + j, nl_load(x, x_bf16, off + j) + nl_load(residual, x_bf16, off + j));
+    for (; j < N; ++j)
+        nl_store1(h, x_bf16, off + j, nl_load1(x, x_bf16, off + j) + nl_load1(residual, x_bf16, off + j));
+}
+
+/* One row of LayerNorm, or with rms of RMSNorm (Zhang & Sennrich, 2019: y = x·rstd·w, rstd = 1/sqrt(mean(x²) + eps),
+ * no mean taken off). */
+static inline __attribute__((always_inline)) int row_norm_row(
         const void* x, int x_bf16, const float* w, const float* b, void* y, int64_t row, int64_t N, float eps,
-        float* mean_out, float* rstd_out) {
+        int rms, float* mean_out, float* rstd_out) {
     const int64_t off = row * N;
     /* One read for both moments, of x − k with k the mean of the row's first values (near the row's mean for any
      * but a sorted row): var = E[(x−k)²] − (E[x] − k)², whose rounding error is E[(x−k)²]·ε·(terms), so while
      * (E[x] − k)² ≤ var it is at most twice the centred form's. Otherwise a second, centred pass (in L1). */
     const int64_t head = N < NL_VL ? N : NL_VL;
     float k = 0.0f;
-    for (int64_t j = 0; j < head; ++j) k += nl_load1(x, x_bf16, off + j);
+    for (int64_t j = 0; j < head && !rms; ++j) k += nl_load1(x, x_bf16, off + j);
     k /= (float)head;
     const vf k_v = nl_splat(k);
     double shifted = 0.0, squares = 0.0;
@@ -68,10 +80,10 @@ static inline __attribute__((always_inline)) int layer_norm_row(
         shifted += s;
         squares += q;
     }
-    const double offset = shifted / (double)N;
-    double var = squares / (double)N - offset * offset;
+    const double offset = rms ? 0.0 : shifted / (double)N;
+    double var = squares / (double)N - offset * offset; /* RMSNorm: the mean of the squares */
     const float mean = (float)(k + offset);
-    if (!(offset * offset <= var)) /* also a NaN */
+    if (!rms && !(offset * offset <= var)) /* also a NaN */
         var = row_squares(x, x_bf16, off, N, mean) / (double)N;
     const float rstd = 1.0f / sqrtf((float)var + eps);
     if (mean_out) {
@@ -111,11 +123,14 @@ static const float* fp32_params(const void* p, int p_bf16, int64_t N, float** ow
     return *owned;
 }
 
-/* x and y: fp32 (x_bf16 = 0) or bf16 (1); w and b (either may be NULL): fp32 (p_bf16 = 0) or bf16 (1); mean and
- * rstd: M fp32 values, or both NULL (inference). Returns how many rows have an rstd that is not positive and finite
- * (0: all trusted), or -1 where memory for the bf16 parameters' fp32 copy was not available. */
-int64_t layer_norm_fwd(const void* x, int x_bf16, const void* w, const void* b, int p_bf16, void* y,
-                       float* mean, float* rstd, int64_t M, int64_t N, float eps, int threads) {
+/* LayerNorm (rms = 0) or RMSNorm (rms = 1; its mean is written as 0) of the M rows of width N of x, or with a residual
+ * of h = x + residual, written to h first (the row is then normalized from L1). x, residual, h and y: fp32
+ * (x_bf16 = 0) or bf16 (1); residual and h NULL, or both given; w and b (either may be NULL): fp32 (p_bf16 = 0) or
+ * bf16 (1); mean and rstd: M fp32 values, or both NULL (inference). Returns how many rows have an rstd that is not
+ * positive and finite (0: all trusted), or -1 where memory for the bf16 parameters' fp32 copy was not available. */
+int64_t row_norm_fwd(const void* x, const void* residual, void* h, int x_bf16, const void* w, const void* b,
+                     int p_bf16, void* y, float* mean, float* rstd, int64_t M, int64_t N, float eps, int rms,
+                     int threads) {
     float *w_owned, *b_owned;
     const float* wf = fp32_params(w, p_bf16, N, &w_owned);
     const float* bf = fp32_params(b, p_bf16, N, &b_owned);
@@ -127,10 +142,20 @@ int64_t layer_norm_fwd(const void* x, int x_bf16, const void* w, const void* b, 
         {
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
             const int64_t lo = nl_share(M, t, nt), hi = nl_share(M, t + 1, nt);
-            if (x_bf16)
-                for (int64_t i = lo; i < hi; ++i) bad += layer_norm_row(x, 1, wf, bf, y, i, N, eps, mean, rstd);
+#define ROW_NORM_ROWS(XB, RMS)                                                                         \
+    for (int64_t i = lo; i < hi; ++i) {                                                                \
+        if (residual) residual_row(x, residual, h, XB, i * N, N);                                       \
+        bad += row_norm_row(residual ? h : x, XB, wf, bf, y, i, N, eps, RMS, mean, rstd);               \
+    }
+            if (x_bf16 && rms)
+                ROW_NORM_ROWS(1, 1)
+            else if (x_bf16)
+                ROW_NORM_ROWS(1, 0)
+            else if (rms)
+                ROW_NORM_ROWS(0, 1)
             else
-                for (int64_t i = lo; i < hi; ++i) bad += layer_norm_row(x, 0, wf, bf, y, i, N, eps, mean, rstd);
+                ROW_NORM_ROWS(0, 0)
+#undef ROW_NORM_ROWS
         }
     }
     free(w_owned);
