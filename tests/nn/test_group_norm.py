@@ -160,7 +160,7 @@ def test_cpu_tier_is_torch_eager_bit_for_bit_in_fp32(act, layout):
             assert torch.equal(a, e)
 
     channels_last_kernel = layout == "channels_last" and _native.load("group_norm_channels_last") is not None
-    kernel_for = partial(cpu_group_norm._nchw_kernel_for, x, module.weight, module.bias, act)
+    kernel_for = partial(cpu_group_norm._nchw_kernel_for, x, module.num_groups, module.weight, module.bias, act)
     for a, e in zip(_step(module, x, "auto"), _step(_torch_pair(module, torch.float32), x, "reference")):
         check(a, e, kernel_for(True) is not None or channels_last_kernel)
     with torch.no_grad():  # without autograd the activation runs in place on the norm's output, not on the input

@@ -22,6 +22,18 @@
  * backward: 4.7 µs on one thread, 27 µs on two, the second core shared with other jobs). ATen's GRAIN_SIZE. */
 #define PARALLEL_MIN 32768
 
+/* How far ahead (in elements) the statistics' first read and the output pass's stores prefetch. The statistics read
+ * each block twice, the second from L1: with the first read's lines asked for into L1 256 elements ahead, the read
+ * from memory does not stall at each block's end; the output's lines are asked for ownership as far ahead. Measured
+ * (fp32, no activation, one thread, the kernel alone against ATen's forward): 2×320×32×32 0.99 -> 0.93,
+ * 1×512×64×64 1.02-1.09 -> 0.91, 8×1280×8×8 0.89-0.94 -> 0.87-0.94. */
+#define PREFETCH_AHEAD 256
+
+/* (as integers: the elements ahead may lie past the array, where a prefetch is harmless but a pointer is undefined) */
+static inline const void* element_at(const void* p, int bf16, int64_t j) {
+    return (const void*)((uintptr_t)p + (uintptr_t)(j * (bf16 ? 2 : 4)));
+}
+
 /* Mean and biased variance of the n values at p (offset off), in fp64. */
 static inline __attribute__((always_inline)) void moments(const void* p, int bf16, int64_t off, int64_t n,
                                                           double* mean_out, double* var_out) {
@@ -32,6 +44,8 @@ static inline __attribute__((always_inline)) void moments(const void* p, int bf1
         vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         int64_t j = start;
         for (; j + 4 * NL_VL <= end; j += 4 * NL_VL) {
+            for (int q = 0; q < 4; ++q)
+                __builtin_prefetch(element_at(p, bf16, off + j + PREFETCH_AHEAD + q * NL_VL), 0, 3);
             s0 += nl_load(p, bf16, off + j);
             s1 += nl_load(p, bf16, off + j + NL_VL);
             s2 += nl_load(p, bf16, off + j + 2 * NL_VL);
@@ -107,6 +121,7 @@ static inline __attribute__((always_inline)) void forward_group(
         int64_t j = 0;
         for (; j + NL_VL <= HW; j += NL_VL) {
             if (next) __builtin_prefetch(next + (c * HW + j) * (x_bf16 ? 2 : 4), 0, 2);
+            __builtin_prefetch(element_at(y, x_bf16, row + j + PREFETCH_AHEAD), 1, 2);
             nl_store(y, x_bf16, row + j, act_vf((nl_load(x, x_bf16, row + j) - mean_v) * scale_v + shift_v, act));
         }
         for (; j < HW; ++j)
