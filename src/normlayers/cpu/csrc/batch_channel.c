@@ -19,15 +19,6 @@
 
 #include "common.h"
 
-static const vi LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-/* v with its lanes below NL_VL − rem zeroed: the last rem values of a row read by a load that ends at its end (the
- * others were counted by the vector loop), instead of a scalar tail. */
-static inline vf last_lanes(vf v, int64_t rem) {
-    const vi keep = LANE >= (vi){0} + (int32_t)(NL_VL - rem);
-    return (vf)((vi)v & keep);
-}
-
 enum { BN_WEIGHT, BN_BIAS, WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR };
 enum { MODE_FROZEN, MODE_BATCH, MODE_ESTIMATE }; /* batch stage: given statistics, the batch's, EstBN's updated ones */
 
@@ -35,44 +26,6 @@ static inline double small_at(const void* p, int small_bf16, int which, int64_t 
     return p ? (double)nl_load1(p, (small_bf16 >> which) & 1, i) : absent;
 }
 
-/* Σ (x − shift) and Σ (x − shift)² over the values [start, end) at x + off, fp32 lanes. A plane of at least NL_VL
- * values (len) ends with a vector load that overlaps the loop's last one (last_lanes), a shorter one is read value by
- * value. */
-static inline __attribute__((always_inline)) void shifted_sums(const void* x, const int bf16, int64_t off,
-                                                               int64_t start, int64_t end, int64_t len, float shift,
-                                                               float* d_out, float* q_out) {
-    const vf shift_v = nl_splat(shift);
-    vf d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
-    int64_t j = start;
-    for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
-        const vf u = nl_load(x, bf16, off + j) - shift_v, v = nl_load(x, bf16, off + j + NL_VL) - shift_v;
-        d0 += u;
-        d1 += v;
-        q0 += u * u;
-        q1 += v * v;
-    }
-    if (j + NL_VL <= end) {
-        const vf u = nl_load(x, bf16, off + j) - shift_v;
-        d0 += u;
-        q0 += u * u;
-        j += NL_VL;
-    }
-    const int vector_tail = j < end && len >= NL_VL;
-    if (vector_tail) {
-        const vf v = last_lanes(nl_load(x, bf16, off + end - NL_VL) - shift_v, end - j);
-        d1 += v;
-        q1 += v * v;
-    }
-    float d = nl_hsum(d0 + d1), q = nl_hsum(q0 + q1);
-    if (!vector_tail)
-        for (; j < end; ++j) {
-            const float v = nl_load1(x, bf16, off + j) - shift;
-            d += v;
-            q += v * v;
-        }
-    *d_out = d;
-    *q_out = q;
-}
 
 /* The mean and biased variance of len values at x + off, fp64 (inv_last: 1 / the values of the last summation block,
  * the caller's, so that a short plane's few values pay no division). Each block of NL_BLOCK values is read once for
@@ -96,11 +49,11 @@ static inline __attribute__((always_inline)) void plane_moments(const void* x, c
             shift *= (float)inv_count;
         }
         float d, q;
-        shifted_sums(x, bf16, off, start, end, len, shift, &d, &q);
+        nl_shifted_sums(x, bf16, off, start, end, len, shift, &d, &q);
         double block_m2 = (double)q - (double)d * (double)d * inv_count;
         if (!(2.0 * (double)d * (double)d * inv_count <= (double)q)) { /* (mean − k)² > M2/n, or a NaN: again */
             shift += (float)((double)d * inv_count);
-            shifted_sums(x, bf16, off, start, end, len, shift, &d, &q);
+            nl_shifted_sums(x, bf16, off, start, end, len, shift, &d, &q);
             block_m2 = (double)q - (double)d * (double)d * inv_count;
         }
         const double block_mean = (double)shift + (double)d * inv_count;
@@ -454,7 +407,7 @@ static inline __attribute__((always_inline)) void plane_grad_sums(const void* x,
         }
         const int vector_tail = j < end && len >= NL_VL;
         if (vector_tail) {
-            const vf g1 = last_lanes(nl_load(dy, bf16, off + end - NL_VL), end - j);
+            const vf g1 = nl_last_lanes(nl_load(dy, bf16, off + end - NL_VL), end - j);
             a1 += g1;
             b1 += g1 * (nl_load(x, bf16, off + end - NL_VL) - m_v);
         }

@@ -117,6 +117,55 @@ static inline void nl_store1(void* p, int bf16, int64_t j, float v) {
         ((float*)p)[j] = v;
 }
 
+/* Statistics over blocks of a row. */
+static const vi NL_LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* v with its lanes below NL_VL − rem zeroed: the last rem values of a row read by a load that ends at its end (the
+ * others were counted by the vector loop), instead of a scalar tail. */
+static inline vf nl_last_lanes(vf v, int64_t rem) {
+    const vi keep = NL_LANE >= (vi){0} + (int32_t)(NL_VL - rem);
+    return (vf)((vi)v & keep);
+}
+
+/* Σ (x − shift) and Σ (x − shift)² over the values [start, end) at x + off, fp32 lanes. A plane of at least NL_VL
+ * values (len) ends with a vector load that overlaps the loop's last one (nl_last_lanes), a shorter one is read
+ * value by value. */
+static inline __attribute__((always_inline)) void nl_shifted_sums(const void* x, const int bf16, int64_t off,
+                                                                  int64_t start, int64_t end, int64_t len, float shift,
+                                                                  float* d_out, float* q_out) {
+    const vf shift_v = nl_splat(shift);
+    vf d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
+    int64_t j = start;
+    for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
+        const vf u = nl_load(x, bf16, off + j) - shift_v, v = nl_load(x, bf16, off + j + NL_VL) - shift_v;
+        d0 += u;
+        d1 += v;
+        q0 += u * u;
+        q1 += v * v;
+    }
+    if (j + NL_VL <= end) {
+        const vf u = nl_load(x, bf16, off + j) - shift_v;
+        d0 += u;
+        q0 += u * u;
+        j += NL_VL;
+    }
+    const int vector_tail = j < end && len >= NL_VL;
+    if (vector_tail) {
+        const vf v = nl_last_lanes(nl_load(x, bf16, off + end - NL_VL) - shift_v, end - j);
+        d1 += v;
+        q1 += v * v;
+    }
+    float d = nl_hsum(d0 + d1), q = nl_hsum(q0 + q1);
+    if (!vector_tail)
+        for (; j < end; ++j) {
+            const float v = nl_load1(x, bf16, off + j) - shift;
+            d += v;
+            q += v * v;
+        }
+    *d_out = d;
+    *q_out = q;
+}
+
 /* The [lo, hi) share of n items for thread t of nt. */
 static inline int64_t nl_share(int64_t n, int t, int nt) { return n * t / nt; }
 

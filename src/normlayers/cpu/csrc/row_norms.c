@@ -11,28 +11,16 @@
 /* rows per fp32 block of the weight and bias gradients' column sums (then added in fp64) */
 #define ROW_BLOCK 64
 
-/* Σ (x − shift)² over a row, in blocks of NL_BLOCK, the block sums added in fp64. */
-static inline __attribute__((always_inline)) double row_squares(const void* x, int x_bf16, int64_t off, int64_t N,
-                                                                float shift) {
-    const vf shift_v = nl_splat(shift);
-    double total = 0.0;
+/* Σ (x − shift) and Σ (x − shift)² over a row, in blocks of NL_BLOCK, the block sums added in fp64. */
+static inline __attribute__((always_inline)) void row_moments(const void* x, int x_bf16, int64_t off, int64_t N,
+                                                              float shift, double* shifted, double* squares) {
+    *shifted = *squares = 0.0;
     for (int64_t start = 0; start < N; start += NL_BLOCK) {
-        const int64_t end = start + NL_BLOCK < N ? start + NL_BLOCK : N;
-        vf s0 = {0}, s1 = {0};
-        int64_t j = start;
-        for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
-            const vf d0 = nl_load(x, x_bf16, off + j) - shift_v, d1 = nl_load(x, x_bf16, off + j + NL_VL) - shift_v;
-            s0 += d0 * d0;
-            s1 += d1 * d1;
-        }
-        float s = nl_hsum(s0 + s1);
-        for (; j < end; ++j) {
-            const float d = nl_load1(x, x_bf16, off + j) - shift;
-            s += d * d;
-        }
-        total += s;
+        float d, q;
+        nl_shifted_sums(x, x_bf16, off, start, start + NL_BLOCK < N ? start + NL_BLOCK : N, N, shift, &d, &q);
+        *shifted += d;
+        *squares += q;
     }
-    return total;
 }
 
 /* h = x + residual over a row, added in fp32 and rounded once to the rows' dtype (ATen's add). */
@@ -58,33 +46,15 @@ static inline __attribute__((always_inline)) int row_norm_row(
     float k = 0.0f;
     for (int64_t j = 0; j < head && !rms; ++j) k += nl_load1(x, x_bf16, off + j);
     k /= (float)head;
-    const vf k_v = nl_splat(k);
-    double shifted = 0.0, squares = 0.0;
-    for (int64_t start = 0; start < N; start += NL_BLOCK) {
-        const int64_t end = start + NL_BLOCK < N ? start + NL_BLOCK : N;
-        vf s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};
-        int64_t j = start;
-        for (; j + 2 * NL_VL <= end; j += 2 * NL_VL) {
-            const vf d0 = nl_load(x, x_bf16, off + j) - k_v, d1 = nl_load(x, x_bf16, off + j + NL_VL) - k_v;
-            s0 += d0;
-            s1 += d1;
-            q0 += d0 * d0;
-            q1 += d1 * d1;
-        }
-        float s = nl_hsum(s0 + s1), q = nl_hsum(q0 + q1);
-        for (; j < end; ++j) {
-            const float d = nl_load1(x, x_bf16, off + j) - k;
-            s += d;
-            q += d * d;
-        }
-        shifted += s;
-        squares += q;
-    }
+    double shifted, squares;
+    row_moments(x, x_bf16, off, N, k, &shifted, &squares);
     const double offset = rms ? 0.0 : shifted / (double)N;
     double var = squares / (double)N - offset * offset; /* RMSNorm: the mean of the squares */
     const float mean = (float)(k + offset);
-    if (!rms && !(offset * offset <= var)) /* also a NaN */
-        var = row_squares(x, x_bf16, off, N, mean) / (double)N;
+    if (!rms && !(offset * offset <= var)) { /* also a NaN */
+        row_moments(x, x_bf16, off, N, mean, &shifted, &squares);
+        var = squares / (double)N;
+    }
     const float rstd = 1.0f / sqrtf((float)var + eps);
     if (mean_out) {
         mean_out[row] = mean;
