@@ -220,7 +220,7 @@ def test_expanded_output_gradient(dtype, layout, kernel_calls):
             y = NF.batch_channel_norm(leaf, None, None, *_params(8, 4, dtype), training=True, num_groups=4)
             grads.append(torch.autograd.grad(y.float().sum() if dtype == torch.float32 else y.sum(), leaf)[0])
     assert grads[0].isfinite().all()
-    # the table's atol alone: dx of a sum of normalized values is ~0 everywhere, where a relative tolerance means nothing
+    # the table's atol alone: dx of a sum of normalized values is ~0 everywhere, where rtol means nothing
     torch.testing.assert_close(grads[0].float(), grads[1].float(), atol=tolerance(dtype)[1], rtol=0.0)
     assert kernel_calls == ["_native_forward", "_native_backward"]
 
