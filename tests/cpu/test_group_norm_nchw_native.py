@@ -68,29 +68,29 @@ def test_matches_the_reference(case, dtype, act):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("act", [None, "silu", "relu"])
 def test_the_kernel_runs_where_it_takes_the_call(act, dtype):
-    """Contiguous fp32/bf16 input with a fused activation goes through the kernel's autograd.Function in training, and
-    not through ATen's group norm in inference (which the test replaces by a failure), except an fp32 inference call
-    without an activation on small groups: ATen's forward there (the kernel measured no faster)."""
+    """Contiguous fp32/bf16 input with or without a fused activation goes through the kernel's autograd.Function in
+    training, and not through ATen's group norm in inference (which the test replaces by a failure)."""
     x, weight, bias = (t.requires_grad_() for t in _tensors((2, 64, 4, 4), dtype))
     y = NF.group_norm(x, 32, weight, bias, 1e-5, act)
     assert type(y.grad_fn).__name__ == "_NCHWKernelFunctionBackward"
     assert y.dtype is dtype
-    aten_inference = act is None and dtype is torch.float32
-    assert (cpu_group_norm._nchw_kernel_for(x, 32, weight, bias, act, False) is None) == aten_inference
-    if not aten_inference:
-        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch, "group_norm", None)
-            patch.setattr(torch, "native_group_norm", None)
-            NF.group_norm(x, 32, weight, bias, 1e-5, act)
+    assert cpu_group_norm._nchw_kernel_for(x, weight, bias, act) is not None
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "group_norm", None)
+        patch.setattr(torch, "native_group_norm", None)
+        y = NF.group_norm(x, 32, weight, bias, 1e-5, act)
+    _, bounds = _errors_and_bounds(lambda x, w, b: NF.group_norm(x, 32, w, b, 1e-5, act),
+                                   lambda x, w, b: ref.group_norm(x, 32, w, b, 1e-5, act), [x, weight, bias])
+    expected = ref.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-5, act)
+    assert max_abs_error(y, expected) <= bounds["y"]
 
 
 @needs_kernel
-def test_fp32_inference_without_an_activation_takes_the_kernel_on_large_groups():
-    """Large groups (65536 values and more) take the kernel in inference, within the bound of the fp64 reference;
-    smaller ones ATen's forward."""
-    x, weight, bias = _tensors((1, 2, 256, 256))
-    assert cpu_group_norm._nchw_kernel_for(x, 2, weight, bias, None, False) is not None  # 65536 values per group
-    assert cpu_group_norm._nchw_kernel_for(x[:, :, :128].contiguous(), 2, weight, bias, None, False) is None
+@pytest.mark.parametrize("values_per_group", [65536, 16384 + 3])
+def test_fp32_inference_of_long_groups_is_within_the_bound(values_per_group):
+    """Groups larger than a block of the statistics, and a length that is not a multiple of it, in inference: within
+    the bound of the fp64 reference."""
+    x, weight, bias = _tensors((1, 2, 1, values_per_group))
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "group_norm", None)
         patch.setattr(torch, "native_group_norm", None)
@@ -106,7 +106,7 @@ def test_channels_last_and_other_dtypes_do_not_take_the_kernel():
     x, weight, bias = _tensors((2, 64, 4, 4))
 
     def takes(x, weight, bias, act):
-        return cpu_group_norm._nchw_kernel_for(x, 32, weight, bias, act, True) is not None
+        return cpu_group_norm._nchw_kernel_for(x, weight, bias, act) is not None
 
     assert not takes(x.contiguous(memory_format=torch.channels_last), weight, bias, None)
     assert not takes(x.double(), weight.double(), bias.double(), None)

@@ -8,12 +8,11 @@ the reference and the kernels do (eager bf16 rounds the norm's output before the
 
 Contiguous NCHW fp32/bf16 input with no activation, SiLU or ReLU runs a compiled kernel instead
 (``csrc/group_norm_nchw.c``, :func:`_nchw_kernel_for`): centred statistics and the activation in one read and one
-write, the backward from one read of ``(dy, x)`` and one ``dx`` pass (:class:`_NCHWKernelFunction`); not fp32
-inference without an activation, where ATen's forward measured as fast. fp32/bf16 input whose channels are innermost
-(channels_last, channels_last_3d, a transposed ``(N, L, C)``) runs ``csrc/group_norm_channels_last.c``
-(:func:`_compiled_channels_last`): accurate statistics (two-pass per channel and block, combined in fp64) and the
-activation in one read and one write, the backward from one read of ``(dy, x)`` and one ``dx`` pass
-(:class:`_ChannelsLastGroupNormFunction`). What follows is the ATen path of every other call.
+write, the backward from one read of ``(dy, x)`` and one ``dx`` pass (:class:`_NCHWKernelFunction`). fp32/bf16
+input whose channels are innermost (channels_last, channels_last_3d, a transposed ``(N, L, C)``) runs
+``csrc/group_norm_channels_last.c`` (:func:`_compiled_channels_last`): accurate statistics (two-pass per channel and
+block, combined in fp64) and the activation in one read and one write, the backward from one read of ``(dy, x)`` and
+one ``dx`` pass (:class:`_ChannelsLastGroupNormFunction`). What follows is the ATen path of every other call.
 
 Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
 trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]² from
@@ -387,14 +386,6 @@ _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _KERNEL_ACTIVATIONS = {None: 0, "silu": 1, "relu": 2}
 
 
-# The fewest values per (sample, group) for which an fp32 inference call without an activation takes the kernel.
-# Measured against ATen's forward through the whole call (one thread, interleaved, medians of 15-17): groups of 64K
-# values and more 0.69-0.98 of its time (1×512×64×64 0.88, 1×256×128×128 0.69, 1×512×128×128 0.96,
-# 1×128×128×128 0.98), of 32K-40K values 0.99-1.0 (2×256×64×64, 2×320×64×64), of 2.5K-10K 1.0-1.08 (8×1280×8×8,
-# 4×128×32×32, 2×320×32×32): where the kernel alone is about ATen's time, the call's extra Python steps decide.
-_KERNEL_INFERENCE_MIN_GROUP = 1 << 16
-
-
 def _nchw_forward_kernel() -> Any:
     return _compiled.function("group_norm_nchw", "group_norm_nchw_fwd", None, ctypes.c_void_p, ctypes.c_int,
                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -409,20 +400,11 @@ def _nchw_backward_kernel() -> Any:
                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int)
 
 
-def _nchw_kernel_for(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                     act: Optional[str], differentiable: bool) -> Any:
+def _nchw_kernel_for(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], act: Optional[str]) -> Any:
     """The compiled NCHW forward if it runs this call, else ``None``: contiguous fp32 or bf16 input, an activation it
     fuses, contiguous parameters of one dtype (fp32 or bf16), plain tensors outside ``torch.compile``, and the kernel
-    built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)
-
-    An fp32 inference call without an activation only where a group holds at least
-    :data:`_KERNEL_INFERENCE_MIN_GROUP` values: there ATen's forward alone reads and writes as little, and the kernel
-    measured faster only on large groups (docs/group_norm.md); elsewhere it wins where it fuses the activation, the
-    conversions of bf16, or the backward's passes."""
+    built. (Plain conditions: this runs on every call, and a set or generator of the dtypes cost a microsecond.)"""
     if not (act in _KERNEL_ACTIVATIONS and x.dtype in _KERNEL_DTYPES and x.is_contiguous()):
-        return None
-    if (act is None and x.dtype is torch.float32 and not differentiable
-            and x.numel() < _KERNEL_INFERENCE_MIN_GROUP * x.shape[0] * num_groups):
         return None
     param = weight if weight is not None else bias
     if param is not None and not (
@@ -637,7 +619,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     if compiled is not None:
         return compiled
     differentiable = _differentiable(input, weight, bias)
-    kernel = _nchw_kernel_for(input, num_groups, weight, bias, act, differentiable)
+    kernel = _nchw_kernel_for(input, weight, bias, act)
     if kernel is not None and differentiable:
         return _NCHWKernelFunction.apply(input, num_groups, weight, bias, eps, act, kernel)
     if kernel is not None:
