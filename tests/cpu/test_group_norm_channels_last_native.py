@@ -54,6 +54,8 @@ SHAPES = {
     "1d": ((3, 48, 301), 4),                         # a transposed (N, L, C): 2 blocks of 128 and one of 45
     "3d": ((2, 32, 3, 5, 7), 4),                     # channels_last_3d
     "batch-1-long-plane": ((1, 64, 40, 40), 32),     # 1600 positions: 13 blocks, the last of 64
+    # batch 1: blocks shared out, the output and dx passes walk rows (rows_output), each with a partial vector
+    "batch-1-C-not-a-vector": ((1, 20, 17, 9), 5),
 }
 
 
