@@ -8,11 +8,11 @@ the reference and the kernels do (eager bf16 rounds the norm's output before the
 
 Contiguous NCHW fp32/bf16 input with no activation, SiLU or ReLU runs a compiled kernel instead
 (``csrc/group_norm_nchw.c``, :func:`_nchw_kernel_for`): centred statistics and the activation in one read and one
-write, the backward from one read of ``(dy, x)`` and one ``dx`` pass (:class:`_NCHWKernelFunction`). fp32/bf16
+write, the backward from one read of ``(dy, x)`` and one ``dx`` pass (:class:`_CompiledGroupNormFunction`). fp32/bf16
 input whose channels are innermost (channels_last, channels_last_3d, a transposed ``(N, L, C)``) runs
 ``csrc/group_norm_channels_last.c`` (:func:`_compiled_channels_last`): accurate statistics (two-pass per channel and
 block, combined in fp64) and the activation in one read and one write, the backward from one read of ``(dy, x)`` and
-one ``dx`` pass (:class:`_ChannelsLastGroupNormFunction`). What follows is the ATen path of every other call.
+one ``dx`` pass (the same Function). What follows is the ATen path of every other call.
 
 Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
 trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]² from
@@ -432,50 +432,23 @@ def _nchw_kernel_forward(kernel: Any, x: Tensor, num_groups: int, weight: Option
     return y, stats
 
 
-class _NCHWKernelFunction(torch.autograd.Function):
-    """Contiguous NCHW input under autograd through the compiled kernel: the forward saves the input and the
-    ``(N, G)`` statistics (not the pre-activation), the backward recomputes the activation's derivative from them and
-    returns the gradients asked for (``dweight``/``dbias`` in the parameters' dtype)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                act: Optional[str], kernel: Any) -> Tensor:
-        y, stats = _nchw_kernel_forward(kernel, x, num_groups, weight, bias, eps, act, statistics=True)
-        ctx.save_for_backward(x, weight, bias, stats)
-        ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, bias, stats = ctx.saved_tensors
-        needs_dx, _, needs_dweight, needs_dbias, _, _, _ = ctx.needs_input_grad
-        if torch.is_grad_enabled() or not host_readable(dy):
-            # a double backward (the saved statistics hold no graph) or a gradient the kernel cannot read: autograd
-            # of ATen's ops from x
-            leaves = [t for t, need in zip((x, weight, bias), (needs_dx, needs_dweight, needs_dbias)) if need]
-            with torch.enable_grad():
-                y = activation(torch.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, True), ctx.act)
-                grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=torch.is_grad_enabled()))
-            return (next(grads) if needs_dx else None, None, next(grads) if needs_dweight else None,
-                    next(grads) if needs_dbias else None, None, None, None)
-        n, c = x.shape[:2]
-        dy = dy.contiguous()
-        param = weight if weight is not None else bias
-        sums = torch.empty((n, c, 2), dtype=torch.float64)
-        dweight = torch.empty(c, dtype=torch.float32) if needs_dweight else None
-        dbias = torch.empty(c, dtype=torch.float32) if needs_dbias else None
-        dx = torch.empty_like(x) if needs_dx else None
-        mean = stats.data_ptr()
-        _nchw_backward_kernel()(dy.data_ptr(), x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight),
-                                _compiled.ptr(bias), param is not None and param.dtype is torch.bfloat16, mean,
-                                mean + 4 * n * ctx.num_groups, _compiled.ptr(dx), _compiled.ptr(dweight),
-                                _compiled.ptr(dbias), sums.data_ptr(), n, c, x.numel() // (n * c), ctx.num_groups,
-                                _KERNEL_ACTIVATIONS[ctx.act], _compiled.threads())
-        if dweight is not None and dweight.dtype is not weight.dtype:
-            dweight = dweight.to(weight.dtype)
-        if dbias is not None and dbias.dtype is not bias.dtype:
-            dbias = dbias.to(bias.dtype)
-        return dx, None, dweight, dbias, None, None, None
+def _nchw_backward(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                   act: Optional[str], statistics: Tensor, needs: tuple[bool, bool, bool]) -> list[Optional[Tensor]]:
+    """``[dx, dweight, dbias]`` (``None`` where not in ``needs``) of contiguous NCHW ``x`` by the compiled backward,
+    from the forward's ``(2, N, G)`` fp32 ``statistics``; ``dweight``/``dbias`` in the parameters' dtype."""
+    n, c = x.shape[:2]
+    dy = dy.contiguous()
+    param = weight if weight is not None else bias
+    sums = torch.empty((n, c, 2), dtype=torch.float64)
+    dx = torch.empty_like(x) if needs[0] else None
+    dweight, dbias = (torch.empty(c, dtype=torch.float32) if need else None for need in needs[1:])
+    mean = statistics.data_ptr()
+    _nchw_backward_kernel()(dy.data_ptr(), x.data_ptr(), _KERNEL_DTYPES[x.dtype], _compiled.ptr(weight),
+                            _compiled.ptr(bias), param is not None and param.dtype is torch.bfloat16, mean,
+                            mean + 4 * n * num_groups, _compiled.ptr(dx), _compiled.ptr(dweight), _compiled.ptr(dbias),
+                            sums.data_ptr(), n, c, x.numel() // (n * c), num_groups, _KERNEL_ACTIVATIONS[act],
+                            _compiled.threads())
+    return [dx, _param_grad(dweight, weight), _param_grad(dbias, bias)]
 
 
 def _differentiable(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
@@ -552,40 +525,54 @@ def _composite_grads(x: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     return [next(grads) if need else None for need in needs]
 
 
-class _ChannelsLastGroupNormFunction(torch.autograd.Function):
-    """Channels-last fp32/bf16 input under autograd, by the compiled kernels: the forward (given: ``forward``, the
-    compiled forward's ``(y, statistics)``) saves the fp64 statistics beside the input, and the backward recomputes
-    the activation's input from them (nothing else of the input's size is saved)."""
+def _channels_last_backward(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor],
+                            bias: Optional[Tensor], act: Optional[str], statistics: Tensor,
+                            needs: tuple[bool, bool, bool]) -> Optional[list[Optional[Tensor]]]:
+    """``[dx, dweight, dbias]`` (``None`` where not in ``needs``) of channels-last ``x`` by the compiled backward,
+    from the forward's ``(2, N, G)`` fp64 ``statistics``, or ``None`` where the kernel is unavailable or could not
+    allocate its scratch memory."""
+    kernel = _backward_kernel()
+    if kernel is None:
+        return None
+    if dy.dtype is not x.dtype or dy.stride() != x.stride():  # (else as it is: x's layout)
+        dy = dy.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
+    n, c = x.shape[:2]
+    dx = torch.empty_like(x) if needs[0] else None
+    dweight, dbias = (torch.empty(c, dtype=torch.float32) if need else None for need in needs[1:])
+    kernel_weight, kernel_bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
+    failed = kernel(dy.data_ptr(), x.data_ptr(), _compiled.ptr(dx), _KERNEL_DTYPES[x.dtype],
+                    _compiled.ptr(kernel_weight), _compiled.ptr(kernel_bias), statistics.data_ptr(),
+                    statistics.data_ptr() + n * num_groups * 8, _compiled.ptr(dweight), _compiled.ptr(dbias), n,
+                    x.numel() // (n * c), c, num_groups, _KERNEL_ACTIVATIONS[act], _compiled.threads())
+    return None if failed else [dx, _param_grad(dweight, weight), _param_grad(dbias, bias)]
+
+
+class _CompiledGroupNormFunction(torch.autograd.Function):
+    """fp32/bf16 input under autograd through a compiled kernel pair, NCHW (:func:`_nchw_backward`) or channels-last
+    (:func:`_channels_last_backward`): the forward (run before: ``forward``, the compiled forward's
+    ``(y, statistics)``) saves the ``(N, G)`` statistics beside the input, and the backward recomputes the activation's
+    input from them (nothing else of the input's size is saved). A double backward (the saved statistics hold no
+    graph), a gradient the kernel cannot read, or a kernel that could not run: autograd of ATen's ops from ``x``."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                act: Optional[str], forward: tuple[Tensor, Tensor]) -> Tensor:
+                act: Optional[str], backward: Any, forward: tuple[Tensor, Tensor]) -> Tensor:
         y, statistics = forward
         ctx.save_for_backward(x, weight, bias, statistics)
-        ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
+        ctx.num_groups, ctx.eps, ctx.act, ctx.kernel_backward = num_groups, eps, act, backward
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, bias, statistics = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        kernel = _backward_kernel()
-        if kernel is not None and not torch.is_grad_enabled() and host_readable(dy):
-            if dy.dtype is not x.dtype or dy.stride() != x.stride():  # (else as it is: x's layout)
-                dy = dy.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
-            dx = torch.empty_like(x) if needs[0] else None
-            dweight, dbias = (torch.empty(x.shape[1], dtype=torch.float32) if need else None for need in needs[1:])
-            n, c = x.shape[:2]
-            kernel_weight, kernel_bias = _kernel_param(weight), _kernel_param(bias)  # (alive until the call returns)
-            failed = kernel(dy.data_ptr(), x.data_ptr(), _compiled.ptr(dx), _KERNEL_DTYPES[x.dtype],
-                            _compiled.ptr(kernel_weight), _compiled.ptr(kernel_bias), statistics.data_ptr(),
-                            statistics.data_ptr() + n * ctx.num_groups * 8, _compiled.ptr(dweight),
-                            _compiled.ptr(dbias), n, x.numel() // (n * c), c, ctx.num_groups,
-                            _KERNEL_ACTIVATIONS[ctx.act], _compiled.threads())
-            if not failed:
-                return (dx, None, _param_grad(dweight, weight), _param_grad(dbias, bias), None, None, None)
-        dx, dweight, dbias = _composite_grads(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act, dy, needs)
-        return dx, None, dweight, dbias, None, None, None
+        grads = None
+        if not torch.is_grad_enabled() and host_readable(dy):
+            grads = ctx.kernel_backward(dy, x, ctx.num_groups, weight, bias, ctx.act, statistics, needs)
+        if grads is None:
+            grads = _composite_grads(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act, dy, needs)
+        dx, dweight, dbias = grads
+        return dx, None, dweight, dbias, None, None, None, None
 
 
 def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -606,7 +593,8 @@ def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Ten
     if forward is None:
         return None
     if differentiable:
-        y = _ChannelsLastGroupNormFunction.apply(input, num_groups, weight, bias, eps, fused, forward)
+        y = _CompiledGroupNormFunction.apply(input, num_groups, weight, bias, eps, fused, _channels_last_backward,
+                                             forward)
     else:
         y = forward[0]
     return y if fused == act else activation(y, act)
@@ -620,10 +608,11 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
         return compiled
     differentiable = _differentiable(input, weight, bias)
     kernel = _nchw_kernel_for(input, weight, bias, act)
-    if kernel is not None and differentiable:
-        return _NCHWKernelFunction.apply(input, num_groups, weight, bias, eps, act, kernel)
     if kernel is not None:
-        return _nchw_kernel_forward(kernel, input, num_groups, weight, bias, eps, act, statistics=False)[0]
+        forward = _nchw_kernel_forward(kernel, input, num_groups, weight, bias, eps, act, statistics=differentiable)
+        if not differentiable:
+            return forward[0]
+        return _CompiledGroupNormFunction.apply(input, num_groups, weight, bias, eps, act, _nchw_backward, forward)
     x = input
     if not _native(input, weight, bias):  # low-precision input or parameters of another dtype: the compute dtype
         x, (weight, bias) = opmath(input), params_like(input, weight, bias)
