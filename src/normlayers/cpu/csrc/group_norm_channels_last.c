@@ -5,9 +5,9 @@
  * Forward: one read pass for the statistics and one output pass. The statistics are two-pass per channel over each
  * block of GN_RUN positions while it sits in cache (the channel's block mean, then the squared deviations from it and
  * their residual sum), the channels and blocks of a group combined in fp64 by the law of total variance: never
- * E[x²] − E[x]², so a group whose mean is large against its spread keeps its accuracy. The mean is kept in fp64 and
- * taken off in two fp32 parts (its fp32 rounding, then the rest), so no term of the size of the mean is rounded. The
- * output pass walks the same blocks backwards, finding the last ones read still in cache; where samples are small
+ * E[x²] − E[x]², so a group whose mean is large against its spread keeps its accuracy. The mean is kept in fp64: its
+ * fp32 rounding is taken off x and the rest enters through the shift (channel_coefficients), so no term of the size of
+ * the mean is rounded. The output pass walks the same blocks backwards, finding the last ones read still in cache; where samples are small
  * a thread reads, finalizes and writes one whole sample after another (whole_samples). Each block is walked in tiles
  * of up to TILE·16 channels, whose accumulators and coefficients stay in registers, except by the output (and dx)
  * pass and the backward's sums pass over blocks that are not in cache, which walk them row after row (rows_output).
@@ -169,12 +169,11 @@ static inline __attribute__((always_inline)) void tile_moments(
 
 static inline __attribute__((always_inline)) void tile_output(
         const void* x, void* y, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile, int nq,
-        int partial, const float* mean_hi, const float* mean_lo, const float* scale, const float* shift, int act) {
+        int partial, const float* mean_hi, const float* scale, const float* shift, int act) {
     const int64_t C = L->C, j0 = tile * TILE * NL_VL;
-    vf hi[TILE], lo[TILE], a[TILE], b[TILE];
+    vf hi[TILE], a[TILE], b[TILE];
     for (int q = 0; q < nq; ++q) {
         hi[q] = vec_at(mean_hi, j0 + q * NL_VL);
-        lo[q] = vec_at(mean_lo, j0 + q * NL_VL);
         a[q] = vec_at(scale, j0 + q * NL_VL);
         b[q] = vec_at(shift, j0 + q * NL_VL);
     }
@@ -183,7 +182,7 @@ static inline __attribute__((always_inline)) void tile_output(
             const int64_t at = base + p * C + j0 + q * NL_VL, lanes = tile_lanes(L, partial, q, nq);
             prefetch_at(x, bf16, at + L->ahead);
             prefetch_for_store(y, bf16, at + L->ahead);
-            const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
+            const vf d = load_at(x, bf16, at, lanes) - hi[q];
             store_at(y, bf16, at, lanes, act_vf(d * a[q] + b[q], act));
         }
 }
@@ -192,16 +191,16 @@ static inline __attribute__((always_inline)) void tile_output(
  * order, which the hardware prefetchers follow, for blocks that are no longer in cache (blocks shared out: samples too
  * large for whole_samples). There the tile walk's rows C·4 bytes apart cost: at 1×512×64×64 on a Zen 4 core its
  * output pass alone took about 3× a copy of the same bytes. In cache the tile walk is faster (its coefficients stay in
- * registers; this loop loads four per vector). */
+ * registers; this loop loads three per vector). */
 static inline __attribute__((always_inline)) void rows_output(const void* x, void* y, int bf16, const Layout* L,
                                                               int64_t base, int64_t p0, int64_t p1,
-                                                              const float* mean_hi, const float* mean_lo,
-                                                              const float* scale, const float* shift, int act) {
+                                                              const float* mean_hi, const float* scale,
+                                                              const float* shift, int act) {
     const int64_t C = L->C;
     for (int64_t p = p0; p < p1; ++p)
         for (int64_t j = 0; j < C; j += NL_VL) {
             const int64_t at = base + p * C + j, lanes = lanes_at(C, j);
-            const vf d = load_at(x, bf16, at, lanes) - vec_at(mean_hi, j) - vec_at(mean_lo, j);
+            const vf d = load_at(x, bf16, at, lanes) - vec_at(mean_hi, j);
             store_at(y, bf16, at, lanes, act_vf(d * vec_at(scale, j) + vec_at(shift, j), act));
         }
 }
@@ -257,15 +256,19 @@ static inline void rounds(int per_sample, int64_t N, int t, int nt, int64_t* fir
     *end = per_sample ? nl_share(N, t + 1, nt) : 1;
 }
 
-/* Per (sample, channel): the mean's fp32 part and its remainder, and the group's scale r·γ_c (fp32). */
+/* Per (sample, channel): the mean's fp32 rounding hi, the group's scale a = r·γ_c and the shift β_c − (μ − hi)·a
+ * (fp32), so that z = (x − μ)·a + β_c = (x − hi)·a + shift: x − hi is exact near the mean (Sterbenz) and the mean's
+ * remainder μ − hi, below half an ulp of μ, enters through the shift, so no term of the size of μ is rounded. */
 static void channel_coefficients(const Layout* L, int64_t n, int64_t g, double mean, double r, const float* w,
-                                 float* mean_hi, float* mean_lo, float* scale) {
+                                 const float* b, float* mean_hi, float* scale, float* shift) {
     const int64_t D = L->C / L->G, Cp = padded(L->C);
-    const float hi = (float)mean, lo = (float)(mean - hi);
+    const float hi = (float)mean;
+    const double lo = mean - hi;
     for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        const double a = w ? r * w[c] : r;
         mean_hi[n * Cp + c] = hi;
-        mean_lo[n * Cp + c] = lo;
-        scale[n * Cp + c] = (float)(w ? r * w[c] : r);
+        scale[n * Cp + c] = (float)a;
+        shift[n * Cp + c] = (float)((b ? b[c] : 0.0) - lo * a);
     }
 }
 
@@ -277,15 +280,14 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
     const int64_t blocks = N * L.blocks_per_sample, Cp = padded(C), D = C / G;
     double* block_means = malloc(sizeof(double) * Cp * blocks);
     float* block_m2 = malloc(sizeof(float) * Cp * blocks);
-    float* coefficients = calloc((3 * N + 1) * Cp, sizeof(float));
+    float* coefficients = calloc(3 * N * Cp, sizeof(float));
     if (!block_means || !block_m2 || !coefficients) {
         free(block_means);
         free(block_m2);
         free(coefficients);
         return -1;
     }
-    float *mean_hi = coefficients, *mean_lo = mean_hi + N * Cp, *scale = mean_lo + N * Cp, *shift = scale + N * Cp;
-    for (int64_t c = 0; c < C; ++c) shift[c] = b ? b[c] : 0.0f;
+    float *mean_hi = coefficients, *scale = mean_hi + N * Cp, *shift = scale + N * Cp;
     const int per_sample = whole_samples(N, P * C * (bf16 ? 2 : 4) * 2, threads);
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
@@ -320,19 +322,18 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
                     mean[i] = mu;
                     rstd[i] = r;
                 }
-                channel_coefficients(&L, n, g, mu, r, w, mean_hi, mean_lo, scale);
+                channel_coefficients(&L, n, g, mu, r, w, b, mean_hi, scale, shift);
             }
             if (!per_sample) {
 #pragma omp barrier
             }
             if (per_sample) {
                 FOR_EACH_TILE(&L, share, 1, WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_output(
-                    x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
-                    scale + n * Cp, shift, ACT))));
+                    x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, scale + n * Cp,
+                    shift + n * Cp, ACT))));
             } else {
                 FOR_EACH_BLOCK(share, 1, WITH_CONSTANT_FLAGS(bf16, act, rows_output(
-                    x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, mean_lo + n * Cp, scale + n * Cp, shift,
-                    ACT)));
+                    x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT)));
             }
         }
     }
@@ -342,26 +343,23 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
     return 0;
 }
 
-/* One backward pass over tile `tile` of rows [p0, p1), g = dy·act'(z) with z recomputed from x: the sums pass
- * (input_grad = 0) puts Σg and Σg·x̂ per channel (fp32 runs) into sums at j0 and Cp + j0; the dx pass (1) writes
- * dx = r·γ·g + K·(x − μ) + L. */
+/* One backward pass over tile `tile` of rows [p0, p1), g = dy·act'(z) with z = (x − hi)·a + shift recomputed from x
+ * (channel_coefficients): the sums pass (input_grad = 0) puts Σg and Σg·(x − hi) per channel (fp32 runs) into sums at
+ * j0 and Cp + j0 (x̂ = (x − hi − (μ − hi))·r is formed from them in fp64); the dx pass (1) writes
+ * dx = r·γ·g + K·(x − hi) + L', L' = L − (μ − hi)·K. */
 static inline __attribute__((always_inline)) void tile_backward(
         const void* dy, const void* x, void* dx, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1,
-        int64_t tile, int nq, int partial, const float* mean_hi, const float* mean_lo, const float* rstd,
-        const float* scale, const float* shift, const float* x_scale, const float* constant, int act, int input_grad,
-        float* sums) {
+        int64_t tile, int nq, int partial, const float* mean_hi, const float* scale, const float* shift,
+        const float* x_scale, const float* constant, int act, int input_grad, float* sums) {
     const int64_t C = L->C, Cp = padded(C), j0 = tile * TILE * NL_VL;
-    vf hi[TILE], lo[TILE], r[TILE], a[TILE], b[TILE], k[TILE], l[TILE], g_sum[TILE] = {0}, g_xhat_sum[TILE] = {0};
+    vf hi[TILE], a[TILE], b[TILE], k[TILE], l[TILE], g_sum[TILE] = {0}, g_d_sum[TILE] = {0};
     for (int q = 0; q < nq; ++q) {
         hi[q] = vec_at(mean_hi, j0 + q * NL_VL);
-        lo[q] = vec_at(mean_lo, j0 + q * NL_VL);
         a[q] = vec_at(scale, j0 + q * NL_VL);
         b[q] = vec_at(shift, j0 + q * NL_VL);
         if (input_grad) {
             k[q] = vec_at(x_scale, j0 + q * NL_VL);
             l[q] = vec_at(constant, j0 + q * NL_VL);
-        } else {
-            r[q] = vec_at(rstd, j0 + q * NL_VL);
         }
     }
     for (int64_t p = p0; p < p1; ++p)
@@ -370,52 +368,51 @@ static inline __attribute__((always_inline)) void tile_backward(
             prefetch_at(x, bf16, at + L->ahead);
             prefetch_at(dy, bf16, at + L->ahead);
             if (input_grad) prefetch_for_store(dx, bf16, at + L->ahead);
-            const vf d = load_at(x, bf16, at, lanes) - hi[q] - lo[q];
+            const vf d = load_at(x, bf16, at, lanes) - hi[q];
             const vf g = act_grad_vf(d * a[q] + b[q], load_at(dy, bf16, at, lanes), act);
             if (input_grad) {
                 store_at(dx, bf16, at, lanes, g * a[q] + d * k[q] + l[q]);
             } else {
                 g_sum[q] += g;
-                g_xhat_sum[q] += g * (d * r[q]);
+                g_d_sum[q] += g * d;
             }
         }
     if (!input_grad)
         for (int q = 0; q < nq; ++q) {
             set_vec(sums, j0 + q * NL_VL, g_sum[q]);
-            set_vec(sums, Cp + j0 + q * NL_VL, g_xhat_sum[q]);
+            set_vec(sums, Cp + j0 + q * NL_VL, g_d_sum[q]);
         }
 }
 
-/* The sums pass of rows [p0, p1) walked row after row (as rows_output, for blocks not in cache): Σg and Σg·x̂ per
- * channel into sums[0, Cp) and sums[Cp, 2·Cp), accumulated there in the tile walk's order and arithmetic (the same
- * bits). At 1×512×64×64 on a Zen 4 core (inputs out of cache) the backward took 1.08-1.41× ATen's with it, 1.35-1.68×
+/* The sums pass of rows [p0, p1) walked row after row (as rows_output, for blocks not in cache): Σg and Σg·(x − hi)
+ * per channel into sums[0, Cp) and sums[Cp, 2·Cp), accumulated there in the tile walk's order and arithmetic (the
+ * same bits). At 1×512×64×64 on a Zen 4 core (inputs out of cache) the backward took 1.08-1.41× ATen's with it, 1.35-1.68×
  * with the tile walk. */
 static inline __attribute__((always_inline)) void rows_grad_sums(
         const void* dy, const void* x, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1,
-        const float* mean_hi, const float* mean_lo, const float* rstd, const float* scale, const float* shift, int act,
-        float* sums) {
+        const float* mean_hi, const float* scale, const float* shift, int act, float* sums) {
     const int64_t C = L->C, Cp = padded(C);
     memset(sums, 0, sizeof(float) * 2 * Cp);
     for (int64_t p = p0; p < p1; ++p)
         for (int64_t j = 0; j < C; j += NL_VL) {
             const int64_t at = base + p * C + j, lanes = lanes_at(C, j);
-            const vf d = load_at(x, bf16, at, lanes) - vec_at(mean_hi, j) - vec_at(mean_lo, j);
+            const vf d = load_at(x, bf16, at, lanes) - vec_at(mean_hi, j);
             const vf g = act_grad_vf(d * vec_at(scale, j) + vec_at(shift, j), load_at(dy, bf16, at, lanes), act);
             set_vec(sums, j, vec_at(sums, j) + g);
-            set_vec(sums, Cp + j, vec_at(sums, Cp + j) + g * (d * vec_at(rstd, j)));
+            set_vec(sums, Cp + j, vec_at(sums, Cp + j) + g * d);
         }
 }
 
 /* The dx pass of rows [p0, p1) walked row after row (as rows_output, for blocks no longer in cache). */
 static inline __attribute__((always_inline)) void rows_input_grad(
         const void* dy, const void* x, void* dx, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1,
-        const float* mean_hi, const float* mean_lo, const float* scale, const float* shift, const float* x_scale,
-        const float* constant, int act) {
+        const float* mean_hi, const float* scale, const float* shift, const float* x_scale, const float* constant,
+        int act) {
     const int64_t C = L->C;
     for (int64_t p = p0; p < p1; ++p)
         for (int64_t j = 0; j < C; j += NL_VL) {
             const int64_t at = base + p * C + j, lanes = lanes_at(C, j);
-            const vf d = load_at(x, bf16, at, lanes) - vec_at(mean_hi, j) - vec_at(mean_lo, j);
+            const vf d = load_at(x, bf16, at, lanes) - vec_at(mean_hi, j);
             const vf a = vec_at(scale, j), g = act_grad_vf(d * a + vec_at(shift, j), load_at(dy, bf16, at, lanes), act);
             store_at(dx, bf16, at, lanes, g * a + d * vec_at(x_scale, j) + vec_at(constant, j));
         }
@@ -431,20 +428,18 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
     const int64_t blocks = N * L.blocks_per_sample, Cp = padded(C), D = C / G;
     float* block_sums = malloc(sizeof(float) * 2 * Cp * blocks);
     double* channel_sums = malloc(sizeof(double) * 2 * N * Cp);
-    float* coefficients = calloc((6 * N + 1) * Cp, sizeof(float));
+    float* coefficients = calloc(5 * N * Cp, sizeof(float));
     if (!block_sums || !channel_sums || !coefficients) {
         free(block_sums);
         free(channel_sums);
         free(coefficients);
         return -1;
     }
-    float *mean_hi = coefficients, *mean_lo = mean_hi + N * Cp, *rstd_c = mean_lo + N * Cp, *scale = rstd_c + N * Cp;
-    float *x_scale = scale + N * Cp, *constant = x_scale + N * Cp, *shift = constant + N * Cp;
-    for (int64_t c = 0; c < C; ++c) shift[c] = b ? b[c] : 0.0f;
+    float *mean_hi = coefficients, *scale = mean_hi + N * Cp, *shift = scale + N * Cp, *x_scale = shift + N * Cp;
+    float* constant = x_scale + N * Cp;
     for (int64_t i = 0; i < N * G; ++i) {
         const int64_t n = i / G, g = i % G;
-        channel_coefficients(&L, n, g, mean[i], rstd[i], w, mean_hi, mean_lo, scale);
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) rstd_c[n * Cp + c] = (float)rstd[i];
+        channel_coefficients(&L, n, g, mean[i], rstd[i], w, b, mean_hi, scale, shift);
     }
     const int per_sample = whole_samples(N, P * C * (bf16 ? 2 : 4) * 3, threads);
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
@@ -456,27 +451,27 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
             const Share share = shares(&L, N, per_sample, round, t, nt);
             if (per_sample) {
                 FOR_EACH_TILE(&L, share, 0, WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_backward(
-                    dy, x, NULL, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
-                    rstd_c + n * Cp, scale + n * Cp, shift, NULL, NULL, ACT, 0, block_sums + 2 * Cp * k))));
+                    dy, x, NULL, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, scale + n * Cp,
+                    shift + n * Cp, NULL, NULL, ACT, 0, block_sums + 2 * Cp * k))));
             } else {
                 FOR_EACH_BLOCK(share, 0, WITH_CONSTANT_FLAGS(bf16, act, rows_grad_sums(
-                    dy, x, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, mean_lo + n * Cp, rstd_c + n * Cp,
-                    scale + n * Cp, shift, ACT, block_sums + 2 * Cp * k)));
+                    dy, x, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT,
+                    block_sums + 2 * Cp * k)));
             }
             if (!per_sample) {
 #pragma omp barrier
             }
-            /* per (sample, channel): the blocks' sums in order, in fp64 */
+            /* per (sample, channel): the blocks' sums in order, in fp64; Σg·x̂ = r·(Σg·(x − hi) − (μ − hi)·Σg) */
             for (int64_t i = share.samples_lo * C; i < share.samples_hi * C; ++i) {
-                const int64_t n = i / C, c = i % C;
+                const int64_t n = i / C, c = i % C, ng = n * G + c / D;
                 const float* s = block_sums + 2 * Cp * n * L.blocks_per_sample + c;
-                double g_sum = 0.0, g_xhat_sum = 0.0;
+                double g_sum = 0.0, g_d_sum = 0.0;
                 for (int64_t k = 0; k < L.blocks_per_sample; ++k) {
                     g_sum += s[2 * Cp * k];
-                    g_xhat_sum += s[2 * Cp * k + Cp];
+                    g_d_sum += s[2 * Cp * k + Cp];
                 }
                 channel_sums[2 * n * Cp + c] = g_sum;
-                channel_sums[2 * n * Cp + Cp + c] = g_xhat_sum;
+                channel_sums[2 * n * Cp + Cp + c] = rstd[ng] * (g_d_sum - (mean[ng] - (float)mean[ng]) * g_sum);
             }
             if (!per_sample) {
 #pragma omp barrier
@@ -491,10 +486,11 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
                 }
                 mean_g /= (double)(P * D);
                 mean_g_xhat /= (double)(P * D);
-                const double r = rstd[i];
+                const double r = rstd[i], x_coefficient = -r * r * mean_g_xhat;
+                const double lo = mean[i] - (float)mean[i]; /* (x − μ)·K = (x − hi)·K − lo·K */
                 for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-                    x_scale[n * Cp + c] = (float)(-r * r * mean_g_xhat);
-                    constant[n * Cp + c] = (float)(-r * mean_g);
+                    x_scale[n * Cp + c] = (float)x_coefficient;
+                    constant[n * Cp + c] = (float)(-r * mean_g - lo * x_coefficient);
                 }
             }
             if (!per_sample) {
@@ -502,12 +498,12 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
             }
             if (dx && per_sample) {
                 FOR_EACH_TILE(&L, share, 1, WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_backward(
-                    dy, x, dx, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, mean_lo + n * Cp,
-                    NULL, scale + n * Cp, shift, x_scale + n * Cp, constant + n * Cp, ACT, 1, NULL))));
+                    dy, x, dx, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, scale + n * Cp,
+                    shift + n * Cp, x_scale + n * Cp, constant + n * Cp, ACT, 1, NULL))));
             } else if (dx) {
                 FOR_EACH_BLOCK(share, 1, WITH_CONSTANT_FLAGS(bf16, act, rows_input_grad(
-                    dy, x, dx, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, mean_lo + n * Cp, scale + n * Cp,
-                    shift, x_scale + n * Cp, constant + n * Cp, ACT)));
+                    dy, x, dx, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp,
+                    x_scale + n * Cp, constant + n * Cp, ACT)));
             }
         }
     }
