@@ -7,10 +7,11 @@
  * their residual sum), the channels and blocks of a group combined in fp64 by the law of total variance: never
  * E[x²] − E[x]², so a group whose mean is large against its spread keeps its accuracy. The mean is kept in fp64: its
  * fp32 rounding is taken off x and the rest enters through the shift (channel_coefficients), so no term of the size of
- * the mean is rounded. The output pass walks the same blocks backwards, finding the last ones read still in cache; where samples are small
- * a thread reads, finalizes and writes one whole sample after another (whole_samples). Each block is walked in tiles
- * of up to TILE·16 channels, whose accumulators and coefficients stay in registers, except by the output (and dx)
- * pass and the backward's sums pass over blocks that are not in cache, which walk them row after row (rows_output).
+ * the mean is rounded. The output pass walks the same blocks backwards, finding the last ones read still in cache;
+ * where samples are small a thread reads, finalizes and writes one whole sample after another (whole_samples). Each
+ * block is walked in tiles of up to TILE·16 channels, whose accumulators and coefficients stay in registers, except by
+ * the output (and dx) pass and the backward's sums pass over blocks that are not in cache, which walk them row after
+ * row (rows_output).
  *
  * Backward: one read pass of (dy, x) for the per-(sample, channel) sums Σg and Σg·x̂ (g = dy·act'(z), z recomputed
  * from x and the saved statistics), in fp32 runs of GN_RUN positions added in fp64 in a fixed order (deterministic
