@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import pytest
@@ -54,3 +55,18 @@ def assert_cpu_tier_matches_reference(fn: Callable[..., object], tensors: Sequen
 def _auto_backend():
     with normlayers.backend("auto"):
         yield
+
+
+def use_autograd_node(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the compiled kernels' training calls run through the C++ autograd node (``kind="cpp"``,
+    cpu/csrc/autograd.cpp; skipped where it cannot be built) or the Python autograd.Function (``"python"``, what runs
+    where it cannot)."""
+    from normlayers.cpu import _extension, _native
+
+    if kind == "cpp" and _native.enabled() and _extension.module() is None:
+        reason = "the C++ autograd node could not be built here (no ninja or C++ compiler)"
+        if os.environ.get("CI") == "true":  # CI has both (.ci/run checks): a failed build is a failure there
+            pytest.fail(reason)
+        pytest.skip(reason)
+    if kind == "python":
+        monkeypatch.setattr(_extension, "module", lambda: None)

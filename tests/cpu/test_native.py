@@ -62,3 +62,35 @@ def test_no_compiler_means_the_aten_path(fresh, monkeypatch):
     monkeypatch.setattr(_native, "_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="no C compiler"):
         assert _native.load(SOURCES[0]) is None
+
+
+def test_a_failed_autograd_node_build_warns_once_and_the_python_function_runs(monkeypatch):
+    """Where the C++ autograd node cannot be built, ``module()`` warns once and returns ``None``, and a training call
+    runs the Python Function around the same kernels, with the node's results."""
+    import torch
+
+    from normlayers import functional as NF
+    from normlayers.cpu import _extension
+
+    if _native.load("group_norm_nchw") is None:
+        pytest.skip("no C compiler: neither the kernels nor their node run")
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)
+    node = _extension.module()
+    y_node = NF.group_norm(x, 4, act="silu")
+    (dx_node,) = torch.autograd.grad(y_node, x, torch.ones_like(y_node))
+
+    def fail():
+        raise RuntimeError("no ninja here")
+
+    monkeypatch.setattr(_extension, "_MODULE", [])
+    monkeypatch.setattr(_extension, "_build", fail)
+    with pytest.warns(RuntimeWarning, match="autograd node"):
+        assert _extension.module() is None
+    assert _extension.module() is None  # (once: the failure is remembered)
+    y = NF.group_norm(x, 4, act="silu")
+    assert y.grad_fn.name() == "_CompiledGroupNormFunctionBackward"
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    if node is not None:
+        assert "CompiledGroupNorm" in y_node.grad_fn.name() and y_node.grad_fn.name() != y.grad_fn.name()
+        torch.testing.assert_close(y, y_node, rtol=0, atol=0)  # the same kernel's forward
+        torch.testing.assert_close(dx, dx_node, rtol=0, atol=0)  # and backward

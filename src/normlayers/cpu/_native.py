@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["load", "function", "enabled", "threads", "ptr"]
+__all__ = ["load", "function", "enabled", "threads", "ptr", "cache_dir"]
 
 _CSRC = Path(__file__).with_name("csrc")
 # -ffp-contract=fast: a·b + c as one FMA, rounded once (ISO C mode, -std=c11, would turn that off; the polynomials and
@@ -73,7 +73,8 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where the compiled libraries are kept (module docstring)."""
     if os.environ.get("NORMLAYERS_CACHE_DIR"):
         return Path(os.environ["NORMLAYERS_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -107,7 +108,7 @@ def _build(name: str) -> ctypes.CDLL:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
-    target = _cache_dir() / f"{name}-{_key(compiler, _source(name))}.so"
+    target = cache_dir() / f"{name}-{_key(compiler, _source(name))}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # built beside the target and renamed onto it: concurrent processes (pytest-xdist workers) never load a

@@ -12,7 +12,9 @@ write, the backward from one read of ``(dy, x)`` and one ``dx`` pass (:class:`_C
 input whose channels are innermost (channels_last, channels_last_3d, a transposed ``(N, L, C)``) runs
 ``csrc/group_norm_channels_last.c`` (:func:`_compiled_channels_last`): accurate statistics (two-pass per channel and
 block, combined in fp64) and the activation in one read and one write, the backward from one read of ``(dy, x)`` and
-one ``dx`` pass (the same Function). What follows is the ATen path of every other call.
+one ``dx`` pass (the same Function). Under autograd both run inside the C++ autograd node of ``csrc/autograd.cpp``
+(:mod:`normlayers.cpu._extension`) where it builds: the same kernels and fallbacks, without the Python Function's
+cost on cold caches. What follows is the ATen path of every other call.
 
 Three exceptions to "ATen's ops", two for channels-last input. First, the forward where ATen's statistics are not
 trusted: its channels-last kernel (``GroupNormKernelImplChannelsLastInternal``) takes the variance as E[x²] − E[x]² from
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlayers.cpu import _extension
 from normlayers.cpu import _native as _compiled  # (``_native`` below: whether ATen takes the dtypes)
 from normlayers.cpu._common import host_readable, opmath, params_like, raw_bytes
 from normlayers.reference.group_norm import activation
@@ -548,7 +551,8 @@ def _channels_last_backward(dy: Tensor, x: Tensor, num_groups: int, weight: Opti
 
 
 class _CompiledGroupNormFunction(torch.autograd.Function):
-    """fp32/bf16 input under autograd through a compiled kernel pair, NCHW (:func:`_nchw_backward`) or channels-last
+    """fp32/bf16 input under autograd through a compiled kernel pair where the C++ node (csrc/autograd.cpp, the same
+    forward and backward) is unavailable, NCHW (:func:`_nchw_backward`) or channels-last
     (:func:`_channels_last_backward`): the forward (run before: ``forward``, the compiled forward's
     ``(y, statistics)``) saves the ``(N, G)`` statistics beside the input, and the backward recomputes the activation's
     input from them (nothing else of the input's size is saved). A double backward (the saved statistics hold no
@@ -589,6 +593,10 @@ def _compiled_channels_last(input: Tensor, num_groups: int, weight: Optional[Ten
         return None
     fused = act if act in _KERNEL_ACTIVATIONS else None
     differentiable = _differentiable(input, weight, bias)
+    extension = _extension.module() if differentiable else None
+    if extension is not None:
+        y = extension.group_norm(input, weight, bias, num_groups, eps, _KERNEL_ACTIVATIONS[fused], True)
+        return y if fused == act else activation(y, act)
     forward = _channels_last_forward(input, num_groups, weight, bias, eps, fused, statistics=differentiable)
     if forward is None:
         return None
@@ -609,6 +617,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     differentiable = _differentiable(input, weight, bias)
     kernel = _nchw_kernel_for(input, weight, bias, act)
     if kernel is not None:
+        extension = _extension.module() if differentiable else None
+        if extension is not None:
+            return extension.group_norm(input, weight, bias, num_groups, eps, _KERNEL_ACTIVATIONS[act], False)
         forward = _nchw_kernel_forward(kernel, input, num_groups, weight, bias, eps, act, statistics=differentiable)
         if not differentiable:
             return forward[0]

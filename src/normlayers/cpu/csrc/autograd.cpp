@@ -1,0 +1,198 @@
+/* The autograd node of the compiled GroupNorm kernels (group_norm_nchw.c, group_norm_channels_last.c), in C++.
+ *
+ * The same forward and backward as normlayers.cpu.group_norm's Python autograd.Function, without its Python: from
+ * the call to the returned output, and in the backward, nothing runs in the interpreter. Called right after other
+ * layers (caches cold), the Python Function and its glue took 100-200 µs of a training step more than this node
+ * (2×320×32×32 and 8×1280×8×8 on a Zen 4 core, one and two threads, malloc's trimming off so that page faults do not
+ * decide): as much as the kernels win over ATen's, while eager's own node costs about nothing. The kernels are the C
+ * files' (their addresses handed over by set_kernels, from the ctypes libraries normlayers loads): one copy of the
+ * math.
+ *
+ * Backward: the compiled backward from the forward's (2, N, G) statistics; a double backward (grad mode on in the
+ * backward: create_graph) or a kernel that could not allocate its scratch runs autograd of ATen's group norm and the
+ * activation on the fp32 upcast instead, as the Python Function does. */
+#include <torch/extension.h>
+
+#include <array>
+#include <optional>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using NchwForward = void (*)(const void* x, int x_bf16, const void* w, const void* b, int p_bf16, void* y,
+                             float* mean, float* rstd, int64_t N, int64_t C, int64_t HW, int64_t G, float eps, int act,
+                             int threads);
+using NchwBackward = void (*)(const void* dy, const void* x, int bf16, const void* w, const void* b, int p_bf16,
+                              const float* mean, const float* rstd, void* dx, float* dw, float* db, double* sums,
+                              int64_t N, int64_t C, int64_t HW, int64_t G, int act, int threads);
+using ChannelsLastForward = int (*)(const void* x, void* y, int bf16, const float* w, const float* b, double* mean,
+                                    double* rstd, int64_t N, int64_t P, int64_t C, int64_t G, double eps, int act,
+                                    int threads);
+using ChannelsLastBackward = int (*)(const void* dy, const void* x, void* dx, int bf16, const float* w,
+                                     const float* b, const double* mean, const double* rstd, float* dw, float* db,
+                                     int64_t N, int64_t P, int64_t C, int64_t G, int act, int threads);
+
+NchwForward nchw_forward = nullptr;
+NchwBackward nchw_backward = nullptr;
+ChannelsLastForward channels_last_forward = nullptr;
+ChannelsLastBackward channels_last_backward = nullptr;
+
+enum Activation { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2 };  // the kernels' codes
+
+void* pointer(const std::optional<Tensor>& t) { return t && t->defined() ? t->data_ptr() : nullptr; }
+
+bool is_bf16(const Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+/* A weight or bias as the channels-last kernels read it: C contiguous fp32 values. */
+std::optional<Tensor> fp32_param(const std::optional<Tensor>& p) {
+    if (!p || !p->defined() || (p->scalar_type() == at::kFloat && p->is_contiguous())) return p;
+    return p->detach().to(at::kFloat).contiguous();
+}
+
+/* The kernel's fp32 gradient of a weight or bias, in the parameter's dtype. */
+Tensor param_grad(const Tensor& grad, const std::optional<Tensor>& param) {
+    return grad.defined() && param->scalar_type() != at::kFloat ? grad.to(param->scalar_type()) : grad;
+}
+
+Tensor activation(const Tensor& z, int64_t act) {
+    return act == ACT_SILU ? at::silu(z) : act == ACT_RELU ? at::relu(z) : z;
+}
+
+/* [dx, dweight, dbias] by autograd of ATen's group norm and the activation on the fp32 upcast, graphs kept where grad
+ * mode is on (a double backward: the saved statistics hold no graph). */
+variable_list composite_grads(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                              int64_t groups, double eps, int64_t act, const Tensor& dy, std::array<bool, 3> needs) {
+    const bool create_graph = at::GradMode::is_enabled();
+    at::AutoGradMode enable_grad(true);
+    const auto upcast = [](const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); };
+    const std::optional<Tensor> w = weight ? std::optional<Tensor>(upcast(*weight)) : std::nullopt;
+    const std::optional<Tensor> b = bias ? std::optional<Tensor>(upcast(*bias)) : std::nullopt;
+    const Tensor y = activation(at::group_norm(upcast(x), groups, w, b, eps, true), act);
+    variable_list leaves;
+    const std::array<std::optional<Tensor>, 3> inputs = {x, weight, bias};
+    for (int i = 0; i < 3; ++i)
+        if (needs[i]) leaves.push_back(*inputs[i]);
+    const variable_list grads = torch::autograd::grad({y}, leaves, {dy}, create_graph, create_graph);
+    variable_list out(3);
+    for (int i = 0, k = 0; i < 3; ++i)
+        if (needs[i]) out[i] = grads[k++];
+    return out;
+}
+
+struct CompiledGroupNorm : public torch::autograd::Function<CompiledGroupNorm> {
+    /* x: fp32 or bf16, contiguous NCHW (channels_last false) or channels innermost and dense; weight and bias of one
+     * dtype, fp32 or bf16, contiguous (NCHW: as the caller checked); act: a kernel code. */
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& weight,
+                          const std::optional<Tensor>& bias, int64_t groups, double eps, int64_t act,
+                          bool channels_last) {
+        const int64_t N = x.size(0), C = x.size(1), inner = x.numel() / (N * C);
+        const int threads = at::get_num_threads();
+        Tensor y = at::empty_like(x);
+        Tensor statistics;
+        bool compiled = true;
+        if (channels_last) {
+            statistics = at::empty({2, N, groups}, x.options().dtype(at::kDouble));
+            const auto w = fp32_param(weight), b = fp32_param(bias);
+            double* mean = statistics.data_ptr<double>();
+            compiled = channels_last_forward(x.data_ptr(), y.data_ptr(), is_bf16(x), static_cast<float*>(pointer(w)),
+                                             static_cast<float*>(pointer(b)), mean, mean + N * groups, N, inner, C,
+                                             groups, eps, static_cast<int>(act), threads) == 0;
+        } else {
+            statistics = at::empty({2, N, groups}, x.options().dtype(at::kFloat));
+            const std::optional<Tensor>& param = weight ? weight : bias;
+            float* mean = statistics.data_ptr<float>();
+            nchw_forward(x.data_ptr(), is_bf16(x), pointer(weight), pointer(bias), param && is_bf16(*param),
+                         y.data_ptr(), mean, mean + N * groups, N, C, inner, groups, static_cast<float>(eps),
+                         static_cast<int>(act), threads);
+        }
+        if (!compiled) {  // no scratch memory for the kernel: ATen's ops, and their backward
+            at::AutoGradMode no_grad(false);
+            const auto upcast = [](const std::optional<Tensor>& t) {
+                return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
+            };
+            y = activation(at::group_norm(x.to(at::kFloat), groups, upcast(weight), upcast(bias), eps, true), act)
+                    .to(x.scalar_type());
+        }
+        ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), statistics});
+        ctx->saved_data["groups"] = groups;
+        ctx->saved_data["eps"] = eps;
+        ctx->saved_data["act"] = act;
+        ctx->saved_data["channels_last"] = channels_last;
+        ctx->saved_data["compiled"] = compiled;
+        return y;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+        const variable_list saved = ctx->get_saved_variables();
+        const Tensor& x = saved[0];
+        const std::optional<Tensor> weight = saved[1].defined() ? std::optional<Tensor>(saved[1]) : std::nullopt;
+        const std::optional<Tensor> bias = saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt;
+        const Tensor& statistics = saved[3];
+        const int64_t groups = ctx->saved_data["groups"].toInt(), act = ctx->saved_data["act"].toInt();
+        const double eps = ctx->saved_data["eps"].toDouble();
+        const bool channels_last = ctx->saved_data["channels_last"].toBool();
+        /* (an absent weight or bias has no edge: the bias's is 1 without a weight) */
+        const std::array<bool, 3> needs = {ctx->needs_input_grad(0), weight && ctx->needs_input_grad(1),
+                                           bias && ctx->needs_input_grad(weight ? 2 : 1)};
+        variable_list grads;
+        const Tensor& dy_in = grad_outputs[0];
+        if (!at::GradMode::is_enabled() && ctx->saved_data["compiled"].toBool() && dy_in.layout() == at::kStrided &&
+            !dy_in.is_neg() && !dy_in.is_conj()) {
+            const int64_t N = x.size(0), C = x.size(1), inner = x.numel() / (N * C);
+            const int threads = at::get_num_threads();
+            Tensor dx = needs[0] ? at::empty_like(x) : Tensor();
+            const auto fp32 = x.options().dtype(at::kFloat);
+            Tensor dweight = needs[1] ? at::empty({C}, fp32) : Tensor();
+            Tensor dbias = needs[2] ? at::empty({C}, fp32) : Tensor();
+            const auto out = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+            if (channels_last) {
+                Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
+                                ? dy_in
+                                : dy_in.to(x.scalar_type()).movedim(1, -1).contiguous().movedim(-1, 1);
+                const auto w = fp32_param(weight), b = fp32_param(bias);
+                const double* mean = statistics.data_ptr<double>();
+                if (channels_last_backward(dy.data_ptr(), x.data_ptr(), dx.defined() ? dx.data_ptr() : nullptr,
+                                           is_bf16(x), static_cast<float*>(pointer(w)),
+                                           static_cast<float*>(pointer(b)), mean, mean + N * groups, out(dweight),
+                                           out(dbias), N, inner, C, groups, static_cast<int>(act), threads) == 0)
+                    grads = {dx, needs[1] ? param_grad(dweight, weight) : Tensor(),
+                             needs[2] ? param_grad(dbias, bias) : Tensor()};
+            } else {
+                const Tensor dy = dy_in.to(x.scalar_type()).contiguous();
+                const std::optional<Tensor>& param = weight ? weight : bias;
+                Tensor sums = at::empty({N, C, 2}, x.options().dtype(at::kDouble));
+                const float* mean = statistics.data_ptr<float>();
+                nchw_backward(dy.data_ptr(), x.data_ptr(), is_bf16(x), pointer(weight), pointer(bias),
+                              param && is_bf16(*param), mean, mean + N * groups, dx.defined() ? dx.data_ptr() : nullptr,
+                              out(dweight), out(dbias), sums.data_ptr<double>(), N, C, inner, groups,
+                              static_cast<int>(act), threads);
+                grads = {dx, needs[1] ? param_grad(dweight, weight) : Tensor(),
+                         needs[2] ? param_grad(dbias, bias) : Tensor()};
+            }
+        }
+        if (grads.empty()) grads = composite_grads(x, weight, bias, groups, eps, act, dy_in, needs);
+        return {grads[0], grads[1], grads[2], Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+Tensor group_norm(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                  int64_t groups, double eps, int64_t act, bool channels_last) {
+    return CompiledGroupNorm::apply(x, weight, bias, groups, eps, act, channels_last);
+}
+
+void set_kernels(int64_t nchw_fwd, int64_t nchw_bwd, int64_t cl_fwd, int64_t cl_bwd) {
+    nchw_forward = reinterpret_cast<NchwForward>(nchw_fwd);
+    nchw_backward = reinterpret_cast<NchwBackward>(nchw_bwd);
+    channels_last_forward = reinterpret_cast<ChannelsLastForward>(cl_fwd);
+    channels_last_backward = reinterpret_cast<ChannelsLastBackward>(cl_bwd);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("group_norm", &group_norm, "GroupNorm (+ activation) of fp32/bf16 input by the compiled kernels, under autograd");
+    m.def("set_kernels", &set_kernels, "the addresses of the compiled kernels (ctypes function pointers)");
+}
