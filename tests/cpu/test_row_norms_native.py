@@ -13,6 +13,8 @@ from normlayers.cpu import row_norms as cpu_row
 from normlayers.reference import row_norms as ref_row
 from normlayers.testing import assert_close, assert_lowprec_close
 
+from .conftest import use_autograd_node
+
 pytestmark = pytest.mark.skipif(_native.load("row_norms") is None,
                                 reason="the compiled CPU kernels are off or unavailable here")
 
@@ -104,6 +106,27 @@ def test_untrusted_rows_take_the_reference_path(bad, kernel_calls):
     assert torch.isfinite(y[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("bad", ["nan", "overflow"])
+def test_untrusted_rows_in_training_take_the_python_function(bad, autograd_node):
+    """Under autograd too, rows whose statistics the kernel does not trust leave it: the C++ node hands the call to
+    the Python Function (the scaled statistics), whose output and gradient are the reference's."""
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    x[1, 5] = float("nan") if bad == "nan" else 3e19
+    if bad == "overflow":
+        x[1] *= 1e19
+    w = torch.full((40,), 1.5)
+    xl = x.clone().requires_grad_()
+    y = NF.layer_norm(xl, (40,), w)
+    assert y.grad_fn.name() == "_RowNormFunctionBackward"
+    y.backward(torch.ones_like(y))
+    xr = x.clone().requires_grad_()
+    with normlayers.backend("reference"):
+        yr = NF.layer_norm(xr, (40,), w)
+        yr.backward(torch.ones_like(yr))
+    torch.testing.assert_close(y, yr, equal_nan=True)
+    torch.testing.assert_close(xl.grad[[0, 2]], xr.grad[[0, 2]])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_threads_agree(dtype, kernel_calls):
     """Rows are split between threads, each row computed by one: bit-equal results at any thread count."""
@@ -146,6 +169,19 @@ def test_parameters_of_two_dtypes(kernels, monkeypatch):
     _check(y, x, w, b.float())
 
 
+@pytest.fixture(params=["cpp", "python"])
+def autograd_node(request, monkeypatch):
+    """A training test with the C++ autograd node of the kernels (their default) and with the Python Function (where
+    the node cannot be built): the spies see the Python one's kernel calls only."""
+    use_autograd_node(request.param, monkeypatch)
+    return request.param
+
+
+def _node_name(x, w, b):
+    y = NF.layer_norm(x.detach().clone().requires_grad_(), (x.shape[-1],), w, b)
+    return y.grad_fn.name()
+
+
 @pytest.fixture
 def backward_calls(monkeypatch):
     return _spy(monkeypatch, "_native_layer_norm_backward", lambda result: result is not None)
@@ -163,7 +199,7 @@ def _grads(x, w, b, dy, backend):
 @pytest.mark.parametrize("params", ["both", "weight", "bias", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_training_matches_reference(shape, dtype, params, kernel_calls, backward_calls):
+def test_training_matches_reference(shape, dtype, params, kernel_calls, backward_calls, autograd_node):
     """Output and every gradient against fp64, within the bench's rule (twice the reference's own error in the
     input's dtype, plus the dtype's atol; the weight and bias gradients are sums over all rows)."""
     gen = torch.Generator().manual_seed(7)
@@ -176,15 +212,20 @@ def test_training_matches_reference(shape, dtype, params, kernel_calls, backward
     low = _grads(x, w, b, dy, "reference")
     exact = _grads(x.double(), None if w is None else w.double(), None if b is None else b.double(), dy.double(),
                    "reference")
-    assert kernel_calls == [True] and backward_calls == [True]
+    if autograd_node == "python":
+        assert kernel_calls == [True] and backward_calls == [True]
+    else:
+        assert "CompiledLayerNorm" in _node_name(x, w, b)
     for i, (a, lo, ex) in enumerate(zip(ours, low, exact)):
         assert a.dtype == lo.dtype, i
         assert_lowprec_close(a, lo, ex, msg=f"result {i}")
 
 
-def test_gradient_subsets_and_a_strided_gradient(backward_calls):
+def test_gradient_subsets_and_a_strided_gradient(backward_calls, autograd_node):
     """Only the gradients asked for are computed; a gradient that is not contiguous (here: of ``y.sum()``, expanded)
-    takes ATen's backward, with the same values."""
+    takes ATen's backward in the Python Function (the C++ node makes it contiguous for the kernel), with the same
+    values."""
+    python = autograd_node == "python"
     gen = torch.Generator().manual_seed(8)
     x, w, b = torch.randn(9, 50, generator=gen), torch.randn(50, generator=gen), torch.randn(50, generator=gen)
     for wanted in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
@@ -192,11 +233,11 @@ def test_gradient_subsets_and_a_strided_gradient(backward_calls):
         y = NF.layer_norm(leaves[0], (50,), leaves[1], leaves[2])
         y.backward(torch.randn(9, 50, generator=gen))
         assert [t.grad is not None for t in leaves] == list(wanted)
-    assert all(backward_calls)
+    assert all(backward_calls) and bool(backward_calls) == python
     backward_calls.clear()
     xl = x.clone().requires_grad_()
     NF.layer_norm(xl, (50,), w, b).sum().backward()
-    assert backward_calls == [False]
+    assert backward_calls == ([False] if python else [])
     xr = x.clone().requires_grad_()
     with normlayers.backend("reference"):
         NF.layer_norm(xr, (50,), w, b).sum().backward()

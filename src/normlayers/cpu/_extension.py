@@ -37,11 +37,11 @@ _MODULE: list[Optional[ModuleType]] = []  # empty until the first call; then the
 
 
 def _kernel_addresses() -> Optional[tuple[int, ...]]:
-    """The addresses of the four GroupNorm kernels, or ``None`` where one is unavailable."""
-    from normlayers.cpu import group_norm  # (it imports this module)
+    """The addresses of the GroupNorm and LayerNorm kernels, or ``None`` where one is unavailable."""
+    from normlayers.cpu import group_norm, row_norms  # (they import this module)
 
     kernels = (group_norm._nchw_forward_kernel(), group_norm._nchw_backward_kernel(), group_norm._forward_kernel(),
-               group_norm._backward_kernel())
+               group_norm._backward_kernel(), row_norms._native_row_norm_kernel(), row_norms._layer_norm_kernel())
     if any(k is None for k in kernels):
         return None
     return tuple(ctypes.cast(k, ctypes.c_void_p).value for k in kernels)
@@ -61,8 +61,8 @@ def _build() -> Optional[ModuleType]:
 
 
 def module() -> Optional[Any]:
-    """The built extension, its kernels set (``group_norm(x, weight, bias, groups, eps, act, channels_last)``), or
-    ``None`` where it is unavailable (module docstring)."""
+    """The built extension, its kernels set (``group_norm(x, weight, bias, groups, eps, act, channels_last)``,
+    ``layer_norm(x, weight, bias, eps, fallback)``), or ``None`` where it is unavailable (module docstring)."""
     if not _native.enabled():  # (read on every call: the switch is also the tests' way to the ATen path)
         return None
     if _MODULE:

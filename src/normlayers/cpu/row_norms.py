@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from normlayers._dtypes import compute_dtype
-from normlayers.cpu import _native
+from normlayers.cpu import _extension, _native
 from normlayers.cpu._common import (
     LOW_PRECISION,
     MIN_UNSCALED_EPS,
@@ -176,6 +176,10 @@ _ROW_NORM_SIGNATURE = (ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.
                        ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int)
 
 
+def _native_row_norm_kernel() -> Any:
+    return _native.function("row_norms", "row_norm_fwd", *_ROW_NORM_SIGNATURE)
+
+
 def _native_row_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, stats: bool,
                      kind: str = "layer", residual: Optional[Tensor] = None
                      ) -> Optional[tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
@@ -186,7 +190,7 @@ def _native_row_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     ``None``). ``None`` where it does not take these tensors (fp32 or bf16 rows, contiguous; parameters contiguous, of
     one dtype, fp32 or the rows'; plain tensors: :mod:`._native`) or is unavailable; ``y`` is ``None`` where a row's
     ``rstd`` is not positive and finite."""
-    kernel = _native.function("row_norms", "row_norm_fwd", *_ROW_NORM_SIGNATURE)
+    kernel = _native_row_norm_kernel()
     if kernel is None or rows.dtype not in _NATIVE_DTYPES or not rows.is_contiguous() or not host_readable(
             rows, weight, bias, residual):
         return None
@@ -220,7 +224,11 @@ _LAYER_NORM_BACKWARD_SIGNATURE = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p
 
 
 def _native_layer_norm_available() -> bool:
-    return _native.function("row_norms", "row_norm_fwd", *_ROW_NORM_SIGNATURE) is not None
+    return _native_row_norm_kernel() is not None
+
+
+def _layer_norm_kernel() -> Any:
+    return _native.function("row_norms", "layer_norm_bwd", *_LAYER_NORM_BACKWARD_SIGNATURE)
 
 
 def _native_layer_norm_backward(x: Tensor, grad: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -229,7 +237,7 @@ def _native_layer_norm_backward(x: Tensor, grad: Tensor, weight: Optional[Tensor
     """LayerNorm's ``(dx, dweight, dbias)`` from the compiled kernel (``csrc/row_norms.c``: one read of ``x`` and
     ``dy``, the parameters' gradients summed in the same pass), or ``None`` where it does not take these tensors
     (fp32 or bf16 ``x`` and ``dy`` of one dtype, contiguous; fp32 statistics; plain tensors) or is unavailable."""
-    kernel = _native.function("row_norms", "layer_norm_bwd", *_LAYER_NORM_BACKWARD_SIGNATURE)
+    kernel = _layer_norm_kernel()
     mean, rstd = stats.mean, stats.rstd
     if (kernel is None or x.dtype not in _NATIVE_DTYPES or grad.dtype != x.dtype or mean is None
             or not (x.is_contiguous() and grad.is_contiguous() and mean.is_contiguous() and rstd.is_contiguous())
@@ -407,6 +415,13 @@ def row_norm(kind: str, input: Tensor, shape: tuple[int, ...], weight: Optional[
         residual_rows = None if residual is None else residual.reshape(-1, width)
         flat_weight = None if weight is None else weight.reshape(width)
         flat_bias = None if bias is None else bias.reshape(width)
+    if (kind == "layer" and differentiable and residual is None and rows is input and not weight_offset
+            and rows.dtype in _NATIVE_DTYPES and rows.shape[-1] > 1 and rows.is_contiguous()
+            and _unscaled_allowed(rows, eps) and host_readable(rows, weight, bias)):
+        extension = _extension.module()
+        if extension is not None:  # the same Function's forward and backward, its autograd node in C++
+            return extension.layer_norm(rows, weight, bias, eps, lambda: _RowNormFunction.apply(
+                rows, None, weight, bias, eps, 0.0, kind, input.dtype)), None
     if fused_add:
         y, h = _RowNormFunction.apply(rows, residual_rows, flat_weight, flat_bias, eps, weight_offset, kind,
                                       input.dtype)

@@ -1,6 +1,7 @@
-/* The autograd node of the compiled GroupNorm kernels (group_norm_nchw.c, group_norm_channels_last.c), in C++.
+/* The autograd nodes of the compiled GroupNorm kernels (group_norm_nchw.c, group_norm_channels_last.c) and LayerNorm
+ * kernels (row_norms.c), in C++.
  *
- * The same forward and backward as normlayers.cpu.group_norm's Python autograd.Function, without its Python: from
+ * The same forward and backward as normlayers.cpu's Python autograd.Functions, without their Python: from
  * the call to the returned output, and in the backward, nothing runs in the interpreter. Called right after other
  * layers (caches cold), the Python Function and its glue took 100-200 µs of a training step more than this node
  * (2×320×32×32 and 8×1280×8×8 on a Zen 4 core, one and two threads, malloc's trimming off so that page faults do not
@@ -35,10 +36,18 @@ using ChannelsLastBackward = int (*)(const void* dy, const void* x, void* dx, in
                                      const float* b, const double* mean, const double* rstd, float* dw, float* db,
                                      int64_t N, int64_t P, int64_t C, int64_t G, int act, int threads);
 
+using RowNormForward = int64_t (*)(const void* rows, const void* residual, void* h, int bf16, const void* w,
+                                   const void* b, int p_bf16, void* y, float* mean, float* rstd, int64_t M, int64_t N,
+                                   float eps, int rms, int threads);
+using LayerNormBackward = int (*)(const void* x, const void* dy, int bf16, const float* w, const float* mean,
+                                  const float* rstd, void* dx, float* dw, float* db, int64_t M, int64_t N, int threads);
+
 NchwForward nchw_forward = nullptr;
 NchwBackward nchw_backward = nullptr;
 ChannelsLastForward channels_last_forward = nullptr;
 ChannelsLastBackward channels_last_backward = nullptr;
+RowNormForward row_norm_forward = nullptr;
+LayerNormBackward layer_norm_backward = nullptr;
 
 enum Activation { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2 };  // the kernels' codes
 
@@ -178,12 +187,99 @@ struct CompiledGroupNorm : public torch::autograd::Function<CompiledGroupNorm> {
     }
 };
 
+/* A LayerNorm forward the kernel ran before the node was made (layer_norm), handed to the node's forward: the output
+ * must be made inside it (an input returned as an output would come back as a view of itself). */
+thread_local Tensor pending_y, pending_mean, pending_rstd;
+
+struct CompiledLayerNorm : public torch::autograd::Function<CompiledLayerNorm> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& weight,
+                          const std::optional<Tensor>& bias, double eps) {
+        Tensor y = std::move(pending_y);
+        ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), std::move(pending_mean),
+                                std::move(pending_rstd)});
+        ctx->saved_data["eps"] = eps;
+        return y;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+        const variable_list saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &mean = saved[3], &rstd = saved[4];
+        const std::optional<Tensor> weight = saved[1].defined() ? std::optional<Tensor>(saved[1]) : std::nullopt;
+        const std::optional<Tensor> bias = saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt;
+        const std::array<bool, 3> needs = {ctx->needs_input_grad(0), weight && ctx->needs_input_grad(1),
+                                           bias && ctx->needs_input_grad(weight ? 2 : 1)};
+        const Tensor& dy_in = grad_outputs[0];
+        const int64_t N = x.size(-1), M = x.numel() / N;
+        if (!at::GradMode::is_enabled() && dy_in.layout() == at::kStrided && !dy_in.is_neg() && !dy_in.is_conj()) {
+            const Tensor dy = dy_in.to(x.scalar_type()).contiguous();
+            const auto w = fp32_param(weight);
+            const auto fp32 = x.options().dtype(at::kFloat);
+            Tensor dx = needs[0] ? at::empty_like(x) : Tensor();
+            Tensor dweight = needs[1] ? at::empty({N}, fp32) : Tensor();
+            Tensor dbias = needs[2] ? at::empty({N}, fp32) : Tensor();
+            const auto out = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+            if (layer_norm_backward(x.data_ptr(), dy.data_ptr(), is_bf16(x), static_cast<float*>(pointer(w)),
+                                    mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                                    dx.defined() ? dx.data_ptr() : nullptr, out(dweight), out(dbias), M, N,
+                                    at::get_num_threads()) == 0)
+                return {dx, needs[1] ? param_grad(dweight, weight) : Tensor(),
+                        needs[2] ? param_grad(dbias, bias) : Tensor(), Tensor()};
+        }
+        /* a double backward, a gradient the kernel cannot read, no memory for its sums: autograd of ATen's layer norm
+         * on the fp32 upcast */
+        const bool create_graph = at::GradMode::is_enabled();
+        at::AutoGradMode enable_grad(true);
+        const auto upcast = [](const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); };
+        const std::optional<Tensor> wf = weight ? std::optional<Tensor>(upcast(*weight)) : std::nullopt;
+        const std::optional<Tensor> bf = bias ? std::optional<Tensor>(upcast(*bias)) : std::nullopt;
+        const Tensor y = at::layer_norm(upcast(x), {N}, wf, bf, ctx->saved_data["eps"].toDouble());
+        variable_list leaves;
+        const std::array<std::optional<Tensor>, 3> inputs = {x, weight, bias};
+        for (int i = 0; i < 3; ++i)
+            if (needs[i]) leaves.push_back(*inputs[i]);
+        const variable_list grads = torch::autograd::grad({y}, leaves, {dy_in}, create_graph, create_graph);
+        variable_list result(4);
+        for (int i = 0, k = 0; i < 3; ++i)
+            if (needs[i]) result[i] = grads[k++];
+        return result;
+    }
+};
+
+/* LayerNorm over the last dim of contiguous fp32/bf16 rows (width > 1) under autograd: the compiled forward (one read,
+ * its statistics checked in the same pass), then the node; where the kernel does not trust a row's statistics (or
+ * has no memory for the parameters' fp32 copy), `fallback()`, the Python path's result. */
+Tensor layer_norm(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                  const py::object& fallback) {
+    const int64_t N = x.size(-1), M = x.numel() / N;
+    const auto w = fp32_param(weight), b = fp32_param(bias);
+    std::vector<int64_t> stats_shape(x.sizes().begin(), x.sizes().end());
+    stats_shape.back() = 1;
+    Tensor y = at::empty_like(x), mean = at::empty(stats_shape, x.options().dtype(at::kFloat)),
+           rstd = at::empty(stats_shape, x.options().dtype(at::kFloat));
+    int64_t untrusted;
+    {
+        py::gil_scoped_release release;  // (as torch's own ops: other Python threads run meanwhile)
+        untrusted = row_norm_forward(x.data_ptr(), nullptr, nullptr, is_bf16(x), pointer(w), pointer(b), 0,
+                                     y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), M, N,
+                                     static_cast<float>(eps), 0, at::get_num_threads());
+    }
+    if (untrusted != 0) return fallback().cast<Tensor>();
+    pending_y = std::move(y);
+    pending_mean = std::move(mean);
+    pending_rstd = std::move(rstd);
+    return CompiledLayerNorm::apply(x, weight, bias, eps);
+}
+
 Tensor group_norm(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                   int64_t groups, double eps, int64_t act, bool channels_last) {
+    py::gil_scoped_release release;  // (no Python below)
     return CompiledGroupNorm::apply(x, weight, bias, groups, eps, act, channels_last);
 }
 
-void set_kernels(int64_t nchw_fwd, int64_t nchw_bwd, int64_t cl_fwd, int64_t cl_bwd) {
+void set_kernels(int64_t nchw_fwd, int64_t nchw_bwd, int64_t cl_fwd, int64_t cl_bwd, int64_t row_fwd,
+                 int64_t ln_bwd) {
+    row_norm_forward = reinterpret_cast<RowNormForward>(row_fwd);
+    layer_norm_backward = reinterpret_cast<LayerNormBackward>(ln_bwd);
     nchw_forward = reinterpret_cast<NchwForward>(nchw_fwd);
     nchw_backward = reinterpret_cast<NchwBackward>(nchw_bwd);
     channels_last_forward = reinterpret_cast<ChannelsLastForward>(cl_fwd);
@@ -193,6 +289,7 @@ void set_kernels(int64_t nchw_fwd, int64_t nchw_bwd, int64_t cl_fwd, int64_t cl_
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("layer_norm", &layer_norm, "LayerNorm over the last dim of fp32/bf16 rows by the compiled kernels, under autograd");
     m.def("group_norm", &group_norm, "GroupNorm (+ activation) of fp32/bf16 input by the compiled kernels, under autograd");
     m.def("set_kernels", &set_kernels, "the addresses of the compiled kernels (ctypes function pointers)");
 }
