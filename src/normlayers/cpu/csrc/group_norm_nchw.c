@@ -26,16 +26,10 @@
  * each block twice, the second from L1: with the first read's lines asked for into L1 256 elements ahead, the read
  * from memory does not stall at each block's end; the output's lines are asked for ownership as far ahead. Measured
  * on a Sapphire Rapids core (fp32, no activation, one thread, the kernel alone against ATen's forward): 2×320×32×32
- * 0.99 -> 0.93, 1×512×64×64 1.02-1.09 -> 0.91, 8×1280×8×8 0.89-0.94 -> 0.87-0.94. On AMD Zen cores (GCC's
- * __znverN__ under -march=native) the hardware prefetchers keep these sequential streams ahead by themselves and the
- * instructions only cost: on a Zen 4 core (which GCC 12 calls znver3) the whole fp32 inference call at 1×512×64×64
- * took 1.18 and 1.15× F.group_norm's time with them, 1.02 and 1.00× without (one and two threads, normlayers-bench,
- * two runs each), so there none are issued. */
-#if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || defined(__znver4__) || defined(__znver5__)
-#define PREFETCH_AHEAD 0
-#else
-#define PREFETCH_AHEAD 256
-#endif
+ * 0.99 -> 0.93, 1×512×64×64 1.02-1.09 -> 0.91, 8×1280×8×8 0.89-0.94 -> 0.87-0.94. None on AMD Zen cores
+ * (NL_PREFETCH_STREAMS, common.h): on a Zen 4 core the whole fp32 inference call at 1×512×64×64 took 1.18 and 1.15×
+ * F.group_norm's time with them, 1.02 and 1.00× without (one and two threads, normlayers-bench, two runs each). */
+#define PREFETCH_AHEAD (NL_PREFETCH_STREAMS ? 256 : 0)
 
 /* (as integers: the elements ahead may lie past the array, where a prefetch is harmless but a pointer is undefined) */
 static inline const void* element_at(const void* p, int bf16, int64_t j) {
