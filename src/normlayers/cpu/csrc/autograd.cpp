@@ -70,16 +70,20 @@ Tensor activation(const Tensor& z, int64_t act) {
     return act == ACT_SILU ? at::silu(z) : act == ACT_RELU ? at::relu(z) : z;
 }
 
-/* [dx, dweight, dbias] by autograd of ATen's group norm and the activation on the fp32 upcast, graphs kept where grad
- * mode is on (a double backward: the saved statistics hold no graph). */
+Tensor upcast(const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+std::optional<Tensor> upcast(const std::optional<Tensor>& t) {
+    return t ? std::optional<Tensor>(upcast(*t)) : std::nullopt;
+}
+
+/* [dx, dweight, dbias] (undefined where not in `needs`) by autograd of `norm(x, weight, bias)`, ATen's ops on the fp32
+ * upcasts, graphs kept where grad mode is on (a double backward: the saved statistics hold no graph). */
+template <typename Norm>
 variable_list composite_grads(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                              int64_t groups, double eps, int64_t act, const Tensor& dy, std::array<bool, 3> needs) {
+                              const Tensor& dy, std::array<bool, 3> needs, Norm norm) {
     const bool create_graph = at::GradMode::is_enabled();
     at::AutoGradMode enable_grad(true);
-    const auto upcast = [](const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); };
-    const std::optional<Tensor> w = weight ? std::optional<Tensor>(upcast(*weight)) : std::nullopt;
-    const std::optional<Tensor> b = bias ? std::optional<Tensor>(upcast(*bias)) : std::nullopt;
-    const Tensor y = activation(at::group_norm(upcast(x), groups, w, b, eps, true), act);
+    const Tensor y = norm(upcast(x), upcast(weight), upcast(bias));
     variable_list leaves;
     const std::array<std::optional<Tensor>, 3> inputs = {x, weight, bias};
     for (int i = 0; i < 3; ++i)
@@ -117,14 +121,9 @@ struct CompiledGroupNorm : public torch::autograd::Function<CompiledGroupNorm> {
                          y.data_ptr(), mean, mean + N * groups, N, C, inner, groups, static_cast<float>(eps),
                          static_cast<int>(act), threads);
         }
-        if (!compiled) {  // no scratch memory for the kernel: ATen's ops, and their backward
-            at::AutoGradMode no_grad(false);
-            const auto upcast = [](const std::optional<Tensor>& t) {
-                return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
-            };
-            y = activation(at::group_norm(x.to(at::kFloat), groups, upcast(weight), upcast(bias), eps, true), act)
+        if (!compiled)  // no scratch memory for the kernel: ATen's ops, and their backward
+            y = activation(at::group_norm(upcast(x), groups, upcast(weight), upcast(bias), eps, true), act)
                     .to(x.scalar_type());
-        }
         ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), statistics});
         ctx->saved_data["groups"] = groups;
         ctx->saved_data["eps"] = eps;
@@ -182,7 +181,10 @@ struct CompiledGroupNorm : public torch::autograd::Function<CompiledGroupNorm> {
                          needs[2] ? param_grad(dbias, bias) : Tensor()};
             }
         }
-        if (grads.empty()) grads = composite_grads(x, weight, bias, groups, eps, act, dy_in, needs);
+        if (grads.empty())
+            grads = composite_grads(x, weight, bias, dy_in, needs, [&](const Tensor& xf, const auto& w, const auto& b) {
+                return activation(at::group_norm(xf, groups, w, b, eps, true), act);
+            });
         return {grads[0], grads[1], grads[2], Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
@@ -227,21 +229,13 @@ struct CompiledLayerNorm : public torch::autograd::Function<CompiledLayerNorm> {
         }
         /* a double backward, a gradient the kernel cannot read, no memory for its sums: autograd of ATen's layer norm
          * on the fp32 upcast */
-        const bool create_graph = at::GradMode::is_enabled();
-        at::AutoGradMode enable_grad(true);
-        const auto upcast = [](const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); };
-        const std::optional<Tensor> wf = weight ? std::optional<Tensor>(upcast(*weight)) : std::nullopt;
-        const std::optional<Tensor> bf = bias ? std::optional<Tensor>(upcast(*bias)) : std::nullopt;
-        const Tensor y = at::layer_norm(upcast(x), {N}, wf, bf, ctx->saved_data["eps"].toDouble());
-        variable_list leaves;
-        const std::array<std::optional<Tensor>, 3> inputs = {x, weight, bias};
-        for (int i = 0; i < 3; ++i)
-            if (needs[i]) leaves.push_back(*inputs[i]);
-        const variable_list grads = torch::autograd::grad({y}, leaves, {dy_in}, create_graph, create_graph);
-        variable_list result(4);
-        for (int i = 0, k = 0; i < 3; ++i)
-            if (needs[i]) result[i] = grads[k++];
-        return result;
+        const double eps = ctx->saved_data["eps"].toDouble();
+        variable_list grads = composite_grads(x, weight, bias, dy_in, needs,
+                                              [&](const Tensor& xf, const auto& w, const auto& b) {
+                                                  return at::layer_norm(xf, {N}, w, b, eps);
+                                              });
+        grads.push_back(Tensor());  // (eps)
+        return grads;
     }
 };
 
