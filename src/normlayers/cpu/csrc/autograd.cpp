@@ -61,10 +61,43 @@ std::optional<Tensor> fp32_param(const std::optional<Tensor>& p) {
     return p->detach().to(at::kFloat).contiguous();
 }
 
-/* The kernel's fp32 gradient of a weight or bias, in the parameter's dtype. */
+/* The kernel's fp32 gradient of a weight or bias, in the parameter's dtype (undefined where not asked for). */
 Tensor param_grad(const Tensor& grad, const std::optional<Tensor>& param) {
     return grad.defined() && param->scalar_type() != at::kFloat ? grad.to(param->scalar_type()) : grad;
 }
+
+/* A saved weight or bias: undefined where there was none. */
+std::optional<Tensor> present(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
+
+/* Which of x, weight and bias want a gradient (an absent weight or bias has no edge: the bias's is 1 without a
+ * weight). */
+std::array<bool, 3> input_needs(AutogradContext* ctx, const std::optional<Tensor>& weight,
+                                const std::optional<Tensor>& bias) {
+    return {ctx->needs_input_grad(0), weight && ctx->needs_input_grad(1),
+            bias && ctx->needs_input_grad(weight ? 2 : 1)};
+}
+
+/* Whether a backward may run the kernel on this gradient: not a double backward (grad mode on), and memory a kernel
+ * reads as it is. */
+bool kernel_takes(const Tensor& dy) {
+    return !at::GradMode::is_enabled() && dy.layout() == at::kStrided && !dy.is_neg() && !dy.is_conj();
+}
+
+/* The kernels' gradient outputs: dx like x, dweight and dbias as `width` fp32 values, each only where asked for. */
+struct KernelGrads {
+    Tensor dx, dweight, dbias;
+    KernelGrads(const Tensor& x, int64_t width, std::array<bool, 3> needs)
+        : dx(needs[0] ? at::empty_like(x) : Tensor()),
+          dweight(needs[1] ? at::empty({width}, x.options().dtype(at::kFloat)) : Tensor()),
+          dbias(needs[2] ? at::empty({width}, x.options().dtype(at::kFloat)) : Tensor()) {}
+    void* dx_ptr() const { return dx.defined() ? dx.data_ptr() : nullptr; }
+    float* dweight_ptr() const { return dweight.defined() ? dweight.data_ptr<float>() : nullptr; }
+    float* dbias_ptr() const { return dbias.defined() ? dbias.data_ptr<float>() : nullptr; }
+    /* [dx, dweight, dbias], the parameters' in their dtypes */
+    variable_list finished(const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) const {
+        return {dx, param_grad(dweight, weight), param_grad(dbias, bias)};
+    }
+};
 
 Tensor activation(const Tensor& z, int64_t act) {
     return act == ACT_SILU ? at::silu(z) : act == ACT_RELU ? at::relu(z) : z;
@@ -135,50 +168,39 @@ struct CompiledGroupNorm : public torch::autograd::Function<CompiledGroupNorm> {
 
     static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
         const variable_list saved = ctx->get_saved_variables();
-        const Tensor& x = saved[0];
-        const std::optional<Tensor> weight = saved[1].defined() ? std::optional<Tensor>(saved[1]) : std::nullopt;
-        const std::optional<Tensor> bias = saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt;
-        const Tensor& statistics = saved[3];
+        const Tensor &x = saved[0], &statistics = saved[3];
+        const std::optional<Tensor> weight = present(saved[1]), bias = present(saved[2]);
         const int64_t groups = ctx->saved_data["groups"].toInt(), act = ctx->saved_data["act"].toInt();
         const double eps = ctx->saved_data["eps"].toDouble();
         const bool channels_last = ctx->saved_data["channels_last"].toBool();
-        /* (an absent weight or bias has no edge: the bias's is 1 without a weight) */
-        const std::array<bool, 3> needs = {ctx->needs_input_grad(0), weight && ctx->needs_input_grad(1),
-                                           bias && ctx->needs_input_grad(weight ? 2 : 1)};
+        const std::array<bool, 3> needs = input_needs(ctx, weight, bias);
         variable_list grads;
         const Tensor& dy_in = grad_outputs[0];
-        if (!at::GradMode::is_enabled() && ctx->saved_data["compiled"].toBool() && dy_in.layout() == at::kStrided &&
-            !dy_in.is_neg() && !dy_in.is_conj()) {
+        if (ctx->saved_data["compiled"].toBool() && kernel_takes(dy_in)) {
             const int64_t N = x.size(0), C = x.size(1), inner = x.numel() / (N * C);
             const int threads = at::get_num_threads();
-            Tensor dx = needs[0] ? at::empty_like(x) : Tensor();
-            const auto fp32 = x.options().dtype(at::kFloat);
-            Tensor dweight = needs[1] ? at::empty({C}, fp32) : Tensor();
-            Tensor dbias = needs[2] ? at::empty({C}, fp32) : Tensor();
-            const auto out = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+            const KernelGrads out(x, C, needs);
             if (channels_last) {
                 Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
                                 ? dy_in
                                 : dy_in.to(x.scalar_type()).movedim(1, -1).contiguous().movedim(-1, 1);
                 const auto w = fp32_param(weight), b = fp32_param(bias);
                 const double* mean = statistics.data_ptr<double>();
-                if (channels_last_backward(dy.data_ptr(), x.data_ptr(), dx.defined() ? dx.data_ptr() : nullptr,
-                                           is_bf16(x), static_cast<float*>(pointer(w)),
-                                           static_cast<float*>(pointer(b)), mean, mean + N * groups, out(dweight),
-                                           out(dbias), N, inner, C, groups, static_cast<int>(act), threads) == 0)
-                    grads = {dx, needs[1] ? param_grad(dweight, weight) : Tensor(),
-                             needs[2] ? param_grad(dbias, bias) : Tensor()};
+                if (channels_last_backward(dy.data_ptr(), x.data_ptr(), out.dx_ptr(), is_bf16(x),
+                                           static_cast<float*>(pointer(w)), static_cast<float*>(pointer(b)), mean,
+                                           mean + N * groups, out.dweight_ptr(), out.dbias_ptr(), N, inner, C, groups,
+                                           static_cast<int>(act), threads) == 0)
+                    grads = out.finished(weight, bias);
             } else {
                 const Tensor dy = dy_in.to(x.scalar_type()).contiguous();
                 const std::optional<Tensor>& param = weight ? weight : bias;
                 Tensor sums = at::empty({N, C, 2}, x.options().dtype(at::kDouble));
                 const float* mean = statistics.data_ptr<float>();
                 nchw_backward(dy.data_ptr(), x.data_ptr(), is_bf16(x), pointer(weight), pointer(bias),
-                              param && is_bf16(*param), mean, mean + N * groups, dx.defined() ? dx.data_ptr() : nullptr,
-                              out(dweight), out(dbias), sums.data_ptr<double>(), N, C, inner, groups,
-                              static_cast<int>(act), threads);
-                grads = {dx, needs[1] ? param_grad(dweight, weight) : Tensor(),
-                         needs[2] ? param_grad(dbias, bias) : Tensor()};
+                              param && is_bf16(*param), mean, mean + N * groups, out.dx_ptr(), out.dweight_ptr(),
+                              out.dbias_ptr(), sums.data_ptr<double>(), N, C, inner, groups, static_cast<int>(act),
+                              threads);
+                grads = out.finished(weight, bias);
             }
         }
         if (grads.empty())
@@ -206,26 +228,21 @@ struct CompiledLayerNorm : public torch::autograd::Function<CompiledLayerNorm> {
     static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
         const variable_list saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &mean = saved[3], &rstd = saved[4];
-        const std::optional<Tensor> weight = saved[1].defined() ? std::optional<Tensor>(saved[1]) : std::nullopt;
-        const std::optional<Tensor> bias = saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt;
-        const std::array<bool, 3> needs = {ctx->needs_input_grad(0), weight && ctx->needs_input_grad(1),
-                                           bias && ctx->needs_input_grad(weight ? 2 : 1)};
+        const std::optional<Tensor> weight = present(saved[1]), bias = present(saved[2]);
+        const std::array<bool, 3> needs = input_needs(ctx, weight, bias);
         const Tensor& dy_in = grad_outputs[0];
         const int64_t N = x.size(-1), M = x.numel() / N;
-        if (!at::GradMode::is_enabled() && dy_in.layout() == at::kStrided && !dy_in.is_neg() && !dy_in.is_conj()) {
+        if (kernel_takes(dy_in)) {
             const Tensor dy = dy_in.to(x.scalar_type()).contiguous();
             const auto w = fp32_param(weight);
-            const auto fp32 = x.options().dtype(at::kFloat);
-            Tensor dx = needs[0] ? at::empty_like(x) : Tensor();
-            Tensor dweight = needs[1] ? at::empty({N}, fp32) : Tensor();
-            Tensor dbias = needs[2] ? at::empty({N}, fp32) : Tensor();
-            const auto out = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+            const KernelGrads out(x, N, needs);
             if (layer_norm_backward(x.data_ptr(), dy.data_ptr(), is_bf16(x), static_cast<float*>(pointer(w)),
-                                    mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                                    dx.defined() ? dx.data_ptr() : nullptr, out(dweight), out(dbias), M, N,
-                                    at::get_num_threads()) == 0)
-                return {dx, needs[1] ? param_grad(dweight, weight) : Tensor(),
-                        needs[2] ? param_grad(dbias, bias) : Tensor(), Tensor()};
+                                    mean.data_ptr<float>(), rstd.data_ptr<float>(), out.dx_ptr(), out.dweight_ptr(),
+                                    out.dbias_ptr(), M, N, at::get_num_threads()) == 0) {
+                variable_list grads = out.finished(weight, bias);
+                grads.push_back(Tensor());  // (eps)
+                return grads;
+            }
         }
         /* a double backward, a gradient the kernel cannot read, no memory for its sums: autograd of ATen's layer norm
          * on the fp32 upcast */
