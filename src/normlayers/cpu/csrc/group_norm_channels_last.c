@@ -7,10 +7,12 @@
  * their residual sum), the channels and blocks of a group combined in fp64 by the law of total variance: never
  * E[x²] − E[x]², so a group whose mean is large against its spread keeps its accuracy. The mean is kept in fp64: its
  * fp32 rounding is taken off x and the rest enters through the shift (channel_coefficients), so no term of the size of
- * the mean is rounded. The output pass starts with the blocks the statistics pass read last, still in cache (where
- * blocks are shared out the statistics walk them backwards and the output forwards: at 1×512×64×64 on a Zen 4 core,
- * inputs out of cache, 0.85-0.9× the time of the opposite order); where samples are small a thread reads, finalizes
- * and writes one whole sample after another (whole_samples). Each block is walked in tiles of up to TILE·16 channels,
+ * the mean is rounded. The statistics walk the blocks forwards, the order the hardware prefetchers stream, and the
+ * output pass backwards, starting with the blocks read last, still in cache (blocks shared out, inputs out of cache,
+ * 1×512×64×64 on a Zen 4 core, one thread: the statistics' first read alone took 1.10-1.28× its time walking the
+ * blocks backwards, the whole forward 1.01-1.05× this order's with the statistics backwards and the output forwards;
+ * the same within the noise at 2×320×32×32 and at two threads); where samples are small a thread reads, finalizes and
+ * writes one whole sample after another (whole_samples). Each block is walked in tiles of up to TILE·16 channels,
  * whose accumulators and coefficients stay in registers, except where blocks are not in cache: there the first read
  * of the statistics, the output pass and the backward's passes walk them row after row (rows_sums, rows_output,
  * rows_backward).
@@ -349,7 +351,7 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
                 FOR_EACH_TILE(&L, share, 0, WITH_CONSTANT_FLAGS(bf16, ACT_NONE, WITH_TILE(&L, tile, tile_moments(
                     x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, NULL, block_means + Cp * k, block_m2 + Cp * k))));
             } else {
-                FOR_EACH_BLOCK(share, 1, WITH_CONSTANT_FLAGS(bf16, ACT_NONE, {
+                FOR_EACH_BLOCK(share, 0, WITH_CONSTANT_FLAGS(bf16, ACT_NONE, {
                     rows_sums(x, BF16, &L, n * P * C, p0, p1, block_m2 + Cp * k);
                     for (int64_t tile = 0; tile < L.tiles; ++tile)
                         WITH_TILE(&L, tile, tile_moments(x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL,
@@ -390,7 +392,7 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
                     x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, scale + n * Cp,
                     shift + n * Cp, ACT))));
             } else {
-                FOR_EACH_BLOCK(share, 0, WITH_CONSTANT_FLAGS(bf16, act, rows_output(
+                FOR_EACH_BLOCK(share, 1, WITH_CONSTANT_FLAGS(bf16, act, rows_output(
                     x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT)));
             }
         }
