@@ -3,13 +3,15 @@ activations, gradient subsets, NaN, offsets, thread counts, and the ATen path it
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
 import normlayers
 from normlayers import functional as NF
 from normlayers.bench.accuracy import error_bounds, max_abs_error
-from normlayers.cpu import _native
+from normlayers.cpu import _extension, _native
 from normlayers.cpu import group_norm as cpu_group_norm
 from normlayers.reference import group_norm as ref
 
@@ -187,13 +189,35 @@ def test_double_backward_runs_through_the_composite(dtype):
     torch.testing.assert_close(ddw.double(), ddw64, **tolerance)
 
 
-def test_a_failed_allocation_falls_back_to_aten(monkeypatch):
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_a_failed_allocation_falls_back_to_aten(monkeypatch, training):
     """When the kernel reports that it could not allocate its scratch memory (returns −1), the ATen path gives the
-    result."""
-    monkeypatch.setattr(cpu_group_norm, "_forward_kernel", lambda: (lambda *args: -1))
-    x, weight, bias = _inputs((2, 64, 8, 8))
-    y = NF.group_norm(x, 32, weight, bias, 1e-5, None)
-    torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 32, weight, bias, 1e-5))
+    result: the Python path's kernel and the C++ entry's (handed one that fails) both fail here."""
+    extension = _extension.module()
+    addresses = _extension._kernel_addresses()
+    failing = _FORWARD_SIGNATURE(lambda *args: -1)
+    monkeypatch.setattr(cpu_group_norm, "_forward_kernel", lambda: failing)
+    x, weight, bias = (t.requires_grad_(training) for t in _inputs((2, 64, 8, 8)))
+    try:
+        if extension is not None:
+            extension.set_kernels(*addresses[:2], ctypes.cast(failing, ctypes.c_void_p).value, *addresses[3:])
+        y = NF.group_norm(x, 32, weight, bias, 1e-5, None)
+    finally:
+        if extension is not None:
+            extension.set_kernels(*addresses)
+    expected = torch.nn.functional.group_norm(x, 32, weight, bias, 1e-5)
+    torch.testing.assert_close(y, expected)
+    if training:  # (the kernel's output is never written: only the fallback gives these)
+        dy = torch.randn_like(y)
+        for grad, grad_expected in zip(torch.autograd.grad(y, (x, weight, bias), dy),
+                                       torch.autograd.grad(expected, (x, weight, bias), dy)):
+            torch.testing.assert_close(grad, grad_expected)
+
+
+# group_norm_cl_fwd's C signature
+_FORWARD_SIGNATURE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_int)
 
 
 def test_torch_func_and_compile_take_the_aten_path():

@@ -5,7 +5,10 @@ are cold (a layer called right after others): 100-200 µs per GroupNorm step at 
 where eager PyTorch's C++ node costs about nothing (docs/backend.md). ``autograd.cpp`` is that node in C++: a torch
 extension (``torch.utils.cpp_extension.load``, built with ninja and the host's C++ compiler, about half a minute
 once, under :func:`normlayers.cpu._native`'s cache directory, keyed by the source, torch's version and the compiler's)
-that calls the C kernels of :mod:`normlayers.cpu._native` through their addresses.
+that calls the C kernels of :mod:`normlayers.cpu._native` through their addresses. It also holds GroupNorm's whole
+call (``group_norm_call``: the checks the kernels need, the kernel, the node), which
+``normlayers.functional.group_norm`` tries first: its Python path to the same kernels took 26-156 µs more per call
+where the caches were cold (docs/backend.md).
 
 Where it cannot be built (no ninja or C++ compiler, a failed build: a warning says so once), where the C kernels are
 off (``NORMLAYERS_CPU_KERNELS=0``) or with ``NORMLAYERS_CPU_AUTOGRAD=0`` at import, :func:`module` returns ``None``
@@ -62,7 +65,8 @@ def _build() -> Optional[ModuleType]:
 
 def module() -> Optional[Any]:
     """The built extension, its kernels set (``group_norm(x, weight, bias, groups, eps, act, channels_last)``,
-    ``layer_norm(x, weight, bias, eps, fallback)``), or ``None`` where it is unavailable (module docstring)."""
+    ``group_norm_call(input, num_groups, weight, bias, eps, act)``, ``layer_norm(x, weight, bias, eps, fallback)``),
+    or ``None`` where it is unavailable (module docstring)."""
     if not _native.enabled():  # (read on every call: the switch is also the tests' way to the ATen path)
         return None
     if _MODULE:
@@ -75,9 +79,11 @@ def module() -> Optional[Any]:
                 try:
                     extension = _build()
                     extension.set_kernels(*addresses)
+                    extension.set_types(torch.Tensor, torch.nn.Parameter)
                 except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:
                     warnings.warn(f"normlayers: the C++ autograd node of the CPU kernels is unavailable, so their "
-                                  f"training calls run a Python autograd.Function (slower, same results): {error}",
+                                  f"calls go through Python, in training a Python autograd.Function (slower, same "
+                                  f"results): {error}",
                                   RuntimeWarning, stacklevel=3)
                     extension = None
             _MODULE.append(extension)

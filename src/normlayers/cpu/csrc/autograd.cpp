@@ -1,5 +1,5 @@
 /* The autograd nodes of the compiled GroupNorm kernels (group_norm_nchw.c, group_norm_channels_last.c) and LayerNorm
- * kernels (row_norms.c), in C++.
+ * kernels (row_norms.c), in C++, and GroupNorm's whole call (group_norm_call).
  *
  * The same forward and backward as normlayers.cpu's Python autograd.Functions, without their Python: from
  * the call to the returned output, and in the backward, nothing runs in the interpreter. Called right after other
@@ -12,9 +12,12 @@
  * Backward: the compiled backward from the forward's (2, N, G) statistics; a double backward (grad mode on in the
  * backward: create_graph) or a kernel that could not allocate its scratch runs autograd of ATen's group norm and the
  * activation on the fp32 upcast instead, as the Python Function does. */
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
 
 #include <array>
+#include <cmath>
 #include <optional>
 
 namespace {
@@ -287,6 +290,122 @@ Tensor group_norm(const Tensor& x, const std::optional<Tensor>& weight, const st
     return CompiledGroupNorm::apply(x, weight, bias, groups, eps, act, channels_last);
 }
 
+/* The Python types whose tensors a kernel may read as they are: torch.Tensor and torch.nn.Parameter (set_kernels). A
+ * subclass's memory need not be its data (a FakeTensor's is not). */
+PyObject* tensor_type = nullptr;
+PyObject* parameter_type = nullptr;
+
+/* The tensor of a torch.Tensor or nn.Parameter object, or nullptr for anything else. */
+const Tensor* plain_tensor(py::handle object) {
+    const auto type = reinterpret_cast<PyObject*>(Py_TYPE(object.ptr()));
+    return type == tensor_type || type == parameter_type ? &THPVariable_Unpack(object.ptr()) : nullptr;
+}
+
+/* Whether a kernel may read t's memory as it is: a strided CPU tensor with storage, no conjugate or negative bit, not
+ * a torch.func transform's (wrapped, batched) or a Python subclass's. */
+bool host_tensor(const Tensor& t) {
+    static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::FuncTorchBatched,
+                                              c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize});
+    return t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage() && !t.is_neg() && !t.is_conj() &&
+           !t.key_set().has_any(wrapped);
+}
+
+/* Whether x's channels (dim 1) are innermost and dense: the (N, *spatial, C) view contiguous, size-1 dims' strides
+ * ignored, as Tensor.is_contiguous reads them (channels_last, channels_last_3d, a transposed (N, L, C)). */
+bool channels_innermost(const Tensor& x) {
+    int64_t expected = 1;
+    for (int64_t step = 0; step < x.dim(); ++step) {
+        const int64_t d = step == 0 ? 1 : step == x.dim() - 1 ? 0 : x.dim() - step;  // 1, then dim-1 … 2, then 0
+        if (x.size(d) != 1 && x.stride(d) != expected) return false;
+        expected *= x.size(d);
+    }
+    return true;
+}
+
+/* A weight or bias argument: (true, its tensor or none) where it is None or a floating (C,) host tensor, else
+ * (false, none). */
+std::pair<bool, std::optional<Tensor>> channel_vector(py::handle object, int64_t C) {
+    if (object.is_none()) return {true, std::nullopt};
+    const Tensor* t = plain_tensor(object);
+    if (!t || !host_tensor(*t) || !t->is_floating_point() || t->dim() != 1 || t->size(0) != C) return {false, {}};
+    return {true, *t};
+}
+
+/* functional.group_norm of a call the kernels take, from its Python arguments, in one step: the checks their path
+ * needs, the kernel, and under autograd the node (CompiledGroupNorm). Where caches are cold (a layer between others)
+ * the Python path to the same kernels (its checks, the dispatch, the ctypes call) took 51-156 µs more per inference
+ * call than this at 1×512×64×64, 2×320×32×32 and 8×1280×8×8 channels-last, 26-53 µs more NCHW (a Zen 4 core, one
+ * thread). None where the call is not one of these (another dtype, layout, activation or argument form, a torch.func
+ * transform or a dispatch mode, a bad argument): the Python path takes it, with its full checks and their errors. */
+py::object group_norm_call(py::handle input, py::handle num_groups, py::handle weight, py::handle bias,
+                           py::handle eps, py::handle act) {
+    const Tensor* x = plain_tensor(input);
+    if (!x || !PyLong_CheckExact(num_groups.ptr()) || !PyFloat_CheckExact(eps.ptr())) return py::none();
+    int act_code = ACT_NONE;
+    if (!act.is_none()) {
+        if (!PyUnicode_CheckExact(act.ptr())) return py::none();
+        if (PyUnicode_CompareWithASCIIString(act.ptr(), "silu") == 0)
+            act_code = ACT_SILU;
+        else if (PyUnicode_CompareWithASCIIString(act.ptr(), "relu") == 0)
+            act_code = ACT_RELU;
+        else
+            return py::none();  // (GELU runs after the kernels, in Python)
+    }
+    int overflow = 0;
+    const int64_t groups = PyLong_AsLongLongAndOverflow(num_groups.ptr(), &overflow);
+    const double epsilon = PyFloat_AS_DOUBLE(eps.ptr());
+    if (overflow || !(epsilon >= 0.0 && epsilon < INFINITY)) return py::none();
+    if ((x->scalar_type() != at::kFloat && x->scalar_type() != at::kBFloat16) || x->dim() < 2 || !host_tensor(*x))
+        return py::none();
+    const int64_t C = x->size(1), numel = x->numel();
+    if (groups <= 0 || C % groups != 0 || numel == 0 || numel == groups) return py::none();
+    const auto [weight_ok, w] = channel_vector(weight, C);
+    const auto [bias_ok, b] = channel_vector(bias, C);
+    if (!weight_ok || !bias_ok) return py::none();
+    const bool nchw = x->is_contiguous();
+    if (!nchw && !(x->dim() >= 3 && channels_innermost(*x))) return py::none();
+    if (nchw) {  // the NCHW kernel reads the parameters as they are: one dtype, fp32 or bf16, contiguous
+        const std::optional<Tensor>& p = w ? w : b;
+        if (p && !((p->scalar_type() == at::kFloat || p->scalar_type() == at::kBFloat16) &&
+                   (!w || w->is_contiguous()) && (!b || (b->scalar_type() == p->scalar_type() && b->is_contiguous()))))
+            return py::none();
+    }
+    // (inside a torch.func transform its dynamic layer's keys are in the thread's included set)
+    if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+        c10::impl::TorchDispatchModeTLS::any_modes_set())
+        return py::none();
+    const bool differentiable = at::GradMode::is_enabled() &&
+                                (x->requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+    Tensor y;
+    {
+        py::gil_scoped_release release;  // (no Python below)
+        if (differentiable) {
+            y = CompiledGroupNorm::apply(*x, w, b, groups, epsilon, act_code, !nchw);
+        } else {
+            const int64_t N = x->size(0), inner = numel / (N * C);
+            const int threads = at::get_num_threads();
+            y = at::empty_like(*x);
+            if (nchw) {
+                const std::optional<Tensor>& p = w ? w : b;
+                nchw_forward(x->data_ptr(), is_bf16(*x), pointer(w), pointer(b), p && is_bf16(*p), y.data_ptr(),
+                             nullptr, nullptr, N, C, inner, groups, static_cast<float>(epsilon), act_code, threads);
+            } else {
+                const auto w32 = fp32_param(w), b32 = fp32_param(b);
+                if (channels_last_forward(x->data_ptr(), y.data_ptr(), is_bf16(*x), static_cast<float*>(pointer(w32)),
+                                          static_cast<float*>(pointer(b32)), nullptr, nullptr, N, inner, C, groups,
+                                          epsilon, act_code, threads) != 0)
+                    y = Tensor();  // no scratch memory: the Python path (ATen's ops)
+            }
+        }
+    }
+    return y.defined() ? py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y))) : py::none();
+}
+
+void set_types(py::handle tensor, py::handle parameter) {
+    tensor_type = tensor.ptr();
+    parameter_type = parameter.ptr();
+}
+
 void set_kernels(int64_t nchw_fwd, int64_t nchw_bwd, int64_t cl_fwd, int64_t cl_bwd, int64_t row_fwd,
                  int64_t ln_bwd) {
     row_norm_forward = reinterpret_cast<RowNormForward>(row_fwd);
@@ -302,5 +421,8 @@ void set_kernels(int64_t nchw_fwd, int64_t nchw_bwd, int64_t cl_fwd, int64_t cl_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("layer_norm", &layer_norm, "LayerNorm over the last dim of fp32/bf16 rows by the compiled kernels, under autograd");
     m.def("group_norm", &group_norm, "GroupNorm (+ activation) of fp32/bf16 input by the compiled kernels, under autograd");
+    m.def("group_norm_call", &group_norm_call,
+          "functional.group_norm of a call the kernels take (inference or under autograd), or None: the Python path");
+    m.def("set_types", &set_types, "torch.Tensor and torch.nn.Parameter: the types whose tensors the kernels read");
     m.def("set_kernels", &set_kernels, "the addresses of the compiled kernels (ctypes function pointers)");
 }
