@@ -290,7 +290,7 @@ Tensor group_norm(const Tensor& x, const std::optional<Tensor>& weight, const st
     return CompiledGroupNorm::apply(x, weight, bias, groups, eps, act, channels_last);
 }
 
-/* The Python types whose tensors a kernel may read as they are: torch.Tensor and torch.nn.Parameter (set_kernels). A
+/* The Python types whose tensors a kernel may read as they are: torch.Tensor and torch.nn.Parameter (set_types). A
  * subclass's memory need not be its data (a FakeTensor's is not). */
 PyObject* tensor_type = nullptr;
 PyObject* parameter_type = nullptr;
