@@ -80,11 +80,12 @@ std::array<bool, 3> input_needs(AutogradContext* ctx, const std::optional<Tensor
             bias && ctx->needs_input_grad(weight ? 2 : 1)};
 }
 
+/* Whether t's memory holds its values as they are: strided, no negative or conjugate bit. */
+bool plain_memory(const Tensor& t) { return t.layout() == at::kStrided && !t.is_neg() && !t.is_conj(); }
+
 /* Whether a backward may run the kernel on this gradient: not a double backward (grad mode on), and memory a kernel
  * reads as it is. */
-bool kernel_takes(const Tensor& dy) {
-    return !at::GradMode::is_enabled() && dy.layout() == at::kStrided && !dy.is_neg() && !dy.is_conj();
-}
+bool kernel_takes(const Tensor& dy) { return !at::GradMode::is_enabled() && plain_memory(dy); }
 
 /* The kernels' gradient outputs: dx like x, dweight and dbias as `width` fp32 values, each only where asked for. */
 struct KernelGrads {
@@ -131,32 +132,41 @@ variable_list composite_grads(const Tensor& x, const std::optional<Tensor>& weig
     return out;
 }
 
+/* The compiled GroupNorm forward of x (act fused): y, or undefined where the channels-last kernel could not allocate
+ * its scratch memory. `statistics`, where defined, receives the (2, N, G) mean and rstd (fp64 channels-last, fp32
+ * NCHW); else none are kept. x: fp32 or bf16, contiguous NCHW (channels_last false) or channels innermost and dense;
+ * weight and bias of one dtype, fp32 or bf16, contiguous (NCHW: as the caller checked); act: a kernel code. */
+Tensor group_norm_forward(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                          int64_t groups, double eps, int64_t act, bool channels_last, const Tensor& statistics) {
+    const int64_t N = x.size(0), C = x.size(1), inner = x.numel() / (N * C);
+    const int threads = at::get_num_threads();
+    Tensor y = at::empty_like(x);
+    if (channels_last) {
+        const auto w = fp32_param(weight), b = fp32_param(bias);
+        double* mean = statistics.defined() ? statistics.data_ptr<double>() : nullptr;
+        if (channels_last_forward(x.data_ptr(), y.data_ptr(), is_bf16(x), static_cast<float*>(pointer(w)),
+                                  static_cast<float*>(pointer(b)), mean, mean ? mean + N * groups : nullptr, N, inner,
+                                  C, groups, eps, static_cast<int>(act), threads) != 0)
+            return Tensor();
+    } else {
+        const std::optional<Tensor>& param = weight ? weight : bias;
+        float* mean = statistics.defined() ? statistics.data_ptr<float>() : nullptr;
+        nchw_forward(x.data_ptr(), is_bf16(x), pointer(weight), pointer(bias), param && is_bf16(*param), y.data_ptr(),
+                     mean, mean ? mean + N * groups : nullptr, N, C, inner, groups, static_cast<float>(eps),
+                     static_cast<int>(act), threads);
+    }
+    return y;
+}
+
 struct CompiledGroupNorm : public torch::autograd::Function<CompiledGroupNorm> {
-    /* x: fp32 or bf16, contiguous NCHW (channels_last false) or channels innermost and dense; weight and bias of one
-     * dtype, fp32 or bf16, contiguous (NCHW: as the caller checked); act: a kernel code. */
+    /* group_norm_forward's arguments, its statistics kept for the backward */
     static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& weight,
                           const std::optional<Tensor>& bias, int64_t groups, double eps, int64_t act,
                           bool channels_last) {
-        const int64_t N = x.size(0), C = x.size(1), inner = x.numel() / (N * C);
-        const int threads = at::get_num_threads();
-        Tensor y = at::empty_like(x);
-        Tensor statistics;
-        bool compiled = true;
-        if (channels_last) {
-            statistics = at::empty({2, N, groups}, x.options().dtype(at::kDouble));
-            const auto w = fp32_param(weight), b = fp32_param(bias);
-            double* mean = statistics.data_ptr<double>();
-            compiled = channels_last_forward(x.data_ptr(), y.data_ptr(), is_bf16(x), static_cast<float*>(pointer(w)),
-                                             static_cast<float*>(pointer(b)), mean, mean + N * groups, N, inner, C,
-                                             groups, eps, static_cast<int>(act), threads) == 0;
-        } else {
-            statistics = at::empty({2, N, groups}, x.options().dtype(at::kFloat));
-            const std::optional<Tensor>& param = weight ? weight : bias;
-            float* mean = statistics.data_ptr<float>();
-            nchw_forward(x.data_ptr(), is_bf16(x), pointer(weight), pointer(bias), param && is_bf16(*param),
-                         y.data_ptr(), mean, mean + N * groups, N, C, inner, groups, static_cast<float>(eps),
-                         static_cast<int>(act), threads);
-        }
+        const Tensor statistics =
+            at::empty({2, x.size(0), groups}, x.options().dtype(channels_last ? at::kDouble : at::kFloat));
+        Tensor y = group_norm_forward(x, weight, bias, groups, eps, act, channels_last, statistics);
+        const bool compiled = y.defined();
         if (!compiled)  // no scratch memory for the kernel: ATen's ops, and their backward
             y = activation(at::group_norm(upcast(x), groups, upcast(weight), upcast(bias), eps, true), act)
                     .to(x.scalar_type());
@@ -306,8 +316,7 @@ const Tensor* plain_tensor(py::handle object) {
 bool host_tensor(const Tensor& t) {
     static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::FuncTorchBatched,
                                               c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize});
-    return t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage() && !t.is_neg() && !t.is_conj() &&
-           !t.key_set().has_any(wrapped);
+    return t.device().is_cpu() && plain_memory(t) && t.has_storage() && !t.key_set().has_any(wrapped);
 }
 
 /* Whether x's channels (dim 1) are innermost and dense: the (N, *spatial, C) view contiguous, size-1 dims' strides
@@ -379,24 +388,9 @@ py::object group_norm_call(py::handle input, py::handle num_groups, py::handle w
     Tensor y;
     {
         py::gil_scoped_release release;  // (no Python below)
-        if (differentiable) {
-            y = CompiledGroupNorm::apply(*x, w, b, groups, epsilon, act_code, !nchw);
-        } else {
-            const int64_t N = x->size(0), inner = numel / (N * C);
-            const int threads = at::get_num_threads();
-            y = at::empty_like(*x);
-            if (nchw) {
-                const std::optional<Tensor>& p = w ? w : b;
-                nchw_forward(x->data_ptr(), is_bf16(*x), pointer(w), pointer(b), p && is_bf16(*p), y.data_ptr(),
-                             nullptr, nullptr, N, C, inner, groups, static_cast<float>(epsilon), act_code, threads);
-            } else {
-                const auto w32 = fp32_param(w), b32 = fp32_param(b);
-                if (channels_last_forward(x->data_ptr(), y.data_ptr(), is_bf16(*x), static_cast<float*>(pointer(w32)),
-                                          static_cast<float*>(pointer(b32)), nullptr, nullptr, N, inner, C, groups,
-                                          epsilon, act_code, threads) != 0)
-                    y = Tensor();  // no scratch memory: the Python path (ATen's ops)
-            }
-        }
+        // (inference: no statistics kept; undefined where the kernel had no scratch memory: the Python path, ATen's)
+        y = differentiable ? CompiledGroupNorm::apply(*x, w, b, groups, epsilon, act_code, !nchw)
+                           : group_norm_forward(*x, w, b, groups, epsilon, act_code, !nchw, Tensor());
     }
     return y.defined() ? py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y))) : py::none();
 }
