@@ -256,14 +256,18 @@ static int64_t l2_bytes(void) {
 
 /* Whole samples per thread, each read, finalized and written before the next (no barriers; the passes after the
  * first find the sample in cache), where every thread gets a sample (and the samples split evenly or are many) and a
- * sample's `footprint` bytes (what its passes read and write) are at most twice the core's L2 (the second pass walks
- * the sample backwards, its last blocks read first); else the blocks of all samples are shared out, with barriers
- * between the passes. The results do not depend on it (the same blocks, summed in the same order). Measured at
- * 2×320×32×32 (2.6 MB of forward footprint), one thread, the kernels alone: on a Sapphire Rapids core (2 MiB of L2)
- * the forward took 0.30 ms with shared blocks, 0.26 ms with whole samples; on a Zen 4 core (1 MiB) shared blocks took
- * 0.82-0.95× the whole samples' time forward and 0.70-0.76× backward. */
+ * sample's `footprint` bytes (what its passes read and write) are at most twice the core's L2 on one thread, four
+ * times on several (the second pass walks the sample backwards, its last blocks read first); else the blocks of all
+ * samples are shared out, with barriers between the passes. The results do not depend on it (the same blocks, summed
+ * in the same order). Measured at 2×320×32×32 (2.6 MB of forward footprint, 3.9 MB backward), the kernels alone: on a
+ * Sapphire Rapids core (2 MiB of L2), one thread, the forward took 0.30 ms with shared blocks, 0.26 ms with whole
+ * samples; on a Zen 4 core (1 MiB), one thread, shared blocks took 0.82-0.95× the whole samples' time forward and
+ * 0.70-0.76× backward; on two Zen 4 cores, where shared blocks wait at two barriers, whole samples took the inference
+ * call from 0.93-1.12× eager's time to 0.88-0.95× and the training step from 0.83-0.84× to 0.77-0.79× (calls
+ * through normlayers.functional.group_norm, rounds in random order, one process each). */
 static int whole_samples(int64_t N, int64_t footprint, int threads) {
-    return N > 1 && N >= threads && (N % threads == 0 || N >= 4 * threads) && footprint <= 2 * l2_bytes();
+    return N > 1 && N >= threads && (N % threads == 0 || N >= 4 * threads) &&
+           footprint <= (threads > 1 ? 4 : 2) * l2_bytes();
 }
 
 /* A thread's blocks [lo, hi) and (sample, group)s [groups_lo, groups_hi) in one round: sample `round` in whole-sample
