@@ -263,8 +263,8 @@ static int64_t l2_bytes(void) {
  * Sapphire Rapids core (2 MiB of L2), one thread, the forward took 0.30 ms with shared blocks, 0.26 ms with whole
  * samples; on a Zen 4 core (1 MiB), one thread, shared blocks took 0.82-0.95× the whole samples' time forward and
  * 0.70-0.76× backward; on two Zen 4 cores, where shared blocks wait at two barriers, whole samples took the inference
- * call from 0.93-1.12× eager's time to 0.88-0.95× and the training step from 0.83-0.84× to 0.77-0.79× (calls
- * through normlayers.functional.group_norm, rounds in random order, one process each). */
+ * call from 0.92-1.12× eager's time to 0.82-0.95× and the training step from 0.51-0.84× to 0.50-0.79× (lower in four
+ * runs of five; calls through normlayers.functional.group_norm, rounds in random order, one process each). */
 static int whole_samples(int64_t N, int64_t footprint, int threads) {
     return N > 1 && N >= threads && (N % threads == 0 || N >= 4 * threads) &&
            footprint <= (threads > 1 ? 4 : 2) * l2_bytes();
