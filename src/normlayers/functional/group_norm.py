@@ -17,9 +17,8 @@ from normlayers._checks import (
     check_positive_int,
     is_plain_float_tensor,
 )
-from normlayers import backends as _backends
 from normlayers._dtypes import compute_dtype
-from normlayers.backends import tier
+from normlayers.backends import get_backend, tier
 from normlayers.cpu import _extension
 from normlayers.cpu import group_norm as _cpu_group_norm
 from normlayers.functional._common import empty_batch_output
@@ -97,7 +96,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         eps: added to the variance. Default: ``1e-5``.
         act: ``None``, ``"silu"``, ``"gelu"`` or ``"relu"``. Default: ``None``.
     """
-    if (type(input) is Tensor and input.is_cpu and _backends.get_backend() == "auto"
+    if (type(input) is Tensor and input.is_cpu and get_backend() == "auto"
             and not torch.compiler.is_compiling()):
         # The CPU tier's common calls in one step of C++ (cpu/csrc/autograd.cpp, group_norm_call), which returns
         # None for any other: the steps below, their checks and their errors.

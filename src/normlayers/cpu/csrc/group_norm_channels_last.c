@@ -341,9 +341,10 @@ static void group_moments(const Layout* L, const double* block_means, const floa
     const double* means = block_means + Cp * n * B;
     const float* m2s = block_m2 + Cp * n * B;
     for (int64_t c = c0; c < c1; ++c) total[c] = m2[c] = 0.0;
+    int64_t sample, p0, p1;
     for (int64_t k = 0; k < B; ++k) {
-        const double rows = (double)(min64((k + 1) * GN_RUN, L->P) - k * GN_RUN);
-        for (int64_t c = c0; c < c1; ++c) total[c] += rows * means[Cp * k + c];
+        block_rows(L, n * B + k, &sample, &p0, &p1);
+        for (int64_t c = c0; c < c1; ++c) total[c] += (double)(p1 - p0) * means[Cp * k + c];
     }
     for (int64_t i = lo; i < hi; ++i) {
         const int64_t first = c0 + (i - lo) * D;
@@ -353,10 +354,10 @@ static void group_moments(const Layout* L, const double* block_means, const floa
         for (int64_t c = first; c < first + D; ++c) total[c] = mean[i - lo]; /* (the group's mean, per channel) */
     }
     for (int64_t k = 0; k < B; ++k) {
-        const double rows = (double)(min64((k + 1) * GN_RUN, L->P) - k * GN_RUN);
+        block_rows(L, n * B + k, &sample, &p0, &p1);
         for (int64_t c = c0; c < c1; ++c) {
             const double delta = means[Cp * k + c] - total[c];
-            m2[c] += m2s[Cp * k + c] + rows * delta * delta;
+            m2[c] += m2s[Cp * k + c] + (double)(p1 - p0) * delta * delta;
         }
     }
     for (int64_t i = lo; i < hi; ++i) {
