@@ -150,13 +150,15 @@ def test_nan_stays_in_its_group():
     assert dx[1, 4:8].isnan().all() and not dx[0].isnan().any() and not dx[1, :4].isnan().any()
 
 
-@pytest.mark.parametrize("shape, groups", [((3, 64, 17, 19), 32), ((3, 20, 9, 11), 5)], ids=["C64", "C20"])
+@pytest.mark.parametrize("shape, groups", [((3, 64, 17, 19), 32), ((3, 20, 9, 11), 5), ((3, 330, 30, 31), 33)],
+                         ids=["C64", "C20", "C330"])
 @pytest.mark.parametrize("act", [None, "silu"])
 def test_results_do_not_depend_on_the_thread_count(act, shape, groups):
     """Every partial sum belongs to a fixed block of positions and is added in a fixed order: one thread and two
     give the same bits (no atomics, no per-thread partials). Three samples run whole samples per thread on one thread
     and share out their blocks on two, where the passes walk rows instead of tiles: the same arithmetic in the same
-    order (C = 20: a partial vector per row)."""
+    order (C = 20 and 330: a partial vector per row). At C = 330 a sample's 1.2 MB exceed a 1 MiB L2, where the
+    forward's whole samples write the output four rows per step (930 positions: a last block of 34 rows)."""
     tensors = _inputs(shape)
 
     def run(threads):

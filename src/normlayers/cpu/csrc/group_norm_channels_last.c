@@ -12,10 +12,10 @@
  * 1×512×64×64 on a Zen 4 core, one thread: the statistics' first read alone took 1.10-1.28× its time walking the
  * blocks backwards, the whole forward 1.01-1.05× this order's with the statistics backwards and the output forwards;
  * the same within the noise at 2×320×32×32 and at two threads); where samples are small a thread reads, finalizes and
- * writes one whole sample after another (whole_samples). Each block is walked in tiles of up to TILE·16 channels,
- * whose accumulators and coefficients stay in registers, except where blocks are not in cache: there the first read
- * of the statistics, the output pass and the backward's passes walk them row after row (rows_sums, rows_output,
- * rows_backward).
+ * writes one whole sample after another (whole_samples). The statistics' first read of a block walks it row after
+ * row (rows_sums), in address order; its second read, from cache, and the passes over blocks in cache walk it in
+ * tiles of up to TILE·16 channels, whose accumulators and coefficients stay in registers; blocks not in cache are
+ * walked row after row (rows_output, rows_backward).
  *
  * Backward: one read pass of (dy, x) for the per-(sample, channel) sums Σg and Σg·x̂ (g = dy·act'(z), z recomputed
  * from x and the saved statistics), in fp32 runs of GN_RUN positions added in fp64 in a fixed order (deterministic
@@ -30,6 +30,7 @@
 
 #define GN_RUN 128 /* positions per block: fp32 runs of at most 128 additions per channel */
 #define TILE 4     /* vectors of channels per tile (WITH_TILE has a case for each count up to it) */
+#define ROWS_AT_ONCE 4 /* rows_sums' and (whole samples) rows_output's rows per step: per-channel values loaded once */
 
 /* NL_VL values at element offset j, only the first `count` of them from memory (the rest 0): a row's last part. */
 static __attribute__((noinline)) vf load_part(const void* p, int bf16, int64_t j, int64_t count) {
@@ -160,21 +161,16 @@ static inline int64_t tile_lanes(const Layout* L, int partial, int q, int nq) {
     return partial && q == nq - 1 ? L->last_lanes : NL_VL;
 }
 
-/* Per channel of tile `tile` over rows [p0, p1) at `base`: the block mean (fp64) and the sum of squared deviations
- * from it, two reads of the tile (the second from L1) with the residual sum of the deviations correcting both. With
- * `sums` (rows_sums' per-channel sums of the block, which may be `m2` itself: each tile reads its own before writing
- * them) the first read is skipped. */
+/* Per channel of tile `tile` over rows [p0, p1) at `base`, from `sums` (rows_sums' per-channel sums of the block,
+ * which may be `m2` itself: each tile reads its own before writing them): the block mean (fp64) and the sum of
+ * squared deviations from it, a second read of the tile (from cache) with the residual sum of the deviations
+ * correcting both. */
 static inline __attribute__((always_inline)) void tile_moments(
         const void* x, int bf16, const Layout* L, int64_t base, int64_t p0, int64_t p1, int64_t tile, int nq,
         int partial, const float* sums, double* mean, float* m2) {
     const int64_t C = L->C, j0 = tile * TILE * NL_VL;
-    vf s[TILE] = {0}, m[TILE], s1[TILE] = {0}, s2[TILE] = {0};
-    for (int q = 0; sums && q < nq; ++q) s[q] = vec_at(sums, j0 + q * NL_VL);
-    for (int64_t p = p0; p < p1 && !sums; ++p)
-        for (int q = 0; q < nq; ++q) {
-            prefetch_at(x, bf16, base + p * C + L->ahead + j0 + q * NL_VL);
-            s[q] += load_at(x, bf16, base + p * C + j0 + q * NL_VL, tile_lanes(L, partial, q, nq));
-        }
+    vf s[TILE], m[TILE], s1[TILE] = {0}, s2[TILE] = {0};
+    for (int q = 0; q < nq; ++q) s[q] = vec_at(sums, j0 + q * NL_VL);
     const float inverse = 1.0f / (float)(p1 - p0);
     for (int q = 0; q < nq; ++q) m[q] = s[q] * inverse;
     for (int64_t p = p0; p < p1; ++p)
@@ -189,16 +185,29 @@ static inline __attribute__((always_inline)) void tile_moments(
     }
 }
 
-/* tile_moments' first read of rows [p0, p1) walked row after row (as rows_output, for blocks not in cache): each
- * channel's sum in `sums`, the same additions in the same order as the tile walk's (the same bits). The tile walk
- * that follows finds the block in L2. At 1×512×64×64 on a Zen 4 core (inputs out of cache) the statistics pass took
- * 0.55-0.75× the time of the tile walk reading it twice. */
+/* The statistics' first read of rows [p0, p1), walked row after row in address order: each channel's sum in `sums`,
+ * ROWS_AT_ONCE rows per load and store of the sums (the same additions in the same order as a row at a time: the same
+ * bits). The tile walk that follows (tile_moments) finds the block in L2. Measured on a Zen 4 core, one thread
+ * (inputs out of cache at 1×512×64×64): the statistics pass took 0.55-0.75× the time of a tile walk reading the block
+ * twice; four rows per step took the inference call to 0.87-1.01× the time of one row per step (six runs; calls
+ * through normlayers.functional.group_norm, rounds in random order); and in whole samples, where the tile walk read
+ * both times, this walk took 0.96-0.99× its time at 2×320×32×32, 8×1280×8×8 and 4×256×16×16, 0.94× at
+ * 2×512×24×24. */
+static inline __attribute__((always_inline)) void sum_rows(const void* x, int bf16, int64_t at, int64_t C,
+                                                           int64_t lanes, int rows, float* sums) {
+    vf s = vec_at(sums, 0);
+    for (int r = 0; r < rows; ++r, at += C) s += load_at(x, bf16, at, lanes);
+    set_vec(sums, 0, s);
+}
+
 static inline __attribute__((always_inline)) void rows_sums(const void* x, int bf16, const Layout* L, int64_t base,
                                                             int64_t p0, int64_t p1, float* sums) {
     const int64_t C = L->C;
     memset(sums, 0, sizeof(float) * padded(C));
-    for (int64_t p = p0; p < p1; ++p)
-        FOR_EACH_VECTOR(C, set_vec(sums, j, vec_at(sums, j) + load_at(x, bf16, base + p * C + j, lanes)););
+    int64_t p = p0;
+    for (; p + ROWS_AT_ONCE <= p1; p += ROWS_AT_ONCE)
+        FOR_EACH_VECTOR(C, sum_rows(x, bf16, base + p * C + j, C, lanes, ROWS_AT_ONCE, sums + j););
+    for (; p < p1; ++p) FOR_EACH_VECTOR(C, sum_rows(x, bf16, base + p * C + j, C, lanes, 1, sums + j););
 }
 
 static inline __attribute__((always_inline)) void tile_output(
@@ -222,21 +231,32 @@ static inline __attribute__((always_inline)) void tile_output(
 }
 
 /* The output pass of rows [p0, p1) walked row after row, every channel of a row before the next: memory in address
- * order, which the hardware prefetchers follow, for blocks that are no longer in cache (blocks shared out: samples too
- * large for whole_samples). There the tile walk's rows C·4 bytes apart cost: at 1×512×64×64 on a Zen 4 core its
- * output pass alone took about 3× a copy of the same bytes. In cache the tile walk is faster (its coefficients stay in
- * registers; this loop loads three per vector). */
+ * order, which the hardware prefetchers follow, for blocks that are no longer in cache (shared blocks, a row per step;
+ * whole samples larger than L2, `rows` = ROWS_AT_ONCE per load of the coefficients). There the tile walk's rows C·4
+ * bytes apart cost: at 1×512×64×64 on a Zen 4 core its output pass alone took about 3× a copy of the same bytes; in
+ * whole samples beyond L2 it took 1.04-1.28× the time of this walk (a row per step) at 2×512×32×32, 4×512×32×32,
+ * 2×512×24×24 and 2×256×40×40 (rows 1 or 2 KiB apart), though 0.94-0.99× at 2×320×32×32. In cache the tile walk is
+ * faster (its coefficients stay in registers; this loop loads three per vector): 0.84-0.97× its time at 8×1280×8×8
+ * and 4×256×16×16. Four rows per step (inference calls, one thread, rounds in random order) took 0.93-1.00× a row per
+ * step's time in whole samples at 2×320×32×32 and 2×512×32×32, but 1.04-1.06× with shared blocks at 1×512×64×64. */
+static inline __attribute__((always_inline)) void output_rows(const void* x, void* y, int bf16, int64_t at, int64_t C,
+                                                              int64_t lanes, int rows, vf hi, vf a, vf b, int act) {
+    for (int r = 0; r < rows; ++r, at += C)
+        store_at(y, bf16, at, lanes, act_vf((load_at(x, bf16, at, lanes) - hi) * a + b, act));
+}
+
 static inline __attribute__((always_inline)) void rows_output(const void* x, void* y, int bf16, const Layout* L,
                                                               int64_t base, int64_t p0, int64_t p1,
                                                               const float* mean_hi, const float* scale,
-                                                              const float* shift, int act) {
+                                                              const float* shift, int act, int rows) {
     const int64_t C = L->C;
-    for (int64_t p = p0; p < p1; ++p)
-        FOR_EACH_VECTOR(C, {
-            const int64_t at = base + p * C + j;
-            const vf d = load_at(x, bf16, at, lanes) - vec_at(mean_hi, j);
-            store_at(y, bf16, at, lanes, act_vf(d * vec_at(scale, j) + vec_at(shift, j), act));
-        });
+    int64_t p = p0;
+    for (; p + rows <= p1; p += rows)
+        FOR_EACH_VECTOR(C, output_rows(x, y, bf16, base + p * C + j, C, lanes, rows, vec_at(mean_hi, j),
+                                       vec_at(scale, j), vec_at(shift, j), act););
+    for (; p < p1; ++p)
+        FOR_EACH_VECTOR(C, output_rows(x, y, bf16, base + p * C + j, C, lanes, 1, vec_at(mean_hi, j),
+                                       vec_at(scale, j), vec_at(shift, j), act););
 }
 
 /* The core's L2 in bytes (glibc's sysconf, asked once), or 2 MiB where the system does not say. */
@@ -256,18 +276,22 @@ static int64_t l2_bytes(void) {
 
 /* Whole samples per thread, each read, finalized and written before the next (no barriers; the passes after the
  * first find the sample in cache), where every thread gets a sample (and the samples split evenly or are many) and a
- * sample's `footprint` bytes (what its passes read and write) are at most twice the core's L2 on one thread, four
- * times on several (the second pass walks the sample backwards, its last blocks read first); else the blocks of all
- * samples are shared out, with barriers between the passes. The results do not depend on it (the same blocks, summed
+ * sample's `footprint` bytes (what its passes read and write) are at most `l2_multiple` times the core's L2 (the
+ * second pass walks the sample backwards, its last blocks read first): four times in the forward, in the backward
+ * twice on one thread and four times on several; else the blocks of all samples are shared out, with barriers
+ * between the passes. The results do not depend on it (the same blocks, summed
  * in the same order). Measured at 2×320×32×32 (2.6 MB of forward footprint, 3.9 MB backward), the kernels alone: on a
  * Sapphire Rapids core (2 MiB of L2), one thread, the forward took 0.30 ms with shared blocks, 0.26 ms with whole
  * samples; on a Zen 4 core (1 MiB), one thread, shared blocks took 0.82-0.95× the whole samples' time forward and
  * 0.70-0.76× backward; on two Zen 4 cores, where shared blocks wait at two barriers, whole samples took the inference
  * call from 0.92-1.12× eager's time to 0.82-0.95× and the training step from 0.51-0.84× to 0.50-0.79× (lower in four
- * runs of five; calls through normlayers.functional.group_norm, rounds in random order, one process each). */
-static int whole_samples(int64_t N, int64_t footprint, int threads) {
-    return N > 1 && N >= threads && (N % threads == 0 || N >= 4 * threads) &&
-           footprint <= (threads > 1 ? 4 : 2) * l2_bytes();
+ * runs of five; calls through normlayers.functional.group_norm, rounds in random order, one process each). With the
+ * statistics' first read and the output beyond L2 walked in rows (rows_sums, rows_output), the forward on one thread
+ * took whole samples up to four L2s too: at 2×320×32×32 the shared blocks took 1.06-1.14× its time (four runs); the
+ * backward's first pass reads two arrays in tiles, and there whole samples took 1.25× the shared blocks' time (one
+ * run). */
+static int whole_samples(int64_t N, int64_t footprint, int threads, int l2_multiple) {
+    return N > 1 && N >= threads && (N % threads == 0 || N >= 4 * threads) && footprint <= l2_multiple * l2_bytes();
 }
 
 /* A thread's blocks [lo, hi) and (sample, group)s [groups_lo, groups_hi) in one round: sample `round` in whole-sample
@@ -386,7 +410,8 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
         return -1;
     }
     float *mean_hi = coefficients, *scale = mean_hi + N * Cp, *shift = scale + N * Cp;
-    const int per_sample = whole_samples(N, P * C * (bf16 ? 2 : 4) * 2, threads);
+    const int64_t sample_bytes = P * C * (bf16 ? 2 : 4);
+    const int per_sample = whole_samples(N, 2 * sample_bytes, threads, 4);
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -394,17 +419,12 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
         rounds(per_sample, N, t, nt, &first, &end);
         for (int64_t round = first; round < end; ++round) {
             const Share share = shares(&L, N, per_sample, round, t, nt);
-            if (per_sample) {
-                FOR_EACH_TILE(&L, share, 0, WITH_CONSTANT_FLAGS(bf16, ACT_NONE, WITH_TILE(&L, tile, tile_moments(
-                    x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, NULL, block_means + Cp * k, block_m2 + Cp * k))));
-            } else {
-                FOR_EACH_BLOCK(share, 0, WITH_CONSTANT_FLAGS(bf16, ACT_NONE, {
-                    rows_sums(x, BF16, &L, n * P * C, p0, p1, block_m2 + Cp * k);
-                    for (int64_t tile = 0; tile < L.tiles; ++tile)
-                        WITH_TILE(&L, tile, tile_moments(x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL,
-                                                         block_m2 + Cp * k, block_means + Cp * k, block_m2 + Cp * k));
-                }));
-            }
+            FOR_EACH_BLOCK(share, 0, WITH_CONSTANT_FLAGS(bf16, ACT_NONE, {
+                rows_sums(x, BF16, &L, n * P * C, p0, p1, block_m2 + Cp * k);
+                for (int64_t tile = 0; tile < L.tiles; ++tile)
+                    WITH_TILE(&L, tile, tile_moments(x, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL,
+                                                     block_m2 + Cp * k, block_means + Cp * k, block_m2 + Cp * k));
+            }));
             if (!per_sample) {
 #pragma omp barrier
             }
@@ -426,13 +446,16 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
             if (!per_sample) {
 #pragma omp barrier
             }
-            if (per_sample) {
+            if (per_sample && sample_bytes <= l2_bytes()) {
                 FOR_EACH_TILE(&L, share, 1, WITH_CONSTANT_FLAGS(bf16, act, WITH_TILE(&L, tile, tile_output(
                     x, y, BF16, &L, n * P * C, p0, p1, tile, NQ, PARTIAL, mean_hi + n * Cp, scale + n * Cp,
                     shift + n * Cp, ACT))));
+            } else if (per_sample) {
+                FOR_EACH_BLOCK(share, 1, WITH_CONSTANT_FLAGS(bf16, act, rows_output(
+                    x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT, ROWS_AT_ONCE)));
             } else {
                 FOR_EACH_BLOCK(share, 1, WITH_CONSTANT_FLAGS(bf16, act, rows_output(
-                    x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT)));
+                    x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT, 1)));
             }
         }
     }
@@ -532,7 +555,7 @@ int group_norm_cl_bwd(const void* dy, const void* x, void* dx, int bf16, const f
         const int64_t n = i / G, g = i % G;
         channel_coefficients(&L, n, g, mean[i], rstd[i], w, b, mean_hi, scale, shift);
     }
-    const int per_sample = whole_samples(N, P * C * (bf16 ? 2 : 4) * 3, threads);
+    const int per_sample = whole_samples(N, P * C * (bf16 ? 2 : 4) * 3, threads, threads > 1 ? 4 : 2);
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
