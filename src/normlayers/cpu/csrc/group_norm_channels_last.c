@@ -393,7 +393,8 @@ static void group_moments(const Layout* L, const double* block_means, const floa
 }
 
 /* x, y: (N, P, C) contiguous, fp32 (bf16 = 0) or bf16 (1); w, b: C fp32 values or NULL; mean, rstd: (N, G) fp64
- * out, or NULL (not kept). act: 0 none, 1 SiLU, 2 ReLU. Returns 0, or −1 where scratch memory could not be allocated (nothing written). */
+ * out, or NULL (not kept). act: 0 none, 1 SiLU, 2 ReLU. Returns 0, or −1 where scratch memory could not be
+ * allocated (nothing written). */
 int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const float* b, double* mean, double* rstd,
                       int64_t N, int64_t P, int64_t C, int64_t G, double eps, int act, int threads) {
     const Layout L = layout(P, C, G);
@@ -452,7 +453,8 @@ int group_norm_cl_fwd(const void* x, void* y, int bf16, const float* w, const fl
                     shift + n * Cp, ACT))));
             } else if (per_sample) {
                 FOR_EACH_BLOCK(share, 1, WITH_CONSTANT_FLAGS(bf16, act, rows_output(
-                    x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT, ROWS_AT_ONCE)));
+                    x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT,
+                    ROWS_AT_ONCE)));
             } else {
                 FOR_EACH_BLOCK(share, 1, WITH_CONSTANT_FLAGS(bf16, act, rows_output(
                     x, y, BF16, &L, n * P * C, p0, p1, mean_hi + n * Cp, scale + n * Cp, shift + n * Cp, ACT, 1)));
