@@ -279,17 +279,16 @@ static int64_t l2_bytes(void) {
  * sample's `footprint` bytes (what its passes read and write) are at most `l2_multiple` times the core's L2 (the
  * second pass walks the sample backwards, its last blocks read first): four times in the forward, in the backward
  * twice on one thread and four times on several; else the blocks of all samples are shared out, with barriers
- * between the passes. The results do not depend on it (the same blocks, summed
- * in the same order). Measured at 2×320×32×32 (2.6 MB of forward footprint, 3.9 MB backward), the kernels alone: on a
- * Sapphire Rapids core (2 MiB of L2), one thread, the forward took 0.30 ms with shared blocks, 0.26 ms with whole
- * samples; on a Zen 4 core (1 MiB), one thread, shared blocks took 0.82-0.95× the whole samples' time forward and
- * 0.70-0.76× backward; on two Zen 4 cores, where shared blocks wait at two barriers, whole samples took the inference
- * call from 0.92-1.12× eager's time to 0.82-0.95× and the training step from 0.51-0.84× to 0.50-0.79× (lower in four
- * runs of five; calls through normlayers.functional.group_norm, rounds in random order, one process each). With the
- * statistics' first read and the output beyond L2 walked in rows (rows_sums, rows_output), the forward on one thread
- * took whole samples up to four L2s too: at 2×320×32×32 the shared blocks took 1.06-1.14× its time (four runs); the
- * backward's first pass reads two arrays in tiles, and there whole samples took 1.25× the shared blocks' time (one
- * run). */
+ * between the passes. The results do not depend on it (the same blocks, summed in the same order). Measured at
+ * 2×320×32×32 (2.6 MB of forward footprint, 3.9 MB backward), the kernels alone: on a Sapphire Rapids core (2 MiB of
+ * L2), one thread, the forward took 0.30 ms with shared blocks, 0.26 ms with whole samples; on a Zen 4 core (1 MiB),
+ * one thread, shared blocks took 0.82-0.95× the whole samples' time forward and 0.70-0.76× backward; on two Zen 4
+ * cores, where shared blocks wait at two barriers, whole samples took the inference call from 0.92-1.12× eager's time
+ * to 0.82-0.95× and the training step from 0.51-0.84× to 0.50-0.79× (lower in four runs of five; calls through
+ * normlayers.functional.group_norm, rounds in random order, one process each). With the statistics' first read and
+ * the output beyond L2 walked in rows (rows_sums, rows_output), the forward on one thread took whole samples up to
+ * four L2s too: at 2×320×32×32 the shared blocks took 1.06-1.14× its time (four runs); the backward's first pass reads
+ * two arrays in tiles, and there whole samples took 1.25× the shared blocks' time (one run). */
 static int whole_samples(int64_t N, int64_t footprint, int threads, int l2_multiple) {
     return N > 1 && N >= threads && (N % threads == 0 || N >= 4 * threads) && footprint <= l2_multiple * l2_bytes();
 }
